@@ -1,0 +1,213 @@
+"""The loop every actor runs: join the bus, heartbeat, take configuration.
+
+An actor subclass supplies the domain work through a few hooks; this module
+owns everything the supervisor relies on: the hello, heartbeats carrying
+status, request/ack handling, counting (never raising on) bad frames, and
+the test-only fault switches.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import zmq
+
+from actors.bus.codec import DecodeError, Message, decode, encode
+from actors.bus.endpoints import Runtime
+from actors.bus.messages import Ack, Command, Configure, Heartbeat, Hello, Stop
+from actors.log import RateLimited, setup
+
+HEARTBEAT_INTERVAL = 0.2
+# Libzmq drops a peer that sends more than this; below it we count and drop.
+HARD_FRAME_LIMIT = 64 * 1024 * 1024
+FAULTS_ENV = "MESHSUP_TEST_FAULTS"
+
+
+class ConfigError(ValueError):
+    """Raised by `configure` to refuse a configuration (the ack carries it)."""
+
+
+class Actor:
+    kind = "actor"
+
+    def __init__(self, name: str, runtime: Runtime) -> None:
+        self.name = name
+        self.runtime = runtime
+        self.log = setup(name)
+        self.ctx = zmq.Context()
+        self.bus_dropped: Counter[str] = Counter()
+        self._ratelimit = RateLimited()
+        self._readers: dict[Any, Callable[[], None]] = {}
+        self._stopping = False
+        self._hang = False
+        self.config: dict[str, Any] = {}
+
+        self.control = self.ctx.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.IDENTITY, name.encode())
+        self.control.setsockopt(zmq.LINGER, 1000)
+        self.control.connect(runtime.control)
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
+        self.inbox.setsockopt(zmq.RCVHWM, 1024)
+        self.inbox.bind(runtime.inbox(name))
+        self.events = self.ctx.socket(zmq.PUB)
+        self.events.connect(runtime.events_in)
+        self.subscriptions = self.ctx.socket(zmq.SUB)
+        self.subscriptions.connect(runtime.events_out)
+
+    # --- hooks for subclasses -------------------------------------------
+    def configure(self, config: dict[str, Any]) -> None:
+        """Apply the whole node config; raise ConfigError to refuse it."""
+        self.config = config
+
+    def command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        raise ConfigError(f"unknown command {op!r}")
+
+    def on_message(self, msg: Message) -> None:
+        """A typed message from the inbox or a subscribed event."""
+        self.count_drop("unexpected_type", msg.TAG)
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def tick(self, now: float) -> None:
+        """Called at least every heartbeat interval."""
+
+    def close(self) -> None:
+        """Release what the actor holds (fds, sockets) before exit."""
+
+    # --- helpers for subclasses -----------------------------------------
+    def add_reader(self, sock_or_fd: Any, handler: Callable[[], None]) -> None:
+        self._readers[sock_or_fd] = handler
+
+    def subscribe(self, *tags: str) -> None:
+        for tag in tags:
+            self.subscriptions.setsockopt(zmq.SUBSCRIBE, tag.encode())
+
+    def publish(self, msg: Message) -> None:
+        self.events.send_multipart([msg.TAG.encode(), encode(msg)])
+
+    def count_drop(self, reason: str, detail: str = "") -> None:
+        self.bus_dropped[reason] += 1
+        suppressed = self._ratelimit.should_log(reason, time.monotonic())
+        if suppressed is not None:
+            self.log.warning("bus frame dropped", reason=reason, detail=detail[:120],
+                             suppressed=suppressed)
+
+    # --- the loop -------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
+        self._send(Hello(name=self.name, kind=self.kind, pid=os.getpid()))
+        poller = zmq.Poller()
+        for s in (self.control, self.inbox, self.subscriptions, *self._readers):
+            poller.register(s, zmq.POLLIN)
+        seq = 0
+        next_beat = 0.0
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                if now >= next_beat and not self._hang:
+                    seq += 1
+                    self._send(Heartbeat(name=self.name, seq=seq, status=self._status()))
+                    next_beat = now + HEARTBEAT_INTERVAL
+                if self._hang:
+                    time.sleep(3600)
+                    continue
+                timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
+                for sock, _ in poller.poll(timeout_ms):
+                    if sock is self.control:
+                        self._drain(self.control, self._on_control)
+                    elif sock is self.inbox:
+                        self._drain(self.inbox, self.on_message)
+                    elif sock is self.subscriptions:
+                        self._drain(self.subscriptions, self.on_message, topic=True)
+                    else:
+                        self._readers[sock]()
+                self.tick(time.monotonic())
+        finally:
+            self.close()
+            self.ctx.destroy(linger=500)
+        return 0
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+
+    def _status(self) -> dict[str, Any]:
+        return {"bus_dropped": dict(self.bus_dropped), **self.status()}
+
+    def _send(self, msg: Message) -> None:
+        self.control.send(encode(msg))
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[Message], None], topic: bool = False,
+               budget: int = 256) -> None:
+        """Read what is ready (bounded, so control never starves)."""
+        for _ in range(budget):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                msg = decode(frames[-1] if topic else frames[0])
+                if len(frames) != (2 if topic else 1):
+                    raise DecodeError("malformed", "frame count")
+            except DecodeError as err:
+                self.count_drop(err.reason, str(err))
+                continue
+            try:
+                handle(msg)
+            except Exception as exc:  # a handler bug must not kill the actor on one message
+                self.count_drop("handler_error", repr(exc))
+                self.log.exception("message handler failed", tag=msg.TAG)
+
+    def _on_control(self, msg: Message) -> None:
+        if isinstance(msg, Configure):
+            self._ack(msg.req, lambda: (self.configure(msg.config), {})[1])
+        elif isinstance(msg, Command):
+            if msg.op == "fault":
+                self._ack(msg.req, lambda: self._fault(str(msg.args.get("mode"))))
+            else:
+                self._ack(msg.req, lambda: self.command(msg.op, msg.args))
+        elif isinstance(msg, Stop):
+            self._send(Ack(req=msg.req, ok=True, error="", result={}))
+            self._stopping = True
+        else:
+            self.count_drop("unexpected_type", msg.TAG)
+
+    def _ack(self, req: int, work: Callable[[], dict[str, Any]]) -> None:
+        try:
+            result = work()
+        except ConfigError as err:
+            self._send(Ack(req=req, ok=False, error=str(err), result={}))
+            return
+        except Exception as exc:  # a bug answers with an error instead of a silent timeout
+            self.log.exception("request failed")
+            self._send(Ack(req=req, ok=False, error=f"internal error: {exc!r}", result={}))
+            return
+        self._send(Ack(req=req, ok=True, error="", result=result))
+
+    def _fault(self, mode: str) -> dict[str, Any]:
+        """Test-only switches, honoured only when the node was started for tests."""
+        if os.environ.get(FAULTS_ENV) != "1":
+            raise ConfigError("fault switches are disabled")
+        if mode == "hang":
+            self._hang = True
+        elif mode == "crash":
+            os._exit(70)
+        else:
+            raise ConfigError(f"unknown fault {mode!r}")
+        return {}
+
+
+def crash_on_start_requested(kind: str) -> bool:
+    """MESHSUP_TEST_CRASH=KIND makes every start of that kind fail (crash loop test)."""
+    return os.environ.get(FAULTS_ENV) == "1" and os.environ.get("MESHSUP_TEST_CRASH") == kind
+
+
+def exit_now(code: int) -> None:
+    sys.stderr.flush()
+    os._exit(code)

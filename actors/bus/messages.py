@@ -1,0 +1,89 @@
+"""Every message that crosses the bus. Tags are stable; bump VERSION on change."""
+from __future__ import annotations
+
+from typing import Any
+
+from actors.bus.codec import Message, message
+
+
+# --- supervisor <-> actor control (DEALER/ROUTER, request/ack) -------------
+
+@message("actor.hello")
+class Hello(Message):
+    name: str
+    kind: str
+    pid: int
+
+
+@message("actor.heartbeat")
+class Heartbeat(Message):
+    name: str
+    seq: int
+    status: dict[str, Any]  # counters and actor-specific state for `status`
+
+
+@message("actor.configure")
+class Configure(Message):
+    req: int
+    generation: int
+    config: dict[str, Any]
+
+
+@message("actor.command")
+class Command(Message):
+    """A request other than configuration: `op` names it, `args` carry it."""
+    req: int
+    op: str
+    args: dict[str, Any]
+
+
+@message("actor.ack")
+class Ack(Message):
+    req: int
+    ok: bool
+    error: str
+    result: dict[str, Any]
+
+
+@message("actor.stop")
+class Stop(Message):
+    req: int
+
+
+# --- CLI <-> supervisor (REQ/ROUTER) ---------------------------------------
+
+@message("cli.request")
+class CliRequest(Message):
+    command: str
+    args: dict[str, Any]
+
+
+@message("cli.reply")
+class CliReply(Message):
+    ok: bool
+    error: str
+    result: dict[str, Any]
+
+
+# --- events (PUB -> supervisor proxy -> SUB) -------------------------------
+
+@message("event.link_changed")
+class LinkChanged(Message):
+    interface: str
+    change: str
+
+
+@message("event.name_learned")
+class NameLearned(Message):
+    name: str
+    addresses: list[str]
+
+
+# --- data path (PUSH -> PULL, point to point) ------------------------------
+
+@message("data.batch")
+class PacketBatch(Message):
+    """Many packets in one frame: `packets` is length-prefixed (u16 BE) blobs."""
+    stream: str
+    seq: int
+    packets: bytes

@@ -1,0 +1,50 @@
+"""Actor kinds, the order they start in, and how a process becomes one."""
+from __future__ import annotations
+
+import importlib
+import os
+
+from actors.bus.endpoints import Runtime
+
+# Start order follows the seed engine's dependencies: flow logging before
+# the router (first packets counted), the router before the dataplane
+# (the TUN exists), magicsock before crypto (keys before peers), DNS last
+# (it may listen on the tunnel address).
+START_ORDER = ("netlog", "router", "magicsock", "crypto", "tun-io", "dns")
+SCALABLE = frozenset({"crypto", "dns"})
+
+_CLASSES = {
+    "netlog": "actors.netlog.actor:NetlogActor",
+    "router": "actors.router.actor:RouterActor",
+    "magicsock": "actors.magicsock.actor:MagicsockActor",
+    "crypto": "actors.crypto.actor:CryptoActor",
+    "tun-io": "actors.tunio.actor:TunIoActor",
+    "dns": "actors.dns.actor:DnsActor",
+}
+
+# Imported by the fork server once, so a restart only forks.
+PRELOAD = ["zmq", "msgpack", "structlog", "setproctitle", "actors.base"] + [
+    path.split(":")[0] for path in _CLASSES.values()
+]
+
+
+def actor_name(kind: str, index: int) -> str:
+    return f"{kind}-{index}" if kind in SCALABLE else kind
+
+
+def run_actor(kind: str, name: str, state_dir: str) -> None:
+    """The body of an actor process (target of the supervisor's spawn)."""
+    from setproctitle import setproctitle
+
+    from actors.base import crash_on_start_requested, exit_now
+
+    setproctitle(f"meshsup: {name}")
+    if crash_on_start_requested(kind):
+        exit_now(3)
+    module, cls = _CLASSES[kind].split(":")
+    actor = getattr(importlib.import_module(module), cls)(name, Runtime(state_dir))
+    exit_now(actor.run())
+
+
+def default_workers() -> dict[str, int]:
+    return {"crypto": min(2, os.cpu_count() or 1), "dns": 1}

@@ -1,0 +1,164 @@
+"""`meshsup`: start a node, or talk to a running one through its control socket."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from actors.bus.endpoints import Runtime
+from actors.log import setup
+from supervisor import config as cfg
+from supervisor.control import NotRunning, call
+
+DEFAULT_STATE_DIR = "/var/lib/meshsup"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshsup", description="a supervised mesh-VPN node speaking WireGuard")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--state-dir", default=os.environ.get("MESHSUP_STATE_DIR", DEFAULT_STATE_DIR),
+                       help=f"keys, spool and runtime sockets (default {DEFAULT_STATE_DIR})")
+        return c
+
+    start = cmd("start", "run a node in the foreground")
+    src = start.add_mutually_exclusive_group()
+    src.add_argument("--config", help="TOML configuration")
+    src.add_argument("--wg-config", help="wg-quick configuration ([Interface], [Peer])")
+    start.add_argument("--crypto-workers", type=int)
+    start.add_argument("--dns-workers", type=int)
+    start.add_argument("--interface", help="TUN interface name (overrides the config)")
+    start.add_argument("--listen-port", type=int, help="UDP port (overrides the config)")
+    status = cmd("status", "show actors and peers")
+    status.add_argument("--json", action="store_true")
+    cmd("reload", "re-read the configuration (also SIGHUP)")
+    scale = cmd("scale", "change an actor's worker count")
+    scale.add_argument("kind")
+    scale.add_argument("count", type=int)
+    cmd("stop", "stop the node (also SIGTERM)")
+    fault = cmd("fault", argparse.SUPPRESS)  # test-only; refused unless MESHSUP_TEST_FAULTS=1
+    fault.add_argument("actor")
+    fault.add_argument("mode")
+    return p
+
+
+def load_config(args: argparse.Namespace, state_dir: Path) -> cfg.Config:
+    if args.config:
+        conf = cfg.load_toml(args.config, state_dir)
+    elif args.wg_config:
+        conf = cfg.load_wg_quick(args.wg_config, state_dir)
+    else:
+        conf = cfg.embedded_default(state_dir)
+    node = conf["node"]
+    if args.interface:
+        if not 0 < len(args.interface) < 16:
+            raise cfg.ConfigError("--interface", "interface", "1-15 characters")
+        node["interface"] = args.interface
+    if args.listen_port is not None:
+        if not 0 <= args.listen_port <= 65535:
+            raise cfg.ConfigError("--listen-port", "listen_port", "not a port number")
+        node["listen_port"] = args.listen_port
+    for kind in ("crypto", "dns"):
+        n = getattr(args, f"{kind}_workers")
+        if n is not None:
+            if not 1 <= n <= 64:
+                raise cfg.ConfigError(f"--{kind}-workers", f"actors.{kind}", f"{n} is outside 1..64")
+            conf["actors"][kind] = n
+    return conf
+
+
+def peer_stanza(conf: cfg.Config) -> str:
+    node = conf["node"]
+    allowed = ", ".join(node["addresses"])
+    return (f"# this node's public key: {node['public_key']}\n"
+            f"# for a meshsup node's config:\n[[peers]]\nname = \"{node['name']}\"\n"
+            f"public_key = \"{node['public_key']}\"\nallowed_ips = {json.dumps(node['addresses'])}\n"
+            f"endpoints = [\"THIS_HOST:{node['listen_port']}\"]\n"
+            f"# for a WireGuard peer (wg-quick):\n[Peer]\nPublicKey = {node['public_key']}\n"
+            f"AllowedIPs = {allowed}\nEndpoint = THIS_HOST:{node['listen_port']}\n")
+
+
+def start(args: argparse.Namespace) -> int:
+    from supervisor.tree import Supervisor
+
+    state_dir = Path(args.state_dir)
+    try:
+        conf = load_config(args, state_dir)
+    except cfg.ConfigError as err:
+        print(f"meshsup: config error: {err}", file=sys.stderr)
+        return 2
+    runtime = Runtime(state_dir)
+    runtime.create()
+    if _running_pid(runtime):
+        print(f"meshsup: a node is already running with state dir {state_dir}", file=sys.stderr)
+        return 1
+    log = setup("supervisor")
+    print(peer_stanza(conf), flush=True)
+    sup = Supervisor(conf, runtime, lambda: load_config(args, state_dir), log)
+    code = sup.run()
+    if sup.failure:
+        print(f"meshsup: node stopped: {sup.failure}", file=sys.stderr)
+    return code
+
+
+def _running_pid(runtime: Runtime) -> int | None:
+    try:
+        pid = int(runtime.pidfile.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def _print_status(result: dict[str, Any]) -> None:
+    node = result["node"]
+    print(f"node {node['name']}  {node['public_key']}  {node['interface']}  "
+          f"port {node['listen_port']}  {'ready' if node['ready'] else 'starting'}")
+    print(f"\n{'ACTOR':<12} {'PID':>7} {'STATE':<9} {'RESTARTS':>8}  BUS DROPS")
+    for a in result["actors"]:
+        drops = sum(a["bus_dropped"].values())
+        print(f"{a['name']:<12} {a['pid']:>7} {a['state']:<9} {a['restarts']:>8}  {drops}")
+    if result["peers"]:
+        print(f"\n{'PEER':<16} {'ENDPOINT':<24} {'RX':>12} {'TX':>12}  HANDSHAKE")
+        for p in result["peers"]:
+            print(f"{p['name']:<16} {p['endpoint'] or '-':<24} {p['rx_bytes']:>12} {p['tx_bytes']:>12}  "
+                  f"{p['last_handshake'] or 'never'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "start":
+        return start(args)
+    runtime = Runtime(args.state_dir)
+    request: dict[str, Any] = {}
+    if args.command == "scale":
+        request = {"kind": args.kind, "count": args.count}
+    elif args.command == "fault":
+        request = {"actor": args.actor, "mode": args.mode}
+    try:
+        reply = call(runtime, args.command, request)
+    except NotRunning as err:
+        print(f"meshsup: {err}", file=sys.stderr)
+        return 1
+    if not reply.ok:
+        print(f"meshsup: {args.command}: {reply.error}", file=sys.stderr)
+        return 1
+    if args.command == "status":
+        if args.json:
+            print(json.dumps(reply.result, indent=2))
+        else:
+            _print_status(reply.result)
+    elif args.command == "stop":
+        print("stopping")
+    elif reply.result:
+        print(json.dumps(reply.result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
