@@ -325,12 +325,30 @@ def load_wg_quick(path: str | os.PathLike[str], state_dir: Path) -> Config:
             pass  # wg-quick treats non-addresses as search domains; the mesh domain covers ours
     if upstreams:
         doc["dns"] = {**DNS_DEFAULT, "upstreams": upstreams, "set_os_resolver": True}
-    top = _Checker(file, doc, "", TOP_KEYS)
     base = Path(path).resolve().parent
-    node = _node(file, interface, base, state_dir)
-    peer_cfgs = [_peer(file, p, i, base) for i, p in enumerate(peers)]
-    _check_unique(file, node, peer_cfgs)
-    return _assemble(file, node, peer_cfgs, top)
+    try:
+        top = _Checker(file, doc, "", TOP_KEYS)
+        node = _node(file, interface, base, state_dir)
+        peer_cfgs = [_peer(file, p, i, base) for i, p in enumerate(peers)]
+        _check_unique(file, node, peer_cfgs)
+        return _assemble(file, node, peer_cfgs, top)
+    except ConfigError as err:
+        raise ConfigError(file, _wg_key_name(err.key), err.problem) from None
+
+
+def _wg_key_name(key: str) -> str:
+    """Name a problem the way the wg-quick file spells it: "[Peer] 2 AllowedIPs"."""
+    section, _, field = key.partition(".")
+    names = {v: k for k, v in {**WG_INTERFACE_KEYS, **WG_PEER_KEYS}.items()}
+    spelled = {"privatekey": "PrivateKey", "listenport": "ListenPort", "address": "Address", "mtu": "MTU",
+               "publickey": "PublicKey", "presharedkey": "PresharedKey", "allowedips": "AllowedIPs",
+               "endpoint": "Endpoint", "persistentkeepalive": "PersistentKeepalive", "dns": "DNS"}
+    label = spelled.get(names.get(field, ""), field)
+    if section == "node":
+        return f"[Interface] {label}"
+    if section.startswith("peers["):
+        return f"[Peer] {int(section[6:-1]) + 1} {label}"
+    return key
 
 
 def embedded_default(state_dir: Path) -> Config:

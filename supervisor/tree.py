@@ -30,6 +30,7 @@ START_TIMEOUT = 10.0      # hello + configured within this, or the start failed
 REQUEST_TIMEOUT = 5.0     # deadline for an actor's ack
 STOP_TIMEOUT = 6.0        # whole ordered shutdown, then SIGKILL
 BACKOFF_BASE, BACKOFF_MAX = 0.1, 2.0
+STABLE_AFTER = 1.0        # an actor that ran this long restarts at once, with no backoff
 
 
 class NodeFailed(Exception):
@@ -49,6 +50,7 @@ class ActorProc:
     status: dict[str, Any] = field(default_factory=dict)
     exit_reason: str = ""
     hung: bool = False
+    quick_fails: int = 0      # consecutive deaths within STABLE_AFTER of starting
 
 
 @dataclass
@@ -225,11 +227,12 @@ class Supervisor:
             raise NodeFailed(
                 f"actor {a.name} {how}; more than {self.config['supervisor']['intensity']} "
                 f"restarts in {period:g} s, giving up")
-        recent = len(self.restart_times)
         self.restart_times.append(now)
+        a.quick_fails = a.quick_fails + 1 if now - a.started < STABLE_AFTER else 0
         a.restarts += 1
         a.state = "backoff"
-        a.started = now + (0.0 if recent == 0 else min(BACKOFF_BASE * 2 ** (recent - 1), BACKOFF_MAX))
+        a.started = now + (min(BACKOFF_BASE * 2 ** (a.quick_fails - 1), BACKOFF_MAX)
+                           if a.quick_fails else 0.0)
         self.start_queue.appendleft(a.name)
 
     def _kill(self, a: ActorProc) -> None:
