@@ -1,0 +1,254 @@
+"""The underlay UDP socket, moving datagrams in batches.
+
+One AF_INET6 socket with IPV6_V6ONLY=0 serves both families; IPv4 peers
+appear as plain dotted-quad strings, never as ``::ffff:`` mapped addresses.
+
+Two kernel features cut syscalls when they are present (probed at start,
+reported in ``gso`` / ``gro``, each can be refused by the caller):
+
+- UDP GSO (``UDP_SEGMENT``): consecutive datagrams to one endpoint with one
+  size (the last may be shorter) leave in a single ``sendmsg``; the kernel
+  cuts them apart.
+- UDP GRO (``UDP_GRO``): the kernel may hand back many datagrams from one
+  sender glued into one buffer, with the segment size in a control message;
+  ``recv_batch`` cuts them apart again.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import socket
+import struct
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+Endpoint = tuple[str, int]
+Buffer = bytes | bytearray | memoryview
+
+SOL_UDP: Final = 17
+UDP_SEGMENT: Final = 103  # <linux/udp.h>
+UDP_GRO: Final = 104
+SO_SNDBUFFORCE: Final = 32  # <asm-generic/socket.h>; not in Python 3.11's socket
+SO_RCVBUFFORCE: Final = 33
+# Kernel limits on one GSO send: segments per call (UDP_MAX_SEGMENTS, 64 on
+# older kernels) and bytes in one IP datagram's payload.
+MAX_GSO_SEGMENTS: Final = 64
+MAX_GSO_BYTES: Final = 65507
+_RECV_BUFFER: Final = 65536  # a GRO super-buffer is at most one IP datagram
+_GRO_CMSG: Final = struct.Struct("=i")  # the segment size arrives as an int
+_GRO_CMSG_SPACE: Final = socket.CMSG_SPACE(_GRO_CMSG.size)
+_SEGMENT_CMSG: Final = struct.Struct("=H")  # ...but is sent as a u16
+
+
+@dataclass
+class UdpStats:
+    rx_datagrams: int = 0
+    rx_coalesced: int = 0  # GRO super-buffers split
+    rx_dropped: int = 0  # truncated or failed receives
+    tx_datagrams: int = 0
+    tx_gso_sends: int = 0  # sendmsg calls that carried more than one datagram
+    tx_dropped: int = 0
+
+
+def split_coalesced(buf: Buffer, segment_size: int) -> list[bytes]:
+    """Cut a GRO buffer into datagrams of ``segment_size`` (last may be short)."""
+    if segment_size <= 0:
+        return [bytes(buf)]
+    view = memoryview(buf)
+    return [bytes(view[i : i + segment_size]) for i in range(0, len(view), segment_size)]
+
+
+def gso_groups(datagrams: Iterable[tuple[Endpoint, bytes]]) -> list[tuple[Endpoint, list[bytes]]]:
+    """Group consecutive datagrams that one GSO send can carry: same
+    endpoint, same size except a shorter last one, within kernel limits.
+    Order is kept, so per-peer order on the wire is the batch order."""
+    groups: list[tuple[Endpoint, list[bytes]]] = []
+    segments: list[bytes] = []
+    endpoint: Endpoint | None = None
+    size = total = 0
+    open_ = False
+    for ep, data in datagrams:
+        n = len(data)
+        if (
+            open_
+            and ep == endpoint
+            and 0 < n <= size
+            and len(segments) < MAX_GSO_SEGMENTS
+            and total + n <= MAX_GSO_BYTES
+        ):
+            segments.append(data)
+            total += n
+            open_ = n == size
+        else:
+            segments = [data]
+            groups.append((ep, segments))
+            endpoint, size, total, open_ = ep, n, n, n > 0
+    return groups
+
+
+@functools.lru_cache(maxsize=4096)
+def _sockaddr(host: str, port: int, family: socket.AddressFamily) -> tuple | None:
+    """Kernel address for an endpoint, or None if it is not a numeric
+    address (a name would mean a blocking DNS lookup on the hot path)."""
+    if not isinstance(port, int) or not 0 < port < 65536:
+        return None
+    try:
+        if ":" in host:
+            socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+            return (host, port, 0, 0) if family == socket.AF_INET6 else None
+        socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        return None
+    return ("::ffff:" + host, port, 0, 0) if family == socket.AF_INET6 else (host, port)
+
+
+def _endpoint(addr: tuple) -> Endpoint:
+    host: str = addr[0]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, addr[1]
+
+
+def _bind_address(host: str, family: socket.AddressFamily) -> str:
+    if family == socket.AF_INET6 and host and ":" not in host:
+        return "::ffff:" + host
+    return host or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+
+
+class UdpSocket:
+    """A bound, non-blocking UDP socket for the WireGuard underlay."""
+
+    def __init__(
+        self,
+        port: int = 0,
+        host: str = "",
+        *,
+        gso: bool = True,
+        gro: bool = True,
+        buffer_bytes: int = 4 << 20,
+    ) -> None:
+        """Bind to ``port`` (0: any) on ``host`` ("" means every address of
+        both families). ``gso``/``gro`` False turns the offload off even when
+        the kernel has it. Raises OSError if the port cannot be bound."""
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        except OSError:  # IPv6 compiled out or disabled at boot
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock = sock
+        self.family = socket.AddressFamily(sock.family)
+        try:
+            sock.setblocking(False)
+            self._grow_buffers(buffer_bytes)
+            sock.bind((_bind_address(host, self.family), port))
+        except BaseException:
+            sock.close()
+            raise
+        self.port: int = sock.getsockname()[1]
+        self.gso = gso and self._probe(lambda: sock.getsockopt(SOL_UDP, UDP_SEGMENT))
+        self.gro = gro and self._probe(lambda: sock.setsockopt(SOL_UDP, UDP_GRO, 1))
+        self.stats = UdpStats()
+        self._buf = bytearray(_RECV_BUFFER)
+        self._view = memoryview(self._buf)
+
+    def _grow_buffers(self, size: int) -> None:
+        # The *FORCE variants pass net.core.[rw]mem_max when we have
+        # CAP_NET_ADMIN; otherwise take what the unprivileged limit allows.
+        options = ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF))
+        for force, plain in options:
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, force, size)
+            except OSError:
+                self._sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+    @staticmethod
+    def _probe(call: Callable[[], object]) -> bool:
+        try:
+            call()
+        except OSError:
+            return False
+        return True
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def recv_batch(self, max_datagrams: int) -> list[tuple[bytes, Endpoint]]:
+        """Datagrams ready now, oldest first, stopping at ``max_datagrams``
+        receives or when nothing is left. A GRO super-buffer is returned
+        whole, so the count may exceed ``max_datagrams`` by one buffer."""
+        out: list[tuple[bytes, Endpoint]] = []
+        stats = self.stats
+        while len(out) < max_datagrams:
+            try:
+                if self.gro:
+                    n, ancdata, flags, addr = self._sock.recvmsg_into((self._buf,), _GRO_CMSG_SPACE)
+                else:
+                    n, addr = self._sock.recvfrom_into(self._buf)
+                    ancdata, flags = [], 0
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError:  # e.g. a queued ICMP error: report, retry next batch
+                stats.rx_dropped += 1
+                break
+            if flags & socket.MSG_TRUNC:
+                stats.rx_dropped += 1
+                continue
+            endpoint = _endpoint(addr)
+            segment = 0
+            for level, kind, data in ancdata:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_CMSG.size:
+                    (segment,) = _GRO_CMSG.unpack_from(data)
+            if 0 < segment < n:
+                stats.rx_coalesced += 1
+                before = len(out)
+                out.extend((d, endpoint) for d in split_coalesced(self._view[:n], segment))
+                stats.rx_datagrams += len(out) - before
+            else:
+                out.append((bytes(self._view[:n]), endpoint))
+                stats.rx_datagrams += 1
+        return out
+
+    def send_batch(self, datagrams: Sequence[tuple[Endpoint, bytes]]) -> int:
+        """Send in order; returns how many datagrams were dropped (bad
+        endpoint, full buffer, unreachable network)."""
+        dropped = 0
+        for endpoint, segments in gso_groups(datagrams):
+            try:
+                host, port = endpoint
+                addr = _sockaddr(host, port, self.family)
+            except (TypeError, ValueError):  # malformed or unhashable endpoint
+                addr = None
+            dropped += len(segments) if addr is None else self._send_group(addr, segments)
+        self.stats.tx_datagrams += len(datagrams) - dropped
+        self.stats.tx_dropped += dropped
+        return dropped
+
+    def _send_group(self, addr: tuple, segments: list[bytes]) -> int:
+        if self.gso and len(segments) > 1:
+            cmsg = [(SOL_UDP, UDP_SEGMENT, _SEGMENT_CMSG.pack(len(segments[0])))]
+            try:
+                self._sock.sendmsg(segments, cmsg, 0, addr)
+                self.stats.tx_gso_sends += 1
+                return 0
+            except OSError as e:
+                if e.errno == errno.EIO:
+                    # The route's device cannot checksum GSO packets; that
+                    # will not change, so stop trying (as wireguard-go does).
+                    self.gso = False
+                elif e.errno != errno.EINVAL:
+                    return len(segments)  # full or unreachable: drop like a NIC
+                # EINVAL: segments larger than the path MTU; send singly.
+        dropped = 0
+        for data in segments:
+            try:
+                self._sock.sendto(data, addr)
+            except OSError:
+                dropped += 1
+        return dropped

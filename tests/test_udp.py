@@ -1,0 +1,188 @@
+"""The underlay UDP socket (on loopback) and WireGuard datagram classification."""
+
+from __future__ import annotations
+
+import select
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from actors.magicsock.classify import MessageType, classify, receiver_index
+from actors.magicsock.udp import (
+    MAX_GSO_BYTES,
+    MAX_GSO_SEGMENTS,
+    Endpoint,
+    UdpSocket,
+    gso_groups,
+    split_coalesced,
+)
+
+A, B = ("198.51.100.1", 51820), ("198.51.100.2", 51820)
+
+
+# --- grouping and splitting (no sockets) -------------------------------------
+
+
+def _shape(groups: list[tuple[Endpoint, list[bytes]]]) -> list[tuple[Endpoint, list[int]]]:
+    return [(ep, [len(d) for d in segs]) for ep, segs in groups]
+
+
+def test_gso_groups_same_endpoint_equal_size_last_shorter() -> None:
+    batch = [(A, b"x" * 100)] * 3 + [(A, b"x" * 40), (A, b"x" * 100)]
+    assert _shape(gso_groups(batch)) == [(A, [100, 100, 100, 40]), (A, [100])]
+
+
+def test_gso_groups_break_on_endpoint_or_growth_and_keep_order() -> None:
+    batch = [(A, b"1" * 50), (B, b"2" * 50), (B, b"3" * 50), (A, b"4" * 50), (A, b"5" * 60)]
+    groups = gso_groups(batch)
+    assert _shape(groups) == [(A, [50]), (B, [50, 50]), (A, [50]), (A, [60])]
+    assert [d for _, segs in groups for d in segs] == [d for _, d in batch]
+
+
+def test_gso_groups_respect_kernel_limits() -> None:
+    many = [(A, b"x" * 10)] * (MAX_GSO_SEGMENTS + 1)
+    assert [len(s) for _, s in gso_groups(many)] == [MAX_GSO_SEGMENTS, 1]
+    big = [(A, b"x" * 1400)] * 60
+    assert all(sum(map(len, s)) <= MAX_GSO_BYTES for _, s in gso_groups(big))
+    assert _shape(gso_groups([(A, b""), (A, b"")])) == [(A, [0]), (A, [0])]
+
+
+def test_split_coalesced() -> None:
+    assert split_coalesced(b"aabbc", 2) == [b"aa", b"bb", b"c"]
+    assert split_coalesced(b"abc", 0) == [b"abc"]
+
+
+# --- real sockets on loopback ------------------------------------------------
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[UdpSocket]]:
+    made: list[UdpSocket] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def _pair(made: list[UdpSocket], host: str, *, gso: bool, gro: bool) -> tuple[UdpSocket, UdpSocket]:
+    try:
+        tx, rx = UdpSocket(0, host, gso=gso), UdpSocket(0, host, gro=gro)
+    except OSError as e:
+        pytest.skip(f"cannot bind {host}: {e}")
+    made += [tx, rx]
+    if gso and not tx.gso:
+        pytest.skip("kernel lacks UDP GSO (UDP_SEGMENT)")
+    if gro and not rx.gro:
+        pytest.skip("kernel lacks UDP GRO")
+    return tx, rx
+
+
+def _receive(rx: UdpSocket, count: int, max_batch: int = 1024) -> list[tuple[bytes, Endpoint]]:
+    got: list[tuple[bytes, Endpoint]] = []
+    deadline = time.monotonic() + 5
+    while len(got) < count and time.monotonic() < deadline:
+        select.select([rx], [], [], 0.2)
+        got += rx.recv_batch(max_batch)
+    return got
+
+
+def _numbered(count: int, size: int) -> list[bytes]:
+    return [i.to_bytes(2, "big") * (size // 2) for i in range(count)]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+@pytest.mark.parametrize(("gso", "gro"), [(True, True), (True, False), (False, True), (False, False)])
+def test_batch_of_64_arrives_whole_and_in_order(sockets: list[UdpSocket], host: str, gso: bool, gro: bool) -> None:
+    tx, rx = _pair(sockets, host, gso=gso, gro=gro)
+    payloads = _numbered(64, 1200)
+    assert tx.send_batch([((host, rx.port), p) for p in payloads]) == 0
+    got = _receive(rx, 64)
+    assert [d for d, _ in got] == payloads
+    # IPv4 senders are reported plainly, not as ::ffff: mapped addresses.
+    assert {ep for _, ep in got} == {(host, tx.port)}
+    assert (tx.stats.tx_gso_sends > 0) == gso
+    # Loopback only coalesces what was sent as one GSO packet.
+    assert (rx.stats.rx_coalesced > 0) == (gso and gro)
+
+
+@pytest.mark.parametrize("gro", [True, False])
+def test_short_last_datagram_survives_gso_and_gro(sockets: list[UdpSocket], gro: bool) -> None:
+    tx, rx = _pair(sockets, "::1", gso=True, gro=gro)
+    payloads = [b"a" * 1000] * 10 + [b"b" * 333]
+    assert tx.send_batch([(("::1", rx.port), p) for p in payloads]) == 0
+    assert tx.stats.tx_gso_sends == 1
+    assert [d for d, _ in _receive(rx, len(payloads))] == payloads
+
+
+def test_bad_endpoints_are_counted_drops(sockets: list[UdpSocket]) -> None:
+    tx, rx = _pair(sockets, "127.0.0.1", gso=False, gro=False)
+    good = ("127.0.0.1", rx.port)
+    batch = [
+        (("localhost", rx.port), b"name, not an address"),
+        (("127.0.0.1", 0), b"port 0"),
+        (("127.0.0.1", "51820"), b"port as text"),
+        ((["127.0.0.1"], rx.port), b"host not a string"),
+        (("127.0.0.1",), b"no port"),
+        (good, b"delivered"),
+    ]
+    assert tx.send_batch(batch) == 5  # type: ignore[arg-type]
+    assert tx.stats.tx_dropped == 5 and tx.stats.tx_datagrams == 1
+    assert [d for d, _ in _receive(rx, 1)] == [b"delivered"]
+
+
+def test_recv_batch_stops_at_max_and_when_empty(sockets: list[UdpSocket]) -> None:
+    tx, rx = _pair(sockets, "127.0.0.1", gso=False, gro=False)
+    assert rx.recv_batch(10) == []
+    tx.send_batch([(("127.0.0.1", rx.port), bytes([i])) for i in range(5)])
+    select.select([rx], [], [], 2)
+    time.sleep(0.05)
+    assert [d for d, _ in rx.recv_batch(3)] == [b"\0", b"\1", b"\2"]
+    assert [d for d, _ in rx.recv_batch(3)] == [b"\3", b"\4"]
+
+
+def test_one_socket_talks_to_both_families(sockets: list[UdpSocket]) -> None:
+    try:
+        dual = UdpSocket(0)  # bound to every address, so reachable on ::1 and 127.0.0.1
+    except OSError as e:
+        pytest.skip(f"cannot bind: {e}")
+    v4, v6 = UdpSocket(0, "127.0.0.1"), UdpSocket(0, "::1")
+    sockets += [dual, v4, v6]
+    assert v4.send_batch([(("127.0.0.1", dual.port), b"four")]) == 0
+    assert v6.send_batch([(("::1", dual.port), b"six")]) == 0
+    got = sorted(_receive(dual, 2))
+    assert got == [(b"four", ("127.0.0.1", v4.port)), (b"six", ("::1", v6.port))]
+    assert dual.send_batch([(("127.0.0.1", v4.port), b"r4"), (("::1", v6.port), b"r6")]) == 0
+    assert _receive(v4, 1) == [(b"r4", ("127.0.0.1", dual.port))]
+    assert _receive(v6, 1) == [(b"r6", ("::1", dual.port))]
+
+
+# --- classification ------------------------------------------------------------
+
+
+def _msg(kind: int, size: int, index: int = 0x01020304) -> bytes:
+    return bytes([kind, 0, 0, 0]) + index.to_bytes(4, "little") + bytes(size - 8)
+
+
+@pytest.mark.parametrize(
+    ("datagram", "expected", "index"),
+    [
+        (_msg(1, 148), MessageType.INITIATION, None),
+        (_msg(2, 92), MessageType.RESPONSE, 0x01020304),
+        (_msg(3, 64), MessageType.COOKIE_REPLY, 0x01020304),
+        (_msg(4, 32), MessageType.TRANSPORT, 0x01020304),  # keepalive: header + tag only
+        (_msg(4, 1500, 7), MessageType.TRANSPORT, 7),
+        (_msg(1, 149), None, None),
+        (_msg(2, 91), None, None),
+        (_msg(3, 65), None, None),
+        (_msg(4, 31), None, None),
+        (_msg(5, 148), None, None),
+        (_msg(0, 64), None, None),
+        (b"\x04\x00\x01\x00" + bytes(60), None, None),  # reserved bytes must be zero
+        (b"\x01", None, None),
+        (b"", None, None),
+    ],
+)
+def test_classify(datagram: bytes, expected: MessageType | None, index: int | None) -> None:
+    assert classify(datagram) == expected
+    assert classify(memoryview(datagram)) == expected
+    assert receiver_index(datagram) == index
