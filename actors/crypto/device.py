@@ -1,0 +1,541 @@
+"""A sans-IO WireGuard device: batches of packets and datagrams in, actions out.
+
+Behaviour follows wireguard-go's device package (send.go, receive.go,
+timers.go, peer.go). ``now`` is wall-clock unix seconds (``time.time()``):
+handshake timestamps are TAI64N and must keep growing across restarts.
+
+Sharding: the device can be one of N workers sharing a private key. Every
+local index it allocates satisfies ``index % workers == worker``, so a front
+end routes types 2, 3 and 4 by ``receiver_index % workers`` and type 1 by
+``identify_initiator`` to the worker owning that peer.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from cryptography.exceptions import InvalidTag
+
+from . import handshake as hs_
+from .allowedips import AllowedIPs
+from .cookie import CookieChecker, Endpoint, SourceRateLimiter, endpoint_bytes
+from .keypair import Keypair
+from .messages import (INITIATION_SIZE, MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION,
+                       MESSAGE_RESPONSE, MESSAGE_TRANSPORT, RESPONSE_SIZE, TRANSPORT_HEADER,
+                       TRANSPORT_MIN_SIZE, message_type, parse_cookie_reply,
+                       parse_response)
+from .noise import StaticKey
+from .peer import Peer, PeerConfig
+from .timers import (NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE,
+                     ZERO_KEY_MATERIAL, Timing)
+
+HANDSHAKE_COMPLETED = "handshake_completed"
+ENDPOINT_CHANGED = "endpoint_changed"
+
+DEFAULT_MTU = 1420
+_SENDER = struct.Struct("<4xI")  # sender index of an initiation or response
+_NONCE = struct.Struct("<4xQ")
+_U16 = struct.Struct(">H")
+_ZEROS = bytes(16)
+
+
+def _padding_near_mtu(n: int, mtu: int) -> int:
+    """wireguard-go's calculatePaddingSize when rounding up to 16 would pass the MTU."""
+    unit = n % mtu if n > mtu else n
+    return min(-(-unit // 16) * 16, mtu) - unit
+
+
+class Event(NamedTuple):
+    kind: str  # HANDSHAKE_COMPLETED or ENDPOINT_CHANGED
+    public_key: bytes
+    endpoint: Endpoint | None = None
+
+
+@dataclass
+class Output:
+    datagrams: list[tuple[Endpoint, bytes]] = field(default_factory=list)  # to the network
+    packets: list[bytes] = field(default_factory=list)  # decrypted IP packets for the TUN
+    events: list[Event] = field(default_factory=list)
+
+
+class Device:
+    def __init__(self, private_key: bytes, *, worker: int = 0, workers: int = 1, timing: Timing = Timing(),
+                 under_load_threshold: int = 256, rng: Callable[[int], bytes] = os.urandom,
+                 mtu: int = DEFAULT_MTU) -> None:
+        if not 0 <= worker < workers:
+            raise ValueError(f"worker {worker} is not in range(0, {workers})")
+        self.static = StaticKey(private_key)
+        self.public_key = self.static.public
+        self.worker, self.workers = worker, workers
+        self.timing = timing
+        self.mtu = mtu
+        self.peers: dict[bytes, Peer] = {}
+        self.allowed_ips = AllowedIPs()  # values are Peer objects
+        self.counters: Counter[str] = Counter()
+        self._rng = rng
+        self._indices: dict[int, tuple[Peer, Keypair | None]] = {}  # local index -> owner
+        self._checker = CookieChecker(self.public_key, rng, timing.cookie_refresh_time)
+        self._limiter = SourceRateLimiter()
+        # Arrival times of the last threshold+1 handshake messages: under load when all are < 1 s old.
+        self._handshake_arrivals: deque[float] = deque(maxlen=under_load_threshold + 1)
+
+    # --- configuration
+
+    def set_peer(self, config: PeerConfig) -> None:
+        """Add a peer or update it; a new preshared key flushes its session."""
+        peer = self.peers.get(config.public_key)
+        if peer is None:
+            peer = Peer(config, self.static, self.timing, self._jitter)
+            self.peers[config.public_key] = peer
+        elif (config.preshared_key or hs_.NO_PRESHARED_KEY) != peer.handshake.preshared_key:
+            self._zero_keys(peer)
+            peer.handshake.preshared_key = config.preshared_key or hs_.NO_PRESHARED_KEY
+        if config.endpoint is not None:
+            peer.endpoint = config.endpoint
+        self.allowed_ips.remove_peer(peer)
+        for network in config.allowed_ips:
+            self.allowed_ips.insert(network, peer)
+        interval = config.persistent_keepalive or 0
+        if interval > 0 and peer.timers.persistent_keepalive_interval == 0:
+            # As wireguard-go: turning persistent keepalive on sends one at once (next tick).
+            peer.timers.deadlines[PERSISTENT_KEEPALIVE] = float("-inf")
+        peer.timers.persistent_keepalive_interval = interval
+
+    def remove_peer(self, public_key: bytes) -> None:
+        peer = self.peers.pop(public_key, None)
+        if peer is not None:
+            self._zero_keys(peer)
+            peer.timers.stop()
+            self.allowed_ips.remove_peer(peer)
+
+    def status(self) -> list[dict[str, object]]:
+        """Per-peer status for `meshsup status` and `wg show`."""
+        result = []
+        for peer in self.peers.values():
+            entry = peer.status()
+            entry["allowed_ips"] = [str(n) for n in self.allowed_ips.networks(peer)]
+            result.append(entry)
+        return result
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` next has work to do (None: no timer pending)."""
+        deadlines = [d for peer in self.peers.values() if (d := peer.timers.next_deadline()) is not None]
+        return min(deadlines) if deadlines else None
+
+    # --- data path: TUN -> network
+
+    def send(self, packets: Iterable[bytes], now: float) -> Output:
+        """Encrypt IP packets to the peers their destinations route to."""
+        out = Output()
+        counters = self.counters
+        lookup = self.allowed_ips.lookup
+        by_peer: dict[Peer, list[bytes]] = {}
+        last_dst: bytes | None = None
+        queue: list[bytes] | None = None
+        for packet in packets:
+            n = len(packet)
+            version = packet[0] >> 4 if n else 0
+            if version == 4 and n >= 20:
+                dst = packet[16:20]
+            elif version == 6 and n >= 40:
+                dst = packet[24:40]
+            else:
+                counters["bad_packet"] += 1
+                continue
+            if dst != last_dst:  # bulk traffic repeats destinations: route once per run
+                last_dst = dst
+                peer = lookup(dst)
+                queue = None if peer is None else by_peer.setdefault(peer, [])
+            if queue is None:
+                counters["no_route"] += 1
+                continue
+            queue.append(packet)
+        for peer, queued in by_peer.items():
+            kp = peer.sendable_keypair(now)
+            if kp is not None and not peer.staged and peer.endpoint is not None:
+                self._transmit(peer, kp, queued, now, out)
+            else:
+                for packet in queued:
+                    if not peer.stage(packet):
+                        counters["staged_overflow"] += 1
+                self._send_staged(peer, now, out)
+        return out
+
+    def _transmit(self, peer: Peer, kp: Keypair, packets: list[bytes], now: float, out: Output) -> None:
+        """Seal ``packets`` in order with ``kp`` (counter nonces) and send them to the peer."""
+        room = self.timing.reject_after_messages - kp.send_counter
+        if len(packets) > room:  # the keypair runs out of nonces: the rest waits for a new session
+            for packet in packets[room:]:
+                peer.stage(packet)
+            packets = packets[:room]
+        mtu = self.mtu
+        encrypt = kp.send.encrypt
+        header = TRANSPORT_HEADER.pack
+        nonce = _NONCE.pack
+        remote = kp.remote_index
+        endpoint = peer.endpoint
+        append = out.datagrams.append
+        counter = kp.send_counter
+        nbytes = 0
+        for packet in packets:
+            n = len(packet)
+            # Pad to a multiple of 16 to blur lengths, but never beyond the MTU.
+            pad = -n & 15
+            if n + pad > mtu:
+                pad = _padding_near_mtu(n, mtu)
+            datagram = header(MESSAGE_TRANSPORT, remote, counter) + \
+                encrypt(nonce(counter), packet + _ZEROS[:pad] if pad else packet, None)
+            counter += 1
+            nbytes += len(datagram)
+            append((endpoint, datagram))
+        kp.send_counter = counter
+        self._after_data_sent(peer, nbytes, any(packets), now, out)
+
+    def _send_staged(self, peer: Peer, now: float, out: Output) -> None:
+        if not peer.staged:
+            return
+        kp = peer.sendable_keypair(now)
+        if kp is None:
+            self._initiate(peer, now, out, is_retry=False)
+        elif peer.endpoint is None:
+            self.counters["no_endpoint"] += 1
+        else:
+            packets = list(peer.staged)
+            peer.staged.clear()
+            self._transmit(peer, kp, packets, now, out)
+
+    def _after_data_sent(self, peer: Peer, nbytes: int, data: bool, now: float, out: Output) -> None:
+        peer.tx_bytes += nbytes
+        timers = peer.timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_sent()
+        if data:
+            timers.data_sent(now)
+        # Keep the key fresh: the initiator rekeys after REKEY_AFTER_TIME, anyone after too many messages.
+        kp = peer.keypairs.current
+        if kp is not None and (kp.send_counter > self.timing.rekey_after_messages
+                               or (kp.is_initiator and now - kp.created > self.timing.rekey_after_time)):
+            self._initiate(peer, now, out, is_retry=False)
+
+    def _send_keepalive(self, peer: Peer, now: float, out: Output) -> None:
+        if not peer.staged:
+            peer.stage(b"")
+        self._send_staged(peer, now, out)
+
+    # --- network -> TUN
+
+    def receive(self, datagrams: Iterable[tuple[bytes, Endpoint]], now: float) -> Output:
+        """Handle datagrams from the network: handshakes, cookie replies and transport data."""
+        out = Output()
+        counters = self.counters
+        indices = self._indices
+        lookup = self.allowed_ips.lookup
+        unpack_header = TRANSPORT_HEADER.unpack_from
+        nonce = _NONCE.pack
+        unpack_u16 = _U16.unpack_from
+        reject_after_time = self.timing.reject_after_time
+        reject_after_messages = self.timing.reject_after_messages
+        packets = out.packets
+        authenticated: dict[Peer, bool] = {}  # peer -> data (not just keepalives) arrived
+        last_src: bytes | None = None
+        last_peer: Peer | None = None
+        allowed = False
+        for data, endpoint in datagrams:
+            if len(data) < TRANSPORT_MIN_SIZE or data[0] != MESSAGE_TRANSPORT:
+                self._receive_control(data, endpoint, now, out)
+                continue
+            mtype, receiver, counter = unpack_header(data)
+            if mtype != MESSAGE_TRANSPORT:  # non-zero reserved bytes
+                counters["unknown_type"] += 1
+                continue
+            entry = indices.get(receiver)
+            if entry is None or entry[1] is None:
+                counters["no_session"] += 1
+                continue
+            peer, kp = entry
+            if now - kp.created >= reject_after_time:
+                counters["expired_session"] += 1
+                continue
+            try:
+                plain = kp.receive.decrypt(nonce(counter), memoryview(data)[16:], None)
+            except InvalidTag:
+                counters["decrypt_failed"] += 1
+                continue
+            if not kp.replay.validate(counter, reject_after_messages):
+                counters["replay"] += 1
+                continue
+            if endpoint != peer.endpoint:
+                self._set_endpoint(peer, endpoint, out)
+            if kp is peer.keypairs.next:
+                self._confirm(peer, kp, now, out)
+            n = len(plain)
+            peer.rx_bytes += n + TRANSPORT_MIN_SIZE
+            if not n:  # keepalive
+                authenticated.setdefault(peer, False)
+                continue
+            authenticated[peer] = True
+            version = plain[0] >> 4
+            # Trim the padding by the IP header's length and check the inner source (cryptokey routing).
+            if version == 4 and n >= 20:
+                length = unpack_u16(plain, 2)[0]
+                if length > n or length < 20:
+                    counters["bad_packet"] += 1
+                    continue
+                src = plain[12:16]
+            elif version == 6 and n >= 40:
+                length = unpack_u16(plain, 4)[0] + 40
+                if length > n:
+                    counters["bad_packet"] += 1
+                    continue
+                src = plain[8:24]
+            else:
+                counters["bad_packet"] += 1
+                continue
+            if src != last_src or peer is not last_peer:  # bulk flows repeat sources: route once per run
+                last_src, last_peer = src, peer
+                allowed = lookup(src) is peer
+            if not allowed:
+                counters["allowed_ips"] += 1
+                continue
+            packets.append(plain if length == n else plain[:length])
+        for peer, data_received in authenticated.items():
+            self._after_data_received(peer, data_received, now, out)
+        return out
+
+    def _after_data_received(self, peer: Peer, data_received: bool, now: float, out: Output) -> None:
+        timers = peer.timers
+        kp = peer.keypairs.current
+        # The initiator rehandshakes shortly before REJECT_AFTER_TIME if the peer is still talking.
+        if not timers.sent_last_minute_handshake and kp is not None and kp.is_initiator and \
+                now - kp.created > self.timing.reject_after_time - self.timing.keepalive_timeout \
+                - self.timing.rekey_timeout:
+            timers.sent_last_minute_handshake = True
+            self._initiate(peer, now, out, is_retry=False)
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_received()
+        if data_received:
+            timers.data_received(now)
+
+    def _confirm(self, peer: Peer, kp: Keypair, now: float, out: Output) -> None:
+        """The peer used our responder keypair: it is confirmed and becomes current."""
+        self._free_keypairs(peer.keypairs.confirm(kp) or [])
+        self._handshake_complete(peer, now, out)
+        self._send_staged(peer, now, out)
+
+    def _set_endpoint(self, peer: Peer, endpoint: Endpoint, out: Output) -> None:
+        """Roaming: the peer is wherever its last authenticated packet came from."""
+        endpoint = tuple(endpoint)  # callers decoding msgpack may hand over lists
+        if endpoint != peer.endpoint:
+            peer.endpoint = endpoint
+            out.events.append(Event(ENDPOINT_CHANGED, peer.public_key, endpoint))
+
+    # --- handshake messages
+
+    def _receive_control(self, data: bytes, endpoint: Endpoint, now: float, out: Output) -> None:
+        counters = self.counters
+        mtype = message_type(data)
+        if mtype is None or (mtype == MESSAGE_TRANSPORT and len(data) < TRANSPORT_MIN_SIZE):
+            counters["bad_length"] += 1
+            return
+        if mtype == MESSAGE_COOKIE_REPLY:
+            self._receive_cookie_reply(data, now)
+            return
+        if mtype not in (MESSAGE_INITIATION, MESSAGE_RESPONSE):
+            counters["unknown_type"] += 1
+            return
+        if len(data) != (INITIATION_SIZE if mtype == MESSAGE_INITIATION else RESPONSE_SIZE):
+            counters["bad_length"] += 1
+            return
+        self._handshake_arrivals.append(now)
+        if not self._checker.check_mac1(data):
+            counters["bad_mac1"] += 1
+            return
+        if self._under_load(now):
+            source = endpoint_bytes(endpoint)
+            if not self._checker.check_mac2(data, source, now):
+                sender = _SENDER.unpack_from(data)[0]
+                out.datagrams.append((endpoint, self._checker.create_reply(data, sender, source, now)))
+                counters["cookie_sent"] += 1
+                return
+            if not self._limiter.allow(endpoint[0], now):
+                counters["rate_limited"] += 1
+                return
+        if mtype == MESSAGE_INITIATION:
+            self._receive_initiation(data, endpoint, now, out)
+        else:
+            self._receive_response(data, endpoint, now, out)
+
+    def _under_load(self, now: float) -> bool:
+        arrivals = self._handshake_arrivals
+        return len(arrivals) == arrivals.maxlen and now - arrivals[0] < 1.0
+
+    def _receive_cookie_reply(self, data: bytes, now: float) -> None:
+        reply = parse_cookie_reply(data)
+        if reply is None:
+            self.counters["bad_length"] += 1
+            return
+        entry = self._indices.get(reply.receiver)
+        if entry is None:
+            self.counters["no_session"] += 1
+        elif not entry[0].cookies.consume_reply(reply, now):
+            self.counters["bad_cookie_reply"] += 1
+        else:
+            self.counters["cookie_received"] += 1
+
+    def _receive_initiation(self, data: bytes, endpoint: Endpoint, now: float, out: Output) -> None:
+        opened = hs_.open_initiation(self.static, data)
+        peer = None if opened is None else self.peers.get(opened.initiator_static)
+        if opened is None or peer is None:
+            self.counters["bad_initiation" if opened is None else "unknown_peer"] += 1
+            return
+        hs = peer.handshake
+        error = hs_.consume_initiation(opened, hs, now, self.timing.handshake_initiation_rate)
+        if error is not None:
+            self.counters[error] += 1
+            return
+        peer.timers.any_authenticated_packet_traversal(now)
+        peer.timers.any_authenticated_packet_received()
+        self._set_endpoint(peer, endpoint, out)
+        peer.rx_bytes += len(data)
+
+        hs.last_sent_handshake = now
+        self._free_index(hs.local_index)
+        response = hs_.create_response(hs, self._new_index(peer), self._rng)
+        keys = hs_.derive_session(hs) if response is not None else None
+        if keys is None:
+            self.counters["bad_initiation"] += 1
+            return
+        self._begin_session(peer, keys, now)
+        peer.timers.session_derived(now)
+        peer.timers.any_authenticated_packet_traversal(now)
+        peer.timers.any_authenticated_packet_sent()
+        self._emit(peer, peer.cookies.add_macs(response, now), out)
+
+    def _receive_response(self, data: bytes, endpoint: Endpoint, now: float, out: Output) -> None:
+        msg = parse_response(data)
+        assert msg is not None  # length and type were checked by the caller
+        entry = self._indices.get(msg.receiver)
+        if entry is None or entry[1] is not None:
+            self.counters["no_session"] += 1
+            return
+        peer = entry[0]
+        hs = peer.handshake
+        if hs.local_index != msg.receiver or not hs_.consume_response(self.static, hs, msg):
+            self.counters["bad_response"] += 1
+            return
+        self._set_endpoint(peer, endpoint, out)
+        peer.rx_bytes += len(data)
+        peer.timers.any_authenticated_packet_traversal(now)
+        peer.timers.any_authenticated_packet_received()
+        keys = hs_.derive_session(hs)
+        assert keys is not None  # consume_response moved the state to RESPONSE_CONSUMED
+        self._begin_session(peer, keys, now)
+        peer.timers.session_derived(now)
+        self._handshake_complete(peer, now, out)
+        # Confirm the new key to the responder right away (with staged data or a keepalive).
+        self._send_keepalive(peer, now, out)
+
+    def _initiate(self, peer: Peer, now: float, out: Output, is_retry: bool) -> None:
+        if not is_retry:
+            peer.timers.handshake_attempts = 0
+        hs = peer.handshake
+        if now - hs.last_sent_handshake < self.timing.rekey_timeout:
+            return
+        hs.last_sent_handshake = now
+        self._free_index(hs.local_index)
+        index = self._new_index(peer)
+        message = hs_.create_initiation(self.static, hs, index, now, self._rng)
+        if message is None:
+            self._free_index(index)
+            self.counters["bad_peer_key"] += 1
+            return
+        peer.timers.any_authenticated_packet_traversal(now)
+        peer.timers.any_authenticated_packet_sent()
+        self._emit(peer, peer.cookies.add_macs(message, now), out)
+        peer.timers.handshake_initiated(now)
+
+    def _handshake_complete(self, peer: Peer, now: float, out: Output) -> None:
+        peer.timers.handshake_complete()
+        peer.last_handshake = now
+        out.events.append(Event(HANDSHAKE_COMPLETED, peer.public_key))
+
+    def _emit(self, peer: Peer, message: bytes, out: Output) -> None:
+        if peer.endpoint is None:
+            self.counters["no_endpoint"] += 1
+            return
+        out.datagrams.append((peer.endpoint, message))
+        peer.tx_bytes += len(message)
+
+    # --- sessions and indices
+
+    def _begin_session(self, peer: Peer, keys: hs_.SessionKeys, now: float) -> None:
+        kp = Keypair(keys, now)
+        self._indices[kp.local_index] = (peer, kp)
+        self._free_keypairs(peer.keypairs.install(kp))
+
+    def _new_index(self, peer: Peer) -> int:
+        while True:
+            value = int.from_bytes(self._rng(4), "little")
+            index = value - value % self.workers + self.worker
+            if index <= 0xFFFFFFFF and index not in self._indices:
+                self._indices[index] = (peer, None)
+                return index
+
+    def _free_index(self, index: int | None) -> None:
+        if index is not None:
+            self._indices.pop(index, None)
+
+    def _free_keypairs(self, keypairs: list[Keypair]) -> None:
+        for kp in keypairs:
+            self._indices.pop(kp.local_index, None)
+
+    def _zero_keys(self, peer: Peer) -> None:
+        self._free_keypairs(peer.keypairs.clear())
+        self._free_index(peer.handshake.local_index)
+        peer.handshake.clear()
+        peer.staged.clear()
+
+    def _jitter(self) -> float:
+        return int.from_bytes(self._rng(2), "little") / 65536 * self.timing.rekey_timeout_jitter
+
+    # --- timers
+
+    def tick(self, now: float) -> Output:
+        """Run expired timers: retransmissions, keepalives, rekeying, key zeroing."""
+        out = Output()
+        for peer in list(self.peers.values()):
+            timers = peer.timers
+            for name in timers.due(now):
+                if name == RETRANSMIT_HANDSHAKE:
+                    if timers.handshake_attempts > self.timing.max_timer_handshakes:
+                        timers.handshake_gave_up(now)
+                        self.counters["handshake_timeout"] += len(peer.staged)
+                        peer.staged.clear()
+                    else:
+                        timers.handshake_attempts += 1
+                        self._initiate(peer, now, out, is_retry=True)
+                elif name == SEND_KEEPALIVE:
+                    self._send_keepalive(peer, now, out)
+                    timers.after_keepalive_sent(now)
+                elif name == NEW_HANDSHAKE:
+                    self._initiate(peer, now, out, is_retry=False)
+                elif name == ZERO_KEY_MATERIAL:
+                    self._zero_keys(peer)
+                elif name == PERSISTENT_KEEPALIVE and timers.persistent_keepalive_interval > 0:
+                    self._send_keepalive(peer, now, out)
+        self._limiter.collect(now)
+        return out
+
+    # --- sharding
+
+    def identify_initiator(self, datagram: bytes) -> bytes | None:
+        """Static public key of the initiator of a valid type-1 message (mac1 checked); no state changes."""
+        if len(datagram) != INITIATION_SIZE or not self._checker.check_mac1(datagram):
+            return None
+        opened = hs_.open_initiation(self.static, datagram)
+        return None if opened is None else opened.initiator_static

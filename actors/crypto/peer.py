@@ -1,0 +1,79 @@
+"""Per-peer state of the WireGuard device: configuration, handshake, keys, timers, queue."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .cookie import CookieGenerator, Endpoint
+from .handshake import Handshake
+from .keypair import Keypair, Keypairs
+from .noise import StaticKey
+from .timers import PeerTimers, Timing
+
+# wireguard-go stages at most this many packets per peer while it has no session.
+STAGED_PACKETS_LIMIT = 1024
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    public_key: bytes
+    preshared_key: bytes | None = None
+    allowed_ips: list[Network] = field(default_factory=list)
+    endpoint: Endpoint | None = None
+    persistent_keepalive: int | None = None
+
+
+class Peer:
+    __slots__ = ("public_key", "handshake", "keypairs", "cookies", "timers", "staged", "endpoint",
+                 "rx_bytes", "tx_bytes", "last_handshake")
+
+    def __init__(self, config: PeerConfig, local: StaticKey, timing: Timing, jitter: Callable[[], float]) -> None:
+        self.public_key = config.public_key
+        self.handshake = Handshake(local, config.public_key, config.preshared_key)
+        self.keypairs = Keypairs()
+        self.cookies = CookieGenerator(config.public_key, timing.cookie_refresh_time)
+        self.timers = PeerTimers(timing, jitter)
+        self.staged: deque[bytes] = deque()
+        self.endpoint: Endpoint | None = config.endpoint
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.last_handshake = 0.0  # `now` of the last completed handshake; 0 = never
+
+    def sendable_keypair(self, now: float) -> Keypair | None:
+        """The current keypair if it may still seal packets."""
+        kp = self.keypairs.current
+        timing = self.timers.timing
+        if kp is None or kp.send_counter >= timing.reject_after_messages \
+                or now - kp.created >= timing.reject_after_time:
+            return None
+        return kp
+
+    def stage(self, packet: bytes) -> bool:
+        """Queue a packet until a session exists; False when the oldest had to be dropped."""
+        full = len(self.staged) >= STAGED_PACKETS_LIMIT
+        if full:
+            self.staged.popleft()
+        self.staged.append(packet)
+        return not full
+
+    def status(self) -> dict[str, object]:
+        endpoint = self.endpoint
+        return {
+            "public_key": base64.b64encode(self.public_key).decode(),
+            "endpoint": None if endpoint is None else _format_endpoint(endpoint),
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+            "last_handshake": int(self.last_handshake),
+            "persistent_keepalive": self.timers.persistent_keepalive_interval,
+        }
+
+
+def _format_endpoint(endpoint: Endpoint) -> str:
+    host, port = endpoint[0], endpoint[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
