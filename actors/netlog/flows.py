@@ -1,0 +1,261 @@
+"""Flow aggregation into per-window records, after Tailscale's wgengine/netlog.
+
+Sans-IO: counter deltas and `now` go in, JSON-ready records come out. A
+record looks like Tailscale's netlogtype.Message:
+
+    {"nodeId", "start", "end", "virtualTraffic", "subnetTraffic",
+     "exitTraffic", "physicalTraffic"[, "dropped"]}
+
+with entries {proto, src, dst, txPkts, txBytes, rxPkts, rxBytes} whose zero
+fields are left out, as Go's `omitempty` does.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, TypeGuard
+
+Record = dict[str, Any]
+Conn = tuple[int, str, str]  # (IP protocol number, "ip:port", "ip:port")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_MAX_RECORD_BYTES = 256 * 1024  # Tailscale's maxLogSize
+MIN_RECORD_BYTES = 1024  # room for the header plus a few entries
+_MAX_COUNTER = 2**64  # counters travel as IPFIX unsigned64
+
+
+class Traffic(enum.Enum):
+    """Where a connection's counts go; the value is the record key."""
+
+    VIRTUAL = "virtualTraffic"
+    SUBNET = "subnetTraffic"
+    EXIT = "exitTraffic"
+    PHYSICAL = "physicalTraffic"
+    SKIPPED = "skipped"  # never reported: the node's own services
+
+
+RECORD_KINDS = (Traffic.VIRTUAL, Traffic.SUBNET, Traffic.EXIT, Traffic.PHYSICAL)
+_COUNT_KEYS = ("txPkts", "txBytes", "rxPkts", "rxBytes")
+
+
+def rfc3339(t: float) -> str:
+    """UTC timestamp with microseconds, e.g. 2024-05-01T12:00:00.250000Z."""
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def encode_record(record: Record) -> bytes:
+    """Compact JSON; the size cap is measured on exactly these bytes."""
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def parse_endpoint(text: object) -> tuple[IPAddress, int] | None:
+    """'1.2.3.4:80' or '[::1]:53' to (address, port); None when malformed."""
+    if not isinstance(text, str):
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or len(port_text) > 5:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    port = int(port_text)
+    if port > 65535 or (address.version == 6) != text.startswith("["):
+        return None
+    return address, port
+
+
+def format_endpoint(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
+
+
+class Classifier:
+    """Decides which part of a record a connection belongs to.
+
+    Both ends in the mesh: virtual. One end behind a peer's subnet route:
+    subnet. Anything else went through an exit node: exit, anonymised by
+    default (addresses and ports dropped, counts merged per protocol).
+    Traffic to or from the node's own service addresses (its DNS, for
+    example) is skipped, as Tailscale skips its service IP.
+    """
+
+    def __init__(
+        self,
+        mesh_prefixes: Iterable[str],
+        subnet_prefixes: Iterable[str],
+        service_addresses: Iterable[str],
+        anonymize_exit: bool = True,
+    ) -> None:
+        self.mesh = tuple(ipaddress.ip_network(p, strict=False) for p in mesh_prefixes)
+        self.subnets = tuple(ipaddress.ip_network(p, strict=False) for p in subnet_prefixes)
+        self.services = frozenset(ipaddress.ip_address(a) for a in service_addresses)
+        self.anonymize_exit = anonymize_exit
+
+    def classify(self, src: IPAddress, dst: IPAddress) -> Traffic:
+        if src in self.services or dst in self.services:
+            return Traffic.SKIPPED
+        if _within(src, self.mesh) and _within(dst, self.mesh):
+            return Traffic.VIRTUAL
+        if _within(src, self.subnets) or _within(dst, self.subnets):
+            return Traffic.SUBNET
+        return Traffic.EXIT
+
+    def route(self, conn: Conn) -> tuple[Traffic, Conn] | None:
+        """The traffic kind and the key the counts are merged under; None if malformed."""
+        proto, src_text, dst_text = conn
+        src, dst = parse_endpoint(src_text), parse_endpoint(dst_text)
+        if src is None or dst is None or not 0 <= proto <= 255:
+            return None
+        kind = self.classify(src[0], dst[0])
+        if kind is Traffic.EXIT and self.anonymize_exit:
+            return kind, (proto, "", "")
+        return kind, (proto, format_endpoint(*src), format_endpoint(*dst))
+
+
+def _within(address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:
+    return any(address in net for net in networks)
+
+
+@dataclass
+class FlowCounters:
+    """What the table refused or set aside, for the actor's metrics."""
+
+    bad_input: int = 0  # malformed connection or counts: dropped
+    skipped: int = 0  # deltas to/from the node's own services
+    records: int = 0  # records produced
+    split_records: int = 0  # extra records because a window exceeded the size cap
+
+
+def _valid_counts(counts: tuple[object, ...]) -> bool:
+    return all(type(c) is int and 0 <= c < _MAX_COUNTER for c in counts)
+
+
+def _is_conn(conn: object) -> TypeGuard[Conn]:
+    return (
+        type(conn) is tuple
+        and len(conn) == 3
+        and type(conn[0]) is int
+        and isinstance(conn[1], str)
+        and isinstance(conn[2], str)
+    )
+
+
+def _has_traffic(record: Record) -> bool:
+    return any(kind.value in record for kind in RECORD_KINDS)
+
+
+def _entry(key: Conn, counts: list[int]) -> Record:
+    proto, src, dst = key
+    entry: Record = {}
+    if proto:
+        entry["proto"] = proto
+    if src:
+        entry["src"] = src
+    if dst:
+        entry["dst"] = dst
+    entry.update((k, v) for k, v in zip(_COUNT_KEYS, counts) if v)
+    return entry
+
+
+class FlowTable:
+    """Accumulates deltas for one window at a time; `close_window` emits records."""
+
+    def __init__(
+        self,
+        node_id: str,
+        classifier: Classifier,
+        start: float,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    ) -> None:
+        if max_record_bytes < MIN_RECORD_BYTES:
+            raise ValueError(f"max_record_bytes must be at least {MIN_RECORD_BYTES}")
+        self.node_id = node_id
+        self.classifier = classifier
+        self.max_record_bytes = max_record_bytes
+        self.counters = FlowCounters()
+        self._start = start
+        self._pending_dropped = 0
+        # Per-window cache so a connection is parsed and classified once.
+        self._routes: dict[Conn, tuple[Traffic, Conn]] = {}
+        self._counts: dict[Traffic, dict[Conn, list[int]]] = {k: {} for k in RECORD_KINDS}
+
+    def add(self, conn: Conn, tx_pkts: int, tx_bytes: int, rx_pkts: int, rx_bytes: int) -> None:
+        """Add one connection's deltas (tx = src to dst) to the current window."""
+        counts = (tx_pkts, tx_bytes, rx_pkts, rx_bytes)
+        route = self._route(conn) if _valid_counts(counts) else None
+        if route is None:
+            self.counters.bad_input += 1
+            return
+        kind, key = route
+        if kind is Traffic.SKIPPED:
+            self.counters.skipped += 1
+            return
+        self._accumulate(kind, key, counts)
+
+    def add_physical(
+        self, src: str, dst: str, tx_pkts: int, tx_bytes: int, rx_pkts: int, rx_bytes: int
+    ) -> None:
+        """Underlay counts: src is the peer's mesh address ("ip:0"), dst its endpoint."""
+        ends = parse_endpoint(src), parse_endpoint(dst)
+        counts = (tx_pkts, tx_bytes, rx_pkts, rx_bytes)
+        if ends[0] is None or ends[1] is None or not _valid_counts(counts):
+            self.counters.bad_input += 1
+            return
+        self._accumulate(Traffic.PHYSICAL, (0, format_endpoint(*ends[0]), format_endpoint(*ends[1])), counts)
+
+    def note_dropped(self, count: int) -> None:
+        """Records were lost downstream; the next record carries the count."""
+        if type(count) is int and count > 0:
+            self._pending_dropped += count
+
+    def close_window(self, now: float) -> list[Record]:
+        """End the window at `now`: its records (none if idle), split to fit the size cap."""
+        header: Record = {"nodeId": self.node_id, "start": rfc3339(self._start), "end": rfc3339(now)}
+        self._start = now
+        counts, self._counts = self._counts, {k: {} for k in RECORD_KINDS}
+        self._routes.clear()
+        if not self._pending_dropped and not any(counts.values()):
+            return []  # an idle window has nothing to report
+        records = [dict(header, dropped=self._pending_dropped) if self._pending_dropped else dict(header)]
+        self._pending_dropped = 0
+        size = len(encode_record(records[0]))
+        for kind in RECORD_KINDS:
+            for key in sorted(counts[kind]):
+                entry = _entry(key, counts[kind][key])
+                entry_size = len(encode_record(entry))
+                record = records[-1]
+                # A new list costs ,"kind":[] around the entry; a further entry a comma.
+                cost = entry_size + (1 if kind.value in record else len(kind.value) + 6)
+                if size + cost > self.max_record_bytes and _has_traffic(record):
+                    record = dict(header)
+                    records.append(record)
+                    size = len(encode_record(record))
+                    cost = entry_size + len(kind.value) + 6
+                    self.counters.split_records += 1
+                record.setdefault(kind.value, []).append(entry)
+                size += cost
+        self.counters.records += len(records)
+        return records
+
+    def _route(self, conn: object) -> tuple[Traffic, Conn] | None:
+        if not _is_conn(conn):
+            return None
+        route = self._routes.get(conn)
+        if route is None:
+            route = self.classifier.route(conn)
+            if route is not None:
+                self._routes[conn] = route
+        return route
+
+    def _accumulate(self, kind: Traffic, key: Conn, counts: tuple[int, int, int, int]) -> None:
+        total = self._counts[kind].setdefault(key, [0, 0, 0, 0])
+        for i, c in enumerate(counts):
+            total[i] = min(total[i] + c, _MAX_COUNTER - 1)

@@ -1,0 +1,333 @@
+"""Real flow-log collectors for tests, all on loopback with free ports.
+
+rsyslogd and nfcapd run with private configs and directories under the
+test's tmp dir and are started and stopped by their own PID. The HTTP and
+TLS-syslog receivers are threads in the test process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import select
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from actors.netlog.syslog import OctetCountingDecoder
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian package providing {name} needed)")
+    return path
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """Terminate by PID, escalate to kill, always reap."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def parse_syslog_line(line: str) -> dict[str, str]:
+    hostname, app_name, procid, msgid, sd, msg = line.split("\t", 5)
+    return {"hostname": hostname, "app_name": app_name, "procid": procid, "msgid": msgid, "sd": sd, "msg": msg}
+
+
+class Rsyslog:
+    """rsyslogd -n with imtcp on a loopback port writing the parsed fields of each message to a file.
+
+    Only the modules the config loads are active (no imuxsock, so /dev/log is
+    untouched); the work directory, PID file and output are private.
+    """
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.binary = require_tool("rsyslogd")
+        self.dir = workdir
+        self.port = port
+        self.output = workdir / "flows.log"
+        self.conf = workdir / "rsyslog.conf"
+        self.pidfile = workdir / "rsyslogd.pid"
+        (workdir / "work").mkdir(parents=True, exist_ok=True)
+        # maxMessageSize: a flow record may be 256 KiB; rsyslog's default is 8 KiB.
+        self.conf.write_text(
+            f'global(workDirectory="{workdir / "work"}" maxMessageSize="300k")\n'
+            'module(load="imtcp")\n'
+            'template(name="fields" type="string"'
+            ' string="%hostname%\\t%app-name%\\t%procid%\\t%msgid%\\t%structured-data%\\t%msg%\\n")\n'
+            'ruleset(name="flows") {\n'
+            f'  action(type="omfile" file="{self.output}" template="fields")\n'
+            "}\n"
+            f'input(type="imtcp" address="{LOOPBACK}" port="{port}" ruleset="flows")\n'
+        )
+        check = subprocess.run(
+            [self.binary, "-N1", "-f", str(self.conf)], check=False, capture_output=True, text=True, timeout=30
+        )
+        if check.returncode != 0:
+            pytest.skip(f"rsyslogd cannot load this config (imtcp missing?): {check.stderr.strip()[:300]}")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.dir / "rsyslogd.stderr", "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "-n", "-f", str(self.conf), "-i", str(self.pidfile)], stdout=log, stderr=log
+            )
+        if not wait_until(self._listening, 10):
+            stop_process(self.proc)
+            raise RuntimeError(f"rsyslogd did not listen on {self.port}: {(self.dir / 'rsyslogd.stderr').read_text()}")
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"rsyslogd exited: {(self.dir / 'rsyslogd.stderr').read_text()}")
+        try:
+            socket.create_connection((LOOPBACK, self.port), timeout=0.5).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def messages(self) -> list[dict[str, str]]:
+        if not self.output.exists():
+            return []
+        lines = self.output.read_text().splitlines()
+        return [parse_syslog_line(line) for line in lines if line]
+
+
+class Nfcapd:
+    """nfcapd collecting IPFIX on a loopback UDP port into a private directory."""
+
+    def __init__(self, workdir: Path, port: int) -> None:
+        self.binary = require_tool("nfcapd")
+        self.nfdump = require_tool("nfdump")
+        self.dir = workdir
+        self.port = port
+        self.flowdir = workdir / "flows"
+        self.flowdir.mkdir(parents=True, exist_ok=True)
+        self.log = workdir / "nfcapd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [self.binary, "-w", str(self.flowdir), "-b", LOOPBACK, "-p", str(self.port), "-t", "3600"],
+                stdout=out,
+                stderr=out,
+            )
+        if not wait_until(lambda: "Startup" in self.log.read_text(errors="replace"), 10):
+            stop_process(self.proc)
+            raise RuntimeError(f"nfcapd did not start: {self.log.read_text()}")
+
+    def stop(self) -> Path:
+        """Stop nfcapd, which closes its current file; return that file."""
+        stop_process(self.proc)
+        self.proc = None
+        files = sorted(p for p in self.flowdir.iterdir() if p.name.startswith("nfcapd.2"))
+        assert files, f"nfcapd wrote no file: {self.log.read_text()}"
+        return files[-1]
+
+    def flows(self, path: Path) -> list[dict[str, str]]:
+        """nfdump's CSV rows (header line first, a summary after a 'Summary' line)."""
+        out = subprocess.run(
+            [self.nfdump, "-r", str(path), "-o", "csv"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+        lines = out.splitlines()
+        header = lines[0].split(",")
+        rows = lines[1 : lines.index("Summary")] if "Summary" in lines else lines[1:]
+        return [dict(zip(header, (v.strip() for v in row.split(",")))) for row in rows if row]
+
+    def stats(self, path: Path) -> dict[str, str]:
+        out = subprocess.run(
+            [self.nfdump, "-I", "-r", str(path)], capture_output=True, text=True, timeout=30, check=True
+        ).stdout
+        return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
+
+
+@dataclass
+class HttpRequest:
+    at: float
+    status: int
+    headers: dict[str, str]
+    records: list[dict[str, object]]
+
+
+@dataclass
+class HttpCollector:
+    """A JSON-lines HTTP collector answering from a script of (status, headers), then 200."""
+
+    script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
+    requests: list[HttpRequest] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                at = time.time()
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = zlib.decompress(body, wbits=31)
+                status, extra = collector.script.pop(0) if collector.script else (200, {})
+                collector.requests.append(HttpRequest(at, status, dict(self.headers), json.loads(body)))
+                self.send_response(status)
+                for k, v in extra.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def accepted(self) -> list[dict[str, object]]:
+        return [r for req in self.requests if req.status == 200 for r in req.records]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def make_certificate(directory: Path, host: str = LOOPBACK) -> tuple[Path, Path]:
+    """A self-signed certificate for `host` (its own CA): (cert.pem, key.pem)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+class SyslogReceiver:
+    """An RFC 6587 receiver on a loopback port (RFC 5425 when given a certificate); frames kept in order.
+
+    With reset_first, the first connection is reset (SO_LINGER 0) after a few
+    bytes were read and the rest left unread, as a collector crashing
+    mid-stream would do.
+    """
+
+    def __init__(self, tls: tuple[Path, Path] | None = None, reset_first: bool = False) -> None:
+        self.context: ssl.SSLContext | None = None
+        if tls is not None:
+            self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.context.load_cert_chain(*tls)
+        self.listener = socket.create_server((LOOPBACK, 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.frames: list[bytes] = []
+        self.handshake_errors = 0
+        self.resets = 0
+        self._reset_pending = reset_first
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> socket.socket | None:
+        raw, _ = self.listener.accept()
+        if self.context is None:
+            return raw
+        try:
+            raw.settimeout(5)
+            return self.context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            self.handshake_errors += 1
+            raw.close()
+            return None
+
+    def _serve(self) -> None:
+        conns: dict[socket.socket, OctetCountingDecoder] = {}
+        while not self._stop.is_set():
+            readable, _, _ = select.select([self.listener, *conns], [], [], 0.05)
+            for sock in readable:
+                if sock is self.listener:
+                    conn = self._accept()
+                    if conn is not None:
+                        conns[conn] = OctetCountingDecoder()
+                    continue
+                if self._reset_pending:
+                    sock.recv(16)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self._reset_pending = False
+                    self.resets += 1
+                    data = b""
+                else:
+                    try:
+                        data = sock.recv(65536)
+                    except (ssl.SSLError, OSError):
+                        data = b""
+                if data:
+                    self.frames += conns[sock].feed(data)
+                else:
+                    del conns[sock]
+                    sock.close()
+        for sock in conns:
+            sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
