@@ -44,6 +44,8 @@ class Actor:
         self._readers: dict[Any, Callable[[], None]] = {}
         self._stopping = False
         self._hang = False
+        self._poller_stale = True
+        self.outbox = Outbox(self)
         self.config: dict[str, Any] = {}
 
         self.control = self.ctx.socket(zmq.DEALER)
@@ -83,6 +85,11 @@ class Actor:
     # --- helpers for subclasses -----------------------------------------
     def add_reader(self, sock_or_fd: Any, handler: Callable[[], None]) -> None:
         self._readers[sock_or_fd] = handler
+        self._poller_stale = True
+
+    def remove_reader(self, sock_or_fd: Any) -> None:
+        if self._readers.pop(sock_or_fd, None) is not None:
+            self._poller_stale = True
 
     def subscribe(self, *tags: str) -> None:
         for tag in tags:
@@ -104,8 +111,6 @@ class Actor:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides
         self._send(Hello(name=self.name, kind=self.kind, pid=os.getpid()))
         poller = zmq.Poller()
-        for s in (self.control, self.inbox, self.subscriptions, *self._readers):
-            poller.register(s, zmq.POLLIN)
         seq = 0
         next_beat = 0.0
         try:
@@ -118,6 +123,11 @@ class Actor:
                 if self._hang:
                     time.sleep(3600)
                     continue
+                if self._poller_stale:
+                    poller = zmq.Poller()
+                    for sock in (self.control, self.inbox, self.subscriptions, *self._readers):
+                        poller.register(sock, zmq.POLLIN)
+                    self._poller_stale = False
                 timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
                 for sock, _ in poller.poll(timeout_ms):
                     if sock is self.control:
@@ -126,11 +136,12 @@ class Actor:
                         self._drain(self.inbox, self.on_message)
                     elif sock is self.subscriptions:
                         self._drain(self.subscriptions, self.on_message, topic=True)
-                    else:
+                    elif sock in self._readers:
                         self._readers[sock]()
                 self.tick(time.monotonic())
         finally:
             self.close()
+            self.outbox.close()
             self.ctx.destroy(linger=500)
         return 0
 
@@ -138,7 +149,8 @@ class Actor:
         self._stopping = True
 
     def _status(self) -> dict[str, Any]:
-        return {"bus_dropped": dict(self.bus_dropped), **self.status()}
+        return {"bus_dropped": dict(self.bus_dropped), "send_dropped": dict(self.outbox.dropped),
+                **self.status()}
 
     def _send(self, msg: Message) -> None:
         self.control.send(encode(msg))
@@ -201,6 +213,51 @@ class Actor:
         else:
             raise ConfigError(f"unknown fault {mode!r}")
         return {}
+
+
+class Outbox:
+    """PUSH sockets to other actors' inboxes: the point-to-point data path.
+
+    Sends never block: when a receiver is full (its high-water mark reached)
+    or gone, the frame is dropped and counted, as a NIC drops on a full ring.
+    """
+
+    HWM = 256  # frames, each a batch
+
+    def __init__(self, actor: Actor) -> None:
+        self.actor = actor
+        self.sockets: dict[str, zmq.Socket] = {}
+        self.dropped: Counter[str] = Counter()
+
+    def connect(self, names: list[str]) -> None:
+        """Connect ahead of the first packet, so it is not lost to connection set-up."""
+        for name in names:
+            self._socket(name)
+
+    def _socket(self, to: str) -> zmq.Socket:
+        sock = self.sockets.get(to)
+        if sock is None:
+            sock = self.actor.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, self.HWM)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a receiver that is gone
+            sock.connect(self.actor.runtime.inbox(to))
+            self.sockets[to] = sock
+        return sock
+
+    def send(self, to: str, msg: Message) -> bool:
+        sock = self._socket(to)
+        try:
+            sock.send(encode(msg), zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            self.dropped[to] += 1
+            return False
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(0)
+        self.sockets.clear()
 
 
 def crash_on_start_requested(kind: str) -> bool:

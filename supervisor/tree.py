@@ -212,7 +212,7 @@ class Supervisor:
             del self.actors[a.name]
         else:
             a.exit_reason = how
-            self.log.warning("actor died", name=a.name, pid=a.pid, how=how)
+            self.log.warning("actor died", name=a.name, child_pid=a.pid, how=how)
             self._restart(a, how)
 
     def wanted_names(self) -> set[str]:
@@ -248,11 +248,11 @@ class Supervisor:
                 continue
             if a.state == "running" and now - a.last_beat > HANG_TIMEOUT and not a.hung:
                 a.hung = True
-                self.log.warning("actor hung", name=a.name, pid=a.pid)
+                self.log.warning("actor hung", name=a.name, child_pid=a.pid)
                 self._kill(a)
             elif a.state == "starting" and now - a.started > START_TIMEOUT and not a.hung:
                 a.hung = True
-                self.log.warning("actor did not become ready", name=a.name, pid=a.pid)
+                self.log.warning("actor did not become ready", name=a.name, child_pid=a.pid)
                 self._kill(a)
         for req, p in list(self.pending.items()):
             if now > p.deadline:
@@ -474,12 +474,24 @@ class Supervisor:
                         "restarts": a.restarts, "last_exit": a.exit_reason,
                         "bus_dropped": a.status.get("bus_dropped", {})}
                        for a in self.actors.values()],
-            "peers": [{"name": p["name"], "public_key": p["public_key"],
-                       "endpoint": p["endpoints"][0] if p["endpoints"] else "",
-                       "allowed_ips": p["allowed_ips"], "rx_bytes": 0, "tx_bytes": 0,
-                       "last_handshake": 0} for p in self.config["peers"]],
+            "peers": self.peer_status(),
             "supervisor": {"bus_dropped": self.bus_dropped},
         }
+
+    def peer_status(self) -> list[dict[str, Any]]:
+        """Configured peers, with the live figures their owning crypto worker reports."""
+        live = {p["public_key"]: p for a in self.actors.values() if a.kind == "crypto"
+                for p in a.status.get("peers", [])}
+        out = []
+        for p in self.config["peers"]:
+            seen = live.get(p["public_key"], {})
+            out.append({"name": p["name"], "public_key": p["public_key"],
+                        "endpoint": seen.get("endpoint") or (p["endpoints"][0] if p["endpoints"] else ""),
+                        "allowed_ips": p["allowed_ips"],
+                        "rx_bytes": seen.get("rx_bytes", 0), "tx_bytes": seen.get("tx_bytes", 0),
+                        "last_handshake": seen.get("last_handshake", 0),
+                        "persistent_keepalive": p["persistent_keepalive"]})
+        return out
 
     # --- shutdown ----------------------------------------------------------
     def shutdown(self) -> None:

@@ -81,9 +81,16 @@ class NameLearned(Message):
 
 # --- data path (PUSH -> PULL, point to point) ------------------------------
 
-@message("data.batch")
+@message("data.packets")
 class PacketBatch(Message):
-    """Many packets in one frame: `packets` is length-prefixed (u16 BE) blobs."""
-    stream: str
+    """IP packets between tun-io and crypto; `packets` is a batch.pack blob."""
     seq: int
+    packets: bytes
+
+
+@message("data.datagrams")
+class DatagramBatch(Message):
+    """WireGuard datagrams to or from one underlay endpoint (crypto <-> magicsock)."""
+    host: str
+    port: int
     packets: bytes

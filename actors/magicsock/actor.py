@@ -1,8 +1,91 @@
-"""The magicsock actor: the UDP socket and per-peer endpoints."""
+"""The magicsock actor: the UDP socket, and the split of datagrams to crypto workers.
+
+Types 2, 3 and 4 go to the worker that allocated their receiver index
+(index % workers); an initiation goes to a worker chosen by its source, which
+hands it on to the peer's owner. Anything that is not WireGuard is counted
+and dropped here, before it costs a crypto worker anything.
+"""
 from __future__ import annotations
 
-from actors.base import Actor
+import hashlib
+from collections import Counter, defaultdict
+from typing import Any
+
+from actors.base import Actor, ConfigError
+from actors.bus import batch
+from actors.bus.codec import DecodeError, Message
+from actors.bus.messages import DatagramBatch
+from actors.magicsock.classify import MessageType, classify, receiver_index
+from actors.magicsock.udp import UdpSocket
+
+RECV_BATCH = 512
 
 
 class MagicsockActor(Actor):
     kind = "magicsock"
+
+    def __init__(self, name: str, runtime: Any) -> None:
+        super().__init__(name, runtime)
+        self.sock: UdpSocket | None = None
+        self.workers = 1
+        self.counters: Counter[str] = Counter()
+
+    def configure(self, config: dict[str, Any]) -> None:
+        super().configure(config)
+        port = config["node"]["listen_port"]
+        self.workers = config["actors"]["crypto"]
+        self.outbox.connect([f"crypto-{w}" for w in range(self.workers)])
+        if self.sock is None or self.sock.port != port:
+            try:
+                new = UdpSocket(port)
+            except OSError as err:
+                raise ConfigError(f"cannot listen on UDP port {port}: {err.strerror}") from None
+            if self.sock is not None:
+                self.remove_reader(self.sock.fileno())
+                self.sock.close()
+            self.sock = new
+            self.add_reader(new.fileno(), self.on_readable)
+            self.log.info("listening", port=new.port, gso=new.gso, gro=new.gro)
+
+    def on_readable(self) -> None:
+        assert self.sock is not None
+        groups: dict[tuple[int, str, int], list[bytes]] = defaultdict(list)
+        for data, (host, port) in self.sock.recv_batch(RECV_BATCH):
+            kind = classify(data)
+            if kind is None:
+                self.counters["not_wireguard"] += 1
+                continue
+            self.counters["rx_datagrams"] += 1
+            if kind == MessageType.INITIATION:
+                src = f"{host}:{port}".encode()
+                worker = int.from_bytes(hashlib.blake2s(src, digest_size=4).digest(), "big") % self.workers
+            else:
+                worker = (receiver_index(data) or 0) % self.workers
+            groups[(worker, host, port)].append(data)
+        for (worker, host, port), ds in groups.items():
+            self.outbox.send(f"crypto-{worker}", DatagramBatch(host=host, port=port, packets=batch.pack(ds)))
+
+    def on_message(self, msg: Message) -> None:
+        if not isinstance(msg, DatagramBatch):
+            return super().on_message(msg)
+        if self.sock is None:
+            self.counters["not_listening"] += 1
+            return
+        try:
+            packets = batch.unpack(msg.packets)
+        except DecodeError as err:
+            self.count_drop(err.reason, str(err))
+            return
+        endpoint = (msg.host, msg.port)
+        self.counters["tx_datagrams"] += len(packets)
+        self.counters["tx_dropped"] += self.sock.send_batch([(endpoint, p) for p in packets])
+
+    def status(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"counters": dict(self.counters)}
+        if self.sock is not None:
+            info.update(port=self.sock.port, gso=self.sock.gso, gro=self.sock.gro)
+        return info
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()

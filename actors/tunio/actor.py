@@ -1,8 +1,91 @@
-"""The tun-io actor: the TUN file descriptor."""
+"""The tun-io actor: the TUN file descriptor, read in batches, split by owning crypto worker."""
 from __future__ import annotations
 
-from actors.base import Actor
+import base64
+import ipaddress
+from collections import Counter, defaultdict
+from typing import Any
+
+from actors.base import Actor, ConfigError
+from actors.bus import batch
+from actors.bus.codec import DecodeError, Message
+from actors.bus.messages import PacketBatch
+from actors.crypto.allowedips import AllowedIPs
+from actors.crypto.shard import owner
+from actors.tunio import packet
+from actors.tunio.tun import Tun
+
+READ_BATCH = 256
 
 
 class TunIoActor(Actor):
     kind = "tun-io"
+
+    def __init__(self, name: str, runtime: Any) -> None:
+        super().__init__(name, runtime)
+        self.tun: Tun | None = None
+        self.routes = AllowedIPs()  # destination prefix -> crypto worker index
+        self.route_key: Any = None
+        self.counters: Counter[str] = Counter()
+        self.seq = 0
+
+    def configure(self, config: dict[str, Any]) -> None:
+        super().configure(config)
+        iface = config["node"]["interface"]
+        if self.tun is None or self.tun.name != iface:
+            try:
+                new = Tun.open(iface)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"cannot open TUN {iface}: {err}") from None
+            if self.tun is not None:
+                self.remove_reader(self.tun.fileno())
+                self.tun.close()
+            self.tun = new
+            self.add_reader(new.fileno(), self.on_readable)
+        workers = config["actors"]["crypto"]
+        self.outbox.connect([f"crypto-{w}" for w in range(workers)])
+        key = (workers, [(p["public_key"], p["allowed_ips"]) for p in config["peers"]])
+        if key != self.route_key:
+            routes = AllowedIPs()
+            for p in config["peers"]:
+                w = owner(base64.b64decode(p["public_key"]), workers)
+                for prefix in p["allowed_ips"]:
+                    routes.insert(ipaddress.ip_network(prefix), w)
+            self.routes, self.route_key = routes, key
+
+    def on_readable(self) -> None:
+        assert self.tun is not None
+        by_worker: dict[int, list[bytes]] = defaultdict(list)
+        lookup = self.routes.lookup
+        for p in self.tun.read_batch(READ_BATCH):
+            dst = packet.dst_addr(p)
+            w = lookup(dst) if dst is not None else None
+            if w is None:
+                self.counters["no_route"] += 1
+                continue
+            by_worker[w].append(p)
+        for w, ps in by_worker.items():
+            self.seq += 1
+            self.counters["rx_packets"] += len(ps)
+            self.outbox.send(f"crypto-{w}", PacketBatch(seq=self.seq, packets=batch.pack(ps)))
+
+    def on_message(self, msg: Message) -> None:
+        if not isinstance(msg, PacketBatch):
+            return super().on_message(msg)
+        if self.tun is None:
+            self.counters["no_tun"] += 1
+            return
+        try:
+            packets = batch.unpack(msg.packets)
+        except DecodeError as err:
+            self.count_drop(err.reason, str(err))
+            return
+        self.counters["tx_packets"] += len(packets)
+        self.counters["tx_dropped"] += self.tun.write_batch(packets)
+
+    def status(self) -> dict[str, Any]:
+        return {"counters": dict(self.counters)}
+
+    def close(self) -> None:
+        if self.tun is not None:
+            self.tun.close()

@@ -27,6 +27,7 @@ TUNSETIFF: Final = 0x400454CA
 TUNGETIFF: Final = 0x800454D2
 TUNGETFEATURES: Final = 0x800454CF
 TUNSETOFFLOAD: Final = 0x400454D0
+TUNSETPERSIST: Final = 0x400454CB
 IFF_TUN: Final = 0x0001
 IFF_NO_PI: Final = 0x1000
 IFF_MULTI_QUEUE: Final = 0x0100
@@ -210,3 +211,17 @@ class FakeTun:
         if self._event >= 0:
             os.close(self._event)
             self._event = -1
+
+
+
+def make_persistent(name: str) -> None:
+    """Create the TUN ``name`` (if missing) so that it outlives its file descriptors.
+
+    The router creates it; tun-io attaches to it. A tun-io restart then finds
+    the link with its addresses and routes intact, and traffic resumes.
+    """
+    tun = Tun.open(name)
+    try:
+        fcntl.ioctl(tun.fileno(), TUNSETPERSIST, 1)
+    finally:
+        tun.close()

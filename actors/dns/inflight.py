@@ -1,0 +1,80 @@
+"""In-flight forwards: identical queries merge, and their number is capped.
+
+As dae, no two identical lookups run in parallel: a query whose key is
+already being forwarded waits for that answer. As Docker, at most `cap`
+forwards run at once (default 1024); a query beyond that is refused and the
+refusal is logged at most once per interval.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from actors.dns.upstream import FailoverPlan
+
+W = TypeVar("W")
+
+DEFAULT_CAP = 1024
+LOG_INTERVAL = 2.0  # seconds, as Docker's rate.Sometimes for the same message
+
+
+@dataclass
+class Flight(Generic[W]):
+    query: bytes  # what goes upstream, the same for every attempt
+    plan: FailoverPlan
+    started: float
+    waiters: list[W] = field(default_factory=list)
+
+
+class Admission(enum.Enum):
+    STARTED = "started"  # the caller must forward
+    MERGED = "merged"  # an identical forward is under way
+    FULL = "full"  # over the cap: refuse
+
+
+class InflightTable(Generic[W]):
+    def __init__(self, cap: int = DEFAULT_CAP) -> None:
+        self.cap = cap
+        self._flights: dict[Hashable, Flight[W]] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def get(self, key: Hashable) -> Flight[W] | None:
+        return self._flights.get(key)
+
+    def admit(self, key: Hashable, waiter: W, make_flight: Callable[[], Flight[W]]) -> Admission:
+        flight = self._flights.get(key)
+        if flight is not None:
+            flight.waiters.append(waiter)
+            return Admission.MERGED
+        if len(self._flights) >= self.cap:
+            return Admission.FULL
+        flight = make_flight()
+        flight.waiters.append(waiter)
+        self._flights[key] = flight
+        return Admission.STARTED
+
+    def finish(self, key: Hashable) -> Flight[W] | None:
+        """Remove the flight; its waiters are the caller's to answer."""
+        return self._flights.pop(key, None)
+
+
+class RateLimiter:
+    """Allows one event per interval: logs that cannot flood."""
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self._interval = interval
+        self._next = -math.inf
+        self.suppressed = 0
+
+    def allow(self, now: float) -> bool:
+        if now < self._next:
+            self.suppressed += 1
+            return False
+        self._next = now + self._interval
+        return True

@@ -1,0 +1,166 @@
+"""Request routing: dae-style rules, split-DNS routes, per-source upstreams.
+
+Order of decision for a forwarded query:
+1. rules, first match wins: ``reject``, a named upstream group, or ``asis``
+   (stop evaluating rules and route normally);
+2. split-DNS routes, the most specific suffix wins;
+3. the upstreams for the client's source network, if one is configured
+   (Docker's per-source external servers);
+4. the default upstreams.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import dns.rdatatype
+
+from actors.dns.upstream import Upstream
+
+MATCH_KINDS = ("full", "suffix", "keyword", "regex", "qtype")
+REJECT = "reject"
+ASIS = "asis"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def normalize_name(name: str) -> str:
+    """Lowercase, no trailing dot: the form every matcher compares."""
+    return name.lower().rstrip(".")
+
+
+def is_under(name: str, suffix: str) -> bool:
+    """Label-wise suffix test: a.b.example is under b.example, ab.example is not."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+@dataclass(frozen=True)
+class Matcher:
+    kind: str
+    pattern: str
+    _regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+    _qtype: int = field(default=0, compare=False, repr=False)
+
+    @classmethod
+    def parse(cls, text: str) -> Matcher:
+        if not isinstance(text, str) or ":" not in text:
+            raise ValueError(f"match {text!r} must be KIND:PATTERN, KIND one of {', '.join(MATCH_KINDS)}")
+        kind, _, pattern = text.partition(":")
+        kind, pattern = kind.strip().lower(), pattern.strip()
+        if kind not in MATCH_KINDS:
+            raise ValueError(f"match {text!r}: unknown kind {kind!r}, expected one of {', '.join(MATCH_KINDS)}")
+        if not pattern:
+            raise ValueError(f"match {text!r}: empty pattern")
+        if kind == "regex":
+            try:
+                return cls(kind, pattern, _regex=re.compile(pattern, re.IGNORECASE))
+            except re.error as exc:
+                raise ValueError(f"match {text!r}: bad regex: {exc}") from None
+        if kind == "qtype":
+            try:
+                qtype = int(pattern) if pattern.isdigit() else dns.rdatatype.from_text(pattern.upper())
+            except dns.rdatatype.UnknownRdatatype:
+                raise ValueError(f"match {text!r}: unknown query type") from None
+            return cls(kind, pattern.upper(), _qtype=int(qtype))
+        return cls(kind, normalize_name(pattern))
+
+    def matches(self, name: str, qtype: int) -> bool:
+        """name is normalized (lowercase, no trailing dot)."""
+        match self.kind:
+            case "full":
+                return name == self.pattern
+            case "suffix":
+                return is_under(name, self.pattern)
+            case "keyword":
+                return self.pattern in name
+            case "regex":
+                assert self._regex is not None
+                return self._regex.search(name) is not None
+            case _:
+                return qtype == self._qtype
+
+
+@dataclass(frozen=True)
+class Rule:
+    matcher: Matcher
+    action: str  # REJECT, ASIS or an upstream group name
+
+
+@dataclass(frozen=True)
+class Route:
+    suffix: str
+    upstreams: tuple[Upstream, ...]
+
+
+@dataclass(frozen=True)
+class SourceOverride:
+    network: IPNetwork
+    upstreams: tuple[Upstream, ...]
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+
+
+@dataclass(frozen=True)
+class ForwardTo:
+    upstreams: tuple[Upstream, ...]
+    # Answers from a per-source upstream set live in their own cache view,
+    # so one client's view never leaks to another.
+    view: str
+    via: str
+
+
+Decision = Reject | ForwardTo
+
+
+class Router:
+    def __init__(
+        self,
+        *,
+        rules: Sequence[Rule],
+        routes: Sequence[Route],
+        groups: Mapping[str, Sequence[Upstream]],
+        default: Sequence[Upstream],
+        overrides: Sequence[SourceOverride] = (),
+    ) -> None:
+        missing = {r.action for r in rules} - {REJECT, ASIS} - set(groups)
+        if missing:
+            raise ValueError(f"rules name unknown upstream groups: {', '.join(sorted(missing))}")
+        self._rules = tuple(rules)
+        # Most specific first: more labels means a longer, narrower suffix.
+        self._routes = tuple(sorted(routes, key=lambda r: r.suffix.count("."), reverse=True))
+        self._groups = {name: tuple(ups) for name, ups in groups.items()}
+        self._default = tuple(default)
+        self._overrides = tuple(overrides)
+
+    def route(self, qname: str, qtype: int, source_ip: str) -> Decision:
+        name = normalize_name(qname)
+        for index, rule in enumerate(self._rules):
+            if not rule.matcher.matches(name, qtype):
+                continue
+            if rule.action == REJECT:
+                return Reject(f"rule {index}")
+            if rule.action == ASIS:
+                break
+            return ForwardTo(self._groups[rule.action], "", f"group {rule.action}")
+        for route in self._routes:
+            if is_under(name, route.suffix):
+                return ForwardTo(route.upstreams, "", f"route {route.suffix}")
+        override = self._override_for(source_ip)
+        if override is not None:
+            return ForwardTo(override.upstreams, str(override.network), f"source {override.network}")
+        return ForwardTo(self._default, "", "default")
+
+    def _override_for(self, source_ip: str) -> SourceOverride | None:
+        if not self._overrides:
+            return None
+        try:
+            address = ipaddress.ip_address(source_ip)
+        except ValueError:
+            return None
+        return next((o for o in self._overrides if address in o.network), None)

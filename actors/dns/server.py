@@ -1,0 +1,311 @@
+"""The DNS controller's IO server: UDP and TCP listeners around the resolver.
+
+Embeddable in any asyncio loop. Every listen address gets a UDP and a TCP
+socket with SO_REUSEPORT, so N worker processes share the ports and the
+kernel spreads queries across them; IP_FREEBIND lets a worker bind the
+tunnel address before the router has put it on the link. TCP carries many
+queries per connection (answers may come back out of order, RFC 7766) and
+idle connections are closed.
+
+    server = DnsServer(settings, on_learned=publish)
+    await server.start()
+    ...
+    server.flush_cache()               # link changed
+    await server.reconfigure(new)      # listeners kept if addresses unchanged
+    server.counters()                  # for status
+    await server.close()
+
+or, all in one: ``await serve(settings, ready=ready, stop=stop)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Resolver
+from actors.dns.settings import DnsSettings
+from actors.dns.transport import Transport, UpstreamError
+
+log = structlog.get_logger("meshsup.dns")
+
+Address = tuple[str, int]
+OnLearned = Callable[[str, tuple[str, ...]], None]
+
+UDP_DRAIN_BATCH = 64  # datagrams read per wake-up before yielding to the loop
+MAX_TCP_CLIENTS = 512
+MAX_TCP_BACKLOG = 128
+TCP_WRITE_BUFFER_LIMIT = 1 << 20  # a client that does not read its answers is cut off
+# Linux values; the socket module does not export them.
+IP_FREEBIND = 15
+IPV6_FREEBIND = 78
+
+
+def _bind(address: Address, kind: socket.SocketKind) -> socket.socket:
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        sock.setblocking(False)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(MAX_TCP_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _UdpListener:
+    """Reads datagrams by draining the socket; replies go out of the same socket."""
+
+    def __init__(self, sock: socket.socket, server: DnsServer) -> None:
+        self._sock = sock
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        for _ in range(UDP_DRAIN_BATCH):
+            try:
+                data, source = self._sock.recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._server.stats["udp_receive_errors"] += 1
+                return
+            self._server._handle(data, source, "udp", self)
+
+    def send(self, wire: bytes, source: Any) -> None:
+        try:
+            self._sock.sendto(wire, source)
+        except OSError:  # a full send buffer drops the answer, as a NIC would
+            self._server.stats["udp_send_errors"] += 1
+
+    def finished(self) -> None:
+        """Nothing to keep track of per UDP query."""
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
+class _TcpConnection:
+    """One client connection; counts the queries it still owes an answer."""
+
+    def __init__(self, writer: asyncio.StreamWriter, server: DnsServer) -> None:
+        self._writer = writer
+        self._server = server
+        self.pending = 0
+        self.closed = False
+
+    def send(self, wire: bytes, source: Any) -> None:
+        self.finished()
+        if self.closed:
+            return
+        self._writer.write(struct.pack("!H", len(wire)) + wire)
+        if self._writer.transport.get_write_buffer_size() > TCP_WRITE_BUFFER_LIMIT:
+            self._server.stats["tcp_slow_reader_closed"] += 1
+            self.close()
+
+    def finished(self) -> None:
+        self.pending -= 1
+
+    def close(self) -> None:
+        self.closed = True
+        self._writer.close()
+
+
+class _Listeners:
+    def __init__(self, udp: _UdpListener, tcp: asyncio.Server) -> None:
+        self.udp = udp
+        self.tcp = tcp
+
+    def close(self) -> None:
+        self.udp.close()
+        self.tcp.close()
+
+
+class DnsServer:
+    def __init__(self, settings: DnsSettings, *, on_learned: OnLearned | None = None) -> None:
+        self.settings = settings
+        self._on_learned = on_learned
+        self._resolver = Resolver(settings)
+        self._transport = Transport(ca_file=settings.ca_file, idle_timeout=settings.tcp_idle_timeout)
+        self._listeners: dict[Address, _Listeners] = {}
+        self._connections: set[_TcpConnection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stats: Counter[str] = Counter()
+
+    async def start(self) -> None:
+        await self._listen(self.settings.listen)
+
+    async def _listen(self, addresses: tuple[Address, ...]) -> None:
+        """Open the listeners we do not have yet; all or none."""
+        opened: dict[Address, _Listeners] = {}
+        try:
+            for address in addresses:
+                if address in self._listeners:
+                    continue
+                udp = _bind(address, socket.SOCK_DGRAM)
+                try:
+                    tcp = await asyncio.start_server(
+                        self._tcp_client, sock=_bind(address, socket.SOCK_STREAM), limit=65537
+                    )
+                except BaseException:
+                    udp.close()
+                    raise
+                opened[address] = _Listeners(_UdpListener(udp, self), tcp)
+        except BaseException:
+            for listeners in opened.values():
+                listeners.close()
+            raise
+        self._listeners.update(opened)
+
+    async def reconfigure(self, settings: DnsSettings) -> None:
+        """New settings at runtime. New listeners open before old ones close; if
+        one cannot be bound, the current settings stay and the error is raised."""
+        await self._listen(settings.listen)
+        for address in set(self._listeners) - set(settings.listen):
+            self._listeners.pop(address).close()
+        if (settings.ca_file, settings.tcp_idle_timeout) != (self.settings.ca_file, self.settings.tcp_idle_timeout):
+            # Forwards under way on the old transport fail over to the new one.
+            self._transport.close()
+            self._transport = Transport(ca_file=settings.ca_file, idle_timeout=settings.tcp_idle_timeout)
+        self._resolver.reconfigure(settings)
+        self.settings = settings
+
+    def flush_cache(self) -> None:
+        """Forget every cached answer, e.g. after a link change."""
+        self._resolver.flush_cache()
+
+    def counters(self) -> dict[str, int]:
+        return {
+            **self._resolver.stats(),
+            **self._transport.counters,
+            **self.stats,
+            "tcp_clients": len(self._connections),
+        }
+
+    @property
+    def addresses(self) -> list[Address]:
+        return list(self._listeners)
+
+    async def close(self) -> None:
+        for listeners in self._listeners.values():
+            listeners.close()
+        self._listeners.clear()
+        for connection in list(self._connections):
+            connection.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._transport.close()
+
+    # -- the loop around the resolver ------------------------------------
+
+    def _handle(self, wire: bytes, source: Any, transport: str, ctx: _UdpListener | _TcpConnection) -> None:
+        self._run(self._resolver.handle(wire, source, transport, time.monotonic(), ctx))
+
+    def _run(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Reply():
+                    action.ctx.send(action.wire, action.source)  # type: ignore[union-attr]
+                case Drop():
+                    action.ctx.finished()  # type: ignore[union-attr]
+                case Forward():
+                    task = asyncio.create_task(self._forward(action, self._transport))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                case Learned():
+                    self._learned(action)
+                case Log():
+                    log.warning(action.event, **action.fields)
+
+    async def _forward(self, action: Forward, transport: Transport) -> None:
+        try:
+            wire = await transport.exchange(action.upstream, action.query, action.timeout)
+        except UpstreamError as exc:
+            actions = self._resolver.on_upstream_failure(action.key, action.upstream, exc.reason, time.monotonic())
+        except Exception:  # a bug here must still end the flight, or its clients wait forever
+            log.exception("dns_forward_failed", upstream=str(action.upstream))
+            actions = self._resolver.on_upstream_failure(action.key, action.upstream, "internal", time.monotonic())
+        else:
+            actions = self._resolver.on_upstream_answer(action.key, action.upstream, wire, time.monotonic())
+        self._run(actions)
+
+    def _learned(self, learned: Learned) -> None:
+        if self._on_learned is None:
+            return
+        try:
+            self._on_learned(learned.name, learned.addresses)
+        except Exception:
+            self.stats["learned_callback_errors"] += 1
+            log.exception("dns_learned_callback_failed", name=learned.name)
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._connections) >= MAX_TCP_CLIENTS:
+            self.stats["tcp_clients_refused"] += 1
+            writer.close()
+            return
+        connection = _TcpConnection(writer, self)
+        self._connections.add(connection)
+        self.stats["tcp_connections"] += 1
+        source = writer.get_extra_info("peername")
+        try:
+            while not connection.closed:
+                try:
+                    async with asyncio.timeout(self.settings.tcp_idle_timeout):
+                        (length,) = struct.unpack("!H", await reader.readexactly(2))
+                except TimeoutError:
+                    if connection.pending > 0:
+                        continue  # the client waits for us, not the other way round
+                    self.stats["tcp_idle_closed"] += 1
+                    break
+                # A message started must arrive in time; a timeout here closes.
+                async with asyncio.timeout(self.settings.tcp_idle_timeout):
+                    wire = await reader.readexactly(length)
+                connection.pending += 1
+                self._handle(wire, source, "tcp", connection)
+        except (asyncio.IncompleteReadError, OSError, TimeoutError):
+            pass  # the client went away or stalled mid-message
+        finally:
+            self._connections.discard(connection)
+            connection.close()
+
+
+async def serve(
+    settings: DnsSettings,
+    *,
+    on_learned: OnLearned | None = None,
+    ready: asyncio.Event | None = None,
+    stop: asyncio.Event,
+    on_started: Callable[[DnsServer], None] | None = None,
+) -> None:
+    """Serve until stop is set. on_started hands out the server, for
+    flush_cache(), reconfigure() and counters()."""
+    server = DnsServer(settings, on_learned=on_learned)
+    await server.start()
+    try:
+        if on_started is not None:
+            on_started(server)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+    finally:
+        await server.close()

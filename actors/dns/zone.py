@@ -1,0 +1,130 @@
+"""The mesh's own names, answered locally with Docker's embedded-DNS semantics.
+
+- NAME.DOMAIN answers A and AAAA; several addresses come back shuffled.
+- A known name without an address of the asked family (or asked for MX or
+  any other type) gets NOERROR with an empty answer (MX: RFC 5321's
+  implicit MX), never forwarded.
+- A name under the domain that does not exist gets NXDOMAIN; both negative
+  answers carry the domain's SOA so resolvers can cache them (RFC 2308).
+- PTR for every mesh address, under in-addr.arpa and ip6.arpa.
+- SRV from the configuration, with the targets' A/AAAA in additional.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import dns.name
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.reversename
+import dns.rrset
+
+from actors.dns.message import Answer
+
+_ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+
+
+@dataclass(frozen=True)
+class SrvRecord:
+    name: str  # fully qualified, e.g. "_http._tcp.mesh"
+    target: str  # fully qualified, e.g. "alpha.mesh"
+    port: int
+    priority: int = 0
+    weight: int = 0
+
+
+def _rdata(rdtype: int, text: str) -> dns.rdata.Rdata:
+    return dns.rdata.from_text(dns.rdataclass.IN, rdtype, text)
+
+
+class Zone:
+    def __init__(
+        self,
+        domain: str,
+        names: Mapping[str, Sequence[str]],
+        srv: Sequence[SrvRecord] = (),
+        ttl: int = 600,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._origin = dns.name.from_text(domain)
+        self._ttl = ttl
+        self._rng = rng or random.Random()
+        self._nodes: dict[dns.name.Name, dict[int, list[dns.rdata.Rdata]]] = {}
+        self._reverse: dict[dns.name.Name, list[dns.rdata.Rdata]] = {}
+        origin = self._origin.to_text()
+        soa = f"ns.{origin} hostmaster.{origin} 1 3600 600 86400 {ttl}"
+        self._soa = dns.rrset.from_rdata_list(self._origin, ttl, [_rdata(dns.rdatatype.SOA, soa)])
+        self._add(self._origin, dns.rdatatype.SOA, self._soa[0])
+        for label, addresses in names.items():
+            host = dns.name.from_text(label, origin=self._origin)
+            for address in addresses:
+                family = dns.rdatatype.A if ipaddress.ip_address(address).version == 4 else dns.rdatatype.AAAA
+                self._add(host, family, _rdata(family, address))
+                reverse = dns.reversename.from_address(address)
+                self._reverse.setdefault(reverse, []).append(_rdata(dns.rdatatype.PTR, host.to_text()))
+        for record in srv:
+            text = f"{record.priority} {record.weight} {record.port} {record.target}."
+            self._add(dns.name.from_text(record.name), dns.rdatatype.SRV, _rdata(dns.rdatatype.SRV, text))
+        # Empty non-terminals (e.g. _tcp.DOMAIN above _http._tcp.DOMAIN) exist: NOERROR, not NXDOMAIN.
+        self._existing = {
+            ancestor for name in self._nodes for ancestor in self._ancestors(name)
+        }
+
+    def _add(self, name: dns.name.Name, rdtype: int, rdata: dns.rdata.Rdata) -> None:
+        rdatas = self._nodes.setdefault(name, {}).setdefault(rdtype, [])
+        if rdata not in rdatas:
+            rdatas.append(rdata)
+
+    def _ancestors(self, name: dns.name.Name) -> list[dns.name.Name]:
+        out = [name]
+        while name != self._origin:
+            name = name.parent()
+            out.append(name)
+        return out
+
+    def answer(self, qname: dns.name.Name, qtype: int, qclass: int) -> Answer | None:
+        """The local answer, or None when the question is not ours to answer."""
+        if qclass != dns.rdataclass.IN:
+            return None
+        if qname in self._reverse:
+            return self._reverse_answer(qname, qtype)
+        if not qname.is_subdomain(self._origin):
+            return None
+        if qname not in self._existing:
+            return Answer(dns.rcode.NXDOMAIN, authority=(self._soa,), authoritative=True)
+        node = self._nodes.get(qname, {})
+        types = list(node) if qtype == dns.rdatatype.ANY else [qtype]
+        answer = tuple(self._rrset(qname, t, node[t]) for t in types if t in node)
+        if not answer:
+            return Answer(dns.rcode.NOERROR, authority=(self._soa,), authoritative=True)
+        return Answer(dns.rcode.NOERROR, answer=answer, additional=self._srv_glue(answer), authoritative=True)
+
+    def _reverse_answer(self, qname: dns.name.Name, qtype: int) -> Answer:
+        if qtype not in (dns.rdatatype.PTR, dns.rdatatype.ANY):
+            return Answer(dns.rcode.NOERROR, authoritative=True)
+        return Answer(
+            dns.rcode.NOERROR,
+            answer=(self._rrset(qname, dns.rdatatype.PTR, self._reverse[qname]),),
+            authoritative=True,
+        )
+
+    def _rrset(self, name: dns.name.Name, rdtype: int, rdatas: list[dns.rdata.Rdata]) -> dns.rrset.RRset:
+        if rdtype in _ADDRESS_TYPES:
+            # Shuffle so clients that take the first address spread the load.
+            rdatas = self._rng.sample(rdatas, len(rdatas))
+        return dns.rrset.from_rdata_list(name, self._ttl, rdatas)
+
+    def _srv_glue(self, answer: tuple[dns.rrset.RRset, ...]) -> tuple[dns.rrset.RRset, ...]:
+        targets = dict.fromkeys(r.target for rrset in answer if rrset.rdtype == dns.rdatatype.SRV for r in rrset)
+        return tuple(
+            self._rrset(target, family, self._nodes[target][family])
+            for target in targets
+            for family in _ADDRESS_TYPES
+            if family in self._nodes.get(target, {})
+        )
