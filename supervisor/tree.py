@@ -472,7 +472,8 @@ class Supervisor:
                      "pid": os.getpid(), "generation": self.generation},
             "actors": [{"name": a.name, "kind": a.kind, "pid": a.pid, "state": a.state,
                         "restarts": a.restarts, "last_exit": a.exit_reason,
-                        "bus_dropped": a.status.get("bus_dropped", {})}
+                        "bus_dropped": a.status.get("bus_dropped", {}),
+                        "counters": a.status.get("counters", {})}
                        for a in self.actors.values()],
             "peers": self.peer_status(),
             "supervisor": {"bus_dropped": self.bus_dropped},

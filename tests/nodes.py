@@ -73,6 +73,15 @@ class Node:
     def actors(self) -> dict[str, dict[str, Any]]:
         return {a["name"]: a for a in self.status()["actors"]}
 
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Each actor kind's counters, summed over its workers."""
+        out: dict[str, dict[str, int]] = {}
+        for a in self.status()["actors"]:
+            kind = out.setdefault(a["kind"], {})
+            for k, v in a["counters"].items():
+                kind[k] = kind.get(k, 0) + v
+        return out
+
     def wait(self, predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
         deadline = time.monotonic() + timeout
         last: Any = None

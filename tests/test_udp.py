@@ -160,7 +160,10 @@ def test_one_socket_talks_to_both_families(sockets: list[UdpSocket]) -> None:
 
 
 def _msg(kind: int, size: int, index: int = 0x01020304) -> bytes:
-    return bytes([kind, 0, 0, 0]) + index.to_bytes(4, "little") + bytes(size - 8)
+    # A response starts with its sender's own index; the receiver's comes after it.
+    sender = (0x0A0B0C0D).to_bytes(4, "little") if kind == 2 else b""
+    body = sender + index.to_bytes(4, "little")
+    return bytes([kind, 0, 0, 0]) + body + bytes(size - 4 - len(body))
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,16 @@ import dns.rdatatype
 
 from actors.dns.cache import CacheKey, DnsCache
 from actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
-from actors.dns.message import Answer, ErrorReply, Ignored, Query, make_forward_query, parse_query, parse_response, render
+from actors.dns.message import (
+    Answer,
+    ErrorReply,
+    Ignored,
+    Query,
+    make_forward_query,
+    parse_query,
+    parse_response,
+    render,
+)
 from actors.dns.rules import Reject, Route, Router, SourceOverride
 from actors.dns.settings import DnsSettings
 from actors.dns.upstream import FailoverPlan, Upstream, should_failover, without_own

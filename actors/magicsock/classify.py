@@ -51,4 +51,6 @@ def receiver_index(datagram: Buffer) -> int | None:
     mtype = classify(datagram)
     if mtype is None or mtype is MessageType.INITIATION:
         return None
-    return int.from_bytes(datagram[4:8], "little")
+    # A response carries its own sender index first; ours follows it.
+    offset = 8 if mtype is MessageType.RESPONSE else 4
+    return int.from_bytes(datagram[offset:offset + 4], "little")

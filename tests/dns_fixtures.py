@@ -1,0 +1,435 @@
+"""Helpers for DNS tests: real resolvers on loopback, a stub upstream, dig.
+
+Every helper binds to a random 127.x.y.z address (so parallel tests never
+meet), keeps its config, pid and log files in the test's tmp dir, runs in the
+foreground and is stopped by its own PID. Nothing here reads the system's
+resolver configuration or touches port 53 of a real address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import select
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.rcode
+import dns.rrset
+
+from actors.dns.server import DnsServer, serve
+from actors.dns.settings import DnsSettings
+
+
+def need_tool(*names: str) -> None:
+    """Skip the calling test, saying which tool is missing."""
+    import pytest
+
+    for name in names:
+        if shutil.which(name) is None:
+            pytest.skip(f"needs {name} (not installed)")
+
+
+def loopback_address() -> str:
+    return f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+
+
+def free_port(host: str) -> int:
+    """A port free for both UDP and TCP on host."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def endpoint() -> tuple[str, int]:
+    host = loopback_address()
+    return host, free_port(host)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def udp_exchange(host: str, port: int, wire: bytes, timeout: float = 2.0) -> bytes | None:
+    """Send one datagram, return the answer or None when nothing comes back."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(wire, (host, port))
+        try:
+            return sock.recv(65535)
+        except TimeoutError:
+            return None
+
+
+def answers_dns(host: str, port: int) -> bool:
+    wire = dns.message.make_query("probe.invalid", "A").to_wire()
+    return udp_exchange(host, port, wire, timeout=0.2) is not None
+
+
+class Process:
+    """A foreground daemon, stopped by its own PID."""
+
+    def __init__(self, argv: Sequence[str], log: Path) -> None:
+        self.argv = list(argv)
+        self._out = open(log.with_suffix(".out"), "wb")
+        self.popen = subprocess.Popen(self.argv, stdout=self._out, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._out.close()
+
+    def output(self) -> str:
+        self._out.flush()
+        return Path(self._out.name).read_text(errors="replace")
+
+
+@dataclass
+class Dnsmasq:
+    host: str
+    port: int
+    log: Path
+    process: Process
+
+    def count(self, name: str, qtype: str = "A") -> int:
+        """Queries for name/qtype that reached dnsmasq, from its query log."""
+        if not self.log.exists():
+            return 0
+        pattern = re.compile(rf"query\[{re.escape(qtype)}\] {re.escape(name)} from ")
+        return sum(1 for line in self.log.read_text().splitlines() if pattern.search(line))
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_dnsmasq(tmp: Path, records: Sequence[str], *, ttl: int = 60, name: str = "dnsmasq") -> Dnsmasq:
+    """dnsmasq answering only from its arguments (e.g. '--address=/x.test/203.0.113.7')."""
+    need_tool("dnsmasq")
+    host, port = endpoint()
+    log = tmp / f"{name}.log"
+    argv = [
+        "dnsmasq", "--keep-in-foreground", "--no-daemon", "--conf-file=/dev/null",
+        f"--port={port}", f"--listen-address={host}", "--bind-interfaces",
+        "--no-resolv", "--no-hosts", "--no-poll", f"--pid-file={tmp / (name + '.pid')}",
+        "--user=root", "--group=root", "--log-queries", f"--log-facility={log}",
+        "--cache-size=0", f"--local-ttl={ttl}", "--local=/test/", *records,
+    ]  # fmt: skip
+    process = Process(argv, log)
+    try:
+        wait_until(lambda: answers_dns(host, port), what=f"dnsmasq on {host}:{port}: {process.output()}")
+    except BaseException:
+        process.stop()
+        raise
+    return Dnsmasq(host, port, log, process)
+
+
+@dataclass
+class Certificate:
+    cert: Path  # self-signed, so also the CA file
+    key: Path
+    name: str
+
+
+def make_certificate(tmp: Path, ip: str, name: str = "dns.test") -> Certificate:
+    need_tool("openssl")
+    cert, key = tmp / f"{name}.pem", tmp / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
+            "-addext", f"subjectAltName=IP:{ip},DNS:{name}",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return Certificate(cert, key, name)
+
+
+@dataclass
+class Unbound:
+    host: str
+    tls_port: int
+    log: Path
+    process: Process
+
+    def count(self, name: str, qtype: str = "A") -> int:
+        if not self.log.exists():
+            return 0
+        return sum(1 for line in self.log.read_text().splitlines() if f" {name}. {qtype} IN" in line)
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_unbound_tls(tmp: Path, certificate: Certificate, host: str, local_data: Sequence[str]) -> Unbound:
+    """unbound serving DNS over TLS from local-data only; it refuses everything
+    else, so it never recurses to the internet."""
+    need_tool("unbound")
+    port = free_port(host)
+    log = tmp / "unbound.log"
+    zones = sorted({record.split()[0].split(".", 1)[1] for record in local_data})
+    config = tmp / "unbound.conf"
+    lines = [
+        "server:",
+        f"  interface: {host}@{port}",
+        f"  tls-port: {port}",
+        f'  tls-service-key: "{certificate.key}"',
+        f'  tls-service-pem: "{certificate.cert}"',
+        "  do-daemonize: no",
+        '  chroot: ""',
+        '  username: ""',
+        '  pidfile: ""',
+        f'  directory: "{tmp}"',
+        f'  logfile: "{log}"',
+        "  use-syslog: no",
+        "  log-queries: yes",
+        '  module-config: "iterator"',
+        "  access-control: 127.0.0.0/8 allow",
+        '  local-zone: "." refuse',
+        *(f'  local-zone: "{zone}" static' for zone in zones),
+        *(f'  local-data: "{record}"' for record in local_data),
+        "remote-control:",
+        "  control-enable: no",
+    ]
+    config.write_text("\n".join(lines) + "\n")
+    process = Process(["unbound", "-d", "-c", str(config)], log)
+    try:
+        wait_until(lambda: _tcp_open(host, port), what=f"unbound on {host}:{port}: {process.output()}")
+    except BaseException:
+        process.stop()
+        raise
+    return Unbound(host, port, log, process)
+
+
+@dataclass
+class Dnsdist:
+    host: str
+    tls_port: int
+    doh_port: int
+    process: Process
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_dnsdist(tmp: Path, certificate: Certificate, host: str, backend: Dnsmasq, check_name: str) -> Dnsdist:
+    """dnsdist offering DoT and DoH (HTTP/1.1 works) in front of a dnsmasq."""
+    need_tool("dnsdist")
+    tls_port, doh_port = free_port(host), free_port(host)
+    config = tmp / "dnsdist.conf"
+    config.write_text(
+        'setSecurityPollSuffix("")\n'  # no security polling: it would query the internet
+        f'newServer({{address="{backend.host}:{backend.port}", checkName="{check_name}.", checkInterval=3600}})\n'
+        f'addTLSLocal("{host}:{tls_port}", "{certificate.cert}", "{certificate.key}")\n'
+        f'addDOHLocal("{host}:{doh_port}", "{certificate.cert}", "{certificate.key}", "/dns-query")\n'
+    )
+    process = Process(["dnsdist", "--supervised", "--disable-syslog", "-C", str(config)], tmp / "dnsdist.log")
+    try:
+        wait_until(
+            lambda: _tcp_open(host, tls_port) and _tcp_open(host, doh_port),
+            what=f"dnsdist on {host}: {process.output()}",
+        )
+    except BaseException:
+        process.stop()
+        raise
+    return Dnsdist(host, tls_port, doh_port, process)
+
+
+def _tcp_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class StubUpstream:
+    """A tiny UDP+TCP upstream in a thread: a fixed rcode or address, an
+    optional delay, and a record of every question it got."""
+
+    host: str
+    port: int
+    rcode: int = dns.rcode.NOERROR
+    address: str = "203.0.113.50"
+    delay: float = 0.0
+    ttl: int = 60
+    questions: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._udp.bind((self.host, self.port))
+        self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._tcp.bind((self.host, self.port))
+        self._tcp.listen(16)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _answer(self, wire: bytes) -> bytes:
+        query = dns.message.from_wire(wire)
+        self.questions.append(query.question[0].name.to_text())
+        reply = dns.message.make_response(query)
+        reply.set_rcode(dns.rcode.Rcode.make(self.rcode))
+        if self.rcode == dns.rcode.NOERROR and query.question[0].rdtype == dns.rdatatype.A:
+            reply.answer.append(dns.rrset.from_text(query.question[0].name, self.ttl, "IN", "A", self.address))
+        return reply.to_wire()
+
+    def _run(self) -> None:
+        due: list[tuple[float, Callable[[], None]]] = []
+        while not self._stop.is_set():
+            timeout = max(0.0, min((t for t, _ in due), default=time.monotonic() + 0.05) - time.monotonic())
+            readable, _, _ = select.select([self._udp, self._tcp], [], [], min(timeout, 0.05))
+            if self._udp in readable:
+                wire, source = self._udp.recvfrom(65535)
+                answer = self._answer(wire)
+                due.append((time.monotonic() + self.delay, lambda a=answer, s=source: self._udp.sendto(a, s)))
+            if self._tcp in readable:
+                connection, _ = self._tcp.accept()
+                threading.Thread(target=self._serve_tcp, args=(connection,), daemon=True).start()
+            now = time.monotonic()
+            for item in [d for d in due if d[0] <= now]:
+                due.remove(item)
+                item[1]()
+
+    def _serve_tcp(self, connection: socket.socket) -> None:
+        with connection:
+            connection.settimeout(5)
+            try:
+                while not self._stop.is_set():
+                    header = connection.recv(2, socket.MSG_WAITALL)
+                    if len(header) < 2:
+                        return
+                    wire = connection.recv(int.from_bytes(header, "big"), socket.MSG_WAITALL)
+                    answer = self._answer(wire)
+                    time.sleep(self.delay)
+                    connection.sendall(len(answer).to_bytes(2, "big") + answer)
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._udp.close()
+        self._tcp.close()
+
+
+def start_stub(**kwargs: Any) -> StubUpstream:
+    host, port = endpoint()
+    return StubUpstream(host, port, **kwargs)
+
+
+class ServerThread:
+    """The controller's `serve` in a thread with its own event loop."""
+
+    def __init__(self, settings: DnsSettings, on_learned: Callable[[str, tuple[str, ...]], None] | None = None) -> None:
+        self.host, self.port = settings.listen[0]
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self.server: DnsServer | None = None
+        self._thread = threading.Thread(target=self._run, args=(settings, on_learned), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise TimeoutError("DNS server did not start")
+        if self._failure is not None:
+            raise self._failure
+
+    def _run(self, settings: DnsSettings, on_learned: Any) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._stop = asyncio.Event()
+
+        def started(server: DnsServer) -> None:
+            self.server = server
+            self._ready.set()
+
+        try:
+            self._loop.run_until_complete(serve(settings, on_learned=on_learned, stop=self._stop, on_started=started))
+        except BaseException as exc:  # reported to the test thread
+            self._failure = exc
+            self._ready.set()
+        finally:
+            self._loop.close()
+
+    def call(self, function: Callable[[DnsServer], Any]) -> Any:
+        """Run function(server) inside the server's loop; awaits coroutines."""
+
+        async def run() -> Any:
+            result = function(self.server)
+            return await result if asyncio.iscoroutine(result) else result
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
+
+    def counters(self) -> dict[str, int]:
+        return self.call(lambda server: server.counters())
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(timeout=10)
+
+
+@dataclass
+class DigResult:
+    status: str
+    flags: set[str]
+    answer: list[list[str]]
+    authority: list[list[str]]
+    additional: list[list[str]]
+    text: str
+
+    def rdata(self, rdtype: str, section: str = "answer") -> list[str]:
+        return [" ".join(r[4:]) for r in getattr(self, section) if r[3] == rdtype]
+
+
+def dig(host: str, port: int, name: str, qtype: str = "A", *options: str) -> DigResult:
+    """Ask with the real dig and parse its answer."""
+    need_tool("dig")
+    argv = ["dig", f"@{host}", "-p", str(port), name, qtype, "+time=3", "+tries=1", "+nocookie", *options]
+    text = subprocess.run(argv, capture_output=True, text=True, timeout=15).stdout
+    header = re.search(r"status: (\w+)", text)
+    flags = re.search(r";; flags:([^;]*);", text)
+    sections: dict[str, list[list[str]]] = {"answer": [], "authority": [], "additional": []}
+    current = None
+    for line in text.splitlines():
+        heading = re.match(r";; (ANSWER|AUTHORITY|ADDITIONAL) SECTION:", line)
+        if heading:
+            current = heading.group(1).lower()
+        elif not line.strip() or line.startswith(";"):
+            current = None if not line.strip() else current
+        elif current is not None:
+            sections[current].append(line.split())
+    return DigResult(
+        status=header.group(1) if header else "NO-ANSWER",
+        flags=set(flags.group(1).split()) if flags else set(),
+        text=text,
+        **sections,
+    )

@@ -1,0 +1,190 @@
+"""meshsup carrying real traffic with real WireGuard peers (wireguard-go), ping and iperf3."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.nodes import Node, is_root
+from tests.topology import (Identity, Underlay, WgGo, have, iperf3, meshsup_config, ping,
+                            stalled_intervals)
+
+pytestmark = pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
+                                reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root")
+
+
+@pytest.fixture
+def underlay():
+    u = Underlay()
+    closers: list = []
+    u.closers = closers
+    yield u
+    for c in reversed(closers):
+        c.close()
+    u.close()
+
+
+def start_meshsup(u: Underlay, tmp: Path, ident: Identity, peers: list[Identity], *args: str,
+                  ns=None, env: dict | None = None, extra: str = "") -> Node:
+    node = Node(tmp, "--config", str(meshsup_config(tmp, ident, peers, extra=extra)), *args,
+                netns=ns, env=env)
+    u.closers.append(node)
+    node.wait_ready()
+    return node
+
+
+def start_wg(u: Underlay, tmp: Path, ns, ident: Identity, peers: list[Identity], keepalive: int = 0) -> WgGo:
+    wg = WgGo(ns, ident, tmp)
+    u.closers.append(wg)
+    for p in peers:
+        wg.add_peer(p, keepalive)
+    return wg
+
+
+def pair(u: Underlay, tmp: Path, second: str):
+    """alpha is meshsup; bravo is wireguard-go or meshsup."""
+    (ns_a, addr_a), (ns_b, addr_b) = u.host(), u.host()
+    a, b = Identity("alpha", 1), Identity("bravo", 2)
+    a.endpoint, b.endpoint = f"{addr_a}:51820", f"{addr_b}:51820"
+    node_a = start_meshsup(u, tmp, a, [b], ns=ns_a)
+    peer_b = start_wg(u, tmp, ns_b, b, [a]) if second == "wireguard-go" else \
+        start_meshsup(u, tmp, b, [a], ns=ns_b)
+    return (ns_a, a, node_a), (ns_b, b, peer_b)
+
+
+def assert_transfer(client, server, addr: str, seconds: int = 10, reverse: bool = False) -> dict:
+    r = iperf3(client, server, addr, seconds=seconds, reverse=reverse)
+    assert "error" not in r, r.get("error")
+    assert not stalled_intervals(r), f"stalled intervals {stalled_intervals(r)}"
+    assert r["end"]["sum_received"]["bytes"] > 0
+    return r
+
+
+@pytest.mark.parametrize("second", ["wireguard-go", "meshsup"])
+@pytest.mark.parametrize("initiator", ["alpha", "bravo"])
+def test_pair_carries_ping_and_tcp(underlay, tmp_path, second, initiator) -> None:
+    (ns_a, a, node_a), (ns_b, b, peer_b) = pair(underlay, tmp_path, second)
+    first, target = (ns_a, b) if initiator == "alpha" else (ns_b, a)
+    assert ping(first, target.v4), f"{initiator} could not start the handshake"
+    assert ping(ns_a, b.v4) and ping(ns_b, a.v4)
+    assert ping(ns_a, b.v6) and ping(ns_b, a.v6)
+    assert ping(ns_a, b.v4, size=1420 - 28) and ping(ns_b, a.v6, size=1420 - 48)  # full tunnel MTU
+    assert_transfer(ns_a, ns_b, b.v4)                 # alpha -> bravo
+    assert_transfer(ns_a, ns_b, b.v4, reverse=True)   # bravo -> alpha
+    (peer,) = node_a.status()["peers"]
+    assert peer["last_handshake"] > time.time() - 180
+    assert peer["endpoint"] == b.endpoint
+    if second == "wireguard-go":
+        # The node's figures agree with wireguard-go's own view of the same session.
+        fields = peer_b.show().splitlines()[1].split("\t")
+        wg_rx, wg_tx = int(fields[5]), int(fields[6])
+        assert abs(peer["rx_bytes"] - wg_tx) <= 0.10 * wg_tx + 2048, (peer, wg_rx, wg_tx)
+        assert abs(peer["tx_bytes"] - wg_rx) <= 0.10 * wg_rx + 2048, (peer, wg_rx, wg_tx)
+
+
+def test_three_node_full_mesh(underlay, tmp_path) -> None:
+    hosts = [underlay.host() for _ in range(3)]
+    ids = [Identity(n, i + 1) for i, n in enumerate(["alpha", "bravo", "charlie"])]
+    for ident, (_, addr) in zip(ids, hosts):
+        ident.endpoint = f"{addr}:51820"
+    start_meshsup(underlay, tmp_path, ids[0], [ids[1], ids[2]], ns=hosts[0][0])
+    start_meshsup(underlay, tmp_path, ids[1], [ids[0], ids[2]], ns=hosts[1][0])
+    start_wg(underlay, tmp_path, hosts[2][0], ids[2], [ids[0], ids[1]])
+    for i, (ns, _) in enumerate(hosts):
+        for j, other in enumerate(ids):
+            if i != j:
+                assert ping(ns, other.v4), f"{ids[i].name} cannot reach {other.name}"
+
+
+def test_kill_dataplane_actors_during_transfer(underlay, tmp_path) -> None:
+    (ns_a, a, node_a), (ns_b, b, wg) = pair(underlay, tmp_path, "wireguard-go")
+    assert ping(ns_a, b.v4)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(iperf3(ns_a, ns_b, b.v4, seconds=16)))
+    t.start()
+    victims = ["crypto-0", "crypto-1", "tun-io", "magicsock"]
+    for name in victims:
+        time.sleep(3)
+        os.kill(node_a.actors()[name]["pid"], signal.SIGKILL)
+    t.join(60)
+    assert "error" not in result, result.get("error")
+    intervals = result["intervals"]
+    assert all(iv["sum"]["bytes"] > 0 for iv in intervals[-2:]), "throughput did not recover"
+    actors = node_a.actors()
+    assert all(actors[v]["restarts"] == 1 for v in victims)
+    assert ping(ns_a, b.v4) and ping(ns_b, a.v4)
+
+
+def _initiation_garbage(rng: random.Random) -> bytes:
+    msg = bytearray(rng.randbytes(148))
+    msg[0:4] = b"\x01\0\0\0"  # looks like an initiation; MAC1 is wrong
+    return bytes(msg)
+
+
+CAPTURE = """
+import socket, struct, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+s.settimeout(10)
+got = []
+while len(got) < 50:
+    frame = s.recv(65535)
+    ip = frame[14:]
+    if ip[9] != 17:
+        continue
+    payload = ip[(ip[0] & 15) * 4 + 8:]
+    if struct.unpack("!H", ip[(ip[0] & 15) * 4 + 2:(ip[0] & 15) * 4 + 4])[0] == 51820 and payload[:1] == b"\\x04":
+        got.append(payload)
+open(sys.argv[1], "wb").write(b"".join(len(p).to_bytes(2, "big") + p for p in got))
+"""
+
+FLOOD = """
+import socket, sys, time
+from actors.bus.batch import unpack
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i, b in enumerate(unpack(open(sys.argv[1], "rb").read())):
+    s.sendto(b, (sys.argv[2], 51820))
+    if i % 200 == 0:
+        time.sleep(0.002)
+"""
+
+
+def test_bad_input_is_dropped_and_counted(underlay, tmp_path) -> None:
+    (ns_a, a, node_a), (ns_b, b, wg) = pair(underlay, tmp_path, "wireguard-go")
+    assert ping(ns_a, b.v4)
+    # Real data packets from bravo to alpha, captured on the wire to be replayed.
+    (tmp_path / "capture.py").write_text(CAPTURE)
+    cap = ns_b.popen(os.sys.executable, str(tmp_path / "capture.py"), str(tmp_path / "captured"))
+    assert ping(ns_b, a.v4, count=60, timeout=20)
+    assert cap.wait(20) == 0
+    from actors.bus.batch import pack, unpack
+    captured = unpack((tmp_path / "captured").read_bytes())
+    rng = random.Random(7)
+    garbage = (
+        [rng.randbytes(rng.randrange(1, 300)) for _ in range(10_000)]                      # random
+        + [b"\x01\0\0\0" + rng.randbytes(rng.randrange(0, 140)) for _ in range(10_000)]   # truncated
+        + [_initiation_garbage(rng) for _ in range(10_000)]                                # wrong MAC1
+        + [captured[i % len(captured)] for i in range(10_000)]                             # replayed data
+    )
+    (tmp_path / "garbage").write_bytes(pack(garbage))
+    (tmp_path / "flood.py").write_text(FLOOD)
+    attacker, _ = underlay.host()
+    before = node_a.actors()
+    r = attacker.run(os.sys.executable, str(tmp_path / "flood.py"), str(tmp_path / "garbage"),
+                     a.endpoint.split(":")[0], check=False, timeout=120,
+                     env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0, r.stderr
+    assert ping(ns_a, b.v4) and ping(ns_b, a.v4), "the tunnel stopped working"
+    after = node_a.actors()
+    assert all(after[n]["restarts"] == 0 and after[n]["pid"] == before[n]["pid"] for n in before)
+    counters = node_a.counters()
+    assert counters["magicsock"].get("not_wireguard", 0) >= 15_000  # random + truncated, mostly
+    crypto = counters["crypto"]
+    assert crypto.get("bad_mac1", 0) >= 9_000
+    assert crypto.get("replay", 0) >= 9_000
