@@ -246,16 +246,45 @@ def _assemble(file: str, node: dict[str, Any], peers: list[dict[str, Any]], top:
         if not 1 <= n <= 64:
             raise workers.fail(kind, f"{n} workers is outside 1..64")
         counts[kind] = n
-    return {
+    conf = {
         "node": node,
         "peers": peers,
         "actors": counts,
         "supervisor": {"intensity": intensity, "period": float(period)},
-        "dns": top.get("dns", dict, dict(DNS_DEFAULT)),
+        "dns": top.get("dns", dict, None) or _default_dns(node),
         "netlog": top.get("netlog", dict, {}),
         "logging": top.get("logging", dict, {}),
         "source": file,
     }
+    _check_sections(file, conf)
+    return conf
+
+
+def _default_dns(node: dict[str, Any]) -> dict[str, Any]:
+    """DNS on the node's own mesh address, as MagicDNS: it collides with no local resolver."""
+    v4 = [a.split("/")[0] for a in node["addresses"] if ":" not in a]
+    return {**DNS_DEFAULT, "listen": [f"{v4[0]}:53"] if v4 else DNS_DEFAULT["listen"]}
+
+
+def _check_sections(file: str, conf: Config) -> None:
+    """[dns] and [netlog] are checked by the actors' own parsers, so both agree."""
+    from actors.dns.actor import dns_settings
+    from actors.netlog.collectors import parse_collectors
+
+    try:
+        dns_settings(conf)
+    except ValueError as err:
+        key, _, problem = str(err).partition(": ")
+        raise ConfigError(file, key if problem else "dns", problem or key) from None
+    netlog = _Checker(file, conf["netlog"], "netlog", {"interval", "collectors", "anonymize_exit"})
+    interval = netlog.get("interval", (int, float), 5)
+    if interval <= 0:
+        raise netlog.fail("interval", "must be more than 0 seconds")
+    try:
+        parse_collectors(netlog.get("collectors", list, []), Path(file).parent if file[0] != "(" else None)
+    except ValueError as err:
+        key, _, problem = str(err).partition(": ")
+        raise ConfigError(file, key if problem else "netlog.collectors", problem or key) from None
 
 
 # --- wg-quick --------------------------------------------------------------

@@ -129,3 +129,20 @@ def test_embedded_default_is_stable(tmp_path) -> None:
     assert a["node"]["interface"] == "meshsup0" and a["peers"] == []
     v4, v6 = a["node"]["addresses"]
     assert v4.startswith("100.") and v6.startswith("fd7a:115c:a1e0:")
+
+
+@pytest.mark.parametrize("body,key,problem", [
+    ("[dns]\nupstreams = ['ftp://198.51.100.53']\n", "dns.upstreams", "ftp"),
+    ("[dns]\nbogus = 1\n", "dns", "bogus"),
+    ("[[dns.rules]]\nmatch = 'nope:x'\naction = 'reject'\n", "dns.rules[0]", ""),
+    ("[[netlog.collectors]]\nkind = 'carrier-pigeon'\naddress = 'tcp://127.0.0.1:1'\n",
+     "netlog.collectors[0].kind", ""),
+    ("[[netlog.collectors]]\nkind = 'syslog'\naddress = 'not a url'\n", "netlog.collectors[0].address", ""),
+    ("[[netlog.collectors]]\nkind = 'syslog'\naddress = 'tls://127.0.0.1:6514'\nca_file = '/nonexistent/ca.pem'\n",
+     "netlog.collectors[0].ca_file", ""),
+])
+def test_dns_and_collector_sections_are_checked_at_start(tmp_path, body, key, problem) -> None:
+    path = write(tmp_path, body)
+    r = start(tmp_path, "--config", str(path))
+    assert r.returncode == 2, r.stderr
+    assert key in r.stderr and problem in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -21,6 +21,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from actors.bus.batch import unpack  # noqa: E402
 from actors.bus.codec import decode, encode  # noqa: E402
 from actors.bus.messages import Heartbeat, PacketBatch  # noqa: E402
 from tests.nodes import Netns, Node  # noqa: E402
@@ -74,7 +75,7 @@ def _sink(endpoint: str, count: int, q: multiprocessing.Queue) -> None:
     for _ in range(count):
         msg = decode(s.recv())
         if isinstance(msg, PacketBatch):
-            packets += len(msg.packets) // 1402
+            packets += len(unpack(msg.packets))
     q.put(packets)
 
 
@@ -107,7 +108,7 @@ def main() -> None:
         print(f"bus, one small typed message per frame: {rate:,.0f} messages/s")
         packet = b"\x45" + os.urandom(1399)
         blob = b"".join(len(packet).to_bytes(2, "big") + packet for _ in range(64))
-        rate, packets = bus_throughput(ep, 20_000, lambda i: PacketBatch(stream="p", seq=i, packets=blob))
+        rate, packets = bus_throughput(ep, 20_000, lambda i: PacketBatch(seq=i, packets=blob))
         print(f"bus, 64 x 1400 B packets per frame: {rate:,.0f} frames/s = {rate * 64:,.0f} packets/s "
               f"= {rate * 64 * 1400 * 8 / 1e9:.1f} Gbit/s ({packets} packets checked)")
     restart_latency(args.kills)
