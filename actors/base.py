@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import zmq
 
+from actors.bus import batch
 from actors.bus.codec import DecodeError, Message, decode, encode
 from actors.bus.endpoints import Runtime
 from actors.bus.messages import Ack, Command, Configure, Heartbeat, Hello, Stop
@@ -97,6 +98,14 @@ class Actor:
 
     def publish(self, msg: Message) -> None:
         self.events.send_multipart([msg.TAG.encode(), encode(msg)])
+
+    def unpack(self, blob: bytes) -> list[bytes] | None:
+        """The packets of a batch frame, or None (counted) if the frame is malformed."""
+        try:
+            return batch.unpack(blob)
+        except DecodeError as err:
+            self.count_drop(err.reason, str(err))
+            return None
 
     def count_drop(self, reason: str, detail: str = "") -> None:
         self.bus_dropped[reason] += 1

@@ -16,7 +16,7 @@ from typing import Any
 
 from actors.base import Actor, ConfigError
 from actors.bus import batch
-from actors.bus.codec import DecodeError, Message
+from actors.bus.codec import Message
 from actors.bus.messages import DatagramBatch, PacketBatch
 from actors.crypto.device import Device, Output
 from actors.crypto.messages import INITIATION_SIZE, MESSAGE_INITIATION
@@ -93,19 +93,17 @@ class CryptoActor(Actor):
             self.count_drop("not_configured", msg.TAG)
             return
         now = time.time()
-        try:
-            packets = batch.unpack(msg.packets) if isinstance(msg, (PacketBatch, DatagramBatch)) else None
-        except DecodeError as err:
-            self.count_drop(err.reason, str(err))
+        if not isinstance(msg, (PacketBatch, DatagramBatch)):
+            return super().on_message(msg)
+        packets = self.unpack(msg.packets)
+        if packets is None:
             return
         if isinstance(msg, PacketBatch):
             self.emit(self.device.send(packets, now))
-        elif isinstance(msg, DatagramBatch):
+        else:
             endpoint = (msg.host, msg.port)
             mine = self._keep_own_initiations(packets, msg)
             self.emit(self.device.receive([(d, endpoint) for d in mine], now))
-        else:
-            super().on_message(msg)
 
     def _keep_own_initiations(self, packets: list[bytes], msg: DatagramBatch) -> list[bytes]:
         workers = self.device_key[1] if self.device_key else 1

@@ -13,7 +13,7 @@ from typing import Any
 
 from actors.base import Actor, ConfigError
 from actors.bus import batch
-from actors.bus.codec import DecodeError, Message
+from actors.bus.codec import Message
 from actors.bus.messages import DatagramBatch
 from actors.magicsock.classify import MessageType, classify, receiver_index
 from actors.magicsock.udp import UdpSocket
@@ -71,10 +71,8 @@ class MagicsockActor(Actor):
         if self.sock is None:
             self.counters["not_listening"] += 1
             return
-        try:
-            packets = batch.unpack(msg.packets)
-        except DecodeError as err:
-            self.count_drop(err.reason, str(err))
+        packets = self.unpack(msg.packets)
+        if packets is None:
             return
         endpoint = (msg.host, msg.port)
         self.counters["tx_datagrams"] += len(packets)

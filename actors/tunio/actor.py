@@ -8,7 +8,7 @@ from typing import Any
 
 from actors.base import Actor, ConfigError
 from actors.bus import batch
-from actors.bus.codec import DecodeError, Message
+from actors.bus.codec import Message
 from actors.bus.messages import PacketBatch
 from actors.crypto.allowedips import AllowedIPs
 from actors.crypto.shard import owner
@@ -75,10 +75,8 @@ class TunIoActor(Actor):
         if self.tun is None:
             self.counters["no_tun"] += 1
             return
-        try:
-            packets = batch.unpack(msg.packets)
-        except DecodeError as err:
-            self.count_drop(err.reason, str(err))
+        packets = self.unpack(msg.packets)
+        if packets is None:
             return
         self.counters["tx_packets"] += len(packets)
         self.counters["tx_dropped"] += self.tun.write_batch(packets)
