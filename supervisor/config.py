@@ -289,10 +289,13 @@ def _check_sections(file: str, conf: Config) -> None:
 
 # --- wg-quick --------------------------------------------------------------
 
-WG_INTERFACE_KEYS = {"privatekey": "private_key", "listenport": "listen_port", "address": "addresses",
-                     "dns": "dns", "mtu": "mtu"}
-WG_PEER_KEYS = {"publickey": "public_key", "presharedkey": "preshared_key", "allowedips": "allowed_ips",
-                "endpoint": "endpoints", "persistentkeepalive": "persistent_keepalive"}
+# wg-quick's spelling -> our key; matched case-insensitively, as wg-quick does.
+WG_INTERFACE_KEYS = {"PrivateKey": "private_key", "ListenPort": "listen_port", "Address": "addresses",
+                     "DNS": "dns", "MTU": "mtu"}
+WG_PEER_KEYS = {"PublicKey": "public_key", "PresharedKey": "preshared_key", "AllowedIPs": "allowed_ips",
+                "Endpoint": "endpoints", "PersistentKeepalive": "persistent_keepalive"}
+_BY_LOWER = {k.lower(): v for k, v in {**WG_INTERFACE_KEYS, **WG_PEER_KEYS}.items()}
+_SPELLING = {v: k for k, v in {**WG_INTERFACE_KEYS, **WG_PEER_KEYS}.items()}
 _LIST_KEYS = {"addresses", "dns", "allowed_ips", "endpoints"}
 _INT_KEYS = {"listen_port", "mtu", "persistent_keepalive"}
 
@@ -327,8 +330,8 @@ def load_wg_quick(path: str | os.PathLike[str], state_dir: Path) -> Config:
         key, sep, value = line.partition("=")
         if current is None or not sep:
             raise ConfigError(file, f"line {lineno}", "expected [Interface], [Peer] or Key = Value")
-        name = mapping.get(key.strip().lower())
-        if name is None:
+        name = _BY_LOWER.get(key.strip().lower())
+        if name is None or name not in mapping.values():
             raise ConfigError(file, f"line {lineno}: {key.strip()}", "not supported by meshsup")
         value = value.strip()
         if name in _LIST_KEYS:
@@ -368,11 +371,7 @@ def load_wg_quick(path: str | os.PathLike[str], state_dir: Path) -> Config:
 def _wg_key_name(key: str) -> str:
     """Name a problem the way the wg-quick file spells it: "[Peer] 2 AllowedIPs"."""
     section, _, field = key.partition(".")
-    names = {v: k for k, v in {**WG_INTERFACE_KEYS, **WG_PEER_KEYS}.items()}
-    spelled = {"privatekey": "PrivateKey", "listenport": "ListenPort", "address": "Address", "mtu": "MTU",
-               "publickey": "PublicKey", "presharedkey": "PresharedKey", "allowedips": "AllowedIPs",
-               "endpoint": "Endpoint", "persistentkeepalive": "PersistentKeepalive", "dns": "DNS"}
-    label = spelled.get(names.get(field, ""), field)
+    label = _SPELLING.get(field, field)
     if section == "node":
         return f"[Interface] {label}"
     if section.startswith("peers["):

@@ -110,6 +110,17 @@ class Process:
         self._out.flush()
         return Path(self._out.name).read_text(errors="replace")
 
+    def wait_ready(self, check: Callable[[], bool], what: str) -> None:
+        """Wait for the daemon to serve; if it never does, stop it and say what it printed."""
+        try:
+            wait_until(check, what=what)
+        except TimeoutError as err:
+            self.stop()
+            raise TimeoutError(f"{err}: {self.output()}") from None
+        except BaseException:
+            self.stop()
+            raise
+
 
 @dataclass
 class Dnsmasq:
@@ -142,11 +153,7 @@ def start_dnsmasq(tmp: Path, records: Sequence[str], *, ttl: int = 60, name: str
         "--cache-size=0", f"--local-ttl={ttl}", "--local=/test/", *records,
     ]  # fmt: skip
     process = Process(argv, log)
-    try:
-        wait_until(lambda: answers_dns(host, port), what=f"dnsmasq on {host}:{port}: {process.output()}")
-    except BaseException:
-        process.stop()
-        raise
+    process.wait_ready(lambda: answers_dns(host, port), what=f"dnsmasq on {host}:{port}")
     return Dnsmasq(host, port, log, process)
 
 
@@ -220,11 +227,7 @@ def start_unbound_tls(tmp: Path, certificate: Certificate, host: str, local_data
     ]
     config.write_text("\n".join(lines) + "\n")
     process = Process(["unbound", "-d", "-c", str(config)], log)
-    try:
-        wait_until(lambda: _tcp_open(host, port), what=f"unbound on {host}:{port}: {process.output()}")
-    except BaseException:
-        process.stop()
-        raise
+    process.wait_ready(lambda: _tcp_open(host, port), what=f"unbound on {host}:{port}")
     return Unbound(host, port, log, process)
 
 
@@ -251,14 +254,8 @@ def start_dnsdist(tmp: Path, certificate: Certificate, host: str, backend: Dnsma
         f'addDOHLocal("{host}:{doh_port}", "{certificate.cert}", "{certificate.key}", "/dns-query")\n'
     )
     process = Process(["dnsdist", "--supervised", "--disable-syslog", "-C", str(config)], tmp / "dnsdist.log")
-    try:
-        wait_until(
-            lambda: _tcp_open(host, tls_port) and _tcp_open(host, doh_port),
-            what=f"dnsdist on {host}: {process.output()}",
-        )
-    except BaseException:
-        process.stop()
-        raise
+    process.wait_ready(lambda: _tcp_open(host, tls_port) and _tcp_open(host, doh_port),
+                       what=f"dnsdist on {host}")
     return Dnsdist(host, tls_port, doh_port, process)
 
 

@@ -23,26 +23,20 @@ pytestmark = pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg",
 @pytest.fixture
 def underlay():
     u = Underlay()
-    closers: list = []
-    u.closers = closers
     yield u
-    for c in reversed(closers):
-        c.close()
     u.close()
 
 
 def start_meshsup(u: Underlay, tmp: Path, ident: Identity, peers: list[Identity], *args: str,
                   ns=None, env: dict | None = None, extra: str = "") -> Node:
-    node = Node(tmp, "--config", str(meshsup_config(tmp, ident, peers, extra=extra)), *args,
-                netns=ns, env=env)
-    u.closers.append(node)
+    node = u.track(Node(tmp, "--config", str(meshsup_config(tmp, ident, peers, extra=extra)), *args,
+                        netns=ns, env=env))
     node.wait_ready()
     return node
 
 
 def start_wg(u: Underlay, tmp: Path, ns, ident: Identity, peers: list[Identity], keepalive: int = 0) -> WgGo:
-    wg = WgGo(ns, ident, tmp)
-    u.closers.append(wg)
+    wg = u.track(WgGo(ns, ident, tmp))
     for p in peers:
         wg.add_peer(p, keepalive)
     return wg

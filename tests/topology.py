@@ -24,7 +24,13 @@ class Underlay:
         self.switch.run("ip", "link", "add", "br0", "type", "bridge")
         self.switch.run("ip", "link", "set", "br0", "up")
         self.hosts: list[Netns] = [self.switch]
+        self.tracked: list[Any] = []
         self.next_host = 1
+
+    def track(self, thing: Any) -> Any:
+        """Something running on the underlay (node, peer): closed before the hosts go."""
+        self.tracked.append(thing)
+        return thing
 
     def host(self) -> tuple[Netns, str]:
         """A new namespace with an underlay address; returns it and the address."""
@@ -47,6 +53,8 @@ class Underlay:
         ns.run("ip", "link", "set", ifname, "up")
 
     def close(self) -> None:
+        for thing in reversed(self.tracked):
+            thing.close()
         for ns in reversed(self.hosts):
             ns.close()
 

@@ -20,7 +20,6 @@ from tests.topology import Identity, Underlay, WgGo, iperf3, meshsup_config, pin
 
 def run_pair(kinds: tuple[str, str], seconds: int, tmp: Path) -> tuple[float, float, float]:
     u = Underlay()
-    closers: list = []
     try:
         hosts = [u.host(), u.host()]
         ids = [Identity("alpha", 1), Identity("bravo", 2)]
@@ -29,12 +28,11 @@ def run_pair(kinds: tuple[str, str], seconds: int, tmp: Path) -> tuple[float, fl
         for i, kind in enumerate(kinds):
             ns, me, other = hosts[i][0], ids[i], ids[1 - i]
             if kind == "wireguard-go":
-                wg = WgGo(ns, me, tmp)
-                closers.append(wg)
+                wg = u.track(WgGo(ns, me, tmp))
                 wg.add_peer(other)
             else:
-                node = Node(tmp, "--config", str(meshsup_config(tmp, me, [other])), netns=ns, faults=False)
-                closers.append(node)
+                node = u.track(Node(tmp, "--config", str(meshsup_config(tmp, me, [other])), netns=ns,
+                                    faults=False))
                 node.wait_ready()
         (ns_a, _), (ns_b, _) = hosts
         ping(ns_a, ids[1].v4)
@@ -44,8 +42,6 @@ def run_pair(kinds: tuple[str, str], seconds: int, tmp: Path) -> tuple[float, fl
         rev = iperf3(ns_a, ns_b, ids[1].v4, seconds=seconds, reverse=True)["end"]["sum_received"]["bits_per_second"]
         return fwd / 1e6, rev / 1e6, rtt
     finally:
-        for c in reversed(closers):
-            c.close()
         u.close()
 
 
