@@ -18,13 +18,12 @@ import zmq
 
 from actors.bus import batch
 from actors.bus.codec import DecodeError, Message, decode, encode
+from actors.bus.datapath import Inbox, Outbox
 from actors.bus.endpoints import Runtime
 from actors.bus.messages import Ack, Command, Configure, Heartbeat, Hello, Stop
 from actors.log import RateLimited, setup
 
 HEARTBEAT_INTERVAL = 0.2
-# Libzmq drops a peer that sends more than this; below it we count and drop.
-HARD_FRAME_LIMIT = 64 * 1024 * 1024
 FAULTS_ENV = "MESHSUP_TEST_FAULTS"
 
 
@@ -46,17 +45,15 @@ class Actor:
         self._stopping = False
         self._hang = False
         self._poller_stale = True
-        self.outbox = Outbox(self)
+        self.outbox = Outbox(runtime.inbox)
         self.config: dict[str, Any] = {}
 
         self.control = self.ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.IDENTITY, name.encode())
         self.control.setsockopt(zmq.LINGER, 1000)
         self.control.connect(runtime.control)
-        self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
-        self.inbox.setsockopt(zmq.RCVHWM, 1024)
-        self.inbox.bind(runtime.inbox(name))
+        self.inbox = Inbox(runtime.inbox(name), self.add_reader, self.remove_reader, self._on_data,
+                           lambda: self.count_drop("oversized", "data message"))
         self.events = self.ctx.socket(zmq.PUB)
         self.events.connect(runtime.events_in)
         self.subscriptions = self.ctx.socket(zmq.SUB)
@@ -134,15 +131,13 @@ class Actor:
                     continue
                 if self._poller_stale:
                     poller = zmq.Poller()
-                    for sock in (self.control, self.inbox, self.subscriptions, *self._readers):
+                    for sock in (self.control, self.subscriptions, *self._readers):
                         poller.register(sock, zmq.POLLIN)
                     self._poller_stale = False
                 timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
                 for sock, _ in poller.poll(timeout_ms):
                     if sock is self.control:
                         self._drain(self.control, self._on_control)
-                    elif sock is self.inbox:
-                        self._drain(self.inbox, self.on_message)
                     elif sock is self.subscriptions:
                         self._drain(self.subscriptions, self.on_message, topic=True)
                     elif sock in self._readers:
@@ -150,6 +145,7 @@ class Actor:
                 self.tick(time.monotonic())
         finally:
             self.close()
+            self.inbox.close()
             self.outbox.close()
             self.ctx.destroy(linger=500)
         return 0
@@ -172,18 +168,26 @@ class Actor:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
-            try:
-                msg = decode(frames[-1] if topic else frames[0])
-                if len(frames) != (2 if topic else 1):
-                    raise DecodeError("malformed", "frame count")
-            except DecodeError as err:
-                self.count_drop(err.reason, str(err))
+            if len(frames) != (2 if topic else 1):
+                self.count_drop("malformed", "frame count")
                 continue
-            try:
-                handle(msg)
-            except Exception as exc:  # a handler bug must not kill the actor on one message
-                self.count_drop("handler_error", repr(exc))
-                self.log.exception("message handler failed", tag=msg.TAG)
+            self._dispatch(frames[-1], handle)
+
+    def _on_data(self, frame: memoryview) -> None:
+        """A message on the data path (actors.bus.datapath)."""
+        self._dispatch(frame, self.on_message)
+
+    def _dispatch(self, frame: bytes | memoryview, handle: Callable[[Message], None]) -> None:
+        try:
+            msg = decode(frame)
+        except DecodeError as err:
+            self.count_drop(err.reason, str(err))
+            return
+        try:
+            handle(msg)
+        except Exception as exc:  # a handler bug must not kill the actor on one message
+            self.count_drop("handler_error", repr(exc))
+            self.log.exception("message handler failed", tag=msg.TAG)
 
     def _on_control(self, msg: Message) -> None:
         if isinstance(msg, Configure):
@@ -222,51 +226,6 @@ class Actor:
         else:
             raise ConfigError(f"unknown fault {mode!r}")
         return {}
-
-
-class Outbox:
-    """PUSH sockets to other actors' inboxes: the point-to-point data path.
-
-    Sends never block: when a receiver is full (its high-water mark reached)
-    or gone, the frame is dropped and counted, as a NIC drops on a full ring.
-    """
-
-    HWM = 256  # frames, each a batch
-
-    def __init__(self, actor: Actor) -> None:
-        self.actor = actor
-        self.sockets: dict[str, zmq.Socket] = {}
-        self.dropped: Counter[str] = Counter()
-
-    def connect(self, names: list[str]) -> None:
-        """Connect ahead of the first packet, so it is not lost to connection set-up."""
-        for name in names:
-            self._socket(name)
-
-    def _socket(self, to: str) -> zmq.Socket:
-        sock = self.sockets.get(to)
-        if sock is None:
-            sock = self.actor.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, self.HWM)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing towards a receiver that is gone
-            sock.connect(self.actor.runtime.inbox(to))
-            self.sockets[to] = sock
-        return sock
-
-    def send(self, to: str, msg: Message) -> bool:
-        sock = self._socket(to)
-        try:
-            sock.send(encode(msg), zmq.NOBLOCK, copy=False)
-            return True
-        except zmq.Again:
-            self.dropped[to] += 1
-            return False
-
-    def close(self) -> None:
-        for sock in self.sockets.values():
-            sock.close(0)
-        self.sockets.clear()
 
 
 def crash_on_start_requested(kind: str) -> bool:

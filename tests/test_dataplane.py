@@ -83,6 +83,21 @@ def test_pair_carries_ping_and_tcp(underlay, tmp_path, second, initiator) -> Non
         assert int(fields[5]) > sent and int(fields[6]) > received
 
 
+def test_udp_through_two_workers_keeps_order_on_the_direct_path(underlay, tmp_path) -> None:
+    (ns_a, a, node_a), (ns_b, b, node_b) = pair(underlay, tmp_path, "meshsup")
+    assert ping(ns_a, b.v4)
+    r = iperf3(ns_a, ns_b, b.v4, seconds=3, extra=("-u", "-b", "100M", "-l", "1392"))
+    assert "error" not in r, r.get("error")
+    udp = r["end"]["sum"]
+    assert udp["packets"] > 0 and udp["lost_packets"] < udp["packets"] / 2
+    assert [s["udp"]["out_of_order"] for s in r["end"]["streams"]] == [0]
+    for node in (node_a, node_b):
+        crypto = node.counters()["crypto"]
+        # The owning worker moved the datagrams itself: its own socket and TUN queue, no hops.
+        assert crypto["direct_sockets"] == 1 and crypto["udp_rx_datagrams"] > 0 and crypto["tun_writes"] > 0
+        assert node.counters()["magicsock"].get("tx_datagrams", 0) < 10
+
+
 def test_three_node_full_mesh(underlay, tmp_path) -> None:
     hosts = [underlay.host() for _ in range(3)]
     ids = [Identity(n, i + 1) for i, n in enumerate(["alpha", "bravo", "charlie"])]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
-import zmq
 
+from actors.bus import datapath
 from actors.bus.codec import encode
 from actors.bus.messages import Heartbeat
 from tests.nodes import Node, pid_alive, process_title
@@ -96,24 +96,18 @@ def test_crash_loop_trips_intensity(node_factory, tmp_path) -> None:
 def test_garbage_on_every_bus_endpoint_is_counted(node_factory) -> None:
     node = node_factory()
     status = node.wait_ready()
-    ctx = zmq.Context()
     garbage = [
         os.urandom(200),                                   # random bytes
         encode(Heartbeat(name="x", seq=1, status={}))[:-3],  # truncated msgpack
         msgpack.packb(["no.such.type", 1, []]),             # unknown type
         msgpack.packb(["actor.heartbeat", 1, ["x", "not-an-int", {}]]),  # wrong field type
-        b"\0" * (10 * 1024 * 1024),                         # 10 MB
+        b"\0" * (datapath.MAX_MESSAGE + 1),                  # longer than any data message
     ]
-    try:
-        for a in status["actors"]:
-            s = ctx.socket(zmq.PUSH)
-            s.setsockopt(zmq.LINGER, 2000)
-            s.connect(f"ipc://{node.state_dir}/run/{a['name']}.sock")
+    for a in status["actors"]:  # each actor's data path socket (actors.bus.datapath)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.connect(str(node.state_dir / "run" / f"{a['name']}.sock"))
             for frame in garbage:
                 s.send(frame)
-            s.close()
-    finally:
-        ctx.term()
 
     def all_counted():
         actors = node.actors()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import select
 import time
 from collections.abc import Iterator
@@ -46,6 +47,25 @@ def test_gso_groups_respect_kernel_limits() -> None:
     big = [(A, b"x" * 1400)] * 60
     assert all(sum(map(len, s)) <= MAX_GSO_BYTES for _, s in gso_groups(big))
     assert _shape(gso_groups([(A, b""), (A, b"")])) == [(A, [0]), (A, [0])]
+
+
+def test_gso_groups_are_greedy_and_lawful_on_random_batches() -> None:
+    rng = random.Random(5)
+    for _ in range(300):
+        batch = [(rng.choice([A, A, A, B]), b"x" * rng.choice([0, 40, 1200, 1200, 1200, 1436]))
+                 for _ in range(rng.randrange(0, 150))]
+        groups = gso_groups(batch)
+        assert [(ep, d) for ep, segs in groups for d in segs] == batch
+        for ep, segs in groups:
+            size = len(segs[0])
+            assert all(len(d) == size for d in segs[:-1]) and len(segs[-1]) <= size
+            assert len(segs) <= MAX_GSO_SEGMENTS and sum(map(len, segs)) <= MAX_GSO_BYTES
+            assert size > 0 or len(segs) == 1
+        for (ep1, g1), (ep2, g2) in zip(groups, groups[1:]):
+            size, nxt = len(g1[0]), len(g2[0])
+            could_join = ep1 == ep2 and size > 0 and len(g1[-1]) == size and 0 < nxt <= size \
+                and len(g1) < MAX_GSO_SEGMENTS and sum(map(len, g1)) + nxt <= MAX_GSO_BYTES
+            assert not could_join, "a group was closed early"
 
 
 def test_split_coalesced() -> None:
@@ -189,3 +209,32 @@ def test_classify(datagram: bytes, expected: MessageType | None, index: int | No
     assert classify(datagram) == expected
     assert classify(memoryview(datagram)) == expected
     assert receiver_index(datagram) == index
+
+
+def test_a_socket_connected_on_a_shared_port_takes_its_peers_datagrams(sockets: list[UdpSocket]) -> None:
+    """magicsock's unconnected socket and a crypto worker's socket connected to
+    one peer share the listen port: the peer's datagrams go to the connected
+    one, everyone else's to the unconnected one, and replies leave from the port."""
+    try:
+        shared = UdpSocket(0, "127.0.0.1", reuse_port=True)
+        peer, stranger = UdpSocket(0, "127.0.0.1"), UdpSocket(0, "127.0.0.1")
+        sockets += [shared, peer, stranger]
+        direct = UdpSocket(shared.port, "127.0.0.1", reuse_port=True)
+    except OSError as e:
+        pytest.skip(f"cannot bind: {e}")
+    sockets.append(direct)
+    direct.connect(("127.0.0.1", peer.port))
+    with pytest.raises(OSError):
+        UdpSocket(shared.port, "127.0.0.1")  # a socket without SO_REUSEPORT is still refused
+    port = ("127.0.0.1", shared.port)
+    for i in range(20):
+        peer.send_batch([(port, b"peer%d" % i)])
+        stranger.send_batch([(port, b"stranger%d" % i)])
+    assert [d for d, _ in _receive(direct, 20)] == [b"peer%d" % i for i in range(20)]
+    assert [d for d, _ in _receive(shared, 20)] == [b"stranger%d" % i for i in range(20)]
+    assert direct.recv_batch(10) == [] and shared.recv_batch(10) == []
+    assert direct.send_batch([(("127.0.0.1", peer.port), b"reply")]) == 0
+    assert _receive(peer, 1) == [(b"reply", port)]
+    direct.close()
+    peer.send_batch([(port, b"after")])
+    assert [d for d, _ in _receive(shared, 1)] == [b"after"], "without the worker, magicsock gets it"

@@ -1,31 +1,53 @@
-"""Many packets in one bus frame: each prefixed by its length (u16, big endian)."""
+"""Many packets in one bus frame: each prefixed by its length (u16, big endian).
+
+A batch stays under MAX_BYTES (a single larger packet travels alone): the
+data path's messages are then small enough for the kernel to carry without
+large contiguous allocations (actors.bus.datapath).
+"""
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 
 from actors.bus.codec import DecodeError
+
+_LENGTH = struct.Struct(">H").pack
+MAX_BYTES = 60_000
 
 
 def pack(packets: Iterable[bytes]) -> bytes:
     parts = []
     for p in packets:
-        parts.append(len(p).to_bytes(2, "big"))
-        parts.append(p)
+        parts += (_LENGTH(len(p)), p)
     return b"".join(parts)
+
+
+def pack_split(packets: list[bytes], max_bytes: int = MAX_BYTES) -> list[bytes]:
+    """``packets`` packed into as many batches as it takes, in order."""
+    blobs = []
+    start = size = 0
+    for i, p in enumerate(packets):
+        n = len(p) + 2
+        if size + n > max_bytes and i > start:
+            blobs.append(pack(packets[start:i]))
+            start, size = i, 0
+        size += n
+    if start < len(packets):
+        blobs.append(pack(packets[start:]))
+    return blobs
 
 
 def unpack(blob: bytes) -> list[bytes]:
     """The packets of a batch; DecodeError if a length runs past the end."""
     out = []
-    view = memoryview(blob)
+    append = out.append
     i, end = 0, len(blob)
     while i < end:
         if i + 2 > end:
             raise DecodeError("bad_batch", "truncated length")
-        n = (view[i] << 8) | view[i + 1]
-        i += 2
-        if i + n > end:
+        j = i + 2 + (blob[i] << 8 | blob[i + 1])
+        if j > end:
             raise DecodeError("bad_batch", "truncated packet")
-        out.append(bytes(view[i:i + n]))
-        i += n
+        append(blob[i + 2:j])
+        i = j
     return out

@@ -36,8 +36,8 @@ class Runtime:
         return self._ipc("events-out.sock")
 
     def inbox(self, actor: str) -> str:
-        """The actor's own PULL socket: data batches and peer messages."""
-        return self._ipc(f"{actor}.sock")
+        """The actor's data path socket (a unix seqpacket path, see actors.bus.datapath)."""
+        return str(self.dir / f"{actor}.sock")
 
     @property
     def pidfile(self) -> Path:

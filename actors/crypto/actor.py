@@ -4,6 +4,11 @@ Peers are sharded by public key (actors.crypto.shard): this worker owns the
 sessions of its peers only. An initiation can reach any worker (magicsock
 cannot tell whose it is without a DH); a worker that is not the owner
 identifies the initiator and hands the datagram to the owner.
+
+The worker moves its peers' traffic itself where it can (actors.crypto.direct):
+it writes what it decrypts into its own queue of the TUN and sends and
+receives its peers' datagrams on sockets connected to them. tun-io still
+reads every outgoing packet and hands it to the owner over the bus.
 """
 from __future__ import annotations
 
@@ -12,17 +17,22 @@ import ipaddress
 import os
 import time
 from collections import defaultdict
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
 from actors.base import Actor, ConfigError
 from actors.bus import batch
 from actors.bus.codec import Message
 from actors.bus.messages import DatagramBatch, PacketBatch
-from actors.crypto.device import Device, Output
+from actors.crypto.device import ENDPOINT_CHANGED, Device, Output
+from actors.crypto.direct import DirectPaths
 from actors.crypto.messages import INITIATION_SIZE, MESSAGE_INITIATION
 from actors.crypto.peer import PeerConfig
 from actors.crypto.shard import owner
 from actors.crypto.timers import Timing
+from actors.magicsock.classify import receiver_index
+from actors.magicsock.udp import Endpoint
 
 TICK_INTERVAL = 0.05
 TIMING_ENV = "MESHSUP_TEST_TIMING"  # e.g. "rekey_after_time=4,reject_after_time=8" (tests only)
@@ -60,6 +70,7 @@ class CryptoActor(Actor):
         self.peers: dict[bytes, dict[str, Any]] = {}
         self.next_tick = 0.0
         self.forwarded = 0
+        self.direct = DirectPaths(self.log, self.add_reader, self.remove_reader, self.receive)
 
     def configure(self, config: dict[str, Any]) -> None:
         super().configure(config)
@@ -87,6 +98,8 @@ class CryptoActor(Actor):
                 self.device.remove_peer(k)  # key material changed: flush the session
             self.device.set_peer(peer_config(p))
         self.peers = wanted
+        self.direct.configure(node["interface"], node["listen_port"])
+        self.direct.set_endpoints({k: peer.endpoint for k, peer in self.device.peers.items()})
 
     def on_message(self, msg: Message) -> None:
         if self.device is None:
@@ -102,35 +115,54 @@ class CryptoActor(Actor):
             self.emit(self.device.send(packets, now))
         else:
             endpoint = (msg.host, msg.port)
-            mine = self._keep_own_initiations(packets, msg)
-            self.emit(self.device.receive([(d, endpoint) for d in mine], now))
+            self.receive([(d, endpoint) for d in packets])
 
-    def _keep_own_initiations(self, packets: list[bytes], msg: DatagramBatch) -> list[bytes]:
+    def receive(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
+        """Datagrams from the network, through magicsock or a peer socket of our own."""
+        assert self.device is not None
+        self.emit(self.device.receive(self._keep_own_initiations(datagrams), time.time()))
+
+    def _keep_own_initiations(self, datagrams: list[tuple[bytes, Endpoint]]) -> list[tuple[bytes, Endpoint]]:
         workers = self.device_key[1] if self.device_key else 1
         if workers == 1:
-            return packets
-        mine, theirs = [], defaultdict(list)
-        for d in packets:
+            return datagrams
+        mine, theirs = [], []
+        for d, endpoint in datagrams:
             if len(d) == INITIATION_SIZE and d[0] == MESSAGE_INITIATION:
                 initiator = self.device.identify_initiator(d)
                 if initiator is not None and (w := owner(initiator, workers)) != self.index:
-                    theirs[w].append(d)
+                    theirs.append((w, d, endpoint))
                     continue
-            mine.append(d)
-        for w, ds in theirs.items():
-            self.forwarded += len(ds)
-            self.outbox.send(f"crypto-{w}", DatagramBatch(host=msg.host, port=msg.port, packets=batch.pack(ds)))
+            mine.append((d, endpoint))
+        self._hand_on(theirs)
         return mine
 
+    def _hand_on(self, datagrams: list[tuple[int, bytes, Endpoint]]) -> None:
+        """Datagrams that belong to other workers' peers, to their owners."""
+        groups: dict[tuple[int, str, int], list[bytes]] = defaultdict(list)
+        for w, d, (host, port) in datagrams:
+            groups[(w, host, port)].append(d)
+        for (w, host, port), ds in groups.items():
+            self.forwarded += len(ds)
+            for blob in batch.pack_split(ds):
+                self.outbox.send(f"crypto-{w}", DatagramBatch(host=host, port=port, packets=blob))
+
     def emit(self, out: Output) -> None:
-        if out.packets:
-            self.outbox.send("tun-io", PacketBatch(seq=0, packets=batch.pack(out.packets)))
-        if out.datagrams:
-            by_endpoint: dict[tuple[str, int], list[bytes]] = defaultdict(list)
-            for endpoint, d in out.datagrams:
-                by_endpoint[(endpoint[0], endpoint[1])].append(d)
-            for (host, port), ds in by_endpoint.items():
-                self.outbox.send("magicsock", DatagramBatch(host=host, port=port, packets=batch.pack(ds)))
+        if out.packets and not self.direct.write(out.packets):
+            for blob in batch.pack_split(out.packets):
+                self.outbox.send("tun-io", PacketBatch(seq=0, packets=blob))
+        # Runs of datagrams to one endpoint (a peer's burst stays one run, in order).
+        for endpoint, run in groupby(out.datagrams, key=itemgetter(0)):
+            pairs = list(run)
+            if not self.direct.send(endpoint, pairs):
+                for blob in batch.pack_split([d for _, d in pairs]):
+                    self.outbox.send("magicsock", DatagramBatch(host=endpoint[0], port=endpoint[1], packets=blob))
+        if out.foreign:
+            workers = self.device_key[1] if self.device_key else 1
+            self._hand_on([((receiver_index(d) or 0) % workers, d, e) for d, e in out.foreign])
+        for event in out.events:
+            if event.kind == ENDPOINT_CHANGED and self.device is not None:
+                self.direct.set_endpoints({k: p.endpoint for k, p in self.device.peers.items()})
 
     def tick(self, now: float) -> None:
         if self.device is not None and now >= self.next_tick:
@@ -140,5 +172,9 @@ class CryptoActor(Actor):
     def status(self) -> dict[str, Any]:
         if self.device is None:
             return {}
-        return {"peers": self.device.status(), "counters": dict(self.device.counters),
-                "forwarded_initiations": self.forwarded}
+        return {"peers": self.device.status(),
+                "counters": {**self.device.counters, **self.direct.counters(), "forwarded": self.forwarded,
+                             "bus_full": sum(self.outbox.dropped.values())}}
+
+    def close(self) -> None:
+        self.direct.close()

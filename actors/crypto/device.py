@@ -39,6 +39,7 @@ ENDPOINT_CHANGED = "endpoint_changed"
 
 DEFAULT_MTU = 1420
 _SENDER = struct.Struct("<4xI")  # sender index of an initiation or response
+_RECEIVER = struct.Struct("<8xI")  # receiver index of a response
 _NONCE = struct.Struct("<4xQ")
 _U16 = struct.Struct(">H")
 _ZEROS = bytes(16)
@@ -61,6 +62,8 @@ class Output:
     datagrams: list[tuple[Endpoint, bytes]] = field(default_factory=list)  # to the network
     packets: list[bytes] = field(default_factory=list)  # decrypted IP packets for the TUN
     events: list[Event] = field(default_factory=list)
+    # Received datagrams addressed to another worker's session (receiver index), to hand on.
+    foreign: list[tuple[bytes, Endpoint]] = field(default_factory=list)
 
 
 class Device:
@@ -187,7 +190,7 @@ class Device:
             # Pad to a multiple of 16 to blur lengths, but never beyond the MTU.
             pad = -n & 15
             if n + pad > mtu:
-                pad = _padding_near_mtu(n, mtu)
+                pad = mtu - n if n <= mtu else _padding_near_mtu(n, mtu)
             datagram = header(MESSAGE_TRANSPORT, remote, counter) + \
                 encrypt(nonce(counter), packet + _ZEROS[:pad] if pad else packet, None)
             counter += 1
@@ -245,32 +248,44 @@ class Device:
         last_src: bytes | None = None
         last_peer: Peer | None = None
         allowed = False
+        # Bulk traffic comes in runs of one session: what depends only on the
+        # session is looked up once per run (``session`` is the run's receiver index).
+        session = -1
         for data, endpoint in datagrams:
             if len(data) < TRANSPORT_MIN_SIZE or data[0] != MESSAGE_TRANSPORT:
                 self._receive_control(data, endpoint, now, out)
+                session = -1  # a handshake may have changed the sessions
                 continue
             mtype, receiver, counter = unpack_header(data)
             if mtype != MESSAGE_TRANSPORT:  # non-zero reserved bytes
                 counters["unknown_type"] += 1
                 continue
-            entry = indices.get(receiver)
-            if entry is None or entry[1] is None:
-                counters["no_session"] += 1
-                continue
-            peer, kp = entry
-            if now - kp.created >= reject_after_time:
-                counters["expired_session"] += 1
-                continue
+            if receiver != session:
+                entry = indices.get(receiver)
+                if entry is None or entry[1] is None:
+                    if self._foreign(receiver):
+                        out.foreign.append((data, endpoint))
+                    else:
+                        counters["no_session"] += 1
+                    continue
+                peer, kp = entry
+                if now - kp.created >= reject_after_time:
+                    counters["expired_session"] += 1
+                    continue
+                session, decrypt, validate = receiver, kp.receive.decrypt, kp.replay.validate
+                at_endpoint = None  # the datagram endpoint known to be the peer's
             try:
-                plain = kp.receive.decrypt(nonce(counter), memoryview(data)[16:], None)
+                plain = decrypt(nonce(counter), memoryview(data)[16:], None)
             except InvalidTag:
                 counters["decrypt_failed"] += 1
                 continue
-            if not kp.replay.validate(counter, reject_after_messages):
+            if not validate(counter, reject_after_messages):
                 counters["replay"] += 1
                 continue
-            if endpoint != peer.endpoint:
-                self._set_endpoint(peer, endpoint, out)
+            if endpoint is not at_endpoint:
+                if endpoint != peer.endpoint:
+                    self._set_endpoint(peer, endpoint, out)
+                at_endpoint = endpoint
             if kp is peer.keypairs.next:
                 self._confirm(peer, kp, now, out)
             n = len(plain)
@@ -343,13 +358,16 @@ class Device:
             counters["bad_length"] += 1
             return
         if mtype == MESSAGE_COOKIE_REPLY:
-            self._receive_cookie_reply(data, now)
+            self._receive_cookie_reply(data, endpoint, out, now)
             return
         if mtype not in (MESSAGE_INITIATION, MESSAGE_RESPONSE):
             counters["unknown_type"] += 1
             return
         if len(data) != (INITIATION_SIZE if mtype == MESSAGE_INITIATION else RESPONSE_SIZE):
             counters["bad_length"] += 1
+            return
+        if mtype == MESSAGE_RESPONSE and self._foreign(_RECEIVER.unpack_from(data)[0]):
+            out.foreign.append((data, endpoint))
             return
         self._handshake_arrivals.append(now)
         if not self._checker.check_mac1(data):
@@ -374,10 +392,13 @@ class Device:
         arrivals = self._handshake_arrivals
         return len(arrivals) == arrivals.maxlen and now - arrivals[0] < 1.0
 
-    def _receive_cookie_reply(self, data: bytes, now: float) -> None:
+    def _receive_cookie_reply(self, data: bytes, endpoint: Endpoint, out: Output, now: float) -> None:
         reply = parse_cookie_reply(data)
         if reply is None:
             self.counters["bad_length"] += 1
+            return
+        if self._foreign(reply.receiver):
+            out.foreign.append((data, endpoint))
             return
         entry = self._indices.get(reply.receiver)
         if entry is None:
@@ -532,6 +553,10 @@ class Device:
         return out
 
     # --- sharding
+
+    def _foreign(self, receiver: int) -> bool:
+        """Whether a receiver index was allocated by another worker."""
+        return receiver % self.workers != self.worker
 
     def identify_initiator(self, datagram: bytes) -> bytes | None:
         """Static public key of the initiator of a valid type-1 message (mac1 checked); no state changes."""

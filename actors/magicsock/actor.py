@@ -1,9 +1,14 @@
-"""The magicsock actor: the UDP socket, and the split of datagrams to crypto workers.
+"""The magicsock actor: the listen port's unconnected socket, and the split of datagrams to crypto workers.
 
 Types 2, 3 and 4 go to the worker that allocated their receiver index
 (index % workers); an initiation goes to a worker chosen by its source, which
 hands it on to the peer's owner. Anything that is not WireGuard is counted
 and dropped here, before it costs a crypto worker anything.
+
+Crypto workers share the port (SO_REUSEPORT) with a socket per peer they own,
+connected to its endpoint, which the kernel prefers for that peer's
+datagrams: magicsock gets initiations from new endpoints and the traffic of
+peers whose worker has no socket (yet), and sends what workers hand it.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ class MagicsockActor(Actor):
         self.outbox.connect([f"crypto-{w}" for w in range(self.workers)])
         if self.sock is None or self.sock.port != port:
             try:
-                new = UdpSocket(port)
+                new = UdpSocket(port, reuse_port=True)
             except OSError as err:
                 raise ConfigError(f"cannot listen on UDP port {port}: {err.strerror}") from None
             if self.sock is not None:
@@ -63,7 +68,8 @@ class MagicsockActor(Actor):
                 worker = (receiver_index(data) or 0) % self.workers
             groups[(worker, host, port)].append(data)
         for (worker, host, port), ds in groups.items():
-            self.outbox.send(f"crypto-{worker}", DatagramBatch(host=host, port=port, packets=batch.pack(ds)))
+            for blob in batch.pack_split(ds):
+                self.outbox.send(f"crypto-{worker}", DatagramBatch(host=host, port=port, packets=blob))
 
     def on_message(self, msg: Message) -> None:
         if not isinstance(msg, DatagramBatch):

@@ -3,6 +3,11 @@
 One AF_INET6 socket with IPV6_V6ONLY=0 serves both families; IPv4 peers
 appear as plain dotted-quad strings, never as ``::ffff:`` mapped addresses.
 
+Sockets made with ``reuse_port`` share the listen port (SO_REUSEPORT):
+magicsock's unconnected socket and a crypto worker's socket per peer,
+connected to that peer's endpoint. The kernel hands a datagram to a socket
+connected to its source before any unconnected one.
+
 Two kernel features cut syscalls when they are present (probed at start,
 reported in ``gso`` / ``gro``, each can be refused by the caller):
 
@@ -22,6 +27,8 @@ import socket
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 from typing import Final
 
 Endpoint = tuple[str, int]
@@ -45,6 +52,7 @@ _SEGMENT_CMSG: Final = struct.Struct("=H")  # ...but is sent as a u16
 @dataclass
 class UdpStats:
     rx_datagrams: int = 0
+    rx_calls: int = 0  # receive syscalls that returned data
     rx_coalesced: int = 0  # GRO super-buffers split
     rx_dropped: int = 0  # truncated or failed receives
     tx_datagrams: int = 0
@@ -63,28 +71,27 @@ def split_coalesced(buf: Buffer, segment_size: int) -> list[bytes]:
 def gso_groups(datagrams: Iterable[tuple[Endpoint, bytes]]) -> list[tuple[Endpoint, list[bytes]]]:
     """Group consecutive datagrams that one GSO send can carry: same
     endpoint, same size except a shorter last one, within kernel limits.
-    Order is kept, so per-peer order on the wire is the batch order."""
+    Order is kept, so per-peer order on the wire is the batch order.
+
+    Runs of one endpoint and of one size are found by ``groupby`` (C speed),
+    so the Python work is per run, not per datagram."""
     groups: list[tuple[Endpoint, list[bytes]]] = []
-    segments: list[bytes] = []
-    endpoint: Endpoint | None = None
-    size = total = 0
-    open_ = False
-    for ep, data in datagrams:
-        n = len(data)
-        if (
-            open_
-            and ep == endpoint
-            and 0 < n <= size
-            and len(segments) < MAX_GSO_SEGMENTS
-            and total + n <= MAX_GSO_BYTES
-        ):
-            segments.append(data)
-            total += n
-            open_ = n == size
-        else:
-            segments = [data]
-            groups.append((ep, segments))
-            endpoint, size, total, open_ = ep, n, n, n > 0
+    for endpoint, pairs in groupby(datagrams, key=itemgetter(0)):
+        segments = [d for _, d in pairs]
+        count = len(segments)
+        i = end = 0
+        for size, run in groupby(map(len, segments)):
+            end += len(list(run))
+            # The kernel caps the segments and the bytes of one send.
+            per_send = min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // size) if size else 1
+            while i < end:
+                j = min(i + per_send, end)
+                # A shorter datagram right after a run may close its last group.
+                if j == end < count and j - i < per_send and 0 < len(segments[j]) < size \
+                        and (j - i) * size + len(segments[j]) <= MAX_GSO_BYTES:
+                    j += 1
+                groups.append((endpoint, segments[i:j]))
+                i = j
     return groups
 
 
@@ -128,10 +135,12 @@ class UdpSocket:
         gso: bool = True,
         gro: bool = True,
         buffer_bytes: int = 4 << 20,
+        reuse_port: bool = False,
     ) -> None:
         """Bind to ``port`` (0: any) on ``host`` ("" means every address of
         both families). ``gso``/``gro`` False turns the offload off even when
-        the kernel has it. Raises OSError if the port cannot be bound."""
+        the kernel has it; ``reuse_port`` lets sockets of the node share the
+        port. Raises OSError if the port cannot be bound."""
         try:
             sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -142,6 +151,8 @@ class UdpSocket:
         try:
             sock.setblocking(False)
             self._grow_buffers(buffer_bytes)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((_bind_address(host, self.family), port))
         except BaseException:
             sock.close()
@@ -174,6 +185,15 @@ class UdpSocket:
     def fileno(self) -> int:
         return self._sock.fileno()
 
+    def connect(self, endpoint: Endpoint) -> None:
+        """Receive only from ``endpoint`` (and be preferred for it over the
+        port's unconnected sockets). Connecting again moves to a new endpoint.
+        Raises OSError (or ValueError for an endpoint that is not numeric)."""
+        addr = _sockaddr(endpoint[0], endpoint[1], self.family)
+        if addr is None:
+            raise ValueError(f"cannot connect to {endpoint!r}")
+        self._sock.connect(addr)
+
     def close(self) -> None:
         self._sock.close()
 
@@ -200,6 +220,7 @@ class UdpSocket:
             if flags & socket.MSG_TRUNC:
                 stats.rx_dropped += 1
                 continue
+            stats.rx_calls += 1
             endpoint = _endpoint(addr)
             segment = 0
             for level, kind, data in ancdata:

@@ -1,7 +1,14 @@
-"""The tun-io actor: the TUN file descriptor, read in batches, split by owning crypto worker."""
+"""The tun-io actor: the TUN file descriptor, read in batches, split by owning crypto worker.
+
+tun-io reads the TUN's one enabled queue, so every outgoing packet passes
+here in the kernel's order. Crypto workers write what they decrypt through
+write-only queues of their own (actors.crypto.direct); tun-io writes only
+for a worker that has none.
+"""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import ipaddress
 from collections import Counter, defaultdict
 from typing import Any
@@ -42,6 +49,7 @@ class TunIoActor(Actor):
                 self.tun.close()
             self.tun = new
             self.add_reader(new.fileno(), self.on_readable)
+            self._report_offloads(new)
         workers = config["actors"]["crypto"]
         self.outbox.connect([f"crypto-{w}" for w in range(workers)])
         key = (workers, [(p["public_key"], p["allowed_ips"]) for p in config["peers"]])
@@ -53,21 +61,35 @@ class TunIoActor(Actor):
                     routes.insert(ipaddress.ip_network(prefix), w)
             self.routes, self.route_key = routes, key
 
+    def _report_offloads(self, tun: Tun) -> None:
+        self.log.info("TUN attached", interface=tun.name, coalesced_writes=tun.vnet_hdr,
+                      worker_queues=tun.multi_queue)
+        if not tun.vnet_hdr:
+            self.log.warning("TUN without a virtio-net header: packets are written one by one")
+        if not tun.multi_queue:
+            self.log.warning("single-queue TUN: decrypted packets come through tun-io")
+
     def on_readable(self) -> None:
         assert self.tun is not None
         by_worker: dict[int, list[bytes]] = defaultdict(list)
         lookup = self.routes.lookup
+        last_dst: bytes | None = b""
+        w: int | None = None
         for p in self.tun.read_batch(READ_BATCH):
             dst = packet.dst_addr(p)
-            w = lookup(dst) if dst is not None else None
+            if dst != last_dst:  # bulk traffic repeats destinations: route once per run
+                last_dst = dst
+                w = lookup(dst) if dst is not None else None
             if w is None:
                 self.counters["no_route"] += 1
                 continue
             by_worker[w].append(p)
+        self.counters["rx_batches"] += 1
         for w, ps in by_worker.items():
-            self.seq += 1
             self.counters["rx_packets"] += len(ps)
-            self.outbox.send(f"crypto-{w}", PacketBatch(seq=self.seq, packets=batch.pack(ps)))
+            for blob in batch.pack_split(ps):
+                self.seq += 1
+                self.outbox.send(f"crypto-{w}", PacketBatch(seq=self.seq, packets=blob))
 
     def on_message(self, msg: Message) -> None:
         if not isinstance(msg, PacketBatch):
@@ -82,7 +104,8 @@ class TunIoActor(Actor):
         self.counters["tx_dropped"] += self.tun.write_batch(packets)
 
     def status(self) -> dict[str, Any]:
-        return {"counters": dict(self.counters)}
+        tun = {} if self.tun is None else dataclasses.asdict(self.tun.stats)
+        return {"counters": {**self.counters, **tun, "bus_full": sum(self.outbox.dropped.values())}}
 
     def close(self) -> None:
         if self.tun is not None:

@@ -1,64 +1,220 @@
-"""Tunnel figures: iperf3 TCP and ping RTT for meshsup and wireguard-go, in one run.
+"""Tunnel figures for meshsup and wireguard-go, in one run, with ratios against wireguard-go.
 
-Run as root: .venv/bin/python tests/bench/bench_dataplane.py [--seconds 5]
-Every pair uses the same veth/bridge underlay; ratios are against
-wireguard-go <-> wireguard-go measured in the same run.
+Run as root: .venv/bin/python tests/bench/bench_dataplane.py [--seconds 4]
+
+Every pair uses the same veth/bridge underlay. For each pairing it prints
+iperf3 TCP both ways, ping RTT and the CPU seconds the tunnel processes of
+both ends spent per GB carried (all of a node's processes; wireguard-go's
+process), each against wireguard-go <-> wireguard-go measured in the same
+run. Then iperf3 UDP at 200 Mbit/s through one peer with 2 crypto workers
+(out-of-order datagrams, loss; wireguard-go alongside), and meshsup <->
+meshsup TCP with 1, 2 and 4 crypto workers. Other load on the machine moves every figure; the ratios,
+measured minutes apart, move less.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import statistics
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.nodes import Node  # noqa: E402
+from tests.nodes import Netns, Node  # noqa: E402
 from tests.topology import Identity, Underlay, WgGo, iperf3, meshsup_config, ping  # noqa: E402
 
+WG, MS = "wireguard-go", "meshsup"
+TICK = os.sysconf("SC_CLK_TCK")
+UDP_RATE = "200M"
+UDP_LEN = 1392  # the largest datagram that fits the tunnel MTU (1420) unfragmented
+UDP_SECONDS = 3
+# Default buffers, then 4 MB: with those, a CPU too busy to run iperf3's
+# reader at once does not count as loss, and what is left is the tunnel's.
+UDP_BUFFERS = ("", "4M")
 
-def run_pair(kinds: tuple[str, str], seconds: int, tmp: Path) -> tuple[float, float, float]:
-    u = Underlay()
-    try:
-        hosts = [u.host(), u.host()]
-        ids = [Identity("alpha", 1), Identity("bravo", 2)]
-        for ident, (_, addr) in zip(ids, hosts):
-            ident.endpoint = f"{addr}:51820"
-        for i, kind in enumerate(kinds):
-            ns, me, other = hosts[i][0], ids[i], ids[1 - i]
-            if kind == "wireguard-go":
-                wg = u.track(WgGo(ns, me, tmp))
-                wg.add_peer(other)
+
+@dataclass
+class Transfer:
+    mbit: float
+    cpu_per_gb: float  # CPU seconds of both ends' tunnel processes per GB received
+
+
+@dataclass
+class Pair:
+    """Two tunnel ends (alpha, bravo) on one underlay; close() removes everything."""
+
+    kinds: tuple[str, str]
+    tmp: Path
+    workers: int = 2
+    underlay: Underlay = field(init=False)
+    hosts: list[tuple[Netns, str]] = field(init=False)
+    ids: list[Identity] = field(init=False)
+    ends: list[Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.underlay = u = Underlay()
+        self.ends = []
+        try:
+            self.hosts = [u.host(), u.host()]
+            self.ids = [Identity("alpha", 1), Identity("bravo", 2)]
+            for ident, (_, addr) in zip(self.ids, self.hosts):
+                ident.endpoint = f"{addr}:51820"
+            for i, kind in enumerate(self.kinds):
+                ns, me, other = self.hosts[i][0], self.ids[i], self.ids[1 - i]
+                if kind == WG:
+                    wg = u.track(WgGo(ns, me, self.tmp))
+                    wg.add_peer(other)
+                    self.ends.append(wg)
+                else:
+                    config = meshsup_config(self.tmp, me, [other])
+                    self.ends.append(u.track(Node(self.tmp, "--config", str(config), "--crypto-workers",
+                                                  str(self.workers), netns=ns, faults=False)))
+            for end in self.ends:  # both nodes start at once
+                if isinstance(end, Node):
+                    end.wait_ready()
+            if not ping(self.hosts[0][0], self.ids[1].v4):
+                raise RuntimeError(f"{self.kinds} tunnel does not carry ping")
+        except BaseException:
+            u.close()
+            raise
+
+    def pids(self) -> list[int]:
+        out = []
+        for end in self.ends:
+            if isinstance(end, WgGo):
+                out.append(end.proc.pid)
             else:
-                node = u.track(Node(tmp, "--config", str(meshsup_config(tmp, me, [other])), netns=ns,
-                                    faults=False))
-                node.wait_ready()
-        (ns_a, _), (ns_b, _) = hosts
-        ping(ns_a, ids[1].v4)
-        out = ns_a.run("ping", "-c", "20", "-i", "0.05", ids[1].v4, check=False).stdout
-        rtt = float(re.search(r"= [\d.]+/([\d.]+)/", out).group(1)) if "/" in out else float("nan")
-        fwd = iperf3(ns_a, ns_b, ids[1].v4, seconds=seconds)["end"]["sum_received"]["bits_per_second"]
-        rev = iperf3(ns_a, ns_b, ids[1].v4, seconds=seconds, reverse=True)["end"]["sum_received"]["bits_per_second"]
-        return fwd / 1e6, rev / 1e6, rtt
-    finally:
-        u.close()
+                status = end.status()
+                out += [status["node"]["pid"], *(a["pid"] for a in status["actors"] if a["pid"])]
+        return out
+
+    def iperf3(self, seconds: int, reverse: bool = False, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        (a, _), (b, _) = self.hosts
+        for _ in range(3):  # on a busy machine the server may not listen yet
+            r = iperf3(a, b, self.ids[1].v4, seconds=seconds, reverse=reverse, extra=extra)
+            if "unable to connect" not in r.get("error", ""):
+                break
+        if "error" in r:
+            raise RuntimeError(f"iperf3 {self.kinds} {' '.join(extra)}: {r['error']}")
+        return r
+
+    def tcp(self, seconds: int, reverse: bool) -> Transfer:
+        pids = self.pids()
+        before = cpu_seconds(pids)
+        r = self.iperf3(seconds, reverse)
+        cpu = cpu_seconds(pids) - before
+        received = r["end"]["sum_received"]
+        return Transfer(received["bits_per_second"] / 1e6, cpu / (received["bytes"] / 1e9))
+
+    def rtt(self) -> float:
+        """Median RTT of 50 pings: the median shrugs off the few that wait for a busy CPU."""
+        out = self.hosts[0][0].run("ping", "-c", "50", "-i", "0.02", self.ids[1].v4, check=False).stdout
+        times = [float(t) for t in re.findall(r"time=([\d.]+)", out)]
+        return statistics.median(times) if times else float("nan")
+
+    def udp(self, seconds: int, buffer: str) -> dict[str, Any]:
+        extra = ("-u", "-b", UDP_RATE, "-l", str(UDP_LEN)) + (("-w", buffer) if buffer else ())
+        before = self.drops()
+        r = self.iperf3(seconds, extra=extra)
+        drops = {k: v - before[k] for k, v in self.drops().items()}
+        return {**r["end"]["sum"], "out_of_order": sum(s["udp"]["out_of_order"] for s in r["end"]["streams"]),
+                "drops": {k: v for k, v in drops.items() if v}}
+
+    def drops(self) -> dict[str, int]:
+        """Where a datagram can be lost: the sender's TUN queue (kernel), the
+        tunnel processes' own counters, and full UDP socket buffers at the
+        receiver (its tunnel socket and iperf3's alike)."""
+        (a, _), (b, _) = self.hosts
+        sender = self.ends[0]
+        iface = sender.iface if isinstance(sender, WgGo) else sender.status()["node"]["interface"]
+        stat = a.run("cat", f"/sys/class/net/{iface}/statistics/tx_dropped", check=False).stdout.strip()
+        out = {"sender_tun_queue": int(stat or 0), "tunnel_counted": 0}
+        for end in self.ends:
+            if isinstance(end, Node):
+                counters = end.counters()
+                out["tunnel_counted"] += sum(c.get(k, 0) for c in counters.values()
+                                             for k in ("bus_full", "tun_dropped", "tx_dropped", "udp_tx_dropped"))
+        snmp = b.run("nstat", "-az", "UdpRcvbufErrors", check=False).stdout.split()
+        out["receiver_udp_buffers"] = int(snmp[snmp.index("UdpRcvbufErrors") + 1]) if "UdpRcvbufErrors" in snmp else 0
+        return out
+
+    def close(self) -> None:
+        self.underlay.close()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the processes (all their threads) so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def ratio(value: float, base: float) -> str:
+    return f"({value / base:.2f}x)" if base else "(n/a)"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=4, help="length of each iperf3 run")
     args = ap.parse_args()
-    pairs = [("wireguard-go", "wireguard-go"), ("meshsup", "wireguard-go"), ("meshsup", "meshsup")]
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for pair in pairs:
-            results[pair] = run_pair(pair, args.seconds, Path(tmp))
-    base_fwd, base_rev, base_rtt = results[pairs[0]]
-    for (a, b), (fwd, rev, rtt) in results.items():
-        print(f"{a:>12} -> {b:<12} {fwd:7.0f} Mbit/s ({fwd / base_fwd:.2f}x)   "
-              f"{b:>12} -> {a:<12} {rev:7.0f} Mbit/s ({rev / base_rev:.2f}x)   "
-              f"ping RTT {rtt:.3f} ms ({rtt / base_rtt:.2f}x)")
+    s = args.seconds
+    rows: list[tuple[str, Transfer, str, Transfer, float]] = []
+    udp: dict[tuple[str, str, str], dict[str, Any]] = {}
+    workers: dict[int, Transfer] = {}
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        for kinds in [(WG, WG), (MS, WG), (MS, MS)]:
+            pair = Pair(kinds, tmp)
+            try:
+                rtt = pair.rtt()
+                fwd, rev = pair.tcp(s, reverse=False), pair.tcp(s, reverse=True)
+                a, b = kinds
+                rows.append((f"{a} -> {b}", fwd, f"{b} -> {a}", rev, rtt))
+                if kinds[0] == kinds[1]:
+                    for buffer in UDP_BUFFERS:
+                        udp[(*kinds, buffer)] = pair.udp(UDP_SECONDS, buffer)
+                if kinds == (MS, MS):
+                    workers = {2: fwd}
+            finally:
+                pair.close()
+        for n in (1, 4):
+            pair = Pair((MS, MS), tmp, workers=n)
+            try:
+                workers[n] = pair.tcp(s, reverse=False)
+            finally:
+                pair.close()
+
+    (_, base_fwd, _, base_rev, base_rtt), *_ = rows
+    print(f"iperf3 TCP, {s} s each way; CPU s/GB: both ends' tunnel processes per GB received")
+    for name_fwd, fwd, name_rev, rev, rtt in rows:
+        print(f"  {name_fwd:<26} {fwd.mbit:6.0f} Mbit/s {ratio(fwd.mbit, base_fwd.mbit):>8} "
+              f"{fwd.cpu_per_gb:5.1f} CPU s/GB {ratio(fwd.cpu_per_gb, base_fwd.cpu_per_gb):>8}   "
+              f"{name_rev:<26} {rev.mbit:6.0f} Mbit/s {ratio(rev.mbit, base_rev.mbit):>8} "
+              f"{rev.cpu_per_gb:5.1f} CPU s/GB {ratio(rev.cpu_per_gb, base_rev.cpu_per_gb):>8}")
+    print("ping RTT (median of 50 pings, 20 ms apart)")
+    for name_fwd, _, _, _, rtt in rows:
+        print(f"  {name_fwd.replace(' -> ', ' <-> '):<26} {rtt:6.3f} ms {ratio(rtt, base_rtt):>8}")
+    print(f"iperf3 UDP {UDP_RATE}bit/s, {UDP_LEN}-byte datagrams, {UDP_SECONDS} s (meshsup: 2 crypto workers); "
+          "iperf3's socket buffers at the default, then 4 MB")
+    for (a, b, buffer), u in udp.items():
+        lost, total = u.get("lost_packets", 0), u.get("packets", 0)
+        print(f"  {a} -> {b:<13} {buffer or 'default':>7}  {u['out_of_order']} out of order, "
+              f"{lost}/{total} lost ({100 * lost / total if total else float('nan'):.3f} %)  dropped at: {u['drops']}")
+    print("meshsup -> meshsup TCP by crypto workers (one peer: one owning worker)")
+    for n in sorted(workers):
+        t = workers[n]
+        print(f"  {n} worker{'s' if n > 1 else ' '}  {t.mbit:6.0f} Mbit/s {ratio(t.mbit, base_fwd.mbit):>8} "
+              f"{t.cpu_per_gb:5.1f} CPU s/GB")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,160 @@
+"""The point-to-point data path between actors: unix SOCK_SEQPACKET sockets, one message per batch.
+
+A ZeroMQ PUSH/PULL hop hands every message through two extra threads (each
+side's I/O thread), which on the hot path cost more CPU than the batch's
+packets and most of a hop's latency. A unix seqpacket socket costs one
+syscall on each side, keeps message boundaries and is bounded the same way:
+when the receiver falls behind, the sender's socket buffer fills, and the
+batch is dropped and counted, as a NIC drops on a full ring.
+
+Every actor listens on ``Runtime.inbox(name)`` in the node's 0700 runtime
+directory. A sender connects on first use, and again after the receiver
+restarted (the old connection then fails, and that batch counts as dropped).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from actors.bus.codec import Message, encode
+
+# Largest message read; a longer one is cut short and counted. Batches stay
+# far below it (actors.bus.batch.MAX_BYTES): the kernel copies a message of
+# up to about 80 KB into single pages, a longer one needs a contiguous
+# allocation that may fail (ENOBUFS: dropped and counted).
+MAX_MESSAGE = 128 * 1024
+# Bytes a sender may have queued towards one receiver before it drops.
+SEND_BUFFER = 8 * 1024 * 1024
+SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>; not in Python 3.11's socket
+_GONE = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
+
+
+class Inbox:
+    """The listening end: accepts every sender and reads whole messages.
+
+    ``handle`` gets each message (a memoryview valid during the call);
+    ``truncated`` is called for a message larger than MAX_MESSAGE.
+    """
+
+    def __init__(self, path: str, add_reader: Callable[[Any, Callable[[], None]], None],
+                 remove_reader: Callable[[Any], None], handle: Callable[[memoryview], None],
+                 truncated: Callable[[], None]) -> None:
+        self._add_reader, self._remove_reader = add_reader, remove_reader
+        self._handle, self._truncated = handle, truncated
+        self._buffer = bytearray(MAX_MESSAGE)
+        self._view = memoryview(self._buffer)
+        self._connections: dict[int, socket.socket] = {}
+        self._path = path
+        try:
+            os.unlink(path)  # left by a previous run of this actor
+        except FileNotFoundError:
+            pass
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
+                                       | socket.SOCK_CLOEXEC)
+        self._listener.bind(path)
+        self._listener.listen(64)
+        add_reader(self._listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. out of descriptors: the sender retries on its next batch
+                return
+            conn.setblocking(False)
+            self._connections[conn.fileno()] = conn
+            self._add_reader(conn.fileno(), lambda conn=conn: self._drain(conn))
+
+    def _drain(self, conn: socket.socket, budget: int = 64) -> None:
+        """Read what is ready (bounded, so other readers and control never starve)."""
+        for _ in range(budget):
+            try:
+                n, _, flags, _ = conn.recvmsg_into([self._buffer])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._close(conn)
+                return
+            if not n and not flags & socket.MSG_TRUNC:  # the sender went away
+                self._close(conn)
+                return
+            if flags & socket.MSG_TRUNC:
+                self._truncated()
+                continue
+            self._handle(self._view[:n])
+
+    def _close(self, conn: socket.socket) -> None:
+        self._remove_reader(conn.fileno())
+        self._connections.pop(conn.fileno(), None)
+        conn.close()
+
+    def close(self) -> None:
+        for conn in list(self._connections.values()):
+            self._close(conn)
+        self._remove_reader(self._listener.fileno())
+        self._listener.close()
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            pass
+
+
+class Outbox:
+    """Connections to other actors' inboxes. Sends never block: a batch that
+    finds the receiver gone or its queue full is dropped and counted."""
+
+    def __init__(self, path_of: Callable[[str], str]) -> None:
+        self._path_of = path_of
+        self._sockets: dict[str, socket.socket] = {}
+        self.dropped: Counter[str] = Counter()
+
+    def connect(self, names: list[str]) -> None:
+        """Connect ahead of the first batch, where the receivers already listen."""
+        for name in names:
+            self._socket(name)
+
+    def _socket(self, to: str) -> socket.socket | None:
+        sock = self._sockets.get(to)
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
+                                 | socket.SOCK_CLOEXEC)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
+            except OSError:  # without CAP_NET_ADMIN: what the system allows
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            try:
+                # A unix connect completes at once, or fails (not listening, backlog full).
+                sock.connect(self._path_of(to))
+            except OSError:
+                sock.close()
+                return None
+            self._sockets[to] = sock
+        return sock
+
+    def send(self, to: str, msg: Message) -> bool:
+        sock = self._socket(to)
+        if sock is None:
+            self.dropped[to] += 1
+            return False
+        try:
+            sock.send(encode(msg), socket.MSG_NOSIGNAL)
+            return True
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            if e.errno in _GONE:  # the receiver restarted: reconnect next time
+                del self._sockets[to]
+                sock.close()
+        self.dropped[to] += 1
+        return False
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()

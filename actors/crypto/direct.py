@@ -1,0 +1,148 @@
+"""A crypto worker's own ways in and out of the kernel, so the hot path has no hops.
+
+- A write-only queue of the multi-queue TUN (``Tun.open_writer``): what the
+  worker decrypts goes to the kernel at once, TCP runs coalesced, instead of
+  through tun-io. tun-io still reads every outgoing packet from the one
+  enabled queue, so outgoing order is the kernel's.
+- One UDP socket per peer the worker owns and knows an endpoint for, bound
+  to the listen port with SO_REUSEPORT and connected to that endpoint. The
+  kernel hands a datagram to the socket connected to its source before any
+  unconnected one, so a peer's traffic reaches its owner directly, and
+  magicsock's unconnected socket gets the rest (initiations from endpoints
+  not seen yet, peers whose worker is restarting). Datagrams leave from the
+  listen port, so peers see the node's endpoint unchanged.
+
+Each part may be missing (a kernel without multi-queue TUN, listen port 0,
+a refused bind): the worker then goes through tun-io or magicsock over the
+bus for it, and says so once. A crash closes the worker's descriptors: its
+peers' datagrams fall back to magicsock until the restarted worker connects
+again, and nothing else changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from actors.magicsock.udp import Endpoint, UdpSocket
+from actors.tunio.tun import Buffer, Tun
+
+Receive = Callable[[list[tuple[bytes, Endpoint]]], None]
+RECV_BATCH = 512
+
+
+class DirectPaths:
+    def __init__(self, log: Any, add_reader: Callable[[int, Callable[[], None]], None],
+                 remove_reader: Callable[[int], None], receive: Receive) -> None:
+        self.log = log
+        self._add_reader, self._remove_reader, self._receive = add_reader, remove_reader, receive
+        self.tun: Tun | None = None
+        self.interface = ""
+        self.port = 0
+        self.sockets: dict[Endpoint, UdpSocket] = {}  # by the endpoint each is connected to
+        self.peer_endpoints: dict[bytes, Endpoint] = {}  # owned peer -> endpoint with a socket
+        self.tun_dropped = 0
+        self._complaints: set[str] = set()
+
+    def configure(self, interface: str, port: int) -> None:
+        """Attach the TUN writer and take the listen port (sockets follow in ``set_endpoints``)."""
+        if interface != self.interface:
+            self.interface = interface
+            if self.tun is not None:
+                self.tun.close()
+                self.tun = None
+            try:
+                self.tun = Tun.open_writer(interface)
+            except (OSError, ValueError) as err:
+                self._once("tun", "no TUN write queue of our own; decrypted packets go through tun-io",
+                           reason=str(err))
+            else:
+                self.log.info("writing to the TUN directly", interface=interface, coalescing=self.tun.vnet_hdr)
+        if port != self.port:
+            self.port = port
+            self.set_endpoints({})
+            if port == 0:
+                self._once("udp", "listen port 0: datagrams go through magicsock")
+
+    def set_endpoints(self, endpoints: dict[bytes, Endpoint | None]) -> None:
+        """Keep one connected socket for each owned peer with an endpoint (and none for others)."""
+        wanted = {k: (str(e[0]), int(e[1])) for k, e in endpoints.items() if e is not None and self.port}
+        for key in set(self.peer_endpoints) - set(wanted):
+            self._close(self.peer_endpoints.pop(key))
+        for key, endpoint in wanted.items():
+            if self.peer_endpoints.get(key) == endpoint:
+                continue
+            if endpoint in self.sockets:
+                continue  # two peers configured with one endpoint: the first one's socket serves
+            old = self.peer_endpoints.pop(key, None)
+            sock = self.sockets.pop(old) if old is not None else None
+            if sock is None:
+                sock = self._bind()
+                if sock is None:
+                    continue
+            try:
+                sock.connect(endpoint)
+            except (OSError, ValueError) as err:
+                self.log.warning("cannot connect a socket to a peer; it goes through magicsock",
+                                 endpoint=f"{endpoint[0]}:{endpoint[1]}", reason=str(err))
+                self._remove_reader(sock.fileno())
+                sock.close()
+                continue
+            self.sockets[endpoint] = sock
+            self.peer_endpoints[key] = endpoint
+
+    def _bind(self) -> UdpSocket | None:
+        try:
+            sock = UdpSocket(self.port, reuse_port=True)
+        except OSError as err:
+            self._once("udp", "cannot share the listen port; datagrams go through magicsock",
+                       port=self.port, reason=err.strerror)
+            return None
+        # Until it is connected the socket may get anyone's datagram: the
+        # device hands back those of other workers' sessions (Output.foreign).
+        self._add_reader(sock.fileno(), lambda: self._receive(sock.recv_batch(RECV_BATCH)))
+        return sock
+
+    def _close(self, endpoint: Endpoint) -> None:
+        sock = self.sockets.pop(endpoint)
+        self._remove_reader(sock.fileno())
+        sock.close()
+
+    def write(self, packets: Sequence[Buffer]) -> bool:
+        """Packets to the kernel; False when there is no writer (use tun-io)."""
+        if self.tun is None:
+            return False
+        self.tun_dropped += self.tun.write_batch(packets)
+        return True
+
+    def send(self, endpoint: Endpoint, datagrams: list[tuple[Endpoint, bytes]]) -> bool:
+        """(endpoint, datagram) pairs to one peer; False when no socket is
+        connected to it (use magicsock)."""
+        sock = self.sockets.get(endpoint)
+        if sock is None:
+            return False
+        sock.send_batch(datagrams)
+        return True
+
+    def counters(self) -> dict[str, int]:
+        tun = self.tun.stats if self.tun is not None else None
+        udp = Counter[str]()
+        for sock in self.sockets.values():
+            udp.update(dataclasses.asdict(sock.stats))
+        return {"direct_tun": int(tun is not None), "direct_sockets": len(self.sockets),
+                "tun_writes": tun.tx_writes if tun else 0, "tun_coalesced": tun.tx_coalesced if tun else 0,
+                "tun_dropped": self.tun_dropped, **{f"udp_{k}": v for k, v in udp.items()}}
+
+    def close(self) -> None:
+        for endpoint in list(self.sockets):
+            self._close(endpoint)
+        self.peer_endpoints.clear()
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+
+    def _once(self, what: str, message: str, **fields: Any) -> None:
+        if what not in self._complaints:
+            self._complaints.add(what)
+            self.log.warning(message, **fields)
