@@ -210,12 +210,12 @@ def _peer(file: str, table: Any, index: int, base: Path) -> dict[str, Any]:
         "public_key": keys.b64(public),
         "preshared_key": keys.b64(psk) if psk else "",
         "allowed_ips": [parse_network(a) for a in c.strings("allowed_ips", parse_network)],
-        "endpoints": [_format_endpoint(*parse_endpoint(e)) for e in endpoints],
+        "endpoints": [format_endpoint(*parse_endpoint(e)) for e in endpoints],
         "persistent_keepalive": keepalive,
     }
 
 
-def _format_endpoint(host: str, port: int) -> str:
+def format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -352,7 +352,7 @@ def load_wg_quick(path: str | os.PathLike[str], state_dir: Path) -> Config:
     for server in dns_servers:
         try:
             ipaddress.ip_address(server)
-            upstreams.append(f"udp://{_format_endpoint(server, 53)}")
+            upstreams.append(f"udp://{format_endpoint(server, 53)}")
         except ValueError:
             pass  # wg-quick treats non-addresses as search domains; the mesh domain covers ours
     if upstreams:
