@@ -33,6 +33,10 @@ def test_wg_show_agrees_with_wireguard_go(underlay, tmp_path) -> None:
     assert f"peer: {b.public}" in shown and f"endpoint: {b.endpoint}" in shown
     assert "latest handshake:" in shown and "transfer:" in shown
 
+    table = node_a.cli("status").stdout.splitlines()
+    (row,) = [line for line in table if line.startswith("bravo ")]
+    assert b.endpoint in row and "MiB" in row and row.endswith(" s ago"), row
+
     ours = dump(ns_a, node_a.iface)[b.public]
     theirs = dump(ns_b, wg_b.iface)[a.public]
     # public-key preshared-key endpoint allowed-ips latest-handshake rx tx keepalive
