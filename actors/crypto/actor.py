@@ -2,8 +2,8 @@
 
 Peers are sharded by public key (actors.crypto.shard): this worker owns the
 sessions of its peers only. An initiation can reach any worker (magicsock
-cannot tell whose it is without a DH); a worker that is not the owner
-identifies the initiator and hands the datagram to the owner.
+cannot tell whose it is without a DH); the device checks it (cookies first,
+under load) and names the owner, and this worker hands the datagram on.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import ipaddress
 import os
 import time
 from collections import defaultdict
+from functools import partial
 from typing import Any
 
 from actors.base import Actor, ConfigError
@@ -19,7 +20,6 @@ from actors.bus import batch
 from actors.bus.codec import Message
 from actors.bus.messages import DatagramBatch, PacketBatch
 from actors.crypto.device import Device, Output
-from actors.crypto.messages import INITIATION_SIZE, MESSAGE_INITIATION
 from actors.crypto.peer import PeerConfig
 from actors.crypto.shard import owner
 from actors.crypto.timers import Timing
@@ -32,7 +32,9 @@ def test_timing() -> Timing:
     spec = os.environ.get(TIMING_ENV, "")
     if not spec or os.environ.get("MESHSUP_TEST_FAULTS") != "1":
         return Timing()
-    return Timing(**{k: float(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+    default = Timing()
+    # Each value takes the type of its default: message counts stay integers (they slice batches).
+    return Timing(**{k: type(getattr(default, k))(float(v)) for k, v in (kv.split("=") for kv in spec.split(","))})
 
 
 def peer_config(p: dict[str, Any]) -> PeerConfig:
@@ -71,7 +73,8 @@ class CryptoActor(Actor):
         if key != self.device_key:
             # A new key or shard map invalidates every session: start clean.
             self.device = Device(base64.b64decode(node["private_key"]), worker=self.index,
-                                 workers=workers, timing=test_timing(), mtu=node["mtu"])
+                                 workers=workers, timing=test_timing(), mtu=node["mtu"],
+                                 owner_of=partial(owner, workers=workers))
             self.device_key, self.peers = key, {}
         assert self.device is not None
         self.outbox.connect(["tun-io", "magicsock", *(f"crypto-{w}" for w in range(workers))])
@@ -102,35 +105,19 @@ class CryptoActor(Actor):
             self.emit(self.device.send(packets, now))
         else:
             endpoint = (msg.host, msg.port)
-            mine = self._keep_own_initiations(packets, msg)
-            self.emit(self.device.receive([(d, endpoint) for d in mine], now))
-
-    def _keep_own_initiations(self, packets: list[bytes], msg: DatagramBatch) -> list[bytes]:
-        workers = self.device_key[1] if self.device_key else 1
-        if workers == 1:
-            return packets
-        mine, theirs = [], defaultdict(list)
-        for d in packets:
-            if len(d) == INITIATION_SIZE and d[0] == MESSAGE_INITIATION:
-                initiator = self.device.identify_initiator(d)
-                if initiator is not None and (w := owner(initiator, workers)) != self.index:
-                    theirs[w].append(d)
-                    continue
-            mine.append(d)
-        for w, ds in theirs.items():
-            self.forwarded += len(ds)
-            self.outbox.send(f"crypto-{w}", DatagramBatch(host=msg.host, port=msg.port, packets=batch.pack(ds)))
-        return mine
+            self.emit(self.device.receive([(d, endpoint) for d in packets], now))
 
     def emit(self, out: Output) -> None:
         if out.packets:
             self.outbox.send("tun-io", PacketBatch(seq=0, packets=batch.pack(out.packets)))
-        if out.datagrams:
-            by_endpoint: dict[tuple[str, int], list[bytes]] = defaultdict(list)
-            for endpoint, d in out.datagrams:
-                by_endpoint[(endpoint[0], endpoint[1])].append(d)
-            for (host, port), ds in by_endpoint.items():
-                self.outbox.send("magicsock", DatagramBatch(host=host, port=port, packets=batch.pack(ds)))
+        groups: dict[tuple[str, str, int], list[bytes]] = defaultdict(list)
+        for endpoint, d in out.datagrams:
+            groups[("magicsock", endpoint[0], endpoint[1])].append(d)
+        for worker, endpoint, d in out.forwards:  # initiations whose peer another worker owns
+            groups[(f"crypto-{worker}", endpoint[0], endpoint[1])].append(d)
+        self.forwarded += len(out.forwards)
+        for (to, host, port), ds in groups.items():
+            self.outbox.send(to, DatagramBatch(host=host, port=port, packets=batch.pack(ds)))
 
     def tick(self, now: float) -> None:
         if self.device is not None and now >= self.next_tick:
@@ -140,5 +127,6 @@ class CryptoActor(Actor):
     def status(self) -> dict[str, Any]:
         if self.device is None:
             return {}
-        return {"peers": self.device.status(), "counters": dict(self.device.counters),
-                "forwarded_initiations": self.forwarded}
+        return {"peers": self.device.status(),
+                "counters": {**self.device.counters, "handshakes": self.device.handshakes,
+                             "forwarded_initiations": self.forwarded}}
