@@ -38,7 +38,7 @@ class Actor:
     def __init__(self, name: str, runtime: Runtime) -> None:
         self.name = name
         self.runtime = runtime
-        self.log = setup(name)
+        self.log = setup(name, runtime)
         self.ctx = zmq.Context()
         self.bus_dropped: Counter[str] = Counter()
         self._ratelimit = RateLimited()

@@ -106,7 +106,7 @@ def start(args: argparse.Namespace) -> int:
     if _running_pid(runtime):
         print(f"meshsup: a node is already running with state dir {state_dir}", file=sys.stderr)
         return 1
-    log = setup("supervisor")
+    log = setup("supervisor", runtime)
     print(peer_stanza(conf), flush=True)
     sup = Supervisor(conf, runtime, lambda: load_config(args, state_dir), log)
     code = sup.run()

@@ -267,24 +267,16 @@ def _default_dns(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_sections(file: str, conf: Config) -> None:
-    """[dns] and [netlog] are checked by the actors' own parsers, so both agree."""
+    """[dns], [netlog] and [logging] are checked by the actors' own parsers, so both agree."""
     from actors.dns.actor import dns_settings
-    from actors.netlog.collectors import parse_collectors
+    from actors.netlog.settings import netlog_settings
 
-    try:
-        dns_settings(conf)
-    except ValueError as err:
-        key, _, problem = str(err).partition(": ")
-        raise ConfigError(file, key if problem else "dns", problem or key) from None
-    netlog = _Checker(file, conf["netlog"], "netlog", {"interval", "collectors", "anonymize_exit"})
-    interval = netlog.get("interval", (int, float), 5)
-    if interval <= 0:
-        raise netlog.fail("interval", "must be more than 0 seconds")
-    try:
-        parse_collectors(netlog.get("collectors", list, []), Path(file).parent if file[0] != "(" else None)
-    except ValueError as err:
-        key, _, problem = str(err).partition(": ")
-        raise ConfigError(file, key if problem else "netlog.collectors", problem or key) from None
+    for check, section in ((dns_settings, "dns"), (netlog_settings, "netlog")):
+        try:
+            check(conf)
+        except ValueError as err:
+            key, _, problem = str(err).partition(": ")
+            raise ConfigError(file, key if problem else section, problem or key) from None
 
 
 # --- wg-quick --------------------------------------------------------------

@@ -17,6 +17,8 @@ from actors.bus.codec import Message
 from actors.bus.messages import DatagramBatch
 from actors.magicsock.classify import MessageType, classify, receiver_index
 from actors.magicsock.udp import UdpSocket
+from actors.netlog.counting import UNDERLAY
+from actors.netlog.feed import FlowFeed
 
 RECV_BATCH = 512
 
@@ -29,9 +31,11 @@ class MagicsockActor(Actor):
         self.sock: UdpSocket | None = None
         self.workers = 1
         self.counters: Counter[str] = Counter()
+        self.flows = FlowFeed(self, UNDERLAY)
 
     def configure(self, config: dict[str, Any]) -> None:
         super().configure(config)
+        self.flows.configure(config)
         port = config["node"]["listen_port"]
         self.workers = config["actors"]["crypto"]
         self.outbox.connect([f"crypto-{w}" for w in range(self.workers)])
@@ -63,9 +67,12 @@ class MagicsockActor(Actor):
                 worker = (receiver_index(data) or 0) % self.workers
             groups[(worker, host, port)].append(data)
         for (worker, host, port), ds in groups.items():
+            self.flows.rx.add((host, port), len(ds), sum(map(len, ds)))
             self.outbox.send(f"crypto-{worker}", DatagramBatch(host=host, port=port, packets=batch.pack(ds)))
 
     def on_message(self, msg: Message) -> None:
+        if self.flows.take(msg):
+            return
         if not isinstance(msg, DatagramBatch):
             return super().on_message(msg)
         if self.sock is None:
@@ -76,6 +83,7 @@ class MagicsockActor(Actor):
             return
         endpoint = (msg.host, msg.port)
         self.counters["tx_datagrams"] += len(packets)
+        self.flows.tx.add(endpoint, len(packets), sum(map(len, packets)))
         self.counters["tx_dropped"] += self.sock.send_batch([(endpoint, p) for p in packets])
 
     def status(self) -> dict[str, Any]:
@@ -84,6 +92,10 @@ class MagicsockActor(Actor):
             info.update(port=self.sock.port, gso=self.sock.gso, gro=self.sock.gro)
         return info
 
+    def tick(self, now: float) -> None:
+        self.flows.tick(now)
+
     def close(self) -> None:
+        self.flows.close()
         if self.sock is not None:
             self.sock.close()
