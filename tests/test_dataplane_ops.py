@@ -126,7 +126,9 @@ def test_rekey_with_real_timers_during_long_transfer(underlay, tmp_path) -> None
     assert ping(bravo.ns, alpha.ident.v4)  # wireguard-go initiates: its REKEY_AFTER_TIME (120 s) runs
     first = wg_latest_handshake(bravo.run)
     before = handshakes(alpha.run)
-    assert_no_stall(iperf3(alpha.ns, bravo.ns, bravo.ident.v4, seconds=130))
+    # Paced: this test is about the rekey, and an unpaced transfer on a loaded 2-core machine
+    # stalls on the receiver's socket-buffer drops instead.
+    assert_no_stall(iperf3(alpha.ns, bravo.ns, bravo.ident.v4, seconds=130, extra=("-b", "50M")))
     assert wg_latest_handshake(bravo.run) >= first + 120, "wireguard-go did not rekey"
     assert handshakes(alpha.run) > before
     assert ping(alpha.ns, bravo.ident.v4) and ping(bravo.ns, alpha.ident.v4)

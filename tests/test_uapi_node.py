@@ -23,9 +23,9 @@ def dump(ns, iface: str) -> dict[str, list[str]]:
 def test_wg_show_agrees_with_wireguard_go(underlay, tmp_path) -> None:
     (ns_a, a, node_a), (ns_b, b, wg_b) = pair(underlay, tmp_path, "wireguard-go")
     assert ping(ns_a, b.v4)
-    # Paced, so the receiver's socket buffer never overflows: then what one side sent is what
-    # the other received (at full speed the kernel's drops at the receiver would be the gap).
-    r = iperf3(ns_a, ns_b, b.v4, seconds=3, extra=("-b", "80M"))
+    # Paced, so the receiver's socket buffer rarely overflows: what one side sent is what the
+    # other received, less what the receiving kernel dropped (counted, and allowed for below).
+    r = iperf3(ns_a, ns_b, b.v4, seconds=3, extra=("-b", "40M"))
     assert "error" not in r, r["error"]
     time.sleep(1.0)  # counters reach the supervisor with the workers' heartbeats
 
@@ -46,7 +46,8 @@ def test_wg_show_agrees_with_wireguard_go(underlay, tmp_path) -> None:
     sent, received = int(ours[6]), int(ours[5])
     assert sent > r["end"]["sum_sent"]["bytes"]
     # Each side counts whole datagrams.
-    assert abs(sent - int(theirs[5])) <= 0.03 * sent, (sent, theirs[5])
+    dropped = int(ns_b.run("nstat", "-az", "UdpRcvbufErrors").stdout.split()[-2])
+    assert 0 <= sent - int(theirs[5]) <= 0.01 * sent + dropped * (1420 + 32), (sent, theirs[5], dropped)
     assert abs(received - int(theirs[6])) <= 0.03 * received + 2000, (received, theirs[6])
 
 
