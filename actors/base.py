@@ -37,7 +37,7 @@ class Actor:
     def __init__(self, name: str, runtime: Runtime) -> None:
         self.name = name
         self.runtime = runtime
-        self.log = setup(name)
+        self.log = setup(name, runtime)
         self.ctx = zmq.Context()
         self.bus_dropped: Counter[str] = Counter()
         self._ratelimit = RateLimited()
@@ -82,11 +82,12 @@ class Actor:
 
     # --- helpers for subclasses -----------------------------------------
     def add_reader(self, sock_or_fd: Any, handler: Callable[[], None]) -> None:
-        self._readers[sock_or_fd] = handler
+        """A ZeroMQ socket, an fd, or anything with fileno() (kept as its fd: the poller reports fds)."""
+        self._readers[_pollable(sock_or_fd)] = handler
         self._poller_stale = True
 
     def remove_reader(self, sock_or_fd: Any) -> None:
-        if self._readers.pop(sock_or_fd, None) is not None:
+        if self._readers.pop(_pollable(sock_or_fd), None) is not None:
             self._poller_stale = True
 
     def subscribe(self, *tags: str) -> None:
@@ -236,3 +237,7 @@ def crash_on_start_requested(kind: str) -> bool:
 def exit_now(code: int) -> None:
     sys.stderr.flush()
     os._exit(code)
+
+
+def _pollable(thing: Any) -> Any:
+    return thing if isinstance(thing, (zmq.Socket, int)) else thing.fileno()

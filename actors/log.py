@@ -3,15 +3,24 @@
 JSON lines when stdout is not a terminal, readable lines on a terminal;
 every line carries the actor's name and PID. Keys that hold secrets are
 masked whatever their value, so a careless log call cannot leak a key.
+Every event is also pushed to the node's netlog actor, which ships it to
+the [logging] collectors.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 import structlog
+import zmq
+
+from actors.bus.codec import encode
+from actors.bus.endpoints import Runtime
+from actors.bus.messages import LogLine
 
 SECRET_KEYS = frozenset({"private_key", "preshared_key", "psk", "secret", "key_material"})
 
@@ -22,8 +31,46 @@ def _mask_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
-def setup(actor: str) -> structlog.stdlib.BoundLogger:
+class LogPush:
+    """A structlog processor pushing each event to netlog's log socket, never blocking.
+
+    Events wait in the socket's queue while netlog is not there yet (the
+    supervisor logs before netlog starts); when the queue is full they are
+    dropped and counted, and the gap in the sequence numbers tells netlog.
+    """
+
+    HWM = 1000
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PUSH)
+        self.sock.setsockopt(zmq.SNDHWM, self.HWM)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(log_endpoint(runtime))
+        self.seq = 0
+        self.dropped = 0
+        self._lock = threading.Lock()  # the DNS actor logs from its asyncio thread too
+
+    def __call__(self, _: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+        frame = json.dumps(event, default=repr)
+        with self._lock:
+            try:
+                self.sock.send(encode(LogLine(seq=self.seq, line=frame)), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.dropped += 1
+            self.seq += 1
+        return event
+
+
+def log_endpoint(runtime: Runtime) -> str:
+    """netlog's PULL socket for the log events of every process of the node."""
+    return f"ipc://{runtime.dir / 'logs.sock'}"
+
+
+def setup(actor: str, runtime: Runtime | None = None) -> structlog.stdlib.BoundLogger:
+    """Configure logging for this process; events are also pushed to the netlog of `runtime`'s node."""
     pid = os.getpid()
+    shipping: list[Any] = [LogPush(runtime)] if runtime is not None else []
 
     def _identity(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
         event.setdefault("actor", actor)
@@ -41,6 +88,7 @@ def setup(actor: str) -> structlog.stdlib.BoundLogger:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _identity,
             _mask_secrets,
+            *shipping,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     scale.add_argument("kind")
     scale.add_argument("count", type=int)
     cmd("stop", "stop the node (also SIGTERM)")
+    ping = cmd("ping", "ICMP echo to a peer through the tunnel")
+    ping.add_argument("target", metavar="PEER|IP")
+    ping.add_argument("--type", choices=["icmp", "disco", "tsmp"], default="icmp")
+    ping.add_argument("-c", dest="count", type=int, default=4, help="requests to send (default 4)")
+    ping.add_argument("-i", dest="interval", type=float, default=1.0, help="seconds apart (default 1)")
+    ping.add_argument("-W", dest="wait", type=float, default=2.0, help="seconds to wait at the end (default 2)")
+    demo = sub.add_parser("demo", help="a small mesh in network namespaces, end to end (needs root)")
+    demo.add_argument("--seconds", type=int, default=3, help="iperf3 seconds per pair (default 3)")
     fault = cmd("fault", argparse.SUPPRESS)  # test-only; refused unless MESHSUP_TEST_FAULTS=1
     fault.add_argument("actor")
     fault.add_argument("mode")
@@ -97,7 +106,7 @@ def start(args: argparse.Namespace) -> int:
     if _running_pid(runtime):
         print(f"meshsup: a node is already running with state dir {state_dir}", file=sys.stderr)
         return 1
-    log = setup("supervisor")
+    log = setup("supervisor", runtime)
     print(peer_stanza(conf), flush=True)
     sup = Supervisor(conf, runtime, lambda: load_config(args, state_dir), log)
     code = sup.run()
@@ -126,14 +135,38 @@ def _print_status(result: dict[str, Any]) -> None:
     if result["peers"]:
         print(f"\n{'PEER':<16} {'ENDPOINT':<24} {'RX':>12} {'TX':>12}  HANDSHAKE")
         for p in result["peers"]:
-            print(f"{p['name']:<16} {p['endpoint'] or '-':<24} {p['rx_bytes']:>12} {p['tx_bytes']:>12}  "
-                  f"{p['last_handshake'] or 'never'}")
+            print(f"{p['name']:<16} {p['endpoint'] or '-':<24} {_size(p['rx_bytes']):>12} "
+                  f"{_size(p['tx_bytes']):>12}  {_ago(p['last_handshake'], time.time())}")
+
+
+def _size(n: float) -> str:
+    """Bytes as `wg show` prints transfer: B, KiB, MiB, GiB."""
+    units, i = ("B", "KiB", "MiB", "GiB"), 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.2f} {units[i]}"
+
+
+def _ago(then: float, now: float) -> str:
+    if not then:
+        return "never"
+    seconds = max(0, int(now - then))
+    minutes, s = divmod(seconds, 60)
+    return f"{minutes} min {s} s ago" if minutes else f"{s} s ago"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "start":
         return start(args)
+    if args.command == "ping":
+        from supervisor.ping import refusal
+        if why := refusal(args):
+            print(f"meshsup: ping: {why}", file=sys.stderr)
+            return 2
+    if args.command == "demo":
+        from supervisor.demo import run as demo
+        return demo(args.seconds)
     runtime = Runtime(args.state_dir)
     request: dict[str, Any] = {}
     if args.command == "scale":
@@ -141,13 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "fault":
         request = {"actor": args.actor, "mode": args.mode}
     try:
-        reply = call(runtime, args.command, request)
+        reply = call(runtime, "status" if args.command == "ping" else args.command, request)
     except NotRunning as err:
         print(f"meshsup: {err}", file=sys.stderr)
         return 1
     if not reply.ok:
         print(f"meshsup: {args.command}: {reply.error}", file=sys.stderr)
         return 1
+    if args.command == "ping":
+        from supervisor.ping import run as ping
+        return ping(args, reply.result)
     if args.command == "status":
         if args.json:
             print(json.dumps(reply.result, indent=2))

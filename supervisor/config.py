@@ -210,12 +210,12 @@ def _peer(file: str, table: Any, index: int, base: Path) -> dict[str, Any]:
         "public_key": keys.b64(public),
         "preshared_key": keys.b64(psk) if psk else "",
         "allowed_ips": [parse_network(a) for a in c.strings("allowed_ips", parse_network)],
-        "endpoints": [_format_endpoint(*parse_endpoint(e)) for e in endpoints],
+        "endpoints": [format_endpoint(*parse_endpoint(e)) for e in endpoints],
         "persistent_keepalive": keepalive,
     }
 
 
-def _format_endpoint(host: str, port: int) -> str:
+def format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -267,24 +267,16 @@ def _default_dns(node: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_sections(file: str, conf: Config) -> None:
-    """[dns] and [netlog] are checked by the actors' own parsers, so both agree."""
+    """[dns], [netlog] and [logging] are checked by the actors' own parsers, so both agree."""
     from actors.dns.actor import dns_settings
-    from actors.netlog.collectors import parse_collectors
+    from actors.netlog.settings import netlog_settings
 
-    try:
-        dns_settings(conf)
-    except ValueError as err:
-        key, _, problem = str(err).partition(": ")
-        raise ConfigError(file, key if problem else "dns", problem or key) from None
-    netlog = _Checker(file, conf["netlog"], "netlog", {"interval", "collectors", "anonymize_exit"})
-    interval = netlog.get("interval", (int, float), 5)
-    if interval <= 0:
-        raise netlog.fail("interval", "must be more than 0 seconds")
-    try:
-        parse_collectors(netlog.get("collectors", list, []), Path(file).parent if file[0] != "(" else None)
-    except ValueError as err:
-        key, _, problem = str(err).partition(": ")
-        raise ConfigError(file, key if problem else "netlog.collectors", problem or key) from None
+    for check, section in ((dns_settings, "dns"), (netlog_settings, "netlog")):
+        try:
+            check(conf)
+        except ValueError as err:
+            key, _, problem = str(err).partition(": ")
+            raise ConfigError(file, key if problem else section, problem or key) from None
 
 
 # --- wg-quick --------------------------------------------------------------
@@ -352,7 +344,7 @@ def load_wg_quick(path: str | os.PathLike[str], state_dir: Path) -> Config:
     for server in dns_servers:
         try:
             ipaddress.ip_address(server)
-            upstreams.append(f"udp://{_format_endpoint(server, 53)}")
+            upstreams.append(f"udp://{format_endpoint(server, 53)}")
         except ValueError:
             pass  # wg-quick treats non-addresses as search domains; the mesh domain covers ours
     if upstreams:

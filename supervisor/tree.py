@@ -6,6 +6,7 @@ handled here in turn, so the supervisor needs no locks either.
 """
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import signal
@@ -24,6 +25,9 @@ from actors.log import RateLimited
 from actors.registry import PRELOAD, SCALABLE, START_ORDER, actor_name, run_actor
 from supervisor import sdnotify
 from supervisor.config import Config
+from supervisor.uapi import GetRequest, SetRequest, UapiError, serialize_errno, serialize_get
+from supervisor.uapi_server import InUse, UapiServer
+from supervisor.wgapi import apply_set, device_state
 
 HANG_TIMEOUT = 2.0        # no heartbeat for this long: the actor is hung
 START_TIMEOUT = 10.0      # hello + configured within this, or the start failed
@@ -90,6 +94,7 @@ class Supervisor:
         self.xsub = self._bind(zmq.XSUB, runtime.events_in)
         self.xpub = self._bind(zmq.XPUB, runtime.events_out)
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.uapi: UapiServer | None = None
 
     def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
         s = self.ctx.socket(kind)
@@ -109,6 +114,13 @@ class Supervisor:
 
     def run(self) -> int:
         self.runtime.pidfile.write_text(str(os.getpid()))
+        try:
+            self.uapi = UapiServer(self.config["node"]["interface"], self.on_uapi)
+        except (InUse, OSError) as err:
+            self.failure = f"cannot serve the WireGuard API socket: {err}"
+            self.log.error("node failed", reason=self.failure)
+            self.close()
+            return 1
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)
         signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False)
@@ -141,6 +153,12 @@ class Supervisor:
                      if a.process is not None}
         for fd in sentinels:
             poller.register(fd, zmq.POLLIN)
+        uapi_fds: set[int] = set()
+        if self.uapi is not None:
+            readers, writers = set(self.uapi.fds()), set(self.uapi.want_write())
+            uapi_fds = readers | writers
+            for fd in uapi_fds:
+                poller.register(fd, (zmq.POLLIN if fd in readers else 0) | (zmq.POLLOUT if fd in writers else 0))
         for sock, _ in poller.poll(timeout * 1000):
             if sock is self.control:
                 self._drain_control()
@@ -154,6 +172,8 @@ class Supervisor:
                 self._on_signals()
             elif sock in sentinels:
                 self._on_exit(sentinels[sock])
+            elif sock in uapi_fds and self.uapi is not None:
+                self.uapi.on_ready(sock)
 
     @staticmethod
     def _forward(src: zmq.Socket, dst: zmq.Socket) -> None:
@@ -351,6 +371,13 @@ class Supervisor:
         next_step()
 
     def reconfigure(self, new: Config, finished: Callable[[list[str]], None]) -> None:
+        if self.uapi is not None and new["node"]["interface"] != self.config["node"]["interface"]:
+            self.uapi.close()
+            try:
+                self.uapi = UapiServer(new["node"]["interface"], self.on_uapi)
+            except (InUse, OSError) as err:
+                self.uapi = None
+                self.log.error("cannot serve the WireGuard API socket", error=str(err))
         self.config = new
         self.generation += 1
         gen = self.generation
@@ -451,6 +478,22 @@ class Supervisor:
         self.reconfigure(new, lambda errors: reply(not errors, "; ".join(errors),
                                                    {"changed": True, "generation": self.generation}))
 
+    def on_uapi(self, request: GetRequest | SetRequest, respond: Callable[[bytes], None]) -> None:
+        """`wg show` and `wg set`: a set is a config change applied like a reload."""
+        if isinstance(request, GetRequest):
+            respond(serialize_get(device_state(self.config, self.live_peers())))
+            return
+        new = apply_set(self.config, request)
+        if isinstance(new, UapiError):
+            self.log.warning("wg set refused", error=new.message)
+            respond(serialize_errno(new))
+        elif new == self.config:
+            respond(serialize_errno(None))
+        else:
+            self.log.info("applying wg set")
+            self.reconfigure(new, lambda errors: respond(serialize_errno(
+                UapiError(errno.EIO, "; ".join(errors)) if errors else None)))
+
     def _on_signals(self) -> None:
         try:
             data = os.read(self.signal_r, 64)
@@ -479,10 +522,14 @@ class Supervisor:
             "supervisor": {"bus_dropped": self.bus_dropped},
         }
 
+    def live_peers(self) -> dict[str, dict[str, Any]]:
+        """Public key -> the live figures its owning crypto worker last reported."""
+        return {p["public_key"]: p for a in self.actors.values() if a.kind == "crypto"
+                for p in a.status.get("peers", [])}
+
     def peer_status(self) -> list[dict[str, Any]]:
         """Configured peers, with the live figures their owning crypto worker reports."""
-        live = {p["public_key"]: p for a in self.actors.values() if a.kind == "crypto"
-                for p in a.status.get("peers", [])}
+        live = self.live_peers()
         out = []
         for p in self.config["peers"]:
             seen = live.get(p["public_key"], {})
@@ -520,6 +567,8 @@ class Supervisor:
         self.close()
 
     def close(self) -> None:
+        if self.uapi is not None:
+            self.uapi.close()
         self.ctx.destroy(linger=0)
         os.close(self.signal_r)
         os.close(self.signal_w)

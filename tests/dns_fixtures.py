@@ -4,16 +4,24 @@ Every helper binds to a random 127.x.y.z address (so parallel tests never
 meet), keeps its config, pid and log files in the test's tmp dir, runs in the
 foreground and is stopped by its own PID. Nothing here reads the system's
 resolver configuration or touches port 53 of a real address.
+
+Given a network namespace (``ns=``), a helper runs its daemon there (through
+``ip netns exec``) and makes its own sockets there, so a node running in that
+namespace can use it and test traffic never leaves it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import json
+import os
 import random
 import re
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -22,12 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dns.flags
 import dns.message
 import dns.rcode
 import dns.rrset
 
 from actors.dns.server import DnsServer, serve
 from actors.dns.settings import DnsSettings
+from tests.nodes import Netns
+from tests.topology import Identity, meshsup_config
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def need_tool(*names: str) -> None:
@@ -43,13 +57,45 @@ def loopback_address() -> str:
     return f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
 
 
-def free_port(host: str) -> int:
+def in_netns(ns: Netns | None, make: Callable[[], Any]) -> Any:
+    """make() run inside ns: on a thread that joins the namespace (setns
+    changes only the calling thread), so the sockets it makes live there."""
+    if ns is None:
+        return make()
+    result: list[Any] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/run/netns/{ns.name}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {ns.name}")
+            finally:
+                os.close(fd)
+            result.append(make())
+        except BaseException as exc:  # handed to the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def make_socket(kind: socket.SocketKind, ns: Netns | None = None, family: int = socket.AF_INET) -> socket.socket:
+    return in_netns(ns, lambda: socket.socket(family, kind))
+
+
+def free_port(host: str, ns: Netns | None = None) -> int:
     """A port free for both UDP and TCP on host."""
     for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        with make_socket(socket.SOCK_STREAM, ns) as tcp:
             tcp.bind((host, 0))
             port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            with make_socket(socket.SOCK_DGRAM, ns) as udp:
                 try:
                     udp.bind((host, port))
                 except OSError:
@@ -58,9 +104,9 @@ def free_port(host: str) -> int:
     raise RuntimeError("no free port")
 
 
-def endpoint() -> tuple[str, int]:
+def endpoint(ns: Netns | None = None) -> tuple[str, int]:
     host = loopback_address()
-    return host, free_port(host)
+    return host, free_port(host, ns)
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
@@ -72,9 +118,9 @@ def wait_until(check: Callable[[], bool], timeout: float = 5.0, what: str = "con
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def udp_exchange(host: str, port: int, wire: bytes, timeout: float = 2.0) -> bytes | None:
+def udp_exchange(host: str, port: int, wire: bytes, timeout: float = 2.0, ns: Netns | None = None) -> bytes | None:
     """Send one datagram, return the answer or None when nothing comes back."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+    with make_socket(socket.SOCK_DGRAM, ns) as sock:
         sock.settimeout(timeout)
         sock.sendto(wire, (host, port))
         try:
@@ -83,18 +129,20 @@ def udp_exchange(host: str, port: int, wire: bytes, timeout: float = 2.0) -> byt
             return None
 
 
-def answers_dns(host: str, port: int) -> bool:
+def answers_dns(host: str, port: int, ns: Netns | None = None) -> bool:
     wire = dns.message.make_query("probe.invalid", "A").to_wire()
-    return udp_exchange(host, port, wire, timeout=0.2) is not None
+    return udp_exchange(host, port, wire, timeout=0.2, ns=ns) is not None
 
 
 class Process:
-    """A foreground daemon, stopped by its own PID."""
+    """A foreground daemon (in ns, if given), stopped by its own PID."""
 
-    def __init__(self, argv: Sequence[str], log: Path) -> None:
+    def __init__(self, argv: Sequence[str], log: Path, ns: Netns | None = None) -> None:
         self.argv = list(argv)
         self._out = open(log.with_suffix(".out"), "wb")
-        self.popen = subprocess.Popen(self.argv, stdout=self._out, stderr=subprocess.STDOUT)
+        prefix = ["ip", "netns", "exec", ns.name] if ns else []
+        # ip netns exec execs the daemon in place, so the PID is the daemon's own.
+        self.popen = subprocess.Popen([*prefix, *self.argv], stdout=self._out, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -140,20 +188,32 @@ class Dnsmasq:
         self.process.stop()
 
 
-def start_dnsmasq(tmp: Path, records: Sequence[str], *, ttl: int = 60, name: str = "dnsmasq") -> Dnsmasq:
-    """dnsmasq answering only from its arguments (e.g. '--address=/x.test/203.0.113.7')."""
+def start_dnsmasq(
+    tmp: Path,
+    records: Sequence[str],
+    *,
+    ttl: int = 60,
+    name: str = "dnsmasq",
+    ns: Netns | None = None,
+    log_queries: bool = True,
+    cache_size: int = 0,
+) -> Dnsmasq:
+    """dnsmasq answering from its arguments (e.g. '--address=/x.test/203.0.113.7'
+    or '--server=127.0.0.9'); names under .test never go further."""
     need_tool("dnsmasq")
-    host, port = endpoint()
+    host, port = endpoint(ns)
     log = tmp / f"{name}.log"
     argv = [
         "dnsmasq", "--keep-in-foreground", "--no-daemon", "--conf-file=/dev/null",
         f"--port={port}", f"--listen-address={host}", "--bind-interfaces",
         "--no-resolv", "--no-hosts", "--no-poll", f"--pid-file={tmp / (name + '.pid')}",
-        "--user=root", "--group=root", "--log-queries", f"--log-facility={log}",
-        "--cache-size=0", f"--local-ttl={ttl}", "--local=/test/", *records,
+        "--user=root", "--group=root", f"--log-facility={log}",
+        f"--cache-size={cache_size}", f"--local-ttl={ttl}", "--local=/test/", *records,
     ]  # fmt: skip
-    process = Process(argv, log)
-    process.wait_ready(lambda: answers_dns(host, port), what=f"dnsmasq on {host}:{port}")
+    if log_queries:
+        argv.append("--log-queries")
+    process = Process(argv, log, ns)
+    process.wait_ready(lambda: answers_dns(host, port, ns), what=f"dnsmasq on {host}:{port}")
     return Dnsmasq(host, port, log, process)
 
 
@@ -278,12 +338,13 @@ class StubUpstream:
     address: str = "203.0.113.50"
     delay: float = 0.0
     ttl: int = 60
+    ns: Netns | None = None
     questions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._udp = make_socket(socket.SOCK_DGRAM, self.ns)
         self._udp.bind((self.host, self.port))
-        self._tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._tcp = make_socket(socket.SOCK_STREAM, self.ns)
         self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._tcp.bind((self.host, self.port))
         self._tcp.listen(16)
@@ -339,9 +400,9 @@ class StubUpstream:
         self._tcp.close()
 
 
-def start_stub(**kwargs: Any) -> StubUpstream:
-    host, port = endpoint()
-    return StubUpstream(host, port, **kwargs)
+def start_stub(ns: Netns | None = None, **kwargs: Any) -> StubUpstream:
+    host, port = endpoint(ns)
+    return StubUpstream(host, port, ns=ns, **kwargs)
 
 
 class ServerThread:
@@ -407,11 +468,12 @@ class DigResult:
         return [" ".join(r[4:]) for r in getattr(self, section) if r[3] == rdtype]
 
 
-def dig(host: str, port: int, name: str, qtype: str = "A", *options: str) -> DigResult:
-    """Ask with the real dig and parse its answer."""
+def dig(host: str, port: int, name: str, qtype: str = "A", *options: str, ns: Netns | None = None) -> DigResult:
+    """Ask with the real dig (inside ns, if given) and parse its answer."""
     need_tool("dig")
     argv = ["dig", f"@{host}", "-p", str(port), name, qtype, "+time=3", "+tries=1", "+nocookie", *options]
-    text = subprocess.run(argv, capture_output=True, text=True, timeout=15).stdout
+    prefix = ["ip", "netns", "exec", ns.name] if ns else []
+    text = subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=15).stdout
     header = re.search(r"status: (\w+)", text)
     flags = re.search(r";; flags:([^;]*);", text)
     sections: dict[str, list[list[str]]] = {"answer": [], "authority": [], "additional": []}
@@ -430,3 +492,57 @@ def dig(host: str, port: int, name: str, qtype: str = "A", *options: str) -> Dig
         text=text,
         **sections,
     )
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for the plain values a [dns] table holds."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def node_config(tmp: Path, me: Identity, peers: list[Identity], dns_table: dict[str, Any]) -> Path:
+    """A node config (tests.topology's) whose [dns] table is dns_table."""
+    path = meshsup_config(tmp, me, peers)
+    text = path.read_text()
+    default = '[dns]\nlisten = ["127.0.0.1:53"]\n'
+    assert default in text, "meshsup_config changed its [dns] table"
+    table = "[dns]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in dns_table.items())
+    path.write_text(text.replace(default, table))
+    return path
+
+
+def header(flags: int, qd: int = 1, ar: int = 0, query_id: int = 0x4242) -> bytes:
+    return struct.pack("!HHHHHH", query_id, flags, qd, 0, 0, ar)
+
+
+_QUESTION = b"\x05alpha\x04mesh\x00\x00\x01\x00\x01"
+# (what is wrong, the packet, the rcode of the answer or None for no answer): every case of RFC 1035/6891/8906 hygiene.
+BAD_PACKETS: list[tuple[str, bytes, int | None]] = [
+    ("qr-set", header(0x8100) + _QUESTION, None),
+    ("qdcount-2", header(0x0100, qd=2) + _QUESTION * 2, dns.rcode.FORMERR),
+    ("qdcount-0", header(0x0100, qd=0), dns.rcode.FORMERR),
+    ("opcode-5", header(0x0100 | 5 << 11) + _QUESTION, dns.rcode.NOTIMP),
+    ("edns-version-1", dns.message.make_query("a.mesh", "A", use_edns=1, id=0x4242).to_wire(), dns.rcode.BADVERS),
+    ("truncated", (header(0x0100) + _QUESTION)[:19], dns.rcode.FORMERR),
+    ("pointer-loop", header(0x0100) + b"\xc0\x0c\x00\x01\x00\x01", dns.rcode.FORMERR),
+    ("trailing-junk", header(0x0100) + _QUESTION + b"junk", dns.rcode.FORMERR),
+    ("two-opts", header(0x0100, ar=2) + _QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00" * 2,
+     dns.rcode.FORMERR),
+    ("too-short", b"\x42\x42\x01", None),
+]
+
+
+def assert_bad_packet_answer(answer: bytes | None, rcode: int | None) -> None:
+    if rcode is None:
+        assert answer is None
+        return
+    assert answer is not None
+    message = dns.message.from_wire(answer)
+    assert message.rcode() == rcode and message.id == 0x4242 and message.flags & dns.flags.QR

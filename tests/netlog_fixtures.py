@@ -1,8 +1,10 @@
 """Real flow-log collectors for tests, all on loopback with free ports.
 
-rsyslogd and nfcapd run with private configs and directories under the
-test's tmp dir and are started and stopped by their own PID. The HTTP and
-TLS-syslog receivers are threads in the test process.
+rsyslogd, nfcapd and systemd-journal-remote run with private configs and
+directories under the test's tmp dir, on the test process's loopback or on
+the loopback of a node's network namespace, and are started and stopped by
+their own PID. The HTTP and TLS-syslog receivers are threads in the test
+process.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from pathlib import Path
 import pytest
 
 from actors.netlog.syslog import OctetCountingDecoder
+from tests.nodes import Netns
 
 LOOPBACK = "127.0.0.1"
+JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -51,6 +55,21 @@ def require_tool(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} is not installed (Debian package providing {name} needed)")
     return path
+
+
+def in_netns(netns: Netns | None, cmd: list[str]) -> list[str]:
+    """`ip netns exec` runs the command in place (exec), so the PID is the command's own."""
+    return ["ip", "netns", "exec", netns.name, *cmd] if netns else cmd
+
+
+def tcp_listening(port: int, netns: Netns | None = None) -> bool:
+    if netns is not None:
+        return bool(netns.run("ss", "-Hltn", f"sport = :{port}", check=False).stdout.strip())
+    try:
+        socket.create_connection((LOOPBACK, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
@@ -77,18 +96,20 @@ class Rsyslog:
     untouched); the work directory, PID file and output are private.
     """
 
-    def __init__(self, workdir: Path, port: int) -> None:
+    def __init__(self, workdir: Path, port: int, netns: Netns | None = None) -> None:
         self.binary = require_tool("rsyslogd")
         self.dir = workdir
         self.port = port
+        self.netns = netns
         self.output = workdir / "flows.log"
         self.conf = workdir / "rsyslog.conf"
         self.pidfile = workdir / "rsyslogd.pid"
         (workdir / "work").mkdir(parents=True, exist_ok=True)
-        # maxMessageSize: a flow record may be 256 KiB; rsyslog's default is 8 KiB.
+        # A flow record may be 256 KiB: rsyslog's defaults are 8 KiB a message and 200000 bytes an
+        # octet-counted frame (beyond that imtcp falls back to octet stuffing and garbles it).
         self.conf.write_text(
             f'global(workDirectory="{workdir / "work"}" maxMessageSize="300k")\n'
-            'module(load="imtcp")\n'
+            'module(load="imtcp" maxFrameSize="310000")\n'
             'template(name="fields" type="string"'
             ' string="%hostname%\\t%app-name%\\t%procid%\\t%msgid%\\t%structured-data%\\t%msg%\\n")\n'
             'ruleset(name="flows") {\n'
@@ -106,7 +127,9 @@ class Rsyslog:
     def start(self) -> None:
         with open(self.dir / "rsyslogd.stderr", "ab") as log:
             self.proc = subprocess.Popen(
-                [self.binary, "-n", "-f", str(self.conf), "-i", str(self.pidfile)], stdout=log, stderr=log
+                in_netns(self.netns, [self.binary, "-n", "-f", str(self.conf), "-i", str(self.pidfile)]),
+                stdout=log,
+                stderr=log,
             )
         if not wait_until(self._listening, 10):
             stop_process(self.proc)
@@ -116,11 +139,7 @@ class Rsyslog:
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"rsyslogd exited: {(self.dir / 'rsyslogd.stderr').read_text()}")
-        try:
-            socket.create_connection((LOOPBACK, self.port), timeout=0.5).close()
-            return True
-        except OSError:
-            return False
+        return tcp_listening(self.port, self.netns)
 
     def stop(self) -> None:
         stop_process(self.proc)
@@ -136,11 +155,12 @@ class Rsyslog:
 class Nfcapd:
     """nfcapd collecting IPFIX on a loopback UDP port into a private directory."""
 
-    def __init__(self, workdir: Path, port: int) -> None:
+    def __init__(self, workdir: Path, port: int, netns: Netns | None = None) -> None:
         self.binary = require_tool("nfcapd")
         self.nfdump = require_tool("nfdump")
         self.dir = workdir
         self.port = port
+        self.netns = netns
         self.flowdir = workdir / "flows"
         self.flowdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "nfcapd.log"
@@ -149,7 +169,10 @@ class Nfcapd:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [self.binary, "-w", str(self.flowdir), "-b", LOOPBACK, "-p", str(self.port), "-t", "3600"],
+                in_netns(
+                    self.netns,
+                    [self.binary, "-w", str(self.flowdir), "-b", LOOPBACK, "-p", str(self.port), "-t", "3600"],
+                ),
                 stdout=out,
                 stderr=out,
             )
@@ -180,6 +203,52 @@ class Nfcapd:
             [self.nfdump, "-I", "-r", str(path)], capture_output=True, text=True, timeout=30, check=True
         ).stdout
         return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
+
+
+class JournalRemote:
+    """systemd-journal-remote taking journal export entries over HTTP into a private journal file."""
+
+    def __init__(self, workdir: Path, port: int, netns: Netns | None = None) -> None:
+        if not Path(JOURNAL_REMOTE).exists():
+            pytest.skip("systemd-journal-remote is not installed (Debian package systemd-journal-remote)")
+        self.journalctl = require_tool("journalctl")
+        self.dir = workdir
+        self.port = port
+        self.netns = netns
+        self.output = workdir / "remote.journal"
+        self.log = workdir / "journal-remote.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                in_netns(
+                    self.netns,
+                    [JOURNAL_REMOTE, f"--listen-http={LOOPBACK}:{self.port}", f"--output={self.output}",
+                     "--split-mode=none"],
+                ),
+                stdout=out,
+                stderr=out,
+            )
+        if not wait_until(lambda: self.proc is not None and self.proc.poll() is None
+                          and tcp_listening(self.port, self.netns), 10):
+            stop_process(self.proc)
+            raise RuntimeError(f"systemd-journal-remote did not listen: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def entries(self) -> list[dict[str, object]]:
+        """Every entry of the journal file, as `journalctl -o json` shows it."""
+        if not self.output.exists():
+            return []
+        out = subprocess.run(
+            [self.journalctl, f"--file={self.output}", "-o", "json", "--no-pager"],
+            capture_output=True, text=True, timeout=30, check=False,
+        ).stdout
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 @dataclass

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import random
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.name
@@ -17,13 +22,16 @@ import dns.rrset
 import pytest
 
 from actors.dns.cache import STALE_ANSWER_TTL, CacheKey, DnsCache
+from actors.dns.fastpath import FastAnswers, prepare
 from actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
 from actors.dns.message import Answer, ErrorReply, Ignored, Query, parse_query, parse_response, render
 from actors.dns.resolver import Drop, Forward, Learned, Log, Reply, Resolver
-from actors.dns.rules import ForwardTo, Matcher, Reject, Route, Router, Rule, SourceOverride
+from actors.dns.rules import ForwardTo, Matcher, Reject, Route, Router, Rule, SourceOverride, normalize_name
 from actors.dns.settings import DNS_KEYS, DnsSettings
 from actors.dns.upstream import MAX_ATTEMPTS, FailoverPlan, Upstream, parse_upstream, without_own
+from actors.dns.wire import WireAnswer, parse_answer
 from actors.dns.zone import SrvRecord, Zone
+from actors.router.resolvconf import HEADER, ResolvConf
 
 CLIENT = ("127.0.0.1", 40000)
 
@@ -112,12 +120,20 @@ def test_settings_defaults_and_parsing():
         ({"cache_min_ttl": 100, "cache_max_ttl": 10}, {}, "dns.cache_min_ttl"),
         ({"ca_file": "/nonexistent/ca.pem"}, {}, "dns.ca_file"),
         ({}, {"alpha": ["not-an-ip"]}, "names.alpha"),
+        ({"set_os_resolver": True, "listen": ["127.0.0.1:5353"]}, {}, "dns.set_os_resolver"),
     ],
 )
 def test_settings_errors_name_the_key(table, names, key):
     with pytest.raises(ValueError) as error:
         DnsSettings.from_config(table, names)
     assert key in str(error.value)
+
+
+def test_nameservers_for_resolv_conf():
+    listen = ["127.0.0.53:53", "0.0.0.0:53", "[::]:53", "100.64.0.1:5353", "[fd7a::1]:53"]
+    assert DnsSettings.from_config({"listen": listen, "set_os_resolver": True}, {}).nameservers == [
+        "127.0.0.53", "127.0.0.1", "::1", "fd7a::1",
+    ]  # fmt: skip
 
 
 # -- upstreams ----------------------------------------------------------------
@@ -257,11 +273,215 @@ def test_ad_only_for_clients_asking_for_dnssec():
 
 
 def test_parse_response_checks_question():
-    question = dns.message.make_query("x.example", "A").question[0]
+    query = parse_query(query_wire("x.example"))
     other = dns.message.make_response(dns.message.make_query("y.example", "A")).to_wire()
-    assert parse_response(other, question) == "question_mismatch"
-    assert parse_response(b"garbage", question) == "malformed"
-    assert parse_response(query_wire("x.example"), question) == "not_response"
+    assert parse_response(other, query) == "question_mismatch"
+    assert parse_response(b"garbage", query) == "malformed"
+    assert parse_response(query_wire("x.example"), query) == "not_response"
+    same = dns.message.make_response(dns.message.make_query("X.Example", "A"))
+    assert isinstance(parse_response(same.to_wire(), query), WireAnswer)  # names match in any case
+
+
+# -- wire: plain queries and upstream answers by hand ------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"use_edns": 0}, {"use_edns": 0, "payload": 4096}, {"want_dnssec": True}, {"rdtype": "AAAA"},
+     {"rdclass": "CH"}, {"name": "MiXeD.Case.Example"}, {"name": "."}, {"name": "a\\.b\\032c.example"}],
+)
+def test_plain_queries_are_read_by_hand_as_dnspython_reads_them(options):
+    name, rdtype, rdclass = options.pop("name", "x.example"), options.pop("rdtype", "A"), options.pop("rdclass", "IN")
+    message = dns.message.make_query(name, rdtype, rdclass, **options)
+    message.flags |= dns.flags.CD
+    wire = message.to_wire()
+    by_hand, by_dnspython = parse_query(wire), Query.from_message(wire, dns.message.from_wire(wire))
+    assert by_hand.plain and not by_dnspython.plain
+    assert by_hand.fields == by_dnspython.fields
+    assert by_hand.name_text == normalize_name(by_dnspython.qname.to_text())  # what rules used to match
+
+
+def test_queries_with_edns_options_go_through_dnspython():
+    cookie = dns.edns.GenericOption(dns.edns.OptionType.COOKIE, b"12345678")
+    query = parse_query(dns.message.make_query("x.example", "A", use_edns=0, options=[cookie]).to_wire())
+    assert isinstance(query, Query) and not query.plain and query.qname_key == b"\x01x\x07example\x00"
+
+
+def answer_wire(*records: str, rcode: str = "NOERROR", name: str = "x.example", rdtype: str = "A", edns: bool = True,
+                **flags: bool) -> bytes:
+    message = dns.message.make_response(dns.message.make_query(name, rdtype, use_edns=0 if edns else None, id=1))
+    message.set_rcode(dns.rcode.from_text(rcode))
+    for record in records:
+        section, text = record.split(" ", 1)
+        getattr(message, section).append(dns.rrset.from_text(*text.split(" ", 4)))
+    for flag, on in flags.items():
+        if on:
+            message.flags |= dns.flags.from_text(flag)
+    return message.to_wire()
+
+
+X = dns.name.from_text("x.example").to_wire()
+
+
+def test_upstream_answer_records_kept_as_bytes():
+    wire = answer_wire(
+        "answer x.example. 300 IN CNAME y.example.", "answer y.example. 60 IN A 203.0.113.1",
+        "answer y.example. 60 IN A 203.0.113.2", "authority example. 900 IN NS ns.example.",
+        "additional ns.example. 30 IN AAAA 2001:db8::1", AD=True,
+    )  # fmt: skip
+    answer = parse_answer(wire, X.upper(), 1, 1)
+    assert isinstance(answer, WireAnswer)
+    assert answer.counts == (3, 1, 1) and answer.authenticated and answer.rcode == 0
+    assert [f.ttl for f in answer.ttls] == [300, 60, 60, 900, 30]
+    assert answer.addresses == (("y.example", ("203.0.113.1", "203.0.113.2")),)
+    assert [count for _, count in answer.set_ends] == [1, 3, 4, 5]  # RRset boundaries
+    back = sections(answer, X)
+    assert [r.to_text() for r in back.answer[1]] == ["203.0.113.1", "203.0.113.2"]
+
+
+def test_negative_ttl_from_the_soa():
+    answer = parse_answer(answer_wire("authority example. 900 IN SOA ns.example. h.example. 1 2 3 4 30",
+                                      rcode="NXDOMAIN"), X, 1, 1)
+    assert answer.negative_ttl == 30 and answer.rcode == dns.rcode.NXDOMAIN and answer.empty
+
+
+def corrupt(wire: bytes, old: bytes, new: bytes) -> bytes:
+    assert old in wire
+    return wire.replace(old, new, 1)
+
+
+GOOD = answer_wire("answer x.example. 60 IN A 203.0.113.1")
+
+
+@pytest.mark.parametrize(
+    ("wire", "reason"),
+    [
+        (GOOD[:11], "malformed"),
+        (GOOD[:-3], "malformed"),  # the OPT cut short
+        (GOOD + b"\x00", "malformed"),  # trailing junk
+        (corrupt(GOOD, b"\xc0\x0c", b"\xc0\x02"), "malformed"),  # a pointer into the header
+        (corrupt(GOOD, b"\xc0\x0c", b"\xc0\x1b"), "malformed"),  # a pointer forwards
+        (corrupt(GOOD, b"\x00\x04\xcb\x00", b"\x00\x03\xcb\x00")[:-1], "malformed"),  # A of 3 bytes
+        (answer_wire("answer x.example. 60 IN A 203.0.113.1", edns=False)[:-1], "malformed"),
+        (corrupt(GOOD, b"\x00\x29\x20\x00\x00", b"\x00\x29\x20\x00\x01"), "extended_rcode"),
+        (answer_wire(name="y.example"), "question_mismatch"),
+        (answer_wire(rdtype="AAAA"), "question_mismatch"),
+        (answer_wire(TC=True), "truncated"),
+        (query_wire("x.example"), "not_response"),
+    ],
+    ids=["short", "cut", "trailing", "pointer-to-header", "pointer-forwards", "short-a", "cut-a", "ext-rcode",
+         "other-name", "other-type", "tc", "query"],
+)
+def test_bad_upstream_answers_are_refused(wire, reason):
+    assert parse_answer(wire, X, 1, 1) == reason
+
+
+def test_pointer_loop_and_misplaced_opt_are_malformed():
+    head = struct.pack("!HHHHHH", 0, 0x8180, 1, 1, 0, 0) + X + b"\x00\x01\x00\x01"
+    loop = head + b"\x01a\xc0\x1b" + b"\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\xcb\x00\x71\x01"
+    assert parse_answer(loop, X, 1, 1) == "malformed"
+    opt_first = struct.pack("!HHHHHH", 0, 0x8180, 1, 0, 0, 2) + X + b"\x00\x01\x00\x01" + wire_opt() * 1 + (
+        b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\xcb\x00\x71\x01")
+    assert parse_answer(opt_first, X, 1, 1) == "malformed"  # records after the OPT would move
+    two_opts = struct.pack("!HHHHHH", 0, 0x8180, 1, 0, 0, 2) + X + b"\x00\x01\x00\x01" + wire_opt() * 2
+    assert parse_answer(two_opts, X, 1, 1) == "malformed"
+
+
+def wire_opt() -> bytes:
+    return b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
+
+
+def test_mangled_upstream_answers_never_raise():
+    rng = random.Random(3)
+    seeds = [GOOD, answer_wire("answer x.example. 300 IN CNAME y.example.", "answer y.example. 60 IN A 203.0.113.1",
+                               "authority example. 900 IN SOA ns.example. h.example. 1 2 3 4 30")]
+    for _ in range(3000):
+        wire = bytearray(rng.choice(seeds))
+        for _ in range(rng.randrange(1, 4)):
+            wire[rng.randrange(len(wire))] = rng.randrange(256)
+        result = parse_answer(bytes(wire[: rng.randrange(12, len(wire) + 1)]), X, 1, 1)
+        assert isinstance(result, (WireAnswer, str))
+
+
+@pytest.mark.parametrize("edns", [{}, {"use_edns": 0}, {"want_dnssec": True}])
+def test_assembled_reply_says_what_the_rendered_one_says(edns):
+    wire = dns.message.make_query("X.example", "A", **edns).to_wire()
+    plain = parse_query(wire)
+    rendered = Query.from_message(wire, dns.message.from_wire(wire))
+    answer = parse_answer(answer_wire("answer x.example. 300 IN CNAME y.example.",
+                                      "answer y.example. 60 IN A 203.0.113.1", AD=True), X, 1, 1)
+    by_hand = dns.message.from_wire(render(plain, answer, "udp"))
+    by_dnspython = dns.message.from_wire(render(rendered, answer, "udp"))
+    for field in ("id", "flags", "edns", "payload", "ednsflags", "question", "answer", "authority", "additional"):
+        assert getattr(by_hand, field) == getattr(by_dnspython, field), field
+
+
+def test_assembled_reply_is_cut_like_a_rendered_one():
+    many = [f"answer x.example. 60 IN A 203.0.113.{i}" for i in range(1, 41)]
+    glue = [f"additional ns{i}.example. 60 IN A 198.51.100.{i}" for i in range(1, 41)]
+    for records, tc in [(many, True), (["answer x.example. 60 IN A 203.0.113.1", *glue], False)]:
+        answer = parse_answer(answer_wire(*records), X, 1, 1)
+        wire = query_wire("x.example")
+        by_hand = render(parse_query(wire), answer, "udp")
+        by_dnspython = render(Query.from_message(wire, dns.message.from_wire(wire)), answer, "udp")
+        assert len(by_hand) <= 512 and len(by_dnspython) <= 512
+        hand, python = dns.message.from_wire(by_hand), dns.message.from_wire(by_dnspython)
+        assert bool(hand.flags & dns.flags.TC) == bool(python.flags & dns.flags.TC) == tc
+        assert hand.answer == python.answer and len(hand.additional) == len(python.additional)
+
+
+# -- the fast path -------------------------------------------------------------------
+
+
+def test_prepared_replies_count_down_and_take_the_query_id():
+    answer = parse_answer(answer_wire("answer x.example. 300 IN A 203.0.113.1"), X, 1, 1)
+    query = parse_query(query_wire("x.example", use_edns=0))
+    reply = render(query, answer, "udp")
+    prepared = prepare(reply, random.Random(1), born=100.0, expires=400.0)
+    fast = FastAnswers(size=2)
+    fast.keep(query.wire, "udp", prepared)
+    again = b"\x99\x99" + query.wire[2:]
+    got, _ = fast.lookup(again, "udp", 150.5)
+    message = dns.message.from_wire(got)
+    assert message.id == 0x9999 and message.answer[0].ttl == 249 and message.edns == 0
+    assert fast.lookup(again, "tcp", 150.5) is None  # another size limit, another table
+    assert fast.lookup(again, "udp", 400.0) is None and len(fast) == 0  # expired and gone
+
+
+def test_prepared_local_replies_shuffle_every_order():
+    zone_answer = Zone("mesh", {"bravo": ["100.64.0.2", "100.64.0.3", "100.64.0.4"]}).answer(
+        dns.name.from_text("bravo.mesh."), dns.rdatatype.A, 1)
+    query = parse_query(query_wire("bravo.mesh"))
+    prepared = prepare(render(query, zone_answer, "udp"), random.Random(2))
+    orders = {tuple(r.address for r in dns.message.from_wire(prepared.render(b"\x00\x01", 0.0)).answer[0])
+              for _ in range(300)}
+    assert len(orders) == 6
+
+
+def test_fast_answers_are_bounded():
+    fast = FastAnswers(size=2)
+    wires = [query_wire(f"n{i}.example") for i in range(3)]
+    for wire in wires:
+        fast.keep(wire, "udp", prepare(render(parse_query(wire), Answer(dns.rcode.NOERROR), "udp"), random.Random()))
+    assert len(fast) == 2 and fast.lookup(wires[0], "udp", 0.0) is None and fast.lookup(wires[2], "udp", 0.0)
+
+
+def test_resolver_fast_path_answers_as_the_full_path_and_counts_alike():
+    resolver = Resolver(settings(rules=[{"match": "suffix:ads.example", "action": "reject"}]))
+    for name in ("alpha.mesh", "x.ads.example", "nobody.mesh"):
+        wire = query_wire(name)
+        assert resolver.fast(wire, "udp", 0.0) is None
+        slow = reply_of(resolver.handle(wire, CLIENT, "udp", 0.0))
+        fast = dns.message.from_wire(resolver.fast(b"\x00\x07" + wire[2:], "udp", 1.0))
+        assert fast.id == 7
+        assert (fast.rcode(), fast.answer, fast.authority) == (slow.rcode(), slow.answer, slow.authority)
+    forward = only_forward(resolver.handle(query_wire("www.example.com"), CLIENT, "udp", 0.0))
+    resolver.on_upstream_answer(forward.key, forward.upstream, upstream_answer(forward), 0.0)
+    cached = dns.message.from_wire(resolver.fast(query_wire("www.example.com"), "udp", 10.5))
+    assert cached.answer[0].ttl == 289
+    stats = resolver.stats()
+    assert (stats["queries_udp"], stats["fast_answers"]) == (8, 4)
+    assert (stats["local_answers"], stats["rejected_by_rule"], stats["cache_hits"]) == (4, 2, 1)
 
 
 # -- zone ---------------------------------------------------------------------
@@ -339,39 +559,55 @@ def test_zone_leaves_other_names_alone(zone):
 # -- cache --------------------------------------------------------------------
 
 NAME = dns.name.from_text("www.example.")
-KEY = CacheKey(NAME, dns.rdatatype.A, 1, False)
+QNAME = NAME.to_wire()
+KEY = CacheKey(QNAME, dns.rdatatype.A, 1, False)
 
 
-def positive(ttl: int = 300) -> Answer:
-    return Answer(dns.rcode.NOERROR, answer=(dns.rrset.from_text(NAME, ttl, "IN", "A", "203.0.113.1"),))
+def upstream(rcode: int = dns.rcode.NOERROR, answer=(), authority=()) -> WireAnswer:
+    """An upstream's answer for NAME/A, as the resolver keeps it."""
+    message = dns.message.make_response(dns.message.make_query(NAME, "A"))
+    message.set_rcode(dns.rcode.Rcode.make(rcode))
+    message.answer, message.authority = list(answer), list(authority)
+    parsed = parse_answer(message.to_wire(), QNAME, dns.rdatatype.A, dns.rdataclass.IN)
+    assert isinstance(parsed, WireAnswer), parsed
+    return parsed
 
 
-def negative(rcode: int, soa_ttl: int, minimum: int) -> Answer:
+def sections(answer: WireAnswer, qname: bytes = QNAME) -> dns.message.Message:
+    """The answer's records read back with dnspython."""
+    head = struct.pack("!HHHHHH", 0, 0x8000 | answer.rcode, 1, *answer.counts)
+    return dns.message.from_wire(head + qname + struct.pack("!HH", 1, 1) + answer.records)
+
+
+def positive(ttl: int = 300) -> WireAnswer:
+    return upstream(answer=[dns.rrset.from_text(NAME, ttl, "IN", "A", "203.0.113.1")])
+
+
+def negative(rcode: int, soa_ttl: int, minimum: int) -> WireAnswer:
     soa = dns.rrset.from_text("example.", soa_ttl, "IN", "SOA", f"ns.example. h.example. 1 2 3 4 {minimum}")
-    return Answer(rcode, authority=(soa,))
+    return upstream(rcode, authority=[soa])
 
 
 def test_cache_ttl_counts_down_and_expires():
     cache = DnsCache(size=10)
     cache.put(KEY, positive(300), now=1000.0)
-    assert cache.get(KEY, 1100.4).answer[0].ttl == 199
-    assert cache.get(CacheKey(dns.name.from_text("WWW.Example."), 1, 1, False), 1100.0) is not None
-    assert cache.get(CacheKey(NAME, 1, 1, True), 1100.0) is None  # the DO bit is part of the key
+    assert sections(cache.get(KEY, 1100.4)).answer[0].ttl == 199
+    assert cache.get(CacheKey(QNAME, 1, 1, True), 1100.0) is None  # the DO bit is part of the key
     assert cache.get(KEY, 1300.0) is None
 
 
 def test_cache_clamps_ttl():
     cache = DnsCache(size=10, min_ttl=60, max_ttl=120)
-    assert cache.put(KEY, positive(5), 0.0).answer[0].ttl == 60
+    assert sections(cache.put(KEY, positive(5), 0.0)).answer[0].ttl == 60
     assert cache.get(KEY, 59.0) is not None
-    assert cache.put(KEY, positive(9999), 0.0).answer[0].ttl == 120
+    assert sections(cache.put(KEY, positive(9999), 0.0)).answer[0].ttl == 120
     assert cache.get(KEY, 121.0) is None
 
 
 def test_negative_caching_uses_soa_minimum():
     cache = DnsCache(size=10)
     stored = cache.put(KEY, negative(dns.rcode.NXDOMAIN, soa_ttl=900, minimum=30), 0.0)
-    assert stored.authority[0].ttl == 30
+    assert sections(stored).authority[0].ttl == 30
     assert cache.get(KEY, 29.0).rcode == dns.rcode.NXDOMAIN
     assert cache.get(KEY, 31.0) is None
     cache.put(KEY, negative(dns.rcode.NOERROR, soa_ttl=20, minimum=300), 0.0)  # NODATA: min(TTL, MINIMUM)
@@ -380,15 +616,15 @@ def test_negative_caching_uses_soa_minimum():
 
 def test_uncacheable_answers():
     cache = DnsCache(size=10)
-    assert cache.put(KEY, Answer(dns.rcode.NXDOMAIN), 0.0) is None  # no SOA
-    assert cache.put(KEY, Answer(dns.rcode.SERVFAIL), 0.0) is None
+    assert cache.put(KEY, upstream(dns.rcode.NXDOMAIN), 0.0) is None  # no SOA
+    assert cache.put(KEY, upstream(dns.rcode.SERVFAIL), 0.0) is None
     assert cache.put(KEY, positive(0), 0.0) is None
     assert len(cache) == 0 and cache.counters.not_cacheable == 3
 
 
 def test_cache_is_lru_bounded():
     cache = DnsCache(size=2)
-    keys = [CacheKey(dns.name.from_text(f"n{i}.example."), 1, 1, False) for i in range(3)]
+    keys = [CacheKey(dns.name.from_text(f"n{i}.example.").to_wire(), 1, 1, False) for i in range(3)]
     cache.put(keys[0], positive(), 0.0)
     cache.put(keys[1], positive(), 0.0)
     assert cache.get(keys[0], 1.0) is not None  # keys[0] is now the most recent
@@ -401,7 +637,7 @@ def test_serve_stale_window():
     cache = DnsCache(size=10, stale_ttl=100)
     cache.put(KEY, positive(10), 0.0)
     assert cache.get(KEY, 20.0) is None  # expired: not fresh ...
-    assert cache.get_stale(KEY, 20.0).answer[0].ttl == STALE_ANSWER_TTL  # ... but servable as stale
+    assert sections(cache.get_stale(KEY, 20.0)).answer[0].ttl == STALE_ANSWER_TTL  # ... but servable as stale
     assert cache.get_stale(KEY, 111.0) is None
 
 
@@ -634,3 +870,56 @@ def test_reconfigure_keeps_cache_unless_forwarding_changes():
     resolver.reconfigure(settings(names={}, upstreams=["udp://127.0.0.20"]))
     assert only_forward(resolver.handle(query_wire("x.example"), CLIENT, "udp", 2.0)).upstream.host == "127.0.0.20"
     assert reply_of(resolver.handle(query_wire("carol.mesh"), CLIENT, "udp", 2.0)).rcode() == dns.rcode.NXDOMAIN
+
+
+# -- the OS resolver (resolv.conf, written by the router actor) ---------------------
+
+
+def test_resolv_conf_missing_before_a_crash_is_missing_after(tmp_path):
+    path = tmp_path / "netns" / "resolv.conf"
+    backup = tmp_path / "state" / "backup"
+    backup.parent.mkdir()
+    ResolvConf(path, backup=backup, in_place=True).apply(["127.0.0.1"], ["mesh"])  # this run "dies"
+    assert path.read_text().startswith(HEADER) and not backup.exists()
+    again = ResolvConf(path, backup=backup, in_place=True)
+    again.apply(["127.0.0.1"])
+    again.restore()
+    assert not path.exists()
+
+
+def test_resolv_conf_rewritten_in_place_keeps_its_inode(tmp_path):
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 198.51.100.53\n")
+    inode = path.stat().st_ino
+    resolv = ResolvConf(path, backup=tmp_path / "backup", in_place=True)
+    resolv.apply(["127.0.0.1"], ["mesh"])
+    assert path.stat().st_ino == inode and "nameserver 127.0.0.1\n" in path.read_text()
+    assert (tmp_path / "backup").read_text() == "nameserver 198.51.100.53\n"
+    resolv.restore()
+    assert path.stat().st_ino == inode and path.read_text() == "nameserver 198.51.100.53\n"
+    assert not (tmp_path / "backup").exists()
+
+
+def test_resolv_conf_directories_made_for_it_are_removed_again(tmp_path):
+    resolv = ResolvConf(tmp_path / "netns" / "ns1" / "resolv.conf", backup=tmp_path / "backup")
+    resolv.apply(["127.0.0.1"])
+    resolv.restore()
+    assert list(tmp_path.iterdir()) == []
+    resolv.apply(["127.0.0.1"])
+    (tmp_path / "netns" / "ns2").mkdir()  # someone else's, made meanwhile
+    resolv.restore()
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == [Path("netns"), Path("netns/ns2")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_a_named_namespace_resolves_with_its_etc_netns_file():
+    name = f"msrc{os.getpid() % 10000}{random.randrange(1000)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        probe = ("import pathlib; from actors.router.resolvconf import for_this_namespace as f; "
+                 "print(f(pathlib.Path('/x')).path)")
+        inside = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", probe], capture_output=True,
+                                text=True, check=True, cwd=Path(__file__).resolve().parent.parent).stdout.strip()
+        assert inside == f"/etc/netns/{name}/resolv.conf"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -24,17 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from actors.crypto.device import Device, Output  # noqa: E402
 from actors.crypto.peer import PeerConfig  # noqa: E402
+from supervisor.icmp import checksum  # noqa: E402
 
 ECHO_ID = 0x4D53  # "MS"
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def icmp_packet(src: str, dst: str, icmp_type: int, ident: int, seq: int, payload: bytes) -> bytes:

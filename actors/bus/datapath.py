@@ -94,6 +94,12 @@ class Inbox:
         self._connections.pop(conn.fileno(), None)
         conn.close()
 
+    def drain(self) -> None:
+        """Read everything senders have queued so far (at exit, nothing left behind)."""
+        self._accept()
+        for conn in list(self._connections.values()):
+            self._drain(conn, budget=1 << 30)
+
     def close(self) -> None:
         for conn in list(self._connections.values()):
             self._close(conn)

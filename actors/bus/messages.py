@@ -94,3 +94,37 @@ class DatagramBatch(Message):
     host: str
     port: int
     packets: bytes
+
+
+# --- to netlog: traffic counts and the node's own logs ---------------------
+
+@message("netlog.flow_counts")
+class FlowCounts(Message):
+    """Counter deltas since the last flush, from tun-io or magicsock (actors.netlog.counting).
+
+    Entries are [key, packets, bytes]. `layer` "inner": keys are raw
+    connection keys of IP packets, tx read from the TUN, rx written to it.
+    `layer` "underlay": keys are [host, port], tx sent there, rx received.
+    netlog acknowledges each (FlowCountsAck to `source`); one not
+    acknowledged is sent again as it is, and netlog counts it once.
+    """
+    source: str  # the sending actor
+    epoch: int  # the sender's run: its sequence numbers start again with a new one
+    seq: int
+    layer: str
+    tx: list[Any]
+    rx: list[Any]
+
+
+@message("netlog.flow_counts_ack")
+class FlowCountsAck(Message):
+    """netlog has logged FlowCounts `seq` of `epoch`: the sender may forget it."""
+    epoch: int
+    seq: int
+
+
+@message("netlog.log_line")
+class LogLine(Message):
+    """One structured log event of a process of the node, as its JSON line (actors.log)."""
+    seq: int  # per process, counting from 0: a gap is lines dropped on the way
+    line: str

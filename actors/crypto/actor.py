@@ -2,13 +2,15 @@
 
 Peers are sharded by public key (actors.crypto.shard): this worker owns the
 sessions of its peers only. An initiation can reach any worker (magicsock
-cannot tell whose it is without a DH); a worker that is not the owner
-identifies the initiator and hands the datagram to the owner.
+cannot tell whose it is without a DH); the device checks it (cookies first,
+under load) and names the owner, and this worker hands the datagram on.
 
 The worker moves its peers' traffic itself where it can (actors.crypto.direct):
 it writes what it decrypts into its own queue of the TUN and sends and
 receives its peers' datagrams on sockets connected to them. tun-io still
-reads every outgoing packet and hands it to the owner over the bus.
+reads every outgoing packet and hands it to the owner over the bus. What
+goes by those direct paths is counted here for flow logs, as tun-io and
+magicsock count what goes through them.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import ipaddress
 import os
 import time
 from collections import defaultdict
+from functools import partial
 from itertools import groupby
 from operator import itemgetter
 from typing import Any
@@ -25,14 +28,16 @@ from actors.base import Actor, ConfigError
 from actors.bus import batch
 from actors.bus.codec import Message
 from actors.bus.messages import DatagramBatch, PacketBatch
+from actors.bus.messages import DatagramBatch, FlowCountsAck, PacketBatch
 from actors.crypto.device import ENDPOINT_CHANGED, Device, Output
 from actors.crypto.direct import DirectPaths
-from actors.crypto.messages import INITIATION_SIZE, MESSAGE_INITIATION
 from actors.crypto.peer import PeerConfig
 from actors.crypto.shard import owner
 from actors.crypto.timers import Timing
 from actors.magicsock.classify import receiver_index
 from actors.magicsock.udp import Endpoint
+from actors.netlog.counting import INNER, UNDERLAY
+from actors.netlog.feed import FlowFeed
 
 TICK_INTERVAL = 0.05
 TIMING_ENV = "MESHSUP_TEST_TIMING"  # e.g. "rekey_after_time=4,reject_after_time=8" (tests only)
@@ -42,7 +47,9 @@ def test_timing() -> Timing:
     spec = os.environ.get(TIMING_ENV, "")
     if not spec or os.environ.get("MESHSUP_TEST_FAULTS") != "1":
         return Timing()
-    return Timing(**{k: float(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+    default = Timing()
+    # Each value takes the type of its default: message counts stay integers (they slice batches).
+    return Timing(**{k: type(getattr(default, k))(float(v)) for k, v in (kv.split("=") for kv in spec.split(","))})
 
 
 def peer_config(p: dict[str, Any]) -> PeerConfig:
@@ -69,11 +76,18 @@ class CryptoActor(Actor):
         self.device_key: tuple[str, int, int] | None = None
         self.peers: dict[bytes, dict[str, Any]] = {}
         self.next_tick = 0.0
-        self.forwarded = 0
-        self.direct = DirectPaths(self.log, self.add_reader, self.remove_reader, self.receive)
+        self.forwarded = 0  # datagrams handed on to other workers
+        self.forwarded_initiations = 0
+        self.direct = DirectPaths(self.log, self.add_reader, self.remove_reader, self.receive_direct)
+        # Flow counts of the direct paths: packets written to the TUN, datagrams on peer sockets.
+        self.inner = FlowFeed(self, INNER)
+        self.underlay = FlowFeed(self, UNDERLAY)
+        self.feeds = (self.inner, self.underlay)
 
     def configure(self, config: dict[str, Any]) -> None:
         super().configure(config)
+        for feed in self.feeds:
+            feed.configure(config)
         node = config["node"]
         workers = config["actors"]["crypto"]
         if self.index >= workers:
@@ -82,7 +96,8 @@ class CryptoActor(Actor):
         if key != self.device_key:
             # A new key or shard map invalidates every session: start clean.
             self.device = Device(base64.b64decode(node["private_key"]), worker=self.index,
-                                 workers=workers, timing=test_timing(), mtu=node["mtu"])
+                                 workers=workers, timing=test_timing(), mtu=node["mtu"],
+                                 owner_of=partial(owner, workers=workers))
             self.device_key, self.peers = key, {}
         assert self.device is not None
         self.outbox.connect(["tun-io", "magicsock", *(f"crypto-{w}" for w in range(workers))])
@@ -102,6 +117,10 @@ class CryptoActor(Actor):
         self.direct.set_endpoints({k: peer.endpoint for k, peer in self.device.peers.items()})
 
     def on_message(self, msg: Message) -> None:
+        if isinstance(msg, FlowCountsAck):  # each feed takes its own (by epoch)
+            for feed in self.feeds:
+                feed.take(msg)
+            return
         if self.device is None:
             self.count_drop("not_configured", msg.TAG)
             return
@@ -117,25 +136,19 @@ class CryptoActor(Actor):
             endpoint = (msg.host, msg.port)
             self.receive([(d, endpoint) for d in packets])
 
+    def receive_direct(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
+        """Datagrams from a peer socket of our own (magicsock counts the ones it passes on)."""
+        rx = self.underlay.rx
+        if rx.enabled:
+            for endpoint, run in groupby(datagrams, key=itemgetter(1)):
+                sizes = [len(d) for d, _ in run]
+                rx.add(endpoint, len(sizes), sum(sizes))
+        self.receive(datagrams)
+
     def receive(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
         """Datagrams from the network, through magicsock or a peer socket of our own."""
         assert self.device is not None
-        self.emit(self.device.receive(self._keep_own_initiations(datagrams), time.time()))
-
-    def _keep_own_initiations(self, datagrams: list[tuple[bytes, Endpoint]]) -> list[tuple[bytes, Endpoint]]:
-        workers = self.device_key[1] if self.device_key else 1
-        if workers == 1:
-            return datagrams
-        mine, theirs = [], []
-        for d, endpoint in datagrams:
-            if len(d) == INITIATION_SIZE and d[0] == MESSAGE_INITIATION:
-                initiator = self.device.identify_initiator(d)
-                if initiator is not None and (w := owner(initiator, workers)) != self.index:
-                    theirs.append((w, d, endpoint))
-                    continue
-            mine.append((d, endpoint))
-        self._hand_on(theirs)
-        return mine
+        self.emit(self.device.receive(datagrams, time.time()))
 
     def _hand_on(self, datagrams: list[tuple[int, bytes, Endpoint]]) -> None:
         """Datagrams that belong to other workers' peers, to their owners."""
@@ -148,18 +161,28 @@ class CryptoActor(Actor):
                 self.outbox.send(f"crypto-{w}", DatagramBatch(host=host, port=port, packets=blob))
 
     def emit(self, out: Output) -> None:
-        if out.packets and not self.direct.write(out.packets):
-            for blob in batch.pack_split(out.packets):
-                self.outbox.send("tun-io", PacketBatch(seq=0, packets=blob))
+        if out.packets:
+            if self.direct.write(out.packets):
+                self.inner.rx.add_packets(out.packets)
+            else:  # tun-io writes them, and counts them
+                for blob in batch.pack_split(out.packets):
+                    self.outbox.send("tun-io", PacketBatch(seq=0, packets=blob))
+        tx = self.underlay.tx
         # Runs of datagrams to one endpoint (a peer's burst stays one run, in order).
         for endpoint, run in groupby(out.datagrams, key=itemgetter(0)):
             pairs = list(run)
-            if not self.direct.send(endpoint, pairs):
+            if self.direct.send(endpoint, pairs):
+                if tx.enabled:
+                    tx.add(endpoint, len(pairs), sum(len(d) for _, d in pairs))
+            else:  # magicsock sends them, and counts them
                 for blob in batch.pack_split([d for _, d in pairs]):
                     self.outbox.send("magicsock", DatagramBatch(host=endpoint[0], port=endpoint[1], packets=blob))
-        if out.foreign:
+        if out.forwards or out.foreign:
+            # Initiations whose peer another worker owns; datagrams of another worker's sessions.
             workers = self.device_key[1] if self.device_key else 1
-            self._hand_on([((receiver_index(d) or 0) % workers, d, e) for d, e in out.foreign])
+            self.forwarded_initiations += len(out.forwards)
+            self._hand_on([(w, d, e) for w, e, d in out.forwards]
+                          + [((receiver_index(d) or 0) % workers, d, e) for d, e in out.foreign])
         for event in out.events:
             if event.kind == ENDPOINT_CHANGED and self.device is not None:
                 self.direct.set_endpoints({k: p.endpoint for k, p in self.device.peers.items()})
@@ -168,13 +191,19 @@ class CryptoActor(Actor):
         if self.device is not None and now >= self.next_tick:
             self.next_tick = now + TICK_INTERVAL
             self.emit(self.device.tick(time.time()))
+        for feed in self.feeds:
+            feed.tick(now)
 
     def status(self) -> dict[str, Any]:
         if self.device is None:
             return {}
         return {"peers": self.device.status(),
-                "counters": {**self.device.counters, **self.direct.counters(), "forwarded": self.forwarded,
+                "counters": {**self.device.counters, **self.direct.counters(),
+                             "handshakes": self.device.handshakes, "forwarded": self.forwarded,
+                             "forwarded_initiations": self.forwarded_initiations,
                              "bus_full": sum(self.outbox.dropped.values())}}
 
     def close(self) -> None:
+        for feed in self.feeds:
+            feed.close()
         self.direct.close()

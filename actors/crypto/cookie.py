@@ -45,31 +45,35 @@ class CookieChecker:
     """Responder side: verifies mac1/mac2 of messages sent to us and issues cookie replies."""
 
     def __init__(self, local_public: bytes, rng: Callable[[int], bytes],
-                 refresh_time: float = COOKIE_REFRESH_TIME) -> None:
+                 refresh_time: float = COOKIE_REFRESH_TIME, seed: bytes | None = None) -> None:
         self._mac1_key = hash_(LABEL_MAC1, local_public)
         self._encryption_key = hash_(LABEL_COOKIE, local_public)
         self._rng = rng
         self._refresh_time = refresh_time
+        # The secret of each refresh period derives from the seed, so checkers sharing a seed
+        # (the crypto workers of one node) accept each other's cookies.
+        self._seed = rng(32) if seed is None else seed
+        self._period: int | None = None
         self._secret = b""
-        self._secret_set = -math.inf
+
+    def _secret_at(self, now: float) -> bytes:
+        period = math.floor(now / self._refresh_time)
+        if period != self._period:
+            self._period, self._secret = period, hash_(self._seed, period.to_bytes(8, "little", signed=True))
+        return self._secret
 
     def check_mac1(self, message: bytes) -> bool:
         body, mac1, _ = _macs_region(message)
         return hmac.compare_digest(mac(self._mac1_key, body), mac1)
 
     def check_mac2(self, message: bytes, source: bytes, now: float) -> bool:
-        # An expired secret means no cookie handed out is still valid.
-        if now - self._secret_set > self._refresh_time:
-            return False
-        cookie = mac(self._secret, source)
+        # A new refresh period means a new secret: no cookie handed out before is valid.
+        cookie = mac(self._secret_at(now), source)
         return hmac.compare_digest(mac(cookie, message[:-MAC_SIZE]), message[-MAC_SIZE:])
 
     def create_reply(self, message: bytes, receiver_index: int, source: bytes, now: float) -> bytes:
         """A cookie reply (type 3) to ``message``, whose mac1 authenticates the reply."""
-        if now - self._secret_set > self._refresh_time:
-            self._secret = self._rng(32)
-            self._secret_set = now
-        cookie = mac(self._secret, source)
+        cookie = mac(self._secret_at(now), source)
         nonce = self._rng(COOKIE_NONCE_SIZE)
         _, mac1, _ = _macs_region(message)
         return pack_cookie_reply(receiver_index, nonce, xaead_encrypt(self._encryption_key, nonce, cookie, mac1))

@@ -6,8 +6,10 @@ handshake timestamps are TAI64N and must keep growing across restarts.
 
 Sharding: the device can be one of N workers sharing a private key. Every
 local index it allocates satisfies ``index % workers == worker``, so a front
-end routes types 2, 3 and 4 by ``receiver_index % workers`` and type 1 by
-``identify_initiator`` to the worker owning that peer.
+end routes types 2, 3 and 4 by ``receiver_index % workers``. An initiation may
+reach any worker: given ``owner_of``, the device checks it as a responder
+(mac1, and the cookie when under load, before any Diffie-Hellman), then hands
+it to the worker owning its initiator in ``Output.forwards``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .messages import (INITIATION_SIZE, MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION
                        MESSAGE_RESPONSE, MESSAGE_TRANSPORT, RESPONSE_SIZE, TRANSPORT_HEADER,
                        TRANSPORT_MIN_SIZE, message_type, parse_cookie_reply,
                        parse_response)
-from .noise import StaticKey
+from .noise import StaticKey, hmac_
 from .peer import Peer, PeerConfig
 from .timers import (NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE,
                      ZERO_KEY_MATERIAL, Timing)
@@ -62,6 +64,7 @@ class Output:
     datagrams: list[tuple[Endpoint, bytes]] = field(default_factory=list)  # to the network
     packets: list[bytes] = field(default_factory=list)  # decrypted IP packets for the TUN
     events: list[Event] = field(default_factory=list)
+    forwards: list[tuple[int, Endpoint, bytes]] = field(default_factory=list)  # (worker, source, initiation)
     # Received datagrams addressed to another worker's session (receiver index), to hand on.
     foreign: list[tuple[bytes, Endpoint]] = field(default_factory=list)
 
@@ -69,20 +72,24 @@ class Output:
 class Device:
     def __init__(self, private_key: bytes, *, worker: int = 0, workers: int = 1, timing: Timing = Timing(),
                  under_load_threshold: int = 256, rng: Callable[[int], bytes] = os.urandom,
-                 mtu: int = DEFAULT_MTU) -> None:
+                 mtu: int = DEFAULT_MTU, owner_of: Callable[[bytes], int] | None = None) -> None:
         if not 0 <= worker < workers:
             raise ValueError(f"worker {worker} is not in range(0, {workers})")
         self.static = StaticKey(private_key)
         self.public_key = self.static.public
         self.worker, self.workers = worker, workers
+        self._owner_of = owner_of  # worker owning a peer key; None: this device owns every peer it knows
         self.timing = timing
         self.mtu = mtu
         self.peers: dict[bytes, Peer] = {}
         self.allowed_ips = AllowedIPs()  # values are Peer objects
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()  # drops and refusals, by reason
+        self.handshakes = 0  # completed handshakes (key rotations), for status
         self._rng = rng
         self._indices: dict[int, tuple[Peer, Keypair | None]] = {}  # local index -> owner
-        self._checker = CookieChecker(self.public_key, rng, timing.cookie_refresh_time)
+        # Workers sharing the private key derive the same cookie secrets: a cookie from one passes at another.
+        self._checker = CookieChecker(self.public_key, rng, timing.cookie_refresh_time,
+                                      seed=hmac_(private_key, b"cookie secret"))
         self._limiter = SourceRateLimiter()
         # Arrival times of the last threshold+1 handshake messages: under load when all are < 1 s old.
         self._handshake_arrivals: deque[float] = deque(maxlen=under_load_threshold + 1)
@@ -410,9 +417,16 @@ class Device:
 
     def _receive_initiation(self, data: bytes, endpoint: Endpoint, now: float, out: Output) -> None:
         opened = hs_.open_initiation(self.static, data)
-        peer = None if opened is None else self.peers.get(opened.initiator_static)
-        if opened is None or peer is None:
-            self.counters["bad_initiation" if opened is None else "unknown_peer"] += 1
+        if opened is None:
+            self.counters["bad_initiation"] += 1
+            return
+        owner = self.worker if self._owner_of is None else self._owner_of(opened.initiator_static)
+        if owner != self.worker:
+            out.forwards.append((owner, endpoint, data))  # the owner checks it again, with the same cookie secret
+            return
+        peer = self.peers.get(opened.initiator_static)
+        if peer is None:
+            self.counters["unknown_peer"] += 1
             return
         hs = peer.handshake
         error = hs_.consume_initiation(opened, hs, now, self.timing.handshake_initiation_rate)
@@ -483,6 +497,7 @@ class Device:
     def _handshake_complete(self, peer: Peer, now: float, out: Output) -> None:
         peer.timers.handshake_complete()
         peer.last_handshake = now
+        self.handshakes += 1
         out.events.append(Event(HANDSHAKE_COMPLETED, peer.public_key))
 
     def _emit(self, peer: Peer, message: bytes, out: Output) -> None:

@@ -5,6 +5,10 @@ ZeroMQ. The server runs on a thread of this process, and the two meet only
 through `run_coroutine_threadsafe` and `call_soon_threadsafe`: no state is
 shared between the bus side and the DNS side beyond those hand-offs.
 Several workers share the listen ports with SO_REUSEPORT.
+
+Learned names go onto the bus from the DNS thread itself, through a PUB
+socket of its own (a ZeroMQ socket belongs to one thread): handing each to
+the actor thread would cost two GIL hand-offs per forwarded answer.
 """
 from __future__ import annotations
 
@@ -12,16 +16,18 @@ import asyncio
 import ipaddress
 import resource
 import threading
-from collections import deque
 from typing import Any
 
+import zmq
+
 from actors.base import Actor, ConfigError
-from actors.bus.codec import Message
+from actors.bus.codec import Message, encode
 from actors.bus.messages import LinkChanged, NameLearned
 from actors.dns.server import DnsServer
 from actors.dns.settings import DnsSettings
 
 START_TIMEOUT = 5.0
+LEARNED_HWM = 10_000  # learned names queued for the bus; beyond it ZeroMQ drops them, as PUB does
 
 
 def mesh_names(config: dict[str, Any]) -> dict[str, list[str]]:
@@ -51,8 +57,16 @@ class DnsActor(Actor):
         self.thread.start()
         self.server: DnsServer | None = None
         self.settings: DnsSettings | None = None
-        self.learned: deque[tuple[str, list[str]]] = deque()
+        self.learned_published = 0
+        self.learned_events = self._call(self._open_learned_events())
         self.subscribe(LinkChanged.TAG)
+
+    async def _open_learned_events(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, LEARNED_HWM)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.runtime.events_in)
+        return sock
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(START_TIMEOUT)
@@ -77,14 +91,10 @@ class DnsActor(Actor):
         self.settings = settings
 
     def _learned(self, name: str, addresses: tuple[str, ...]) -> None:
-        # On the DNS thread: ZeroMQ sockets belong to the actor thread, so the
-        # event waits in a deque (thread-safe appends) and tick() publishes it.
-        self.learned.append((name, list(addresses)))
-
-    def tick(self, now: float) -> None:
-        while self.learned:
-            name, addresses = self.learned.popleft()
-            self.publish(NameLearned(name=name, addresses=addresses))
+        """On the DNS thread, with the DNS thread's own socket."""
+        message = NameLearned(name=name, addresses=list(addresses))
+        self.learned_events.send_multipart([message.TAG.encode(), encode(message)])  # PUB never blocks
+        self.learned_published += 1
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, LinkChanged) and self.server is not None:
@@ -100,7 +110,7 @@ class DnsActor(Actor):
         async def read() -> dict[str, int]:  # read on the DNS thread, where they change
             return server.counters()
 
-        return {"counters": self._call(read())}
+        return {"counters": {**self._call(read()), "learned_published": self.learned_published}}
 
     def close(self) -> None:
         if self.server is not None:
@@ -108,5 +118,13 @@ class DnsActor(Actor):
                 self._call(self.server.close())
             except Exception:  # shutting down: a slow close must not block exit
                 pass
+
+        async def close_learned_events() -> None:
+            self.learned_events.close(0)
+
+        try:
+            self._call(close_learned_events())
+        except Exception:
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
 

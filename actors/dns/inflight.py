@@ -22,7 +22,7 @@ DEFAULT_CAP = 1024
 LOG_INTERVAL = 2.0  # seconds, as Docker's rate.Sometimes for the same message
 
 
-@dataclass
+@dataclass(slots=True)
 class Flight(Generic[W]):
     query: bytes  # what goes upstream, the same for every attempt
     plan: FailoverPlan

@@ -1,4 +1,4 @@
-"""Query hygiene and reply rendering on top of dnspython.
+"""Query hygiene and reply rendering.
 
 Checks, in order (RFC 1035, RFC 6891, RFC 8906):
 - shorter than a header: dropped, there is nothing to answer to;
@@ -10,9 +10,14 @@ Checks, in order (RFC 1035, RFC 6891, RFC 8906):
   junk, several OPT RRs): FORMERR with a bare header;
 - EDNS version above 0: BADVERS with an OPT of version 0.
 
+A plain query (one question, at most a bare OPT) is read by hand (wire.py);
+dnspython reads the rest, and would read a plain one the same way.
+
 Replies are cut to what the client can take: its EDNS payload size over UDP
 (512 without EDNS), 65535 over TCP; whole RRsets that do not fit are left
-out and TC is set, so the client retries over TCP.
+out and TC is set, so the client retries over TCP. Local answers are
+rendered by dnspython; upstream answers are assembled from their bytes
+(wire.py) when the query is plain and the reply fits, else rendered too.
 """
 
 from __future__ import annotations
@@ -23,19 +28,15 @@ from dataclasses import dataclass
 import dns.flags
 import dns.message
 import dns.name
-import dns.opcode
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-HEADER_LEN = 12
+from actors.dns import wire
+from actors.dns.wire import HEADER_LEN, OUR_PAYLOAD, PlainQuery, WireAnswer
+
 CLASSIC_UDP_LIMIT = 512
 TCP_LIMIT = 65535
-# The DNS flag day 2020 size: no IP fragmentation on common paths.
-OUR_PAYLOAD = 1232
-_QR = 0x8000
-_OPCODE_MASK = 0x7800
-_RD = 0x0100
 # Meta and transfer types are never something a stub resolver may forward.
 REFUSED_QTYPES = frozenset(
     {
@@ -50,41 +51,92 @@ REFUSED_QTYPES = frozenset(
 )
 
 
-@dataclass(frozen=True)
 class Query:
-    message: dns.message.Message
+    """A client's query: the question and EDNS read from the wire, the
+    dnspython message made only when a reply has to be rendered."""
+
+    __slots__ = ("wire", "fields", "plain", "_message", "_key")
+
+    def __init__(self, wire_bytes: bytes, fields: PlainQuery, message: dns.message.Message | None = None) -> None:
+        self.wire = wire_bytes
+        self.fields = fields
+        self.plain = message is None  # read by hand, so replies may be assembled by hand
+        self._message = message
+        self._key: bytes | None = None
+
+    @classmethod
+    def from_message(cls, wire_bytes: bytes, message: dns.message.Message) -> Query:
+        question = message.question[0]
+        fields = PlainQuery(
+            flags=struct.unpack_from("!H", wire_bytes, 2)[0],
+            qname=question.name.to_wire(),
+            qtype=int(question.rdtype),
+            qclass=int(question.rdclass),
+            edns=message.edns,
+            payload=message.payload,
+            do=bool(message.ednsflags & dns.flags.DO),
+        )
+        return cls(wire_bytes, fields, message)
 
     @property
-    def question(self) -> dns.rrset.RRset:
-        return self.message.question[0]
+    def message(self) -> dns.message.Message:
+        if self._message is None:
+            self._message = dns.message.from_wire(self.wire)
+        return self._message
+
+    @property
+    def id(self) -> int:
+        return int.from_bytes(self.wire[:2], "big")
+
+    @property
+    def qname_wire(self) -> bytes:
+        return self.fields.qname
+
+    @property
+    def qname_key(self) -> bytes:
+        """The name in lowercase wire form: what caches and flights are keyed on."""
+        if self._key is None:
+            self._key = self.fields.qname.lower()
+        return self._key
 
     @property
     def qname(self) -> dns.name.Name:
-        return self.question.name
+        return dns.name.from_wire(self.fields.qname, 0)[0]
+
+    @property
+    def name_text(self) -> str:
+        """The name as rules match it: lowercase, no final dot."""
+        labels: list[bytes] = []
+        wire.read_name(self.fields.qname, 0, labels)
+        return wire.name_text(labels)
 
     @property
     def qtype(self) -> int:
-        return int(self.question.rdtype)
+        return self.fields.qtype
 
     @property
     def qclass(self) -> int:
-        return int(self.question.rdclass)
+        return self.fields.qclass
+
+    @property
+    def question_wire(self) -> bytes:
+        return self.fields.qname + wire.TYPE_CLASS.pack(self.fields.qtype, self.fields.qclass)
+
+    @property
+    def flags(self) -> int:
+        return self.fields.flags
 
     @property
     def do(self) -> bool:
-        return bool(self.message.ednsflags & dns.flags.DO)
-
-    @property
-    def cd(self) -> bool:
-        return bool(self.message.flags & dns.flags.CD)
+        return self.fields.do
 
     def size_limit(self, transport: str) -> int:
         if transport == "tcp":
             return TCP_LIMIT
-        if self.message.edns < 0:
+        if self.fields.edns < 0:
             return CLASSIC_UDP_LIMIT
         # RFC 6891 section 6.2.5: values below 512 are treated as 512.
-        return min(max(self.message.payload, CLASSIC_UDP_LIMIT), TCP_LIMIT)
+        return min(max(self.fields.payload, CLASSIC_UDP_LIMIT), TCP_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -123,44 +175,62 @@ class Answer:
             authenticated=bool(message.flags & dns.flags.AD),
         )
 
+    @classmethod
+    def from_wire_answer(cls, query: Query, answer: WireAnswer) -> Answer:
+        """The upstream answer as dnspython objects, for a reply dnspython renders."""
+        flags = wire.QR | answer.rcode | (wire.AD if answer.authenticated else 0)
+        message = wire.HEADER.pack(0, flags, 1, *answer.counts) + query.question_wire + answer.records
+        return cls.from_message(dns.message.from_wire(message))
 
-def header_reply(wire: bytes, rcode: int) -> bytes:
+
+def header_reply(wire_bytes: bytes, rcode: int) -> bytes:
     """A reply that is only a header: all that can be said to a query we cannot parse."""
-    query_id, flags = struct.unpack_from("!HH", wire)
-    return struct.pack("!HHHHHH", query_id, _QR | (flags & (_OPCODE_MASK | _RD)) | rcode, 0, 0, 0, 0)
+    query_id, flags = struct.unpack_from("!HH", wire_bytes)
+    return struct.pack("!HHHHHH", query_id, wire.QR | (flags & (wire.OPCODE_MASK | wire.RD)) | rcode, 0, 0, 0, 0)
 
 
-def parse_query(wire: bytes) -> Query | ErrorReply | Ignored:
+def parse_query(wire_bytes: bytes) -> Query | ErrorReply | Ignored:
     """Validate a query from a client. Never raises."""
-    if len(wire) < HEADER_LEN:
+    if len(wire_bytes) < HEADER_LEN:
         return Ignored("drop_short")
-    _, flags, qdcount = struct.unpack_from("!HHH", wire)
-    if flags & _QR:
+    _, flags, qdcount = struct.unpack_from("!HHH", wire_bytes)
+    if flags & wire.QR:
         return Ignored("drop_response")
-    if dns.opcode.from_flags(flags) != dns.opcode.QUERY:
-        return ErrorReply("notimp", header_reply(wire, dns.rcode.NOTIMP))
+    if flags & wire.OPCODE_MASK:  # an opcode other than QUERY (0)
+        return ErrorReply("notimp", header_reply(wire_bytes, dns.rcode.NOTIMP))
     if qdcount != 1:
-        return ErrorReply("formerr", header_reply(wire, dns.rcode.FORMERR))
-    try:
-        message = dns.message.from_wire(wire)
-    except Exception:  # garbage can trip any parser error; all of them mean FORMERR
-        return ErrorReply("formerr", header_reply(wire, dns.rcode.FORMERR))
-    query = Query(message)
-    if message.edns > 0:
+        return ErrorReply("formerr", header_reply(wire_bytes, dns.rcode.FORMERR))
+    plain = wire.parse_plain_query(wire_bytes)
+    if plain is not None:
+        query = Query(wire_bytes, plain)
+    else:
+        try:
+            query = Query.from_message(wire_bytes, dns.message.from_wire(wire_bytes))
+        except Exception:  # garbage can trip any parser error; all of them mean FORMERR
+            return ErrorReply("formerr", header_reply(wire_bytes, dns.rcode.FORMERR))
+    if query.fields.edns > 0:
         return ErrorReply("badvers", render(query, Answer(dns.rcode.BADVERS), "udp"))
     if query.qtype in REFUSED_QTYPES:
         return ErrorReply("refused_qtype", render(query, Answer(dns.rcode.REFUSED), "udp"))
     return query
 
 
-def render(query: Query, answer: Answer, transport: str) -> bytes:
+def render(query: Query, answer: Answer | WireAnswer, transport: str) -> bytes:
     """The reply to query carrying answer, cut to the client's size limit."""
-    reply = dns.message.make_response(query.message, recursion_available=True, our_payload=OUR_PAYLOAD)
-    reply.flags |= query.message.flags & dns.flags.CD
+    limit = query.size_limit(transport)
+    if isinstance(answer, WireAnswer):
+        if query.plain:
+            fields = query.fields
+            reply = wire.assemble(query.id, fields.flags, query.question_wire, answer, fields.edns >= 0, fields.do)
+            return reply if len(reply) <= limit else wire.cut(reply, answer, limit, fields.edns >= 0)
+        answer = Answer.from_wire_answer(query, answer)
+    message = query.message
+    reply = dns.message.make_response(message, recursion_available=True, our_payload=OUR_PAYLOAD)
+    reply.flags |= message.flags & dns.flags.CD
     if answer.authoritative:
         reply.flags |= dns.flags.AA
     # RFC 6840 section 5.8: AD only to clients that asked for DNSSEC data.
-    if answer.authenticated and (query.do or query.message.flags & dns.flags.AD):
+    if answer.authenticated and (query.do or message.flags & dns.flags.AD):
         reply.flags |= dns.flags.AD
     if query.do:
         reply.want_dnssec(True)
@@ -168,31 +238,25 @@ def render(query: Query, answer: Answer, transport: str) -> bytes:
     reply.answer = list(answer.answer)
     reply.authority = list(answer.authority)
     reply.additional = list(answer.additional)
-    return reply.to_wire(max_size=query.size_limit(transport), prefer_truncation=True)
+    return reply.to_wire(max_size=limit, prefer_truncation=True)
+
+
+def reply_ttls(query: Query, answer: WireAnswer, reply: bytes) -> tuple[tuple[int, int], ...] | None:
+    """Where the TTLs are in a reply render() made of answer, if it was assembled
+    whole (so the fast path need not read it), else None."""
+    opt = len(wire.opt_record(False)) if query.fields.edns >= 0 else 0
+    if query.plain and len(reply) == answer.base + len(answer.records) + opt:
+        return answer.reply_ttls()
+    return None
 
 
 def make_forward_query(query: Query) -> bytes:
     """The query we send upstream: same question, our own EDNS, the client's DO and CD."""
-    forward = dns.message.make_query(
-        query.qname, query.qtype, query.qclass, use_edns=0, want_dnssec=query.do, payload=OUR_PAYLOAD, id=0
-    )
-    forward.flags |= dns.flags.RD | (query.message.flags & dns.flags.CD)
-    return forward.to_wire()
+    fields = query.fields
+    return wire.forward_query(fields.qname, fields.qtype, fields.qclass, fields.flags, fields.do)
 
 
-def parse_response(wire: bytes, question: dns.rrset.RRset) -> dns.message.Message | str:
-    """An upstream's answer to question, or the reason it is unusable. Never raises."""
-    try:
-        message = dns.message.from_wire(wire)
-    except Exception:  # an upstream's garbage is a failed attempt, not a crash
-        return "malformed"
-    if not message.flags & dns.flags.QR or message.opcode() != dns.opcode.QUERY:
-        return "not_response"
-    if len(message.question) != 1:
-        return "question_mismatch"
-    got = message.question[0]
-    if got.name != question.name or got.rdtype != question.rdtype or got.rdclass != question.rdclass:
-        return "question_mismatch"
-    if message.flags & dns.flags.TC:
-        return "truncated"
-    return message
+def parse_response(answer: bytes, query: Query) -> WireAnswer | str:
+    """An upstream's answer to query, or the reason it is unusable. Never raises."""
+    fields = query.fields
+    return wire.parse_answer(answer, fields.qname, fields.qtype, fields.qclass)

@@ -3,7 +3,10 @@
 A query goes through, in order: hygiene (message.py), the local zone
 (zone.py), Docker's ndots rule, request routing (rules.py), the cache
 (cache.py), merging and the in-flight cap (inflight.py), and finally one
-upstream after another (upstream.py). The IO side carries out the actions:
+upstream after another (upstream.py). Replies that depend on the question
+alone are prepared for the fast path (fastpath.py): the IO side offers every
+query to fast() first and calls handle() only when that has no reply.
+The IO side carries out the actions:
 
 - Reply: send wire back to the client (source/transport/ctx say where);
 - Forward: send query to upstream, then call on_upstream_answer or
@@ -23,7 +26,8 @@ from typing import Any
 import dns.rcode
 import dns.rdatatype
 
-from actors.dns.cache import CacheKey, DnsCache
+from actors.dns.cache import CacheEntry, CacheKey, DnsCache
+from actors.dns.fastpath import FastAnswers, prepare
 from actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
 from actors.dns.message import (
     Answer,
@@ -34,16 +38,21 @@ from actors.dns.message import (
     parse_query,
     parse_response,
     render,
+    reply_ttls,
 )
 from actors.dns.rules import Reject, Route, Router, SourceOverride
 from actors.dns.settings import DnsSettings
 from actors.dns.upstream import FailoverPlan, Upstream, should_failover, without_own
+from actors.dns.wire import WireAnswer, label_count
 from actors.dns.zone import Zone
 
 Source = tuple[Any, ...]  # (ip, port) of the client
 
+# Prepared local replies (and rejections) the fast path keeps beside the cache's.
+LOCAL_ENTRIES = 4096
 
-@dataclass(frozen=True)
+
+@dataclass(slots=True)
 class Reply:
     wire: bytes
     source: Source
@@ -51,7 +60,7 @@ class Reply:
     ctx: object = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Forward:
     key: CacheKey
     upstream: Upstream
@@ -59,7 +68,7 @@ class Forward:
     timeout: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Drop:
     reason: str
     source: Source
@@ -67,13 +76,13 @@ class Drop:
     ctx: object = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Learned:
     name: str
     addresses: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Log:
     event: str
     fields: dict[str, Any]
@@ -82,12 +91,13 @@ class Log:
 Action = Reply | Forward | Drop | Learned | Log
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Waiter:
     query: Query
     source: Source
     transport: str
     ctx: object
+    wire: bytes  # the query as it came, the fast path's key
 
 
 def _cache_shape(s: DnsSettings) -> tuple[Any, ...]:
@@ -105,6 +115,7 @@ class Resolver:
         self._inflight: InflightTable[_Waiter] = InflightTable(settings.max_inflight)
         self._cap_log = RateLimiter()
         self._cache = DnsCache(0)
+        self._fast = FastAnswers(0)
         self.settings = settings
         self.reconfigure(settings, force=True)
 
@@ -121,6 +132,9 @@ class Resolver:
             overrides=[SourceOverride(o.network, without_own(o.upstreams, own)) for o in settings.source_overrides],
         )
         self._inflight.cap = settings.max_inflight
+        self._fast.clear(size=settings.cache_size + LOCAL_ENTRIES)  # the zone or the routes may have changed
+        # With per-source upstreams, the same question may have different answers.
+        self._fast_cache_hits = not settings.source_overrides
         if force or _cache_shape(old) != _cache_shape(settings):
             self._cache = DnsCache(
                 size=settings.cache_size,
@@ -132,6 +146,7 @@ class Resolver:
 
     def flush_cache(self) -> None:
         self._cache.flush()
+        self._fast.clear()
 
     def stats(self) -> dict[str, int]:
         """Counters and gauges for status."""
@@ -139,9 +154,24 @@ class Resolver:
             **self.counters,
             **self._cache.counters.as_dict(),
             "cache_entries": len(self._cache),
+            "fast_entries": len(self._fast),
+            "fast_answers": self._fast.hits,
             "inflight": len(self._inflight),
             "inflight_cap_logs_suppressed": self._cap_log.suppressed,
         }
+
+    def fast(self, query_wire: bytes, transport: str, now: float) -> bytes | None:
+        """The reply to a query answered before, from its bytes alone; None: call handle()."""
+        found = self._fast.lookup(query_wire, transport, now)
+        if found is None:
+            return None
+        reply, prepared = found
+        self.counters[f"queries_{transport}"] += 1
+        if isinstance(prepared.cache_entry, CacheEntry):
+            self._cache.hit(prepared.cache_entry)
+        else:
+            self.counters[prepared.counter] += 1
+        return reply
 
     def handle(self, query_wire: bytes, source: Source, transport: str, now: float, ctx: object = None) -> list[Action]:
         """A query from a client. Never raises on bad input."""
@@ -153,24 +183,24 @@ class Resolver:
         if isinstance(parsed, ErrorReply):
             self.counters[parsed.reason] += 1
             return [Reply(parsed.wire, source, transport, ctx)]
-        waiter = _Waiter(parsed, source, transport, ctx)
-        local = self._zone.answer(parsed.qname, parsed.qtype, parsed.qclass)
+        waiter = _Waiter(parsed, source, transport, ctx, query_wire)
+        local = self._local_answer(parsed)
         if local is not None:
             self.counters["local_answers"] += 1
-            return [self._reply(waiter, local)]
+            return [self._reply(waiter, local, keep="local_answers")]
         if self._held_back_by_ndots(parsed):
             # Docker: with ndots set, a single-label name is not sent out; the
             # client goes on with its search domains.
             self.counters["ndots_not_forwarded"] += 1
-            return [self._reply(waiter, Answer(dns.rcode.NOERROR))]
-        decision = self._router.route(parsed.qname.to_text(), parsed.qtype, str(source[0]) if source else "")
+            return [self._reply(waiter, Answer(dns.rcode.NOERROR), keep="ndots_not_forwarded")]
+        decision = self._router.route(parsed.name_text, parsed.qtype, str(source[0]) if source else "")
         if isinstance(decision, Reject):
             self.counters["rejected_by_rule"] += 1
-            return [self._reply(waiter, Answer(self.settings.reject_rcode_value))]
-        key = CacheKey(parsed.qname, parsed.qtype, parsed.qclass, parsed.do, decision.view)
-        cached = self._cache.get(key, now)
+            return [self._reply(waiter, Answer(self.settings.reject_rcode_value), keep="rejected_by_rule")]
+        key = CacheKey(parsed.qname_key, parsed.qtype, parsed.qclass, parsed.do, decision.view)
+        cached = self._cache.fresh(key, now)
         if cached is not None:
-            return [self._reply(waiter, cached)]
+            return [self._reply_cached(waiter, cached, now)]
         admission = self._inflight.admit(
             key, waiter, lambda: Flight(make_forward_query(parsed), FailoverPlan(decision.upstreams), now)
         )
@@ -191,17 +221,16 @@ class Resolver:
         flight = self._current(key, upstream)
         if flight is None:
             return []
-        message = parse_response(wire, flight.waiters[0].query.question)
-        if isinstance(message, str):
-            return self._failed(key, f"upstream_{message}", now)
-        rcode = int(message.rcode())
-        if should_failover(rcode):
-            return self._failed(key, f"upstream_{dns.rcode.to_text(rcode).lower()}", now)
-        answer = Answer.from_message(message)
-        answer = self._cache.put(key, answer, now) or answer
+        answer = parse_response(wire, flight.waiters[0].query)
+        if isinstance(answer, str):
+            return self._failed(key, f"upstream_{answer}", now)
+        if should_failover(answer.rcode):
+            return self._failed(key, f"upstream_{dns.rcode.to_text(answer.rcode).lower()}", now)
+        entry = self._cache.store(key, answer, now)
         self._inflight.finish(key)
         self.counters["upstream_answers"] += 1
-        return [*self._learned(answer), *(self._reply(w, answer) for w in flight.waiters)]
+        replies = [self._reply_cached(w, entry, now) if entry else self._reply(w, answer) for w in flight.waiters]
+        return [*self._learned(answer), *replies]
 
     def on_upstream_failure(self, key: CacheKey, upstream: Upstream, reason: str, now: float) -> list[Action]:
         """The Forward for key failed: timeout, connection refused, TLS error..."""
@@ -241,25 +270,53 @@ class Resolver:
             answer = Answer(dns.rcode.SERVFAIL)
         return [self._reply(w, answer) for w in flight.waiters]
 
+    def _local_answer(self, query: Query) -> Answer | None:
+        # The wire check first: most names are not the zone's, and spare it a dnspython Name.
+        if not self._zone.covers(query.qname_key):
+            return None
+        return self._zone.answer(query.qname, query.qtype, query.qclass)
+
     def _held_back_by_ndots(self, query: Query) -> bool:
         return (
             self.settings.ndots > 0
             and query.qtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
-            and len(query.qname.labels) == 2  # one label and the root
+            and label_count(query.qname_wire) == 2  # one label and the root
         )
 
-    def _reply(self, waiter: _Waiter, answer: Answer) -> Reply:
+    def _render(self, waiter: _Waiter, answer: Answer | WireAnswer) -> bytes | None:
         try:
-            wire = render(waiter.query, answer, waiter.transport)
+            return render(waiter.query, answer, waiter.transport)
         except Exception:  # an upstream record dnspython parsed but cannot write back
             self.counters["render_errors"] += 1
+            return None
+
+    def _reply(self, waiter: _Waiter, answer: Answer | WireAnswer, keep: str = "") -> Reply:
+        """The reply carrying answer; with keep (the counter a hit bumps), a
+        static reply kept for the fast path, several local addresses shuffled."""
+        wire = self._render(waiter, answer)
+        if wire is None:
             wire = render(waiter.query, Answer(dns.rcode.SERVFAIL), waiter.transport)
+        elif keep:
+            prepared = prepare(wire, self._rng, counter=keep)
+            if prepared is not None:
+                self._fast.keep(waiter.wire, waiter.transport, prepared)
+        return Reply(wire, waiter.source, waiter.transport, waiter.ctx)
+
+    def _reply_cached(self, waiter: _Waiter, entry: CacheEntry, now: float) -> Reply:
+        """The reply from a cache entry, TTLs counted down; kept for the fast path until it expires."""
+        wire = self._render(waiter, entry.answer)
+        prepared = None
+        if wire is not None:
+            prepared = prepare(wire, self._rng, born=entry.stored_at, expires=entry.expires_at(), cache_entry=entry,
+                               ttls=reply_ttls(waiter.query, entry.answer, wire))
+        if prepared is None:
+            return self._reply(waiter, entry.answer_at(now))
+        if self._fast_cache_hits:
+            self._fast.keep(waiter.wire, waiter.transport, prepared)
+        if now > entry.stored_at:  # else nothing has counted down yet: the rendered reply is it
+            wire = prepared.render(waiter.wire[:2], now)
         return Reply(wire, waiter.source, waiter.transport, waiter.ctx)
 
     @staticmethod
-    def _learned(answer: Answer) -> list[Learned]:
-        return [
-            Learned(rrset.name.to_text(omit_final_dot=True).lower(), tuple(r.address for r in rrset))
-            for rrset in answer.answer
-            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
-        ]
+    def _learned(answer: WireAnswer) -> list[Learned]:
+        return [Learned(name, addresses) for name, addresses in answer.addresses]

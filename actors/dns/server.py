@@ -5,7 +5,9 @@ socket with SO_REUSEPORT, so N worker processes share the ports and the
 kernel spreads queries across them; IP_FREEBIND lets a worker bind the
 tunnel address before the router has put it on the link. TCP carries many
 queries per connection (answers may come back out of order, RFC 7766) and
-idle connections are closed.
+idle connections are closed. Every query is offered to the resolver's fast
+path first (a question asked before, answered from bytes) and goes the
+full way only when that has nothing.
 
     server = DnsServer(settings, on_learned=publish)
     await server.start()
@@ -26,13 +28,14 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import structlog
 
 from actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Resolver
 from actors.dns.settings import DnsSettings
-from actors.dns.transport import Transport, UpstreamError
+from actors.dns.transport import Transport
 
 log = structlog.get_logger("meshsup.dns")
 
@@ -71,7 +74,8 @@ def _bind(address: Address, kind: socket.SocketKind) -> socket.socket:
 
 
 class _UdpListener:
-    """Reads datagrams by draining the socket; replies go out of the same socket."""
+    """Reads datagrams by draining the socket; replies go out of the same socket.
+    Queries the fast path knows are answered right here, the hot loop."""
 
     def __init__(self, sock: socket.socket, server: DnsServer) -> None:
         self._sock = sock
@@ -80,15 +84,20 @@ class _UdpListener:
         self._loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
+        recvfrom, fast, clock = self._sock.recvfrom, self._server.fast, time.monotonic
         for _ in range(UDP_DRAIN_BATCH):
             try:
-                data, source = self._sock.recvfrom(65535)
+                data, source = recvfrom(65535)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 self._server.stats["udp_receive_errors"] += 1
                 return
-            self._server._handle(data, source, "udp", self)
+            reply = fast(data, "udp", clock())
+            if reply is None:
+                self._server._handle(data, source, "udp", self)
+            else:
+                self.send(reply, source)
 
     def send(self, wire: bytes, source: Any) -> None:
         try:
@@ -145,10 +154,11 @@ class DnsServer:
         self.settings = settings
         self._on_learned = on_learned
         self._resolver = Resolver(settings)
+        self.fast = self._resolver.fast
         self._transport = Transport(ca_file=settings.ca_file, idle_timeout=settings.tcp_idle_timeout)
         self._listeners: dict[Address, _Listeners] = {}
         self._connections: set[_TcpConnection] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
         self.stats: Counter[str] = Counter()
 
     async def start(self) -> None:
@@ -184,8 +194,9 @@ class DnsServer:
             self._listeners.pop(address).close()
         if (settings.ca_file, settings.tcp_idle_timeout) != (self.settings.ca_file, self.settings.tcp_idle_timeout):
             # Forwards under way on the old transport fail over to the new one.
-            self._transport.close()
+            old = self._transport
             self._transport = Transport(ca_file=settings.ca_file, idle_timeout=settings.tcp_idle_timeout)
+            old.close()
         self._resolver.reconfigure(settings)
         self.settings = settings
 
@@ -211,10 +222,9 @@ class DnsServer:
         self._listeners.clear()
         for connection in list(self._connections):
             connection.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._closing = True
         self._transport.close()
+        await self._transport.wait_closed()
 
     # -- the loop around the resolver ------------------------------------
 
@@ -229,25 +239,21 @@ class DnsServer:
                 case Drop():
                     action.ctx.finished()  # type: ignore[union-attr]
                 case Forward():
-                    task = asyncio.create_task(self._forward(action, self._transport))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    done = partial(self._answered, action)
+                    self._transport.start(action.upstream, action.query, action.timeout, done)
                 case Learned():
                     self._learned(action)
                 case Log():
                     log.warning(action.event, **action.fields)
 
-    async def _forward(self, action: Forward, transport: Transport) -> None:
-        try:
-            wire = await transport.exchange(action.upstream, action.query, action.timeout)
-        except UpstreamError as exc:
-            actions = self._resolver.on_upstream_failure(action.key, action.upstream, exc.reason, time.monotonic())
-        except Exception:  # a bug here must still end the flight, or its clients wait forever
-            log.exception("dns_forward_failed", upstream=str(action.upstream))
-            actions = self._resolver.on_upstream_failure(action.key, action.upstream, "internal", time.monotonic())
+    def _answered(self, action: Forward, wire: bytes | None, reason: str) -> None:
+        if self._closing:
+            return
+        now = time.monotonic()
+        if wire is None:
+            self._run(self._resolver.on_upstream_failure(action.key, action.upstream, reason, now))
         else:
-            actions = self._resolver.on_upstream_answer(action.key, action.upstream, wire, time.monotonic())
-        self._run(actions)
+            self._run(self._resolver.on_upstream_answer(action.key, action.upstream, wire, now))
 
     def _learned(self, learned: Learned) -> None:
         if self._on_learned is None:
@@ -281,7 +287,11 @@ class DnsServer:
                 async with asyncio.timeout(self.settings.tcp_idle_timeout):
                     wire = await reader.readexactly(length)
                 connection.pending += 1
-                self._handle(wire, source, "tcp", connection)
+                reply = self.fast(wire, "tcp", time.monotonic())
+                if reply is None:
+                    self._handle(wire, source, "tcp", connection)
+                else:
+                    connection.send(reply, source)
         except (asyncio.IncompleteReadError, OSError, TimeoutError):
             pass  # the client went away or stalled mid-message
         finally:

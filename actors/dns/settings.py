@@ -81,6 +81,19 @@ class DnsSettings:
     def reject_rcode_value(self) -> int:
         return REJECT_RCODES[self.reject_rcode]
 
+    @property
+    def nameservers(self) -> list[str]:
+        """The listen addresses resolv.conf can name: those on port 53 (it has no
+        port), an unspecified address as the loopback one."""
+        out = []
+        for host, port in self.listen:
+            if port == 53:
+                address = ipaddress.ip_address(host)
+                if address.is_unspecified:
+                    address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+                out.append(str(address))
+        return list(dict.fromkeys(out))
+
     @classmethod
     def from_config(cls, dns_table: Mapping[str, Any], names: Mapping[str, list[str]]) -> DnsSettings:
         unknown = set(dns_table) - DNS_KEYS
@@ -115,6 +128,8 @@ class DnsSettings:
         )
         if settings.cache_min_ttl > settings.cache_max_ttl:
             raise ValueError("dns.cache_min_ttl: greater than dns.cache_max_ttl")
+        if settings.set_os_resolver and not settings.nameservers:
+            raise ValueError("dns.set_os_resolver: needs a dns.listen address on port 53 (resolv.conf has no ports)")
         return settings
 
 

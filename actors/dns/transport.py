@@ -1,7 +1,9 @@
 """The IO half of forwarding: asyncio clients for udp/tcp/tls/https upstreams.
 
-- UDP: a fresh socket (so a fresh source port) and a random ID per query;
-  a truncated answer is asked again over TCP.
+- UDP: a few connected sockets per upstream carry every query, answers
+  matched by a random ID; each socket is replaced after a number of
+  queries, so source ports keep changing (RFC 5452) without a socket per
+  query. A truncated answer is asked again over TCP.
 - TCP and TLS: one connection per upstream carries many queries at once
   (RFC 7766 pipelining), answers matched by ID; a reused connection that
   the server closed meanwhile is retried once on a new one; closed when
@@ -10,25 +12,35 @@
   on a small pool of TLS connections (HTTP/1.1 has one request in flight
   per connection), ID 0 on the wire as the RFC asks.
 
-Every failure comes out as UpstreamError with a short reason the resolver
-counts (timeout, refused, closed, network, tls, http...).
+``Transport.start`` sends a query and calls back once with the answer or
+with a short reason the resolver counts (timeout, refused, closed, network,
+tls, http...). A UDP query costs a timer and a callback, not a task.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
+import os
 import socket
 import ssl
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
+from typing import Any
+
+import structlog
 
 from actors.dns.upstream import Upstream
 
+log = structlog.get_logger("meshsup.dns")
+
 MAX_MESSAGE = 65535
 DOH_POOL_SIZE = 4
+UDP_SOCKETS = 4  # per upstream
+UDP_QUERIES_PER_SOCKET = 1000  # then a new socket, with a new source port
+UDP_DRAIN_BATCH = 64
 MAX_HTTP_HEADERS = 64
 _QR_BYTE = 0x80  # in the third octet of a message
 _TC_BYTE = 0x02
@@ -58,6 +70,153 @@ def _tls_context(ca_file: str | None, alpn: str) -> ssl.SSLContext:
     return context
 
 
+class _RandomIds:
+    """Unpredictable 16-bit IDs (RFC 5452), from os.urandom a few thousand at a time
+    rather than with a system call each."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._at = 0
+
+    def __call__(self) -> int:
+        if self._at >= len(self._buffer):
+            self._buffer, self._at = os.urandom(4096), 0
+        self._at += 2
+        return (self._buffer[self._at - 2] << 8) | self._buffer[self._at - 1]
+
+
+_random_id = _RandomIds()
+
+
+def _reason(exc: BaseException) -> str:
+    """The short name a failed exchange is counted under."""
+    if isinstance(exc, UpstreamError):
+        return exc.reason
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, (ConnectionError, asyncio.IncompleteReadError)):
+        return "closed"
+    if isinstance(exc, OSError):
+        return "network"
+    raise exc
+
+
+# Called once per query: the answer (with the query's ID) and "", or None and why not.
+Done = Callable[[bytes | None, str], None]
+
+
+class _UdpSocket:
+    """One connected UDP socket; an answer goes to the query waiting on its ID.
+    No task per query: a timer and a callback."""
+
+    def __init__(self, upstream: Upstream, counters: Counter[str]) -> None:
+        family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self._sock.setblocking(False)
+            # Connected: the kernel filters other sources and reports ICMP
+            # port unreachable as ConnectionRefusedError at once.
+            self._sock.connect((upstream.host, upstream.port))
+        except BaseException:
+            self._sock.close()
+            raise
+        self._counters = counters
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self._readable)
+        self._pending: dict[int, tuple[bytes, Done, asyncio.TimerHandle]] = {}
+        self.uses = 0
+        self.closed = False
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending
+
+    def send(self, query: bytes, timeout: float, done: Done) -> None:
+        """Send query under a fresh random ID; OSError if it cannot be sent."""
+        query_id = _random_id()
+        while query_id in self._pending:
+            query_id = _random_id()
+        self._sock.send(struct.pack("!H", query_id) + query[2:])
+        timer = self._loop.call_later(timeout, self._finish, query_id, None, "timeout")
+        self._pending[query_id] = (query, done, timer)
+        self.uses += 1
+
+    def _finish(self, query_id: int, answer: bytes | None, reason: str) -> None:
+        query, done, timer = self._pending.pop(query_id)
+        timer.cancel()
+        done(None if answer is None else query[:2] + answer[2:], reason)
+
+    def _readable(self) -> None:
+        for _ in range(UDP_DRAIN_BATCH):
+            try:
+                answer = self._sock.recv(MAX_MESSAGE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. port unreachable: every query here went to that port
+                for query_id in list(self._pending):
+                    self._finish(query_id, None, _reason(exc))
+                return
+            query_id = (answer[0] << 8) | answer[1] if len(answer) >= 12 and answer[2] & _QR_BYTE else -1
+            if query_id in self._pending:
+                self._finish(query_id, answer, "")
+            else:
+                self._counters["upstream_udp_mismatched"] += 1  # late, stray or spoofed: keep waiting
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        for query_id in list(self._pending):
+            self._finish(query_id, None, "closed")
+
+
+class _UdpClient:
+    """A small set of UDP sockets to one upstream, shared by all queries."""
+
+    def __init__(self, upstream: Upstream, counters: Counter[str]) -> None:
+        self._upstream = upstream
+        self._counters = counters
+        self._sockets: list[_UdpSocket] = []
+        self._retired: list[_UdpSocket] = []
+        self._next = 0
+
+    def _socket(self) -> _UdpSocket:
+        """The next socket in turn. A socket carries at most UDP_QUERIES_PER_SOCKET
+        queries (so at most that many wait on it, and IDs are always free)."""
+        if len(self._sockets) < UDP_SOCKETS:
+            self._sockets.append(self._new_socket())
+            return self._sockets[-1]
+        self._next = (self._next + 1) % UDP_SOCKETS
+        sock = self._sockets[self._next]
+        if sock.uses >= UDP_QUERIES_PER_SOCKET:
+            self._retired.append(sock)  # closed once its last answer is in
+            sock = self._sockets[self._next] = self._new_socket()
+        return sock
+
+    def _new_socket(self) -> _UdpSocket:
+        self._counters["upstream_sockets_udp"] += 1
+        return _UdpSocket(self._upstream, self._counters)
+
+    def send(self, query: bytes, timeout: float, done: Done) -> None:
+        if self._retired:
+            for sock in [s for s in self._retired if s.idle]:
+                sock.close()
+                self._retired.remove(sock)
+        self._socket().send(query, timeout, done)
+
+    def close(self) -> None:
+        for sock in [*self._sockets, *self._retired]:
+            sock.close()
+        self._sockets.clear()
+        self._retired.clear()
+
+
 class _StreamConnection:
     """One TCP or TLS connection carrying many length-prefixed queries."""
 
@@ -73,9 +232,9 @@ class _StreamConnection:
     async def exchange(self, query: bytes) -> bytes:
         if self.closed:
             raise _ConnectionLost()
-        query_id = secrets.randbits(16)
+        query_id = _random_id()
         while query_id in self._pending:
-            query_id = secrets.randbits(16)
+            query_id = _random_id()
         wire_id = struct.pack("!H", query_id)
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._pending[query_id] = future
@@ -304,14 +463,17 @@ class _DohClient:
 
 
 class Transport:
-    """Sends a query to one upstream and returns its answer (with the query's ID)."""
+    """Sends queries to upstreams, and hands back their answers (with the query's ID)."""
 
     def __init__(self, *, ca_file: str | None = None, idle_timeout: float = 10.0) -> None:
         self._ca_file = ca_file
         self._idle_timeout = idle_timeout
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._streams: dict[Upstream, _StreamClient] = {}
+        self._udp_clients: dict[Upstream, _UdpClient] = {}
         self._doh: dict[Upstream, _DohClient] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
         self.counters: Counter[str] = Counter()
 
     def _context(self, alpn: str) -> ssl.SSLContext:
@@ -319,50 +481,62 @@ class Transport:
             self._contexts[alpn] = _tls_context(self._ca_file, alpn)
         return self._contexts[alpn]
 
-    async def exchange(self, upstream: Upstream, query: bytes, timeout: float) -> bytes:
-        try:
-            async with asyncio.timeout(timeout):
-                return await self._exchange(upstream, query)
-        except UpstreamError:
-            raise
-        except TimeoutError:
-            raise UpstreamError("timeout") from None
-        except ssl.SSLError:
-            raise UpstreamError("tls") from None
-        except ConnectionRefusedError:
-            raise UpstreamError("refused") from None
-        except (ConnectionError, asyncio.IncompleteReadError):
-            raise UpstreamError("closed") from None
-        except OSError:
-            raise UpstreamError("network") from None
-
-    async def _exchange(self, upstream: Upstream, query: bytes) -> bytes:
+    def start(self, upstream: Upstream, query: bytes, timeout: float, done: Done) -> None:
+        """Send query to upstream; done gets the answer (with the query's ID) and "",
+        or None and the reason (timeout, refused, closed, network, tls, http...), once."""
         self.counters[f"upstream_queries_{upstream.scheme}"] += 1
-        if upstream.scheme == "udp":
-            answer = await self._udp(upstream, query)
-            if not answer[2] & _TC_BYTE:
-                return answer
+        loop = asyncio.get_running_loop()
+        if self._closed:
+            loop.call_soon(done, None, "closed")
+            return
+        if upstream.scheme != "udp":
+            self._spawn(self._stream_or_doh(upstream, query), timeout, done)
+            return
+        deadline = loop.time() + timeout
+
+        def udp_done(answer: bytes | None, reason: str) -> None:
+            if answer is None or not answer[2] & _TC_BYTE:
+                done(answer, reason)
+                return
             self.counters["upstream_truncated_retried_tcp"] += 1
-            upstream = replace(upstream, scheme="tcp")
+            self._spawn(self._stream(replace(upstream, scheme="tcp")).exchange(query), deadline - loop.time(), done)
+
+        try:
+            self._udp(upstream).send(query, timeout, udp_done)
+        except OSError as exc:
+            loop.call_soon(done, None, _reason(exc))
+
+    def _spawn(self, exchange: Coroutine[Any, Any, bytes], timeout: float, done: Done) -> None:
+        async def run() -> None:
+            try:
+                async with asyncio.timeout(timeout):
+                    answer = await exchange
+            except asyncio.CancelledError:  # the transport closed under it
+                done(None, "closed")
+                raise
+            except Exception as exc:  # every failure is a reason; a bug is one too ("internal")
+                try:
+                    reason = _reason(exc)
+                except Exception:
+                    log.exception("dns_upstream_exchange_failed")
+                    reason = "internal"
+                done(None, reason)
+            else:
+                done(answer, "")
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _stream_or_doh(self, upstream: Upstream, query: bytes) -> bytes:
         if upstream.scheme in ("tcp", "tls"):
             return await self._stream(upstream).exchange(query)
         return await self._doh_client(upstream).exchange(query)
 
-    async def _udp(self, upstream: Upstream, query: bytes) -> bytes:
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
-            # Connected: the kernel filters other sources and reports ICMP
-            # port unreachable as ConnectionRefusedError at once.
-            sock.connect((upstream.host, upstream.port))
-            wire_id = struct.pack("!H", secrets.randbits(16))
-            sock.send(wire_id + query[2:])
-            while True:
-                try:
-                    return _answer_for(query, await loop.sock_recv(sock, MAX_MESSAGE), wire_id)
-                except UpstreamError:
-                    self.counters["upstream_udp_mismatched"] += 1  # a stray or spoofed datagram: keep waiting
+    def _udp(self, upstream: Upstream) -> _UdpClient:
+        if upstream not in self._udp_clients:
+            self._udp_clients[upstream] = _UdpClient(upstream, self.counters)
+        return self._udp_clients[upstream]
 
     def _stream(self, upstream: Upstream) -> _StreamClient:
         if upstream not in self._streams:
@@ -376,7 +550,16 @@ class Transport:
         return self._doh[upstream]
 
     def close(self) -> None:
-        for client in [*self._streams.values(), *self._doh.values()]:
+        """Close every connection; exchanges under way end as "closed"."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for client in [*self._udp_clients.values(), *self._streams.values(), *self._doh.values()]:
             client.close()
+        self._udp_clients.clear()
         self._streams.clear()
         self._doh.clear()
+
+    async def wait_closed(self) -> None:
+        """Until the exchanges close() cancelled have ended."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -75,6 +75,8 @@ class Zone:
         self._existing = {
             ancestor for name in self._nodes for ancestor in self._ancestors(name)
         }
+        self._origin_wire = self._origin.to_wire().lower()
+        self._reverse_wire = frozenset(name.to_wire().lower() for name in self._reverse)
 
     def _add(self, name: dns.name.Name, rdtype: int, rdata: dns.rdata.Rdata) -> None:
         rdatas = self._nodes.setdefault(name, {}).setdefault(rdtype, [])
@@ -87,6 +89,18 @@ class Zone:
             name = name.parent()
             out.append(name)
         return out
+
+    def covers(self, qname: bytes) -> bool:
+        """Whether a name (in lowercase wire form) is one answer() may answer:
+        under the domain, or the reverse name of a mesh address."""
+        if qname in self._reverse_wire:
+            return True
+        if not qname.endswith(self._origin_wire):
+            return False
+        boundary, offset = len(qname) - len(self._origin_wire), 0
+        while offset < boundary:
+            offset += qname[offset] + 1
+        return offset == boundary
 
     def answer(self, qname: dns.name.Name, qtype: int, qclass: int) -> Answer | None:
         """The local answer, or None when the question is not ours to answer."""

@@ -22,6 +22,8 @@ from actors.bus.codec import Message
 from actors.bus.messages import DatagramBatch
 from actors.magicsock.classify import MessageType, classify, receiver_index
 from actors.magicsock.udp import UdpSocket
+from actors.netlog.counting import UNDERLAY
+from actors.netlog.feed import FlowFeed
 
 RECV_BATCH = 512
 
@@ -34,9 +36,11 @@ class MagicsockActor(Actor):
         self.sock: UdpSocket | None = None
         self.workers = 1
         self.counters: Counter[str] = Counter()
+        self.flows = FlowFeed(self, UNDERLAY)
 
     def configure(self, config: dict[str, Any]) -> None:
         super().configure(config)
+        self.flows.configure(config)
         port = config["node"]["listen_port"]
         self.workers = config["actors"]["crypto"]
         self.outbox.connect([f"crypto-{w}" for w in range(self.workers)])
@@ -68,10 +72,13 @@ class MagicsockActor(Actor):
                 worker = (receiver_index(data) or 0) % self.workers
             groups[(worker, host, port)].append(data)
         for (worker, host, port), ds in groups.items():
+            self.flows.rx.add((host, port), len(ds), sum(map(len, ds)))
             for blob in batch.pack_split(ds):
                 self.outbox.send(f"crypto-{worker}", DatagramBatch(host=host, port=port, packets=blob))
 
     def on_message(self, msg: Message) -> None:
+        if self.flows.take(msg):
+            return
         if not isinstance(msg, DatagramBatch):
             return super().on_message(msg)
         if self.sock is None:
@@ -82,6 +89,7 @@ class MagicsockActor(Actor):
             return
         endpoint = (msg.host, msg.port)
         self.counters["tx_datagrams"] += len(packets)
+        self.flows.tx.add(endpoint, len(packets), sum(map(len, packets)))
         self.counters["tx_dropped"] += self.sock.send_batch([(endpoint, p) for p in packets])
 
     def status(self) -> dict[str, Any]:
@@ -90,6 +98,10 @@ class MagicsockActor(Actor):
             info.update(port=self.sock.port, gso=self.sock.gso, gro=self.sock.gro)
         return info
 
+    def tick(self, now: float) -> None:
+        self.flows.tick(now)
+
     def close(self) -> None:
+        self.flows.close()
         if self.sock is not None:
             self.sock.close()

@@ -23,8 +23,10 @@ _COMMON_KEYS = frozenset({"kind", "address", "name"})
 _KIND_KEYS = {
     "syslog": frozenset({"ca_file", "spool_max_records", "spool_max_bytes"}),
     "ipfix": frozenset({"template_interval", "max_message_size"}),
-    "http": frozenset({"ca_file", "gzip", "batch_records", "spool_max_records", "spool_max_bytes"}),
+    "http": frozenset({"ca_file", "gzip", "format", "batch_records", "spool_max_records", "spool_max_bytes"}),
 }
+# http bodies: a JSON array of records, or journal export entries (systemd-journal-remote).
+HTTP_FORMATS = ("json", "journal")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # also a spool directory name
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
@@ -39,6 +41,7 @@ class CollectorConfig:
     path: str = ""  # http only
     ca_file: Path | None = None  # None: the system's trust store
     gzip: bool = False
+    format: str = "json"  # http only: json | journal
     batch_records: int = 64
     spool_max_records: int = 10_000
     spool_max_bytes: int = 64 << 20
@@ -56,12 +59,15 @@ class CollectorConfig:
 
 
 def parse_collectors(
-    tables: object, base_dir: Path | None = None, where: str = "netlog.collectors"
+    tables: object,
+    base_dir: Path | None = None,
+    where: str = "netlog.collectors",
+    kinds: tuple[str, ...] = tuple(SCHEMES),
 ) -> list[CollectorConfig]:
     """Validate a list of TOML tables; relative ca_file paths are taken from base_dir."""
     if not isinstance(tables, list):
         raise ValueError(f"{where}: expected an array of tables ([[{where}]])")
-    configs = [_parse_one(table, f"{where}[{i}]", base_dir, i) for i, table in enumerate(tables)]
+    configs = [_parse_one(table, f"{where}[{i}]", base_dir, i, kinds) for i, table in enumerate(tables)]
     seen: set[str] = set()
     for i, config in enumerate(configs):
         if config.name in seen:
@@ -70,12 +76,14 @@ def parse_collectors(
     return configs
 
 
-def _parse_one(table: object, where: str, base_dir: Path | None, index: int) -> CollectorConfig:
+def _parse_one(
+    table: object, where: str, base_dir: Path | None, index: int, kinds: tuple[str, ...]
+) -> CollectorConfig:
     if not isinstance(table, dict):
         raise ValueError(f"{where}: expected a table")
     kind = table.get("kind")
-    if kind not in SCHEMES:
-        raise ValueError(f"{where}.kind: expected one of {', '.join(SCHEMES)}, got {kind!r}")
+    if kind not in kinds:
+        raise ValueError(f"{where}.kind: expected one of {', '.join(kinds)}, got {kind!r}")
     allowed = _COMMON_KEYS | _KIND_KEYS[kind]
     for key in table:
         if key not in allowed:
@@ -94,6 +102,11 @@ def _parse_one(table: object, where: str, base_dir: Path | None, index: int) -> 
     gzip = table.get("gzip", False)
     if not isinstance(gzip, bool):
         raise ValueError(f"{where}.gzip: expected true or false, got {gzip!r}")
+    body_format = table.get("format", "json")
+    if body_format not in HTTP_FORMATS:
+        raise ValueError(f"{where}.format: expected one of {', '.join(HTTP_FORMATS)}, got {body_format!r}")
+    if gzip and body_format == "journal":
+        raise ValueError(f"{where}.gzip: systemd-journal-remote takes no compressed bodies (format = \"journal\")")
     numbers: dict[str, Any] = {
         key: _positive(table[key], f"{where}.{key}", allow_fraction=key == "template_interval")
         for key in ("batch_records", "spool_max_records", "spool_max_bytes", "template_interval", "max_message_size")
@@ -101,7 +114,7 @@ def _parse_one(table: object, where: str, base_dir: Path | None, index: int) -> 
     }
     if numbers.get("max_message_size", 1400) < 512:
         raise ValueError(f"{where}.max_message_size: at least 512 bytes")
-    return CollectorConfig(name, kind, scheme, host, port, path, ca_file, gzip, **numbers)
+    return CollectorConfig(name, kind, scheme, host, port, path, ca_file, gzip, body_format, **numbers)
 
 
 def _parse_address(value: object, kind: str, where: str) -> tuple[str, str, int, str]:

@@ -13,6 +13,7 @@ fields are left out, as Go's `omitempty` does.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import json
 from collections.abc import Iterable
@@ -23,6 +24,7 @@ from typing import Any, TypeGuard
 Record = dict[str, Any]
 Conn = tuple[int, str, str]  # (IP protocol number, "ip:port", "ip:port")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Endpoint = tuple[IPAddress, int]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_MAX_RECORD_BYTES = 256 * 1024  # Tailscale's maxLogSize
@@ -42,6 +44,8 @@ class Traffic(enum.Enum):
 
 RECORD_KINDS = (Traffic.VIRTUAL, Traffic.SUBNET, Traffic.EXIT, Traffic.PHYSICAL)
 _COUNT_KEYS = ("txPkts", "txBytes", "rxPkts", "rxBytes")
+# Encoded size of a typical IPv4 entry with large counters, for closing a window early.
+_ENTRY_ESTIMATE = 128
 
 
 def rfc3339(t: float) -> str:
@@ -54,10 +58,13 @@ def encode_record(record: Record) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode()
 
 
-def parse_endpoint(text: object) -> tuple[IPAddress, int] | None:
+def parse_endpoint(text: object) -> Endpoint | None:
     """'1.2.3.4:80' or '[::1]:53' to (address, port); None when malformed."""
-    if not isinstance(text, str):
-        return None
+    return _parse_endpoint(text) if isinstance(text, str) else None
+
+
+@functools.lru_cache(maxsize=1 << 16)  # the same endpoints come back window after window
+def _parse_endpoint(text: str) -> Endpoint | None:
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit() or len(port_text) > 5:
         return None
@@ -83,8 +90,10 @@ class Classifier:
     Both ends in the mesh: virtual. One end behind a peer's subnet route:
     subnet. Anything else went through an exit node: exit, anonymised by
     default (addresses and ports dropped, counts merged per protocol).
-    Traffic to or from the node's own service addresses (its DNS, for
-    example) is skipped, as Tailscale skips its service IP.
+    Traffic to or from the node's own service addresses is skipped, as
+    Tailscale skips its service IP; a service on an address that also
+    carries other traffic (DNS on the node's mesh address) is named by
+    address and port instead.
     """
 
     def __init__(
@@ -93,10 +102,12 @@ class Classifier:
         subnet_prefixes: Iterable[str],
         service_addresses: Iterable[str],
         anonymize_exit: bool = True,
+        service_endpoints: Iterable[tuple[str, int]] = (),
     ) -> None:
         self.mesh = tuple(ipaddress.ip_network(p, strict=False) for p in mesh_prefixes)
         self.subnets = tuple(ipaddress.ip_network(p, strict=False) for p in subnet_prefixes)
         self.services = frozenset(ipaddress.ip_address(a) for a in service_addresses)
+        self.service_endpoints = frozenset((ipaddress.ip_address(a), port) for a, port in service_endpoints)
         self.anonymize_exit = anonymize_exit
 
     def classify(self, src: IPAddress, dst: IPAddress) -> Traffic:
@@ -114,6 +125,12 @@ class Classifier:
         src, dst = parse_endpoint(src_text), parse_endpoint(dst_text)
         if src is None or dst is None or not 0 <= proto <= 255:
             return None
+        return self.route_endpoints(proto, src, dst)
+
+    def route_endpoints(self, proto: int, src: Endpoint, dst: Endpoint) -> tuple[Traffic, Conn]:
+        """`route` for a connection whose ends are parsed already."""
+        if src in self.service_endpoints or dst in self.service_endpoints:
+            return Traffic.SKIPPED, (proto, "", "")
         kind = self.classify(src[0], dst[0])
         if kind is Traffic.EXIT and self.anonymize_exit:
             return kind, (proto, "", "")
@@ -134,8 +151,11 @@ class FlowCounters:
     split_records: int = 0  # extra records because a window exceeded the size cap
 
 
-def _valid_counts(counts: tuple[object, ...]) -> bool:
-    return all(type(c) is int and 0 <= c < _MAX_COUNTER for c in counts)
+def _valid_counts(counts: tuple[object, object, object, object]) -> bool:
+    a, b, c, d = counts  # spelled out: this runs for every delta
+    if type(a) is not int or type(b) is not int or type(c) is not int or type(d) is not int:
+        return False
+    return 0 <= min(a, b, c, d) and max(a, b, c, d) < _MAX_COUNTER
 
 
 def _is_conn(conn: object) -> TypeGuard[Conn]:
@@ -187,18 +207,38 @@ class FlowTable:
         self._routes: dict[Conn, tuple[Traffic, Conn]] = {}
         self._counts: dict[Traffic, dict[Conn, list[int]]] = {k: {} for k in RECORD_KINDS}
 
+    def __len__(self) -> int:
+        """Entries in the current window."""
+        return sum(len(entries) for entries in self._counts.values())
+
+    def full(self) -> bool:
+        """The window holds about a record's worth of entries: time to close it early."""
+        return len(self) * _ENTRY_ESTIMATE >= self.max_record_bytes
+
+    def set_classifier(self, classifier: Classifier) -> None:
+        """New rules (a reload) for the deltas still to come in this window."""
+        self.classifier = classifier
+        self._routes.clear()
+
     def add(self, conn: Conn, tx_pkts: int, tx_bytes: int, rx_pkts: int, rx_bytes: int) -> None:
         """Add one connection's deltas (tx = src to dst) to the current window."""
-        counts = (tx_pkts, tx_bytes, rx_pkts, rx_bytes)
-        route = self._route(conn) if _valid_counts(counts) else None
+        route = self._route(conn)
         if route is None:
             self.counters.bad_input += 1
             return
-        kind, key = route
-        if kind is Traffic.SKIPPED:
+        self.add_routed(*route, tx_pkts, tx_bytes, rx_pkts, rx_bytes)
+
+    def add_routed(
+        self, kind: Traffic, key: Conn, tx_pkts: int, tx_bytes: int, rx_pkts: int, rx_bytes: int
+    ) -> None:
+        """Add deltas already routed by this table's classifier (`Classifier.route`)."""
+        counts = (tx_pkts, tx_bytes, rx_pkts, rx_bytes)
+        if not _valid_counts(counts):
+            self.counters.bad_input += 1
+        elif kind is Traffic.SKIPPED:
             self.counters.skipped += 1
-            return
-        self._accumulate(kind, key, counts)
+        else:
+            self._accumulate(kind, key, counts)
 
     def add_physical(
         self, src: str, dst: str, tx_pkts: int, tx_bytes: int, rx_pkts: int, rx_bytes: int
@@ -256,6 +296,14 @@ class FlowTable:
         return route
 
     def _accumulate(self, kind: Traffic, key: Conn, counts: tuple[int, int, int, int]) -> None:
-        total = self._counts[kind].setdefault(key, [0, 0, 0, 0])
-        for i, c in enumerate(counts):
-            total[i] = min(total[i] + c, _MAX_COUNTER - 1)
+        table = self._counts[kind]
+        total = table.get(key)
+        if total is None:
+            table[key] = list(counts)
+            return
+        total[0] += counts[0]
+        total[1] += counts[1]
+        total[2] += counts[2]
+        total[3] += counts[3]
+        if max(total) >= _MAX_COUNTER:  # saturate rather than wrap
+            total[:] = [min(t, _MAX_COUNTER - 1) for t in total]

@@ -17,7 +17,8 @@ Delivery:
   a closed one shows EOF: either way every unconfirmed record is sent again
   on the next connection. Duplicates are possible, loss is not (short of the
   collector losing what it had acknowledged and read).
-- http: batched POST of a JSON array, optionally gzip. 2xx removes the
+- http: batched POST of a JSON array (optionally gzip), or of journal
+  export entries for systemd-journal-remote. 2xx removes the
   batch; 429 and 5xx are retried, honouring Retry-After; connection errors
   are retried with backoff; any other status refuses the batch for good, so
   it is dropped and the next record carries the count.
@@ -29,7 +30,6 @@ from __future__ import annotations
 import fcntl
 import gzip
 import http.client
-import os
 import random
 import socket
 import ssl
@@ -43,17 +43,17 @@ from typing import Protocol
 
 import structlog
 
+from actors.netlog import journal_export
 from actors.netlog.collectors import CollectorConfig
 from actors.netlog.flows import Record, encode_record
+from actors.netlog.formats import FLOWS, RecordFormat
 from actors.netlog.ipfix import IpfixExporter
 from actors.netlog.retry import Backoff, parse_retry_after
 from actors.netlog.spool import Spool
-from actors.netlog.syslog import SDElement, SyslogMessage, encode_message, frame
+from actors.netlog.syslog import encode_message, frame
 
 log = structlog.get_logger(__name__)
 
-SD_ID = "meshsup@32473"  # 32473: the private enterprise number reserved for examples (RFC 5612)
-MSGID = "flowlog"
 _SEND_CHUNK = 16384  # below a TLS record, so a retried ssl write repeats the same bytes
 _IPFIX_QUEUE = 1024  # datagrams waiting to be sent; beyond that the oldest go
 
@@ -86,16 +86,18 @@ def _tls_context(config: CollectorConfig) -> ssl.SSLContext:
 class _SpooledSender:
     """What the syslog and http senders share: a spool, a backoff, stats."""
 
-    def __init__(self, config: CollectorConfig, spool_root: Path, backoff: Backoff, io_timeout: float) -> None:
+    def __init__(
+        self, config: CollectorConfig, spool_root: Path, backoff: Backoff, io_timeout: float, form: RecordFormat
+    ) -> None:
         self.config = config
         self.spool = Spool(spool_root / config.name, config.spool_max_records, config.spool_max_bytes)
         self.backoff = backoff
         self.io_timeout = io_timeout
+        self.form = form
         self.stats = SenderStats()
 
     def offer(self, records: list[Record], now: float) -> None:
-        for record in records:
-            self.spool.append(record)
+        self.spool.extend(records)
         self.stats.dropped = self.spool.dropped
 
     def idle(self) -> bool:
@@ -122,14 +124,14 @@ class SyslogSender(_SpooledSender):
         spool_root: Path,
         backoff: Backoff,
         io_timeout: float,
+        form: RecordFormat,
         hostname: str,
-        app_name: str = "meshsup",
         confirm_delay: float = 0.3,
         ack_timeout: float = 10.0,
         write_budget: int = 256 * 1024,
     ) -> None:
-        super().__init__(config, spool_root, backoff, io_timeout)
-        self.hostname, self.app_name = hostname, app_name
+        super().__init__(config, spool_root, backoff, io_timeout, form)
+        self.hostname = hostname
         self.confirm_delay, self.ack_timeout, self.write_budget = confirm_delay, ack_timeout, write_budget
         self._sock: socket.socket | None = None
         self._out = bytearray()
@@ -181,26 +183,12 @@ class SyslogSender(_SpooledSender):
                 break
             record = None if name in busy else self.spool.read(name)
             if record is not None:
-                self._out += frame(self._encode(record, now))
+                self._out += frame(encode_message(self.form.syslog(record, now, self.hostname)))
                 names.append(name)
         if names:
             self._in_flight.append(_Batch(names))
             self.stats.sent += len(names)
             self._send_pending(now)
-
-    def _encode(self, record: Record, now: float) -> bytes:
-        params = tuple((k, str(record[k])) for k in ("nodeId", "start", "end", "dropped") if k in record)
-        return encode_message(
-            SyslogMessage(
-                timestamp=now,
-                hostname=self.hostname,
-                app_name=self.app_name,
-                procid=str(os.getpid()),
-                msgid=MSGID,
-                structured_data=(SDElement(SD_ID, params),),
-                msg=encode_record(record).decode(),
-            )
-        )
 
     def _send_pending(self, now: float) -> None:
         assert self._sock is not None
@@ -265,8 +253,10 @@ def _unacked_bytes(sock: socket.socket) -> int:
 
 
 class HttpSender(_SpooledSender):
-    def __init__(self, config: CollectorConfig, spool_root: Path, backoff: Backoff, io_timeout: float) -> None:
-        super().__init__(config, spool_root, backoff, io_timeout)
+    def __init__(
+        self, config: CollectorConfig, spool_root: Path, backoff: Backoff, io_timeout: float, form: RecordFormat
+    ) -> None:
+        super().__init__(config, spool_root, backoff, io_timeout, form)
         self._conn: http.client.HTTPConnection | None = None
 
     def pump(self, now: float) -> None:
@@ -281,11 +271,12 @@ class HttpSender(_SpooledSender):
         if not records:
             return
         try:
-            status, retry_after = self._post(b"[" + b",".join(map(encode_record, records)) + b"]")
+            status, retry_after = self._post(self._body(records))
         except (OSError, http.client.HTTPException) as e:
             self.close()
             self._failed(now, f"POST to {self.config.url} failed: {e}")
             return
+        now = time.time()  # a Retry-After counts from the answer, not from the request
         self.stats.sent += len(names)
         if 200 <= status < 300:
             for name in names:
@@ -303,8 +294,14 @@ class HttpSender(_SpooledSender):
             self.stats.dropped = self.spool.dropped
             self.stats.last_error = f"HTTP {status}: records refused"
 
+    def _body(self, records: list[Record]) -> bytes:
+        if self.config.format == "journal":
+            return b"".join(journal_export.encode_entry(self.form.journal(r)) for r in records)
+        return b"[" + b",".join(map(encode_record, records)) + b"]"
+
     def _post(self, body: bytes) -> tuple[int, str | None]:
-        headers = {"Content-Type": "application/json"}
+        journal = self.config.format == "journal"
+        headers = {"Content-Type": journal_export.CONTENT_TYPE if journal else "application/json"}
         if self.config.gzip:
             body = gzip.compress(body)
             headers["Content-Encoding"] = "gzip"
@@ -388,6 +385,7 @@ class Shipper:
         spool_root: Path,
         hostname: str,
         *,
+        form: RecordFormat = FLOWS,
         io_timeout: float = 1.0,
         confirm_delay: float = 0.3,
         backoff_base: float = 0.5,
@@ -400,10 +398,10 @@ class Shipper:
             backoff = Backoff(base=backoff_base, cap=backoff_cap, rng=rng)
             if config.kind == "syslog":
                 self.senders.append(
-                    SyslogSender(config, spool_root, backoff, io_timeout, hostname, confirm_delay=confirm_delay)
+                    SyslogSender(config, spool_root, backoff, io_timeout, form, hostname, confirm_delay=confirm_delay)
                 )
             elif config.kind == "http":
-                self.senders.append(HttpSender(config, spool_root, backoff, io_timeout))
+                self.senders.append(HttpSender(config, spool_root, backoff, io_timeout, form))
             else:
                 self.senders.append(IpfixSender(config))
 

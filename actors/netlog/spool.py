@@ -2,9 +2,9 @@
 
 One JSON file per record, named by a growing sequence number so the
 directory listing is the delivery order. Appends are atomic (write a temp
-file, fsync, rename, fsync the directory), so a crash leaves either the
-whole record or nothing, and a restarted process finds every record it had
-not yet delivered.
+file, fsync, rename, then fsync the directory once for a batch), so a crash
+leaves either the whole record or nothing, and a restarted process finds
+every record it had not yet delivered.
 
 The spool is bounded by a record count and a byte total. When full, the
 oldest records are dropped; the number dropped is stamped on the record
@@ -61,20 +61,29 @@ class Spool:
 
     def append(self, record: Record) -> str:
         """Store a record durably, dropping the oldest ones if the spool is full."""
-        while True:
-            carried = self._pending_dropped + _dropped_count(record)
-            data = encode_record(dict(record, dropped=carried) if carried else record)
-            full = len(self._index) + 1 > self.max_records or self._bytes + len(data) > self.max_bytes
-            if not full or not self._index:
-                break  # the newest record is always kept, even alone over the byte bound
-            self._evict_oldest()
-        name = f"{self._next_seq:020d}{_SUFFIX}"
-        self._next_seq += 1
-        self._write(name, data)
-        self._index[name] = len(data)
-        self._bytes += len(data)
-        self._pending_dropped = 0
-        return name
+        return self.extend([record])[0]
+
+    def extend(self, records: list[Record]) -> list[str]:
+        """Store records durably, in order, with one directory sync for them all."""
+        names = []
+        for record in records:
+            while True:
+                carried = self._pending_dropped + _dropped_count(record)
+                data = encode_record(dict(record, dropped=carried) if carried else record)
+                full = len(self._index) + 1 > self.max_records or self._bytes + len(data) > self.max_bytes
+                if not full or not self._index:
+                    break  # the newest record is always kept, even alone over the byte bound
+                self._evict_oldest()
+            name = f"{self._next_seq:020d}{_SUFFIX}"
+            self._next_seq += 1
+            self._write(name, data)
+            self._index[name] = len(data)
+            self._bytes += len(data)
+            self._pending_dropped = 0
+            names.append(name)
+        if names:
+            self._sync_directory()
+        return names
 
     def read(self, name: str) -> Record | None:
         """The record, or None if it is gone or unreadable (then it is removed and counted)."""
@@ -126,6 +135,8 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.directory / name)
+
+    def _sync_directory(self) -> None:
         dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dir_fd)

@@ -1,8 +1,13 @@
-"""The router actor: the TUN link, its addresses, MTU and routes, via netlink.
+"""The router actor: the TUN link, its addresses, MTU and routes, via netlink;
+the namespace's resolv.conf; link changes published on the bus.
 
 It creates the TUN as a persistent link so a restarted tun-io reattaches to it
 with nothing lost, and it removes the link (and with it every address and
-route) when the node stops.
+route) when the node stops. With ``[dns] set_os_resolver`` it points the
+namespace's resolver at the DNS controller and puts the old one back when
+the node stops or the setting goes. Every link or address change in the
+namespace is published as LinkChanged (the DNS controller flushes its cache
+on it), one per link and kind of change in each burst.
 """
 from __future__ import annotations
 
@@ -11,7 +16,10 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from actors.base import Actor, ConfigError
-from actors.router.netconf import LinuxRouter
+from actors.bus.messages import LinkChanged
+from actors.dns.settings import DnsSettings
+from actors.router.netconf import LinkMonitor, LinuxRouter
+from actors.router.resolvconf import ResolvConf, for_this_namespace
 from actors.tunio.tun import make_persistent
 
 
@@ -22,6 +30,11 @@ class RouterActor(Actor):
         super().__init__(name, runtime)
         self.router: LinuxRouter | None = None
         self.failures: list[str] = []
+        self.resolv: ResolvConf | None = None
+        self.resolver_problems: list[str] = []
+        self.links_published = 0
+        self.monitor = LinkMonitor()
+        self.add_reader(self.monitor.fileno(), self._link_events)
 
     def configure(self, config: dict[str, Any]) -> None:
         super().configure(config)
@@ -47,6 +60,41 @@ class RouterActor(Actor):
         if changes.added or route_changes.added or route_changes.removed:
             self.log.info("link configured", interface=iface, addresses=changes.added,
                           routes_added=route_changes.added, routes_removed=route_changes.removed)
+        self._os_resolver(config["dns"])
+
+    def _os_resolver(self, dns_table: dict[str, Any]) -> None:
+        """resolv.conf at the controller's addresses, or back to what it was."""
+        try:
+            settings = DnsSettings.from_config(dns_table, {})
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if not settings.set_os_resolver:
+            self._restore_resolver()
+            return
+        if self.resolv is None:
+            self.resolv = for_this_namespace(self.runtime.state_dir)
+        try:
+            self.resolver_problems = self.resolv.apply(settings.nameservers, [settings.domain])
+        except OSError as err:
+            raise ConfigError(f"cannot write {self.resolv.path}: {err}") from None
+        self.log.info("resolver set", path=str(self.resolv.path), nameservers=settings.nameservers,
+                      problems=self.resolver_problems)
+
+    def _restore_resolver(self) -> None:
+        if self.resolv is not None and self.resolv.active:
+            self.resolv.restore()
+            self.log.info("resolver restored", path=str(self.resolv.path))
+
+    def _link_events(self) -> None:
+        try:
+            events = self.monitor.read_events()
+        except OSError as err:  # the socket is broken; say so, do not spin on it
+            self.log.error("link monitor failed", error=str(err))
+            self.remove_reader(self.monitor.fileno())
+            return
+        for interface, change in dict.fromkeys((name, kind) for kind, name in events):
+            self.publish(LinkChanged(interface=interface, change=change))
+            self.links_published += 1
 
     def _remove_link(self) -> None:
         assert self.router is not None
@@ -59,8 +107,15 @@ class RouterActor(Actor):
         self.log.info("link removed", interface=iface)
 
     def status(self) -> dict[str, Any]:
-        return {"interface": self.router.ifname if self.router else "", "failures": self.failures}
+        return {
+            "interface": self.router.ifname if self.router else "",
+            "failures": self.failures,
+            "resolv_conf": str(self.resolv.path) if self.resolv is not None and self.resolv.active else "",
+            "counters": {"link_changes_published": self.links_published},
+        }
 
     def close(self) -> None:
+        self._restore_resolver()
+        self.monitor.close()
         if self.router is not None:
             self._remove_link()

@@ -19,6 +19,8 @@ from actors.bus.codec import Message
 from actors.bus.messages import PacketBatch
 from actors.crypto.allowedips import AllowedIPs
 from actors.crypto.shard import owner
+from actors.netlog.counting import INNER
+from actors.netlog.feed import FlowFeed
 from actors.tunio import packet
 from actors.tunio.tun import Tun
 
@@ -35,9 +37,11 @@ class TunIoActor(Actor):
         self.route_key: Any = None
         self.counters: Counter[str] = Counter()
         self.seq = 0
+        self.flows = FlowFeed(self, INNER)
 
     def configure(self, config: dict[str, Any]) -> None:
         super().configure(config)
+        self.flows.configure(config)
         iface = config["node"]["interface"]
         if self.tun is None or self.tun.name != iface:
             try:
@@ -87,11 +91,14 @@ class TunIoActor(Actor):
         self.counters["rx_batches"] += 1
         for w, ps in by_worker.items():
             self.counters["rx_packets"] += len(ps)
+            self.flows.tx.add_packets(ps)
             for blob in batch.pack_split(ps):
                 self.seq += 1
                 self.outbox.send(f"crypto-{w}", PacketBatch(seq=self.seq, packets=blob))
 
     def on_message(self, msg: Message) -> None:
+        if self.flows.take(msg):
+            return
         if not isinstance(msg, PacketBatch):
             return super().on_message(msg)
         if self.tun is None:
@@ -101,12 +108,17 @@ class TunIoActor(Actor):
         if packets is None:
             return
         self.counters["tx_packets"] += len(packets)
+        self.flows.rx.add_packets(packets)
         self.counters["tx_dropped"] += self.tun.write_batch(packets)
 
     def status(self) -> dict[str, Any]:
         tun = {} if self.tun is None else dataclasses.asdict(self.tun.stats)
         return {"counters": {**self.counters, **tun, "bus_full": sum(self.outbox.dropped.values())}}
 
+    def tick(self, now: float) -> None:
+        self.flows.tick(now)
+
     def close(self) -> None:
+        self.flows.close()
         if self.tun is not None:
             self.tun.close()

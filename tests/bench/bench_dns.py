@@ -1,0 +1,206 @@
+"""DNS figures: dnsperf against meshsup (1 and 2 dns workers) and dnsmasq, in one run.
+
+Run as root: .venv/bin/python tests/bench/bench_dns.py [--seconds 5] [--rounds 3] [--cold 10000]
+
+Everything runs in one throwaway network namespace: an upstream dnsmasq
+(answers every name under example.test itself, no cache), a meshsup node
+whose peers are the mesh names, and a caching dnsmasq serving the same mesh
+names (--host-record) and forwarding example.test to the same upstream.
+Workloads: local mesh names (A and AAAA), forwarded names already cached, and
+forwarded names never asked before (a cold cache, each name once). The
+servers take turns, round after round, so load from elsewhere on the machine
+weighs on both alike. Each run gives q/s, mean latency and the server's CPU
+time per answered query (user and system, all its processes, from /proc):
+the figure other load on the machine moves least. Ratios are meshsup against
+dnsmasq (medians); RSS is each server process's resident set at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.dns_fixtures import Dnsmasq, node_config, start_dnsmasq  # noqa: E402
+from tests.nodes import Netns, Node  # noqa: E402
+from tests.topology import Identity  # noqa: E402
+
+PEERS = 50
+CACHED_NAMES = 200
+CLIENTS = 8  # dnsperf source ports: spread over the workers by SO_REUSEPORT
+OUTSTANDING = 200
+CACHE_SIZE = 100_000  # both caches hold every name of the run: cold means never asked, not evicted
+
+
+@dataclass
+class Figures:
+    qps: float
+    latency_ms: float
+    cpu_us: float  # the server's CPU time (user and system, all its processes) per answered query
+    lost: int
+    errors: int
+
+    def __str__(self) -> str:
+        extra = f", {self.lost} lost" if self.lost else ""
+        extra += f", {self.errors} not NOERROR" if self.errors else ""
+        return f"{self.qps:8.0f} q/s {self.latency_ms:6.2f} ms {self.cpu_us:6.1f} us CPU/q{extra}"
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system time of the processes so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def dnsperf(ns: Netns, server: Server, queries: list[str], tmp: Path, seconds: float, passes: int = 0) -> Figures:
+    """One dnsperf run; passes=N stops after N passes through the queries (else after `seconds`)."""
+    data = tmp / f"queries-{secrets.token_hex(3)}.txt"
+    data.write_text("\n".join(queries) + "\n")
+    argv = ["dnsperf", "-s", server.host, "-p", str(server.port), "-d", str(data), "-l", str(seconds),
+            "-c", str(CLIENTS), "-q", str(OUTSTANDING), "-t", "2"]
+    if passes:
+        argv += ["-n", str(passes)]
+    pids = server.pids()
+    cpu = cpu_seconds(pids)
+    out = ns.run(*argv, timeout=seconds + 60).stdout
+    cpu = cpu_seconds(pids) - cpu
+
+    def number(label: str) -> float:
+        match = re.search(rf"{label}:\s+([\d.]+)", out)
+        if match is None:
+            raise RuntimeError(f"dnsperf printed no {label!r}:\n{out}")
+        return float(match.group(1))
+
+    codes = re.search(r"Response codes:\s+(.*)", out)
+    errors = sum(int(n) for code, n in re.findall(r"(\w+) (\d+) \(", codes.group(1) if codes else "")
+                 if code != "NOERROR")
+    completed = max(1, int(number("Queries completed")))
+    return Figures(number("Queries per second"), number("Average Latency \\(s\\)") * 1000,
+                   cpu / completed * 1e6, int(number("Queries lost")), errors)
+
+
+def rss_mib(pid: int) -> float:
+    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(match.group(1)) / 1024 if match else float("nan")
+
+
+def workloads(peers: list[Identity]) -> dict[str, list[str]]:
+    return {
+        "local": [f"{p.name}.mesh {t}" for p in peers for t in ("A", "AAAA")],
+        "cached": [f"w{i}.example.test A" for i in range(CACHED_NAMES)],
+    }
+
+
+def cold_names(tag: str, count: int) -> list[str]:
+    return [f"c{tag}-{i}.example.test A" for i in range(count)]
+
+
+@dataclass
+class Server:
+    name: str
+    host: str
+    port: int
+    pids: Callable[[], list[int]]
+
+
+def dns_workers(node: Node) -> list[int]:
+    return [a["pid"] for a in node.status()["actors"] if a["kind"] == "dns" and a["state"] == "running"]
+
+
+def run_rounds(ns: Netns, servers: list[Server], peers: list[Identity], tmp: Path, args: argparse.Namespace,
+               results: dict[str, dict[str, list[Figures]]]) -> None:
+    """Each workload against each server in turn, round after round, so that
+    whatever else the machine does weighs on all of them alike."""
+    names = workloads(peers)
+    for server in servers:
+        dnsperf(ns, server, names["cached"], tmp, args.seconds, passes=3)  # warm the caches
+    for round_ in range(args.rounds):
+        order = servers if round_ % 2 == 0 else servers[::-1]
+        for workload in ("local", "cached", "cold"):
+            for server in order:
+                if workload == "cold":
+                    figures = dnsperf(ns, server, cold_names(secrets.token_hex(3), args.cold), tmp, args.seconds,
+                                      passes=1)
+                else:
+                    figures = dnsperf(ns, server, names[workload], tmp, args.seconds)
+                results.setdefault(server.name, {}).setdefault(workload, []).append(figures)
+
+
+def median(figures: list[Figures]) -> Figures:
+    """Field by field."""
+    def mid(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    return Figures(mid([f.qps for f in figures]), mid([f.latency_ms for f in figures]),
+                   mid([f.cpu_us for f in figures]), sum(f.lost for f in figures), sum(f.errors for f in figures))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cold", type=int, default=10000, help="distinct names in each cold-cache run")
+    args = ap.parse_args()
+    ns = Netns("bd")
+    results: dict[str, dict[str, list[Figures]]] = {}
+    rss: dict[str, list[float]] = {}
+    processes: list[Dnsmasq | Node] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            me = Identity("alpha", 1)
+            peers = [Identity(f"peer{i}", i + 2) for i in range(PEERS)]
+            upstream = start_dnsmasq(tmp, ["--address=/example.test/203.0.113.7"], ttl=3600, name="upstream",
+                                     ns=ns, log_queries=False)
+            processes.append(upstream)
+            forward = f"{upstream.host}#{upstream.port}"
+            records = [f"--host-record={p.name}.mesh,{p.v4},{p.v6}" for p in peers]
+            dnsmasq = start_dnsmasq(tmp, [f"--server=/example.test/{forward}", "--dns-forward-max=1024", *records],
+                                    ttl=600, name="dnsmasq", ns=ns, log_queries=False, cache_size=CACHE_SIZE)
+            processes.append(dnsmasq)
+            config = node_config(tmp, me, peers, {
+                "listen": ["127.0.0.1:53"], "upstreams": [f"udp://{upstream.host}:{upstream.port}"],
+                "cache_size": CACHE_SIZE,
+            })
+            node = Node(tmp, "--config", str(config), "--dns-workers", "1", netns=ns, faults=False)
+            processes.append(node)
+            node.wait_ready()
+            reference = Server("dnsmasq", dnsmasq.host, dnsmasq.port, lambda: [dnsmasq.process.popen.pid])
+            for workers in (1, 2):
+                if workers == 2:
+                    node.cli("scale", "dns", "2")
+                    node.wait(lambda: len(dns_workers(node)) == 2, what="two dns workers")
+                label = f"meshsup {workers} worker{'s' if workers > 1 else ''}"
+                meshsup = Server(label, "127.0.0.1", 53, lambda: dns_workers(node))
+                run_rounds(ns, [reference, meshsup], peers, tmp, args, results)
+                rss[label] = [rss_mib(pid) for pid in meshsup.pids()]
+            rss["dnsmasq"] = [rss_mib(pid) for pid in reference.pids()]
+    finally:
+        for process in reversed(processes):
+            process.close() if isinstance(process, Node) else process.stop()
+        ns.close()
+
+    print(f"dnsperf, {CLIENTS} clients, {OUTSTANDING} outstanding, {args.seconds:g} s per run, medians of "
+          f"{args.rounds} rounds (dnsmasq: {2 * args.rounds}, it runs beside both); cold: {args.cold} names each "
+          f"asked once. Ratios against dnsmasq: q/s, and CPU per query (dnsmasq's over ours: above 1, we use less)")
+    base = {workload: median(f) for workload, f in results["dnsmasq"].items()}
+    for server, by_workload in results.items():
+        for workload, runs in by_workload.items():
+            f = median(runs)
+            print(f"{server:>17}  {workload:<6} {f}  {f.qps / base[workload].qps:5.2f}x q/s  "
+                  f"{base[workload].cpu_us / f.cpu_us:5.2f}x CPU  "
+                  f"(q/s {min(r.qps for r in runs):.0f}..{max(r.qps for r in runs):.0f})")
+        print(f"{'':>17}  RSS    " + " + ".join(f"{r:.1f}" for r in rss[server]) + " MiB")
+
+if __name__ == "__main__":
+    main()

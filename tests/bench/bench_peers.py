@@ -1,0 +1,138 @@
+"""Memory and control-path figures with many configured peers, against wireguard-go.
+
+Run as root: .venv/bin/python tests/bench/bench_peers.py [--peers 1000]
+Prints the node's total memory (RSS and PSS over the supervisor and every
+actor: actors are forked from one preloaded server, so PSS counts shared pages
+once), start-up time, `wg show` time and one-peer `wg set` time, and the
+same for wireguard-go configured with the same peers, in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from supervisor.keys import b64, generate_private, public_of  # noqa: E402
+from tests.nodes import Netns, Node  # noqa: E402
+from tests.topology import Identity, WgGo  # noqa: E402
+
+
+def memory_kib(pids: list[int]) -> tuple[int, int]:
+    """Summed RSS and PSS (KiB) of these processes."""
+    rss = pss = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key == "Rss":
+                    rss += int(value.split()[0])
+                elif key == "Pss":
+                    pss += int(value.split()[0])
+        except OSError:
+            continue
+    return rss, pss
+
+
+def peers_toml(n: int) -> tuple[str, list[tuple[str, str]]]:
+    peers = []
+    lines = []
+    for i in range(n):
+        key = b64(public_of(generate_private()))
+        allowed = f"100.65.{i // 250}.{i % 250 + 1}/32"
+        peers.append((key, allowed))
+        lines.append(f'[[peers]]\npublic_key = "{key}"\nallowed_ips = ["{allowed}"]\n'
+                     f'endpoints = ["198.51.100.{i % 250 + 2}:51820"]\n')
+    return "\n".join(lines), peers
+
+
+def timed(fn) -> float:
+    t = time.monotonic()
+    fn()
+    return time.monotonic() - t
+
+
+def bench_meshsup(tmp: Path, stanzas: str) -> dict[str, float]:
+    conf = tmp / "node.toml"
+    conf.write_text('[node]\naddresses = ["100.64.0.1/32"]\n' + stanzas)
+    ns = Netns("bp")
+    node = Node(tmp, "--config", str(conf), netns=ns, faults=False)
+    try:
+        t0 = time.monotonic()
+        node.wait_ready(timeout=120)
+        start = time.monotonic() - t0
+        time.sleep(2)
+        pids = [node.proc.pid, *descendants(node.proc.pid)]
+        rss, pss = memory_kib(pids)
+        show = timed(lambda: ns.run("wg", "show", node.iface, "dump"))
+        extra = b64(public_of(generate_private()))
+        wg_set = timed(lambda: ns.run("wg", "set", node.iface, "peer", extra, "allowed-ips", "100.66.0.1/32"))
+        return {"start_s": start, "rss_mib": rss / 1024, "pss_mib": pss / 1024, "processes": len(pids),
+                "wg_show_s": show, "wg_set_s": wg_set}
+    finally:
+        node.close()
+        ns.close()
+
+
+def bench_wireguard_go(tmp: Path, peers: list[tuple[str, str]]) -> dict[str, float]:
+    ns = Netns("bp")
+    wg = WgGo(ns, Identity("wg", 1), tmp)
+    try:
+        conf = tmp / "wg.conf"
+        conf.write_text("".join(f"[Peer]\nPublicKey = {k}\nAllowedIPs = {a}\n"
+                                f"Endpoint = 198.51.100.{i % 250 + 2}:51820\n\n"
+                                for i, (k, a) in enumerate(peers)))
+        start = timed(lambda: ns.run("wg", "addconf", wg.iface, str(conf)))
+        time.sleep(2)
+        rss, pss = memory_kib([wg.proc.pid, *descendants(wg.proc.pid)])
+        show = timed(lambda: ns.run("wg", "show", wg.iface, "dump"))
+        extra = b64(public_of(generate_private()))
+        wg_set = timed(lambda: ns.run("wg", "set", wg.iface, "peer", extra, "allowed-ips", "100.66.0.1/32"))
+        return {"start_s": start, "rss_mib": rss / 1024, "pss_mib": pss / 1024, "processes": 1,
+                "wg_show_s": show, "wg_set_s": wg_set}
+    finally:
+        wg.close()
+        ns.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (actors retitle themselves, so follow parent links)."""
+    parent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    out, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        out += kids
+        frontier = kids
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peers", type=int, default=1000)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root")
+    stanzas, peers = peers_toml(args.peers)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = bench_meshsup(Path(tmp), stanzas)
+        theirs = bench_wireguard_go(Path(tmp), peers)
+    print(f"{args.peers} configured peers")
+    print(f"{'':<14}{'meshsup':>12}{'wireguard-go':>14}{'ratio':>8}")
+    for key in ("rss_mib", "pss_mib", "start_s", "wg_show_s", "wg_set_s"):
+        ratio = ours[key] / theirs[key] if theirs[key] else float("nan")
+        print(f"{key:<14}{ours[key]:>12.3f}{theirs[key]:>14.3f}{ratio:>7.1f}x")
+    print(f"meshsup processes: {ours['processes']:.0f} (start_s for wireguard-go is `wg addconf` alone)")
+
+
+if __name__ == "__main__":
+    main()
