@@ -22,6 +22,7 @@ from actors.bus.codec import DecodeError, Message, decode, encode
 from actors.bus.endpoints import Runtime
 from actors.bus.messages import Ack, CliReply, CliRequest, Command, Configure, Heartbeat, Hello, Stop
 from actors.log import RateLimited
+from actors.magicsock.udp import UdpSocket
 from actors.registry import PRELOAD, SCALABLE, START_ORDER, actor_name, run_actor
 from supervisor import sdnotify
 from supervisor.config import Config
@@ -114,13 +115,18 @@ class Supervisor:
 
     def run(self) -> int:
         self.runtime.pidfile.write_text(str(os.getpid()))
+        port = self.config["node"]["listen_port"]
+        try:
+            if port:
+                # The node's own sockets share the port (SO_REUSEPORT), so an exclusive
+                # probe bind is what tells us another program already has it.
+                UdpSocket(port, gso=False, gro=False).close()
+        except OSError as err:
+            return self._fail_start(f"UDP port {port} is in use: {err.strerror}")
         try:
             self.uapi = UapiServer(self.config["node"]["interface"], self.on_uapi)
         except (InUse, OSError) as err:
-            self.failure = f"cannot serve the WireGuard API socket: {err}"
-            self.log.error("node failed", reason=self.failure)
-            self.close()
-            return 1
+            return self._fail_start(f"cannot serve the WireGuard API socket: {err}")
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)
         signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False)
@@ -143,6 +149,12 @@ class Supervisor:
             self.log.error("node failed", reason=self.failure)
         self.shutdown()
         return 1 if self.failure else 0
+
+    def _fail_start(self, reason: str) -> int:
+        self.failure = reason
+        self.log.error("node failed", reason=reason)
+        self.close()
+        return 1
 
     def _poll(self, timeout: float) -> None:
         poller = zmq.Poller()

@@ -203,3 +203,12 @@ def test_logs_name_actor_and_pid_and_hide_secrets(node_factory, tmp_path) -> Non
     assert {l["actor"] for l in lines} >= {"supervisor"}
     assert "qPy5tY6oGkHz2bIYwfqR1E5mY0f3k8aD2k1d1v4vV0M" not in node.stderr() + node.stdout()
     assert status["node"]["public_key"] in node.stdout()
+
+
+def test_a_second_node_on_a_taken_port_is_refused(node_factory) -> None:
+    first = node_factory()
+    first.wait_ready()
+    second = node_factory(ns=first.netns)  # same namespace, same default port 51820
+    assert second.proc.wait(30) == 1
+    assert "UDP port 51820 is in use" in second.stderr()
+    assert first.status()["node"]["ready"]
