@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -140,6 +141,12 @@ class Node:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        # A node killed outright leaves its API socket behind; nobody answers on it any more.
+        api = Path(f"/var/run/wireguard/{self.iface}.sock")
+        if api.exists():
+            with socket.socket(socket.AF_UNIX) as probe:
+                if probe.connect_ex(str(api)) != 0:
+                    api.unlink(missing_ok=True)
 
 
 def descendants_by_state_dir(state_dir: Path) -> list[int]:
