@@ -13,7 +13,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.keys import b64, generate_private, public_of
+from supervisor.uapi_server import remove_if_stale, socket_path
 
 # The directory holding the meshsup packages: child processes import them from there.
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,12 +141,7 @@ class Node:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        # A node killed outright leaves its API socket behind; nobody answers on it any more.
-        api = Path(f"/var/run/wireguard/{self.iface}.sock")
-        if api.exists():
-            with socket.socket(socket.AF_UNIX) as probe:
-                if probe.connect_ex(str(api)) != 0:
-                    api.unlink(missing_ok=True)
+        remove_if_stale(socket_path(self.iface))  # a node killed outright leaves it behind
 
 
 def descendants_by_state_dir(state_dir: Path) -> list[int]:
@@ -240,7 +235,7 @@ class WgGo:
             raise
 
     def _configure(self, tmp: Path, port: int) -> None:
-        sock = Path(f"/var/run/wireguard/{self.iface}.sock")
+        sock = socket_path(self.iface)
         deadline = time.monotonic() + 10
         while not sock.exists():
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -276,7 +271,7 @@ class WgGo:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
-        Path(f"/var/run/wireguard/{self.iface}.sock").unlink(missing_ok=True)
+        socket_path(self.iface).unlink(missing_ok=True)
 
 
 def meshsup_config(tmp: Path, ident: Identity, peers: list[Identity], extra: str = "",

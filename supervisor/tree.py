@@ -27,7 +27,7 @@ from supervisor import sdnotify
 from supervisor.config import Config
 from supervisor.uapi import GetRequest, SetRequest, UapiError, serialize_errno, serialize_get
 from supervisor.uapi_server import InUse, UapiServer
-from supervisor.wgapi import apply_set, device_state
+from supervisor.wgapi import apply_set, device_state, peer_status
 
 HANG_TIMEOUT = 2.0        # no heartbeat for this long: the actor is hung
 START_TIMEOUT = 10.0      # hello + configured within this, or the start failed
@@ -114,11 +114,10 @@ class Supervisor:
 
     def run(self) -> int:
         self.runtime.pidfile.write_text(str(os.getpid()))
-        try:
-            self.uapi = UapiServer(self.config["node"]["interface"], self.on_uapi)
-        except (InUse, OSError) as err:
-            self.failure = f"cannot serve the WireGuard API socket: {err}"
-            self.log.error("node failed", reason=self.failure)
+        error = self._serve_api(self.config["node"]["interface"])
+        if error:
+            self.failure = error
+            self.log.error("node failed", reason=error)
             self.close()
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -373,11 +372,8 @@ class Supervisor:
     def reconfigure(self, new: Config, finished: Callable[[list[str]], None]) -> None:
         if self.uapi is not None and new["node"]["interface"] != self.config["node"]["interface"]:
             self.uapi.close()
-            try:
-                self.uapi = UapiServer(new["node"]["interface"], self.on_uapi)
-            except (InUse, OSError) as err:
-                self.uapi = None
-                self.log.error("cannot serve the WireGuard API socket", error=str(err))
+            if error := self._serve_api(new["node"]["interface"]):
+                self.log.error(error)
         self.config = new
         self.generation += 1
         gen = self.generation
@@ -478,6 +474,15 @@ class Supervisor:
         self.reconfigure(new, lambda errors: reply(not errors, "; ".join(errors),
                                                    {"changed": True, "generation": self.generation}))
 
+    def _serve_api(self, interface: str) -> str | None:
+        """Open `wg`'s socket for `interface`; the reason if it cannot be served."""
+        try:
+            self.uapi = UapiServer(interface, self.on_uapi)
+        except (InUse, OSError) as err:
+            self.uapi = None
+            return f"cannot serve the WireGuard API socket: {err}"
+        return None
+
     def on_uapi(self, request: GetRequest | SetRequest, respond: Callable[[bytes], None]) -> None:
         """`wg show` and `wg set`: a set is a config change applied like a reload."""
         if isinstance(request, GetRequest):
@@ -518,7 +523,7 @@ class Supervisor:
                         "bus_dropped": a.status.get("bus_dropped", {}),
                         "counters": a.status.get("counters", {})}
                        for a in self.actors.values()],
-            "peers": self.peer_status(),
+            "peers": peer_status(self.config, self.live_peers()),
             "supervisor": {"bus_dropped": self.bus_dropped},
         }
 
@@ -526,20 +531,6 @@ class Supervisor:
         """Public key -> the live figures its owning crypto worker last reported."""
         return {p["public_key"]: p for a in self.actors.values() if a.kind == "crypto"
                 for p in a.status.get("peers", [])}
-
-    def peer_status(self) -> list[dict[str, Any]]:
-        """Configured peers, with the live figures their owning crypto worker reports."""
-        live = self.live_peers()
-        out = []
-        for p in self.config["peers"]:
-            seen = live.get(p["public_key"], {})
-            out.append({"name": p["name"], "public_key": p["public_key"],
-                        "endpoint": seen.get("endpoint") or (p["endpoints"][0] if p["endpoints"] else ""),
-                        "allowed_ips": p["allowed_ips"],
-                        "rx_bytes": seen.get("rx_bytes", 0), "tx_bytes": seen.get("tx_bytes", 0),
-                        "last_handshake": seen.get("last_handshake", 0),
-                        "persistent_keepalive": p["persistent_keepalive"]})
-        return out
 
     # --- shutdown ----------------------------------------------------------
     def shutdown(self) -> None:
