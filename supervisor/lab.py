@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.keys import b64, generate_private, public_of
+from supervisor.uapi_server import remove_if_stale, socket_path
 
 # The directory holding the meshsup packages: child processes import them from there.
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,6 +141,7 @@ class Node:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        remove_if_stale(socket_path(self.iface))  # a node killed outright leaves it behind
 
 
 def descendants_by_state_dir(state_dir: Path) -> list[int]:
@@ -233,7 +235,7 @@ class WgGo:
             raise
 
     def _configure(self, tmp: Path, port: int) -> None:
-        sock = Path(f"/var/run/wireguard/{self.iface}.sock")
+        sock = socket_path(self.iface)
         deadline = time.monotonic() + 10
         while not sock.exists():
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -269,7 +271,7 @@ class WgGo:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
-        Path(f"/var/run/wireguard/{self.iface}.sock").unlink(missing_ok=True)
+        socket_path(self.iface).unlink(missing_ok=True)
 
 
 def meshsup_config(tmp: Path, ident: Identity, peers: list[Identity], extra: str = "",

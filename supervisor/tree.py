@@ -28,7 +28,7 @@ from supervisor import sdnotify
 from supervisor.config import Config
 from supervisor.uapi import GetRequest, SetRequest, UapiError, serialize_errno, serialize_get
 from supervisor.uapi_server import InUse, UapiServer
-from supervisor.wgapi import apply_set, device_state
+from supervisor.wgapi import apply_set, device_state, peer_status
 
 HANG_TIMEOUT = 2.0        # no heartbeat for this long: the actor is hung
 START_TIMEOUT = 10.0      # hello + configured within this, or the start failed
@@ -123,10 +123,9 @@ class Supervisor:
                 UdpSocket(port, gso=False, gro=False).close()
         except OSError as err:
             return self._fail_start(f"UDP port {port} is in use: {err.strerror}")
-        try:
-            self.uapi = UapiServer(self.config["node"]["interface"], self.on_uapi)
-        except (InUse, OSError) as err:
-            return self._fail_start(f"cannot serve the WireGuard API socket: {err}")
+        error = self._serve_api(self.config["node"]["interface"])
+        if error:
+            return self._fail_start(error)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)
         signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False)
@@ -385,11 +384,8 @@ class Supervisor:
     def reconfigure(self, new: Config, finished: Callable[[list[str]], None]) -> None:
         if self.uapi is not None and new["node"]["interface"] != self.config["node"]["interface"]:
             self.uapi.close()
-            try:
-                self.uapi = UapiServer(new["node"]["interface"], self.on_uapi)
-            except (InUse, OSError) as err:
-                self.uapi = None
-                self.log.error("cannot serve the WireGuard API socket", error=str(err))
+            if error := self._serve_api(new["node"]["interface"]):
+                self.log.error(error)
         self.config = new
         self.generation += 1
         gen = self.generation
@@ -490,6 +486,15 @@ class Supervisor:
         self.reconfigure(new, lambda errors: reply(not errors, "; ".join(errors),
                                                    {"changed": True, "generation": self.generation}))
 
+    def _serve_api(self, interface: str) -> str | None:
+        """Open `wg`'s socket for `interface`; the reason if it cannot be served."""
+        try:
+            self.uapi = UapiServer(interface, self.on_uapi)
+        except (InUse, OSError) as err:
+            self.uapi = None
+            return f"cannot serve the WireGuard API socket: {err}"
+        return None
+
     def on_uapi(self, request: GetRequest | SetRequest, respond: Callable[[bytes], None]) -> None:
         """`wg show` and `wg set`: a set is a config change applied like a reload."""
         if isinstance(request, GetRequest):
@@ -530,7 +535,7 @@ class Supervisor:
                         "bus_dropped": a.status.get("bus_dropped", {}),
                         "counters": a.status.get("counters", {})}
                        for a in self.actors.values()],
-            "peers": self.peer_status(),
+            "peers": peer_status(self.config, self.live_peers()),
             "supervisor": {"bus_dropped": self.bus_dropped},
         }
 
@@ -538,20 +543,6 @@ class Supervisor:
         """Public key -> the live figures its owning crypto worker last reported."""
         return {p["public_key"]: p for a in self.actors.values() if a.kind == "crypto"
                 for p in a.status.get("peers", [])}
-
-    def peer_status(self) -> list[dict[str, Any]]:
-        """Configured peers, with the live figures their owning crypto worker reports."""
-        live = self.live_peers()
-        out = []
-        for p in self.config["peers"]:
-            seen = live.get(p["public_key"], {})
-            out.append({"name": p["name"], "public_key": p["public_key"],
-                        "endpoint": seen.get("endpoint") or (p["endpoints"][0] if p["endpoints"] else ""),
-                        "allowed_ips": p["allowed_ips"],
-                        "rx_bytes": seen.get("rx_bytes", 0), "tx_bytes": seen.get("tx_bytes", 0),
-                        "last_handshake": seen.get("last_handshake", 0),
-                        "persistent_keepalive": p["persistent_keepalive"]})
-        return out
 
     # --- shutdown ----------------------------------------------------------
     def shutdown(self) -> None:

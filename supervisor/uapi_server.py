@@ -37,21 +37,29 @@ class _Conn:
     queued: list[bytes] = field(default_factory=list)
 
 
+def socket_path(interface: str, directory: Path = SOCKET_DIR) -> Path:
+    return directory / f"{interface}.sock"
+
+
+def remove_if_stale(path: Path) -> bool:
+    """Remove an API socket nobody answers on (its owner died); False if one is live."""
+    if not path.exists():
+        return True
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        if probe.connect_ex(str(path)) == 0:
+            return False
+    path.unlink(missing_ok=True)
+    return True
+
+
 class UapiServer:
     def __init__(self, interface: str, handle: Handler, directory: Path = SOCKET_DIR) -> None:
-        self.path = directory / f"{interface}.sock"
+        self.path = socket_path(interface, directory)
         self.handle = handle
         self.conns: dict[int, _Conn] = {}
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        if self.path.exists():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(self.path))
-                raise InUse(f"{self.path} is served by another process")
-            except OSError:
-                self.path.unlink()  # stale: its owner is gone
-            finally:
-                probe.close()
+        if not remove_if_stale(self.path):
+            raise InUse(f"{self.path} is served by another process")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)  # root-only, as wireguard-go's: `get` returns the private key
         try:

@@ -25,25 +25,34 @@ Config = dict[str, Any]
 ZERO_KEY = bytes(keys.KEY_LEN)
 
 
+def peer_status(config: Config, live: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Configured peers with the live figures their owning worker reports (``live``: public
+    key -> that worker's status of the peer): `meshsup status` shows these, `wg show` too."""
+    out = []
+    for p in config["peers"]:
+        seen = live.get(p["public_key"], {})
+        out.append({"name": p["name"], "public_key": p["public_key"],
+                    "endpoint": seen.get("endpoint") or (p["endpoints"][0] if p["endpoints"] else ""),
+                    "allowed_ips": p["allowed_ips"],
+                    "rx_bytes": seen.get("rx_bytes", 0), "tx_bytes": seen.get("tx_bytes", 0),
+                    "last_handshake": seen.get("last_handshake", 0),
+                    "persistent_keepalive": p["persistent_keepalive"]})
+    return out
 
 
 def device_state(config: Config, live: dict[str, dict[str, Any]]) -> DeviceState:
-    """``live``: public key (base64) -> the owning worker's status of that peer."""
+    """The reply to ``get=1``: the same merge as `meshsup status`, plus the key material."""
     node = config["node"]
-    peers = []
-    for p in config["peers"]:
-        seen = live.get(p["public_key"], {})
-        endpoint = seen.get("endpoint") or (p["endpoints"][0] if p["endpoints"] else None)
-        peers.append(PeerState(
-            public_key=base64.b64decode(p["public_key"]),
-            preshared_key=base64.b64decode(p["preshared_key"]) if p["preshared_key"] else None,
-            endpoint=parse_endpoint(endpoint) if endpoint else None,
-            allowed_ips=p["allowed_ips"],
-            last_handshake_time_sec=int(seen.get("last_handshake", 0)),
-            rx_bytes=int(seen.get("rx_bytes", 0)),
-            tx_bytes=int(seen.get("tx_bytes", 0)),
-            persistent_keepalive_interval=p["persistent_keepalive"],
-        ))
+    peers = [PeerState(
+        public_key=base64.b64decode(s["public_key"]),
+        preshared_key=base64.b64decode(p["preshared_key"]) if p["preshared_key"] else None,
+        endpoint=parse_endpoint(s["endpoint"]) if s["endpoint"] else None,
+        allowed_ips=s["allowed_ips"],
+        last_handshake_time_sec=int(s["last_handshake"]),
+        rx_bytes=int(s["rx_bytes"]),
+        tx_bytes=int(s["tx_bytes"]),
+        persistent_keepalive_interval=s["persistent_keepalive"],
+    ) for p, s in zip(config["peers"], peer_status(config, live))]
     return DeviceState(private_key=base64.b64decode(node["private_key"]),
                        listen_port=node["listen_port"], peers=peers)
 
@@ -62,14 +71,13 @@ def apply_set(config: Config, request: SetRequest) -> Config | UapiError:
     new = copy.deepcopy(config)
     node = new["node"]
     peers: dict[str, dict[str, Any]] = {p["public_key"]: p for p in new["peers"]}
-    peer: dict[str, Any] | None = None   # the peer the current operations apply to
-    skipping = False                     # update_only for an unknown peer, or our own key
+    peer: dict[str, Any] | None = None  # the peer the current operations apply to; None: skip them
     created = False
     for op in request.operations:
         if isinstance(op, PublicKey):
             key = keys.b64(op.key)
-            skipping, created = key == node["public_key"], key not in peers
-            if not skipping and created:
+            created = key not in peers
+            if created and key != node["public_key"]:  # our own key: ignored, as wireguard-go does
                 peers[key] = _new_peer(op.key, {p["name"] for p in peers.values()} | {node["name"]})
             peer = peers.get(key)
             continue
@@ -85,15 +93,15 @@ def apply_set(config: Config, request: SetRequest) -> Config | UapiError:
                 return UapiError(errno.EOPNOTSUPP, "fwmark is not supported")
         elif isinstance(op, ReplacePeers):
             peers.clear()
-        elif peer is None or skipping:
-            continue  # peer operations before any public_key, or for a skipped peer
+        elif peer is None:
+            continue  # before any public_key, or for a skipped or removed peer
         elif isinstance(op, UpdateOnly):
             if created:
                 del peers[peer["public_key"]]
-                peer, skipping = None, True
+                peer = None
         elif isinstance(op, Remove):
             del peers[peer["public_key"]]
-            peer, skipping = None, True
+            peer = None
         elif isinstance(op, PresharedKey):
             peer["preshared_key"] = "" if op.key == ZERO_KEY else keys.b64(op.key)
         elif isinstance(op, Endpoint):

@@ -7,6 +7,7 @@ from typing import Any, Callable
 import pytest
 
 from tests.nodes import Netns, Node, is_root
+from tests.topology import Underlay
 
 
 @pytest.fixture
@@ -40,3 +41,10 @@ def node_factory(tmp_path: Path, netns: Callable[..., Netns]) -> Iterator[Callab
     yield make
     for n in nodes:
         n.close()
+
+
+@pytest.fixture
+def underlay() -> Iterator[Underlay]:
+    u = Underlay()
+    yield u
+    u.close()

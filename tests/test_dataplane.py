@@ -20,13 +20,6 @@ pytestmark = pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg",
                                 reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root")
 
 
-@pytest.fixture
-def underlay():
-    u = Underlay()
-    yield u
-    u.close()
-
-
 def start_meshsup(u: Underlay, tmp: Path, ident: Identity, peers: list[Identity], *args: str,
                   ns=None, env: dict | None = None, extra: str = "") -> Node:
     node = u.track(Node(tmp, "--config", str(meshsup_config(tmp, ident, peers, extra=extra)), *args,

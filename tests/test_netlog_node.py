@@ -32,13 +32,6 @@ INTERVAL = 1  # seconds per window: short, so tests see many windows
 TCP, ICMP = 6, 1
 
 
-@pytest.fixture
-def underlay() -> Iterator[Underlay]:
-    u = Underlay()
-    yield u
-    u.close()
-
-
 class Site:
     """A meshsup node ("alpha") and a peer ("bravo") on the underlay, alpha's collectors in its namespace."""
 
