@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from multiprocessing.reduction import DupFd
+from typing import Any
 
 from actors.bus.endpoints import Runtime
 
@@ -32,8 +34,25 @@ def actor_name(kind: str, index: int) -> str:
     return f"{kind}-{index}" if kind in SCALABLE else kind
 
 
-def run_actor(kind: str, name: str, state_dir: str) -> None:
-    """The body of an actor process (target of the supervisor's spawn)."""
+class InheritedFd:
+    """A descriptor the supervisor hands an actor at spawn. Pickled into the
+    process's arguments, multiprocessing passes a duplicate along with them
+    (to the fork server and on to the child); the child sees a plain int."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _inherit, (DupFd(self.fd),)
+
+
+def _inherit(dup: Any) -> int:
+    return int(dup.detach())
+
+
+def run_actor(kind: str, name: str, state_dir: str, tun_queue: int | None = None) -> None:
+    """The body of an actor process (target of the supervisor's spawn). A crypto
+    worker may get its queue of the TUN (see Supervisor._open_tun_queues)."""
     from setproctitle import setproctitle
 
     from actors.base import crash_on_start_requested, exit_now
@@ -42,7 +61,8 @@ def run_actor(kind: str, name: str, state_dir: str) -> None:
     if crash_on_start_requested(kind):
         exit_now(3)
     module, cls = _CLASSES[kind].split(":")
-    actor = getattr(importlib.import_module(module), cls)(name, Runtime(state_dir))
+    extra = {} if tun_queue is None else {"tun_queue": tun_queue}
+    actor = getattr(importlib.import_module(module), cls)(name, Runtime(state_dir), **extra)
     exit_now(actor.run())
 
 

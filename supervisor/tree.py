@@ -23,7 +23,8 @@ from actors.bus.endpoints import Runtime
 from actors.bus.messages import Ack, CliReply, CliRequest, Command, Configure, Heartbeat, Hello, Stop
 from actors.log import RateLimited
 from actors.magicsock.udp import UdpSocket
-from actors.registry import PRELOAD, SCALABLE, START_ORDER, actor_name, run_actor
+from actors.registry import PRELOAD, SCALABLE, START_ORDER, InheritedFd, actor_name, run_actor
+from actors.tunio.tun import Tun
 from supervisor import sdnotify
 from supervisor.config import Config
 from supervisor.uapi import GetRequest, SetRequest, UapiError, serialize_errno, serialize_get
@@ -96,6 +97,7 @@ class Supervisor:
         self.xpub = self._bind(zmq.XPUB, runtime.events_out)
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.uapi: UapiServer | None = None
+        self.tun_queues: list[Tun] = []
 
     def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
         s = self.ctx.socket(kind)
@@ -126,6 +128,7 @@ class Supervisor:
         error = self._serve_api(self.config["node"]["interface"])
         if error:
             return self._fail_start(error)
+        self.tun_queues = self._open_tun_queues()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)
         signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False)
@@ -216,8 +219,33 @@ class Supervisor:
                           public_key=self.config["node"]["public_key"])
             sdnotify.notify("READY=1\nSTATUS=all actors running")
 
+    def _open_tun_queues(self) -> list[Tun]:
+        """One queue of the TUN per crypto worker, opened first and held for the node's life.
+
+        The kernel numbers a multi-queue TUN's queues in the order they attach
+        and renumbers them when one detaches. Held here, worker k's queue stays
+        number k across worker restarts, which is what tun-io's eBPF steering
+        program relies on to send each packet to its peer's owner. A restarted
+        worker gets the same queue again, with what the kernel queued meanwhile.
+        """
+        iface, queues = self.config["node"]["interface"], []
+        try:
+            for _ in range(self.config["actors"]["crypto"]):
+                queues.append(Tun.open(iface))
+                if not queues[-1].multi_queue:
+                    raise OSError(errno.EOPNOTSUPP, "the kernel has no multi-queue TUN")
+        except (OSError, ValueError) as err:
+            for tun in queues:
+                tun.close()
+            self.log.warning("crypto workers get no TUN queue of their own; tun-io reads for them",
+                             interface=iface, reason=str(err))
+            return []
+        return queues
+
     def _spawn(self, a: ActorProc) -> None:
-        p = self._mp.Process(target=run_actor, args=(a.kind, a.name, str(self.runtime.state_dir)),
+        index = int(a.name.rsplit("-", 1)[1]) if a.kind == "crypto" else -1
+        queue = InheritedFd(self.tun_queues[index].fileno()) if 0 <= index < len(self.tun_queues) else None
+        p = self._mp.Process(target=run_actor, args=(a.kind, a.name, str(self.runtime.state_dir), queue),
                              name=a.name, daemon=True)
         p.start()
         a.process, a.pid, a.state = p, p.pid or 0, "starting"
@@ -572,6 +600,9 @@ class Supervisor:
     def close(self) -> None:
         if self.uapi is not None:
             self.uapi.close()
+        for tun in self.tun_queues:
+            tun.close()
+        self.tun_queues = []
         self.ctx.destroy(linger=0)
         os.close(self.signal_r)
         os.close(self.signal_w)

@@ -6,11 +6,12 @@ cannot tell whose it is without a DH); the device checks it (cookies first,
 under load) and names the owner, and this worker hands the datagram on.
 
 The worker moves its peers' traffic itself where it can (actors.crypto.direct):
-it writes what it decrypts into its own queue of the TUN and sends and
-receives its peers' datagrams on sockets connected to them. tun-io still
-reads every outgoing packet and hands it to the owner over the bus. What
-goes by those direct paths is counted here for flow logs, as tun-io and
-magicsock count what goes through them.
+it reads its peers' outgoing packets from its own queue of the TUN (where
+tun-io's steering program puts them) and writes what it decrypts there,
+and it sends and receives its peers' datagrams on sockets connected to
+them. A packet on its queue that another worker owns goes to that worker
+over the bus. What goes by those direct paths is counted here for flow
+logs, as tun-io and magicsock count what goes through them.
 """
 from __future__ import annotations
 
@@ -27,17 +28,17 @@ from typing import Any
 from actors.base import Actor, ConfigError
 from actors.bus import batch
 from actors.bus.codec import Message
-from actors.bus.messages import DatagramBatch, PacketBatch
 from actors.bus.messages import DatagramBatch, FlowCountsAck, PacketBatch
 from actors.crypto.device import ENDPOINT_CHANGED, Device, Output
 from actors.crypto.direct import DirectPaths
 from actors.crypto.peer import PeerConfig
-from actors.crypto.shard import owner
+from actors.crypto.shard import by_owner, owner, worker_prefixes, worker_routes
 from actors.crypto.timers import Timing
 from actors.magicsock.classify import receiver_index
 from actors.magicsock.udp import Endpoint
 from actors.netlog.counting import INNER, UNDERLAY
 from actors.netlog.feed import FlowFeed
+from actors.tunio.tun import Tun
 
 TICK_INTERVAL = 0.05
 TIMING_ENV = "MESHSUP_TEST_TIMING"  # e.g. "rekey_after_time=4,reject_after_time=8" (tests only)
@@ -69,16 +70,19 @@ def peer_config(p: dict[str, Any]) -> PeerConfig:
 class CryptoActor(Actor):
     kind = "crypto"
 
-    def __init__(self, name: str, runtime: Any) -> None:
+    def __init__(self, name: str, runtime: Any, tun_queue: int | None = None) -> None:
         super().__init__(name, runtime)
         self.index = int(name.rsplit("-", 1)[1])
+        self.routes = worker_routes([])  # destination -> owning worker, for what our TUN queue gives us
+        self.no_route = 0
         self.device: Device | None = None
         self.device_key: tuple[str, int, int] | None = None
         self.peers: dict[bytes, dict[str, Any]] = {}
         self.next_tick = 0.0
         self.forwarded = 0  # datagrams handed on to other workers
         self.forwarded_initiations = 0
-        self.direct = DirectPaths(self.log, self.add_reader, self.remove_reader, self.receive_direct)
+        self.direct = DirectPaths(self.log, self.add_reader, self.remove_reader, self.receive_direct,
+                                  self.send_read, self._adopt(tun_queue))
         # Flow counts of the direct paths: packets written to the TUN, datagrams on peer sockets.
         self.inner = FlowFeed(self, INNER)
         self.underlay = FlowFeed(self, UNDERLAY)
@@ -113,6 +117,7 @@ class CryptoActor(Actor):
                 self.device.remove_peer(k)  # key material changed: flush the session
             self.device.set_peer(peer_config(p))
         self.peers = wanted
+        self.routes = worker_routes(worker_prefixes(config["peers"], workers))
         self.direct.configure(node["interface"], node["listen_port"])
         self.direct.set_endpoints({k: peer.endpoint for k, peer in self.device.peers.items()})
 
@@ -135,6 +140,30 @@ class CryptoActor(Actor):
         else:
             endpoint = (msg.host, msg.port)
             self.receive([(d, endpoint) for d in packets])
+
+    def _adopt(self, fd: int | None) -> Tun | None:
+        if fd is None:
+            return None
+        try:
+            return Tun.from_fd(fd)
+        except (OSError, ValueError) as err:
+            self.log.warning("the TUN queue handed over is unusable; tun-io reads for us", reason=str(err))
+            return None
+
+    def send_read(self, packets: list[bytes]) -> None:
+        """Outgoing packets from our TUN queue: ours are sent, the rest go to their owners
+        (steering sends us only ours, but a reload or a kernel without it may not)."""
+        if self.device is None or not packets:
+            return
+        self.inner.tx.add_packets(packets)
+        others, unrouted = by_owner(packets, self.routes)
+        self.no_route += unrouted
+        mine = others.pop(self.index, None)
+        if mine:
+            self.emit(self.device.send(mine, time.time()))
+        for w, ps in others.items():
+            for blob in batch.pack_split(ps):
+                self.outbox.send(f"crypto-{w}", PacketBatch(seq=0, packets=blob))
 
     def receive_direct(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
         """Datagrams from a peer socket of our own (magicsock counts the ones it passes on)."""
@@ -199,7 +228,7 @@ class CryptoActor(Actor):
             return {}
         return {"peers": self.device.status(),
                 "counters": {**self.device.counters, **self.direct.counters(),
-                             "handshakes": self.device.handshakes, "forwarded": self.forwarded,
+                             "handshakes": self.device.handshakes, "forwarded": self.forwarded, "no_route": self.no_route,
                              "forwarded_initiations": self.forwarded_initiations,
                              "bus_full": sum(self.outbox.dropped.values())}}
 

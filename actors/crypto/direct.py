@@ -1,9 +1,12 @@
 """A crypto worker's own ways in and out of the kernel, so the hot path has no hops.
 
-- A write-only queue of the multi-queue TUN (``Tun.open_writer``): what the
-  worker decrypts goes to the kernel at once, TCP runs coalesced, instead of
-  through tun-io. tun-io still reads every outgoing packet from the one
-  enabled queue, so outgoing order is the kernel's.
+- A queue of the multi-queue TUN. Given one by the supervisor (it holds
+  queue k for worker k, so the queue keeps its number), the worker reads it:
+  tun-io's eBPF program steers every outgoing packet to the queue of its
+  peer's owner, so a peer's packets reach its owner with no hop and in the
+  kernel's order. Without one the worker attaches a write-only queue
+  (``Tun.open_writer``) and tun-io reads for it. Either way what the worker
+  decrypts goes to the kernel at once, TCP runs coalesced.
 - One UDP socket per peer the worker owns and knows an endpoint for, bound
   to the listen port with SO_REUSEPORT and connected to that endpoint. The
   kernel hands a datagram to the socket connected to its source before any
@@ -29,41 +32,60 @@ from actors.magicsock.udp import Endpoint, UdpSocket
 from actors.tunio.tun import Buffer, Tun
 
 Receive = Callable[[list[tuple[bytes, Endpoint]]], None]
+Read = Callable[[list[bytes]], None]
 RECV_BATCH = 512
+READ_BATCH = 256
 
 
 class DirectPaths:
     def __init__(self, log: Any, add_reader: Callable[[int, Callable[[], None]], None],
-                 remove_reader: Callable[[int], None], receive: Receive) -> None:
+                 remove_reader: Callable[[int], None], receive: Receive, read: Read,
+                 queue: Tun | None = None) -> None:
         self.log = log
         self._add_reader, self._remove_reader, self._receive = add_reader, remove_reader, receive
+        self._read = read
+        self.queue = queue  # the supervisor's queue for this worker, if any
         self.tun: Tun | None = None
         self.interface = ""
         self.port = 0
         self.sockets: dict[Endpoint, UdpSocket] = {}  # by the endpoint each is connected to
         self.peer_endpoints: dict[bytes, Endpoint] = {}  # owned peer -> endpoint with a socket
         self.tun_dropped = 0
+        self.tun_read = 0  # packets read from our own queue
         self._complaints: set[str] = set()
 
     def configure(self, interface: str, port: int) -> None:
-        """Attach the TUN writer and take the listen port (sockets follow in ``set_endpoints``)."""
+        """Attach the TUN queue and take the listen port (sockets follow in ``set_endpoints``)."""
         if interface != self.interface:
             self.interface = interface
-            if self.tun is not None:
-                self.tun.close()
-                self.tun = None
-            try:
-                self.tun = Tun.open_writer(interface)
-            except (OSError, ValueError) as err:
-                self._once("tun", "no TUN write queue of our own; decrypted packets go through tun-io",
-                           reason=str(err))
-            else:
-                self.log.info("writing to the TUN directly", interface=interface, coalescing=self.tun.vnet_hdr)
+            self._close_tun()
+            self._attach_tun(interface)
         if port != self.port:
             self.port = port
             self.set_endpoints({})
             if port == 0:
                 self._once("udp", "listen port 0: datagrams go through magicsock")
+
+    def _attach_tun(self, interface: str) -> None:
+        if self.queue is not None and self.queue.name == interface:
+            self.tun = self.queue
+            self._add_reader(self.tun.fileno(), self._tun_readable)
+            self.log.info("reading and writing our own TUN queue", interface=interface,
+                          coalescing=self.tun.vnet_hdr)
+            return
+        try:
+            self.tun = Tun.open_writer(interface)
+        except (OSError, ValueError) as err:
+            self._once("tun", "no TUN write queue of our own; decrypted packets go through tun-io",
+                       reason=str(err))
+        else:
+            self.log.info("writing to the TUN directly", interface=interface, coalescing=self.tun.vnet_hdr)
+
+    def _tun_readable(self) -> None:
+        if self.tun is not None:
+            packets = self.tun.read_batch(READ_BATCH)
+            self.tun_read += len(packets)
+            self._read(packets)
 
     def set_endpoints(self, endpoints: dict[bytes, Endpoint | None]) -> None:
         """Keep one connected socket for each owned peer with an endpoint (and none for others)."""
@@ -132,15 +154,22 @@ class DirectPaths:
             udp.update(dataclasses.asdict(sock.stats))
         return {"direct_tun": int(tun is not None), "direct_sockets": len(self.sockets),
                 "tun_writes": tun.tx_writes if tun else 0, "tun_coalesced": tun.tx_coalesced if tun else 0,
-                "tun_dropped": self.tun_dropped, **{f"udp_{k}": v for k, v in udp.items()}}
+                "tun_dropped": self.tun_dropped, "tun_read": self.tun_read, **{f"udp_{k}": v for k, v in udp.items()}}
 
     def close(self) -> None:
         for endpoint in list(self.sockets):
             self._close(endpoint)
         self.peer_endpoints.clear()
-        if self.tun is not None:
-            self.tun.close()
-            self.tun = None
+        self._close_tun()
+
+    def _close_tun(self) -> None:
+        if self.tun is None:
+            return
+        if self.tun is self.queue:
+            self._remove_reader(self.tun.fileno())
+            self.queue = None  # the supervisor keeps its own copy: the queue stays attached
+        self.tun.close()
+        self.tun = None
 
     def _once(self, what: str, message: str, **fields: Any) -> None:
         if what not in self._complaints:

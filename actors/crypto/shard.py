@@ -6,8 +6,48 @@ exactly one process.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import ipaddress
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from actors.crypto.allowedips import AllowedIPs, Network
+from actors.tunio import packet
 
 
 def owner(public_key: bytes, workers: int) -> int:
     return int.from_bytes(hashlib.blake2s(public_key, digest_size=4).digest(), "big") % workers
+
+
+def worker_prefixes(peers: Iterable[Mapping[str, Any]], workers: int) -> list[tuple[Network, int]]:
+    """Every configured peer's allowed IPs, each with the worker that owns the peer."""
+    return [(ipaddress.ip_network(prefix), owner(base64.b64decode(p["public_key"]), workers))
+            for p in peers for prefix in p["allowed_ips"]]
+
+
+def worker_routes(prefixes: Iterable[tuple[Network, int]]) -> AllowedIPs:
+    """Destination address -> owning worker, by longest prefix."""
+    routes = AllowedIPs()
+    for network, worker in prefixes:
+        routes.insert(network, worker)
+    return routes
+
+
+def by_owner(packets: Iterable[bytes], routes: AllowedIPs) -> tuple[dict[int, list[bytes]], int]:
+    """Outgoing packets grouped by the worker owning their destination, in order; and
+    how many have no route."""
+    groups: dict[int, list[bytes]] = {}
+    unrouted = 0
+    last_dst: bytes | None = b""
+    w: Any = None
+    for p in packets:
+        dst = packet.dst_addr(p)
+        if dst != last_dst:  # bulk traffic repeats destinations: route once per run
+            last_dst = dst
+            w = routes.lookup(dst) if dst is not None else None
+        if w is None:
+            unrouted += 1
+        else:
+            groups.setdefault(w, []).append(p)
+    return groups, unrouted

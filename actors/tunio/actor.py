@@ -1,28 +1,32 @@
-"""The tun-io actor: the TUN file descriptor, read in batches, split by owning crypto worker.
+"""The tun-io actor: the TUN device's queue steering, and the way in and out for workers without a queue.
 
-tun-io reads the TUN's one enabled queue, so every outgoing packet passes
-here in the kernel's order. Crypto workers write what they decrypt through
-write-only queues of their own (actors.crypto.direct); tun-io writes only
-for a worker that has none.
+Each crypto worker reads and writes a TUN queue of its own (the supervisor
+holds queue k for worker k; actors.crypto.direct). tun-io attaches an eBPF
+program (bpf.steering) that queues every outgoing packet on the queue of
+the worker owning its destination: a peer's packets reach their owner with
+no hop, in the kernel's order. What lands on tun-io's own queue (no
+steering on this kernel, a worker without a queue) is read here in
+batches, split by owner and handed on; tun-io writes only for a worker
+that has no queue.
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
-import ipaddress
-from collections import Counter, defaultdict
+import os
+from collections import Counter
 from typing import Any
 
 from actors.base import Actor, ConfigError
 from actors.bus import batch
 from actors.bus.codec import Message
 from actors.bus.messages import PacketBatch
-from actors.crypto.allowedips import AllowedIPs
-from actors.crypto.shard import owner
+from actors.crypto.allowedips import AllowedIPs, Network
+from actors.crypto.shard import by_owner, worker_prefixes, worker_routes
 from actors.netlog.counting import INNER
 from actors.netlog.feed import FlowFeed
-from actors.tunio import packet
 from actors.tunio.tun import Tun
+from bpf import steering
+from bpf.syscall import attach_steering, load_socket_filter
 
 READ_BATCH = 256
 
@@ -38,6 +42,8 @@ class TunIoActor(Actor):
         self.counters: Counter[str] = Counter()
         self.seq = 0
         self.flows = FlowFeed(self, INNER)
+        self.steering = False
+        self._complaints: set[str] = set()
 
     def configure(self, config: dict[str, Any]) -> None:
         super().configure(config)
@@ -54,17 +60,36 @@ class TunIoActor(Actor):
             self.tun = new
             self.add_reader(new.fileno(), self.on_readable)
             self._report_offloads(new)
+            self.route_key = None  # steer the new descriptor's device too
         workers = config["actors"]["crypto"]
         self.outbox.connect([f"crypto-{w}" for w in range(workers)])
         key = (workers, [(p["public_key"], p["allowed_ips"]) for p in config["peers"]])
         if key != self.route_key:
-            routes = AllowedIPs()
-            for p in config["peers"]:
-                w = owner(base64.b64decode(p["public_key"]), workers)
-                for prefix in p["allowed_ips"]:
-                    routes.insert(ipaddress.ip_network(prefix), w)
-            self.routes, self.route_key = routes, key
+            prefixes = worker_prefixes(config["peers"], workers)
+            self.routes, self.route_key = worker_routes(prefixes), key
+            self._steer(prefixes)
 
+    def _steer(self, prefixes: list[tuple[Network, int]]) -> None:
+        """Have the kernel queue each outgoing packet on its owner's queue (the supervisor
+        holds queue k for crypto worker k). Without it tun-io reads and hands packets on."""
+        assert self.tun is not None
+        if not self.tun.multi_queue:
+            return
+        try:
+            prog = load_socket_filter(steering.program(prefixes, default=0), "meshsup_steer")
+            try:
+                attach_steering(self.tun.fileno(), prog)
+            finally:
+                os.close(prog)
+        except (OSError, ValueError) as err:
+            self.steering = False
+            if "steering" not in self._complaints:
+                self._complaints.add("steering")
+                self.log.warning("no eBPF queue steering: outgoing packets go through tun-io", reason=str(err))
+            return
+        if not self.steering:
+            self.log.info("steering outgoing packets to their owners' TUN queues", routes=len(prefixes))
+        self.steering = True
     def _report_offloads(self, tun: Tun) -> None:
         self.log.info("TUN attached", interface=tun.name, coalesced_writes=tun.vnet_hdr,
                       worker_queues=tun.multi_queue)
@@ -75,19 +100,8 @@ class TunIoActor(Actor):
 
     def on_readable(self) -> None:
         assert self.tun is not None
-        by_worker: dict[int, list[bytes]] = defaultdict(list)
-        lookup = self.routes.lookup
-        last_dst: bytes | None = b""
-        w: int | None = None
-        for p in self.tun.read_batch(READ_BATCH):
-            dst = packet.dst_addr(p)
-            if dst != last_dst:  # bulk traffic repeats destinations: route once per run
-                last_dst = dst
-                w = lookup(dst) if dst is not None else None
-            if w is None:
-                self.counters["no_route"] += 1
-                continue
-            by_worker[w].append(p)
+        by_worker, unrouted = by_owner(self.tun.read_batch(READ_BATCH), self.routes)
+        self.counters["no_route"] += unrouted
         self.counters["rx_batches"] += 1
         for w, ps in by_worker.items():
             self.counters["rx_packets"] += len(ps)
@@ -113,7 +127,8 @@ class TunIoActor(Actor):
 
     def status(self) -> dict[str, Any]:
         tun = {} if self.tun is None else dataclasses.asdict(self.tun.stats)
-        return {"counters": {**self.counters, **tun, "bus_full": sum(self.outbox.dropped.values())}}
+        return {"counters": {**self.counters, **tun, "steering": int(self.steering),
+                             "bus_full": sum(self.outbox.dropped.values())}}
 
     def tick(self, now: float) -> None:
         self.flows.tick(now)

@@ -8,8 +8,10 @@ both ends spent per GB carried (all of a node's processes; wireguard-go's
 process), each against wireguard-go <-> wireguard-go measured in the same
 run. Then iperf3 UDP at 200 Mbit/s through one peer with 2 crypto workers
 (out-of-order datagrams, loss; wireguard-go alongside), and meshsup <->
-meshsup TCP with 1, 2 and 4 crypto workers. Other load on the machine moves every figure; the ratios,
-measured minutes apart, move less.
+meshsup TCP with 1, 2 and 4 crypto workers, each run profiled with py-spy:
+every meshsup process's share of a CPU and where its samples fall (the
+functions with the most samples of their own). Other load on the machine
+moves every figure; the ratios, measured minutes apart, move less.
 """
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ import argparse
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ UDP_SECONDS = 3
 # Default buffers, then 4 MB: with those, a CPU too busy to run iperf3's
 # reader at once does not count as loss, and what is left is the tunnel's.
 UDP_BUFFERS = ("", "4M")
+SPY = str(Path(sys.executable).with_name("py-spy"))
 
 
 @dataclass
@@ -143,8 +148,53 @@ class Pair:
         out["receiver_udp_buffers"] = int(snmp[snmp.index("UdpRcvbufErrors") + 1]) if "UdpRcvbufErrors" in snmp else 0
         return out
 
+    def meshsup_processes(self) -> dict[str, int]:
+        """Every actor process of both nodes, by node and actor name."""
+        out = {}
+        for end, ident in zip(self.ends, self.ids):
+            if isinstance(end, Node):
+                out.update({f"{ident.name}/{a['name']}": a["pid"] for a in end.status()["actors"] if a["pid"]})
+        return out
+
+    def profiled_tcp(self, seconds: int) -> tuple[Transfer, dict[str, Profile]]:
+        """iperf3 TCP alpha -> bravo with py-spy sampling every actor of both nodes."""
+        procs = {name: pid for name, pid in self.meshsup_processes().items()
+                 if name.split("/")[1].startswith(("crypto", "tun-io", "magicsock"))}
+        spies = {name: subprocess.Popen(
+            [SPY, "record", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw",
+             "-o", str(self.tmp / f"spy-{name.replace('/', '-')}.txt")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in procs.items()}
+        before = {name: cpu_seconds([pid]) for name, pid in procs.items()}
+        transfer = self.tcp(seconds, reverse=False)
+        profiles = {}
+        for name, spy in spies.items():
+            spy.wait()
+            cpu = (cpu_seconds([procs[name]]) - before[name]) / seconds
+            profiles[name] = Profile(cpu, hot_spots(self.tmp / f"spy-{name.replace('/', '-')}.txt"))
+        return transfer, profiles
+
     def close(self) -> None:
         self.underlay.close()
+
+
+@dataclass
+class Profile:
+    cpu: float  # share of one CPU over the run
+    top: list[tuple[str, float]]  # function, share of the samples taken in it (not in its callees)
+
+
+def hot_spots(path: Path, n: int = 4) -> list[tuple[str, float]]:
+    """The functions holding most samples of their own in a py-spy raw (collapsed stacks) file."""
+    own: Counter[str] = Counter()
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        stack, _, count = line.rpartition(" ")
+        own[stack.rsplit(";", 1)[-1].split(" (")[0]] += int(count)
+    total = sum(own.values())
+    return [(fn, k / total) for fn, k in own.most_common(n)] if total else []
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -170,7 +220,7 @@ def main() -> None:
     s = args.seconds
     rows: list[tuple[str, Transfer, str, Transfer, float]] = []
     udp: dict[tuple[str, str, str], dict[str, Any]] = {}
-    workers: dict[int, Transfer] = {}
+    workers: dict[int, tuple[Transfer, dict[str, Profile]]] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         for kinds in [(WG, WG), (MS, WG), (MS, MS)]:
@@ -183,14 +233,12 @@ def main() -> None:
                 if kinds[0] == kinds[1]:
                     for buffer in UDP_BUFFERS:
                         udp[(*kinds, buffer)] = pair.udp(UDP_SECONDS, buffer)
-                if kinds == (MS, MS):
-                    workers = {2: fwd}
             finally:
                 pair.close()
-        for n in (1, 4):
+        for n in (1, 2, 4):
             pair = Pair((MS, MS), tmp, workers=n)
             try:
-                workers[n] = pair.tcp(s, reverse=False)
+                workers[n] = pair.profiled_tcp(s)
             finally:
                 pair.close()
 
@@ -210,11 +258,16 @@ def main() -> None:
         lost, total = u.get("lost_packets", 0), u.get("packets", 0)
         print(f"  {a} -> {b:<13} {buffer or 'default':>7}  {u['out_of_order']} out of order, "
               f"{lost}/{total} lost ({100 * lost / total if total else float('nan'):.3f} %)  dropped at: {u['drops']}")
-    print("meshsup -> meshsup TCP by crypto workers (one peer: one owning worker)")
+    print("meshsup -> meshsup TCP by crypto workers (one peer: one owning worker), py-spy on every "
+          "dataplane actor: its share of a CPU, and the functions with most samples of their own")
     for n in sorted(workers):
-        t = workers[n]
+        t, profiles = workers[n]
         print(f"  {n} worker{'s' if n > 1 else ' '}  {t.mbit:6.0f} Mbit/s {ratio(t.mbit, base_fwd.mbit):>8} "
               f"{t.cpu_per_gb:5.1f} CPU s/GB")
+        for name, prof in sorted(profiles.items(), key=lambda kv: -kv[1].cpu):
+            if prof.cpu >= 0.02:
+                spots = ", ".join(f"{fn} {share:.0%}" for fn, share in prof.top)
+                print(f"      {name:<18} {prof.cpu:4.0%} CPU  {spots}")
 
 
 if __name__ == "__main__":
