@@ -16,6 +16,7 @@ moves every figure; the ratios, measured minutes apart, move less.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import re
 import statistics
@@ -29,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from actors.base import Actor  # noqa: E402
 from tests.nodes import Netns, Node  # noqa: E402
 from tests.topology import Identity, Underlay, WgGo, iperf3, meshsup_config, ping  # noqa: E402
 
@@ -41,6 +43,13 @@ UDP_SECONDS = 3
 # reader at once does not count as loss, and what is left is the tunnel's.
 UDP_BUFFERS = ("", "4M")
 SPY = str(Path(sys.executable).with_name("py-spy"))
+
+
+def _idle_frame() -> str:
+    """How py-spy names the actor loop waiting in epoll."""
+    lines, first = inspect.getsourcelines(Actor.run)
+    wait = next(i for i, line in enumerate(lines) if "poller.poll(" in line)
+    return f"Actor.run (actors/base.py:{first + wait})"
 
 
 @dataclass
@@ -116,11 +125,10 @@ class Pair:
         received = r["end"]["sum_received"]
         return Transfer(received["bits_per_second"] / 1e6, cpu / (received["bytes"] / 1e9))
 
-    def rtt(self) -> float:
-        """Median RTT of 50 pings: the median shrugs off the few that wait for a busy CPU."""
-        out = self.hosts[0][0].run("ping", "-c", "50", "-i", "0.02", self.ids[1].v4, check=False).stdout
-        times = [float(t) for t in re.findall(r"time=([\d.]+)", out)]
-        return statistics.median(times) if times else float("nan")
+    def rtts(self, count: int) -> list[float]:
+        """The RTTs of `count` pings 20 ms apart."""
+        out = self.hosts[0][0].run("ping", "-c", str(count), "-i", "0.02", self.ids[1].v4, check=False).stdout
+        return [float(t) for t in re.findall(r"time=([\d.]+)", out)]
 
     def udp(self, seconds: int, buffer: str) -> dict[str, Any]:
         extra = ("-u", "-b", UDP_RATE, "-l", str(UDP_LEN)) + (("-w", buffer) if buffer else ())
@@ -161,7 +169,7 @@ class Pair:
         procs = {name: pid for name, pid in self.meshsup_processes().items()
                  if name.split("/")[1].startswith(("crypto", "tun-io", "magicsock"))}
         spies = {name: subprocess.Popen(
-            [SPY, "record", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw",
+            [SPY, "record", "--nonblocking", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw",
              "-o", str(self.tmp / f"spy-{name.replace('/', '-')}.txt")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in procs.items()}
         before = {name: cpu_seconds([pid]) for name, pid in procs.items()}
@@ -180,11 +188,15 @@ class Pair:
 @dataclass
 class Profile:
     cpu: float  # share of one CPU over the run
-    top: list[tuple[str, float]]  # function, share of the samples taken in it (not in its callees)
+    top: list[tuple[str, float]]  # function, share of the busy samples taken in it (not in its callees)
+
+
+IDLE = _idle_frame()
 
 
 def hot_spots(path: Path, n: int = 4) -> list[tuple[str, float]]:
-    """The functions holding most samples of their own in a py-spy raw (collapsed stacks) file."""
+    """The functions holding most busy samples of their own in a py-spy raw (collapsed
+    stacks) file. A sample in the actor loop's epoll wait is the process idling: left out."""
     own: Counter[str] = Counter()
     try:
         lines = path.read_text().splitlines()
@@ -192,9 +204,22 @@ def hot_spots(path: Path, n: int = 4) -> list[tuple[str, float]]:
         return []
     for line in lines:
         stack, _, count = line.rpartition(" ")
-        own[stack.rsplit(";", 1)[-1].split(" (")[0]] += int(count)
+        leaf = stack.rsplit(";", 1)[-1]
+        if leaf == IDLE:
+            continue
+        own[leaf.split(" (")[0]] += int(count)
     total = sum(own.values())
     return [(fn, k / total) for fn, k in own.most_common(n)] if total else []
+
+
+def ping_rounds(pairs: list[Pair], rounds: int = 6, count: int = 25) -> list[float]:
+    """Median RTT of each pair, the pairs pinging in turns, round after round, so that a
+    busy spell of the machine weighs on all of them alike."""
+    times: list[list[float]] = [[] for _ in pairs]
+    for _ in range(rounds):
+        for pair, seen in zip(pairs, times):
+            seen += pair.rtts(count)
+    return [statistics.median(seen) if seen else float("nan") for seen in times]
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -223,17 +248,20 @@ def main() -> None:
     workers: dict[int, tuple[Transfer, dict[str, Profile]]] = {}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        for kinds in [(WG, WG), (MS, WG), (MS, MS)]:
-            pair = Pair(kinds, tmp)
-            try:
-                rtt = pair.rtt()
+        pairs: list[Pair] = []
+        try:
+            for kinds in [(WG, WG), (MS, WG), (MS, MS)]:
+                pairs.append(Pair(kinds, tmp))
+            rtts = ping_rounds(pairs)
+            for pair, rtt in zip(pairs, rtts):
                 fwd, rev = pair.tcp(s, reverse=False), pair.tcp(s, reverse=True)
-                a, b = kinds
+                a, b = pair.kinds
                 rows.append((f"{a} -> {b}", fwd, f"{b} -> {a}", rev, rtt))
-                if kinds[0] == kinds[1]:
+                if a == b:
                     for buffer in UDP_BUFFERS:
-                        udp[(*kinds, buffer)] = pair.udp(UDP_SECONDS, buffer)
-            finally:
+                        udp[(a, b, buffer)] = pair.udp(UDP_SECONDS, buffer)
+        finally:
+            for pair in pairs:
                 pair.close()
         for n in (1, 2, 4):
             pair = Pair((MS, MS), tmp, workers=n)
@@ -249,7 +277,7 @@ def main() -> None:
               f"{fwd.cpu_per_gb:5.1f} CPU s/GB {ratio(fwd.cpu_per_gb, base_fwd.cpu_per_gb):>8}   "
               f"{name_rev:<26} {rev.mbit:6.0f} Mbit/s {ratio(rev.mbit, base_rev.mbit):>8} "
               f"{rev.cpu_per_gb:5.1f} CPU s/GB {ratio(rev.cpu_per_gb, base_rev.cpu_per_gb):>8}")
-    print("ping RTT (median of 50 pings, 20 ms apart)")
+    print("ping RTT (median of 150 pings 20 ms apart, the pairs taking turns)")
     for name_fwd, _, _, _, rtt in rows:
         print(f"  {name_fwd.replace(' -> ', ' <-> '):<26} {rtt:6.3f} ms {ratio(rtt, base_rtt):>8}")
     print(f"iperf3 UDP {UDP_RATE}bit/s, {UDP_LEN}-byte datagrams, {UDP_SECONDS} s (meshsup: 2 crypto workers); "
