@@ -95,6 +95,20 @@ def test_udp_through_two_workers_keeps_order_on_the_direct_path(underlay, tmp_pa
     assert node_a.counters()["crypto"]["tun_read"] > udp["packets"] / 2  # the sender's queue may drop some
 
 
+def test_scaling_crypto_workers_keeps_the_tunnel(underlay, tmp_path) -> None:
+    """Workers added later have no queue held for them; the packets steered to a queue
+    whose reader does not own them are handed to the owner. Both ways the tunnel carries."""
+    (ns_a, a, node_a), (ns_b, b, _) = pair(underlay, tmp_path, "wireguard-go")
+    assert ping(ns_a, b.v4)
+    for workers in (4, 1, 2):
+        node_a.cli("scale", "crypto", str(workers))
+        node_a.wait(lambda: sum(1 for x in node_a.actors().values()
+                                if x["kind"] == "crypto" and x["state"] == "running") == workers,
+                    what=f"{workers} crypto workers")
+        assert ping(ns_a, b.v4, count=5) and ping(ns_b, a.v4, count=5) and ping(ns_a, b.v6, count=3), workers
+    assert node_a.counters()["tun-io"]["steering"] == 1
+
+
 def test_three_node_full_mesh(underlay, tmp_path) -> None:
     hosts = [underlay.host() for _ in range(3)]
     ids = [Identity(n, i + 1) for i, n in enumerate(["alpha", "bravo", "charlie"])]
