@@ -12,38 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import Node, is_root
-from tests.topology import (Identity, Underlay, WgGo, have, iperf3, meshsup_config, ping,
-                            stalled_intervals)
+from tests.nodes import is_root
+from tests.topology import Identity, Underlay, have, iperf3, pair, ping, stalled_intervals, start_meshsup, start_wg
 
 pytestmark = pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
                                 reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root")
-
-
-def start_meshsup(u: Underlay, tmp: Path, ident: Identity, peers: list[Identity], *args: str,
-                  ns=None, env: dict | None = None, extra: str = "") -> Node:
-    node = u.track(Node(tmp, "--config", str(meshsup_config(tmp, ident, peers, extra=extra)), *args,
-                        netns=ns, env=env))
-    node.wait_ready()
-    return node
-
-
-def start_wg(u: Underlay, tmp: Path, ns, ident: Identity, peers: list[Identity], keepalive: int = 0) -> WgGo:
-    wg = u.track(WgGo(ns, ident, tmp))
-    for p in peers:
-        wg.add_peer(p, keepalive)
-    return wg
-
-
-def pair(u: Underlay, tmp: Path, second: str):
-    """alpha is meshsup; bravo is wireguard-go or meshsup."""
-    (ns_a, addr_a), (ns_b, addr_b) = u.host(), u.host()
-    a, b = Identity("alpha", 1), Identity("bravo", 2)
-    a.endpoint, b.endpoint = f"{addr_a}:51820", f"{addr_b}:51820"
-    node_a = start_meshsup(u, tmp, a, [b], ns=ns_a)
-    peer_b = start_wg(u, tmp, ns_b, b, [a]) if second == "wireguard-go" else \
-        start_meshsup(u, tmp, b, [a], ns=ns_b)
-    return (ns_a, a, node_a), (ns_b, b, peer_b)
 
 
 def assert_transfer(client, server, addr: str, seconds: int = 10, reverse: bool = False) -> dict:

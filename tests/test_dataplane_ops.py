@@ -20,7 +20,7 @@ from actors.crypto.device import Device
 from actors.crypto.peer import PeerConfig
 from actors.crypto.shard import owner
 from tests.nodes import REPO, Netns, Node, is_root
-from tests.test_dataplane import start_meshsup, start_wg
+from tests.topology import start_meshsup, start_wg
 from tests.test_wg_device import flood_initiation
 from tests.topology import (Identity, Underlay, WgGo, have, iperf3, meshsup_config, ping, readdress,
                             stalled_intervals)

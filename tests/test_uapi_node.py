@@ -7,7 +7,7 @@ import time
 import pytest
 
 from tests.nodes import Node, is_root
-from tests.test_dataplane import pair, start_meshsup, start_wg
+from tests.topology import pair, start_meshsup, start_wg
 from tests.topology import Identity, have, iperf3, ping
 
 pytestmark = pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
