@@ -24,7 +24,7 @@ from actors.bus.messages import Ack, CliReply, CliRequest, Command, Configure, H
 from actors.log import RateLimited
 from actors.magicsock.udp import UdpSocket
 from actors.registry import PRELOAD, SCALABLE, START_ORDER, InheritedFd, actor_name, run_actor
-from actors.tunio.tun import Tun
+from actors.tunio.tun import Tun, make_persistent
 from supervisor import sdnotify
 from supervisor.config import Config
 from supervisor.uapi import GetRequest, SetRequest, UapiError, serialize_errno, serialize_get
@@ -230,6 +230,7 @@ class Supervisor:
         """
         iface, queues = self.config["node"]["interface"], []
         try:
+            make_persistent(iface)  # as the router would: the link's mode and queue length come first
             for _ in range(self.config["actors"]["crypto"]):
                 queues.append(Tun.open(iface))
                 if not queues[-1].multi_queue:

@@ -46,7 +46,7 @@ class RouterActor(Actor):
             try:
                 with IPRoute() as ipr:
                     exists = bool(ipr.link_lookup(ifname=iface))
-                if not exists:  # else a previous router made it and tun-io holds it
+                if not exists:  # else the supervisor (holding the workers' queues) or a previous router made it
                     make_persistent(iface)
                 self.router = LinuxRouter(iface)
             except (OSError, ValueError, LookupError) as err:
