@@ -29,7 +29,7 @@ from actors.dns.resolver import Drop, Forward, Learned, Log, Reply, Resolver
 from actors.dns.rules import ForwardTo, Matcher, Reject, Route, Router, Rule, SourceOverride, normalize_name
 from actors.dns.settings import DNS_KEYS, DnsSettings
 from actors.dns.upstream import MAX_ATTEMPTS, FailoverPlan, Upstream, parse_upstream, without_own
-from actors.dns.wire import WireAnswer, parse_answer
+from actors.dns.wire import WireAnswer, parse_answer, query_key
 from actors.dns.zone import SrvRecord, Zone
 from actors.router.resolvconf import HEADER, ResolvConf
 
@@ -332,7 +332,7 @@ def test_upstream_answer_records_kept_as_bytes():
     answer = parse_answer(wire, X.upper(), 1, 1)
     assert isinstance(answer, WireAnswer)
     assert answer.counts == (3, 1, 1) and answer.authenticated and answer.rcode == 0
-    assert [f.ttl for f in answer.ttls] == [300, 60, 60, 900, 30]
+    assert list(answer.ttls) == [300, 60, 60, 900, 30]
     assert answer.addresses == (("y.example", ("203.0.113.1", "203.0.113.2")),)
     assert [count for _, count in answer.set_ends] == [1, 3, 4, 5]  # RRset boundaries
     back = sections(answer, X)
@@ -441,7 +441,7 @@ def test_prepared_replies_count_down_and_take_the_query_id():
     fast = FastAnswers(size=2)
     fast.keep(query.wire, "udp", prepared)
     again = b"\x99\x99" + query.wire[2:]
-    got, _ = fast.lookup(again, "udp", 150.5)
+    got = fast.lookup(again, "udp", 150.5)
     message = dns.message.from_wire(got)
     assert message.id == 0x9999 and message.answer[0].ttl == 249 and message.edns == 0
     assert fast.lookup(again, "tcp", 150.5) is None  # another size limit, another table
@@ -477,11 +477,55 @@ def test_resolver_fast_path_answers_as_the_full_path_and_counts_alike():
         assert (fast.rcode(), fast.answer, fast.authority) == (slow.rcode(), slow.answer, slow.authority)
     forward = only_forward(resolver.handle(query_wire("www.example.com"), CLIENT, "udp", 0.0))
     resolver.on_upstream_answer(forward.key, forward.upstream, upstream_answer(forward), 0.0)
+    assert resolver.fast(query_wire("www.example.com"), "udp", 10.2) is None  # asked once: nothing kept
+    assert reply_of(resolver.handle(query_wire("www.example.com"), CLIENT, "udp", 10.2)).answer[0].ttl == 289
     cached = dns.message.from_wire(resolver.fast(query_wire("www.example.com"), "udp", 10.5))
     assert cached.answer[0].ttl == 289
     stats = resolver.stats()
-    assert (stats["queries_udp"], stats["fast_answers"]) == (8, 4)
-    assert (stats["local_answers"], stats["rejected_by_rule"], stats["cache_hits"]) == (4, 2, 1)
+    assert (stats["queries_udp"], stats["fast_answers"]) == (9, 4)
+    assert (stats["local_answers"], stats["rejected_by_rule"], stats["cache_hits"]) == (4, 2, 2)
+
+
+def cookie_query(name: str, cookie: bytes, rdtype: str = "A", **kwargs) -> bytes:
+    option = dns.edns.GenericOption(dns.edns.OptionType.COOKIE, cookie)
+    kwargs.setdefault("use_edns", 0)
+    return dns.message.make_query(name, rdtype, options=[option], **kwargs).to_wire()
+
+
+def test_fast_key_ignores_the_cookie_but_not_what_changes_the_reply():
+    first, second = cookie_query("x.example", b"\x01" * 8), cookie_query("x.example", b"\x02" * 8)
+    assert first[2:] != second[2:] and query_key(first) == query_key(second)
+    others = [
+        cookie_query("x.example", b"\x01" * 24),  # another length: one of them may be a FORMERR
+        cookie_query("x.example", b"\x01" * 8, want_dnssec=True),
+        cookie_query("x.example", b"\x01" * 8, payload=4096),
+        cookie_query("x.example", b"\x01" * 8, "AAAA"),
+        cookie_query("y.example", b"\x01" * 8),
+        query_wire("x.example", use_edns=0),
+    ]
+    assert len({query_key(first), *map(query_key, others)}) == len(others) + 1
+    plain = query_wire("x.example")
+    assert query_key(plain) == plain[2:]  # the common case: the bytes after the ID
+
+
+@pytest.mark.parametrize("name", ["alpha.mesh", "www.example.com"])
+def test_a_query_with_a_cookie_gets_the_reply_the_full_path_gives_it(name):
+    resolver = Resolver(settings())
+    actions = resolver.handle(cookie_query(name, os.urandom(8)), CLIENT, "udp", 0.0)
+    if any(isinstance(a, Forward) for a in actions):
+        forward = only_forward(actions)
+        resolver.on_upstream_answer(forward.key, forward.upstream, upstream_answer(forward), 0.0)
+    full = reply_of(resolver.handle(cookie_query(name, os.urandom(8)), CLIENT, "udp", 0.0))  # local, or cached
+    # RFC 7873 section 5.2.1: a server that does not do cookies answers as if the option were not there.
+    assert full.edns == 0 and full.options == () and full.answer
+    again = cookie_query(name, os.urandom(8))
+    fast = resolver.fast(again, "udp", 0.0)
+    assert fast is not None and fast[:2] == again[:2]
+    fast_reply = dns.message.from_wire(fast)
+    assert (fast_reply.edns, fast_reply.payload, fast_reply.options, fast_reply.flags) == (
+        full.edns, full.payload, full.options, full.flags)
+    assert sorted(fast_reply.answer[0]) == sorted(full.answer[0])
+    assert resolver.fast(cookie_query(name, os.urandom(8), want_dnssec=True), "udp", 0.0) is None  # DO: another key
 
 
 # -- zone ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ import dns.reversename
 import pytest
 
 from actors.dns.settings import DnsSettings
+from actors.dns.udpbatch import SLOT_SIZE, Batch
 from tests.dns_fixtures import (
     BAD_PACKETS,
     Dnsmasq,
@@ -35,6 +36,7 @@ from tests.dns_fixtures import (
     start_stub,
     start_unbound_tls,
     udp_exchange,
+    wait_until,
 )
 
 NAMES = {"alpha": ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"], "bravo": ["100.64.0.2", "100.64.0.3", "100.64.0.4"]}
@@ -188,6 +190,18 @@ def test_failover_from_dead_upstream(tmp_path, later, scheme):
     assert dig(server.host, server.port, "www.example.test").rdata("A") == ["203.0.113.7"]
     counters = server.counters()
     assert counters["upstream_refused"] == 1 and counters["failovers"] == 1
+
+
+def test_failover_after_a_timeout_and_the_late_answer_ignored(tmp_path, later):
+    slow = later(start_stub(delay=1.0))
+    upstream = later(start_dnsmasq(tmp_path, ["--address=/example.test/203.0.113.7"]))
+    server = start_server(later, upstreams=[f"udp://{slow.host}:{slow.port}", url(upstream)], timeout=0.3)
+    started = time.monotonic()
+    assert dig(server.host, server.port, "www.example.test").rdata("A") == ["203.0.113.7"]
+    assert 0.3 <= time.monotonic() - started < 1.0  # the second upstream answered after the first's timeout
+    wait_until(lambda: server.counters().get("upstream_udp_mismatched") == 1, what="the late answer seen")
+    counters = server.counters()
+    assert counters["upstream_timeout"] == 1 and counters["failovers"] == 1 and counters["upstream_answers"] == 1
 
 
 def test_failover_on_refused_and_servfail(tmp_path, later):
@@ -422,6 +436,17 @@ def test_garbage_over_udp_and_tcp_keeps_the_server_answering(later):
     assert counters["queries_udp"] >= 200 and counters["formerr"] >= 1
 
 
+def test_an_oversized_datagram_is_counted_and_dropped(later):
+    server = start_server(later, upstreams=[])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        sock.sendto(header(0x0100) + b"\x00" * SLOT_SIZE, (server.host, server.port))
+        sock.sendto(dns.message.make_query("alpha.mesh", "A", id=9).to_wire(), (server.host, server.port))
+        reply = dns.message.from_wire(sock.recv(65535))
+    assert reply.id == 9 and reply.answer[0][0].address == "100.64.0.1"
+    assert server.counters()["udp_oversized_queries"] == 1
+
+
 # -- the server itself -------------------------------------------------------------------
 
 
@@ -470,6 +495,52 @@ def test_two_servers_share_the_port_with_reuseport(later):
         assert dig(first.host, first.port, "alpha.mesh").rdata("A") == ["100.64.0.1"]
     served = first.counters().get("queries_udp", 0) + second.counters().get("queries_udp", 0)
     assert served == 10
+
+
+def test_queries_from_one_source_port_are_spread_over_the_workers(later):
+    first = start_server(later, upstreams=[])
+    listen = [f"{first.host}:{first.port}"]
+    second = later(ServerThread(DnsSettings.from_config({"listen": listen, "upstreams": []}, NAMES)))
+    answers = burst(first, queries("alpha.mesh", 60))  # one socket: the port hash alone picks one server
+    assert len(answers) == 60
+    served = [server.counters().get("queries_udp", 0) for server in (first, second)]
+    assert sum(served) == 60 and min(served) > 0, served
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_batches_take_datagrams_in_and_send_each_reply_to_its_sender(family):
+    host = loopback_address() if family == socket.AF_INET else "::1"
+    try:
+        receiver = socket.socket(family, socket.SOCK_DGRAM)
+        receiver.bind((host, 0))
+    except OSError:
+        pytest.skip("needs IPv6 on the loopback interface")
+    senders = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(4)]
+    try:
+        receiver.setblocking(False)
+        batch = Batch(receiver)
+        for i, sender in enumerate(senders):
+            sender.bind((host, 0))
+            sender.settimeout(2)
+            sender.sendto(b"q%d" % i if i < 3 else b"x" * (SLOT_SIZE + 1), receiver.getsockname())
+        got: list[bytes | None] = []
+        wait_until(lambda: got.extend(batch.receive()) or len(got) == 4, what="four datagrams")
+        assert got == [b"q0", b"q1", b"q2", None]  # the last one did not fit a slot
+        assert [batch.source(i) for i in range(3)] == [s.getsockname() for s in senders[:3]]
+        assert batch.reply(0, b"r0") and batch.reply(2, b"r2")  # slot 1 unanswered: two runs to send
+        assert not batch.reply(1, b"x" * (SLOT_SIZE + 1))  # too big for a slot: the caller's to send
+        assert batch.flush() == 0
+        assert (senders[0].recv(64), senders[2].recv(64)) == (b"r0", b"r2")
+        senders[1].settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            senders[1].recv(64)
+        senders[1].sendto(b"again", receiver.getsockname())  # the slots are whole again for the next batch
+        again: list[bytes | None] = []
+        wait_until(lambda: again.extend(batch.receive()) or again == [b"again"], what="the next batch")
+    finally:
+        receiver.close()
+        for sender in senders:
+            sender.close()
 
 
 def test_ipv6_loopback_listener(later):

@@ -6,16 +6,18 @@ through `run_coroutine_threadsafe` and `call_soon_threadsafe`: no state is
 shared between the bus side and the DNS side beyond those hand-offs.
 Several workers share the listen ports with SO_REUSEPORT.
 
-Learned names go onto the bus from the DNS thread itself, through a PUB
-socket of its own (a ZeroMQ socket belongs to one thread): handing each to
-the actor thread would cost two GIL hand-offs per forwarded answer.
+Learned names go onto the bus from the DNS thread itself, through a socket
+of its own (a ZeroMQ socket belongs to one thread): handing each to the
+actor thread would cost two GIL hand-offs per forwarded answer.
 """
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import resource
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -28,6 +30,54 @@ from actors.dns.settings import DnsSettings
 
 START_TIMEOUT = 5.0
 LEARNED_HWM = 10_000  # learned names queued for the bus; beyond it ZeroMQ drops them, as PUB does
+_SUBSCRIBE, _UNSUBSCRIBE = b"\x01", b"\x00"  # the first byte of what an XPUB is told
+
+
+class LearnedEvents:
+    """Publishes learned names, on the DNS thread. An XPUB rather than a PUB:
+    the subscriptions it is sent say whether anyone listens for learned names,
+    and while no one does a name costs a look at the clock, not a message
+    built and encoded (which PUB would then drop), a few microseconds of each
+    forwarded answer. Subscriptions are read at most every SUBSCRIPTION_CHECK
+    seconds: a new subscriber hears of names learned from then on, as with
+    any PUB socket (its subscription takes a moment to arrive anyway)."""
+
+    TOPIC = NameLearned.TAG.encode()
+    SUBSCRIPTION_CHECK = 0.1
+
+    def __init__(self, ctx: zmq.Context, address: str) -> None:
+        self.sock = ctx.socket(zmq.XPUB)
+        self.sock.setsockopt(zmq.SNDHWM, LEARNED_HWM)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self._topics: set[bytes] = set()
+        self._listened = False
+        self._next_check = 0.0
+        self.learned = 0
+        self.published = 0
+
+    def publish(self, name: str, addresses: tuple[str, ...]) -> None:
+        self.learned += 1
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self.SUBSCRIPTION_CHECK
+            self._read_subscriptions()
+        if self._listened:
+            message = NameLearned(name=name, addresses=list(addresses))
+            self.sock.send_multipart([self.TOPIC, encode(message)])  # never blocks: beyond the HWM it drops
+            self.published += 1
+
+    def _read_subscriptions(self) -> None:
+        while self.sock.poll(0):
+            frame = self.sock.recv()
+            if frame[:1] == _SUBSCRIBE:
+                self._topics.add(frame[1:])
+            elif frame[:1] == _UNSUBSCRIBE:
+                self._topics.discard(frame[1:])
+        self._listened = any(self.TOPIC.startswith(topic) for topic in self._topics)
+
+    def close(self) -> None:
+        self.sock.close(0)
 
 
 def mesh_names(config: dict[str, Any]) -> dict[str, list[str]]:
@@ -57,16 +107,11 @@ class DnsActor(Actor):
         self.thread.start()
         self.server: DnsServer | None = None
         self.settings: DnsSettings | None = None
-        self.learned_published = 0
         self.learned_events = self._call(self._open_learned_events())
         self.subscribe(LinkChanged.TAG)
 
-    async def _open_learned_events(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.PUB)
-        sock.setsockopt(zmq.SNDHWM, LEARNED_HWM)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.runtime.events_in)
-        return sock
+    async def _open_learned_events(self) -> LearnedEvents:
+        return LearnedEvents(self.ctx, self.runtime.events_in)
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(START_TIMEOUT)
@@ -81,20 +126,19 @@ class DnsActor(Actor):
             return
         try:
             if self.server is None:
-                server = DnsServer(settings, on_learned=self._learned)
+                server = DnsServer(settings, on_learned=self.learned_events.publish)
                 self._call(server.start())
                 self.server = server
+                # What the process holds now (much of it inherited from the fork
+                # server) lives as long as it does: the collector need not walk
+                # it again on every full collection, each a pause of the DNS
+                # thread that grows with the heap (nor dirty its shared pages).
+                gc.freeze()
             else:
                 self._call(self.server.reconfigure(settings))
         except OSError as err:
             raise ConfigError(f"cannot listen on {', '.join(config['dns'].get('listen', []))}: {err}") from None
         self.settings = settings
-
-    def _learned(self, name: str, addresses: tuple[str, ...]) -> None:
-        """On the DNS thread, with the DNS thread's own socket."""
-        message = NameLearned(name=name, addresses=list(addresses))
-        self.learned_events.send_multipart([message.TAG.encode(), encode(message)])  # PUB never blocks
-        self.learned_published += 1
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, LinkChanged) and self.server is not None:
@@ -110,7 +154,9 @@ class DnsActor(Actor):
         async def read() -> dict[str, int]:  # read on the DNS thread, where they change
             return server.counters()
 
-        return {"counters": {**self._call(read()), "learned_published": self.learned_published}}
+        events = self.learned_events
+        learned = {"learned_names": events.learned, "learned_published": events.published}
+        return {"counters": {**self._call(read()), **learned}}
 
     def close(self) -> None:
         if self.server is not None:
@@ -120,7 +166,7 @@ class DnsActor(Actor):
                 pass
 
         async def close_learned_events() -> None:
-            self.learned_events.close(0)
+            self.learned_events.close()
 
         try:
             self._call(close_learned_events())

@@ -1,5 +1,9 @@
-"""The response cache: bounded LRU, TTL clamps, negative caching, serve-stale.
+"""The response cache: bounded, TTL clamps, negative caching, serve-stale.
 
+- Bounded, least recently used out first. A hit on the fast path only marks
+  its entry used (no reordering per hit): the oldest entry, if used since it
+  was last looked at, gets a second chance at the young end instead of going
+  (the CLOCK approximation of LRU).
 - Keyed by name (case-insensitive: its lowercase wire form), type, class,
   DO bit and view (the upstream set chosen by the client's source, "" for
   everyone).
@@ -36,12 +40,13 @@ class CacheKey(NamedTuple):
     view: str = ""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class CacheEntry:
     key: CacheKey
     answer: WireAnswer  # TTLs are the clamped TTLs at stored_at
     stored_at: float
     ttl: int
+    used: bool = False  # answered on the fast path since the cache last moved it to the young end
 
     def expires_at(self) -> float:
         return self.stored_at + self.ttl
@@ -49,7 +54,7 @@ class CacheEntry:
     def answer_at(self, now: float) -> WireAnswer:
         """The answer with its TTLs counted down to now."""
         elapsed = max(0.0, now - self.stored_at)
-        return self.answer.retimed(lambda f: max(0, int(f.ttl - elapsed)))
+        return self.answer.retimed(lambda ttl, _: max(0, int(ttl - elapsed)))
 
 
 @dataclass
@@ -99,19 +104,25 @@ class DnsCache:
             return None
         negative = _negative(answer)
         # The SOA of a negative answer carries the negative TTL (RFC 2308 section 3).
-        stored = answer.retimed(lambda f: ttl if negative and f.rtype == SOA else self._clamp(f.ttl), lazy=True)
+        stored = answer.retimed(
+            lambda was, rtype: ttl if negative and rtype == SOA else self._clamp(was), keep_addresses=False
+        )
         entry = self._entries[key] = CacheEntry(key, stored, now, ttl)
         self._entries.move_to_end(key)
         self.counters.stores += 1
         while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-            self.counters.evictions += 1
+            _, oldest = self._entries.popitem(last=False)
+            if oldest.used:
+                oldest.used = False
+                self._entries[oldest.key] = oldest
+            else:
+                self.counters.evictions += 1
         return entry
 
     def _lifetime(self, answer: WireAnswer) -> int | None:
         if answer.rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
             return None
-        ttls = [f.ttl for f in answer.ttls[: answer.counts[0]]]
+        ttls = list(answer.ttls[: answer.counts[0]])
         if _negative(answer):
             if answer.negative_ttl is None:
                 return None
@@ -132,20 +143,13 @@ class DnsCache:
         self.counters.hits += 1
         return entry
 
-    def hit(self, entry: CacheEntry) -> None:
-        """entry's answer was served from elsewhere (the fast path): count it, keep it warm."""
-        self.counters.hits += 1
-        # Looked up by the very key object stored: no comparison of keys.
-        if self._entries.get(entry.key) is entry:
-            self._entries.move_to_end(entry.key)
-
     def get_stale(self, key: CacheKey, now: float) -> WireAnswer | None:
         """An expired answer still inside the stale window, or None."""
         entry = self._lookup(key, now)
         if entry is None:
             return None
         self.counters.stale_hits += 1
-        return entry.answer.retimed(lambda f: STALE_ANSWER_TTL)
+        return entry.answer.retimed(lambda ttl, rtype: STALE_ANSWER_TTL)
 
     def _lookup(self, key: CacheKey, now: float) -> CacheEntry | None:
         entry = self._entries.get(key)

@@ -1,8 +1,9 @@
 """Answers straight from wire bytes, for questions asked before.
 
 Stub resolvers ask the same questions again and again, byte for byte but for
-the ID. A query whose bytes after the ID equal a query answered before gets
-that answer again without being parsed: the prepared reply is copied, the ID
+the ID (and for an EDNS cookie, which changes every time: wire.query_key).
+A query whose bytes after the ID equal a query answered before gets that
+answer again without being parsed: the prepared reply is copied, the ID
 patched in, the TTLs counted down and, for the mesh's own names, several
 addresses shuffled. Being identical, the query would have passed the same
 hygiene checks and got the same reply (the same size limit, flags, EDNS),
@@ -10,7 +11,8 @@ so the full path stays the one place that decides what a reply says.
 
 Only replies that depend on nothing but the question are prepared: local
 names, rule rejections (static until the settings change) and cache hits
-(until their TTL runs out). A table per transport, as the size limit differs
+(until their TTL runs out; from the second time a question is asked, so a
+name asked once costs no entry). A table per transport, as the size limit differs
 between UDP and TCP; bounded, oldest entry out first.
 """
 
@@ -20,8 +22,9 @@ import itertools
 import math
 import random
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from actors.dns import wire
 
@@ -109,7 +112,8 @@ class Prepared:
     Only the ID differs between queries; TTLs change once a second, so the
     counted-down body is made once a second, not once a query."""
 
-    __slots__ = ("reply", "layout", "born", "expires", "counter", "cache_entry", "_bodies", "_rng", "_step", "_body")
+    __slots__ = ("reply", "ttls", "born", "expires", "counter", "cache_entry", "_bodies", "_rng", "_body",
+                 "_after", "_until")
 
     def __init__(
         self,
@@ -119,32 +123,33 @@ class Prepared:
         counter: str,
         born: float,
         expires: float,
-        cache_entry: object | None,
+        cache_entry: Any,
         rng: random.Random,
     ) -> None:
         self.reply = reply
-        self.layout = layout
+        self.ttls = layout.ttls  # not the Layout: one object less per cached answer for the collector to walk
         self.born = born
         self.expires = expires
-        self.counter = counter  # what a hit counts as ("" for cache hits, counted by the cache)
-        self.cache_entry = cache_entry  # the cache entry it came from, kept warm by hits
+        self.counter = counter  # what a hit counts as
+        self.cache_entry = cache_entry  # the cache entry it came from: a hit marks it used
         self._rng = rng
         self._bodies = _shuffled(reply, layout.runs, rng) if expires == STATIC else ()
-        self._step = -1
         self._body = b""
+        self._after = self._until = math.nan  # the body is good for after < now <= until
 
     def render(self, query_id: bytes, now: float) -> bytes:
         bodies = self._bodies
         if bodies:
             return query_id + (bodies[0] if len(bodies) == 1 else bodies[self._rng.randrange(len(bodies))])
-        # int(ttl - elapsed), as the cache counts, is ttl - ceil(elapsed) for whole TTLs.
-        step = math.ceil(now - self.born) if now > self.born else 0
-        if step != self._step:
+        if not self._after < now <= self._until:
+            # int(ttl - elapsed), as the cache counts, is ttl - ceil(elapsed) for whole TTLs.
+            step = math.ceil(now - self.born) if now > self.born else 0
             out = bytearray(self.reply)
-            for offset, ttl in self.layout.ttls:
+            for offset, ttl in self.ttls:
                 wire.TTL.pack_into(out, offset, max(0, ttl - step))
             self._body = bytes(out[2:])
-            self._step = step
+            self._after = self.born + step - 1 if step else -math.inf
+            self._until = self.born + step
         return query_id + self._body
 
 
@@ -155,7 +160,7 @@ def prepare(
     counter: str = "",
     born: float = 0.0,
     expires: float = STATIC,
-    cache_entry: object | None = None,
+    cache_entry: Any = None,
     ttls: tuple[tuple[int, int], ...] | None = None,
 ) -> Prepared | None:
     """reply made ready for the fast path; None if it is not a well-formed message.
@@ -169,37 +174,42 @@ def prepare(
 
 
 class FastAnswers:
-    """Prepared replies by the query's bytes after the ID, one table per transport."""
+    """Prepared replies by the query's key (wire.query_key), one table per transport.
+    Hits are counted here, by transport and by the counter each reply names."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.hits = 0
+        self.answered: Counter[str] = Counter()  # by transport
+        self.hits: Counter[str] = Counter()  # by Prepared.counter
         self._tables: dict[str, OrderedDict[bytes, Prepared]] = {"udp": OrderedDict(), "tcp": OrderedDict()}
 
     def __len__(self) -> int:
         return sum(len(table) for table in self._tables.values())
 
-    def lookup(self, query: bytes, transport: str, now: float) -> tuple[bytes, Prepared] | None:
-        """The reply to query and what it came from, or None."""
+    def lookup(self, query: bytes, transport: str, now: float) -> bytes | None:
+        """The reply to query, or None."""
         table = self._tables.get(transport)
         if table is None:
             return None
-        key = query[2:]
+        key = wire.query_key(query)
         prepared = table.get(key)
         if prepared is None:
             return None
         if now >= prepared.expires:
             del table[key]
             return None
-        self.hits += 1
-        return prepared.render(query[:2], now), prepared
+        self.answered[transport] += 1
+        self.hits[prepared.counter] += 1
+        if prepared.cache_entry is not None:
+            prepared.cache_entry.used = True
+        return prepared.render(query[:2], now)
 
     def keep(self, query: bytes, transport: str, prepared: Prepared) -> None:
-        """Answer later queries with the same bytes as query (but the ID) with prepared."""
+        """Answer later queries with the same key as query with prepared."""
         table = self._tables.get(transport)
         if table is None or self.size <= 0:
             return
-        key = query[2:]
+        key = wire.query_key(query)
         table[key] = prepared
         table.move_to_end(key)
         while len(table) > self.size:

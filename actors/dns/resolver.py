@@ -4,8 +4,10 @@ A query goes through, in order: hygiene (message.py), the local zone
 (zone.py), Docker's ndots rule, request routing (rules.py), the cache
 (cache.py), merging and the in-flight cap (inflight.py), and finally one
 upstream after another (upstream.py). Replies that depend on the question
-alone are prepared for the fast path (fastpath.py): the IO side offers every
-query to fast() first and calls handle() only when that has no reply.
+alone are prepared for the fast path (fastpath.py), an upstream's answer
+once its question comes again and is answered from the cache: the IO side
+offers every query to fast() first and calls handle() only when that has no
+reply.
 The IO side carries out the actions:
 
 - Reply: send wire back to the client (source/transport/ctx say where);
@@ -116,6 +118,8 @@ class Resolver:
         self._cap_log = RateLimiter()
         self._cache = DnsCache(0)
         self._fast = FastAnswers(0)
+        # The reply to a query answered before, from its bytes alone; None: call handle().
+        self.fast = self._fast.lookup
         self.settings = settings
         self.reconfigure(settings, force=True)
 
@@ -149,29 +153,19 @@ class Resolver:
         self._fast.clear()
 
     def stats(self) -> dict[str, int]:
-        """Counters and gauges for status."""
+        """Counters and gauges for status; the fast path's answers counted as the full path counts them."""
+        stats: Counter[str] = Counter(self.counters)
+        stats.update(self._cache.counters.as_dict())
+        stats.update(self._fast.hits)
+        stats.update({f"queries_{transport}": n for transport, n in self._fast.answered.items()})
         return {
-            **self.counters,
-            **self._cache.counters.as_dict(),
+            **stats,
             "cache_entries": len(self._cache),
             "fast_entries": len(self._fast),
-            "fast_answers": self._fast.hits,
+            "fast_answers": sum(self._fast.answered.values()),
             "inflight": len(self._inflight),
             "inflight_cap_logs_suppressed": self._cap_log.suppressed,
         }
-
-    def fast(self, query_wire: bytes, transport: str, now: float) -> bytes | None:
-        """The reply to a query answered before, from its bytes alone; None: call handle()."""
-        found = self._fast.lookup(query_wire, transport, now)
-        if found is None:
-            return None
-        reply, prepared = found
-        self.counters[f"queries_{transport}"] += 1
-        if isinstance(prepared.cache_entry, CacheEntry):
-            self._cache.hit(prepared.cache_entry)
-        else:
-            self.counters[prepared.counter] += 1
-        return reply
 
     def handle(self, query_wire: bytes, source: Source, transport: str, now: float, ctx: object = None) -> list[Action]:
         """A query from a client. Never raises on bad input."""
@@ -193,7 +187,9 @@ class Resolver:
             # client goes on with its search domains.
             self.counters["ndots_not_forwarded"] += 1
             return [self._reply(waiter, Answer(dns.rcode.NOERROR), keep="ndots_not_forwarded")]
-        decision = self._router.route(parsed.name_text, parsed.qtype, str(source[0]) if source else "")
+        decision = self._router.only or self._router.route(
+            parsed.name_text, parsed.qtype, str(source[0]) if source else ""
+        )
         if isinstance(decision, Reject):
             self.counters["rejected_by_rule"] += 1
             return [self._reply(waiter, Answer(self.settings.reject_rcode_value), keep="rejected_by_rule")]
@@ -229,7 +225,9 @@ class Resolver:
         entry = self._cache.store(key, answer, now)
         self._inflight.finish(key)
         self.counters["upstream_answers"] += 1
-        replies = [self._reply_cached(w, entry, now) if entry else self._reply(w, answer) for w in flight.waiters]
+        # Not kept for the fast path yet: that waits for the question to come again
+        # (most names are asked once; preparing for them would cost time and memory).
+        replies = [self._reply(w, entry.answer if entry else answer) for w in flight.waiters]
         return [*self._learned(answer), *replies]
 
     def on_upstream_failure(self, key: CacheKey, upstream: Upstream, reason: str, now: float) -> list[Action]:
@@ -240,7 +238,7 @@ class Resolver:
 
     def _current(self, key: CacheKey, upstream: Upstream) -> Flight[_Waiter] | None:
         flight = self._inflight.get(key)
-        if flight is None or flight.plan.current != upstream:
+        if flight is None or flight.plan.current is not upstream:  # the very object Forward carried
             self.counters["upstream_late"] += 1
             return None
         return flight
@@ -307,7 +305,8 @@ class Resolver:
         wire = self._render(waiter, entry.answer)
         prepared = None
         if wire is not None:
-            prepared = prepare(wire, self._rng, born=entry.stored_at, expires=entry.expires_at(), cache_entry=entry,
+            prepared = prepare(wire, self._rng, counter="cache_hits", born=entry.stored_at,
+                               expires=entry.expires_at(), cache_entry=entry,
                                ttls=reply_ttls(waiter.query, entry.answer, wire))
         if prepared is None:
             return self._reply(waiter, entry.answer_at(now))

@@ -137,6 +137,9 @@ class Router:
         self._groups = {name: tuple(ups) for name, ups in groups.items()}
         self._default = tuple(default)
         self._overrides = tuple(overrides)
+        self._to_default = ForwardTo(self._default, "", "default")
+        # With nothing to match, every name goes the same way: callers may skip route().
+        self.only = None if self._rules or self._routes or self._overrides else self._to_default
 
     def route(self, qname: str, qtype: int, source_ip: str) -> Decision:
         name = normalize_name(qname)
@@ -154,7 +157,7 @@ class Router:
         override = self._override_for(source_ip)
         if override is not None:
             return ForwardTo(override.upstreams, str(override.network), f"source {override.network}")
-        return ForwardTo(self._default, "", "default")
+        return self._to_default
 
     def _override_for(self, source_ip: str) -> SourceOverride | None:
         if not self._overrides:

@@ -35,14 +35,16 @@ import structlog
 
 from actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Resolver
 from actors.dns.settings import DnsSettings
+from actors.dns.steering import steer
 from actors.dns.transport import Transport
+from actors.dns.udpbatch import Batch
 
 log = structlog.get_logger("meshsup.dns")
 
 Address = tuple[str, int]
 OnLearned = Callable[[str, tuple[str, ...]], None]
 
-UDP_DRAIN_BATCH = 64  # datagrams read per wake-up before yielding to the loop
+STEER_INTERVAL = 2.0  # seconds between recounts of the workers sharing a UDP port
 MAX_TCP_CLIENTS = 512
 MAX_TCP_BACKLOG = 128
 TCP_WRITE_BUFFER_LIMIT = 1 << 20  # a client that does not read its answers is cut off
@@ -74,43 +76,52 @@ def _bind(address: Address, kind: socket.SocketKind) -> socket.socket:
 
 
 class _UdpListener:
-    """Reads datagrams by draining the socket; replies go out of the same socket.
-    Queries the fast path knows are answered right here, the hot loop."""
+    """Reads datagrams a batch at a time (udpbatch.py); replies go out of the
+    same socket. Queries the fast path knows are answered right here, the hot
+    loop: their replies leave together when the batch is done, one clock
+    reading per batch (the full path reads the clock again for what follows)."""
 
     def __init__(self, sock: socket.socket, server: DnsServer) -> None:
-        self._sock = sock
+        self.sock = sock
         self._server = server
+        self._batch = Batch(sock)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        recvfrom, fast, clock = self._sock.recvfrom, self._server.fast, time.monotonic
-        for _ in range(UDP_DRAIN_BATCH):
-            try:
-                data, source = recvfrom(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._server.stats["udp_receive_errors"] += 1
-                return
-            reply = fast(data, "udp", clock())
+        batch, fast, stats = self._batch, self._server.fast, self._server.stats
+        try:
+            queries = batch.receive()
+        except OSError:
+            stats["udp_receive_errors"] += 1
+            return
+        now = time.monotonic()
+        for slot, query in enumerate(queries):
+            if query is None:
+                stats["udp_oversized_queries"] += 1
+                continue
+            reply = fast(query, "udp", now)
             if reply is None:
-                self._server._handle(data, source, "udp", self)
-            else:
-                self.send(reply, source)
+                self._server._handle(query, batch.source(slot), "udp", self)
+                now = time.monotonic()
+            elif not batch.reply(slot, reply):
+                self.send(reply, batch.source(slot))
+        failed = batch.flush()
+        if failed:
+            stats["udp_send_errors"] += failed
 
     def send(self, wire: bytes, source: Any) -> None:
         try:
-            self._sock.sendto(wire, source)
-        except OSError:  # a full send buffer drops the answer, as a NIC would
+            self.sock.sendto(wire, source)
+        except OSError:
             self._server.stats["udp_send_errors"] += 1
 
     def finished(self) -> None:
         """Nothing to keep track of per UDP query."""
 
     def close(self) -> None:
-        self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 class _TcpConnection:
@@ -159,10 +170,23 @@ class DnsServer:
         self._listeners: dict[Address, _Listeners] = {}
         self._connections: set[_TcpConnection] = set()
         self._closing = False
+        self._steer_timer: asyncio.TimerHandle | None = None
         self.stats: Counter[str] = Counter()
 
     async def start(self) -> None:
         await self._listen(self.settings.listen)
+        self._steer_timer = asyncio.get_running_loop().call_later(STEER_INTERVAL, self._steer_again)
+
+    def _steer(self, listeners: list[_Listeners]) -> None:
+        """Spread UDP queries evenly over the workers sharing each port (steering.py)."""
+        for each in listeners:
+            if not steer(each.udp.sock):
+                self.stats["udp_steering_errors"] += 1
+
+    def _steer_again(self) -> None:
+        """Every few seconds: workers come and go."""
+        self._steer(list(self._listeners.values()))
+        self._steer_timer = asyncio.get_running_loop().call_later(STEER_INTERVAL, self._steer_again)
 
     async def _listen(self, addresses: tuple[Address, ...]) -> None:
         """Open the listeners we do not have yet; all or none."""
@@ -185,6 +209,7 @@ class DnsServer:
                 listeners.close()
             raise
         self._listeners.update(opened)
+        self._steer(list(opened.values()))
 
     async def reconfigure(self, settings: DnsSettings) -> None:
         """New settings at runtime. New listeners open before old ones close; if
@@ -217,6 +242,8 @@ class DnsServer:
         return list(self._listeners)
 
     async def close(self) -> None:
+        if self._steer_timer is not None:
+            self._steer_timer.cancel()
         for listeners in self._listeners.values():
             listeners.close()
         self._listeners.clear()

@@ -14,12 +14,13 @@
 
 ``Transport.start`` sends a query and calls back once with the answer or
 with a short reason the resolver counts (timeout, refused, closed, network,
-tls, http...). A UDP query costs a timer and a callback, not a task.
+tls, http...). A UDP query costs a heap entry and a callback, not a task.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import os
 import socket
 import ssl
@@ -111,7 +112,8 @@ Done = Callable[[bytes | None, str], None]
 
 class _UdpSocket:
     """One connected UDP socket; an answer goes to the query waiting on its ID.
-    No task per query: a timer and a callback."""
+    No task and no timer per query: the deadlines wait in a heap, and one
+    timer is armed for the earliest."""
 
     def __init__(self, upstream: Upstream, counters: Counter[str]) -> None:
         family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
@@ -127,7 +129,10 @@ class _UdpSocket:
         self._counters = counters
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._sock.fileno(), self._readable)
-        self._pending: dict[int, tuple[bytes, Done, asyncio.TimerHandle]] = {}
+        self._pending: dict[int, tuple[bytes, Done, float]] = {}  # by ID: query, callback, deadline
+        # (deadline, ID), answered ones included: they are skipped when their time comes.
+        self._deadlines: list[tuple[float, int]] = []
+        self._timer: asyncio.TimerHandle | None = None
         self.uses = 0
         self.closed = False
 
@@ -141,13 +146,33 @@ class _UdpSocket:
         while query_id in self._pending:
             query_id = _random_id()
         self._sock.send(struct.pack("!H", query_id) + query[2:])
-        timer = self._loop.call_later(timeout, self._finish, query_id, None, "timeout")
-        self._pending[query_id] = (query, done, timer)
+        deadline = self._loop.time() + timeout
+        self._pending[query_id] = (query, done, deadline)
+        heapq.heappush(self._deadlines, (deadline, query_id))
+        if self._deadlines[0][1] == query_id:  # the earliest now
+            self._arm()
         self.uses += 1
 
+    def _arm(self) -> None:
+        """The timer, for the earliest deadline (none if no query waits)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self._pending:
+            self._deadlines.clear()
+        self._timer = self._loop.call_at(self._deadlines[0][0], self._expire) if self._deadlines else None
+
+    def _expire(self) -> None:
+        self._timer = None
+        now, deadlines = self._loop.time(), self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            deadline, query_id = heapq.heappop(deadlines)
+            waiting = self._pending.get(query_id)
+            if waiting is not None and waiting[2] == deadline:  # not answered (nor its ID reused)
+                self._finish(query_id, None, "timeout")
+        self._arm()
+
     def _finish(self, query_id: int, answer: bytes | None, reason: str) -> None:
-        query, done, timer = self._pending.pop(query_id)
-        timer.cancel()
+        query, done, _ = self._pending.pop(query_id)
         done(None if answer is None else query[:2] + answer[2:], reason)
 
     def _readable(self) -> None:
@@ -170,6 +195,8 @@ class _UdpSocket:
         if self.closed:
             return
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
         for query_id in list(self._pending):
@@ -534,9 +561,10 @@ class Transport:
         return await self._doh_client(upstream).exchange(query)
 
     def _udp(self, upstream: Upstream) -> _UdpClient:
-        if upstream not in self._udp_clients:
-            self._udp_clients[upstream] = _UdpClient(upstream, self.counters)
-        return self._udp_clients[upstream]
+        client = self._udp_clients.get(upstream)  # once per query: one hash of the upstream, not two
+        if client is None:
+            client = self._udp_clients[upstream] = _UdpClient(upstream, self.counters)
+        return client
 
     def _stream(self, upstream: Upstream) -> _StreamClient:
         if upstream not in self._streams:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import dns.name
@@ -34,6 +34,7 @@ HEADER = struct.Struct("!HHHHHH")
 RR_FIXED = struct.Struct("!HHIH")  # type, class, ttl, rdlength
 TYPE_CLASS = struct.Struct("!HH")
 TTL = struct.Struct("!I")
+OPTION_HEADER = struct.Struct("!HH")  # EDNS option code, length
 HEADER_LEN = 12
 MAX_NAME = 255
 MAX_POINTER_HOPS = 16  # dnspython's limit on a chain of compression pointers
@@ -42,10 +43,12 @@ QR, AA, TC, RD, RA, AD, CD = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080, 0x0020, 0x0
 OPCODE_MASK = 0x7800
 EDNS_DO = 0x8000
 A, NS, SOA, AAAA, OPT = 1, 2, 6, 28, 41
+COOKIE = 10  # the EDNS option (RFC 7873)
 ANSWER, AUTHORITY, ADDITIONAL = 0, 1, 2
 # The DNS flag day 2020 size: no IP fragmentation on common paths.
 OUR_PAYLOAD = 1232
 _PLAIN_BYTES = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
+_ONE_QUESTION_ONE_ADDITIONAL = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 _ADDRESS_SIZES = {A: (4, socket.AF_INET), AAAA: (16, socket.AF_INET6)}
 
 
@@ -149,6 +152,35 @@ def parse_plain_query(wire: bytes) -> PlainQuery | None:
     return PlainQuery(flags, wire[HEADER_LEN:name_end], qtype, qclass, 0, payload, bool(ttl & EDNS_DO))
 
 
+def query_key(query: bytes) -> bytes:
+    """What the fast path knows a query by: its bytes after the ID, with the
+    data of an EDNS COOKIE option blanked (its length kept: a wrong one is a
+    FORMERR). Clients send a fresh cookie with every query; a reply never
+    depends on it (we do not do cookies, so, as RFC 7873 section 5.2.1 says,
+    replies carry none). Anything else in the query stays part of the key;
+    a query not laid out as one question and one OPT is keyed as it is."""
+    if len(query) < HEADER_LEN + 16 or not query[11] or query[4:12] != _ONE_QUESTION_ONE_ADDITIONAL:
+        return query[2:]
+    offset, size = HEADER_LEN, len(query)
+    while offset < size and 0 < query[offset] < 64:
+        offset += 1 + query[offset]
+    start = offset + 1 + TYPE_CLASS.size  # the OPT: root name, then its fixed part
+    if start + 1 + RR_FIXED.size > size or query[offset] or query[start]:
+        return query[2:]
+    rtype, _, _, rdlength = RR_FIXED.unpack_from(query, start + 1)
+    offset = start + 1 + RR_FIXED.size
+    if rtype != OPT or not rdlength or offset + rdlength != size:
+        return query[2:]
+    key = bytearray(query)
+    while offset + 4 <= size:
+        code, length = OPTION_HEADER.unpack_from(query, offset)
+        offset += 4
+        if code == COOKIE:
+            key[offset : offset + length] = bytes(min(length, size - offset))
+        offset += length
+    return bytes(key[2:])
+
+
 def label_count(qname: bytes) -> int:
     """Labels of a name in uncompressed wire form, the root's empty one included."""
     count, offset = 1, 0
@@ -164,13 +196,6 @@ def forward_query(qname: bytes, qtype: int, qclass: int, flags: int, do: bool) -
     return HEADER.pack(0, RD | (flags & CD), 1, 0, 0, 1) + qname + TYPE_CLASS.pack(qtype, qclass) + opt_record(do)
 
 
-class TtlField(NamedTuple):
-    offset: int  # in WireAnswer.records
-    ttl: int
-    rtype: int
-    section: int
-
-
 @dataclass(slots=True)
 class WireAnswer:
     """An upstream's answer, its records kept as bytes at their offsets (never changed in place)."""
@@ -180,7 +205,11 @@ class WireAnswer:
     base: int  # where the records start in the answer (and in every reply made from it)
     records: bytes  # answer, authority and additional records, without the OPT
     counts: tuple[int, int, int]
-    ttls: tuple[TtlField, ...]
+    # Each record's TTL, type and where its TTL is in records: flat tuples of
+    # numbers, which the garbage collector stops walking (a cache holds many).
+    ttls: tuple[int, ...]
+    types: tuple[int, ...]
+    ttl_offsets: tuple[int, ...]
     # Where each RRset ends (offset in records, records before it): a reply cut
     # for a small client keeps whole RRsets, as dnspython does.
     set_ends: tuple[tuple[int, int], ...]
@@ -191,21 +220,25 @@ class WireAnswer:
     def empty(self) -> bool:
         return self.counts[ANSWER] == 0
 
-    def retimed(self, ttl_of: Callable[[TtlField], int], lazy: bool = False) -> WireAnswer:
-        """A copy with each record's TTL set to ttl_of(its field); lazy: self if no TTL changes."""
-        ttls = [ttl_of(field) for field in self.ttls]
-        if lazy and all(ttl == field.ttl for ttl, field in zip(ttls, self.ttls)):
-            return self
-        out = bytearray(self.records)
-        fields = []
-        for field, ttl in zip(self.ttls, ttls):
-            TTL.pack_into(out, field.offset, ttl)
-            fields.append(TtlField(field.offset, ttl, field.rtype, field.section))
-        return replace(self, records=bytes(out), ttls=tuple(fields))
+    def retimed(self, ttl_of: Callable[[int, int], int], *, keep_addresses: bool = True) -> WireAnswer:
+        """A copy with each record's TTL set to ttl_of(its TTL, its type) (the
+        records copied only if one changes), and without the addresses unless
+        keep_addresses: a cache need not hold on to what was learned from it."""
+        ttls = tuple(map(ttl_of, self.ttls, self.types))
+        records = self.records
+        if ttls != self.ttls:
+            out = bytearray(records)
+            for offset, ttl in zip(self.ttl_offsets, ttls):
+                TTL.pack_into(out, offset, ttl)
+            records = bytes(out)
+        return WireAnswer(
+            self.rcode, self.authenticated, self.base, records, self.counts, ttls, self.types, self.ttl_offsets,
+            self.set_ends, self.negative_ttl, self.addresses if keep_addresses else (),
+        )
 
     def reply_ttls(self) -> tuple[tuple[int, int], ...]:
         """(offset, TTL) of each record in a reply assemble() made of it, whole."""
-        return tuple((self.base + field.offset, field.ttl) for field in self.ttls)
+        return tuple((self.base + offset, ttl) for offset, ttl in zip(self.ttl_offsets, self.ttls))
 
 
 def parse_answer(wire: bytes, qname: bytes, qtype: int, qclass: int) -> WireAnswer | str:
@@ -235,57 +268,74 @@ def parse_answer(wire: bytes, qname: bytes, qtype: int, qclass: int) -> WireAnsw
 
 
 def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int]) -> WireAnswer | str:
-    offset = base
-    ttls: list[TtlField] = []
+    offset, size = base, len(wire)
+    unpack_fixed = RR_FIXED.unpack_from
+    ttls: list[int] = []
+    types: list[int] = []
+    ttl_offsets: list[int] = []
     set_ends: list[tuple[int, int]] = []
     addresses: dict[tuple[str, int], list[str]] = {}
     owners: dict[bytes, str] = {}  # owner name as written -> as text: a set's records share one
     negative_ttl = None
     opt: tuple[int, int] | None = None  # where the OPT is, to leave it out
-    rcode = flags & 0xF
-    previous: tuple[bytes, int, int, int] | None = None  # owner, type, class, section of the RR before
+    # The RRset of the record before: owner (lowercase), type, class, section.
+    set_owner, set_type, set_class, set_section = b"", -1, -1, -1
     index = 0
     for section, count in enumerate(counts):
         for _ in range(count):
             start = offset
-            fixed = offset + 1 if wire[offset] == 0 else read_name(wire, offset)  # the root (OPT's) is common
-            rtype, rclass, ttl, rdlength = RR_FIXED.unpack_from(wire, fixed)
+            first = wire[offset]
+            if first == 0:  # the root, as an OPT's owner
+                fixed = offset + 1
+            elif first == 0xC0 and wire[offset + 1] == HEADER_LEN:  # a pointer to the (checked) question
+                fixed = offset + 2
+            else:
+                fixed = read_name(wire, offset)
+            rtype, rclass, ttl, rdlength = unpack_fixed(wire, fixed)
             rdata = fixed + RR_FIXED.size
             offset = rdata + rdlength
-            if offset > len(wire):
+            if offset > size:
                 raise WireError("record runs past the end")
             if rtype == OPT:
-                if section != ADDITIONAL or opt is not None or wire[start] != 0:
+                if section != ADDITIONAL or opt is not None or first != 0:
                     raise WireError("misplaced OPT")
                 opt = (start, offset)
                 if ttl >> 24:
                     return "extended_rcode"  # we send no cookies and EDNS 0: nothing to act on
                 continue
-            owner = wire[start:fixed].lower()
-            if previous is not None and previous != (owner, rtype, rclass, section):
-                set_ends.append((start - base, index))
-            previous = (owner, rtype, rclass, section)
+            written = wire[start:fixed]
+            owner = written.lower()
+            if rtype != set_type or section != set_section or rclass != set_class or owner != set_owner:
+                if index:
+                    set_ends.append((start - base, index))
+                set_owner, set_type, set_class, set_section = owner, rtype, rclass, section
             index += 1
-            ttls.append(TtlField(fixed + 4 - base, ttl, rtype, section))
-            if rtype in _ADDRESS_SIZES:
-                size, family = _ADDRESS_SIZES[rtype]
-                if rdlength != size:
+            ttls.append(ttl)
+            types.append(rtype)
+            ttl_offsets.append(fixed + 4 - base)
+            if rtype == A or rtype == AAAA:
+                length, family = _ADDRESS_SIZES[rtype]
+                if rdlength != length:
                     raise WireError("bad address length")
                 if section == ANSWER:
-                    written = wire[start:fixed]
-                    if written not in owners:
+                    name = owners.get(written)
+                    if name is None:
                         labels: list[bytes] = []
                         read_name(wire, start, labels)
-                        owners[written] = name_text(labels)
+                        name = owners[written] = name_text(labels)
                     text = socket.inet_ntop(family, wire[rdata:offset])
-                    addresses.setdefault((owners[written], rtype), []).append(text)
+                    found = addresses.get((name, rtype))
+                    if found is None:
+                        addresses[(name, rtype)] = [text]
+                    else:
+                        found.append(text)
             elif rtype == SOA:
                 minimum_at = read_name(wire, read_name(wire, rdata))
                 if minimum_at + 20 != offset:
                     raise WireError("bad SOA")
                 if section == AUTHORITY and negative_ttl is None:
                     negative_ttl = min(ttl, struct.unpack_from("!I", wire, minimum_at + 16)[0])
-    if offset != len(wire):
+    if offset != size:
         raise WireError("trailing bytes")
     records = wire[base:]
     if opt is not None:
@@ -297,12 +347,14 @@ def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int]) -
     set_ends.append((len(records), index))
     an, ns, ar = counts
     return WireAnswer(
-        rcode=rcode,
+        rcode=flags & 0xF,
         authenticated=bool(flags & AD),
         base=base,
         records=records,
         counts=(an, ns, ar - (opt is not None)),
         ttls=tuple(ttls),
+        types=tuple(types),
+        ttl_offsets=tuple(ttl_offsets),
         set_ends=tuple(set_ends),
         negative_ttl=negative_ttl,
         addresses=tuple((name, tuple(found)) for (name, _), found in addresses.items()),

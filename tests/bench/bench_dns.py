@@ -12,7 +12,10 @@ servers take turns, round after round, so load from elsewhere on the machine
 weighs on both alike. Each run gives q/s, mean latency and the server's CPU
 time per answered query (user and system, all its processes, from /proc):
 the figure other load on the machine moves least. Ratios are meshsup against
-dnsmasq (medians); RSS is each server process's resident set at the end.
+dnsmasq in the same rounds (medians: load from elsewhere comes and goes).
+RSS is each server process's resident set at the end, with the part of it
+that is the process's own (a dns worker shares the rest with the fork
+server it came from and the other actors).
 """
 from __future__ import annotations
 
@@ -89,9 +92,20 @@ def dnsperf(ns: Netns, server: Server, queries: list[str], tmp: Path, seconds: f
                    cpu / completed * 1e6, int(number("Queries lost")), errors)
 
 
-def rss_mib(pid: int) -> float:
-    match = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return int(match.group(1)) / 1024 if match else float("nan")
+@dataclass
+class Memory:
+    rss: float  # MiB, pages shared with the fork server and other actors included
+    uss: float  # MiB, the process's own pages (private clean and dirty)
+
+    def __str__(self) -> str:
+        return f"{self.rss:.1f} ({self.uss:.1f} own)"
+
+
+def memory(pid: int) -> Memory:
+    """The process's resident set, and the part of it no other process shares."""
+    fields = dict(re.findall(r"(\w+):\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text()))
+    kib = {name: int(fields.get(name, 0)) for name in ("Rss", "Private_Clean", "Private_Dirty")}
+    return Memory(kib["Rss"] / 1024, (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024)
 
 
 def workloads(peers: list[Identity]) -> dict[str, list[str]]:
@@ -153,7 +167,7 @@ def main() -> None:
     args = ap.parse_args()
     ns = Netns("bd")
     results: dict[str, dict[str, list[Figures]]] = {}
-    rss: dict[str, list[float]] = {}
+    rss: dict[str, list[Memory]] = {}
     processes: list[Dnsmasq | Node] = []
     try:
         with tempfile.TemporaryDirectory() as tmp_name:
@@ -175,32 +189,38 @@ def main() -> None:
             node = Node(tmp, "--config", str(config), "--dns-workers", "1", netns=ns, faults=False)
             processes.append(node)
             node.wait_ready()
-            reference = Server("dnsmasq", dnsmasq.host, dnsmasq.port, lambda: [dnsmasq.process.popen.pid])
+            pairs: list[tuple[str, str]] = []  # dnsmasq's label in the rounds of each meshsup's
             for workers in (1, 2):
                 if workers == 2:
                     node.cli("scale", "dns", "2")
                     node.wait(lambda: len(dns_workers(node)) == 2, what="two dns workers")
                 label = f"meshsup {workers} worker{'s' if workers > 1 else ''}"
                 meshsup = Server(label, "127.0.0.1", 53, lambda: dns_workers(node))
+                reference = Server(f"dnsmasq (vs {workers})", dnsmasq.host, dnsmasq.port,
+                                   lambda: [dnsmasq.process.popen.pid])
                 run_rounds(ns, [reference, meshsup], peers, tmp, args, results)
-                rss[label] = [rss_mib(pid) for pid in meshsup.pids()]
-            rss["dnsmasq"] = [rss_mib(pid) for pid in reference.pids()]
+                pairs.append((reference.name, label))
+                rss[label] = [memory(pid) for pid in meshsup.pids()]
+            rss["dnsmasq"] = [memory(dnsmasq.process.popen.pid)]
     finally:
         for process in reversed(processes):
             process.close() if isinstance(process, Node) else process.stop()
         ns.close()
 
     print(f"dnsperf, {CLIENTS} clients, {OUTSTANDING} outstanding, {args.seconds:g} s per run, medians of "
-          f"{args.rounds} rounds (dnsmasq: {2 * args.rounds}, it runs beside both); cold: {args.cold} names each "
-          f"asked once. Ratios against dnsmasq: q/s, and CPU per query (dnsmasq's over ours: above 1, we use less)")
-    base = {workload: median(f) for workload, f in results["dnsmasq"].items()}
-    for server, by_workload in results.items():
-        for workload, runs in by_workload.items():
-            f = median(runs)
-            print(f"{server:>17}  {workload:<6} {f}  {f.qps / base[workload].qps:5.2f}x q/s  "
-                  f"{base[workload].cpu_us / f.cpu_us:5.2f}x CPU  "
-                  f"(q/s {min(r.qps for r in runs):.0f}..{max(r.qps for r in runs):.0f})")
-        print(f"{'':>17}  RSS    " + " + ".join(f"{r:.1f}" for r in rss[server]) + " MiB")
+          f"{args.rounds} rounds; cold: {args.cold} names each asked once. Ratios against dnsmasq in the same "
+          f"rounds: q/s, and CPU per query (dnsmasq's over ours: above 1, we use less)")
+    for reference, label in pairs:
+        base = {workload: median(f) for workload, f in results[reference].items()}
+        for server in (reference, label):
+            for workload, runs in results[server].items():
+                f = median(runs)
+                print(f"{server:>17}  {workload:<6} {f}  {f.qps / base[workload].qps:5.2f}x q/s  "
+                      f"{base[workload].cpu_us / f.cpu_us:5.2f}x CPU  "
+                      f"(q/s {min(r.qps for r in runs):.0f}..{max(r.qps for r in runs):.0f})")
+            memory_of = "dnsmasq" if server == reference else server
+            print(f"{'':>17}  RSS    " + " + ".join(map(str, rss[memory_of])) + " MiB")
+
 
 if __name__ == "__main__":
     main()
