@@ -30,6 +30,8 @@ MAX_MESSAGE = 128 * 1024
 # Bytes a sender may have queued towards one receiver before it drops.
 SEND_BUFFER = 8 * 1024 * 1024
 SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>; not in Python 3.11's socket
+# Plain ints: the socket module's flags are enum members, and & on one costs microseconds.
+_MSG_TRUNC, _MSG_NOSIGNAL = int(socket.MSG_TRUNC), int(socket.MSG_NOSIGNAL)
 _GONE = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 
 
@@ -81,10 +83,10 @@ class Inbox:
             except OSError:
                 self._close(conn)
                 return
-            if not n and not flags & socket.MSG_TRUNC:  # the sender went away
+            if not n and not flags & _MSG_TRUNC:  # the sender went away
                 self._close(conn)
                 return
-            if flags & socket.MSG_TRUNC:
+            if flags & _MSG_TRUNC:
                 self._truncated()
                 continue
             self._handle(self._view[:n])
@@ -149,7 +151,7 @@ class Outbox:
             self.dropped[to] += 1
             return False
         try:
-            sock.send(encode(msg), socket.MSG_NOSIGNAL)
+            sock.send(encode(msg), _MSG_NOSIGNAL)
             return True
         except BlockingIOError:
             pass

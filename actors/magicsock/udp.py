@@ -39,6 +39,8 @@ UDP_SEGMENT: Final = 103  # <linux/udp.h>
 UDP_GRO: Final = 104
 SO_SNDBUFFORCE: Final = 32  # <asm-generic/socket.h>; not in Python 3.11's socket
 SO_RCVBUFFORCE: Final = 33
+# A plain int: the socket module's flags are enum members, and & on one costs microseconds.
+_MSG_TRUNC: Final = int(socket.MSG_TRUNC)
 # Kernel limits on one GSO send: segments per call (UDP_MAX_SEGMENTS, 64 on
 # older kernels) and bytes in one IP datagram's payload.
 MAX_GSO_SEGMENTS: Final = 64
@@ -217,7 +219,7 @@ class UdpSocket:
             except OSError:  # e.g. a queued ICMP error: report, retry next batch
                 stats.rx_dropped += 1
                 break
-            if flags & socket.MSG_TRUNC:
+            if flags & _MSG_TRUNC:
                 stats.rx_dropped += 1
                 continue
             stats.rx_calls += 1
