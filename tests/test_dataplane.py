@@ -65,6 +65,9 @@ def test_udp_through_two_workers_keeps_order_on_the_direct_path(underlay, tmp_pa
         assert counters["magicsock"].get("tx_datagrams", 0) < 10
         # The kernel steered the outgoing packets straight to the owner's queue: tun-io saw none.
         assert tun_io["steering"] == 1 and tun_io.get("rx_packets", 0) == 0
+        ns = ns_a if node is node_a else ns_b
+        iface = node.status()["node"]["interface"]
+        assert ns.run("cat", f"/sys/class/net/{iface}/tx_queue_len").stdout.strip() == "2000"  # room per queue
     assert node_a.counters()["crypto"]["tun_read"] > udp["packets"] / 2  # the sender's queue may drop some
 
 
