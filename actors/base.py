@@ -164,8 +164,10 @@ class Actor:
         for sock in (self.control, self.subscriptions):
             by_fd[sock.getsockopt(zmq.FD)] = sock
         for thing, handler in self._readers.items():
-            by_fd[thing.getsockopt(zmq.FD) if isinstance(thing, zmq.Socket) else thing] = (
-                thing if isinstance(thing, zmq.Socket) else handler)
+            if isinstance(thing, zmq.Socket):
+                by_fd[thing.getsockopt(zmq.FD)] = thing  # read in _drain_due, as control is
+            else:
+                by_fd[thing] = handler
         for fd in by_fd:
             poller.register(fd, select.EPOLLIN)
         self._poller_stale = False

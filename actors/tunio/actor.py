@@ -43,7 +43,7 @@ class TunIoActor(Actor):
         self.seq = 0
         self.flows = FlowFeed(self, INNER)
         self.steering = False
-        self._complaints: set[str] = set()
+        self._steering_refused = False  # said once in the log
 
     def configure(self, config: dict[str, Any]) -> None:
         super().configure(config)
@@ -83,13 +83,14 @@ class TunIoActor(Actor):
                 os.close(prog)
         except (OSError, ValueError) as err:
             self.steering = False
-            if "steering" not in self._complaints:
-                self._complaints.add("steering")
+            if not self._steering_refused:
+                self._steering_refused = True
                 self.log.warning("no eBPF queue steering: outgoing packets go through tun-io", reason=str(err))
             return
         if not self.steering:
             self.log.info("steering outgoing packets to their owners' TUN queues", routes=len(prefixes))
         self.steering = True
+
     def _report_offloads(self, tun: Tun) -> None:
         self.log.info("TUN attached", interface=tun.name, coalesced_writes=tun.vnet_hdr,
                       worker_queues=tun.multi_queue)
