@@ -43,7 +43,7 @@ def test_batches_arrive_whole_and_in_order(tmp_path: Path) -> None:
     loop = Loop()
     inbox = loop.inbox(tmp_path / "crypto-0.sock")
     out = datapath.Outbox(lambda name: str(tmp_path / f"{name}.sock"))
-    sent = [PacketBatch(seq=i, packets=batch.pack([bytes([i]) * 1400] * 40)) for i in range(100)]
+    sent = [PacketBatch(packets=batch.pack([bytes([i]) * 1400] * 40)) for i in range(100)]
     assert all(out.send("crypto-0", m) for m in sent)
     loop.run(lambda: len(loop.got) == len(sent))
     assert loop.got == sent
@@ -55,7 +55,7 @@ def test_batches_arrive_whole_and_in_order(tmp_path: Path) -> None:
 def test_a_missing_or_restarted_receiver_costs_counted_batches_only(tmp_path: Path) -> None:
     path = tmp_path / "tun-io.sock"
     out = datapath.Outbox(lambda name: str(tmp_path / f"{name}.sock"))
-    msg = PacketBatch(seq=1, packets=batch.pack([b"x" * 100]))
+    msg = PacketBatch(packets=batch.pack([b"x" * 100]))
     assert not out.send("tun-io", msg)  # nobody listens yet
     loop = Loop()
     inbox = loop.inbox(path)
@@ -75,7 +75,7 @@ def test_a_full_receiver_drops_instead_of_blocking(tmp_path: Path) -> None:
     loop = Loop()
     inbox = loop.inbox(tmp_path / "magicsock.sock")
     out = datapath.Outbox(lambda name: str(tmp_path / f"{name}.sock"))
-    msg = PacketBatch(seq=0, packets=batch.pack([b"y" * 1400] * 40))
+    msg = PacketBatch(packets=batch.pack([b"y" * 1400] * 40))
     results = [out.send("magicsock", msg) for _ in range(2000)]  # nobody reads: the buffer fills
     assert results[0] and not results[-1]
     assert out.dropped["magicsock"] == results.count(False) > 0
@@ -89,7 +89,7 @@ def test_an_oversized_message_is_counted_and_the_next_one_read(tmp_path: Path) -
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
         s.connect(str(tmp_path / "crypto-1.sock"))
         s.send(b"\0" * (datapath.MAX_MESSAGE + 1))
-        ok = PacketBatch(seq=7, packets=b"")
+        ok = PacketBatch(packets=b"")
         s.send(encode(ok))
         loop.run(lambda: loop.got == [ok])
     assert loop.truncated == 1

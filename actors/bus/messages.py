@@ -83,8 +83,10 @@ class NameLearned(Message):
 
 @message("data.packets")
 class PacketBatch(Message):
-    """IP packets between tun-io and crypto; `packets` is a batch.pack blob."""
-    seq: int
+    """IP packets between tun-io and crypto; `packets` is a batch.pack blob.
+
+    No sequence number: a peer's packets all go through its one owning
+    worker, so each stream stays in order without re-sequencing."""
     packets: bytes
 
 

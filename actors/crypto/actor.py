@@ -163,7 +163,7 @@ class CryptoActor(Actor):
             self.emit(self.device.send(mine, time.time()))
         for w, ps in others.items():
             for blob in batch.pack_split(ps):
-                self.outbox.send(f"crypto-{w}", PacketBatch(seq=0, packets=blob))
+                self.outbox.send(f"crypto-{w}", PacketBatch(packets=blob))
 
     def receive_direct(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
         """Datagrams from a peer socket of our own (magicsock counts the ones it passes on)."""
@@ -195,7 +195,7 @@ class CryptoActor(Actor):
                 self.inner.rx.add_packets(out.packets)
             else:  # tun-io writes them, and counts them
                 for blob in batch.pack_split(out.packets):
-                    self.outbox.send("tun-io", PacketBatch(seq=0, packets=blob))
+                    self.outbox.send("tun-io", PacketBatch(packets=blob))
         tx = self.underlay.tx
         # Runs of datagrams to one endpoint (a peer's burst stays one run, in order).
         for endpoint, run in groupby(out.datagrams, key=itemgetter(0)):

@@ -574,10 +574,3 @@ class Device:
     def _foreign(self, receiver: int) -> bool:
         """Whether a receiver index was allocated by another worker."""
         return receiver % self.workers != self.worker
-
-    def identify_initiator(self, datagram: bytes) -> bytes | None:
-        """Static public key of the initiator of a valid type-1 message (mac1 checked); no state changes."""
-        if len(datagram) != INITIATION_SIZE or not self._checker.check_mac1(datagram):
-            return None
-        opened = hs_.open_initiation(self.static, datagram)
-        return None if opened is None else opened.initiator_static

@@ -40,7 +40,6 @@ class TunIoActor(Actor):
         self.routes = AllowedIPs()  # destination prefix -> crypto worker index
         self.route_key: Any = None
         self.counters: Counter[str] = Counter()
-        self.seq = 0
         self.flows = FlowFeed(self, INNER)
         self.steering = False
         self._steering_refused = False  # said once in the log
@@ -108,8 +107,7 @@ class TunIoActor(Actor):
             self.counters["rx_packets"] += len(ps)
             self.flows.tx.add_packets(ps)
             for blob in batch.pack_split(ps):
-                self.seq += 1
-                self.outbox.send(f"crypto-{w}", PacketBatch(seq=self.seq, packets=blob))
+                self.outbox.send(f"crypto-{w}", PacketBatch(packets=blob))
 
     def on_message(self, msg: Message) -> None:
         if self.flows.take(msg):

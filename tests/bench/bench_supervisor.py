@@ -108,7 +108,7 @@ def main() -> None:
         print(f"bus, one small typed message per frame: {rate:,.0f} messages/s")
         packet = b"\x45" + os.urandom(1399)
         blob = b"".join(len(packet).to_bytes(2, "big") + packet for _ in range(64))
-        rate, packets = bus_throughput(ep, 20_000, lambda i: PacketBatch(seq=i, packets=blob))
+        rate, packets = bus_throughput(ep, 20_000, lambda i: PacketBatch(packets=blob))
         print(f"bus, 64 x 1400 B packets per frame: {rate:,.0f} frames/s = {rate * 64:,.0f} packets/s "
               f"= {rate * 64 * 1400 * 8 / 1e9:.1f} Gbit/s ({packets} packets checked)")
     restart_latency(args.kills)
