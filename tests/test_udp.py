@@ -235,6 +235,9 @@ def test_a_socket_connected_on_a_shared_port_takes_its_peers_datagrams(sockets: 
     assert direct.recv_batch(10) == [] and shared.recv_batch(10) == []
     assert direct.send_batch([(("127.0.0.1", peer.port), b"reply")]) == 0
     assert _receive(peer, 1) == [(b"reply", port)]
+    burst = [b"%04d" % i + bytes(96) for i in range(8)]  # one GSO send, to the connected endpoint
+    assert direct.send_batch([(("127.0.0.1", peer.port), d) for d in burst]) == 0
+    assert _receive(peer, 8) == [(d, port) for d in burst]
     direct.close()
     peer.send_batch([(port, b"after")])
     assert [d for d, _ in _receive(shared, 1)] == [b"after"], "without the worker, magicsock gets it"

@@ -165,6 +165,7 @@ class UdpSocket:
         self.stats = UdpStats()
         self._buf = bytearray(_RECV_BUFFER)
         self._view = memoryview(self._buf)
+        self._connected: tuple | None = None  # kernel address of the endpoint we are connected to
 
     def _grow_buffers(self, size: int) -> None:
         # The *FORCE variants pass net.core.[rw]mem_max when we have
@@ -195,6 +196,7 @@ class UdpSocket:
         if addr is None:
             raise ValueError(f"cannot connect to {endpoint!r}")
         self._sock.connect(addr)
+        self._connected = addr
 
     def close(self) -> None:
         self._sock.close()
@@ -254,10 +256,17 @@ class UdpSocket:
         return dropped
 
     def _send_group(self, addr: tuple, segments: list[bytes]) -> int:
+        # To the connected endpoint without an address: the kernel then uses
+        # the socket's cached route instead of looking one up per send.
+        sock = self._sock
+        connected = addr == self._connected
         if self.gso and len(segments) > 1:
             cmsg = [(SOL_UDP, UDP_SEGMENT, _SEGMENT_CMSG.pack(len(segments[0])))]
             try:
-                self._sock.sendmsg(segments, cmsg, 0, addr)
+                if connected:
+                    sock.sendmsg(segments, cmsg)
+                else:
+                    sock.sendmsg(segments, cmsg, 0, addr)
                 self.stats.tx_gso_sends += 1
                 return 0
             except OSError as e:
@@ -271,7 +280,10 @@ class UdpSocket:
         dropped = 0
         for data in segments:
             try:
-                self._sock.sendto(data, addr)
+                if connected:
+                    sock.send(data)
+                else:
+                    sock.sendto(data, addr)
             except OSError:
                 dropped += 1
         return dropped
