@@ -28,7 +28,6 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import structlog
@@ -266,8 +265,7 @@ class DnsServer:
                 case Drop():
                     action.ctx.finished()  # type: ignore[union-attr]
                 case Forward():
-                    done = partial(self._answered, action)
-                    self._transport.start(action.upstream, action.query, action.timeout, done)
+                    self._transport.start(action.upstream, action.query, action.timeout, self._answered, action)
                 case Learned():
                     self._learned(action)
                 case Log():

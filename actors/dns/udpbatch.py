@@ -66,16 +66,17 @@ class Batch:
     out. A reply takes the place of its query in the same slot, so the slot's
     header already names where it goes: the received headers are sent back."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, slots: int = SLOTS, slot_size: int = SLOT_SIZE) -> None:
         self._fd = sock.fileno()
         self._family = sock.family
-        self._headers = (_Mmsghdr * SLOTS)()
-        self._iovecs = (_Iovec * SLOTS)()
-        self._data = ctypes.create_string_buffer(SLOTS * SLOT_SIZE)
-        self._names = ctypes.create_string_buffer(SLOTS * _SOCKADDR_SIZE)
-        for slot in range(SLOTS):
-            self._iovecs[slot].iov_base = ctypes.addressof(self._data) + slot * SLOT_SIZE
-            self._iovecs[slot].iov_len = SLOT_SIZE
+        self._slots, self._slot_size = slots, slot_size
+        self._headers = (_Mmsghdr * slots)()
+        self._iovecs = (_Iovec * slots)()
+        self._data = ctypes.create_string_buffer(slots * slot_size)
+        self._names = ctypes.create_string_buffer(slots * _SOCKADDR_SIZE)
+        for slot in range(slots):
+            self._iovecs[slot].iov_base = ctypes.addressof(self._data) + slot * slot_size
+            self._iovecs[slot].iov_len = slot_size
             header = self._headers[slot].msg_hdr
             header.msg_name = ctypes.addressof(self._names) + slot * _SOCKADDR_SIZE
             header.msg_namelen = _SOCKADDR_SIZE
@@ -88,8 +89,8 @@ class Batch:
         self._replied: list[int] = []
 
     def receive(self) -> list[bytes | None]:
-        """The datagrams waiting, up to SLOTS (None for one cut short); [] if none."""
-        count = _recvmmsg(self._fd, self._headers, SLOTS, _MSG_DONTWAIT, None)
+        """The datagrams waiting, up to the batch's slots (None for one cut short); [] if none."""
+        count = _recvmmsg(self._fd, self._headers, self._slots, _MSG_DONTWAIT, None)
         if count < 0:
             code = ctypes.get_errno()
             if code in (errno.EAGAIN, errno.EINTR):
@@ -97,14 +98,14 @@ class Batch:
             raise OSError(code, "recvmmsg")
         # msg_namelen comes back as the family's address size: room enough for
         # the next datagram of the same socket, and what sending back needs.
-        headers, data, unpack = self._headers_view, self._data_view, _U32.unpack_from
+        headers, data, unpack, slot_size = self._headers_view, self._data_view, _U32.unpack_from, self._slot_size
         out: list[bytes | None] = []
         for slot in range(count):
             at = slot * _HEADER
             if unpack(headers, at + _FLAGS)[0] & _MSG_TRUNC:
                 out.append(None)
             else:
-                start = slot * SLOT_SIZE
+                start = slot * slot_size
                 out.append(bytes(data[start : start + unpack(headers, at + _LENGTH)[0]]))
         return out
 
@@ -112,9 +113,9 @@ class Batch:
         """Queue wire for the sender of datagram slot of the last receive();
         False if it does not fit a slot (the caller sends it another way)."""
         size = len(wire)
-        if size > SLOT_SIZE:
+        if size > self._slot_size:
             return False
-        start = slot * SLOT_SIZE
+        start = slot * self._slot_size
         self._data_view[start : start + size] = wire
         _SIZE.pack_into(self._iovecs_view, slot * _IOVEC + _IOV_LEN, size)
         self._replied.append(slot)
