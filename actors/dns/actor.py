@@ -29,6 +29,7 @@ from actors.dns.server import DnsServer
 from actors.dns.settings import DnsSettings
 
 START_TIMEOUT = 5.0
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)
 LEARNED_HWM = 10_000  # learned names queued for the bus; beyond it ZeroMQ drops them, as PUB does
 _SUBSCRIBE, _UNSUBSCRIBE = b"\x01", b"\x00"  # the first byte of what an XPUB is told
 
@@ -134,6 +135,10 @@ class DnsActor(Actor):
                 # it again on every full collection, each a pause of the DNS
                 # thread that grows with the heap (nor dirty its shared pages).
                 gc.freeze()
+                # Each forwarded query makes a few short-lived containers: with
+                # the default 700, young collections run every few hundred
+                # queries and walk every flight under way each time.
+                gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
             else:
                 self._call(self.server.reconfigure(settings))
         except OSError as err:
