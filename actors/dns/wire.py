@@ -220,11 +220,12 @@ class WireAnswer:
     def empty(self) -> bool:
         return self.counts[ANSWER] == 0
 
-    def retimed(self, ttl_of: Callable[[int, int], int], *, keep_addresses: bool = True) -> WireAnswer:
+    def retimed(self, ttl_of: Callable[[int, int], int] | None, *, keep_addresses: bool = True) -> WireAnswer:
         """A copy with each record's TTL set to ttl_of(its TTL, its type) (the
-        records copied only if one changes), and without the addresses unless
-        keep_addresses: a cache need not hold on to what was learned from it."""
-        ttls = tuple(map(ttl_of, self.ttls, self.types))
+        records copied only if one changes; None: none does), and without the
+        addresses unless keep_addresses: a cache need not hold on to what was
+        learned from it."""
+        ttls = self.ttls if ttl_of is None else tuple(map(ttl_of, self.ttls, self.types))
         records = self.records
         if ttls != self.ttls:
             out = bytearray(records)
