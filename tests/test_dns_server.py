@@ -543,6 +543,33 @@ def test_batches_take_datagrams_in_and_send_each_reply_to_its_sender(family):
             sender.close()
 
 
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_a_sending_batch_sends_each_datagram_to_its_address_in_one_go(family):
+    host = loopback_address() if family == socket.AF_INET else "::1"
+    try:
+        sender = socket.socket(family, socket.SOCK_DGRAM)
+        sender.bind((host, 0))
+    except OSError:
+        pytest.skip("needs IPv6 on the loopback interface")
+    receivers = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        outbox = Batch(sender, slots=2)
+        for receiver in receivers:
+            receiver.bind((host, 0))
+            receiver.settimeout(2)
+        assert outbox.send_to(b"a0", receivers[0].getsockname())
+        assert not outbox.send_to(b"x" * (SLOT_SIZE + 1), receivers[1].getsockname())  # too big: not queued
+        assert outbox.send_to(b"a1", receivers[1].getsockname())
+        assert not outbox.send_to(b"a2", receivers[2].getsockname())  # no slot left: flush first
+        assert outbox.queued == 2 and outbox.flush() == 0 and outbox.queued == 0
+        assert outbox.send_to(b"a2", receivers[2].getsockname()) and outbox.flush() == 0
+        assert [receiver.recv(64) for receiver in receivers] == [b"a0", b"a1", b"a2"]
+    finally:
+        sender.close()
+        for receiver in receivers:
+            receiver.close()
+
+
 def test_ipv6_loopback_listener(later):
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:

@@ -36,7 +36,7 @@ from actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Reso
 from actors.dns.settings import DnsSettings
 from actors.dns.steering import steer
 from actors.dns.transport import Transport
-from actors.dns.udpbatch import Batch
+from actors.dns.udpbatch import SLOTS, Batch
 
 log = structlog.get_logger("meshsup.dns")
 
@@ -84,6 +84,7 @@ class _UdpListener:
         self.sock = sock
         self._server = server
         self._batch = Batch(sock)
+        self._outbox = Batch(sock)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
 
@@ -110,15 +111,31 @@ class _UdpListener:
             stats["udp_send_errors"] += failed
 
     def send(self, wire: bytes, source: Any) -> None:
+        """A reply made outside the receive batch (a forwarded answer): queued,
+        and sent with the others of this loop turn in one system call."""
+        outbox = self._outbox
+        if not outbox.queued:
+            self._loop.call_soon(self._flush_outbox)
+        elif outbox.queued == SLOTS:
+            self._flush_outbox()
         try:
-            self.sock.sendto(wire, source)
+            if not outbox.send_to(wire, source):
+                self.sock.sendto(wire, source)
         except OSError:
             self._server.stats["udp_send_errors"] += 1
+
+    def _flush_outbox(self) -> None:
+        if self.sock.fileno() < 0:  # closed since (its number may be another socket's by now)
+            return
+        failed = self._outbox.flush()
+        if failed:
+            self._server.stats["udp_send_errors"] += failed
 
     def finished(self) -> None:
         """Nothing to keep track of per UDP query."""
 
     def close(self) -> None:
+        self._flush_outbox()
         self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
