@@ -167,6 +167,12 @@ def test_forwarding_cache_flush_and_learning(tmp_path, later):
     counters = server.counters()
     assert counters["cache_hits"] == 1 and counters["upstream_answers"] == 2 and counters["cache_flushes"] == 1
 
+    server.call(lambda s: s.set_learning(False))  # nobody listens: names are answered, not learned
+    assert dig(server.host, server.port, "quiet.example.test").rdata("A") == ["203.0.113.7"]
+    server.call(lambda s: s.set_learning(True))
+    assert dig(server.host, server.port, "heard.example.test").rdata("A") == ["203.0.113.7"]
+    assert [name for name, _ in learned] == ["www.example.test", "www.example.test", "heard.example.test"]
+
 
 def test_truncated_upstream_answer_retried_over_tcp(tmp_path, later):
     txt = [f"--txt-record=big.example.test,{str(i) * 200}" for i in range(7)]  # about 1.5 kB

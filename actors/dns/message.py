@@ -238,7 +238,8 @@ def make_forward_query(query: Query) -> bytes:
     return wire.forward_query(fields.qname, fields.qtype, fields.qclass, fields.flags, fields.do)
 
 
-def parse_response(answer: bytes, query: Query) -> WireAnswer | str:
-    """An upstream's answer to query, or the reason it is unusable. Never raises."""
+def parse_response(answer: bytes, query: Query, learn: bool = True) -> WireAnswer | str:
+    """An upstream's answer to query, or the reason it is unusable; its
+    addresses read out only if learn. Never raises."""
     fields = query.fields
-    return wire.parse_answer(answer, fields.qname, fields.qtype, fields.qclass)
+    return wire.parse_answer(answer, fields.qname, fields.qtype, fields.qclass, learn)

@@ -14,7 +14,8 @@ The IO side carries out the actions:
 - Forward: send query to upstream, then call on_upstream_answer or
   on_upstream_failure (timeouts included) with the same key and upstream;
 - Drop: nothing to send, the reason is already counted;
-- Learned: names and addresses learned from upstream answers, for the bus;
+- Learned: names and addresses learned from upstream answers, for the bus
+  (only while `learning` is set);
 - Log: something worth a (rate-limited) log line.
 """
 
@@ -121,6 +122,9 @@ class Resolver:
         # The reply to a query answered before, from its bytes alone; None: call handle().
         self.fast = self._fast.lookup
         self.settings = settings
+        # Whether anyone wants Learned actions: reading addresses out of every
+        # answer is half the work of taking it in.
+        self.learning = True
         self.reconfigure(settings, force=True)
 
     def reconfigure(self, settings: DnsSettings, *, force: bool = False) -> None:
@@ -219,7 +223,7 @@ class Resolver:
         flight = self._current(key, upstream)
         if flight is None:
             return []
-        answer = parse_response(wire, flight.waiters[0].query)
+        answer = parse_response(wire, flight.waiters[0].query, self.learning)
         if type(answer) is str:
             return self._failed(key, f"upstream_{answer}", now)
         if should_failover(answer.rcode):

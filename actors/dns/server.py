@@ -13,6 +13,7 @@ full way only when that has nothing.
     await server.start()
     ...
     server.flush_cache()               # link changed
+    server.set_learning(False)         # nobody listens for learned names now
     await server.reconfigure(new)      # listeners kept if addresses unchanged
     server.counters()                  # for status
     await server.close()
@@ -181,6 +182,7 @@ class DnsServer:
         self.settings = settings
         self._on_learned = on_learned
         self._resolver = Resolver(settings)
+        self._resolver.learning = on_learned is not None
         self.fast = self._resolver.fast
         self._transport = Transport(ca_file=settings.ca_file, idle_timeout=settings.tcp_idle_timeout)
         self._listeners: dict[Address, _Listeners] = {}
@@ -244,6 +246,10 @@ class DnsServer:
     def flush_cache(self) -> None:
         """Forget every cached answer, e.g. after a link change."""
         self._resolver.flush_cache()
+
+    def set_learning(self, on: bool) -> None:
+        """Whether on_learned hears of names (say, while anyone listens for them)."""
+        self._resolver.learning = on and self._on_learned is not None
 
     def counters(self) -> dict[str, int]:
         return {

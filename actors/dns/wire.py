@@ -242,10 +242,11 @@ class WireAnswer:
         return tuple((self.base + offset, ttl) for offset, ttl in zip(self.ttl_offsets, self.ttls))
 
 
-def parse_answer(wire: bytes, qname: bytes, qtype: int, qclass: int) -> WireAnswer | str:
+def parse_answer(wire: bytes, qname: bytes, qtype: int, qclass: int, learn: bool = True) -> WireAnswer | str:
     """An upstream's answer to the question, or why it cannot be used
     (malformed, not_response, question_mismatch, truncated, extended_rcode).
-    qname is the question's name in wire form; case does not matter."""
+    qname is the question's name in wire form; case does not matter. Without
+    learn, the addresses are checked but not read out (half the work)."""
     if len(wire) < HEADER_LEN:
         return "malformed"
     _, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(wire)
@@ -263,12 +264,12 @@ def parse_answer(wire: bytes, qname: bytes, qtype: int, qclass: int) -> WireAnsw
     if flags & TC:
         return "truncated"
     try:
-        return _records(wire, base, flags, (ancount, nscount, arcount))
+        return _records(wire, base, flags, (ancount, nscount, arcount), learn)
     except (WireError, IndexError, struct.error):
         return "malformed"
 
 
-def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int]) -> WireAnswer | str:
+def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int], learn: bool) -> WireAnswer | str:
     offset, size = base, len(wire)
     unpack_fixed = RR_FIXED.unpack_from
     ttls: list[int] = []
@@ -318,7 +319,7 @@ def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int]) -
                 length, family = _ADDRESS_SIZES[rtype]
                 if rdlength != length:
                     raise WireError("bad address length")
-                if section == ANSWER:
+                if section == ANSWER and learn:
                     name = owners.get(written)
                     if name is None:
                         labels: list[bytes] = []
@@ -358,7 +359,7 @@ def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int]) -
         ttl_offsets=tuple(ttl_offsets),
         set_ends=tuple(set_ends),
         negative_ttl=negative_ttl,
-        addresses=tuple((name, tuple(found)) for (name, _), found in addresses.items()),
+        addresses=tuple((name, tuple(found)) for (name, _), found in addresses.items()) if addresses else (),
     )
 
 
