@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import dns.flags
 import dns.message
 import dns.rcode
 import dns.reversename
+import dns.rrset
 import pytest
 
 from actors.dns.settings import DnsSettings
@@ -172,6 +174,53 @@ def test_forwarding_cache_flush_and_learning(tmp_path, later):
     server.call(lambda s: s.set_learning(True))
     assert dig(server.host, server.port, "heard.example.test").rdata("A") == ["203.0.113.7"]
     assert [name for name, _ in learned] == ["www.example.test", "www.example.test", "heard.example.test"]
+
+
+class _NoisyUpstream:
+    """Answers each query after three datagrams a forwarder must drop: garbage,
+    the answer under another ID, and a datagram too large to be one of ours."""
+
+    def __init__(self, ttl: int) -> None:
+        self.host, self.port = endpoint()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((self.host, self.port))
+        self.sock.settimeout(5)
+        self.ttl = ttl
+        self.thread = threading.Thread(target=self._answer_one, daemon=True)
+        self.thread.start()
+
+    def _answer_one(self) -> None:
+        try:
+            wire, source = self.sock.recvfrom(4096)
+        except OSError:
+            return
+        query = dns.message.from_wire(wire)
+        reply = dns.message.make_response(query)
+        reply.answer.append(dns.rrset.from_text(query.question[0].name, self.ttl, "IN", "A", "203.0.113.9"))
+        answer = reply.to_wire()
+        other_id = struct.pack("!H", (query.id + 1) % 65536)
+        for datagram in (b"\x00\x01junk", other_id + answer[2:], answer[:12] + bytes(5000), answer):
+            self.sock.sendto(datagram, source)
+
+    def stop(self) -> None:
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def test_a_forwarded_answer_comes_back_byte_correct_past_stray_datagrams(later):
+    upstream = later(_NoisyUpstream(ttl=3600))
+    learned: list[tuple[str, tuple[str, ...]]] = []
+    server = start_server(later, upstreams=[f"udp://{upstream.host}:{upstream.port}"], cache_max_ttl=120,
+                          on_learned=lambda n, a: learned.append((n, a)))
+    query = dns.message.make_query("WwW.Example.TEST", "A", use_edns=False)
+    answer = dns.message.from_wire(udp_exchange(server.host, server.port, query.to_wire()))
+    assert answer.id == query.id and answer.flags & dns.flags.QR and answer.flags & dns.flags.RA
+    assert answer.question[0].name.to_text() == "WwW.Example.TEST."  # the client's spelling
+    assert [rrset.to_text() for rrset in answer.answer] == ["WwW.Example.TEST. 120 IN A 203.0.113.9"]  # clamped
+    assert learned == [("www.example.test", ("203.0.113.9",))]
+    counters = server.counters()
+    assert counters["upstream_udp_mismatched"] == 2 and counters["upstream_udp_oversized"] == 1
+    assert counters["upstream_answers"] == 1 and counters.get("failovers", 0) == 0
 
 
 def test_truncated_upstream_answer_retried_over_tcp(tmp_path, later):

@@ -225,6 +225,8 @@ class WireAnswer:
         records copied only if one changes; None: none does), and without the
         addresses unless keep_addresses: a cache need not hold on to what was
         learned from it."""
+        if ttl_of is None and (keep_addresses or not self.addresses):
+            return self  # nothing would change (and nothing changes in place)
         ttls = self.ttls if ttl_of is None else tuple(map(ttl_of, self.ttls, self.types))
         records = self.records
         if ttls != self.ttls:
