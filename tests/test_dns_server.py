@@ -562,67 +562,62 @@ def test_queries_from_one_source_port_are_spread_over_the_workers(later):
     assert sum(served) == 60 and min(served) > 0, served
 
 
-@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_batches_take_datagrams_in_and_send_each_reply_to_its_sender(family):
-    host = loopback_address() if family == socket.AF_INET else "::1"
-    try:
-        receiver = socket.socket(family, socket.SOCK_DGRAM)
-        receiver.bind((host, 0))
-    except OSError:
-        pytest.skip("needs IPv6 on the loopback interface")
-    senders = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(4)]
-    try:
-        receiver.setblocking(False)
-        batch = Batch(receiver)
-        for i, sender in enumerate(senders):
-            sender.bind((host, 0))
-            sender.settimeout(2)
-            sender.sendto(b"q%d" % i if i < 3 else b"x" * (SLOT_SIZE + 1), receiver.getsockname())
-        got: list[bytes | None] = []
-        wait_until(lambda: got.extend(batch.receive()) or len(got) == 4, what="four datagrams")
-        assert got == [b"q0", b"q1", b"q2", None]  # the last one did not fit a slot
-        assert [batch.source(i) for i in range(3)] == [s.getsockname() for s in senders[:3]]
-        assert batch.reply(0, b"r0") and batch.reply(2, b"r2")  # slot 1 unanswered: two runs to send
-        assert not batch.reply(1, b"x" * (SLOT_SIZE + 1))  # too big for a slot: the caller's to send
-        assert batch.flush() == 0
-        assert (senders[0].recv(64), senders[2].recv(64)) == (b"r0", b"r2")
-        senders[1].settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            senders[1].recv(64)
-        senders[1].sendto(b"again", receiver.getsockname())  # the slots are whole again for the next batch
-        again: list[bytes | None] = []
-        wait_until(lambda: again.extend(batch.receive()) or again == [b"again"], what="the next batch")
-    finally:
-        receiver.close()
-        for sender in senders:
-            sender.close()
+@pytest.fixture
+def udp_sockets() -> Iterator[Callable[[int, int], list[socket.socket]]]:
+    """Makes UDP sockets bound on the loopback of a family (skips the test
+    without IPv6 there), each with a 2 s timeout; closed at teardown."""
+    made: list[socket.socket] = []
+
+    def make(family: int, count: int) -> list[socket.socket]:
+        host = loopback_address() if family == socket.AF_INET else "::1"
+        for _ in range(count):
+            made.append(socket.socket(family, socket.SOCK_DGRAM))
+            made[-1].settimeout(2)
+            try:
+                made[-1].bind((host, 0))
+            except OSError:
+                pytest.skip("needs IPv6 on the loopback interface")
+        return made[-count:]
+
+    yield make
+    for sock in made:
+        sock.close()
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_a_sending_batch_sends_each_datagram_to_its_address_in_one_go(family):
-    host = loopback_address() if family == socket.AF_INET else "::1"
-    try:
-        sender = socket.socket(family, socket.SOCK_DGRAM)
-        sender.bind((host, 0))
-    except OSError:
-        pytest.skip("needs IPv6 on the loopback interface")
-    receivers = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(3)]
-    try:
-        outbox = Batch(sender, slots=2)
-        for receiver in receivers:
-            receiver.bind((host, 0))
-            receiver.settimeout(2)
-        assert outbox.send_to(b"a0", receivers[0].getsockname())
-        assert not outbox.send_to(b"x" * (SLOT_SIZE + 1), receivers[1].getsockname())  # too big: not queued
-        assert outbox.send_to(b"a1", receivers[1].getsockname())
-        assert not outbox.send_to(b"a2", receivers[2].getsockname())  # no slot left: flush first
-        assert outbox.queued == 2 and outbox.flush() == 0 and outbox.queued == 0
-        assert outbox.send_to(b"a2", receivers[2].getsockname()) and outbox.flush() == 0
-        assert [receiver.recv(64) for receiver in receivers] == [b"a0", b"a1", b"a2"]
-    finally:
-        sender.close()
-        for receiver in receivers:
-            receiver.close()
+def test_batches_take_datagrams_in_and_send_each_reply_to_its_sender(family, udp_sockets):
+    receiver, *senders = udp_sockets(family, 5)
+    receiver.setblocking(False)
+    batch = Batch(receiver)
+    for i, sender in enumerate(senders):
+        sender.sendto(b"q%d" % i if i < 3 else b"x" * (SLOT_SIZE + 1), receiver.getsockname())
+    got: list[bytes | None] = []
+    wait_until(lambda: got.extend(batch.receive()) or len(got) == 4, what="four datagrams")
+    assert got == [b"q0", b"q1", b"q2", None]  # the last one did not fit a slot
+    assert [batch.source(i) for i in range(3)] == [s.getsockname() for s in senders[:3]]
+    assert batch.reply(0, b"r0") and batch.reply(2, b"r2")  # slot 1 unanswered: two runs to send
+    assert not batch.reply(1, b"x" * (SLOT_SIZE + 1))  # too big for a slot: the caller's to send
+    assert batch.flush() == 0
+    assert (senders[0].recv(64), senders[2].recv(64)) == (b"r0", b"r2")
+    senders[1].settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        senders[1].recv(64)
+    senders[1].sendto(b"again", receiver.getsockname())  # the slots are whole again for the next batch
+    again: list[bytes | None] = []
+    wait_until(lambda: again.extend(batch.receive()) or again == [b"again"], what="the next batch")
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_a_sending_batch_sends_each_datagram_to_its_address_in_one_go(family, udp_sockets):
+    sender, *receivers = udp_sockets(family, 4)
+    outbox = Batch(sender, slots=2)
+    assert outbox.send_to(b"a0", receivers[0].getsockname())
+    assert not outbox.send_to(b"x" * (SLOT_SIZE + 1), receivers[1].getsockname())  # too big: not queued
+    assert outbox.send_to(b"a1", receivers[1].getsockname())
+    assert not outbox.send_to(b"a2", receivers[2].getsockname())  # no slot left: flush first
+    assert outbox.queued == 2 and outbox.flush() == 0 and outbox.queued == 0
+    assert outbox.send_to(b"a2", receivers[2].getsockname()) and outbox.flush() == 0
+    assert [receiver.recv(64) for receiver in receivers] == [b"a0", b"a1", b"a2"]
 
 
 def test_ipv6_loopback_listener(later):
