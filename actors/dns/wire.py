@@ -52,12 +52,18 @@ _ONE_QUESTION_ONE_ADDITIONAL = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 _ADDRESS_SIZES = {A: (4, socket.AF_INET), AAAA: (16, socket.AF_INET6)}
 
 
+# Ours, with and without DO: one goes into every forwarded query and every reply made from an answer.
+_OUR_OPT = {do: b"\x00" + RR_FIXED.pack(OPT, OUR_PAYLOAD, EDNS_DO if do else 0, 0) for do in (False, True)}
+
+
 class WireError(ValueError):
     """Not a well-formed message."""
 
 
 def opt_record(do: bool, payload: int = OUR_PAYLOAD) -> bytes:
     """An OPT pseudo-record: EDNS version 0, no options."""
+    if payload == OUR_PAYLOAD:
+        return _OUR_OPT[do]
     return b"\x00" + RR_FIXED.pack(OPT, payload, EDNS_DO if do else 0, 0)
 
 
