@@ -54,7 +54,7 @@ class LearnedEvents:
         self.sock.connect(address)
         self._topics: set[bytes] = set()
         self._listened = False
-        self._on_listening: Callable[[bool], None] | None = None
+        self._on_listening: Callable[[bool], None] = lambda listening: None
         self._timer: asyncio.TimerHandle | None = None
         self.learned = 0
         self.published = 0
@@ -67,8 +67,7 @@ class LearnedEvents:
 
     def _check(self) -> None:
         self._read_subscriptions()
-        if self._on_listening is not None:
-            self._on_listening(self._listened)
+        self._on_listening(self._listened)
         self._timer = asyncio.get_running_loop().call_later(self.SUBSCRIPTION_CHECK, self._check)
 
     def publish(self, name: str, addresses: tuple[str, ...]) -> None:

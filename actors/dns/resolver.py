@@ -34,7 +34,6 @@ from actors.dns.fastpath import FastAnswers, prepare
 from actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
 from actors.dns.message import (
     Answer,
-    ErrorReply,
     Ignored,
     Query,
     make_forward_query,
@@ -176,7 +175,7 @@ class Resolver:
         counters = self.counters
         counters["queries_" + transport] += 1
         parsed = parse_query(query_wire)
-        if type(parsed) is not Query:
+        if not isinstance(parsed, Query):  # an error reply or nothing
             counters[parsed.reason] += 1
             if isinstance(parsed, Ignored):
                 return [Drop(parsed.reason, source, transport, ctx)]
@@ -191,13 +190,13 @@ class Resolver:
         if self.settings.ndots and self._held_back_by_ndots(parsed):
             # Docker: with ndots set, a single-label name is not sent out; the
             # client goes on with its search domains.
-            self.counters["ndots_not_forwarded"] += 1
+            counters["ndots_not_forwarded"] += 1
             return [self._reply(waiter, Answer(dns.rcode.NOERROR), keep="ndots_not_forwarded")]
         decision = self._router.only or self._router.route(
             parsed.name_text, parsed.qtype, str(source[0]) if source else ""
         )
         if isinstance(decision, Reject):
-            self.counters["rejected_by_rule"] += 1
+            counters["rejected_by_rule"] += 1
             return [self._reply(waiter, Answer(self.settings.reject_rcode_value), keep="rejected_by_rule")]
         key = CacheKey(parsed.qname_key, parsed.qtype, parsed.qclass, parsed.do, decision.view)
         cached = self._cache.fresh(key, now)
@@ -224,7 +223,7 @@ class Resolver:
         if flight is None:
             return []
         answer = parse_response(wire, flight.waiters[0].query, self.learning)
-        if type(answer) is str:
+        if isinstance(answer, str):
             return self._failed(key, f"upstream_{answer}", now)
         if should_failover(answer.rcode):
             return self._failed(key, f"upstream_{dns.rcode.to_text(answer.rcode).lower()}", now)

@@ -12,9 +12,10 @@
   on a small pool of TLS connections (HTTP/1.1 has one request in flight
   per connection), ID 0 on the wire as the RFC asks.
 
-``Transport.start`` sends a query and calls back once with the answer or
-with a short reason the resolver counts (timeout, refused, closed, network,
-tls, http...). A UDP query costs a heap entry and a callback, not a task.
+``Transport.start`` sends a query and calls back once, with the token it
+was given, with the answer or with a short reason the resolver counts
+(timeout, refused, closed, network, tls, http...). A UDP query costs a heap
+entry, not a task or a closure; UDP answers are read a batch at a time.
 """
 
 from __future__ import annotations
