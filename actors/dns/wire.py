@@ -262,12 +262,13 @@ def parse_answer(wire: bytes, qname: bytes, qtype: int, qclass: int, learn: bool
         return "not_response"
     if qdcount != 1:
         return "question_mismatch"
-    base = HEADER_LEN + len(qname) + TYPE_CLASS.size
+    name_end = HEADER_LEN + len(qname)
+    base = name_end + TYPE_CLASS.size
     if len(wire) < base:
         return "malformed"
-    if wire[HEADER_LEN : HEADER_LEN + len(qname)].lower() != qname.lower() or TYPE_CLASS.unpack_from(
-        wire, HEADER_LEN + len(qname)
-    ) != (qtype, qclass):
+    name = wire[HEADER_LEN:name_end]
+    # The same bytes, as upstreams echo the question: no need to lowercase either.
+    if (name != qname and name.lower() != qname.lower()) or wire[name_end:base] != TYPE_CLASS.pack(qtype, qclass):
         return "question_mismatch"
     if flags & TC:
         return "truncated"
