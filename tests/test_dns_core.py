@@ -795,6 +795,15 @@ def test_forward_merge_reply_learn_and_cache():
     assert resolver.counters["merged"] == 1 and resolver.counters["forwarded"] == 1
 
 
+def test_without_learning_answers_carry_no_learned_names():
+    resolver = Resolver(settings())
+    resolver.learning = False
+    forward = only_forward(resolver.handle(query_wire("www.example.com"), CLIENT, "udp", 0.0))
+    actions = resolver.on_upstream_answer(forward.key, forward.upstream, upstream_answer(forward), 0.1)
+    assert not any(isinstance(a, Learned) for a in actions)
+    assert [rrset.to_text() for rrset in reply_of(actions).answer] == ["www.example.com. 300 IN A 203.0.113.7"]
+
+
 @pytest.mark.parametrize("failure", ["servfail", "refused", "timeout", "garbage"])
 def test_failover_to_next_upstream(failure):
     resolver = Resolver(settings())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,6 +16,7 @@ import dns.flags
 import dns.message
 import dns.rcode
 import dns.reversename
+import dns.rrset
 import pytest
 
 from actors.dns.settings import DnsSettings
@@ -166,6 +168,59 @@ def test_forwarding_cache_flush_and_learning(tmp_path, later):
     assert upstream.count("www.example.test") == 2
     counters = server.counters()
     assert counters["cache_hits"] == 1 and counters["upstream_answers"] == 2 and counters["cache_flushes"] == 1
+
+    server.call(lambda s: s.set_learning(False))  # nobody listens: names are answered, not learned
+    assert dig(server.host, server.port, "quiet.example.test").rdata("A") == ["203.0.113.7"]
+    server.call(lambda s: s.set_learning(True))
+    assert dig(server.host, server.port, "heard.example.test").rdata("A") == ["203.0.113.7"]
+    assert [name for name, _ in learned] == ["www.example.test", "www.example.test", "heard.example.test"]
+
+
+class _NoisyUpstream:
+    """Answers each query after three datagrams a forwarder must drop: garbage,
+    the answer under another ID, and a datagram too large to be one of ours."""
+
+    def __init__(self, ttl: int) -> None:
+        self.host, self.port = endpoint()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((self.host, self.port))
+        self.sock.settimeout(5)
+        self.ttl = ttl
+        self.thread = threading.Thread(target=self._answer_one, daemon=True)
+        self.thread.start()
+
+    def _answer_one(self) -> None:
+        try:
+            wire, source = self.sock.recvfrom(4096)
+        except OSError:
+            return
+        query = dns.message.from_wire(wire)
+        reply = dns.message.make_response(query)
+        reply.answer.append(dns.rrset.from_text(query.question[0].name, self.ttl, "IN", "A", "203.0.113.9"))
+        answer = reply.to_wire()
+        other_id = struct.pack("!H", (query.id + 1) % 65536)
+        for datagram in (b"\x00\x01junk", other_id + answer[2:], answer[:12] + bytes(5000), answer):
+            self.sock.sendto(datagram, source)
+
+    def stop(self) -> None:
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
+def test_a_forwarded_answer_comes_back_byte_correct_past_stray_datagrams(later):
+    upstream = later(_NoisyUpstream(ttl=3600))
+    learned: list[tuple[str, tuple[str, ...]]] = []
+    server = start_server(later, upstreams=[f"udp://{upstream.host}:{upstream.port}"], cache_max_ttl=120,
+                          on_learned=lambda n, a: learned.append((n, a)))
+    query = dns.message.make_query("WwW.Example.TEST", "A", use_edns=False)
+    answer = dns.message.from_wire(udp_exchange(server.host, server.port, query.to_wire()))
+    assert answer.id == query.id and answer.flags & dns.flags.QR and answer.flags & dns.flags.RA
+    assert answer.question[0].name.to_text() == "WwW.Example.TEST."  # the client's spelling
+    assert [rrset.to_text() for rrset in answer.answer] == ["WwW.Example.TEST. 120 IN A 203.0.113.9"]  # clamped
+    assert learned == [("www.example.test", ("203.0.113.9",))]
+    counters = server.counters()
+    assert counters["upstream_udp_mismatched"] == 2 and counters["upstream_udp_oversized"] == 1
+    assert counters["upstream_answers"] == 1 and counters.get("failovers", 0) == 0
 
 
 def test_truncated_upstream_answer_retried_over_tcp(tmp_path, later):
@@ -507,40 +562,62 @@ def test_queries_from_one_source_port_are_spread_over_the_workers(later):
     assert sum(served) == 60 and min(served) > 0, served
 
 
+@pytest.fixture
+def udp_sockets() -> Iterator[Callable[[int, int], list[socket.socket]]]:
+    """Makes UDP sockets bound on the loopback of a family (skips the test
+    without IPv6 there), each with a 2 s timeout; closed at teardown."""
+    made: list[socket.socket] = []
+
+    def make(family: int, count: int) -> list[socket.socket]:
+        host = loopback_address() if family == socket.AF_INET else "::1"
+        for _ in range(count):
+            made.append(socket.socket(family, socket.SOCK_DGRAM))
+            made[-1].settimeout(2)
+            try:
+                made[-1].bind((host, 0))
+            except OSError:
+                pytest.skip("needs IPv6 on the loopback interface")
+        return made[-count:]
+
+    yield make
+    for sock in made:
+        sock.close()
+
+
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_batches_take_datagrams_in_and_send_each_reply_to_its_sender(family):
-    host = loopback_address() if family == socket.AF_INET else "::1"
-    try:
-        receiver = socket.socket(family, socket.SOCK_DGRAM)
-        receiver.bind((host, 0))
-    except OSError:
-        pytest.skip("needs IPv6 on the loopback interface")
-    senders = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(4)]
-    try:
-        receiver.setblocking(False)
-        batch = Batch(receiver)
-        for i, sender in enumerate(senders):
-            sender.bind((host, 0))
-            sender.settimeout(2)
-            sender.sendto(b"q%d" % i if i < 3 else b"x" * (SLOT_SIZE + 1), receiver.getsockname())
-        got: list[bytes | None] = []
-        wait_until(lambda: got.extend(batch.receive()) or len(got) == 4, what="four datagrams")
-        assert got == [b"q0", b"q1", b"q2", None]  # the last one did not fit a slot
-        assert [batch.source(i) for i in range(3)] == [s.getsockname() for s in senders[:3]]
-        assert batch.reply(0, b"r0") and batch.reply(2, b"r2")  # slot 1 unanswered: two runs to send
-        assert not batch.reply(1, b"x" * (SLOT_SIZE + 1))  # too big for a slot: the caller's to send
-        assert batch.flush() == 0
-        assert (senders[0].recv(64), senders[2].recv(64)) == (b"r0", b"r2")
-        senders[1].settimeout(0.2)
-        with pytest.raises(TimeoutError):
-            senders[1].recv(64)
-        senders[1].sendto(b"again", receiver.getsockname())  # the slots are whole again for the next batch
-        again: list[bytes | None] = []
-        wait_until(lambda: again.extend(batch.receive()) or again == [b"again"], what="the next batch")
-    finally:
-        receiver.close()
-        for sender in senders:
-            sender.close()
+def test_batches_take_datagrams_in_and_send_each_reply_to_its_sender(family, udp_sockets):
+    receiver, *senders = udp_sockets(family, 5)
+    receiver.setblocking(False)
+    batch = Batch(receiver)
+    for i, sender in enumerate(senders):
+        sender.sendto(b"q%d" % i if i < 3 else b"x" * (SLOT_SIZE + 1), receiver.getsockname())
+    got: list[bytes | None] = []
+    wait_until(lambda: got.extend(batch.receive()) or len(got) == 4, what="four datagrams")
+    assert got == [b"q0", b"q1", b"q2", None]  # the last one did not fit a slot
+    assert [batch.source(i) for i in range(3)] == [s.getsockname() for s in senders[:3]]
+    assert batch.reply(0, b"r0") and batch.reply(2, b"r2")  # slot 1 unanswered: two runs to send
+    assert not batch.reply(1, b"x" * (SLOT_SIZE + 1))  # too big for a slot: the caller's to send
+    assert batch.flush() == 0
+    assert (senders[0].recv(64), senders[2].recv(64)) == (b"r0", b"r2")
+    senders[1].settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        senders[1].recv(64)
+    senders[1].sendto(b"again", receiver.getsockname())  # the slots are whole again for the next batch
+    again: list[bytes | None] = []
+    wait_until(lambda: again.extend(batch.receive()) or again == [b"again"], what="the next batch")
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_a_sending_batch_sends_each_datagram_to_its_address_in_one_go(family, udp_sockets):
+    sender, *receivers = udp_sockets(family, 4)
+    outbox = Batch(sender, slots=2)
+    assert outbox.send_to(b"a0", receivers[0].getsockname())
+    assert not outbox.send_to(b"x" * (SLOT_SIZE + 1), receivers[1].getsockname())  # too big: not queued
+    assert outbox.send_to(b"a1", receivers[1].getsockname())
+    assert not outbox.send_to(b"a2", receivers[2].getsockname())  # no slot left: flush first
+    assert outbox.queued == 2 and outbox.flush() == 0 and outbox.queued == 0
+    assert outbox.send_to(b"a2", receivers[2].getsockname()) and outbox.flush() == 0
+    assert [receiver.recv(64) for receiver in receivers] == [b"a0", b"a1", b"a2"]
 
 
 def test_ipv6_loopback_listener(later):

@@ -17,7 +17,7 @@ import gc
 import ipaddress
 import resource
 import threading
-import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -29,6 +29,7 @@ from actors.dns.server import DnsServer
 from actors.dns.settings import DnsSettings
 
 START_TIMEOUT = 5.0
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)
 LEARNED_HWM = 10_000  # learned names queued for the bus; beyond it ZeroMQ drops them, as PUB does
 _SUBSCRIBE, _UNSUBSCRIBE = b"\x01", b"\x00"  # the first byte of what an XPUB is told
 
@@ -36,11 +37,12 @@ _SUBSCRIBE, _UNSUBSCRIBE = b"\x01", b"\x00"  # the first byte of what an XPUB is
 class LearnedEvents:
     """Publishes learned names, on the DNS thread. An XPUB rather than a PUB:
     the subscriptions it is sent say whether anyone listens for learned names,
-    and while no one does a name costs a look at the clock, not a message
-    built and encoded (which PUB would then drop), a few microseconds of each
-    forwarded answer. Subscriptions are read at most every SUBSCRIPTION_CHECK
-    seconds: a new subscriber hears of names learned from then on, as with
-    any PUB socket (its subscription takes a moment to arrive anyway)."""
+    and while no one does the server is told not to learn any (reading the
+    addresses out of every forwarded answer, and building and encoding a
+    message PUB would then drop, is a tenth of the cost of forwarding).
+    Subscriptions are read every SUBSCRIPTION_CHECK seconds: a new subscriber
+    hears of names learned from then on, as with any PUB socket (its
+    subscription takes a moment to arrive anyway)."""
 
     TOPIC = NameLearned.TAG.encode()
     SUBSCRIPTION_CHECK = 0.1
@@ -52,16 +54,24 @@ class LearnedEvents:
         self.sock.connect(address)
         self._topics: set[bytes] = set()
         self._listened = False
-        self._next_check = 0.0
+        self._on_listening: Callable[[bool], None] = lambda listening: None
+        self._timer: asyncio.TimerHandle | None = None
         self.learned = 0
         self.published = 0
 
+    def follow(self, on_listening: Callable[[bool], None]) -> None:
+        """From now on (on the running loop), every SUBSCRIPTION_CHECK seconds:
+        read the subscriptions, and tell on_listening whether anyone listens."""
+        self._on_listening = on_listening
+        self._check()
+
+    def _check(self) -> None:
+        self._read_subscriptions()
+        self._on_listening(self._listened)
+        self._timer = asyncio.get_running_loop().call_later(self.SUBSCRIPTION_CHECK, self._check)
+
     def publish(self, name: str, addresses: tuple[str, ...]) -> None:
         self.learned += 1
-        now = time.monotonic()
-        if now >= self._next_check:
-            self._next_check = now + self.SUBSCRIPTION_CHECK
-            self._read_subscriptions()
         if self._listened:
             message = NameLearned(name=name, addresses=list(addresses))
             self.sock.send_multipart([self.TOPIC, encode(message)])  # never blocks: beyond the HWM it drops
@@ -77,6 +87,8 @@ class LearnedEvents:
         self._listened = any(self.TOPIC.startswith(topic) for topic in self._topics)
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self.sock.close(0)
 
 
@@ -129,11 +141,16 @@ class DnsActor(Actor):
                 server = DnsServer(settings, on_learned=self.learned_events.publish)
                 self._call(server.start())
                 self.server = server
+                self.loop.call_soon_threadsafe(self.learned_events.follow, server.set_learning)
                 # What the process holds now (much of it inherited from the fork
                 # server) lives as long as it does: the collector need not walk
                 # it again on every full collection, each a pause of the DNS
                 # thread that grows with the heap (nor dirty its shared pages).
                 gc.freeze()
+                # Each forwarded query makes a few short-lived containers: with
+                # the default 700, young collections run every few hundred
+                # queries and walk every flight under way each time.
+                gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
             else:
                 self._call(self.server.reconfigure(settings))
         except OSError as err:

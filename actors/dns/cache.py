@@ -28,6 +28,7 @@ import dns.rcode
 
 from actors.dns.wire import SOA, WireAnswer
 
+_NOERROR, _NXDOMAIN = int(dns.rcode.NOERROR), int(dns.rcode.NXDOMAIN)  # plain ints: compared per answer
 # RFC 8767 section 4: the TTL on a stale answer.
 STALE_ANSWER_TTL = 30
 
@@ -103,10 +104,13 @@ class DnsCache:
             self.counters.not_cacheable += 1
             return None
         negative = _negative(answer)
-        # The SOA of a negative answer carries the negative TTL (RFC 2308 section 3).
-        stored = answer.retimed(
-            lambda was, rtype: ttl if negative and rtype == SOA else self._clamp(was), keep_addresses=False
-        )
+        if not negative and self.min_ttl <= min(answer.ttls) and max(answer.ttls) <= self.max_ttl:
+            stored = answer.retimed(None, keep_addresses=False)  # the usual case: nothing to clamp
+        else:
+            # The SOA of a negative answer carries the negative TTL (RFC 2308 section 3).
+            stored = answer.retimed(
+                lambda was, rtype: ttl if negative and rtype == SOA else self._clamp(was), keep_addresses=False
+            )
         entry = self._entries[key] = CacheEntry(key, stored, now, ttl)
         self._entries.move_to_end(key)
         self.counters.stores += 1
@@ -120,14 +124,14 @@ class DnsCache:
         return entry
 
     def _lifetime(self, answer: WireAnswer) -> int | None:
-        if answer.rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        if answer.rcode != _NOERROR and answer.rcode != _NXDOMAIN:
             return None
-        ttls = list(answer.ttls[: answer.counts[0]])
-        if _negative(answer):
-            if answer.negative_ttl is None:
-                return None
-            ttls.append(answer.negative_ttl)
-        return self._clamp(min(ttls))
+        answers = answer.counts[0]
+        if answers and answer.rcode == _NOERROR:
+            return self._clamp(min(answer.ttls[:answers]))
+        if answer.negative_ttl is None:
+            return None
+        return self._clamp(min((answer.negative_ttl, *answer.ttls[:answers])))
 
     def get(self, key: CacheKey, now: float) -> WireAnswer | None:
         """A fresh answer with TTLs counted down, or None."""

@@ -55,14 +55,19 @@ class Query:
     """A client's query: the question and EDNS read from the wire, the
     dnspython message made only when a reply has to be rendered."""
 
-    __slots__ = ("wire", "fields", "plain", "_message", "_key")
+    # The fields the resolver reads per query are plain attributes, not properties: a call each saved.
+    __slots__ = ("wire", "fields", "plain", "_message", "qname_key", "qtype", "qclass", "do", "flags")
 
     def __init__(self, wire_bytes: bytes, fields: PlainQuery, message: dns.message.Message | None = None) -> None:
         self.wire = wire_bytes
         self.fields = fields
         self.plain = message is None  # read by hand, so replies may be assembled by hand
         self._message = message
-        self._key: bytes | None = None
+        self.qname_key = fields.qname.lower()  # what caches and flights are keyed on
+        self.qtype = fields.qtype
+        self.qclass = fields.qclass
+        self.do = fields.do
+        self.flags = fields.flags
 
     @classmethod
     def from_message(cls, wire_bytes: bytes, message: dns.message.Message) -> Query:
@@ -93,13 +98,6 @@ class Query:
         return self.fields.qname
 
     @property
-    def qname_key(self) -> bytes:
-        """The name in lowercase wire form: what caches and flights are keyed on."""
-        if self._key is None:
-            self._key = self.fields.qname.lower()
-        return self._key
-
-    @property
     def qname(self) -> dns.name.Name:
         return dns.name.from_wire(self.fields.qname, 0)[0]
 
@@ -111,24 +109,8 @@ class Query:
         return wire.name_text(labels)
 
     @property
-    def qtype(self) -> int:
-        return self.fields.qtype
-
-    @property
-    def qclass(self) -> int:
-        return self.fields.qclass
-
-    @property
     def question_wire(self) -> bytes:
         return self.fields.qname + wire.TYPE_CLASS.pack(self.fields.qtype, self.fields.qclass)
-
-    @property
-    def flags(self) -> int:
-        return self.fields.flags
-
-    @property
-    def do(self) -> bool:
-        return self.fields.do
 
     def size_limit(self, transport: str) -> int:
         if transport == "tcp":
@@ -256,7 +238,8 @@ def make_forward_query(query: Query) -> bytes:
     return wire.forward_query(fields.qname, fields.qtype, fields.qclass, fields.flags, fields.do)
 
 
-def parse_response(answer: bytes, query: Query) -> WireAnswer | str:
-    """An upstream's answer to query, or the reason it is unusable. Never raises."""
+def parse_response(answer: bytes, query: Query, learn: bool = True) -> WireAnswer | str:
+    """An upstream's answer to query, or the reason it is unusable; its
+    addresses read out only if learn. Never raises."""
     fields = query.fields
-    return wire.parse_answer(answer, fields.qname, fields.qtype, fields.qclass)
+    return wire.parse_answer(answer, fields.qname, fields.qtype, fields.qclass, learn)

@@ -14,7 +14,8 @@ The IO side carries out the actions:
 - Forward: send query to upstream, then call on_upstream_answer or
   on_upstream_failure (timeouts included) with the same key and upstream;
 - Drop: nothing to send, the reason is already counted;
-- Learned: names and addresses learned from upstream answers, for the bus;
+- Learned: names and addresses learned from upstream answers, for the bus
+  (only while `learning` is set);
 - Log: something worth a (rate-limited) log line.
 """
 
@@ -33,7 +34,6 @@ from actors.dns.fastpath import FastAnswers, prepare
 from actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
 from actors.dns.message import (
     Answer,
-    ErrorReply,
     Ignored,
     Query,
     make_forward_query,
@@ -121,6 +121,9 @@ class Resolver:
         # The reply to a query answered before, from its bytes alone; None: call handle().
         self.fast = self._fast.lookup
         self.settings = settings
+        # Whether anyone wants Learned actions: reading addresses out of every
+        # answer is half the work of taking it in.
+        self.learning = True
         self.reconfigure(settings, force=True)
 
     def reconfigure(self, settings: DnsSettings, *, force: bool = False) -> None:
@@ -169,29 +172,31 @@ class Resolver:
 
     def handle(self, query_wire: bytes, source: Source, transport: str, now: float, ctx: object = None) -> list[Action]:
         """A query from a client. Never raises on bad input."""
-        self.counters[f"queries_{transport}"] += 1
+        counters = self.counters
+        counters["queries_" + transport] += 1
         parsed = parse_query(query_wire)
-        if isinstance(parsed, Ignored):
-            self.counters[parsed.reason] += 1
-            return [Drop(parsed.reason, source, transport, ctx)]
-        if isinstance(parsed, ErrorReply):
-            self.counters[parsed.reason] += 1
+        if not isinstance(parsed, Query):  # an error reply or nothing
+            counters[parsed.reason] += 1
+            if isinstance(parsed, Ignored):
+                return [Drop(parsed.reason, source, transport, ctx)]
             return [Reply(parsed.wire, source, transport, ctx)]
         waiter = _Waiter(parsed, source, transport, ctx, query_wire)
-        local = self._local_answer(parsed)
-        if local is not None:
-            self.counters["local_answers"] += 1
-            return [self._reply(waiter, local, keep="local_answers")]
-        if self._held_back_by_ndots(parsed):
+        # The wire check first: most names are not the zone's, and spare it a dnspython Name.
+        if self._zone.covers(parsed.qname_key):
+            local = self._zone.answer(parsed.qname, parsed.qtype, parsed.qclass)
+            if local is not None:
+                counters["local_answers"] += 1
+                return [self._reply(waiter, local, keep="local_answers")]
+        if self.settings.ndots and self._held_back_by_ndots(parsed):
             # Docker: with ndots set, a single-label name is not sent out; the
             # client goes on with its search domains.
-            self.counters["ndots_not_forwarded"] += 1
+            counters["ndots_not_forwarded"] += 1
             return [self._reply(waiter, Answer(dns.rcode.NOERROR), keep="ndots_not_forwarded")]
         decision = self._router.only or self._router.route(
             parsed.name_text, parsed.qtype, str(source[0]) if source else ""
         )
         if isinstance(decision, Reject):
-            self.counters["rejected_by_rule"] += 1
+            counters["rejected_by_rule"] += 1
             return [self._reply(waiter, Answer(self.settings.reject_rcode_value), keep="rejected_by_rule")]
         key = CacheKey(parsed.qname_key, parsed.qtype, parsed.qclass, parsed.do, decision.view)
         cached = self._cache.fresh(key, now)
@@ -201,15 +206,15 @@ class Resolver:
             key, waiter, lambda: Flight(make_forward_query(parsed), FailoverPlan(decision.upstreams), now)
         )
         if admission is Admission.MERGED:
-            self.counters["merged"] += 1
+            counters["merged"] += 1
             return []
         if admission is Admission.FULL:
-            self.counters["refused_inflight_cap"] += 1
+            counters["refused_inflight_cap"] += 1
             actions: list[Action] = [self._reply(waiter, Answer(dns.rcode.REFUSED))]
             if self._cap_log.allow(now):
                 actions.append(Log("dns_inflight_cap_reached", {"cap": self._inflight.cap}))
             return actions
-        self.counters["forwarded"] += 1
+        counters["forwarded"] += 1
         return self._attempt(key, now)
 
     def on_upstream_answer(self, key: CacheKey, upstream: Upstream, wire: bytes, now: float) -> list[Action]:
@@ -217,7 +222,7 @@ class Resolver:
         flight = self._current(key, upstream)
         if flight is None:
             return []
-        answer = parse_response(wire, flight.waiters[0].query)
+        answer = parse_response(wire, flight.waiters[0].query, self.learning)
         if isinstance(answer, str):
             return self._failed(key, f"upstream_{answer}", now)
         if should_failover(answer.rcode):
@@ -227,8 +232,10 @@ class Resolver:
         self.counters["upstream_answers"] += 1
         # Not kept for the fast path yet: that waits for the question to come again
         # (most names are asked once; preparing for them would cost time and memory).
-        replies = [self._reply(w, entry.answer if entry else answer) for w in flight.waiters]
-        return [*self._learned(answer), *replies]
+        stored = entry.answer if entry else answer
+        actions: list[Action] = [Learned(name, addresses) for name, addresses in answer.addresses]
+        actions += [self._reply(waiter, stored) for waiter in flight.waiters]
+        return actions
 
     def on_upstream_failure(self, key: CacheKey, upstream: Upstream, reason: str, now: float) -> list[Action]:
         """The Forward for key failed: timeout, connection refused, TLS error..."""
@@ -268,16 +275,10 @@ class Resolver:
             answer = Answer(dns.rcode.SERVFAIL)
         return [self._reply(w, answer) for w in flight.waiters]
 
-    def _local_answer(self, query: Query) -> Answer | None:
-        # The wire check first: most names are not the zone's, and spare it a dnspython Name.
-        if not self._zone.covers(query.qname_key):
-            return None
-        return self._zone.answer(query.qname, query.qtype, query.qclass)
-
-    def _held_back_by_ndots(self, query: Query) -> bool:
+    @staticmethod
+    def _held_back_by_ndots(query: Query) -> bool:
         return (
-            self.settings.ndots > 0
-            and query.qtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
+            query.qtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
             and label_count(query.qname_wire) == 2  # one label and the root
         )
 
@@ -315,7 +316,3 @@ class Resolver:
         if now > entry.stored_at:  # else nothing has counted down yet: the rendered reply is it
             wire = prepared.render(waiter.wire[:2], now)
         return Reply(wire, waiter.source, waiter.transport, waiter.ctx)
-
-    @staticmethod
-    def _learned(answer: WireAnswer) -> list[Learned]:
-        return [Learned(name, addresses) for name, addresses in answer.addresses]

@@ -13,6 +13,7 @@ full way only when that has nothing.
     await server.start()
     ...
     server.flush_cache()               # link changed
+    server.set_learning(False)         # nobody listens for learned names now
     await server.reconfigure(new)      # listeners kept if addresses unchanged
     server.counters()                  # for status
     await server.close()
@@ -28,7 +29,6 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import structlog
@@ -37,7 +37,7 @@ from actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Reso
 from actors.dns.settings import DnsSettings
 from actors.dns.steering import steer
 from actors.dns.transport import Transport
-from actors.dns.udpbatch import Batch
+from actors.dns.udpbatch import SLOTS, Batch
 
 log = structlog.get_logger("meshsup.dns")
 
@@ -85,6 +85,7 @@ class _UdpListener:
         self.sock = sock
         self._server = server
         self._batch = Batch(sock)
+        self._outbox = Batch(sock)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
 
@@ -111,15 +112,31 @@ class _UdpListener:
             stats["udp_send_errors"] += failed
 
     def send(self, wire: bytes, source: Any) -> None:
+        """A reply made outside the receive batch (a forwarded answer): queued,
+        and sent with the others of this loop turn in one system call."""
+        outbox = self._outbox
+        if not outbox.queued:
+            self._loop.call_soon(self._flush_outbox)
+        elif outbox.queued == SLOTS:
+            self._flush_outbox()
         try:
-            self.sock.sendto(wire, source)
+            if not outbox.send_to(wire, source):
+                self.sock.sendto(wire, source)
         except OSError:
             self._server.stats["udp_send_errors"] += 1
+
+    def _flush_outbox(self) -> None:
+        if self.sock.fileno() < 0:  # closed since (its number may be another socket's by now)
+            return
+        failed = self._outbox.flush()
+        if failed:
+            self._server.stats["udp_send_errors"] += failed
 
     def finished(self) -> None:
         """Nothing to keep track of per UDP query."""
 
     def close(self) -> None:
+        self._flush_outbox()
         self._loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
@@ -165,6 +182,7 @@ class DnsServer:
         self.settings = settings
         self._on_learned = on_learned
         self._resolver = Resolver(settings)
+        self._resolver.learning = on_learned is not None
         self.fast = self._resolver.fast
         self._transport = Transport(ca_file=settings.ca_file, idle_timeout=settings.tcp_idle_timeout)
         self._listeners: dict[Address, _Listeners] = {}
@@ -229,6 +247,10 @@ class DnsServer:
         """Forget every cached answer, e.g. after a link change."""
         self._resolver.flush_cache()
 
+    def set_learning(self, on: bool) -> None:
+        """Whether on_learned hears of names (say, while anyone listens for them)."""
+        self._resolver.learning = on and self._on_learned is not None
+
     def counters(self) -> dict[str, int]:
         return {
             **self._resolver.stats(),
@@ -266,8 +288,7 @@ class DnsServer:
                 case Drop():
                     action.ctx.finished()  # type: ignore[union-attr]
                 case Forward():
-                    done = partial(self._answered, action)
-                    self._transport.start(action.upstream, action.query, action.timeout, done)
+                    self._transport.start(action.upstream, action.query, action.timeout, self._answered, action)
                 case Learned():
                     self._learned(action)
                 case Log():

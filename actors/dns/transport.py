@@ -12,9 +12,10 @@
   on a small pool of TLS connections (HTTP/1.1 has one request in flight
   per connection), ID 0 on the wire as the RFC asks.
 
-``Transport.start`` sends a query and calls back once with the answer or
-with a short reason the resolver counts (timeout, refused, closed, network,
-tls, http...). A UDP query costs a heap entry and a callback, not a task.
+``Transport.start`` sends a query and calls back once, with the token it
+was given, with the answer or with a short reason the resolver counts
+(timeout, refused, closed, network, tls, http...). A UDP query costs a heap
+entry, not a task or a closure; UDP answers are read a batch at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 import structlog
 
+from actors.dns.udpbatch import Batch
 from actors.dns.upstream import Upstream
 
 log = structlog.get_logger("meshsup.dns")
@@ -41,8 +43,10 @@ MAX_MESSAGE = 65535
 DOH_POOL_SIZE = 4
 UDP_SOCKETS = 4  # per upstream
 UDP_QUERIES_PER_SOCKET = 1000  # then a new socket, with a new source port
-UDP_DRAIN_BATCH = 64
+UDP_BATCH_SLOTS = 32  # answers read per system call
+UDP_ANSWER_SIZE = 4096  # we ask for at most OUR_PAYLOAD (1232): a larger answer is dropped, counted
 MAX_HTTP_HEADERS = 64
+_ID = struct.Struct("!H")
 _QR_BYTE = 0x80  # in the third octet of a message
 _TC_BYTE = 0x02
 
@@ -106,16 +110,20 @@ def _reason(exc: BaseException) -> str:
     raise exc
 
 
-# Called once per query: the answer (with the query's ID) and "", or None and why not.
-Done = Callable[[bytes | None, str], None]
+# Called once per query with the token start() was given: the answer and "",
+# or None and why not.
+Done = Callable[[Any, bytes | None, str], None]
+# Called instead for a UDP answer with TC set: upstream, query, deadline, done, token.
+Truncated = Callable[[Upstream, bytes, float, Done, Any], None]
 
 
 class _UdpSocket:
     """One connected UDP socket; an answer goes to the query waiting on its ID.
     No task and no timer per query: the deadlines wait in a heap, and one
-    timer is armed for the earliest."""
+    timer is armed for the earliest. Answers are read a batch at a time
+    (udpbatch.py), as the listeners read queries."""
 
-    def __init__(self, upstream: Upstream, counters: Counter[str]) -> None:
+    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated) -> None:
         family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -123,13 +131,17 @@ class _UdpSocket:
             # Connected: the kernel filters other sources and reports ICMP
             # port unreachable as ConnectionRefusedError at once.
             self._sock.connect((upstream.host, upstream.port))
+            self._batch = Batch(self._sock, UDP_BATCH_SLOTS, UDP_ANSWER_SIZE)
         except BaseException:
             self._sock.close()
             raise
+        self._upstream = upstream
         self._counters = counters
+        self._truncated = truncated
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._sock.fileno(), self._readable)
-        self._pending: dict[int, tuple[bytes, Done, float]] = {}  # by ID: query, callback, deadline
+        # By ID: query, callback, its token, deadline.
+        self._pending: dict[int, tuple[bytes, Done, Any, float]] = {}
         # (deadline, ID), answered ones included: they are skipped when their time comes.
         self._deadlines: list[tuple[float, int]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -140,14 +152,14 @@ class _UdpSocket:
     def idle(self) -> bool:
         return not self._pending
 
-    def send(self, query: bytes, timeout: float, done: Done) -> None:
+    def send(self, query: bytes, timeout: float, done: Done, token: Any) -> None:
         """Send query under a fresh random ID; OSError if it cannot be sent."""
         query_id = _random_id()
         while query_id in self._pending:
             query_id = _random_id()
-        self._sock.send(struct.pack("!H", query_id) + query[2:])
+        self._sock.send(_ID.pack(query_id) + query[2:])
         deadline = self._loop.time() + timeout
-        self._pending[query_id] = (query, done, deadline)
+        self._pending[query_id] = (query, done, token, deadline)
         heapq.heappush(self._deadlines, (deadline, query_id))
         if self._deadlines[0][1] == query_id:  # the earliest now
             self._arm()
@@ -167,29 +179,34 @@ class _UdpSocket:
         while deadlines and deadlines[0][0] <= now:
             deadline, query_id = heapq.heappop(deadlines)
             waiting = self._pending.get(query_id)
-            if waiting is not None and waiting[2] == deadline:  # not answered (nor its ID reused)
-                self._finish(query_id, None, "timeout")
+            if waiting is not None and waiting[3] == deadline:  # not answered (nor its ID reused)
+                del self._pending[query_id]
+                waiting[1](waiting[2], None, "timeout")
         self._arm()
 
-    def _finish(self, query_id: int, answer: bytes | None, reason: str) -> None:
-        query, done, _ = self._pending.pop(query_id)
-        done(None if answer is None else query[:2] + answer[2:], reason)
-
     def _readable(self) -> None:
-        for _ in range(UDP_DRAIN_BATCH):
-            try:
-                answer = self._sock.recv(MAX_MESSAGE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. port unreachable: every query here went to that port
-                for query_id in list(self._pending):
-                    self._finish(query_id, None, _reason(exc))
-                return
-            query_id = (answer[0] << 8) | answer[1] if len(answer) >= 12 and answer[2] & _QR_BYTE else -1
-            if query_id in self._pending:
-                self._finish(query_id, answer, "")
-            else:
+        try:
+            answers = self._batch.receive()
+        except OSError as exc:  # e.g. port unreachable: every query here went to that port
+            self._fail_all(_reason(exc))
+            return
+        pending = self._pending
+        for answer in answers:
+            if answer is None:
+                self._counters["upstream_udp_oversized"] += 1
+                continue
+            waiting = pending.pop((answer[0] << 8) | answer[1], None) if len(answer) >= 12 and answer[2] & _QR_BYTE else None
+            if waiting is None:
                 self._counters["upstream_udp_mismatched"] += 1  # late, stray or spoofed: keep waiting
+            elif answer[2] & _TC_BYTE:
+                self._truncated(self._upstream, waiting[0], waiting[3], waiting[1], waiting[2])
+            else:
+                waiting[1](waiting[2], answer, "")
+
+    def _fail_all(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        for _, done, token, _ in pending.values():
+            done(token, None, reason)
 
     def close(self) -> None:
         if self.closed:
@@ -199,16 +216,16 @@ class _UdpSocket:
             self._timer.cancel()
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
-        for query_id in list(self._pending):
-            self._finish(query_id, None, "closed")
+        self._fail_all("closed")
 
 
 class _UdpClient:
     """A small set of UDP sockets to one upstream, shared by all queries."""
 
-    def __init__(self, upstream: Upstream, counters: Counter[str]) -> None:
+    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated) -> None:
         self._upstream = upstream
         self._counters = counters
+        self._truncated = truncated
         self._sockets: list[_UdpSocket] = []
         self._retired: list[_UdpSocket] = []
         self._next = 0
@@ -228,14 +245,14 @@ class _UdpClient:
 
     def _new_socket(self) -> _UdpSocket:
         self._counters["upstream_sockets_udp"] += 1
-        return _UdpSocket(self._upstream, self._counters)
+        return _UdpSocket(self._upstream, self._counters, self._truncated)
 
-    def send(self, query: bytes, timeout: float, done: Done) -> None:
+    def send(self, query: bytes, timeout: float, done: Done, token: Any) -> None:
         if self._retired:
             for sock in [s for s in self._retired if s.idle]:
                 sock.close()
                 self._retired.remove(sock)
-        self._socket().send(query, timeout, done)
+        self._socket().send(query, timeout, done, token)
 
     def close(self) -> None:
         for sock in [*self._sockets, *self._retired]:
@@ -508,38 +525,35 @@ class Transport:
             self._contexts[alpn] = _tls_context(self._ca_file, alpn)
         return self._contexts[alpn]
 
-    def start(self, upstream: Upstream, query: bytes, timeout: float, done: Done) -> None:
-        """Send query to upstream; done gets the answer (with the query's ID) and "",
-        or None and the reason (timeout, refused, closed, network, tls, http...), once."""
-        self.counters[f"upstream_queries_{upstream.scheme}"] += 1
-        loop = asyncio.get_running_loop()
+    def start(self, upstream: Upstream, query: bytes, timeout: float, done: Done, token: Any) -> None:
+        """Send query to upstream; done gets token and the answer and "" (the ID
+        of a UDP answer is ours, not the query's), or None and the reason
+        (timeout, refused, closed, network, tls, http...), once."""
+        self.counters[upstream.counter] += 1
         if self._closed:
-            loop.call_soon(done, None, "closed")
+            asyncio.get_running_loop().call_soon(done, token, None, "closed")
             return
         if upstream.scheme != "udp":
-            self._spawn(self._stream_or_doh(upstream, query), timeout, done)
+            self._spawn(self._stream_or_doh(upstream, query), timeout, done, token)
             return
-        deadline = loop.time() + timeout
-
-        def udp_done(answer: bytes | None, reason: str) -> None:
-            if answer is None or not answer[2] & _TC_BYTE:
-                done(answer, reason)
-                return
-            self.counters["upstream_truncated_retried_tcp"] += 1
-            self._spawn(self._stream(replace(upstream, scheme="tcp")).exchange(query), deadline - loop.time(), done)
-
         try:
-            self._udp(upstream).send(query, timeout, udp_done)
+            self._udp(upstream).send(query, timeout, done, token)
         except OSError as exc:
-            loop.call_soon(done, None, _reason(exc))
+            asyncio.get_running_loop().call_soon(done, token, None, _reason(exc))
 
-    def _spawn(self, exchange: Coroutine[Any, Any, bytes], timeout: float, done: Done) -> None:
+    def _retry_over_tcp(self, upstream: Upstream, query: bytes, deadline: float, done: Done, token: Any) -> None:
+        """A truncated UDP answer: the same query over TCP, in the time left."""
+        self.counters["upstream_truncated_retried_tcp"] += 1
+        timeout = deadline - asyncio.get_running_loop().time()
+        self._spawn(self._stream(replace(upstream, scheme="tcp")).exchange(query), timeout, done, token)
+
+    def _spawn(self, exchange: Coroutine[Any, Any, bytes], timeout: float, done: Done, token: Any) -> None:
         async def run() -> None:
             try:
                 async with asyncio.timeout(timeout):
                     answer = await exchange
             except asyncio.CancelledError:  # the transport closed under it
-                done(None, "closed")
+                done(token, None, "closed")
                 raise
             except Exception as exc:  # every failure is a reason; a bug is one too ("internal")
                 try:
@@ -547,9 +561,9 @@ class Transport:
                 except Exception:
                     log.exception("dns_upstream_exchange_failed")
                     reason = "internal"
-                done(None, reason)
+                done(token, None, reason)
             else:
-                done(answer, "")
+                done(token, answer, "")
 
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
@@ -563,7 +577,7 @@ class Transport:
     def _udp(self, upstream: Upstream) -> _UdpClient:
         client = self._udp_clients.get(upstream)  # once per query: one hash of the upstream, not two
         if client is None:
-            client = self._udp_clients[upstream] = _UdpClient(upstream, self.counters)
+            client = self._udp_clients[upstream] = _UdpClient(upstream, self.counters, self._retry_over_tcp)
         return client
 
     def _stream(self, upstream: Upstream) -> _StreamClient:

@@ -18,11 +18,15 @@ import ctypes
 import errno
 import socket
 import struct
+from typing import Any
 
 SLOTS = 64
 SLOT_SIZE = 4096
 _SOCKADDR_SIZE = 128  # struct sockaddr_storage: room for any family's address
+_SOCKADDR_IN_SIZE, _SOCKADDR_IN6_SIZE = 16, 28
+SOURCES_KEPT = 4096  # client addresses remembered as tuples
 _U32 = struct.Struct("I")
+_FAMILY = struct.Struct("H")  # sa_family_t, in the host's byte order
 _SIZE = struct.Struct("N")
 # Plain ints: the socket module's are enum members, and & on one costs microseconds.
 _MSG_TRUNC = int(socket.MSG_TRUNC)
@@ -66,16 +70,17 @@ class Batch:
     out. A reply takes the place of its query in the same slot, so the slot's
     header already names where it goes: the received headers are sent back."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, slots: int = SLOTS, slot_size: int = SLOT_SIZE) -> None:
         self._fd = sock.fileno()
         self._family = sock.family
-        self._headers = (_Mmsghdr * SLOTS)()
-        self._iovecs = (_Iovec * SLOTS)()
-        self._data = ctypes.create_string_buffer(SLOTS * SLOT_SIZE)
-        self._names = ctypes.create_string_buffer(SLOTS * _SOCKADDR_SIZE)
-        for slot in range(SLOTS):
-            self._iovecs[slot].iov_base = ctypes.addressof(self._data) + slot * SLOT_SIZE
-            self._iovecs[slot].iov_len = SLOT_SIZE
+        self._slots, self._slot_size = slots, slot_size
+        self._headers = (_Mmsghdr * slots)()
+        self._iovecs = (_Iovec * slots)()
+        self._data = ctypes.create_string_buffer(slots * slot_size)
+        self._names = ctypes.create_string_buffer(slots * _SOCKADDR_SIZE)
+        for slot in range(slots):
+            self._iovecs[slot].iov_base = ctypes.addressof(self._data) + slot * slot_size
+            self._iovecs[slot].iov_len = slot_size
             header = self._headers[slot].msg_hdr
             header.msg_name = ctypes.addressof(self._names) + slot * _SOCKADDR_SIZE
             header.msg_namelen = _SOCKADDR_SIZE
@@ -86,10 +91,13 @@ class Batch:
         self._data_view = memoryview(self._data).cast("B")
         self._names_view = memoryview(self._names).cast("B")
         self._replied: list[int] = []
+        self._name_size = _SOCKADDR_IN6_SIZE if sock.family == socket.AF_INET6 else _SOCKADDR_IN_SIZE
+        self._sources: dict[bytes, tuple[str, int] | tuple[str, int, int, int]] = {}
+        self._sockaddrs: dict[tuple[Any, ...], bytes] = {}  # the other way round, for send_to()
 
     def receive(self) -> list[bytes | None]:
-        """The datagrams waiting, up to SLOTS (None for one cut short); [] if none."""
-        count = _recvmmsg(self._fd, self._headers, SLOTS, _MSG_DONTWAIT, None)
+        """The datagrams waiting, up to the batch's slots (None for one cut short); [] if none."""
+        count = _recvmmsg(self._fd, self._headers, self._slots, _MSG_DONTWAIT, None)
         if count < 0:
             code = ctypes.get_errno()
             if code in (errno.EAGAIN, errno.EINTR):
@@ -97,14 +105,14 @@ class Batch:
             raise OSError(code, "recvmmsg")
         # msg_namelen comes back as the family's address size: room enough for
         # the next datagram of the same socket, and what sending back needs.
-        headers, data, unpack = self._headers_view, self._data_view, _U32.unpack_from
+        headers, data, unpack, slot_size = self._headers_view, self._data_view, _U32.unpack_from, self._slot_size
         out: list[bytes | None] = []
         for slot in range(count):
             at = slot * _HEADER
             if unpack(headers, at + _FLAGS)[0] & _MSG_TRUNC:
                 out.append(None)
             else:
-                start = slot * SLOT_SIZE
+                start = slot * slot_size
                 out.append(bytes(data[start : start + unpack(headers, at + _LENGTH)[0]]))
         return out
 
@@ -112,13 +120,41 @@ class Batch:
         """Queue wire for the sender of datagram slot of the last receive();
         False if it does not fit a slot (the caller sends it another way)."""
         size = len(wire)
-        if size > SLOT_SIZE:
+        if size > self._slot_size:
             return False
-        start = slot * SLOT_SIZE
+        start = slot * self._slot_size
         self._data_view[start : start + size] = wire
         _SIZE.pack_into(self._iovecs_view, slot * _IOVEC + _IOV_LEN, size)
         self._replied.append(slot)
         return True
+
+    def send_to(self, wire: bytes, address: tuple[Any, ...]) -> bool:
+        """Queue wire for address (as sendto takes it) in the next free slot,
+        for a batch that only sends; False if it does not fit a slot or no
+        slot is free (the caller flushes, or sends it another way)."""
+        slot = len(self._replied)
+        if slot >= self._slots or not self.reply(slot, wire):
+            return False
+        name = self._sockaddrs.get(address)
+        if name is None:
+            if len(self._sockaddrs) >= SOURCES_KEPT:
+                self._sockaddrs.clear()
+            name = self._sockaddrs[address] = self._sockaddr(address)
+        at = slot * _SOCKADDR_SIZE
+        self._names_view[at : at + len(name)] = name
+        return True
+
+    def _sockaddr(self, address: tuple[Any, ...]) -> bytes:
+        port = address[1].to_bytes(2, "big")
+        if self._family == socket.AF_INET6:
+            flowinfo, scope = (address[2], address[3]) if len(address) == 4 else (0, 0)
+            return (_FAMILY.pack(socket.AF_INET6) + port + flowinfo.to_bytes(4, "big")
+                    + socket.inet_pton(socket.AF_INET6, address[0]) + _U32.pack(scope))
+        return _FAMILY.pack(socket.AF_INET) + port + socket.inet_pton(socket.AF_INET, address[0]) + bytes(8)
+
+    @property
+    def queued(self) -> int:
+        return len(self._replied)
 
     def flush(self) -> int:
         """Send the queued replies; how many could not be sent (a full send
@@ -153,12 +189,21 @@ class Batch:
         return failed
 
     def source(self, slot: int) -> tuple[str, int] | tuple[str, int, int, int]:
-        """The sender of datagram slot, as socket.recvfrom would give it."""
+        """The sender of datagram slot, as socket.recvfrom would give it. Made
+        once per address: clients send from few ports, query after query."""
         at = slot * _SOCKADDR_SIZE
-        name = self._names_view[at : at + _SOCKADDR_SIZE]
+        name = bytes(self._names_view[at : at + self._name_size])
+        known = self._sources.get(name)
+        if known is None:
+            if len(self._sources) >= SOURCES_KEPT:
+                self._sources.clear()
+            known = self._sources[name] = self._address(name)
+        return known
+
+    def _address(self, name: bytes) -> tuple[str, int] | tuple[str, int, int, int]:
         port = int.from_bytes(name[2:4], "big")
         if self._family == socket.AF_INET6:
             flowinfo = int.from_bytes(name[4:8], "big")
             scope = _U32.unpack_from(name, 24)[0]
-            return socket.inet_ntop(socket.AF_INET6, bytes(name[8:24])), port, flowinfo, scope
-        return socket.inet_ntop(socket.AF_INET, bytes(name[4:8])), port
+            return socket.inet_ntop(socket.AF_INET6, name[8:24]), port, flowinfo, scope
+        return socket.inet_ntop(socket.AF_INET, name[4:8]), port

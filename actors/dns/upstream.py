@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import dns.rcode
@@ -31,6 +31,16 @@ class Upstream:
     port: int
     path: str = ""
     server_name: str = ""
+    # Worked out once: an upstream is hashed and counted for every query sent to it.
+    counter: str = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "counter", f"upstream_queries_{self.scheme}")
+        object.__setattr__(self, "_hash", hash((self.scheme, self.host, self.port, self.path, self.server_name)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def tls_name(self) -> str:

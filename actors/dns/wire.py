@@ -52,12 +52,18 @@ _ONE_QUESTION_ONE_ADDITIONAL = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 _ADDRESS_SIZES = {A: (4, socket.AF_INET), AAAA: (16, socket.AF_INET6)}
 
 
+# Ours, with and without DO: one goes into every forwarded query and every reply made from an answer.
+_OUR_OPT = {do: b"\x00" + RR_FIXED.pack(OPT, OUR_PAYLOAD, EDNS_DO if do else 0, 0) for do in (False, True)}
+
+
 class WireError(ValueError):
     """Not a well-formed message."""
 
 
 def opt_record(do: bool, payload: int = OUR_PAYLOAD) -> bytes:
     """An OPT pseudo-record: EDNS version 0, no options."""
+    if payload == OUR_PAYLOAD:
+        return _OUR_OPT[do]
     return b"\x00" + RR_FIXED.pack(OPT, payload, EDNS_DO if do else 0, 0)
 
 
@@ -220,11 +226,14 @@ class WireAnswer:
     def empty(self) -> bool:
         return self.counts[ANSWER] == 0
 
-    def retimed(self, ttl_of: Callable[[int, int], int], *, keep_addresses: bool = True) -> WireAnswer:
+    def retimed(self, ttl_of: Callable[[int, int], int] | None, *, keep_addresses: bool = True) -> WireAnswer:
         """A copy with each record's TTL set to ttl_of(its TTL, its type) (the
-        records copied only if one changes), and without the addresses unless
-        keep_addresses: a cache need not hold on to what was learned from it."""
-        ttls = tuple(map(ttl_of, self.ttls, self.types))
+        records copied only if one changes; None: none does), and without the
+        addresses unless keep_addresses: a cache need not hold on to what was
+        learned from it."""
+        if ttl_of is None and (keep_addresses or not self.addresses):
+            return self  # nothing would change (and nothing changes in place)
+        ttls = self.ttls if ttl_of is None else tuple(map(ttl_of, self.ttls, self.types))
         records = self.records
         if ttls != self.ttls:
             out = bytearray(records)
@@ -241,10 +250,11 @@ class WireAnswer:
         return tuple((self.base + offset, ttl) for offset, ttl in zip(self.ttl_offsets, self.ttls))
 
 
-def parse_answer(wire: bytes, qname: bytes, qtype: int, qclass: int) -> WireAnswer | str:
+def parse_answer(wire: bytes, qname: bytes, qtype: int, qclass: int, learn: bool = True) -> WireAnswer | str:
     """An upstream's answer to the question, or why it cannot be used
     (malformed, not_response, question_mismatch, truncated, extended_rcode).
-    qname is the question's name in wire form; case does not matter."""
+    qname is the question's name in wire form; case does not matter. Without
+    learn, the addresses are checked but not read out (half the work)."""
     if len(wire) < HEADER_LEN:
         return "malformed"
     _, flags, qdcount, ancount, nscount, arcount = HEADER.unpack_from(wire)
@@ -252,22 +262,23 @@ def parse_answer(wire: bytes, qname: bytes, qtype: int, qclass: int) -> WireAnsw
         return "not_response"
     if qdcount != 1:
         return "question_mismatch"
-    base = HEADER_LEN + len(qname) + TYPE_CLASS.size
+    name_end = HEADER_LEN + len(qname)
+    base = name_end + TYPE_CLASS.size
     if len(wire) < base:
         return "malformed"
-    if wire[HEADER_LEN : HEADER_LEN + len(qname)].lower() != qname.lower() or TYPE_CLASS.unpack_from(
-        wire, HEADER_LEN + len(qname)
-    ) != (qtype, qclass):
+    name = wire[HEADER_LEN:name_end]
+    # The same bytes, as upstreams echo the question: no need to lowercase either.
+    if (name != qname and name.lower() != qname.lower()) or wire[name_end:base] != TYPE_CLASS.pack(qtype, qclass):
         return "question_mismatch"
     if flags & TC:
         return "truncated"
     try:
-        return _records(wire, base, flags, (ancount, nscount, arcount))
+        return _records(wire, base, flags, (ancount, nscount, arcount), learn)
     except (WireError, IndexError, struct.error):
         return "malformed"
 
 
-def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int]) -> WireAnswer | str:
+def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int], learn: bool) -> WireAnswer | str:
     offset, size = base, len(wire)
     unpack_fixed = RR_FIXED.unpack_from
     ttls: list[int] = []
@@ -317,7 +328,7 @@ def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int]) -
                 length, family = _ADDRESS_SIZES[rtype]
                 if rdlength != length:
                     raise WireError("bad address length")
-                if section == ANSWER:
+                if section == ANSWER and learn:
                     name = owners.get(written)
                     if name is None:
                         labels: list[bytes] = []
@@ -357,7 +368,7 @@ def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int]) -
         ttl_offsets=tuple(ttl_offsets),
         set_ends=tuple(set_ends),
         negative_ttl=negative_ttl,
-        addresses=tuple((name, tuple(found)) for (name, _), found in addresses.items()),
+        addresses=tuple((name, tuple(found)) for (name, _), found in addresses.items()) if addresses else (),
     )
 
 
