@@ -228,7 +228,8 @@ class CryptoActor(Actor):
             return {}
         return {"peers": self.device.status(),
                 "counters": {**self.device.counters, **self.direct.counters(),
-                             "handshakes": self.device.handshakes, "forwarded": self.forwarded, "no_route": self.no_route,
+                             "handshakes": self.device.handshakes, "forwarded": self.forwarded,
+                             "no_route": self.no_route,
                              "forwarded_initiations": self.forwarded_initiations,
                              "bus_full": sum(self.outbox.dropped.values())}}
 

@@ -195,7 +195,8 @@ class _UdpSocket:
             if answer is None:
                 self._counters["upstream_udp_oversized"] += 1
                 continue
-            waiting = pending.pop((answer[0] << 8) | answer[1], None) if len(answer) >= 12 and answer[2] & _QR_BYTE else None
+            is_answer = len(answer) >= 12 and answer[2] & _QR_BYTE
+            waiting = pending.pop((answer[0] << 8) | answer[1], None) if is_answer else None
             if waiting is None:
                 self._counters["upstream_udp_mismatched"] += 1  # late, stray or spoofed: keep waiting
             elif answer[2] & _TC_BYTE:
