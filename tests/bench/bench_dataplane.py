@@ -6,7 +6,9 @@ Every pair uses the same veth/bridge underlay. For each pairing it prints
 iperf3 TCP both ways, ping RTT and the CPU seconds the tunnel processes of
 both ends spent per GB carried (all of a node's processes; wireguard-go's
 process), each against wireguard-go <-> wireguard-go measured in the same
-run. Then iperf3 UDP at 200 Mbit/s through one peer with 2 crypto workers
+run. RTTs are measured again with every CPU kept from idling by a
+SCHED_IDLE busy loop: that shows what waking an idle CPU adds, which on a
+VM whose idle vCPUs halt is much of a ping's time. Then iperf3 UDP at 200 Mbit/s through one peer with 2 crypto workers
 (out-of-order datagrams, loss; wireguard-go alongside), and meshsup <->
 meshsup TCP with 1, 2 and 4 crypto workers, each run profiled with py-spy:
 every meshsup process's share of a CPU and where its samples fall (the
@@ -16,6 +18,7 @@ moves every figure; the ratios, measured minutes apart, move less.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import re
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,6 +216,29 @@ def hot_spots(path: Path, n: int = 4) -> list[tuple[str, float]]:
     return [(fn, k / total) for fn, k in own.most_common(n)] if total else []
 
 
+# Pinned to one CPU at SCHED_IDLE: it runs only when nothing else wants that
+# CPU and yields to any wake-up at once, so it takes no time from the tunnels,
+# but the CPU never goes idle (on a VM: its vCPU never halts).
+_IDLE_SPINNER = ("import os, sys\n"
+                 "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+                 "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+                 "while True:\n    pass\n")
+
+
+@contextlib.contextmanager
+def cpus_kept_from_idle() -> Iterator[None]:
+    """While inside, no CPU idles: RTTs without the wake-up from an idle (halted) CPU."""
+    spinners: list[subprocess.Popen[bytes]] = []
+    try:
+        for cpu in sorted(os.sched_getaffinity(0)):
+            spinners.append(subprocess.Popen([sys.executable, "-c", _IDLE_SPINNER, str(cpu)]))
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 def ping_rounds(pairs: list[Pair], rounds: int = 6, count: int = 25) -> list[float]:
     """Median RTT of each pair, the pairs pinging in turns, round after round, so that a
     busy spell of the machine weighs on all of them alike."""
@@ -253,6 +280,8 @@ def main() -> None:
             for kinds in [(WG, WG), (MS, WG), (MS, MS)]:
                 pairs.append(Pair(kinds, tmp))
             rtts = ping_rounds(pairs)
+            with cpus_kept_from_idle():
+                awake_rtts = ping_rounds(pairs)
             for pair, rtt in zip(pairs, rtts):
                 fwd, rev = pair.tcp(s, reverse=False), pair.tcp(s, reverse=True)
                 a, b = pair.kinds
@@ -277,9 +306,11 @@ def main() -> None:
               f"{fwd.cpu_per_gb:5.1f} CPU s/GB {ratio(fwd.cpu_per_gb, base_fwd.cpu_per_gb):>8}   "
               f"{name_rev:<26} {rev.mbit:6.0f} Mbit/s {ratio(rev.mbit, base_rev.mbit):>8} "
               f"{rev.cpu_per_gb:5.1f} CPU s/GB {ratio(rev.cpu_per_gb, base_rev.cpu_per_gb):>8}")
-    print("ping RTT (median of 150 pings 20 ms apart, the pairs taking turns)")
-    for name_fwd, _, _, _, rtt in rows:
-        print(f"  {name_fwd.replace(' -> ', ' <-> '):<26} {rtt:6.3f} ms {ratio(rtt, base_rtt):>8}")
+    print("ping RTT (median of 150 pings 20 ms apart, the pairs taking turns); then with no CPU left idle "
+          "(a SCHED_IDLE busy loop on each), which takes out the wake-up of an idle, on a VM halted, CPU")
+    for (name_fwd, *_, rtt), awake in zip(rows, awake_rtts):
+        print(f"  {name_fwd.replace(' -> ', ' <-> '):<26} {rtt:6.3f} ms {ratio(rtt, base_rtt):>8}   "
+              f"no CPU idle: {awake:6.3f} ms {ratio(awake, awake_rtts[0]):>8}")
     print(f"iperf3 UDP {UDP_RATE}bit/s, {UDP_LEN}-byte datagrams, {UDP_SECONDS} s (meshsup: 2 crypto workers); "
           "iperf3's socket buffers at the default, then 4 MB")
     for (a, b, buffer), u in udp.items():
