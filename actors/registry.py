@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 from multiprocessing.reduction import DupFd
 from typing import Any
 
@@ -65,6 +64,3 @@ def run_actor(kind: str, name: str, state_dir: str, tun_queue: int | None = None
     actor = getattr(importlib.import_module(module), cls)(name, Runtime(state_dir), **extra)
     exit_now(actor.run())
 
-
-def default_workers() -> dict[str, int]:
-    return {"crypto": min(2, os.cpu_count() or 1), "dns": 1}

@@ -67,9 +67,6 @@ class PeerTimers:
         pending = [d for d in self.deadlines.values() if d is not None]
         return min(pending) if pending else None
 
-    def is_pending(self, name: str) -> bool:
-        return self.deadlines[name] is not None
-
     def stop(self) -> None:
         self.deadlines = dict.fromkeys(TIMERS)
 
