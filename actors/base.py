@@ -17,12 +17,12 @@ from typing import Any, Callable
 
 import zmq
 
-from actors.bus import batch
-from actors.bus.codec import DecodeError, Message, decode, encode
-from actors.bus.datapath import Inbox, Outbox
-from actors.bus.endpoints import Runtime
-from actors.bus.messages import Ack, Command, Configure, Heartbeat, Hello, Stop
-from actors.log import RateLimited, setup
+from meshsup.actors.bus import batch
+from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
+from meshsup.actors.bus.datapath import Inbox, Outbox
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.messages import Ack, Command, Configure, Heartbeat, Hello, Stop
+from meshsup.actors.log import RateLimited, setup
 
 HEARTBEAT_INTERVAL = 0.2
 FAULTS_ENV = "MESHSUP_TEST_FAULTS"

@@ -18,9 +18,9 @@ from typing import Any
 import structlog
 import zmq
 
-from actors.bus.codec import encode
-from actors.bus.endpoints import Runtime
-from actors.bus.messages import LogLine
+from meshsup.actors.bus.codec import encode
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.messages import LogLine
 
 SECRET_KEYS = frozenset({"private_key", "preshared_key", "psk", "secret", "key_material"})
 

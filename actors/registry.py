@@ -5,7 +5,7 @@ import importlib
 from multiprocessing.reduction import DupFd
 from typing import Any
 
-from actors.bus.endpoints import Runtime
+from meshsup.actors.bus.endpoints import Runtime
 
 # Start order follows the seed engine's dependencies: flow logging before
 # the router (first packets counted), the router before the dataplane
@@ -15,16 +15,16 @@ START_ORDER = ("netlog", "router", "magicsock", "crypto", "tun-io", "dns")
 SCALABLE = frozenset({"crypto", "dns"})
 
 _CLASSES = {
-    "netlog": "actors.netlog.actor:NetlogActor",
-    "router": "actors.router.actor:RouterActor",
-    "magicsock": "actors.magicsock.actor:MagicsockActor",
-    "crypto": "actors.crypto.actor:CryptoActor",
-    "tun-io": "actors.tunio.actor:TunIoActor",
-    "dns": "actors.dns.actor:DnsActor",
+    "netlog": "meshsup.actors.netlog.actor:NetlogActor",
+    "router": "meshsup.actors.router.actor:RouterActor",
+    "magicsock": "meshsup.actors.magicsock.actor:MagicsockActor",
+    "crypto": "meshsup.actors.crypto.actor:CryptoActor",
+    "tun-io": "meshsup.actors.tunio.actor:TunIoActor",
+    "dns": "meshsup.actors.dns.actor:DnsActor",
 }
 
 # Imported by the fork server once, so a restart only forks.
-PRELOAD = ["zmq", "msgpack", "structlog", "setproctitle", "actors.base"] + [
+PRELOAD = ["zmq", "msgpack", "structlog", "setproctitle", "meshsup.actors.base"] + [
     path.split(":")[0] for path in _CLASSES.values()
 ]
 
@@ -54,7 +54,7 @@ def run_actor(kind: str, name: str, state_dir: str, tun_queue: int | None = None
     worker may get its queue of the TUN (see Supervisor._open_tun_queues)."""
     from setproctitle import setproctitle
 
-    from actors.base import crash_on_start_requested, exit_now
+    from meshsup.actors.base import crash_on_start_requested, exit_now
 
     setproctitle(f"meshsup: {name}")
     if crash_on_start_requested(kind):

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.bus.endpoints import Runtime
-from actors.log import setup
-from supervisor import config as cfg
-from supervisor.control import NotRunning, call
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.log import setup
+from meshsup.supervisor import config as cfg
+from meshsup.supervisor.control import NotRunning, call
 
 DEFAULT_STATE_DIR = "/var/lib/meshsup"
 
@@ -93,7 +93,7 @@ def peer_stanza(conf: cfg.Config) -> str:
 
 
 def start(args: argparse.Namespace) -> int:
-    from supervisor.tree import Supervisor
+    from meshsup.supervisor.tree import Supervisor
 
     state_dir = Path(args.state_dir)
     try:
@@ -160,12 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "start":
         return start(args)
     if args.command == "ping":
-        from supervisor.ping import refusal
+        from meshsup.supervisor.ping import refusal
         if why := refusal(args):
             print(f"meshsup: ping: {why}", file=sys.stderr)
             return 2
     if args.command == "demo":
-        from supervisor.demo import run as demo
+        from meshsup.supervisor.demo import run as demo
         return demo(args.seconds)
     runtime = Runtime(args.state_dir)
     request: dict[str, Any] = {}
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meshsup: {args.command}: {reply.error}", file=sys.stderr)
         return 1
     if args.command == "ping":
-        from supervisor.ping import run as ping
+        from meshsup.supervisor.ping import run as ping
         return ping(args, reply.result)
     if args.command == "status":
         if args.json:

@@ -5,9 +5,9 @@ from typing import Any
 
 import zmq
 
-from actors.bus.codec import DecodeError, decode, encode
-from actors.bus.endpoints import Runtime
-from actors.bus.messages import CliReply, CliRequest
+from meshsup.actors.bus.codec import DecodeError, decode, encode
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.messages import CliReply, CliRequest
 
 
 class NotRunning(Exception):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from supervisor.lab import (Identity, Netns, Node, Underlay, WgGo, descendants_by_state_dir, have, iperf3, is_root,
+from meshsup.supervisor.lab import (Identity, Netns, Node, Underlay, WgGo, descendants_by_state_dir, have, iperf3, is_root,
                             meshsup_config, ping, ping_rtt, stalled_intervals)
 
 TOOLS = ("ip", "wireguard-go", "wg", "ping", "iperf3")

@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from supervisor.keys import b64, generate_private, public_of
-from supervisor.uapi_server import remove_if_stale, socket_path
+from meshsup.supervisor.keys import b64, generate_private, public_of
+from meshsup.supervisor.uapi_server import remove_if_stale, socket_path
 
 # The directory holding the meshsup packages: child processes import them from there.
 ROOT = Path(__file__).resolve().parent.parent
-MESHSUP = [sys.executable, "-m", "supervisor.cli"]
+MESHSUP = [sys.executable, "-m", "meshsup.supervisor.cli"]
 
 
 def is_root() -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from supervisor.icmp import EchoSession, Reply
+from meshsup.supervisor.icmp import EchoSession, Reply
 
 PAYLOAD = (b"meshsup " * 7)[:56]  # ping's 56 data bytes
 _CLONE_NEWNET = 0x40000000

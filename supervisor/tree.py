@@ -17,19 +17,19 @@ from typing import Any, Callable
 
 import zmq
 
-from actors.base import FAULTS_ENV
-from actors.bus.codec import DecodeError, Message, decode, encode
-from actors.bus.endpoints import Runtime
-from actors.bus.messages import Ack, CliReply, CliRequest, Command, Configure, Heartbeat, Hello, Stop
-from actors.log import RateLimited
-from actors.magicsock.udp import UdpSocket
-from actors.registry import PRELOAD, SCALABLE, START_ORDER, InheritedFd, actor_name, run_actor
-from actors.tunio.tun import Tun, make_persistent
-from supervisor import sdnotify
-from supervisor.config import Config
-from supervisor.uapi import GetRequest, SetRequest, UapiError, serialize_errno, serialize_get
-from supervisor.uapi_server import InUse, UapiServer
-from supervisor.wgapi import apply_set, device_state, peer_status
+from meshsup.actors.base import FAULTS_ENV
+from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.messages import Ack, CliReply, CliRequest, Command, Configure, Heartbeat, Hello, Stop
+from meshsup.actors.log import RateLimited
+from meshsup.actors.kernel.udp import UdpSocket
+from meshsup.actors.registry import PRELOAD, SCALABLE, START_ORDER, InheritedFd, actor_name, run_actor
+from meshsup.actors.kernel.tun import Tun, make_persistent
+from meshsup.supervisor import sdnotify
+from meshsup.supervisor.config import Config
+from meshsup.supervisor.uapi import GetRequest, SetRequest, UapiError, serialize_errno, serialize_get
+from meshsup.supervisor.uapi_server import InUse, UapiServer
+from meshsup.supervisor.wgapi import apply_set, device_state, peer_status
 
 HANG_TIMEOUT = 2.0        # no heartbeat for this long: the actor is hung
 START_TIMEOUT = 10.0      # hello + configured within this, or the start failed

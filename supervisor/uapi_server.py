@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from supervisor.uapi import GetRequest, SetRequest, UapiError, parse_request, serialize_errno, split_request
+from meshsup.supervisor.uapi import GetRequest, SetRequest, UapiError, parse_request, serialize_errno, split_request
 
 SOCKET_DIR = Path("/var/run/wireguard")
 MAX_CONNECTIONS = 64

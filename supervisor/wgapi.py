@@ -14,9 +14,9 @@ import copy
 import errno
 from typing import Any
 
-from supervisor import keys
-from supervisor.config import format_endpoint, parse_endpoint
-from supervisor.uapi import (AllowedIp, DeviceState, Endpoint, Fwmark, ListenPort, PeerState,
+from meshsup.supervisor import keys
+from meshsup.supervisor.config import format_endpoint, parse_endpoint
+from meshsup.supervisor.uapi import (AllowedIp, DeviceState, Endpoint, Fwmark, ListenPort, PeerState,
                              PersistentKeepaliveInterval, PresharedKey, PrivateKey, ProtocolVersion,
                              PublicKey, Remove, ReplaceAllowedIps, ReplacePeers, SetRequest, UapiError,
                              UpdateOnly)

@@ -35,8 +35,8 @@ import dns.message
 import dns.rcode
 import dns.rrset
 
-from actors.dns.server import DnsServer, serve
-from actors.dns.settings import DnsSettings
+from meshsup.actors.dns.server import DnsServer, serve
+from meshsup.actors.dns.settings import DnsSettings
 from tests.nodes import Netns
 from tests.topology import Identity, meshsup_config
 

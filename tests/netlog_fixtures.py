@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.netlog.syslog import OctetCountingDecoder
+from meshsup.actors.netlog.syslog import OctetCountingDecoder
 from tests.nodes import Netns
 
 LOOPBACK = "127.0.0.1"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from supervisor.lab import MESHSUP, Netns, Node, descendants_by_state_dir, is_root
+from meshsup.supervisor.lab import MESHSUP, Netns, Node, descendants_by_state_dir, is_root
 
 __all__ = ["REPO", "MESHSUP", "Netns", "Node", "descendants_by_state_dir", "is_root", "pid_alive",
            "process_title"]

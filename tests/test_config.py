@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import config as cfg
-from supervisor.keys import b64, generate_private, public_of
+from meshsup.supervisor import config as cfg
+from meshsup.supervisor.keys import b64, generate_private, public_of
 from tests.nodes import REPO
 
 PEER = b64(public_of(generate_private()))
@@ -23,7 +23,7 @@ def write(tmp_path: Path, body: str, mode: int = 0o600, name: str = "n.toml") ->
 
 
 def start(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "supervisor.cli", "start", "--state-dir",
+    return subprocess.run([sys.executable, "-m", "meshsup.supervisor.cli", "start", "--state-dir",
                            str(tmp_path / "state"), *args], capture_output=True, text=True,
                           timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)})
 

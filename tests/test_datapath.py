@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import pytest
 
-from actors.bus import batch, datapath
-from actors.bus.codec import decode, encode
-from actors.bus.messages import PacketBatch
+from meshsup.actors.bus import batch, datapath
+from meshsup.actors.bus.codec import decode, encode
+from meshsup.actors.bus.messages import PacketBatch
 
 
 class Loop:

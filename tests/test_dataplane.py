@@ -142,7 +142,7 @@ open(sys.argv[1], "wb").write(b"".join(len(p).to_bytes(2, "big") + p for p in go
 
 FLOOD = """
 import socket, sys, time
-from actors.bus.batch import unpack
+from meshsup.actors.bus.batch import unpack
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 for i, b in enumerate(unpack(open(sys.argv[1], "rb").read())):
     s.sendto(b, (sys.argv[2], 51820))
@@ -160,7 +160,7 @@ def test_bad_input_is_dropped_and_counted(underlay, tmp_path) -> None:
                      b.endpoint.split(":")[0])
     assert ping(ns_b, a.v4, count=60, timeout=20)
     assert cap.wait(20) == 0
-    from actors.bus.batch import pack, unpack
+    from meshsup.actors.bus.batch import pack, unpack
     captured = unpack((tmp_path / "captured").read_bytes())
     rng = random.Random(7)
     garbage = (

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from actors.crypto import messages
-from actors.crypto.device import Device
-from actors.crypto.peer import PeerConfig
-from actors.crypto.shard import owner
+from meshsup.actors.crypto import messages
+from meshsup.actors.crypto.device import Device
+from meshsup.actors.crypto.peer import PeerConfig
+from meshsup.actors.routing.shard import owner
 from tests.nodes import REPO, Netns, Node, is_root
 from tests.topology import start_meshsup, start_wg
 from tests.test_wg_device import flood_initiation
@@ -158,8 +158,8 @@ def test_wireguard_go_peer_roams_during_transfer(underlay, tmp_path) -> None:
 
 FLOOD = """
 import base64, json, os, select, socket, sys, time
-from actors.crypto.cookie import CookieGenerator
-from actors.crypto.messages import COOKIE_REPLY_SIZE, MESSAGE_COOKIE_REPLY, pack_initiation
+from meshsup.actors.crypto.cookie import CookieGenerator
+from meshsup.actors.crypto.messages import COOKIE_REPLY_SIZE, MESSAGE_COOKIE_REPLY, pack_initiation
 host, public, rate = sys.argv[1], base64.b64decode(sys.argv[2]), int(sys.argv[3])
 macs = CookieGenerator(public)  # valid mac1 for the node's key: each one passes the cheap check
 socks = []

@@ -21,17 +21,17 @@ import dns.reversename
 import dns.rrset
 import pytest
 
-from actors.dns.cache import STALE_ANSWER_TTL, CacheKey, DnsCache
-from actors.dns.fastpath import FastAnswers, prepare
-from actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
-from actors.dns.message import Answer, ErrorReply, Ignored, Query, parse_query, parse_response, render
-from actors.dns.resolver import Drop, Forward, Learned, Log, Reply, Resolver
-from actors.dns.rules import ForwardTo, Matcher, Reject, Route, Router, Rule, SourceOverride, normalize_name
-from actors.dns.settings import DNS_KEYS, DnsSettings
-from actors.dns.upstream import MAX_ATTEMPTS, FailoverPlan, Upstream, parse_upstream, without_own
-from actors.dns.wire import WireAnswer, parse_answer, query_key
-from actors.dns.zone import SrvRecord, Zone
-from actors.router.resolvconf import HEADER, ResolvConf
+from meshsup.actors.dns.cache import STALE_ANSWER_TTL, CacheKey, DnsCache
+from meshsup.actors.dns.fastpath import FastAnswers, prepare
+from meshsup.actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
+from meshsup.actors.dns.message import Answer, ErrorReply, Ignored, Query, parse_query, parse_response, render
+from meshsup.actors.dns.resolver import Drop, Forward, Learned, Log, Reply, Resolver
+from meshsup.actors.dns.rules import ForwardTo, Matcher, Reject, Route, Router, Rule, SourceOverride, normalize_name
+from meshsup.actors.dns.settings import DNS_KEYS, DnsSettings
+from meshsup.actors.dns.upstream import MAX_ATTEMPTS, FailoverPlan, Upstream, parse_upstream, without_own
+from meshsup.actors.dns.wire import WireAnswer, parse_answer, query_key
+from meshsup.actors.dns.zone import SrvRecord, Zone
+from meshsup.actors.router.resolvconf import HEADER, ResolvConf
 
 CLIENT = ("127.0.0.1", 40000)
 

@@ -21,9 +21,9 @@ import dns.reversename
 import pytest
 import zmq
 
-from actors.bus.codec import decode
-from actors.bus.endpoints import Runtime
-from actors.bus.messages import LinkChanged, NameLearned
+from meshsup.actors.bus.codec import decode
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.messages import LinkChanged, NameLearned
 from tests.dns_fixtures import (
     BAD_PACKETS,
     DigResult,

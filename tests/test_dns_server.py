@@ -19,8 +19,8 @@ import dns.reversename
 import dns.rrset
 import pytest
 
-from actors.dns.settings import DnsSettings
-from actors.dns.udpbatch import SLOT_SIZE, Batch
+from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.kernel.mmsg import SLOT_SIZE, Batch
 from tests.dns_fixtures import (
     BAD_PACKETS,
     Dnsmasq,

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from actors.netlog.collectors import CollectorConfig, parse_collectors
-from actors.netlog.flows import Classifier, FlowTable, Record
-from actors.netlog.shipper import Shipper
+from meshsup.actors.netlog.collectors import CollectorConfig, parse_collectors
+from meshsup.actors.netlog.flows import Classifier, FlowTable, Record
+from meshsup.actors.netlog.shipper import Shipper
 from tests.netlog_fixtures import (
     HttpCollector,
     Nfcapd,

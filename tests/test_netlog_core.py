@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from actors.netlog.flows import Classifier, FlowTable, Traffic, encode_record
-from actors.netlog.ipfix import REVERSE_PEN, TEMPLATE_IPV4, TEMPLATE_IPV6, IpfixExporter
-from actors.netlog.retry import Backoff, parse_retry_after
-from actors.netlog.spool import Spool
-from actors.netlog.syslog import (
+from meshsup.actors.netlog.flows import Classifier, FlowTable, Traffic, encode_record
+from meshsup.actors.netlog.ipfix import REVERSE_PEN, TEMPLATE_IPV4, TEMPLATE_IPV6, IpfixExporter
+from meshsup.actors.netlog.retry import Backoff, parse_retry_after
+from meshsup.actors.netlog.spool import Spool
+from meshsup.actors.netlog.syslog import (
     OctetCountingDecoder,
     SDElement,
     SyslogMessage,

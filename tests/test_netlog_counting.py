@@ -9,26 +9,25 @@ from typing import Any
 
 import pytest
 
-from actors.bus import datapath
-from actors.bus.codec import decode, encode
-from actors.bus.messages import FlowCounts, FlowCountsAck
-from actors.netlog.counting import (
+from meshsup.actors.bus import datapath
+from meshsup.actors.bus.codec import decode, encode
+from meshsup.actors.bus.messages import FlowCounts, FlowCountsAck
+from meshsup.actors.flowcount.tally import (
     INNER,
     MAX_ENTRIES_PER_MESSAGE,
     UNDERLAY,
     UNREADABLE,
-    CountsReader,
-    Deliveries,
     PacketTally,
     Tally,
     chunks,
     connection_key,
     decode_key,
 )
-from actors.netlog.feed import FlowFeed
-from actors.netlog.flows import FlowTable
-from actors.netlog.settings import classifier, endpoint_peers, netlog_settings
-from actors.netlog.wal import WindowLog
+from meshsup.actors.netlog.counting import CountsReader, Deliveries
+from meshsup.actors.flowcount.feed import FlowFeed
+from meshsup.actors.netlog.flows import FlowTable
+from meshsup.actors.netlog.settings import classifier, endpoint_peers, netlog_settings
+from meshsup.actors.netlog.wal import WindowLog
 
 T0 = 1_700_000_000.0
 A4, B4 = "100.64.0.1", "100.64.0.2"

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import zmq
 
-from actors.bus.codec import decode
-from actors.bus.endpoints import Runtime
-from actors.bus.messages import LogLine
-from actors.log import LogPush, log_endpoint
-from actors.netlog.daemonlog import LogIntake
-from actors.netlog.formats import flow_journal, log_journal, log_syslog
-from actors.netlog.journal_export import encode_entry, field_name
-from actors.netlog.syslog import encode_message
+from meshsup.actors.bus.codec import decode
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.messages import LogLine
+from meshsup.actors.log import LogPush, log_endpoint
+from meshsup.actors.netlog.daemonlog import LogIntake
+from meshsup.actors.netlog.formats import flow_journal, log_journal, log_syslog
+from meshsup.actors.netlog.journal_export import encode_entry, field_name
+from meshsup.actors.netlog.syslog import encode_message
 
 T0 = 1_700_000_000.0
 

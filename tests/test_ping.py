@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.icmp import EchoSession, checksum, encode_echo, parse_echo, strip_ipv4_header
-from supervisor.ping import resolve, source_for
+from meshsup.supervisor.icmp import EchoSession, checksum, encode_echo, parse_echo, strip_ipv4_header
+from meshsup.supervisor.ping import resolve, source_for
 from tests.nodes import MESHSUP, REPO, Node, is_root
 from tests.topology import Identity, Underlay, have, meshsup_config
 from tests.wg_harness import icmp_packet

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.router.netconf import (
+from meshsup.actors.router.netconf import (
     RTPROT_MESHSUP,
     FakeRouter,
     LinkEventParser,
@@ -25,7 +25,7 @@ from actors.router.netconf import (
     LinuxRouter,
     plan,
 )
-from actors.router.resolvconf import BACKUP_SUFFIX, HEADER, ResolvConf
+from meshsup.actors.router.resolvconf import BACKUP_SUFFIX, HEADER, ResolvConf
 
 
 # --- planning and the fake ---------------------------------------------------------

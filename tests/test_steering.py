@@ -18,9 +18,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from actors.tunio import packet, vnet
-from bpf.steering import INSN, Route, program
-from bpf.syscall import attach_steering, detach_steering, load_socket_filter, run_on_packet
+from meshsup.actors.wire import ip as packet, vnet
+from meshsup.bpf.steering import INSN, Route, program
+from meshsup.bpf.syscall import attach_steering, detach_steering, load_socket_filter, run_on_packet
 from tests.nodes import REPO, Netns
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for bpf() and TUN")
@@ -186,7 +186,7 @@ def test_short_or_non_ip_packets_go_to_the_default() -> None:
 
 _OPEN_QUEUES = """
 import fcntl, os, socket, struct, sys
-from actors.tunio.tun import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TUNSETIFF
+from meshsup.actors.kernel.tun import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TUNSETIFF
 name, count, vnet_hdr, to = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
 flags = IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE | (IFF_VNET_HDR if vnet_hdr else 0)
 queues = []

@@ -10,9 +10,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from actors.bus import datapath
-from actors.bus.codec import encode
-from actors.bus.messages import Heartbeat
+from meshsup.actors.bus import datapath
+from meshsup.actors.bus.codec import encode
+from meshsup.actors.bus.messages import Heartbeat
 from tests.nodes import Node, pid_alive, process_title
 
 KINDS = {"tun-io", "crypto", "magicsock", "dns", "router", "netlog"}

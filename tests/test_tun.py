@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from actors.tunio import packet, vnet
-from actors.tunio.tun import FakeTun, Tun
+from meshsup.actors.wire import ip as packet, vnet
+from meshsup.actors.kernel.tun import FakeTun, Tun
 
 V4_A, V4_B = socket.inet_aton("100.64.0.1"), socket.inet_aton("100.64.0.2")
 V6_A, V6_B = socket.inet_pton(socket.AF_INET6, "fd00::1"), socket.inet_pton(socket.AF_INET6, "fd00::2")
@@ -150,7 +150,7 @@ def netns() -> Iterator[str]:
 
 _OPEN_AND_PASS = """
 import socket, sys
-from actors.tunio.tun import Tun
+from meshsup.actors.kernel.tun import Tun
 tun = (Tun.open_writer if sys.argv[3] == "writer" else Tun.open)(sys.argv[1])
 socket.send_fds(socket.socket(fileno=int(sys.argv[2])), [b"tun"], [tun.fileno()])
 """

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from supervisor.uapi import (
+from meshsup.supervisor.uapi import (
     AllowedIp,
     DeviceState,
     Endpoint,

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from actors.magicsock.classify import MessageType, classify, receiver_index
-from actors.magicsock.udp import (
+from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
+from meshsup.actors.kernel.udp import (
     MAX_GSO_BYTES,
     MAX_GSO_SEGMENTS,
     Endpoint,

@@ -9,11 +9,11 @@ from collections.abc import Callable
 
 import pytest
 
-from actors.crypto import handshake, messages
-from actors.crypto.cookie import CookieChecker, CookieGenerator
-from actors.crypto.device import ENDPOINT_CHANGED, HANDSHAKE_COMPLETED, Device, Event, Output
-from actors.crypto.peer import STAGED_PACKETS_LIMIT, PeerConfig
-from actors.crypto.timers import Timing
+from meshsup.actors.crypto import handshake, messages
+from meshsup.actors.crypto.cookie import CookieChecker, CookieGenerator
+from meshsup.actors.crypto.device import ENDPOINT_CHANGED, HANDSHAKE_COMPLETED, Device, Event, Output
+from meshsup.actors.crypto.peer import STAGED_PACKETS_LIMIT, PeerConfig
+from meshsup.actors.crypto.timers import Timing
 from tests.wg_harness import icmp_packet, parse_icmp
 
 EA, EB = ("198.51.100.1", 51820), ("198.51.100.2", 51820)

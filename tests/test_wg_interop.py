@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.crypto.noise import public_key
+from meshsup.actors.crypto.noise import public_key
 
 pytestmark = pytest.mark.netns
 

@@ -8,14 +8,14 @@ import os
 
 import pytest
 
-from actors.crypto import messages
-from actors.crypto.allowedips import AllowedIPs
-from actors.crypto.cookie import CookieChecker, CookieGenerator, SourceRateLimiter, endpoint_bytes
-from actors.crypto.handshake import INITIAL_CHAIN_KEY, INITIAL_HASH
-from actors.crypto.noise import (StaticKey, aead_decrypt, aead_encrypt, counter_nonce, hash_, hchacha20,
+from meshsup.actors.crypto import messages
+from meshsup.actors.routing.allowedips import AllowedIPs
+from meshsup.actors.crypto.cookie import CookieChecker, CookieGenerator, SourceRateLimiter, endpoint_bytes
+from meshsup.actors.crypto.handshake import INITIAL_CHAIN_KEY, INITIAL_HASH
+from meshsup.actors.crypto.noise import (StaticKey, aead_decrypt, aead_encrypt, counter_nonce, hash_, hchacha20,
                                  hmac_, kdf1, kdf2, kdf3, mac, xaead_decrypt, xaead_encrypt)
-from actors.crypto.replay import WINDOW_SIZE, ReplayFilter
-from actors.crypto.tai64n import is_after, tai64n
+from meshsup.actors.crypto.replay import WINDOW_SIZE, ReplayFilter
+from meshsup.actors.crypto.tai64n import is_after, tai64n
 
 SUNSCREEN = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for "
              b"the future, sunscreen would be it.")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import errno
 
-from supervisor import keys
-from supervisor.uapi import SetRequest, UapiError, parse_request, serialize_get
-from supervisor.wgapi import apply_set, device_state
+from meshsup.supervisor import keys
+from meshsup.supervisor.uapi import SetRequest, UapiError, parse_request, serialize_get
+from meshsup.supervisor.wgapi import apply_set, device_state
 
 NODE_PRIV = keys.generate_private()
 K1, K2, K3 = (keys.public_of(keys.generate_private()) for _ in range(3))

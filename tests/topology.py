@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from supervisor.lab import (Identity, Netns, Node, Underlay, WgGo, have, iperf3, meshsup_config, ping,
+from meshsup.supervisor.lab import (Identity, Netns, Node, Underlay, WgGo, have, iperf3, meshsup_config, ping,
                             ping_rtt, stalled_intervals)
 
 __all__ = ["Identity", "Netns", "Node", "Underlay", "WgGo", "have", "iperf3", "meshsup_config", "ping",

@@ -22,9 +22,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from actors.crypto.device import Device, Output  # noqa: E402
-from actors.crypto.peer import PeerConfig  # noqa: E402
-from supervisor.icmp import checksum  # noqa: E402
+from meshsup.actors.crypto.device import Device, Output  # noqa: E402
+from meshsup.actors.crypto.peer import PeerConfig  # noqa: E402
+from meshsup.supervisor.icmp import checksum  # noqa: E402
 
 ECHO_ID = 0x4D53  # "MS"
 

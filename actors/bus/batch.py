@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
-from actors.bus.codec import DecodeError
+from meshsup.actors.bus.codec import DecodeError
 
 _LENGTH = struct.Struct(">H").pack
 MAX_BYTES = 60_000

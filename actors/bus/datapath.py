@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from actors.bus.codec import Message, encode
+from meshsup.actors.bus.codec import Message, encode
 
 # Largest message read; a longer one is cut short and counted. Batches stay
 # far below it (actors.bus.batch.MAX_BYTES): the kernel copies a message of

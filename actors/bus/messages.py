@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.bus.codec import Message, message
+from meshsup.actors.bus.codec import Message, message
 
 
 # --- supervisor <-> actor control (DEALER/ROUTER, request/ack) -------------

@@ -1,6 +1,6 @@
 """The crypto actor: WireGuard handshakes and transport encryption for its shard of peers.
 
-Peers are sharded by public key (actors.crypto.shard): this worker owns the
+Peers are sharded by public key (actors.routing.shard): this worker owns the
 sessions of its peers only. An initiation can reach any worker (magicsock
 cannot tell whose it is without a DH); the device checks it (cookies first,
 under load) and names the owner, and this worker hands the datagram on.
@@ -25,20 +25,20 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
-from actors.base import Actor, ConfigError
-from actors.bus import batch
-from actors.bus.codec import Message
-from actors.bus.messages import DatagramBatch, FlowCountsAck, PacketBatch
-from actors.crypto.device import ENDPOINT_CHANGED, Device, Output
-from actors.crypto.direct import DirectPaths
-from actors.crypto.peer import PeerConfig
-from actors.crypto.shard import by_owner, owner, worker_prefixes, worker_routes
-from actors.crypto.timers import Timing
-from actors.magicsock.classify import receiver_index
-from actors.magicsock.udp import Endpoint
-from actors.netlog.counting import INNER, UNDERLAY
-from actors.netlog.feed import FlowFeed
-from actors.tunio.tun import Tun
+from meshsup.actors.base import Actor, ConfigError
+from meshsup.actors.bus import batch
+from meshsup.actors.bus.codec import Message
+from meshsup.actors.bus.messages import DatagramBatch, FlowCountsAck, PacketBatch
+from meshsup.actors.crypto.device import ENDPOINT_CHANGED, Device, Output
+from meshsup.actors.crypto.direct import DirectPaths
+from meshsup.actors.crypto.peer import PeerConfig
+from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
+from meshsup.actors.crypto.timers import Timing
+from meshsup.actors.wire.wireguard import receiver_index
+from meshsup.actors.kernel.types import Endpoint
+from meshsup.actors.flowcount.tally import INNER, UNDERLAY
+from meshsup.actors.flowcount.feed import FlowFeed
+from meshsup.actors.kernel.tun import Tun
 
 TICK_INTERVAL = 0.05
 TIMING_ENV = "MESHSUP_TEST_TIMING"  # e.g. "rekey_after_time=4,reject_after_time=8" (tests only)

@@ -10,6 +10,8 @@ reply instead of a handshake.
 
 from __future__ import annotations
 
+from meshsup.actors.kernel.types import Endpoint
+
 import hmac
 import ipaddress
 import math
@@ -23,7 +25,6 @@ LABEL_COOKIE = b"cookie--"
 COOKIE_REFRESH_TIME = 120.0
 COOKIE_NONCE_SIZE = 24
 
-Endpoint = tuple[str, int]
 
 
 def endpoint_bytes(endpoint: Endpoint) -> bytes:

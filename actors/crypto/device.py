@@ -25,8 +25,10 @@ from typing import NamedTuple
 from cryptography.exceptions import InvalidTag
 
 from . import handshake as hs_
-from .allowedips import AllowedIPs
-from .cookie import CookieChecker, Endpoint, SourceRateLimiter, endpoint_bytes
+from meshsup.actors.routing.allowedips import AllowedIPs
+from meshsup.actors.kernel.types import Endpoint
+
+from .cookie import CookieChecker, SourceRateLimiter, endpoint_bytes
 from .keypair import Keypair
 from .messages import (INITIATION_SIZE, MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION,
                        MESSAGE_RESPONSE, MESSAGE_TRANSPORT, RESPONSE_SIZE, TRANSPORT_HEADER,

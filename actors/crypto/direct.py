@@ -28,8 +28,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from actors.magicsock.udp import Endpoint, UdpSocket
-from actors.tunio.tun import Buffer, Tun
+from meshsup.actors.kernel.types import Endpoint
+from meshsup.actors.kernel.udp import UdpSocket
+from meshsup.actors.kernel.tun import Tun
+from meshsup.actors.kernel.types import Buffer
 
 Receive = Callable[[list[tuple[bytes, Endpoint]]], None]
 Read = Callable[[list[bytes]], None]

@@ -8,7 +8,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .cookie import CookieGenerator, Endpoint
+from meshsup.actors.kernel.types import Endpoint
+
+from .cookie import CookieGenerator
 from .handshake import Handshake
 from .keypair import Keypair, Keypairs
 from .noise import StaticKey

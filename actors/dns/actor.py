@@ -22,11 +22,11 @@ from typing import Any
 
 import zmq
 
-from actors.base import Actor, ConfigError
-from actors.bus.codec import Message, encode
-from actors.bus.messages import LinkChanged, NameLearned
-from actors.dns.server import DnsServer
-from actors.dns.settings import DnsSettings
+from meshsup.actors.base import Actor, ConfigError
+from meshsup.actors.bus.codec import Message, encode
+from meshsup.actors.bus.messages import LinkChanged, NameLearned
+from meshsup.actors.dns.server import DnsServer
+from meshsup.actors.dns.settings import DnsSettings
 
 START_TIMEOUT = 5.0
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)

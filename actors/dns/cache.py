@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import dns.rcode
 
-from actors.dns.wire import SOA, WireAnswer
+from meshsup.actors.dns.wire import SOA, WireAnswer
 
 _NOERROR, _NXDOMAIN = int(dns.rcode.NOERROR), int(dns.rcode.NXDOMAIN)  # plain ints: compared per answer
 # RFC 8767 section 4: the TTL on a stale answer.

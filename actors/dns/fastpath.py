@@ -26,7 +26,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from actors.dns import wire
+from meshsup.actors.dns import wire
 
 STATIC = float("inf")
 _ADDRESS_TYPES = (wire.A, wire.AAAA)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from actors.dns.upstream import FailoverPlan
+from meshsup.actors.dns.upstream import FailoverPlan
 
 W = TypeVar("W")
 

@@ -32,8 +32,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 
-from actors.dns import wire
-from actors.dns.wire import HEADER_LEN, OUR_PAYLOAD, PlainQuery, WireAnswer
+from meshsup.actors.dns import wire
+from meshsup.actors.dns.wire import HEADER_LEN, OUR_PAYLOAD, PlainQuery, WireAnswer
 
 CLASSIC_UDP_LIMIT = 512
 TCP_LIMIT = 65535

@@ -29,10 +29,10 @@ from typing import Any
 import dns.rcode
 import dns.rdatatype
 
-from actors.dns.cache import CacheEntry, CacheKey, DnsCache
-from actors.dns.fastpath import FastAnswers, prepare
-from actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
-from actors.dns.message import (
+from meshsup.actors.dns.cache import CacheEntry, CacheKey, DnsCache
+from meshsup.actors.dns.fastpath import FastAnswers, prepare
+from meshsup.actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
+from meshsup.actors.dns.message import (
     Answer,
     Ignored,
     Query,
@@ -42,11 +42,11 @@ from actors.dns.message import (
     render,
     reply_ttls,
 )
-from actors.dns.rules import Reject, Route, Router, SourceOverride
-from actors.dns.settings import DnsSettings
-from actors.dns.upstream import FailoverPlan, Upstream, should_failover, without_own
-from actors.dns.wire import WireAnswer, label_count
-from actors.dns.zone import Zone
+from meshsup.actors.dns.rules import Reject, Route, Router, SourceOverride
+from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.dns.upstream import FailoverPlan, Upstream, should_failover, without_own
+from meshsup.actors.dns.wire import WireAnswer, label_count
+from meshsup.actors.dns.zone import Zone
 
 Source = tuple[Any, ...]  # (ip, port) of the client
 

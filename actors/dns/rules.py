@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import dns.rdatatype
 
-from actors.dns.upstream import Upstream
+from meshsup.actors.dns.upstream import Upstream
 
 MATCH_KINDS = ("full", "suffix", "keyword", "regex", "qtype")
 REJECT = "reject"

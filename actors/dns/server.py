@@ -33,11 +33,11 @@ from typing import Any
 
 import structlog
 
-from actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Resolver
-from actors.dns.settings import DnsSettings
-from actors.dns.steering import steer
-from actors.dns.transport import Transport
-from actors.dns.udpbatch import SLOTS, Batch
+from meshsup.actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Resolver
+from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.dns.steering import steer
+from meshsup.actors.dns.transport import Transport
+from meshsup.actors.kernel.mmsg import SLOTS, Batch
 
 log = structlog.get_logger("meshsup.dns")
 
@@ -76,7 +76,7 @@ def _bind(address: Address, kind: socket.SocketKind) -> socket.socket:
 
 
 class _UdpListener:
-    """Reads datagrams a batch at a time (udpbatch.py); replies go out of the
+    """Reads datagrams a batch at a time (actors.kernel.mmsg); replies go out of the
     same socket. Queries the fast path knows are answered right here, the hot
     loop: their replies leave together when the batch is done, one clock
     reading per batch (the full path reads the clock again for what follows)."""

@@ -17,9 +17,9 @@ import dns.exception
 import dns.name
 import dns.rcode
 
-from actors.dns.rules import ASIS, REJECT, Matcher, Route, Rule, SourceOverride, normalize_name
-from actors.dns.upstream import Upstream, parse_upstream
-from actors.dns.zone import SrvRecord
+from meshsup.actors.dns.rules import ASIS, REJECT, Matcher, Route, Rule, SourceOverride, normalize_name
+from meshsup.actors.dns.upstream import Upstream, parse_upstream
+from meshsup.actors.dns.zone import SrvRecord
 
 DNS_KEYS = frozenset(
     {

@@ -34,8 +34,8 @@ from typing import Any
 
 import structlog
 
-from actors.dns.udpbatch import Batch
-from actors.dns.upstream import Upstream
+from meshsup.actors.kernel.mmsg import Batch
+from meshsup.actors.dns.upstream import Upstream
 
 log = structlog.get_logger("meshsup.dns")
 
@@ -121,7 +121,7 @@ class _UdpSocket:
     """One connected UDP socket; an answer goes to the query waiting on its ID.
     No task and no timer per query: the deadlines wait in a heap, and one
     timer is armed for the earliest. Answers are read a batch at a time
-    (udpbatch.py), as the listeners read queries."""
+    (actors.kernel.mmsg), as the listeners read queries."""
 
     def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated) -> None:
         family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET

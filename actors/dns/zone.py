@@ -25,7 +25,7 @@ import dns.rdatatype
 import dns.reversename
 import dns.rrset
 
-from actors.dns.message import Answer
+from meshsup.actors.dns.message import Answer
 
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
 

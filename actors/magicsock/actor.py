@@ -16,14 +16,14 @@ import hashlib
 from collections import Counter, defaultdict
 from typing import Any
 
-from actors.base import Actor, ConfigError
-from actors.bus import batch
-from actors.bus.codec import Message
-from actors.bus.messages import DatagramBatch
-from actors.magicsock.classify import MessageType, classify, receiver_index
-from actors.magicsock.udp import UdpSocket
-from actors.netlog.counting import UNDERLAY
-from actors.netlog.feed import FlowFeed
+from meshsup.actors.base import Actor, ConfigError
+from meshsup.actors.bus import batch
+from meshsup.actors.bus.codec import Message
+from meshsup.actors.bus.messages import DatagramBatch
+from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
+from meshsup.actors.kernel.udp import UdpSocket
+from meshsup.actors.flowcount.tally import UNDERLAY
+from meshsup.actors.flowcount.feed import FlowFeed
 
 RECV_BATCH = 512
 

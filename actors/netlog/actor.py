@@ -26,19 +26,19 @@ from typing import Any
 
 import zmq
 
-from actors.base import Actor, ConfigError
-from actors.bus.codec import DecodeError, Message, decode, encode
-from actors.bus.endpoints import Runtime
-from actors.bus.messages import FlowCounts, FlowCountsAck, LogLine
-from actors.log import log_endpoint
-from actors.netlog.collectors import CollectorConfig
-from actors.netlog.counting import CountsReader, Deliveries
-from actors.netlog.daemonlog import LEVELS, LogIntake
-from actors.netlog.flows import FlowTable, Record
-from actors.netlog.formats import FLOWS, LOGS, RecordFormat
-from actors.netlog.settings import NetlogSettings, classifier, endpoint_peers, netlog_settings
-from actors.netlog.shipper import Shipper
-from actors.netlog.wal import WindowLog
+from meshsup.actors.base import Actor, ConfigError
+from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.messages import FlowCounts, FlowCountsAck, LogLine
+from meshsup.actors.log import log_endpoint
+from meshsup.actors.netlog.collectors import CollectorConfig
+from meshsup.actors.netlog.counting import CountsReader, Deliveries
+from meshsup.actors.netlog.daemonlog import LEVELS, LogIntake
+from meshsup.actors.netlog.flows import FlowTable, Record
+from meshsup.actors.netlog.formats import FLOWS, LOGS, RecordFormat
+from meshsup.actors.netlog.settings import NetlogSettings, classifier, endpoint_peers, netlog_settings
+from meshsup.actors.netlog.shipper import Shipper
+from meshsup.actors.netlog.wal import WindowLog
 
 # Collector I/O runs in this loop: a connect or request may take this long
 # before it counts as failed, well inside the supervisor's hang timeout.

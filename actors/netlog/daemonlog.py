@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from actors.netlog.flows import Record
+from meshsup.actors.netlog.flows import Record
 
 # structlog's level names, ordered; "exception" is logged at error level.
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}

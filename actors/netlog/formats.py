@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from actors.netlog.daemonlog import level_of
-from actors.netlog.flows import Record, encode_record
-from actors.netlog.journal_export import REALTIME
-from actors.netlog.syslog import FACILITY_LOCAL0, SEVERITY_INFO, SDElement, SyslogMessage
+from meshsup.actors.netlog.daemonlog import level_of
+from meshsup.actors.netlog.flows import Record, encode_record
+from meshsup.actors.netlog.journal_export import REALTIME
+from meshsup.actors.netlog.syslog import FACILITY_LOCAL0, SEVERITY_INFO, SDElement, SyslogMessage
 
 SD_ID = "meshsup@32473"  # 32473: the private enterprise number reserved for examples (RFC 5612)
 APP_NAME = "meshsup"

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from actors.netlog.flows import RECORD_KINDS, Record, Traffic, parse_endpoint
+from meshsup.actors.netlog.flows import RECORD_KINDS, Record, Traffic, parse_endpoint
 
 IPFIX_VERSION = 10
 TEMPLATE_SET_ID = 2

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.netlog.collectors import CollectorConfig, parse_collectors
-from actors.netlog.daemonlog import LEVELS
-from actors.netlog.flows import DEFAULT_MAX_RECORD_BYTES, MIN_RECORD_BYTES, Classifier, format_endpoint, parse_endpoint
+from meshsup.actors.netlog.collectors import CollectorConfig, parse_collectors
+from meshsup.actors.netlog.daemonlog import LEVELS
+from meshsup.actors.netlog.flows import DEFAULT_MAX_RECORD_BYTES, MIN_RECORD_BYTES, Classifier, format_endpoint, parse_endpoint
 
 NETLOG_KEYS = frozenset({"interval", "collectors", "anonymize_exit", "max_record_bytes"})
 LOGGING_KEYS = frozenset({"collectors", "level"})
@@ -87,7 +87,7 @@ def classifier(config: dict[str, Any], anonymize_exit: bool) -> Classifier:
 
 
 def _dns_listeners(config: dict[str, Any]) -> list[tuple[str, int]]:
-    from actors.dns.actor import dns_settings  # the DNS actor's own reading of [dns]
+    from meshsup.actors.dns.actor import dns_settings  # the DNS actor's own reading of [dns]
 
     try:
         return list(dns_settings(config).listen)

@@ -43,14 +43,14 @@ from typing import Protocol
 
 import structlog
 
-from actors.netlog import journal_export
-from actors.netlog.collectors import CollectorConfig
-from actors.netlog.flows import Record, encode_record
-from actors.netlog.formats import FLOWS, RecordFormat
-from actors.netlog.ipfix import IpfixExporter
-from actors.netlog.retry import Backoff, parse_retry_after
-from actors.netlog.spool import Spool
-from actors.netlog.syslog import encode_message, frame
+from meshsup.actors.netlog import journal_export
+from meshsup.actors.netlog.collectors import CollectorConfig
+from meshsup.actors.netlog.flows import Record, encode_record
+from meshsup.actors.netlog.formats import FLOWS, RecordFormat
+from meshsup.actors.netlog.ipfix import IpfixExporter
+from meshsup.actors.netlog.retry import Backoff, parse_retry_after
+from meshsup.actors.netlog.spool import Spool
+from meshsup.actors.netlog.syslog import encode_message, frame
 
 log = structlog.get_logger(__name__)
 

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
-from actors.netlog.flows import Record, encode_record
+from meshsup.actors.netlog.flows import Record, encode_record
 
 _SUFFIX = ".json"
 _TMP_SUFFIX = ".tmp"

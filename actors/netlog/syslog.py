@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from actors.netlog.flows import rfc3339
+from meshsup.actors.netlog.flows import rfc3339
 
 FACILITY_LOCAL0 = 16
 SEVERITY_INFO = 6

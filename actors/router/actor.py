@@ -15,12 +15,12 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from actors.base import Actor, ConfigError
-from actors.bus.messages import LinkChanged
-from actors.dns.settings import DnsSettings
-from actors.router.netconf import LinkMonitor, LinuxRouter
-from actors.router.resolvconf import ResolvConf, for_this_namespace
-from actors.tunio.tun import make_persistent
+from meshsup.actors.base import Actor, ConfigError
+from meshsup.actors.bus.messages import LinkChanged
+from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.router.netconf import LinkMonitor, LinuxRouter
+from meshsup.actors.router.resolvconf import ResolvConf, for_this_namespace
+from meshsup.actors.kernel.tun import make_persistent
 
 
 class RouterActor(Actor):

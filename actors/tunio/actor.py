@@ -16,17 +16,17 @@ import os
 from collections import Counter
 from typing import Any
 
-from actors.base import Actor, ConfigError
-from actors.bus import batch
-from actors.bus.codec import Message
-from actors.bus.messages import PacketBatch
-from actors.crypto.allowedips import AllowedIPs, Network
-from actors.crypto.shard import by_owner, worker_prefixes, worker_routes
-from actors.netlog.counting import INNER
-from actors.netlog.feed import FlowFeed
-from actors.tunio.tun import Tun
-from bpf import steering
-from bpf.syscall import attach_steering, load_socket_filter
+from meshsup.actors.base import Actor, ConfigError
+from meshsup.actors.bus import batch
+from meshsup.actors.bus.codec import Message
+from meshsup.actors.bus.messages import PacketBatch
+from meshsup.actors.routing.allowedips import AllowedIPs, Network
+from meshsup.actors.routing.shard import by_owner, worker_prefixes, worker_routes
+from meshsup.actors.flowcount.tally import INNER
+from meshsup.actors.flowcount.feed import FlowFeed
+from meshsup.actors.kernel.tun import Tun
+from meshsup.bpf import steering
+from meshsup.bpf.syscall import attach_steering, load_socket_filter
 
 READ_BATCH = 256
 

@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from actors.base import Actor  # noqa: E402
+from meshsup.actors.base import Actor  # noqa: E402
 from tests.nodes import Netns, Node  # noqa: E402
 from tests.topology import Identity, Underlay, WgGo, iperf3, meshsup_config, ping  # noqa: E402
 

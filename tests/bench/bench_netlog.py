@@ -31,17 +31,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from actors.bus.datapath import Outbox  # noqa: E402
-from actors.bus.endpoints import Runtime  # noqa: E402
-from actors.crypto.allowedips import AllowedIPs  # noqa: E402
-from actors.netlog.collectors import parse_collectors  # noqa: E402
-from actors.bus.messages import FlowCounts  # noqa: E402
-from actors.netlog.counting import INNER, PacketTally, chunks  # noqa: E402
-from actors.netlog.flows import Classifier, FlowTable, Record, encode_record  # noqa: E402
-from actors.netlog.formats import flow_syslog  # noqa: E402
-from actors.netlog.shipper import Shipper  # noqa: E402
-from actors.netlog.syslog import encode_message  # noqa: E402
-from actors.tunio import packet  # noqa: E402
+from meshsup.actors.bus.datapath import Outbox  # noqa: E402
+from meshsup.actors.bus.endpoints import Runtime  # noqa: E402
+from meshsup.actors.routing.allowedips import AllowedIPs  # noqa: E402
+from meshsup.actors.netlog.collectors import parse_collectors  # noqa: E402
+from meshsup.actors.bus.messages import FlowCounts  # noqa: E402
+from meshsup.actors.flowcount.tally import INNER, PacketTally, chunks  # noqa: E402
+from meshsup.actors.netlog.flows import Classifier, FlowTable, Record, encode_record  # noqa: E402
+from meshsup.actors.netlog.formats import flow_syslog  # noqa: E402
+from meshsup.actors.netlog.shipper import Shipper  # noqa: E402
+from meshsup.actors.netlog.syslog import encode_message  # noqa: E402
+from meshsup.actors.wire import ip as packet  # noqa: E402
 from tests.netlog_fixtures import Nfcapd, Rsyslog, free_port, wait_until  # noqa: E402
 from tests.nodes import Netns, Node  # noqa: E402
 from tests.topology import Identity, Underlay, WgGo, iperf3, meshsup_config, ping  # noqa: E402

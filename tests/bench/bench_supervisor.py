@@ -21,9 +21,9 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from actors.bus.batch import unpack  # noqa: E402
-from actors.bus.codec import decode, encode  # noqa: E402
-from actors.bus.messages import Heartbeat, PacketBatch  # noqa: E402
+from meshsup.actors.bus.batch import unpack  # noqa: E402
+from meshsup.actors.bus.codec import decode, encode  # noqa: E402
+from meshsup.actors.bus.messages import Heartbeat, PacketBatch  # noqa: E402
 from tests.nodes import Netns, Node  # noqa: E402
 
 

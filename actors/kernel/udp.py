@@ -21,6 +21,8 @@ reported in ``gso`` / ``gro``, each can be refused by the caller):
 
 from __future__ import annotations
 
+from meshsup.actors.kernel.types import Buffer, Endpoint
+
 import errno
 import functools
 import socket
@@ -31,8 +33,6 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Final
 
-Endpoint = tuple[str, int]
-Buffer = bytes | bytearray | memoryview
 
 SOL_UDP: Final = 17
 UDP_SEGMENT: Final = 103  # <linux/udp.h>

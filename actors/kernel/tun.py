@@ -20,6 +20,8 @@ load. ``FakeTun`` has the same interface over in-memory queues for unit tests.
 
 from __future__ import annotations
 
+from meshsup.actors.kernel.types import Buffer
+
 import errno
 import fcntl
 import os
@@ -30,7 +32,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from actors.tunio import vnet
+from meshsup.actors.kernel import vnet
 
 # From <linux/if_tun.h>.
 TUNSETIFF: Final = 0x400454CA
@@ -53,7 +55,6 @@ TX_QUEUE_LEN: Final = 2000
 
 IFNAMSIZ: Final = 16
 _IFREQ: Final = struct.Struct("16sH22x")  # struct ifreq: name, then ifr_flags
-Buffer = bytes | bytearray | memoryview
 # Largest IP packet; a read into anything smaller would truncate silently.
 MAX_PACKET: Final = 65535
 # Write errors that mean "this packet was refused", not "the device is gone".

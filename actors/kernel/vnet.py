@@ -20,11 +20,12 @@ order given.
 
 from __future__ import annotations
 
+from meshsup.actors.kernel.types import Buffer
+
 import struct
 from collections.abc import Sequence
 from typing import Final
 
-Buffer = bytes | bytearray | memoryview
 
 HEADER: Final = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 HEADER_LEN: Final = HEADER.size

@@ -12,8 +12,8 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from actors.crypto.allowedips import AllowedIPs, Network
-from actors.tunio import packet
+from meshsup.actors.routing.allowedips import AllowedIPs, Network
+from meshsup.actors.wire import ip as packet
 
 
 def owner(public_key: bytes, workers: int) -> int:

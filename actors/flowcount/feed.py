@@ -1,6 +1,6 @@
 """The counting actors' side of flow logging (tun-io, magicsock, crypto workers): tallies flushed to netlog, until acknowledged.
 
-The owning actor counts into `tx` and `rx` (counting.Tally) as batches go
+The owning actor counts into `tx` and `rx` (actors.flowcount.tally.Tally) as batches go
 by, calls `tick` from its loop and hands netlog's acknowledgements to
 `take`. About once a second the deltas go to netlog as FlowCounts. Nothing
 is lost on the way: a flush netlog cannot take (it is restarting, or full)
@@ -14,10 +14,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from actors.base import Actor
-from actors.bus.codec import Message
-from actors.bus.messages import FlowCounts, FlowCountsAck
-from actors.netlog.counting import INNER, PacketTally, Tally, chunks
+from meshsup.actors.base import Actor
+from meshsup.actors.bus.codec import Message
+from meshsup.actors.bus.messages import FlowCounts, FlowCountsAck
+from meshsup.actors.flowcount.tally import INNER, PacketTally, Tally, chunks
 
 NETLOG = "netlog"
 MAX_PERIOD = 1.0  # seconds between flushes; shorter for short windows

@@ -8,10 +8,11 @@ drop and goes on.
 
 from __future__ import annotations
 
+from meshsup.actors.kernel.types import Buffer
+
 from enum import IntEnum
 from typing import Final
 
-Buffer = bytes | bytearray | memoryview
 
 
 class MessageType(IntEnum):

@@ -8,9 +8,10 @@ packet too short or malformed to answer, never raises.
 
 from __future__ import annotations
 
+from meshsup.actors.kernel.types import Buffer
+
 from typing import Final
 
-Buffer = bytes | bytearray | memoryview
 
 IPPROTO_TCP: Final = 6
 IPPROTO_UDP: Final = 17
