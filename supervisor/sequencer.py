@@ -8,8 +8,9 @@ The control path
      `wg set`;        name first)
      `scale`)
 
-Each step is a Configure carrying the whole config; an actor takes from it
-what it needs. The steps go to the running actors by kind, in this order
+`reload` and `wg set` stop before this when the new config equals the running
+one. Each step is a Configure carrying the whole config; an actor takes from
+it what it needs. The steps go to the running actors by kind, in this order
 (workers of one kind by name):
 
     magicsock -> crypto-N -> tun-io -> netlog -> router -> dns-N
