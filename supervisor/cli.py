@@ -102,7 +102,7 @@ def peer_stanza(conf: cfg.Config) -> str:
 
 
 def start(args: argparse.Namespace) -> int:
-    from meshsup.supervisor.tree import Supervisor
+    from meshsup.supervisor.node import Supervisor
 
     state_dir = Path(args.state_dir)
     runtime = Runtime(state_dir)
