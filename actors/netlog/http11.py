@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 
+MAX_HEADERS = 100  # as http.client: a collector sending more is not answering a POST
 
 class HttpError(Exception):
     """A response that is not HTTP/1.x or is longer than allowed."""
@@ -48,6 +49,7 @@ class ResponseReader:
         self.keep_alive = False  # the connection may carry the next request
         self.extra = False  # bytes came after the response: the connection is not to be reused
         self._version = b""
+        self._fields: list[str] = []
         self._state = _State.HEAD
         self._left = 0
         self._buf = bytearray()
@@ -128,11 +130,14 @@ class ResponseReader:
         if not colon or not name.strip():
             raise HttpError(f"bad header line {line[:40]!r}")
         key, text = name.strip().lower().decode("latin-1"), value.strip().decode("latin-1")
+        if len(self._fields) >= MAX_HEADERS:
+            raise HttpError(f"more than {MAX_HEADERS} header fields")
+        self._fields.append(key)
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def _head_done(self) -> None:
         if 100 <= self.status < 200:  # an interim answer (100 Continue): the real one follows
-            self.status, self.headers = 0, {}
+            self.status, self.headers, self._fields = 0, {}, []
             return
         connection = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
         self.keep_alive = self._version == b"HTTP/1.1" and "close" not in connection

@@ -68,7 +68,7 @@ _SEND_CHUNK = 16384  # below a TLS record, so a retried ssl write repeats the sa
 _IPFIX_QUEUE = 1024  # datagrams waiting to be sent; beyond that the oldest go
 _PEER_BYTES_MAX = 64 * 1024  # a syslog collector has nothing to say: past this on a connection it is not one
 _REPLY_MAX = 1 << 20  # an HTTP answer (head and body) longer than this fails the request
-_RECV_CHUNK = 65536
+_RECV_CHUNK = 65536  # also what one pump reads of an HTTP answer, so parsing a long one takes turns
 
 
 @dataclass
@@ -489,15 +489,15 @@ class HttpSender(_SpooledSender):
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             pass  # the kernel buffer is full: go on at the next pump
         # Read even while sending: a collector may answer (413, say) before taking the whole body.
-        while not request.reply.done:
-            try:
-                data = self._sock.recv(_RECV_CHUNK)
-            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                break
-            if not data:
+        try:
+            data = self._sock.recv(_RECV_CHUNK)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass
+        else:
+            if data:
+                request.reply.feed(data)  # raises past _REPLY_MAX
+            else:
                 request.reply.eof()
-                break
-            request.reply.feed(data)  # raises past _REPLY_MAX: each pump reads a bounded amount
         if request.reply.done:
             return request.reply
         if now >= request.deadline:
