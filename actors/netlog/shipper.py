@@ -22,11 +22,15 @@ Delivery:
   that dies with our bytes unread in its socket resets the connection, and
   a closed one shows EOF: either way every unconfirmed record is sent again
   on the next connection. Duplicates are possible, loss is not (short of the
-  collector losing what it had acknowledged and read).
+  collector losing what it had acknowledged and read). A batch not
+  acknowledged `ack_timeout` after it was queued (a collector that stopped
+  reading) fails the connection, and so does a collector that sends more
+  than _PEER_BYTES_MAX on it: a syslog receiver has nothing to say.
 - http: batched POST of a JSON array (optionally gzip), or of journal
   export entries for systemd-journal-remote. 2xx removes the
-  batch; 429 and 5xx are retried, honouring Retry-After; connection errors
-  are retried with backoff; any other status refuses the batch for good, so
+  batch; 429 and 5xx are retried, honouring Retry-After; connection errors,
+  an answer longer than _REPLY_MAX or not complete by the deadline are
+  retried with backoff; any other status refuses the batch for good, so
   it is dropped and the next record carries the count.
 - ipfix over UDP: best effort, from a bounded queue.
 """
@@ -301,10 +305,13 @@ class SyslogSender(_SpooledSender):
                 self.abort(now, f"write failed: {e}")
 
     def close(self) -> None:
+        """Drop the connection; unconfirmed records stay spooled and go again on the next one."""
         super().close()
         if self._sock is not None:
             self._sock.close()
         self._sock = None
+        self._out.clear()
+        self._in_flight.clear()
 
     def _write_batch(self, now: float) -> None:
         busy = {name for batch in self._in_flight for name in batch.names}
@@ -377,10 +384,7 @@ class SyslogSender(_SpooledSender):
                 raise ConnectionError(f"the collector sent more than {_PEER_BYTES_MAX} bytes")
 
     def abort(self, now: float, error: str) -> None:
-        """Drop the connection; unconfirmed records stay spooled and go again."""
         self.close()
-        self._out.clear()
-        self._in_flight.clear()
         self._failed(now, error)
 
 
@@ -505,16 +509,16 @@ class HttpSender(_SpooledSender):
         return None
 
     def abort(self, now: float, error: str) -> None:
-        """Drop the request and the connection; the batch stays spooled and goes again."""
         self.close()
-        self._request = None
         self._failed(now, error)
 
     def close(self) -> None:
+        """Drop the request and the connection; the batch stays spooled and goes again."""
         super().close()
         if self._sock is not None:
             self._sock.close()
         self._sock = None
+        self._request = None
 
 
 class IpfixSender:
