@@ -10,7 +10,10 @@
   idle.
 - HTTPS (RFC 8484): HTTP/1.1 keep-alive POSTs of application/dns-message
   on a small pool of TLS connections (HTTP/1.1 has one request in flight
-  per connection), ID 0 on the wire as the RFC asks.
+  per connection), ID 0 on the wire as the RFC asks. Every length the
+  server writes is checked before anything is read by it (lines, headers,
+  chunks, bodies): a server that breaks the bounds fails the exchange as
+  http_bad_response, having made us hold no more than a message.
 
 ``Transport.start`` sends a query and calls back once, with the token it
 was given, with the answer or with a short reason the resolver counts
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import os
+import re
 import socket
 import ssl
 import struct
@@ -46,6 +50,9 @@ UDP_QUERIES_PER_SOCKET = 1000  # then a new socket, with a new source port
 UDP_BATCH_SLOTS = 32  # answers read per system call
 UDP_ANSWER_SIZE = 4096  # we ask for at most OUR_PAYLOAD (1232): a larger answer is dropped, counted
 MAX_HTTP_HEADERS = 64
+MAX_HTTP_LINE = 8192  # a status, header or chunk-size line
+CONTENT_LENGTH = re.compile(r"[0-9]{1,5}")
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")  # checked against what a message may still take before reading
 _ID = struct.Struct("!H")
 _QR_BYTE = 0x80  # in the third octet of a message
 _TC_BYTE = 0x02
@@ -390,7 +397,7 @@ class _HttpConnection:
         )
         self._writer.write(head.encode("ascii") + body)
         await self._writer.drain()
-        status_line = await self._reader.readline()
+        status_line = await self._line()
         if not status_line:
             raise _ConnectionLost()
         parts = status_line.decode("latin-1").split(None, 2)
@@ -406,10 +413,17 @@ class _HttpConnection:
         self.idle_since = time.monotonic()
         return payload
 
+    async def _line(self) -> bytes:
+        """One line, up to MAX_HTTP_LINE bytes (the reader's limit)."""
+        try:
+            return await self._reader.readline()
+        except ValueError:  # no end of line within the limit: what was read is dropped
+            raise UpstreamError("http_bad_response") from None
+
     async def _headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
         for _ in range(MAX_HTTP_HEADERS):
-            line = (await self._reader.readline()).decode("latin-1")
+            line = (await self._line()).decode("latin-1")
             if line in ("\r\n", "\n"):
                 return headers
             name, sep, value = line.partition(":")
@@ -422,28 +436,34 @@ class _HttpConnection:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             return await self._chunked()
         if "content-length" in headers:
-            length = int(headers["content-length"]) if headers["content-length"].isdigit() else -1
-            if not 0 <= length <= MAX_MESSAGE:
+            length = headers["content-length"]
+            if not CONTENT_LENGTH.fullmatch(length) or int(length) > MAX_MESSAGE:
                 raise UpstreamError("http_bad_response")
-            return await self._reader.readexactly(length)
+            return await self._reader.readexactly(int(length))
         self.keep_alive = False  # the body ends when the connection does
-        return await self._reader.read(MAX_MESSAGE + 1)
+        body = b""
+        while len(body) <= MAX_MESSAGE:
+            more = await self._reader.read(MAX_MESSAGE + 1 - len(body))
+            if not more:
+                return body
+            body += more
+        raise UpstreamError("http_bad_response")
 
     async def _chunked(self) -> bytes:
         body = b""
         while True:
-            size_line = (await self._reader.readline()).split(b";")[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError:
-                raise UpstreamError("http_bad_response") from None
+            size_line = (await self._line()).split(b";")[0].strip()
+            if not CHUNK_SIZE.fullmatch(size_line):
+                raise UpstreamError("http_bad_response")
+            size = int(size_line, 16)
             if size == 0:
                 await self._headers()  # trailers, then the blank line
                 return body
-            body += await self._reader.readexactly(size)
-            if len(body) > MAX_MESSAGE:
+            if len(body) + size > MAX_MESSAGE:
                 raise UpstreamError("http_bad_response")
-            await self._reader.readexactly(2)  # CRLF after each chunk
+            body += await self._reader.readexactly(size)
+            if await self._reader.readexactly(2) != b"\r\n":  # after each chunk
+                raise UpstreamError("http_bad_response")
 
     def close(self) -> None:
         self._writer.close()
@@ -496,7 +516,8 @@ class _DohClient:
 
     async def _connect(self) -> _HttpConnection:
         reader, writer = await asyncio.open_connection(
-            self._upstream.host, self._upstream.port, ssl=self._tls, server_hostname=self._upstream.tls_name
+            self._upstream.host, self._upstream.port, ssl=self._tls, server_hostname=self._upstream.tls_name,
+            limit=MAX_HTTP_LINE,
         )
         self._counters["upstream_connections_https"] += 1
         return _HttpConnection(reader, writer)
