@@ -103,8 +103,14 @@ def mesh_names(config: dict[str, Any]) -> dict[str, list[str]]:
     return names
 
 
+def mesh_ranges(config: dict[str, Any]) -> list[str]:
+    """The networks of the node's addresses and every peer's allowed IPs: the mesh's clients."""
+    ranges = [str(ipaddress.ip_interface(a).network) for a in config["node"]["addresses"]]
+    return ranges + [n for p in config["peers"] for n in p["allowed_ips"]]
+
+
 def dns_settings(config: dict[str, Any]) -> DnsSettings:
-    return DnsSettings.from_config(config["dns"], mesh_names(config))
+    return DnsSettings.from_config(config["dns"], mesh_names(config), mesh_ranges(config))
 
 
 class DnsActor(Actor):
