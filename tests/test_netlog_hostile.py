@@ -29,7 +29,7 @@ from meshsup.actors.netlog.http11 import HttpError, ResponseReader
 from meshsup.actors.netlog.resolve import Resolver
 from meshsup.actors.netlog.shipper import Shipper
 from meshsup.actors.netlog.syslog import OctetCountingDecoder
-from meshsup.supervisor.tree import HANG_TIMEOUT
+from meshsup.supervisor.supervision import HANG_TIMEOUT
 from tests.netlog_fixtures import LOOPBACK, Rsyslog, free_port, make_certificate, stop_process, wait_until
 from tests.nodes import REPO, Netns, Node, is_root
 from tests.topology import Identity, Underlay, WgGo, have, meshsup_config, ping
