@@ -12,7 +12,9 @@ from meshsup.actors.bus.endpoints import Runtime
 # (the TUN exists), magicsock before crypto (keys before peers), DNS last
 # (it may listen on the tunnel address).
 START_ORDER = ("netlog", "router", "magicsock", "crypto", "tun-io", "dns")
-SCALABLE = frozenset({"crypto", "dns"})
+# A relay (`meshsup relay`) runs only its workers.
+RELAY_ORDER = ("relay",)
+SCALABLE = frozenset({"crypto", "dns", "relay"})
 
 _CLASSES = {
     "netlog": "meshsup.actors.netlog.actor:NetlogActor",
@@ -21,12 +23,18 @@ _CLASSES = {
     "crypto": "meshsup.actors.crypto.actor:CryptoActor",
     "tun-io": "meshsup.actors.tunio.actor:TunIoActor",
     "dns": "meshsup.actors.dns.actor:DnsActor",
+    "relay": "meshsup.actors.relay.actor:RelayActor",
 }
 
 # Imported by the fork server once, so a restart only forks.
 PRELOAD = ["zmq", "msgpack", "structlog", "setproctitle", "meshsup.actors.base"] + [
     path.split(":")[0] for path in _CLASSES.values()
 ]
+
+
+def start_order(config: dict[str, Any]) -> tuple[str, ...]:
+    """The kinds a config runs, in start order: a relay's, or a node's."""
+    return RELAY_ORDER if "relay" in config else START_ORDER
 
 
 def actor_name(kind: str, index: int) -> str:

@@ -1,4 +1,4 @@
-"""`meshsup`: start a node, or talk to a running one through its control socket."""
+"""`meshsup`: start a node or a relay, or talk to a running one through its control socket."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,7 @@ from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.kernel.files import UnsafePath
 from meshsup.actors.log import setup
 from meshsup.supervisor import config as cfg
+from meshsup.supervisor import relay
 from meshsup.supervisor.control import NotRunning, call
 
 DEFAULT_STATE_DIR = "/var/lib/meshsup"
@@ -23,10 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshsup", description="a supervised mesh-VPN node speaking WireGuard")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def cmd(name: str, help: str) -> argparse.ArgumentParser:
+    def cmd(name: str, help: str, state_dir: str = DEFAULT_STATE_DIR) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
-        c.add_argument("--state-dir", default=os.environ.get("MESHSUP_STATE_DIR", DEFAULT_STATE_DIR),
-                       help=f"keys, spool and runtime sockets (default {DEFAULT_STATE_DIR})")
+        c.add_argument("--state-dir", default=os.environ.get("MESHSUP_STATE_DIR", state_dir),
+                       help=f"keys, spool and runtime sockets (default {state_dir})")
         return c
 
     start = cmd("start", "run a node in the foreground")
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--dns-workers", type=int)
     start.add_argument("--interface", help="TUN interface name (overrides the config)")
     start.add_argument("--listen-port", type=int, help="UDP port (overrides the config)")
+    relay.add_arguments(cmd("relay", "run a DERP relay and STUN server in the foreground", relay.DEFAULT_STATE_DIR))
     status = cmd("status", "show actors and peers")
     status.add_argument("--json", action="store_true")
     cmd("reload", "re-read the configuration (also SIGHUP)")
@@ -102,13 +104,15 @@ def peer_stanza(conf: cfg.Config) -> str:
 
 
 def start(args: argparse.Namespace) -> int:
+    """`meshsup start` (a node) and `meshsup relay`: the same supervisor, other actors."""
     from meshsup.supervisor.node import Supervisor
 
     state_dir = Path(args.state_dir)
     runtime = Runtime(state_dir)
+    load = relay.relay_config if args.command == "relay" else load_config
     try:
         runtime.check(create_state_dir=True)  # before the config, which may make the key in it
-        conf = load_config(args, state_dir)
+        conf = load(args, state_dir)
         runtime.create()
     except UnsafePath as err:
         print(f"meshsup: refusing to start: {err}, or choose another --state-dir", file=sys.stderr)
@@ -123,8 +127,8 @@ def start(args: argparse.Namespace) -> int:
         print(f"meshsup: a node is already running with state dir {state_dir}", file=sys.stderr)
         return 1
     log = setup("supervisor", runtime)
-    print(peer_stanza(conf), flush=True)
-    sup = Supervisor(conf, runtime, lambda: load_config(args, state_dir), log)
+    print(relay.relay_stanza(conf) if args.command == "relay" else peer_stanza(conf), flush=True)
+    sup = Supervisor(conf, runtime, lambda: load(args, state_dir), log)
     code = sup.run()
     if sup.failure:
         print(f"meshsup: node stopped: {sup.failure}", file=sys.stderr)
@@ -173,7 +177,7 @@ def _ago(then: float, now: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "start":
+    if args.command in ("start", "relay"):
         return start(args)
     if args.command == "ping":
         from meshsup.supervisor.ping import refusal
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         if args.json:
             print(json.dumps(reply.result, indent=2))
+        elif "relay" in reply.result:
+            relay.print_status(reply.result)
         else:
             _print_status(reply.result)
     elif args.command == "stop":

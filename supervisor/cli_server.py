@@ -11,7 +11,8 @@ from meshsup.actors.base import FAULTS_ENV
 from meshsup.actors.bus.codec import DecodeError, decode, encode
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import CliReply, CliRequest, Command
-from meshsup.actors.registry import SCALABLE
+from meshsup.actors.registry import SCALABLE, start_order
+from meshsup.supervisor import relay
 from meshsup.supervisor.config import Config
 from meshsup.supervisor.hub import Hub, bind
 from meshsup.supervisor.supervision import Tree
@@ -64,8 +65,9 @@ class CliServer:
             self.reload(reply)
         elif cmd == "scale":
             kind, count = args.get("kind"), args.get("count")
-            if kind not in SCALABLE:
-                reply(False, f"{kind!r} cannot be scaled; scalable kinds: {', '.join(sorted(SCALABLE))}")
+            kinds = SCALABLE & set(start_order(self.tree.config))
+            if kind not in kinds:
+                reply(False, f"{kind!r} cannot be scaled; scalable kinds: {', '.join(sorted(kinds))}")
             elif not isinstance(count, int) or not 1 <= count <= 64:
                 reply(False, "worker count must be 1..64")
             else:
@@ -84,17 +86,28 @@ class CliServer:
             reply(False, f"unknown command {cmd!r}")
 
     def status(self) -> dict[str, Any]:
+        if "relay" in self.tree.config:
+            return {**relay.status(self.tree.config, self._actors(), self.tree.ready, self.tree.generation),
+                    "supervisor": {"bus_dropped": self.hub.bus_dropped}}
         node = self.tree.config["node"]
         return {
             "node": {"name": node["name"], "public_key": node["public_key"],
                      "interface": node["interface"], "listen_port": node["listen_port"],
                      "addresses": node["addresses"], "ready": self.tree.ready,
                      "pid": os.getpid(), "generation": self.tree.generation},
-            "actors": [{"name": a.name, "kind": a.kind, "pid": a.pid, "state": a.state,
-                        "restarts": a.restarts, "last_exit": a.exit_reason,
-                        "bus_dropped": a.status.get("bus_dropped", {}),
-                        "counters": a.status.get("counters", {})}
-                       for a in self.tree.actors.values()],
+            "actors": self._actors(),
             "peers": peer_status(self.tree.config, self.tree.live_peers()),
             "supervisor": {"bus_dropped": self.hub.bus_dropped},
         }
+
+    def _actors(self) -> list[dict[str, Any]]:
+        out = []
+        for a in self.tree.actors.values():
+            entry = {"name": a.name, "kind": a.kind, "pid": a.pid, "state": a.state, "restarts": a.restarts,
+                     "last_exit": a.exit_reason, "bus_dropped": a.status.get("bus_dropped", {}),
+                     "counters": a.status.get("counters", {})}
+            if a.kind == "relay":
+                entry.update(bad_input=a.status.get("bad_input", {}), dropped=a.status.get("dropped", {}),
+                             send_dropped=a.status.get("send_dropped", {}))
+            out.append(entry)
+        return out

@@ -60,18 +60,18 @@ class Netns:
 
 
 class Node:
-    """A `meshsup start` process; stopped (and its namespace removed) by close()."""
+    """A `meshsup start` (or `meshsup relay`) process; stopped (and its namespace removed) by close()."""
 
     def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None,
-                 netns: Netns | None = None, faults: bool = True) -> None:
+                 netns: Netns | None = None, faults: bool = True, command: str = "start") -> None:
         self.state_dir = tmp / f"state-{secrets.token_hex(3)}"
         self.netns = netns
         self.iface = f"ms{secrets.token_hex(4)}"
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         if faults:
             full_env["MESHSUP_TEST_FAULTS"] = "1"
-        cmd = [*MESHSUP, "start", "--state-dir", str(self.state_dir), *args]
-        if "--interface" not in args:
+        cmd = [*MESHSUP, command, "--state-dir", str(self.state_dir), *args]
+        if command == "start" and "--interface" not in args:
             cmd += ["--interface", self.iface]
         self.stdout_path = tmp / f"{self.state_dir.name}.out"
         self.stderr_path = tmp / f"{self.state_dir.name}.err"

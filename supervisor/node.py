@@ -21,7 +21,7 @@ import zmq
 
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.registry import SCALABLE
-from meshsup.supervisor import sdnotify
+from meshsup.supervisor import relay, sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
 from meshsup.supervisor.config import Config
 from meshsup.supervisor.hub import Hub
@@ -49,13 +49,9 @@ class Supervisor:
 
     def run(self) -> int:
         self.runtime.pidfile.write_text(str(os.getpid()))
-        error = probe_port(self.tree.config)
+        error = self._prepare(self.tree.config)
         if error:
             return self._fail_start(error)
-        error = self.wg.serve(self.tree.config["node"]["interface"])
-        if error:
-            return self._fail_start(error)
-        self.tun_queues.open(self.tree.config)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)
         signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False)
@@ -78,6 +74,16 @@ class Supervisor:
         self.tree.shutdown()
         self.close()
         return 1 if self.failure else 0
+
+    def _prepare(self, config: Config) -> str | None:
+        """What the actors need before they start, or why they cannot have it: a node's UDP
+        port, `wg`'s socket and the TUN's queues; a relay's ports."""
+        if "relay" in config:
+            return relay.probe(config)
+        error = probe_port(config) or self.wg.serve(config["node"]["interface"])
+        if error is None:
+            self.tun_queues.open(config)
+        return error
 
     def _fail_start(self, reason: str) -> int:
         self.failure = reason
@@ -133,7 +139,8 @@ class Supervisor:
             self.log.error("reload refused, keeping the running configuration", error=str(err))
             reply(False, f"reload refused, running configuration kept: {err}")
             return
-        new["actors"] = {**new["actors"], **{k: self.tree.config["actors"][k] for k in SCALABLE}}
+        running = self.tree.config["actors"]
+        new["actors"] = {**new["actors"], **{k: running[k] for k in SCALABLE if k in running}}
         if new == self.tree.config:
             reply(True, result={"changed": False})
             return

@@ -90,6 +90,6 @@ class Sequencer:
 
     def reconfigure_order(self) -> list[str]:
         """The seed's order: keys to magicsock before peers to crypto; netlog before router before DNS."""
-        order = ("magicsock", "crypto", "tun-io", "netlog", "router", "dns")
+        order = ("magicsock", "crypto", "tun-io", "netlog", "router", "dns", "relay")
         by_kind = {k: [a.name for a in self.tree.actors.values() if a.kind == k] for k in order}
         return [n for k in order for n in sorted(by_kind[k])]

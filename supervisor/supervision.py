@@ -19,7 +19,7 @@ from typing import Any
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, Stop
-from meshsup.actors.registry import PRELOAD, SCALABLE, START_ORDER, actor_name, run_actor
+from meshsup.actors.registry import PRELOAD, SCALABLE, actor_name, run_actor, start_order
 from meshsup.supervisor import sdnotify
 from meshsup.supervisor.config import Config
 from meshsup.supervisor.hub import Hub
@@ -72,7 +72,7 @@ class Tree:
     def wanted(self) -> list[tuple[str, str]]:
         """(name, kind) of every actor the config asks for, in start order."""
         out = []
-        for kind in START_ORDER:
+        for kind in start_order(self.config):
             n = self.config["actors"].get(kind, 1) if kind in SCALABLE else 1
             out += [(actor_name(kind, i), kind) for i in range(n)]
         return out
@@ -113,7 +113,7 @@ class Tree:
         if not self.ready and all(a.state == "running" for a in self.actors.values()):
             self.ready = True
             self.log.info("node ready", actors=len(self.actors),
-                          public_key=self.config["node"]["public_key"])
+                          public_key=self.config["relay" if "relay" in self.config else "node"]["public_key"])
             sdnotify.notify("READY=1\nSTATUS=all actors running")
 
     def _spawn(self, a: ActorProc) -> None:
@@ -237,7 +237,8 @@ class Tree:
         """Reverse start order, each actor asked to stop, then SIGKILL at the deadline."""
         self.stopping = True
         deadline = time.monotonic() + STOP_TIMEOUT
-        order = sorted(self.actors.values(), key=lambda a: -START_ORDER.index(a.kind))
+        kinds = start_order(self.config)
+        order = sorted(self.actors.values(), key=lambda a: -kinds.index(a.kind))
         for a in order:
             if a.process is None:
                 continue

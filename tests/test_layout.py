@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = frozenset({"crypto", "dns", "magicsock", "netlog", "router", "tunio"})
+KINDS = frozenset({"crypto", "dns", "magicsock", "netlog", "relay", "router", "tunio"})
 SHARED = frozenset({"bus", "kernel", "wire", "routing", "flowcount", "settings", "base", "log", "registry"})
 
 

@@ -1,0 +1,1 @@
+"""The relay: `meshsup relay` workers speaking DERP to nodes and answering STUN."""
