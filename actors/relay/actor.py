@@ -190,8 +190,11 @@ class RelayActor(Actor):
 
     def _read(self, conn: int, now: float) -> None:
         assert self.core is not None
+        t = self.conns[conn]
         try:
-            data = self.conns[conn].read()
+            data = t.read()
+            if t.raw:  # TLS's own records: the handshake's answers
+                self._flush(conn, now)
         except ssl.SSLError:
             self.core.bad["tls_error"] += 1
             self.core.ended(conn, now, error=True)
