@@ -32,11 +32,11 @@ def free_port(kind: int) -> int:
 
 
 class Relay(Node):
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port, self.stun_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
         self.addr = ("127.0.0.1", self.port)
         super().__init__(tmp, "--listen", f"127.0.0.1:{self.port}", "--stun-listen", f"127.0.0.1:{self.stun_port}",
-                         *args, command="relay")
+                         *args, env=env, command="relay")
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
         return self.wait(lambda: (s := self.status())["relay"]["ready"] and s, timeout, "relay ready")
@@ -52,8 +52,8 @@ class Relay(Node):
 def relay_factory(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
     made: list[Relay] = []
 
-    def make(*args: str) -> Relay:
-        r = Relay(tmp_path, *args)
+    def make(*args: str, env: dict[str, str] | None = None) -> Relay:
+        r = Relay(tmp_path, *args, env=env)
         made.append(r)
         r.wait_ready()
         return r
@@ -77,8 +77,13 @@ def on_two_workers(relay: Relay) -> tuple[DerpClient, DerpClient, dict[str, str]
     raise AssertionError("SO_REUSEPORT never gave the second client to the other worker")
 
 
-def test_stanza_status_and_probes(relay_factory: Callable[..., Relay]) -> None:
-    relay = relay_factory("--relay-workers", "2", "--name", "edge1")
+def test_stanza_status_probes_notify_and_stop(relay_factory: Callable[..., Relay], tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    relay = relay_factory("--relay-workers", "2", "--name", "edge1", env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    assert "READY=1" in notify.recv(4096).decode().splitlines()  # as a node tells systemd
+    notify.close()
     status = relay.status()
     r = status["relay"]
     assert (r["name"], r["workers"], r["url"]) == ("edge1", 2, f"http://127.0.0.1:{relay.port}/derp")
@@ -93,6 +98,10 @@ def test_stanza_status_and_probes(relay_factory: Callable[..., Relay]) -> None:
             assert s.recv(4096).startswith(b"HTTP/1.1 200 OK\r\n")
     text = relay.cli("status").stdout
     assert "relay edge1" in text and "relay-1" in text
+    a = DerpClient(relay.addr)
+    relay.cli("stop")
+    assert a.expect(FrameType.RESTARTING)[1] == bytes(4) + (5000).to_bytes(4, "big")  # come back within 5 s
+    assert a.closed() and relay.proc.wait(15) == 0
 
 
 def test_clients_on_two_workers_exchange_packets(relay_factory: Callable[..., Relay]) -> None:

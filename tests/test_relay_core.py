@@ -118,6 +118,8 @@ def test_other_workers_batches_and_events() -> None:
     assert a.public not in c.table and isinstance(out.events[-1], RelayRoster)
     c.on_event(RelayRoster(worker="relay-2", clients=[[remote, "h", 1, 1, 1.0]]), 105.0)
     assert c.table[remote].worker == "relay-2"
+    c.keep_workers({"relay-0", "relay-1"})  # scaled down to two: relay-2's clients are gone
+    assert remote not in c.table
 
 
 def test_rate_limit_pauses_and_resumes() -> None:

@@ -26,6 +26,7 @@ from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import RelayFrames, RelayWorkerUp
 from meshsup.actors.kernel.types import Endpoint
+from meshsup.actors.registry import actor_name
 from meshsup.actors.relay.core import Core, Settings
 from meshsup.actors.relay.transport import Transport
 from meshsup.actors.wire import stun
@@ -107,6 +108,7 @@ class RelayActor(Actor):
             private, public = (base64.b64decode(relay[k]) for k in ("private_key", "public_key"))
             self.core = Core(Settings(self.name, private, public), time.monotonic())
         self.tls = tls
+        self.core.keep_workers({actor_name("relay", i) for i in range(config["actors"]["relay"])})
         self.core.s.rate, self.core.s.burst = relay["rate"], relay["burst"]
         self.core.s.mesh_key = relay["mesh_key"]
         super().configure(config)
@@ -158,8 +160,11 @@ class RelayActor(Actor):
         return self.core.status() if self.core is not None else {}
 
     def close(self) -> None:
-        if self.core is not None:
+        if self.core is not None:  # stopped (or scaled down): clients come back to another worker
+            now = time.monotonic()
             self.core.restarting(0, RESTART_TRY_FOR_MS)
+            for conn in list(self.core.clients):
+                self.core.ended(conn, now, error=True)
             self._apply()
         for conn in list(self.conns):
             self._close(conn)

@@ -353,6 +353,11 @@ class Core:
                 if key not in self.by_key:
                     self._gone(key)
 
+    def keep_workers(self, workers: Set[str]) -> None:
+        """The relay was scaled: clients of workers no longer there are gone."""
+        for worker in {r.worker for r in self.table.values()} - set(workers):
+            self._forget(worker, lambda r: True, frozenset())
+
     def roster(self) -> RelayRoster:
         return RelayRoster(worker=self.s.worker, clients=[[c.key, c.remote[0], c.remote[1], int(c.flags), c.since]
                                                           for c in self.by_key.values()])
