@@ -184,6 +184,11 @@ def test_unknown_types_pass_within_bounds() -> None:
     r = FrameReader()
     r.feed(b"\x04\x00")
     assert r.next() is None and r.unfinished() == "header_truncated"
+    r = FrameReader()  # whole frames not yet taken are not a cut
+    r.feed(derp.ping(b"12345678") * 2)
+    assert r.unfinished() is None
+    r.feed(derp.keep_alive()[:2])
+    assert r.unfinished() == "header_truncated"
 
 
 def test_http_upgrade_texts() -> None:

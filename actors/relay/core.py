@@ -103,7 +103,7 @@ class Output:
     """What the worker does after a turn: writes, closes, reads paused or resumed, batches, events."""
 
     def __init__(self) -> None:
-        self.send: defaultdict[int, list[bytes]] = defaultdict(list)
+        self.send: defaultdict[int, list[Buffer]] = defaultdict(list)
         self.close: dict[int, str] = {}          # conn -> bad input's reason, "" for none
         self.pause: dict[int, float] = {}        # conn -> when to read it again
         self.resume: set[int] = set()
@@ -299,17 +299,17 @@ class Core:
     # --- other workers -------------------------------------------------------------
     def on_frames(self, blob: bytes) -> None:
         """A batch from another worker: deliver each frame whose destination is still here."""
-        pos, end = 0, len(blob)
+        pos, end, view = 0, len(blob), memoryview(blob)  # frames go out as views of the batch, uncopied
         while pos + KEY_LEN + derp.FRAME_HEADER_LEN <= end:
             dst = blob[pos:pos + KEY_LEN]
             size = derp.FRAME_HEADER_LEN + _LEN.unpack_from(blob, pos + KEY_LEN + 1)[0]
-            frame = blob[pos + KEY_LEN:pos + KEY_LEN + size]
-            pos += KEY_LEN + size
+            start, pos = pos + KEY_LEN, pos + KEY_LEN + size
             to = self.by_key.get(dst)
             if to is None:
                 self.dropped["gone_disconnected"] += 1
                 continue
-            to.seen.add(frame[derp.FRAME_HEADER_LEN:derp.FRAME_HEADER_LEN + KEY_LEN])
+            frame = view[start:pos]
+            to.seen.add(blob[start + derp.FRAME_HEADER_LEN:start + derp.FRAME_HEADER_LEN + KEY_LEN])
             self.out.send[to.conn].append(frame)
             self.counters["packets_out"] += 1
 

@@ -15,6 +15,8 @@ import ssl
 from collections import deque
 from itertools import islice
 
+from meshsup.actors.kernel.types import Buffer
+
 RECV_SIZE = 256 << 10
 SEND_QUEUE_BYTES = 256 << 10
 WRITE_TIMEOUT = 2.0
@@ -61,7 +63,7 @@ class Transport:
             self._take_tls_output()
         return b"".join(plain)
 
-    def queue(self, frames: list[bytes], now: float) -> int:
+    def queue(self, frames: list[Buffer], now: float) -> int:
         """Queue what fits under the bound; the number of frames dropped."""
         room = SEND_QUEUE_BYTES - self.queued
         keep = []

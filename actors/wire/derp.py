@@ -322,13 +322,17 @@ class FrameReader:
         return ftype, bytes(buf[pos + FRAME_HEADER_LEN:end])
 
     def unfinished(self) -> str | None:
-        """Why the stream may not end here: the reason a cut-off frame counts as, or None."""
-        held = len(self)
-        if not held:
-            return None
-        if held < FRAME_HEADER_LEN:
-            return "header_truncated"
-        return f"{type_name(self._buf[self._pos])}_truncated"
+        """Why the stream may not end here: the reason the frame it cuts off counts as, or None
+        (whole frames still held, not yet taken, are no reason)."""
+        buf, pos = self._buf, self._pos
+        while held := len(buf) - pos:
+            if held < FRAME_HEADER_LEN:
+                return "header_truncated"
+            ftype, length = _HEADER.unpack_from(buf, pos)
+            if held < FRAME_HEADER_LEN + length:
+                return f"{type_name(ftype)}_truncated"
+            pos += FRAME_HEADER_LEN + length
+        return None
 
     def _compact(self) -> None:
         if self._pos == len(self._buf):

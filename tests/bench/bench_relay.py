@@ -1,13 +1,15 @@
 """Relay forwarding figures: DERP packets between two clients on the same worker and on two workers.
 
-Run: .venv/bin/python tests/bench/bench_relay.py [--seconds 4] [--size 1400]
+Run: .venv/bin/python tests/bench/bench_relay.py [--seconds 4] [--size 1400] [--idle 1000 --idle-seconds 60]
 
 Starts `meshsup relay --relay-workers 2` on loopback. For each pairing, one
 client sends SendPacket frames of --size bytes as fast as TCP lets it, the
 other counts what arrives. Prints the delivered rate, packets a second, the
 relay workers' CPU seconds per GB delivered, and for the cross-worker pair
 how many packets each bus message between the workers carried (the batching
-that keeps the hop from costing a syscall per packet).
+that keeps the hop from costing a syscall per packet). With --idle N, then
+N idle clients stay logged in for --idle-seconds: the workers' RSS before and
+with them, and their CPU seconds per minute.
 """
 from __future__ import annotations
 
@@ -71,10 +73,37 @@ def run(relay: Relay, a: DerpClient, b: DerpClient, seconds: float, size: int) -
             "packets_per_batch": crossed / batches if batches else 0.0}
 
 
+def rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def idle(relay: Relay, n: int, seconds: float) -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n + 256, max(n + 256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])))
+    pids = [x["pid"] for x in relay.status()["actors"]]
+    rss0 = rss_kib(pids)
+    clients = [DerpClient(relay.addr) for _ in range(n)]
+    relay.wait_clients(n + 3)
+    rss1, cpu0 = rss_kib(pids), cpu_seconds(pids)
+    time.sleep(seconds)
+    cpu = cpu_seconds(pids) - cpu0
+    print(f"{n} idle clients: workers' RSS {rss0 / 1024:.1f} MiB -> {rss1 / 1024:.1f} MiB "
+          f"({(rss1 - rss0) / n:.1f} KiB a client), CPU {cpu * 60 / seconds:.2f} s a minute")
+    for c in clients:
+        c.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--size", type=int, default=1400)
+    ap.add_argument("--idle", type=int, default=0)
+    ap.add_argument("--idle-seconds", type=float, default=60.0)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         relay = Relay(Path(tmp), "--relay-workers", "2")
@@ -89,6 +118,8 @@ def main() -> None:
                 print(f"{name:<13} {r['mbit_s']:8.0f} Mbit/s {r['kpps']:7.1f} kpps "
                       f"{r['cpu_s_per_gb']:6.1f} CPU s/GB  {r['packets_per_batch']:6.1f} packets per bus message")
             print(f"dropped: {relay.status()['dropped']}")
+            if args.idle:
+                idle(relay, args.idle, args.idle_seconds)
         finally:
             relay.close()
 
