@@ -4,9 +4,11 @@ queue with a bound.
 
 A client that stops reading fills its kernel socket buffer, then this queue;
 past SEND_QUEUE_BYTES further frames are dropped and counted, as a NIC drops
-on a full ring, and a queue that makes no progress for WRITE_TIMEOUT closes
-the connection (Tailscale's server allows a write 2 s too). Writes go out
-many frames to a syscall (sendmsg's iovecs).
+on a full ring. While frames wait, the client must take all of them or
+PROGRESS_BYTES (a largest frame) every WRITE_TIMEOUT, else the connection is
+closed: Tailscale's server allows each frame's write 2 s, and a reader that
+only trickles (the kernel reopening a zero window by a few bytes) makes no
+progress that counts. Writes go out many frames to a syscall (sendmsg's iovecs).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from meshsup.actors.kernel.types import Buffer
 RECV_SIZE = 256 << 10
 SEND_QUEUE_BYTES = 256 << 10
 WRITE_TIMEOUT = 2.0
+PROGRESS_BYTES = 64 << 10
 _IOV_MAX = 512
 
 
@@ -28,7 +31,8 @@ class Transport:
         self.sock = sock
         self.raw: deque[bytes | memoryview] = deque()   # bytes for the socket, ciphertext under TLS
         self.queued = 0
-        self.progress = now                             # last write, or when the queue last filled from empty
+        self.progress = now                             # when the queue last filled from empty or moved enough
+        self._moved = 0                                 # bytes written since then
         self._bio_in = self._bio_out = None
         self._tls: ssl.SSLObject | None = None
         if tls is not None:
@@ -74,7 +78,7 @@ class Transport:
             room -= len(f)
         if keep:
             if not self.queued:
-                self.progress = now
+                self.progress, self._moved = now, 0
             if self._tls is None:
                 self.raw.extend(keep)
                 self.queued += sum(map(len, keep))
@@ -97,8 +101,10 @@ class Transport:
                 n = self.sock.sendmsg(list(islice(self.raw, _IOV_MAX)))
             except (BlockingIOError, InterruptedError):
                 return False
-            self.progress = now
             self.queued -= n
+            self._moved += n
+            if self._moved >= PROGRESS_BYTES or not self.queued:
+                self.progress, self._moved = now, 0
             while n:
                 head = self.raw[0]
                 if len(head) <= n:
