@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from meshsup.actors.crypto.device import Device, Output  # noqa: E402
 from meshsup.actors.crypto.peer import PeerConfig  # noqa: E402
+from meshsup.actors.kernel.types import Burst  # noqa: E402
 from meshsup.supervisor.icmp import checksum  # noqa: E402
 
 ECHO_ID = 0x4D53  # "MS"
@@ -96,8 +97,9 @@ def main() -> int:
     events: list[list[str]] = []
 
     def flush(out: Output) -> list[bytes]:
-        for endpoint, datagram in out.datagrams:
-            sock.sendto(datagram, endpoint)
+        for endpoint, datagrams in out.datagrams:
+            for datagram in datagrams:
+                sock.sendto(datagram, endpoint)
         events.extend([e.kind, base64.b64encode(e.public_key).decode()] for e in out.events)
         return out.packets
 
@@ -137,7 +139,7 @@ def main() -> int:
                     data, addr = sock.recvfrom(65535)
                 except BlockingIOError:
                     break
-                batch.append((data, (addr[0], addr[1])))
+                batch.append(Burst((addr[0], addr[1]), [data]))
             inbox = flush(device.receive(batch, time.time()))
         inbox += flush(device.tick(time.time()))
 

@@ -21,21 +21,18 @@ import os
 import time
 from collections import defaultdict
 from functools import partial
-from itertools import groupby
-from operator import itemgetter
 from typing import Any
 
 from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus import batch
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import DatagramBatch, FlowCountsAck, PacketBatch
-from meshsup.actors.crypto.device import ENDPOINT_CHANGED, Device, Output
+from meshsup.actors.crypto.device import ENDPOINT_CHANGED, Device, Forward, Output
 from meshsup.actors.crypto.direct import DirectPaths
 from meshsup.actors.crypto.peer import PeerConfig
 from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
 from meshsup.actors.crypto.timers import Timing
-from meshsup.actors.wire.wireguard import receiver_index
-from meshsup.actors.kernel.types import Endpoint
+from meshsup.actors.kernel.types import Burst
 from meshsup.actors.flowcount.tally import INNER, UNDERLAY
 from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.kernel.tun import Tun
@@ -138,8 +135,7 @@ class CryptoActor(Actor):
         if isinstance(msg, PacketBatch):
             self.emit(self.device.send(packets, now))
         else:
-            endpoint = (msg.host, msg.port)
-            self.receive([(d, endpoint) for d in packets])
+            self.receive([Burst((msg.host, msg.port), packets)])
 
     def _adopt(self, fd: int | None) -> Tun | None:
         if fd is None:
@@ -165,24 +161,23 @@ class CryptoActor(Actor):
             for blob in batch.pack_split(ps):
                 self.outbox.send(f"crypto-{w}", PacketBatch(packets=blob))
 
-    def receive_direct(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
+    def receive_direct(self, bursts: list[Burst]) -> None:
         """Datagrams from a peer socket of our own (magicsock counts the ones it passes on)."""
         rx = self.underlay.rx
         if rx.enabled:
-            for endpoint, run in groupby(datagrams, key=itemgetter(1)):
-                sizes = [len(d) for d, _ in run]
-                rx.add(endpoint, len(sizes), sum(sizes))
-        self.receive(datagrams)
+            for endpoint, datagrams in bursts:
+                rx.add(endpoint, len(datagrams), sum(map(len, datagrams)))
+        self.receive(bursts)
 
-    def receive(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
+    def receive(self, bursts: list[Burst]) -> None:
         """Datagrams from the network, through magicsock or a peer socket of our own."""
         assert self.device is not None
-        self.emit(self.device.receive(datagrams, time.time()))
+        self.emit(self.device.receive(bursts, time.time()))
 
-    def _hand_on(self, datagrams: list[tuple[int, bytes, Endpoint]]) -> None:
+    def _hand_on(self, forwards: list[Forward]) -> None:
         """Datagrams that belong to other workers' peers, to their owners."""
         groups: dict[tuple[int, str, int], list[bytes]] = defaultdict(list)
-        for w, d, (host, port) in datagrams:
+        for w, (host, port), d in forwards:
             groups[(w, host, port)].append(d)
         for (w, host, port), ds in groups.items():
             self.forwarded += len(ds)
@@ -197,21 +192,18 @@ class CryptoActor(Actor):
                 for blob in batch.pack_split(out.packets):
                     self.outbox.send("tun-io", PacketBatch(packets=blob))
         tx = self.underlay.tx
-        # Runs of datagrams to one endpoint (a peer's burst stays one run, in order).
-        for endpoint, run in groupby(out.datagrams, key=itemgetter(0)):
-            pairs = list(run)
-            if self.direct.send(endpoint, pairs):
+        for burst in out.datagrams:  # a peer's burst stays one, in order
+            endpoint, datagrams = burst
+            if self.direct.send(burst):
                 if tx.enabled:
-                    tx.add(endpoint, len(pairs), sum(len(d) for _, d in pairs))
+                    tx.add(endpoint, len(datagrams), sum(map(len, datagrams)))
             else:  # magicsock sends them, and counts them
-                for blob in batch.pack_split([d for _, d in pairs]):
+                for blob in batch.pack_split(datagrams):
                     self.outbox.send("magicsock", DatagramBatch(host=endpoint[0], port=endpoint[1], packets=blob))
         if out.forwards or out.foreign:
             # Initiations whose peer another worker owns; datagrams of another worker's sessions.
-            workers = self.device_key[1] if self.device_key else 1
             self.forwarded_initiations += len(out.forwards)
-            self._hand_on([(w, d, e) for w, e, d in out.forwards]
-                          + [((receiver_index(d) or 0) % workers, d, e) for d, e in out.foreign])
+            self._hand_on(out.forwards + out.foreign)
         for event in out.events:
             if event.kind == ENDPOINT_CHANGED and self.device is not None:
                 self.direct.set_endpoints({k: p.endpoint for k, p in self.device.peers.items()})
