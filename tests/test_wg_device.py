@@ -47,13 +47,16 @@ def ping(src: str, dst: str, seq: int = 1, size: int = 84) -> bytes:
 
 
 class Link:
-    """Two devices A (at EA) and B (at EB) and a wire between them that can drop or tap datagrams."""
+    """Two devices A (at EA) and B (at EB) and a wire between them that can drop or tap datagrams.
+    Their wall clocks read the ``now`` of the link's last call unless given (tests/test_wg_clock.py)."""
 
     def __init__(self, psk: bytes | None = None, timing: Timing = Timing(), b_knows_a: bool = True,
+                 wall_a: Callable[[], float] | None = None, wall_b: Callable[[], float] | None = None,
                  **b_kwargs) -> None:
         self.a_private = os.urandom(32)
-        self.a = Device(self.a_private, timing=timing)
-        self.b = Device(os.urandom(32), timing=timing, **b_kwargs)
+        self.now = T0
+        self.a = Device(self.a_private, timing=timing, wall=wall_a or (lambda: self.now))
+        self.b = Device(os.urandom(32), timing=timing, wall=wall_b or (lambda: self.now), **b_kwargs)
         self.a.set_peer(PeerConfig(self.b.public_key, psk, net(f"{B_IP}/32", f"{B_IP6}/128"), EB))
         self.b.set_peer(PeerConfig(self.a.public_key, psk, net(f"{A_IP}/32", f"{A_IP6}/128"),
                                    EA if b_knows_a else None))
@@ -65,6 +68,7 @@ class Link:
 
     def deliver(self, sender: tuple, out: Output, now: float) -> None:
         """Deliver ``out`` of ``sender`` and everything it provokes, until the wire is quiet."""
+        self.now = now
         pending = [(sender, out)]
         while pending:
             frm, output = pending.pop(0)
@@ -77,9 +81,11 @@ class Link:
                         pending.append((to, self.devices[to].receive([Burst(frm, [datagram])], now)))
 
     def send(self, side: tuple, packets: list[bytes], now: float) -> None:
+        self.now = now
         self.deliver(side, self.devices[side].send(packets, now), now)
 
     def tick(self, now: float) -> None:
+        self.now = now
         for side, device in self.devices.items():
             self.deliver(side, device.tick(now), now)
 
@@ -318,7 +324,7 @@ def test_replayed_initiation_and_initiation_flood_rejected() -> None:
     assert link.b.counters["handshake_replay"] == 1
 
     def fresh_initiation(at: float) -> bytes:  # a clone of A, so initiations need not wait REKEY_TIMEOUT
-        clone = Device(link.a_private)
+        clone = Device(link.a_private, wall=lambda: at)
         clone.set_peer(PeerConfig(link.b.public_key, None, net(f"{B_IP}/32"), EB))
         datagram, = sent(clone.send([ping(A_IP, B_IP)], at))
         return datagram

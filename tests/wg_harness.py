@@ -110,7 +110,7 @@ def main() -> int:
         for seq in range(1, args.count + 1):
             payload = bytes((seq + i) & 0xFF for i in range(args.size - overhead))
             requests.append(icmp_packet(src, target, 8 if overhead == 28 else 128, ECHO_ID, seq, payload))
-    inbox = flush(device.send(requests, time.time()))
+    inbox = flush(device.send(requests, time.monotonic()))
 
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -123,13 +123,13 @@ def main() -> int:
                 replies[src].add((seq, len(packet)))
             elif icmp_type in (8, 128):
                 reply = icmp_packet(dst, src, 0 if icmp_type == 8 else 129, ident, seq, payload)
-                flush(device.send([reply], time.time()))
+                flush(device.send([reply], time.monotonic()))
                 answered += 1
         inbox = []
         done = all(len(got) >= args.count for got in replies.values()) and answered >= args.answer
         if done:
             break
-        now = time.time()
+        now = time.monotonic()
         wake = device.next_deadline()
         wait = 0.05 if wake is None else min(0.05, max(0.0, wake - now))
         if select.select([sock], [], [], wait)[0]:
@@ -140,8 +140,8 @@ def main() -> int:
                 except BlockingIOError:
                     break
                 batch.append(Burst((addr[0], addr[1]), [data]))
-            inbox = flush(device.receive(batch, time.time()))
-        inbox += flush(device.tick(time.time()))
+            inbox = flush(device.receive(batch, time.monotonic()))
+        inbox += flush(device.tick(time.monotonic()))
 
     print(json.dumps({
         "replies": {t: sorted(got) for t, got in replies.items()},

@@ -126,7 +126,7 @@ class CryptoActor(Actor):
         if self.device is None:
             self.count_drop("not_configured", msg.TAG)
             return
-        now = time.time()
+        now = time.monotonic()  # every protocol timer; the device reads the wall clock itself
         if not isinstance(msg, (PacketBatch, DatagramBatch)):
             return super().on_message(msg)
         packets = self.unpack(msg.packets)
@@ -156,7 +156,7 @@ class CryptoActor(Actor):
         self.no_route += unrouted
         mine = others.pop(self.index, None)
         if mine:
-            self.emit(self.device.send(mine, time.time()))
+            self.emit(self.device.send(mine, time.monotonic()))
         for w, ps in others.items():
             for blob in batch.pack_split(ps):
                 self.outbox.send(f"crypto-{w}", PacketBatch(packets=blob))
@@ -172,7 +172,7 @@ class CryptoActor(Actor):
     def receive(self, bursts: list[Burst]) -> None:
         """Datagrams from the network, through magicsock or a peer socket of our own."""
         assert self.device is not None
-        self.emit(self.device.receive(bursts, time.time()))
+        self.emit(self.device.receive(bursts, time.monotonic()))
 
     def _hand_on(self, forwards: list[Forward]) -> None:
         """Datagrams that belong to other workers' peers, to their owners."""
@@ -211,7 +211,7 @@ class CryptoActor(Actor):
     def tick(self, now: float) -> None:
         if self.device is not None and now >= self.next_tick:
             self.next_tick = now + TICK_INTERVAL
-            self.emit(self.device.tick(time.time()))
+            self.emit(self.device.tick(now))
         for feed in self.feeds:
             feed.tick(now)
 

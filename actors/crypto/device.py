@@ -1,8 +1,14 @@
 """A sans-IO WireGuard device: batches of packets and datagrams in, actions out.
 
 Behaviour follows wireguard-go's device package (send.go, receive.go,
-timers.go, peer.go). ``now`` is wall-clock unix seconds (``time.time()``):
-handshake timestamps are TAI64N and must keep growing across restarts.
+timers.go, peer.go). Two clocks, both injected: ``now``, passed to every
+call, is monotonic seconds (``time.monotonic()``) and drives every protocol
+timer (session age, rekeying, retransmission, rate limits, dropping keys), so
+a step of the wall clock neither keeps keys past Reject-After-Time nor
+refuses a peer's initiations. ``wall`` (unix seconds) is read only for the
+TAI64N timestamp of an initiation, which must keep growing across restarts
+(and keeps growing here when the wall clock steps back), and for the
+last-handshake time that status shows.
 
 Sharding: the device can be one of N workers sharing a private key. Every
 local index it allocates satisfies ``index % workers == worker``, so a front
@@ -17,6 +23,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,6 +45,7 @@ from .messages import (INITIATION_SIZE, MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION
                        parse_response)
 from .noise import StaticKey, hmac_
 from .peer import Peer, PeerConfig
+from .tai64n import TAI64N_SIZE, successor, tai64n
 from .timers import (NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE,
                      ZERO_KEY_MATERIAL, Timing)
 
@@ -85,7 +93,8 @@ class Output:
 class Device:
     def __init__(self, private_key: bytes, *, worker: int = 0, workers: int = 1, timing: Timing = Timing(),
                  under_load_threshold: int = 256, rng: Callable[[int], bytes] = os.urandom,
-                 mtu: int = DEFAULT_MTU, owner_of: Callable[[bytes], int] | None = None) -> None:
+                 mtu: int = DEFAULT_MTU, owner_of: Callable[[bytes], int] | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
         if not 0 <= worker < workers:
             raise ValueError(f"worker {worker} is not in range(0, {workers})")
         self.static = StaticKey(private_key)
@@ -99,6 +108,8 @@ class Device:
         self.counters: Counter[str] = Counter()  # drops and refusals, by reason
         self.handshakes = 0  # completed handshakes (key rotations), for status
         self._rng = rng
+        self._wall = wall
+        self._last_timestamp = bytes(TAI64N_SIZE)  # TAI64N of our last initiation
         self._indices: dict[int, tuple[Peer, Keypair | None]] = {}  # local index -> owner
         # Workers sharing the private key derive the same cookie secrets: a cookie from one passes at another.
         self._checker = CookieChecker(self.public_key, rng, timing.cookie_refresh_time,
@@ -116,7 +127,7 @@ class Device:
             peer = Peer(config, self.static, self.timing, self._jitter)
             self.peers[config.public_key] = peer
         elif (config.preshared_key or hs_.NO_PRESHARED_KEY) != peer.handshake.preshared_key:
-            self._zero_keys(peer)
+            self._drop_keys(peer)
             peer.handshake.preshared_key = config.preshared_key or hs_.NO_PRESHARED_KEY
         if config.endpoint is not None:
             peer.endpoint = config.endpoint
@@ -132,7 +143,7 @@ class Device:
     def remove_peer(self, public_key: bytes) -> None:
         peer = self.peers.pop(public_key, None)
         if peer is not None:
-            self._zero_keys(peer)
+            self._drop_keys(peer)
             peer.timers.stop()
             self.allowed_ips.remove_peer(peer)
 
@@ -497,7 +508,7 @@ class Device:
         hs.last_sent_handshake = now
         self._free_index(hs.local_index)
         index = self._new_index(peer)
-        message = hs_.create_initiation(self.static, hs, index, now, self._rng)
+        message = hs_.create_initiation(self.static, hs, index, self._timestamp(), self._rng)
         if message is None:
             self._free_index(index)
             self.counters["bad_peer_key"] += 1
@@ -507,9 +518,18 @@ class Device:
         self._emit(peer, peer.cookies.add_macs(message, now), out)
         peer.timers.handshake_initiated(now)
 
+    def _timestamp(self) -> bytes:
+        """TAI64N for a new initiation: the wall clock, but always later than the last one
+        (a clock stepped back would have every peer refuse our initiations as replays)."""
+        stamp = tai64n(self._wall())
+        if stamp <= self._last_timestamp:
+            stamp = successor(self._last_timestamp)
+        self._last_timestamp = stamp
+        return stamp
+
     def _handshake_complete(self, peer: Peer, now: float, out: Output) -> None:
         peer.timers.handshake_complete()
-        peer.last_handshake = now
+        peer.last_handshake = self._wall()
         self.handshakes += 1
         out.events.append(Event(HANDSHAKE_COMPLETED, peer.public_key))
 
@@ -543,7 +563,9 @@ class Device:
         for kp in keypairs:
             self._indices.pop(kp.local_index, None)
 
-    def _zero_keys(self, peer: Peer) -> None:
+    def _drop_keys(self, peer: Peer) -> None:
+        """Forget the peer's sessions and handshake (wireguard-go zeroes them; here the
+        references go, see actors.crypto.keypair) and the packets waiting for a session."""
         self._free_keypairs(peer.keypairs.clear())
         self._free_index(peer.handshake.local_index)
         peer.handshake.clear()
@@ -556,7 +578,7 @@ class Device:
     # --- timers
 
     def tick(self, now: float) -> Output:
-        """Run expired timers: retransmissions, keepalives, rekeying, key zeroing."""
+        """Run expired timers: retransmissions, keepalives, rekeying, dropping old keys."""
         out = Output()
         for peer in list(self.peers.values()):
             timers = peer.timers
@@ -575,7 +597,7 @@ class Device:
                 elif name == NEW_HANDSHAKE:
                     self._initiate(peer, now, out, is_retry=False)
                 elif name == ZERO_KEY_MATERIAL:
-                    self._zero_keys(peer)
+                    self._drop_keys(peer)
                 elif name == PERSISTENT_KEEPALIVE and timers.persistent_keepalive_interval > 0:
                     self._send_keepalive(peer, now, out)
         self._limiter.collect(now)
