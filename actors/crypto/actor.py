@@ -12,6 +12,66 @@ and it sends and receives its peers' datagrams on sockets connected to
 them. A packet on its queue that another worker owns goes to that worker
 over the bus. What goes by those direct paths is counted here for flow
 logs, as tun-io and magicsock count what goes through them.
+
+The map: which process touches a packet, in which order, where it is
+batched and where it may be dropped, with the counter that says so (as
+``meshsup status --json`` names it: crypto-N's unless another actor is
+named; ``bus_full`` counts batches, the rest packets or datagrams). "Bus"
+is the data path between actors: a unix SOCK_SEQPACKET message per batch of
+at most 60 kB (actors.bus.datapath, batch), dropped when the receiver's
+socket is full or gone. A receiver drops a malformed or oversized batch, one its
+handler raised on, or (a crypto worker) one that arrives before its first
+configuration, as ``bus_dropped`` (by reason).
+
+Outgoing, TUN -> network
+ 1. kernel: queues the packet on one TUN queue, picked by tun-io's eBPF
+    program (bpf.steering): the queue of the worker owning the peer the
+    destination routes to, queue 0 (crypto-0's) if no prefix holds it. The
+    supervisor holds queue k for worker k, so packets wait in it while the
+    worker restarts. A full queue is the link's TX drop (ip -s link).
+    Without steering the kernel spreads packets over every queue; without
+    worker queues all reach tun-io's, which reads it (256 at a time),
+    drops what no worker owns (tun-io's no_route) and hands the rest to
+    the owners as PacketBatch (tun-io's rx_packets, bus_full).
+ 2. crypto-N (direct.DirectPaths): reads its queue, 256 at a time
+    (tun_read); send_read splits them by owner again: unrouted ones are
+    dropped (no_route), other workers' go to them as PacketBatch (bus_full).
+ 3. Device.send: routes by allowed IPs (bad_packet; no_route, added into
+    the same counter) and seals each peer's packets, in order, into one
+    Burst. A peer with no usable session stages up to 1024 packets while
+    it handshakes (staged_overflow drops the oldest, handshake_timeout the
+    staged ones when it gives up; no_endpoint).
+ 4. emit: each Burst goes out on the UDP socket connected to that peer, in
+    GSO sends of up to 64 datagrams (udp_tx_gso_sends; udp_tx_dropped). A
+    peer with no such socket: a DatagramBatch to magicsock (bus_full), which
+    sends it from the shared socket (magicsock's tx_datagrams, tx_dropped).
+
+Incoming, network -> TUN
+ 1. kernel: hands the datagram to the socket connected to its source (its
+    owner's, see direct), else to magicsock's unconnected one on the same
+    port. A full socket buffer is the kernel's UdpRcvbufErrors.
+ 2. crypto-N: recv_batch on its peer socket, 512 at a time, GRO buffers cut
+    apart (udp_rx_coalesced; udp_rx_dropped for truncated or failed reads),
+    one Burst per run of a sender; receive_direct.
+    magicsock instead: recv_batch likewise; drops what is not WireGuard
+    (not_wireguard); types 2-4 go to worker receiver_index % workers, an
+    initiation to a worker picked by a hash of its source, as a DatagramBatch
+    per worker and endpoint (rx_datagrams; a full bus is counted only in
+    magicsock's send_dropped, which ``meshsup status`` does not show).
+ 3. Device.receive, burst by burst, runs of one session looked up once:
+    data is decrypted and checked (unknown_type, no_session,
+    expired_session, decrypt_failed, replay; inside: bad_packet, and
+    allowed_ips for a source the peer may not use); handshake messages
+    (bad_length, bad_mac1, cookie_sent: answered with a cookie under load,
+    rate_limited, bad_initiation, unknown_peer, handshake_replay,
+    bad_response, bad_cookie_reply). Datagrams of another worker's sessions
+    (Output.foreign) and initiations from its peers (Output.forwards) go to
+    it as DatagramBatch (forwarded, forwarded_initiations; bus_full).
+ 4. emit: the decrypted packets are written to crypto-N's TUN queue,
+    consecutive segments of a TCP flow coalesced into one virtio-net
+    super-packet per write (tun_writes, tun_coalesced, tun_dropped). A
+    worker with no writable queue sends them to tun-io as PacketBatch
+    (bus_full), which writes them (tun-io's tx_packets, tx_dropped).
 """
 from __future__ import annotations
 
@@ -221,7 +281,7 @@ class CryptoActor(Actor):
         return {"peers": self.device.status(),
                 "counters": {**self.device.counters, **self.direct.counters(),
                              "handshakes": self.device.handshakes, "forwarded": self.forwarded,
-                             "no_route": self.no_route,
+                             "no_route": self.no_route + self.device.counters["no_route"],
                              "forwarded_initiations": self.forwarded_initiations,
                              "bus_full": sum(self.outbox.dropped.values())}}
 

@@ -446,7 +446,8 @@ class Device:
             return
         owner = self.worker if self._owner_of is None else self._owner_of(opened.initiator_static)
         if owner != self.worker:
-            out.forwards.append(Forward(owner, endpoint, data))  # the owner checks it again, with the same cookie secret
+            # The owner checks it again, with the same cookie secret.
+            out.forwards.append(Forward(owner, endpoint, data))
             return
         peer = self.peers.get(opened.initiator_static)
         if peer is None:
