@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from meshsup.actors.crypto import messages
-from meshsup.actors.crypto.device import Device
+from meshsup.actors.crypto.device import Device, Forward
 from meshsup.actors.crypto.peer import PeerConfig
+from meshsup.actors.kernel.types import Burst
 from meshsup.actors.routing.shard import owner
 from tests.nodes import REPO, Netns, Node, is_root
 from tests.topology import start_meshsup, start_wg
@@ -230,21 +231,21 @@ def test_workers_share_cookies_and_forward_initiations_they_do_not_own() -> None
 
     def load(at: float) -> None:
         for w in workers:
-            w.receive([(flood_initiation(w), ("203.0.113.66", 4444)) for _ in range(12)], at)
+            w.receive([Burst(("203.0.113.66", 4444), [flood_initiation(w) for _ in range(12)])], at)
 
     load(now)
     opened = workers[0].counters["bad_initiation"]
-    (_, initiation), = client.send([icmp_packet("100.64.0.1", "100.64.0.2", 8, 7, 1, b"")], now).datagrams
-    out = workers[0].receive([(initiation, source)], now)
-    (_, reply), = out.datagrams
+    (_, (initiation,)), = client.send([icmp_packet("100.64.0.1", "100.64.0.2", 8, 7, 1, b"")], now).datagrams
+    out = workers[0].receive([Burst(source, [initiation])], now)
+    (_, (reply,)), = out.datagrams
     assert messages.message_type(reply) == messages.MESSAGE_COOKIE_REPLY and not out.forwards
     assert workers[0].counters["bad_initiation"] == opened, "a flood under load costs no Diffie-Hellman"
-    client.receive([(reply, source)], now)
+    client.receive([Burst(source, [reply])], now)
     retry_at = client.next_deadline()
     load(retry_at - 0.1)
-    (_, retry), = client.tick(retry_at).datagrams
-    assert workers[0].receive([(retry, source)], retry_at).forwards == [(1, source, retry)]
-    (_, response), = workers[1].receive([(retry, source)], retry_at).datagrams
+    (_, (retry,)), = client.tick(retry_at).datagrams
+    assert workers[0].receive([Burst(source, [retry])], retry_at).forwards == [Forward(1, source, retry)]
+    (_, (response,)), = workers[1].receive([Burst(source, [retry])], retry_at).datagrams
     assert messages.message_type(response) == messages.MESSAGE_RESPONSE, "the owner took the other's cookie"
 
 

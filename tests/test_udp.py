@@ -5,65 +5,62 @@ from __future__ import annotations
 import random
 import select
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
-from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
+from meshsup.actors.kernel.types import Burst
 from meshsup.actors.kernel.udp import (
     MAX_GSO_BYTES,
     MAX_GSO_SEGMENTS,
-    Endpoint,
     UdpSocket,
     gso_groups,
     split_coalesced,
 )
-
-A, B = ("198.51.100.1", 51820), ("198.51.100.2", 51820)
+from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
 
 
 # --- grouping and splitting (no sockets) -------------------------------------
 
 
-def _shape(groups: list[tuple[Endpoint, list[bytes]]]) -> list[tuple[Endpoint, list[int]]]:
-    return [(ep, [len(d) for d in segs]) for ep, segs in groups]
+def _shape(groups: Sequence[Sequence[bytes]]) -> list[list[int]]:
+    return [[len(d) for d in segs] for segs in groups]
 
 
-def test_gso_groups_same_endpoint_equal_size_last_shorter() -> None:
-    batch = [(A, b"x" * 100)] * 3 + [(A, b"x" * 40), (A, b"x" * 100)]
-    assert _shape(gso_groups(batch)) == [(A, [100, 100, 100, 40]), (A, [100])]
+def test_gso_groups_equal_size_last_shorter() -> None:
+    batch = [b"x" * 100] * 3 + [b"x" * 40, b"x" * 100]
+    assert _shape(gso_groups(batch)) == [[100, 100, 100, 40], [100]]
 
 
-def test_gso_groups_break_on_endpoint_or_growth_and_keep_order() -> None:
-    batch = [(A, b"1" * 50), (B, b"2" * 50), (B, b"3" * 50), (A, b"4" * 50), (A, b"5" * 60)]
+def test_gso_groups_break_on_growth_and_keep_order() -> None:
+    batch = [b"1" * 50, b"2" * 50, b"3" * 50, b"4" * 60]
     groups = gso_groups(batch)
-    assert _shape(groups) == [(A, [50]), (B, [50, 50]), (A, [50]), (A, [60])]
-    assert [d for _, segs in groups for d in segs] == [d for _, d in batch]
+    assert _shape(groups) == [[50, 50, 50], [60]]
+    assert [d for segs in groups for d in segs] == batch
 
 
 def test_gso_groups_respect_kernel_limits() -> None:
-    many = [(A, b"x" * 10)] * (MAX_GSO_SEGMENTS + 1)
-    assert [len(s) for _, s in gso_groups(many)] == [MAX_GSO_SEGMENTS, 1]
-    big = [(A, b"x" * 1400)] * 60
-    assert all(sum(map(len, s)) <= MAX_GSO_BYTES for _, s in gso_groups(big))
-    assert _shape(gso_groups([(A, b""), (A, b"")])) == [(A, [0]), (A, [0])]
+    many = [b"x" * 10] * (MAX_GSO_SEGMENTS + 1)
+    assert [len(s) for s in gso_groups(many)] == [MAX_GSO_SEGMENTS, 1]
+    big = [b"x" * 1400] * 60
+    assert all(sum(map(len, s)) <= MAX_GSO_BYTES for s in gso_groups(big))
+    assert _shape(gso_groups([b"", b""])) == [[0], [0]]
 
 
 def test_gso_groups_are_greedy_and_lawful_on_random_batches() -> None:
     rng = random.Random(5)
     for _ in range(300):
-        batch = [(rng.choice([A, A, A, B]), b"x" * rng.choice([0, 40, 1200, 1200, 1200, 1436]))
-                 for _ in range(rng.randrange(0, 150))]
+        batch = [b"x" * rng.choice([0, 40, 1200, 1200, 1200, 1436]) for _ in range(rng.randrange(0, 150))]
         groups = gso_groups(batch)
-        assert [(ep, d) for ep, segs in groups for d in segs] == batch
-        for ep, segs in groups:
+        assert [d for segs in groups for d in segs] == batch
+        for segs in groups:
             size = len(segs[0])
             assert all(len(d) == size for d in segs[:-1]) and len(segs[-1]) <= size
             assert len(segs) <= MAX_GSO_SEGMENTS and sum(map(len, segs)) <= MAX_GSO_BYTES
             assert size > 0 or len(segs) == 1
-        for (ep1, g1), (ep2, g2) in zip(groups, groups[1:]):
+        for g1, g2 in zip(groups, groups[1:]):
             size, nxt = len(g1[0]), len(g2[0])
-            could_join = ep1 == ep2 and size > 0 and len(g1[-1]) == size and 0 < nxt <= size \
+            could_join = size > 0 and len(g1[-1]) == size and 0 < nxt <= size \
                 and len(g1) < MAX_GSO_SEGMENTS and sum(map(len, g1)) + nxt <= MAX_GSO_BYTES
             assert not could_join, "a group was closed early"
 
@@ -97,13 +94,17 @@ def _pair(made: list[UdpSocket], host: str, *, gso: bool, gro: bool) -> tuple[Ud
     return tx, rx
 
 
-def _receive(rx: UdpSocket, count: int, max_batch: int = 1024) -> list[tuple[bytes, Endpoint]]:
-    got: list[tuple[bytes, Endpoint]] = []
+def _receive(rx: UdpSocket, count: int, max_batch: int = 1024) -> list[Burst]:
+    got: list[Burst] = []
     deadline = time.monotonic() + 5
-    while len(got) < count and time.monotonic() < deadline:
+    while len(_data(got)) < count and time.monotonic() < deadline:
         select.select([rx], [], [], 0.2)
         got += rx.recv_batch(max_batch)
     return got
+
+
+def _data(bursts: list[Burst]) -> list[bytes]:
+    return [d for burst in bursts for d in burst.datagrams]
 
 
 def _numbered(count: int, size: int) -> list[bytes]:
@@ -115,11 +116,11 @@ def _numbered(count: int, size: int) -> list[bytes]:
 def test_batch_of_64_arrives_whole_and_in_order(sockets: list[UdpSocket], host: str, gso: bool, gro: bool) -> None:
     tx, rx = _pair(sockets, host, gso=gso, gro=gro)
     payloads = _numbered(64, 1200)
-    assert tx.send_batch([((host, rx.port), p) for p in payloads]) == 0
+    assert tx.send_batch(Burst((host, rx.port), payloads)) == 0
     got = _receive(rx, 64)
-    assert [d for d, _ in got] == payloads
+    assert _data(got) == payloads
     # IPv4 senders are reported plainly, not as ::ffff: mapped addresses.
-    assert {ep for _, ep in got} == {(host, tx.port)}
+    assert {ep for ep, _ in got} == {(host, tx.port)}
     assert (tx.stats.tx_gso_sends > 0) == gso
     # Loopback only coalesces what was sent as one GSO packet.
     assert (rx.stats.rx_coalesced > 0) == (gso and gro)
@@ -129,35 +130,36 @@ def test_batch_of_64_arrives_whole_and_in_order(sockets: list[UdpSocket], host: 
 def test_short_last_datagram_survives_gso_and_gro(sockets: list[UdpSocket], gro: bool) -> None:
     tx, rx = _pair(sockets, "::1", gso=True, gro=gro)
     payloads = [b"a" * 1000] * 10 + [b"b" * 333]
-    assert tx.send_batch([(("::1", rx.port), p) for p in payloads]) == 0
+    assert tx.send_batch(Burst(("::1", rx.port), payloads)) == 0
     assert tx.stats.tx_gso_sends == 1
-    assert [d for d, _ in _receive(rx, len(payloads))] == payloads
+    assert _data(_receive(rx, len(payloads))) == payloads
 
 
 def test_bad_endpoints_are_counted_drops(sockets: list[UdpSocket]) -> None:
     tx, rx = _pair(sockets, "127.0.0.1", gso=False, gro=False)
     good = ("127.0.0.1", rx.port)
-    batch = [
-        (("localhost", rx.port), b"name, not an address"),
-        (("127.0.0.1", 0), b"port 0"),
-        (("127.0.0.1", "51820"), b"port as text"),
-        ((["127.0.0.1"], rx.port), b"host not a string"),
-        (("127.0.0.1",), b"no port"),
-        (good, b"delivered"),
+    bad = [
+        Burst(("localhost", rx.port), [b"name, not an address"]),
+        Burst(("127.0.0.1", 0), [b"port 0", b"twice"]),
+        Burst(("127.0.0.1", "51820"), [b"port as text"]),  # type: ignore[arg-type]
+        Burst((["127.0.0.1"], rx.port), [b"host not a string"]),  # type: ignore[arg-type]
+        Burst(("127.0.0.1",), [b"no port"]),  # type: ignore[arg-type]
     ]
-    assert tx.send_batch(batch) == 5  # type: ignore[arg-type]
-    assert tx.stats.tx_dropped == 5 and tx.stats.tx_datagrams == 1
-    assert [d for d, _ in _receive(rx, 1)] == [b"delivered"]
+    assert [tx.send_batch(burst) for burst in bad] == [1, 2, 1, 1, 1]
+    assert tx.send_batch(Burst(good, [b"delivered"])) == 0
+    assert tx.stats.tx_dropped == 6 and tx.stats.tx_datagrams == 1
+    assert _data(_receive(rx, 1)) == [b"delivered"]
 
 
 def test_recv_batch_stops_at_max_and_when_empty(sockets: list[UdpSocket]) -> None:
     tx, rx = _pair(sockets, "127.0.0.1", gso=False, gro=False)
     assert rx.recv_batch(10) == []
-    tx.send_batch([(("127.0.0.1", rx.port), bytes([i])) for i in range(5)])
+    tx.send_batch(Burst(("127.0.0.1", rx.port), [bytes([i]) for i in range(5)]))
     select.select([rx], [], [], 2)
     time.sleep(0.05)
-    assert [d for d, _ in rx.recv_batch(3)] == [b"\0", b"\1", b"\2"]
-    assert [d for d, _ in rx.recv_batch(3)] == [b"\3", b"\4"]
+    # One sender's datagrams come as one burst.
+    assert rx.recv_batch(3) == [Burst(("127.0.0.1", tx.port), [b"\0", b"\1", b"\2"])]
+    assert _data(rx.recv_batch(3)) == [b"\3", b"\4"]
 
 
 def test_one_socket_talks_to_both_families(sockets: list[UdpSocket]) -> None:
@@ -167,13 +169,14 @@ def test_one_socket_talks_to_both_families(sockets: list[UdpSocket]) -> None:
         pytest.skip(f"cannot bind: {e}")
     v4, v6 = UdpSocket(0, "127.0.0.1"), UdpSocket(0, "::1")
     sockets += [dual, v4, v6]
-    assert v4.send_batch([(("127.0.0.1", dual.port), b"four")]) == 0
-    assert v6.send_batch([(("::1", dual.port), b"six")]) == 0
+    assert v4.send_batch(Burst(("127.0.0.1", dual.port), [b"four"])) == 0
+    assert v6.send_batch(Burst(("::1", dual.port), [b"six"])) == 0
     got = sorted(_receive(dual, 2))
-    assert got == [(b"four", ("127.0.0.1", v4.port)), (b"six", ("::1", v6.port))]
-    assert dual.send_batch([(("127.0.0.1", v4.port), b"r4"), (("::1", v6.port), b"r6")]) == 0
-    assert _receive(v4, 1) == [(b"r4", ("127.0.0.1", dual.port))]
-    assert _receive(v6, 1) == [(b"r6", ("::1", dual.port))]
+    assert got == [Burst(("127.0.0.1", v4.port), [b"four"]), Burst(("::1", v6.port), [b"six"])]
+    assert dual.send_batch(Burst(("127.0.0.1", v4.port), [b"r4"])) == 0
+    assert dual.send_batch(Burst(("::1", v6.port), [b"r6"])) == 0
+    assert _receive(v4, 1) == [Burst(("127.0.0.1", dual.port), [b"r4"])]
+    assert _receive(v6, 1) == [Burst(("::1", dual.port), [b"r6"])]
 
 
 # --- classification ------------------------------------------------------------
@@ -228,16 +231,17 @@ def test_a_socket_connected_on_a_shared_port_takes_its_peers_datagrams(sockets: 
         UdpSocket(shared.port, "127.0.0.1")  # a socket without SO_REUSEPORT is still refused
     port = ("127.0.0.1", shared.port)
     for i in range(20):
-        peer.send_batch([(port, b"peer%d" % i)])
-        stranger.send_batch([(port, b"stranger%d" % i)])
-    assert [d for d, _ in _receive(direct, 20)] == [b"peer%d" % i for i in range(20)]
-    assert [d for d, _ in _receive(shared, 20)] == [b"stranger%d" % i for i in range(20)]
+        peer.send_batch(Burst(port, [b"peer%d" % i]))
+        stranger.send_batch(Burst(port, [b"stranger%d" % i]))
+    assert _data(_receive(direct, 20)) == [b"peer%d" % i for i in range(20)]
+    assert _data(_receive(shared, 20)) == [b"stranger%d" % i for i in range(20)]
     assert direct.recv_batch(10) == [] and shared.recv_batch(10) == []
-    assert direct.send_batch([(("127.0.0.1", peer.port), b"reply")]) == 0
-    assert _receive(peer, 1) == [(b"reply", port)]
+    assert direct.send_batch(Burst(("127.0.0.1", peer.port), [b"reply"])) == 0
+    assert _receive(peer, 1) == [Burst(port, [b"reply"])]
     burst = [b"%04d" % i + bytes(96) for i in range(8)]  # one GSO send, to the connected endpoint
-    assert direct.send_batch([(("127.0.0.1", peer.port), d) for d in burst]) == 0
-    assert _receive(peer, 8) == [(d, port) for d in burst]
+    assert direct.send_batch(Burst(("127.0.0.1", peer.port), burst)) == 0
+    got = _receive(peer, 8)
+    assert _data(got) == burst and {ep for ep, _ in got} == {port}
     direct.close()
-    peer.send_batch([(port, b"after")])
-    assert [d for d, _ in _receive(shared, 1)] == [b"after"], "without the worker, magicsock gets it"
+    peer.send_batch(Burst(port, [b"after"]))
+    assert _data(_receive(shared, 1)) == [b"after"], "without the worker, magicsock gets it"

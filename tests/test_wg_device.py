@@ -14,6 +14,7 @@ from meshsup.actors.crypto.cookie import CookieChecker, CookieGenerator
 from meshsup.actors.crypto.device import ENDPOINT_CHANGED, HANDSHAKE_COMPLETED, Device, Event, Output
 from meshsup.actors.crypto.peer import STAGED_PACKETS_LIMIT, PeerConfig
 from meshsup.actors.crypto.timers import Timing
+from meshsup.actors.kernel.types import Burst
 from tests.wg_harness import icmp_packet, parse_icmp
 
 EA, EB = ("198.51.100.1", 51820), ("198.51.100.2", 51820)
@@ -31,6 +32,11 @@ def initiator_of(device: Device, datagram: bytes) -> bytes | None:
     return None if opened is None else opened.initiator_static
 
 
+def sent(out: Output) -> list[bytes]:
+    """Every datagram ``out`` sends, in order."""
+    return [d for burst in out.datagrams for d in burst.datagrams]
+
+
 def net(*cidrs: str) -> list:
     return [ipaddress.ip_network(c) for c in cidrs]
 
@@ -41,13 +47,16 @@ def ping(src: str, dst: str, seq: int = 1, size: int = 84) -> bytes:
 
 
 class Link:
-    """Two devices A (at EA) and B (at EB) and a wire between them that can drop or tap datagrams."""
+    """Two devices A (at EA) and B (at EB) and a wire between them that can drop or tap datagrams.
+    Their wall clocks read the ``now`` of the link's last call unless given (tests/test_wg_clock.py)."""
 
     def __init__(self, psk: bytes | None = None, timing: Timing = Timing(), b_knows_a: bool = True,
+                 wall_a: Callable[[], float] | None = None, wall_b: Callable[[], float] | None = None,
                  **b_kwargs) -> None:
         self.a_private = os.urandom(32)
-        self.a = Device(self.a_private, timing=timing)
-        self.b = Device(os.urandom(32), timing=timing, **b_kwargs)
+        self.now = T0
+        self.a = Device(self.a_private, timing=timing, wall=wall_a or (lambda: self.now))
+        self.b = Device(os.urandom(32), timing=timing, wall=wall_b or (lambda: self.now), **b_kwargs)
         self.a.set_peer(PeerConfig(self.b.public_key, psk, net(f"{B_IP}/32", f"{B_IP6}/128"), EB))
         self.b.set_peer(PeerConfig(self.a.public_key, psk, net(f"{A_IP}/32", f"{A_IP6}/128"),
                                    EA if b_knows_a else None))
@@ -59,20 +68,24 @@ class Link:
 
     def deliver(self, sender: tuple, out: Output, now: float) -> None:
         """Deliver ``out`` of ``sender`` and everything it provokes, until the wire is quiet."""
+        self.now = now
         pending = [(sender, out)]
         while pending:
             frm, output = pending.pop(0)
             self.received[frm].extend(output.packets)
             self.events[frm].extend(output.events)
-            for to, datagram in output.datagrams:
-                self.wire.append((frm, to, datagram))
-                if to in self.devices and not self.drop(to, datagram):
-                    pending.append((to, self.devices[to].receive([(datagram, frm)], now)))
+            for to, datagrams in output.datagrams:
+                for datagram in datagrams:
+                    self.wire.append((frm, to, datagram))
+                    if to in self.devices and not self.drop(to, datagram):
+                        pending.append((to, self.devices[to].receive([Burst(frm, [datagram])], now)))
 
     def send(self, side: tuple, packets: list[bytes], now: float) -> None:
+        self.now = now
         self.deliver(side, self.devices[side].send(packets, now), now)
 
     def tick(self, now: float) -> None:
+        self.now = now
         for side, device in self.devices.items():
             self.deliver(side, device.tick(now), now)
 
@@ -135,11 +148,11 @@ def test_padding_to_16_and_trimmed_on_receive() -> None:
     link.handshake()
     packet = ping(A_IP, B_IP, 9, size=37)
     out = link.a.send([packet], T0 + 1)
-    (_, datagram), = out.datagrams
+    datagram, = sent(out)
     assert len(datagram) == 16 + 48 + 16  # 37 padded to 48, plus header and tag
-    assert link.b.receive([(datagram, EA)], T0 + 1).packets == [packet]
+    assert link.b.receive([Burst(EA, [datagram])], T0 + 1).packets == [packet]
     full = ping(A_IP, B_IP, 10, size=1420)
-    (_, datagram), = link.a.send([full], T0 + 1).datagrams
+    datagram, = sent(link.a.send([full], T0 + 1))
     assert len(datagram) == 16 + 1420 + 16, "padding never exceeds the MTU"
 
 
@@ -158,10 +171,10 @@ def test_key_confirmation_responder_waits_for_first_data() -> None:
     # A's data (sealed with the new key) confirms it; B flushes its staged packet at once.
     link.drop = lambda to, d: False
     transport = [d for f, _, d in link.wire if f == EA and messages.message_type(d) == messages.MESSAGE_TRANSPORT]
-    out = link.b.receive([(transport[-1], EA)], T0 + 0.2)
+    out = link.b.receive([Burst(EA, [transport[-1]])], T0 + 0.2)
     assert peer_a.keypairs.current is not None and peer_a.keypairs.next is None
     assert Event(HANDSHAKE_COMPLETED, link.a.public_key) in out.events
-    assert [messages.message_type(d) for _, d in out.datagrams] == [messages.MESSAGE_TRANSPORT]
+    assert [messages.message_type(d) for d in sent(out)] == [messages.MESSAGE_TRANSPORT]
     link.deliver(EB, out, T0 + 0.2)
     assert [parse_icmp(p)[4] for p in link.received[EA]] == [5]
 
@@ -238,12 +251,12 @@ def test_reject_after_time() -> None:
     timing = Timing(rekey_after_time=20.0, reject_after_time=40.0)
     link = Link(timing=timing)
     link.handshake()
-    (_, stale), = link.a.send([ping(A_IP, B_IP, 2)], T0 + 1).datagrams
+    stale, = sent(link.a.send([ping(A_IP, B_IP, 2)], T0 + 1))
     # After REJECT_AFTER_TIME the keypair neither seals nor opens.
-    assert link.b.receive([(stale, EA)], T0 + 40.5).packets == []
+    assert link.b.receive([Burst(EA, [stale])], T0 + 40.5).packets == []
     assert link.b.counters["expired_session"] == 1
     out = link.a.send([ping(A_IP, B_IP, 3)], T0 + 40.5)
-    assert [messages.message_type(d) for _, d in out.datagrams] == [messages.MESSAGE_INITIATION]
+    assert [messages.message_type(d) for d in sent(out)] == [messages.MESSAGE_INITIATION]
     link.deliver(EA, out, T0 + 40.5)
     assert parse_icmp(link.received[EB][-1])[4] == 3, "staged packet went out after the new handshake"
 
@@ -270,11 +283,11 @@ def flood_initiation(target: Device) -> bytes:
 def test_cookie_flow_under_load() -> None:
     link = Link(b_knows_a=False, under_load_threshold=8)
     attacker = ("203.0.113.66", 4444)
-    out = link.b.receive([(flood_initiation(link.b), attacker) for _ in range(12)], T0)
+    out = link.b.receive([Burst(attacker, [flood_initiation(link.b) for _ in range(12)])], T0)
     assert link.b.counters["bad_initiation"] == 8
     assert link.b.counters["cookie_sent"] == 4
-    assert all(ep == attacker and messages.message_type(d) == messages.MESSAGE_COOKIE_REPLY
-               for ep, d in out.datagrams)
+    assert [ep for ep, _ in out.datagrams] == [attacker] * 4
+    assert all(messages.message_type(d) == messages.MESSAGE_COOKIE_REPLY for d in sent(out))
 
     link.send(EA, [ping(A_IP, B_IP)], T0 + 0.1)  # under load: A gets a cookie, not a response
     assert link.b.counters["cookie_sent"] == 5 and link.a.counters["cookie_received"] == 1
@@ -282,24 +295,24 @@ def test_cookie_flow_under_load() -> None:
 
     retry_at = link.a.next_deadline()
     assert retry_at is not None and T0 + 5 < retry_at < T0 + 5.5
-    link.b.receive([(flood_initiation(link.b), attacker) for _ in range(12)], retry_at - 0.1)
+    link.b.receive([Burst(attacker, [flood_initiation(link.b) for _ in range(12)])], retry_at - 0.1)
     assert link.b.counters["cookie_sent"] == 5 + 4
     link.tick(retry_at)  # A retries with mac2 and gets through while B is still under load
     assert link.received[EB], "handshake completed with MAC2"
     assert link.b.counters["cookie_sent"] == 5 + 4
-    out = link.b.receive([(flood_initiation(link.b), attacker)], retry_at)
-    assert messages.message_type(out.datagrams[0][1]) == messages.MESSAGE_COOKIE_REPLY, "still under load"
+    out = link.b.receive([Burst(attacker, [flood_initiation(link.b)])], retry_at)
+    assert messages.message_type(sent(out)[0]) == messages.MESSAGE_COOKIE_REPLY, "still under load"
 
 
 def test_replayed_and_tampered_data_dropped() -> None:
     link = Link()
     link.handshake()
-    (_, datagram), = link.a.send([ping(A_IP, B_IP, 2)], T0 + 1).datagrams
-    assert len(link.b.receive([(datagram, EA)], T0 + 1).packets) == 1
-    assert link.b.receive([(datagram, EA)], T0 + 1).packets == []
+    datagram, = sent(link.a.send([ping(A_IP, B_IP, 2)], T0 + 1))
+    assert len(link.b.receive([Burst(EA, [datagram])], T0 + 1).packets) == 1
+    assert link.b.receive([Burst(EA, [datagram])], T0 + 1).packets == []
     assert link.b.counters["replay"] == 1
     tampered = datagram[:-1] + bytes([datagram[-1] ^ 1])
-    assert link.b.receive([(tampered, EA)], T0 + 1).packets == []
+    assert link.b.receive([Burst(EA, [tampered])], T0 + 1).packets == []
     assert link.b.counters["decrypt_failed"] == 1
 
 
@@ -307,28 +320,28 @@ def test_replayed_initiation_and_initiation_flood_rejected() -> None:
     link = Link()
     link.handshake()
     initiation = next(d for f, _, d in link.wire if f == EA)
-    assert link.b.receive([(initiation, EA)], T0 + 1).datagrams == []
+    assert link.b.receive([Burst(EA, [initiation])], T0 + 1).datagrams == []
     assert link.b.counters["handshake_replay"] == 1
 
     def fresh_initiation(at: float) -> bytes:  # a clone of A, so initiations need not wait REKEY_TIMEOUT
-        clone = Device(link.a_private)
+        clone = Device(link.a_private, wall=lambda: at)
         clone.set_peer(PeerConfig(link.b.public_key, None, net(f"{B_IP}/32"), EB))
-        (_, datagram), = clone.send([ping(A_IP, B_IP)], at).datagrams
+        datagram, = sent(clone.send([ping(A_IP, B_IP)], at))
         return datagram
 
     first, second, third = (fresh_initiation(T0 + 10 + dt) for dt in (0.0, 0.05, 0.1))
-    assert len(link.b.receive([(first, EA)], T0 + 10).datagrams) == 1
-    assert link.b.receive([(second, EA)], T0 + 10.01).datagrams == []
+    assert len(link.b.receive([Burst(EA, [first])], T0 + 10).datagrams) == 1
+    assert link.b.receive([Burst(EA, [second])], T0 + 10.01).datagrams == []
     assert link.b.counters["rate_limited"] == 1, "at most one initiation per peer every 20 ms"
-    assert len(link.b.receive([(third, EA)], T0 + 10.05).datagrams) == 1
+    assert len(link.b.receive([Burst(EA, [third])], T0 + 10.05).datagrams) == 1
 
 
 def test_wrong_mac1_dropped() -> None:
     link = Link()
     out = link.a.send([ping(A_IP, B_IP)], T0)
-    (_, initiation), = out.datagrams
+    initiation, = sent(out)
     bad = initiation[:-32] + bytes(16) + initiation[-16:]
-    assert link.b.receive([(bad, EA)], T0).datagrams == []
+    assert link.b.receive([Burst(EA, [bad])], T0).datagrams == []
     assert link.b.counters["bad_mac1"] == 1
     assert initiator_of(link.b, bad) is None
     assert initiator_of(link.b, initiation) == link.a.public_key
@@ -348,7 +361,7 @@ def test_garbage_of_every_type_is_counted() -> None:
         b"\x04\x00\x00\x00" + os.urandom(12), b"\x04\x00\x00\x00" + os.urandom(100),
         b"\x05\x00\x00\x00" + os.urandom(60), b"\x01\x01\x00\x00" + os.urandom(144),
     ]
-    out = b.receive([(g, EA) for g in garbage], T0 + 1)
+    out = b.receive([Burst(EA, garbage)], T0 + 1)
     assert out.packets == [] and out.datagrams == []
     assert sum(b.counters.values()) - before == len(garbage)
     for reason in ("bad_length", "unknown_type", "bad_mac1", "no_session"):
@@ -363,8 +376,8 @@ def test_inner_source_must_be_in_senders_allowed_ips() -> None:
     link.handshake()
     spoofed = ping("100.64.0.77", B_IP, 3)
     link.a.allowed_ips.insert("100.64.0.0/24", link.a.peers[link.b.public_key])  # A routes anything to B
-    (_, datagram), = link.a.send([spoofed], T0 + 1).datagrams
-    assert link.b.receive([(datagram, EA)], T0 + 1).packets == []
+    datagram, = sent(link.a.send([spoofed], T0 + 1))
+    assert link.b.receive([Burst(EA, [datagram])], T0 + 1).packets == []
     assert link.b.counters["allowed_ips"] == 1
 
 
@@ -372,11 +385,11 @@ def test_roaming_follows_last_authenticated_packet() -> None:
     link = Link()
     link.handshake()
     moved = ("203.0.113.5", 40000)
-    (_, datagram), = link.a.send([ping(A_IP, B_IP, 2)], T0 + 1).datagrams
+    datagram, = sent(link.a.send([ping(A_IP, B_IP, 2)], T0 + 1))
     forged = os.urandom(len(datagram))
-    link.b.receive([(b"\x04\x00\x00\x00" + datagram[4:16] + forged[16:], moved)], T0 + 1)
+    link.b.receive([Burst(moved, [b"\x04\x00\x00\x00" + datagram[4:16] + forged[16:]])], T0 + 1)
     assert link.b.peers[link.a.public_key].endpoint == EA, "unauthenticated packets do not move the peer"
-    out = link.b.receive([(datagram, moved)], T0 + 1)
+    out = link.b.receive([Burst(moved, [datagram])], T0 + 1)
     assert Event(ENDPOINT_CHANGED, link.a.public_key, moved) in out.events
     (endpoint, _), = link.b.send([ping(B_IP, A_IP)], T0 + 1).datagrams
     assert endpoint == moved
@@ -402,7 +415,7 @@ def test_psk_change_flushes_session_and_remove_peer() -> None:
     link.a.set_peer(PeerConfig(link.b.public_key, os.urandom(32), net(f"{B_IP}/32"), EB))
     assert peer_b.keypairs.current is None
     link.b.remove_peer(link.a.public_key)
-    out = link.b.receive([(d, EA) for f, _, d in link.wire if f == EA], T0 + 1)
+    out = link.b.receive([Burst(EA, [d for f, _, d in link.wire if f == EA])], T0 + 1)
     assert out.packets == [] and link.b.counters["no_session"] >= 1
     assert link.b.send([ping(B_IP, A_IP)], T0 + 1).datagrams == []
     assert link.b.counters["no_route"] == 1
@@ -412,8 +425,8 @@ def test_unknown_initiator_is_dropped() -> None:
     link = Link()
     stranger = Device(os.urandom(32))
     stranger.set_peer(PeerConfig(link.b.public_key, None, net(f"{B_IP}/32"), EB))
-    (_, initiation), = stranger.send([ping(A_IP, B_IP)], T0).datagrams
-    assert link.b.receive([(initiation, ("198.51.100.9", 1))], T0).datagrams == []
+    initiation, = sent(stranger.send([ping(A_IP, B_IP)], T0))
+    assert link.b.receive([Burst(("198.51.100.9", 1), [initiation])], T0).datagrams == []
     assert link.b.counters["unknown_peer"] == 1
     assert initiator_of(link.b, initiation) == stranger.public_key
 
@@ -437,16 +450,16 @@ def test_worker_indices_route_sessions_to_their_owner() -> None:
             w = owner(initiator_of(shards[0], datagram))
         else:
             w = receiver % workers
-        return w, shards[w].receive([(datagram, ("198.51.100.%d" % (w + 10), 1))], now)
+        return w, shards[w].receive([Burst(("198.51.100.%d" % (w + 10), 1), [datagram])], now)
 
     for i, client in enumerate(clients):
-        (_, initiation), = client.send([ping(f"100.64.1.{i}", B_IP, 1)], T0).datagrams
+        initiation, = sent(client.send([ping(f"100.64.1.{i}", B_IP, 1)], T0))
         w, out = front_end(initiation, T0)
         assert w == owner(client.public_key)
-        (_, response), = out.datagrams
+        response, = sent(out)
         assert messages.parse_response(response).sender % workers == w
         packets: list[bytes] = []
-        for _, datagram in client.receive([(response, EB)], T0).datagrams:
+        for datagram in sent(client.receive([Burst(EB, [response])], T0)):
             w2, out = front_end(datagram, T0)
             assert w2 == w
             packets += out.packets
@@ -459,7 +472,7 @@ def test_mutated_messages_never_raise_and_are_all_counted() -> None:
     rnd = random.Random(1)
     link = Link()
     link.handshake()
-    captured = [d for _, _, d in link.wire] + [d for _, d in link.a.send([ping(A_IP, B_IP, 2)], T0 + 1).datagrams]
+    captured = [d for _, _, d in link.wire] + sent(link.a.send([ping(A_IP, B_IP, 2)], T0 + 1))
     mutants = []
     for _ in range(3000):
         data = bytearray(rnd.choice(captured))
@@ -469,7 +482,7 @@ def test_mutated_messages_never_raise_and_are_all_counted() -> None:
             data = data[:rnd.randrange(len(data))]
         mutants.append(bytes(data))
     before = sum(link.b.counters.values())
-    out = link.b.receive([(m, EA) for m in mutants], T0 + 1)
+    out = link.b.receive([Burst(EA, mutants)], T0 + 1)
     assert out.packets == [] and out.events == []
     assert sum(link.b.counters.values()) - before == len(mutants), "every bad datagram is a counted drop"
     # A flip in mac2 or the timestamp still names the initiator; nothing else can.

@@ -28,12 +28,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from meshsup.actors.kernel.types import Endpoint
-from meshsup.actors.kernel.udp import UdpSocket
 from meshsup.actors.kernel.tun import Tun
-from meshsup.actors.kernel.types import Buffer
+from meshsup.actors.kernel.types import Buffer, Burst, Endpoint
+from meshsup.actors.kernel.udp import UdpSocket
 
-Receive = Callable[[list[tuple[bytes, Endpoint]]], None]
+Receive = Callable[[list[Burst]], None]
 Read = Callable[[list[bytes]], None]
 RECV_BATCH = 512
 READ_BATCH = 256
@@ -140,13 +139,12 @@ class DirectPaths:
         self.tun_dropped += self.tun.write_batch(packets)
         return True
 
-    def send(self, endpoint: Endpoint, datagrams: list[tuple[Endpoint, bytes]]) -> bool:
-        """(endpoint, datagram) pairs to one peer; False when no socket is
-        connected to it (use magicsock)."""
-        sock = self.sockets.get(endpoint)
+    def send(self, burst: Burst) -> bool:
+        """A burst to a peer; False when no socket is connected to its endpoint (use magicsock)."""
+        sock = self.sockets.get(burst.endpoint)
         if sock is None:
             return False
-        sock.send_batch(datagrams)
+        sock.send_batch(burst)
         return True
 
     def counters(self) -> dict[str, int]:

@@ -45,7 +45,7 @@ class Peer:
         self.endpoint: Endpoint | None = config.endpoint
         self.rx_bytes = 0
         self.tx_bytes = 0
-        self.last_handshake = 0.0  # `now` of the last completed handshake; 0 = never
+        self.last_handshake = 0.0  # wall-clock time of the last completed handshake, for status; 0 = never
 
     def sendable_keypair(self, now: float) -> Keypair | None:
         """The current keypair if it may still seal packets."""

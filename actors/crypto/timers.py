@@ -1,7 +1,7 @@
 """WireGuard's per-peer timer state machine (wireguard-go timers.go), sans-IO.
 
-Timers are deadlines (floats in the caller's ``now`` clock, or None when not
-pending). Protocol events call the hooks below; ``due(now)`` pops the timers
+Timers are deadlines (floats in the monotonic clock of the caller's ``now``,
+or None when not pending). Protocol events call the hooks below; ``due(now)`` pops the timers
 that have expired and the device runs their handlers.
 """
 
@@ -107,7 +107,7 @@ class PeerTimers:
             self.deadlines[PERSISTENT_KEEPALIVE] = now + self.persistent_keepalive_interval
 
     def handshake_gave_up(self, now: float) -> None:
-        """After too many retransmissions: stop keepalives, destroy any residue later."""
+        """After too many retransmissions: stop keepalives, drop any key material later."""
         self.deadlines[SEND_KEEPALIVE] = None
         if self.deadlines[ZERO_KEY_MATERIAL] is None:
             self.deadlines[ZERO_KEY_MATERIAL] = now + self.timing.zero_keys_after

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from meshsup.actors.routing.allowedips import AllowedIPs, Network
-from meshsup.actors.wire import ip as packet
+from meshsup.actors.wire.ip import IPV4_DST, IPV4_HEADER_MIN, IPV6_DST, IPV6_HEADER
 
 
 def owner(public_key: bytes, workers: int) -> int:
@@ -42,7 +42,15 @@ def by_owner(packets: Iterable[bytes], routes: AllowedIPs) -> tuple[dict[int, li
     last_dst: bytes | None = b""
     w: Any = None
     for p in packets:
-        dst = packet.dst_addr(p)
+        # The destination cut here, not by ip.dst_addr: two calls per packet fewer on the hot path.
+        n = len(p)
+        version = p[0] >> 4 if n else 0
+        if version == 4 and n >= IPV4_HEADER_MIN:
+            dst: bytes | None = p[IPV4_DST]
+        elif version == 6 and n >= IPV6_HEADER:
+            dst = p[IPV6_DST]
+        else:
+            dst = None
         if dst != last_dst:  # bulk traffic repeats destinations: route once per run
             last_dst = dst
             w = routes.lookup(dst) if dst is not None else None
