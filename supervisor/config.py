@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from meshsup.supervisor import keys
+from meshsup.actors.settings import keys
 
 DEFAULT_PORT = 51820
 DEFAULT_MTU = 1420
@@ -269,7 +269,7 @@ def _default_dns(node: dict[str, Any]) -> dict[str, Any]:
 def _check_sections(file: str, conf: Config) -> None:
     """[dns], [netlog] and [logging] are checked by the actors' own parsers, so both agree."""
     from meshsup.actors.dns.actor import dns_settings
-    from meshsup.actors.netlog.settings import netlog_settings
+    from meshsup.actors.settings.netlog import netlog_settings
 
     for check, section in ((dns_settings, "dns"), (netlog_settings, "netlog")):
         try:

@@ -14,7 +14,7 @@ import copy
 import errno
 from typing import Any
 
-from meshsup.supervisor import keys
+from meshsup.actors.settings import keys
 from meshsup.supervisor.config import format_endpoint, parse_endpoint
 from meshsup.supervisor.uapi import (AllowedIp, DeviceState, Endpoint, Fwmark, ListenPort, PeerState,
                              PersistentKeepaliveInterval, PresharedKey, PrivateKey, ProtocolVersion,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshsup.supervisor import config as cfg
-from meshsup.supervisor.keys import b64, generate_private, public_of
+from meshsup.actors.settings.keys import b64, generate_private, public_of
 from tests.nodes import REPO
 
 PEER = b64(public_of(generate_private()))

@@ -27,7 +27,7 @@ from meshsup.actors.dns.inflight import Admission, Flight, InflightTable, RateLi
 from meshsup.actors.dns.message import Answer, ErrorReply, Ignored, Query, parse_query, parse_response, render
 from meshsup.actors.dns.resolver import Drop, Forward, Learned, Log, Reply, Resolver
 from meshsup.actors.dns.rules import ForwardTo, Matcher, Reject, Route, Router, Rule, SourceOverride, normalize_name
-from meshsup.actors.dns.settings import DNS_KEYS, DnsSettings
+from meshsup.actors.settings.dns import DNS_KEYS, DnsSettings
 from meshsup.actors.dns.upstream import MAX_ATTEMPTS, FailoverPlan, Upstream, parse_upstream, without_own
 from meshsup.actors.dns.wire import WireAnswer, parse_answer, query_key
 from meshsup.actors.dns.zone import SrvRecord, Zone

@@ -26,7 +26,7 @@ from meshsup.actors.flowcount.tally import (
 from meshsup.actors.netlog.counting import CountsReader, Deliveries
 from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.netlog.flows import FlowTable
-from meshsup.actors.netlog.settings import classifier, endpoint_peers, netlog_settings
+from meshsup.actors.settings.netlog import classifier, endpoint_peers, netlog_settings
 from meshsup.actors.netlog.wal import WindowLog
 
 T0 = 1_700_000_000.0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import errno
 
-from meshsup.supervisor import keys
+from meshsup.actors.settings import keys
 from meshsup.supervisor.uapi import SetRequest, UapiError, parse_request, serialize_get
 from meshsup.supervisor.wgapi import apply_set, device_state
 

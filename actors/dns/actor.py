@@ -26,7 +26,7 @@ from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus.codec import Message, encode
 from meshsup.actors.bus.messages import LinkChanged, NameLearned
 from meshsup.actors.dns.server import DnsServer
-from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.settings.dns import DnsSettings
 
 START_TIMEOUT = 5.0
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)

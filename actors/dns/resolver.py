@@ -43,7 +43,7 @@ from meshsup.actors.dns.message import (
     reply_ttls,
 )
 from meshsup.actors.dns.rules import Reject, Route, Router, SourceOverride
-from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.dns.upstream import FailoverPlan, Upstream, should_failover, without_own
 from meshsup.actors.dns.wire import WireAnswer, label_count
 from meshsup.actors.dns.zone import Zone

@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 
 from meshsup.actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Resolver
-from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.dns.steering import steer
 from meshsup.actors.dns.transport import Transport
 from meshsup.actors.kernel.mmsg import SLOTS, Batch

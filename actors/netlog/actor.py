@@ -31,12 +31,12 @@ from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import FlowCounts, FlowCountsAck, LogLine
 from meshsup.actors.log import log_endpoint
-from meshsup.actors.netlog.collectors import CollectorConfig
+from meshsup.actors.settings.collectors import CollectorConfig
 from meshsup.actors.netlog.counting import CountsReader, Deliveries
 from meshsup.actors.netlog.daemonlog import LEVELS, LogIntake
 from meshsup.actors.netlog.flows import FlowTable, Record
 from meshsup.actors.netlog.formats import FLOWS, LOGS, RecordFormat
-from meshsup.actors.netlog.settings import NetlogSettings, classifier, endpoint_peers, netlog_settings
+from meshsup.actors.settings.netlog import NetlogSettings, classifier, endpoint_peers, netlog_settings
 from meshsup.actors.netlog.shipper import Shipper
 from meshsup.actors.netlog.wal import WindowLog
 

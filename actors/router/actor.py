@@ -17,7 +17,7 @@ from pyroute2 import IPRoute
 
 from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus.messages import LinkChanged
-from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.router.netconf import LinkMonitor, LinuxRouter
 from meshsup.actors.router.resolvconf import ResolvConf, for_this_namespace
 from meshsup.actors.kernel.tun import make_persistent

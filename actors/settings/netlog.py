@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshsup.actors.netlog.collectors import CollectorConfig, parse_collectors
+from meshsup.actors.settings.collectors import CollectorConfig, parse_collectors
 from meshsup.actors.netlog.daemonlog import LEVELS
 from meshsup.actors.netlog.flows import DEFAULT_MAX_RECORD_BYTES, MIN_RECORD_BYTES, Classifier, format_endpoint, parse_endpoint
 
