@@ -35,7 +35,7 @@ from typing import Any
 import structlog
 
 from meshsup.actors.kernel.mmsg import Batch
-from meshsup.actors.dns.upstream import Upstream
+from meshsup.actors.settings.dnstypes import Upstream
 
 log = structlog.get_logger("meshsup.dns")
 

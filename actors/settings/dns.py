@@ -17,9 +17,8 @@ import dns.exception
 import dns.name
 import dns.rcode
 
-from meshsup.actors.dns.rules import ASIS, REJECT, Matcher, Route, Rule, SourceOverride, normalize_name
-from meshsup.actors.dns.upstream import Upstream, parse_upstream
-from meshsup.actors.dns.zone import SrvRecord
+from meshsup.actors.settings.dnstypes import (ASIS, REJECT, Matcher, Route, Rule, SourceOverride, SrvRecord, Upstream,
+                                              normalize_name, parse_upstream)
 
 DNS_KEYS = frozenset(
     {
