@@ -12,7 +12,7 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import zmq
@@ -25,8 +25,9 @@ from meshsup.actors.log import RateLimited
 from meshsup.actors.kernel.udp import UdpSocket
 from meshsup.actors.registry import PRELOAD, SCALABLE, START_ORDER, InheritedFd, actor_name, run_actor
 from meshsup.actors.kernel.tun import Tun, make_persistent
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.keys import b64
 from meshsup.supervisor import sdnotify
-from meshsup.supervisor.config import Config
 from meshsup.supervisor.uapi import GetRequest, SetRequest, UapiError, serialize_errno, serialize_get
 from meshsup.supervisor.uapi_server import InUse, UapiServer
 from meshsup.supervisor.wgapi import apply_set, device_state, peer_status
@@ -67,7 +68,7 @@ class Pending:
 
 
 class Supervisor:
-    def __init__(self, config: Config, runtime: Runtime, reload: Callable[[], Config],
+    def __init__(self, config: Settings, runtime: Runtime, reload: Callable[[], Settings],
                  log: Any) -> None:
         self.config = config
         self.generation = 1
@@ -111,13 +112,13 @@ class Supervisor:
         """(name, kind) of every actor the config asks for, in start order."""
         out = []
         for kind in START_ORDER:
-            n = self.config["actors"].get(kind, 1) if kind in SCALABLE else 1
+            n = getattr(self.config.actors, kind) if kind in SCALABLE else 1
             out += [(actor_name(kind, i), kind) for i in range(n)]
         return out
 
     def run(self) -> int:
         self.runtime.pidfile.write_text(str(os.getpid()))
-        port = self.config["node"]["listen_port"]
+        port = self.config.node.listen_port
         try:
             if port:
                 # The node's own sockets share the port (SO_REUSEPORT), so an exclusive
@@ -125,7 +126,7 @@ class Supervisor:
                 UdpSocket(port, gso=False, gro=False).close()
         except OSError as err:
             return self._fail_start(f"UDP port {port} is in use: {err.strerror}")
-        error = self._serve_api(self.config["node"]["interface"])
+        error = self._serve_api(self.config.node.interface)
         if error:
             return self._fail_start(error)
         self.tun_queues = self._open_tun_queues()
@@ -216,7 +217,7 @@ class Supervisor:
         if not self.ready and all(a.state == "running" for a in self.actors.values()):
             self.ready = True
             self.log.info("node ready", actors=len(self.actors),
-                          public_key=self.config["node"]["public_key"])
+                          public_key=b64(self.config.node.public_key))
             sdnotify.notify("READY=1\nSTATUS=all actors running")
 
     def _open_tun_queues(self) -> list[Tun]:
@@ -228,10 +229,10 @@ class Supervisor:
         program relies on to send each packet to its peer's owner. A restarted
         worker gets the same queue again, with what the kernel queued meanwhile.
         """
-        iface, queues = self.config["node"]["interface"], []
+        iface, queues = self.config.node.interface, []
         try:
             make_persistent(iface)  # as the router would: the link's mode and queue length come first
-            for _ in range(self.config["actors"]["crypto"]):
+            for _ in range(self.config.actors.crypto):
                 queues.append(Tun.open(iface))
                 if not queues[-1].multi_queue:
                     raise OSError(errno.EOPNOTSUPP, "the kernel has no multi-queue TUN")
@@ -280,12 +281,12 @@ class Supervisor:
 
     def _restart(self, a: ActorProc, how: str) -> None:
         now = time.monotonic()
-        period = self.config["supervisor"]["period"]
+        period = self.config.supervisor.period
         while self.restart_times and now - self.restart_times[0] > period:
             self.restart_times.popleft()
-        if len(self.restart_times) >= self.config["supervisor"]["intensity"]:
+        if len(self.restart_times) >= self.config.supervisor.intensity:
             raise NodeFailed(
-                f"actor {a.name} {how}; more than {self.config['supervisor']['intensity']} "
+                f"actor {a.name} {how}; more than {self.config.supervisor.intensity} "
                 f"restarts in {period:g} s, giving up")
         self.restart_times.append(now)
         a.quick_fails = a.quick_fails + 1 if now - a.started < STABLE_AFTER else 0
@@ -358,7 +359,7 @@ class Supervisor:
                 return
             a.pid = msg.pid
             self.request(a.name, lambda req: Configure(req=req, generation=self.generation,
-                                                       config=self.config),
+                                                       config=self.config.to_wire()),
                          lambda ack: self._on_configured(a, ack), START_TIMEOUT)
         elif isinstance(msg, Heartbeat):
             a.last_beat = time.monotonic()
@@ -410,15 +411,16 @@ class Supervisor:
 
         next_step()
 
-    def reconfigure(self, new: Config, finished: Callable[[list[str]], None]) -> None:
-        if self.uapi is not None and new["node"]["interface"] != self.config["node"]["interface"]:
+    def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
+        if self.uapi is not None and new.node.interface != self.config.node.interface:
             self.uapi.close()
-            if error := self._serve_api(new["node"]["interface"]):
+            if error := self._serve_api(new.node.interface):
                 self.log.error(error)
         self.config = new
         self.generation += 1
         gen = self.generation
-        steps = [(name, lambda req: Configure(req=req, generation=gen, config=self.config))
+        wire = self.config.to_wire()
+        steps = [(name, lambda req: Configure(req=req, generation=gen, config=wire))
                  for name in self.reconfigure_order()]
         self.run_steps(steps, finished)
 
@@ -429,7 +431,7 @@ class Supervisor:
         return [n for k in order for n in sorted(by_kind[k])]
 
     def scale(self, kind: str, count: int) -> None:
-        self.config = {**self.config, "actors": {**self.config["actors"], kind: count}}
+        self.config = replace(self.config, actors=replace(self.config.actors, **{kind: count}))
         wanted = self.wanted_names()
         for name, k in self.wanted():
             if name not in self.actors:
@@ -507,7 +509,7 @@ class Supervisor:
             self.log.error("reload refused, keeping the running configuration", error=str(err))
             reply(False, f"reload refused, running configuration kept: {err}")
             return
-        new["actors"] = {**new["actors"], **{k: self.config["actors"][k] for k in SCALABLE}}
+        new = replace(new, actors=self.config.actors)  # the worker counts as scaled
         if new == self.config:
             reply(True, result={"changed": False})
             return
@@ -553,11 +555,11 @@ class Supervisor:
                 self.reload(lambda ok, error="", result=None: None)
 
     def status(self) -> dict[str, Any]:
-        node = self.config["node"]
+        node = self.config.node
         return {
-            "node": {"name": node["name"], "public_key": node["public_key"],
-                     "interface": node["interface"], "listen_port": node["listen_port"],
-                     "addresses": node["addresses"], "ready": self.ready,
+            "node": {"name": node.name, "public_key": b64(node.public_key),
+                     "interface": node.interface, "listen_port": node.listen_port,
+                     "addresses": [str(a) for a in node.addresses], "ready": self.ready,
                      "pid": os.getpid(), "generation": self.generation},
             "actors": [{"name": a.name, "kind": a.kind, "pid": a.pid, "state": a.state,
                         "restarts": a.restarts, "last_exit": a.exit_reason,

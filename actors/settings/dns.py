@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dns.exception
@@ -92,6 +92,10 @@ class DnsSettings:
                     address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
                 out.append(str(address))
         return list(dict.fromkeys(out))
+
+    def with_names(self, names: Mapping[str, list[str]]) -> DnsSettings:
+        """These settings answering for `names` (host label -> addresses) as the mesh's own."""
+        return replace(self, names=_names(names))
 
     @classmethod
     def from_config(cls, dns_table: Mapping[str, Any], names: Mapping[str, list[str]]) -> DnsSettings:
