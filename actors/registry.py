@@ -51,7 +51,7 @@ def _inherit(dup: Any) -> int:
 
 def run_actor(kind: str, name: str, state_dir: str, tun_queue: int | None = None) -> None:
     """The body of an actor process (target of the supervisor's spawn). A crypto
-    worker may get its queue of the TUN (see Supervisor._open_tun_queues)."""
+    worker may get its queue of the TUN (see supervisor/resources.py, TunQueues)."""
     from setproctitle import setproctitle
 
     from meshsup.actors.base import crash_on_start_requested, exit_now

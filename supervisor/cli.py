@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.kernel.files import UnsafePath
 from meshsup.actors.log import setup
 from meshsup.actors.settings import Settings
 from meshsup.actors.settings.keys import b64
@@ -18,6 +19,7 @@ from meshsup.supervisor import config as cfg
 from meshsup.supervisor.control import NotRunning, call
 
 DEFAULT_STATE_DIR = "/var/lib/meshsup"
+IFNAMSIZ = 16  # the kernel's limit on an interface name, with its NUL
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,9 +69,10 @@ def load_config(args: argparse.Namespace, state_dir: Path) -> Settings:
     else:
         conf = cfg.embedded_default(state_dir)
     node, actors = conf.node, conf.actors
-    if args.interface:
-        if not 0 < len(args.interface) < 16:
-            raise cfg.ConfigError("--interface", "interface", "1-15 characters")
+    if args.interface is not None:
+        if not valid_interface_name(args.interface):
+            raise cfg.ConfigError("--interface", "interface", f"{args.interface!r} is not a valid interface name "
+                                  f"(1-{IFNAMSIZ - 1} characters, no '/', ':' or white space, not '.' or '..')")
         node = replace(node, interface=args.interface)
     if args.listen_port is not None:
         if not 0 <= args.listen_port <= 65535:
@@ -84,6 +87,12 @@ def load_config(args: argparse.Namespace, state_dir: Path) -> Settings:
     return replace(conf, node=node, actors=actors)
 
 
+def valid_interface_name(name: str) -> bool:
+    """What the kernel's dev_valid_name accepts."""
+    return (0 < len(name) < IFNAMSIZ and name not in (".", "..")
+            and not any(c in "/:" or c.isspace() for c in name))
+
+
 def peer_stanza(conf: Settings) -> str:
     node = conf.node
     public, addresses = b64(node.public_key), [str(a) for a in node.addresses]
@@ -96,16 +105,23 @@ def peer_stanza(conf: Settings) -> str:
 
 
 def start(args: argparse.Namespace) -> int:
-    from meshsup.supervisor.tree import Supervisor
+    from meshsup.supervisor.node import Supervisor
 
     state_dir = Path(args.state_dir)
+    runtime = Runtime(state_dir)
     try:
+        runtime.check(create_state_dir=True)  # before the config, which may make the key in it
         conf = load_config(args, state_dir)
+        runtime.create()
+    except UnsafePath as err:
+        print(f"meshsup: refusing to start: {err}, or choose another --state-dir", file=sys.stderr)
+        return 2
     except cfg.ConfigError as err:
         print(f"meshsup: config error: {err}", file=sys.stderr)
         return 2
-    runtime = Runtime(state_dir)
-    runtime.create()
+    except OSError as err:  # the state dir cannot be made or read: a permission, a full disk
+        print(f"meshsup: {err}", file=sys.stderr)
+        return 2
     if _running_pid(runtime):
         print(f"meshsup: a node is already running with state dir {state_dir}", file=sys.stderr)
         return 1
@@ -179,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         reply = call(runtime, "status" if args.command == "ping" else args.command, request)
     except NotRunning as err:
+        print(f"meshsup: {err}", file=sys.stderr)
+        return 1
+    except UnsafePath as err:
+        print(f"meshsup: refusing to connect: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # the state dir cannot be read: another user's, most likely
         print(f"meshsup: {err}", file=sys.stderr)
         return 1
     if not reply.ok:

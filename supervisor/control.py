@@ -1,6 +1,8 @@
 """The CLI's side of the control socket: one request, one reply, a deadline."""
 from __future__ import annotations
 
+import os
+import stat
 from typing import Any
 
 import zmq
@@ -8,6 +10,7 @@ import zmq
 from meshsup.actors.bus.codec import DecodeError, decode, encode
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import CliReply, CliRequest
+from meshsup.actors.kernel.files import UnsafePath
 
 
 class NotRunning(Exception):
@@ -16,8 +19,19 @@ class NotRunning(Exception):
 
 def call(runtime: Runtime, command: str, args: dict[str, Any] | None = None,
          timeout: float = 15.0) -> CliReply:
-    if not (runtime.dir / "cli.sock").exists():
-        raise NotRunning(f"no node is running with state dir {runtime.state_dir}")
+    """The node's reply; NotRunning if it does not give one, UnsafePath if the
+    state dir or the socket could be another user's (the request would go to them)."""
+    runtime.check()
+    sock = runtime.dir / "cli.sock"
+    try:
+        st = os.lstat(sock)
+    except FileNotFoundError:
+        raise NotRunning(f"no node is running with state dir {runtime.state_dir}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        found = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
+        raise UnsafePath("control socket", sock, st, f"is {found}", "remove it")
+    if st.st_uid != os.geteuid():
+        raise UnsafePath("control socket", sock, st, f"is not owned by uid {os.geteuid()}", "remove it")
     ctx = zmq.Context()
     try:
         s = ctx.socket(zmq.REQ)

@@ -1,3 +1,4 @@
 """Kernel interfaces the actor kinds share: the TUN device (with its virtio-net
-header), UDP sockets with GSO/GRO, recvmmsg/sendmmsg batching, and the one
-Buffer and Endpoint type they all speak."""
+header), UDP sockets with GSO/GRO, recvmmsg/sendmmsg batching, the one
+Buffer and Endpoint type they all speak, and files and directories no other
+local user can plant or change (files)."""

@@ -37,15 +37,16 @@ from meshsup.actors.netlog.daemonlog import LogIntake
 from meshsup.actors.netlog.flows import FlowTable, Record
 from meshsup.actors.netlog.formats import FLOWS, LOGS, RecordFormat
 from meshsup.actors.netlog.mesh import classifier, endpoint_peers
+from meshsup.actors.netlog.resolve import Resolver
 from meshsup.actors.settings import Settings
 from meshsup.actors.settings.keys import b64
 from meshsup.actors.settings.netlog import LEVELS, NetlogSettings
 from meshsup.actors.netlog.shipper import Shipper
 from meshsup.actors.netlog.wal import WindowLog
 
-# Collector I/O runs in this loop: a connect or request may take this long
-# before it counts as failed, well inside the supervisor's hang timeout.
-IO_TIMEOUT = 0.5
+# Collector I/O runs in this loop without ever waiting; a request (resolving, connecting,
+# TLS, sending, the answer) that is not done this long after it started counts as failed.
+REQUEST_TIMEOUT = 5.0
 BACKOFF_CAP = 10.0  # a collector that comes back gets records within this
 FLUSH_TIMEOUT = 1.0  # at stop, inside the supervisor's per-actor grace
 LOG_BUDGET = 256  # log lines read per wake-up, so flow counts are never starved
@@ -64,6 +65,7 @@ class NetlogActor(Actor):
         self.window_end = 0.0
         self.flow_shipper: Shipper | None = None
         self.log_shipper: Shipper | None = None
+        self.resolver = Resolver()  # one cache of collector names for both shippers
         self.intake = LogIntake()
         self.log_records: list[Record] = []
         self.counters: Counter[str] = Counter()
@@ -116,8 +118,8 @@ class NetlogActor(Actor):
     ) -> Shipper | None:
         if not collectors:
             return None
-        return Shipper(list(collectors), self.spool_root / what, hostname, form=form, io_timeout=IO_TIMEOUT,
-                       backoff_cap=BACKOFF_CAP)
+        return Shipper(list(collectors), self.spool_root / what, hostname, form=form,
+                       request_timeout=REQUEST_TIMEOUT, backoff_cap=BACKOFF_CAP, resolver=self.resolver)
 
     # --- flow counts ----------------------------------------------------------
     def on_message(self, msg: Message) -> None:

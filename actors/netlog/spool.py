@@ -21,10 +21,10 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 
+from meshsup.actors.kernel.files import GROUP_OTHER_WRITE, TMP_SUFFIX, UnsafePath, read_owned, write_atomic
 from meshsup.actors.netlog.flows import Record, encode_record
 
 _SUFFIX = ".json"
-_TMP_SUFFIX = ".tmp"
 
 
 class Spool:
@@ -40,7 +40,7 @@ class Spool:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._index: OrderedDict[str, int] = OrderedDict()  # name -> size, oldest first
         for path in sorted(self.directory.iterdir()):
-            if path.name.endswith(_TMP_SUFFIX):
+            if path.name.endswith(TMP_SUFFIX):
                 path.unlink(missing_ok=True)  # a write that never completed
             elif path.name.endswith(_SUFFIX) and path.name[: -len(_SUFFIX)].isdigit():
                 self._index[path.name] = path.stat().st_size
@@ -88,11 +88,12 @@ class Spool:
     def read(self, name: str) -> Record | None:
         """The record, or None if it is gone or unreadable (then it is removed and counted)."""
         try:
-            record = json.loads((self.directory / name).read_bytes())
+            # Never through a symlink or from a file others could write: it would go to the collector.
+            record = json.loads(read_owned(self.directory / name, "spooled record", GROUP_OTHER_WRITE, follow=False))
         except FileNotFoundError:
             self._forget(name)
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, UnsafePath):
             record = None
         if not isinstance(record, dict):
             self.corrupt += 1
@@ -129,12 +130,7 @@ class Spool:
         return True
 
     def _write(self, name: str, data: bytes) -> None:
-        tmp = self.directory / (name + _TMP_SUFFIX)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.directory / name)
+        write_atomic(self.directory / name, data, 0o600)
 
     def _sync_directory(self) -> None:
         dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)

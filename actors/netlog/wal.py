@@ -15,6 +15,8 @@ import os
 import struct
 from pathlib import Path
 
+from meshsup.actors.kernel.files import GROUP_OTHER_WRITE, read_owned
+
 _LENGTH = struct.Struct("!I")
 _START = struct.Struct("!d")
 
@@ -27,9 +29,11 @@ class WindowLog:
         self._fd = -1
 
     def recover(self, now: float) -> tuple[float, list[bytes]]:
-        """The logged window's start and frames; a new window at `now` if there is none."""
+        """The logged window's start and frames; a new window at `now` if there is none.
+        UnsafePath if the log is a symlink or could be another user's: replaying or
+        truncating it would act on a file someone else chose."""
         try:
-            data = self.path.read_bytes()
+            data = read_owned(self.path, "netlog window log", GROUP_OTHER_WRITE, follow=False)
         except FileNotFoundError:
             data = b""
         frames, complete = _frames(data)
@@ -62,7 +66,7 @@ class WindowLog:
 
     def _open(self, flags: int) -> None:
         self.close()
-        self._fd = os.open(self.path, flags | os.O_CLOEXEC, 0o600)
+        self._fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 def _frames(data: bytes) -> tuple[list[bytes], int]:

@@ -68,10 +68,14 @@ class RouterActor(Actor):
             return
         if self.resolv is None:
             self.resolv = for_this_namespace(self.runtime.state_dir)
+        first = not self.resolv.active
         try:
             self.resolver_problems = self.resolv.apply(settings.nameservers, [settings.domain])
         except OSError as err:
             raise ConfigError(f"cannot write {self.resolv.path}: {err}") from None
+        if first and self.resolv.refused_backup:
+            self.log.warning("resolv.conf backup refused; the original is taken to have been absent",
+                             reason=self.resolv.refused_backup)
         self.log.info("resolver set", path=str(self.resolv.path), nameservers=settings.nameservers,
                       problems=self.resolver_problems)
 

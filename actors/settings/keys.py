@@ -11,6 +11,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from meshsup.actors.kernel.files import GROUP_OTHER_ANY, read_owned, write_atomic
+
 KEY_LEN = 32
 MESH_V4 = ipaddress.ip_network("100.64.0.0/10")
 MESH_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
@@ -45,14 +47,16 @@ def public_of(private: bytes) -> bytes:
 
 
 def load_or_create(path: Path) -> bytes:
-    """The node's key file under the state dir, created 0600 on first start."""
-    if path.exists():
-        return parse_key(path.read_text())
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The node's key file under the state dir, created 0600 on first start.
+    UnsafePath if the one found is not ours alone (as `wg` warns of a key
+    others can read): a key others could read or write is not private."""
+    try:
+        return parse_key(read_owned(path, "private key file", GROUP_OTHER_ANY).decode(errors="replace"))
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = generate_private()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(b64(key) + "\n")
+    write_atomic(path, (b64(key) + "\n").encode(), 0o600)
     return key
 
 

@@ -1,0 +1,101 @@
+"""The node's end of the CLI socket: `meshsup status`, `stop`, `reload`, `scale`
+(and `fault` in tests), one request, one reply; control.py is the CLI's end."""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import zmq
+
+from meshsup.actors.base import FAULTS_ENV
+from meshsup.actors.bus.codec import DecodeError, decode, encode
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.messages import CliReply, CliRequest, Command
+from meshsup.actors.registry import SCALABLE
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.keys import b64
+from meshsup.supervisor.hub import Hub, bind
+from meshsup.supervisor.supervision import Tree
+from meshsup.supervisor.wgapi import peer_status
+
+Reply = Callable[..., None]
+
+
+class CliServer:
+    def __init__(self, ctx: zmq.Context, runtime: Runtime, tree: Tree, hub: Hub,
+                 reload: Callable[[Reply], None],
+                 reconfigure: Callable[[Settings, Callable[[list[str]], None]], None]) -> None:
+        self.tree = tree
+        self.hub = hub
+        self.reload = reload
+        self.reconfigure = reconfigure
+        self.socket = bind(ctx, zmq.ROUTER, runtime.cli)
+
+    def drain(self) -> None:
+        for _ in range(64):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 3 or frames[1] != b"":
+                self.hub.count_drop("malformed", "cli envelope")
+                continue
+            ident = frames[0]
+            reply = lambda ok, error="", result=None, ident=ident: self.socket.send_multipart(  # noqa: E731
+                [ident, b"", encode(CliReply(ok=ok, error=error, result=result or {}))])
+            try:
+                msg = decode(frames[2])
+            except DecodeError as err:
+                self.hub.count_drop(err.reason, str(err))
+                reply(False, f"bad request: {err}")
+                continue
+            if not isinstance(msg, CliRequest):
+                reply(False, f"unexpected message {msg.TAG}")
+                continue
+            self.on_cli(msg, reply)
+
+    def on_cli(self, msg: CliRequest, reply: Reply) -> None:
+        cmd, args = msg.command, msg.args
+        if cmd == "status":
+            reply(True, result=self.status())
+        elif cmd == "stop":
+            reply(True, result={"stopping": True})
+            self.tree.stopping = True
+        elif cmd == "reload":
+            self.reload(reply)
+        elif cmd == "scale":
+            kind, count = args.get("kind"), args.get("count")
+            if kind not in SCALABLE:
+                reply(False, f"{kind!r} cannot be scaled; scalable kinds: {', '.join(sorted(SCALABLE))}")
+            elif not isinstance(count, int) or not 1 <= count <= 64:
+                reply(False, "worker count must be 1..64")
+            else:
+                self.tree.scale(kind, count)
+                self.reconfigure(self.tree.config, lambda errors: None)
+                reply(True, result={"kind": kind, "count": count})
+        elif cmd == "fault" and os.environ.get(FAULTS_ENV) == "1":
+            name = str(args.get("actor"))
+            if name not in self.tree.actors:
+                reply(False, f"no actor {name!r}")
+                return
+            self.hub.request(name, lambda req: Command(req=req, op="fault", args={"mode": args.get("mode")}),
+                             lambda ack: reply(ack is not None and ack.ok,
+                                               "" if ack and ack.ok else (ack.error if ack else "no answer")))
+        else:
+            reply(False, f"unknown command {cmd!r}")
+
+    def status(self) -> dict[str, Any]:
+        node = self.tree.config.node
+        return {
+            "node": {"name": node.name, "public_key": b64(node.public_key),
+                     "interface": node.interface, "listen_port": node.listen_port,
+                     "addresses": [str(a) for a in node.addresses], "ready": self.tree.ready,
+                     "pid": os.getpid(), "generation": self.tree.generation},
+            "actors": [{"name": a.name, "kind": a.kind, "pid": a.pid, "state": a.state,
+                        "restarts": a.restarts, "last_exit": a.exit_reason,
+                        "bus_dropped": a.status.get("bus_dropped", {}),
+                        "counters": a.status.get("counters", {})}
+                       for a in self.tree.actors.values()],
+            "peers": peer_status(self.tree.config, self.tree.live_peers()),
+            "supervisor": {"bus_dropped": self.hub.bus_dropped},
+        }

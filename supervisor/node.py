@@ -1,0 +1,156 @@
+"""The supervisor of one node: its parts wired together around one poll loop.
+
+The parts, each owning one concern:
+- hub.py: the bus's supervisor end (actors' control socket, requests and acks, the event proxy);
+- supervision.py: the actor tree (spawn, restart, deadlines, intensity, heartbeats) and the running config;
+- sequencer.py: a new config to the running actors in ordered, acked steps;
+- cli_server.py: the CLI's requests; uapi_front.py: `wg show` and `wg set`;
+- resources.py: the listen port's probe and the TUN queues held for the crypto workers.
+
+One thread, one poll loop: an actor's message, a process exit, a CLI or `wg`
+request and a signal are each handled in turn, so nothing needs a lock.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+import zmq
+
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.settings import Settings
+from meshsup.supervisor import sdnotify
+from meshsup.supervisor.cli_server import CliServer, Reply
+from meshsup.supervisor.hub import Hub
+from meshsup.supervisor.resources import TunQueues, probe_port
+from meshsup.supervisor.sequencer import Sequencer
+from meshsup.supervisor.supervision import NodeFailed, Tree
+from meshsup.supervisor.uapi_front import UapiFront
+
+
+class Supervisor:
+    def __init__(self, config: Settings, runtime: Runtime, reload: Callable[[], Settings],
+                 log: Any) -> None:
+        self.runtime = runtime
+        self.reload_source = reload
+        self.log = log
+        self.failure: str | None = None
+        self.ctx = zmq.Context()
+        self.hub = Hub(self.ctx, runtime, log)
+        self.tun_queues = TunQueues(log)
+        self.tree = Tree(config, runtime, self.hub, self.tun_queues, log)
+        self.sequencer = Sequencer(self.tree, self.hub)
+        self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure)
+        self.wg = UapiFront(self.tree, self.reconfigure, log)
+        self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def run(self) -> int:
+        self.runtime.pidfile.write_text(str(os.getpid()))
+        error = probe_port(self.tree.config)
+        if error:
+            return self._fail_start(error)
+        error = self.wg.serve(self.tree.config.node.interface)
+        if error:
+            return self._fail_start(error)
+        self.tun_queues.open(self.tree.config)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)
+        signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False)
+        self.tree.start()
+        watchdog = sdnotify.watchdog_interval()
+        next_watchdog = time.monotonic()
+        try:
+            while not self.tree.stopping:
+                self.tree.start_next()
+                self._poll(0.1)
+                now = time.monotonic()
+                self.tree.check_deadlines(now)
+                self.hub.check_deadlines(now)
+                if watchdog and now >= next_watchdog:
+                    sdnotify.notify("WATCHDOG=1")
+                    next_watchdog = now + watchdog
+        except NodeFailed as err:
+            self.failure = str(err)
+            self.log.error("node failed", reason=self.failure)
+        self.tree.shutdown()
+        self.close()
+        return 1 if self.failure else 0
+
+    def _fail_start(self, reason: str) -> int:
+        self.failure = reason
+        self.log.error("node failed", reason=reason)
+        self.close()
+        return 1
+
+    def _poll(self, timeout: float) -> None:
+        poller = zmq.Poller()
+        for s in (self.hub.control, self.cli.socket, self.hub.xsub, self.hub.xpub):
+            poller.register(s, zmq.POLLIN)
+        poller.register(self.signal_r, zmq.POLLIN)
+        sentinels = self.tree.sentinels()
+        for fd in sentinels:
+            poller.register(fd, zmq.POLLIN)
+        uapi_fds = self.wg.register(poller)
+        for sock, _ in poller.poll(timeout * 1000):
+            if sock is self.hub.control:
+                self.hub.drain_control(self.tree.actors, self.tree.on_actor_message)
+            elif sock is self.cli.socket:
+                self.cli.drain()
+            elif sock is self.hub.xsub or sock is self.hub.xpub:
+                self.hub.pump(sock)
+            elif sock == self.signal_r:
+                self._on_signals()
+            elif sock in sentinels:
+                self.tree.on_exit(sentinels[sock])
+            elif sock in uapi_fds:
+                self.wg.on_ready(sock)
+
+    def _on_signals(self) -> None:
+        try:
+            data = os.read(self.signal_r, 64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self.log.info("stopping on signal", signal=signal.Signals(signum).name)
+                self.tree.stopping = True
+            elif signum == signal.SIGHUP:
+                self.reload(lambda ok, error="", result=None: None)
+
+    # --- config changes ------------------------------------------------------
+    def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
+        """Every config change (reload, `wg set`, scale) comes through here."""
+        self.wg.follow(new)
+        self.sequencer.reconfigure(new, finished)
+
+    def reload(self, reply: Reply) -> None:
+        try:
+            new = self.reload_source()
+        except Exception as err:  # any refusal keeps the running config
+            self.log.error("reload refused, keeping the running configuration", error=str(err))
+            reply(False, f"reload refused, running configuration kept: {err}")
+            return
+        new = replace(new, actors=self.tree.config.actors)  # the worker counts stay as scaled
+        if new == self.tree.config:
+            reply(True, result={"changed": False})
+            return
+        self.log.info("reloading configuration")
+        self.reconfigure(new, lambda errors: reply(not errors, "; ".join(errors),
+                                                   {"changed": True, "generation": self.tree.generation}))
+
+    def close(self) -> None:
+        self.wg.close()
+        self.tun_queues.close()
+        self.ctx.destroy(linger=0)
+        os.close(self.signal_r)
+        os.close(self.signal_w)
+        for path in self.runtime.dir.iterdir():
+            if path.name.endswith(".sock") or path.name == "supervisor.pid":
+                path.unlink(missing_ok=True)
+        try:
+            self.runtime.dir.rmdir()
+        except OSError:
+            pass

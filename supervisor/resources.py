@@ -1,0 +1,66 @@
+"""Kernel resources the supervisor takes care of for its workers: the probe
+of the listen port before anything starts, and the TUN's queues, held for
+the node's life and handed to each crypto worker at its spawn.
+"""
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from meshsup.actors.kernel.tun import Tun, make_persistent
+from meshsup.actors.kernel.udp import UdpSocket
+from meshsup.actors.registry import InheritedFd
+from meshsup.actors.settings import Settings
+
+
+def probe_port(config: Settings) -> str | None:
+    """Why the node cannot have its UDP port, or None if it can."""
+    port = config.node.listen_port
+    try:
+        if port:
+            # The node's own sockets share the port (SO_REUSEPORT), so an exclusive
+            # probe bind is what tells us another program already has it.
+            UdpSocket(port, gso=False, gro=False).close()
+    except OSError as err:
+        return f"UDP port {port} is in use: {err.strerror}"
+    return None
+
+
+class TunQueues:
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self.queues: list[Tun] = []
+
+    def open(self, config: Settings) -> None:
+        """One queue of the TUN per crypto worker, opened first and held for the node's life.
+
+        The kernel numbers a multi-queue TUN's queues in the order they attach
+        and renumbers them when one detaches. Held here, worker k's queue stays
+        number k across worker restarts, which is what tun-io's eBPF steering
+        program relies on to send each packet to its peer's owner. A restarted
+        worker gets the same queue again, with what the kernel queued meanwhile.
+        """
+        iface, queues = config.node.interface, []
+        try:
+            make_persistent(iface)  # as the router would: the link's mode and queue length come first
+            for _ in range(config.actors.crypto):
+                queues.append(Tun.open(iface))
+                if not queues[-1].multi_queue:
+                    raise OSError(errno.EOPNOTSUPP, "the kernel has no multi-queue TUN")
+        except (OSError, ValueError) as err:
+            for tun in queues:
+                tun.close()
+            self.log.warning("crypto workers get no TUN queue of their own; tun-io reads for them",
+                             interface=iface, reason=str(err))
+            return
+        self.queues = queues
+
+    def for_actor(self, name: str, kind: str) -> InheritedFd | None:
+        """Crypto worker k's queue, to pass at its spawn; None for others and for workers beyond the queues."""
+        index = int(name.rsplit("-", 1)[1]) if kind == "crypto" else -1
+        return InheritedFd(self.queues[index].fileno()) if 0 <= index < len(self.queues) else None
+
+    def close(self) -> None:
+        for tun in self.queues:
+            tun.close()
+        self.queues = []

@@ -1,0 +1,95 @@
+"""Reconfiguration: a new config reaches the running actors in ordered, acked steps.
+
+The control path
+----------------
+    new config ──> Supervisor.reconfigure ──> Sequencer.reconfigure ──> one step per actor,
+    (reload: CLI     (the `wg` API socket        (the tree takes the      each Configure acked
+     or SIGHUP;       follows a new interface     config, generation + 1)  before the next is sent
+     `wg set`;        name first)
+     `scale`)
+
+`reload` and `wg set` stop before this when the new config equals the running
+one. Each step is a Configure carrying the whole config; an actor takes from
+it what it needs. The steps go to the running actors by kind, in this order
+(workers of one kind by name):
+
+    magicsock -> crypto-N -> tun-io -> netlog -> router -> dns-N
+
+- magicsock before crypto: magicsock gets the private key before the
+  workers get the peers, so handshakes can go out at once.
+- tun-io after crypto: no comment gives a reason; in effect tun-io steers
+  packets to a peer's (new) owner only after the workers took their peers.
+- netlog before the router: flow logging is set before the router changes
+  the link, so the first packets are counted.
+- the router before DNS: some DNS managers refuse a link without an address.
+
+Starting and stopping follow actors/registry.py START_ORDER instead (netlog,
+router, magicsock, crypto, tun-io, dns) and its reverse: netlog starts before
+the router and stops after it, so the first and the last packets are counted.
+
+A step's deadline is hub.REQUEST_TIMEOUT (5 s) for its ack. A step that is
+refused (the ack's error) or gets no answer (the deadline passed, or the actor
+died meanwhile) adds an error; the sequence goes on with the next step and
+ends by handing every error to its caller (the reply to `reload` or `wg set`;
+`scale` and SIGHUP drop them). The new config stays the running one either
+way: nothing is rolled back.
+
+An actor not running when its turn comes (starting, backing off after a
+crash, stopping) is skipped: whenever it (re)starts, its hello is answered
+with a Configure of the running config and generation (supervision.py,
+deadline START_TIMEOUT; a refusal there kills and restarts it), so a restart
+during a sequence replays the current config to it. Sequences are not queued
+behind each other, and each step's config is read when the step is sent: a
+sequence overtaken by a newer one sends the newer config (with its own, older
+generation).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from meshsup.actors.bus.codec import Message
+from meshsup.actors.bus.messages import Ack, Configure
+from meshsup.actors.settings import Settings
+from meshsup.supervisor.hub import Hub
+from meshsup.supervisor.supervision import Tree
+
+
+class Sequencer:
+    def __init__(self, tree: Tree, hub: Hub) -> None:
+        self.tree = tree
+        self.hub = hub
+
+    def run_steps(self, steps: list[tuple[str, Callable[[int], Message]]],
+                  finished: Callable[[list[str]], None]) -> None:
+        """Send each request only after the previous one was acked (or failed)."""
+        errors: list[str] = []
+        queue = deque(steps)
+
+        def next_step(ack: Ack | None = None, name: str = "") -> None:
+            if name and (ack is None or not ack.ok):
+                errors.append(f"{name}: {'no answer' if ack is None else ack.error}")
+            while queue:
+                actor, make = queue.popleft()
+                a = self.tree.actors.get(actor)
+                if a is None or a.state != "running":
+                    continue  # a starting actor gets the new config on its own hello
+                self.hub.request(actor, make, lambda ack, actor=actor: next_step(ack, actor))
+                return
+            finished(errors)
+
+        next_step()
+
+    def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
+        self.tree.config = new
+        self.tree.generation += 1
+        gen = self.tree.generation
+        steps = [(name, lambda req: Configure(req=req, generation=gen, config=self.tree.config.to_wire()))
+                 for name in self.reconfigure_order()]
+        self.run_steps(steps, finished)
+
+    def reconfigure_order(self) -> list[str]:
+        """The seed's order: keys to magicsock before peers to crypto; netlog before router before DNS."""
+        order = ("magicsock", "crypto", "tun-io", "netlog", "router", "dns")
+        by_kind = {k: [a.name for a in self.tree.actors.values() if a.kind == k] for k in order}
+        return [n for k in order for n in sorted(by_kind[k])]
