@@ -61,7 +61,8 @@ def config(collectors: bool = True, **netlog: Any) -> Settings:
                    "allowed_ips": [f"{B4}/32", f"{B6}/128", "10.20.0.0/16", "0.0.0.0/0"],
                    "endpoints": ["198.51.100.2:51820"]}],
         "dns": {"listen": [f"{A4}:53"]},
-        "netlog": {"collectors": [{"kind": "ipfix", "address": "udp://127.0.0.1:4739"}] if collectors else [], **netlog},
+        "netlog": {"collectors": [{"kind": "ipfix", "address": "udp://127.0.0.1:4739"}] if collectors else [],
+                   **netlog},
     }, Path("."), Path("."))
 
 

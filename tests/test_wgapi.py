@@ -21,7 +21,8 @@ def config(*peers: PeerSettings) -> Settings:
 
 def peer(key: bytes, name: str, allowed: list[str]) -> PeerSettings:
     return PeerSettings(name=name, public_key=key, preshared_key=None,
-                        allowed_ips=tuple(ipaddress.ip_network(a) for a in allowed), endpoints=(), persistent_keepalive=0)
+                        allowed_ips=tuple(ipaddress.ip_network(a) for a in allowed), endpoints=(),
+                        persistent_keepalive=0)
 
 
 def allowed(p: PeerSettings) -> list[str]:
