@@ -254,7 +254,7 @@ def test_failover_after_a_timeout_and_the_late_answer_ignored(tmp_path, later):
     started = time.monotonic()
     assert dig(server.host, server.port, "www.example.test").rdata("A") == ["203.0.113.7"]
     assert 0.3 <= time.monotonic() - started < 1.0  # the second upstream answered after the first's timeout
-    wait_until(lambda: server.counters().get("upstream_udp_mismatched") == 1, what="the late answer seen")
+    # The late answer finds its socket closed (test_dns_hardening: a socket per burst).
     counters = server.counters()
     assert counters["upstream_timeout"] == 1 and counters["failovers"] == 1 and counters["upstream_answers"] == 1
 
@@ -333,8 +333,7 @@ def test_dot_with_unbound_and_doh_with_dnsdist(tmp_path, later):
     assert untrusted.counters()["upstream_tls"] == 1
 
 
-@pytest.mark.parametrize(("scheme", "counter", "most"), [("tcp", "upstream_connections_tcp", 1),
-                                                          ("udp", "upstream_sockets_udp", 4)])
+@pytest.mark.parametrize(("scheme", "counter", "most"), [("tcp", "upstream_connections_tcp", 1)])
 def test_upstream_sockets_carry_many_queries(tmp_path, later, scheme, counter, most):
     upstream = later(start_dnsmasq(tmp_path, ["--address=/example.test/203.0.113.7"]))
     server = start_server(later, upstreams=[url(upstream, scheme)])

@@ -51,6 +51,8 @@ period = 2.5
 listen = ["127.0.0.1:5353", "::1"]
 upstreams = ["udp://198.51.100.53", "https://198.51.100.54/q#doh.example"]
 timeout = 3
+allow = ["192.168.0.0/16"]
+rate_limit_window = 2
 srv = [{{name = "_http._tcp", target = "bravo", port = 80, weight = 5}}]
 source_overrides = [{{source = "10.9.0.0/16", upstreams = ["tcp://198.51.100.55"]}}]
 routes = [{{suffix = "corp.example", upstreams = ["tls://198.51.100.56#dns.corp.example"]}}]
@@ -83,6 +85,10 @@ def test_the_wire_form_round_trips_through_the_bus(tmp_path: Path) -> None:
     assert matches(fast.matcher, "x.example", 28) and not matches(fast.matcher, "x.example", 1)
     assert [hash(u) for u in back.dns.upstreams] == [hash(u) for u in settings.dns.upstreams]
     assert back.netlog.collectors[0].ca_file == tmp_path / "cert.pem"
+    mesh = back.dns_for_mesh()
+    assert mesh == settings.dns_for_mesh() and mesh.names["bravo"] == ("100.64.0.2",)
+    assert [str(n) for n in mesh.sources] == ["100.64.0.0/10", "fd7a:115c:a1e0::/48", "100.64.0.2/32", "10.20.0.0/16",
+                                              "::/0", "192.168.0.0/16"]
 
 
 def test_settings_are_frozen(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ class DnsActor(Actor):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(START_TIMEOUT)
 
     def configure(self, node_settings: Settings) -> None:
-        settings = node_settings.dns.with_names(node_settings.mesh_names())
+        settings = node_settings.dns_for_mesh()
         if settings == self.settings:
             return
         try:

@@ -3,13 +3,16 @@
 As dae, no two identical lookups run in parallel: a query whose key is
 already being forwarded waits for that answer. As Docker, at most `cap`
 forwards run at once (default 1024); a query beyond that is refused and the
-refusal is logged at most once per interval.
+refusal is logged at most once per interval. One owner (a client prefix,
+access.py) may start at most `share` of them, so a flood of distinct names
+from one client leaves room for the others.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -28,18 +31,22 @@ class Flight(Generic[W]):
     plan: FailoverPlan
     started: float
     waiters: list[W] = field(default_factory=list)
+    owner: Hashable | None = None  # who started it (None: nobody held to a share)
 
 
 class Admission(enum.Enum):
     STARTED = "started"  # the caller must forward
     MERGED = "merged"  # an identical forward is under way
     FULL = "full"  # over the cap: refuse
+    OWNER_FULL = "owner_full"  # over the owner's share: refuse
 
 
 class InflightTable(Generic[W]):
-    def __init__(self, cap: int = DEFAULT_CAP) -> None:
+    def __init__(self, cap: int = DEFAULT_CAP, share: int = DEFAULT_CAP) -> None:
         self.cap = cap
+        self.share = share
         self._flights: dict[Hashable, Flight[W]] = {}
+        self._owned: Counter[Hashable] = Counter()
 
     def __len__(self) -> int:
         return len(self._flights)
@@ -47,21 +54,33 @@ class InflightTable(Generic[W]):
     def get(self, key: Hashable) -> Flight[W] | None:
         return self._flights.get(key)
 
-    def admit(self, key: Hashable, waiter: W, make_flight: Callable[[], Flight[W]]) -> Admission:
+    def admit(
+        self, key: Hashable, waiter: W, make_flight: Callable[[], Flight[W]], owner: Hashable | None = None
+    ) -> Admission:
         flight = self._flights.get(key)
         if flight is not None:
             flight.waiters.append(waiter)
             return Admission.MERGED
         if len(self._flights) >= self.cap:
             return Admission.FULL
+        if owner is not None:
+            if self._owned[owner] >= self.share:
+                return Admission.OWNER_FULL
+            self._owned[owner] += 1
         flight = make_flight()
+        flight.owner = owner
         flight.waiters.append(waiter)
         self._flights[key] = flight
         return Admission.STARTED
 
     def finish(self, key: Hashable) -> Flight[W] | None:
         """Remove the flight; its waiters are the caller's to answer."""
-        return self._flights.pop(key, None)
+        flight = self._flights.pop(key, None)
+        if flight is not None and flight.owner is not None:
+            self._owned[flight.owner] -= 1
+            if not self._owned[flight.owner]:
+                del self._owned[flight.owner]
+        return flight
 
 
 class RateLimiter:

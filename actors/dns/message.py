@@ -14,10 +14,12 @@ A plain query (one question, at most a bare OPT) is read by hand (wire.py);
 dnspython reads the rest, and would read a plain one the same way.
 
 Replies are cut to what the client can take: its EDNS payload size over UDP
-(512 without EDNS), 65535 over TCP; whole RRsets that do not fit are left
-out and TC is set, so the client retries over TCP. Local answers are
-rendered by dnspython; upstream answers are assembled from their bytes
-(wire.py) when the query is plain and the reply fits, else rendered too.
+(512 without EDNS) but never more than the 1232 bytes we advertise (a
+bigger UDP answer is an amplifier's, and may be fragmented), 65535 over
+TCP; whole RRsets that do not fit are left out and TC is set, so the
+client retries over TCP. Local answers are rendered by dnspython; upstream
+answers are assembled from their bytes (wire.py) when the query is plain
+and the reply fits, else rendered too.
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ class Query:
         if self.fields.edns < 0:
             return CLASSIC_UDP_LIMIT
         # RFC 6891 section 6.2.5: values below 512 are treated as 512.
-        return min(max(self.fields.payload, CLASSIC_UDP_LIMIT), TCP_LIMIT)
+        return min(max(self.fields.payload, CLASSIC_UDP_LIMIT), OUR_PAYLOAD)
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,15 @@ def parse_query(wire_bytes: bytes) -> Query | ErrorReply | Ignored:
     if query.qtype in REFUSED_QTYPES:
         return ErrorReply("refused_qtype", render(query, Answer(dns.rcode.REFUSED), "udp"))
     return query
+
+
+def refusal(wire_bytes: bytes, transport: str) -> bytes | None:
+    """REFUSED to a query from a client not served: with its question if it has
+    one that can be read, else a bare header; None if not even that."""
+    parsed = parse_query(wire_bytes)
+    if isinstance(parsed, Query):
+        return render(parsed, Answer(dns.rcode.REFUSED), transport)
+    return None if isinstance(parsed, Ignored) else header_reply(wire_bytes, dns.rcode.REFUSED)
 
 
 def render(query: Query, answer: Answer | WireAnswer, transport: str) -> bytes:

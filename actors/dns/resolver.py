@@ -1,9 +1,11 @@
 """The DNS controller's sans-IO core: queries in, actions out.
 
-A query goes through, in order: hygiene (message.py), the local zone
+A query goes through, in order: hygiene (message.py), ANY (answered
+minimally, RFC 8482: one HINFO "RFC8482", never forwarded), the local zone
 (zone.py), Docker's ndots rule, request routing (rules.py), the cache
-(cache.py), merging and the in-flight cap (inflight.py), and finally one
-upstream after another (upstream.py). Replies that depend on the question
+(cache.py), merging and the in-flight cap, whole and per client prefix
+(inflight.py, access.py), and finally one upstream after another
+(upstream.py). Replies that depend on the question
 alone are prepared for the fast path (fastpath.py), an upstream's answer
 once its question comes again and is answered from the cache: the IO side
 offers every query to fast() first and calls handle() only when that has no
@@ -28,7 +30,9 @@ from typing import Any
 
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
 
+from meshsup.actors.dns.access import prefix_of, share
 from meshsup.actors.dns.cache import CacheEntry, CacheKey, DnsCache
 from meshsup.actors.dns.fastpath import FastAnswers, prepare
 from meshsup.actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
@@ -140,6 +144,7 @@ class Resolver:
             overrides=[SourceOverride(o.network, without_own(o.upstreams, own)) for o in settings.source_overrides],
         )
         self._inflight.cap = settings.max_inflight
+        self._inflight.share = share(settings.max_inflight)
         self._fast.clear(size=settings.cache_size + LOCAL_ENTRIES)  # the zone or the routes may have changed
         # With per-source upstreams, the same question may have different answers.
         self._fast_cache_hits = not settings.source_overrides
@@ -182,6 +187,10 @@ class Resolver:
                 return [Drop(parsed.reason, source, transport, ctx)]
             return [Reply(parsed.wire, source, transport, ctx)]
         waiter = _Waiter(parsed, source, transport, ctx, query_wire)
+        if parsed.qtype == dns.rdatatype.ANY:
+            # An amplifier's favourite question: one small record instead, for every name.
+            counters["any_minimised"] += 1
+            return [self._reply(waiter, self._rfc8482(parsed), keep="any_minimised")]
         # The wire check first: most names are not the zone's, and spare it a dnspython Name.
         if self._zone.covers(parsed.qname_key):
             local = self._zone.answer(parsed.qname, parsed.qtype, parsed.qclass)
@@ -204,11 +213,15 @@ class Resolver:
         if cached is not None:
             return [self._reply_cached(waiter, cached, now)]
         admission = self._inflight.admit(
-            key, waiter, lambda: Flight(make_forward_query(parsed), FailoverPlan(decision.upstreams), now)
+            key, waiter, lambda: Flight(make_forward_query(parsed), FailoverPlan(decision.upstreams), now),
+            owner=prefix_of(str(source[0])) if source else None,
         )
         if admission is Admission.MERGED:
             counters["merged"] += 1
             return []
+        if admission is Admission.OWNER_FULL:
+            counters["refused_source_inflight_cap"] += 1
+            return [self._reply(waiter, Answer(dns.rcode.REFUSED))]
         if admission is Admission.FULL:
             counters["refused_inflight_cap"] += 1
             actions: list[Action] = [self._reply(waiter, Answer(dns.rcode.REFUSED))]
@@ -275,6 +288,11 @@ class Resolver:
             self.counters["servfail_exhausted"] += 1
             answer = Answer(dns.rcode.SERVFAIL)
         return [self._reply(w, answer) for w in flight.waiters]
+
+    def _rfc8482(self, query: Query) -> Answer:
+        """RFC 8482 section 4.2: a synthesised HINFO with CPU "RFC8482" and an empty OS."""
+        hinfo = dns.rrset.from_text(query.qname, self.settings.ttl, query.qclass, "HINFO", '"RFC8482" ""')
+        return Answer(dns.rcode.NOERROR, answer=(hinfo,))
 
     @staticmethod
     def _held_back_by_ndots(query: Query) -> bool:

@@ -9,6 +9,14 @@ idle connections are closed. Every query is offered to the resolver's fast
 path first (a question asked before, answered from bytes) and goes the
 full way only when that has nothing.
 
+Only loopback, the mesh and the `allow` prefixes are answered (access.py):
+a query from anyone else is dropped over UDP (an answer would reflect off a
+spoofed source) and refused over TCP, where the client is real, before the
+connection is closed; both are counted (refused_source). UDP replies to
+clients other than loopback are rate limited per client prefix (RRL: some
+dropped, some truncated so that real clients retry over TCP), and one
+prefix may hold at most an eighth of the TCP connections.
+
     server = DnsServer(settings, on_learned=publish)
     await server.start()
     ...
@@ -28,15 +36,18 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import structlog
 
+from meshsup.actors.dns.access import RateLimit, Sources, Verdict, share
+from meshsup.actors.dns.message import refusal
 from meshsup.actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Resolver
 from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.dns.steering import steer
 from meshsup.actors.dns.transport import Transport
+from meshsup.actors.dns.wire import truncated
 from meshsup.actors.kernel.mmsg import SLOTS, Batch
 
 log = structlog.get_logger("meshsup.dns")
@@ -90,7 +101,8 @@ class _UdpListener:
         self._loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
-        batch, fast, stats = self._batch, self._server.fast, self._server.stats
+        server = self._server
+        batch, fast, stats, sources = self._batch, server.fast, server.stats, server.sources
         try:
             queries = batch.receive()
         except OSError:
@@ -101,19 +113,39 @@ class _UdpListener:
             if query is None:
                 stats["udp_oversized_queries"] += 1
                 continue
+            source = batch.source(slot)
+            client = sources(source[0])
+            if not client.allowed:
+                stats["refused_source"] += 1
+                continue
             reply = fast(query, "udp", now)
             if reply is None:
-                self._server._handle(query, batch.source(slot), "udp", self)
+                server._handle(query, source, "udp", self)
                 now = time.monotonic()
-            elif not batch.reply(slot, reply):
-                self.send(reply, batch.source(slot))
+                continue
+            if client.prefix is not None:
+                reply = server.limit(reply, client.prefix, now)
+                if reply is None:
+                    continue
+            if not batch.reply(slot, reply):
+                self._queue(reply, source)
         failed = batch.flush()
         if failed:
             stats["udp_send_errors"] += failed
 
     def send(self, wire: bytes, source: Any) -> None:
-        """A reply made outside the receive batch (a forwarded answer): queued,
-        and sent with the others of this loop turn in one system call."""
+        """A reply made outside the receive batch (a forwarded answer), as the
+        rate limit lets it go."""
+        prefix = self._server.sources(source[0]).prefix
+        if prefix is not None:
+            limited = self._server.limit(wire, prefix, time.monotonic())
+            if limited is None:
+                return
+            wire = limited
+        self._queue(wire, source)
+
+    def _queue(self, wire: bytes, source: Any) -> None:
+        """Queued, and sent with the others of this loop turn in one system call."""
         outbox = self._outbox
         if not outbox.queued:
             self._loop.call_soon(self._flush_outbox)
@@ -187,6 +219,9 @@ class DnsServer:
         self._transport = Transport(ca_file=settings.ca_file, idle_timeout=settings.tcp_idle_timeout)
         self._listeners: dict[Address, _Listeners] = {}
         self._connections: set[_TcpConnection] = set()
+        self._tcp_prefixes: Counter[Hashable] = Counter()  # connections by client prefix
+        self.sources = Sources(settings.sources)
+        self._rate_limit = _rate_limit(settings)
         self._closing = False
         self._steer_timer: asyncio.TimerHandle | None = None
         self.stats: Counter[str] = Counter()
@@ -240,8 +275,26 @@ class DnsServer:
             old = self._transport
             self._transport = Transport(ca_file=settings.ca_file, idle_timeout=settings.tcp_idle_timeout)
             old.close()
+        if settings.sources != self.settings.sources:
+            self.sources = Sources(settings.sources)
+        if _rate_limit_shape(settings) != _rate_limit_shape(self.settings):
+            self._rate_limit = _rate_limit(settings)
         self._resolver.reconfigure(settings)
         self.settings = settings
+
+    def limit(self, wire: bytes, prefix: Hashable, now: float) -> bytes | None:
+        """A UDP reply to a client of prefix as the rate limit lets it go:
+        whole, truncated, or (None) not at all; counted."""
+        if self._rate_limit is None:
+            return wire
+        verdict = self._rate_limit(prefix, now)
+        if verdict is Verdict.SEND:
+            return wire
+        if verdict is Verdict.SLIP:
+            self.stats["rrl_slipped"] += 1
+            return truncated(wire)
+        self.stats["rrl_dropped"] += 1
+        return None
 
     def flush_cache(self) -> None:
         """Forget every cached answer, e.g. after a link change."""
@@ -313,14 +366,20 @@ class DnsServer:
             log.exception("dns_learned_callback_failed", name=learned.name)
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        source = writer.get_extra_info("peername")
+        prefix = self.sources(source[0]).prefix
         if len(self._connections) >= MAX_TCP_CLIENTS:
             self.stats["tcp_clients_refused"] += 1
             writer.close()
             return
+        if prefix is not None and self._tcp_prefixes[prefix] >= share(MAX_TCP_CLIENTS):
+            self.stats["tcp_clients_refused_source"] += 1
+            writer.close()
+            return
         connection = _TcpConnection(writer, self)
         self._connections.add(connection)
+        self._tcp_prefixes[prefix] += 1
         self.stats["tcp_connections"] += 1
-        source = writer.get_extra_info("peername")
         try:
             while not connection.closed:
                 try:
@@ -335,6 +394,13 @@ class DnsServer:
                 async with asyncio.timeout(self.settings.tcp_idle_timeout):
                     wire = await reader.readexactly(length)
                 connection.pending += 1
+                if not self.sources(source[0]).allowed:
+                    # Not one of ours, but a real client (TCP is not spoofed): tell it, then hang up.
+                    self.stats["refused_source"] += 1
+                    refused = refusal(wire, "tcp")
+                    if refused is not None:
+                        connection.send(refused, source)
+                    break
                 reply = self.fast(wire, "tcp", time.monotonic())
                 if reply is None:
                     self._handle(wire, source, "tcp", connection)
@@ -344,7 +410,18 @@ class DnsServer:
             pass  # the client went away or stalled mid-message
         finally:
             self._connections.discard(connection)
+            self._tcp_prefixes[prefix] -= 1
+            if not self._tcp_prefixes[prefix]:
+                del self._tcp_prefixes[prefix]
             connection.close()
+
+
+def _rate_limit_shape(settings: DnsSettings) -> tuple[int, float, int]:
+    return settings.rate_limit, settings.rate_limit_window, settings.rate_limit_slip
+
+
+def _rate_limit(settings: DnsSettings) -> RateLimit | None:
+    return RateLimit(*_rate_limit_shape(settings)) if settings.rate_limit else None
 
 
 async def serve(

@@ -1,21 +1,25 @@
 """The IO half of forwarding: asyncio clients for udp/tcp/tls/https upstreams.
 
-- UDP: a few connected sockets per upstream carry every query, answers
-  matched by a random ID; each socket is replaced after a number of
-  queries, so source ports keep changing (RFC 5452) without a socket per
-  query. A truncated answer is asked again over TCP.
+- UDP: each burst of queries (those sent in one loop turn) gets a fresh
+  connected socket, on a source port the kernel picks at random (RFC 5452),
+  closed once its answers are in; answers matched by a random ID (and the
+  resolver checks the question they echo). A truncated answer is asked
+  again over TCP.
 - TCP and TLS: one connection per upstream carries many queries at once
   (RFC 7766 pipelining), answers matched by ID; a reused connection that
   the server closed meanwhile is retried once on a new one; closed when
   idle.
 - HTTPS (RFC 8484): HTTP/1.1 keep-alive POSTs of application/dns-message
   on a small pool of TLS connections (HTTP/1.1 has one request in flight
-  per connection), ID 0 on the wire as the RFC asks.
+  per connection), ID 0 on the wire as the RFC asks. Every length the
+  server writes is checked before anything is read by it (lines, headers,
+  chunks, bodies): a server that breaks the bounds fails the exchange as
+  http_bad_response, having made us hold no more than a message.
 
 ``Transport.start`` sends a query and calls back once, with the token it
 was given, with the answer or with a short reason the resolver counts
 (timeout, refused, closed, network, tls, http...). A UDP query costs a heap
-entry, not a task or a closure; UDP answers are read a batch at a time.
+entry, not a task or a closure.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import os
+import re
 import socket
 import ssl
 import struct
@@ -34,18 +39,18 @@ from typing import Any
 
 import structlog
 
-from meshsup.actors.kernel.mmsg import Batch
 from meshsup.actors.settings.dnstypes import Upstream
 
 log = structlog.get_logger("meshsup.dns")
 
 MAX_MESSAGE = 65535
 DOH_POOL_SIZE = 4
-UDP_SOCKETS = 4  # per upstream
-UDP_QUERIES_PER_SOCKET = 1000  # then a new socket, with a new source port
-UDP_BATCH_SLOTS = 32  # answers read per system call
+UDP_BURST = 16  # queries one socket (one source port) carries at most
 UDP_ANSWER_SIZE = 4096  # we ask for at most OUR_PAYLOAD (1232): a larger answer is dropped, counted
 MAX_HTTP_HEADERS = 64
+MAX_HTTP_LINE = 8192  # a status, header or chunk-size line
+CONTENT_LENGTH = re.compile(r"[0-9]{1,5}")
+CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")  # checked against what a message may still take before reading
 _ID = struct.Struct("!H")
 _QR_BYTE = 0x80  # in the third octet of a message
 _TC_BYTE = 0x02
@@ -118,12 +123,14 @@ Truncated = Callable[[Upstream, bytes, float, Done, Any], None]
 
 
 class _UdpSocket:
-    """One connected UDP socket; an answer goes to the query waiting on its ID.
-    No task and no timer per query: the deadlines wait in a heap, and one
-    timer is armed for the earliest. Answers are read a batch at a time
-    (actors.kernel.mmsg), as the listeners read queries."""
+    """One connected UDP socket for one burst of queries: on a source port the
+    kernel picks at random when it connects (RFC 5452), taking queries until
+    retired, closed once those it took are answered or timed out. An answer
+    goes to the query waiting on its ID. No task and no timer per query: the
+    deadlines wait in a heap, and one timer is armed for the earliest."""
 
-    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated) -> None:
+    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated,
+                 live: set[_UdpSocket]) -> None:
         family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -131,13 +138,14 @@ class _UdpSocket:
             # Connected: the kernel filters other sources and reports ICMP
             # port unreachable as ConnectionRefusedError at once.
             self._sock.connect((upstream.host, upstream.port))
-            self._batch = Batch(self._sock, UDP_BATCH_SLOTS, UDP_ANSWER_SIZE)
         except BaseException:
             self._sock.close()
             raise
         self._upstream = upstream
         self._counters = counters
         self._truncated = truncated
+        self._live = live
+        live.add(self)
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._sock.fileno(), self._readable)
         # By ID: query, callback, its token, deadline.
@@ -146,24 +154,30 @@ class _UdpSocket:
         self._deadlines: list[tuple[float, int]] = []
         self._timer: asyncio.TimerHandle | None = None
         self.uses = 0
+        self.retired = False
         self.closed = False
-
-    @property
-    def idle(self) -> bool:
-        return not self._pending
 
     def send(self, query: bytes, timeout: float, done: Done, token: Any) -> None:
         """Send query under a fresh random ID; OSError if it cannot be sent."""
         query_id = _random_id()
         while query_id in self._pending:
             query_id = _random_id()
+        self.uses += 1
         self._sock.send(_ID.pack(query_id) + query[2:])
         deadline = self._loop.time() + timeout
         self._pending[query_id] = (query, done, token, deadline)
         heapq.heappush(self._deadlines, (deadline, query_id))
         if self._deadlines[0][1] == query_id:  # the earliest now
             self._arm()
-        self.uses += 1
+
+    def retire(self) -> None:
+        """No more queries: close once those under way are done."""
+        self.retired = True
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self.retired and not self._pending:
+            self.close()
 
     def _arm(self) -> None:
         """The timer, for the earliest deadline (none if no query waits)."""
@@ -183,26 +197,32 @@ class _UdpSocket:
                 del self._pending[query_id]
                 waiting[1](waiting[2], None, "timeout")
         self._arm()
+        self._close_if_done()
 
     def _readable(self) -> None:
-        try:
-            answers = self._batch.receive()
-        except OSError as exc:  # e.g. port unreachable: every query here went to that port
-            self._fail_all(_reason(exc))
-            return
-        pending = self._pending
-        for answer in answers:
-            if answer is None:
-                self._counters["upstream_udp_oversized"] += 1
+        """The answers waiting, one system call each (a burst's are few); one
+        more read than there are queries waiting would only find none."""
+        pending, counters = self._pending, self._counters
+        for _ in range(max(1, len(pending))):
+            try:
+                answer = self._sock.recv(UDP_ANSWER_SIZE + 1)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # e.g. port unreachable: every query here went to that port
+                self._fail_all(_reason(exc))
+                break
+            if len(answer) > UDP_ANSWER_SIZE:
+                counters["upstream_udp_oversized"] += 1
                 continue
             is_answer = len(answer) >= 12 and answer[2] & _QR_BYTE
             waiting = pending.pop((answer[0] << 8) | answer[1], None) if is_answer else None
             if waiting is None:
-                self._counters["upstream_udp_mismatched"] += 1  # late, stray or spoofed: keep waiting
+                counters["upstream_udp_mismatched"] += 1  # late, stray or spoofed: keep waiting
             elif answer[2] & _TC_BYTE:
                 self._truncated(self._upstream, waiting[0], waiting[3], waiting[1], waiting[2])
             else:
                 waiting[1](waiting[2], answer, "")
+        self._close_if_done()
 
     def _fail_all(self, reason: str) -> None:
         pending, self._pending = self._pending, {}
@@ -213,6 +233,7 @@ class _UdpSocket:
         if self.closed:
             return
         self.closed = True
+        self._live.discard(self)
         if self._timer is not None:
             self._timer.cancel()
         self._loop.remove_reader(self._sock.fileno())
@@ -221,45 +242,42 @@ class _UdpSocket:
 
 
 class _UdpClient:
-    """A small set of UDP sockets to one upstream, shared by all queries."""
+    """Queries to one upstream, each burst of them on a fresh socket: those
+    sent in one loop turn, at most UDP_BURST. A socket per query would cost
+    five system calls more for each; a burst shares its port, but the port
+    lives about as long as one query does, and a forged answer must still
+    match the ID (and question) of one query, so a burst gives it no better odds."""
 
     def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated) -> None:
         self._upstream = upstream
         self._counters = counters
         self._truncated = truncated
-        self._sockets: list[_UdpSocket] = []
-        self._retired: list[_UdpSocket] = []
-        self._next = 0
-
-    def _socket(self) -> _UdpSocket:
-        """The next socket in turn. A socket carries at most UDP_QUERIES_PER_SOCKET
-        queries (so at most that many wait on it, and IDs are always free)."""
-        if len(self._sockets) < UDP_SOCKETS:
-            self._sockets.append(self._new_socket())
-            return self._sockets[-1]
-        self._next = (self._next + 1) % UDP_SOCKETS
-        sock = self._sockets[self._next]
-        if sock.uses >= UDP_QUERIES_PER_SOCKET:
-            self._retired.append(sock)  # closed once its last answer is in
-            sock = self._sockets[self._next] = self._new_socket()
-        return sock
-
-    def _new_socket(self) -> _UdpSocket:
-        self._counters["upstream_sockets_udp"] += 1
-        return _UdpSocket(self._upstream, self._counters, self._truncated)
+        self._current: _UdpSocket | None = None
+        self._live: set[_UdpSocket] = set()
+        self._burst_ends = False  # the end of this loop turn's burst is scheduled
 
     def send(self, query: bytes, timeout: float, done: Done, token: Any) -> None:
-        if self._retired:
-            for sock in [s for s in self._retired if s.idle]:
-                sock.close()
-                self._retired.remove(sock)
-        self._socket().send(query, timeout, done, token)
+        sock = self._current
+        if sock is None or sock.uses >= UDP_BURST:
+            if sock is not None:
+                sock.retire()
+            sock = self._current = _UdpSocket(self._upstream, self._counters, self._truncated, self._live)
+            self._counters["upstream_sockets_udp"] += 1
+            if not self._burst_ends:
+                self._burst_ends = True
+                asyncio.get_running_loop().call_soon(self._end_burst)
+        sock.send(query, timeout, done, token)
+
+    def _end_burst(self) -> None:
+        self._burst_ends = False
+        if self._current is not None:
+            self._current.retire()
+            self._current = None
 
     def close(self) -> None:
-        for sock in [*self._sockets, *self._retired]:
+        for sock in list(self._live):
             sock.close()
-        self._sockets.clear()
-        self._retired.clear()
+        self._current = None
 
 
 class _StreamConnection:
@@ -390,7 +408,7 @@ class _HttpConnection:
         )
         self._writer.write(head.encode("ascii") + body)
         await self._writer.drain()
-        status_line = await self._reader.readline()
+        status_line = await self._line()
         if not status_line:
             raise _ConnectionLost()
         parts = status_line.decode("latin-1").split(None, 2)
@@ -406,10 +424,17 @@ class _HttpConnection:
         self.idle_since = time.monotonic()
         return payload
 
+    async def _line(self) -> bytes:
+        """One line, up to MAX_HTTP_LINE bytes (the reader's limit)."""
+        try:
+            return await self._reader.readline()
+        except ValueError:  # no end of line within the limit: what was read is dropped
+            raise UpstreamError("http_bad_response") from None
+
     async def _headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
         for _ in range(MAX_HTTP_HEADERS):
-            line = (await self._reader.readline()).decode("latin-1")
+            line = (await self._line()).decode("latin-1")
             if line in ("\r\n", "\n"):
                 return headers
             name, sep, value = line.partition(":")
@@ -422,28 +447,34 @@ class _HttpConnection:
         if "chunked" in headers.get("transfer-encoding", "").lower():
             return await self._chunked()
         if "content-length" in headers:
-            length = int(headers["content-length"]) if headers["content-length"].isdigit() else -1
-            if not 0 <= length <= MAX_MESSAGE:
+            length = headers["content-length"]
+            if not CONTENT_LENGTH.fullmatch(length) or int(length) > MAX_MESSAGE:
                 raise UpstreamError("http_bad_response")
-            return await self._reader.readexactly(length)
+            return await self._reader.readexactly(int(length))
         self.keep_alive = False  # the body ends when the connection does
-        return await self._reader.read(MAX_MESSAGE + 1)
+        body = b""
+        while len(body) <= MAX_MESSAGE:
+            more = await self._reader.read(MAX_MESSAGE + 1 - len(body))
+            if not more:
+                return body
+            body += more
+        raise UpstreamError("http_bad_response")
 
     async def _chunked(self) -> bytes:
         body = b""
         while True:
-            size_line = (await self._reader.readline()).split(b";")[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError:
-                raise UpstreamError("http_bad_response") from None
+            size_line = (await self._line()).split(b";")[0].strip()
+            if not CHUNK_SIZE.fullmatch(size_line):
+                raise UpstreamError("http_bad_response")
+            size = int(size_line, 16)
             if size == 0:
                 await self._headers()  # trailers, then the blank line
                 return body
-            body += await self._reader.readexactly(size)
-            if len(body) > MAX_MESSAGE:
+            if len(body) + size > MAX_MESSAGE:
                 raise UpstreamError("http_bad_response")
-            await self._reader.readexactly(2)  # CRLF after each chunk
+            body += await self._reader.readexactly(size)
+            if await self._reader.readexactly(2) != b"\r\n":  # after each chunk
+                raise UpstreamError("http_bad_response")
 
     def close(self) -> None:
         self._writer.close()
@@ -496,7 +527,8 @@ class _DohClient:
 
     async def _connect(self) -> _HttpConnection:
         reader, writer = await asyncio.open_connection(
-            self._upstream.host, self._upstream.port, ssl=self._tls, server_hostname=self._upstream.tls_name
+            self._upstream.host, self._upstream.port, ssl=self._tls, server_hostname=self._upstream.tls_name,
+            limit=MAX_HTTP_LINE,
         )
         self._counters["upstream_connections_https"] += 1
         return _HttpConnection(reader, writer)

@@ -388,6 +388,15 @@ def assemble(
     return HEADER.pack(query_id, flags, 1, an, ns, ar + bool(opt)) + question + answer.records + opt
 
 
+def truncated(reply: bytes) -> bytes:
+    """The reply cut to its header and question, TC set: all a client gets when
+    it is rate limited (RRL's slip), enough to make a real one retry over TCP."""
+    query_id, flags, qdcount = struct.unpack_from("!HHH", reply)
+    # Ours, so well formed: a question, or none (a bare header for a query that had none readable).
+    end = read_name(reply, HEADER_LEN) + TYPE_CLASS.size if qdcount else HEADER_LEN
+    return HEADER.pack(query_id, flags | TC, qdcount, 0, 0, 0) + reply[HEADER_LEN:end]
+
+
 def cut(reply: bytes, answer: WireAnswer, limit: int, edns: bool) -> bytes:
     """reply (assembled from answer) cut to limit bytes at an RRset boundary;
     TC set if answer or authority records had to go (RFC 2181 section 9)."""

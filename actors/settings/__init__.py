@@ -30,15 +30,19 @@ class Settings:
     peers: tuple[PeerSettings, ...]
     actors: ActorCounts
     supervisor: SupervisorSettings
-    dns: DnsSettings  # names: empty; the DNS controller adds mesh_names()
+    dns: DnsSettings  # names and mesh: empty; the DNS controller adds them (dns_for_mesh)
     netlog: NetlogSettings  # with [logging]
 
-    def mesh_names(self) -> dict[str, list[str]]:
-        """Host label -> addresses, for the node and every peer (its single-host allowed IPs)."""
+    def dns_for_mesh(self) -> DnsSettings:
+        """The DNS settings with the mesh filled in, from the node and its peers (kept out of
+        `dns` so that a change to the peers, as `wg set` makes, leaves no stale copy): the
+        names answered (host label -> addresses: the node's, and each peer's single-host
+        allowed IPs) and the clients answered (the node's networks, the peers' allowed IPs)."""
         names = {self.node.name: [str(a.ip) for a in self.node.addresses]}
         for p in self.peers:
             names[p.name] = [str(n.network_address) for n in p.hosts]
-        return names
+        ranges = [str(a.network) for a in self.node.addresses] + [str(n) for p in self.peers for n in p.allowed_ips]
+        return self.dns.with_mesh(names, ranges)
 
     def to_wire(self) -> dict[str, Any]:
         """msgpack-able, for the bus."""
@@ -64,7 +68,7 @@ def parse(file: str, doc: dict[str, Any], base: Path, state_dir: Path) -> Settin
     netlog = _section(file, "netlog", lambda: netlog_settings(top.get("netlog", dict, {}),
                                                               top.get("logging", dict, {}), base))
     settings = Settings(node, tuple(peers), actors, supervisor, dns, netlog)
-    _section(file, "dns", lambda: dns.with_names(settings.mesh_names()))  # they must be DNS names too
+    _section(file, "dns", settings.dns_for_mesh)  # the node's and peers' names must be DNS names too
     return settings
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -17,8 +17,8 @@ import dns.exception
 import dns.name
 import dns.rcode
 
-from meshsup.actors.settings.dnstypes import (ASIS, REJECT, Matcher, Route, Rule, SourceOverride, SrvRecord, Upstream,
-                                              normalize_name, parse_upstream)
+from meshsup.actors.settings.dnstypes import (ASIS, REJECT, IPNetwork, Matcher, Route, Rule, SourceOverride, SrvRecord,
+                                              Upstream, normalize_name, parse_upstream)
 
 DNS_KEYS = frozenset(
     {
@@ -43,6 +43,10 @@ DNS_KEYS = frozenset(
         "ca_file",
         "srv",
         "source_overrides",
+        "allow",
+        "rate_limit",
+        "rate_limit_window",
+        "rate_limit_slip",
     }
 )
 REJECT_RCODES = {"noerror": dns.rcode.NOERROR, "nxdomain": dns.rcode.NXDOMAIN}
@@ -75,6 +79,13 @@ class DnsSettings:
     ca_file: str | None = None
     srv: tuple[SrvRecord, ...] = ()
     source_overrides: tuple[SourceOverride, ...] = ()
+    # Who is answered besides loopback (access.py): the mesh's ranges, from the
+    # node's addresses and peers, and the prefixes of `allow`.
+    mesh: tuple[IPNetwork, ...] = ()
+    allow: tuple[IPNetwork, ...] = ()
+    rate_limit: int = 100  # UDP responses a second per client prefix; 0: no limit
+    rate_limit_window: float = 5.0
+    rate_limit_slip: int = 2
 
     @property
     def reject_rcode_value(self) -> int:
@@ -93,12 +104,20 @@ class DnsSettings:
                 out.append(str(address))
         return list(dict.fromkeys(out))
 
-    def with_names(self, names: Mapping[str, list[str]]) -> DnsSettings:
-        """These settings answering for `names` (host label -> addresses) as the mesh's own."""
-        return replace(self, names=_names(names))
+    @property
+    def sources(self) -> tuple[IPNetwork, ...]:
+        """The networks whose clients are answered, loopback aside."""
+        return self.mesh + self.allow
+
+    def with_mesh(self, names: Mapping[str, list[str]], mesh: Sequence[str]) -> DnsSettings:
+        """These settings answering for `names` (host label -> addresses) as the mesh's own, and
+        answering the clients of the `mesh` networks."""
+        return replace(self, names=_names(names), mesh=_networks(list(mesh), "mesh"))
 
     @classmethod
-    def from_config(cls, dns_table: Mapping[str, Any], names: Mapping[str, list[str]]) -> DnsSettings:
+    def from_config(
+        cls, dns_table: Mapping[str, Any], names: Mapping[str, list[str]], mesh: Sequence[str] = ()
+    ) -> DnsSettings:
         unknown = set(dns_table) - DNS_KEYS
         if unknown:
             raise ValueError(f"dns: unknown keys {', '.join(sorted(unknown))}")
@@ -128,6 +147,11 @@ class DnsSettings:
             ca_file=t.get("ca_file", None, str, _ca_file),
             srv=t.get("srv", [], list, lambda v, k: _srv(v, k, domain)),
             source_overrides=t.get("source_overrides", [], list, _overrides),
+            mesh=_networks(list(mesh), "mesh"),
+            allow=t.get("allow", [], list, _networks),
+            rate_limit=t.get("rate_limit", cls.rate_limit, int, _between(0, 1_000_000)),
+            rate_limit_window=t.get("rate_limit_window", cls.rate_limit_window, float, _between(1.0, 3600.0)),
+            rate_limit_slip=t.get("rate_limit_slip", cls.rate_limit_slip, int, _between(0, 10)),
         )
         if settings.cache_min_ttl > settings.cache_max_ttl:
             raise ValueError("dns.cache_min_ttl: greater than dns.cache_max_ttl")
@@ -317,6 +341,17 @@ def _overrides(value: list[Any], name: str) -> tuple[SourceOverride, ...]:
         ups = _upstreams(_typed(item["upstreams"], list, f"{key}.upstreams"), f"{key}.upstreams")
         out.append(SourceOverride(network, ups))
     return tuple(out)
+
+
+def _networks(value: list[Any], name: str) -> tuple[IPNetwork, ...]:
+    out = []
+    for i, item in enumerate(value):
+        key = f"{name}[{i}]"
+        try:
+            out.append(ipaddress.ip_network(_typed(item, str, key), strict=False))
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    return tuple(dict.fromkeys(out))
 
 
 def _names(names: Mapping[str, list[str]]) -> dict[str, tuple[str, ...]]:
