@@ -78,7 +78,8 @@ class Table:
             except OSError as err:
                 raise self.fail(file_k, f"cannot read {path}: {err.strerror}") from None
             if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise self.fail(file_k, f"{path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it")
+                mode = stat.S_IMODE(st.st_mode)
+                raise self.fail(file_k, f"{path} is readable by others (mode {mode:04o}); chmod 600 it")
             try:
                 return keys.parse_key(text)
             except ValueError as err:
