@@ -23,6 +23,8 @@ from meshsup.actors.bus.datapath import Inbox, Outbox
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack, Command, Configure, Heartbeat, Hello, Stop
 from meshsup.actors.log import RateLimited, setup
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.wire import WireError
 
 HEARTBEAT_INTERVAL = 0.2
 FAULTS_ENV = "MESHSUP_TEST_FAULTS"
@@ -30,6 +32,13 @@ FAULTS_ENV = "MESHSUP_TEST_FAULTS"
 
 class ConfigError(ValueError):
     """Raised by `configure` to refuse a configuration (the ack carries it)."""
+
+
+def _settings(wire: dict[str, Any]) -> Settings:
+    try:
+        return Settings.from_wire(wire)
+    except WireError as err:
+        raise ConfigError(f"settings from the supervisor do not decode: {err}") from None
 
 
 class Actor:
@@ -48,7 +57,6 @@ class Actor:
         self._poller_stale = True
         self._zmq_due: set[zmq.Socket] = set()  # sockets to ask for messages before sleeping
         self.outbox = Outbox(runtime.inbox)
-        self.config: dict[str, Any] = {}
 
         self.control = self.ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.IDENTITY, name.encode())
@@ -62,9 +70,8 @@ class Actor:
         self.subscriptions.connect(runtime.events_out)
 
     # --- hooks for subclasses -------------------------------------------
-    def configure(self, config: dict[str, Any]) -> None:
-        """Apply the whole node config; raise ConfigError to refuse it."""
-        self.config = config
+    def configure(self, settings: Settings) -> None:
+        """Apply the node's settings; raise ConfigError to refuse them."""
 
     def command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown command {op!r}")
@@ -236,7 +243,7 @@ class Actor:
 
     def _on_control(self, msg: Message) -> None:
         if isinstance(msg, Configure):
-            self._ack(msg.req, lambda: (self.configure(msg.config), {})[1])
+            self._ack(msg.req, lambda: (self.configure(_settings(msg.config)), {})[1])
         elif isinstance(msg, Command):
             if msg.op == "fault":
                 self._ack(msg.req, lambda: self._fault(str(msg.args.get("mode"))))

@@ -6,12 +6,15 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.kernel.files import UnsafePath
 from meshsup.actors.log import setup
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.keys import b64
 from meshsup.supervisor import config as cfg
 from meshsup.supervisor.control import NotRunning, call
 
@@ -58,30 +61,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(args: argparse.Namespace, state_dir: Path) -> cfg.Config:
+def load_config(args: argparse.Namespace, state_dir: Path) -> Settings:
     if args.config:
         conf = cfg.load_toml(args.config, state_dir)
     elif args.wg_config:
         conf = cfg.load_wg_quick(args.wg_config, state_dir)
     else:
         conf = cfg.embedded_default(state_dir)
-    node = conf["node"]
+    node, actors = conf.node, conf.actors
     if args.interface is not None:
         if not valid_interface_name(args.interface):
             raise cfg.ConfigError("--interface", "interface", f"{args.interface!r} is not a valid interface name "
                                   f"(1-{IFNAMSIZ - 1} characters, no '/', ':' or white space, not '.' or '..')")
-        node["interface"] = args.interface
+        node = replace(node, interface=args.interface)
     if args.listen_port is not None:
         if not 0 <= args.listen_port <= 65535:
             raise cfg.ConfigError("--listen-port", "listen_port", "not a port number")
-        node["listen_port"] = args.listen_port
+        node = replace(node, listen_port=args.listen_port)
     for kind in ("crypto", "dns"):
         n = getattr(args, f"{kind}_workers")
         if n is not None:
             if not 1 <= n <= 64:
                 raise cfg.ConfigError(f"--{kind}-workers", f"actors.{kind}", f"{n} is outside 1..64")
-            conf["actors"][kind] = n
-    return conf
+            actors = replace(actors, **{kind: n})
+    return replace(conf, node=node, actors=actors)
 
 
 def valid_interface_name(name: str) -> bool:
@@ -90,15 +93,15 @@ def valid_interface_name(name: str) -> bool:
             and not any(c in "/:" or c.isspace() for c in name))
 
 
-def peer_stanza(conf: cfg.Config) -> str:
-    node = conf["node"]
-    allowed = ", ".join(node["addresses"])
-    return (f"# this node's public key: {node['public_key']}\n"
-            f"# for a meshsup node's config:\n[[peers]]\nname = \"{node['name']}\"\n"
-            f"public_key = \"{node['public_key']}\"\nallowed_ips = {json.dumps(node['addresses'])}\n"
-            f"endpoints = [\"THIS_HOST:{node['listen_port']}\"]\n"
-            f"# for a WireGuard peer (wg-quick):\n[Peer]\nPublicKey = {node['public_key']}\n"
-            f"AllowedIPs = {allowed}\nEndpoint = THIS_HOST:{node['listen_port']}\n")
+def peer_stanza(conf: Settings) -> str:
+    node = conf.node
+    public, addresses = b64(node.public_key), [str(a) for a in node.addresses]
+    return (f"# this node's public key: {public}\n"
+            f"# for a meshsup node's config:\n[[peers]]\nname = \"{node.name}\"\n"
+            f"public_key = \"{public}\"\nallowed_ips = {json.dumps(addresses)}\n"
+            f"endpoints = [\"THIS_HOST:{node.listen_port}\"]\n"
+            f"# for a WireGuard peer (wg-quick):\n[Peer]\nPublicKey = {public}\n"
+            f"AllowedIPs = {', '.join(addresses)}\nEndpoint = THIS_HOST:{node.listen_port}\n")
 
 
 def start(args: argparse.Namespace) -> int:

@@ -12,7 +12,8 @@ from meshsup.actors.bus.codec import DecodeError, decode, encode
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import CliReply, CliRequest, Command
 from meshsup.actors.registry import SCALABLE
-from meshsup.supervisor.config import Config
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.keys import b64
 from meshsup.supervisor.hub import Hub, bind
 from meshsup.supervisor.supervision import Tree
 from meshsup.supervisor.wgapi import peer_status
@@ -23,7 +24,7 @@ Reply = Callable[..., None]
 class CliServer:
     def __init__(self, ctx: zmq.Context, runtime: Runtime, tree: Tree, hub: Hub,
                  reload: Callable[[Reply], None],
-                 reconfigure: Callable[[Config, Callable[[list[str]], None]], None]) -> None:
+                 reconfigure: Callable[[Settings, Callable[[list[str]], None]], None]) -> None:
         self.tree = tree
         self.hub = hub
         self.reload = reload
@@ -84,11 +85,11 @@ class CliServer:
             reply(False, f"unknown command {cmd!r}")
 
     def status(self) -> dict[str, Any]:
-        node = self.tree.config["node"]
+        node = self.tree.config.node
         return {
-            "node": {"name": node["name"], "public_key": node["public_key"],
-                     "interface": node["interface"], "listen_port": node["listen_port"],
-                     "addresses": node["addresses"], "ready": self.tree.ready,
+            "node": {"name": node.name, "public_key": b64(node.public_key),
+                     "interface": node.interface, "listen_port": node.listen_port,
+                     "addresses": [str(a) for a in node.addresses], "ready": self.tree.ready,
                      "pid": os.getpid(), "generation": self.tree.generation},
             "actors": [{"name": a.name, "kind": a.kind, "pid": a.pid, "state": a.state,
                         "restarts": a.restarts, "last_exit": a.exit_reason,

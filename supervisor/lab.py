@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshsup.supervisor.keys import b64, generate_private, public_of
+from meshsup.actors.settings.keys import b64, generate_private, public_of
 from meshsup.supervisor.uapi_server import remove_if_stale, socket_path
 
 # The directory holding the meshsup packages: child processes import them from there.

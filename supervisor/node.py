@@ -15,15 +15,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import replace
 from typing import Any, Callable
 
 import zmq
 
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.registry import SCALABLE
+from meshsup.actors.settings import Settings
 from meshsup.supervisor import sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
-from meshsup.supervisor.config import Config
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.resources import TunQueues, probe_port
 from meshsup.supervisor.sequencer import Sequencer
@@ -32,7 +32,7 @@ from meshsup.supervisor.uapi_front import UapiFront
 
 
 class Supervisor:
-    def __init__(self, config: Config, runtime: Runtime, reload: Callable[[], Config],
+    def __init__(self, config: Settings, runtime: Runtime, reload: Callable[[], Settings],
                  log: Any) -> None:
         self.runtime = runtime
         self.reload_source = reload
@@ -52,7 +52,7 @@ class Supervisor:
         error = probe_port(self.tree.config)
         if error:
             return self._fail_start(error)
-        error = self.wg.serve(self.tree.config["node"]["interface"])
+        error = self.wg.serve(self.tree.config.node.interface)
         if error:
             return self._fail_start(error)
         self.tun_queues.open(self.tree.config)
@@ -121,7 +121,7 @@ class Supervisor:
                 self.reload(lambda ok, error="", result=None: None)
 
     # --- config changes ------------------------------------------------------
-    def reconfigure(self, new: Config, finished: Callable[[list[str]], None]) -> None:
+    def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
         """Every config change (reload, `wg set`, scale) comes through here."""
         self.wg.follow(new)
         self.sequencer.reconfigure(new, finished)
@@ -133,7 +133,7 @@ class Supervisor:
             self.log.error("reload refused, keeping the running configuration", error=str(err))
             reply(False, f"reload refused, running configuration kept: {err}")
             return
-        new["actors"] = {**new["actors"], **{k: self.tree.config["actors"][k] for k in SCALABLE}}
+        new = replace(new, actors=self.tree.config.actors)  # the worker counts stay as scaled
         if new == self.tree.config:
             reply(True, result={"changed": False})
             return

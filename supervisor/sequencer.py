@@ -50,7 +50,7 @@ from typing import Callable
 
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import Ack, Configure
-from meshsup.supervisor.config import Config
+from meshsup.actors.settings import Settings
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.supervision import Tree
 
@@ -80,11 +80,11 @@ class Sequencer:
 
         next_step()
 
-    def reconfigure(self, new: Config, finished: Callable[[list[str]], None]) -> None:
+    def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
         self.tree.config = new
         self.tree.generation += 1
         gen = self.tree.generation
-        steps = [(name, lambda req: Configure(req=req, generation=gen, config=self.tree.config))
+        steps = [(name, lambda req: Configure(req=req, generation=gen, config=self.tree.config.to_wire()))
                  for name in self.reconfigure_order()]
         self.run_steps(steps, finished)
 

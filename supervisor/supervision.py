@@ -13,15 +13,16 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, Stop
 from meshsup.actors.registry import PRELOAD, SCALABLE, START_ORDER, actor_name, run_actor
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.keys import b64
 from meshsup.supervisor import sdnotify
-from meshsup.supervisor.config import Config
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.resources import TunQueues
 
@@ -53,7 +54,7 @@ class ActorProc:
 
 
 class Tree:
-    def __init__(self, config: Config, runtime: Runtime, hub: Hub, tun_queues: TunQueues, log: Any) -> None:
+    def __init__(self, config: Settings, runtime: Runtime, hub: Hub, tun_queues: TunQueues, log: Any) -> None:
         self.config = config
         self.generation = 1
         self.runtime = runtime
@@ -73,7 +74,7 @@ class Tree:
         """(name, kind) of every actor the config asks for, in start order."""
         out = []
         for kind in START_ORDER:
-            n = self.config["actors"].get(kind, 1) if kind in SCALABLE else 1
+            n = getattr(self.config.actors, kind) if kind in SCALABLE else 1
             out += [(actor_name(kind, i), kind) for i in range(n)]
         return out
 
@@ -113,7 +114,7 @@ class Tree:
         if not self.ready and all(a.state == "running" for a in self.actors.values()):
             self.ready = True
             self.log.info("node ready", actors=len(self.actors),
-                          public_key=self.config["node"]["public_key"])
+                          public_key=b64(self.config.node.public_key))
             sdnotify.notify("READY=1\nSTATUS=all actors running")
 
     def _spawn(self, a: ActorProc) -> None:
@@ -149,12 +150,12 @@ class Tree:
 
     def _restart(self, a: ActorProc, how: str) -> None:
         now = time.monotonic()
-        period = self.config["supervisor"]["period"]
+        period = self.config.supervisor.period
         while self.restart_times and now - self.restart_times[0] > period:
             self.restart_times.popleft()
-        if len(self.restart_times) >= self.config["supervisor"]["intensity"]:
+        if len(self.restart_times) >= self.config.supervisor.intensity:
             raise NodeFailed(
-                f"actor {a.name} {how}; more than {self.config['supervisor']['intensity']} "
+                f"actor {a.name} {how}; more than {self.config.supervisor.intensity} "
                 f"restarts in {period:g} s, giving up")
         self.restart_times.append(now)
         a.quick_fails = a.quick_fails + 1 if now - a.started < STABLE_AFTER else 0
@@ -191,7 +192,7 @@ class Tree:
                 return
             a.pid = msg.pid
             self.hub.request(a.name, lambda req: Configure(req=req, generation=self.generation,
-                                                           config=self.config),
+                                                           config=self.config.to_wire()),
                              lambda ack: self._on_configured(a, ack), START_TIMEOUT)
         elif isinstance(msg, Heartbeat):
             a.last_beat = time.monotonic()
@@ -215,7 +216,7 @@ class Tree:
 
     # --- scaling -----------------------------------------------------------
     def scale(self, kind: str, count: int) -> None:
-        self.config = {**self.config, "actors": {**self.config["actors"], kind: count}}
+        self.config = replace(self.config, actors=replace(self.config.actors, **{kind: count}))
         wanted = self.wanted_names()
         for name, k in self.wanted():
             if name not in self.actors:

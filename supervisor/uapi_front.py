@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import zmq
 
-from meshsup.supervisor.config import Config
+from meshsup.actors.settings import Settings
 from meshsup.supervisor.supervision import Tree
 from meshsup.supervisor.uapi import GetRequest, SetRequest, UapiError, serialize_errno, serialize_get
 from meshsup.supervisor.uapi_server import InUse, UapiServer
@@ -16,7 +16,7 @@ from meshsup.supervisor.wgapi import apply_set, device_state
 
 
 class UapiFront:
-    def __init__(self, tree: Tree, reconfigure: Callable[[Config, Callable[[list[str]], None]], None],
+    def __init__(self, tree: Tree, reconfigure: Callable[[Settings, Callable[[list[str]], None]], None],
                  log: Any) -> None:
         self.tree = tree
         self.reconfigure = reconfigure
@@ -32,9 +32,9 @@ class UapiFront:
             return f"cannot serve the WireGuard API socket: {err}"
         return None
 
-    def follow(self, new: Config) -> None:
+    def follow(self, new: Settings) -> None:
         """Before a config change: the socket's name follows the interface's."""
-        if self.uapi is not None and new["node"]["interface"] != self.tree.config["node"]["interface"]:
+        if self.uapi is not None and new.node.interface != self.tree.config.node.interface:
             self.uapi.close()
             if error := self.serve(new["node"]["interface"]):
                 self.log.error(error)

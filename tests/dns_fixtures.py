@@ -36,7 +36,7 @@ import dns.rcode
 import dns.rrset
 
 from meshsup.actors.dns.server import DnsServer, serve
-from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.settings.dns import DnsSettings
 from tests.nodes import Netns
 from tests.topology import Identity, meshsup_config
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshsup.supervisor import config as cfg
-from meshsup.supervisor.keys import b64, generate_private, public_of
+from meshsup.actors.settings.keys import b64, generate_private, public_of
 from tests.nodes import REPO
 
 PEER = b64(public_of(generate_private()))
@@ -106,28 +106,28 @@ Endpoint = 198.51.100.2:51820
 PersistentKeepalive = 25
 """, name="wg3.conf")
     c = cfg.load_wg_quick(path, tmp_path)
-    assert c["node"]["public_key"] == b64(public_of(priv))
-    assert c["node"]["listen_port"] == 51999 and c["node"]["mtu"] == 1380
-    assert c["node"]["addresses"] == ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]
-    (peer,) = c["peers"]
-    assert peer["allowed_ips"] == ["100.64.0.2/32", "10.20.0.0/16"]
-    assert peer["endpoints"] == ["198.51.100.2:51820"] and peer["persistent_keepalive"] == 25
-    assert peer["preshared_key"] == psk
-    assert c["dns"]["upstreams"] == ["udp://198.51.100.53:53"] and c["dns"]["set_os_resolver"]
+    assert c.node.public_key == public_of(priv)
+    assert c.node.listen_port == 51999 and c.node.mtu == 1380
+    assert [str(a) for a in c.node.addresses] == ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]
+    (peer,) = c.peers
+    assert [str(n) for n in peer.allowed_ips] == ["100.64.0.2/32", "10.20.0.0/16"]
+    assert peer.endpoints == (("198.51.100.2", 51820),) and peer.persistent_keepalive == 25
+    assert peer.preshared_key is not None and b64(peer.preshared_key) == psk
+    assert [str(u) for u in c.dns.upstreams] == ["udp://198.51.100.53:53"] and c.dns.set_os_resolver
 
 
 def test_toml_full_example_is_accepted(tmp_path) -> None:
     c = cfg.load_toml(REPO / "deploy" / "example.toml", tmp_path)
-    assert c["peers"][0]["name"] == "bravo"
-    assert c["actors"] == {"crypto": 2, "dns": 1}
+    assert c.peers[0].name == "bravo"
+    assert (c.actors.crypto, c.actors.dns) == (2, 1)
 
 
 def test_embedded_default_is_stable(tmp_path) -> None:
     a = cfg.embedded_default(tmp_path)
     b = cfg.embedded_default(tmp_path)
-    assert a["node"]["public_key"] == b["node"]["public_key"]
-    assert a["node"]["interface"] == "meshsup0" and a["peers"] == []
-    v4, v6 = a["node"]["addresses"]
+    assert a.node.public_key == b.node.public_key
+    assert a.node.interface == "meshsup0" and a.peers == ()
+    v4, v6 = (str(address) for address in a.node.addresses)
     assert v4.startswith("100.") and v6.startswith("fd7a:115c:a1e0:")
 
 

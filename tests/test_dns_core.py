@@ -26,11 +26,13 @@ from meshsup.actors.dns.fastpath import FastAnswers, prepare
 from meshsup.actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
 from meshsup.actors.dns.message import Answer, ErrorReply, Ignored, Query, parse_query, parse_response, render
 from meshsup.actors.dns.resolver import Drop, Forward, Learned, Log, Reply, Resolver
-from meshsup.actors.dns.rules import ForwardTo, Matcher, Reject, Route, Router, Rule, SourceOverride, normalize_name
-from meshsup.actors.dns.settings import DNS_KEYS, DnsSettings
-from meshsup.actors.dns.upstream import MAX_ATTEMPTS, FailoverPlan, Upstream, parse_upstream, without_own
+from meshsup.actors.dns.rules import ForwardTo, Reject, Router, matches
+from meshsup.actors.settings.dns import DNS_KEYS, DnsSettings
+from meshsup.actors.dns.upstream import MAX_ATTEMPTS, FailoverPlan, without_own
 from meshsup.actors.dns.wire import WireAnswer, parse_answer, query_key
-from meshsup.actors.dns.zone import SrvRecord, Zone
+from meshsup.actors.dns.zone import Zone
+from meshsup.actors.settings.dnstypes import (Matcher, Route, Rule, SourceOverride, SrvRecord, Upstream, normalize_name,
+                                              parse_upstream)
 from meshsup.actors.router.resolvconf import HEADER, ResolvConf
 
 CLIENT = ("127.0.0.1", 40000)
@@ -714,7 +716,7 @@ U1, U2, U3, U4 = (parse_upstream(f"udp://198.51.100.{i}") for i in range(1, 5))
     ],
 )
 def test_matchers(match, name, qtype, hit):
-    assert Matcher.parse(match).matches(name, qtype) is hit
+    assert matches(Matcher.parse(match), name, qtype) is hit
 
 
 def test_router_order_and_actions():

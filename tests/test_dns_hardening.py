@@ -30,7 +30,7 @@ import structlog.testing
 
 from meshsup.actors.dns.access import RateLimit, Sources, Verdict
 from meshsup.actors.dns.inflight import Admission, Flight, InflightTable
-from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.dns.transport import UDP_BURST
 from meshsup.actors.dns.upstream import FailoverPlan
 from meshsup.actors.dns.wire import truncated

@@ -19,7 +19,7 @@ import dns.reversename
 import dns.rrset
 import pytest
 
-from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.kernel.mmsg import SLOT_SIZE, Batch
 from tests.dns_fixtures import (
     BAD_PACKETS,

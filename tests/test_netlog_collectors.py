@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from meshsup.actors.netlog.collectors import CollectorConfig, parse_collectors
+from meshsup.actors.settings.collectors import CollectorConfig, parse_collectors
 from meshsup.actors.netlog.flows import Classifier, FlowTable, Record
 from meshsup.actors.netlog.shipper import Shipper
 from tests.netlog_fixtures import (

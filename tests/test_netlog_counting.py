@@ -26,7 +26,10 @@ from meshsup.actors.flowcount.tally import (
 from meshsup.actors.netlog.counting import CountsReader, Deliveries
 from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.netlog.flows import FlowTable
-from meshsup.actors.netlog.settings import classifier, endpoint_peers, netlog_settings
+from meshsup.actors.netlog.mesh import classifier, endpoint_peers
+from meshsup.actors.settings import Settings, parse
+from meshsup.actors.settings.keys import b64, generate_private, public_of
+from meshsup.actors.settings.netlog import netlog_settings
 from meshsup.actors.netlog.wal import WindowLog
 
 T0 = 1_700_000_000.0
@@ -51,15 +54,16 @@ def ports(sport: int, dport: int, rest: int = 16) -> bytes:
     return struct.pack("!HH", sport, dport) + bytes(rest)
 
 
-def config(**netlog: Any) -> dict[str, Any]:
-    return {
-        "node": {"name": "alpha", "public_key": "key-a", "addresses": [f"{A4}/32", f"{A6}/128"]},
-        "peers": [{"name": "bravo", "allowed_ips": [f"{B4}/32", f"{B6}/128", "10.20.0.0/16", "0.0.0.0/0"],
+def config(collectors: bool = True, **netlog: Any) -> Settings:
+    return parse("test.toml", {
+        "node": {"name": "alpha", "private_key": b64(generate_private()), "addresses": [f"{A4}/32", f"{A6}/128"]},
+        "peers": [{"name": "bravo", "public_key": b64(public_of(generate_private())),
+                   "allowed_ips": [f"{B4}/32", f"{B6}/128", "10.20.0.0/16", "0.0.0.0/0"],
                    "endpoints": ["198.51.100.2:51820"]}],
         "dns": {"listen": [f"{A4}:53"]},
-        "netlog": {"collectors": [{"kind": "ipfix", "address": "udp://127.0.0.1:4739"}], **netlog},
-        "logging": {},
-    }
+        "netlog": {"collectors": [{"kind": "ipfix", "address": "udp://127.0.0.1:4739"}] if collectors else [],
+                   **netlog},
+    }, Path("."), Path("."))
 
 
 def tallied(tally: Tally) -> dict[Any, tuple[int, int]]:
@@ -203,7 +207,7 @@ def test_wrong_netlog_and_logging_tables_are_refused_naming_the_key(
     netlog: dict[str, Any], logging: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        netlog_settings({**config(), "netlog": netlog, "logging": logging})
+        netlog_settings(netlog, logging, None)
 
 
 # --- tun-io's and magicsock's feed -------------------------------------------------
@@ -256,7 +260,7 @@ def test_the_feed_flushes_once_per_period_and_loses_nothing_netlog_did_not_take(
     assert feed.take(FlowCountsAck(epoch=msg.epoch, seq=msg.seq)) and not feed.take(msg)
     feed.tick(13.0)
     assert sent == [msg, msg]
-    feed.configure({**config(), "netlog": {}})  # no collectors: no counting at all
+    feed.configure(config(collectors=False))  # no collectors: no counting at all
     feed.rx.add(("198.51.100.2", 51820), 2, 300)
     feed.tick(20.0)
     assert len(sent) == 2

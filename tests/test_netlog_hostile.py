@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from meshsup.actors.netlog.actor import REQUEST_TIMEOUT
-from meshsup.actors.netlog.collectors import parse_collectors
+from meshsup.actors.settings.collectors import parse_collectors
 from meshsup.actors.netlog.flows import Classifier, FlowTable, Record
 from meshsup.actors.netlog.http11 import HttpError, ResponseReader
 from meshsup.actors.netlog.resolve import Resolver

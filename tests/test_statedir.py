@@ -24,7 +24,7 @@ from meshsup.actors.router.resolvconf import BACKUP_SUFFIX, HEADER, ResolvConf
 from meshsup.supervisor import cli
 from meshsup.supervisor import config as cfg
 from meshsup.supervisor.control import NotRunning, call
-from meshsup.supervisor.keys import b64, generate_private, load_or_create
+from meshsup.actors.settings.keys import b64, generate_private, load_or_create
 from tests.nodes import REPO
 
 OTHER_UID = 54321  # no one's: "another user"
@@ -184,7 +184,7 @@ def test_interface_names_linux_refuses_are_refused_at_the_cli(tmp_path: Path, na
 
 def test_a_good_interface_name_is_taken(tmp_path: Path) -> None:
     args = cli._parser().parse_args(["start", "--state-dir", str(tmp_path), "--interface", "x" * 15])
-    assert cli.load_config(args, tmp_path)["node"]["interface"] == "x" * 15
+    assert cli.load_config(args, tmp_path).node.interface == "x" * 15
 
 
 # --- resolv.conf --------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
+from dataclasses import replace
+from pathlib import Path
 
-from meshsup.supervisor import keys
+from meshsup.actors.settings import PeerSettings, Settings, keys, parse
 from meshsup.supervisor.uapi import SetRequest, UapiError, parse_request, serialize_get
 from meshsup.supervisor.wgapi import apply_set, device_state
 
@@ -11,18 +14,22 @@ NODE_PRIV = keys.generate_private()
 K1, K2, K3 = (keys.public_of(keys.generate_private()) for _ in range(3))
 
 
-def config(*peers: dict) -> dict:
-    return {"node": {"name": "alpha", "private_key": keys.b64(NODE_PRIV),
-                     "public_key": keys.b64(keys.public_of(NODE_PRIV)), "listen_port": 51820},
-            "peers": list(peers)}
+def config(*peers: PeerSettings) -> Settings:
+    node = parse("test.toml", {"node": {"name": "alpha", "private_key": keys.b64(NODE_PRIV)}}, Path("."), Path("."))
+    return replace(node, peers=peers)
 
 
-def peer(key: bytes, name: str, allowed: list[str]) -> dict:
-    return {"name": name, "public_key": keys.b64(key), "preshared_key": "", "allowed_ips": allowed,
-            "endpoints": [], "persistent_keepalive": 0}
+def peer(key: bytes, name: str, allowed: list[str]) -> PeerSettings:
+    return PeerSettings(name=name, public_key=key, preshared_key=None,
+                        allowed_ips=tuple(ipaddress.ip_network(a) for a in allowed), endpoints=(),
+                        persistent_keepalive=0)
 
 
-def wg_set(conf: dict, *lines: str) -> dict | UapiError:
+def allowed(p: PeerSettings) -> list[str]:
+    return [str(n) for n in p.allowed_ips]
+
+
+def wg_set(conf: Settings, *lines: str) -> Settings | UapiError:
     request = parse_request(("set=1\n" + "".join(f"{line}\n" for line in lines)).encode())
     assert isinstance(request, SetRequest), request
     return apply_set(conf, request)
@@ -32,18 +39,20 @@ def test_new_peer_with_endpoint_keepalive_and_psk() -> None:
     psk = bytes(range(32))
     new = wg_set(config(), f"public_key={K1.hex()}", "endpoint=[fd00::2]:51820", f"preshared_key={psk.hex()}",
                  "persistent_keepalive_interval=25", "allowed_ip=100.64.0.2/32", "allowed_ip=10.0.0.0/8")
-    (p,) = new["peers"]
-    assert p["name"] == f"peer-{K1[:4].hex()}" and p["endpoints"] == ["[fd00::2]:51820"]
-    assert p["preshared_key"] == keys.b64(psk) and p["persistent_keepalive"] == 25
-    assert p["allowed_ips"] == ["100.64.0.2/32", "10.0.0.0/8"]
+    assert isinstance(new, Settings)
+    (p,) = new.peers
+    assert p.name == f"peer-{K1[:4].hex()}" and p.endpoints == (("fd00::2", 51820),)
+    assert p.preshared_key == psk and p.persistent_keepalive == 25
+    assert allowed(p) == ["100.64.0.2/32", "10.0.0.0/8"]
 
 
 def test_an_allowed_ip_moves_to_the_peer_that_claims_it() -> None:
     conf = config(peer(K1, "bravo", ["100.64.0.2/32", "10.0.0.0/8"]), peer(K2, "charlie", ["100.64.0.3/32"]))
     new = wg_set(conf, f"public_key={K2.hex()}", "allowed_ip=10.0.0.0/8")
-    assert new["peers"][0]["allowed_ips"] == ["100.64.0.2/32"]
-    assert new["peers"][1]["allowed_ips"] == ["100.64.0.3/32", "10.0.0.0/8"]
-    assert conf["peers"][0]["allowed_ips"] == ["100.64.0.2/32", "10.0.0.0/8"]  # the running config is untouched
+    assert isinstance(new, Settings)
+    assert allowed(new.peers[0]) == ["100.64.0.2/32"]
+    assert allowed(new.peers[1]) == ["100.64.0.3/32", "10.0.0.0/8"]
+    assert allowed(conf.peers[0]) == ["100.64.0.2/32", "10.0.0.0/8"]  # the running config is untouched
 
 
 def test_replace_allowed_ips_remove_update_only_and_replace_peers() -> None:
@@ -51,8 +60,9 @@ def test_replace_allowed_ips_remove_update_only_and_replace_peers() -> None:
     new = wg_set(conf, f"public_key={K1.hex()}", "replace_allowed_ips=true", "allowed_ip=100.64.9.0/24",
                  f"public_key={K2.hex()}", "remove=true",
                  f"public_key={K3.hex()}", "update_only=true", "allowed_ip=100.64.0.4/32")
-    assert [(p["name"], p["allowed_ips"]) for p in new["peers"]] == [("bravo", ["100.64.9.0/24"])]
-    assert wg_set(conf, "replace_peers=true")["peers"] == []
+    assert isinstance(new, Settings)
+    assert [(p.name, allowed(p)) for p in new.peers] == [("bravo", ["100.64.9.0/24"])]
+    assert wg_set(conf, "replace_peers=true") == replace(conf, peers=())
 
 
 def test_own_key_is_ignored_and_a_new_private_key_drops_the_matching_peer() -> None:
@@ -61,9 +71,9 @@ def test_own_key_is_ignored_and_a_new_private_key_drops_the_matching_peer() -> N
     assert wg_set(conf, f"public_key={own.hex()}", "allowed_ip=100.64.0.9/32") == conf
     priv = keys.generate_private()
     new = wg_set(conf, f"private_key={priv.hex()}")
-    assert new["node"]["public_key"] == keys.b64(keys.public_of(priv))
-    assert wg_set(conf, f"private_key={keys.generate_private().hex()}", f"public_key={K1.hex()}",
-                  "remove=true")["peers"] == []
+    assert isinstance(new, Settings) and new.node.public_key == keys.public_of(priv)
+    new = wg_set(conf, f"private_key={keys.generate_private().hex()}", f"public_key={K1.hex()}", "remove=true")
+    assert isinstance(new, Settings) and new.peers == ()
 
 
 def test_refusals_name_the_problem() -> None:
@@ -74,8 +84,7 @@ def test_refusals_name_the_problem() -> None:
 
 
 def test_get_reports_live_figures_over_the_config() -> None:
-    conf = config(peer(K1, "bravo", ["100.64.0.2/32"]))
-    conf["peers"][0]["endpoints"] = ["198.51.100.2:51820"]
+    conf = config(replace(peer(K1, "bravo", ["100.64.0.2/32"]), endpoints=(("198.51.100.2", 51820),)))
     live = {keys.b64(K1): {"endpoint": "198.51.100.9:4000", "rx_bytes": 10, "tx_bytes": 20,
                            "last_handshake": 1700000000}}
     text = serialize_get(device_state(conf, live)).decode()

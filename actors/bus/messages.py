@@ -22,11 +22,11 @@ class Heartbeat(Message):
     status: dict[str, Any]  # counters and actor-specific state for `status`
 
 
-@message("actor.configure")
+@message("actor.configure", version=2)
 class Configure(Message):
     req: int
     generation: int
-    config: dict[str, Any]
+    config: dict[str, Any]  # actors.settings.Settings, in its wire form
 
 
 @message("actor.command")

@@ -75,8 +75,6 @@ Incoming, network -> TUN
 """
 from __future__ import annotations
 
-import base64
-import ipaddress
 import os
 import time
 from collections import defaultdict
@@ -96,6 +94,7 @@ from meshsup.actors.kernel.types import Burst
 from meshsup.actors.flowcount.tally import INNER, UNDERLAY
 from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.kernel.tun import Tun
+from meshsup.actors.settings import PeerSettings, Settings
 
 TICK_INTERVAL = 0.05
 TIMING_ENV = "MESHSUP_TEST_TIMING"  # e.g. "rekey_after_time=4,reject_after_time=8" (tests only)
@@ -110,17 +109,13 @@ def test_timing() -> Timing:
     return Timing(**{k: type(getattr(default, k))(float(v)) for k, v in (kv.split("=") for kv in spec.split(","))})
 
 
-def peer_config(p: dict[str, Any]) -> PeerConfig:
-    endpoint = None
-    if p["endpoints"]:
-        host, _, port = p["endpoints"][0].rpartition(":")
-        endpoint = (host.strip("[]"), int(port))
+def peer_config(p: PeerSettings) -> PeerConfig:
     return PeerConfig(
-        public_key=base64.b64decode(p["public_key"]),
-        preshared_key=base64.b64decode(p["preshared_key"]) if p["preshared_key"] else None,
-        allowed_ips=[ipaddress.ip_network(a) for a in p["allowed_ips"]],
-        endpoint=endpoint,
-        persistent_keepalive=p["persistent_keepalive"] or None,
+        public_key=p.public_key,
+        preshared_key=p.preshared_key,
+        allowed_ips=list(p.allowed_ips),
+        endpoint=p.endpoints[0] if p.endpoints else None,
+        persistent_keepalive=p.persistent_keepalive or None,
     )
 
 
@@ -133,8 +128,8 @@ class CryptoActor(Actor):
         self.routes = worker_routes([])  # destination -> owning worker, for what our TUN queue gives us
         self.no_route = 0
         self.device: Device | None = None
-        self.device_key: tuple[str, int, int] | None = None
-        self.peers: dict[bytes, dict[str, Any]] = {}
+        self.device_key: tuple[bytes, int, int] | None = None
+        self.peers: dict[bytes, PeerSettings] = {}
         self.next_tick = 0.0
         self.forwarded = 0  # datagrams handed on to other workers
         self.forwarded_initiations = 0
@@ -145,24 +140,23 @@ class CryptoActor(Actor):
         self.underlay = FlowFeed(self, UNDERLAY)
         self.feeds = (self.inner, self.underlay)
 
-    def configure(self, config: dict[str, Any]) -> None:
-        super().configure(config)
+    def configure(self, settings: Settings) -> None:
         for feed in self.feeds:
-            feed.configure(config)
-        node = config["node"]
-        workers = config["actors"]["crypto"]
+            feed.configure(settings)
+        node = settings.node
+        workers = settings.actors.crypto
         if self.index >= workers:
             raise ConfigError(f"{self.name} is beyond {workers} crypto workers")
-        key = (node["private_key"], workers, node["mtu"])
+        key = (node.private_key, workers, node.mtu)
         if key != self.device_key:
             # A new key or shard map invalidates every session: start clean.
-            self.device = Device(base64.b64decode(node["private_key"]), worker=self.index,
-                                 workers=workers, timing=test_timing(), mtu=node["mtu"],
+            self.device = Device(node.private_key, worker=self.index,
+                                 workers=workers, timing=test_timing(), mtu=node.mtu,
                                  owner_of=partial(owner, workers=workers))
             self.device_key, self.peers = key, {}
         assert self.device is not None
         self.outbox.connect(["tun-io", "magicsock", *(f"crypto-{w}" for w in range(workers))])
-        wanted = {base64.b64decode(p["public_key"]): p for p in config["peers"]}
+        wanted = {p.public_key: p for p in settings.peers}
         wanted = {k: p for k, p in wanted.items() if owner(k, workers) == self.index}
         for gone in set(self.peers) - set(wanted):
             self.device.remove_peer(gone)
@@ -170,12 +164,12 @@ class CryptoActor(Actor):
             old = self.peers.get(k)
             if old == p:
                 continue  # unchanged: keep its session and roamed endpoint
-            if old is not None and old["preshared_key"] != p["preshared_key"]:
+            if old is not None and old.preshared_key != p.preshared_key:
                 self.device.remove_peer(k)  # key material changed: flush the session
             self.device.set_peer(peer_config(p))
         self.peers = wanted
-        self.routes = worker_routes(worker_prefixes(config["peers"], workers))
-        self.direct.configure(node["interface"], node["listen_port"])
+        self.routes = worker_routes(worker_prefixes(settings.peers, workers))
+        self.direct.configure(node.interface, node.listen_port)
         self.direct.set_endpoints({k: peer.endpoint for k, peer in self.device.peers.items()})
 
     def on_message(self, msg: Message) -> None:

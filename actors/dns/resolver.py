@@ -46,9 +46,10 @@ from meshsup.actors.dns.message import (
     render,
     reply_ttls,
 )
-from meshsup.actors.dns.rules import Reject, Route, Router, SourceOverride
-from meshsup.actors.dns.settings import DnsSettings
-from meshsup.actors.dns.upstream import FailoverPlan, Upstream, should_failover, without_own
+from meshsup.actors.dns.rules import Reject, Router
+from meshsup.actors.settings.dns import DnsSettings
+from meshsup.actors.settings.dnstypes import Route, SourceOverride, Upstream
+from meshsup.actors.dns.upstream import FailoverPlan, should_failover, without_own
 from meshsup.actors.dns.wire import WireAnswer, label_count
 from meshsup.actors.dns.zone import Zone
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import structlog
 
-from meshsup.actors.dns.upstream import Upstream
+from meshsup.actors.settings.dnstypes import Upstream
 
 log = structlog.get_logger("meshsup.dns")
 

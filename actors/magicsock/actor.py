@@ -25,6 +25,7 @@ from meshsup.actors.kernel.types import Burst
 from meshsup.actors.kernel.udp import UdpSocket
 from meshsup.actors.flowcount.tally import UNDERLAY
 from meshsup.actors.flowcount.feed import FlowFeed
+from meshsup.actors.settings import Settings
 
 RECV_BATCH = 512
 
@@ -39,11 +40,10 @@ class MagicsockActor(Actor):
         self.counters: Counter[str] = Counter()
         self.flows = FlowFeed(self, UNDERLAY)
 
-    def configure(self, config: dict[str, Any]) -> None:
-        super().configure(config)
-        self.flows.configure(config)
-        port = config["node"]["listen_port"]
-        self.workers = config["actors"]["crypto"]
+    def configure(self, settings: Settings) -> None:
+        self.flows.configure(settings)
+        port = settings.node.listen_port
+        self.workers = settings.actors.crypto
         self.outbox.connect([f"crypto-{w}" for w in range(self.workers)])
         if self.sock is None or self.sock.port != port:
             try:

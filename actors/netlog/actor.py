@@ -26,18 +26,21 @@ from typing import Any
 
 import zmq
 
-from meshsup.actors.base import Actor, ConfigError
+from meshsup.actors.base import Actor
 from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import FlowCounts, FlowCountsAck, LogLine
 from meshsup.actors.log import log_endpoint
-from meshsup.actors.netlog.collectors import CollectorConfig
+from meshsup.actors.settings.collectors import CollectorConfig
 from meshsup.actors.netlog.counting import CountsReader, Deliveries
-from meshsup.actors.netlog.daemonlog import LEVELS, LogIntake
+from meshsup.actors.netlog.daemonlog import LogIntake
 from meshsup.actors.netlog.flows import FlowTable, Record
 from meshsup.actors.netlog.formats import FLOWS, LOGS, RecordFormat
+from meshsup.actors.netlog.mesh import classifier, endpoint_peers
 from meshsup.actors.netlog.resolve import Resolver
-from meshsup.actors.netlog.settings import NetlogSettings, classifier, endpoint_peers, netlog_settings
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.keys import b64
+from meshsup.actors.settings.netlog import LEVELS, NetlogSettings
 from meshsup.actors.netlog.shipper import Shipper
 from meshsup.actors.netlog.wal import WindowLog
 
@@ -81,36 +84,31 @@ class NetlogActor(Actor):
         self.log_inbox.bind(log_endpoint(runtime))  # read once configured; lines wait till then
 
     # --- configuration ------------------------------------------------------
-    def configure(self, config: dict[str, Any]) -> None:
-        try:
-            settings = netlog_settings(config)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        super().configure(config)
-        node = config["node"]
-        self.reader.peers = endpoint_peers(config)
-        rules = classifier(config, settings.anonymize_exit)
+    def configure(self, node_settings: Settings) -> None:
+        settings, node = node_settings.netlog, node_settings.node
+        self.reader.peers = endpoint_peers(node_settings)
+        rules = classifier(node_settings, settings.anonymize_exit)
         now = time.time()
         old = self.settings
         if old is None or old.collectors != settings.collectors:
             if self.table is not None and self.flow_shipper is not None:
                 self._close_window(now)  # counted under the old collectors: theirs
                 self.flow_shipper.close()
-            self.flow_shipper = self._shipper(settings.collectors, "flows", FLOWS, node["name"])
+            self.flow_shipper = self._shipper(settings.collectors, "flows", FLOWS, node.name)
         if old is None or old.log_collectors != settings.log_collectors:
             if self.log_shipper is not None:
                 self.log_shipper.close()
-            self.log_shipper = self._shipper(settings.log_collectors, "logs", LOGS, node["name"])
+            self.log_shipper = self._shipper(settings.log_collectors, "logs", LOGS, node.name)
         self.intake.min_level = LEVELS[settings.log_level]
         if old is None:
             self.add_reader(self.log_inbox, self.on_log_lines)
         self.settings = settings
         if self.table is None:
-            self.table = FlowTable(node["public_key"], rules, self.wal_start, settings.max_record_bytes)
+            self.table = FlowTable(b64(node.public_key), rules, self.wal_start, settings.max_record_bytes)
             self._wake()  # the deltas found in the window log, or received before now
         else:
             self.table.set_classifier(rules)
-            self.table.node_id, self.table.max_record_bytes = node["public_key"], settings.max_record_bytes
+            self.table.node_id, self.table.max_record_bytes = b64(node.public_key), settings.max_record_bytes
         # A window found in the log spans the time netlog was away: it stays open long enough
         # for the counts tun-io and magicsock kept meanwhile to arrive in it.
         self.window_end = min(self.window_end or float("inf"), max(self.wal_start, now) + settings.interval)

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeGuard
 
+from meshsup.actors.settings.netlog import DEFAULT_MAX_RECORD_BYTES, MIN_RECORD_BYTES
+
 Record = dict[str, Any]
 Conn = tuple[int, str, str]  # (IP protocol number, "ip:port", "ip:port")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Endpoint = tuple[IPAddress, int]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-DEFAULT_MAX_RECORD_BYTES = 256 * 1024  # Tailscale's maxLogSize
-MIN_RECORD_BYTES = 1024  # room for the header plus a few entries
 _MAX_COUNTER = 2**64  # counters travel as IPFIX unsigned64
 
 

@@ -56,7 +56,7 @@ from typing import Protocol
 import structlog
 
 from meshsup.actors.netlog import journal_export
-from meshsup.actors.netlog.collectors import CollectorConfig
+from meshsup.actors.settings.collectors import CollectorConfig
 from meshsup.actors.netlog.flows import Record, encode_record
 from meshsup.actors.netlog.formats import FLOWS, RecordFormat
 from meshsup.actors.netlog.http11 import HttpError, ResponseReader, post_request

@@ -6,24 +6,22 @@ exactly one process.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from meshsup.actors.routing.allowedips import AllowedIPs, Network
 from meshsup.actors.wire.ip import IPV4_DST, IPV4_HEADER_MIN, IPV6_DST, IPV6_HEADER
+from meshsup.actors.settings import PeerSettings
 
 
 def owner(public_key: bytes, workers: int) -> int:
     return int.from_bytes(hashlib.blake2s(public_key, digest_size=4).digest(), "big") % workers
 
 
-def worker_prefixes(peers: Iterable[Mapping[str, Any]], workers: int) -> list[tuple[Network, int]]:
+def worker_prefixes(peers: Iterable[PeerSettings], workers: int) -> list[tuple[Network, int]]:
     """Every configured peer's allowed IPs, each with the worker that owns the peer."""
-    return [(ipaddress.ip_network(prefix), owner(base64.b64decode(p["public_key"]), workers))
-            for p in peers for prefix in p["allowed_ips"]]
+    return [(prefix, owner(p.public_key, workers)) for p in peers for prefix in p.allowed_ips]
 
 
 def worker_routes(prefixes: Iterable[tuple[Network, int]]) -> AllowedIPs:

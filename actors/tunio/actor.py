@@ -24,6 +24,7 @@ from meshsup.actors.routing.allowedips import AllowedIPs, Network
 from meshsup.actors.routing.shard import by_owner, worker_prefixes, worker_routes
 from meshsup.actors.flowcount.tally import INNER
 from meshsup.actors.flowcount.feed import FlowFeed
+from meshsup.actors.settings import Settings
 from meshsup.actors.kernel.tun import Tun
 from meshsup.bpf import steering
 from meshsup.bpf.syscall import attach_steering, load_socket_filter
@@ -44,10 +45,9 @@ class TunIoActor(Actor):
         self.steering = False
         self._steering_refused = False  # said once in the log
 
-    def configure(self, config: dict[str, Any]) -> None:
-        super().configure(config)
-        self.flows.configure(config)
-        iface = config["node"]["interface"]
+    def configure(self, settings: Settings) -> None:
+        self.flows.configure(settings)
+        iface = settings.node.interface
         if self.tun is None or self.tun.name != iface:
             try:
                 new = Tun.open(iface)
@@ -60,11 +60,11 @@ class TunIoActor(Actor):
             self.add_reader(new.fileno(), self.on_readable)
             self._report_offloads(new)
             self.route_key = None  # steer the new descriptor's device too
-        workers = config["actors"]["crypto"]
+        workers = settings.actors.crypto
         self.outbox.connect([f"crypto-{w}" for w in range(workers)])
-        key = (workers, [(p["public_key"], p["allowed_ips"]) for p in config["peers"]])
+        key = (workers, [(p.public_key, p.allowed_ips) for p in settings.peers])
         if key != self.route_key:
-            prefixes = worker_prefixes(config["peers"], workers)
+            prefixes = worker_prefixes(settings.peers, workers)
             self.routes, self.route_key = worker_routes(prefixes), key
             self._steer(prefixes)
 

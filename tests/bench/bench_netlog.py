@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from meshsup.actors.bus.datapath import Outbox  # noqa: E402
 from meshsup.actors.bus.endpoints import Runtime  # noqa: E402
 from meshsup.actors.routing.allowedips import AllowedIPs  # noqa: E402
-from meshsup.actors.netlog.collectors import parse_collectors  # noqa: E402
+from meshsup.actors.settings.collectors import parse_collectors  # noqa: E402
 from meshsup.actors.bus.messages import FlowCounts  # noqa: E402
 from meshsup.actors.flowcount.tally import INNER, PacketTally, chunks  # noqa: E402
 from meshsup.actors.netlog.flows import Classifier, FlowTable, Record, encode_record  # noqa: E402

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from meshsup.supervisor.keys import b64, generate_private, public_of  # noqa: E402
+from meshsup.actors.settings.keys import b64, generate_private, public_of  # noqa: E402
 from tests.nodes import Netns, Node  # noqa: E402
 from tests.topology import Identity, WgGo  # noqa: E402
 

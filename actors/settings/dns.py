@@ -10,16 +10,15 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import dns.exception
 import dns.name
 import dns.rcode
 
-from meshsup.actors.dns.rules import ASIS, REJECT, Matcher, Route, Rule, SourceOverride, normalize_name
-from meshsup.actors.dns.upstream import Upstream, parse_upstream
-from meshsup.actors.dns.zone import SrvRecord
+from meshsup.actors.settings.dnstypes import (ASIS, REJECT, IPNetwork, Matcher, Route, Rule, SourceOverride, SrvRecord,
+                                              Upstream, normalize_name, parse_upstream)
 
 DNS_KEYS = frozenset(
     {
@@ -50,7 +49,6 @@ DNS_KEYS = frozenset(
         "rate_limit_slip",
     }
 )
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 REJECT_RCODES = {"noerror": dns.rcode.NOERROR, "nxdomain": dns.rcode.NXDOMAIN}
 MAX_TTL = 2**31 - 1  # RFC 2181 section 8
 # Host names (RFC 1123) plus the underscore that SRV owner names need.
@@ -110,6 +108,11 @@ class DnsSettings:
     def sources(self) -> tuple[IPNetwork, ...]:
         """The networks whose clients are answered, loopback aside."""
         return self.mesh + self.allow
+
+    def with_mesh(self, names: Mapping[str, list[str]], mesh: Sequence[str]) -> DnsSettings:
+        """These settings answering for `names` (host label -> addresses) as the mesh's own, and
+        answering the clients of the `mesh` networks."""
+        return replace(self, names=_names(names), mesh=_networks(list(mesh), "mesh"))
 
     @classmethod
     def from_config(
