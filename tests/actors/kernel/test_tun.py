@@ -17,7 +17,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshsup.actors.wire import ip as packet, vnet
+from meshsup.actors.kernel import vnet
+from meshsup.actors.wire import ip as packet
 from meshsup.actors.kernel.tun import FakeTun, Tun
 
 V4_A, V4_B = socket.inet_aton("100.64.0.1"), socket.inet_aton("100.64.0.2")
