@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.nodes import is_root
+from tests.nodes import REPO, is_root
 from tests.topology import Identity, Underlay, have, iperf3, pair, ping, stalled_intervals, start_meshsup, start_wg
 
 pytestmark = pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
@@ -175,7 +175,7 @@ def test_bad_input_is_dropped_and_counted(underlay, tmp_path) -> None:
     before = node_a.actors()
     r = attacker.run(os.sys.executable, str(tmp_path / "flood.py"), str(tmp_path / "garbage"),
                      a.endpoint.split(":")[0], check=False, timeout=120,
-                     env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                     env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
     assert ping(ns_a, b.v4) and ping(ns_b, a.v4), "the tunnel stopped working"
     after = node_a.actors()

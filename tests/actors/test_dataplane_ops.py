@@ -21,7 +21,7 @@ from meshsup.actors.crypto.peer import PeerConfig
 from meshsup.actors.routing.shard import owner
 from tests.nodes import REPO, Netns, Node, is_root
 from tests.topology import start_meshsup, start_wg
-from tests.test_wg_device import flood_initiation
+from tests.actors.crypto.test_device import flood_initiation
 from tests.topology import (Identity, Underlay, WgGo, have, iperf3, meshsup_config, ping, readdress,
                             stalled_intervals)
 from tests.wg_harness import icmp_packet

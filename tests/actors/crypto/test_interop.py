@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 
 from meshsup.actors.crypto.noise import public_key
+from tests.nodes import REPO
 
 pytestmark = pytest.mark.netns
 
-ROOT = Path(__file__).resolve().parent.parent
-HARNESS = Path(__file__).resolve().parent / "wg_harness.py"
+ROOT = REPO
+HARNESS = REPO / "tests" / "wg_harness.py"
 WG_PORT, OUR_PORT = 51820, 51821
 OUR_UNDERLAY, WG_UNDERLAY = "198.51.100.1", "198.51.100.2"
 
