@@ -6,11 +6,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import random
 import select
 import secrets
 import shutil
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,6 +151,57 @@ def test_resolvconf_bad_input_is_reported_not_raised(tmp_path: Path) -> None:
     rc.restore()
     rc.restore()  # a second restore is a no-op
     assert path.read_text() == "original\n"
+
+
+def test_resolv_conf_missing_before_a_crash_is_missing_after(tmp_path):
+    path = tmp_path / "netns" / "resolv.conf"
+    backup = tmp_path / "state" / "backup"
+    backup.parent.mkdir()
+    ResolvConf(path, backup=backup, in_place=True).apply(["127.0.0.1"], ["mesh"])  # this run "dies"
+    assert path.read_text().startswith(HEADER) and not backup.exists()
+    again = ResolvConf(path, backup=backup, in_place=True)
+    again.apply(["127.0.0.1"])
+    again.restore()
+    assert not path.exists()
+
+
+def test_resolv_conf_rewritten_in_place_keeps_its_inode(tmp_path):
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 198.51.100.53\n")
+    inode = path.stat().st_ino
+    resolv = ResolvConf(path, backup=tmp_path / "backup", in_place=True)
+    resolv.apply(["127.0.0.1"], ["mesh"])
+    assert path.stat().st_ino == inode and "nameserver 127.0.0.1\n" in path.read_text()
+    assert (tmp_path / "backup").read_text() == "nameserver 198.51.100.53\n"
+    resolv.restore()
+    assert path.stat().st_ino == inode and path.read_text() == "nameserver 198.51.100.53\n"
+    assert not (tmp_path / "backup").exists()
+
+
+def test_resolv_conf_directories_made_for_it_are_removed_again(tmp_path):
+    resolv = ResolvConf(tmp_path / "netns" / "ns1" / "resolv.conf", backup=tmp_path / "backup")
+    resolv.apply(["127.0.0.1"])
+    resolv.restore()
+    assert list(tmp_path.iterdir()) == []
+    resolv.apply(["127.0.0.1"])
+    (tmp_path / "netns" / "ns2").mkdir()  # someone else's, made meanwhile
+    resolv.restore()
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("*")] == [Path("netns"), Path("netns/ns2")]
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces")
+def test_a_named_namespace_resolves_with_its_etc_netns_file():
+    name = f"msrc{os.getpid() % 10000}{random.randrange(1000)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        probe = ("import pathlib; from meshsup.actors.router.resolvconf import for_this_namespace as f; "
+                 "print(f(pathlib.Path('/x')).path)")
+        inside = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", probe], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        assert inside == f"/etc/netns/{name}/resolv.conf"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 # --- the real kernel, in a throwaway namespace ------------------------------------------
