@@ -8,15 +8,15 @@ import socket
 import struct
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.nodes import REPO, is_root
 from tests.topology import Identity, Underlay, have, iperf3, pair, ping, stalled_intervals, start_meshsup, start_wg
 
-pytestmark = pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
-                                reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root")
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
+                                 reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root")]
 
 
 def assert_transfer(client, server, addr: str, seconds: int = 10, reverse: bool = False) -> dict:

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,8 +27,10 @@ from tests.topology import (Identity, Underlay, WgGo, have, iperf3, meshsup_conf
                             stalled_intervals)
 from tests.wg_harness import icmp_packet
 
-lab = pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
-                         reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root")
+def lab(test: Callable[..., None]) -> Callable[..., None]:
+    """Needs root, namespaces and the tools; marked netns so that `-m "not netns"` leaves it out."""
+    tools = have("wireguard-go", "wg", "iperf3", "ping")
+    return pytest.mark.netns(pytest.mark.skipif(not is_root() or bool(tools), reason=tools or "needs root")(test))
 
 NAMES = ("alpha", "bravo", "charlie", "delta")
 # Rekey every 2 s, reject keys after 6 s: a 10 s transfer sees several rotations.

@@ -24,7 +24,9 @@ from meshsup.bpf.steering import INSN, Route, program
 from meshsup.bpf.syscall import attach_steering, detach_steering, load_socket_filter, run_on_packet
 from tests.nodes import REPO, Netns
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for bpf() and TUN")
+def needs_root(test: Callable[..., None]) -> Callable[..., None]:
+    """bpf() and TUN need root; marked netns so that `-m "not netns"` leaves the test out."""
+    return pytest.mark.netns(pytest.mark.skipif(os.geteuid() != 0, reason="needs root for bpf() and TUN")(test))
 N = ipaddress.ip_network
 MOV_R0_IMM = 0xB7
 

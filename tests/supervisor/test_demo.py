@@ -15,7 +15,8 @@ from tests.topology import have
 
 TOOLS = ("wireguard-go", "wg", "iperf3", "ping")
 NAMES = ("alpha", "bravo", "charlie")
-pytestmark = pytest.mark.skipif(not is_root() or bool(have(*TOOLS)), reason=have(*TOOLS) or "needs root")
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(not is_root() or bool(have(*TOOLS)), reason=have(*TOOLS) or "needs root")]
 
 
 def demo(**kw: object) -> subprocess.Popen[str]:

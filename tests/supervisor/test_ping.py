@@ -119,6 +119,7 @@ def test_peer_to_peer_types_are_refused_clearly(tmp_path: Path, kind: str) -> No
     assert "--type icmp" in r.stderr
 
 
+@pytest.mark.netns
 @pytest.mark.skipif(not is_root() or bool(have("ping")), reason=have("ping") or "needs root")
 def test_ping_peer_by_name_and_address_then_down(tmp_path: Path) -> None:
     u = Underlay()

@@ -15,6 +15,8 @@ from meshsup.actors.bus.codec import encode
 from meshsup.actors.bus.messages import Heartbeat
 from tests.nodes import Node, pid_alive, process_title
 
+pytestmark = pytest.mark.netns
+
 KINDS = {"tun-io", "crypto", "magicsock", "dns", "router", "netlog"}
 
 

@@ -234,6 +234,7 @@ def _b64(key: bytes) -> str:
     return base64.b64encode(key).decode()
 
 
+@pytest.mark.netns
 def test_wg_show_dump_reads_our_get_reply(uapi_server: tuple[str, UapiServer]) -> None:
     ifname, server = uapi_server
     private = X25519PrivateKey.generate()
@@ -270,6 +271,7 @@ def test_wg_show_dump_reads_our_get_reply(uapi_server: tuple[str, UapiServer]) -
     ]
 
 
+@pytest.mark.netns
 def test_wg_set_reaches_our_parser(uapi_server: tuple[str, UapiServer]) -> None:
     ifname, server = uapi_server
     cmd = ["wg", "set", ifname, "peer", _b64(K2), "allowed-ips", "10.0.0.0/24", "endpoint", "198.51.100.9:51820"]
@@ -286,6 +288,7 @@ def test_wg_set_reaches_our_parser(uapi_server: tuple[str, UapiServer]) -> None:
     ]
 
 
+@pytest.mark.netns
 def test_wg_reports_our_errno(uapi_server: tuple[str, UapiServer]) -> None:
     ifname, server = uapi_server
     server.refuse_listen_port = UapiError(errno.EADDRINUSE, "port taken")

@@ -10,8 +10,9 @@ from tests.nodes import Node, is_root
 from tests.topology import pair, start_meshsup, start_wg
 from tests.topology import Identity, have, iperf3, ping
 
-pytestmark = pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
-                                reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root")
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
+                                 reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root")]
 
 
 def dump(ns, iface: str) -> dict[str, list[str]]:

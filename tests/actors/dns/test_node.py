@@ -42,6 +42,8 @@ from tests.topology import Identity
 
 ALPHA = Identity("alpha", 1)
 
+pytestmark = pytest.mark.netns
+
 
 class Peer(Identity):
     """A peer with the addresses a test wants (single-host allowed IPs become its names)."""

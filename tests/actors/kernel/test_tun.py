@@ -191,6 +191,7 @@ def _read_until(tun: Tun, wanted: object, timeout: float = 5) -> bytes:
     raise AssertionError("packet never came out of the TUN")
 
 
+@pytest.mark.netns
 def test_ping_into_the_tun_is_read(netns: str, tun: Tun) -> None:
     assert tun.name.startswith("mst")
     assert isinstance(tun.capabilities.vnet_hdr, bool) and isinstance(tun.capabilities.set_offload, bool)
@@ -209,6 +210,7 @@ def test_ping_into_the_tun_is_read(netns: str, tun: Tun) -> None:
     assert packet.total_length(echo) == len(echo)
 
 
+@pytest.mark.netns
 def test_written_packet_reaches_a_socket_in_the_namespace(netns: str, tun: Tun) -> None:
     from pyroute2.netns import create_socket
 
@@ -224,6 +226,7 @@ def test_written_packet_reaches_a_socket_in_the_namespace(netns: str, tun: Tun) 
     assert source == ("100.64.0.2", 40000)
 
 
+@pytest.mark.netns
 def test_coalesced_segments_reach_a_tcp_socket_as_one_stream(netns: str, tun: Tun) -> None:
     from pyroute2.netns import create_socket
 
@@ -251,6 +254,7 @@ def test_coalesced_segments_reach_a_tcp_socket_as_one_stream(netns: str, tun: Tu
     assert got == data
 
 
+@pytest.mark.netns
 def test_a_writer_queue_writes_but_is_never_read(netns: str, tun: Tun) -> None:
     from pyroute2.netns import create_socket
 
@@ -273,6 +277,7 @@ def test_a_writer_queue_writes_but_is_never_read(netns: str, tun: Tun) -> None:
         writer.close()
 
 
+@pytest.mark.netns
 def test_read_batch_returns_at_once_when_idle(tun: Tun) -> None:
     assert not os.get_blocking(tun.fileno())
     tun.read_batch(1024)  # whatever the kernel sent on link-up

@@ -26,7 +26,8 @@ from tests.nodes import MESHSUP, REPO, Netns, Node, is_root
 from tests.topology import Identity, Underlay, WgGo, have, iperf3, meshsup_config, ping
 
 TOOLS = ("wireguard-go", "wg", "iperf3", "ping", "rsyslogd")
-pytestmark = pytest.mark.skipif(not is_root() or bool(have(*TOOLS)), reason=have(*TOOLS) or "needs root")
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(not is_root() or bool(have(*TOOLS)), reason=have(*TOOLS) or "needs root")]
 
 INTERVAL = 1  # seconds per window: short, so tests see many windows
 TCP, ICMP = 6, 1

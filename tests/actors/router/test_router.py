@@ -257,6 +257,7 @@ def _routes(netns: str, ifname: str) -> dict[str, str]:
     return found
 
 
+@pytest.mark.netns
 def test_configure_sets_addresses_mtu_and_up(tun_in_netns: tuple[str, str], router: LinuxRouter) -> None:
     netns, ifname = tun_in_netns
     changes = router.configure(["100.64.0.1/24", "fd00:64::1/64"])
@@ -268,6 +269,7 @@ def test_configure_sets_addresses_mtu_and_up(tun_in_netns: tuple[str, str], rout
     assert router.configure(["100.64.0.1/24", "fd00:64::1/64"]).added == []  # idempotent
 
 
+@pytest.mark.netns
 def test_set_routes_diffs_and_teardown_leaves_nothing(tun_in_netns: tuple[str, str], router: LinuxRouter) -> None:
     netns, ifname = tun_in_netns
     router.configure(["100.64.0.1/24", "fd00:64::1/64"])
@@ -296,6 +298,7 @@ def test_set_routes_diffs_and_teardown_leaves_nothing(tun_in_netns: tuple[str, s
     assert [a for a in link["addr_info"] if a.get("scope") != "link"] == []
 
 
+@pytest.mark.netns
 def test_a_restarted_router_finds_its_routes(tun_in_netns: tuple[str, str], router: LinuxRouter) -> None:
     netns, ifname = tun_in_netns
     router.configure(["100.64.0.1/24"])
@@ -308,11 +311,13 @@ def test_a_restarted_router_finds_its_routes(tun_in_netns: tuple[str, str], rout
     assert "10.20.0.0/16" not in _routes(netns, ifname)
 
 
+@pytest.mark.netns
 def test_missing_link_is_a_lookup_error(tun_in_netns: tuple[str, str]) -> None:
     with pytest.raises(LookupError):
         LinuxRouter("nosuchlink0", tun_in_netns[0])
 
 
+@pytest.mark.netns
 def test_link_monitor_sees_changes(tun_in_netns: tuple[str, str]) -> None:
     netns, ifname = tun_in_netns
     monitor = LinkMonitor(netns)
