@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import select
+import socket
 import time
 from collections.abc import Iterator
 
@@ -13,6 +15,9 @@ from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
 from meshsup.actors.kernel.udp import (
     MAX_GSO_BYTES,
     MAX_GSO_SEGMENTS,
+    SOL_UDP,
+    UDP_GRO,
+    UDP_SEGMENT,
     Endpoint,
     UdpSocket,
     gso_groups,
@@ -76,6 +81,35 @@ def test_split_coalesced() -> None:
 # --- real sockets on loopback ------------------------------------------------
 
 
+# What the kernel offers, asked with plain sockets apart from UdpSocket's own probes: where the
+# kernel has a feature, a UdpSocket that did not take it fails the test instead of skipping it.
+
+
+@functools.cache
+def kernel_lacks(level: int, option: int, value: int, what: str) -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.setsockopt(level, option, value)
+        except OSError as e:
+            return f"the kernel lacks {what}: a plain socket's setsockopt says {e}"
+    return None
+
+
+@functools.cache
+def no_ipv6_loopback() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        return f"no IPv6 on this host's loopback: a plain socket cannot bind ::1 ({e})"
+    return None
+
+
+def needs(reason: str | None) -> None:
+    if reason:
+        pytest.skip(reason)
+
+
 @pytest.fixture
 def sockets() -> Iterator[list[UdpSocket]]:
     made: list[UdpSocket] = []
@@ -85,15 +119,14 @@ def sockets() -> Iterator[list[UdpSocket]]:
 
 
 def _pair(made: list[UdpSocket], host: str, *, gso: bool, gro: bool) -> tuple[UdpSocket, UdpSocket]:
-    try:
-        tx, rx = UdpSocket(0, host, gso=gso), UdpSocket(0, host, gro=gro)
-    except OSError as e:
-        pytest.skip(f"cannot bind {host}: {e}")
+    needs(no_ipv6_loopback())  # UdpSocket is an AF_INET6 socket for both families
+    if gso:
+        needs(kernel_lacks(SOL_UDP, UDP_SEGMENT, 1200, "UDP GSO (UDP_SEGMENT, Linux 4.18)"))
+    if gro:
+        needs(kernel_lacks(SOL_UDP, UDP_GRO, 1, "UDP GRO (Linux 5.0)"))
+    tx, rx = UdpSocket(0, host, gso=gso), UdpSocket(0, host, gro=gro)
     made += [tx, rx]
-    if gso and not tx.gso:
-        pytest.skip("kernel lacks UDP GSO (UDP_SEGMENT)")
-    if gro and not rx.gro:
-        pytest.skip("kernel lacks UDP GRO")
+    assert (tx.gso, rx.gro) == (gso, gro), "the kernel offers it, UdpSocket did not take it"
     return tx, rx
 
 
@@ -161,10 +194,8 @@ def test_recv_batch_stops_at_max_and_when_empty(sockets: list[UdpSocket]) -> Non
 
 
 def test_one_socket_talks_to_both_families(sockets: list[UdpSocket]) -> None:
-    try:
-        dual = UdpSocket(0)  # bound to every address, so reachable on ::1 and 127.0.0.1
-    except OSError as e:
-        pytest.skip(f"cannot bind: {e}")
+    needs(no_ipv6_loopback())
+    dual = UdpSocket(0)  # bound to every address, so reachable on ::1 and 127.0.0.1
     v4, v6 = UdpSocket(0, "127.0.0.1"), UdpSocket(0, "::1")
     sockets += [dual, v4, v6]
     assert v4.send_batch([(("127.0.0.1", dual.port), b"four")]) == 0
@@ -215,13 +246,12 @@ def test_a_socket_connected_on_a_shared_port_takes_its_peers_datagrams(sockets: 
     """magicsock's unconnected socket and a crypto worker's socket connected to
     one peer share the listen port: the peer's datagrams go to the connected
     one, everyone else's to the unconnected one, and replies leave from the port."""
-    try:
-        shared = UdpSocket(0, "127.0.0.1", reuse_port=True)
-        peer, stranger = UdpSocket(0, "127.0.0.1"), UdpSocket(0, "127.0.0.1")
-        sockets += [shared, peer, stranger]
-        direct = UdpSocket(shared.port, "127.0.0.1", reuse_port=True)
-    except OSError as e:
-        pytest.skip(f"cannot bind: {e}")
+    needs(no_ipv6_loopback())
+    needs(kernel_lacks(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1, "SO_REUSEPORT (Linux 3.9)"))
+    shared = UdpSocket(0, "127.0.0.1", reuse_port=True)
+    peer, stranger = UdpSocket(0, "127.0.0.1"), UdpSocket(0, "127.0.0.1")
+    sockets += [shared, peer, stranger]
+    direct = UdpSocket(shared.port, "127.0.0.1", reuse_port=True)
     sockets.append(direct)
     direct.connect(("127.0.0.1", peer.port))
     with pytest.raises(OSError):
