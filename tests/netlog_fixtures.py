@@ -193,6 +193,15 @@ class Nfcapd:
             stop_process(self.proc)
             raise RuntimeError(f"nfcapd did not start: {self.log.read_text()}")
 
+    def drained(self) -> bool:
+        """Whether nfcapd took every datagram off its socket: the kernel's receive queue for its port is empty."""
+        table = self.netns.run("cat", "/proc/net/udp").stdout if self.netns else Path("/proc/net/udp").read_text()
+        for line in table.splitlines()[1:]:
+            fields = line.split()  # sl local_address rem_address st tx_queue:rx_queue ...
+            if fields[1].endswith(f":{self.port:04X}"):
+                return int(fields[4].split(":")[1], 16) == 0
+        return False
+
     def stop(self) -> Path:
         """Stop nfcapd, which closes its current file; return that file."""
         stop_process(self.proc)

@@ -95,13 +95,16 @@ def test_rsyslog_receives_each_record_once_as_rfc5424_with_json(rsyslog: Rsyslog
     shipper.submit(sent + big, time.time())
     try:
         assert shipper.flush(time.time() + 10)
+        # One more record behind them on the same connection: once rsyslog wrote it, it wrote
+        # whatever came before it, a duplicate included.
+        last = window_record(table, 99, time.time())
+        shipper.submit([last], time.time())
+        assert shipper.flush(time.time() + 10)
     finally:
         shipper.close()
-    assert wait_until(lambda: len(rsyslog.messages()) >= 21, 10)
-    time.sleep(0.3)  # anything extra (a duplicate) would show up now
+    assert wait_until(lambda: any(json.loads(m["msg"]) == last for m in rsyslog.messages()), 10)
     messages = rsyslog.messages()
-    assert len(messages) == 21
-    assert [json.loads(m["msg"]) for m in messages] == sent + big
+    assert [json.loads(m["msg"]) for m in messages] == sent + big + [last]
     first = messages[0]
     assert (first["hostname"], first["app_name"], first["msgid"]) == ("alpha", "meshsup", "flowlog")
     assert first["sd"] == (
@@ -236,7 +239,7 @@ def test_nfcapd_reads_back_flows_with_forward_and_reverse_counters(nfcapd: Nfcap
     try:
         assert shipper.flush(time.time() + 5)
         assert exporter.counters.messages > 2  # split to stay under 1400 bytes
-        time.sleep(0.3)  # let nfcapd take the last datagrams off its socket
+        assert wait_until(nfcapd.drained, 10), "nfcapd left datagrams on its socket"
     finally:
         shipper.close()
     path = nfcapd.stop()
@@ -265,6 +268,15 @@ def test_http_retries_429_and_503_honouring_retry_after(
         "batch_records": 4,
     }
     shipper = shipper_for([config], tmp_path / "spool")
+    # The delay chosen after each refusal, as the sender chose it: a busy machine may retry later, never sooner.
+    backoff, delays = shipper.senders[0].backoff, []  # type: ignore[attr-defined]
+    choose = backoff.failure
+
+    def failure(now: float, retry_after: float | None = None) -> float:
+        delays.append(choose(now, retry_after))
+        return delays[-1]
+
+    backoff.failure = failure
     table = FlowTable("node-alpha", CLASSIFIER, start=time.time())
     records = [window_record(table, i, time.time()) for i in range(10)]
     shipper.submit(records, time.time())
@@ -274,8 +286,8 @@ def test_http_retries_429_and_503_honouring_retry_after(
         shipper.close()
     reqs = http_collector.requests
     assert [r.status for r in reqs[:3]] == [429, 503, 200]
-    assert reqs[1].at - reqs[0].at >= 1.0  # Retry-After: 1 was honoured
-    assert reqs[2].at - reqs[1].at < 1.0  # no hint: a short backoff
+    assert delays[0] == 1.0 and reqs[1].at - reqs[0].at >= 1.0  # Retry-After: 1 was honoured
+    assert len(delays) == 2 and delays[1] <= 0.3  # no hint: a short backoff, at most backoff_cap
     assert reqs[1].records == reqs[0].records  # the refused batch went again
     assert sorted(map(record_id, http_collector.accepted())) == list(range(10))  # all, once each
     assert http_collector.accepted() == records
