@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import socket
-import time
+from functools import partial
 
 import pytest
 
 from tests.nodes import Node, is_root
 from tests.topology import pair, start_meshsup, start_wg
-from tests.topology import Identity, have, iperf3, ping
+from tests.topology import Identity, have, iperf3, ping, received_from, unanswered
 
 pytestmark = [pytest.mark.netns,
               pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
@@ -28,8 +28,14 @@ def test_wg_show_agrees_with_wireguard_go(underlay, tmp_path) -> None:
     # other received, less what the receiving kernel dropped (counted, and allowed for below).
     r = iperf3(ns_a, ns_b, b.v4, seconds=3, extra=("-b", "40M"))
     assert "error" not in r, r["error"]
-    time.sleep(1.0)  # counters reach the supervisor with the workers' heartbeats
 
+    def caught_up() -> tuple[list[str], list[str]] | None:
+        """Our figures come with the workers' heartbeats: once what we say we sent covers what
+        wireguard-go (live figures) received, the heartbeat that carries the transfer is in."""
+        ours, theirs = dump(ns_a, node_a.iface)[b.public], dump(ns_b, wg_b.iface)[a.public]
+        return (ours, theirs) if int(ours[6]) >= int(theirs[5]) else None
+
+    ours, theirs = node_a.wait(caught_up, what="the transfer in our counters")
     shown = ns_a.run("wg", "show", node_a.iface).stdout
     assert f"peer: {b.public}" in shown and f"endpoint: {b.endpoint}" in shown
     assert "latest handshake:" in shown and "transfer:" in shown
@@ -38,8 +44,6 @@ def test_wg_show_agrees_with_wireguard_go(underlay, tmp_path) -> None:
     (row,) = [line for line in table if line.startswith("bravo ")]
     assert b.endpoint in row and "MiB" in row and row.endswith(" s ago"), row
 
-    ours = dump(ns_a, node_a.iface)[b.public]
-    theirs = dump(ns_b, wg_b.iface)[a.public]
     # public-key preshared-key endpoint allowed-ips latest-handshake rx tx keepalive
     assert ours[2] == b.endpoint
     assert sorted(ours[3].split(",")) == sorted(b.allowed())
@@ -57,8 +61,9 @@ def test_wg_set_adds_a_peer_that_carries_traffic_and_remove_stops_it(underlay, t
     a, b = Identity("alpha", 1), Identity("bravo", 2)
     a.endpoint, b.endpoint = f"{addr_a}:51820", f"{addr_b}:51820"
     node_a = start_meshsup(underlay, tmp_path, a, [], ns=ns_a)
-    start_wg(underlay, tmp_path, ns_b, b, [a])
-    assert not ping(ns_a, b.v4, count=1, timeout=2)
+    wg_b = start_wg(underlay, tmp_path, ns_b, b, [a])
+    from_a = partial(received_from, wg_b, a)
+    assert unanswered(ns_a, b.v4, from_a)
 
     ns_a.run("wg", "set", node_a.iface, "peer", b.public, "allowed-ips", ",".join(b.allowed()),
              "endpoint", b.endpoint, "persistent-keepalive", "25")
@@ -75,7 +80,7 @@ def test_wg_set_adds_a_peer_that_carries_traffic_and_remove_stops_it(underlay, t
     ns_a.run("wg", "set", node_a.iface, "peer", b.public, "remove")
     assert node_a.status()["peers"] == []
     assert b.public not in dump(ns_a, node_a.iface)
-    assert not ping(ns_a, b.v4, count=2, timeout=3)
+    assert unanswered(ns_a, b.v4, from_a)
     assert all(a["restarts"] == 0 for a in node_a.status()["actors"])
 
 
