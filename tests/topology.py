@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from meshsup.supervisor.lab import (Identity, Netns, Node, Underlay, WgGo, have, iperf3, meshsup_config, ping,
-                            ping_rtt, stalled_intervals)
+                            ping_rtt)
 
-__all__ = ["Identity", "Netns", "Node", "Underlay", "WgGo", "have", "iperf3", "meshsup_config", "ping",
-           "ping_rtt", "readdress", "received_from", "stalled_intervals", "start_meshsup", "start_wg", "pair",
-           "unanswered"]
+__all__ = ["Identity", "Netns", "Node", "Underlay", "WgGo", "assert_carried", "have", "iperf3", "meshsup_config",
+           "ping", "ping_rtt", "readdress", "received_from", "start_meshsup", "start_wg", "pair", "unanswered"]
 
 
 def readdress(underlay: Underlay, ns: Netns, old: str, ifname: str = "eth0") -> str:
@@ -70,3 +70,11 @@ def unanswered(ns: Netns, addr: str, received: Callable[[], int]) -> bool:
     late, fails this where a bare ping would pass."""
     before = received()
     return not ping(ns, addr, count=2, timeout=3) and received() == before
+
+
+def assert_carried(result: dict[str, Any]) -> None:
+    """An iperf3 transfer ended as iperf3 ends one, its figures sent over the tunnel, and the receiver
+    got data: a connection that broke, or a run that never returned (no figures), fails. Stalls and
+    speed are for the benchmarks."""
+    assert "error" not in result, result.get("error")
+    assert result.get("end", {}).get("sum_received", {}).get("bytes", 0) > 0, result

