@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from meshsup.actors.netlog.syslog import OctetCountingDecoder
-from tests.nodes import Netns
+from tests.nodes import Netns, udp_sockets
 
 LOOPBACK = "127.0.0.1"
 JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
@@ -195,12 +195,8 @@ class Nfcapd:
 
     def drained(self) -> bool:
         """Whether nfcapd took every datagram off its socket: the kernel's receive queue for its port is empty."""
-        table = self.netns.run("cat", "/proc/net/udp").stdout if self.netns else Path("/proc/net/udp").read_text()
-        for line in table.splitlines()[1:]:
-            fields = line.split()  # sl local_address rem_address st tx_queue:rx_queue ...
-            if fields[1].endswith(f":{self.port:04X}"):
-                return int(fields[4].split(":")[1], 16) == 0
-        return False
+        sockets = udp_sockets(self.port, self.netns)
+        return bool(sockets) and all(queued == 0 for queued, _ in sockets)
 
     def stop(self) -> Path:
         """Stop nfcapd, which closes its current file; return that file."""

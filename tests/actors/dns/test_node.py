@@ -37,7 +37,8 @@ from tests.dns_fixtures import (
     start_dnsmasq,
     start_stub,
 )
-from tests.nodes import Netns, Node
+from meshsup.actors.kernel.mmsg import SLOTS
+from tests.nodes import Netns, Node, udp_counters, udp_sockets
 from tests.topology import Identity
 
 ALPHA = Identity("alpha", 1)
@@ -276,29 +277,14 @@ def test_node_rules_and_split_dns(lab: Lab) -> None:
 # -- hostile clients, crashes ------------------------------------------------------------
 
 
-def flood(ns: Netns, count: int, seed: int) -> int:
+def flood(ns: Netns, count: int, seed: int) -> None:
     """count random and cut-short packets at the node from many source ports (so every
-    worker gets its share); returns how many answers came back."""
+    worker gets its share); the answers are left unread."""
     rng = random.Random(seed)
     good = [dns.message.make_query(n, t, use_edns=e).to_wire()
             for n, t, e in [("alpha.mesh", "A", None), ("x.example.test", "AAAA", 0), ("bravo.mesh", "PTR", 0)]]
     sockets = [make_socket(socket.SOCK_DGRAM, ns) for _ in range(16)]
-
-    def drain() -> int:
-        got = 0
-        for sock in sockets:
-            while True:
-                try:
-                    sock.recv(65535)
-                except BlockingIOError:
-                    break
-                got += 1
-        return got
-
-    answered = 0
     try:
-        for sock in sockets:
-            sock.setblocking(False)
         for i in range(count):
             if i % 3 == 0:
                 wire = rng.randbytes(rng.randrange(0, 120))
@@ -311,9 +297,6 @@ def flood(ns: Netns, count: int, seed: int) -> int:
             sockets[i % len(sockets)].sendto(bytes(wire), ("127.0.0.1", 53))
             if i % 200 == 199:  # a flood, not a socket-buffer overrun test
                 time.sleep(0.01)
-                answered += drain()
-        time.sleep(0.5)
-        return answered + drain()
     finally:
         for sock in sockets:
             sock.close()
@@ -331,7 +314,18 @@ def test_malformed_input_never_restarts_a_worker(lab: Lab) -> None:
             except TimeoutError:
                 answer = None
         assert_bad_packet_answer(answer, rcode)
-    assert flood(lab.ns, 10_000, seed=4) > 1000  # answered what deserved an answer
+    flood(lab.ns, 10_000, seed=4)
+    # Nothing lost, however fast the workers are: every datagram sent to port 53 was taken in by a
+    # worker, or dropped by the kernel for want of room in a worker's socket (counted there).
+    sent = len(BAD_PACKETS) + 10_000
+
+    def taken() -> int:
+        counters = lab.dns_counters()
+        return counters.get("queries_udp", 0) + counters.get("udp_oversized_queries", 0)
+
+    lab.node.wait(lambda: taken() + sum(drops for _, drops in udp_sockets(53, lab.ns)) >= sent,
+                  what="every datagram taken in or dropped and counted")
+    assert taken() + sum(drops for _, drops in udp_sockets(53, lab.ns)) == sent
     # Garbage over TCP too: a bad length, a cut message, random bytes.
     for garbage in [b"\x00", b"\x00\x40" + b"\x00" * 20, random.Random(5).randbytes(3000)]:
         with make_socket(socket.SOCK_STREAM, lab.ns) as tcp:
@@ -344,7 +338,7 @@ def test_malformed_input_never_restarts_a_worker(lab: Lab) -> None:
     assert {n: (a["pid"], a["restarts"]) for n, a in after.items()} == {
         n: (a["pid"], 0) for n, a in before.items()}
     per_worker = [a["counters"].get("queries_udp", 0) for a in after.values()]
-    assert len(per_worker) == 2 and min(per_worker) > 1000  # both workers took part
+    assert len(per_worker) == 2 and min(per_worker) > 0  # both workers took part
     counters = lab.dns_counters()
     assert counters["formerr"] > 100 and counters["drop_response"] > 0
 
@@ -361,9 +355,11 @@ def test_kill_9_of_a_worker_under_dnsperf_load(lab: Lab) -> None:
         perf["out"] = lab.ns.run("dnsperf", "-s", "127.0.0.1", "-d", str(queries), "-l", "6", "-c", "16",
                                  "-Q", "3000", "-t", "3", timeout=60).stdout
 
+    dropped_before = udp_counters(lab.ns)["RcvbufErrors"]
     thread = threading.Thread(target=load)
     thread.start()
-    time.sleep(2)
+    lab.node.wait(lambda: all(w["counters"].get("queries_udp", 0) > 0 for w in lab.dns_workers().values()),
+                  what="both workers under load")
     os.kill(old, signal.SIGKILL)
     during = lab.dig("alpha.mesh", "A", "+time=1", "+tries=3")  # the other worker answers
     thread.join()
@@ -371,7 +367,12 @@ def test_kill_9_of_a_worker_under_dnsperf_load(lab: Lab) -> None:
     completed = int(re.search(r"Queries completed:\s+(\d+)", out).group(1))
     sent = int(re.search(r"Queries sent:\s+(\d+)", out).group(1))
     assert during.rdata("A") == [ALPHA.v4]
-    assert sent > 5000 and completed >= 0.97 * sent, out  # only what sat in the dead worker's socket is lost
+    # Only what sat in the dead worker's socket or batch is lost, and what the kernel dropped for want of
+    # room (a slow machine's share; speed is for the benchmarks). A queued datagram costs at least 512
+    # bytes of the socket's receive buffer, whatever its size.
+    held = int(lab.ns.run("cat", "/proc/sys/net/core/rmem_default").stdout) // 512 + 1 + SLOTS
+    dropped = udp_counters(lab.ns)["RcvbufErrors"] - dropped_before
+    assert sent > 0 and sent - completed <= held + dropped, (held, dropped, out)
     worker = lab.node.wait(lambda: (a := lab.dns_workers()["dns-0"])["state"] == "running" and a["pid"] != old and a,
                            what="dns-0 back")
     assert worker["restarts"] == 1
