@@ -109,9 +109,7 @@ def test_kill_dataplane_actors_during_transfer(underlay, tmp_path) -> None:
         time.sleep(3)
         os.kill(node_a.actors()[name]["pid"], signal.SIGKILL)
     t.join(60)
-    assert "error" not in result, result.get("error")
-    intervals = result["intervals"]
-    assert all(iv["sum"]["bytes"] > 0 for iv in intervals[-2:]), "throughput did not recover"
+    assert_carried(result)  # the connection lived through every kill
     actors = node_a.actors()
     assert all(actors[v]["restarts"] == 1 for v in victims)
     assert ping(ns_a, b.v4) and ping(ns_b, a.v4)
