@@ -330,7 +330,8 @@ def _tcp_open(host: str, port: int) -> bool:
 @dataclass
 class StubUpstream:
     """A tiny UDP+TCP upstream in a thread: a fixed rcode or address, an
-    optional delay, and a record of every question it got."""
+    optional delay, and a record of every question it got. With ``hold``, its
+    UDP answers wait until that event is set: late for as long as a test needs."""
 
     host: str
     port: int
@@ -339,6 +340,7 @@ class StubUpstream:
     delay: float = 0.0
     ttl: int = 60
     ns: Netns | None = None
+    hold: threading.Event | None = None
     questions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -374,7 +376,8 @@ class StubUpstream:
                 connection, _ = self._tcp.accept()
                 threading.Thread(target=self._serve_tcp, args=(connection,), daemon=True).start()
             now = time.monotonic()
-            for item in [d for d in due if d[0] <= now]:
+            held = self.hold is not None and not self.hold.is_set()
+            for item in [d for d in due if d[0] <= now and not held]:
                 due.remove(item)
                 item[1]()
 

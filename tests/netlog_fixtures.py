@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from meshsup.actors.netlog.syslog import OctetCountingDecoder
-from tests.nodes import Netns
+from tests.nodes import Netns, udp_sockets
 
 LOOPBACK = "127.0.0.1"
 JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
@@ -89,6 +89,17 @@ def parse_syslog_line(line: str) -> dict[str, str]:
     return {"hostname": hostname, "app_name": app_name, "procid": procid, "msgid": msgid, "sd": sd, "msg": msg}
 
 
+def rsyslog_lacks_imtcp(binary: str, workdir: Path) -> str | None:
+    """Whether this rsyslogd has what the tests need (imtcp with maxFrameSize), asked with the
+    fewest lines rsyslogd accepts: a fault in the tests' own config must fail, not skip."""
+    probe = workdir / "imtcp-probe.conf"
+    probe.write_text('module(load="imtcp" maxFrameSize="310000")\n'
+                     f'input(type="imtcp" address="{LOOPBACK}" port="1")\n'
+                     f'action(type="omfile" file="{workdir / "imtcp-probe.out"}")\n')
+    check = subprocess.run([binary, "-N1", "-f", str(probe)], check=False, capture_output=True, text=True, timeout=30)
+    return None if check.returncode == 0 else f"this rsyslogd lacks imtcp with maxFrameSize: {check.stderr[-300:]}"
+
+
 class Rsyslog:
     """rsyslogd -n with imtcp on a loopback port writing the parsed fields of each message to a file.
 
@@ -121,7 +132,9 @@ class Rsyslog:
             [self.binary, "-N1", "-f", str(self.conf)], check=False, capture_output=True, text=True, timeout=30
         )
         if check.returncode != 0:
-            pytest.skip(f"rsyslogd cannot load this config (imtcp missing?): {check.stderr.strip()[:300]}")
+            if lacks := rsyslog_lacks_imtcp(self.binary, workdir):
+                pytest.skip(lacks)
+            raise AssertionError(f"rsyslogd refuses the test's own config: {check.stderr.strip()[:300]}")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -179,6 +192,11 @@ class Nfcapd:
         if not wait_until(lambda: "Startup" in self.log.read_text(errors="replace"), 10):
             stop_process(self.proc)
             raise RuntimeError(f"nfcapd did not start: {self.log.read_text()}")
+
+    def drained(self) -> bool:
+        """Whether nfcapd took every datagram off its socket: the kernel's receive queue for its port is empty."""
+        sockets = udp_sockets(self.port, self.netns)
+        return bool(sockets) and all(queued == 0 for queued, _ in sockets)
 
     def stop(self) -> Path:
         """Stop nfcapd, which closes its current file; return that file."""
