@@ -46,6 +46,7 @@ def _child(job_path: Path) -> None:
     from meshsup.actors import base
     from meshsup.actors.bus.endpoints import Runtime
     from meshsup.actors.netlog.actor import NetlogActor
+    from meshsup.actors.settings import parse
 
     job = json.loads(job_path.read_text())
     if job["heartbeat"] is not None:
@@ -66,12 +67,8 @@ def _child(job_path: Path) -> None:
     runtime = Runtime(job_path.parent / "state")
     runtime.create()
     actor = Probe("netlog", runtime)
-    actor.configure({
-        "node": {"name": "probe", "public_key": "probe-key", "addresses": ["100.64.0.1/32"]},
-        "peers": [],
-        "dns": {},
-        "netlog": {"interval": 3600, "collectors": job["collectors"]},  # no window closes meanwhile
-    })
+    doc = {"node": {"name": "probe"}, "netlog": {"interval": 3600, "collectors": job["collectors"]}}  # no window closes
+    actor.configure(parse("probe.toml", doc, job_path.parent, runtime.state_dir))
     assert actor.flow_shipper is not None
     actor.flow_shipper.submit(job["records"], time.time())
     started, actor.started = time.time(), time.monotonic()

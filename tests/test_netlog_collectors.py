@@ -306,18 +306,23 @@ def test_http_refusal_is_not_retried_and_the_next_record_reports_the_loss(
     assert shipper.stats()["http-0"].rejected == 2
 
 
+@pytest.mark.parametrize("keep_alive", [False, True])
 def test_the_actor_loop_ships_as_fast_as_the_collector_answers_not_at_its_tick_pace(
-    http_collector: HttpCollector, tmp_path: Path
+    tmp_path: Path, keep_alive: bool
 ) -> None:
     """With the loop's heartbeat an hour, only the collector's socket can wake it: a batch a tick would
     take 10 hours. Each request costs a turn or two of the loop (connect, answer), never a busy loop."""
     batch, requests = 64, 10
     table = FlowTable("node-alpha", CLASSIFIER, start=time.time())
     records = [window_record(table, i, time.time()) for i in range(batch * requests)]
-    config = {"kind": "http", "address": f"http://127.0.0.1:{http_collector.port}/flows", "batch_records": batch}
-    run = ship_through_loop(tmp_path / "loop", [config], records, heartbeat=3600.0, timeout=60.0)
-    assert sorted(map(record_id, http_collector.accepted())) == list(range(batch * requests))
-    assert len(http_collector.requests) == requests
+    collector = HttpCollector(keep_alive=keep_alive)
+    try:
+        config = {"kind": "http", "address": f"http://127.0.0.1:{collector.port}/flows", "batch_records": batch}
+        run = ship_through_loop(tmp_path / "loop", [config], records, heartbeat=3600.0, timeout=60.0)
+    finally:
+        collector.close()
+    assert sorted(map(record_id, collector.accepted())) == list(range(batch * requests))
+    assert len(collector.requests) == requests
     assert run.ticks <= 3 * requests + 10, run
 
 
