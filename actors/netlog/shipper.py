@@ -201,6 +201,8 @@ class _Connector:
                 family, address = self._addresses.pop(0)
                 self._sock = socket.socket(family, socket.SOCK_STREAM)
                 self._sock.setblocking(False)
+                # Sent in pieces (_SEND_CHUNK), a request's last one would wait for the collector's delayed ACK.
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 err = self._sock.connect_ex(address)
                 if err not in (0, errno.EINPROGRESS):
                     self._fail(err)
@@ -631,7 +633,8 @@ class IpfixSender:
 
 
 class Shipper:
-    """All collectors of a node. Call `submit` with each window's records and `pump` often."""
+    """All collectors of a node. Call `submit` with each window's records and `pump` often; pump a
+    sender (`pump_one`) as soon as its socket is ready for what it is `waiting_on`."""
 
     def __init__(
         self,
