@@ -138,6 +138,7 @@ class Actor:
             self._epoll.modify(fd, events)
 
     def unwatch(self, fd: int) -> None:
+        """Stop watching `fd`; nothing if it is not watched."""
         if self._fds.pop(fd, None) is None or self._epoll is None or self._poller_stale:
             return
         del self._by_fd[fd]
