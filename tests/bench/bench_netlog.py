@@ -1,7 +1,7 @@
 """Flow-logging figures: counting on the hot path, shipping to rsyslog and nfcapd, netlog's CPU and memory.
 
 Run as root: .venv/bin/python tests/bench/bench_netlog.py [--records 2000] [--windows 3] [--rounds 2]
-             [--phase counting|shipping|loop|node]
+             [--phase counting|shipping|node|loop]  (one of the figures below: 1, 2, 3 or 4)
 
 1. Counting: what tun-io's per-packet tally costs, against the per-packet
    work tun-io already does (parse the destination, look up its peer); and
@@ -12,15 +12,15 @@ Run as root: .venv/bin/python tests/bench/bench_netlog.py [--records 2000] [--wi
    (IPFIX over UDP), against logger(1) sending the same messages to the
    same rsyslog and nfreplay(1) sending the same flows to the same nfcapd.
    The shipper is driven here by its own flush (rsyslog) or pump (nfcapd).
+3. A real node's netlog fed the counts of N active connections once per
+   window (5 s), shipping to rsyslog and nfcapd in its namespace: CPU per
+   1,000 connections per window, and memory with 100,000 connections
+   (netlog's RSS; tun-io's tally of them, measured in this process).
 4. Shipping through netlog's loop: the same records spooled for one
    collector, shipped by a netlog actor running its own loop (the real
    Actor.run, in a child process: tests/netlog_loop.py), to a loopback HTTP
    collector in this process (keep-alive) and to rsyslog over TCP: records/s
    until the last one is at the collector, and the turns of the loop taken.
-3. A real node's netlog fed the counts of N active connections once per
-   window (5 s), shipping to rsyslog and nfcapd in its namespace: CPU per
-   1,000 connections per window, and memory with 100,000 connections
-   (netlog's RSS; tun-io's tally of them, measured in this process).
 """
 from __future__ import annotations
 
@@ -316,7 +316,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=2000, help="small records shipped per collector")
     ap.add_argument("--windows", type=int, default=3, help="windows per size fed to the real netlog")
     ap.add_argument("--rounds", type=int, default=2, help="tunnel runs with flow logging off and on")
-    ap.add_argument("--phase", choices=("counting", "shipping", "loop", "node"), help="only this phase")
+    ap.add_argument("--phase", choices=("counting", "shipping", "node", "loop"), help="only this phase")
     args = ap.parse_args()
     for tool in ("rsyslogd", "nfcapd", "nfdump", "nfreplay", "logger"):
         if shutil.which(tool) is None:
