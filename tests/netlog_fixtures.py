@@ -283,11 +283,14 @@ class HttpCollector:
 
     script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     requests: list[HttpRequest] = field(default_factory=list)
+    keep_alive: bool = False  # answer as HTTP/1.1, so a connection carries the next request too
 
     def __post_init__(self) -> None:
         collector = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if collector.keep_alive else "HTTP/1.0"
+
             def do_POST(self) -> None:
                 at = time.time()
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))

@@ -1,6 +1,7 @@
 """Flow-logging figures: counting on the hot path, shipping to rsyslog and nfcapd, netlog's CPU and memory.
 
 Run as root: .venv/bin/python tests/bench/bench_netlog.py [--records 2000] [--windows 3] [--rounds 2]
+             [--phase counting|shipping|node|loop]  (one of the figures below: 1, 2, 3 or 4)
 
 1. Counting: what tun-io's per-packet tally costs, against the per-packet
    work tun-io already does (parse the destination, look up its peer); and
@@ -10,10 +11,16 @@ Run as root: .venv/bin/python tests/bench/bench_netlog.py [--records 2000] [--wi
    (spooled, fsynced, RFC 5424 over TCP, confirmed) and to a real nfcapd
    (IPFIX over UDP), against logger(1) sending the same messages to the
    same rsyslog and nfreplay(1) sending the same flows to the same nfcapd.
+   The shipper is driven here by its own flush (rsyslog) or pump (nfcapd).
 3. A real node's netlog fed the counts of N active connections once per
    window (5 s), shipping to rsyslog and nfcapd in its namespace: CPU per
    1,000 connections per window, and memory with 100,000 connections
    (netlog's RSS; tun-io's tally of them, measured in this process).
+4. Shipping through netlog's loop: the same records spooled for one
+   collector, shipped by a netlog actor running its own loop (the real
+   Actor.run, in a child process: tests/netlog_loop.py), to a loopback HTTP
+   collector in this process (keep-alive) and to rsyslog over TCP: records/s
+   until the last one is at the collector, and the turns of the loop taken.
 """
 from __future__ import annotations
 
@@ -42,7 +49,8 @@ from meshsup.actors.netlog.formats import flow_syslog  # noqa: E402
 from meshsup.actors.netlog.shipper import Shipper  # noqa: E402
 from meshsup.actors.netlog.syslog import encode_message  # noqa: E402
 from meshsup.actors.wire import ip as packet  # noqa: E402
-from tests.netlog_fixtures import Nfcapd, Rsyslog, free_port, wait_until  # noqa: E402
+from tests.netlog_fixtures import HttpCollector, Nfcapd, Rsyslog, free_port, wait_until  # noqa: E402
+from tests.netlog_loop import LoopRun, ship_through_loop  # noqa: E402
 from tests.nodes import Netns, Node  # noqa: E402
 from tests.topology import Identity, Underlay, WgGo, iperf3, meshsup_config, ping  # noqa: E402
 
@@ -194,6 +202,32 @@ def bench_nfcapd(workdir: Path, batch: list[Record], connections: int) -> None:
           f"nfreplay(1): {int(replayed['Flows']) / took_replay:9.0f} flows/s ({rate * took_replay / int(replayed['Flows']):.2f}x)")
 
 
+def bench_loop(workdir: Path, batch: list[Record], connections: int) -> None:
+    http = HttpCollector(keep_alive=True)
+    try:
+        run = ship_through_loop(workdir / "http", [{"kind": "http", "address": f"http://127.0.0.1:{http.port}/"}],
+                                batch)
+        assert len(http.accepted()) == len(batch), (len(http.accepted()), len(batch))
+        report_loop("http", batch, connections, run, http.requests[-1].at - run.started)
+    finally:
+        http.close()
+    rsyslog = Rsyslog(workdir / "rsyslog", free_port())
+    rsyslog.start()
+    try:
+        run = ship_through_loop(workdir / "syslog",
+                                [{"kind": "syslog", "address": f"tcp://127.0.0.1:{rsyslog.port}"}], batch)
+        assert wait_until(lambda: len(rsyslog.messages()) >= len(batch), 60)
+        report_loop("rsyslog", batch, connections, run, rsyslog.output.stat().st_mtime - run.started)
+    finally:
+        rsyslog.stop()
+
+
+def report_loop(name: str, batch: list[Record], connections: int, run: LoopRun, took: float) -> None:
+    """`took`: from the loop's start to the last record at the collector (rsyslog: its output's last write)."""
+    print(f"netlog's loop -> {name:<7} {connections:>5} connections/record: {len(batch) / took:8.0f} records/s "
+          f"({len(batch)} in {took:.2f} s, {run.ticks} turns of the loop; spool empty after {run.seconds:.2f} s)")
+
+
 def proc_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -282,20 +316,27 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=2000, help="small records shipped per collector")
     ap.add_argument("--windows", type=int, default=3, help="windows per size fed to the real netlog")
     ap.add_argument("--rounds", type=int, default=2, help="tunnel runs with flow logging off and on")
+    ap.add_argument("--phase", choices=("counting", "shipping", "node", "loop"), help="only this phase")
     args = ap.parse_args()
     for tool in ("rsyslogd", "nfcapd", "nfdump", "nfreplay", "logger"):
         if shutil.which(tool) is None:
             sys.exit(f"needs {tool} (deploy/setup.sh installs it)")
-    bench_counting()
-    bench_tally_memory(100_000)
+    phases = {args.phase} if args.phase else {"counting", "shipping", "loop", "node"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bench_tunnel(work, args.rounds)
+        if "counting" in phases:
+            bench_counting()
+            bench_tally_memory(100_000)
+            bench_tunnel(work, args.rounds)
         for count, connections in ((args.records, 10), (max(20, args.records // 50), 1500)):
-            batch = records(count, connections)
-            bench_rsyslog(work / f"rsyslog-{connections}", batch, connections)
-            bench_nfcapd(work / f"nfcapd-{connections}", batch, connections)
-        bench_node(work, [1_000, 10_000, 100_000], args.windows)
+            batch = records(count, connections) if phases & {"shipping", "loop"} else []
+            if "shipping" in phases:
+                bench_rsyslog(work / f"rsyslog-{connections}", batch, connections)
+                bench_nfcapd(work / f"nfcapd-{connections}", batch, connections)
+            if "loop" in phases:
+                bench_loop(work / f"loop-{connections}", batch, connections)
+        if "node" in phases:
+            bench_node(work, [1_000, 10_000, 100_000], args.windows)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from tests.netlog_fixtures import (
     make_certificate,
     wait_until,
 )
+from tests.netlog_loop import ship_through_loop
 
 RESTART_PAUSE = 2.0  # the issue's "collector stopped for 30 s", shortened
 CLASSIFIER = Classifier(["100.64.0.0/10", "fd7a:115c:a1e0::/48"], ["10.20.0.0/16"], ["100.100.100.100"])
@@ -315,6 +316,26 @@ def test_http_refusal_is_not_retried_and_the_next_record_reports_the_loss(
     [record] = http_collector.accepted()
     assert record_id(record) == 2 and record["dropped"] == 2
     assert shipper.stats()["http-0"].rejected == 2
+
+
+@pytest.mark.parametrize("keep_alive", [False, True])
+def test_the_actor_loop_ships_as_fast_as_the_collector_answers_not_at_its_tick_pace(
+    tmp_path: Path, keep_alive: bool
+) -> None:
+    """With the loop's heartbeat an hour, only the collector's socket can wake it: a batch a tick would
+    take 10 hours. Each request costs a turn or two of the loop (connect, answer), never a busy loop."""
+    batch, requests = 64, 10
+    table = FlowTable("node-alpha", CLASSIFIER, start=time.time())
+    records = [window_record(table, i, time.time()) for i in range(batch * requests)]
+    collector = HttpCollector(keep_alive=keep_alive)
+    try:
+        config = {"kind": "http", "address": f"http://127.0.0.1:{collector.port}/flows", "batch_records": batch}
+        run = ship_through_loop(tmp_path / "loop", [config], records, heartbeat=3600.0, timeout=60.0)
+    finally:
+        collector.close()
+    assert sorted(map(record_id, collector.accepted())) == list(range(batch * requests))
+    assert len(collector.requests) == requests
+    assert run.ticks <= 3 * requests + 10, run
 
 
 # --- configuration -----------------------------------------------------------
