@@ -5,6 +5,7 @@ owns everything the supervisor relies on: the hello, heartbeats carrying
 status, request/ack handling, counting (never raising on) bad frames, and
 the test-only fault switches.
 """
+
 from __future__ import annotations
 
 import errno
@@ -14,7 +15,8 @@ import signal
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -66,8 +68,13 @@ class Actor:
         self.control.setsockopt(zmq.IDENTITY, name.encode())
         self.control.setsockopt(zmq.LINGER, 1000)
         self.control.connect(runtime.control)
-        self.inbox = Inbox(runtime.inbox(name), self.add_reader, self.remove_reader, self._on_data,
-                           lambda: self.count_drop("oversized", "data message"))
+        self.inbox = Inbox(
+            runtime.inbox(name),
+            self.add_reader,
+            self.remove_reader,
+            self._on_data,
+            lambda: self.count_drop("oversized", "data message"),
+        )
         self.events = self.ctx.socket(zmq.PUB)
         self.events.connect(runtime.events_in)
         self.subscriptions = self.ctx.socket(zmq.SUB)
@@ -167,8 +174,7 @@ class Actor:
         self.bus_dropped[reason] += 1
         suppressed = self._ratelimit.should_log(reason, time.monotonic())
         if suppressed is not None:
-            self.log.warning("bus frame dropped", reason=reason, detail=detail[:120],
-                             suppressed=suppressed)
+            self.log.warning("bus frame dropped", reason=reason, detail=detail[:120], suppressed=suppressed)
 
     # --- the loop -------------------------------------------------------
     # One epoll over every descriptor. A ZeroMQ socket is watched through its
@@ -255,15 +261,15 @@ class Actor:
         self._stopping = True
 
     def _status(self) -> dict[str, Any]:
-        return {"bus_dropped": dict(self.bus_dropped), "send_dropped": dict(self.outbox.dropped),
-                **self.status()}
+        return {"bus_dropped": dict(self.bus_dropped), "send_dropped": dict(self.outbox.dropped), **self.status()}
 
     def _send(self, msg: Message) -> None:
         self.control.send(encode(msg))
         self._zmq_due.add(self.control)  # a send may take the signal meant for an incoming message
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[Message], None], topic: bool = False,
-               budget: int = 256) -> bool:
+    def _drain(
+        self, sock: zmq.Socket, handle: Callable[[Message], None], topic: bool = False, budget: int = 256
+    ) -> bool:
         """Read what is ready (bounded, so control never starves); False if more may be left."""
         for _ in range(budget):
             try:

@@ -1,4 +1,5 @@
 """Actor kinds, the order they start in, and how a process becomes one."""
+
 from __future__ import annotations
 
 import importlib
@@ -63,4 +64,3 @@ def run_actor(kind: str, name: str, state_dir: str, tun_queue: int | None = None
     extra = {} if tun_queue is None else {"tun_queue": tun_queue}
     actor = getattr(importlib.import_module(module), cls)(name, Runtime(state_dir), **extra)
     exit_now(actor.run())
-

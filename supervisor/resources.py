@@ -2,6 +2,7 @@
 of the listen port before anything starts, and the TUN's queues, held for
 the node's life and handed to each crypto worker at its spawn.
 """
+
 from __future__ import annotations
 
 import errno
@@ -50,8 +51,9 @@ class TunQueues:
         except (OSError, ValueError) as err:
             for tun in queues:
                 tun.close()
-            self.log.warning("crypto workers get no TUN queue of their own; tun-io reads for them",
-                             interface=iface, reason=str(err))
+            self.log.warning(
+                "crypto workers get no TUN queue of their own; tun-io reads for them", interface=iface, reason=str(err)
+            )
             return
         self.queues = queues
 

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -39,8 +39,7 @@ def node_factory(tmp_path: Path, netns: Callable[..., Netns]) -> Iterator[Callab
     """Start meshsup nodes, each in a fresh namespace; all stopped at teardown."""
     nodes: list[Node] = []
 
-    def make(*args: str, env: dict[str, Any] | None = None, ns: Netns | None = None,
-             faults: bool = True) -> Node:
+    def make(*args: str, env: dict[str, Any] | None = None, ns: Netns | None = None, faults: bool = True) -> Node:
         n = Node(tmp_path, *args, env=env, netns=ns or netns(), faults=faults)
         nodes.append(n)
         return n

@@ -314,8 +314,7 @@ def start_dnsdist(tmp: Path, certificate: Certificate, host: str, backend: Dnsma
         f'addDOHLocal("{host}:{doh_port}", "{certificate.cert}", "{certificate.key}", "/dns-query")\n'
     )
     process = Process(["dnsdist", "--supervised", "--disable-syslog", "-C", str(config)], tmp / "dnsdist.log")
-    process.wait_ready(lambda: _tcp_open(host, tls_port) and _tcp_open(host, doh_port),
-                       what=f"dnsdist on {host}")
+    process.wait_ready(lambda: _tcp_open(host, tls_port) and _tcp_open(host, doh_port), what=f"dnsdist on {host}")
     return Dnsdist(host, tls_port, doh_port, process)
 
 
@@ -536,8 +535,11 @@ BAD_PACKETS: list[tuple[str, bytes, int | None]] = [
     ("truncated", (header(0x0100) + _QUESTION)[:19], dns.rcode.FORMERR),
     ("pointer-loop", header(0x0100) + b"\xc0\x0c\x00\x01\x00\x01", dns.rcode.FORMERR),
     ("trailing-junk", header(0x0100) + _QUESTION + b"junk", dns.rcode.FORMERR),
-    ("two-opts", header(0x0100, ar=2) + _QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00" * 2,
-     dns.rcode.FORMERR),
+    (
+        "two-opts",
+        header(0x0100, ar=2) + _QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00" * 2,
+        dns.rcode.FORMERR,
+    ),
     ("too-short", b"\x42\x42\x01", None),
 ]
 

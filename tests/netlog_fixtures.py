@@ -93,9 +93,11 @@ def rsyslog_lacks_imtcp(binary: str, workdir: Path) -> str | None:
     """Whether this rsyslogd has what the tests need (imtcp with maxFrameSize), asked with the
     fewest lines rsyslogd accepts: a fault in the tests' own config must fail, not skip."""
     probe = workdir / "imtcp-probe.conf"
-    probe.write_text('module(load="imtcp" maxFrameSize="310000")\n'
-                     f'input(type="imtcp" address="{LOOPBACK}" port="1")\n'
-                     f'action(type="omfile" file="{workdir / "imtcp-probe.out"}")\n')
+    probe.write_text(
+        'module(load="imtcp" maxFrameSize="310000")\n'
+        f'input(type="imtcp" address="{LOOPBACK}" port="1")\n'
+        f'action(type="omfile" file="{workdir / "imtcp-probe.out"}")\n'
+    )
     check = subprocess.run([binary, "-N1", "-f", str(probe)], check=False, capture_output=True, text=True, timeout=30)
     return None if check.returncode == 0 else f"this rsyslogd lacks imtcp with maxFrameSize: {check.stderr[-300:]}"
 
@@ -243,14 +245,19 @@ class JournalRemote:
             self.proc = subprocess.Popen(
                 in_netns(
                     self.netns,
-                    [JOURNAL_REMOTE, f"--listen-http={LOOPBACK}:{self.port}", f"--output={self.output}",
-                     "--split-mode=none"],
+                    [
+                        JOURNAL_REMOTE,
+                        f"--listen-http={LOOPBACK}:{self.port}",
+                        f"--output={self.output}",
+                        "--split-mode=none",
+                    ],
                 ),
                 stdout=out,
                 stderr=out,
             )
-        if not wait_until(lambda: self.proc is not None and self.proc.poll() is None
-                          and tcp_listening(self.port, self.netns), 10):
+        if not wait_until(
+            lambda: self.proc is not None and self.proc.poll() is None and tcp_listening(self.port, self.netns), 10
+        ):
             stop_process(self.proc)
             raise RuntimeError(f"systemd-journal-remote did not listen: {self.log.read_text()}")
 
@@ -264,7 +271,10 @@ class JournalRemote:
             return []
         out = subprocess.run(
             [self.journalctl, f"--file={self.output}", "-o", "json", "--no-pager"],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         ).stdout
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -330,7 +340,7 @@ def make_certificate(directory: Path, host: str = LOOPBACK) -> tuple[Path, Path]
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -346,9 +356,7 @@ def make_certificate(directory: Path, host: str = LOOPBACK) -> tuple[Path, Path]
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
 

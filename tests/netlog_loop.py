@@ -28,15 +28,25 @@ class LoopRun:
 
 
 def ship_through_loop(
-    workdir: Path, collectors: list[dict[str, Any]], records: list[Record], *,
-    heartbeat: float | None = None, timeout: float = 120.0,
+    workdir: Path,
+    collectors: list[dict[str, Any]],
+    records: list[Record],
+    *,
+    heartbeat: float | None = None,
+    timeout: float = 120.0,
 ) -> LoopRun:
     """Run the loop in a child; `heartbeat` replaces the loop's heartbeat interval (the pace of its ticks)."""
     workdir.mkdir(parents=True, exist_ok=True)
     job = workdir / "job.json"
     job.write_text(json.dumps({"collectors": collectors, "records": records, "heartbeat": heartbeat}))
-    done = subprocess.run([sys.executable, "-m", "tests.netlog_loop", str(job)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.netlog_loop", str(job)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if done.returncode != 0 or not done.stdout.strip():
         raise RuntimeError(f"the netlog loop failed ({done.returncode}): {done.stderr[-2000:]}")
     return LoopRun(**json.loads(done.stdout.splitlines()[-1]))

@@ -3,6 +3,7 @@
 The lab itself lives in supervisor/lab.py (`meshsup demo` uses it too); this
 module keeps the names the tests import.
 """
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,18 @@ from pathlib import Path
 
 from meshsup.supervisor.lab import MESHSUP, Netns, Node, descendants_by_state_dir, is_root
 
-__all__ = ["REPO", "MESHSUP", "Netns", "Node", "descendants_by_state_dir", "is_root", "pid_alive",
-           "process_title", "udp_counters", "udp_sockets"]
+__all__ = [
+    "REPO",
+    "MESHSUP",
+    "Netns",
+    "Node",
+    "descendants_by_state_dir",
+    "is_root",
+    "pid_alive",
+    "process_title",
+    "udp_counters",
+    "udp_sockets",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,6 +55,7 @@ def udp_sockets(port: int, netns: Netns | None = None) -> list[tuple[int, int]]:
 
 def udp_counters(netns: Netns) -> dict[str, int]:
     """The namespace kernel's UDP counters (/proc/net/snmp): datagrams in, out, and dropped for want of room."""
-    header, values = [line.split() for line in netns.run("cat", "/proc/net/snmp").stdout.splitlines()
-                      if line.startswith("Udp:")]
+    header, values = [
+        line.split() for line in netns.run("cat", "/proc/net/snmp").stdout.splitlines() if line.startswith("Udp:")
+    ]
     return dict(zip(header[1:], map(int, values[1:])))

@@ -37,18 +37,18 @@ from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import FlowCounts, FlowCountsAck, LogLine
 from meshsup.actors.log import log_endpoint
-from meshsup.actors.settings.collectors import CollectorConfig
 from meshsup.actors.netlog.counting import CountsReader, Deliveries
 from meshsup.actors.netlog.daemonlog import LogIntake
 from meshsup.actors.netlog.flows import FlowTable, Record
 from meshsup.actors.netlog.formats import FLOWS, LOGS, RecordFormat
 from meshsup.actors.netlog.mesh import classifier, endpoint_peers
 from meshsup.actors.netlog.resolve import Resolver
-from meshsup.actors.settings import Settings
-from meshsup.actors.settings.keys import b64
-from meshsup.actors.settings.netlog import LEVELS, NetlogSettings
 from meshsup.actors.netlog.shipper import Sender, Shipper, Wait
 from meshsup.actors.netlog.wal import WindowLog
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.collectors import CollectorConfig
+from meshsup.actors.settings.keys import b64
+from meshsup.actors.settings.netlog import LEVELS, NetlogSettings
 
 # Collector I/O runs in this loop without ever waiting; a request (resolving, connecting,
 # TLS, sending, the answer) that is not done this long after it started counts as failed.
@@ -125,8 +125,15 @@ class NetlogActor(Actor):
     ) -> Shipper | None:
         if not collectors:
             return None
-        return Shipper(list(collectors), self.spool_root / what, hostname, form=form,
-                       request_timeout=REQUEST_TIMEOUT, backoff_cap=BACKOFF_CAP, resolver=self.resolver)
+        return Shipper(
+            list(collectors),
+            self.spool_root / what,
+            hostname,
+            form=form,
+            request_timeout=REQUEST_TIMEOUT,
+            backoff_cap=BACKOFF_CAP,
+            resolver=self.resolver,
+        )
 
     # --- flow counts ----------------------------------------------------------
     def on_message(self, msg: Message) -> None:
@@ -230,9 +237,12 @@ class NetlogActor(Actor):
 
     def _watch_collectors(self) -> None:
         """Watch each sender's socket for what it waits for now; stop watching those that wait for nothing."""
-        waits = {sender: (shipper, sender.waiting_on())
-                 for shipper in (self.flow_shipper, self.log_shipper) if shipper is not None
-                 for sender in shipper.senders}
+        waits = {
+            sender: (shipper, sender.waiting_on())
+            for shipper in (self.flow_shipper, self.log_shipper)
+            if shipper is not None
+            for sender in shipper.senders
+        }
         # Stale watches go first: the number of a socket closed meanwhile may be another sender's now.
         for sender, (fd, old) in list(self.watching.items()):
             wait = waits.get(sender, (None, None))[1]
@@ -254,11 +264,19 @@ class NetlogActor(Actor):
         counters = Counter(self.counters)
         if self.table is not None:
             flows = self.table.counters
-            counters.update(records=flows.records, split_records=flows.split_records,
-                            bad_flows=flows.bad_input, skipped_flows=flows.skipped)
-        counters.update(bad_counts=self.reader.bad_entries, unreadable_packets=self.reader.unreadable_packets,
-                        log_lines=self.intake.counters.received, log_lines_lost=self.intake.counters.lost,
-                        log_lines_rate_limited=self.intake.counters.rate_limited)
+            counters.update(
+                records=flows.records,
+                split_records=flows.split_records,
+                bad_flows=flows.bad_input,
+                skipped_flows=flows.skipped,
+            )
+        counters.update(
+            bad_counts=self.reader.bad_entries,
+            unreadable_packets=self.reader.unreadable_packets,
+            log_lines=self.intake.counters.received,
+            log_lines_lost=self.intake.counters.lost,
+            log_lines_rate_limited=self.intake.counters.rate_limited,
+        )
         for what, shipper in (("flows", self.flow_shipper), ("logs", self.log_shipper)):
             for name, stats in (shipper.stats() if shipper else {}).items():
                 for key in ("sent", "delivered", "errors", "dropped"):

@@ -58,7 +58,6 @@ from typing import Protocol
 import structlog
 
 from meshsup.actors.netlog import journal_export
-from meshsup.actors.settings.collectors import CollectorConfig
 from meshsup.actors.netlog.flows import Record, encode_record
 from meshsup.actors.netlog.formats import FLOWS, RecordFormat
 from meshsup.actors.netlog.http11 import HttpError, ResponseReader, post_request
@@ -67,6 +66,7 @@ from meshsup.actors.netlog.resolve import Address, Resolver
 from meshsup.actors.netlog.retry import Backoff, parse_retry_after
 from meshsup.actors.netlog.spool import Spool
 from meshsup.actors.netlog.syslog import encode_message, frame
+from meshsup.actors.settings.collectors import CollectorConfig
 
 log = structlog.get_logger(__name__)
 
@@ -658,7 +658,13 @@ class Shipper:
             if config.kind == "syslog":
                 self.senders.append(
                     SyslogSender(
-                        config, spool_root, backoff, request_timeout, form, resolver, hostname,
+                        config,
+                        spool_root,
+                        backoff,
+                        request_timeout,
+                        form,
+                        resolver,
+                        hostname,
                         confirm_delay=confirm_delay,
                     )
                 )

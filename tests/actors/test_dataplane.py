@@ -1,23 +1,25 @@
 """meshsup carrying real traffic with real WireGuard peers (wireguard-go), ping and iperf3."""
+
 from __future__ import annotations
 
 import os
 import random
 import signal
-import socket
-import struct
 import threading
 import time
 
 import pytest
 
 from tests.nodes import REPO, is_root
-from tests.topology import (Identity, Underlay, assert_carried, have, iperf3, pair, ping, start_meshsup,
-                            start_wg)
+from tests.topology import Identity, assert_carried, have, iperf3, pair, ping, start_meshsup, start_wg
 
-pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
-                                 reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root")]
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(
+        not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
+        reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root",
+    ),
+]
 
 
 def assert_transfer(client, server, addr: str, seconds: int = 10, reverse: bool = False) -> dict:
@@ -35,7 +37,7 @@ def test_pair_carries_ping_and_tcp(underlay, tmp_path, second, initiator) -> Non
     assert ping(ns_a, b.v4) and ping(ns_b, a.v4)
     assert ping(ns_a, b.v6) and ping(ns_b, a.v6)
     assert ping(ns_a, b.v4, size=1420 - 28) and ping(ns_b, a.v6, size=1420 - 48)  # full tunnel MTU
-    sent = assert_transfer(ns_a, ns_b, b.v4)["end"]["sum_received"]["bytes"]                   # alpha -> bravo
+    sent = assert_transfer(ns_a, ns_b, b.v4)["end"]["sum_received"]["bytes"]  # alpha -> bravo
     received = assert_transfer(ns_a, ns_b, b.v4, reverse=True)["end"]["sum_received"]["bytes"]  # bravo -> alpha
     (peer,) = node_a.status()["peers"]
     assert peer["last_handshake"] > time.time() - 180
@@ -77,9 +79,12 @@ def test_scaling_crypto_workers_keeps_the_tunnel(underlay, tmp_path) -> None:
     assert ping(ns_a, b.v4)
     for workers in (4, 1, 2):
         node_a.cli("scale", "crypto", str(workers))
-        node_a.wait(lambda: sum(1 for x in node_a.actors().values()
-                                if x["kind"] == "crypto" and x["state"] == "running") == workers,
-                    what=f"{workers} crypto workers")
+        node_a.wait(
+            lambda: (
+                sum(1 for x in node_a.actors().values() if x["kind"] == "crypto" and x["state"] == "running") == workers
+            ),
+            what=f"{workers} crypto workers",
+        )
         assert ping(ns_a, b.v4, count=5) and ping(ns_b, a.v4, count=5) and ping(ns_a, b.v6, count=3), workers
     assert node_a.counters()["tun-io"]["steering"] == 1
 
@@ -153,26 +158,34 @@ def test_bad_input_is_dropped_and_counted(underlay, tmp_path) -> None:
     assert ping(ns_a, b.v4)
     # Real data packets from bravo to alpha, captured on the wire to be replayed.
     (tmp_path / "capture.py").write_text(CAPTURE)
-    cap = ns_b.popen(os.sys.executable, str(tmp_path / "capture.py"), str(tmp_path / "captured"),
-                     b.endpoint.split(":")[0])
+    cap = ns_b.popen(
+        os.sys.executable, str(tmp_path / "capture.py"), str(tmp_path / "captured"), b.endpoint.split(":")[0]
+    )
     assert ping(ns_b, a.v4, count=60, timeout=20)
     assert cap.wait(20) == 0
     from meshsup.actors.bus.batch import pack, unpack
+
     captured = unpack((tmp_path / "captured").read_bytes())
     rng = random.Random(7)
     garbage = (
-        [rng.randbytes(rng.randrange(1, 300)) for _ in range(10_000)]                      # random
-        + [b"\x01\0\0\0" + rng.randbytes(rng.randrange(0, 140)) for _ in range(10_000)]   # truncated
-        + [_initiation_garbage(rng) for _ in range(10_000)]                                # wrong MAC1
-        + [captured[i % len(captured)] for i in range(10_000)]                             # replayed data
+        [rng.randbytes(rng.randrange(1, 300)) for _ in range(10_000)]  # random
+        + [b"\x01\0\0\0" + rng.randbytes(rng.randrange(0, 140)) for _ in range(10_000)]  # truncated
+        + [_initiation_garbage(rng) for _ in range(10_000)]  # wrong MAC1
+        + [captured[i % len(captured)] for i in range(10_000)]  # replayed data
     )
     (tmp_path / "garbage").write_bytes(pack(garbage))
     (tmp_path / "flood.py").write_text(FLOOD)
     attacker, _ = underlay.host()
     before = node_a.actors()
-    r = attacker.run(os.sys.executable, str(tmp_path / "flood.py"), str(tmp_path / "garbage"),
-                     a.endpoint.split(":")[0], check=False, timeout=120,
-                     env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = attacker.run(
+        os.sys.executable,
+        str(tmp_path / "flood.py"),
+        str(tmp_path / "garbage"),
+        a.endpoint.split(":")[0],
+        check=False,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert r.returncode == 0, r.stderr
     assert ping(ns_a, b.v4) and ping(ns_b, a.v4), "the tunnel stopped working"
     after = node_a.actors()

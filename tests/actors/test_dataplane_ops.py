@@ -1,4 +1,5 @@
 """meshsup in operation with real peers: key rotation, roaming, handshake floods, reloads."""
+
 from __future__ import annotations
 
 import base64
@@ -21,17 +22,31 @@ from meshsup.actors.crypto.device import Device, Forward
 from meshsup.actors.crypto.peer import PeerConfig
 from meshsup.actors.kernel.types import Burst
 from meshsup.actors.routing.shard import owner
-from tests.nodes import REPO, Netns, Node, is_root
-from tests.topology import start_meshsup, start_wg
 from tests.actors.crypto.test_device import flood_initiation
-from tests.topology import (Identity, Underlay, WgGo, assert_carried, have, iperf3, meshsup_config, ping, readdress,
-                            received_from, unanswered)
+from tests.nodes import REPO, Netns, Node, is_root
+from tests.topology import (
+    Identity,
+    Underlay,
+    WgGo,
+    assert_carried,
+    have,
+    iperf3,
+    meshsup_config,
+    ping,
+    readdress,
+    received_from,
+    start_meshsup,
+    start_wg,
+    unanswered,
+)
 from tests.wg_harness import icmp_packet
+
 
 def lab(test: Callable[..., None]) -> Callable[..., None]:
     """Needs root, namespaces and the tools; marked netns so that `-m "not netns"` leaves it out."""
     tools = have("wireguard-go", "wg", "iperf3", "ping")
     return pytest.mark.netns(pytest.mark.skipif(not is_root() or bool(tools), reason=tools or "needs root")(test))
+
 
 NAMES = ("alpha", "bravo", "charlie", "delta")
 # Rekey every 2 s, reject keys after 6 s: a 10 s transfer sees several rotations.
@@ -45,19 +60,23 @@ class Host:
     run: Node | WgGo
 
 
-def star(u: Underlay, tmp: Path, spokes: list[str], known: int | None = None,
-         env: dict[str, str] | None = None) -> list[Host]:
+def star(
+    u: Underlay, tmp: Path, spokes: list[str], known: int | None = None, env: dict[str, str] | None = None
+) -> list[Host]:
     """alpha (meshsup) and one host per spoke ("meshsup" or "wireguard-go") that has alpha as its peer;
     alpha's config lists the first ``known`` spokes (all by default)."""
     hosts = [u.host() for _ in range(len(spokes) + 1)]
-    ids = [Identity(name, i + 1) for i, name in enumerate(NAMES[:len(hosts)])]
+    ids = [Identity(name, i + 1) for i, name in enumerate(NAMES[: len(hosts)])]
     for ident, (_, addr) in zip(ids, hosts):
         ident.endpoint = f"{addr}:51820"
-    listed = ids[1:1 + (len(spokes) if known is None else known)]
+    listed = ids[1 : 1 + (len(spokes) if known is None else known)]
     out = [Host(hosts[0][0], ids[0], start_meshsup(u, tmp, ids[0], listed, ns=hosts[0][0], env=env))]
     for (ns, _), ident, kind in zip(hosts[1:], ids[1:], spokes):
-        run = start_wg(u, tmp, ns, ident, [ids[0]]) if kind == "wireguard-go" else \
-            start_meshsup(u, tmp, ident, [ids[0]], ns=ns, env=env)
+        run = (
+            start_wg(u, tmp, ns, ident, [ids[0]])
+            if kind == "wireguard-go"
+            else start_meshsup(u, tmp, ident, [ids[0]], ns=ns, env=env)
+        )
         out.append(Host(ns, ident, run))
     return out
 
@@ -87,8 +106,9 @@ def config_path(node: Node) -> Path:
     return Path(args[args.index("--config") + 1])
 
 
-def reconfigure(node: Node, tmp: Path, ident: Identity, peers: list[Identity],
-                psks: dict[str, str] | None = None) -> None:
+def reconfigure(
+    node: Node, tmp: Path, ident: Identity, peers: list[Identity], psks: dict[str, str] | None = None
+) -> None:
     """Rewrite the node's config file in place (with optional preshared keys by peer name) and reload."""
     text = meshsup_config(tmp, ident, peers).read_text()
     for p in peers:
@@ -198,9 +218,16 @@ def test_initiation_flood_gets_cookies_and_a_real_peer_still_connects(underlay, 
     alpha, bravo = star(underlay, tmp_path, ["wireguard-go"])
     attacker, _ = underlay.host()
     (tmp_path / "flood.py").write_text(FLOOD)
-    flood = attacker.popen(os.sys.executable, str(tmp_path / "flood.py"), alpha.ident.endpoint.split(":")[0],
-                           alpha.ident.public, "1500", stdout=-1, stderr=-1,
-                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    flood = attacker.popen(
+        os.sys.executable,
+        str(tmp_path / "flood.py"),
+        alpha.ident.endpoint.split(":")[0],
+        alpha.ident.public,
+        "1500",
+        stdout=-1,
+        stderr=-1,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         alpha.run.wait(lambda: alpha.run.counters()["crypto"].get("cookie_sent", 0) > 100, 15, "cookie replies")
         # bravo's first initiation gets a cookie reply; wireguard-go retries with mac2 and gets through.
@@ -231,8 +258,9 @@ def test_workers_share_cookies_and_forward_initiations_they_do_not_own() -> None
     """Sans-IO, two workers of one node: under load a worker answers an initiation with a cookie before
     any Diffie-Hellman; with that cookie the initiation goes to the peer's owner, which accepts it."""
     key, now, source = os.urandom(32), 1_700_000_000.0, ("198.51.100.1", 51820)
-    workers = [Device(key, worker=w, workers=2, under_load_threshold=8, owner_of=partial(owner, workers=2))
-               for w in range(2)]
+    workers = [
+        Device(key, worker=w, workers=2, under_load_threshold=8, owner_of=partial(owner, workers=2)) for w in range(2)
+    ]
     client = next(d for d in iter(lambda: Device(os.urandom(32)), None) if owner(d.public_key, 2) == 1)
     client.set_peer(PeerConfig(workers[0].public_key, None, [ipaddress.ip_network("100.64.0.2/32")], source))
     workers[1].set_peer(PeerConfig(client.public_key, None, [ipaddress.ip_network("100.64.0.1/32")]))
@@ -243,17 +271,17 @@ def test_workers_share_cookies_and_forward_initiations_they_do_not_own() -> None
 
     load(now)
     opened = workers[0].counters["bad_initiation"]
-    (_, (initiation,)), = client.send([icmp_packet("100.64.0.1", "100.64.0.2", 8, 7, 1, b"")], now).datagrams
+    ((_, (initiation,)),) = client.send([icmp_packet("100.64.0.1", "100.64.0.2", 8, 7, 1, b"")], now).datagrams
     out = workers[0].receive([Burst(source, [initiation])], now)
-    (_, (reply,)), = out.datagrams
+    ((_, (reply,)),) = out.datagrams
     assert messages.message_type(reply) == messages.MESSAGE_COOKIE_REPLY and not out.forwards
     assert workers[0].counters["bad_initiation"] == opened, "a flood under load costs no Diffie-Hellman"
     client.receive([Burst(source, [reply])], now)
     retry_at = client.next_deadline()
     load(retry_at - 0.1)
-    (_, (retry,)), = client.tick(retry_at).datagrams
+    ((_, (retry,)),) = client.tick(retry_at).datagrams
     assert workers[0].receive([Burst(source, [retry])], retry_at).forwards == [Forward(1, source, retry)]
-    (_, (response,)), = workers[1].receive([Burst(source, [retry])], retry_at).datagrams
+    ((_, (response,)),) = workers[1].receive([Burst(source, [retry])], retry_at).datagrams
     assert messages.message_type(response) == messages.MESSAGE_RESPONSE, "the owner took the other's cookie"
 
 

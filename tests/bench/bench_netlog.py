@@ -22,6 +22,7 @@ Run as root: .venv/bin/python tests/bench/bench_netlog.py [--records 2000] [--wi
    collector in this process (keep-alive) and to rsyslog over TCP: records/s
    until the last one is at the collector, and the turns of the loop taken.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,14 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from meshsup.actors.bus.datapath import Outbox  # noqa: E402
 from meshsup.actors.bus.endpoints import Runtime  # noqa: E402
-from meshsup.actors.routing.allowedips import AllowedIPs  # noqa: E402
-from meshsup.actors.settings.collectors import parse_collectors  # noqa: E402
 from meshsup.actors.bus.messages import FlowCounts  # noqa: E402
 from meshsup.actors.flowcount.tally import INNER, PacketTally, chunks  # noqa: E402
 from meshsup.actors.netlog.flows import Classifier, FlowTable, Record, encode_record  # noqa: E402
 from meshsup.actors.netlog.formats import flow_syslog  # noqa: E402
 from meshsup.actors.netlog.shipper import Shipper  # noqa: E402
 from meshsup.actors.netlog.syslog import encode_message  # noqa: E402
+from meshsup.actors.routing.allowedips import AllowedIPs  # noqa: E402
+from meshsup.actors.settings.collectors import parse_collectors  # noqa: E402
 from meshsup.actors.wire import ip as packet  # noqa: E402
 from tests.netlog_fixtures import HttpCollector, Nfcapd, Rsyslog, free_port, wait_until  # noqa: E402
 from tests.netlog_loop import LoopRun, ship_through_loop  # noqa: E402
@@ -86,8 +87,10 @@ def bench_counting() -> None:
             lookup(dst) if dst is not None else None
 
     counted, routed = per_packet(tally.add_packets, batch), per_packet(route, batch)
-    print(f"counting on the hot path: {counted:.0f} ns/packet; tun-io's routing work {routed:.0f} ns/packet "
-          f"(+{counted / routed:.0%})")
+    print(
+        f"counting on the hot path: {counted:.0f} ns/packet; tun-io's routing work {routed:.0f} ns/packet "
+        f"(+{counted / routed:.0%})"
+    )
 
 
 def tunnel_mbits(workdir: Path, extra: str, seconds: int = 5) -> tuple[float, float]:
@@ -118,9 +121,11 @@ def bench_tunnel(workdir: Path, rounds: int) -> None:
         for name, extra in (("off", ""), ("on", on)):
             runs[name].append(tunnel_mbits(workdir, extra))
     mean = {k: (sum(r[0] for r in v) / len(v), sum(r[1] for r in v) / len(v)) for k, v in runs.items()}
-    print(f"tunnel, meshsup <-> wireguard-go, {rounds} rounds: flow logging off {mean['off'][0]:.0f} / "
-          f"{mean['off'][1]:.0f} Mbit/s, on {mean['on'][0]:.0f} / {mean['on'][1]:.0f} Mbit/s "
-          f"({mean['on'][0] / mean['off'][0]:.2f}x / {mean['on'][1] / mean['off'][1]:.2f}x)")
+    print(
+        f"tunnel, meshsup <-> wireguard-go, {rounds} rounds: flow logging off {mean['off'][0]:.0f} / "
+        f"{mean['off'][1]:.0f} Mbit/s, on {mean['on'][0]:.0f} / {mean['on'][1]:.0f} Mbit/s "
+        f"({mean['on'][0] / mean['off'][0]:.2f}x / {mean['on'][1] / mean['off'][1]:.2f}x)"
+    )
 
 
 def records(count: int, connections: int) -> list[Record]:
@@ -129,8 +134,9 @@ def records(count: int, connections: int) -> list[Record]:
     for r in range(count):
         for c in range(connections):
             n = r * connections + c
-            table.add((6, f"100.64.{n >> 16 & 63}.{n >> 8 & 255}:{1024 + n % 60000}", "100.64.0.2:443"),
-                      12, 15000, 9, 600)
+            table.add(
+                (6, f"100.64.{n >> 16 & 63}.{n >> 8 & 255}:{1024 + n % 60000}", "100.64.0.2:443"), 12, 15000, 9, 600
+            )
         out += table.close_window(time.time())
     return out
 
@@ -139,8 +145,12 @@ def bench_rsyslog(workdir: Path, batch: list[Record], connections: int) -> None:
     ours = Rsyslog(workdir / "ours", free_port())
     ours.start()
     try:
-        shipper = Shipper(parse_collectors([{"kind": "syslog", "address": f"tcp://127.0.0.1:{ours.port}"}]),
-                          workdir / "spool", "bench", confirm_delay=0.05)
+        shipper = Shipper(
+            parse_collectors([{"kind": "syslog", "address": f"tcp://127.0.0.1:{ours.port}"}]),
+            workdir / "spool",
+            "bench",
+            confirm_delay=0.05,
+        )
         start = time.perf_counter()
         shipper.submit(batch, time.time())
         assert shipper.flush(time.time() + 300)
@@ -156,24 +166,43 @@ def bench_rsyslog(workdir: Path, batch: list[Record], connections: int) -> None:
         lines.write_bytes(b"\n".join(encode_record(r) for r in batch) + b"\n")
         start = time.perf_counter()
         with open(lines, "rb") as stdin:
-            subprocess.run(["logger", "--tcp", "--octet-count", "--rfc5424", "-n", "127.0.0.1",
-                            "-P", str(theirs.port), "-S", "1000000", "-t", "meshsup"], stdin=stdin, check=True)
+            subprocess.run(
+                [
+                    "logger",
+                    "--tcp",
+                    "--octet-count",
+                    "--rfc5424",
+                    "-n",
+                    "127.0.0.1",
+                    "-P",
+                    str(theirs.port),
+                    "-S",
+                    "1000000",
+                    "-t",
+                    "meshsup",
+                ],
+                stdin=stdin,
+                check=True,
+            )
         assert wait_until(lambda: len(theirs.messages()) >= len(batch), 120)
         took_logger = time.perf_counter() - start
     finally:
         theirs.stop()
     size = sum(len(encode_message(flow_syslog(r, 0, "bench"))) for r in batch) / len(batch)
     rate, rate_logger = len(batch) / took, len(batch) / took_logger
-    print(f"rsyslog, {connections:>5} connections/record ({size / 1024:.1f} KiB): {rate:8.0f} records/s "
-          f"{rate * connections:9.0f} connections/s   logger(1): {rate_logger:8.0f} records/s ({rate / rate_logger:.2f}x)")
+    print(
+        f"rsyslog, {connections:>5} connections/record ({size / 1024:.1f} KiB): {rate:8.0f} records/s "
+        f"{rate * connections:9.0f} connections/s   logger(1): {rate_logger:8.0f} records/s ({rate / rate_logger:.2f}x)"
+    )
 
 
 def bench_nfcapd(workdir: Path, batch: list[Record], connections: int) -> None:
     ours = Nfcapd(workdir / "ours", free_port())
     ours.start()
     try:
-        shipper = Shipper(parse_collectors([{"kind": "ipfix", "address": f"udp://127.0.0.1:{ours.port}"}]),
-                          workdir / "spool", "bench")
+        shipper = Shipper(
+            parse_collectors([{"kind": "ipfix", "address": f"udp://127.0.0.1:{ours.port}"}]), workdir / "spool", "bench"
+        )
         start = time.perf_counter()
         sender = shipper.senders[0]
         for r in batch:  # record by record, as windows close, so the queue never overflows
@@ -190,23 +219,30 @@ def bench_nfcapd(workdir: Path, batch: list[Record], connections: int) -> None:
     theirs.start()
     try:
         start = time.perf_counter()
-        subprocess.run(["nfreplay", "-r", str(path), "-H", "127.0.0.1", "-p", str(theirs.port), "-v", "9", "-d", "0"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["nfreplay", "-r", str(path), "-H", "127.0.0.1", "-p", str(theirs.port), "-v", "9", "-d", "0"],
+            check=True,
+            capture_output=True,
+        )
         took_replay = time.perf_counter() - start
         time.sleep(0.5)
     finally:
         replayed = theirs.stats(theirs.stop())
     flows, rate = int(stats["Flows"]), len(batch) * connections / took
-    print(f"nfcapd,  {connections:>5} connections/record: {len(batch) / took:8.0f} records/s {rate:9.0f} connections/s "
-          f"(received {flows}/{len(batch) * connections}, sequence failures {stats['Sequence failures']})   "
-          f"nfreplay(1): {int(replayed['Flows']) / took_replay:9.0f} flows/s ({rate * took_replay / int(replayed['Flows']):.2f}x)")
+    print(
+        f"nfcapd,  {connections:>5} connections/record: {len(batch) / took:8.0f} records/s {rate:9.0f} connections/s "
+        f"(received {flows}/{len(batch) * connections}, sequence failures {stats['Sequence failures']})   "
+        f"nfreplay(1): {int(replayed['Flows']) / took_replay:9.0f} flows/s "
+        f"({rate * took_replay / int(replayed['Flows']):.2f}x)"
+    )
 
 
 def bench_loop(workdir: Path, batch: list[Record], connections: int) -> None:
     http = HttpCollector(keep_alive=True)
     try:
-        run = ship_through_loop(workdir / "http", [{"kind": "http", "address": f"http://127.0.0.1:{http.port}/"}],
-                                batch)
+        run = ship_through_loop(
+            workdir / "http", [{"kind": "http", "address": f"http://127.0.0.1:{http.port}/"}], batch
+        )
         assert len(http.accepted()) == len(batch), (len(http.accepted()), len(batch))
         report_loop("http", batch, connections, run, http.requests[-1].at - run.started)
     finally:
@@ -214,8 +250,9 @@ def bench_loop(workdir: Path, batch: list[Record], connections: int) -> None:
     rsyslog = Rsyslog(workdir / "rsyslog", free_port())
     rsyslog.start()
     try:
-        run = ship_through_loop(workdir / "syslog",
-                                [{"kind": "syslog", "address": f"tcp://127.0.0.1:{rsyslog.port}"}], batch)
+        run = ship_through_loop(
+            workdir / "syslog", [{"kind": "syslog", "address": f"tcp://127.0.0.1:{rsyslog.port}"}], batch
+        )
         assert wait_until(lambda: len(rsyslog.messages()) >= len(batch), 60)
         report_loop("rsyslog", batch, connections, run, rsyslog.output.stat().st_mtime - run.started)
     finally:
@@ -224,8 +261,10 @@ def bench_loop(workdir: Path, batch: list[Record], connections: int) -> None:
 
 def report_loop(name: str, batch: list[Record], connections: int, run: LoopRun, took: float) -> None:
     """`took`: from the loop's start to the last record at the collector (rsyslog: its output's last write)."""
-    print(f"netlog's loop -> {name:<7} {connections:>5} connections/record: {len(batch) / took:8.0f} records/s "
-          f"({len(batch)} in {took:.2f} s, {run.ticks} turns of the loop; spool empty after {run.seconds:.2f} s)")
+    print(
+        f"netlog's loop -> {name:<7} {connections:>5} connections/record: {len(batch) / took:8.0f} records/s "
+        f"({len(batch)} in {took:.2f} s, {run.ticks} turns of the loop; spool empty after {run.seconds:.2f} s)"
+    )
 
 
 def proc_cpu(pid: int) -> float:
@@ -255,11 +294,18 @@ def bench_node(workdir: Path, sizes: list[int], windows: int) -> None:
     try:
         rsyslog.start()
         nfcapd.start()
-        extra = (f'[netlog]\ninterval = 5\nanonymize_exit = false\n'
-                 f'[[netlog.collectors]]\nkind = "syslog"\naddress = "tcp://127.0.0.1:{rsyslog.port}"\n'
-                 f'[[netlog.collectors]]\nkind = "ipfix"\naddress = "udp://127.0.0.1:{nfcapd.port}"\n')
-        node = Node(workdir, "--config", str(meshsup_config(workdir, Identity("alpha", 1), [], extra=extra)),
-                    netns=ns, faults=False)
+        extra = (
+            f"[netlog]\ninterval = 5\nanonymize_exit = false\n"
+            f'[[netlog.collectors]]\nkind = "syslog"\naddress = "tcp://127.0.0.1:{rsyslog.port}"\n'
+            f'[[netlog.collectors]]\nkind = "ipfix"\naddress = "udp://127.0.0.1:{nfcapd.port}"\n'
+        )
+        node = Node(
+            workdir,
+            "--config",
+            str(meshsup_config(workdir, Identity("alpha", 1), [], extra=extra)),
+            netns=ns,
+            faults=False,
+        )
         node.wait_ready()
         pid = node.actors()["netlog"]["pid"]
         push = Outbox(Runtime(node.state_dir).inbox)  # the data path tun-io and magicsock use
@@ -281,16 +327,20 @@ def bench_node(workdir: Path, sizes: list[int], windows: int) -> None:
                 time.sleep(max(0.0, start + 5 * (w + 1) - time.time()))
             used = proc_cpu(pid) - before - idle / 5 * (time.time() - start)
             rss, peak = proc_memory(pid)
-            print(f"netlog, {size:>6} active connections per 5 s window: "
-                  f"{used / windows / (size / 1000) * 1000:6.1f} ms CPU per 1,000 connections per window "
-                  f"({used / windows / 5:.0%} of a core); RSS {rss / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB")
+            print(
+                f"netlog, {size:>6} active connections per 5 s window: "
+                f"{used / windows / (size / 1000) * 1000:6.1f} ms CPU per 1,000 connections per window "
+                f"({used / windows / 5:.0%} of a core); RSS {rss / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB"
+            )
         push.close()
         made = node.counters()["netlog"].get("records", 0)
         start = time.time()
         wait_until(lambda: sum(1 for m in rsyslog.messages() if m["msgid"] == "flowlog") >= made, 120, 0.5)
         delivered = sum(1 for m in rsyslog.messages() if m["msgid"] == "flowlog")
-        print(f"  records made {made}, at rsyslog {delivered} ({time.time() - start:.1f} s after the last window), "
-              f"netlog restarts {node.actors()['netlog']['restarts']}")
+        print(
+            f"  records made {made}, at rsyslog {delivered} ({time.time() - start:.1f} s after the last window), "
+            f"netlog restarts {node.actors()['netlog']['restarts']}"
+        )
     finally:
         if node is not None:
             node.close()

@@ -24,9 +24,12 @@ from meshsup.bpf.steering import INSN, Route, program
 from meshsup.bpf.syscall import attach_steering, detach_steering, load_socket_filter, run_on_packet
 from tests.nodes import REPO, Netns
 
+
 def needs_root(test: Callable[..., None]) -> Callable[..., None]:
     """bpf() and TUN need root; marked netns so that `-m "not netns"` leaves the test out."""
     return pytest.mark.netns(pytest.mark.skipif(os.geteuid() != 0, reason="needs root for bpf() and TUN")(test))
+
+
 N = ipaddress.ip_network
 MOV_R0_IMM = 0xB7
 
@@ -66,8 +69,14 @@ def test_instruction_count_grows_by_a_few_per_route() -> None:
 
 
 def test_routes_are_tried_longest_prefix_first_ties_in_order() -> None:
-    routes: list[Route] = [(N("10.0.0.0/8"), 1), (N("10.1.0.0/16"), 2), (N("10.1.1.0/24"), 3),
-                           (N("10.2.0.0/16"), 4), (N("fd00::/16"), 5), (N("fd00::/64"), 6)]
+    routes: list[Route] = [
+        (N("10.0.0.0/8"), 1),
+        (N("10.1.0.0/16"), 2),
+        (N("10.1.1.0/24"), 3),
+        (N("10.2.0.0/16"), 4),
+        (N("fd00::/16"), 5),
+        (N("fd00::/64"), 6),
+    ]
     # IPv6 section, default, IPv4 section, default.
     assert returned_workers(program(routes, 0)) == [6, 5, 0, 3, 2, 4, 1, 0]
 
@@ -104,8 +113,15 @@ def loaded(routes: Sequence[Route], default: int) -> Iterator[int]:
 TABLES: dict[str, list[Route]] = {
     "none": [],
     "one": [(N("10.99.1.0/24"), 2)],
-    "mixed": [(N("10.99.0.0/16"), 1), (N("fd99::/64"), 2), (N("fd99::/56"), 3), (N("10.99.1.1/32"), 0),
-              (N("fd99::1/128"), 0), (N("::/0"), 3), (N("0.0.0.0/0"), 2)],
+    "mixed": [
+        (N("10.99.0.0/16"), 1),
+        (N("fd99::/64"), 2),
+        (N("fd99::/56"), 3),
+        (N("10.99.1.1/32"), 0),
+        (N("fd99::1/128"), 0),
+        (N("::/0"), 3),
+        (N("0.0.0.0/0"), 2),
+    ],
     "1000_v4": v4_routes(1000),
     "1000_v6": v6_routes(1000),
 }
@@ -171,8 +187,17 @@ def test_the_kernel_runs_longest_prefix_match() -> None:
             assert run_on_packet(fd, pkt) == longest_match(routes, 9, dst), dst
 
 
-GARBAGE = [b"", b"\x45", b"\x45" * 19, b"\x60" * 39, b"\xff" * 64, b"\x00" * 40, b"\x50" * 20,
-           ipv4_udp("10.99.1.1")[:19], ipv6_udp("fd99::1")[:39]]
+GARBAGE = [
+    b"",
+    b"\x45",
+    b"\x45" * 19,
+    b"\x60" * 39,
+    b"\xff" * 64,
+    b"\x00" * 40,
+    b"\x50" * 20,
+    ipv4_udp("10.99.1.1")[:19],
+    ipv6_udp("fd99::1")[:39],
+]
 
 
 @needs_root
@@ -210,8 +235,18 @@ class Queues:
         self.name = "mss" + secrets.token_hex(4)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with ours, theirs:
-            ns.run(sys.executable, "-c", _OPEN_QUEUES, self.name, str(count), "1" if vnet_hdr else "0",
-                   str(theirs.fileno()), pass_fds=[theirs.fileno()], cwd=REPO, timeout=30)
+            ns.run(
+                sys.executable,
+                "-c",
+                _OPEN_QUEUES,
+                self.name,
+                str(count),
+                "1" if vnet_hdr else "0",
+                str(theirs.fileno()),
+                pass_fds=[theirs.fileno()],
+                cwd=REPO,
+                timeout=30,
+            )
             _, self.fds, _, _ = socket.recv_fds(ours, 16, count)
         assert len(self.fds) == count
         ns.run("ip", "addr", "add", "10.99.0.1/16", "dev", self.name)
@@ -273,6 +308,7 @@ def send_udp(ns: Netns, port: int, destinations: Sequence[str]) -> None:
 def to_port(port: int) -> Callable[[bytes], bool]:
     def wanted(pkt: bytes) -> bool:
         return packet.protocol(pkt) == packet.IPPROTO_UDP and (packet.ports(pkt) or (0, 0))[1] == port
+
     return wanted
 
 
@@ -287,16 +323,25 @@ def arrivals(queues: Queues, destinations: Sequence[str]) -> dict[str, list[int]
     return landed
 
 
-STEERING: list[Route] = [(N("10.99.1.0/24"), 0), (N("10.99.2.0/24"), 1), (N("10.99.2.128/25"), 2),
-                         (N("fd99::1:0/112"), 2)]
-EXPECTED = {"10.99.1.7": [0], "10.99.2.7": [1], "10.99.2.200": [2], "10.99.3.7": [1],
-            "fd99::1:7": [2], "fd99::2:7": [1]}  # written as ip_address() prints them
+STEERING: list[Route] = [
+    (N("10.99.1.0/24"), 0),
+    (N("10.99.2.0/24"), 1),
+    (N("10.99.2.128/25"), 2),
+    (N("fd99::1:0/112"), 2),
+]
+EXPECTED = {
+    "10.99.1.7": [0],
+    "10.99.2.7": [1],
+    "10.99.2.200": [2],
+    "10.99.3.7": [1],
+    "fd99::1:7": [2],
+    "fd99::2:7": [1],
+}  # written as ip_address() prints them
 
 
 @needs_root
 @pytest.mark.parametrize("vnet_hdr", [False, True], ids=["plain", "vnet_hdr"])
-def test_each_packet_comes_out_of_its_workers_queue(tun_queues: Callable[[int, bool], Queues],
-                                                     vnet_hdr: bool) -> None:
+def test_each_packet_comes_out_of_its_workers_queue(tun_queues: Callable[[int, bool], Queues], vnet_hdr: bool) -> None:
     queues = tun_queues(3, vnet_hdr)
     queues.steer(STEERING, 1)
     assert arrivals(queues, list(EXPECTED) * 3) == {d: q * 3 for d, q in EXPECTED.items()}

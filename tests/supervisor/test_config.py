@@ -1,4 +1,5 @@
 """Wrong configs are refused before anything starts, with file, key and problem."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from meshsup.supervisor import config as cfg
 from meshsup.actors.settings.keys import b64, generate_private, public_of
+from meshsup.supervisor import config as cfg
 from tests.nodes import REPO
 
 PEER = b64(public_of(generate_private()))
@@ -23,22 +24,33 @@ def write(tmp_path: Path, body: str, mode: int = 0o600, name: str = "n.toml") ->
 
 
 def start(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meshsup.supervisor.cli", "start", "--state-dir",
-                           str(tmp_path / "state"), *args], capture_output=True, text=True,
-                          timeout=30, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [sys.executable, "-m", "meshsup.supervisor.cli", "start", "--state-dir", str(tmp_path / "state"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 BAD = [
     ("unknown key", "[node]\ncolour = 'red'\n", "node.colour", "unknown key"),
     ("bad key", "[node]\nprivate_key = 'abc'\n", "node.private_key", "base64"),
     ("short key", "[node]\nprivate_key = 'YWJj'\n", "node.private_key", "decodes to 3 bytes"),
-    ("bad cidr", f"[[peers]]\npublic_key = '{PEER}'\nallowed_ips = ['10.0.0.0/33']\n",
-     "peers[0].allowed_ips", "not an IP prefix"),
-    ("bad endpoint", f"[[peers]]\npublic_key = '{PEER}'\nendpoints = ['198.51.100.2']\n",
-     "peers[0].endpoints", "not host:port"),
+    (
+        "bad cidr",
+        f"[[peers]]\npublic_key = '{PEER}'\nallowed_ips = ['10.0.0.0/33']\n",
+        "peers[0].allowed_ips",
+        "not an IP prefix",
+    ),
+    (
+        "bad endpoint",
+        f"[[peers]]\npublic_key = '{PEER}'\nendpoints = ['198.51.100.2']\n",
+        "peers[0].endpoints",
+        "not host:port",
+    ),
     ("missing peer key", "[[peers]]\nname = 'x'\n", "peers[0].public_key", "is required"),
-    ("unreadable key file", "[node]\nprivate_key_file = 'nope.key'\n", "node.private_key_file",
-     "cannot read"),
+    ("unreadable key file", "[node]\nprivate_key_file = 'nope.key'\n", "node.private_key_file", "cannot read"),
     ("wrong type", "[node]\nlisten_port = '51820'\n", "node.listen_port", "must be int"),
     ("syntax", "[node\n", "(syntax)", ""),
 ]
@@ -73,16 +85,17 @@ def test_wg_quick_refusals(tmp_path) -> None:
     path = write(tmp_path, "[Interface]\nPrivateKey = nope\n", name="wg0.conf")
     r = start(tmp_path, "--wg-config", str(path))
     assert r.returncode == 2 and "[Interface] PrivateKey: decodes to 3 bytes" in r.stderr
-    path = write(tmp_path, f"[Interface]\nPrivateKey = {b64(generate_private())}\n[Peer]\n"
-                 f"PublicKey = {PEER}\nAllowedIPs = 10.1.0.0/99\n", name="wg4.conf")
+    path = write(
+        tmp_path,
+        f"[Interface]\nPrivateKey = {b64(generate_private())}\n[Peer]\nPublicKey = {PEER}\nAllowedIPs = 10.1.0.0/99\n",
+        name="wg4.conf",
+    )
     r = start(tmp_path, "--wg-config", str(path))
     assert r.returncode == 2 and "[Peer] 1 AllowedIPs" in r.stderr and "not an IP prefix" in r.stderr
-    path = write(tmp_path, f"[Interface]\nPrivateKey = {b64(generate_private())}\nPostUp = rm -rf /\n",
-                 name="wg1.conf")
+    path = write(tmp_path, f"[Interface]\nPrivateKey = {b64(generate_private())}\nPostUp = rm -rf /\n", name="wg1.conf")
     r = start(tmp_path, "--wg-config", str(path))
     assert r.returncode == 2 and "PostUp" in r.stderr and "not supported" in r.stderr
-    path = write(tmp_path, f"[Interface]\nPrivateKey = {b64(generate_private())}\n", mode=0o644,
-                 name="wg2.conf")
+    path = write(tmp_path, f"[Interface]\nPrivateKey = {b64(generate_private())}\n", mode=0o644, name="wg2.conf")
     r = start(tmp_path, "--wg-config", str(path))
     assert r.returncode == 2 and "readable by others" in r.stderr
 
@@ -90,7 +103,9 @@ def test_wg_quick_refusals(tmp_path) -> None:
 def test_wg_quick_is_read_as_wg_quick_reads_it(tmp_path) -> None:
     priv = generate_private()
     psk = b64(generate_private())
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
 [Interface]
 PrivateKey = {b64(priv)}
 ListenPort = 51999
@@ -104,7 +119,9 @@ PresharedKey = {psk}
 AllowedIPs = 100.64.0.2/32, 10.20.0.0/16
 Endpoint = 198.51.100.2:51820
 PersistentKeepalive = 25
-""", name="wg3.conf")
+""",
+        name="wg3.conf",
+    )
     c = cfg.load_wg_quick(path, tmp_path)
     assert c.node.public_key == public_of(priv)
     assert c.node.listen_port == 51999 and c.node.mtu == 1380
@@ -131,16 +148,26 @@ def test_embedded_default_is_stable(tmp_path) -> None:
     assert v4.startswith("100.") and v6.startswith("fd7a:115c:a1e0:")
 
 
-@pytest.mark.parametrize("body,key,problem", [
-    ("[dns]\nupstreams = ['ftp://198.51.100.53']\n", "dns.upstreams", "ftp"),
-    ("[dns]\nbogus = 1\n", "dns", "bogus"),
-    ("[[dns.rules]]\nmatch = 'nope:x'\naction = 'reject'\n", "dns.rules[0]", ""),
-    ("[[netlog.collectors]]\nkind = 'carrier-pigeon'\naddress = 'tcp://127.0.0.1:1'\n",
-     "netlog.collectors[0].kind", ""),
-    ("[[netlog.collectors]]\nkind = 'syslog'\naddress = 'not a url'\n", "netlog.collectors[0].address", ""),
-    ("[[netlog.collectors]]\nkind = 'syslog'\naddress = 'tls://127.0.0.1:6514'\nca_file = '/nonexistent/ca.pem'\n",
-     "netlog.collectors[0].ca_file", ""),
-])
+@pytest.mark.parametrize(
+    "body,key,problem",
+    [
+        ("[dns]\nupstreams = ['ftp://198.51.100.53']\n", "dns.upstreams", "ftp"),
+        ("[dns]\nbogus = 1\n", "dns", "bogus"),
+        ("[[dns.rules]]\nmatch = 'nope:x'\naction = 'reject'\n", "dns.rules[0]", ""),
+        (
+            "[[netlog.collectors]]\nkind = 'carrier-pigeon'\naddress = 'tcp://127.0.0.1:1'\n",
+            "netlog.collectors[0].kind",
+            "",
+        ),
+        ("[[netlog.collectors]]\nkind = 'syslog'\naddress = 'not a url'\n", "netlog.collectors[0].address", ""),
+        (
+            "[[netlog.collectors]]\nkind = 'syslog'\naddress = 'tls://127.0.0.1:6514'\n"
+            "ca_file = '/nonexistent/ca.pem'\n",
+            "netlog.collectors[0].ca_file",
+            "",
+        ),
+    ],
+)
 def test_dns_and_collector_sections_are_checked_at_start(tmp_path, body, key, problem) -> None:
     path = write(tmp_path, body)
     r = start(tmp_path, "--config", str(path))

@@ -1,4 +1,5 @@
 """`meshsup demo` end to end: it reports every pair and leaves nothing behind, also when interrupted."""
+
 from __future__ import annotations
 
 import itertools
@@ -15,13 +16,21 @@ from tests.topology import have
 
 TOOLS = ("wireguard-go", "wg", "iperf3", "ping")
 NAMES = ("alpha", "bravo", "charlie")
-pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(not is_root() or bool(have(*TOOLS)), reason=have(*TOOLS) or "needs root")]
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(not is_root() or bool(have(*TOOLS)), reason=have(*TOOLS) or "needs root"),
+]
 
 
 def demo(**kw: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([*MESHSUP, "demo"], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(REPO)}, **kw)  # type: ignore[call-overload]
+    return subprocess.Popen(
+        [*MESHSUP, "demo"],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        **kw,
+    )  # type: ignore[call-overload]
 
 
 def assert_nothing_left(out: str) -> None:

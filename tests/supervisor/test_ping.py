@@ -1,4 +1,5 @@
 """`meshsup ping`: the sans-IO ICMP echo core, peer resolution, and real pings between two nodes."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,10 @@ from tests.nodes import MESHSUP, REPO, Node, is_root
 from tests.topology import Identity, Underlay, have, meshsup_config
 from tests.wg_harness import icmp_packet
 
-PEERS = [{"name": "bravo", "allowed_ips": ["10.20.0.0/16", "100.64.0.2/32", "fd7a:115c:a1e0::2/128"]},
-         {"name": "charlie", "allowed_ips": ["10.20.30.0/24", "100.64.0.3/32"]}]
+PEERS = [
+    {"name": "bravo", "allowed_ips": ["10.20.0.0/16", "100.64.0.2/32", "fd7a:115c:a1e0::2/128"]},
+    {"name": "charlie", "allowed_ips": ["10.20.30.0/24", "100.64.0.3/32"]},
+]
 
 
 def test_checksum_matches_rfc1071_example() -> None:
@@ -52,9 +55,22 @@ def test_parses_replies_built_by_an_independent_encoder() -> None:
 ICMP4 = b"\x45" + bytes(8) + b"\x01" + bytes(10)  # an IPv4 header saying ICMP, no ICMP message yet
 
 
-@pytest.mark.parametrize("junk", [b"", b"\x00", ICMP4[:12], ICMP4, ICMP4 + b"\x00\x00\xff", b"\x4f" + ICMP4[1:],
-                                  b"\x60" + bytes(60), b"\x81\x00", b"\xc3\x7f\x10", bytes(8)],
-                         ids=lambda junk: junk.hex() or "empty")
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"",
+        b"\x00",
+        ICMP4[:12],
+        ICMP4,
+        ICMP4 + b"\x00\x00\xff",
+        b"\x4f" + ICMP4[1:],
+        b"\x60" + bytes(60),
+        b"\x81\x00",
+        b"\xc3\x7f\x10",
+        bytes(8),
+    ],
+    ids=lambda junk: junk.hex() or "empty",
+)
 def test_junk_is_ignored_not_raised(junk: bytes) -> None:
     session = EchoSession("100.64.0.2", 1, b"x")
     session.request(0.0)
@@ -112,8 +128,12 @@ def test_resolve_names_and_addresses() -> None:
 
 @pytest.mark.parametrize("kind", ["disco", "tsmp"])
 def test_peer_to_peer_types_are_refused_clearly(tmp_path: Path, kind: str) -> None:
-    r = subprocess.run([*MESHSUP, "ping", "bravo", "--type", kind, "--state-dir", str(tmp_path)],
-                       text=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run(
+        [*MESHSUP, "ping", "bravo", "--type", kind, "--state-dir", str(tmp_path)],
+        text=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and f"--type {kind} is not supported" in r.stderr
     assert "--type icmp" in r.stderr
@@ -139,8 +159,19 @@ def test_ping_peer_by_name_and_address_then_down(tmp_path: Path) -> None:
         assert "3 packets transmitted, 3 received, 0% packet loss" in r.stdout
 
         # From inside the node's namespace, to an IPv6 mesh address.
-        r = ns_a.run(*MESHSUP, "ping", "--state-dir", str(alpha.state_dir), b.v6, "-c", "2", "-i", "0.2",
-                     check=False, env={**os.environ, "PYTHONPATH": str(REPO)})
+        r = ns_a.run(
+            *MESHSUP,
+            "ping",
+            "--state-dir",
+            str(alpha.state_dir),
+            b.v6,
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            check=False,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         assert r.returncode == 0, r.stderr
         assert f"PING bravo ({b.v6})" in r.stdout and "2 received, 0% packet loss" in r.stdout
 

@@ -3,6 +3,7 @@
 Another user is simulated by chown to a uid nobody has (the tests run as root),
 a planted file by a symlink where meshsup would write or read.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,10 @@ from meshsup.actors.kernel.files import UnsafePath
 from meshsup.actors.netlog.spool import Spool
 from meshsup.actors.netlog.wal import WindowLog
 from meshsup.actors.router.resolvconf import BACKUP_SUFFIX, HEADER, ResolvConf
+from meshsup.actors.settings.keys import b64, generate_private, load_or_create
 from meshsup.supervisor import cli
 from meshsup.supervisor import config as cfg
 from meshsup.supervisor.control import NotRunning, call
-from meshsup.actors.settings.keys import b64, generate_private, load_or_create
 from tests.nodes import REPO
 
 OTHER_UID = 54321  # no one's: "another user"
@@ -34,9 +35,23 @@ pytestmark = [pytest.mark.netns, pytest.mark.skipif(os.geteuid() != 0, reason="n
 def start(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     # --listen-port is out of range too, so that if the state dir were not refused the
     # config would be, and no node could start on the host.
-    return subprocess.run([sys.executable, "-m", "meshsup.supervisor.cli", "start", "--state-dir", str(state_dir),
-                           "--listen-port", "99999", *args], capture_output=True, text=True, timeout=30,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "meshsup.supervisor.cli",
+            "start",
+            "--state-dir",
+            str(state_dir),
+            "--listen-port",
+            "99999",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def one_line(r: subprocess.CompletedProcess[str]) -> str:
@@ -190,8 +205,9 @@ def test_a_good_interface_name_is_taken(tmp_path: Path) -> None:
 # --- resolv.conf --------------------------------------------------------------------------
 
 
-def test_resolvconf_writes_through_no_symlink_planted_at_its_temp_name(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolvconf_writes_through_no_symlink_planted_at_its_temp_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A local user who plants a symlink at every temp name it can predict, again as
     soon as one is removed, must not get the write (or the chmod) through it."""
     victim = tmp_path / "victim"
@@ -240,10 +256,15 @@ def planted(backup: Path, tmp_path: Path, how: str) -> None:
         backup.chmod(0o622)
 
 
-@pytest.mark.parametrize("how,problem", [("symlink", "is a symlink"),
-                                         ("other user", f"owner uid {OTHER_UID}, mode 0644. is not owned by uid 0"),
-                                         ("writable", "mode 0622. is writable by group or others")],
-                         ids=["symlink", "other-user", "writable"])
+@pytest.mark.parametrize(
+    "how,problem",
+    [
+        ("symlink", "is a symlink"),
+        ("other user", f"owner uid {OTHER_UID}, mode 0644. is not owned by uid 0"),
+        ("writable", "mode 0622. is writable by group or others"),
+    ],
+    ids=["symlink", "other-user", "writable"],
+)
 def test_a_planted_backup_is_not_restored(tmp_path: Path, how: str, problem: str) -> None:
     path, backup = crashed(tmp_path)
     planted(backup, tmp_path, how)

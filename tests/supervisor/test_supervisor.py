@@ -1,4 +1,5 @@
 """The supervision tree with real processes: nothing of the supervisor is mocked."""
+
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import pytest
 from meshsup.actors.bus import datapath
 from meshsup.actors.bus.codec import encode
 from meshsup.actors.bus.messages import Heartbeat
-from tests.nodes import Node, pid_alive, process_title
+from tests.nodes import pid_alive, process_title
 
 pytestmark = pytest.mark.netns
 
@@ -54,8 +55,10 @@ def test_kill_each_kind_is_replaced_others_untouched(node_factory, tmp_path) -> 
     for name in ["netlog", "router", "magicsock", "crypto-1", "tun-io", "dns-0"]:
         before = node.actors()
         os.kill(before[name]["pid"], signal.SIGKILL)
-        after = node.wait(lambda: (a := node.actors())[name]["pid"] != before[name]["pid"]
-                          and a[name]["state"] == "running" and a, what=f"{name} replaced")
+        after = node.wait(
+            lambda: (a := node.actors())[name]["pid"] != before[name]["pid"] and a[name]["state"] == "running" and a,
+            what=f"{name} replaced",
+        )
         assert after[name]["restarts"] == before[name]["restarts"] + 1
         assert "SIGKILL" in after[name]["last_exit"]
         for other, info in before.items():
@@ -69,8 +72,10 @@ def test_hung_actor_is_killed_and_replaced(node_factory) -> None:
     node.wait_ready()
     old = node.actors()["magicsock"]["pid"]
     node.cli("fault", "magicsock", "hang")
-    after = node.wait(lambda: (a := node.actors()["magicsock"])["pid"] != old
-                      and a["state"] == "running" and a, what="hung actor replaced")
+    after = node.wait(
+        lambda: (a := node.actors()["magicsock"])["pid"] != old and a["state"] == "running" and a,
+        what="hung actor replaced",
+    )
     assert after["restarts"] == 1 and "hung" in after["last_exit"]
     assert not pid_alive(old)
 
@@ -99,11 +104,11 @@ def test_garbage_on_every_bus_endpoint_is_counted(node_factory) -> None:
     node = node_factory()
     status = node.wait_ready()
     garbage = [
-        os.urandom(200),                                   # random bytes
+        os.urandom(200),  # random bytes
         encode(Heartbeat(name="x", seq=1, status={}))[:-3],  # truncated msgpack
-        msgpack.packb(["no.such.type", 1, []]),             # unknown type
+        msgpack.packb(["no.such.type", 1, []]),  # unknown type
         msgpack.packb(["actor.heartbeat", 1, ["x", "not-an-int", {}]]),  # wrong field type
-        b"\0" * (datapath.MAX_MESSAGE + 1),                  # longer than any data message
+        b"\0" * (datapath.MAX_MESSAGE + 1),  # longer than any data message
     ]
     for a in status["actors"]:  # each actor's data path socket (actors.bus.datapath)
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
@@ -123,20 +128,24 @@ def test_garbage_on_every_bus_endpoint_is_counted(node_factory) -> None:
         assert a["bus_dropped"] == {"malformed": 2, "unknown_type": 1, "bad_field": 1, "oversized": 1}, (name, a)
     lines = node.cli("status").stdout.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("ACTOR")))
-    rows = {f[0]: f for f in (line.split() for line in lines[header + 1:header + 1 + len(actors)])}
+    rows = {f[0]: f for f in (line.split() for line in lines[header + 1 : header + 1 + len(actors)])}
     assert lines[header].endswith("BUS DROPS") and {n: int(f[-1]) for n, f in rows.items()} == {
-        n: len(garbage) for n in actors}
+        n: len(garbage) for n in actors
+    }
 
 
 def test_scale_crypto_up_and_down(node_factory) -> None:
     node = node_factory()
     before = {n: a["pid"] for n, a in node.wait_ready() and node.actors().items()}
     node.cli("scale", "crypto", "4")
-    node.wait(lambda: sum(1 for a in node.actors().values()
-                          if a["kind"] == "crypto" and a["state"] == "running") == 4, what="4 crypto")
+    node.wait(
+        lambda: sum(1 for a in node.actors().values() if a["kind"] == "crypto" and a["state"] == "running") == 4,
+        what="4 crypto",
+    )
     node.cli("scale", "crypto", "1")
-    actors = node.wait(lambda: (a := node.actors()) and
-                       [n for n in a if n.startswith("crypto")] == ["crypto-0"] and a, what="1 crypto")
+    actors = node.wait(
+        lambda: (a := node.actors()) and [n for n in a if n.startswith("crypto")] == ["crypto-0"] and a, what="1 crypto"
+    )
     for name, pid in before.items():
         if name != "crypto-1":
             assert actors[name]["pid"] == pid, f"{name} was restarted by scaling"
@@ -203,10 +212,11 @@ def test_logs_name_actor_and_pid_and_hide_secrets(node_factory, tmp_path) -> Non
     status = node.wait_ready()
     node.close()
     import json
-    lines = [json.loads(l) for l in node.stderr().splitlines() if l.startswith("{")]
+
+    lines = [json.loads(line) for line in node.stderr().splitlines() if line.startswith("{")]
     assert lines
-    assert all("actor" in l and isinstance(l["pid"], int) for l in lines)
-    assert {l["actor"] for l in lines} >= {"supervisor"}
+    assert all("actor" in e and isinstance(e["pid"], int) for e in lines)
+    assert {e["actor"] for e in lines} >= {"supervisor"}
     assert "qPy5tY6oGkHz2bIYwfqR1E5mY0f3k8aD2k1d1v4vV0M" not in node.stderr() + node.stdout()
     assert status["node"]["public_key"] in node.stdout()
 

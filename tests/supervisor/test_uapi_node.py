@@ -1,4 +1,5 @@
 """`wg show` and `wg set` against a running meshsup node, checked against wireguard-go's view."""
+
 from __future__ import annotations
 
 import socket
@@ -7,12 +8,15 @@ from functools import partial
 import pytest
 
 from tests.nodes import Node, is_root
-from tests.topology import pair, start_meshsup, start_wg
-from tests.topology import Identity, have, iperf3, ping, received_from, unanswered
+from tests.topology import Identity, have, iperf3, pair, ping, received_from, start_meshsup, start_wg, unanswered
 
-pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
-                                 reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root")]
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(
+        not is_root() or bool(have("wireguard-go", "wg", "iperf3", "ping")),
+        reason=have("wireguard-go", "wg", "iperf3", "ping") or "needs root",
+    ),
+]
 
 
 def dump(ns, iface: str) -> dict[str, list[str]]:
@@ -65,8 +69,19 @@ def test_wg_set_adds_a_peer_that_carries_traffic_and_remove_stops_it(underlay, t
     from_a = partial(received_from, wg_b, a)
     assert unanswered(ns_a, b.v4, from_a)
 
-    ns_a.run("wg", "set", node_a.iface, "peer", b.public, "allowed-ips", ",".join(b.allowed()),
-             "endpoint", b.endpoint, "persistent-keepalive", "25")
+    ns_a.run(
+        "wg",
+        "set",
+        node_a.iface,
+        "peer",
+        b.public,
+        "allowed-ips",
+        ",".join(b.allowed()),
+        "endpoint",
+        b.endpoint,
+        "persistent-keepalive",
+        "25",
+    )
     assert ping(ns_a, b.v4) and ping(ns_a, b.v6) and ping(ns_b, a.v4)
     (peer,) = node_a.status()["peers"]
     assert peer["public_key"] == b.public and peer["persistent_keepalive"] == 25

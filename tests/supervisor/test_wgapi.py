@@ -1,4 +1,5 @@
 """`wg set` requests applied to a node's config, and `wg show` built from it (sans-IO)."""
+
 from __future__ import annotations
 
 import errno
@@ -20,9 +21,14 @@ def config(*peers: PeerSettings) -> Settings:
 
 
 def peer(key: bytes, name: str, allowed: list[str]) -> PeerSettings:
-    return PeerSettings(name=name, public_key=key, preshared_key=None,
-                        allowed_ips=tuple(ipaddress.ip_network(a) for a in allowed), endpoints=(),
-                        persistent_keepalive=0)
+    return PeerSettings(
+        name=name,
+        public_key=key,
+        preshared_key=None,
+        allowed_ips=tuple(ipaddress.ip_network(a) for a in allowed),
+        endpoints=(),
+        persistent_keepalive=0,
+    )
 
 
 def allowed(p: PeerSettings) -> list[str]:
@@ -37,8 +43,15 @@ def wg_set(conf: Settings, *lines: str) -> Settings | UapiError:
 
 def test_new_peer_with_endpoint_keepalive_and_psk() -> None:
     psk = bytes(range(32))
-    new = wg_set(config(), f"public_key={K1.hex()}", "endpoint=[fd00::2]:51820", f"preshared_key={psk.hex()}",
-                 "persistent_keepalive_interval=25", "allowed_ip=100.64.0.2/32", "allowed_ip=10.0.0.0/8")
+    new = wg_set(
+        config(),
+        f"public_key={K1.hex()}",
+        "endpoint=[fd00::2]:51820",
+        f"preshared_key={psk.hex()}",
+        "persistent_keepalive_interval=25",
+        "allowed_ip=100.64.0.2/32",
+        "allowed_ip=10.0.0.0/8",
+    )
     assert isinstance(new, Settings)
     (p,) = new.peers
     assert p.name == f"peer-{K1[:4].hex()}" and p.endpoints == (("fd00::2", 51820),)
@@ -57,9 +70,17 @@ def test_an_allowed_ip_moves_to_the_peer_that_claims_it() -> None:
 
 def test_replace_allowed_ips_remove_update_only_and_replace_peers() -> None:
     conf = config(peer(K1, "bravo", ["100.64.0.2/32"]), peer(K2, "charlie", ["100.64.0.3/32"]))
-    new = wg_set(conf, f"public_key={K1.hex()}", "replace_allowed_ips=true", "allowed_ip=100.64.9.0/24",
-                 f"public_key={K2.hex()}", "remove=true",
-                 f"public_key={K3.hex()}", "update_only=true", "allowed_ip=100.64.0.4/32")
+    new = wg_set(
+        conf,
+        f"public_key={K1.hex()}",
+        "replace_allowed_ips=true",
+        "allowed_ip=100.64.9.0/24",
+        f"public_key={K2.hex()}",
+        "remove=true",
+        f"public_key={K3.hex()}",
+        "update_only=true",
+        "allowed_ip=100.64.0.4/32",
+    )
     assert isinstance(new, Settings)
     assert [(p.name, allowed(p)) for p in new.peers] == [("bravo", ["100.64.9.0/24"])]
     assert wg_set(conf, "replace_peers=true") == replace(conf, peers=())
@@ -85,8 +106,9 @@ def test_refusals_name_the_problem() -> None:
 
 def test_get_reports_live_figures_over_the_config() -> None:
     conf = config(replace(peer(K1, "bravo", ["100.64.0.2/32"]), endpoints=(("198.51.100.2", 51820),)))
-    live = {keys.b64(K1): {"endpoint": "198.51.100.9:4000", "rx_bytes": 10, "tx_bytes": 20,
-                           "last_handshake": 1700000000}}
+    live = {
+        keys.b64(K1): {"endpoint": "198.51.100.9:4000", "rx_bytes": 10, "tx_bytes": 20, "last_handshake": 1700000000}
+    }
     text = serialize_get(device_state(conf, live)).decode()
     assert f"public_key={K1.hex()}\n" in text and "endpoint=198.51.100.9:4000\n" in text
     assert "rx_bytes=10\n" in text and "tx_bytes=20\n" in text and "last_handshake_time_sec=1700000000\n" in text

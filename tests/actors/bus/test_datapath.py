@@ -1,10 +1,12 @@
 """The data path between actors (unix seqpacket sockets) and batch splitting."""
+
 from __future__ import annotations
 
 import select
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -22,8 +24,13 @@ class Loop:
         self.truncated = 0
 
     def inbox(self, path: Path) -> datapath.Inbox:
-        return datapath.Inbox(str(path), self.readers.__setitem__, lambda fd: self.readers.pop(fd, None),
-                              lambda frame: self.got.append(decode(frame)), self.count_truncated)
+        return datapath.Inbox(
+            str(path),
+            self.readers.__setitem__,
+            lambda fd: self.readers.pop(fd, None),
+            lambda frame: self.got.append(decode(frame)),
+            self.count_truncated,
+        )
 
     def count_truncated(self) -> None:
         self.truncated += 1

@@ -50,16 +50,23 @@ class Link:
     """Two devices A (at EA) and B (at EB) and a wire between them that can drop or tap datagrams.
     Their wall clocks read the ``now`` of the link's last call unless given (tests/actors/crypto/test_clock.py)."""
 
-    def __init__(self, psk: bytes | None = None, timing: Timing = Timing(), b_knows_a: bool = True,
-                 wall_a: Callable[[], float] | None = None, wall_b: Callable[[], float] | None = None,
-                 **b_kwargs) -> None:
+    def __init__(
+        self,
+        psk: bytes | None = None,
+        timing: Timing = Timing(),
+        b_knows_a: bool = True,
+        wall_a: Callable[[], float] | None = None,
+        wall_b: Callable[[], float] | None = None,
+        **b_kwargs,
+    ) -> None:
         self.a_private = os.urandom(32)
         self.now = T0
         self.a = Device(self.a_private, timing=timing, wall=wall_a or (lambda: self.now))
         self.b = Device(os.urandom(32), timing=timing, wall=wall_b or (lambda: self.now), **b_kwargs)
         self.a.set_peer(PeerConfig(self.b.public_key, psk, net(f"{B_IP}/32", f"{B_IP6}/128"), EB))
-        self.b.set_peer(PeerConfig(self.a.public_key, psk, net(f"{A_IP}/32", f"{A_IP6}/128"),
-                                   EA if b_knows_a else None))
+        self.b.set_peer(
+            PeerConfig(self.a.public_key, psk, net(f"{A_IP}/32", f"{A_IP6}/128"), EA if b_knows_a else None)
+        )
         self.devices = {EA: self.a, EB: self.b}
         self.received: dict[tuple, list[bytes]] = {EA: [], EB: []}
         self.events: dict[tuple, list[Event]] = {EA: [], EB: []}
@@ -148,11 +155,11 @@ def test_padding_to_16_and_trimmed_on_receive() -> None:
     link.handshake()
     packet = ping(A_IP, B_IP, 9, size=37)
     out = link.a.send([packet], T0 + 1)
-    datagram, = sent(out)
+    (datagram,) = sent(out)
     assert len(datagram) == 16 + 48 + 16  # 37 padded to 48, plus header and tag
     assert link.b.receive([Burst(EA, [datagram])], T0 + 1).packets == [packet]
     full = ping(A_IP, B_IP, 10, size=1420)
-    datagram, = sent(link.a.send([full], T0 + 1))
+    (datagram,) = sent(link.a.send([full], T0 + 1))
     assert len(datagram) == 16 + 1420 + 16, "padding never exceeds the MTU"
 
 
@@ -251,7 +258,7 @@ def test_reject_after_time() -> None:
     timing = Timing(rekey_after_time=20.0, reject_after_time=40.0)
     link = Link(timing=timing)
     link.handshake()
-    stale, = sent(link.a.send([ping(A_IP, B_IP, 2)], T0 + 1))
+    (stale,) = sent(link.a.send([ping(A_IP, B_IP, 2)], T0 + 1))
     # After REJECT_AFTER_TIME the keypair neither seals nor opens.
     assert link.b.receive([Burst(EA, [stale])], T0 + 40.5).packets == []
     assert link.b.counters["expired_session"] == 1
@@ -275,8 +282,9 @@ def test_keys_zeroed_after_three_reject_after_times() -> None:
 
 def flood_initiation(target: Device) -> bytes:
     """Garbage initiation with a valid mac1: what an attacker who knows our public key can send."""
-    msg = messages.pack_initiation(int.from_bytes(os.urandom(4), "little"), os.urandom(32), os.urandom(48),
-                                   os.urandom(28))
+    msg = messages.pack_initiation(
+        int.from_bytes(os.urandom(4), "little"), os.urandom(32), os.urandom(48), os.urandom(28)
+    )
     return CookieGenerator(target.public_key).add_macs(msg, 0.0)
 
 
@@ -307,7 +315,7 @@ def test_cookie_flow_under_load() -> None:
 def test_replayed_and_tampered_data_dropped() -> None:
     link = Link()
     link.handshake()
-    datagram, = sent(link.a.send([ping(A_IP, B_IP, 2)], T0 + 1))
+    (datagram,) = sent(link.a.send([ping(A_IP, B_IP, 2)], T0 + 1))
     assert len(link.b.receive([Burst(EA, [datagram])], T0 + 1).packets) == 1
     assert link.b.receive([Burst(EA, [datagram])], T0 + 1).packets == []
     assert link.b.counters["replay"] == 1
@@ -326,7 +334,7 @@ def test_replayed_initiation_and_initiation_flood_rejected() -> None:
     def fresh_initiation(at: float) -> bytes:  # a clone of A, so initiations need not wait REKEY_TIMEOUT
         clone = Device(link.a_private, wall=lambda: at)
         clone.set_peer(PeerConfig(link.b.public_key, None, net(f"{B_IP}/32"), EB))
-        datagram, = sent(clone.send([ping(A_IP, B_IP)], at))
+        (datagram,) = sent(clone.send([ping(A_IP, B_IP)], at))
         return datagram
 
     first, second, third = (fresh_initiation(T0 + 10 + dt) for dt in (0.0, 0.05, 0.1))
@@ -339,7 +347,7 @@ def test_replayed_initiation_and_initiation_flood_rejected() -> None:
 def test_wrong_mac1_dropped() -> None:
     link = Link()
     out = link.a.send([ping(A_IP, B_IP)], T0)
-    initiation, = sent(out)
+    (initiation,) = sent(out)
     bad = initiation[:-32] + bytes(16) + initiation[-16:]
     assert link.b.receive([Burst(EA, [bad])], T0).datagrams == []
     assert link.b.counters["bad_mac1"] == 1
@@ -353,13 +361,21 @@ def test_garbage_of_every_type_is_counted() -> None:
     b = link.b
     before = sum(b.counters.values())
     garbage = [
-        b"", b"\x01", b"\x04\x00\x00",  # too short
-        os.urandom(148), os.urandom(1500),  # random
-        b"\x01\x00\x00\x00" + os.urandom(144), b"\x01\x00\x00\x00" + os.urandom(10),
-        b"\x02\x00\x00\x00" + os.urandom(88), b"\x02\x00\x00\x00" + os.urandom(100),
-        b"\x03\x00\x00\x00" + os.urandom(60), b"\x03\x00\x00\x00" + os.urandom(3),
-        b"\x04\x00\x00\x00" + os.urandom(12), b"\x04\x00\x00\x00" + os.urandom(100),
-        b"\x05\x00\x00\x00" + os.urandom(60), b"\x01\x01\x00\x00" + os.urandom(144),
+        b"",
+        b"\x01",
+        b"\x04\x00\x00",  # too short
+        os.urandom(148),
+        os.urandom(1500),  # random
+        b"\x01\x00\x00\x00" + os.urandom(144),
+        b"\x01\x00\x00\x00" + os.urandom(10),
+        b"\x02\x00\x00\x00" + os.urandom(88),
+        b"\x02\x00\x00\x00" + os.urandom(100),
+        b"\x03\x00\x00\x00" + os.urandom(60),
+        b"\x03\x00\x00\x00" + os.urandom(3),
+        b"\x04\x00\x00\x00" + os.urandom(12),
+        b"\x04\x00\x00\x00" + os.urandom(100),
+        b"\x05\x00\x00\x00" + os.urandom(60),
+        b"\x01\x01\x00\x00" + os.urandom(144),
     ]
     out = b.receive([Burst(EA, garbage)], T0 + 1)
     assert out.packets == [] and out.datagrams == []
@@ -376,7 +392,7 @@ def test_inner_source_must_be_in_senders_allowed_ips() -> None:
     link.handshake()
     spoofed = ping("100.64.0.77", B_IP, 3)
     link.a.allowed_ips.insert("100.64.0.0/24", link.a.peers[link.b.public_key])  # A routes anything to B
-    datagram, = sent(link.a.send([spoofed], T0 + 1))
+    (datagram,) = sent(link.a.send([spoofed], T0 + 1))
     assert link.b.receive([Burst(EA, [datagram])], T0 + 1).packets == []
     assert link.b.counters["allowed_ips"] == 1
 
@@ -385,13 +401,13 @@ def test_roaming_follows_last_authenticated_packet() -> None:
     link = Link()
     link.handshake()
     moved = ("203.0.113.5", 40000)
-    datagram, = sent(link.a.send([ping(A_IP, B_IP, 2)], T0 + 1))
+    (datagram,) = sent(link.a.send([ping(A_IP, B_IP, 2)], T0 + 1))
     forged = os.urandom(len(datagram))
     link.b.receive([Burst(moved, [b"\x04\x00\x00\x00" + datagram[4:16] + forged[16:]])], T0 + 1)
     assert link.b.peers[link.a.public_key].endpoint == EA, "unauthenticated packets do not move the peer"
     out = link.b.receive([Burst(moved, [datagram])], T0 + 1)
     assert Event(ENDPOINT_CHANGED, link.a.public_key, moved) in out.events
-    (endpoint, _), = link.b.send([ping(B_IP, A_IP)], T0 + 1).datagrams
+    ((endpoint, _),) = link.b.send([ping(B_IP, A_IP)], T0 + 1).datagrams
     assert endpoint == moved
 
 
@@ -425,7 +441,7 @@ def test_unknown_initiator_is_dropped() -> None:
     link = Link()
     stranger = Device(os.urandom(32))
     stranger.set_peer(PeerConfig(link.b.public_key, None, net(f"{B_IP}/32"), EB))
-    initiation, = sent(stranger.send([ping(A_IP, B_IP)], T0))
+    (initiation,) = sent(stranger.send([ping(A_IP, B_IP)], T0))
     assert link.b.receive([Burst(("198.51.100.9", 1), [initiation])], T0).datagrams == []
     assert link.b.counters["unknown_peer"] == 1
     assert initiator_of(link.b, initiation) == stranger.public_key
@@ -450,13 +466,13 @@ def test_worker_indices_route_sessions_to_their_owner() -> None:
             w = owner(initiator_of(shards[0], datagram))
         else:
             w = receiver % workers
-        return w, shards[w].receive([Burst(("198.51.100.%d" % (w + 10), 1), [datagram])], now)
+        return w, shards[w].receive([Burst((f"198.51.100.{w + 10}", 1), [datagram])], now)
 
     for i, client in enumerate(clients):
-        initiation, = sent(client.send([ping(f"100.64.1.{i}", B_IP, 1)], T0))
+        (initiation,) = sent(client.send([ping(f"100.64.1.{i}", B_IP, 1)], T0))
         w, out = front_end(initiation, T0)
         assert w == owner(client.public_key)
-        response, = sent(out)
+        (response,) = sent(out)
         assert messages.parse_response(response).sender % workers == w
         packets: list[bytes] = []
         for datagram in sent(client.receive([Burst(EB, [response])], T0)):
@@ -479,7 +495,7 @@ def test_mutated_messages_never_raise_and_are_all_counted() -> None:
         for _ in range(rnd.randint(1, 3)):
             data[rnd.randrange(len(data))] ^= 1 << rnd.randrange(8)
         if rnd.random() < 0.2:
-            data = data[:rnd.randrange(len(data))]
+            data = data[: rnd.randrange(len(data))]
         mutants.append(bytes(data))
     before = sum(link.b.counters.values())
     out = link.b.receive([Burst(EA, mutants)], T0 + 1)

@@ -64,17 +64,41 @@ class Topology:
     def configure_wg_peer(self, psk: str | None) -> None:
         """(Re)create our peer on wireguard-go, so every harness run starts without a session."""
         self.in_wg("wg", "set", self.iface, "peer", self.our_public, "remove")
-        cmd = ["wg", "set", self.iface, "peer", self.our_public,
-               "allowed-ips", "100.64.0.1/32,fd00::1/128", "endpoint", f"{OUR_UNDERLAY}:{OUR_PORT}"]
+        cmd = [
+            "wg",
+            "set",
+            self.iface,
+            "peer",
+            self.our_public,
+            "allowed-ips",
+            "100.64.0.1/32,fd00::1/128",
+            "endpoint",
+            f"{OUR_UNDERLAY}:{OUR_PORT}",
+        ]
         if psk is not None:
             cmd += ["preshared-key", "/dev/stdin"]
         self.in_wg(*cmd, input=psk)
 
     def harness(self, *extra: str, psk: str | None = None, endpoint: bool = True) -> subprocess.Popen:
-        cmd = ["ip", "netns", "exec", self.ns_ours, sys.executable, str(HARNESS),
-               "--private-key", self.our_private, "--peer", self.wg_public,
-               "--listen", f"{OUR_UNDERLAY}:{OUR_PORT}",
-               "--allowed", "100.64.0.2/32", "--allowed", "fd00::2/128", *extra]
+        cmd = [
+            "ip",
+            "netns",
+            "exec",
+            self.ns_ours,
+            sys.executable,
+            str(HARNESS),
+            "--private-key",
+            self.our_private,
+            "--peer",
+            self.wg_public,
+            "--listen",
+            f"{OUR_UNDERLAY}:{OUR_PORT}",
+            "--allowed",
+            "100.64.0.2/32",
+            "--allowed",
+            "fd00::2/128",
+            *extra,
+        ]
         if endpoint:
             cmd += ["--endpoint", f"{WG_UNDERLAY}:{WG_PORT}"]
         if psk is not None:
@@ -117,8 +141,15 @@ def topo() -> Iterator[Topology]:
     iface = f"wg{suffix}"
     wg_private = run("wg", "genkey").strip()
     our_private = base64.b64encode(os.urandom(32)).decode()
-    topo = Topology(ns_ours, ns_wg, iface, wg_private, run("wg", "pubkey", input=wg_private).strip(),
-                    our_private, base64.b64encode(public_key(base64.b64decode(our_private))).decode())
+    topo = Topology(
+        ns_ours,
+        ns_wg,
+        iface,
+        wg_private,
+        run("wg", "pubkey", input=wg_private).strip(),
+        our_private,
+        base64.b64encode(public_key(base64.b64decode(our_private))).decode(),
+    )
     created: list[str] = []
     proc: subprocess.Popen | None = None
     try:
@@ -132,9 +163,12 @@ def topo() -> Iterator[Topology]:
         run("ip", "-n", ns_ours, "link", "set", veth_ours, "up")
         run("ip", "-n", ns_wg, "link", "set", veth_wg, "up")
 
-        proc = subprocess.Popen(["ip", "netns", "exec", ns_wg, "wireguard-go", "-f", iface],
-                                env=dict(os.environ, WG_PROCESS_FOREGROUND="1"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns_wg, "wireguard-go", "-f", iface],
+            env=dict(os.environ, WG_PROCESS_FOREGROUND="1"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         sock = Path(f"/var/run/wireguard/{iface}.sock")
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -198,15 +232,15 @@ def test_preshared_key_on_both_sides(topo: Topology) -> None:
 
 def test_mismatched_preshared_key_fails_the_handshake(topo: Topology) -> None:
     topo.configure_wg_peer(psk=run("wg", "genpsk").strip())
-    result = topo.result(topo.harness("--ping", "100.64.0.2", "--count", "1", "--timeout", "2",
-                                      psk=run("wg", "genpsk").strip()))
+    result = topo.result(
+        topo.harness("--ping", "100.64.0.2", "--count", "1", "--timeout", "2", psk=run("wg", "genpsk").strip())
+    )
     assert result["replies"]["100.64.0.2"] == []
     assert result["counters"].get("bad_response", 0) >= 1, result
 
 
 def test_full_mtu_packets_both_families(topo: Topology) -> None:
     topo.configure_wg_peer(psk=None)
-    result = topo.result(topo.harness("--ping", "100.64.0.2", "--ping", "fd00::2", "--count", "2",
-                                      "--size", "1420"))
+    result = topo.result(topo.harness("--ping", "100.64.0.2", "--ping", "fd00::2", "--count", "2", "--size", "1420"))
     assert result["replies"]["100.64.0.2"] == [[1, 1420], [2, 1420]], result
     assert result["replies"]["fd00::2"] == [[1, 1420], [2, 1420]], result

@@ -9,16 +9,31 @@ import os
 import pytest
 
 from meshsup.actors.crypto import messages
-from meshsup.actors.routing.allowedips import AllowedIPs
 from meshsup.actors.crypto.cookie import CookieChecker, CookieGenerator, SourceRateLimiter, endpoint_bytes
 from meshsup.actors.crypto.handshake import INITIAL_CHAIN_KEY, INITIAL_HASH
-from meshsup.actors.crypto.noise import (StaticKey, aead_decrypt, aead_encrypt, counter_nonce, hash_, hchacha20,
-                                 hmac_, kdf1, kdf2, kdf3, mac, xaead_decrypt, xaead_encrypt)
+from meshsup.actors.crypto.noise import (
+    StaticKey,
+    aead_decrypt,
+    aead_encrypt,
+    counter_nonce,
+    hash_,
+    hchacha20,
+    hmac_,
+    kdf1,
+    kdf2,
+    kdf3,
+    mac,
+    xaead_decrypt,
+    xaead_encrypt,
+)
 from meshsup.actors.crypto.replay import WINDOW_SIZE, ReplayFilter
 from meshsup.actors.crypto.tai64n import is_after, tai64n
+from meshsup.actors.routing.allowedips import AllowedIPs
 
-SUNSCREEN = (b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for "
-             b"the future, sunscreen would be it.")
+SUNSCREEN = (
+    b"Ladies and Gentlemen of the class of '99: If I could offer you only one tip for "
+    b"the future, sunscreen would be it."
+)
 
 
 # --- primitives
@@ -82,7 +97,8 @@ def test_xchacha20_poly1305_draft_vector() -> None:
         "bd6d179d3e83d43b9576579493c0e939572a1700252bfaccbed2902c21396cbb"
         "731c7f1b0b4aa6440bf3a82f4eda7e39ae64c6708c54c216cb96b72e1213b452"
         "2f8c9ba40db5d945b11b69b982c1bb9e3f3fac2bc369488f76b2383565d3fff9"
-        "21f9664c97637da9768812f615c68b13b52e")
+        "21f9664c97637da9768812f615c68b13b52e"
+    )
     assert sealed[-16:].hex() == "c0875924c1c7987947deafd8780acf49"
     assert xaead_decrypt(key, nonce, sealed, aad) == SUNSCREEN
     assert xaead_decrypt(key, nonce, sealed[:-1] + b"\x00", aad) is None
@@ -119,8 +135,9 @@ def test_tai64n_encoding_and_ordering() -> None:
 def test_message_pack_parse_roundtrip() -> None:
     init = messages.pack_initiation(7, b"e" * 32, b"s" * 48, b"t" * 28)
     assert len(init) == messages.INITIATION_SIZE == 148
-    assert messages.parse_initiation(init) == messages.Initiation(7, b"e" * 32, b"s" * 48, b"t" * 28,
-                                                                  bytes(16), bytes(16))
+    assert messages.parse_initiation(init) == messages.Initiation(
+        7, b"e" * 32, b"s" * 48, b"t" * 28, bytes(16), bytes(16)
+    )
     resp = messages.pack_response(1, 2, b"e" * 32, b"x" * 16, b"m" * 16, b"n" * 16)
     assert len(resp) == messages.RESPONSE_SIZE == 92
     assert messages.parse_response(resp) == messages.Response(1, 2, b"e" * 32, b"x" * 16, b"m" * 16, b"n" * 16)
@@ -132,12 +149,15 @@ def test_message_pack_parse_roundtrip() -> None:
     assert messages.message_type(transport) == messages.MESSAGE_TRANSPORT
 
 
-@pytest.mark.parametrize("parse,good", [
-    (messages.parse_initiation, messages.pack_initiation(1, bytes(32), bytes(48), bytes(28))),
-    (messages.parse_response, messages.pack_response(1, 2, bytes(32), bytes(16))),
-    (messages.parse_cookie_reply, messages.pack_cookie_reply(1, bytes(24), bytes(32))),
-    (messages.parse_transport_header, messages.pack_transport_header(1, 0) + bytes(16)),
-])
+@pytest.mark.parametrize(
+    "parse,good",
+    [
+        (messages.parse_initiation, messages.pack_initiation(1, bytes(32), bytes(48), bytes(28))),
+        (messages.parse_response, messages.pack_response(1, 2, bytes(32), bytes(16))),
+        (messages.parse_cookie_reply, messages.pack_cookie_reply(1, bytes(24), bytes(32))),
+        (messages.parse_transport_header, messages.pack_transport_header(1, 0) + bytes(16)),
+    ],
+)
 def test_message_parse_rejects_wrong_length_and_type(parse, good: bytes) -> None:
     assert parse(good) is not None
     assert parse(good[:-1]) is None

@@ -13,9 +13,8 @@ import dns.rrset
 
 from meshsup.actors.dns.message import Answer
 from meshsup.actors.dns.resolver import Forward, Reply
-from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.dns.wire import WireAnswer
-
+from meshsup.actors.settings.dns import DnsSettings
 
 CLIENT = ("127.0.0.1", 40000)
 
@@ -61,8 +60,9 @@ def big_answer(name: dns.name.Name, count: int = 40) -> Answer:
     return Answer(dns.rcode.NOERROR, answer=(rrset,))
 
 
-def answer_wire(*records: str, rcode: str = "NOERROR", name: str = "x.example", rdtype: str = "A", edns: bool = True,
-                **flags: bool) -> bytes:
+def answer_wire(
+    *records: str, rcode: str = "NOERROR", name: str = "x.example", rdtype: str = "A", edns: bool = True, **flags: bool
+) -> bytes:
     message = dns.message.make_response(dns.message.make_query(name, rdtype, use_edns=0 if edns else None, id=1))
     message.set_rcode(dns.rcode.from_text(rcode))
     for record in records:

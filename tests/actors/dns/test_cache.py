@@ -13,7 +13,6 @@ from meshsup.actors.dns.cache import STALE_ANSWER_TTL, CacheKey, DnsCache
 from meshsup.actors.dns.wire import WireAnswer, parse_answer
 from tests.actors.dns.helpers import sections
 
-
 NAME = dns.name.from_text("www.example.")
 
 

@@ -16,8 +16,17 @@ from meshsup.actors.dns.message import Answer, parse_query, render
 from meshsup.actors.dns.resolver import Forward, Resolver
 from meshsup.actors.dns.wire import parse_answer
 from meshsup.actors.dns.zone import Zone
-from tests.actors.dns.helpers import (CLIENT, X, answer_wire, cookie_query, only_forward, query_wire, reply_of,
-                                     settings, upstream_answer)
+from tests.actors.dns.helpers import (
+    CLIENT,
+    X,
+    answer_wire,
+    cookie_query,
+    only_forward,
+    query_wire,
+    reply_of,
+    settings,
+    upstream_answer,
+)
 
 
 def test_prepared_replies_count_down_and_take_the_query_id():
@@ -37,11 +46,13 @@ def test_prepared_replies_count_down_and_take_the_query_id():
 
 def test_prepared_local_replies_shuffle_every_order():
     zone_answer = Zone("mesh", {"bravo": ["100.64.0.2", "100.64.0.3", "100.64.0.4"]}).answer(
-        dns.name.from_text("bravo.mesh."), dns.rdatatype.A, 1)
+        dns.name.from_text("bravo.mesh."), dns.rdatatype.A, 1
+    )
     query = parse_query(query_wire("bravo.mesh"))
     prepared = prepare(render(query, zone_answer, "udp"), random.Random(2))
-    orders = {tuple(r.address for r in dns.message.from_wire(prepared.render(b"\x00\x01", 0.0)).answer[0])
-              for _ in range(300)}
+    orders = {
+        tuple(r.address for r in dns.message.from_wire(prepared.render(b"\x00\x01", 0.0)).answer[0]) for _ in range(300)
+    }
     assert len(orders) == 6
 
 
@@ -88,6 +99,10 @@ def test_a_query_with_a_cookie_gets_the_reply_the_full_path_gives_it(name):
     assert fast is not None and fast[:2] == again[:2]
     fast_reply = dns.message.from_wire(fast)
     assert (fast_reply.edns, fast_reply.payload, fast_reply.options, fast_reply.flags) == (
-        full.edns, full.payload, full.options, full.flags)
+        full.edns,
+        full.payload,
+        full.options,
+        full.flags,
+    )
     assert sorted(fast_reply.answer[0]) == sorted(full.answer[0])
     assert resolver.fast(cookie_query(name, os.urandom(8), want_dnssec=True), "udp", 0.0) is None  # DO: another key

@@ -30,10 +30,10 @@ import structlog.testing
 
 from meshsup.actors.dns.access import RateLimit, Sources, Verdict
 from meshsup.actors.dns.inflight import Admission, Flight, InflightTable
-from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.dns.transport import UDP_BURST
 from meshsup.actors.dns.upstream import FailoverPlan
 from meshsup.actors.dns.wire import truncated
+from meshsup.actors.settings.dns import DnsSettings
 from tests.dns_fixtures import (
     Certificate,
     ServerThread,
@@ -132,8 +132,10 @@ def test_a_slipped_reply_is_the_header_and_question_with_tc():
 # -- a node on an underlay: who is answered -----------------------------------------------
 
 
-NEEDS_LAB = pytest.mark.skipif(not is_root() or bool(have("wireguard-go", "wg", "dig", "dnsperf")),
-                               reason=have("wireguard-go", "wg", "dig", "dnsperf") or "needs root")
+NEEDS_LAB = pytest.mark.skipif(
+    not is_root() or bool(have("wireguard-go", "wg", "dig", "dnsperf")),
+    reason=have("wireguard-go", "wg", "dig", "dnsperf") or "needs root",
+)
 MESH_ADDRESS = "100.64.0.1"
 ALLOWED_SOURCE = "203.0.113.7"  # an address of the neighbour's, in an `allow` prefix
 
@@ -162,8 +164,14 @@ class Site:
         return self.node.wait(lambda: check(c := self.counters()) and c, what=what)
 
 
-def site(underlay: Underlay, tmp: Path, dns_table: dict[str, Any], peers: tuple[Identity, ...] = (),
-         later: Callable[[Any], Any] | None = None, stub_delay: float | None = None) -> Site:
+def site(
+    underlay: Underlay,
+    tmp: Path,
+    dns_table: dict[str, Any],
+    peers: tuple[Identity, ...] = (),
+    later: Callable[[Any], Any] | None = None,
+    stub_delay: float | None = None,
+) -> Site:
     """With stub_delay, a stub upstream answering that late runs beside alpha, its only upstream."""
     (alpha, alpha_address), (neighbour, neighbour_address) = underlay.host(), underlay.host()
     me = Identity("alpha", 1)
@@ -199,16 +207,33 @@ def test_only_the_mesh_loopback_and_allowed_prefixes_are_answered(underlay, tmp_
     through_tunnel = lab.dig("alpha.mesh", "+tries=3", source=bravo.v4, ns=bravo_ns)
     assert through_tunnel.rdata("A") == [MESH_ADDRESS]
     assert dig("127.0.0.1", 53, "alpha.mesh", ns=lab.alpha).rdata("A") == [MESH_ADDRESS]
-    counters = lab.wait_counters(lambda c: c.get("local_answers", 0) + c.get("fast_answers", 0) >= 3,
-                                 what="the answers counted")
+    counters = lab.wait_counters(
+        lambda c: c.get("local_answers", 0) + c.get("fast_answers", 0) >= 3, what="the answers counted"
+    )
     assert counters["refused_source"] == 2  # one over UDP, one over TCP
 
 
 def dnsperf(ns: Netns, tmp: Path, *, server: str, source: str, qps: int, seconds: int) -> dict[str, int]:
     data = tmp / "queries.txt"
     data.write_text("alpha.mesh A\n")
-    out = ns.run("dnsperf", "-s", server, "-a", source, "-d", str(data), "-l", str(seconds), "-Q", str(qps),
-                 "-c", "4", "-t", "1", timeout=seconds + 30).stdout
+    out = ns.run(
+        "dnsperf",
+        "-s",
+        server,
+        "-a",
+        source,
+        "-d",
+        str(data),
+        "-l",
+        str(seconds),
+        "-Q",
+        str(qps),
+        "-c",
+        "4",
+        "-t",
+        "1",
+        timeout=seconds + 30,
+    ).stdout
     return {key: int(re.search(rf"Queries {key}:\s+(\d+)", out).group(1)) for key in ("sent", "completed")}
 
 
@@ -222,8 +247,11 @@ def test_a_flood_from_one_prefix_is_rate_limited_while_another_is_served(underla
     assert "rrl_dropped" not in lab.counters()
 
     result: dict[str, dict[str, int]] = {}
-    flood = threading.Thread(target=lambda: result.update(flood=dnsperf(
-        lab.neighbour, tmp_path, server=MESH_ADDRESS, source=ALLOWED_SOURCE, qps=1000, seconds=4)))
+    flood = threading.Thread(
+        target=lambda: result.update(
+            flood=dnsperf(lab.neighbour, tmp_path, server=MESH_ADDRESS, source=ALLOWED_SOURCE, qps=1000, seconds=4)
+        )
+    )
     flood.start()
     try:
         lab.wait_counters(lambda c: c.get("rrl_dropped", 0) > 50, what="the flood limited")
@@ -234,8 +262,9 @@ def test_a_flood_from_one_prefix_is_rate_limited_while_another_is_served(underla
     assert all(d.rdata("A") == [MESH_ADDRESS] and "tc" not in d.flags for d in during)
     sent = result["flood"]["sent"]
     # All but what the rate lets through (a second's worth, then 50 a second) counted.
-    counters = lab.wait_counters(lambda c: c.get("rrl_dropped", 0) + c.get("rrl_slipped", 0) >= sent - 50 * 10,
-                                 what="the flood counted")
+    counters = lab.wait_counters(
+        lambda c: c.get("rrl_dropped", 0) + c.get("rrl_slipped", 0) >= sent - 50 * 10, what="the flood counted"
+    )
     # Every second limited reply goes out truncated (slip 2): a real client would retry over TCP.
     assert abs(counters["rrl_dropped"] - counters["rrl_slipped"]) <= 1
     assert result["flood"]["completed"] < 0.75 * sent  # about half of it never answered
@@ -244,9 +273,19 @@ def test_a_flood_from_one_prefix_is_rate_limited_while_another_is_served(underla
 @pytest.mark.netns
 @NEEDS_LAB
 def test_one_prefix_gets_only_its_share_of_forwards_and_tcp_connections(underlay, tmp_path, later):
-    lab = site(underlay, tmp_path, {"allow": ["203.0.113.0/24", "198.51.100.0/24"], "max_inflight": 16,
-                                    "timeout": 3.0, "rate_limit": 0, "tcp_idle_timeout": 30.0},
-               later=later, stub_delay=1.0)
+    lab = site(
+        underlay,
+        tmp_path,
+        {
+            "allow": ["203.0.113.0/24", "198.51.100.0/24"],
+            "max_inflight": 16,
+            "timeout": 3.0,
+            "rate_limit": 0,
+            "tcp_idle_timeout": 30.0,
+        },
+        later=later,
+        stub_delay=1.0,
+    )
     # A burst of ten new names from one prefix: two forwarded (16 / 8), eight refused at once ...
     with make_socket(socket.SOCK_DGRAM, lab.neighbour) as flooder:
         flooder.bind((ALLOWED_SOURCE, 0))
@@ -443,8 +482,12 @@ def test_a_doh_upstream_breaking_http_bounds_fails_over_counted_without_a_traceb
     certificate = make_certificate(tmp_path, host)
     bad = later(BadDoh(certificate, host, *BAD_RESPONSES[case]))
     good = later(start_stub())
-    server = start_server(later, ca_file=str(certificate.cert), timeout=5.0,
-                          upstreams=[f"https://{host}:{bad.port}", f"udp://{good.host}:{good.port}"])
+    server = start_server(
+        later,
+        ca_file=str(certificate.cert),
+        timeout=5.0,
+        upstreams=[f"https://{host}:{bad.port}", f"udp://{good.host}:{good.port}"],
+    )
     with structlog.testing.capture_logs() as logs:
         started = time.monotonic()
         assert dig(server.host, server.port, "www.example.test", "+time=8").rdata("A") == ["203.0.113.50"]

@@ -1,6 +1,7 @@
 """The DNS controller inside a running node, configured through its TOML and
 asked with dig and dnsperf from inside the node's namespace; its upstreams
 (dnsmasq, small stubs) run in that namespace too."""
+
 from __future__ import annotations
 
 import os
@@ -24,6 +25,7 @@ import zmq
 from meshsup.actors.bus.codec import decode
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import LinkChanged, NameLearned
+from meshsup.actors.kernel.mmsg import SLOTS
 from tests.dns_fixtures import (
     BAD_PACKETS,
     DigResult,
@@ -37,7 +39,6 @@ from tests.dns_fixtures import (
     start_dnsmasq,
     start_stub,
 )
-from meshsup.actors.kernel.mmsg import SLOTS
 from tests.nodes import Netns, Node, udp_counters, udp_sockets
 from tests.topology import Identity
 
@@ -85,8 +86,9 @@ class Lab:
         host, port = endpoint(self.ns)  # nothing listens there
         return f"{scheme}://{host}:{port}"
 
-    def start(self, dns_table: dict[str, Any], workers: int = 1,
-              peers: tuple[Identity, ...] = (BRAVO, CHARLIE)) -> Node:
+    def start(
+        self, dns_table: dict[str, Any], workers: int = 1, peers: tuple[Identity, ...] = (BRAVO, CHARLIE)
+    ) -> Node:
         dns_table = {"listen": ["127.0.0.1:53"], "timeout": 1.0, **dns_table}
         config = node_config(self.tmp, ALPHA, list(peers), dns_table)
         self.node = self.start_node("--config", str(config), "--dns-workers", str(workers), ns=self.ns)
@@ -140,8 +142,11 @@ def test_node_answers_mesh_names_like_docker(lab: Lab) -> None:
     assert mx.status == "NOERROR" and mx.answer == []
     missing = lab.dig("nobody.mesh")
     assert missing.status == "NXDOMAIN" and missing.authority[0][:4] == ["mesh.", "123", "IN", "SOA"]
-    for address, owner in [("100.64.0.3", "bravo.mesh."), ("fd7a:115c:a1e0::2", "bravo.mesh."),
-                           (ALPHA.v4, "alpha.mesh.")]:
+    for address, owner in [
+        ("100.64.0.3", "bravo.mesh."),
+        ("fd7a:115c:a1e0::2", "bravo.mesh."),
+        (ALPHA.v4, "alpha.mesh."),
+    ]:
         assert lab.dig(dns.reversename.from_address(address).to_text(), "PTR").rdata("PTR") == [owner]
     srv_answer = lab.dig("_http._tcp.mesh", "SRV")
     assert srv_answer.rdata("SRV") == ["1 5 8080 alpha.mesh."]
@@ -157,8 +162,9 @@ def test_node_survives_a_dns_worker_crash(lab: Lab) -> None:
     assert lab.dig("bravo.mesh", "AAAA").rdata("AAAA") == [BRAVO.addresses[3]]
     old = lab.dns_workers()["dns-0"]["pid"]
     os.kill(old, signal.SIGKILL)
-    lab.node.wait(lambda: (a := lab.dns_workers()["dns-0"])["pid"] != old and a["state"] == "running",
-                  what="dns-0 replaced")
+    lab.node.wait(
+        lambda: (a := lab.dns_workers()["dns-0"])["pid"] != old and a["state"] == "running", what="dns-0 replaced"
+    )
     assert lab.dig("bravo.mesh", "AAAA").rdata("AAAA") == [BRAVO.addresses[3]]
 
 
@@ -209,7 +215,8 @@ def test_node_forwards_fails_over_learns_and_flushes_on_link_change(lab: Lab) ->
         # publication the test heard (a heartbeat can fall between an answer and its event).
         counters = lab.node.wait(
             lambda: (c := lab.dns_counters())["upstream_answers"] == i + 1 and c["learned_published"] >= 1 and c,
-            what="every forwarded answer and the heard publication counted")
+            what="every forwarded answer and the heard publication counted",
+        )
         assert counters["upstream_refused"] == counters["upstream_servfail"] == i + 1
         # Names are learned only while someone listens, and each one learned is published.
         assert 1 <= counters["learned_published"] == counters["learned_names"] <= i + 1
@@ -228,8 +235,14 @@ def test_node_forwards_fails_over_learns_and_flushes_on_link_change(lab: Lab) ->
 def test_node_fails_over_to_serve_stale_then_servfail(lab: Lab) -> None:
     first = lab.dnsmasq("--address=/example.test/203.0.113.7", name="first")
     second = lab.dnsmasq("--address=/example.test/203.0.113.7", name="second")
-    lab.start({"upstreams": [url(first), url(second)], "serve_stale": True, "cache_max_ttl": 1,
-               "routes": [{"suffix": "dead.test", "upstreams": [lab.dead("udp"), lab.dead("tcp")]}]})
+    lab.start(
+        {
+            "upstreams": [url(first), url(second)],
+            "serve_stale": True,
+            "cache_max_ttl": 1,
+            "routes": [{"suffix": "dead.test", "upstreams": [lab.dead("udp"), lab.dead("tcp")]}],
+        }
+    )
     assert lab.dig("www.example.test").rdata("A") == ["203.0.113.7"]
     assert lab.dig("x.dead.test").status == "SERVFAIL"  # no upstream answers
     first.stop()  # killed mid-test
@@ -249,19 +262,25 @@ def test_node_rules_and_split_dns(lab: Lab) -> None:
     corp = lab.dnsmasq("--address=/corp.test/203.0.113.8", name="corp")
     deep = lab.dnsmasq("--address=/eu.corp.test/203.0.113.9", name="deep")
     fast = lab.stub()
-    lab.start({
-        "upstreams": [url(default)],
-        "reject_rcode": "nxdomain",
-        "groups": {"fast": [url(fast)]},
-        "routes": [{"suffix": "corp.test", "upstreams": [url(corp)]},
-                   {"suffix": "eu.corp.test", "upstreams": [url(deep)]}],
-        "rules": [{"match": "full:blocked.test", "action": "reject"},
-                  {"match": "full:ok.ads.test", "action": "asis"},
-                  {"match": "suffix:ads.test", "action": "reject"},
-                  {"match": "keyword:tracker", "action": "reject"},
-                  {"match": r"regex:^cdn[0-9]+\.", "action": "fast"},
-                  {"match": "qtype:MX", "action": "reject"}],
-    })
+    lab.start(
+        {
+            "upstreams": [url(default)],
+            "reject_rcode": "nxdomain",
+            "groups": {"fast": [url(fast)]},
+            "routes": [
+                {"suffix": "corp.test", "upstreams": [url(corp)]},
+                {"suffix": "eu.corp.test", "upstreams": [url(deep)]},
+            ],
+            "rules": [
+                {"match": "full:blocked.test", "action": "reject"},
+                {"match": "full:ok.ads.test", "action": "asis"},
+                {"match": "suffix:ads.test", "action": "reject"},
+                {"match": "keyword:tracker", "action": "reject"},
+                {"match": r"regex:^cdn[0-9]+\.", "action": "fast"},
+                {"match": "qtype:MX", "action": "reject"},
+            ],
+        }
+    )
     rejected = [("blocked.test", "A"), ("x.ads.test", "A"), ("my-tracker.test", "A"), ("www.test", "MX")]
     for name, rdtype in rejected:
         result = lab.dig(name, rdtype)
@@ -283,8 +302,10 @@ def flood(ns: Netns, count: int, seed: int) -> None:
     """count random and cut-short packets at the node from many source ports (so every
     worker gets its share); the answers are left unread."""
     rng = random.Random(seed)
-    good = [dns.message.make_query(n, t, use_edns=e).to_wire()
-            for n, t, e in [("alpha.mesh", "A", None), ("x.example.test", "AAAA", 0), ("bravo.mesh", "PTR", 0)]]
+    good = [
+        dns.message.make_query(n, t, use_edns=e).to_wire()
+        for n, t, e in [("alpha.mesh", "A", None), ("x.example.test", "AAAA", 0), ("bravo.mesh", "PTR", 0)]
+    ]
     sockets = [make_socket(socket.SOCK_DGRAM, ns) for _ in range(16)]
     try:
         for i in range(count):
@@ -307,7 +328,7 @@ def flood(ns: Netns, count: int, seed: int) -> None:
 def test_malformed_input_never_restarts_a_worker(lab: Lab) -> None:
     lab.start({"upstreams": [url(lab.stub())]}, workers=2)
     before = lab.dns_workers()
-    for name, wire, rcode in BAD_PACKETS:
+    for _name, wire, rcode in BAD_PACKETS:
         with make_socket(socket.SOCK_DGRAM, lab.ns) as sock:
             sock.settimeout(0.3 if rcode is None else 3.0)
             sock.sendto(wire, ("127.0.0.1", 53))
@@ -325,8 +346,10 @@ def test_malformed_input_never_restarts_a_worker(lab: Lab) -> None:
         counters = lab.dns_counters()
         return counters.get("queries_udp", 0) + counters.get("udp_oversized_queries", 0)
 
-    lab.node.wait(lambda: taken() + sum(drops for _, drops in udp_sockets(53, lab.ns)) >= sent,
-                  what="every datagram taken in or dropped and counted")
+    lab.node.wait(
+        lambda: taken() + sum(drops for _, drops in udp_sockets(53, lab.ns)) >= sent,
+        what="every datagram taken in or dropped and counted",
+    )
     assert taken() + sum(drops for _, drops in udp_sockets(53, lab.ns)) == sent
     # Garbage over TCP too: a bad length, a cut message, random bytes.
     for garbage in [b"\x00", b"\x00\x40" + b"\x00" * 20, random.Random(5).randbytes(3000)]:
@@ -337,8 +360,7 @@ def test_malformed_input_never_restarts_a_worker(lab: Lab) -> None:
     assert lab.dig("alpha.mesh").rdata("A") == [ALPHA.v4]
     assert lab.dig("x.example.test").rdata("A") == ["203.0.113.50"]
     after = lab.dns_workers()
-    assert {n: (a["pid"], a["restarts"]) for n, a in after.items()} == {
-        n: (a["pid"], 0) for n, a in before.items()}
+    assert {n: (a["pid"], a["restarts"]) for n, a in after.items()} == {n: (a["pid"], 0) for n, a in before.items()}
     per_worker = [a["counters"].get("queries_udp", 0) for a in after.values()]
     assert len(per_worker) == 2 and min(per_worker) > 0  # both workers took part
     counters = lab.dns_counters()
@@ -354,14 +376,17 @@ def test_kill_9_of_a_worker_under_dnsperf_load(lab: Lab) -> None:
     perf: dict[str, str] = {}
 
     def load() -> None:
-        perf["out"] = lab.ns.run("dnsperf", "-s", "127.0.0.1", "-d", str(queries), "-l", "6", "-c", "16",
-                                 "-Q", "3000", "-t", "3", timeout=60).stdout
+        perf["out"] = lab.ns.run(
+            "dnsperf", "-s", "127.0.0.1", "-d", str(queries), "-l", "6", "-c", "16", "-Q", "3000", "-t", "3", timeout=60
+        ).stdout
 
     dropped_before = udp_counters(lab.ns)["RcvbufErrors"]
     thread = threading.Thread(target=load)
     thread.start()
-    lab.node.wait(lambda: all(w["counters"].get("queries_udp", 0) > 0 for w in lab.dns_workers().values()),
-                  what="both workers under load")
+    lab.node.wait(
+        lambda: all(w["counters"].get("queries_udp", 0) > 0 for w in lab.dns_workers().values()),
+        what="both workers under load",
+    )
     os.kill(old, signal.SIGKILL)
     during = lab.dig("alpha.mesh", "A", "+time=1", "+tries=3")  # the other worker answers
     thread.join()
@@ -375,8 +400,9 @@ def test_kill_9_of_a_worker_under_dnsperf_load(lab: Lab) -> None:
     held = int(lab.ns.run("cat", "/proc/sys/net/core/rmem_default").stdout) // 512 + 1 + SLOTS
     dropped = udp_counters(lab.ns)["RcvbufErrors"] - dropped_before
     assert sent > 0 and sent - completed <= held + dropped, (held, dropped, out)
-    worker = lab.node.wait(lambda: (a := lab.dns_workers()["dns-0"])["state"] == "running" and a["pid"] != old and a,
-                           what="dns-0 back")
+    worker = lab.node.wait(
+        lambda: (a := lab.dns_workers()["dns-0"])["state"] == "running" and a["pid"] != old and a, what="dns-0 back"
+    )
     assert worker["restarts"] == 1
     assert lab.dig("bravo.mesh", "AAAA").rdata("AAAA") == [BRAVO.addresses[3]]
 

@@ -12,8 +12,16 @@ from meshsup.actors.dns.cache import STALE_ANSWER_TTL
 from meshsup.actors.dns.resolver import Drop, Forward, Learned, Log, Reply, Resolver
 from meshsup.actors.dns.upstream import MAX_ATTEMPTS
 from meshsup.actors.settings.dnstypes import parse_upstream
-from tests.actors.dns.helpers import (CLIENT, big_answer, header, only_forward, query_wire, reply_of, settings,
-                                     upstream_answer)
+from tests.actors.dns.helpers import (
+    CLIENT,
+    big_answer,
+    header,
+    only_forward,
+    query_wire,
+    reply_of,
+    settings,
+    upstream_answer,
+)
 
 
 def test_local_names_answered_not_forwarded():

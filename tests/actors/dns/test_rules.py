@@ -7,9 +7,7 @@ import ipaddress
 import pytest
 
 from meshsup.actors.dns.rules import ForwardTo, Reject, Router, matches
-from meshsup.actors.settings.dnstypes import Matcher, Route, Rule, SourceOverride
-from meshsup.actors.settings.dnstypes import parse_upstream
-
+from meshsup.actors.settings.dnstypes import Matcher, Route, Rule, SourceOverride, parse_upstream
 
 U1, U2, U3, U4 = (parse_upstream(f"udp://198.51.100.{i}") for i in range(1, 5))
 

@@ -19,8 +19,8 @@ import dns.reversename
 import dns.rrset
 import pytest
 
-from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.kernel.mmsg import SLOT_SIZE, Batch
+from meshsup.actors.settings.dns import DnsSettings
 from tests.dns_fixtures import (
     BAD_PACKETS,
     Dnsmasq,
@@ -210,8 +210,12 @@ class _NoisyUpstream:
 def test_a_forwarded_answer_comes_back_byte_correct_past_stray_datagrams(later):
     upstream = later(_NoisyUpstream(ttl=3600))
     learned: list[tuple[str, tuple[str, ...]]] = []
-    server = start_server(later, upstreams=[f"udp://{upstream.host}:{upstream.port}"], cache_max_ttl=120,
-                          on_learned=lambda n, a: learned.append((n, a)))
+    server = start_server(
+        later,
+        upstreams=[f"udp://{upstream.host}:{upstream.port}"],
+        cache_max_ttl=120,
+        on_learned=lambda n, a: learned.append((n, a)),
+    )
     query = dns.message.make_query("WwW.Example.TEST", "A", use_edns=False)
     answer = dns.message.from_wire(udp_exchange(server.host, server.port, query.to_wire()))
     assert answer.id == query.id and answer.flags & dns.flags.QR and answer.flags & dns.flags.RA

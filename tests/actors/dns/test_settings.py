@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshsup.actors.settings.dns import DNS_KEYS, DnsSettings
-from meshsup.actors.settings.dnstypes import Upstream
-from meshsup.actors.settings.dnstypes import SrvRecord
+from meshsup.actors.settings.dnstypes import SrvRecord, Upstream
 
 
 def test_settings_defaults_and_parsing():

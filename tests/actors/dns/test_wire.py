@@ -12,15 +12,24 @@ import dns.rcode
 import pytest
 
 from meshsup.actors.dns.message import Query, parse_query, render
-from meshsup.actors.settings.dnstypes import normalize_name
 from meshsup.actors.dns.wire import WireAnswer, parse_answer, query_key
+from meshsup.actors.settings.dnstypes import normalize_name
 from tests.actors.dns.helpers import X, answer_wire, cookie_query, query_wire, sections
 
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"use_edns": 0}, {"use_edns": 0, "payload": 4096}, {"want_dnssec": True}, {"rdtype": "AAAA"},
-     {"rdclass": "CH"}, {"name": "MiXeD.Case.Example"}, {"name": "."}, {"name": "a\\.b\\032c.example"}],
+    [
+        {},
+        {"use_edns": 0},
+        {"use_edns": 0, "payload": 4096},
+        {"want_dnssec": True},
+        {"rdtype": "AAAA"},
+        {"rdclass": "CH"},
+        {"name": "MiXeD.Case.Example"},
+        {"name": "."},
+        {"name": "a\\.b\\032c.example"},
+    ],
 )
 def test_plain_queries_are_read_by_hand_as_dnspython_reads_them(options):
     name, rdtype, rdclass = options.pop("name", "x.example"), options.pop("rdtype", "A"), options.pop("rdclass", "IN")
@@ -56,8 +65,9 @@ def test_upstream_answer_records_kept_as_bytes():
 
 
 def test_negative_ttl_from_the_soa():
-    answer = parse_answer(answer_wire("authority example. 900 IN SOA ns.example. h.example. 1 2 3 4 30",
-                                      rcode="NXDOMAIN"), X, 1, 1)
+    answer = parse_answer(
+        answer_wire("authority example. 900 IN SOA ns.example. h.example. 1 2 3 4 30", rcode="NXDOMAIN"), X, 1, 1
+    )
     assert answer.negative_ttl == 30 and answer.rcode == dns.rcode.NXDOMAIN and answer.empty
 
 
@@ -85,8 +95,20 @@ GOOD = answer_wire("answer x.example. 60 IN A 203.0.113.1")
         (answer_wire(TC=True), "truncated"),
         (query_wire("x.example"), "not_response"),
     ],
-    ids=["short", "cut", "trailing", "pointer-to-header", "pointer-forwards", "short-a", "cut-a", "ext-rcode",
-         "other-name", "other-type", "tc", "query"],
+    ids=[
+        "short",
+        "cut",
+        "trailing",
+        "pointer-to-header",
+        "pointer-forwards",
+        "short-a",
+        "cut-a",
+        "ext-rcode",
+        "other-name",
+        "other-type",
+        "tc",
+        "query",
+    ],
 )
 def test_bad_upstream_answers_are_refused(wire, reason):
     assert parse_answer(wire, X, 1, 1) == reason
@@ -96,8 +118,13 @@ def test_pointer_loop_and_misplaced_opt_are_malformed():
     head = struct.pack("!HHHHHH", 0, 0x8180, 1, 1, 0, 0) + X + b"\x00\x01\x00\x01"
     loop = head + b"\x01a\xc0\x1b" + b"\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\xcb\x00\x71\x01"
     assert parse_answer(loop, X, 1, 1) == "malformed"
-    opt_first = struct.pack("!HHHHHH", 0, 0x8180, 1, 0, 0, 2) + X + b"\x00\x01\x00\x01" + wire_opt() * 1 + (
-        b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\xcb\x00\x71\x01")
+    opt_first = (
+        struct.pack("!HHHHHH", 0, 0x8180, 1, 0, 0, 2)
+        + X
+        + b"\x00\x01\x00\x01"
+        + wire_opt() * 1
+        + (b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\xcb\x00\x71\x01")
+    )
     assert parse_answer(opt_first, X, 1, 1) == "malformed"  # records after the OPT would move
     two_opts = struct.pack("!HHHHHH", 0, 0x8180, 1, 0, 0, 2) + X + b"\x00\x01\x00\x01" + wire_opt() * 2
     assert parse_answer(two_opts, X, 1, 1) == "malformed"
@@ -109,8 +136,14 @@ def wire_opt() -> bytes:
 
 def test_mangled_upstream_answers_never_raise():
     rng = random.Random(3)
-    seeds = [GOOD, answer_wire("answer x.example. 300 IN CNAME y.example.", "answer y.example. 60 IN A 203.0.113.1",
-                               "authority example. 900 IN SOA ns.example. h.example. 1 2 3 4 30")]
+    seeds = [
+        GOOD,
+        answer_wire(
+            "answer x.example. 300 IN CNAME y.example.",
+            "answer y.example. 60 IN A 203.0.113.1",
+            "authority example. 900 IN SOA ns.example. h.example. 1 2 3 4 30",
+        ),
+    ]
     for _ in range(3000):
         wire = bytearray(rng.choice(seeds))
         for _ in range(rng.randrange(1, 4)):
@@ -124,8 +157,12 @@ def test_assembled_reply_says_what_the_rendered_one_says(edns):
     wire = dns.message.make_query("X.example", "A", **edns).to_wire()
     plain = parse_query(wire)
     rendered = Query.from_message(wire, dns.message.from_wire(wire))
-    answer = parse_answer(answer_wire("answer x.example. 300 IN CNAME y.example.",
-                                      "answer y.example. 60 IN A 203.0.113.1", AD=True), X, 1, 1)
+    answer = parse_answer(
+        answer_wire("answer x.example. 300 IN CNAME y.example.", "answer y.example. 60 IN A 203.0.113.1", AD=True),
+        X,
+        1,
+        1,
+    )
     by_hand = dns.message.from_wire(render(plain, answer, "udp"))
     by_dnspython = dns.message.from_wire(render(rendered, answer, "udp"))
     for field in ("id", "flags", "edns", "payload", "ednsflags", "question", "answer", "authority", "additional"):

@@ -6,8 +6,8 @@ import fcntl
 import functools
 import os
 import random
-import select
 import secrets
+import select
 import shutil
 import socket
 import struct
@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import pytest
 
 from meshsup.actors.kernel import vnet
-from meshsup.actors.wire import ip as packet
 from meshsup.actors.kernel.tun import FakeTun, Tun
+from meshsup.actors.wire import ip as packet
 
 V4_A, V4_B = socket.inet_aton("100.64.0.1"), socket.inet_aton("100.64.0.2")
 V6_A, V6_B = socket.inet_pton(socket.AF_INET6, "fd00::1"), socket.inet_pton(socket.AF_INET6, "fd00::2")
@@ -264,7 +264,7 @@ def test_coalesced_segments_reach_a_tcp_socket_as_one_stream(netns: str, tun: Tu
         syn_ack = _read_until(tun, lambda p: packet.protocol(p) == packet.IPPROTO_TCP)
         ack = functools.partial(seg, ack=struct.unpack("!I", syn_ack[24:28])[0] + 1)
         data = bytes(random.Random(2).randbytes(30 * 1380 + 7))
-        segments = [ack(1000 + i, data[i:i + 1380]) for i in range(0, len(data), 1380)]
+        segments = [ack(1000 + i, data[i : i + 1380]) for i in range(0, len(data), 1380)]
         assert tun.write_batch([ack(1000, b""), *segments]) == 0
         assert tun.stats.tx_coalesced == 1 and tun.stats.tx_writes == 3  # SYN, ACK, one super-packet
         conn, _ = listener.accept()
@@ -313,9 +313,19 @@ def test_read_batch_returns_at_once_when_idle(tun: Tun) -> None:
 # --- the virtio-net header: coalescing TCP segments for one write (sans-IO) -----------
 
 
-def tcp_segment(seq: int, payload: bytes, *, v6: bool = False, flags: int = 0x10, ports: tuple[int, int] = (5201, 40000),
-                options: bytes = b"", ident: int = 1, frag: int = 0x4000, ack: int = 777,
-                inbound: bool = False) -> bytes:
+def tcp_segment(
+    seq: int,
+    payload: bytes,
+    *,
+    v6: bool = False,
+    flags: int = 0x10,
+    ports: tuple[int, int] = (5201, 40000),
+    options: bytes = b"",
+    ident: int = 1,
+    frag: int = 0x4000,
+    ack: int = 777,
+    inbound: bool = False,
+) -> bytes:
     """A TCP segment from A to B (``inbound``: B to A) with valid IP and TCP checksums."""
     src, dst = (V6_A, V6_B) if v6 else (V4_A, V4_B)
     if inbound:
@@ -331,8 +341,10 @@ def tcp_segment(seq: int, payload: bytes, *, v6: bool = False, flags: int = 0x10
 
 
 def flow(count: int, mss: int = 1380, *, v6: bool = False, first_seq: int = 1000, **kw: object) -> list[bytes]:
-    return [tcp_segment(first_seq + i * mss, bytes([i % 256]) * mss, v6=v6, ident=i + 1, **kw)  # type: ignore[arg-type]
-            for i in range(count)]
+    return [
+        tcp_segment(first_seq + i * mss, bytes([i % 256]) * mss, v6=v6, ident=i + 1, **kw)  # type: ignore[arg-type]
+        for i in range(count)
+    ]
 
 
 def segments_of(write: list) -> list[bytes]:
@@ -353,12 +365,14 @@ def segments_of(write: list) -> list[bytes]:
     src, dst = (rest[8:24], rest[24:40]) if v6 else (rest[12:16], rest[16:20])
     tcp_len = len(rest) - csum_start
     pseudo = src + dst + (struct.pack("!I3xB", tcp_len, 6) if v6 else struct.pack("!xBH", 6, tcp_len))
-    assert struct.unpack("!H", rest[csum_start + 16:csum_start + 18])[0] == vnet.ones_complement_sum(pseudo)
+    assert struct.unpack("!H", rest[csum_start + 16 : csum_start + 18])[0] == vnet.ones_complement_sum(pseudo)
     headers, payload = rest[:hdr_len], rest[hdr_len:]
     t = csum_start
-    seq = struct.unpack("!I", headers[t + 4:t + 8])[0]
-    return [headers[:t + 4] + struct.pack("!I", seq + i) + headers[t + 8:] + payload[i:i + gso_size]
-            for i in range(0, len(payload), gso_size)]
+    seq = struct.unpack("!I", headers[t + 4 : t + 8])[0]
+    return [
+        headers[: t + 4] + struct.pack("!I", seq + i) + headers[t + 8 :] + payload[i : i + gso_size]
+        for i in range(0, len(payload), gso_size)
+    ]
 
 
 def transport_view(pkt: bytes) -> object:
@@ -368,8 +382,12 @@ def transport_view(pkt: bytes) -> object:
     if len(pkt) < ip_len + 20 or (pkt[6] if ip_len == 40 else pkt[9]) != packet.IPPROTO_TCP:
         return pkt
     tcp_len = (pkt[ip_len + 12] >> 4) * 4
-    return (pkt[8:40] if ip_len == 40 else pkt[12:20], pkt[ip_len:ip_len + 12], pkt[ip_len + 20:ip_len + tcp_len],
-            pkt[ip_len + tcp_len:])
+    return (
+        pkt[8:40] if ip_len == 40 else pkt[12:20],
+        pkt[ip_len : ip_len + 12],
+        pkt[ip_len + 20 : ip_len + tcp_len],
+        pkt[ip_len + tcp_len :],
+    )
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
@@ -391,8 +409,9 @@ def test_writes_keep_the_order_and_break_where_segments_do_not_follow() -> None:
     pure_ack = tcp_segment(1000 + 6 * 1380, b"")
     udp_packet = ipv4(V4_A, V4_B, packet.IPPROTO_UDP, udp(1, 2, b"u"))
     no_df = flow(2, frag=0, first_seq=77)
-    stamped = flow(2, options=b"\x01\x01\x08\x0a" + bytes(8), first_seq=99) \
-        + flow(1, options=b"\x01\x01\x08\x0a" + bytes(7) + b"\x01", first_seq=99 + 2 * 1380)
+    stamped = flow(2, options=b"\x01\x01\x08\x0a" + bytes(8), first_seq=99) + flow(
+        1, options=b"\x01\x01\x08\x0a" + bytes(7) + b"\x01", first_seq=99 + 2 * 1380
+    )
     packets = [*a, other_flow, gap, syn, fin, rst, pure_ack, udp_packet, *no_df, *stamped]
     writes = vnet.coalesce(packets)
     assert [transport_view(s) for w in writes for s in segments_of(w)] == [transport_view(p) for p in packets]

@@ -24,7 +24,6 @@ from meshsup.actors.kernel.udp import (
 )
 from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
 
-
 # --- grouping and splitting (no sockets) -------------------------------------
 
 
@@ -65,8 +64,13 @@ def test_gso_groups_are_greedy_and_lawful_on_random_batches() -> None:
             assert size > 0 or len(segs) == 1
         for g1, g2 in zip(groups, groups[1:]):
             size, nxt = len(g1[0]), len(g2[0])
-            could_join = size > 0 and len(g1[-1]) == size and 0 < nxt <= size \
-                and len(g1) < MAX_GSO_SEGMENTS and sum(map(len, g1)) + nxt <= MAX_GSO_BYTES
+            could_join = (
+                size > 0
+                and len(g1[-1]) == size
+                and 0 < nxt <= size
+                and len(g1) < MAX_GSO_SEGMENTS
+                and sum(map(len, g1)) + nxt <= MAX_GSO_BYTES
+            )
             assert not could_join, "a group was closed early"
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from meshsup.actors.settings.collectors import CollectorConfig, parse_collectors
 from meshsup.actors.netlog.flows import Classifier, FlowTable, Record
 from meshsup.actors.netlog.shipper import Shipper
+from meshsup.actors.settings.collectors import CollectorConfig, parse_collectors
 from tests.netlog_fixtures import (
     HttpCollector,
     Nfcapd,
@@ -108,9 +108,7 @@ def test_rsyslog_receives_each_record_once_as_rfc5424_with_json(rsyslog: Rsyslog
     assert [json.loads(m["msg"]) for m in messages] == sent + big + [last]
     first = messages[0]
     assert (first["hostname"], first["app_name"], first["msgid"]) == ("alpha", "meshsup", "flowlog")
-    assert first["sd"] == (
-        f'[meshsup@32473 nodeId="node-alpha" start="{sent[0]["start"]}" end="{sent[0]["end"]}"]'
-    )
+    assert first["sd"] == (f'[meshsup@32473 nodeId="node-alpha" start="{sent[0]["start"]}" end="{sent[0]["end"]}"]')
     assert not list((tmp_path / "spool" / "syslog-0").iterdir())  # delivered records left the spool
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import struct
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from ipaddress import ip_address
 from pathlib import Path
@@ -200,8 +200,7 @@ def test_syslog_message_matches_rfc5424_with_escaped_structured_data() -> None:
         msg='{"k":1}',
     )
     assert encode_message(m) == (
-        b'<134>1 1970-01-01T00:00:00.500000Z alpha meshsup 42 flowlog '
-        b'[flow@32473 node="a\\"b\\\\c\\]d" n="1"] {"k":1}'
+        b'<134>1 1970-01-01T00:00:00.500000Z alpha meshsup 42 flowlog [flow@32473 node="a\\"b\\\\c\\]d" n="1"] {"k":1}'
     )
 
 
@@ -283,8 +282,8 @@ def parse_templates(body: bytes) -> dict[int, list[tuple[int, int, int]]]:
 def window(entries: list[dict[str, object]], start: float = T0, kind: str = "virtualTraffic") -> dict[str, object]:
     return {
         "nodeId": "n",
-        "start": datetime.fromtimestamp(start, timezone.utc).isoformat(),
-        "end": datetime.fromtimestamp(start + 5, timezone.utc).isoformat(),
+        "start": datetime.fromtimestamp(start, UTC).isoformat(),
+        "end": datetime.fromtimestamp(start + 5, UTC).isoformat(),
         kind: entries,
     }
 
@@ -390,7 +389,7 @@ def test_backoff_honours_retry_after() -> None:
 
 def test_retry_after_parses_seconds_and_http_dates() -> None:
     assert parse_retry_after("7", T0) == 7
-    date = format_datetime(datetime.fromtimestamp(T0 + 90, timezone.utc), usegmt=True)
+    date = format_datetime(datetime.fromtimestamp(T0 + 90, UTC), usegmt=True)
     assert parse_retry_after(date, T0) == pytest.approx(90)
     assert parse_retry_after(date, T0 + 1000) == 0
     assert parse_retry_after("soon", T0) is None

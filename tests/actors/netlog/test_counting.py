@@ -12,6 +12,7 @@ import pytest
 from meshsup.actors.bus import datapath
 from meshsup.actors.bus.codec import decode, encode
 from meshsup.actors.bus.messages import FlowCounts, FlowCountsAck
+from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.flowcount.tally import (
     INNER,
     MAX_ENTRIES_PER_MESSAGE,
@@ -24,13 +25,12 @@ from meshsup.actors.flowcount.tally import (
     decode_key,
 )
 from meshsup.actors.netlog.counting import CountsReader, Deliveries
-from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.netlog.flows import FlowTable
 from meshsup.actors.netlog.mesh import classifier, endpoint_peers
+from meshsup.actors.netlog.wal import WindowLog
 from meshsup.actors.settings import Settings, parse
 from meshsup.actors.settings.keys import b64, generate_private, public_of
 from meshsup.actors.settings.netlog import netlog_settings
-from meshsup.actors.netlog.wal import WindowLog
 
 T0 = 1_700_000_000.0
 A4, B4 = "100.64.0.1", "100.64.0.2"
@@ -40,14 +40,35 @@ A6, B6 = "fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2"
 def ipv4(src: str, dst: str, proto: int, payload: bytes, frag: int = 0, options: bytes = b"") -> bytes:
     ihl = (20 + len(options)) // 4
     total = 20 + len(options) + len(payload)
-    header = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 1, frag, 64, proto, 0,
-                         ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed)
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x40 | ihl,
+        0,
+        total,
+        1,
+        frag,
+        64,
+        proto,
+        0,
+        ipaddress.ip_address(src).packed,
+        ipaddress.ip_address(dst).packed,
+    )
     return header + options + payload
 
 
 def ipv6(src: str, dst: str, next_header: int, payload: bytes) -> bytes:
-    return struct.pack("!IHBB16s16s", 6 << 28, len(payload), next_header, 64,
-                       ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed) + payload
+    return (
+        struct.pack(
+            "!IHBB16s16s",
+            6 << 28,
+            len(payload),
+            next_header,
+            64,
+            ipaddress.ip_address(src).packed,
+            ipaddress.ip_address(dst).packed,
+        )
+        + payload
+    )
 
 
 def ports(sport: int, dport: int, rest: int = 16) -> bytes:
@@ -55,15 +76,27 @@ def ports(sport: int, dport: int, rest: int = 16) -> bytes:
 
 
 def config(collectors: bool = True, **netlog: Any) -> Settings:
-    return parse("test.toml", {
-        "node": {"name": "alpha", "private_key": b64(generate_private()), "addresses": [f"{A4}/32", f"{A6}/128"]},
-        "peers": [{"name": "bravo", "public_key": b64(public_of(generate_private())),
-                   "allowed_ips": [f"{B4}/32", f"{B6}/128", "10.20.0.0/16", "0.0.0.0/0"],
-                   "endpoints": ["198.51.100.2:51820"]}],
-        "dns": {"listen": [f"{A4}:53"]},
-        "netlog": {"collectors": [{"kind": "ipfix", "address": "udp://127.0.0.1:4739"}] if collectors else [],
-                   **netlog},
-    }, Path("."), Path("."))
+    return parse(
+        "test.toml",
+        {
+            "node": {"name": "alpha", "private_key": b64(generate_private()), "addresses": [f"{A4}/32", f"{A6}/128"]},
+            "peers": [
+                {
+                    "name": "bravo",
+                    "public_key": b64(public_of(generate_private())),
+                    "allowed_ips": [f"{B4}/32", f"{B6}/128", "10.20.0.0/16", "0.0.0.0/0"],
+                    "endpoints": ["198.51.100.2:51820"],
+                }
+            ],
+            "dns": {"listen": [f"{A4}:53"]},
+            "netlog": {
+                "collectors": [{"kind": "ipfix", "address": "udp://127.0.0.1:4739"}] if collectors else [],
+                **netlog,
+            },
+        },
+        Path("."),
+        Path("."),
+    )
 
 
 def tallied(tally: Tally) -> dict[Any, tuple[int, int]]:
@@ -98,8 +131,11 @@ def test_options_fragments_and_extension_headers_take_the_slow_path_to_the_same_
     later_fragment = ipv4(A4, B4, 6, b"\xde\xad\xbe\xef" + bytes(20), frag=0x0010)
     hop_by_hop = b"\x06\x00" + bytes(6)  # next header TCP, 8 bytes
     v6_ext = ipv6(A6, B6, 0, hop_by_hop + payload)
-    for pkt, expected in [(with_options, connection_key(fast)), (v6_ext, connection_key(ipv6(A6, B6, 6, payload))),
-                          (later_fragment, b"\x06" + connection_key(fast)[1:9] + bytes(4))]:
+    for pkt, expected in [
+        (with_options, connection_key(fast)),
+        (v6_ext, connection_key(ipv6(A6, B6, 6, payload))),
+        (later_fragment, b"\x06" + connection_key(fast)[1:9] + bytes(4)),
+    ]:
         tally = PacketTally()
         tally.enabled = True
         tally.add_packets([pkt, fast])
@@ -165,8 +201,9 @@ def test_both_directions_meet_under_the_local_end_and_endpoints_name_their_peer(
     back = connection_key(ipv4(B4, A4, 6, ports(22, 40000)))
     dns = connection_key(ipv4(B4, A4, 17, ports(3333, 53)))  # bravo asking alpha's own DNS
     assert reader.apply(counts(INNER, [[out, 3, 300]], [[back, 2, 120], [dns, 1, 60]]), table)
-    assert reader.apply(counts(UNDERLAY, [[["198.51.100.2", 51820], 5, 700]],
-                               [[["198.51.100.9", 4000], 1, 148]]), table)
+    assert reader.apply(
+        counts(UNDERLAY, [[["198.51.100.2", 51820], 5, 700]], [[["198.51.100.9", 4000], 1, 148]]), table
+    )
     assert reader.apply(counts(INNER, [[UNREADABLE, 4, 80], ["bad"], [b"short", 1, 1]], []), table)
     assert not reader.apply(counts("other", [], []), table)
     [record] = table.close_window(T0 + 1)
@@ -195,14 +232,17 @@ def test_the_config_says_what_is_virtual_subnet_exit_or_the_nodes_own_service() 
     assert table.counters.skipped == 1
 
 
-@pytest.mark.parametrize("netlog, logging, message", [
-    ({"interval": 0}, {}, r"^netlog\.interval: "),
-    ({"anonymize_exit": "yes"}, {}, r"^netlog\.anonymize_exit: "),
-    ({"max_record_bytes": 10}, {}, r"^netlog\.max_record_bytes: "),
-    ({"colour": 1}, {}, r"^netlog\.colour: unknown key"),
-    ({}, {"level": "loud"}, r"^logging\.level: "),
-    ({}, {"collectors": [{"kind": "ipfix", "address": "udp://127.0.0.1:1"}]}, r"^logging\.collectors\[0\]\.kind: "),
-])
+@pytest.mark.parametrize(
+    "netlog, logging, message",
+    [
+        ({"interval": 0}, {}, r"^netlog\.interval: "),
+        ({"anonymize_exit": "yes"}, {}, r"^netlog\.anonymize_exit: "),
+        ({"max_record_bytes": 10}, {}, r"^netlog\.max_record_bytes: "),
+        ({"colour": 1}, {}, r"^netlog\.colour: unknown key"),
+        ({}, {"level": "loud"}, r"^logging\.level: "),
+        ({}, {"collectors": [{"kind": "ipfix", "address": "udp://127.0.0.1:1"}]}, r"^logging\.collectors\[0\]\.kind: "),
+    ],
+)
 def test_wrong_netlog_and_logging_tables_are_refused_naming_the_key(
     netlog: dict[str, Any], logging: dict[str, Any], message: str
 ) -> None:
@@ -251,7 +291,11 @@ def test_the_feed_flushes_once_per_period_and_loses_nothing_netlog_did_not_take(
     feed.tick(10.5)
     [msg] = sent
     assert (msg.source, msg.layer, msg.tx, msg.rx) == (
-        "magicsock", UNDERLAY, [[("198.51.100.2", 51820), 1, 100]], [[("198.51.100.2", 51820), 2, 300]])
+        "magicsock",
+        UNDERLAY,
+        [[("198.51.100.2", 51820), 1, 100]],
+        [[("198.51.100.2", 51820), 2, 300]],
+    )
     feed.tick(11.0)  # no acknowledgement yet, but not for long enough
     assert sent == [msg]
     feed.tick(11.5)  # netlog died before logging it: the same message again
@@ -287,4 +331,3 @@ def test_the_window_log_gives_back_its_window_and_ignores_a_torn_tail(tmp_path: 
     assert WindowLog(path).recover(T0 + 9) == (T0 + 5, [])
     again.remove()
     assert WindowLog(path).recover(T0 + 9) == (T0 + 9, [])
-

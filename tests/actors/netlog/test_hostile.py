@@ -23,12 +23,12 @@ from typing import Any
 import pytest
 
 from meshsup.actors.netlog.actor import REQUEST_TIMEOUT
-from meshsup.actors.settings.collectors import parse_collectors
 from meshsup.actors.netlog.flows import Classifier, FlowTable, Record
 from meshsup.actors.netlog.http11 import HttpError, ResponseReader
 from meshsup.actors.netlog.resolve import Resolver
 from meshsup.actors.netlog.shipper import Shipper
 from meshsup.actors.netlog.syslog import OctetCountingDecoder
+from meshsup.actors.settings.collectors import parse_collectors
 from meshsup.supervisor.supervision import HANG_TIMEOUT
 from tests.netlog_fixtures import LOOPBACK, Rsyslog, free_port, make_certificate, stop_process, wait_until
 from tests.nodes import REPO, Netns, Node, is_root
@@ -178,14 +178,24 @@ def make_records(count: int) -> list[Record]:
 
 def same_records(got: list[Record], sent: list[Record]) -> bool:
     """Every record arrived (at least once: a record may come twice)."""
+
     def keys(records: list[Record]) -> set[str]:
         return {json.dumps(r, sort_keys=True) for r in records}
+
     return keys(got) == keys(sent)
 
 
 def shipper_for(table: dict[str, Any], tmp_path: Path, resolver: Resolver | None = None) -> Shipper:
-    return Shipper(parse_collectors([table]), tmp_path / "spool", "alpha", request_timeout=DEADLINE,
-                   confirm_delay=0.2, backoff_base=0.05, backoff_cap=0.3, resolver=resolver)
+    return Shipper(
+        parse_collectors([table]),
+        tmp_path / "spool",
+        "alpha",
+        request_timeout=DEADLINE,
+        confirm_delay=0.2,
+        backoff_base=0.05,
+        backoff_cap=0.3,
+        resolver=resolver,
+    )
 
 
 def pump_until_failed(shipper: Shipper, failures: int = 1, limit: float = 10.0) -> tuple[float, float, float]:
@@ -211,15 +221,18 @@ def collectors() -> Iterator[list[Collector]]:
         collector.close()
 
 
-@pytest.mark.parametrize("kind, mode, scheme, error", [
-    ("http", "stall", "http", "no complete answer within 0.5 s"),
-    ("http", "drip", "http", "no complete answer within 0.5 s"),
-    ("http", "flood", "http", "response longer than 1048576 bytes"),
-    ("http", "chunked", "http", "response longer than 1048576 bytes"),
-    ("http", "length", "http", "response longer than 1048576 bytes"),
-    ("syslog", "stall", "tls", "TLS handshake not done by the deadline"),
-    ("syslog", "flood", "tcp", "the collector sent more than 65536 bytes"),
-])
+@pytest.mark.parametrize(
+    "kind, mode, scheme, error",
+    [
+        ("http", "stall", "http", "no complete answer within 0.5 s"),
+        ("http", "drip", "http", "no complete answer within 0.5 s"),
+        ("http", "flood", "http", "response longer than 1048576 bytes"),
+        ("http", "chunked", "http", "response longer than 1048576 bytes"),
+        ("http", "length", "http", "response longer than 1048576 bytes"),
+        ("syslog", "stall", "tls", "TLS handshake not done by the deadline"),
+        ("syslog", "flood", "tcp", "the collector sent more than 65536 bytes"),
+    ],
+)
 def test_a_hostile_collector_fails_within_the_deadline_and_gets_its_records_once_good(
     tmp_path: Path, collectors: list[Collector], kind: str, mode: str, scheme: str, error: str
 ) -> None:
@@ -291,10 +304,18 @@ def test_a_collector_failing_unexpectedly_backs_off_and_the_others_go_on(
 ) -> None:
     good, broken = Collector("http", "good"), Collector("http", "good")
     collectors += [good, broken]
-    tables = [{"kind": "http", "address": f"http://127.0.0.1:{c.port}/", "name": n}
-              for c, n in ((broken, "broken"), (good, "good"))]
-    shipper = Shipper(parse_collectors(tables), tmp_path / "spool", "alpha", request_timeout=DEADLINE,
-                      backoff_base=0.05, backoff_cap=0.3)
+    tables = [
+        {"kind": "http", "address": f"http://127.0.0.1:{c.port}/", "name": n}
+        for c, n in ((broken, "broken"), (good, "good"))
+    ]
+    shipper = Shipper(
+        parse_collectors(tables),
+        tmp_path / "spool",
+        "alpha",
+        request_timeout=DEADLINE,
+        backoff_base=0.05,
+        backoff_cap=0.3,
+    )
     sender = shipper.senders[0]
 
     def bug(name: str) -> Record:
@@ -316,14 +337,21 @@ def test_a_collector_failing_unexpectedly_backs_off_and_the_others_go_on(
 # --- the HTTP answer, sans-IO -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("answer, status, keep_alive", [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n", 200, True),
-    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", 204, True),
-    (b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nTransfer-Encoding: chunked\r\n\r\n"
-     b"2;x=y\r\nab\r\n1\r\nc\r\n0\r\nTrailer: 1\r\n\r\n", 503, True),
-    (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", 200, False),
-    (b"HTTP/1.0 400 Bad\r\nContent-Length: 0\r\n\r\n", 400, False),
-])
+@pytest.mark.parametrize(
+    "answer, status, keep_alive",
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n", 200, True),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", 204, True),
+        (
+            b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2;x=y\r\nab\r\n1\r\nc\r\n0\r\nTrailer: 1\r\n\r\n",
+            503,
+            True,
+        ),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", 200, False),
+        (b"HTTP/1.0 400 Bad\r\nContent-Length: 0\r\n\r\n", 400, False),
+    ],
+)
 def test_a_complete_answer_is_read_fed_byte_by_byte(answer: bytes, status: int, keep_alive: bool) -> None:
     reader = ResponseReader(1024)
     for i in range(len(answer)):
@@ -345,14 +373,17 @@ def test_an_answer_without_length_ends_with_the_connection_and_bytes_after_one_a
     assert reader.done and reader.extra
 
 
-@pytest.mark.parametrize("answer, error", [
-    (b"SSH-2.0-OpenSSH\r\n", "not an HTTP/1.x status line"),
-    (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101, "more than 100 header fields"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n" + b"x" * 1000, "response longer than 1024 bytes"),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxx\r\n", "chunk longer than its size"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
-])
+@pytest.mark.parametrize(
+    "answer, error",
+    [
+        (b"SSH-2.0-OpenSSH\r\n", "not an HTTP/1.x status line"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101, "more than 100 header fields"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n" + b"x" * 1000, "response longer than 1024 bytes"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxx\r\n", "chunk longer than its size"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
+    ],
+)
 def test_a_broken_or_endless_answer_is_refused(answer: bytes, error: str) -> None:
     with pytest.raises(HttpError, match=error):
         ResponseReader(1024).feed(answer)
@@ -372,8 +403,13 @@ TOOLS = ("wireguard-go", "wg", "ping", "rsyslogd")
 
 def start_in(ns: Netns, kind: str, mode: str) -> tuple[subprocess.Popen[str], int]:
     """A Collector in the namespace, as a process of its own; returns it and its port."""
-    proc = ns.popen(sys.executable, "-c", f"from tests.actors.netlog.test_hostile import serve; serve({kind!r}, {mode!r})",
-                    stdout=subprocess.PIPE, cwd=REPO)
+    proc = ns.popen(
+        sys.executable,
+        "-c",
+        f"from tests.actors.netlog.test_hostile import serve; serve({kind!r}, {mode!r})",
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.strip().isdigit():
@@ -385,8 +421,12 @@ def start_in(ns: Netns, kind: str, mode: str) -> tuple[subprocess.Popen[str], in
 def pings_in(rsyslog: Rsyslog, src: str, dst: str) -> int:
     """Echo requests alpha sent to bravo, as alpha's flow records in rsyslog count them."""
     unique = {m["msg"] for m in rsyslog.messages() if m["msgid"] == "flowlog"}
-    return sum(e.get("txPkts", 0) for r in map(json.loads, unique) for e in r.get("virtualTraffic", [])
-               if (e["proto"], e["src"], e["dst"]) == (1, f"{src}:0", f"{dst}:0"))
+    return sum(
+        e.get("txPkts", 0)
+        for r in map(json.loads, unique)
+        for e in r.get("virtualTraffic", [])
+        if (e["proto"], e["src"], e["dst"]) == (1, f"{src}:0", f"{dst}:0")
+    )
 
 
 @pytest.mark.netns
@@ -407,19 +447,25 @@ def test_a_node_keeps_netlog_running_past_the_hang_timeout_beside_stalling_colle
         procs.append(dripping)
         flooding, flood_port = start_in(ns_a, "syslog", "flood")
         procs.append(flooding)
-        collectors = [("syslog", "healthy", f"tcp://127.0.0.1:{rsyslog.port}"),
-                      ("http", "dripping", f"http://127.0.0.1:{drip_port}/"),
-                      ("syslog", "flooding", f"tcp://127.0.0.1:{flood_port}")]
+        collectors = [
+            ("syslog", "healthy", f"tcp://127.0.0.1:{rsyslog.port}"),
+            ("http", "dripping", f"http://127.0.0.1:{drip_port}/"),
+            ("syslog", "flooding", f"tcp://127.0.0.1:{flood_port}"),
+        ]
         extra = "[netlog]\ninterval = 1\n" + "".join(
             f'[[netlog.collectors]]\nkind = "{kind}"\nname = "{name}"\naddress = "{address}"\n'
-            for kind, name, address in collectors)
+            for kind, name, address in collectors
+        )
         config = meshsup_config(tmp_path, alpha, [bravo], extra=extra)
         node = underlay.track(Node(tmp_path, "--config", str(config), netns=ns_a))
         node.wait_ready()
         pid = node.actors()["netlog"]["pid"]
         assert ping(ns_a, bravo.v4, count=3)
-        node.wait(lambda: (c := node.counters()["netlog"])["flows.dripping.errors"] >= 2
-                  and c["flows.flooding.errors"] >= 2, timeout=40, what="both hostile collectors failed twice")
+        node.wait(
+            lambda: (c := node.counters()["netlog"])["flows.dripping.errors"] >= 2 and c["flows.flooding.errors"] >= 2,
+            timeout=40,
+            what="both hostile collectors failed twice",
+        )
         assert ping(ns_a, bravo.v4, count=3)
         assert wait_until(lambda: pings_in(rsyslog, alpha.v4, bravo.v4) >= 6, 20)
         netlog = node.actors()["netlog"]

@@ -21,8 +21,16 @@ T0 = 1_700_000_000.0
 
 
 def line(actor: str = "tun-io", pid: int = 42, level: str = "info", **kw: object) -> str:
-    return json.dumps({"event": "listening", "actor": actor, "pid": pid, "level": level,
-                       "timestamp": "2023-11-14T22:13:20.250000Z", **kw})
+    return json.dumps(
+        {
+            "event": "listening",
+            "actor": actor,
+            "pid": pid,
+            "level": level,
+            "timestamp": "2023-11-14T22:13:20.250000Z",
+            **kw,
+        }
+    )
 
 
 def test_lines_below_the_level_are_filtered_and_gaps_are_reported_on_the_next_record() -> None:
@@ -47,15 +55,17 @@ def test_a_log_storm_is_cut_by_the_rate_limit_and_the_next_record_says_how_much(
 def test_a_log_record_is_rfc5424_naming_the_actor_and_its_severity() -> None:
     record = json.loads(line(actor="magicsock", level="warning", port=51820))
     message = encode_message(log_syslog(record, T0 + 60, "alpha"))
-    assert message.startswith(b'<28>1 2023-11-14T22:13:20.250000Z alpha meshsup 42 log '
-                              b'[meshsup@32473 actor="magicsock" level="warning"] {')
+    assert message.startswith(
+        b'<28>1 2023-11-14T22:13:20.250000Z alpha meshsup 42 log [meshsup@32473 actor="magicsock" level="warning"] {'
+    )
     assert json.loads(message.split(b"] ", 1)[1]) == record
 
 
 def test_journal_export_entries_as_systemd_journal_remote_reads_them() -> None:
     entry = encode_entry([("MESSAGE", "two\nlines"), ("MESHSUP_actor", "tun-io"), ("__REALTIME_TIMESTAMP", "5")])
-    assert entry == (b"MESSAGE\n" + struct.pack("<Q", 9) + b"two\nlines\n"
-                     b"MESHSUP_ACTOR=tun-io\n__REALTIME_TIMESTAMP=5\n\n")
+    assert entry == (
+        b"MESSAGE\n" + struct.pack("<Q", 9) + b"two\nlines\nMESHSUP_ACTOR=tun-io\n__REALTIME_TIMESTAMP=5\n\n"
+    )
     assert field_name("_pid") == "PID" and field_name("9lives!") == "LIVES_" and field_name("") == "FIELD"
     fields = dict(log_journal(json.loads(line(port=51820))))
     assert fields["MESSAGE"] == "listening" and fields["PRIORITY"] == "6" and fields["SYSLOG_PID"] == "42"

@@ -26,8 +26,10 @@ from tests.nodes import MESHSUP, REPO, Netns, Node, is_root
 from tests.topology import Identity, Underlay, WgGo, have, iperf3, meshsup_config, ping
 
 TOOLS = ("wireguard-go", "wg", "iperf3", "ping", "rsyslogd")
-pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(not is_root() or bool(have(*TOOLS)), reason=have(*TOOLS) or "needs root")]
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(not is_root() or bool(have(*TOOLS)), reason=have(*TOOLS) or "needs root"),
+]
 
 INTERVAL = 1  # seconds per window: short, so tests see many windows
 TCP, ICMP = 6, 1
@@ -36,8 +38,9 @@ TCP, ICMP = 6, 1
 class Site:
     """A meshsup node ("alpha") and a peer ("bravo") on the underlay, alpha's collectors in its namespace."""
 
-    def __init__(self, u: Underlay, tmp: Path, bravo_kind: str = "wireguard-go",
-                 bravo_extra_ips: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, u: Underlay, tmp: Path, bravo_kind: str = "wireguard-go", bravo_extra_ips: tuple[str, ...] = ()
+    ) -> None:
         self.u, self.tmp = u, tmp
         (self.ns_a, addr_a), (self.ns_b, addr_b) = u.host(), u.host()
         self.a, self.b = Identity("alpha", 1), Identity("bravo", 2)
@@ -100,7 +103,9 @@ def site_factory(underlay: Underlay, tmp_path: Path) -> Iterator[Any]:
 
 
 def syslog_netlog(port: int) -> str:
-    return f'[netlog]\ninterval = {INTERVAL}\n[[netlog.collectors]]\nkind = "syslog"\naddress = "tcp://127.0.0.1:{port}"\n'
+    return (
+        f'[netlog]\ninterval = {INTERVAL}\n[[netlog.collectors]]\nkind = "syslog"\naddress = "tcp://127.0.0.1:{port}"\n'
+    )
 
 
 def flow_records(rsyslog: Rsyslog) -> list[dict[str, Any]]:
@@ -139,8 +144,13 @@ def assert_contiguous(records: list[dict[str, Any]], since: float, until: float)
     (A window without traffic has no record, so only windows inside
     [since, until], while traffic flowed, are checked.)
     """
-    windows = sorted({(r["start"], r["end"]) for r in records
-                      if parse_time(r["end"]) > since + INTERVAL and parse_time(r["start"]) < until - INTERVAL})
+    windows = sorted(
+        {
+            (r["start"], r["end"])
+            for r in records
+            if parse_time(r["end"]) > since + INTERVAL and parse_time(r["start"]) < until - INTERVAL
+        }
+    )
     assert windows, "no record while traffic flowed"
     assert parse_time(windows[0][0]) <= since + 2 * INTERVAL, f"{since}: first window {windows[0]}"
     assert parse_time(windows[-1][1]) >= until - 2 * INTERVAL, f"{until}: last window {windows[-1]}"
@@ -156,8 +166,9 @@ class Pinger:
         # these echoes are all the ones counted under `addr`.
         assert ping(ns, warm_up, count=1)
         self.started = time.time()
-        self.proc = ns.popen("ping", "-c", str(count), "-i", "0.2", "-W", "2", addr,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = ns.popen(
+            "ping", "-c", str(count), "-i", "0.2", "-W", "2", addr, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self.ended = 0.0
 
     def wait(self, timeout: float) -> int:
@@ -175,8 +186,10 @@ class Pinger:
 def test_iperf_transfer_is_in_rsyslog_and_nfcapd_records(site_factory: Any, tmp_path: Path) -> None:
     site = site_factory(bravo_kind="meshsup")
     nfcapd = Nfcapd(tmp_path / "nfcapd", free_port(), site.ns_a)
-    site.write_config(syslog_netlog(site.rsyslog.port)
-                      + f'[[netlog.collectors]]\nkind = "ipfix"\naddress = "udp://127.0.0.1:{nfcapd.port}"\n')
+    site.write_config(
+        syslog_netlog(site.rsyslog.port)
+        + f'[[netlog.collectors]]\nkind = "ipfix"\naddress = "udp://127.0.0.1:{nfcapd.port}"\n'
+    )
     site.rsyslog.start()
     nfcapd.start()
     try:
@@ -293,8 +306,9 @@ def test_no_record_is_lost_to_a_killed_netlog_or_a_node_restart(site_factory: An
     time.sleep(3)
     victim = node.actors()["netlog"]["pid"]
     os.kill(victim, signal.SIGKILL)  # mid-window, with counts not yet in any record
-    node.wait(lambda: (a := node.actors()["netlog"])["state"] == "running" and a["pid"] != victim,
-              what="netlog restarted")
+    node.wait(
+        lambda: (a := node.actors()["netlog"])["state"] == "running" and a["pid"] != victim, what="netlog restarted"
+    )
     first = pings.wait(timeout=30)
     site.rsyslog.stop()  # the node stops with records still to deliver
     node.cli("stop")
@@ -308,7 +322,10 @@ def test_no_record_is_lost_to_a_killed_netlog_or_a_node_restart(site_factory: An
     icmp = site.pings()
     total = first + second
     assert wait_until(lambda: both_ways(site, total), 30), (
-        total, totals(flow_records(site.rsyslog), "virtualTraffic", icmp), again.counters()["netlog"])
+        total,
+        totals(flow_records(site.rsyslog), "virtualTraffic", icmp),
+        again.counters()["netlog"],
+    )
     records = flow_records(site.rsyslog)
     got = totals(records, "virtualTraffic", icmp)
     assert (got["txPkts"], got["rxPkts"]) == (total, total)
@@ -323,8 +340,10 @@ def test_no_record_is_lost_to_a_killed_netlog_or_a_node_restart(site_factory: An
 
 def test_the_nodes_own_logs_reach_rsyslog_as_rfc5424_naming_the_actor(site_factory: Any) -> None:
     site = site_factory()
-    node = site.start_shipping(f'[logging]\nlevel = "info"\n[[logging.collectors]]\nkind = "syslog"\n'
-                               f'address = "tcp://127.0.0.1:{site.rsyslog.port}"\n')
+    node = site.start_shipping(
+        f'[logging]\nlevel = "info"\n[[logging.collectors]]\nkind = "syslog"\n'
+        f'address = "tcp://127.0.0.1:{site.rsyslog.port}"\n'
+    )
     magicsock = node.actors()["magicsock"]["pid"]
     node.cli("fault", "crypto-0", "crash", check=False)  # dies unacked; the supervisor logs it (warning)
 
@@ -377,21 +396,31 @@ def test_journal_remote_takes_flow_records_and_logs_over_http(site_factory: Any,
 # --- configuration --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("table, key", [
-    ('kind = "ipfix"\naddress = "udp://127.0.0.1:4739"', "logging.collectors[0].kind"),
-    ('kind = "http"\naddress = "http://127.0.0.1:port/"', "logging.collectors[0].address"),
-    ('kind = "syslog"\naddress = "tls://127.0.0.1:6514"\nca_file = "garbage.pem"', "logging.collectors[0].ca_file"),
-    ('kind = "http"\naddress = "http://127.0.0.1/upload"\nformat = "journal"\ngzip = true',
-     "logging.collectors[0].gzip"),
-    ('kind = "syslog"\naddress = "tcp://127.0.0.1:6514"\nlevel = "loud"', "logging.collectors[0].level"),
-])
+@pytest.mark.parametrize(
+    "table, key",
+    [
+        ('kind = "ipfix"\naddress = "udp://127.0.0.1:4739"', "logging.collectors[0].kind"),
+        ('kind = "http"\naddress = "http://127.0.0.1:port/"', "logging.collectors[0].address"),
+        ('kind = "syslog"\naddress = "tls://127.0.0.1:6514"\nca_file = "garbage.pem"', "logging.collectors[0].ca_file"),
+        (
+            'kind = "http"\naddress = "http://127.0.0.1/upload"\nformat = "journal"\ngzip = true',
+            "logging.collectors[0].gzip",
+        ),
+        ('kind = "syslog"\naddress = "tcp://127.0.0.1:6514"\nlevel = "loud"', "logging.collectors[0].level"),
+    ],
+)
 def test_a_wrong_log_collector_is_refused_at_start(tmp_path: Path, table: str, key: str) -> None:
     (tmp_path / "garbage.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     config = tmp_path / "node.toml"
     config.write_text(f"[[logging.collectors]]\n{table}\n")
-    r = subprocess.run([*MESHSUP, "start", "--state-dir", str(tmp_path / "state"), "--config", str(config)],
-                       capture_output=True, text=True, timeout=30, cwd=tmp_path,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run(
+        [*MESHSUP, "start", "--state-dir", str(tmp_path / "state"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert r.returncode == 2, r.stderr
     [line] = r.stderr.strip().splitlines()
     assert line.startswith(f"meshsup: config error: {config}: {key}: "), line

@@ -7,8 +7,8 @@ import ipaddress
 import json
 import os
 import random
-import select
 import secrets
+import select
 import shutil
 import struct
 import subprocess
@@ -28,7 +28,6 @@ from meshsup.actors.router.netconf import (
     plan,
 )
 from meshsup.actors.router.resolvconf import BACKUP_SUFFIX, HEADER, ResolvConf
-
 
 # --- planning and the fake ---------------------------------------------------------
 
@@ -195,10 +194,13 @@ def test_a_named_namespace_resolves_with_its_etc_netns_file():
     name = f"msrc{os.getpid() % 10000}{random.randrange(1000)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        probe = ("import pathlib; from meshsup.actors.router.resolvconf import for_this_namespace as f; "
-                 "print(f(pathlib.Path('/x')).path)")
-        inside = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", probe], capture_output=True,
-                                text=True, check=True).stdout.strip()
+        probe = (
+            "import pathlib; from meshsup.actors.router.resolvconf import for_this_namespace as f; "
+            "print(f(pathlib.Path('/x')).path)"
+        )
+        inside = subprocess.run(
+            ["ip", "netns", "exec", name, sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        ).stdout.strip()
         assert inside == f"/etc/netns/{name}/resolv.conf"
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)

@@ -1,4 +1,5 @@
 """The settings layer: parsed once into frozen typed objects, carried on the bus as plain data."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,8 +88,14 @@ def test_the_wire_form_round_trips_through_the_bus(tmp_path: Path) -> None:
     assert back.netlog.collectors[0].ca_file == tmp_path / "cert.pem"
     mesh = back.dns_for_mesh()
     assert mesh == settings.dns_for_mesh() and mesh.names["bravo"] == ("100.64.0.2",)
-    assert [str(n) for n in mesh.sources] == ["100.64.0.0/10", "fd7a:115c:a1e0::/48", "100.64.0.2/32", "10.20.0.0/16",
-                                              "::/0", "192.168.0.0/16"]
+    assert [str(n) for n in mesh.sources] == [
+        "100.64.0.0/10",
+        "fd7a:115c:a1e0::/48",
+        "100.64.0.2/32",
+        "10.20.0.0/16",
+        "::/0",
+        "192.168.0.0/16",
+    ]
 
 
 def test_settings_are_frozen(tmp_path: Path) -> None:
@@ -98,22 +105,24 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
     assert isinstance(settings.peers, tuple) and isinstance(settings.peers[0].allowed_ips, tuple)
 
 
-@pytest.mark.parametrize("doc, key, problem", [
-    ({"colour": "red"}, "colour", "unknown key"),
-    ({"node": {"mtu": 100}}, "node.mtu", "outside 576..65515"),
-    ({"node": {"addresses": ["100.64.0.1/33"]}}, "node.addresses", "not an address with prefix length"),
-    ({"peers": [{"public_key": PEER, "endpoints": ["example.com:1"]}]}, "peers[0].endpoints", "not an IP address"),
-    ({"peers": [{"public_key": PEER}, {"public_key": PEER}]}, "peers[1].public_key", "same key as peers[0]"),
-    ({"actors": {"crypto": 0}}, "actors.crypto", "outside 1..64"),
-    ({"supervisor": {"period": 0}}, "supervisor.period", "more than 0"),
-    ({"dns": {"ttl": -1}}, "dns.ttl", "outside"),
-    ({"dns": {"rules": [{"match": "regex:(", "action": "reject"}]}}, "dns.rules[0].match", "bad regex"),
-    ({"dns": {"bogus": 1}}, "dns", "unknown keys bogus"),
-    ({"netlog": {"interval": 0}}, "netlog.interval", "expected seconds"),
-    ({"logging": {"level": "loud"}}, "logging.level", "expected one of"),
-])
-def test_a_wrong_value_names_the_file_and_the_key(tmp_path: Path, doc: dict[str, Any], key: str,
-                                                  problem: str) -> None:
+@pytest.mark.parametrize(
+    "doc, key, problem",
+    [
+        ({"colour": "red"}, "colour", "unknown key"),
+        ({"node": {"mtu": 100}}, "node.mtu", "outside 576..65515"),
+        ({"node": {"addresses": ["100.64.0.1/33"]}}, "node.addresses", "not an address with prefix length"),
+        ({"peers": [{"public_key": PEER, "endpoints": ["example.com:1"]}]}, "peers[0].endpoints", "not an IP address"),
+        ({"peers": [{"public_key": PEER}, {"public_key": PEER}]}, "peers[1].public_key", "same key as peers[0]"),
+        ({"actors": {"crypto": 0}}, "actors.crypto", "outside 1..64"),
+        ({"supervisor": {"period": 0}}, "supervisor.period", "more than 0"),
+        ({"dns": {"ttl": -1}}, "dns.ttl", "outside"),
+        ({"dns": {"rules": [{"match": "regex:(", "action": "reject"}]}}, "dns.rules[0].match", "bad regex"),
+        ({"dns": {"bogus": 1}}, "dns", "unknown keys bogus"),
+        ({"netlog": {"interval": 0}}, "netlog.interval", "expected seconds"),
+        ({"logging": {"level": "loud"}}, "logging.level", "expected one of"),
+    ],
+)
+def test_a_wrong_value_names_the_file_and_the_key(tmp_path: Path, doc: dict[str, Any], key: str, problem: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse("n.toml", {"node": {"private_key": b64(generate_private())}} | doc, tmp_path, tmp_path)
     err = caught.value
@@ -121,15 +130,18 @@ def test_a_wrong_value_names_the_file_and_the_key(tmp_path: Path, doc: dict[str,
     assert str(err).startswith(f"n.toml: {key}: ")
 
 
-@pytest.mark.parametrize("spoil, where", [
-    (lambda w: w["node"].update(listen_port="51820"), "settings.node.listen_port"),
-    (lambda w: w["node"].update(listen_port=True), "settings.node.listen_port"),
-    (lambda w: w["peers"][0].update(allowed_ips=["10.0.0.0/99"]), "settings.peers[0].allowed_ips[0]"),
-    (lambda w: w["peers"][0]["endpoints"][0].append(1), "settings.peers[0].endpoints[0]"),
-    (lambda w: w["dns"].pop("ttl"), "settings.dns"),
-    (lambda w: w["netlog"].update(extra=1), "settings.netlog"),
-    (lambda w: w.update(node=[]), "settings.node"),
-])
+@pytest.mark.parametrize(
+    "spoil, where",
+    [
+        (lambda w: w["node"].update(listen_port="51820"), "settings.node.listen_port"),
+        (lambda w: w["node"].update(listen_port=True), "settings.node.listen_port"),
+        (lambda w: w["peers"][0].update(allowed_ips=["10.0.0.0/99"]), "settings.peers[0].allowed_ips[0]"),
+        (lambda w: w["peers"][0]["endpoints"][0].append(1), "settings.peers[0].endpoints[0]"),
+        (lambda w: w["dns"].pop("ttl"), "settings.dns"),
+        (lambda w: w["netlog"].update(extra=1), "settings.netlog"),
+        (lambda w: w.update(node=[]), "settings.node"),
+    ],
+)
 def test_a_wire_form_that_does_not_fit_is_refused_naming_where(tmp_path: Path, spoil: Any, where: str) -> None:
     wire = cfg.load_toml(full_config(tmp_path), tmp_path).to_wire()
     spoil(wire)
