@@ -16,7 +16,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,20 +52,6 @@ from tests.nodes import Netns, Node, is_root
 from tests.topology import Identity, Underlay, have, start_wg
 
 NAMES = {"alpha": ["100.64.0.1/32"]}
-
-
-@pytest.fixture
-def later() -> Iterator[Callable[[Any], Any]]:
-    """Register things with stop(); they are stopped at teardown, newest first."""
-    items: list[Any] = []
-
-    def register(item: Any) -> Any:
-        items.append(item)
-        return item
-
-    yield register
-    for item in reversed(items):
-        item.stop()
 
 
 def start_server(later: Callable[[Any], Any], **table: Any) -> ServerThread:

@@ -10,7 +10,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import dns.flags
 import dns.message
@@ -47,20 +46,6 @@ NAMES = {"alpha": ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"], "bravo": ["100.64.
 @pytest.fixture(autouse=True)
 def _tools() -> None:
     need_tool("dig")
-
-
-@pytest.fixture
-def later() -> Iterator[Callable[[Any], Any]]:
-    """Register things with stop(); they are stopped at teardown, newest first."""
-    items: list[Any] = []
-
-    def register(item: Any) -> Any:
-        items.append(item)
-        return item
-
-    yield register
-    for item in reversed(items):
-        item.stop()
 
 
 def dead_upstream(scheme: str = "udp") -> str:
