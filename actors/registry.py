@@ -1,4 +1,5 @@
 """Actor kinds, the order they start in, and how a process becomes one."""
+
 from __future__ import annotations
 
 import importlib
@@ -6,6 +7,8 @@ from multiprocessing.reduction import DupFd
 from typing import Any
 
 from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.relay import RelayConfig
 
 # Start order follows the seed engine's dependencies: flow logging before
 # the router (first packets counted), the router before the dataplane
@@ -32,9 +35,9 @@ PRELOAD = ["zmq", "msgpack", "structlog", "setproctitle", "meshsup.actors.base"]
 ]
 
 
-def start_order(config: dict[str, Any]) -> tuple[str, ...]:
+def start_order(config: Settings | RelayConfig) -> tuple[str, ...]:
     """The kinds a config runs, in start order: a relay's, or a node's."""
-    return RELAY_ORDER if "relay" in config else START_ORDER
+    return RELAY_ORDER if isinstance(config, RelayConfig) else START_ORDER
 
 
 def actor_name(kind: str, index: int) -> str:
@@ -71,4 +74,3 @@ def run_actor(kind: str, name: str, state_dir: str, tun_queue: int | None = None
     extra = {} if tun_queue is None else {"tun_queue": tun_queue}
     actor = getattr(importlib.import_module(module), cls)(name, Runtime(state_dir), **extra)
     exit_now(actor.run())
-

@@ -3,12 +3,13 @@ connects to, requests to actors with acks and deadlines, counted drops of
 bad frames, and the event proxy (XSUB/XPUB). All pumped from the
 supervisor's one poll loop.
 """
+
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import zmq
 
@@ -17,7 +18,7 @@ from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack
 from meshsup.actors.log import RateLimited
 
-REQUEST_TIMEOUT = 5.0     # deadline for an actor's ack
+REQUEST_TIMEOUT = 5.0  # deadline for an actor's ack
 
 A = TypeVar("A")
 
@@ -86,8 +87,13 @@ class Hub:
             on_message(a, msg)
 
     # --- requests and their acks ----------------------------------------------
-    def request(self, actor: str, make: Callable[[int], Message], done: Callable[[Ack | None], None],
-                timeout: float = REQUEST_TIMEOUT) -> None:
+    def request(
+        self,
+        actor: str,
+        make: Callable[[int], Message],
+        done: Callable[[Ack | None], None],
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
         """Send `make(req)`; `done` gets the ack, or None at the deadline or if the actor dies."""
         req = self.next_req
         self.next_req += 1

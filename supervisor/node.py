@@ -10,20 +10,23 @@ The parts, each owning one concern:
 One thread, one poll loop: an actor's message, a process exit, a CLI or `wg`
 request and a signal are each handled in turn, so nothing needs a lock.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import zmq
 
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.registry import SCALABLE
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.relay import RelayConfig
 from meshsup.supervisor import relay, sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
-from meshsup.supervisor.config import Config
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.resources import TunQueues, probe_port
 from meshsup.supervisor.sequencer import Sequencer
@@ -32,8 +35,9 @@ from meshsup.supervisor.uapi_front import UapiFront
 
 
 class Supervisor:
-    def __init__(self, config: Config, runtime: Runtime, reload: Callable[[], Config],
-                 log: Any) -> None:
+    def __init__(
+        self, config: Settings | RelayConfig, runtime: Runtime, reload: Callable[[], Settings | RelayConfig], log: Any
+    ) -> None:
         self.runtime = runtime
         self.reload_source = reload
         self.log = log
@@ -75,12 +79,12 @@ class Supervisor:
         self.close()
         return 1 if self.failure else 0
 
-    def _prepare(self, config: Config) -> str | None:
+    def _prepare(self, config: Settings | RelayConfig) -> str | None:
         """What the actors need before they start, or why they cannot have it: a node's UDP
         port, `wg`'s socket and the TUN's queues; a relay's ports."""
-        if "relay" in config:
+        if isinstance(config, RelayConfig):
             return relay.probe(config)
-        error = probe_port(config) or self.wg.serve(config["node"]["interface"])
+        error = probe_port(config) or self.wg.serve(config.node.interface)
         if error is None:
             self.tun_queues.open(config)
         return error
@@ -127,7 +131,7 @@ class Supervisor:
                 self.reload(lambda ok, error="", result=None: None)
 
     # --- config changes ------------------------------------------------------
-    def reconfigure(self, new: Config, finished: Callable[[list[str]], None]) -> None:
+    def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
         """Every config change (reload, `wg set`, scale) comes through here."""
         self.wg.follow(new)
         self.sequencer.reconfigure(new, finished)
@@ -139,14 +143,15 @@ class Supervisor:
             self.log.error("reload refused, keeping the running configuration", error=str(err))
             reply(False, f"reload refused, running configuration kept: {err}")
             return
-        running = self.tree.config["actors"]
-        new["actors"] = {**new["actors"], **{k: running[k] for k in SCALABLE if k in running}}
+        new = replace(new, actors=self.tree.config.actors)  # the worker counts stay as scaled
         if new == self.tree.config:
             reply(True, result={"changed": False})
             return
         self.log.info("reloading configuration")
-        self.reconfigure(new, lambda errors: reply(not errors, "; ".join(errors),
-                                                   {"changed": True, "generation": self.tree.generation}))
+        self.reconfigure(
+            new,
+            lambda errors: reply(not errors, "; ".join(errors), {"changed": True, "generation": self.tree.generation}),
+        )
 
     def close(self) -> None:
         self.wg.close()

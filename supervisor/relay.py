@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from meshsup.actors.kernel.files import GROUP_OTHER_ANY, read_owned, write_atomic
-from meshsup.supervisor import keys
-from meshsup.supervisor.config import Config, ConfigError
+from meshsup.actors.settings import keys
+from meshsup.actors.settings.node import Endpoint, SupervisorSettings, format_endpoint
+from meshsup.actors.settings.relay import DEFAULT_STUN_PORT, RelayConfig, RelayServerSettings, RelayWorkers
+from meshsup.actors.settings.table import ConfigError
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
-DEFAULT_STUN_PORT = 3478
 DEFAULT_STATE_DIR = "/var/lib/meshsup-relay"
 MAX_WORKERS = 64
 
@@ -56,10 +57,6 @@ def _hostport(flag: str, text: str) -> tuple[str, int]:
     return host, number
 
 
-def _text(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def mesh_key(path: Path) -> str:
     """The relay's mesh key (64 hex digits), made 0600 on first start."""
     try:
@@ -70,11 +67,11 @@ def mesh_key(path: Path) -> str:
         return key
 
 
-def relay_config(args: argparse.Namespace, state_dir: Path) -> Config:
+def relay_config(args: argparse.Namespace, state_dir: Path) -> RelayConfig:
     listen = _hostport("--listen", args.listen)
     stun = None
     if args.stun_listen != "off":
-        stun = _hostport("--stun-listen", args.stun_listen or _text(listen[0], DEFAULT_STUN_PORT))
+        stun = _hostport("--stun-listen", args.stun_listen or format_endpoint(listen[0], DEFAULT_STUN_PORT))
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert", "tls", "give both --tls-cert and --tls-key, or neither")
     for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
@@ -86,39 +83,42 @@ def relay_config(args: argparse.Namespace, state_dir: Path) -> Config:
         raise ConfigError("--rate-limit", "rate", "must be 0 or more")
     private = keys.load_or_create(state_dir / "relay.key")
     host = "THIS_HOST" if ipaddress.ip_address(listen[0]).is_unspecified else listen[0]
-    return {
-        "relay": {
-            "name": args.name, "private_key": keys.b64(private), "public_key": keys.b64(keys.public_of(private)),
-            "listen": _text(*listen), "stun_listen": _text(*stun) if stun else "",
-            "tls_cert": os.path.abspath(args.tls_cert) if args.tls_cert else "",
-            "tls_key": os.path.abspath(args.tls_key) if args.tls_key else "",
-            "rate": args.rate_limit, "burst": args.rate_burst, "mesh_key": mesh_key(state_dir / "mesh.key"),
-            "url": f"{'https' if args.tls_cert else 'http'}://{_text(host, listen[1])}/derp",
-            "stun": _text(host, stun[1]) if stun else "",
-        },
-        "actors": {"relay": args.relay_workers},
-        "supervisor": {"intensity": 5, "period": 10.0},
-        "source": "(command line)",
-    }
+    relay = RelayServerSettings(
+        name=args.name,
+        private_key=private,
+        public_key=keys.public_of(private),
+        listen=listen,
+        stun_listen=stun,
+        tls_cert=Path(args.tls_cert).absolute() if args.tls_cert else None,
+        tls_key=Path(args.tls_key).absolute() if args.tls_key else None,
+        rate=args.rate_limit,
+        burst=args.rate_burst,
+        mesh_key=mesh_key(state_dir / "mesh.key"),
+        url=f"{'https' if args.tls_cert else 'http'}://{format_endpoint(host, listen[1])}/derp",
+        stun=format_endpoint(host, stun[1]) if stun else "",
+    )
+    return RelayConfig(relay, RelayWorkers(args.relay_workers), SupervisorSettings())
 
 
-def relay_stanza(conf: Config) -> str:
-    r = conf["relay"]
-    lines = [f"# this relay's public key: {r['public_key']}", "# for a meshsup node's config:", "[[relays]]",
-             f"name = \"{r['name']}\"", f"url = \"{r['url']}\""]
-    if r["stun"]:
-        lines.append(f"stun = \"{r['stun']}\"")
+def relay_stanza(conf: RelayConfig) -> str:
+    r = conf.relay
+    lines = [f"# this relay's public key: {keys.b64(r.public_key)}", "# for a meshsup node's config:",
+             "[[relays]]", f"name = \"{r.name}\"", f"url = \"{r.url}\""]
+    if r.stun:
+        lines.append(f"stun = \"{r.stun}\"")
     return "\n".join(lines) + "\n"
 
 
-def probe(conf: Config) -> str | None:
+def probe(conf: RelayConfig) -> str | None:
     """Why the relay cannot have its ports, or None: an exclusive bind finds another program on them
     (the workers share theirs with SO_REUSEPORT)."""
-    r = conf["relay"]
-    for kind, where, what in ((socket.SOCK_STREAM, r["listen"], "TCP"), (socket.SOCK_DGRAM, r["stun_listen"], "UDP")):
-        if not where:
+    r = conf.relay
+    wanted: list[tuple[int, Endpoint | None, str]] = [
+        (socket.SOCK_STREAM, r.listen, "TCP"), (socket.SOCK_DGRAM, r.stun_listen, "UDP")]
+    for kind, where, what in wanted:
+        if where is None:
             continue
-        host, port = _hostport("", where)
+        host, port = where
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, kind) as s:
             try:
@@ -126,21 +126,22 @@ def probe(conf: Config) -> str | None:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((host, port))
             except OSError as err:
-                return f"{what} {where} is not ours to listen on: {err.strerror}"
+                return f"{what} {format_endpoint(*where)} is not ours to listen on: {err.strerror}"
     return None
 
 
-def status(conf: Config, actors: list[dict[str, Any]], ready: bool, generation: int) -> dict[str, Any]:
-    r = conf["relay"]
+def status(conf: RelayConfig, actors: list[dict[str, Any]], ready: bool, generation: int) -> dict[str, Any]:
+    r = conf.relay
     totals: dict[str, dict[str, int]] = {"counters": {}, "bad_input": {}, "dropped": {}}
     for a in actors:
         for section, total in totals.items():
             for k, v in a.get(section, {}).items():
                 total[k] = total.get(k, 0) + v
     return {
-        "relay": {"name": r["name"], "public_key": r["public_key"], "url": r["url"], "stun": r["stun"],
-                  "listen": r["listen"], "stun_listen": r["stun_listen"], "tls": bool(r["tls_cert"]),
-                  "rate": r["rate"], "burst": r["burst"], "workers": conf["actors"]["relay"],
+        "relay": {"name": r.name, "public_key": keys.b64(r.public_key), "url": r.url, "stun": r.stun,
+                  "listen": format_endpoint(*r.listen),
+                  "stun_listen": format_endpoint(*r.stun_listen) if r.stun_listen else "",
+                  "tls": r.tls_cert is not None, "rate": r.rate, "burst": r.burst, "workers": conf.actors.relay,
                   "ready": ready, "pid": os.getpid(), "generation": generation},
         "actors": actors,
         **totals,

@@ -2,6 +2,7 @@
 of the listen port before anything starts, and the TUN's queues, held for
 the node's life and handed to each crypto worker at its spawn.
 """
+
 from __future__ import annotations
 
 import errno
@@ -10,12 +11,12 @@ from typing import Any
 from meshsup.actors.kernel.tun import Tun, make_persistent
 from meshsup.actors.kernel.udp import UdpSocket
 from meshsup.actors.registry import InheritedFd
-from meshsup.supervisor.config import Config
+from meshsup.actors.settings import Settings
 
 
-def probe_port(config: Config) -> str | None:
+def probe_port(config: Settings) -> str | None:
     """Why the node cannot have its UDP port, or None if it can."""
-    port = config["node"]["listen_port"]
+    port = config.node.listen_port
     try:
         if port:
             # The node's own sockets share the port (SO_REUSEPORT), so an exclusive
@@ -31,7 +32,7 @@ class TunQueues:
         self.log = log
         self.queues: list[Tun] = []
 
-    def open(self, config: Config) -> None:
+    def open(self, config: Settings) -> None:
         """One queue of the TUN per crypto worker, opened first and held for the node's life.
 
         The kernel numbers a multi-queue TUN's queues in the order they attach
@@ -40,18 +41,19 @@ class TunQueues:
         program relies on to send each packet to its peer's owner. A restarted
         worker gets the same queue again, with what the kernel queued meanwhile.
         """
-        iface, queues = config["node"]["interface"], []
+        iface, queues = config.node.interface, []
         try:
             make_persistent(iface)  # as the router would: the link's mode and queue length come first
-            for _ in range(config["actors"]["crypto"]):
+            for _ in range(config.actors.crypto):
                 queues.append(Tun.open(iface))
                 if not queues[-1].multi_queue:
                     raise OSError(errno.EOPNOTSUPP, "the kernel has no multi-queue TUN")
         except (OSError, ValueError) as err:
             for tun in queues:
                 tun.close()
-            self.log.warning("crypto workers get no TUN queue of their own; tun-io reads for them",
-                             interface=iface, reason=str(err))
+            self.log.warning(
+                "crypto workers get no TUN queue of their own; tun-io reads for them", interface=iface, reason=str(err)
+            )
             return
         self.queues = queues
 

@@ -43,14 +43,15 @@ behind each other, and each step's config is read when the step is sent: a
 sequence overtaken by a newer one sends the newer config (with its own, older
 generation).
 """
+
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import Ack, Configure
-from meshsup.supervisor.config import Config
+from meshsup.actors.settings import Settings
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.supervision import Tree
 
@@ -60,8 +61,9 @@ class Sequencer:
         self.tree = tree
         self.hub = hub
 
-    def run_steps(self, steps: list[tuple[str, Callable[[int], Message]]],
-                  finished: Callable[[list[str]], None]) -> None:
+    def run_steps(
+        self, steps: list[tuple[str, Callable[[int], Message]]], finished: Callable[[list[str]], None]
+    ) -> None:
         """Send each request only after the previous one was acked (or failed)."""
         errors: list[str] = []
         queue = deque(steps)
@@ -80,12 +82,14 @@ class Sequencer:
 
         next_step()
 
-    def reconfigure(self, new: Config, finished: Callable[[list[str]], None]) -> None:
+    def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
         self.tree.config = new
         self.tree.generation += 1
         gen = self.tree.generation
-        steps = [(name, lambda req: Configure(req=req, generation=gen, config=self.tree.config))
-                 for name in self.reconfigure_order()]
+        steps = [
+            (name, lambda req: Configure(req=req, generation=gen, config=self.tree.config.to_wire()))
+            for name in self.reconfigure_order()
+        ]
         self.run_steps(steps, finished)
 
     def reconfigure_order(self) -> list[str]:

@@ -1,4 +1,5 @@
 """Where the bus lives: ipc:// endpoints in a per-node runtime dir (0700)."""
+
 from __future__ import annotations
 
 import os

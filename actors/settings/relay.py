@@ -1,0 +1,117 @@
+"""Relays: a node's [[relays]] (the DERP relays it may reach peers through) and what `meshsup relay` runs."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from meshsup.actors.settings import wire
+from meshsup.actors.settings.node import Endpoint, SupervisorSettings, _label, parse_endpoint
+from meshsup.actors.settings.table import ConfigError, Table
+
+RELAY_KEYS = {"name", "url", "stun", "ca_file"}
+DEFAULT_STUN_PORT = 3478
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """One [[relays]] entry: where a node reaches a DERP relay."""
+
+    name: str
+    url: str  # http(s)://HOST[:PORT]/derp, as configured
+    host: str  # a literal IP (no DNS at config time, as for endpoints)
+    port: int
+    tls: bool
+    stun: Endpoint  # the relay's STUN server
+    ca_file: Path | None  # trust this CA instead of the system's, for https
+
+    @property
+    def hostport(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_relay(file: str, table: Any, index: int, base: Path) -> RelaySettings:
+    c = Table(file, table, f"relays[{index}]", RELAY_KEYS)
+    url = c.get("url", str, required=True)
+    parts = urlsplit(url)
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.path != "/derp":
+        raise c.fail("url", f"{url!r} is not http://HOST[:PORT]/derp or https://HOST[:PORT]/derp")
+    try:
+        host = str(ipaddress.ip_address(parts.hostname))
+    except ValueError:
+        raise c.fail("url", f"{url!r}: HOST must be an IP address (no DNS at config time)") from None
+    try:
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+    except ValueError:
+        raise c.fail("url", f"{url!r}: not a port number") from None
+    name = c.get("name", str, f"relay-{index}")
+    try:
+        name = _label(name)
+    except ValueError as err:
+        raise c.fail("name", str(err)) from None
+    stun = (host, DEFAULT_STUN_PORT)
+    if "stun" in c.table:
+        try:
+            stun = parse_endpoint(c.get("stun", str))
+        except ValueError as err:
+            raise c.fail("stun", f"{c.table['stun']!r}: {err}") from None
+    ca_file = None
+    if "ca_file" in c.table:
+        ca_file = base / c.get("ca_file", str)
+        if parts.scheme != "https":
+            raise c.fail("ca_file", "only for an https url")
+        if not ca_file.is_file():
+            raise c.fail("ca_file", f"cannot read {ca_file}")
+    return RelaySettings(name, url, host, port, parts.scheme == "https", stun, ca_file)
+
+
+def check_relays(file: str, relays: list[RelaySettings]) -> None:
+    seen: dict[str, int] = {}
+    for i, r in enumerate(relays):
+        if r.name in seen:
+            raise ConfigError(file, f"relays[{i}].name", f"{r.name!r} is also relays[{seen[r.name]}]")
+        seen[r.name] = i
+
+
+# --- `meshsup relay` ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RelayServerSettings:
+    name: str
+    private_key: bytes = field(repr=False)
+    public_key: bytes
+    listen: Endpoint
+    stun_listen: Endpoint | None  # None: no STUN
+    tls_cert: Path | None  # with tls_key: HTTPS
+    tls_key: Path | None
+    rate: int  # bytes/s a client may send; 0: no limit
+    burst: int
+    mesh_key: str = field(repr=False)
+    url: str  # how nodes refer to it
+    stun: str  # HOST:PORT of STUN for nodes, "" for none
+
+
+@dataclass(frozen=True, slots=True)
+class RelayWorkers:
+    relay: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """What `meshsup relay` runs (the counterpart of a node's Settings): its workers' settings."""
+
+    relay: RelayServerSettings
+    actors: RelayWorkers
+    supervisor: SupervisorSettings
+
+    def to_wire(self) -> dict[str, Any]:
+        return wire.encode(self)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> RelayConfig:
+        return wire.decode(cls, data)
