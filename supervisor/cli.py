@@ -167,12 +167,31 @@ def _print_status(result: dict[str, Any]) -> None:
         drops = sum(a["bus_dropped"].values())
         print(f"{a['name']:<12} {a['pid']:>7} {a['state']:<9} {a['restarts']:>8}  {drops}")
     if result["peers"]:
-        print(f"\n{'PEER':<16} {'ENDPOINT':<24} {'RX':>12} {'TX':>12}  HANDSHAKE")
+        print(f"\n{'PEER':<16} {'ENDPOINT':<24} {'RX':>12} {'TX':>12}  {'HANDSHAKE':<16} PATH")
         for p in result["peers"]:
             print(
                 f"{p['name']:<16} {p['endpoint'] or '-':<24} {_size(p['rx_bytes']):>12} "
-                f"{_size(p['tx_bytes']):>12}  {_ago(p['last_handshake'], time.time())}"
+                f"{_size(p['tx_bytes']):>12}  {_ago(p['last_handshake'], time.time()):<16} {_path(p)}"
             )
+    if result.get("relays"):
+        print(f"\n{'RELAY':<16} {'ADDRESS':<16} {'STATE':<10} {'LATENCY':>10}  URL")
+        for r in result["relays"]:
+            home = " (home)" if r["home"] else ""
+            print(
+                f"{r['name']:<16} {r['address']:<16} {r['state']:<10} {_ms(r['latency_ms']):>10}  {r['url']}{home}"
+            )
+
+
+def _path(peer: dict[str, Any]) -> str:
+    """direct, relay NAME LATENCY (down: not connected), or - before any packet."""
+    if peer["path"] != "relay":
+        return peer["path"] or "-"
+    latency = peer["latency_ms"]
+    return f"relay {peer['relay'] or '-'} {'down' if latency is None else _ms(latency)}"
+
+
+def _ms(latency: float | None) -> str:
+    return "-" if latency is None else f"{latency:.1f} ms"
 
 
 def _size(n: float) -> str:

@@ -107,6 +107,7 @@ class CliServer:
                 "supervisor": {"bus_dropped": self.hub.bus_dropped},
             }
         node = self.tree.config.node
+        magicsock = self.tree.actors["magicsock"].status if "magicsock" in self.tree.actors else {}
         return {
             "node": {
                 "name": node.name,
@@ -119,7 +120,8 @@ class CliServer:
                 "generation": self.tree.generation,
             },
             "actors": self._actors(),
-            "peers": peer_status(self.tree.config, self.tree.live_peers()),
+            "peers": peer_status(self.tree.config, self.tree.live_peers(), magicsock),
+            "relays": magicsock.get("relays", []),
             "supervisor": {"bus_dropped": self.hub.bus_dropped},
         }
 

@@ -39,13 +39,23 @@ from meshsup.supervisor.uapi import (
 ZERO_KEY = bytes(keys.KEY_LEN)
 
 
-def peer_status(config: Settings, live: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def peer_status(
+    config: Settings, live: dict[str, dict[str, Any]], magicsock: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Configured peers with the live figures their owning worker reports (``live``: public
-    key -> that worker's status of the peer): `meshsup status` shows these, `wg show` too."""
+    key -> that worker's status of the peer): `meshsup status` shows these, `wg show` too.
+    A peer whose datagrams go through a relay names it, with the latency magicsock measured
+    to it (``magicsock``: its status; None while the relay is not connected)."""
+    links = (magicsock or {}).get("relays", [])
+    routes = (magicsock or {}).get("relay_routes", {})
+    home = next((link["name"] for link in links if link["home"]), None)
+    latency = {link["name"]: link["latency_ms"] for link in links}
     out = []
     for p in config.peers:
         public = keys.b64(p.public_key)
         seen = live.get(public, {})
+        path = seen.get("path")
+        relay = routes.get(public, home) if path == "relay" else None
         out.append(
             {
                 "name": p.name,
@@ -56,6 +66,9 @@ def peer_status(config: Settings, live: dict[str, dict[str, Any]]) -> list[dict[
                 "tx_bytes": seen.get("tx_bytes", 0),
                 "last_handshake": seen.get("last_handshake", 0),
                 "persistent_keepalive": p.persistent_keepalive,
+                "path": path,
+                "relay": relay,
+                "latency_ms": latency.get(relay) if relay else None,
             }
         )
     return out

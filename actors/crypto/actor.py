@@ -45,6 +45,12 @@ Outgoing, TUN -> network
     GSO sends of up to 64 datagrams (udp_tx_gso_sends; udp_tx_dropped). A
     peer with no such socket: a DatagramBatch to magicsock (bus_full), which
     sends it from the shared socket (magicsock's tx_datagrams, tx_dropped).
+    A relayed Burst (step 3 chose the relay: no endpoint, or none trusted;
+    its endpoint is the peer's key, kernel.types.relayed) always goes to
+    magicsock, which queues it on the relay that reaches the peer as DERP
+    SendPacket frames and writes them at the end of its loop's turn, many
+    frames a syscall (magicsock's relay_tx_datagrams; relay_unreachable when
+    no relay is up, relay_tx_dropped past the connection's send queue).
 
 Incoming, network -> TUN
  1. kernel: hands the datagram to the socket connected to its source (its
@@ -58,6 +64,10 @@ Incoming, network -> TUN
     initiation to a worker picked by a hash of its source, as a DatagramBatch
     per worker and endpoint (rx_datagrams; a full bus is counted only in
     magicsock's send_dropped, which ``meshsup status`` does not show).
+    Through a relay: magicsock reads the relay's TCP stream (up to 8 reads of
+    256 kB a wake-up), and each source key's RecvPacket datagrams go to the
+    worker owning that key as one DatagramBatch from its relayed endpoint
+    (relay_rx_datagrams; relay_unknown_peer for a key that is no peer).
  3. Device.receive, burst by burst, runs of one session looked up once:
     data is decrypted and checked (unknown_type, no_session,
     expired_session, decrypt_failed, replay; inside: bad_packet, and
@@ -162,6 +172,7 @@ class CryptoActor(Actor):
             )
             self.device_key, self.peers = key, {}
         assert self.device is not None
+        self.device.relaying = bool(settings.relays)
         self.outbox.connect(["tun-io", "magicsock", *(f"crypto-{w}" for w in range(workers))])
         wanted = {p.public_key: p for p in settings.peers}
         wanted = {k: p for k, p in wanted.items() if owner(k, workers) == self.index}

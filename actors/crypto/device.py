@@ -16,6 +16,14 @@ end routes types 2, 3 and 4 by ``receiver_index % workers``. An initiation may
 reach any worker: given ``owner_of``, the device checks it as a responder
 (mac1, and the cookie when under load, before any Diffie-Hellman), then hands
 it to the worker owning its initiator in ``Output.forwards``.
+
+Relays: with ``relaying`` on (the node has [[relays]]), a peer needs no endpoint.
+As Tailscale's magicsock, its datagrams go to its endpoint alone while an
+authenticated datagram came from there within ``trust_direct`` (6.5 s); else
+through the relay, as a Burst to the peer's relayed endpoint (kernel.types), and
+to the endpoint as well while it worked within ``mirror_direct``, or once per
+``probe_direct``: a peer that hears us there answers there, and the path is
+trusted again. A datagram through the relay never moves the peer's endpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 
-from meshsup.actors.kernel.types import Burst, Endpoint
+from meshsup.actors.kernel.types import RELAYED, Burst, Endpoint
 from meshsup.actors.routing.allowedips import AllowedIPs
 from meshsup.actors.wire.ip import (
     IPV4_DST,
@@ -61,7 +69,7 @@ from .messages import (
     parse_response,
 )
 from .noise import StaticKey, hmac_
-from .peer import Peer, PeerConfig
+from .peer import DIRECT, RELAY, Peer, PeerConfig
 from .tai64n import TAI64N_SIZE, successor, tai64n
 from .timers import NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE, ZERO_KEY_MATERIAL, Timing
 
@@ -132,6 +140,7 @@ class Device:
         self.allowed_ips = AllowedIPs()  # values are Peer objects
         self.counters: Counter[str] = Counter()  # drops and refusals, by reason
         self.handshakes = 0  # completed handshakes (key rotations), for status
+        self.relaying = False  # a relay may carry what a peer's endpoint does not
         self._rng = rng
         self._wall = wall
         self._last_timestamp = bytes(TAI64N_SIZE)  # TAI64N of our last initiation
@@ -217,7 +226,7 @@ class Device:
             queue.append(packet)
         for peer, queued in by_peer.items():
             kp = peer.sendable_keypair(now)
-            if kp is not None and not peer.staged and peer.endpoint is not None:
+            if kp is not None and not peer.staged and (peer.endpoint is not None or self.relaying):
                 self._transmit(peer, kp, queued, now, out)
             else:
                 for packet in queued:
@@ -256,9 +265,24 @@ class Device:
             append(datagram)
         kp.send_counter = counter
         if sealed:
-            assert peer.endpoint is not None  # the callers checked
-            out.datagrams.append(Burst(peer.endpoint, sealed))
+            self._to_peer(peer, sealed, now, out)
         self._after_data_sent(peer, nbytes, any(packets), now, out)
+
+    def _to_peer(self, peer: Peer, datagrams: list[bytes], now: float, out: Output) -> None:
+        """A peer's datagrams, in order, by its endpoint, the relay or both (see the module's docstring).
+        The caller checked there is a way: an endpoint, or relaying."""
+        endpoint = peer.endpoint
+        since = now - peer.direct_seen
+        if not self.relaying or (endpoint is not None and since < self.timing.trust_direct):
+            assert endpoint is not None
+            out.datagrams.append(Burst(endpoint, datagrams))
+            peer.path = DIRECT
+            return
+        peer.path = RELAY
+        if endpoint is not None and (since < self.timing.mirror_direct or now >= peer.next_probe):
+            peer.next_probe = now + self.timing.probe_direct
+            out.datagrams.append(Burst(endpoint, datagrams))
+        out.datagrams.append(Burst(peer.relay_endpoint, datagrams))
 
     def _send_staged(self, peer: Peer, now: float, out: Output) -> None:
         if not peer.staged:
@@ -266,7 +290,7 @@ class Device:
         kp = peer.sendable_keypair(now)
         if kp is None:
             self._initiate(peer, now, out, is_retry=False)
-        elif peer.endpoint is None:
+        elif peer.endpoint is None and not self.relaying:
             self.counters["no_endpoint"] += 1
         else:
             packets = list(peer.staged)
@@ -345,8 +369,7 @@ class Device:
                     counters["replay"] += 1
                     continue
                 if endpoint is not at_endpoint:
-                    if endpoint != peer.endpoint:
-                        self._set_endpoint(peer, endpoint, out)
+                    self._heard(peer, endpoint, now, out)
                     at_endpoint = endpoint
                 if kp is peer.keypairs.next:
                     self._confirm(peer, kp, now, out)
@@ -408,8 +431,12 @@ class Device:
         self._handshake_complete(peer, now, out)
         self._send_staged(peer, now, out)
 
-    def _set_endpoint(self, peer: Peer, endpoint: Endpoint, out: Output) -> None:
-        """Roaming: the peer is wherever its last authenticated packet came from."""
+    def _heard(self, peer: Peer, endpoint: Endpoint, now: float, out: Output) -> None:
+        """An authenticated datagram came from `endpoint`. Roaming: the peer is wherever its last one
+        came from, and that path is trusted anew; unless it came through a relay."""
+        if endpoint[0].startswith(RELAYED):
+            return
+        peer.direct_seen = now
         endpoint = tuple(endpoint)  # callers decoding msgpack may hand over lists
         if endpoint != peer.endpoint:
             peer.endpoint = endpoint
@@ -493,7 +520,7 @@ class Device:
             return
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received()
-        self._set_endpoint(peer, endpoint, out)
+        self._heard(peer, endpoint, now, out)
         peer.rx_bytes += len(data)
 
         hs.last_sent_handshake = now
@@ -507,7 +534,7 @@ class Device:
         peer.timers.session_derived(now)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_sent()
-        self._emit(peer, peer.cookies.add_macs(response, now), out)
+        self._emit(peer, peer.cookies.add_macs(response, now), now, out)
 
     def _receive_response(self, data: bytes, endpoint: Endpoint, now: float, out: Output) -> None:
         msg = parse_response(data)
@@ -521,7 +548,7 @@ class Device:
         if hs.local_index != msg.receiver or not hs_.consume_response(self.static, hs, msg):
             self.counters["bad_response"] += 1
             return
-        self._set_endpoint(peer, endpoint, out)
+        self._heard(peer, endpoint, now, out)
         peer.rx_bytes += len(data)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_received()
@@ -549,7 +576,7 @@ class Device:
             return
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_sent()
-        self._emit(peer, peer.cookies.add_macs(message, now), out)
+        self._emit(peer, peer.cookies.add_macs(message, now), now, out)
         peer.timers.handshake_initiated(now)
 
     def _timestamp(self) -> bytes:
@@ -567,11 +594,11 @@ class Device:
         self.handshakes += 1
         out.events.append(Event(HANDSHAKE_COMPLETED, peer.public_key))
 
-    def _emit(self, peer: Peer, message: bytes, out: Output) -> None:
-        if peer.endpoint is None:
+    def _emit(self, peer: Peer, message: bytes, now: float, out: Output) -> None:
+        if peer.endpoint is None and not self.relaying:
             self.counters["no_endpoint"] += 1
             return
-        out.datagrams.append(Burst(peer.endpoint, [message]))
+        self._to_peer(peer, [message], now, out)
         peer.tx_bytes += len(message)
 
     # --- sessions and indices

@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from meshsup.actors.kernel.types import Endpoint
+from meshsup.actors.kernel.types import Endpoint, relayed
 
 from .cookie import CookieGenerator
 from .handshake import Handshake
@@ -18,6 +18,7 @@ from .timers import PeerTimers, Timing
 
 # wireguard-go stages at most this many packets per peer while it has no session.
 STAGED_PACKETS_LIMIT = 1024
+DIRECT, RELAY = "direct", "relay"
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -43,6 +44,10 @@ class Peer:
         "rx_bytes",
         "tx_bytes",
         "last_handshake",
+        "relay_endpoint",
+        "direct_seen",
+        "next_probe",
+        "path",
     )
 
     def __init__(self, config: PeerConfig, local: StaticKey, timing: Timing, jitter: Callable[[], float]) -> None:
@@ -56,6 +61,10 @@ class Peer:
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.last_handshake = 0.0  # wall-clock time of the last completed handshake, for status; 0 = never
+        self.relay_endpoint = relayed(config.public_key)  # where datagrams go to be relayed
+        self.direct_seen = float("-inf")  # when an authenticated datagram last came from the endpoint
+        self.next_probe = float("-inf")  # when a relayed peer's endpoint may be tried again
+        self.path: str | None = None  # how the last datagram went: DIRECT or RELAY; None before any
 
     def sendable_keypair(self, now: float) -> Keypair | None:
         """The current keypair if it may still seal packets."""
@@ -86,6 +95,7 @@ class Peer:
             "tx_bytes": self.tx_bytes,
             "last_handshake": int(self.last_handshake),
             "persistent_keepalive": self.timers.persistent_keepalive_interval,
+            "path": self.path,
         }
 
 

@@ -32,6 +32,10 @@ class Timing:
     keepalive_timeout: float = 10.0
     cookie_refresh_time: float = 120.0
     handshake_initiation_rate: float = 0.020
+    # With relays: how a peer's datagrams choose between its endpoint and the relay (Device._to_peer).
+    trust_direct: float = 6.5  # Tailscale's trustUDPAddrDuration
+    mirror_direct: float = 30.0  # a one-way flow's receiver answers with a keepalive every keepalive_timeout
+    probe_direct: float = 1.0
 
     @property
     def zero_keys_after(self) -> float:

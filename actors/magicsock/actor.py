@@ -9,6 +9,12 @@ Crypto workers share the port (SO_REUSEPORT) with a socket per peer they own,
 connected to its endpoint, which the kernel prefers for that peer's
 datagrams: magicsock gets initiations from new endpoints and the traffic of
 peers whose worker has no socket (yet), and sends what workers hand it.
+
+With [[relays]], magicsock also holds a DERP connection to each relay
+(relays.py): a worker's Burst to a peer's relayed endpoint (kernel.types) goes
+to the peer through the relay that reaches it, and what a relay delivers from
+a peer's key goes to the worker owning that key, from that relayed endpoint.
+Flow records name a relay by RELAY_HOST:its number in [[relays]], from 1.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import DatagramBatch
 from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.flowcount.tally import UNDERLAY
-from meshsup.actors.kernel.types import Burst
+from meshsup.actors.kernel.types import RELAYED, Buffer, Burst, relayed, relayed_key
 from meshsup.actors.kernel.udp import UdpSocket
-from meshsup.actors.settings import Settings
+from meshsup.actors.magicsock.relays import RelayLink, Relays
+from meshsup.actors.routing.shard import owner
+from meshsup.actors.settings import Settings, keys
+from meshsup.actors.settings.relay import RelaySettings
 from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
 
 RECV_BATCH = 512
@@ -40,6 +49,9 @@ class MagicsockActor(Actor):
         self.workers = 1
         self.counters: Counter[str] = Counter()
         self.flows = FlowFeed(self, UNDERLAY)
+        self.relays = Relays([])
+        self.relays_for: tuple[bytes, tuple[RelaySettings, ...]] | None = None  # (our key, [[relays]]) served
+        self.peer_keys: frozenset[bytes] = frozenset()
 
     def configure(self, settings: Settings) -> None:
         self.flows.configure(settings)
@@ -57,6 +69,16 @@ class MagicsockActor(Actor):
             self.sock = new
             self.add_reader(new.fileno(), self.on_readable)
             self.log.info("listening", port=new.port, gso=new.gso, gro=new.gro)
+        self.peer_keys = frozenset(p.public_key for p in settings.peers)
+        node = settings.node
+        if self.relays_for != (node.private_key, settings.relays):  # a new key logs in anew
+            self.relays.close()
+            ours = (node.private_key, node.public_key)
+            links = [
+                RelayLink(i, r, ours, self.watch, self.unwatch, self.relayed_in, self.log)
+                for i, r in enumerate(settings.relays, 1)
+            ]
+            self.relays, self.relays_for = Relays(links), (node.private_key, settings.relays)
 
     def on_readable(self) -> None:
         assert self.sock is not None
@@ -91,20 +113,62 @@ class MagicsockActor(Actor):
         if packets is None:
             return
         endpoint = (msg.host, msg.port)
+        if msg.host.startswith(RELAYED):
+            self.relay_out(endpoint, packets)
+            return
         self.counters["tx_datagrams"] += len(packets)
         self.flows.tx.add(endpoint, len(packets), sum(map(len, packets)))
         self.counters["tx_dropped"] += self.sock.send_batch(Burst(endpoint, packets))
+
+    def relay_out(self, endpoint: tuple[str, int], datagrams: list[bytes]) -> None:
+        """A worker's datagrams for a peer, through the relay that reaches it (written at the turn's end)."""
+        key = relayed_key(endpoint)
+        link = None if key is None else self.relays.route(key)
+        if key is None or link is None:
+            self.counters["relay_unreachable" if key else "bad_relayed_endpoint"] += len(datagrams)
+            return
+        refused = link.send(key, datagrams)
+        sent = len(datagrams) - refused
+        self.counters["relay_tx_datagrams"] += sent
+        self.counters["relay_tx_dropped"] += refused
+        if sent:
+            self.flows.tx.add(link.address, sent, sum(map(len, datagrams)))
+
+    def relayed_in(self, link: RelayLink, packets: dict[bytes, list[Buffer]]) -> None:
+        """What a relay delivered, by source key: each key's WireGuard datagrams to the worker owning it."""
+        for key, datagrams in packets.items():
+            if key not in self.peer_keys:
+                self.counters["relay_unknown_peer"] += len(datagrams)
+                continue
+            wg = [d for d in datagrams if classify(d) is not None]
+            if len(wg) < len(datagrams):
+                self.counters["not_wireguard"] += len(datagrams) - len(wg)
+                if not wg:
+                    continue
+            self.relays.heard(key, link)
+            self.counters["relay_rx_datagrams"] += len(wg)
+            self.flows.rx.add(link.address, len(wg), sum(map(len, wg)))
+            host, port = relayed(key)
+            worker = f"crypto-{owner(key, self.workers)}"
+            for blob in batch.pack_split(wg):
+                self.outbox.send(worker, DatagramBatch(host=host, port=port, packets=blob))
 
     def status(self) -> dict[str, Any]:
         info: dict[str, Any] = {"counters": dict(self.counters)}
         if self.sock is not None:
             info.update(port=self.sock.port, gso=self.sock.gso, gro=self.sock.gro)
+        if self.relays.links:
+            info["relays"] = self.relays.status()
+            info["relay_routes"] = {keys.b64(k): link.relay.name for k, link in self.relays.heard_via.items()}
         return info
 
     def tick(self, now: float) -> None:
+        self.relays.tick(now)
+        self.relays.flush(now)
         self.flows.tick(now)
 
     def close(self) -> None:
+        self.relays.close()
         self.flows.close()
         if self.sock is not None:
             self.sock.close()

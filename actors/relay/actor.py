@@ -27,7 +27,7 @@ from meshsup.actors.bus.messages import RelayFrames, RelayWorkerUp
 from meshsup.actors.kernel.types import Endpoint
 from meshsup.actors.registry import actor_name
 from meshsup.actors.relay.core import Core, Settings
-from meshsup.actors.relay.transport import Transport
+from meshsup.actors.kernel.stream import Transport
 from meshsup.actors.settings.relay import RelayConfig, RelayServerSettings
 from meshsup.actors.wire import stun
 

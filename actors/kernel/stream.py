@@ -1,8 +1,9 @@
-"""One client's TCP connection as a relay worker drives it: non-blocking reads and
-writes, TLS through memory BIOs when the relay has a certificate, and a send
-queue with a bound.
+"""A TCP connection driven by an actor's loop: non-blocking reads and writes, TLS
+through memory BIOs, and a send queue with a bound. A relay worker holds one per
+DERP client (the server side); magicsock one per relay (the client side, which
+starts the TLS handshake once connected and verifies the relay's certificate).
 
-A client that stops reading fills its kernel socket buffer, then this queue;
+A peer that stops reading fills its kernel socket buffer, then this queue;
 past SEND_QUEUE_BYTES further frames are dropped and counted, as a NIC drops
 on a full ring. While frames wait, the client must take all of them or
 PROGRESS_BYTES (a largest frame) every WRITE_TIMEOUT, else the connection is
@@ -27,7 +28,11 @@ _IOV_MAX = 512
 
 
 class Transport:
-    def __init__(self, sock: socket.socket, tls: ssl.SSLContext | None, now: float) -> None:
+    def __init__(
+        self, sock: socket.socket, tls: ssl.SSLContext | None, now: float, server_hostname: str | None = None
+    ) -> None:
+        """The server side of `sock`, or with `server_hostname` (the name or IP its certificate must carry) the
+        client side."""
         self.sock = sock
         self.raw: deque[bytes | memoryview] = deque()   # bytes for the socket, ciphertext under TLS
         self.queued = 0
@@ -37,7 +42,26 @@ class Transport:
         self._tls: ssl.SSLObject | None = None
         if tls is not None:
             self._bio_in, self._bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-            self._tls = tls.wrap_bio(self._bio_in, self._bio_out, server_side=True)
+            self._tls = tls.wrap_bio(
+                self._bio_in, self._bio_out, server_side=server_hostname is None, server_hostname=server_hostname
+            )
+        self.ready = tls is None  # frames may be queued: no TLS, or its handshake done
+
+    def start(self) -> None:
+        """The client's socket connected: a TLS client says hello (it goes out with flush)."""
+        if self._tls is not None:
+            self._handshake()
+
+    def _handshake(self) -> bool:
+        assert self._tls is not None
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        finally:
+            self._take_tls_output()
+        self.ready = True
+        return True
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -55,6 +79,8 @@ class Transport:
             return data
         assert self._bio_in is not None
         self._bio_in.write(data)
+        if not self.ready and not self._handshake():
+            return b""
         plain: list[bytes] = []
         try:
             while chunk := self._tls.read(RECV_SIZE):
