@@ -6,6 +6,8 @@ module keeps the names the tests import, and the few set-ups many tests share.
 
 from __future__ import annotations
 
+import secrets
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from meshsup.supervisor.lab import Identity, Netns, Node, Underlay, WgGo, have, 
 
 __all__ = [
     "Identity",
+    "NatLab",
     "Netns",
     "Node",
     "Underlay",
@@ -101,3 +104,54 @@ def assert_carried(result: dict[str, Any]) -> None:
     speed are for the benchmarks."""
     assert "error" not in result, result.get("error")
     assert result.get("end", {}).get("sum_received", {}).get("bytes", 0) > 0, result
+
+
+class NatLab:
+    """An internet segment (203.0.113.0/24) and homes on it: each a router that masquerades its LAN
+    (a 198.51.100.0/26 of its own) onto the segment with nftables, and one host on that LAN. Hosts
+    in two homes cannot reach each other: each router takes only replies in (conntrack). A relay or
+    a public peer sits on the segment itself. Everything goes with `close` (the Underlay's)."""
+
+    def __init__(self, underlay: Underlay) -> None:
+        self.net = underlay  # its bridge is the segment
+        self.next_public = 1
+        self.homes = 0
+
+    def public(self) -> tuple[Netns, str]:
+        """A host on the internet segment, with its public address."""
+        ns = Netns("pub")
+        self.net.hosts.append(ns)
+        addr = f"203.0.113.{self.next_public}"
+        self.next_public += 1
+        self.net.plug(ns, addr)
+        return ns, addr
+
+    def home(self) -> tuple[Netns, str, str]:
+        """A new home: (its host, the host's LAN address, the router's public address)."""
+        router, public = self.public()
+        host = Netns("lan")
+        self.net.hosts.append(host)
+        base = 64 * self.homes
+        self.homes += 1
+        gateway, addr = f"198.51.100.{base + 1}", f"198.51.100.{base + 2}"
+        a, b = f"v{secrets.token_hex(4)}", f"v{secrets.token_hex(4)}"
+        subprocess.run(
+            ["ip", "link", "add", a, "netns", router.name, "type", "veth", "peer", "name", b, "netns", host.name],
+            check=True,
+        )
+        router.run("ip", "link", "set", a, "name", "lan0")
+        router.run("ip", "addr", "add", f"{gateway}/26", "dev", "lan0")
+        router.run("ip", "link", "set", "lan0", "up")
+        host.run("ip", "link", "set", b, "name", "eth0")
+        host.run("ip", "addr", "add", f"{addr}/26", "dev", "eth0")
+        host.run("ip", "link", "set", "eth0", "up")
+        host.run("ip", "route", "add", "default", "via", gateway)
+        router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        rules = (
+            "table ip nat { chain postrouting { type nat hook postrouting priority srcnat; "
+            'oifname "eth0" masquerade; }; }\n'
+            "table ip filter { chain forward { type filter hook forward priority filter; policy drop; "
+            'iifname "lan0" accept; ct state established,related accept; }; }\n'
+        )
+        router.run("nft", "-f", "-", input=rules)
+        return host, addr, public

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from meshsup.actors.wire import derp  # noqa: E402
 from tests.derp_client import DerpClient  # noqa: E402
-from tests.test_relay import Relay, on_two_workers  # noqa: E402
+from tests.actors.relay.test_relay import Relay, on_two_workers  # noqa: E402
 
 
 def cpu_seconds(pids: list[int]) -> float:

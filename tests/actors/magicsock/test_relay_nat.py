@@ -1,0 +1,168 @@
+"""Nodes behind real NAT reach each other through `meshsup relay` (DERP), in network namespaces.
+
+Two homes, each a router masquerading its LAN onto an internet segment (nftables), a node on each
+LAN with no endpoint for the other: the relay on the segment is the only way between them. A
+wireguard-go peer on the segment, with no relay, is reached at its configured endpoint beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.nodes import is_root
+from tests.topology import (
+    Identity,
+    NatLab,
+    Netns,
+    Node,
+    Underlay,
+    WgGo,
+    assert_carried,
+    have,
+    iperf3,
+    ping,
+    start_meshsup,
+    start_wg,
+    unanswered,
+)
+
+TOOLS = ("wireguard-go", "wg", "iperf3", "ping", "nft")
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(not is_root() or bool(have(*TOOLS)), reason=have(*TOOLS) or "needs root"),
+]
+RELAY_PORT = 8080
+
+
+@dataclass
+class Mesh:
+    relay: Node
+    relay_ns: Netns
+    ns_a: Netns
+    ns_b: Netns
+    ns_c: Netns
+    a: Identity
+    b: Identity
+    c: Identity
+    node_a: Node
+    node_b: Node
+    wg_c: WgGo
+
+
+def relays_stanza(addr: str) -> str:
+    return f'\n[[relays]]\nname = "edge"\nurl = "http://{addr}:{RELAY_PORT}/derp"\n'
+
+
+def relay_up(node: Node) -> bool:
+    return all(r["state"] == "up" and r["latency_ms"] is not None for r in node.status()["relays"])
+
+
+def peer(node: Node, name: str) -> dict[str, Any]:
+    return next(p for p in node.status()["peers"] if p["name"] == name)
+
+
+def build(underlay: Underlay, tmp: Path, relay_workers: int = 1) -> Mesh:
+    lab = NatLab(underlay)
+    relay_ns, relay_addr = lab.public()
+    relay = underlay.track(
+        Node(
+            tmp,
+            "--listen",
+            f"{relay_addr}:{RELAY_PORT}",
+            "--relay-workers",
+            str(relay_workers),
+            "--name",
+            "edge",
+            netns=relay_ns,
+            command="relay",
+        )
+    )
+    relay.wait(lambda: relay.status()["relay"]["ready"], what="relay ready")
+    (ns_a, _, _), (ns_b, _, _) = lab.home(), lab.home()
+    ns_c, addr_c = lab.public()
+    a, b, c = Identity("alpha", 1), Identity("bravo", 2), Identity("charlie", 3)
+    c.endpoint = f"{addr_c}:51820"  # the one reachable endpoint; alpha and bravo have none
+    extra = relays_stanza(relay_addr)
+    node_a = start_meshsup(underlay, tmp, a, [b, c], ns=ns_a, extra=extra)
+    node_b = start_meshsup(underlay, tmp, b, [a, c], ns=ns_b, extra=extra)
+    wg_c = start_wg(underlay, tmp, ns_c, c, [a, b])
+    for node in (node_a, node_b):
+        node.wait(lambda: relay_up(node), what="logged in to the relay, latency measured")
+    return Mesh(relay, relay_ns, ns_a, ns_b, ns_c, a, b, c, node_a, node_b, wg_c)
+
+
+def wg_show_handshake(ns: Netns, node: Node, other: Identity) -> int:
+    """The latest handshake with `other`, as `wg show` (the UAPI) reports it."""
+    out = ns.run("wg", "show", node.status()["node"]["interface"], "latest-handshakes").stdout
+    return next(int(line.split()[1]) for line in out.splitlines() if line.split()[0] == other.public)
+
+
+def test_nat_pair_through_the_relay_beside_a_wireguard_go_peer(underlay: Underlay, tmp_path: Path) -> None:
+    m = build(underlay, tmp_path)
+    assert ping(m.ns_a, m.b.v4) and ping(m.ns_b, m.a.v4) and ping(m.ns_a, m.b.v6)
+    assert_carried(iperf3(m.ns_a, m.ns_b, m.b.v4, seconds=3))
+    assert_carried(iperf3(m.ns_a, m.ns_b, m.b.v4, seconds=3, reverse=True))
+    for ns, node, other in ((m.ns_a, m.node_a, m.b), (m.ns_b, m.node_b, m.a)):
+        assert wg_show_handshake(ns, node, other) > time.time() - 180
+        p = peer(node, other.name)
+        assert (p["path"], p["relay"]) == ("relay", "edge") and p["latency_ms"] > 0, p
+        assert p["endpoint"] == ""  # nothing roamed to the relay
+    magicsock = m.node_a.counters()["magicsock"]
+    assert magicsock["relay_tx_datagrams"] > 1000 and magicsock["relay_rx_datagrams"] > 1000, magicsock
+    assert m.relay.status()["counters"]["home_clients"] == 2
+    text = m.node_a.cli("status").stdout
+    assert "relay edge" in text and "(home)" in text, text
+    # The wireguard-go peer, with no relay, works at its endpoint: alpha and bravo reach it
+    # directly from behind their NATs, and it answers them where their handshakes came from.
+    assert ping(m.ns_a, m.c.v4) and ping(m.ns_b, m.c.v4) and ping(m.ns_c, m.a.v4) and ping(m.ns_c, m.b.v4)
+    assert peer(m.node_a, "charlie")["path"] == "direct"
+
+
+def test_peers_learn_the_relay_is_gone(underlay: Underlay, tmp_path: Path) -> None:
+    m = build(underlay, tmp_path)
+    assert ping(m.ns_a, m.b.v4) and ping(m.ns_a, m.c.v4)
+    m.relay.close()
+    m.node_a.wait(lambda: not relay_up(m.node_a), what="the relay seen gone")
+    # The peer with a reachable endpoint keeps working; the one reached only through the relay does not,
+    # and status says so: its path is the relay, which has no latency (not connected).
+    assert ping(m.ns_a, m.c.v4) and ping(m.ns_c, m.a.v4)
+    assert unanswered(m.ns_a, m.b.v4, lambda: peer(m.node_b, "alpha")["rx_bytes"])
+    p = peer(m.node_a, "bravo")
+    assert (p["path"], p["relay"], p["latency_ms"]) == ("relay", "edge", None), p
+    (relay,) = m.node_a.status()["relays"]
+    assert relay["state"] in ("waiting", "connecting") and relay["failures"], relay
+    assert "relay edge down" in m.node_a.cli("status").stdout
+
+
+def test_kill_9_of_a_relay_worker(underlay: Underlay, tmp_path: Path) -> None:
+    m = build(underlay, tmp_path, relay_workers=2)
+    assert ping(m.ns_a, m.b.v4)
+    result: dict[str, Any] = {}
+    transfer = threading.Thread(target=lambda: result.update(iperf3(m.ns_a, m.ns_b, m.b.v4, seconds=12)))
+    transfer.start()
+    m.node_a.wait(lambda: m.node_a.counters()["magicsock"].get("relay_tx_datagrams", 0) > 5000, what="iperf3 going")
+    workers = {a["name"]: a for a in m.relay.status()["actors"]}
+    victim = max(workers.values(), key=lambda a: a["counters"].get("clients", 0))
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    m.relay.wait(
+        lambda: (w := {a["name"]: a for a in m.relay.status()["actors"]})[victim["name"]]["restarts"] == 1
+        and w[victim["name"]]["state"] == "running",
+        what="the worker restarted",
+    )
+    m.relay.wait(lambda: m.relay.status()["counters"].get("clients") == 2, what="both clients back")
+    assert ping(m.ns_a, m.b.v4, count=1, timeout=5)
+    assert time.monotonic() - killed < 5, "traffic took over 5 s to resume"
+    transfer.join(60)
+    assert_carried(result)  # the TCP connection lived through the kill
+    assert sum(m.node_a.status()["relays"][0]["failures"].values()) >= 1 or sum(
+        m.node_b.status()["relays"][0]["failures"].values()
+    ) >= 1
