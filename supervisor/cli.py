@@ -177,9 +177,7 @@ def _print_status(result: dict[str, Any]) -> None:
         print(f"\n{'RELAY':<16} {'ADDRESS':<16} {'STATE':<10} {'LATENCY':>10}  URL")
         for r in result["relays"]:
             home = " (home)" if r["home"] else ""
-            print(
-                f"{r['name']:<16} {r['address']:<16} {r['state']:<10} {_ms(r['latency_ms']):>10}  {r['url']}{home}"
-            )
+            print(f"{r['name']:<16} {r['address']:<16} {r['state']:<10} {_ms(r['latency_ms']):>10}  {r['url']}{home}")
 
 
 def _path(peer: dict[str, Any]) -> str:

@@ -128,11 +128,21 @@ class CliServer:
     def _actors(self) -> list[dict[str, Any]]:
         out = []
         for a in self.tree.actors.values():
-            entry = {"name": a.name, "kind": a.kind, "pid": a.pid, "state": a.state, "restarts": a.restarts,
-                     "last_exit": a.exit_reason, "bus_dropped": a.status.get("bus_dropped", {}),
-                     "counters": a.status.get("counters", {})}
+            entry = {
+                "name": a.name,
+                "kind": a.kind,
+                "pid": a.pid,
+                "state": a.state,
+                "restarts": a.restarts,
+                "last_exit": a.exit_reason,
+                "bus_dropped": a.status.get("bus_dropped", {}),
+                "counters": a.status.get("counters", {}),
+            }
             if a.kind == "relay":
-                entry.update(bad_input=a.status.get("bad_input", {}), dropped=a.status.get("dropped", {}),
-                             send_dropped=a.status.get("send_dropped", {}))
+                entry.update(
+                    bad_input=a.status.get("bad_input", {}),
+                    dropped=a.status.get("dropped", {}),
+                    send_dropped=a.status.get("send_dropped", {}),
+                )
             out.append(entry)
         return out

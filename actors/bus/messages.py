@@ -114,7 +114,8 @@ class FlowCounts(Message):
 
     Entries are [key, packets, bytes]. `layer` "inner": keys are raw
     connection keys of IP packets, tx read from the TUN, rx written to it.
-    `layer` "underlay": keys are [host, port], tx sent there, rx received.
+    `layer` "underlay": keys are [host, port], tx sent there, rx received; what a
+    DERP relay carried, [RELAY_HOST, the relay's number, the peer's key].
     netlog acknowledges each (FlowCountsAck to `source`); one not
     acknowledged is sent again as it is, and netlog counts it once.
     """

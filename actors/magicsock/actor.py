@@ -14,7 +14,8 @@ With [[relays]], magicsock also holds a DERP connection to each relay
 (relays.py): a worker's Burst to a peer's relayed endpoint (kernel.types) goes
 to the peer through the relay that reaches it, and what a relay delivers from
 a peer's key goes to the worker owning that key, from that relayed endpoint.
-Flow records name a relay by RELAY_HOST:its number in [[relays]], from 1.
+Flow records name a relay by RELAY_HOST:its number in [[relays]], from 1, as the endpoint of the
+peer whose datagrams it carried (tallied by (RELAY_HOST, number, peer key)).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class MagicsockActor(Actor):
         self.counters["relay_tx_datagrams"] += sent
         self.counters["relay_tx_dropped"] += refused
         if sent:
-            self.flows.tx.add(link.address, sent, sum(map(len, datagrams)))
+            self.flows.tx.add((*link.address, key), sent, sum(map(len, datagrams)))
 
     def relayed_in(self, link: RelayLink, packets: dict[bytes, list[Buffer]]) -> None:
         """What a relay delivered, by source key: each key's WireGuard datagrams to the worker owning it."""
@@ -147,7 +148,7 @@ class MagicsockActor(Actor):
                     continue
             self.relays.heard(key, link)
             self.counters["relay_rx_datagrams"] += len(wg)
-            self.flows.rx.add(link.address, len(wg), sum(map(len, wg)))
+            self.flows.rx.add((*link.address, key), len(wg), sum(map(len, wg)))
             host, port = relayed(key)
             worker = f"crypto-{owner(key, self.workers)}"
             for blob in batch.pack_split(wg):

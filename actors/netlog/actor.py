@@ -41,7 +41,7 @@ from meshsup.actors.netlog.counting import CountsReader, Deliveries
 from meshsup.actors.netlog.daemonlog import LogIntake
 from meshsup.actors.netlog.flows import FlowTable, Record
 from meshsup.actors.netlog.formats import FLOWS, LOGS, RecordFormat
-from meshsup.actors.netlog.mesh import classifier, endpoint_peers
+from meshsup.actors.netlog.mesh import classifier, endpoint_peers, key_peers
 from meshsup.actors.netlog.resolve import Resolver
 from meshsup.actors.netlog.shipper import Sender, Shipper, Wait
 from meshsup.actors.netlog.wal import WindowLog
@@ -94,6 +94,7 @@ class NetlogActor(Actor):
     def configure(self, node_settings: Settings) -> None:
         settings, node = node_settings.netlog, node_settings.node
         self.reader.peers = endpoint_peers(node_settings)
+        self.reader.key_peers = key_peers(node_settings)
         rules = classifier(node_settings, settings.anonymize_exit)
         now = time.time()
         old = self.settings

@@ -53,11 +53,14 @@ class CountsReader:
     a key is decoded and classified once, not once a window. Underlay
     traffic: each endpoint is reported under its peer's mesh address
     (`peers`, from the config), or the unspecified address when no
-    configured peer has that endpoint.
+    configured peer has that endpoint; what a relay carried comes keyed
+    [relay address, relay number, peer key] and is reported under that
+    peer's address (`key_peers`), the relay as the endpoint.
     """
 
     def __init__(self) -> None:
         self.peers: dict[str, str] = {}  # "host:port" endpoint -> "mesh address:0"
+        self.key_peers: dict[bytes, str] = {}  # peer key -> "mesh address:0"
         self.bad_entries = 0
         self.unreadable_packets = 0
         self._routes: dict[tuple[bytes, bool], tuple[Traffic, Conn] | None] = {}
@@ -107,18 +110,22 @@ class CountsReader:
     def _underlay(self, table: FlowTable, entry: Entry, received: bool) -> None:
         endpoint, packets, nbytes = entry
         if not (
-            type(endpoint) is list and len(endpoint) == 2 and isinstance(endpoint[0], str) and type(endpoint[1]) is int
+            type(endpoint) is list
+            and (len(endpoint) == 2 or len(endpoint) == 3 and isinstance(endpoint[2], bytes))
+            and isinstance(endpoint[0], str)
+            and type(endpoint[1]) is int
         ):
             self.bad_entries += 1
             return
-        host, port = endpoint
+        host, port = endpoint[0], endpoint[1]
         text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         parsed = parse_endpoint(text)
         if parsed is None:
             self.bad_entries += 1
             return
         dst = format_endpoint(*parsed)
-        src = self.peers.get(dst) or ("[::]:0" if parsed[0].version == 6 else "0.0.0.0:0")
+        peer = self.key_peers.get(endpoint[2]) if len(endpoint) == 3 else self.peers.get(dst)
+        src = peer or ("[::]:0" if parsed[0].version == 6 else "0.0.0.0:0")
         if received:
             table.add_physical(src, dst, 0, 0, packets, nbytes)
         else:

@@ -1,12 +1,12 @@
 """What the node's settings say about its traffic: which addresses are the mesh, which are
-subnets behind peers, which endpoint is which peer."""
+subnets behind peers, which endpoint (or relayed key) is which peer."""
 
 from __future__ import annotations
 
 import ipaddress
 
 from meshsup.actors.netlog.flows import Classifier, format_endpoint
-from meshsup.actors.settings import Settings
+from meshsup.actors.settings import PeerSettings, Settings
 
 
 def classifier(settings: Settings, anonymize_exit: bool) -> Classifier:
@@ -28,9 +28,19 @@ def endpoint_peers(settings: Settings) -> dict[str, str]:
     """Each configured endpoint ("host:port") -> its peer's mesh address as "ip:0", IPv4 first."""
     out = {}
     for peer in settings.peers:
-        hosts = sorted((net.network_address for net in peer.hosts), key=lambda a: a.version)
-        if not hosts:
+        address = _address(peer)
+        if address is None:
             continue
         for host, port in peer.endpoints:
-            out[format_endpoint(ipaddress.ip_address(host), port)] = format_endpoint(hosts[0], 0)
+            out[format_endpoint(ipaddress.ip_address(host), port)] = address
     return out
+
+
+def key_peers(settings: Settings) -> dict[bytes, str]:
+    """Each peer's public key -> its mesh address as "ip:0": whose traffic a relay carried."""
+    return {p.public_key: address for p in settings.peers if (address := _address(p)) is not None}
+
+
+def _address(peer: PeerSettings) -> str | None:
+    hosts = sorted((net.network_address for net in peer.hosts), key=lambda a: a.version)
+    return format_endpoint(hosts[0], 0) if hosts else None

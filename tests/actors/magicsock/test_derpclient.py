@@ -148,8 +148,10 @@ def test_nothing_is_sent_before_login() -> None:
         (b"\xff" * 20 + b"\r\n\r\n", "bad_http"),
         (b"x" * (derp.MAX_HEAD + 10), "http_head_too_long"),
         (derp.upgrade_response(SERVER[1]) + derp.header(FrameType.SERVER_KEY, 1 << 20), "server_key_oversized"),
-        (derp.upgrade_response(SERVER[1]) + derp.frame(FrameType.SERVER_KEY, b"NOTMAGIC" + bytes(32)),
-         "server_key_magic"),
+        (
+            derp.upgrade_response(SERVER[1]) + derp.frame(FrameType.SERVER_KEY, b"NOTMAGIC" + bytes(32)),
+            "server_key_magic",
+        ),
         (derp.upgrade_response(SERVER[1]) + derp.recv_packet(bytes(32), b"early"), "login_recv_packet"),
         (greeting() + derp.frame(FrameType.SERVER_INFO, bytes(64)), "server_info_box"),
     ],
@@ -196,7 +198,7 @@ def test_a_relay_that_stalls_at_login_or_after_times_out() -> None:
 def test_a_pong_keeps_it_up_and_the_next_ping_follows() -> None:
     c = logged_in()
     c.handle_timer(T0)
-    (_, data), = sent_frames(c)
+    ((_, data),) = sent_frames(c)
     c.receive_data(derp.pong(data), T0 + 0.03)
     assert c.rtt == pytest.approx(0.03) and c.get_timer() == T0 + Timing().ping_interval
     c.handle_timer(T0 + Timing().ping_interval)

@@ -7,8 +7,11 @@ wireguard-go peer on the segment, with no relay, is reached at its configured en
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -16,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nacl.public import PrivateKey
 
-from tests.nodes import is_root
+from tests.nodes import REPO, is_root
 from tests.topology import (
     Identity,
     NatLab,
@@ -154,8 +158,10 @@ def test_kill_9_of_a_relay_worker(underlay: Underlay, tmp_path: Path) -> None:
     os.kill(victim["pid"], signal.SIGKILL)
     killed = time.monotonic()
     m.relay.wait(
-        lambda: (w := {a["name"]: a for a in m.relay.status()["actors"]})[victim["name"]]["restarts"] == 1
-        and w[victim["name"]]["state"] == "running",
+        lambda: (
+            (w := {a["name"]: a for a in m.relay.status()["actors"]})[victim["name"]]["restarts"] == 1
+            and w[victim["name"]]["state"] == "running"
+        ),
         what="the worker restarted",
     )
     m.relay.wait(lambda: m.relay.status()["counters"].get("clients") == 2, what="both clients back")
@@ -163,6 +169,81 @@ def test_kill_9_of_a_relay_worker(underlay: Underlay, tmp_path: Path) -> None:
     assert time.monotonic() - killed < 5, "traffic took over 5 s to resume"
     transfer.join(60)
     assert_carried(result)  # the TCP connection lived through the kill
-    assert sum(m.node_a.status()["relays"][0]["failures"].values()) >= 1 or sum(
-        m.node_b.status()["relays"][0]["failures"].values()
-    ) >= 1
+    assert (
+        sum(m.node_a.status()["relays"][0]["failures"].values()) >= 1
+        or sum(m.node_b.status()["relays"][0]["failures"].values()) >= 1
+    )
+
+
+ROGUE = """
+import sys, time
+from meshsup.actors.wire import derp
+from tests.derp_client import DerpClient
+host, port, private, dst, count = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), bytes.fromhex(sys.argv[4]), int(sys.argv[5])
+c = DerpClient((host, port), private or None)
+junk = [b"not wireguard at all", bytes([4, 0, 0, 0]) + bytes(60), bytes([1, 0, 0, 0]) + bytes(144)]
+c.sock.sendall(b"".join(derp.send_packet(dst, junk[i % 3]) for i in range(count)))
+print("sent", flush=True)
+time.sleep(120)
+"""
+GARBAGE = """
+import socket, sys
+s = socket.create_server((sys.argv[1], int(sys.argv[2])))
+print("listening", flush=True)
+while True:
+    conn, _ = s.accept()
+    conn.recv(4096)
+    conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 5\\r\\n\\r\\nhello")
+    conn.close()
+"""
+
+
+def run_python(ns: Netns, script: str, *args: str) -> subprocess.Popen[str]:
+    proc = ns.popen(
+        sys.executable,
+        "-c",
+        script,
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.stdout is not None and proc.stdout.readline(), proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def test_what_a_relay_must_not_deliver_is_counted_and_crashes_nothing(underlay: Underlay, tmp_path: Path) -> None:
+    lab = NatLab(underlay)
+    relay_ns, relay_addr = lab.public()
+    relay = underlay.track(Node(tmp_path, "--listen", f"{relay_addr}:{RELAY_PORT}", netns=relay_ns, command="relay"))
+    relay.wait(lambda: relay.status()["relay"]["ready"], what="relay ready")
+    rogues: list[subprocess.Popen[str]] = [run_python(relay_ns, GARBAGE, relay_addr, "9000")]
+    try:
+        ns_a, _, _ = lab.home()
+        a, d = Identity("alpha", 1), Identity("delta", 4)  # delta: a peer of alpha's that the test speaks for
+        extra = f'\n[[relays]]\nname = "junk"\nurl = "http://{relay_addr}:9000/derp"\n' + relays_stanza(relay_addr)
+        node = start_meshsup(underlay, tmp_path, a, [d], ns=ns_a, extra=extra)
+        node.wait(lambda: (s := node.status()["relays"])[1]["state"] == "up" and s[0]["failures"], what="relays")
+        stranger = PrivateKey.generate()
+        alpha = base64.b64decode(a.public).hex()
+        for private in (bytes(stranger), d.private):
+            rogues.append(run_python(relay_ns, ROGUE, relay_addr, str(RELAY_PORT), private.hex(), alpha, "30"))
+
+        def counted() -> Any:
+            c = node.counters()
+            m, crypto = c["magicsock"], c["crypto"]
+            return (
+                m.get("relay_unknown_peer", 0) >= 30
+                and m.get("not_wireguard", 0) >= 10
+                and crypto.get("no_session", 0) + crypto.get("bad_mac1", 0) >= 20
+            ) and c
+
+        node.wait(counted, what="every kind of bad delivery counted")
+        status = node.status()
+        junk = status["relays"][0]
+        assert junk["state"] != "up" and "http_200" in junk["failures"], junk
+        assert all(x["restarts"] == 0 for x in status["actors"]), status["actors"]
+    finally:
+        for proc in rogues:
+            proc.kill()
+            proc.wait()

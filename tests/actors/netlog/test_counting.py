@@ -26,7 +26,7 @@ from meshsup.actors.flowcount.tally import (
 )
 from meshsup.actors.netlog.counting import CountsReader, Deliveries
 from meshsup.actors.netlog.flows import FlowTable
-from meshsup.actors.netlog.mesh import classifier, endpoint_peers
+from meshsup.actors.netlog.mesh import classifier, endpoint_peers, key_peers
 from meshsup.actors.netlog.wal import WindowLog
 from meshsup.actors.settings import Settings, parse
 from meshsup.actors.settings.keys import b64, generate_private, public_of
@@ -216,6 +216,25 @@ def test_both_directions_meet_under_the_local_end_and_endpoints_name_their_peer(
     ]
     assert table.counters.skipped == 1  # the DNS query
     assert (reader.unreadable_packets, reader.bad_entries) == (4, 2)
+
+
+def test_what_a_relay_carried_is_the_peers_with_the_relay_as_its_endpoint() -> None:
+    settings = config()
+    reader = CountsReader()
+    reader.peers, reader.key_peers = endpoint_peers(settings), key_peers(settings)
+    table = FlowTable("node-a", classifier(settings, anonymize_exit=True), start=T0)
+    bravo, stranger = settings.peers[0].public_key, bytes(32)
+    assert reader.apply(
+        counts(UNDERLAY, [[["127.3.3.40", 1, bravo], 4, 600]], [[["127.3.3.40", 1, bravo], 3, 400]]), table
+    )
+    odd = [[["127.3.3.40", 2, stranger], 1, 100], [["127.3.3.40", 1, 7], 1, 1]]
+    assert reader.apply(counts(UNDERLAY, odd, []), table)
+    [record] = table.close_window(T0 + 1)
+    assert record["physicalTraffic"] == [
+        {"src": "0.0.0.0:0", "dst": "127.3.3.40:2", "txPkts": 1, "txBytes": 100},  # no peer has that key
+        {"src": f"{B4}:0", "dst": "127.3.3.40:1", "txPkts": 4, "txBytes": 600, "rxPkts": 3, "rxBytes": 400},
+    ]
+    assert reader.bad_entries == 1  # a third part that is no key
 
 
 def test_the_config_says_what_is_virtual_subnet_exit_or_the_nodes_own_service() -> None:
