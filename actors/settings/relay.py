@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,10 @@ def parse_relay(file: str, table: Any, index: int, base: Path) -> RelaySettings:
         ca_file = base / c.get("ca_file", str)
         if parts.scheme != "https":
             raise c.fail("ca_file", "only for an https url")
-        if not ca_file.is_file():
-            raise c.fail("ca_file", f"cannot read {ca_file}")
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as err:
+            raise c.fail("ca_file", f"{ca_file}: {getattr(err, 'strerror', None) or err}") from None
     return RelaySettings(name, url, host, port, parts.scheme == "https", stun, ca_file)
 
 

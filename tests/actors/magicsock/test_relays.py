@@ -22,6 +22,7 @@ from meshsup.actors.magicsock.relays import Backoff, RelayLink, Relays
 from meshsup.actors.settings.relay import RelaySettings
 from meshsup.actors.wire import derp
 from tests.actors.relay.test_relay import Relay
+from tests.netlog_fixtures import make_certificate
 
 
 class Log:
@@ -46,10 +47,10 @@ class Loop:
         for key, ps in packets.items():
             self.got.setdefault(key, []).extend(bytes(p) for p in ps)
 
-    def link(self, index: int, port: int, timing: Timing = Timing(), name: str = "edge") -> RelayLink:
-        settings = RelaySettings(
-            name, f"http://127.0.0.1:{port}/derp", "127.0.0.1", port, False, ("127.0.0.1", 3478), None
-        )
+    def link(self, index: int, port: int, timing: Timing = Timing(), ca_file: Path | None = None) -> RelayLink:
+        tls = ca_file is not None
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/derp"
+        settings = RelaySettings("edge", url, "127.0.0.1", port, tls, ("127.0.0.1", 3478), ca_file)
         key = PrivateKey.generate()
         return RelayLink(
             index, settings, (bytes(key), bytes(key.public_key)), self.watch, self.unwatch, self.deliver, Log(), timing
@@ -197,6 +198,23 @@ def test_two_links_exchange_packets_through_meshsup_relay(relay: Relay) -> None:
     relays.tick(time.monotonic())
     assert relays.not_at == {stranger: {1}}
     relays.close()
+
+
+def test_https_with_the_relays_ca_and_refused_without_it(tmp_path: Path) -> None:
+    cert, key = make_certificate(tmp_path)
+    (tmp_path / "other").mkdir()
+    other, _ = make_certificate(tmp_path / "other")  # a CA the relay's certificate is not from
+    relay = Relay(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        relay.wait_ready()
+        loop = Loop()
+        good, bad = loop.link(1, relay.port, ca_file=cert), loop.link(2, relay.port, ca_file=other)
+        relays = Relays([good, bad])
+        loop.run(relays, lambda: good.rtt is not None and bad.failures["tls_certificate_verify_failed"] >= 1)
+        assert good.state == "up" and not bad.up
+        relays.close()
+    finally:
+        relay.close()
 
 
 class FakeLink:

@@ -68,6 +68,16 @@ collectors = [{{kind = "syslog", address = "tls://127.0.0.1:6514", ca_file = "ce
 [logging]
 level = "warning"
 collectors = [{{kind = "http", address = "https://127.0.0.1:8443/logs", ca_file = "cert.pem", gzip = true}}]
+
+[[relays]]
+name = "home"
+url = "http://203.0.113.10:8080/derp"
+
+[[relays]]
+name = "far"
+url = "https://[2001:db8::10]/derp"
+stun = "203.0.113.11:3479"
+ca_file = "cert.pem"
 """)
     path.chmod(0o600)
     return path
@@ -86,6 +96,22 @@ def test_the_wire_form_round_trips_through_the_bus(tmp_path: Path) -> None:
     assert matches(fast.matcher, "x.example", 28) and not matches(fast.matcher, "x.example", 1)
     assert [hash(u) for u in back.dns.upstreams] == [hash(u) for u in settings.dns.upstreams]
     assert back.netlog.collectors[0].ca_file == tmp_path / "cert.pem"
+    home, far = back.relays
+    assert (home.host, home.port, home.tls, home.stun, home.ca_file) == (
+        "203.0.113.10",
+        8080,
+        False,
+        ("203.0.113.10", 3478),
+        None,
+    )
+    assert (far.host, far.port, far.tls, far.stun, far.ca_file) == (
+        "2001:db8::10",
+        443,
+        True,
+        ("203.0.113.11", 3479),
+        tmp_path / "cert.pem",
+    )
+    assert far.hostport == "[2001:db8::10]:443"
     mesh = back.dns_for_mesh()
     assert mesh == settings.dns_for_mesh() and mesh.names["bravo"] == ("100.64.0.2",)
     assert [str(n) for n in mesh.sources] == [
@@ -120,6 +146,29 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ({"dns": {"bogus": 1}}, "dns", "unknown keys bogus"),
         ({"netlog": {"interval": 0}}, "netlog.interval", "expected seconds"),
         ({"logging": {"level": "loud"}}, "logging.level", "expected one of"),
+        ({"relays": [{"name": "r"}]}, "relays[0].url", "is required"),
+        ({"relays": [{"url": "http://relay.example/derp"}]}, "relays[0].url", "HOST must be an IP address"),
+        ({"relays": [{"url": "ftp://203.0.113.1/derp"}]}, "relays[0].url", "is not http://"),
+        ({"relays": [{"url": "http://203.0.113.1/"}]}, "relays[0].url", "is not http://"),
+        ({"relays": [{"url": "http://203.0.113.1:99999/derp"}]}, "relays[0].url", "not a port number"),
+        ({"relays": [{"url": "http://203.0.113.1/derp", "stun": "203.0.113.1"}]}, "relays[0].stun", "not host:port"),
+        (
+            {"relays": [{"url": "http://203.0.113.1/derp", "ca_file": "ca.pem"}]},
+            "relays[0].ca_file",
+            "only for an https",
+        ),
+        ({"relays": [{"url": "https://203.0.113.1/derp", "ca_file": "no.pem"}]}, "relays[0].ca_file", "no.pem"),
+        ({"relays": [{"url": "http://203.0.113.1/derp", "colour": 1}]}, "relays[0].colour", "unknown key"),
+        (
+            {
+                "relays": [
+                    {"name": "r", "url": "http://203.0.113.1/derp"},
+                    {"name": "r", "url": "http://203.0.113.2/derp"},
+                ]
+            },
+            "relays[1].name",
+            "also relays[0]",
+        ),
     ],
 )
 def test_a_wrong_value_names_the_file_and_the_key(tmp_path: Path, doc: dict[str, Any], key: str, problem: str) -> None:
@@ -147,3 +196,7 @@ def test_a_wire_form_that_does_not_fit_is_refused_naming_where(tmp_path: Path, s
     spoil(wire)
     with pytest.raises(WireError, match=f"^{re.escape(where)}: "):
         Settings.from_wire(wire)
+
+
+def test_the_embedded_default_has_no_relays(tmp_path: Path) -> None:
+    assert cfg.embedded_default(tmp_path).relays == ()
