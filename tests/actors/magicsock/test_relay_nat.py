@@ -179,10 +179,11 @@ ROGUE = """
 import sys, time
 from meshsup.actors.wire import derp
 from tests.derp_client import DerpClient
-host, port, private, dst, count = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), bytes.fromhex(sys.argv[4]), int(sys.argv[5])
-c = DerpClient((host, port), private or None)
+host, port, private, dst, count = sys.argv[1:]
+dst = bytes.fromhex(dst)
+c = DerpClient((host, int(port)), bytes.fromhex(private))
 junk = [b"not wireguard at all", bytes([4, 0, 0, 0]) + bytes(60), bytes([1, 0, 0, 0]) + bytes(144)]
-c.sock.sendall(b"".join(derp.send_packet(dst, junk[i % 3]) for i in range(count)))
+c.sock.sendall(b"".join(derp.send_packet(dst, junk[i % 3]) for i in range(int(count))))
 print("sent", flush=True)
 time.sleep(120)
 """
