@@ -8,12 +8,14 @@ wireguard-go peer on the segment, with no relay, is reached at its configured en
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import pytest
 from nacl.public import PrivateKey
 
+from tests.netlog_fixtures import Rsyslog, free_port, wait_until
 from tests.nodes import REPO, is_root
 from tests.topology import (
     Identity,
@@ -73,7 +76,9 @@ def peer(node: Node, name: str) -> dict[str, Any]:
     return next(p for p in node.status()["peers"] if p["name"] == name)
 
 
-def build(underlay: Underlay, tmp: Path, relay_workers: int = 1) -> Mesh:
+def build(underlay: Underlay, tmp: Path, relay_workers: int = 1, extra_a: Callable[[Netns], str] | None = None) -> Mesh:
+    """The relay, alpha and bravo behind their NATs, charlie (wireguard-go) in public; `extra_a` may add
+    to alpha's config, given alpha's namespace (to start a collector there first)."""
     lab = NatLab(underlay)
     relay_ns, relay_addr = lab.public()
     relay = underlay.track(
@@ -95,7 +100,7 @@ def build(underlay: Underlay, tmp: Path, relay_workers: int = 1) -> Mesh:
     a, b, c = Identity("alpha", 1), Identity("bravo", 2), Identity("charlie", 3)
     c.endpoint = f"{addr_c}:51820"  # the one reachable endpoint; alpha and bravo have none
     extra = relays_stanza(relay_addr)
-    node_a = start_meshsup(underlay, tmp, a, [b, c], ns=ns_a, extra=extra)
+    node_a = start_meshsup(underlay, tmp, a, [b, c], ns=ns_a, extra=extra + (extra_a(ns_a) if extra_a else ""))
     node_b = start_meshsup(underlay, tmp, b, [a, c], ns=ns_b, extra=extra)
     wg_c = start_wg(underlay, tmp, ns_c, c, [a, b])
     for node in (node_a, node_b):
@@ -248,3 +253,35 @@ def test_what_a_relay_must_not_deliver_is_counted_and_crashes_nothing(underlay: 
         for proc in rogues:
             proc.kill()
             proc.wait()
+
+
+def test_relayed_traffic_is_in_flow_records_with_the_relay_as_the_endpoint(underlay: Underlay, tmp_path: Path) -> None:
+    rsyslog: list[Rsyslog] = []
+
+    def collector(ns: Netns) -> str:
+        r = Rsyslog(tmp_path / "rsyslog", free_port(), ns)
+        r.start()
+        rsyslog.append(r)
+        return (
+            f'\n[netlog]\ninterval = 1\n[[netlog.collectors]]\nkind = "syslog"\naddress = "tcp://127.0.0.1:{r.port}"\n'
+        )
+
+    try:
+        m = build(underlay, tmp_path, extra_a=collector)
+        assert ping(m.ns_a, m.b.v4, count=5)
+
+        def physical() -> dict[str, int]:
+            records = [json.loads(x["msg"]) for x in rsyslog[0].messages() if x["msgid"] == "flowlog"]
+            out: dict[str, int] = {}
+            for entry in (e for r in records for e in r.get("physicalTraffic", [])):
+                if (entry["src"], entry["dst"]) == (f"{m.b.v4}:0", "127.3.3.40:1"):
+                    for k in ("txPkts", "rxPkts", "txBytes", "rxBytes"):
+                        out[k] = out.get(k, 0) + entry.get(k, 0)
+            return out
+
+        # Five echoes and their replies at least, each in a WireGuard datagram, bravo's through the relay.
+        assert wait_until(lambda: (p := physical()).get("txPkts", 0) >= 5 and p.get("rxPkts", 0) >= 5, 15), physical()
+        assert physical()["txBytes"] >= 5 * (84 + 32)
+    finally:
+        for r in rsyslog:
+            r.stop()
