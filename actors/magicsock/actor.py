@@ -21,6 +21,7 @@ peer whose datagrams it carried (tallied by (RELAY_HOST, number, peer key)).
 from __future__ import annotations
 
 import hashlib
+import time
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -128,7 +129,7 @@ class MagicsockActor(Actor):
         if key is None or link is None:
             self.counters["relay_unreachable" if key else "bad_relayed_endpoint"] += len(datagrams)
             return
-        refused = link.send(key, datagrams)
+        refused = link.send(key, datagrams, time.monotonic())
         sent = len(datagrams) - refused
         self.counters["relay_tx_datagrams"] += sent
         self.counters["relay_tx_dropped"] += refused

@@ -19,6 +19,7 @@ Frames a client has no use for are counted and skipped, as Tailscale's are.
 from __future__ import annotations
 
 import os
+import struct
 from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
@@ -27,6 +28,8 @@ from typing import Any
 from meshsup.actors.kernel.types import Buffer
 from meshsup.actors.wire import derp
 from meshsup.actors.wire.derp import KEY_LEN, FrameError, FrameReader, FrameType
+
+_SEND_HEADER = struct.Struct(">BI").pack  # derp.header, without a call per packet
 
 
 @dataclass(frozen=True)
@@ -170,12 +173,22 @@ class DerpClient:
             raise FrameError(f"login_{derp.type_name(ftype)}", "not part of a login")
 
     # --- bytes out ------------------------------------------------------------------
-    def send_packet(self, dst: bytes, packet: Buffer) -> bool:
-        """Queue a SendPacket; False (nothing queued) when not up or the packet is over DERP's limit."""
-        if not self.up or len(packet) > derp.MAX_PACKET_SIZE:
-            return False
-        self._out.append(b"".join((derp.header(FrameType.SEND_PACKET, KEY_LEN + len(packet)), dst, packet)))
-        return True
+    def send_packets(self, dst: bytes, packets: list[bytes]) -> int:
+        """Queue a SendPacket for each packet, as one run of frames (written whole or dropped whole);
+        how many were refused: all when not up, else those over DERP's limit."""
+        if not self.up:
+            return len(packets)
+        parts: list[Buffer] = []
+        refused = 0
+        for packet in packets:
+            n = len(packet)
+            if n > derp.MAX_PACKET_SIZE:
+                refused += 1
+                continue
+            parts += (_SEND_HEADER(FrameType.SEND_PACKET, KEY_LEN + n), dst, packet)
+        if parts:
+            self._out.append(b"".join(parts))
+        return refused
 
     def note_preferred(self, preferred: bool) -> None:
         if self.up:

@@ -15,8 +15,10 @@ the home fails or is clearly slower (by a third). A peer is sent to through
 the relay its packets last came through while that is up, else the home, else
 any other up relay that has not said the peer is not there (PeerGone).
 
-Sends queue whole frames in the link's client; `flush` writes each link's
-frames at the end of the loop's turn, many frames a syscall.
+A worker's batch for a peer becomes one run of SendPacket frames on the
+link's send queue (256 KiB past the kernel's buffer; what does not fit is
+dropped from the tail and counted, as a NIC's full ring drops); `flush`
+writes each link's queue at the end of the loop's turn, many frames a syscall.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from meshsup.actors.kernel.stream import Transport
+from meshsup.actors.kernel.stream import SEND_QUEUE_BYTES, Transport
 from meshsup.actors.kernel.types import RELAY_HOST, Buffer, Endpoint
 from meshsup.actors.magicsock.derpclient import DerpClient, PeerGone, Restarting, Timing
 from meshsup.actors.settings.relay import RelaySettings
-from meshsup.actors.wire.derp import PeerGoneReason
+from meshsup.actors.wire.derp import FRAME_HEADER_LEN, KEY_LEN, PeerGoneReason
 
 READ_BUDGET = 8  # socket reads per wake-up, so one busy relay never starves the loop
 HOME_MARGIN = 2 / 3  # another relay becomes home when its latency is below this share of the home's
+FRAME_OVERHEAD = FRAME_HEADER_LEN + KEY_LEN  # a SendPacket's bytes besides its packet
 
 Watch = Callable[..., None]  # Actor.watch(fd, handler, read=, write=)
 Packets = Callable[["RelayLink", dict[bytes, list[Buffer]]], None]
@@ -208,14 +211,23 @@ class RelayLink:
             self.log.info("relay connected", relay=self.relay.name, url=self.relay.url)
         self.flush(now)
 
-    def send(self, key: bytes, datagrams: list[bytes]) -> int:
-        """Queue datagrams for `key`; how many were refused (not up, or too long for DERP)."""
-        client = self.client
-        if client is None or not client.up:
+    def send(self, key: bytes, datagrams: list[bytes], now: float) -> int:
+        """Queue datagrams for `key` as one run of frames (the socket write waits for `flush`); how many
+        were refused: not up, too long for DERP, or past the send queue's bound (all of the run)."""
+        client, transport = self.client, self.transport
+        if client is None or transport is None or not transport.ready:
             return len(datagrams)
-        refused = sum(not client.send_packet(key, d) for d in datagrams)
-        self.counters["tx_packets"] += len(datagrams) - refused
-        return refused
+        room, fit = SEND_QUEUE_BYTES - transport.queued, 0
+        for d in datagrams:  # drop from the tail, packet by packet, as a NIC's full ring does
+            room -= len(d) + FRAME_OVERHEAD
+            if room < 0:
+                break
+            fit += 1
+        refused = client.send_packets(key, datagrams[:fit] if fit < len(datagrams) else datagrams)
+        transport.queue(client.data_to_send(), now)
+        self.counters["tx_dropped"] += len(datagrams) - fit
+        self.counters["tx_packets"] += fit - refused
+        return refused + len(datagrams) - fit
 
     def note_preferred(self, preferred: bool) -> None:
         if self.client is not None and self.client.up and preferred != self.told_preferred:
@@ -230,9 +242,7 @@ class RelayLink:
         if transport.ready:
             frames = client.data_to_send()
             if frames:
-                dropped = transport.queue(frames, now)
-                if dropped:
-                    self.counters["tx_dropped"] += dropped
+                self.counters["tx_dropped"] += transport.queue(frames, now)  # control frames: never in practice
         try:
             done = transport.flush(now)
         except OSError as err:

@@ -1,6 +1,8 @@
-"""Relay forwarding figures: DERP packets between two clients on the same worker and on two workers.
+"""Relay forwarding figures: DERP packets between two clients on the same worker and on two workers;
+relayed TCP between two meshsup nodes against their direct path; a relay holding idle clients.
 
 Run: .venv/bin/python tests/bench/bench_relay.py [--seconds 4] [--size 1400] [--idle 1000 --idle-seconds 60]
+     [--idle-ping 15] [--nodes --node-seconds 8] (--nodes: as root)
 
 Starts `meshsup relay --relay-workers 2` on loopback. For each pairing, one
 client sends SendPacket frames of --size bytes as fast as TCP lets it, the
@@ -9,12 +11,22 @@ relay workers' CPU seconds per GB delivered, and for the cross-worker pair
 how many packets each bus message between the workers carried (the batching
 that keeps the hop from costing a syscall per packet). With --idle N, then
 N idle clients stay logged in for --idle-seconds: the workers' RSS before and
-with them, and their CPU seconds per minute.
+with them, and their CPU seconds per minute (--idle-ping S: each client sends a
+Ping every S seconds, as a node's magicsock does to measure latency).
+
+With --nodes (as root, in network namespaces on one underlay): two meshsup
+nodes carry iperf3 TCP both ways over their direct path (endpoints
+configured), then two others with no endpoints carry it through `meshsup
+relay`, with 1 relay worker and then 2 (the nodes' connections on different
+workers). For each: Mbit/s, the share of the direct path's rate, the
+relay's CPU seconds per GB carried and the nodes'. Other load on the
+machine moves every figure.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -25,8 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from meshsup.actors.wire import derp  # noqa: E402
-from tests.derp_client import DerpClient  # noqa: E402
 from tests.actors.relay.test_relay import Relay, on_two_workers  # noqa: E402
+from tests.derp_client import DerpClient  # noqa: E402
+from tests.topology import Identity, Netns, Node, Underlay, iperf3, meshsup_config, ping  # noqa: E402
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -82,7 +95,7 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
-def idle(relay: Relay, n: int, seconds: float) -> None:
+def idle(relay: Relay, n: int, seconds: float, ping_every: float) -> None:
     import resource
     resource.setrlimit(resource.RLIMIT_NOFILE, (n + 256, max(n + 256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])))
     pids = [x["pid"] for x in relay.status()["actors"]]
@@ -90,12 +103,98 @@ def idle(relay: Relay, n: int, seconds: float) -> None:
     clients = [DerpClient(relay.addr) for _ in range(n)]
     relay.wait_clients(n + 3)
     rss1, cpu0 = rss_kib(pids), cpu_seconds(pids)
-    time.sleep(seconds)
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if ping_every:
+            for c in clients:  # the Pongs wait in the clients' sockets, unread
+                c.sock.sendall(derp.ping(os.urandom(8)))
+        time.sleep(min(left, ping_every or left))
     cpu = cpu_seconds(pids) - cpu0
-    print(f"{n} idle clients: workers' RSS {rss0 / 1024:.1f} MiB -> {rss1 / 1024:.1f} MiB "
+    pinging = f", each pinging every {ping_every:g} s" if ping_every else ""
+    print(f"{n} idle clients{pinging}: workers' RSS {rss0 / 1024:.1f} MiB -> {rss1 / 1024:.1f} MiB "
           f"({(rss1 - rss0) / n:.1f} KiB a client), CPU {cpu * 60 / seconds:.2f} s a minute")
     for c in clients:
         c.close()
+
+
+# --- meshsup nodes: relayed against direct ------------------------------------------------
+
+
+def node_pids(node: Node) -> list[int]:
+    return [node.proc.pid] + [a["pid"] for a in node.status()["actors"] if a["pid"]]
+
+
+def node_pair(u: Underlay, tmp: Path, relay_addr: str | None) -> tuple[Netns, Netns, Identity, Node, Node]:
+    """Two nodes on the underlay: at each other's endpoints, or (relay_addr) with no endpoints and the relay."""
+    (ns_a, addr_a), (ns_b, addr_b) = u.host(), u.host()
+    a, b = Identity("alpha", 1), Identity("bravo", 2)
+    extra = ""
+    if relay_addr is None:
+        a.endpoint, b.endpoint = f"{addr_a}:51820", f"{addr_b}:51820"
+    else:
+        extra = f'\n[[relays]]\nname = "bench"\nurl = "http://{relay_addr}:8080/derp"\n'
+    nodes = []
+    for ns, me, other in ((ns_a, a, b), (ns_b, b, a)):
+        node = u.track(Node(tmp, "--config", str(meshsup_config(tmp, me, [other], extra=extra)), netns=ns))
+        node.wait_ready()
+        nodes.append(node)
+    return ns_a, ns_b, b, nodes[0], nodes[1]
+
+
+def transfer(ns_a: Netns, ns_b: Netns, addr: str, seconds: int, watched: list[int]) -> tuple[float, float, int]:
+    """iperf3 TCP both ways: (Mbit/s, CPU seconds of `watched` per GB, bytes received)."""
+    cpu0, received, elapsed = cpu_seconds(watched), 0, 0.0
+    for reverse in (False, True):
+        r = iperf3(ns_a, ns_b, addr, seconds=seconds, reverse=reverse)
+        end = r.get("end", {}).get("sum_received", {})
+        received += end.get("bytes", 0)
+        elapsed += end.get("seconds", 0.0)
+    cpu = cpu_seconds(watched) - cpu0
+    return received * 8 / elapsed / 1e6 if elapsed else 0.0, cpu / (received / 1e9) if received else 0.0, received
+
+
+def worker_clients(relay: Node) -> dict[str, int]:
+    return {a["name"]: a["counters"].get("clients", 0) for a in relay.status()["actors"]}
+
+
+def relay_ready(node: Node) -> bool:
+    return all(r["state"] == "up" for r in node.status()["relays"])
+
+
+def nodes(tmp: Path, seconds: int) -> None:
+    u = Underlay()
+    try:
+        ns_a, ns_b, b, a1, b1 = node_pair(u, tmp, None)
+        ping(ns_a, b.v4)
+        direct, direct_cpu, _ = transfer(ns_a, ns_b, b.v4, seconds, node_pids(a1) + node_pids(b1))
+        print(f"{'direct':<17} {direct:8.0f} Mbit/s              nodes {direct_cpu:5.1f} CPU s/GB")
+        relay_ns, relay_addr = u.host()
+        relay = u.track(Node(tmp, "--listen", f"{relay_addr}:8080", netns=relay_ns, command="relay"))
+        relay.wait(lambda: relay.status()["relay"]["ready"], what="relay ready")
+        ns_a, ns_b, b, a2, b2 = node_pair(u, tmp, relay_addr)
+        for workers in (1, 2):
+            if workers == 2:
+                relay.cli("scale", "relay", "2")
+                relay.wait(lambda: len(worker_clients(relay)) == 2, what="two relay workers")
+                for _ in range(20):  # bravo reconnects until the kernel puts it on the other worker
+                    if min(worker_clients(relay).values()) == 1:
+                        break
+                    os.kill(b2.actors()["magicsock"]["pid"], signal.SIGKILL)
+                    b2.wait(lambda: relay_ready(b2) and sum(worker_clients(relay).values()) == 2, what="back")
+            a2.wait(lambda: relay_ready(a2) and relay_ready(b2), what="both nodes on the relay")
+            ping(ns_a, b.v4)
+            relay_pids = [x["pid"] for x in relay.status()["actors"]]
+            nodes_cpu0 = cpu_seconds(node_pids(a2) + node_pids(b2))
+            rate, relay_cpu, received = transfer(ns_a, ns_b, b.v4, seconds, relay_pids)
+            nodes_cpu = (cpu_seconds(node_pids(a2) + node_pids(b2)) - nodes_cpu0) / (received / 1e9)
+            where = ", ".join(f"{k} {v}" for k, v in sorted(worker_clients(relay).items()))
+            print(f"{f'relay, {workers} worker' + 's' * (workers > 1):<17} {rate:8.0f} Mbit/s "
+                  f"({rate / direct:4.2f} of direct)  relay {relay_cpu:5.1f} CPU s/GB, nodes {nodes_cpu:5.1f}"
+                  f"  (clients: {where})")
+        drops = {k: v for k, v in a2.counters()["magicsock"].items() if "drop" in k or "unreach" in k}
+        print(f"relay dropped: {relay.status()['dropped']}, alpha's magicsock: {drops}")
+    finally:
+        u.close()
 
 
 def main() -> None:
@@ -104,7 +203,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1400)
     ap.add_argument("--idle", type=int, default=0)
     ap.add_argument("--idle-seconds", type=float, default=60.0)
+    ap.add_argument("--idle-ping", type=float, default=0.0)
+    ap.add_argument("--nodes", action="store_true")
+    ap.add_argument("--node-seconds", type=int, default=8)
     args = ap.parse_args()
+    if args.nodes:
+        with tempfile.TemporaryDirectory() as tmp:
+            nodes(Path(tmp), args.node_seconds)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         relay = Relay(Path(tmp), "--relay-workers", "2")
         try:
@@ -119,7 +225,7 @@ def main() -> None:
                       f"{r['cpu_s_per_gb']:6.1f} CPU s/GB  {r['packets_per_batch']:6.1f} packets per bus message")
             print(f"dropped: {relay.status()['dropped']}")
             if args.idle:
-                idle(relay, args.idle, args.idle_seconds)
+                idle(relay, args.idle, args.idle_seconds, args.idle_ping)
         finally:
             relay.close()
 

@@ -82,9 +82,8 @@ def test_login_packets_both_ways_and_latency() -> None:
     wire = Wire()
     a, b = wire.connect(1), wire.connect(2)
     assert a.up and b.up and a.server_key == SERVER[1] and a.server_info["version"] == 2
-    for i in range(3):
-        assert a.send_packet(b.public, b"packet %d" % i)
-    assert b.send_packet(a.public, b"back")
+    assert a.send_packets(b.public, [b"packet %d" % i for i in range(3)]) == 0
+    assert b.send_packets(a.public, [b"back"]) == 0
     wire.pump(T0 + 0.1)
     assert {k: [bytes(p) for p in ps] for k, ps in b.take_packets().items()} == {
         a.public: [b"packet 0", b"packet 1", b"packet 2"]
@@ -105,9 +104,9 @@ def test_login_packets_both_ways_and_latency() -> None:
 def test_peer_gone_when_the_peer_leaves_and_not_here() -> None:
     wire = Wire()
     a, b = wire.connect(1), wire.connect(2)
-    b.send_packet(a.public, b"x")
+    b.send_packets(a.public, [b"x"])
     stranger = keys()[1]
-    a.send_packet(stranger, b"y")
+    a.send_packets(stranger, [b"y"])
     wire.pump(T0)
     assert a.take_events() == [PeerGone(stranger, PeerGoneReason.NOT_HERE)]
     wire.core.ended(2, T0 + 1)  # b's connection ends: a, who heard from it, is told
@@ -128,14 +127,13 @@ def test_the_servers_pings_keepalives_health_and_restarting() -> None:
 
 def test_a_packet_over_derps_limit_is_refused_not_sent() -> None:
     c = logged_in()
-    assert not c.send_packet(bytes(32), bytes(derp.MAX_PACKET_SIZE + 1))
-    assert c.send_packet(bytes(32), bytes(derp.MAX_PACKET_SIZE))
-    assert len(sent_frames(c)) == 1
+    assert c.send_packets(bytes(32), [bytes(derp.MAX_PACKET_SIZE + 1), bytes(derp.MAX_PACKET_SIZE), b"x"]) == 1
+    assert [len(payload) for _, payload in sent_frames(c)] == [32 + derp.MAX_PACKET_SIZE, 33]
 
 
 def test_nothing_is_sent_before_login() -> None:
     c = DerpClient(*keys(), "192.0.2.1:8080", T0)
-    assert not c.send_packet(bytes(32), b"x")
+    assert c.send_packets(bytes(32), [b"x"]) == 1
     assert c.data_to_send() == [derp.upgrade_request("192.0.2.1:8080")]
 
 

@@ -188,12 +188,13 @@ def test_two_links_exchange_packets_through_meshsup_relay(relay: Relay) -> None:
     relays = Relays([a, b])
     loop.run(relays, lambda: a.rtt is not None and b.rtt is not None)
     key_a, key_b = a.keys[1], b.keys[1]
-    assert a.send(key_b, [b"one", b"two"]) == 0 and b.send(key_a, [b"back"]) == 0
+    now = time.monotonic()
+    assert a.send(key_b, [b"one", b"two"], now) == 0 and b.send(key_a, [b"back"], now) == 0
     loop.run(relays, lambda: len(loop.got.get(key_a, [])) == 2 and len(loop.got.get(key_b, [])) == 1)
     assert loop.got == {key_a: [b"one", b"two"], key_b: [b"back"]}
     assert a.status(home=True)["latency_ms"] > 0 and a.status(home=True)["state"] == "up"
     stranger = bytes(32)
-    a.send(stranger, [b"lost"])
+    a.send(stranger, [b"lost"], now)
     loop.run(relays, lambda: a.counters["not_here"] >= 1)
     relays.tick(time.monotonic())
     assert relays.not_at == {stranger: {1}}
