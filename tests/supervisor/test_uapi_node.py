@@ -46,7 +46,7 @@ def test_wg_show_agrees_with_wireguard_go(underlay, tmp_path) -> None:
 
     table = node_a.cli("status").stdout.splitlines()
     (row,) = [line for line in table if line.startswith("bravo ")]
-    assert b.endpoint in row and "MiB" in row and row.endswith(" s ago"), row
+    assert b.endpoint in row and "MiB" in row and " s ago " in row and row.endswith(" direct"), row
 
     # public-key preshared-key endpoint allowed-ips latest-handshake rx tx keepalive
     assert ours[2] == b.endpoint
