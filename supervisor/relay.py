@@ -8,6 +8,7 @@ and answers `status` for it. The relay's key lives in the state dir
 (relay.key), as a node's does; so does the mesh key (mesh.key) that lets
 a client watch every login (DERP's WatchConns).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,19 +29,39 @@ MAX_WORKERS = 64
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
-                   help=f"DERP over HTTP, or HTTPS with --tls-cert (default {DEFAULT_LISTEN})")
-    p.add_argument("--stun-listen", metavar="HOST:PORT",
-                   help=f"STUN's UDP address (default the --listen host, port {DEFAULT_STUN_PORT}); 'off' for none")
+    p.add_argument(
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"DERP over HTTP, or HTTPS with --tls-cert (default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--stun-listen",
+        metavar="HOST:PORT",
+        help=f"STUN's UDP address (default the --listen host, port {DEFAULT_STUN_PORT}); 'off' for none",
+    )
     p.add_argument("--tls-cert", metavar="FILE", help="certificate chain (PEM): serve HTTPS")
     p.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
     p.add_argument("--relay-workers", type=int, default=1, metavar="N", help="worker processes (default 1)")
-    p.add_argument("--name", default=socket.gethostname().split(".")[0].lower(),
-                   help="how nodes name this relay (default the host name)")
-    p.add_argument("--rate-limit", type=int, default=0, metavar="BYTES",
-                   help="bytes per second each client may send (default 0: no limit)")
-    p.add_argument("--rate-burst", type=int, default=0, metavar="BYTES",
-                   help="bytes a client may send at once above the rate (at least 64 KiB + 32)")
+    p.add_argument(
+        "--name",
+        default=socket.gethostname().split(".")[0].lower(),
+        help="how nodes name this relay (default the host name)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="bytes per second each client may send (default 0: no limit)",
+    )
+    p.add_argument(
+        "--rate-burst",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="bytes a client may send at once above the rate (at least 64 KiB + 32)",
+    )
 
 
 def _hostport(flag: str, text: str) -> tuple[str, int]:
@@ -88,11 +109,16 @@ def relay_config(args: argparse.Namespace, state_dir: Path) -> Config:
     host = "THIS_HOST" if ipaddress.ip_address(listen[0]).is_unspecified else listen[0]
     return {
         "relay": {
-            "name": args.name, "private_key": keys.b64(private), "public_key": keys.b64(keys.public_of(private)),
-            "listen": _text(*listen), "stun_listen": _text(*stun) if stun else "",
+            "name": args.name,
+            "private_key": keys.b64(private),
+            "public_key": keys.b64(keys.public_of(private)),
+            "listen": _text(*listen),
+            "stun_listen": _text(*stun) if stun else "",
             "tls_cert": os.path.abspath(args.tls_cert) if args.tls_cert else "",
             "tls_key": os.path.abspath(args.tls_key) if args.tls_key else "",
-            "rate": args.rate_limit, "burst": args.rate_burst, "mesh_key": mesh_key(state_dir / "mesh.key"),
+            "rate": args.rate_limit,
+            "burst": args.rate_burst,
+            "mesh_key": mesh_key(state_dir / "mesh.key"),
             "url": f"{'https' if args.tls_cert else 'http'}://{_text(host, listen[1])}/derp",
             "stun": _text(host, stun[1]) if stun else "",
         },
@@ -104,10 +130,15 @@ def relay_config(args: argparse.Namespace, state_dir: Path) -> Config:
 
 def relay_stanza(conf: Config) -> str:
     r = conf["relay"]
-    lines = [f"# this relay's public key: {r['public_key']}", "# for a meshsup node's config:", "[[relays]]",
-             f"name = \"{r['name']}\"", f"url = \"{r['url']}\""]
+    lines = [
+        f"# this relay's public key: {r['public_key']}",
+        "# for a meshsup node's config:",
+        "[[relays]]",
+        f'name = "{r["name"]}"',
+        f'url = "{r["url"]}"',
+    ]
     if r["stun"]:
-        lines.append(f"stun = \"{r['stun']}\"")
+        lines.append(f'stun = "{r["stun"]}"')
     return "\n".join(lines) + "\n"
 
 
@@ -138,10 +169,21 @@ def status(conf: Config, actors: list[dict[str, Any]], ready: bool, generation: 
             for k, v in a.get(section, {}).items():
                 total[k] = total.get(k, 0) + v
     return {
-        "relay": {"name": r["name"], "public_key": r["public_key"], "url": r["url"], "stun": r["stun"],
-                  "listen": r["listen"], "stun_listen": r["stun_listen"], "tls": bool(r["tls_cert"]),
-                  "rate": r["rate"], "burst": r["burst"], "workers": conf["actors"]["relay"],
-                  "ready": ready, "pid": os.getpid(), "generation": generation},
+        "relay": {
+            "name": r["name"],
+            "public_key": r["public_key"],
+            "url": r["url"],
+            "stun": r["stun"],
+            "listen": r["listen"],
+            "stun_listen": r["stun_listen"],
+            "tls": bool(r["tls_cert"]),
+            "rate": r["rate"],
+            "burst": r["burst"],
+            "workers": conf["actors"]["relay"],
+            "ready": ready,
+            "pid": os.getpid(),
+            "generation": generation,
+        },
         "actors": actors,
         **totals,
     }
@@ -149,14 +191,20 @@ def status(conf: Config, actors: list[dict[str, Any]], ready: bool, generation: 
 
 def print_status(result: dict[str, Any]) -> None:
     r, counters = result["relay"], result["counters"]
-    print(f"relay {r['name']}  {r['public_key']}  {r['url']}  stun {r['stun'] or 'off'}  "
-          f"{'ready' if r['ready'] else 'starting'}")
+    print(
+        f"relay {r['name']}  {r['public_key']}  {r['url']}  stun {r['stun'] or 'off'}  "
+        f"{'ready' if r['ready'] else 'starting'}"
+    )
     print(f"\n{'WORKER':<12} {'PID':>7} {'STATE':<9} {'RESTARTS':>8} {'CLIENTS':>8} {'BAD INPUT':>10}")
     for a in result["actors"]:
-        print(f"{a['name']:<12} {a['pid']:>7} {a['state']:<9} {a['restarts']:>8} "
-              f"{a['counters'].get('clients', 0):>8} {sum(a['bad_input'].values()):>10}")
-    print(f"\nclients {counters.get('clients', 0)}  packets in {counters.get('packets_in', 0)}  "
-          f"out {counters.get('packets_out', 0)}  STUN {counters.get('stun_requests', 0)}")
+        print(
+            f"{a['name']:<12} {a['pid']:>7} {a['state']:<9} {a['restarts']:>8} "
+            f"{a['counters'].get('clients', 0):>8} {sum(a['bad_input'].values()):>10}"
+        )
+    print(
+        f"\nclients {counters.get('clients', 0)}  packets in {counters.get('packets_in', 0)}  "
+        f"out {counters.get('packets_out', 0)}  STUN {counters.get('stun_requests', 0)}"
+    )
     for title in ("bad_input", "dropped"):
         if result[title]:
             print(f"{title.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in sorted(result[title].items())))

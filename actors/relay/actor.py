@@ -11,6 +11,7 @@ each turn, one data-path message (actors/bus/datapath.py) per worker carries
 all of them, so crossing workers costs a syscall per batch, not per packet.
 Who is on which worker comes from the other workers' events on the bus.
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,7 +32,7 @@ from meshsup.actors.relay.core import Core, Settings
 from meshsup.actors.relay.transport import Transport
 from meshsup.actors.wire import stun
 
-TURN_EVENTS = 256          # socket events handled per turn of the actor loop
+TURN_EVENTS = 256  # socket events handled per turn of the actor loop
 ACCEPT_BUDGET = 64
 STUN_BUDGET = 64
 ANNOUNCE_AFTER = (0.5, 2.0)  # RelayWorkerUp again while the bus's subscriptions settle
@@ -280,7 +281,7 @@ class RelayActor(Actor):
                 self.core.dropped["queue_full"] += dropped
             if conn not in out.close:
                 self._flush(conn, now)
-        for conn, until in out.pause.items():
+        for conn in out.pause:
             if conn in self.conns:
                 self._want(conn, read=False)
         for conn in out.resume:

@@ -10,6 +10,7 @@ closed: Tailscale's server allows each frame's write 2 s, and a reader that
 only trickles (the kernel reopening a zero window by a few bytes) makes no
 progress that counts. Writes go out many frames to a syscall (sendmsg's iovecs).
 """
+
 from __future__ import annotations
 
 import socket
@@ -29,10 +30,10 @@ _IOV_MAX = 512
 class Transport:
     def __init__(self, sock: socket.socket, tls: ssl.SSLContext | None, now: float) -> None:
         self.sock = sock
-        self.raw: deque[bytes | memoryview] = deque()   # bytes for the socket, ciphertext under TLS
+        self.raw: deque[bytes | memoryview] = deque()  # bytes for the socket, ciphertext under TLS
         self.queued = 0
-        self.progress = now                             # when the queue last filled from empty or moved enough
-        self._moved = 0                                 # bytes written since then
+        self.progress = now  # when the queue last filled from empty or moved enough
+        self._moved = 0  # bytes written since then
         self._bio_in = self._bio_out = None
         self._tls: ssl.SSLObject | None = None
         if tls is not None:

@@ -11,11 +11,11 @@ that keeps the hop from costing a syscall per packet). With --idle N, then
 N idle clients stay logged in for --idle-seconds: the workers' RSS before and
 with them, and their CPU seconds per minute.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -50,7 +50,7 @@ def run(relay: Relay, a: DerpClient, b: DerpClient, seconds: float, size: int) -
         while not stop.is_set():
             try:
                 received[0] += b.sock.recv_into(buf)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
 
     pids = [x["pid"] for x in relay.status()["actors"]]
@@ -68,9 +68,12 @@ def run(relay: Relay, a: DerpClient, b: DerpClient, seconds: float, size: int) -
     packets = received[0] / frame_len
     crossed = after.get("packets_to_workers", 0) - before.get("packets_to_workers", 0)
     batches = after.get("batches_to_workers", 0) - before.get("batches_to_workers", 0)
-    return {"mbit_s": received[0] * 8 / elapsed / 1e6, "kpps": packets / elapsed / 1e3,
-            "cpu_s_per_gb": cpu / (received[0] / 1e9) if received[0] else float("nan"),
-            "packets_per_batch": crossed / batches if batches else 0.0}
+    return {
+        "mbit_s": received[0] * 8 / elapsed / 1e6,
+        "kpps": packets / elapsed / 1e3,
+        "cpu_s_per_gb": cpu / (received[0] / 1e9) if received[0] else float("nan"),
+        "packets_per_batch": crossed / batches if batches else 0.0,
+    }
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -84,6 +87,7 @@ def rss_kib(pids: list[int]) -> int:
 
 def idle(relay: Relay, n: int, seconds: float) -> None:
     import resource
+
     resource.setrlimit(resource.RLIMIT_NOFILE, (n + 256, max(n + 256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])))
     pids = [x["pid"] for x in relay.status()["actors"]]
     rss0 = rss_kib(pids)
@@ -92,8 +96,10 @@ def idle(relay: Relay, n: int, seconds: float) -> None:
     rss1, cpu0 = rss_kib(pids), cpu_seconds(pids)
     time.sleep(seconds)
     cpu = cpu_seconds(pids) - cpu0
-    print(f"{n} idle clients: workers' RSS {rss0 / 1024:.1f} MiB -> {rss1 / 1024:.1f} MiB "
-          f"({(rss1 - rss0) / n:.1f} KiB a client), CPU {cpu * 60 / seconds:.2f} s a minute")
+    print(
+        f"{n} idle clients: workers' RSS {rss0 / 1024:.1f} MiB -> {rss1 / 1024:.1f} MiB "
+        f"({(rss1 - rss0) / n:.1f} KiB a client), CPU {cpu * 60 / seconds:.2f} s a minute"
+    )
     for c in clients:
         c.close()
 
@@ -115,8 +121,10 @@ def main() -> None:
             partner = a if counts[where["a"]] == 2 else b
             for name, (x, y) in (("cross-worker", (a, b)), ("same worker", (same, partner))):
                 r = run(relay, x, y, args.seconds, args.size)
-                print(f"{name:<13} {r['mbit_s']:8.0f} Mbit/s {r['kpps']:7.1f} kpps "
-                      f"{r['cpu_s_per_gb']:6.1f} CPU s/GB  {r['packets_per_batch']:6.1f} packets per bus message")
+                print(
+                    f"{name:<13} {r['mbit_s']:8.0f} Mbit/s {r['kpps']:7.1f} kpps "
+                    f"{r['cpu_s_per_gb']:6.1f} CPU s/GB  {r['packets_per_batch']:6.1f} packets per bus message"
+                )
             print(f"dropped: {relay.status()['dropped']}")
             if args.idle:
                 idle(relay, args.idle, args.idle_seconds)
