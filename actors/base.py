@@ -61,15 +61,23 @@ class Actor:
         self.control = self.ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.IDENTITY, name.encode())
         self.control.setsockopt(zmq.LINGER, 1000)
-        self.control.connect(runtime.control)
+        self.control.connect(runtime.unprivileged_control if runtime.drop else runtime.control)
         self.inbox = Inbox(runtime.inbox(name), self.add_reader, self.remove_reader, self._on_data,
                            lambda: self.count_drop("oversized", "data message"))
         self.events = self.ctx.socket(zmq.PUB)
         self.events.connect(runtime.events_in)
         self.subscriptions = self.ctx.socket(zmq.SUB)
         self.subscriptions.connect(runtime.events_out)
+        self.bind_runtime()
+        if runtime.drop is not None:
+            runtime.drop.finish()  # PrivilegeError: the actor does not run (actors.registry)
+        self.holds_keys = False  # whether the last settings it was given carry key material
 
     # --- hooks for subclasses -------------------------------------------
+    def bind_runtime(self) -> None:
+        """Bind the actor's own sockets in the runtime dir: called while it is still root
+        (only root creates files there), before an unprivileged kind drops privileges."""
+
     def configure(self, settings: Settings) -> None:
         """Apply the node's settings; raise ConfigError to refuse them."""
 
@@ -98,6 +106,17 @@ class Actor:
     def remove_reader(self, sock_or_fd: Any) -> None:
         if self._readers.pop(_pollable(sock_or_fd), None) is not None:
             self._poller_stale = True
+
+    def accept_from_unprivileged(self, *types: type[Message]) -> None:
+        """Let the unprivileged actors send these messages to this actor's inbox; anything
+        else from a process not running as root is counted and dropped."""
+        def take(msg: Message) -> None:
+            if isinstance(msg, types):
+                self.on_message(msg)
+            else:
+                self.count_drop("unprivileged_sender", msg.TAG)
+
+        self.inbox.share(lambda frame: self._dispatch(frame, take))
 
     def subscribe(self, *tags: str) -> None:
         for tag in tags:
@@ -205,7 +224,7 @@ class Actor:
 
     def _status(self) -> dict[str, Any]:
         return {"bus_dropped": dict(self.bus_dropped), "send_dropped": dict(self.outbox.dropped),
-                **self.status()}
+                "holds_keys": self.holds_keys, **self.status()}
 
     def _send(self, msg: Message) -> None:
         self.control.send(encode(msg))
@@ -243,7 +262,7 @@ class Actor:
 
     def _on_control(self, msg: Message) -> None:
         if isinstance(msg, Configure):
-            self._ack(msg.req, lambda: (self.configure(_settings(msg.config)), {})[1])
+            self._ack(msg.req, lambda: self._configure(_settings(msg.config)))
         elif isinstance(msg, Command):
             if msg.op == "fault":
                 self._ack(msg.req, lambda: self._fault(str(msg.args.get("mode"))))
@@ -254,6 +273,11 @@ class Actor:
             self._stopping = True
         else:
             self.count_drop("unexpected_type", msg.TAG)
+
+    def _configure(self, settings: Settings) -> dict[str, Any]:
+        self.holds_keys = settings.holds_secrets
+        self.configure(settings)
+        return {}
 
     def _ack(self, req: int, work: Callable[[], dict[str, Any]]) -> None:
         try:

@@ -9,7 +9,7 @@ import zmq
 
 from meshsup.actors.base import FAULTS_ENV
 from meshsup.actors.bus.codec import DecodeError, decode, encode
-from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.endpoints import Runtime, grant
 from meshsup.actors.bus.messages import CliReply, CliRequest, Command
 from meshsup.actors.registry import SCALABLE
 from meshsup.actors.settings import Settings
@@ -30,6 +30,7 @@ class CliServer:
         self.reload = reload
         self.reconfigure = reconfigure
         self.socket = bind(ctx, zmq.ROUTER, runtime.cli)
+        grant(runtime.cli, unprivileged=False)
 
     def drain(self) -> None:
         for _ in range(64):
@@ -93,6 +94,7 @@ class CliServer:
                      "pid": os.getpid(), "generation": self.tree.generation},
             "actors": [{"name": a.name, "kind": a.kind, "pid": a.pid, "state": a.state,
                         "restarts": a.restarts, "last_exit": a.exit_reason,
+                        "holds_keys": a.status.get("holds_keys", False),
                         "bus_dropped": a.status.get("bus_dropped", {}),
                         "counters": a.status.get("counters", {})}
                        for a in self.tree.actors.values()],

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import zmq
 
 from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.kernel.privileges import Account
 from meshsup.actors.settings import Settings
 from meshsup.supervisor import sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
@@ -32,8 +33,9 @@ from meshsup.supervisor.uapi_front import UapiFront
 
 
 class Supervisor:
-    def __init__(self, config: Settings, runtime: Runtime, reload: Callable[[], Settings],
+    def __init__(self, config: Settings, runtime: Runtime, account: Account, reload: Callable[[], Settings],
                  log: Any) -> None:
+        """`account`: the unprivileged actors' user, let into the runtime dir (resources.open_state_dir)."""
         self.runtime = runtime
         self.reload_source = reload
         self.log = log
@@ -41,7 +43,7 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.hub = Hub(self.ctx, runtime, log)
         self.tun_queues = TunQueues(log)
-        self.tree = Tree(config, runtime, self.hub, self.tun_queues, log)
+        self.tree = Tree(config, runtime, self.hub, self.tun_queues, account, log)
         self.sequencer = Sequencer(self.tree, self.hub)
         self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure)
         self.wg = UapiFront(self.tree, self.reconfigure, log)
@@ -87,7 +89,7 @@ class Supervisor:
 
     def _poll(self, timeout: float) -> None:
         poller = zmq.Poller()
-        for s in (self.hub.control, self.cli.socket, self.hub.xsub, self.hub.xpub):
+        for s in (*self.hub.controls, self.cli.socket, self.hub.xsub, self.hub.xpub):
             poller.register(s, zmq.POLLIN)
         poller.register(self.signal_r, zmq.POLLIN)
         sentinels = self.tree.sentinels()
@@ -95,8 +97,8 @@ class Supervisor:
             poller.register(fd, zmq.POLLIN)
         uapi_fds = self.wg.register(poller)
         for sock, _ in poller.poll(timeout * 1000):
-            if sock is self.hub.control:
-                self.hub.drain_control(self.tree.actors, self.tree.on_actor_message)
+            if sock in self.hub.controls:
+                self.hub.drain_control(sock, self.tree.actors, self.tree.on_actor_message)
             elif sock is self.cli.socket:
                 self.cli.drain()
             elif sock is self.hub.xsub or sock is self.hub.xpub:

@@ -2,13 +2,14 @@
 
 The supervisor reads a config file into `Settings` (`parse`) and hands every
 actor the same object, through the bus in its wire form (`to_wire`,
-`from_wire`). One module per section: node (with peers, actors, supervisor),
-dns, netlog (with logging); a wrong value is a ConfigError naming the file
-and the key.
+`from_wire`), without the keys to those that do not use them
+(`without_secrets`). One module per section: node (with peers, actors,
+supervisor), dns, netlog (with logging); a wrong value is a ConfigError
+naming the file and the key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -43,6 +44,16 @@ class Settings:
             names[p.name] = [str(n.network_address) for n in p.hosts]
         ranges = [str(a.network) for a in self.node.addresses] + [str(n) for p in self.peers for n in p.allowed_ips]
         return self.dns.with_mesh(names, ranges)
+
+    def without_secrets(self) -> Settings:
+        """The same settings with no key material: the private key empty, no preshared keys.
+        What the actors that use no keys get (actors.registry.settings_for)."""
+        return replace(self, node=replace(self.node, private_key=b""),
+                       peers=tuple(replace(p, preshared_key=None) for p in self.peers))
+
+    @property
+    def holds_secrets(self) -> bool:
+        return bool(self.node.private_key) or any(p.preshared_key for p in self.peers)
 
     def to_wire(self) -> dict[str, Any]:
         """msgpack-able, for the bus."""
