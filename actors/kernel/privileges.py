@@ -18,13 +18,16 @@ drops them in two steps, and refuses to run (PrivilegeError) if either fails:
 
 The state dir's parents need not be open to the user (a 0700 home, a test's
 tmp dir): the actor reaches the state dir through a descriptor opened while
-root, as /proc/self/fd/N.
+root, as /proc/self/fd/N. So it does the directories it imports from (an
+interpreter under /root, as pyenv installs it): a module first imported after
+the drop (the idna codec, on the first name resolved) is still found.
 """
 from __future__ import annotations
 
 import ctypes
 import os
 import pwd
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +115,8 @@ class Drop:
             threads = len(os.listdir("/proc/self/task"))
             if threads != 1:
                 raise PrivilegeError(f"{threads} threads: the bounding set would miss all but this one")
-            fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            state = _handle(state_dir)
+            _import_through_handles()
             _prctl(_PR_SET_NO_NEW_PRIVS, 1)
             for cap in range(_last_cap() + 1):
                 if cap not in self.keep:
@@ -120,7 +124,7 @@ class Drop:
             _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
         except OSError as err:
             raise PrivilegeError(f"cannot prepare to drop privileges: {err}") from None
-        return f"/proc/self/fd/{fd}"
+        return state
 
     def finish(self) -> None:
         """Step 2 (see the module): become the account with only the kept capabilities, and check it."""
@@ -145,9 +149,9 @@ class Drop:
         ids = {"Uid": self.account.uid, "Gid": self.account.gid}
         for key, want in ids.items():
             if any(int(v) != want for v in status[key].split()):
-                problems.append(f"{key} {status[key]!r}, not {want}")
+                problems.append(f"{key} {' '.join(status[key].split())}, not {want}")
         if status.get("Groups", "").split():
-            problems.append(f"supplementary groups {status['Groups']!r}")
+            problems.append(f"supplementary groups {status['Groups']}")
         if status["NoNewPrivs"] != "1":
             problems.append("new privileges allowed")
         caps = {k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
@@ -157,6 +161,29 @@ class Drop:
         if (caps["CapPrm"], caps["CapEff"]) != ((keep, keep) if main else (0, 0)):
             problems.append(f"permitted {caps['CapPrm']:x}, effective {caps['CapEff']:x}")
         return problems
+
+
+def _handle(directory: str) -> str:
+    """A path to `directory` through a descriptor of it: it needs no search right on its parents."""
+    return f"/proc/self/fd/{os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)}"
+
+
+def _import_through_handles() -> None:
+    """Reach sys.path's directories, and the packages already imported from them, through handles."""
+    moved = {entry: _handle(entry) for entry in sys.path if entry and os.path.isdir(entry)}
+
+    def move(path: str) -> str:
+        for old in sorted(moved, key=len, reverse=True):  # lib-dynload lies inside the stdlib's directory
+            if path == old or path.startswith(old + "/"):
+                return moved[old] + path[len(old):]
+        return path
+
+    sys.path[:] = [move(entry) for entry in sys.path]
+    for module in list(sys.modules.values()):
+        search = getattr(module, "__path__", None)
+        if isinstance(search, list):  # a namespace package's is computed from its parent's
+            search[:] = [move(path) for path in search]
+    sys.path_importer_cache.clear()
 
 
 def _threads() -> list[tuple[int, dict[str, str]]]:
