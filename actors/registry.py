@@ -1,4 +1,5 @@
 """Actor kinds, the order they start in, and how a process becomes one."""
+
 from __future__ import annotations
 
 import importlib
@@ -12,7 +13,7 @@ from meshsup.actors.settings import Settings
 
 # Start order follows the seed engine's dependencies: flow logging before
 # the router (first packets counted), the router before the dataplane
-# (the TUN exists), magicsock before crypto (keys before peers), DNS last
+# (the TUN exists), magicsock before crypto (the port before peers), DNS last
 # (it may listen on the tunnel address).
 START_ORDER = ("netlog", "router", "magicsock", "crypto", "tun-io", "dns")
 SCALABLE = frozenset({"crypto", "dns"})
@@ -37,12 +38,13 @@ class Kind:
 # workers share the listen port with SO_REUSEPORT, which the kernel allows
 # only within one uid, and the workers hold the keys: not the uid of DNS and
 # netlog. Only the crypto workers use the keys (magicsock uses none: it
-# routes datagrams by their receiver index). DNS and netlog read what
+# routes datagrams by their receiver index; a disco key, when magicsock has
+# one, is not the WireGuard key: a flag of its own). DNS and netlog read what
 # strangers send (queries, upstream answers, collector replies): they run
 # unprivileged, DNS keeping only the right to bind port 53.
 KINDS = {
-    "netlog": Kind("meshsup.actors.netlog.actor:NetlogActor", caps=frozenset(),
-                   state_dirs=("netlog", "spool")),  # its window log and spool (actors/netlog/actor.py)
+    # state_dirs: its window log and its spool (actors/netlog/actor.py)
+    "netlog": Kind("meshsup.actors.netlog.actor:NetlogActor", caps=frozenset(), state_dirs=("netlog", "spool")),
     "router": Kind("meshsup.actors.router.actor:RouterActor"),
     "magicsock": Kind("meshsup.actors.magicsock.actor:MagicsockActor"),
     "crypto": Kind("meshsup.actors.crypto.actor:CryptoActor", keys=True),

@@ -1,4 +1,5 @@
 """`meshsup`: start a node, or talk to a running one through its control socket."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,11 @@ def _parser() -> argparse.ArgumentParser:
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
-        c.add_argument("--state-dir", default=os.environ.get("MESHSUP_STATE_DIR", DEFAULT_STATE_DIR),
-                       help=f"keys, spool and runtime sockets (default {DEFAULT_STATE_DIR})")
+        c.add_argument(
+            "--state-dir",
+            default=os.environ.get("MESHSUP_STATE_DIR", DEFAULT_STATE_DIR),
+            help=f"keys, spool and runtime sockets (default {DEFAULT_STATE_DIR})",
+        )
         return c
 
     start = cmd("start", "run a node in the foreground")
@@ -72,8 +76,12 @@ def load_config(args: argparse.Namespace, state_dir: Path) -> Settings:
     node, actors = conf.node, conf.actors
     if args.interface is not None:
         if not valid_interface_name(args.interface):
-            raise cfg.ConfigError("--interface", "interface", f"{args.interface!r} is not a valid interface name "
-                                  f"(1-{IFNAMSIZ - 1} characters, no '/', ':' or white space, not '.' or '..')")
+            raise cfg.ConfigError(
+                "--interface",
+                "interface",
+                f"{args.interface!r} is not a valid interface name "
+                f"(1-{IFNAMSIZ - 1} characters, no '/', ':' or white space, not '.' or '..')",
+            )
         node = replace(node, interface=args.interface)
     if args.listen_port is not None:
         if not 0 <= args.listen_port <= 65535:
@@ -90,19 +98,20 @@ def load_config(args: argparse.Namespace, state_dir: Path) -> Settings:
 
 def valid_interface_name(name: str) -> bool:
     """What the kernel's dev_valid_name accepts."""
-    return (0 < len(name) < IFNAMSIZ and name not in (".", "..")
-            and not any(c in "/:" or c.isspace() for c in name))
+    return 0 < len(name) < IFNAMSIZ and name not in (".", "..") and not any(c in "/:" or c.isspace() for c in name)
 
 
 def peer_stanza(conf: Settings) -> str:
     node = conf.node
     public, addresses = b64(node.public_key), [str(a) for a in node.addresses]
-    return (f"# this node's public key: {public}\n"
-            f"# for a meshsup node's config:\n[[peers]]\nname = \"{node.name}\"\n"
-            f"public_key = \"{public}\"\nallowed_ips = {json.dumps(addresses)}\n"
-            f"endpoints = [\"THIS_HOST:{node.listen_port}\"]\n"
-            f"# for a WireGuard peer (wg-quick):\n[Peer]\nPublicKey = {public}\n"
-            f"AllowedIPs = {', '.join(addresses)}\nEndpoint = THIS_HOST:{node.listen_port}\n")
+    return (
+        f"# this node's public key: {public}\n"
+        f'# for a meshsup node\'s config:\n[[peers]]\nname = "{node.name}"\n'
+        f'public_key = "{public}"\nallowed_ips = {json.dumps(addresses)}\n'
+        f'endpoints = ["THIS_HOST:{node.listen_port}"]\n'
+        f"# for a WireGuard peer (wg-quick):\n[Peer]\nPublicKey = {public}\n"
+        f"AllowedIPs = {', '.join(addresses)}\nEndpoint = THIS_HOST:{node.listen_port}\n"
+    )
 
 
 def start(args: argparse.Namespace) -> int:
@@ -134,8 +143,13 @@ def start(args: argparse.Namespace) -> int:
         return 1
     log = setup("supervisor", runtime)
     if account.name != USER:
-        log.warning("unprivileged actors run as a user other daemons may share", user=account.name,
-                    uid=account.uid, missing=USER, fix="deploy/setup.sh makes the user")
+        log.warning(
+            "unprivileged actors run as a user other daemons may share",
+            user=account.name,
+            uid=account.uid,
+            missing=USER,
+            fix="deploy/setup.sh makes the user",
+        )
     print(peer_stanza(conf), flush=True)
     sup = Supervisor(conf, runtime, account, lambda: load_config(args, state_dir), log)
     code = sup.run()
@@ -155,8 +169,10 @@ def _running_pid(runtime: Runtime) -> int | None:
 
 def _print_status(result: dict[str, Any]) -> None:
     node = result["node"]
-    print(f"node {node['name']}  {node['public_key']}  {node['interface']}  "
-          f"port {node['listen_port']}  {'ready' if node['ready'] else 'starting'}")
+    print(
+        f"node {node['name']}  {node['public_key']}  {node['interface']}  "
+        f"port {node['listen_port']}  {'ready' if node['ready'] else 'starting'}"
+    )
     print(f"\n{'ACTOR':<12} {'PID':>7} {'STATE':<9} {'RESTARTS':>8}  BUS DROPS")
     for a in result["actors"]:
         drops = sum(a["bus_dropped"].values())
@@ -164,8 +180,10 @@ def _print_status(result: dict[str, Any]) -> None:
     if result["peers"]:
         print(f"\n{'PEER':<16} {'ENDPOINT':<24} {'RX':>12} {'TX':>12}  HANDSHAKE")
         for p in result["peers"]:
-            print(f"{p['name']:<16} {p['endpoint'] or '-':<24} {_size(p['rx_bytes']):>12} "
-                  f"{_size(p['tx_bytes']):>12}  {_ago(p['last_handshake'], time.time())}")
+            print(
+                f"{p['name']:<16} {p['endpoint'] or '-':<24} {_size(p['rx_bytes']):>12} "
+                f"{_size(p['tx_bytes']):>12}  {_ago(p['last_handshake'], time.time())}"
+            )
 
 
 def _size(n: float) -> str:
@@ -190,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         return start(args)
     if args.command == "ping":
         from meshsup.supervisor.ping import refusal
+
         if why := refusal(args):
             print(f"meshsup: ping: {why}", file=sys.stderr)
             return 2
     if args.command == "demo":
         from meshsup.supervisor.demo import run as demo
+
         return demo(args.seconds)
     runtime = Runtime(args.state_dir)
     request: dict[str, Any] = {}
@@ -218,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "ping":
         from meshsup.supervisor.ping import run as ping
+
         return ping(args, reply.result)
     if args.command == "status":
         if args.json:

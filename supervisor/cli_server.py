@@ -1,9 +1,11 @@
 """The node's end of the CLI socket: `meshsup status`, `stop`, `reload`, `scale`
 (and `fault` in tests), one request, one reply; control.py is the CLI's end."""
+
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -22,9 +24,15 @@ Reply = Callable[..., None]
 
 
 class CliServer:
-    def __init__(self, ctx: zmq.Context, runtime: Runtime, tree: Tree, hub: Hub,
-                 reload: Callable[[Reply], None],
-                 reconfigure: Callable[[Settings, Callable[[list[str]], None]], None]) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        runtime: Runtime,
+        tree: Tree,
+        hub: Hub,
+        reload: Callable[[Reply], None],
+        reconfigure: Callable[[Settings, Callable[[list[str]], None]], None],
+    ) -> None:
         self.tree = tree
         self.hub = hub
         self.reload = reload
@@ -43,7 +51,8 @@ class CliServer:
                 continue
             ident = frames[0]
             reply = lambda ok, error="", result=None, ident=ident: self.socket.send_multipart(  # noqa: E731
-                [ident, b"", encode(CliReply(ok=ok, error=error, result=result or {}))])
+                [ident, b"", encode(CliReply(ok=ok, error=error, result=result or {}))]
+            )
             try:
                 msg = decode(frames[2])
             except DecodeError as err:
@@ -79,25 +88,43 @@ class CliServer:
             if name not in self.tree.actors:
                 reply(False, f"no actor {name!r}")
                 return
-            self.hub.request(name, lambda req: Command(req=req, op="fault", args={"mode": args.get("mode")}),
-                             lambda ack: reply(ack is not None and ack.ok,
-                                               "" if ack and ack.ok else (ack.error if ack else "no answer")))
+            self.hub.request(
+                name,
+                lambda req: Command(req=req, op="fault", args={"mode": args.get("mode")}),
+                lambda ack: reply(
+                    ack is not None and ack.ok, "" if ack and ack.ok else (ack.error if ack else "no answer")
+                ),
+            )
         else:
             reply(False, f"unknown command {cmd!r}")
 
     def status(self) -> dict[str, Any]:
         node = self.tree.config.node
         return {
-            "node": {"name": node.name, "public_key": b64(node.public_key),
-                     "interface": node.interface, "listen_port": node.listen_port,
-                     "addresses": [str(a) for a in node.addresses], "ready": self.tree.ready,
-                     "pid": os.getpid(), "generation": self.tree.generation},
-            "actors": [{"name": a.name, "kind": a.kind, "pid": a.pid, "state": a.state,
-                        "restarts": a.restarts, "last_exit": a.exit_reason,
-                        "holds_keys": a.status.get("holds_keys", False),
-                        "bus_dropped": a.status.get("bus_dropped", {}),
-                        "counters": a.status.get("counters", {})}
-                       for a in self.tree.actors.values()],
+            "node": {
+                "name": node.name,
+                "public_key": b64(node.public_key),
+                "interface": node.interface,
+                "listen_port": node.listen_port,
+                "addresses": [str(a) for a in node.addresses],
+                "ready": self.tree.ready,
+                "pid": os.getpid(),
+                "generation": self.tree.generation,
+            },
+            "actors": [
+                {
+                    "name": a.name,
+                    "kind": a.kind,
+                    "pid": a.pid,
+                    "state": a.state,
+                    "restarts": a.restarts,
+                    "last_exit": a.exit_reason,
+                    "holds_keys": a.status.get("holds_keys", False),
+                    "bus_dropped": a.status.get("bus_dropped", {}),
+                    "counters": a.status.get("counters", {}),
+                }
+                for a in self.tree.actors.values()
+            ],
             "peers": peer_status(self.tree.config, self.tree.live_peers()),
             "supervisor": {"bus_dropped": self.hub.bus_dropped},
         }

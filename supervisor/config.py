@@ -4,6 +4,7 @@ Everything is checked before anything starts (by actors.settings, the one
 parser of every section). A problem is a ConfigError that names the file,
 the key and what is wrong, in one line.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -16,8 +17,8 @@ from typing import Any
 from meshsup.actors.settings import DNS_DEFAULT, ConfigError, Settings, parse
 from meshsup.actors.settings.node import format_endpoint
 
-
 # --- TOML ------------------------------------------------------------------
+
 
 def load_toml(path: str | os.PathLike[str], state_dir: Path) -> Settings:
     file = str(path)
@@ -34,10 +35,20 @@ def load_toml(path: str | os.PathLike[str], state_dir: Path) -> Settings:
 # --- wg-quick --------------------------------------------------------------
 
 # wg-quick's spelling -> our key; matched case-insensitively, as wg-quick does.
-WG_INTERFACE_KEYS = {"PrivateKey": "private_key", "ListenPort": "listen_port", "Address": "addresses",
-                     "DNS": "dns", "MTU": "mtu"}
-WG_PEER_KEYS = {"PublicKey": "public_key", "PresharedKey": "preshared_key", "AllowedIPs": "allowed_ips",
-                "Endpoint": "endpoints", "PersistentKeepalive": "persistent_keepalive"}
+WG_INTERFACE_KEYS = {
+    "PrivateKey": "private_key",
+    "ListenPort": "listen_port",
+    "Address": "addresses",
+    "DNS": "dns",
+    "MTU": "mtu",
+}
+WG_PEER_KEYS = {
+    "PublicKey": "public_key",
+    "PresharedKey": "preshared_key",
+    "AllowedIPs": "allowed_ips",
+    "Endpoint": "endpoints",
+    "PersistentKeepalive": "persistent_keepalive",
+}
 _BY_LOWER = {k.lower(): v for k, v in {**WG_INTERFACE_KEYS, **WG_PEER_KEYS}.items()}
 _SPELLING = {v: k for k, v in {**WG_INTERFACE_KEYS, **WG_PEER_KEYS}.items()}
 _LIST_KEYS = {"addresses", "dns", "allowed_ips", "endpoints"}

@@ -4,12 +4,13 @@ ones), requests to actors with acks and deadlines, counted drops of bad
 frames, and the event proxy (XSUB/XPUB). All pumped from the supervisor's
 one poll loop.
 """
+
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import zmq
 
@@ -19,7 +20,7 @@ from meshsup.actors.bus.messages import Ack
 from meshsup.actors.log import RateLimited
 from meshsup.actors.registry import kind_of, unprivileged
 
-REQUEST_TIMEOUT = 5.0     # deadline for an actor's ack
+REQUEST_TIMEOUT = 5.0  # deadline for an actor's ack
 
 A = TypeVar("A")
 
@@ -78,8 +79,9 @@ class Hub:
         if self._ratelimit.should_log(reason, time.monotonic()) is not None:
             self.log.warning("bus frame dropped", reason=reason, detail=detail[:120])
 
-    def drain_control(self, sock: zmq.Socket, actors: Mapping[str, A],
-                      on_message: Callable[[A, Message], None]) -> None:
+    def drain_control(
+        self, sock: zmq.Socket, actors: Mapping[str, A], on_message: Callable[[A, Message], None]
+    ) -> None:
         """Each frame from a known actor, on its control socket, to `on_message`; anything else counted as dropped."""
         for _ in range(1024):
             try:
@@ -103,8 +105,13 @@ class Hub:
             on_message(a, msg)
 
     # --- requests and their acks ----------------------------------------------
-    def request(self, actor: str, make: Callable[[int], Message], done: Callable[[Ack | None], None],
-                timeout: float = REQUEST_TIMEOUT) -> None:
+    def request(
+        self,
+        actor: str,
+        make: Callable[[int], Message],
+        done: Callable[[Ack | None], None],
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
         """Send `make(req)`; `done` gets the ack, or None at the deadline or if the actor dies."""
         req = self.next_req
         self.next_req += 1

@@ -10,13 +10,15 @@ The parts, each owning one concern:
 One thread, one poll loop: an actor's message, a process exit, a CLI or `wg`
 request and a signal are each handled in turn, so nothing needs a lock.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 
@@ -33,8 +35,9 @@ from meshsup.supervisor.uapi_front import UapiFront
 
 
 class Supervisor:
-    def __init__(self, config: Settings, runtime: Runtime, account: Account, reload: Callable[[], Settings],
-                 log: Any) -> None:
+    def __init__(
+        self, config: Settings, runtime: Runtime, account: Account, reload: Callable[[], Settings], log: Any
+    ) -> None:
         """`account`: the unprivileged actors' user, let into the runtime dir (resources.open_state_dir)."""
         self.runtime = runtime
         self.reload_source = reload
@@ -140,8 +143,10 @@ class Supervisor:
             reply(True, result={"changed": False})
             return
         self.log.info("reloading configuration")
-        self.reconfigure(new, lambda errors: reply(not errors, "; ".join(errors),
-                                                   {"changed": True, "generation": self.tree.generation}))
+        self.reconfigure(
+            new,
+            lambda errors: reply(not errors, "; ".join(errors), {"changed": True, "generation": self.tree.generation}),
+        )
 
     def close(self) -> None:
         self.wg.close()

@@ -3,6 +3,7 @@ of the listen port before anything starts, the TUN's queues, held for the
 node's life and handed to each crypto worker at its spawn, and the part of
 the state dir the unprivileged actors may use.
 """
+
 from __future__ import annotations
 
 import errno
@@ -10,12 +11,12 @@ import os
 import stat
 from typing import Any
 
-from meshsup.actors.kernel.tun import Tun, make_persistent
-from meshsup.actors.kernel.udp import UdpSocket
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.kernel.files import UnsafePath
 from meshsup.actors.kernel.privileges import Account
-from meshsup.actors.registry import KINDS, InheritedFd
+from meshsup.actors.kernel.tun import Tun, make_persistent
+from meshsup.actors.kernel.udp import UdpSocket
+from meshsup.actors.registry import KINDS, InheritedFd, unprivileged
 from meshsup.actors.settings import Settings
 
 
@@ -56,8 +57,9 @@ class TunQueues:
         except (OSError, ValueError) as err:
             for tun in queues:
                 tun.close()
-            self.log.warning("crypto workers get no TUN queue of their own; tun-io reads for them",
-                             interface=iface, reason=str(err))
+            self.log.warning(
+                "crypto workers get no TUN queue of their own; tun-io reads for them", interface=iface, reason=str(err)
+            )
             return
         self.queues = queues
 
@@ -76,7 +78,7 @@ def open_state_dir(runtime: Runtime, account: Account) -> None:
     """Let the unprivileged actors in: search the state dir and the runtime dir (the
     sockets meant for them are their group's), and own their kinds' state dirs."""
     runtime.open_to(account.gid)
-    for name in sorted({d for k in KINDS.values() if k.caps is not None for d in k.state_dirs}):
+    for name in sorted({d for kind, k in KINDS.items() if unprivileged(kind) for d in k.state_dirs}):
         path = runtime.state_dir / name
         try:
             os.mkdir(path, 0o700)
@@ -88,14 +90,19 @@ def open_state_dir(runtime: Runtime, account: Account) -> None:
             if st.st_uid == 0:
                 _hand_over(fd, account)
             elif st.st_uid != account.uid:
-                raise UnsafePath(f"{name} dir", path, st, f"is neither root's nor {account.name}'s",
-                                 f"remove it or chown -R {account.name} it")
+                raise UnsafePath(
+                    f"{name} dir",
+                    path,
+                    st,
+                    f"is neither root's nor {account.name}'s",
+                    f"remove it or chown -R {account.name} it",
+                )
         finally:
             os.close(fd)
 
 
 def _hand_over(top: int, account: Account) -> None:
-    """Give a root-owned tree (made by a node whose actors all ran as root) to `account`.
+    """Give a root-owned tree (just made, or left by a node whose netlog ran as root) to `account`.
     Only a tree the account could never write: it cannot have planted a link in it to
     a file of root's. Bottom up, so that a start cut short leaves the top root's and
     the next one does it again. Through descriptors, following no symlink."""

@@ -44,10 +44,11 @@ behind each other, and each step's config is read when the step is sent: a
 sequence overtaken by a newer one sends the newer config (with its own, older
 generation).
 """
+
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import Ack
@@ -61,8 +62,9 @@ class Sequencer:
         self.tree = tree
         self.hub = hub
 
-    def run_steps(self, steps: list[tuple[str, Callable[[int], Message]]],
-                  finished: Callable[[list[str]], None]) -> None:
+    def run_steps(
+        self, steps: list[tuple[str, Callable[[int], Message]]], finished: Callable[[list[str]], None]
+    ) -> None:
         """Send each request only after the previous one was acked (or failed)."""
         errors: list[str] = []
         queue = deque(steps)
@@ -85,8 +87,10 @@ class Sequencer:
         self.tree.config = new
         self.tree.generation += 1
         gen = self.tree.generation
-        steps = [(name, lambda req, kind=self.tree.actors[name].kind: self.tree.configure_message(kind, req, gen))
-                 for name in self.reconfigure_order()]
+        steps = [
+            (name, lambda req, kind=self.tree.actors[name].kind: self.tree.configure_message(kind, req, gen))
+            for name in self.reconfigure_order()
+        ]
         self.run_steps(steps, finished)
 
     def reconfigure_order(self) -> list[str]:

@@ -7,19 +7,34 @@ steps as a reload. Semantics follow wireguard-go's ``IpcSet``: an allowed IP
 given to one peer is taken from any other, ``update_only`` skips unknown
 peers, a peer with the device's own key is ignored.
 """
+
 from __future__ import annotations
 
 import errno
 from dataclasses import replace
 from typing import Any
 
-from meshsup.actors.settings import PeerSettings, Settings
-from meshsup.actors.settings import keys
+from meshsup.actors.settings import PeerSettings, Settings, keys
 from meshsup.actors.settings.node import format_endpoint, parse_endpoint
-from meshsup.supervisor.uapi import (AllowedIp, DeviceState, Endpoint, Fwmark, ListenPort, PeerState,
-                             PersistentKeepaliveInterval, PresharedKey, PrivateKey, ProtocolVersion,
-                             PublicKey, Remove, ReplaceAllowedIps, ReplacePeers, SetRequest, UapiError,
-                             UpdateOnly)
+from meshsup.supervisor.uapi import (
+    AllowedIp,
+    DeviceState,
+    Endpoint,
+    Fwmark,
+    ListenPort,
+    PeerState,
+    PersistentKeepaliveInterval,
+    PresharedKey,
+    PrivateKey,
+    ProtocolVersion,
+    PublicKey,
+    Remove,
+    ReplaceAllowedIps,
+    ReplacePeers,
+    SetRequest,
+    UapiError,
+    UpdateOnly,
+)
 
 ZERO_KEY = bytes(keys.KEY_LEN)
 
@@ -31,27 +46,36 @@ def peer_status(config: Settings, live: dict[str, dict[str, Any]]) -> list[dict[
     for p in config.peers:
         public = keys.b64(p.public_key)
         seen = live.get(public, {})
-        out.append({"name": p.name, "public_key": public,
-                    "endpoint": seen.get("endpoint") or (format_endpoint(*p.endpoints[0]) if p.endpoints else ""),
-                    "allowed_ips": [str(n) for n in p.allowed_ips],
-                    "rx_bytes": seen.get("rx_bytes", 0), "tx_bytes": seen.get("tx_bytes", 0),
-                    "last_handshake": seen.get("last_handshake", 0),
-                    "persistent_keepalive": p.persistent_keepalive})
+        out.append(
+            {
+                "name": p.name,
+                "public_key": public,
+                "endpoint": seen.get("endpoint") or (format_endpoint(*p.endpoints[0]) if p.endpoints else ""),
+                "allowed_ips": [str(n) for n in p.allowed_ips],
+                "rx_bytes": seen.get("rx_bytes", 0),
+                "tx_bytes": seen.get("tx_bytes", 0),
+                "last_handshake": seen.get("last_handshake", 0),
+                "persistent_keepalive": p.persistent_keepalive,
+            }
+        )
     return out
 
 
 def device_state(config: Settings, live: dict[str, dict[str, Any]]) -> DeviceState:
     """The reply to ``get=1``: the same merge as `meshsup status`, plus the key material."""
-    peers = [PeerState(
-        public_key=p.public_key,
-        preshared_key=p.preshared_key,
-        endpoint=parse_endpoint(s["endpoint"]) if s["endpoint"] else None,
-        allowed_ips=s["allowed_ips"],
-        last_handshake_time_sec=int(s["last_handshake"]),
-        rx_bytes=int(s["rx_bytes"]),
-        tx_bytes=int(s["tx_bytes"]),
-        persistent_keepalive_interval=s["persistent_keepalive"],
-    ) for p, s in zip(config.peers, peer_status(config, live))]
+    peers = [
+        PeerState(
+            public_key=p.public_key,
+            preshared_key=p.preshared_key,
+            endpoint=parse_endpoint(s["endpoint"]) if s["endpoint"] else None,
+            allowed_ips=s["allowed_ips"],
+            last_handshake_time_sec=int(s["last_handshake"]),
+            rx_bytes=int(s["rx_bytes"]),
+            tx_bytes=int(s["tx_bytes"]),
+            persistent_keepalive_interval=s["persistent_keepalive"],
+        )
+        for p, s in zip(config.peers, peer_status(config, live))
+    ]
     return DeviceState(private_key=config.node.private_key, listen_port=config.node.listen_port, peers=peers)
 
 
@@ -60,8 +84,9 @@ def _new_peer(public: bytes, taken: set[str]) -> PeerSettings:
     n = 2
     while name in taken:
         name, n = f"peer-{public[:4].hex()}-{n}", n + 1
-    return PeerSettings(name=name, public_key=public, preshared_key=None, allowed_ips=(), endpoints=(),
-                        persistent_keepalive=0)
+    return PeerSettings(
+        name=name, public_key=public, preshared_key=None, allowed_ips=(), endpoints=(), persistent_keepalive=0
+    )
 
 
 def apply_set(config: Settings, request: SetRequest) -> Settings | UapiError:

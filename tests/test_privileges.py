@@ -1,6 +1,7 @@
 """Who holds keys and who runs as root: only the crypto workers get key material; DNS and
 netlog run as the unprivileged user (meshsup), DNS keeping only CAP_NET_BIND_SERVICE,
 and an actor that cannot drop refuses to run."""
+
 from __future__ import annotations
 
 import json
@@ -51,10 +52,16 @@ def account() -> Account:
 
 
 def settings(tmp_path: Path) -> Settings:
-    peer = {"name": "bravo", "public_key": b64(public_of(generate_private())), "preshared_key": b64(PSK),
-            "allowed_ips": ["100.64.0.2/32"]}
-    doc = {"node": {"name": "alpha", "private_key": b64(NODE_KEY), "addresses": [f"{MESH_ADDRESS}/32"]},
-           "peers": [peer, {**peer, "name": "charlie", "public_key": b64(public_of(generate_private()))}]}
+    peer = {
+        "name": "bravo",
+        "public_key": b64(public_of(generate_private())),
+        "preshared_key": b64(PSK),
+        "allowed_ips": ["100.64.0.2/32"],
+    }
+    doc = {
+        "node": {"name": "alpha", "private_key": b64(NODE_KEY), "addresses": [f"{MESH_ADDRESS}/32"]},
+        "peers": [peer, {**peer, "name": "charlie", "public_key": b64(public_of(generate_private()))}],
+    }
     return parse("node.toml", doc, tmp_path, tmp_path)
 
 
@@ -113,16 +120,25 @@ run_actor(sys.argv[3], sys.argv[3] + "-0" if sys.argv[3] == "dns" else sys.argv[
 
 
 @pytest.mark.parametrize("kind", ["dns", "netlog"])
-@pytest.mark.parametrize("how, reason", [
-    ("setresuid fails", "cannot switch to meshsup"),
-    ("setresuid does nothing", "privileges not dropped as asked: thread"),
-    ("not root", "not root"),
-])
-def test_an_actor_that_cannot_drop_privileges_refuses_to_run(tmp_path: Path, account: Account, kind: str,
-                                                             how: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("setresuid fails", "cannot switch to meshsup"),
+        ("setresuid does nothing", "privileges not dropped as asked: thread"),
+        ("not root", "not root"),
+    ],
+)
+def test_an_actor_that_cannot_drop_privileges_refuses_to_run(
+    tmp_path: Path, account: Account, kind: str, how: str, reason: str
+) -> None:
     Runtime(tmp_path).create()
-    r = subprocess.run([sys.executable, "-c", REFUSE, str(tmp_path), how, kind], capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run(
+        [sys.executable, "-c", REFUSE, str(tmp_path), how, kind],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert r.returncode == EXIT_NO_DROP, r.stderr
     [line] = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
     assert line["event"] == "refusing to run: cannot drop privileges" and line["level"] == "error", line
@@ -178,8 +194,8 @@ def test_a_shared_inbox_takes_only_acks_from_the_unprivileged_user(tmp_path: Pat
         send_as(0, 0, path, [packets])
         deadline = time.monotonic() + 10
         while len(actor.got) < 2 and time.monotonic() < deadline:
-            for fd in select.select(list(actor._readers), [], [], 0.1)[0]:
-                actor._readers[fd]()
+            for fd in select.select(list(actor._fds), [], [], 0.1)[0]:
+                actor._fds[fd][0]()
         assert sorted(m.TAG for m in actor.got) == sorted([ack.TAG, packets.TAG])
         assert actor.bus_dropped == {"unprivileged_sender": 1}
     finally:
@@ -187,8 +203,7 @@ def test_a_shared_inbox_takes_only_acks_from_the_unprivileged_user(tmp_path: Pat
         actor.ctx.destroy(linger=0)
 
 
-def test_the_state_dir_is_opened_to_the_group_and_a_root_spool_handed_over(tmp_path: Path,
-                                                                            account: Account) -> None:
+def test_the_state_dir_is_opened_to_the_group_and_a_root_spool_handed_over(tmp_path: Path, account: Account) -> None:
     runtime = Runtime(tmp_path / "state")
     runtime.create()
     flows = runtime.state_dir / "spool" / "flows"
@@ -199,8 +214,13 @@ def test_the_state_dir_is_opened_to_the_group_and_a_root_spool_handed_over(tmp_p
     os.link(tmp_path / "elsewhere", flows / "linked")
     open_state_dir(runtime, account)
     owner = {p.name: p.lstat().st_uid for p in [runtime.state_dir / "spool", flows, *flows.iterdir()]}
-    assert owner == {"spool": account.uid, "flows": account.uid, "1.json": account.uid,
-                     "root-file": 0, "linked": 0}  # never through a link, never a file linked elsewhere
+    assert owner == {
+        "spool": account.uid,
+        "flows": account.uid,
+        "1.json": account.uid,
+        "root-file": 0,
+        "linked": 0,
+    }  # never through a link, never a file linked elsewhere
     assert (runtime.state_dir / "netlog").stat().st_uid == account.uid
     st, run = runtime.state_dir.stat(), runtime.dir.stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o710, 0, account.gid)
@@ -242,14 +262,18 @@ def node_config(tmp_path: Path, port: int, peers: int) -> Path:
     key.chmod(0o600)
     peer_tables = "".join(
         f'[[peers]]\nname = "peer{i}"\npublic_key = "{b64(public_of(generate_private()))}"\n'
-        f'preshared_key = "{b64(PSK)}"\nallowed_ips = ["100.64.0.{i + 2}/32"]\n' for i in range(peers))
+        f'preshared_key = "{b64(PSK)}"\nallowed_ips = ["100.64.0.{i + 2}/32"]\n'
+        for i in range(peers)
+    )
     collector = f'kind = "syslog"\naddress = "tcp://127.0.0.1:{port}"\n'
     path = tmp_path / "alpha.toml"
-    path.write_text(f'[node]\nname = "alpha"\nprivate_key_file = "{key}"\naddresses = ["{MESH_ADDRESS}/32"]\n'
-                    f'[supervisor]\nintensity = 20\nperiod = 10\n'
-                    f'[dns]\nlisten = ["127.0.0.1:53", "{MESH_ADDRESS}:53"]\n'
-                    f'[netlog]\ninterval = 1\n[[netlog.collectors]]\n{collector}'
-                    f'[logging]\nlevel = "info"\n[[logging.collectors]]\n{collector}' + peer_tables)
+    path.write_text(
+        f'[node]\nname = "alpha"\nprivate_key_file = "{key}"\naddresses = ["{MESH_ADDRESS}/32"]\n'
+        f"[supervisor]\nintensity = 20\nperiod = 10\n"
+        f'[dns]\nlisten = ["127.0.0.1:53", "{MESH_ADDRESS}:53"]\n'
+        f"[netlog]\ninterval = 1\n[[netlog.collectors]]\n{collector}"
+        f'[logging]\nlevel = "info"\n[[logging.collectors]]\n{collector}' + peer_tables
+    )
     return path
 
 
@@ -261,10 +285,15 @@ def rsyslogs() -> Iterator[list[Rsyslog]]:
         r.stop()
 
 
+@pytest.mark.netns
 @pytest.mark.skipif(bool(have("dig", "rsyslogd")), reason=have("dig", "rsyslogd") or "")
 def test_dns_and_netlog_run_unprivileged_hold_no_keys_and_still_work(
-        node_factory: Callable[..., Node], netns: Callable[..., Netns], tmp_path: Path, account: Account,
-        rsyslogs: list[Rsyslog]) -> None:
+    node_factory: Callable[..., Node],
+    netns: Callable[..., Netns],
+    tmp_path: Path,
+    account: Account,
+    rsyslogs: list[Rsyslog],
+) -> None:
     ns = netns()
     rsyslog = Rsyslog(tmp_path / "rsyslog", free_port(), ns)
     rsyslogs.append(rsyslog)
@@ -305,8 +334,9 @@ def test_dns_and_netlog_run_unprivileged_hold_no_keys_and_still_work(
         def dns_logged() -> bool:
             pub.send_multipart([LinkChanged.TAG.encode(), b"\xc1 not msgpack"])
             events = [json.loads(m["msg"]) for m in rsyslog.messages() if m["msgid"] == "log"]
-            return any(e["event"] == "bus frame dropped" and e["actor"] == "dns-0" for e in events) and \
-                any(e["event"] == "node ready" for e in events)
+            return any(e["event"] == "bus frame dropped" and e["actor"] == "dns-0" for e in events) and any(
+                e["event"] == "node ready" for e in events
+            )
 
         assert wait_until(dns_logged, 30, step=0.5), rsyslog.messages()[-5:]
     assert wait_until(lambda: not any(p.exists() for p in spooled), 15)

@@ -80,12 +80,14 @@ def main() -> int:
     args = ap.parse_args()
 
     device = Device(base64.b64decode(args.private_key))
-    device.set_peer(PeerConfig(
-        public_key=base64.b64decode(args.peer),
-        preshared_key=base64.b64decode(args.psk) if args.psk else None,
-        allowed_ips=[ipaddress.ip_network(a) for a in args.allowed],
-        endpoint=host_port(args.endpoint) if args.endpoint else None,
-    ))
+    device.set_peer(
+        PeerConfig(
+            public_key=base64.b64decode(args.peer),
+            preshared_key=base64.b64decode(args.psk) if args.psk else None,
+            allowed_ips=[ipaddress.ip_network(a) for a in args.allowed],
+            endpoint=host_port(args.endpoint) if args.endpoint else None,
+        )
+    )
     listen = host_port(args.listen)
     sock = socket.socket(socket.AF_INET6 if ":" in listen[0] else socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(listen)
@@ -143,13 +145,18 @@ def main() -> int:
             inbox = flush(device.receive(batch, time.monotonic()))
         inbox += flush(device.tick(time.monotonic()))
 
-    print(json.dumps({
-        "replies": {t: sorted(got) for t, got in replies.items()},
-        "answered": answered,
-        "counters": dict(device.counters),
-        "events": events,
-        "status": device.status(),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "replies": {t: sorted(got) for t, got in replies.items()},
+                "answered": answered,
+                "counters": dict(device.counters),
+                "events": events,
+                "status": device.status(),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

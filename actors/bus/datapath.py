@@ -13,6 +13,7 @@ unprivileged actors (actors.bus.endpoints). A sender connects on first use,
 and again after the receiver restarted (the old connection then fails, and
 that batch counts as dropped).
 """
+
 from __future__ import annotations
 
 import errno
@@ -47,9 +48,14 @@ class Inbox:
     ``truncated`` is called for a message larger than MAX_MESSAGE.
     """
 
-    def __init__(self, path: str, add_reader: Callable[[Any, Callable[[], None]], None],
-                 remove_reader: Callable[[Any], None], handle: Callable[[memoryview], None],
-                 truncated: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        path: str,
+        add_reader: Callable[[Any, Callable[[], None]], None],
+        remove_reader: Callable[[Any], None],
+        handle: Callable[[memoryview], None],
+        truncated: Callable[[], None],
+    ) -> None:
         self._add_reader, self._remove_reader = add_reader, remove_reader
         self._handle, self._truncated = handle, truncated
         self._buffer = bytearray(MAX_MESSAGE)
@@ -60,8 +66,9 @@ class Inbox:
             os.unlink(path)  # left by a previous run of this actor
         except FileNotFoundError:
             pass
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
-                                       | socket.SOCK_CLOEXEC)
+        self._listener = socket.socket(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        )
         self._listener.bind(path)
         grant(path, unprivileged=False)
         self._listener.listen(64)
@@ -149,8 +156,7 @@ class Outbox:
     def _socket(self, to: str) -> socket.socket | None:
         sock = self._sockets.get(to)
         if sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
-                                 | socket.SOCK_CLOEXEC)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
             except OSError:  # without CAP_NET_ADMIN: what the system allows

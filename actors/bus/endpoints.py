@@ -4,6 +4,7 @@ Only root creates files there. The node's unprivileged actors (DNS, netlog:
 actors.registry) may search it and connect to the sockets meant for them
 (`grant`); the rest stay root's.
 """
+
 from __future__ import annotations
 
 import os

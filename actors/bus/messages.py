@@ -1,12 +1,13 @@
 """Every message that crosses the bus. Tags are stable; bump VERSION on change."""
+
 from __future__ import annotations
 
 from typing import Any
 
 from meshsup.actors.bus.codec import Message, message
 
-
 # --- supervisor <-> actor control (DEALER/ROUTER, request/ack) -------------
+
 
 @message("actor.hello")
 class Hello(Message):
@@ -32,6 +33,7 @@ class Configure(Message):
 @message("actor.command")
 class Command(Message):
     """A request other than configuration: `op` names it, `args` carry it."""
+
     req: int
     op: str
     args: dict[str, Any]
@@ -52,6 +54,7 @@ class Stop(Message):
 
 # --- CLI <-> supervisor (REQ/ROUTER) ---------------------------------------
 
+
 @message("cli.request")
 class CliRequest(Message):
     command: str
@@ -67,6 +70,7 @@ class CliReply(Message):
 
 # --- events (PUB -> supervisor proxy -> SUB) -------------------------------
 
+
 @message("event.link_changed")
 class LinkChanged(Message):
     interface: str
@@ -81,24 +85,28 @@ class NameLearned(Message):
 
 # --- data path (PUSH -> PULL, point to point) ------------------------------
 
+
 @message("data.packets")
 class PacketBatch(Message):
     """IP packets between tun-io and crypto; `packets` is a batch.pack blob.
 
     No sequence number: a peer's packets all go through its one owning
     worker, so each stream stays in order without re-sequencing."""
+
     packets: bytes
 
 
 @message("data.datagrams")
 class DatagramBatch(Message):
     """WireGuard datagrams to or from one underlay endpoint (crypto <-> magicsock)."""
+
     host: str
     port: int
     packets: bytes
 
 
 # --- to netlog: traffic counts and the node's own logs ---------------------
+
 
 @message("netlog.flow_counts")
 class FlowCounts(Message):
@@ -110,6 +118,7 @@ class FlowCounts(Message):
     netlog acknowledges each (FlowCountsAck to `source`); one not
     acknowledged is sent again as it is, and netlog counts it once.
     """
+
     source: str  # the sending actor
     epoch: int  # the sender's run: its sequence numbers start again with a new one
     seq: int
@@ -121,6 +130,7 @@ class FlowCounts(Message):
 @message("netlog.flow_counts_ack")
 class FlowCountsAck(Message):
     """netlog has logged FlowCounts `seq` of `epoch`: the sender may forget it."""
+
     epoch: int
     seq: int
 
@@ -128,5 +138,6 @@ class FlowCountsAck(Message):
 @message("netlog.log_line")
 class LogLine(Message):
     """One structured log event of a process of the node, as its JSON line (actors.log)."""
+
     seq: int  # per process, counting from 0: a gap is lines dropped on the way
     line: str

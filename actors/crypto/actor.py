@@ -73,6 +73,7 @@ Incoming, network -> TUN
     worker with no writable queue sends them to tun-io as PacketBatch
     (bus_full), which writes them (tun-io's tx_packets, tx_dropped).
 """
+
 from __future__ import annotations
 
 import os
@@ -88,12 +89,12 @@ from meshsup.actors.bus.messages import DatagramBatch, FlowCountsAck, PacketBatc
 from meshsup.actors.crypto.device import ENDPOINT_CHANGED, Device, Forward, Output
 from meshsup.actors.crypto.direct import DirectPaths
 from meshsup.actors.crypto.peer import PeerConfig
-from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
 from meshsup.actors.crypto.timers import Timing
-from meshsup.actors.kernel.types import Burst
-from meshsup.actors.flowcount.tally import INNER, UNDERLAY
 from meshsup.actors.flowcount.feed import FlowFeed
+from meshsup.actors.flowcount.tally import INNER, UNDERLAY
 from meshsup.actors.kernel.tun import Tun
+from meshsup.actors.kernel.types import Burst
+from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
 from meshsup.actors.settings import PeerSettings, Settings
 
 TICK_INTERVAL = 0.05
@@ -133,8 +134,9 @@ class CryptoActor(Actor):
         self.next_tick = 0.0
         self.forwarded = 0  # datagrams handed on to other workers
         self.forwarded_initiations = 0
-        self.direct = DirectPaths(self.log, self.add_reader, self.remove_reader, self.receive_direct,
-                                  self.send_read, self._adopt(tun_queue))
+        self.direct = DirectPaths(
+            self.log, self.add_reader, self.remove_reader, self.receive_direct, self.send_read, self._adopt(tun_queue)
+        )
         # Flow counts of the direct paths: packets written to the TUN, datagrams on peer sockets.
         self.inner = FlowFeed(self, INNER)
         self.underlay = FlowFeed(self, UNDERLAY)
@@ -150,9 +152,14 @@ class CryptoActor(Actor):
         key = (node.private_key, workers, node.mtu)
         if key != self.device_key:
             # A new key or shard map invalidates every session: start clean.
-            self.device = Device(node.private_key, worker=self.index,
-                                 workers=workers, timing=test_timing(), mtu=node.mtu,
-                                 owner_of=partial(owner, workers=workers))
+            self.device = Device(
+                node.private_key,
+                worker=self.index,
+                workers=workers,
+                timing=test_timing(),
+                mtu=node.mtu,
+                owner_of=partial(owner, workers=workers),
+            )
             self.device_key, self.peers = key, {}
         assert self.device is not None
         self.outbox.connect(["tun-io", "magicsock", *(f"crypto-{w}" for w in range(workers))])
@@ -272,12 +279,18 @@ class CryptoActor(Actor):
     def status(self) -> dict[str, Any]:
         if self.device is None:
             return {}
-        return {"peers": self.device.status(),
-                "counters": {**self.device.counters, **self.direct.counters(),
-                             "handshakes": self.device.handshakes, "forwarded": self.forwarded,
-                             "no_route": self.no_route + self.device.counters["no_route"],
-                             "forwarded_initiations": self.forwarded_initiations,
-                             "bus_full": sum(self.outbox.dropped.values())}}
+        return {
+            "peers": self.device.status(),
+            "counters": {
+                **self.device.counters,
+                **self.direct.counters(),
+                "handshakes": self.device.handshakes,
+                "forwarded": self.forwarded,
+                "no_route": self.no_route + self.device.counters["no_route"],
+                "forwarded_initiations": self.forwarded_initiations,
+                "bus_full": sum(self.outbox.dropped.values()),
+            },
+        }
 
     def close(self) -> None:
         for feed in self.feeds:

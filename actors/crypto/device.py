@@ -31,23 +31,39 @@ from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 
-from . import handshake as hs_
 from meshsup.actors.kernel.types import Burst, Endpoint
 from meshsup.actors.routing.allowedips import AllowedIPs
-from meshsup.actors.wire.ip import (IPV4_DST, IPV4_HEADER_MIN, IPV4_SRC, IPV4_TOTAL_LENGTH, IPV6_DST, IPV6_HEADER,
-                                    IPV6_PAYLOAD_LENGTH, IPV6_SRC)
+from meshsup.actors.wire.ip import (
+    IPV4_DST,
+    IPV4_HEADER_MIN,
+    IPV4_SRC,
+    IPV4_TOTAL_LENGTH,
+    IPV6_DST,
+    IPV6_HEADER,
+    IPV6_PAYLOAD_LENGTH,
+    IPV6_SRC,
+)
 
+from . import handshake as hs_
 from .cookie import CookieChecker, SourceRateLimiter, endpoint_bytes
 from .keypair import Keypair
-from .messages import (INITIATION_SIZE, MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION,
-                       MESSAGE_RESPONSE, MESSAGE_TRANSPORT, RESPONSE_SIZE, TRANSPORT_HEADER,
-                       TRANSPORT_MIN_SIZE, message_type, parse_cookie_reply,
-                       parse_response)
+from .messages import (
+    INITIATION_SIZE,
+    MESSAGE_COOKIE_REPLY,
+    MESSAGE_INITIATION,
+    MESSAGE_RESPONSE,
+    MESSAGE_TRANSPORT,
+    RESPONSE_SIZE,
+    TRANSPORT_HEADER,
+    TRANSPORT_MIN_SIZE,
+    message_type,
+    parse_cookie_reply,
+    parse_response,
+)
 from .noise import StaticKey, hmac_
 from .peer import Peer, PeerConfig
 from .tai64n import TAI64N_SIZE, successor, tai64n
-from .timers import (NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE,
-                     ZERO_KEY_MATERIAL, Timing)
+from .timers import NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE, ZERO_KEY_MATERIAL, Timing
 
 HANDSHAKE_COMPLETED = "handshake_completed"
 ENDPOINT_CHANGED = "endpoint_changed"
@@ -91,10 +107,19 @@ class Output:
 
 
 class Device:
-    def __init__(self, private_key: bytes, *, worker: int = 0, workers: int = 1, timing: Timing = Timing(),
-                 under_load_threshold: int = 256, rng: Callable[[int], bytes] = os.urandom,
-                 mtu: int = DEFAULT_MTU, owner_of: Callable[[bytes], int] | None = None,
-                 wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        private_key: bytes,
+        *,
+        worker: int = 0,
+        workers: int = 1,
+        timing: Timing = Timing(),
+        under_load_threshold: int = 256,
+        rng: Callable[[int], bytes] = os.urandom,
+        mtu: int = DEFAULT_MTU,
+        owner_of: Callable[[bytes], int] | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         if not 0 <= worker < workers:
             raise ValueError(f"worker {worker} is not in range(0, {workers})")
         self.static = StaticKey(private_key)
@@ -112,8 +137,9 @@ class Device:
         self._last_timestamp = bytes(TAI64N_SIZE)  # TAI64N of our last initiation
         self._indices: dict[int, tuple[Peer, Keypair | None]] = {}  # local index -> owner
         # Workers sharing the private key derive the same cookie secrets: a cookie from one passes at another.
-        self._checker = CookieChecker(self.public_key, rng, timing.cookie_refresh_time,
-                                      seed=hmac_(private_key, b"cookie secret"))
+        self._checker = CookieChecker(
+            self.public_key, rng, timing.cookie_refresh_time, seed=hmac_(private_key, b"cookie secret")
+        )
         self._limiter = SourceRateLimiter()
         # Arrival times of the last threshold+1 handshake messages: under load when all are < 1 s old.
         self._handshake_arrivals: deque[float] = deque(maxlen=under_load_threshold + 1)
@@ -222,8 +248,9 @@ class Device:
             pad = -n & 15
             if n + pad > mtu:
                 pad = mtu - n if n <= mtu else _padding_near_mtu(n, mtu)
-            datagram = header(MESSAGE_TRANSPORT, remote, counter) + \
-                encrypt(nonce(counter), packet + _ZEROS[:pad] if pad else packet, None)
+            datagram = header(MESSAGE_TRANSPORT, remote, counter) + encrypt(
+                nonce(counter), packet + _ZEROS[:pad] if pad else packet, None
+            )
             counter += 1
             nbytes += len(datagram)
             append(datagram)
@@ -255,8 +282,10 @@ class Device:
             timers.data_sent(now)
         # Keep the key fresh: the initiator rekeys after REKEY_AFTER_TIME, anyone after too many messages.
         kp = peer.keypairs.current
-        if kp is not None and (kp.send_counter > self.timing.rekey_after_messages
-                               or (kp.is_initiator and now - kp.created > self.timing.rekey_after_time)):
+        if kp is not None and (
+            kp.send_counter > self.timing.rekey_after_messages
+            or (kp.is_initiator and now - kp.created > self.timing.rekey_after_time)
+        ):
             self._initiate(peer, now, out, is_retry=False)
 
     def _send_keepalive(self, peer: Peer, now: float, out: Output) -> None:
@@ -359,9 +388,13 @@ class Device:
         timers = peer.timers
         kp = peer.keypairs.current
         # The initiator rehandshakes shortly before REJECT_AFTER_TIME if the peer is still talking.
-        if not timers.sent_last_minute_handshake and kp is not None and kp.is_initiator and \
-                now - kp.created > self.timing.reject_after_time - self.timing.keepalive_timeout \
-                - self.timing.rekey_timeout:
+        if (
+            not timers.sent_last_minute_handshake
+            and kp is not None
+            and kp.is_initiator
+            and now - kp.created
+            > self.timing.reject_after_time - self.timing.keepalive_timeout - self.timing.rekey_timeout
+        ):
             timers.sent_last_minute_handshake = True
             self._initiate(peer, now, out, is_retry=False)
         timers.any_authenticated_packet_traversal(now)

@@ -36,9 +36,21 @@ class HandshakeState(IntEnum):
 class Handshake:
     """One peer's handshake state; timestamps survive ``clear`` to keep replay protection."""
 
-    __slots__ = ("remote_static", "preshared_key", "precomputed_static_static", "state", "hash",
-                 "chain_key", "local_ephemeral", "remote_ephemeral", "local_index", "remote_index",
-                 "last_timestamp", "last_initiation_consumption", "last_sent_handshake")
+    __slots__ = (
+        "remote_static",
+        "preshared_key",
+        "precomputed_static_static",
+        "state",
+        "hash",
+        "chain_key",
+        "local_ephemeral",
+        "remote_ephemeral",
+        "local_index",
+        "remote_index",
+        "last_timestamp",
+        "last_initiation_consumption",
+        "last_sent_handshake",
+    )
 
     def __init__(self, local: StaticKey, remote_static: bytes, preshared_key: bytes | None) -> None:
         self.remote_static = remote_static
@@ -70,8 +82,9 @@ class OpenedInitiation(NamedTuple):
     message: messages.Initiation
 
 
-def create_initiation(local: StaticKey, hs: Handshake, sender_index: int, timestamp: bytes,
-                      rng: Callable[[int], bytes]) -> bytes | None:
+def create_initiation(
+    local: StaticKey, hs: Handshake, sender_index: int, timestamp: bytes, rng: Callable[[int], bytes]
+) -> bytes | None:
     """Type-1 message with zero MACs carrying ``timestamp`` (TAI64N), or None if the peer's key is unusable."""
     if hs.precomputed_static_static is None:
         return None

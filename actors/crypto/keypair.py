@@ -21,8 +21,7 @@ from .replay import ReplayFilter
 
 
 class Keypair:
-    __slots__ = ("send", "receive", "send_counter", "local_index", "remote_index", "created",
-                 "is_initiator", "replay")
+    __slots__ = ("send", "receive", "send_counter", "local_index", "remote_index", "created", "is_initiator", "replay")
 
     def __init__(self, keys: SessionKeys, created: float) -> None:
         # One AEAD object per direction, reused for every packet of the session.

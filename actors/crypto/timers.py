@@ -43,8 +43,15 @@ class Timing:
 
 
 class PeerTimers:
-    __slots__ = ("timing", "_jitter", "deadlines", "handshake_attempts", "need_another_keepalive",
-                 "sent_last_minute_handshake", "persistent_keepalive_interval")
+    __slots__ = (
+        "timing",
+        "_jitter",
+        "deadlines",
+        "handshake_attempts",
+        "need_another_keepalive",
+        "sent_last_minute_handshake",
+        "persistent_keepalive_interval",
+    )
 
     def __init__(self, timing: Timing, jitter: Callable[[], float]) -> None:
         self.timing = timing
@@ -57,8 +64,9 @@ class PeerTimers:
 
     def due(self, now: float) -> list[str]:
         """Pop the expired timers, earliest first."""
-        expired = sorted((deadline, name) for name, deadline in self.deadlines.items()
-                         if deadline is not None and deadline <= now)
+        expired = sorted(
+            (deadline, name) for name, deadline in self.deadlines.items() if deadline is not None and deadline <= now
+        )
         for _, name in expired:
             self.deadlines[name] = None
         return [name for _, name in expired]

@@ -10,6 +10,7 @@ Learned names go onto the bus from the DNS thread itself, through a socket
 of its own (a ZeroMQ socket belongs to one thread): handing each to the
 actor thread would cost two GIL hand-offs per forwarded answer.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -172,4 +173,3 @@ class DnsActor(Actor):
         except Exception:
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
-

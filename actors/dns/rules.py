@@ -15,8 +15,16 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from meshsup.actors.settings.dnstypes import (ASIS, REJECT, Matcher, Route, Rule, SourceOverride, Upstream,
-                                              normalize_name)
+from meshsup.actors.settings.dnstypes import (
+    ASIS,
+    REJECT,
+    Matcher,
+    Route,
+    Rule,
+    SourceOverride,
+    Upstream,
+    normalize_name,
+)
 
 
 def is_under(name: str, suffix: str) -> bool:

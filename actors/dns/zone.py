@@ -63,9 +63,7 @@ class Zone:
             text = f"{record.priority} {record.weight} {record.port} {record.target}."
             self._add(dns.name.from_text(record.name), dns.rdatatype.SRV, _rdata(dns.rdatatype.SRV, text))
         # Empty non-terminals (e.g. _tcp.DOMAIN above _http._tcp.DOMAIN) exist: NOERROR, not NXDOMAIN.
-        self._existing = {
-            ancestor for name in self._nodes for ancestor in self._ancestors(name)
-        }
+        self._existing = {ancestor for name in self._nodes for ancestor in self._ancestors(name)}
         self._origin_wire = self._origin.to_wire().lower()
         self._reverse_wire = frozenset(name.to_wire().lower() for name in self._reverse)
 

@@ -1,4 +1,5 @@
-"""The counting actors' side of flow logging (tun-io, magicsock, crypto workers): tallies flushed to netlog, until acknowledged.
+"""The counting actors' side of flow logging (tun-io, magicsock, crypto workers):
+tallies flushed to netlog, until acknowledged.
 
 The owning actor counts into `tx` and `rx` (actors.flowcount.tally.Tally) as batches go
 by, calls `tick` from its loop and hands netlog's acknowledgements to

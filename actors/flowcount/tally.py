@@ -17,8 +17,17 @@ from typing import Any
 
 from meshsup.actors.kernel.types import Buffer
 from meshsup.actors.wire import ip
-from meshsup.actors.wire.ip import (IPPROTO_TCP, IPPROTO_UDP, IPV4_DST, IPV4_FRAGMENT, IPV4_PROTOCOL, IPV4_SRC,
-                                    IPV6_DST, IPV6_NEXT_HEADER, IPV6_SRC)
+from meshsup.actors.wire.ip import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV4_DST,
+    IPV4_FRAGMENT,
+    IPV4_PROTOCOL,
+    IPV4_SRC,
+    IPV6_DST,
+    IPV6_NEXT_HEADER,
+    IPV6_SRC,
+)
 
 INNER = "inner"  # FlowCounts.layer of tallied IP packets
 UNDERLAY = "underlay"  # FlowCounts.layer of tallied underlay datagrams
@@ -83,8 +92,9 @@ class PacketTally(Tally):
         tcp, udp, other = self._tcp, self._udp, self._counts
         for p in packets:
             n = len(p)
-            if n >= _IPV4_FLOW_END and p[0] == 0x45 \
-                    and not (p[IPV4_FRAGMENT] & 0x1F or p[_IPV4_FRAGMENT_LOW]):  # IPv4, first fragment
+            if (
+                n >= _IPV4_FLOW_END and p[0] == 0x45 and not (p[IPV4_FRAGMENT] & 0x1F or p[_IPV4_FRAGMENT_LOW])
+            ):  # IPv4, first fragment
                 proto, key = p[IPV4_PROTOCOL], p[_IPV4_FLOW]
             elif n >= _IPV6_FLOW_END and p[0] >> 4 == 6:
                 proto, key = p[IPV6_NEXT_HEADER], p[_IPV6_FLOW]

@@ -22,6 +22,7 @@ root, as /proc/self/fd/N. So it does the directories it imports from (an
 interpreter under /root, as pyenv installs it): a module first imported after
 the drop (the idna codec, on the first name resolved) is still found.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -156,8 +157,10 @@ class Drop:
             problems.append("new privileges allowed")
         caps = {k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
         if caps["CapBnd"] != keep or caps["CapInh"] or caps["CapAmb"]:
-            problems.append(f"bounding {caps['CapBnd']:x}, inheritable {caps['CapInh']:x}, ambient "
-                            f"{caps['CapAmb']:x}: not only {keep:x}")
+            problems.append(
+                f"bounding {caps['CapBnd']:x}, inheritable {caps['CapInh']:x}, ambient "
+                f"{caps['CapAmb']:x}: not only {keep:x}"
+            )
         if (caps["CapPrm"], caps["CapEff"]) != ((keep, keep) if main else (0, 0)):
             problems.append(f"permitted {caps['CapPrm']:x}, effective {caps['CapEff']:x}")
         return problems
@@ -175,7 +178,7 @@ def _import_through_handles() -> None:
     def move(path: str) -> str:
         for old in sorted(moved, key=len, reverse=True):  # lib-dynload lies inside the stdlib's directory
             if path == old or path.startswith(old + "/"):
-                return moved[old] + path[len(old):]
+                return moved[old] + path[len(old) :]
         return path
 
     sys.path[:] = [move(entry) for entry in sys.path]

@@ -1,4 +1,5 @@
 """The types every layer passes packets and addresses as."""
+
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -23,8 +23,6 @@ Datagrams come and go in bursts (``Burst``: one endpoint, its datagrams in order
 
 from __future__ import annotations
 
-from meshsup.actors.kernel.types import Buffer, Burst, Endpoint
-
 import errno
 import functools
 import socket
@@ -34,6 +32,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Final
 
+from meshsup.actors.kernel.types import Buffer, Burst, Endpoint
 
 SOL_UDP: Final = 17
 UDP_SEGMENT: Final = 103  # <linux/udp.h>
@@ -88,8 +87,12 @@ def gso_groups(datagrams: Sequence[bytes]) -> list[Sequence[bytes]]:
         while i < end:
             j = min(i + per_send, end)
             # A shorter datagram right after a run may close its last group.
-            if j == end < count and j - i < per_send and 0 < len(datagrams[j]) < size \
-                    and (j - i) * size + len(datagrams[j]) <= MAX_GSO_BYTES:
+            if (
+                j == end < count
+                and j - i < per_send
+                and 0 < len(datagrams[j]) < size
+                and (j - i) * size + len(datagrams[j]) <= MAX_GSO_BYTES
+            ):
                 j += 1
             groups.append(datagrams[i:j])
             i = j

@@ -20,15 +20,26 @@ order given.
 
 from __future__ import annotations
 
-from meshsup.actors.kernel.types import Buffer
-from meshsup.actors.wire.ip import (IPPROTO_TCP, IPV4_ADDRESSES, IPV4_CHECKSUM, IPV4_FRAGMENT, IPV4_HEADER_MIN,
-                                    IPV4_PROTOCOL, IPV4_SRC, IPV4_TOTAL_LENGTH, IPV6_ADDRESSES, IPV6_HEADER,
-                                    IPV6_NEXT_HEADER, IPV6_PAYLOAD_LENGTH, IPV6_SRC)
-
 import struct
 from collections.abc import Sequence
 from typing import Final
 
+from meshsup.actors.kernel.types import Buffer
+from meshsup.actors.wire.ip import (
+    IPPROTO_TCP,
+    IPV4_ADDRESSES,
+    IPV4_CHECKSUM,
+    IPV4_FRAGMENT,
+    IPV4_HEADER_MIN,
+    IPV4_PROTOCOL,
+    IPV4_SRC,
+    IPV4_TOTAL_LENGTH,
+    IPV6_ADDRESSES,
+    IPV6_HEADER,
+    IPV6_NEXT_HEADER,
+    IPV6_PAYLOAD_LENGTH,
+    IPV6_SRC,
+)
 
 HEADER: Final = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 HEADER_LEN: Final = HEADER.size
@@ -80,8 +91,22 @@ class _Run:
     the expected sequence number written in.
     """
 
-    __slots__ = ("segments", "ip_len", "header_len", "mss", "full", "next_seq", "size", "open",
-                 "fixed", "middle", "middle_at", "seq_at", "tail", "tail_at")
+    __slots__ = (
+        "segments",
+        "ip_len",
+        "header_len",
+        "mss",
+        "full",
+        "next_seq",
+        "size",
+        "open",
+        "fixed",
+        "middle",
+        "middle_at",
+        "seq_at",
+        "tail",
+        "tail_at",
+    )
 
     def __init__(self, head: bytes, ip_len: int, header_len: int) -> None:
         t = ip_len
@@ -93,14 +118,14 @@ class _Run:
         self.size = self.full
         self.open = not head[t + 13] & _PSH
         if t == IPV4_HEADER_MIN:  # version..total length, flags..protocol; then addresses
-            self.fixed = ((0, head[:IPV4_TOTAL_LENGTH + 2]), (IPV4_FRAGMENT, head[IPV4_FRAGMENT:IPV4_PROTOCOL + 1]))
+            self.fixed = ((0, head[: IPV4_TOTAL_LENGTH + 2]), (IPV4_FRAGMENT, head[IPV4_FRAGMENT : IPV4_PROTOCOL + 1]))
             self.middle_at = IPV4_SRC.start
         else:  # version..hop limit; then addresses
-            self.fixed = ((0, head[:IPV6_SRC.start]),)
+            self.fixed = ((0, head[: IPV6_SRC.start]),)
             self.middle_at = IPV6_SRC.start
-        self.middle = bytearray(head[self.middle_at:t + 16])
+        self.middle = bytearray(head[self.middle_at : t + 16])
         self.seq_at = t + 4 - self.middle_at
-        self.tail = head[t + 18:header_len]  # urgent pointer and options
+        self.tail = head[t + 18 : header_len]  # urgent pointer and options
         self.tail_at = t + 18
 
     def follows(self, packet: bytes) -> bool:
@@ -110,9 +135,12 @@ class _Run:
         middle = self.middle
         _U32.pack_into(middle, self.seq_at, self.next_seq)
         at = self.middle_at
-        if len(packet) == self.full and packet[at:at + len(middle)] == middle \
-                and packet.startswith(self.tail, self.tail_at) \
-                and all(packet.startswith(value, offset) for offset, value in self.fixed):
+        if (
+            len(packet) == self.full
+            and packet[at : at + len(middle)] == middle
+            and packet.startswith(self.tail, self.tail_at)
+            and all(packet.startswith(value, offset) for offset, value in self.fixed)
+        ):
             self.segments.append(packet)
             self.size += self.mss
             self.next_seq = (self.next_seq + self.mss) & 0xFFFFFFFF
@@ -124,25 +152,36 @@ class _Run:
         t = self.ip_len
         n = len(packet)
         payload = n - self.header_len
-        if not (0 < payload <= self.mss and self.size + payload <= _MAX_IP_PACKET
-                and packet[t + 13] & ~_PSH == _ACK
-                and (_U16.unpack_from(packet, IPV4_TOTAL_LENGTH)[0] == n if t == IPV4_HEADER_MIN
-                     else _U16.unpack_from(packet, IPV6_PAYLOAD_LENGTH)[0] == n - IPV6_HEADER)):
+        if not (
+            0 < payload <= self.mss
+            and self.size + payload <= _MAX_IP_PACKET
+            and packet[t + 13] & ~_PSH == _ACK
+            and (
+                _U16.unpack_from(packet, IPV4_TOTAL_LENGTH)[0] == n
+                if t == IPV4_HEADER_MIN
+                else _U16.unpack_from(packet, IPV6_PAYLOAD_LENGTH)[0] == n - IPV6_HEADER
+            )
+        ):
             return False
         flags_at = t + 13 - self.middle_at
         middle = self.middle
-        got = packet[self.middle_at:self.middle_at + len(middle)]
-        if got[:flags_at] != middle[:flags_at] or got[flags_at + 1:] != middle[flags_at + 1:] \
-                or not packet.startswith(self.tail, self.tail_at):
+        got = packet[self.middle_at : self.middle_at + len(middle)]
+        if (
+            got[:flags_at] != middle[:flags_at]
+            or got[flags_at + 1 :] != middle[flags_at + 1 :]
+            or not packet.startswith(self.tail, self.tail_at)
+        ):
             return False
         # The fixed parts, but for the lengths of a shorter segment.
         head = self.segments[0]
         if t == IPV4_HEADER_MIN:
-            same = packet[:IPV4_TOTAL_LENGTH] == head[:IPV4_TOTAL_LENGTH] \
-                and packet.startswith(head[IPV4_FRAGMENT:IPV4_PROTOCOL + 1], IPV4_FRAGMENT)
+            same = packet[:IPV4_TOTAL_LENGTH] == head[:IPV4_TOTAL_LENGTH] and packet.startswith(
+                head[IPV4_FRAGMENT : IPV4_PROTOCOL + 1], IPV4_FRAGMENT
+            )
         else:
-            same = packet[:IPV6_PAYLOAD_LENGTH] == head[:IPV6_PAYLOAD_LENGTH] \
-                and packet.startswith(head[IPV6_NEXT_HEADER:IPV6_SRC.start], IPV6_NEXT_HEADER)
+            same = packet[:IPV6_PAYLOAD_LENGTH] == head[:IPV6_PAYLOAD_LENGTH] and packet.startswith(
+                head[IPV6_NEXT_HEADER : IPV6_SRC.start], IPV6_NEXT_HEADER
+            )
         if not same:
             return False
         self.segments.append(packet)
@@ -186,13 +225,20 @@ def _run(packet: bytes) -> _Run | None:
     first = packet[0]
     if first == 0x45:  # IPv4 without options
         frag = _U16.unpack_from(packet, IPV4_FRAGMENT)[0]
-        if packet[IPV4_PROTOCOL] != IPPROTO_TCP or _U16.unpack_from(packet, IPV4_TOTAL_LENGTH)[0] != n \
-                or frag & _FRAGMENT_BITS or not frag & _DF:
+        if (
+            packet[IPV4_PROTOCOL] != IPPROTO_TCP
+            or _U16.unpack_from(packet, IPV4_TOTAL_LENGTH)[0] != n
+            or frag & _FRAGMENT_BITS
+            or not frag & _DF
+        ):
             return None
         ip_len = IPV4_HEADER_MIN
     elif first >> 4 == 6:
-        if packet[IPV6_NEXT_HEADER] != IPPROTO_TCP or n < 61 \
-                or _U16.unpack_from(packet, IPV6_PAYLOAD_LENGTH)[0] + IPV6_HEADER != n:
+        if (
+            packet[IPV6_NEXT_HEADER] != IPPROTO_TCP
+            or n < 61
+            or _U16.unpack_from(packet, IPV6_PAYLOAD_LENGTH)[0] + IPV6_HEADER != n
+        ):
             return None
         ip_len = IPV6_HEADER
     else:

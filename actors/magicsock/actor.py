@@ -10,6 +10,7 @@ connected to its endpoint, which the kernel prefers for that peer's
 datagrams: magicsock gets initiations from new endpoints and the traffic of
 peers whose worker has no socket (yet), and sends what workers hand it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,12 +21,12 @@ from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus import batch
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import DatagramBatch
-from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
+from meshsup.actors.flowcount.feed import FlowFeed
+from meshsup.actors.flowcount.tally import UNDERLAY
 from meshsup.actors.kernel.types import Burst
 from meshsup.actors.kernel.udp import UdpSocket
-from meshsup.actors.flowcount.tally import UNDERLAY
-from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.settings import Settings
+from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
 
 RECV_BATCH = 512
 

@@ -9,6 +9,7 @@ the node stops or the setting goes. Every link or address change in the
 namespace is published as LinkChanged (the DNS controller flushes its cache
 on it), one per link and kind of change in each burst.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,10 +18,10 @@ from pyroute2 import IPRoute
 
 from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus.messages import LinkChanged
-from meshsup.actors.settings import DnsSettings, Settings
+from meshsup.actors.kernel.tun import make_persistent
 from meshsup.actors.router.netconf import LinkMonitor, LinuxRouter
 from meshsup.actors.router.resolvconf import ResolvConf, for_this_namespace
-from meshsup.actors.kernel.tun import make_persistent
+from meshsup.actors.settings import DnsSettings, Settings
 
 
 class RouterActor(Actor):
@@ -57,8 +58,13 @@ class RouterActor(Actor):
         if self.failures:
             self.log.warning("some link settings failed", failures=self.failures)
         if changes.added or route_changes.added or route_changes.removed:
-            self.log.info("link configured", interface=iface, addresses=changes.added,
-                          routes_added=route_changes.added, routes_removed=route_changes.removed)
+            self.log.info(
+                "link configured",
+                interface=iface,
+                addresses=changes.added,
+                routes_added=route_changes.added,
+                routes_removed=route_changes.removed,
+            )
         self._os_resolver(settings.dns)
 
     def _os_resolver(self, settings: DnsSettings) -> None:
@@ -74,10 +80,16 @@ class RouterActor(Actor):
         except OSError as err:
             raise ConfigError(f"cannot write {self.resolv.path}: {err}") from None
         if first and self.resolv.refused_backup:
-            self.log.warning("resolv.conf backup refused; the original is taken to have been absent",
-                             reason=self.resolv.refused_backup)
-        self.log.info("resolver set", path=str(self.resolv.path), nameservers=settings.nameservers,
-                      problems=self.resolver_problems)
+            self.log.warning(
+                "resolv.conf backup refused; the original is taken to have been absent",
+                reason=self.resolv.refused_backup,
+            )
+        self.log.info(
+            "resolver set",
+            path=str(self.resolv.path),
+            nameservers=settings.nameservers,
+            problems=self.resolver_problems,
+        )
 
     def _restore_resolver(self) -> None:
         if self.resolv is not None and self.resolv.active:

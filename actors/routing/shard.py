@@ -4,6 +4,7 @@ Sharding by peer keeps each peer's packets on one worker, so per-peer order
 and nonce order hold with no re-sequencing, and a peer's sessions live in
 exactly one process.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from meshsup.actors.routing.allowedips import AllowedIPs, Network
-from meshsup.actors.wire.ip import IPV4_DST, IPV4_HEADER_MIN, IPV6_DST, IPV6_HEADER
 from meshsup.actors.settings import PeerSettings
+from meshsup.actors.wire.ip import IPV4_DST, IPV4_HEADER_MIN, IPV6_DST, IPV6_HEADER
 
 
 def owner(public_key: bytes, workers: int) -> int:

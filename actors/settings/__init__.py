@@ -7,17 +7,28 @@ actor the same object, through the bus in its wire form (`to_wire`,
 supervisor), dns, netlog (with logging); a wrong value is a ConfigError
 naming the file and the key.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from meshsup.actors.settings import wire
 from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.settings.netlog import NetlogSettings, netlog_settings
-from meshsup.actors.settings.node import (ActorCounts, NodeSettings, PeerSettings, SupervisorSettings, check_unique,
-                                          parse_actors, parse_node, parse_peer, parse_supervisor)
+from meshsup.actors.settings.node import (
+    ActorCounts,
+    NodeSettings,
+    PeerSettings,
+    SupervisorSettings,
+    check_unique,
+    parse_actors,
+    parse_node,
+    parse_peer,
+    parse_supervisor,
+)
 from meshsup.actors.settings.table import ConfigError, Table
 
 TOP_KEYS = {"node", "peers", "actors", "supervisor", "dns", "netlog", "logging"}
@@ -48,8 +59,11 @@ class Settings:
     def without_secrets(self) -> Settings:
         """The same settings with no key material: the private key empty, no preshared keys.
         What the actors that use no keys get (actors.registry.settings_for)."""
-        return replace(self, node=replace(self.node, private_key=b""),
-                       peers=tuple(replace(p, preshared_key=None) for p in self.peers))
+        return replace(
+            self,
+            node=replace(self.node, private_key=b""),
+            peers=tuple(replace(p, preshared_key=None) for p in self.peers),
+        )
 
     @property
     def holds_secrets(self) -> bool:
@@ -76,8 +90,9 @@ def parse(file: str, doc: dict[str, Any], base: Path, state_dir: Path) -> Settin
     supervisor = parse_supervisor(file, top.get("supervisor", dict, {}))
     dns_table = top.get("dns", dict, None) or default_dns(node)
     dns = _section(file, "dns", lambda: DnsSettings.from_config(dns_table, {}))
-    netlog = _section(file, "netlog", lambda: netlog_settings(top.get("netlog", dict, {}),
-                                                              top.get("logging", dict, {}), base))
+    netlog = _section(
+        file, "netlog", lambda: netlog_settings(top.get("netlog", dict, {}), top.get("logging", dict, {}), base)
+    )
     settings = Settings(node, tuple(peers), actors, supervisor, dns, netlog)
     _section(file, "dns", settings.dns_for_mesh)  # the node's and peers' names must be DNS names too
     return settings

@@ -76,9 +76,7 @@ def parse_collectors(
     return configs
 
 
-def _parse_one(
-    table: object, where: str, base_dir: Path | None, index: int, kinds: tuple[str, ...]
-) -> CollectorConfig:
+def _parse_one(table: object, where: str, base_dir: Path | None, index: int, kinds: tuple[str, ...]) -> CollectorConfig:
     if not isinstance(table, dict):
         raise ValueError(f"{where}: expected a table")
     kind = table.get("kind")
@@ -106,7 +104,7 @@ def _parse_one(
     if body_format not in HTTP_FORMATS:
         raise ValueError(f"{where}.format: expected one of {', '.join(HTTP_FORMATS)}, got {body_format!r}")
     if gzip and body_format == "journal":
-        raise ValueError(f"{where}.gzip: systemd-journal-remote takes no compressed bodies (format = \"journal\")")
+        raise ValueError(f'{where}.gzip: systemd-journal-remote takes no compressed bodies (format = "journal")')
     numbers: dict[str, Any] = {
         key: _positive(table[key], f"{where}.{key}", allow_fraction=key == "template_interval")
         for key in ("batch_records", "spool_max_records", "spool_max_bytes", "template_interval", "max_message_size")

@@ -17,8 +17,19 @@ import dns.exception
 import dns.name
 import dns.rcode
 
-from meshsup.actors.settings.dnstypes import (ASIS, REJECT, IPNetwork, Matcher, Route, Rule, SourceOverride, SrvRecord,
-                                              Upstream, normalize_name, parse_upstream)
+from meshsup.actors.settings.dnstypes import (
+    ASIS,
+    REJECT,
+    IPNetwork,
+    Matcher,
+    Route,
+    Rule,
+    SourceOverride,
+    SrvRecord,
+    Upstream,
+    normalize_name,
+    parse_upstream,
+)
 
 DNS_KEYS = frozenset(
     {

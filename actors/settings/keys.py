@@ -1,4 +1,5 @@
 """WireGuard key material: parsing, generation, and addresses derived from a key."""
+
 from __future__ import annotations
 
 import base64
@@ -42,8 +43,7 @@ def generate_private() -> bytes:
 
 
 def public_of(private: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
-        Encoding.Raw, PublicFormat.Raw)
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def load_or_create(path: Path) -> bytes:

@@ -53,7 +53,9 @@ def netlog_settings(netlog_table: object, logging_table: object, base_dir: Path 
         max_record_bytes=cap,
         collectors=tuple(parse_collectors(netlog.get("collectors", []), base_dir)),
         log_level=level,
-        log_collectors=tuple(parse_collectors(logging.get("collectors", []), base_dir, "logging.collectors", LOG_KINDS)),
+        log_collectors=tuple(
+            parse_collectors(logging.get("collectors", []), base_dir, "logging.collectors", LOG_KINDS)
+        ),
     )
 
 

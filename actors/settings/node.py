@@ -1,4 +1,5 @@
 """The [node], [[peers]], [actors] and [supervisor] tables."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -13,8 +14,15 @@ DEFAULT_PORT = 51820
 DEFAULT_MTU = 1420
 DEFAULT_INTERFACE = "meshsup0"
 NODE_KEYS = {"name", "private_key", "private_key_file", "listen_port", "interface", "addresses", "mtu"}
-PEER_KEYS = {"name", "public_key", "preshared_key", "preshared_key_file", "allowed_ips", "endpoints",
-             "persistent_keepalive"}
+PEER_KEYS = {
+    "name",
+    "public_key",
+    "preshared_key",
+    "preshared_key_file",
+    "allowed_ips",
+    "endpoints",
+    "persistent_keepalive",
+}
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface

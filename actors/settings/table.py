@@ -1,10 +1,12 @@
 """Reading one table of a config file: every problem is a ConfigError naming the file, the key and
 what is wrong, in one line."""
+
 from __future__ import annotations
 
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from meshsup.actors.settings import keys
 

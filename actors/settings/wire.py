@@ -4,6 +4,7 @@ The decoder builds only the dataclasses the settings are declared as, field by
 field from their type hints, and checks every value's type on the way: what
 comes off the bus is data, never code to run (no pickle).
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -13,10 +13,9 @@ returns ``None`` for a packet too short or malformed to answer, never raises.
 
 from __future__ import annotations
 
-from meshsup.actors.kernel.types import Buffer
-
 from typing import Final
 
+from meshsup.actors.kernel.types import Buffer
 
 IPPROTO_TCP: Final = 6
 IPPROTO_UDP: Final = 17
