@@ -69,6 +69,10 @@ def holds_a_key(blob: bytes) -> bool:
     return NODE_KEY in blob or PSK in blob
 
 
+def encode_settings(s: Settings) -> bytes:
+    return msgpack.packb(s.to_wire())
+
+
 # --- the keys: one place decides, per kind ---------------------------------------------
 
 
@@ -84,10 +88,6 @@ def test_only_the_crypto_workers_get_the_keys(tmp_path: Path) -> None:
     stripped = full.without_secrets()
     assert stripped.node.private_key == b"" and {p.preshared_key for p in stripped.peers} == {None}
     assert stripped.node.public_key == full.node.public_key and stripped.dns_for_mesh() == full.dns_for_mesh()
-
-
-def encode_settings(s: Settings) -> bytes:
-    return msgpack.packb(s.to_wire())
 
 
 def test_the_supervisor_configures_each_kind_with_keys_only_for_crypto(tmp_path: Path, account: Account) -> None:

@@ -140,11 +140,11 @@ class Drop:
         except OSError as err:
             raise PrivilegeError(f"cannot switch to {self.account.name} (uid {uid}): {err}") from None
         me = threading.get_native_id()
-        problems = [f"thread {tid}: {p}" for tid, status in _threads() for p in self.check(status, tid == me)]
+        problems = [f"thread {tid}: {p}" for tid, status in _threads() for p in self._problems(status, tid == me)]
         if problems:
             raise PrivilegeError(f"privileges not dropped as asked: {'; '.join(problems)}")
 
-    def check(self, status: dict[str, str], main: bool) -> list[str]:
+    def _problems(self, status: dict[str, str], main: bool) -> list[str]:
         """What is wrong with a thread's /proc status after the drop (the thread that dropped: `main`)."""
         keep, problems = _mask(self.keep), []
         ids = {"Uid": self.account.uid, "Gid": self.account.gid}
