@@ -5,15 +5,18 @@ owns everything the supervisor relies on: the hello, heartbeats carrying
 status, request/ack handling, counting (never raising on) bad frames, and
 the test-only fault switches.
 """
+
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
 import sys
 import time
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -23,6 +26,8 @@ from meshsup.actors.bus.datapath import Inbox, Outbox
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack, Command, Configure, Heartbeat, Hello, Stop
 from meshsup.actors.log import RateLimited, setup
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.wire import WireError
 
 HEARTBEAT_INTERVAL = 0.2
 FAULTS_ENV = "MESHSUP_TEST_FAULTS"
@@ -32,8 +37,16 @@ class ConfigError(ValueError):
     """Raised by `configure` to refuse a configuration (the ack carries it)."""
 
 
+def _settings(cls: Any, wire: dict[str, Any]) -> Any:
+    try:
+        return cls.from_wire(wire)
+    except WireError as err:
+        raise ConfigError(f"settings from the supervisor do not decode: {err}") from None
+
+
 class Actor:
     kind = "actor"
+    settings_class: Any = Settings  # what its Configure carries (a relay's workers: RelaySettings)
 
     def __init__(self, name: str, runtime: Runtime) -> None:
         self.name = name
@@ -42,29 +55,43 @@ class Actor:
         self.ctx = zmq.Context()
         self.bus_dropped: Counter[str] = Counter()
         self._ratelimit = RateLimited()
-        self._readers: dict[Any, Callable[[], None]] = {}
+        self._readers: dict[zmq.Socket, Callable[[], None]] = {}
+        self._fds: dict[int, tuple[Callable[[], None], int]] = {}  # plain descriptors: handler, epoll events
+        self._epoll: select.epoll | None = None  # the loop's, once running: watch() changes it in place
+        self._by_fd: dict[int, Any] = {}  # what each of its descriptors stands for
         self._stopping = False
         self._hang = False
         self._poller_stale = True
         self._zmq_due: set[zmq.Socket] = set()  # sockets to ask for messages before sleeping
         self.outbox = Outbox(runtime.inbox)
-        self.config: dict[str, Any] = {}
 
         self.control = self.ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.IDENTITY, name.encode())
         self.control.setsockopt(zmq.LINGER, 1000)
-        self.control.connect(runtime.control)
-        self.inbox = Inbox(runtime.inbox(name), self.add_reader, self.remove_reader, self._on_data,
-                           lambda: self.count_drop("oversized", "data message"))
+        self.control.connect(runtime.unprivileged_control if runtime.drop else runtime.control)
+        self.inbox = Inbox(
+            runtime.inbox(name),
+            self.add_reader,
+            self.remove_reader,
+            self._on_data,
+            lambda: self.count_drop("oversized", "data message"),
+        )
         self.events = self.ctx.socket(zmq.PUB)
         self.events.connect(runtime.events_in)
         self.subscriptions = self.ctx.socket(zmq.SUB)
         self.subscriptions.connect(runtime.events_out)
+        self.bind_runtime()
+        if runtime.drop is not None:
+            runtime.drop.finish()  # PrivilegeError: the actor does not run (actors.registry)
+        self.holds_keys = False  # whether the last settings it was given carry key material
 
     # --- hooks for subclasses -------------------------------------------
-    def configure(self, config: dict[str, Any]) -> None:
-        """Apply the whole node config; raise ConfigError to refuse it."""
-        self.config = config
+    def bind_runtime(self) -> None:
+        """Bind the actor's own sockets in the runtime dir: called while it is still root
+        (only root creates files there), before an unprivileged kind drops privileges."""
+
+    def configure(self, settings: Settings) -> None:
+        """Apply the node's settings; raise ConfigError to refuse them."""
 
     def command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown command {op!r}")
@@ -85,12 +112,69 @@ class Actor:
     # --- helpers for subclasses -----------------------------------------
     def add_reader(self, sock_or_fd: Any, handler: Callable[[], None]) -> None:
         """A ZeroMQ socket, an fd, or anything with fileno() (kept as its fd: the poller reports fds)."""
-        self._readers[_pollable(sock_or_fd)] = handler
-        self._poller_stale = True
+        thing = _pollable(sock_or_fd)
+        if isinstance(thing, zmq.Socket):
+            self._readers[thing] = handler
+            self._poller_stale = True
+        else:
+            self.watch(thing, handler, read=True)
 
     def remove_reader(self, sock_or_fd: Any) -> None:
-        if self._readers.pop(_pollable(sock_or_fd), None) is not None:
-            self._poller_stale = True
+        thing = _pollable(sock_or_fd)
+        if isinstance(thing, zmq.Socket):
+            if self._readers.pop(thing, None) is not None:
+                self._poller_stale = True
+        else:
+            self.unwatch(thing)
+
+    def watch(self, fd: int, handler: Callable[[], None], *, read: bool = False, write: bool = False) -> None:
+        """Call `handler` (once per wake-up) while `fd` is readable (`read`) or writable (`write`).
+
+        Watching an fd again replaces its handler and events. The loop's epoll is changed in place, not
+        rebuilt: a collector's socket changes between read and write with every request. Unwatch an fd
+        before its number can be reused (closing it first is fine: the kernel forgets it then).
+        """
+        if not (read or write):
+            self.unwatch(fd)
+            return
+        events = (select.EPOLLIN if read else 0) | (select.EPOLLOUT if write else 0)
+        known = fd in self._fds
+        self._fds[fd] = (handler, events)
+        if self._epoll is None or self._poller_stale:
+            return  # the next poller is built from _fds
+        self._by_fd[fd] = handler
+        try:
+            if known:
+                self._epoll.modify(fd, events)
+            else:
+                self._epoll.register(fd, events)
+        except FileNotFoundError:  # closed and reused since it was watched: the kernel forgot it
+            self._epoll.register(fd, events)
+        except FileExistsError:
+            self._epoll.modify(fd, events)
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching `fd`; nothing if it is not watched."""
+        if self._fds.pop(fd, None) is None or self._epoll is None or self._poller_stale:
+            return
+        del self._by_fd[fd]
+        try:
+            self._epoll.unregister(fd)
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.EBADF, errno.EPERM):  # closed (and maybe reused) already
+                raise
+
+    def accept_from_unprivileged(self, *types: type[Message]) -> None:
+        """Let the unprivileged actors send these messages to this actor's inbox; anything
+        else from a process not running as root is counted and dropped."""
+
+        def take(msg: Message) -> None:
+            if isinstance(msg, types):
+                self.on_message(msg)
+            else:
+                self.count_drop("unprivileged_sender", msg.TAG)
+
+        self.inbox.share(lambda frame: self._dispatch(frame, take))
 
     def subscribe(self, *tags: str) -> None:
         for tag in tags:
@@ -111,8 +195,7 @@ class Actor:
         self.bus_dropped[reason] += 1
         suppressed = self._ratelimit.should_log(reason, time.monotonic())
         if suppressed is not None:
-            self.log.warning("bus frame dropped", reason=reason, detail=detail[:120],
-                             suppressed=suppressed)
+            self.log.warning("bus frame dropped", reason=reason, detail=detail[:120], suppressed=suppressed)
 
     # --- the loop -------------------------------------------------------
     # One epoll over every descriptor. A ZeroMQ socket is watched through its
@@ -152,6 +235,7 @@ class Actor:
                 self.tick(time.monotonic())
         finally:
             poller.close()
+            self._epoll = None
             self.close()
             self.inbox.close()
             self.outbox.close()
@@ -163,19 +247,20 @@ class Actor:
         by_fd: dict[int, Any] = {}
         for sock in (self.control, self.subscriptions):
             by_fd[sock.getsockopt(zmq.FD)] = sock
-        for thing, handler in self._readers.items():
-            if isinstance(thing, zmq.Socket):
-                by_fd[thing.getsockopt(zmq.FD)] = thing  # read in _drain_due, as control is
-            else:
-                by_fd[thing] = handler
+        for sock in self._readers:
+            by_fd[sock.getsockopt(zmq.FD)] = sock  # read in _drain_due, as control is
         for fd in by_fd:
             poller.register(fd, select.EPOLLIN)
+        for fd, (handler, events) in self._fds.items():
+            by_fd[fd] = handler
+            poller.register(fd, events)
         self._poller_stale = False
         self._zmq_due.update(s for s in by_fd.values() if isinstance(s, zmq.Socket))  # may have queued already
+        self._epoll, self._by_fd = poller, by_fd
         return poller, by_fd
 
     def _zmq_readers(self) -> list[zmq.Socket]:
-        return [s for s in self._readers if isinstance(s, zmq.Socket)]
+        return list(self._readers)
 
     def _drain_due(self) -> None:
         """Read the ZeroMQ sockets that may have messages; one left unfinished stays due."""
@@ -197,15 +282,20 @@ class Actor:
         self._stopping = True
 
     def _status(self) -> dict[str, Any]:
-        return {"bus_dropped": dict(self.bus_dropped), "send_dropped": dict(self.outbox.dropped),
-                **self.status()}
+        return {
+            "bus_dropped": dict(self.bus_dropped),
+            "send_dropped": dict(self.outbox.dropped),
+            "holds_keys": self.holds_keys,
+            **self.status(),
+        }
 
     def _send(self, msg: Message) -> None:
         self.control.send(encode(msg))
         self._zmq_due.add(self.control)  # a send may take the signal meant for an incoming message
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[Message], None], topic: bool = False,
-               budget: int = 256) -> bool:
+    def _drain(
+        self, sock: zmq.Socket, handle: Callable[[Message], None], topic: bool = False, budget: int = 256
+    ) -> bool:
         """Read what is ready (bounded, so control never starves); False if more may be left."""
         for _ in range(budget):
             try:
@@ -236,7 +326,7 @@ class Actor:
 
     def _on_control(self, msg: Message) -> None:
         if isinstance(msg, Configure):
-            self._ack(msg.req, lambda: (self.configure(msg.config), {})[1])
+            self._ack(msg.req, lambda: self._configure(_settings(self.settings_class, msg.config)))
         elif isinstance(msg, Command):
             if msg.op == "fault":
                 self._ack(msg.req, lambda: self._fault(str(msg.args.get("mode"))))
@@ -247,6 +337,11 @@ class Actor:
             self._stopping = True
         else:
             self.count_drop("unexpected_type", msg.TAG)
+
+    def _configure(self, settings: Settings) -> dict[str, Any]:
+        self.holds_keys = settings.holds_secrets
+        self.configure(settings)
+        return {}
 
     def _ack(self, req: int, work: Callable[[], dict[str, Any]]) -> None:
         try:

@@ -6,6 +6,7 @@ masked whatever their value, so a careless log call cannot leak a key.
 Every event is also pushed to the node's netlog actor, which ships it to
 the [logging] collectors.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,9 +79,7 @@ def setup(actor: str, runtime: Runtime | None = None) -> structlog.stdlib.BoundL
         return event
 
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=False)
-        if sys.stderr.isatty()
-        else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=False) if sys.stderr.isatty() else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[

@@ -8,7 +8,7 @@ every packet the stack sends into the TUN and queues the packet on
 holding the packet's destination names the worker that owns the peer.
 
 The packet is bare L3 (IFF_TUN): byte 0 holds the IP version; the IPv4
-destination is at offset 16, the IPv6 destination at offset 24. Socket filters
+destination is at offset 16, the IPv6 destination at offset 24 (actors.wire.ip). Socket filters
 may not read packet memory directly, so the program uses the legacy
 BPF_LD|BPF_ABS loads, which read through the context in r6 and return words in
 host byte order: an address word compares as the plain integer.
@@ -24,6 +24,8 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
+
+from meshsup.actors.wire.ip import IPV4_DST, IPV4_HEADER_MIN, IPV6_DST, IPV6_HEADER
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Route = tuple[Network, int]
@@ -49,10 +51,6 @@ _JEQ, _JNE, _JLT, _EXIT = 0x10, 0x50, 0xA0, 0x90
 R0, R1, R6, R7, R10 = 0, 1, 6, 7, 10
 
 SKB_LEN: Final = 0  # offsetof(struct __sk_buff, len)
-IPV4_HEADER_LEN: Final = 20
-IPV6_HEADER_LEN: Final = 40
-IPV4_DST: Final = 16
-IPV6_DST: Final = 24
 # The destination's 32-bit words live on the stack at r10-16 .. r10-4.
 _DST_SLOT: Final = -16
 
@@ -167,16 +165,16 @@ def program(routes: Sequence[Route], default: int) -> bytes:
     # A BPF_ABS load past the end ends the program returning 0, i.e. queue 0:
     # check the length first so short packets go to ``default`` instead.
     asm.emit(_LDX | _MEM | _W, R7, R6, off=SKB_LEN)
-    asm.jump32(_JLT, R7, IPV4_HEADER_LEN, "default")
+    asm.jump32(_JLT, R7, IPV4_HEADER_MIN, "default")
     asm.emit(_LD | _ABS | _B, imm=0)
     asm.emit(_ALU | _RSH | _K, R0, imm=4)  # the version nibble
     asm.jump32(_JEQ, R0, 4, "ipv4")
     asm.jump32(_JNE, R0, 6, "default")
-    asm.jump32(_JLT, R7, IPV6_HEADER_LEN, "default")
-    _match_destination(asm, _longest_first(routes, 6), IPV6_DST, 4)
+    asm.jump32(_JLT, R7, IPV6_HEADER, "default")
+    _match_destination(asm, _longest_first(routes, 6), IPV6_DST.start, 4)
     asm.label("default")  # unmatched IPv6 falls through to here
     asm.ret(default)
     asm.label("ipv4")
-    if _match_destination(asm, _longest_first(routes, 4), IPV4_DST, 1):
+    if _match_destination(asm, _longest_first(routes, 4), IPV4_DST.start, 1):
         asm.ret(default)
     return asm.assemble()

@@ -64,12 +64,18 @@ def _prog_load(insns: bytes, name: str, log: ctypes.Array[ctypes.c_char] | None)
     license = ctypes.create_string_buffer(b"GPL")
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
     _PROG_LOAD.pack_into(
-        attr, 0,
-        BPF_PROG_TYPE_SOCKET_FILTER, len(insns) // _INSN_SIZE,
-        ctypes.addressof(code), ctypes.addressof(license),
-        1 if log is not None else 0, len(log) if log is not None else 0,
+        attr,
+        0,
+        BPF_PROG_TYPE_SOCKET_FILTER,
+        len(insns) // _INSN_SIZE,
+        ctypes.addressof(code),
+        ctypes.addressof(license),
+        1 if log is not None else 0,
+        len(log) if log is not None else 0,
         ctypes.addressof(log) if log is not None else 0,
-        0, 0, name.encode(),
+        0,
+        0,
+        name.encode(),
     )
     return _bpf(BPF_PROG_LOAD, attr)
 

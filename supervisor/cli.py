@@ -1,4 +1,5 @@
 """`meshsup`: start a node or a relay, or talk to a running one through its control socket."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,12 +7,16 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.kernel.files import UnsafePath
+from meshsup.actors.kernel.privileges import USER, PrivilegeError, unprivileged_account
 from meshsup.actors.log import setup
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.keys import b64
 from meshsup.supervisor import config as cfg
 from meshsup.supervisor import relay
 from meshsup.supervisor.control import NotRunning, call
@@ -26,8 +31,11 @@ def _parser() -> argparse.ArgumentParser:
 
     def cmd(name: str, help: str, state_dir: str = DEFAULT_STATE_DIR) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
-        c.add_argument("--state-dir", default=os.environ.get("MESHSUP_STATE_DIR", state_dir),
-                       help=f"keys, spool and runtime sockets (default {state_dir})")
+        c.add_argument(
+            "--state-dir",
+            default=os.environ.get("MESHSUP_STATE_DIR", state_dir),
+            help=f"keys, spool and runtime sockets (default {state_dir})",
+        )
         return c
 
     start = cmd("start", "run a node in the foreground")
@@ -60,52 +68,58 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(args: argparse.Namespace, state_dir: Path) -> cfg.Config:
+def load_config(args: argparse.Namespace, state_dir: Path) -> Settings:
     if args.config:
         conf = cfg.load_toml(args.config, state_dir)
     elif args.wg_config:
         conf = cfg.load_wg_quick(args.wg_config, state_dir)
     else:
         conf = cfg.embedded_default(state_dir)
-    node = conf["node"]
+    node, actors = conf.node, conf.actors
     if args.interface is not None:
         if not valid_interface_name(args.interface):
-            raise cfg.ConfigError("--interface", "interface", f"{args.interface!r} is not a valid interface name "
-                                  f"(1-{IFNAMSIZ - 1} characters, no '/', ':' or white space, not '.' or '..')")
-        node["interface"] = args.interface
+            raise cfg.ConfigError(
+                "--interface",
+                "interface",
+                f"{args.interface!r} is not a valid interface name "
+                f"(1-{IFNAMSIZ - 1} characters, no '/', ':' or white space, not '.' or '..')",
+            )
+        node = replace(node, interface=args.interface)
     if args.listen_port is not None:
         if not 0 <= args.listen_port <= 65535:
             raise cfg.ConfigError("--listen-port", "listen_port", "not a port number")
-        node["listen_port"] = args.listen_port
+        node = replace(node, listen_port=args.listen_port)
     for kind in ("crypto", "dns"):
         n = getattr(args, f"{kind}_workers")
         if n is not None:
             if not 1 <= n <= 64:
                 raise cfg.ConfigError(f"--{kind}-workers", f"actors.{kind}", f"{n} is outside 1..64")
-            conf["actors"][kind] = n
-    return conf
+            actors = replace(actors, **{kind: n})
+    return replace(conf, node=node, actors=actors)
 
 
 def valid_interface_name(name: str) -> bool:
     """What the kernel's dev_valid_name accepts."""
-    return (0 < len(name) < IFNAMSIZ and name not in (".", "..")
-            and not any(c in "/:" or c.isspace() for c in name))
+    return 0 < len(name) < IFNAMSIZ and name not in (".", "..") and not any(c in "/:" or c.isspace() for c in name)
 
 
-def peer_stanza(conf: cfg.Config) -> str:
-    node = conf["node"]
-    allowed = ", ".join(node["addresses"])
-    return (f"# this node's public key: {node['public_key']}\n"
-            f"# for a meshsup node's config:\n[[peers]]\nname = \"{node['name']}\"\n"
-            f"public_key = \"{node['public_key']}\"\nallowed_ips = {json.dumps(node['addresses'])}\n"
-            f"endpoints = [\"THIS_HOST:{node['listen_port']}\"]\n"
-            f"# for a WireGuard peer (wg-quick):\n[Peer]\nPublicKey = {node['public_key']}\n"
-            f"AllowedIPs = {allowed}\nEndpoint = THIS_HOST:{node['listen_port']}\n")
+def peer_stanza(conf: Settings) -> str:
+    node = conf.node
+    public, addresses = b64(node.public_key), [str(a) for a in node.addresses]
+    return (
+        f"# this node's public key: {public}\n"
+        f'# for a meshsup node\'s config:\n[[peers]]\nname = "{node.name}"\n'
+        f'public_key = "{public}"\nallowed_ips = {json.dumps(addresses)}\n'
+        f'endpoints = ["THIS_HOST:{node.listen_port}"]\n'
+        f"# for a WireGuard peer (wg-quick):\n[Peer]\nPublicKey = {public}\n"
+        f"AllowedIPs = {', '.join(addresses)}\nEndpoint = THIS_HOST:{node.listen_port}\n"
+    )
 
 
 def start(args: argparse.Namespace) -> int:
     """`meshsup start` (a node) and `meshsup relay`: the same supervisor, other actors."""
     from meshsup.supervisor.node import Supervisor
+    from meshsup.supervisor.resources import open_state_dir
 
     state_dir = Path(args.state_dir)
     runtime = Runtime(state_dir)
@@ -114,6 +128,11 @@ def start(args: argparse.Namespace) -> int:
         runtime.check(create_state_dir=True)  # before the config, which may make the key in it
         conf = load(args, state_dir)
         runtime.create()
+        account = unprivileged_account()
+        open_state_dir(runtime, account)
+    except PrivilegeError as err:
+        print(f"meshsup: {err}: run deploy/setup.sh, which makes the user {USER}", file=sys.stderr)
+        return 2
     except UnsafePath as err:
         print(f"meshsup: refusing to start: {err}, or choose another --state-dir", file=sys.stderr)
         return 2
@@ -127,8 +146,16 @@ def start(args: argparse.Namespace) -> int:
         print(f"meshsup: a node is already running with state dir {state_dir}", file=sys.stderr)
         return 1
     log = setup("supervisor", runtime)
+    if account.name != USER:
+        log.warning(
+            "unprivileged actors run as a user other daemons may share",
+            user=account.name,
+            uid=account.uid,
+            missing=USER,
+            fix="deploy/setup.sh makes the user",
+        )
     print(relay.relay_stanza(conf) if args.command == "relay" else peer_stanza(conf), flush=True)
-    sup = Supervisor(conf, runtime, lambda: load(args, state_dir), log)
+    sup = Supervisor(conf, runtime, account, lambda: load(args, state_dir), log)
     code = sup.run()
     if sup.failure:
         print(f"meshsup: node stopped: {sup.failure}", file=sys.stderr)
@@ -146,8 +173,10 @@ def _running_pid(runtime: Runtime) -> int | None:
 
 def _print_status(result: dict[str, Any]) -> None:
     node = result["node"]
-    print(f"node {node['name']}  {node['public_key']}  {node['interface']}  "
-          f"port {node['listen_port']}  {'ready' if node['ready'] else 'starting'}")
+    print(
+        f"node {node['name']}  {node['public_key']}  {node['interface']}  "
+        f"port {node['listen_port']}  {'ready' if node['ready'] else 'starting'}"
+    )
     print(f"\n{'ACTOR':<12} {'PID':>7} {'STATE':<9} {'RESTARTS':>8}  BUS DROPS")
     for a in result["actors"]:
         drops = sum(a["bus_dropped"].values())
@@ -155,8 +184,10 @@ def _print_status(result: dict[str, Any]) -> None:
     if result["peers"]:
         print(f"\n{'PEER':<16} {'ENDPOINT':<24} {'RX':>12} {'TX':>12}  HANDSHAKE")
         for p in result["peers"]:
-            print(f"{p['name']:<16} {p['endpoint'] or '-':<24} {_size(p['rx_bytes']):>12} "
-                  f"{_size(p['tx_bytes']):>12}  {_ago(p['last_handshake'], time.time())}")
+            print(
+                f"{p['name']:<16} {p['endpoint'] or '-':<24} {_size(p['rx_bytes']):>12} "
+                f"{_size(p['tx_bytes']):>12}  {_ago(p['last_handshake'], time.time())}"
+            )
 
 
 def _size(n: float) -> str:
@@ -181,11 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         return start(args)
     if args.command == "ping":
         from meshsup.supervisor.ping import refusal
+
         if why := refusal(args):
             print(f"meshsup: ping: {why}", file=sys.stderr)
             return 2
     if args.command == "demo":
         from meshsup.supervisor.demo import run as demo
+
         return demo(args.seconds)
     runtime = Runtime(args.state_dir)
     request: dict[str, Any] = {}
@@ -209,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "ping":
         from meshsup.supervisor.ping import run as ping
+
         return ping(args, reply.result)
     if args.command == "status":
         if args.json:

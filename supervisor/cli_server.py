@@ -1,19 +1,23 @@
 """The node's end of the CLI socket: `meshsup status`, `stop`, `reload`, `scale`
 (and `fault` in tests), one request, one reply; control.py is the CLI's end."""
+
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
 from meshsup.actors.base import FAULTS_ENV
 from meshsup.actors.bus.codec import DecodeError, decode, encode
-from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.endpoints import Runtime, grant
 from meshsup.actors.bus.messages import CliReply, CliRequest, Command
 from meshsup.actors.registry import SCALABLE, start_order
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.keys import b64
+from meshsup.actors.settings.relay import RelaySettings
 from meshsup.supervisor import relay
-from meshsup.supervisor.config import Config
 from meshsup.supervisor.hub import Hub, bind
 from meshsup.supervisor.supervision import Tree
 from meshsup.supervisor.wgapi import peer_status
@@ -22,14 +26,21 @@ Reply = Callable[..., None]
 
 
 class CliServer:
-    def __init__(self, ctx: zmq.Context, runtime: Runtime, tree: Tree, hub: Hub,
-                 reload: Callable[[Reply], None],
-                 reconfigure: Callable[[Config, Callable[[list[str]], None]], None]) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        runtime: Runtime,
+        tree: Tree,
+        hub: Hub,
+        reload: Callable[[Reply], None],
+        reconfigure: Callable[[Settings, Callable[[list[str]], None]], None],
+    ) -> None:
         self.tree = tree
         self.hub = hub
         self.reload = reload
         self.reconfigure = reconfigure
         self.socket = bind(ctx, zmq.ROUTER, runtime.cli)
+        grant(runtime.cli, unprivileged=False)
 
     def drain(self) -> None:
         for _ in range(64):
@@ -42,7 +53,8 @@ class CliServer:
                 continue
             ident = frames[0]
             reply = lambda ok, error="", result=None, ident=ident: self.socket.send_multipart(  # noqa: E731
-                [ident, b"", encode(CliReply(ok=ok, error=error, result=result or {}))])
+                [ident, b"", encode(CliReply(ok=ok, error=error, result=result or {}))]
+            )
             try:
                 msg = decode(frames[2])
             except DecodeError as err:
@@ -79,22 +91,34 @@ class CliServer:
             if name not in self.tree.actors:
                 reply(False, f"no actor {name!r}")
                 return
-            self.hub.request(name, lambda req: Command(req=req, op="fault", args={"mode": args.get("mode")}),
-                             lambda ack: reply(ack is not None and ack.ok,
-                                               "" if ack and ack.ok else (ack.error if ack else "no answer")))
+            self.hub.request(
+                name,
+                lambda req: Command(req=req, op="fault", args={"mode": args.get("mode")}),
+                lambda ack: reply(
+                    ack is not None and ack.ok, "" if ack and ack.ok else (ack.error if ack else "no answer")
+                ),
+            )
         else:
             reply(False, f"unknown command {cmd!r}")
 
     def status(self) -> dict[str, Any]:
-        if "relay" in self.tree.config:
-            return {**relay.status(self.tree.config, self._actors(), self.tree.ready, self.tree.generation),
-                    "supervisor": {"bus_dropped": self.hub.bus_dropped}}
-        node = self.tree.config["node"]
+        if isinstance(self.tree.config, RelaySettings):
+            return {
+                **relay.status(self.tree.config, self._actors(), self.tree.ready, self.tree.generation),
+                "supervisor": {"bus_dropped": self.hub.bus_dropped},
+            }
+        node = self.tree.config.node
         return {
-            "node": {"name": node["name"], "public_key": node["public_key"],
-                     "interface": node["interface"], "listen_port": node["listen_port"],
-                     "addresses": node["addresses"], "ready": self.tree.ready,
-                     "pid": os.getpid(), "generation": self.tree.generation},
+            "node": {
+                "name": node.name,
+                "public_key": b64(node.public_key),
+                "interface": node.interface,
+                "listen_port": node.listen_port,
+                "addresses": [str(a) for a in node.addresses],
+                "ready": self.tree.ready,
+                "pid": os.getpid(),
+                "generation": self.tree.generation,
+            },
             "actors": self._actors(),
             "peers": peer_status(self.tree.config, self.tree.live_peers()),
             "supervisor": {"bus_dropped": self.hub.bus_dropped},
@@ -103,11 +127,22 @@ class CliServer:
     def _actors(self) -> list[dict[str, Any]]:
         out = []
         for a in self.tree.actors.values():
-            entry = {"name": a.name, "kind": a.kind, "pid": a.pid, "state": a.state, "restarts": a.restarts,
-                     "last_exit": a.exit_reason, "bus_dropped": a.status.get("bus_dropped", {}),
-                     "counters": a.status.get("counters", {})}
+            entry = {
+                "name": a.name,
+                "kind": a.kind,
+                "pid": a.pid,
+                "state": a.state,
+                "restarts": a.restarts,
+                "last_exit": a.exit_reason,
+                "holds_keys": a.status.get("holds_keys", False),
+                "bus_dropped": a.status.get("bus_dropped", {}),
+                "counters": a.status.get("counters", {}),
+            }
             if a.kind == "relay":
-                entry.update(bad_input=a.status.get("bad_input", {}), dropped=a.status.get("dropped", {}),
-                             send_dropped=a.status.get("send_dropped", {}))
+                entry.update(
+                    bad_input=a.status.get("bad_input", {}),
+                    dropped=a.status.get("dropped", {}),
+                    send_dropped=a.status.get("send_dropped", {}),
+                )
             out.append(entry)
         return out

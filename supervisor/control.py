@@ -1,4 +1,5 @@
 """The CLI's side of the control socket: one request, one reply, a deadline."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,7 @@ class NotRunning(Exception):
     pass
 
 
-def call(runtime: Runtime, command: str, args: dict[str, Any] | None = None,
-         timeout: float = 15.0) -> CliReply:
+def call(runtime: Runtime, command: str, args: dict[str, Any] | None = None, timeout: float = 15.0) -> CliReply:
     """The node's reply; NotRunning if it does not give one, UnsafePath if the
     state dir or the socket could be another user's (the request would go to them)."""
     runtime.check()

@@ -4,6 +4,7 @@ It builds the mesh with `supervisor.lab`, pings every pair both ways over IPv4
 and IPv6, runs a few seconds of iperf3 across each pair, prints each meshsup
 node's status and removes everything it made, also on Ctrl-C or a failure.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -18,8 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from meshsup.supervisor.lab import (Identity, Netns, Node, Underlay, WgGo, descendants_by_state_dir, have, iperf3, is_root,
-                            meshsup_config, ping, ping_rtt, stalled_intervals)
+from meshsup.supervisor.lab import (
+    Identity,
+    Netns,
+    Node,
+    Underlay,
+    WgGo,
+    descendants_by_state_dir,
+    have,
+    iperf3,
+    is_root,
+    meshsup_config,
+    ping,
+    ping_rtt,
+    stalled_intervals,
+)
 
 TOOLS = ("ip", "wireguard-go", "wg", "ping", "iperf3")
 
@@ -70,8 +84,10 @@ def build(underlay: Underlay, tmp: Path) -> list[Member]:
 
 def describe(underlay: Underlay, members: list[Member], tmp: Path) -> None:
     for m in members:
-        say(f"  {m.ident.name:<8} {m.kind:<13} namespace {m.ns.name}  underlay {m.underlay_addr:<14} "
-            f"tunnel {m.runner.iface} {m.ident.v4} {m.ident.v6}  pid {m.runner.proc.pid}")
+        say(
+            f"  {m.ident.name:<8} {m.kind:<13} namespace {m.ns.name}  underlay {m.underlay_addr:<14} "
+            f"tunnel {m.runner.iface} {m.ident.v4} {m.ident.v6}  pid {m.runner.proc.pid}"
+        )
     pairs = " ".join(f"{a}-{b}" for a, b in underlay.links)
     say(f"  bridge namespace {underlay.switch.name}; veth pairs {pairs}")
     say(f"  keys, configs and logs in {tmp}")
@@ -84,11 +100,13 @@ def check_pings(members: list[Member]) -> list[str]:
     failures = []
     for a, b in itertools.permutations(members, 2):
         rtts = {family: ping_rtt(a.ns, addr) for family, addr in (("IPv4", b.ident.v4), ("IPv6", b.ident.v6))}
-        shown = "   ".join(f"{family} {'no answer' if rtt is None else f'{rtt:.2f} ms':<9}"
-                           for family, rtt in rtts.items())
+        shown = "   ".join(
+            f"{family} {'no answer' if rtt is None else f'{rtt:.2f} ms':<9}" for family, rtt in rtts.items()
+        )
         say(f"  {a.ident.name:<8} -> {b.ident.name:<8} {shown}".rstrip())
-        failures += [f"ping {a.ident.name} -> {b.ident.name} over {family}"
-                     for family, rtt in rtts.items() if rtt is None]
+        failures += [
+            f"ping {a.ident.name} -> {b.ident.name} over {family}" for family, rtt in rtts.items() if rtt is None
+        ]
     return failures
 
 
@@ -154,9 +172,11 @@ def run(seconds: int = 3) -> int:
     if missing := have(*TOOLS):
         say(f"meshsup demo {missing}")
         return 1
-    say("meshsup demo: two meshsup nodes (alpha, bravo) and a wireguard-go peer (charlie) in a full mesh,\n"
+    say(
+        "meshsup demo: two meshsup nodes (alpha, bravo) and a wireguard-go peer (charlie) in a full mesh,\n"
         "each in its own network namespace on a bridged underlay (198.51.100.0/24).\n"
-        "Everything it makes is removed at the end, also on Ctrl-C.\n")
+        "Everything it makes is removed at the end, also on Ctrl-C.\n"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="meshsup-demo-"))
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _interrupt)

@@ -5,6 +5,7 @@ Raw IPv4 sockets deliver the IP header on receive (`strip_ipv4_header`); raw
 ICMPv6 sockets never do, and the kernel computes the ICMPv6 checksum
 (RFC 3542 section 3.1), so IPv6 requests leave it zero.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -52,7 +53,7 @@ def parse_echo(version: int, message: bytes) -> Echo | None:
         return None
     if version == 4 and checksum(message) != 0:
         return None
-    return Echo(kind, ident, seq, message[_HEADER.size:])
+    return Echo(kind, ident, seq, message[_HEADER.size :])
 
 
 def strip_ipv4_header(packet: bytes) -> bytes | None:
@@ -127,8 +128,13 @@ class EchoSession:
         if message is None:
             return None
         echo = parse_echo(self.version, message)
-        if (echo is None or echo.type != ECHO_REPLY[self.version] or echo.ident != self.ident
-                or echo.payload != self.payload or echo.seq not in self.sent):
+        if (
+            echo is None
+            or echo.type != ECHO_REPLY[self.version]
+            or echo.ident != self.ident
+            or echo.payload != self.payload
+            or echo.seq not in self.sent
+        ):
             return None
         rtt = now - self.sent.pop(echo.seq)
         self.summary.rtts.append(rtt)

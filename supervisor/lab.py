@@ -5,6 +5,7 @@ Every host is a namespace with a veth into a bridge that lives in its own
 namespace (198.51.100.0/24 underlay). Names carry random suffixes and close()
 removes every namespace, link and process, so labs run side by side.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshsup.supervisor.keys import b64, generate_private, public_of
+from meshsup.actors.settings.keys import b64, generate_private, public_of
 from meshsup.supervisor.uapi_server import remove_if_stale, socket_path
 
 # The directory holding the meshsup packages: child processes import them from there.
@@ -49,8 +50,9 @@ class Netns:
             raise
 
     def run(self, *cmd: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", self.name, *cmd], check=check, text=True,
-                              capture_output=True, **kw)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.name, *cmd], check=check, text=True, capture_output=True, **kw
+        )
 
     def popen(self, *cmd: str, **kw: Any) -> subprocess.Popen[str]:
         return subprocess.Popen(["ip", "netns", "exec", self.name, *cmd], text=True, **kw)
@@ -62,8 +64,15 @@ class Netns:
 class Node:
     """A `meshsup start` (or `meshsup relay`) process; stopped (and its namespace removed) by close()."""
 
-    def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None,
-                 netns: Netns | None = None, faults: bool = True, command: str = "start") -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        netns: Netns | None = None,
+        faults: bool = True,
+        command: str = "start",
+    ) -> None:
         self.state_dir = tmp / f"state-{secrets.token_hex(3)}"
         self.netns = netns
         self.iface = f"ms{secrets.token_hex(4)}"
@@ -77,13 +86,16 @@ class Node:
         self.stderr_path = tmp / f"{self.state_dir.name}.err"
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
             prefix = ["ip", "netns", "exec", netns.name] if netns else []
-            self.proc = subprocess.Popen([*prefix, *cmd], stdout=out, stderr=err, env=full_env,
-                                         cwd=tmp)
+            self.proc = subprocess.Popen([*prefix, *cmd], stdout=out, stderr=err, env=full_env, cwd=tmp)
 
     def cli(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        r = subprocess.run([*MESHSUP, args[0], "--state-dir", str(self.state_dir), *args[1:]],
-                           text=True, capture_output=True, timeout=timeout,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        r = subprocess.run(
+            [*MESHSUP, args[0], "--state-dir", str(self.state_dir), *args[1:]],
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         if check and r.returncode != 0:
             raise AssertionError(f"meshsup {' '.join(args)} failed: {r.stderr}")
         return r
@@ -191,8 +203,10 @@ class Underlay:
     def plug(self, ns: Netns, addr: str, ifname: str = "eth0") -> None:
         a, b = f"v{secrets.token_hex(4)}", f"v{secrets.token_hex(4)}"
         # Both ends are born inside their namespaces, so none is ever left in the root one.
-        subprocess.run(["ip", "link", "add", a, "netns", self.switch.name, "type", "veth",
-                        "peer", "name", b, "netns", ns.name], check=True)
+        subprocess.run(
+            ["ip", "link", "add", a, "netns", self.switch.name, "type", "veth", "peer", "name", b, "netns", ns.name],
+            check=True,
+        )
         self.links.append((a, b))
         self.switch.run("ip", "link", "set", a, "master", "br0", "up")
         ns.run("ip", "link", "set", b, "name", ifname)
@@ -226,8 +240,14 @@ class WgGo:
         self.ns, self.ident = ns, ident
         self.iface = f"wg{secrets.token_hex(4)}"
         self.log = open(tmp / f"{self.iface}.log", "w")
-        self.proc = ns.popen("wireguard-go", "-f", self.iface, stdout=self.log, stderr=subprocess.STDOUT,
-                             env={**os.environ, "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"})
+        self.proc = ns.popen(
+            "wireguard-go",
+            "-f",
+            self.iface,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"},
+        )
         try:
             self._configure(tmp, port)
         except BaseException:
@@ -274,19 +294,23 @@ class WgGo:
         socket_path(self.iface).unlink(missing_ok=True)
 
 
-def meshsup_config(tmp: Path, ident: Identity, peers: list[Identity], extra: str = "",
-                   port: int = 51820) -> Path:
+def meshsup_config(tmp: Path, ident: Identity, peers: list[Identity], extra: str = "", port: int = 51820) -> Path:
     key = tmp / f"{ident.name}.key"
     key.write_text(b64(ident.private))
     key.chmod(0o600)
-    lines = [f'[node]\nname = "{ident.name}"\nprivate_key_file = "{key}"\nlisten_port = {port}\n'
-             f'addresses = ["{ident.v4}/32", "{ident.v6}/128"]\n',
-             '[supervisor]\nintensity = 20\nperiod = 10\n',
-             '[dns]\nlisten = ["127.0.0.1:53"]\n']
+    lines = [
+        f'[node]\nname = "{ident.name}"\nprivate_key_file = "{key}"\nlisten_port = {port}\n'
+        f'addresses = ["{ident.v4}/32", "{ident.v6}/128"]\n',
+        "[supervisor]\nintensity = 20\nperiod = 10\n",
+        '[dns]\nlisten = ["127.0.0.1:53"]\n',
+    ]
     for p in peers:
         ep = f'\nendpoints = ["{p.endpoint}"]' if p.endpoint else ""
-        lines.append(f'[[peers]]\nname = "{p.name}"\npublic_key = "{p.public}"\n'
-                     f'allowed_ips = {p.allowed()!r}{ep}\n'.replace("'", '"'))
+        lines.append(
+            f'[[peers]]\nname = "{p.name}"\npublic_key = "{p.public}"\nallowed_ips = {p.allowed()!r}{ep}\n'.replace(
+                "'", '"'
+            )
+        )
     path = tmp / f"{ident.name}-{secrets.token_hex(2)}.toml"
     path.write_text("\n".join(lines) + extra)
     return path
@@ -313,8 +337,9 @@ def ping_rtt(ns: Netns, addr: str, count: int = 3, timeout: int = 10) -> float |
     return float(m.group(1)) if r.returncode == 0 and m else None
 
 
-def iperf3(client: Netns, server: Netns, addr: str, seconds: int = 10, reverse: bool = False,
-           extra: tuple[str, ...] = ()) -> dict[str, Any]:
+def iperf3(
+    client: Netns, server: Netns, addr: str, seconds: int = 10, reverse: bool = False, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Run an iperf3 transfer; returns iperf3's JSON result."""
     srv = server.popen("iperf3", "-s", "-1", "-B", addr, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -10,20 +10,25 @@ The parts, each owning one concern:
 One thread, one poll loop: an actor's message, a process exit, a CLI or `wg`
 request and a signal are each handled in turn, so nothing needs a lock.
 """
+
 from __future__ import annotations
 
 import os
 import signal
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import zmq
 
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.registry import SCALABLE
+from meshsup.actors.kernel.privileges import Account
+from meshsup.actors.registry import AnySettings
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.relay import RelaySettings
 from meshsup.supervisor import relay, sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
-from meshsup.supervisor.config import Config
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.resources import TunQueues, probe_port
 from meshsup.supervisor.sequencer import Sequencer
@@ -32,8 +37,10 @@ from meshsup.supervisor.uapi_front import UapiFront
 
 
 class Supervisor:
-    def __init__(self, config: Config, runtime: Runtime, reload: Callable[[], Config],
-                 log: Any) -> None:
+    def __init__(
+        self, config: Settings, runtime: Runtime, account: Account, reload: Callable[[], Settings], log: Any
+    ) -> None:
+        """`account`: the unprivileged actors' user, let into the runtime dir (resources.open_state_dir)."""
         self.runtime = runtime
         self.reload_source = reload
         self.log = log
@@ -41,7 +48,7 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.hub = Hub(self.ctx, runtime, log)
         self.tun_queues = TunQueues(log)
-        self.tree = Tree(config, runtime, self.hub, self.tun_queues, log)
+        self.tree = Tree(config, runtime, self.hub, self.tun_queues, account, log)
         self.sequencer = Sequencer(self.tree, self.hub)
         self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure)
         self.wg = UapiFront(self.tree, self.reconfigure, log)
@@ -75,12 +82,12 @@ class Supervisor:
         self.close()
         return 1 if self.failure else 0
 
-    def _prepare(self, config: Config) -> str | None:
+    def _prepare(self, config: AnySettings) -> str | None:
         """What the actors need before they start, or why they cannot have it: a node's UDP
         port, `wg`'s socket and the TUN's queues; a relay's ports."""
-        if "relay" in config:
+        if isinstance(config, RelaySettings):
             return relay.probe(config)
-        error = probe_port(config) or self.wg.serve(config["node"]["interface"])
+        error = probe_port(config) or self.wg.serve(config.node.interface)
         if error is None:
             self.tun_queues.open(config)
         return error
@@ -93,7 +100,7 @@ class Supervisor:
 
     def _poll(self, timeout: float) -> None:
         poller = zmq.Poller()
-        for s in (self.hub.control, self.cli.socket, self.hub.xsub, self.hub.xpub):
+        for s in (*self.hub.controls, self.cli.socket, self.hub.xsub, self.hub.xpub):
             poller.register(s, zmq.POLLIN)
         poller.register(self.signal_r, zmq.POLLIN)
         sentinels = self.tree.sentinels()
@@ -101,8 +108,8 @@ class Supervisor:
             poller.register(fd, zmq.POLLIN)
         uapi_fds = self.wg.register(poller)
         for sock, _ in poller.poll(timeout * 1000):
-            if sock is self.hub.control:
-                self.hub.drain_control(self.tree.actors, self.tree.on_actor_message)
+            if sock in self.hub.controls:
+                self.hub.drain_control(sock, self.tree.actors, self.tree.on_actor_message)
             elif sock is self.cli.socket:
                 self.cli.drain()
             elif sock is self.hub.xsub or sock is self.hub.xpub:
@@ -127,7 +134,7 @@ class Supervisor:
                 self.reload(lambda ok, error="", result=None: None)
 
     # --- config changes ------------------------------------------------------
-    def reconfigure(self, new: Config, finished: Callable[[list[str]], None]) -> None:
+    def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
         """Every config change (reload, `wg set`, scale) comes through here."""
         self.wg.follow(new)
         self.sequencer.reconfigure(new, finished)
@@ -139,14 +146,15 @@ class Supervisor:
             self.log.error("reload refused, keeping the running configuration", error=str(err))
             reply(False, f"reload refused, running configuration kept: {err}")
             return
-        running = self.tree.config["actors"]
-        new["actors"] = {**new["actors"], **{k: running[k] for k in SCALABLE if k in running}}
+        new = replace(new, actors=self.tree.config.actors)  # the worker counts stay as scaled
         if new == self.tree.config:
             reply(True, result={"changed": False})
             return
         self.log.info("reloading configuration")
-        self.reconfigure(new, lambda errors: reply(not errors, "; ".join(errors),
-                                                   {"changed": True, "generation": self.tree.generation}))
+        self.reconfigure(
+            new,
+            lambda errors: reply(not errors, "; ".join(errors), {"changed": True, "generation": self.tree.generation}),
+        )
 
     def close(self) -> None:
         self.wg.close()

@@ -3,6 +3,7 @@
 The peer is found in the running node's status (the CLI fetches it); the echo logic is the
 sans-IO `supervisor.icmp`; this module is the socket loop around it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,7 @@ from meshsup.supervisor.icmp import EchoSession, Reply
 
 PAYLOAD = (b"meshsup " * 7)[:56]  # ping's 56 data bytes
 _CLONE_NEWNET = 0x40000000
-_NOT_YET = ("needs meshsup's own peer-to-peer ping protocol, which the dataplane does not have yet; "
-            "use --type icmp")
+_NOT_YET = "needs meshsup's own peer-to-peer ping protocol, which the dataplane does not have yet; use --type icmp"
 
 
 def resolve(peers: list[dict[str, Any]], target: str) -> tuple[str, str]:
@@ -39,8 +39,9 @@ def resolve(peers: list[dict[str, Any]], target: str) -> tuple[str, str]:
     except ValueError:
         names = ", ".join(p["name"] for p in peers) or "none"
         raise ValueError(f"{target!r} is neither a peer nor an IP address (peers: {names})") from None
-    owners = [(net.prefixlen, p["name"]) for p in peers for net in map(ipaddress.ip_network, p["allowed_ips"])
-              if addr in net]
+    owners = [
+        (net.prefixlen, p["name"]) for p in peers for net in map(ipaddress.ip_network, p["allowed_ips"]) if addr in net
+    ]
     if not owners:
         raise ValueError(f"{addr} is in no peer's allowed IPs, so the tunnel does not carry it")
     return max(owners)[1], str(addr)  # longest prefix, as cryptokey routing picks
@@ -73,8 +74,7 @@ def netns_of(pid: int) -> Iterator[None]:
 
 def open_socket(version: int, interface: str, source: str) -> socket.socket:
     """A raw ICMP socket bound to the tunnel interface, so the echo cannot leave any other way."""
-    family, proto = (socket.AF_INET, socket.IPPROTO_ICMP) if version == 4 else \
-        (socket.AF_INET6, socket.IPPROTO_ICMPV6)
+    family, proto = (socket.AF_INET, socket.IPPROTO_ICMP) if version == 4 else (socket.AF_INET6, socket.IPPROTO_ICMPV6)
     sock = socket.socket(family, socket.SOCK_RAW, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
@@ -85,8 +85,14 @@ def open_socket(version: int, interface: str, source: str) -> socket.socket:
     return sock
 
 
-def exchange(sock: socket.socket, session: EchoSession, count: int, interval: float, wait: float,
-             on_reply: Callable[[Reply], None]) -> None:
+def exchange(
+    sock: socket.socket,
+    session: EchoSession,
+    count: int,
+    interval: float,
+    wait: float,
+    on_reply: Callable[[Reply], None],
+) -> None:
     """Send `count` requests `interval` apart; take replies until all are in or `wait` after the last."""
     target = str(session.target)
     next_send = time.monotonic()
@@ -134,22 +140,28 @@ def run(args: argparse.Namespace, status: dict[str, Any]) -> int:
         print(f"meshsup: ping: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"meshsup: ping: {err.strerror or err} (raw ICMP in the node's namespace needs root)",
-              file=sys.stderr)
+        print(f"meshsup: ping: {err.strerror or err} (raw ICMP in the node's namespace needs root)", file=sys.stderr)
         return 1
     session = EchoSession(addr, secrets.randbits(16), PAYLOAD)
     print(f"PING {name} ({addr}) from {source} {node['interface']}: {len(PAYLOAD)} data bytes", flush=True)
     try:
-        exchange(sock, session, args.count, args.interval, args.wait,
-                 lambda r: print(f"{r.size} bytes from {addr}: icmp_seq={r.seq} time={r.rtt * 1000:.3f} ms",
-                                 flush=True))
+        exchange(
+            sock,
+            session,
+            args.count,
+            args.interval,
+            args.wait,
+            lambda r: print(f"{r.size} bytes from {addr}: icmp_seq={r.seq} time={r.rtt * 1000:.3f} ms", flush=True),
+        )
     except KeyboardInterrupt:
         pass  # like ping: Ctrl-C ends the run and prints the tally
     finally:
         sock.close()
     s = session.summary
-    print(f"\n--- {name} ping statistics ---\n{s.transmitted} packets transmitted, {s.received} received, "
-          f"{s.loss:.0f}% packet loss")
+    print(
+        f"\n--- {name} ping statistics ---\n{s.transmitted} packets transmitted, {s.received} received, "
+        f"{s.loss:.0f}% packet loss"
+    )
     if rtt := s.rtt_line():
         print(rtt)
     return 0 if s.received else 1

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from meshsup.actors.kernel.files import GROUP_OTHER_ANY, read_owned, write_atomic
-from meshsup.supervisor import keys
-from meshsup.supervisor.config import Config, ConfigError
+from meshsup.actors.settings import ConfigError, keys
+from meshsup.actors.settings.node import SupervisorSettings
+from meshsup.actors.settings.relay import RelayConf, RelayCounts, RelaySettings
 
 DEFAULT_LISTEN = "0.0.0.0:8080"
 DEFAULT_STUN_PORT = 3478
@@ -91,7 +92,7 @@ def mesh_key(path: Path) -> str:
         return key
 
 
-def relay_config(args: argparse.Namespace, state_dir: Path) -> Config:
+def relay_config(args: argparse.Namespace, state_dir: Path) -> RelaySettings:
     listen = _hostport("--listen", args.listen)
     stun = None
     if args.stun_listen != "off":
@@ -107,49 +108,45 @@ def relay_config(args: argparse.Namespace, state_dir: Path) -> Config:
         raise ConfigError("--rate-limit", "rate", "must be 0 or more")
     private = keys.load_or_create(state_dir / "relay.key")
     host = "THIS_HOST" if ipaddress.ip_address(listen[0]).is_unspecified else listen[0]
-    return {
-        "relay": {
-            "name": args.name,
-            "private_key": keys.b64(private),
-            "public_key": keys.b64(keys.public_of(private)),
-            "listen": _text(*listen),
-            "stun_listen": _text(*stun) if stun else "",
-            "tls_cert": os.path.abspath(args.tls_cert) if args.tls_cert else "",
-            "tls_key": os.path.abspath(args.tls_key) if args.tls_key else "",
-            "rate": args.rate_limit,
-            "burst": args.rate_burst,
-            "mesh_key": mesh_key(state_dir / "mesh.key"),
-            "url": f"{'https' if args.tls_cert else 'http'}://{_text(host, listen[1])}/derp",
-            "stun": _text(host, stun[1]) if stun else "",
-        },
-        "actors": {"relay": args.relay_workers},
-        "supervisor": {"intensity": 5, "period": 10.0},
-        "source": "(command line)",
-    }
+    conf = RelayConf(
+        name=args.name,
+        private_key=private,
+        public_key=keys.public_of(private),
+        listen=listen,
+        stun_listen=stun,
+        tls_cert=os.path.abspath(args.tls_cert) if args.tls_cert else "",
+        tls_key=os.path.abspath(args.tls_key) if args.tls_key else "",
+        rate=args.rate_limit,
+        burst=args.rate_burst,
+        mesh_key=mesh_key(state_dir / "mesh.key"),
+        url=f"{'https' if args.tls_cert else 'http'}://{_text(host, listen[1])}/derp",
+        stun=_text(host, stun[1]) if stun else "",
+    )
+    return RelaySettings(conf, RelayCounts(args.relay_workers), SupervisorSettings())
 
 
-def relay_stanza(conf: Config) -> str:
-    r = conf["relay"]
+def relay_stanza(conf: RelaySettings) -> str:
+    r = conf.relay
     lines = [
-        f"# this relay's public key: {r['public_key']}",
+        f"# this relay's public key: {keys.b64(r.public_key)}",
         "# for a meshsup node's config:",
         "[[relays]]",
-        f'name = "{r["name"]}"',
-        f'url = "{r["url"]}"',
+        f'name = "{r.name}"',
+        f'url = "{r.url}"',
     ]
-    if r["stun"]:
-        lines.append(f'stun = "{r["stun"]}"')
+    if r.stun:
+        lines.append(f'stun = "{r.stun}"')
     return "\n".join(lines) + "\n"
 
 
-def probe(conf: Config) -> str | None:
+def probe(conf: RelaySettings) -> str | None:
     """Why the relay cannot have its ports, or None: an exclusive bind finds another program on them
     (the workers share theirs with SO_REUSEPORT)."""
-    r = conf["relay"]
-    for kind, where, what in ((socket.SOCK_STREAM, r["listen"], "TCP"), (socket.SOCK_DGRAM, r["stun_listen"], "UDP")):
-        if not where:
+    r = conf.relay
+    for kind, where, what in ((socket.SOCK_STREAM, r.listen, "TCP"), (socket.SOCK_DGRAM, r.stun_listen, "UDP")):
+        if where is None:
             continue
-        host, port = _hostport("", where)
+        host, port = where
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, kind) as s:
             try:
@@ -157,12 +154,12 @@ def probe(conf: Config) -> str | None:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((host, port))
             except OSError as err:
-                return f"{what} {where} is not ours to listen on: {err.strerror}"
+                return f"{what} {_text(host, port)} is not ours to listen on: {err.strerror}"
     return None
 
 
-def status(conf: Config, actors: list[dict[str, Any]], ready: bool, generation: int) -> dict[str, Any]:
-    r = conf["relay"]
+def status(conf: RelaySettings, actors: list[dict[str, Any]], ready: bool, generation: int) -> dict[str, Any]:
+    r = conf.relay
     totals: dict[str, dict[str, int]] = {"counters": {}, "bad_input": {}, "dropped": {}}
     for a in actors:
         for section, total in totals.items():
@@ -170,16 +167,16 @@ def status(conf: Config, actors: list[dict[str, Any]], ready: bool, generation: 
                 total[k] = total.get(k, 0) + v
     return {
         "relay": {
-            "name": r["name"],
-            "public_key": r["public_key"],
-            "url": r["url"],
-            "stun": r["stun"],
-            "listen": r["listen"],
-            "stun_listen": r["stun_listen"],
-            "tls": bool(r["tls_cert"]),
-            "rate": r["rate"],
-            "burst": r["burst"],
-            "workers": conf["actors"]["relay"],
+            "name": r.name,
+            "public_key": keys.b64(r.public_key),
+            "url": r.url,
+            "stun": r.stun,
+            "listen": _text(*r.listen),
+            "stun_listen": _text(*r.stun_listen) if r.stun_listen else "",
+            "tls": bool(r.tls_cert),
+            "rate": r.rate,
+            "burst": r.burst,
+            "workers": conf.actors.relay,
             "ready": ready,
             "pid": os.getpid(),
             "generation": generation,

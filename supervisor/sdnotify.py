@@ -1,4 +1,5 @@
 """systemd's notify protocol (sd_notify), without libsystemd."""
+
 from __future__ import annotations
 
 import os

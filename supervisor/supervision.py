@@ -6,6 +6,7 @@ is an event handled there in turn, so the supervisor needs no locks either.
 The tree holds the running config and its generation: it says which actors
 run and how often they may fail, and an actor gets it on every (re)start.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -13,23 +14,24 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, Stop
-from meshsup.actors.registry import PRELOAD, SCALABLE, actor_name, run_actor, start_order
+from meshsup.actors.kernel.privileges import Account
+from meshsup.actors.registry import PRELOAD, SCALABLE, AnySettings, actor_name, run_actor, settings_for, start_order
+from meshsup.actors.settings.keys import b64
 from meshsup.supervisor import sdnotify
-from meshsup.supervisor.config import Config
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.resources import TunQueues
 
-HANG_TIMEOUT = 2.0        # no heartbeat for this long: the actor is hung
-START_TIMEOUT = 10.0      # hello + configured within this, or the start failed
-STOP_TIMEOUT = 6.0        # whole ordered shutdown, then SIGKILL
+HANG_TIMEOUT = 2.0  # no heartbeat for this long: the actor is hung
+START_TIMEOUT = 10.0  # hello + configured within this, or the start failed
+STOP_TIMEOUT = 6.0  # whole ordered shutdown, then SIGKILL
 BACKOFF_BASE, BACKOFF_MAX = 0.1, 2.0
-STABLE_AFTER = 1.0        # an actor that ran this long restarts at once, with no backoff
+STABLE_AFTER = 1.0  # an actor that ran this long restarts at once, with no backoff
 
 
 class NodeFailed(Exception):
@@ -42,23 +44,26 @@ class ActorProc:
     kind: str
     process: Any = None
     pid: int = 0
-    state: str = "stopped"    # starting | running | backoff | stopping | stopped
+    state: str = "stopped"  # starting | running | backoff | stopping | stopped
     restarts: int = 0
     started: float = 0.0
     last_beat: float = 0.0
     status: dict[str, Any] = field(default_factory=dict)
     exit_reason: str = ""
     hung: bool = False
-    quick_fails: int = 0      # consecutive deaths within STABLE_AFTER of starting
+    quick_fails: int = 0  # consecutive deaths within STABLE_AFTER of starting
 
 
 class Tree:
-    def __init__(self, config: Config, runtime: Runtime, hub: Hub, tun_queues: TunQueues, log: Any) -> None:
+    def __init__(
+        self, config: AnySettings, runtime: Runtime, hub: Hub, tun_queues: TunQueues, account: Account, log: Any
+    ) -> None:
         self.config = config
         self.generation = 1
         self.runtime = runtime
         self.hub = hub
         self.tun_queues = tun_queues
+        self.account = account  # the unprivileged actors' user
         self.log = log
         self.actors: dict[str, ActorProc] = {}
         self.start_queue: deque[str] = deque()
@@ -73,7 +78,7 @@ class Tree:
         """(name, kind) of every actor the config asks for, in start order."""
         out = []
         for kind in start_order(self.config):
-            n = self.config["actors"].get(kind, 1) if kind in SCALABLE else 1
+            n = getattr(self.config.actors, kind) if kind in SCALABLE else 1
             out += [(actor_name(kind, i), kind) for i in range(n)]
         return out
 
@@ -92,8 +97,9 @@ class Tree:
 
     def live_peers(self) -> dict[str, dict[str, Any]]:
         """Public key -> the live figures its owning crypto worker last reported."""
-        return {p["public_key"]: p for a in self.actors.values() if a.kind == "crypto"
-                for p in a.status.get("peers", [])}
+        return {
+            p["public_key"]: p for a in self.actors.values() if a.kind == "crypto" for p in a.status.get("peers", [])
+        }
 
     # --- starting and restarting -------------------------------------------
     def start_next(self) -> None:
@@ -112,14 +118,17 @@ class Tree:
             return
         if not self.ready and all(a.state == "running" for a in self.actors.values()):
             self.ready = True
-            self.log.info("node ready", actors=len(self.actors),
-                          public_key=self.config["relay" if "relay" in self.config else "node"]["public_key"])
+            self.log.info("node ready", actors=len(self.actors), public_key=b64(self.config.public_key))
             sdnotify.notify("READY=1\nSTATUS=all actors running")
 
     def _spawn(self, a: ActorProc) -> None:
         queue = self.tun_queues.for_actor(a.name, a.kind)
-        p = self._mp.Process(target=run_actor, args=(a.kind, a.name, str(self.runtime.state_dir), queue),
-                             name=a.name, daemon=True)
+        p = self._mp.Process(
+            target=run_actor,
+            args=(a.kind, a.name, str(self.runtime.state_dir), queue, self.account),
+            name=a.name,
+            daemon=True,
+        )
         p.start()
         a.process, a.pid, a.state = p, p.pid or 0, "starting"
         a.started = a.last_beat = time.monotonic()
@@ -149,19 +158,19 @@ class Tree:
 
     def _restart(self, a: ActorProc, how: str) -> None:
         now = time.monotonic()
-        period = self.config["supervisor"]["period"]
+        period = self.config.supervisor.period
         while self.restart_times and now - self.restart_times[0] > period:
             self.restart_times.popleft()
-        if len(self.restart_times) >= self.config["supervisor"]["intensity"]:
+        if len(self.restart_times) >= self.config.supervisor.intensity:
             raise NodeFailed(
-                f"actor {a.name} {how}; more than {self.config['supervisor']['intensity']} "
-                f"restarts in {period:g} s, giving up")
+                f"actor {a.name} {how}; more than {self.config.supervisor.intensity} "
+                f"restarts in {period:g} s, giving up"
+            )
         self.restart_times.append(now)
         a.quick_fails = a.quick_fails + 1 if now - a.started < STABLE_AFTER else 0
         a.restarts += 1
         a.state = "backoff"
-        a.started = now + (min(BACKOFF_BASE * 2 ** (a.quick_fails - 1), BACKOFF_MAX)
-                           if a.quick_fails else 0.0)
+        a.started = now + (min(BACKOFF_BASE * 2 ** (a.quick_fails - 1), BACKOFF_MAX) if a.quick_fails else 0.0)
         self.start_queue.appendleft(a.name)
 
     def _kill(self, a: ActorProc) -> None:
@@ -190,9 +199,12 @@ class Tree:
             if a.state != "starting":
                 return
             a.pid = msg.pid
-            self.hub.request(a.name, lambda req: Configure(req=req, generation=self.generation,
-                                                           config=self.config),
-                             lambda ack: self._on_configured(a, ack), START_TIMEOUT)
+            self.hub.request(
+                a.name,
+                lambda req: self.configure_message(a.kind, req, self.generation),
+                lambda ack: self._on_configured(a, ack),
+                START_TIMEOUT,
+            )
         elif isinstance(msg, Heartbeat):
             a.last_beat = time.monotonic()
             a.status = msg.status
@@ -200,6 +212,10 @@ class Tree:
             self.hub.acked(msg)
         else:
             self.hub.count_drop("unexpected_type", msg.TAG)
+
+    def configure_message(self, kind: str, req: int, generation: int) -> Configure:
+        """The running config as an actor of `kind` gets it: with the keys only if it uses them."""
+        return Configure(req=req, generation=generation, config=settings_for(kind, self.config).to_wire())
 
     def _on_configured(self, a: ActorProc, ack: Ack | None) -> None:
         if ack is None or a.state != "starting":
@@ -215,7 +231,7 @@ class Tree:
 
     # --- scaling -----------------------------------------------------------
     def scale(self, kind: str, count: int) -> None:
-        self.config = {**self.config, "actors": {**self.config["actors"], kind: count}}
+        self.config = replace(self.config, actors=replace(self.config.actors, **{kind: count}))
         wanted = self.wanted_names()
         for name, k in self.wanted():
             if name not in self.actors:

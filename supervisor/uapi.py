@@ -18,7 +18,7 @@ import ipaddress
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Union
+from typing import Final
 
 MAX_REQUEST: Final = 1 << 20  # far above any real config; bounds the buffer
 KEY_LEN: Final = 32
@@ -102,10 +102,21 @@ class ProtocolVersion:
     version: int
 
 
-Operation = Union[
-    PrivateKey, ListenPort, Fwmark, ReplacePeers, PublicKey, Remove, UpdateOnly, PresharedKey,
-    Endpoint, PersistentKeepaliveInterval, ReplaceAllowedIps, AllowedIp, ProtocolVersion,
-]
+Operation = (
+    PrivateKey
+    | ListenPort
+    | Fwmark
+    | ReplacePeers
+    | PublicKey
+    | Remove
+    | UpdateOnly
+    | PresharedKey
+    | Endpoint
+    | PersistentKeepaliveInterval
+    | ReplaceAllowedIps
+    | AllowedIp
+    | ProtocolVersion
+)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,16 @@
 """The node's WireGuard API: `wg show` answered from the running config and the
 workers' live figures, `wg set` applied as a config change like a reload.
 uapi_server.py serves the socket, wgapi.py converts between config and API."""
+
 from __future__ import annotations
 
 import errno
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
-from meshsup.supervisor.config import Config
+from meshsup.actors.settings import Settings
 from meshsup.supervisor.supervision import Tree
 from meshsup.supervisor.uapi import GetRequest, SetRequest, UapiError, serialize_errno, serialize_get
 from meshsup.supervisor.uapi_server import InUse, UapiServer
@@ -16,8 +18,9 @@ from meshsup.supervisor.wgapi import apply_set, device_state
 
 
 class UapiFront:
-    def __init__(self, tree: Tree, reconfigure: Callable[[Config, Callable[[list[str]], None]], None],
-                 log: Any) -> None:
+    def __init__(
+        self, tree: Tree, reconfigure: Callable[[Settings, Callable[[list[str]], None]], None], log: Any
+    ) -> None:
         self.tree = tree
         self.reconfigure = reconfigure
         self.log = log
@@ -32,9 +35,9 @@ class UapiFront:
             return f"cannot serve the WireGuard API socket: {err}"
         return None
 
-    def follow(self, new: Config) -> None:
+    def follow(self, new: Settings) -> None:
         """Before a config change: the socket's name follows the interface's."""
-        if self.uapi is not None and new["node"]["interface"] != self.tree.config["node"]["interface"]:
+        if self.uapi is not None and new.node.interface != self.tree.config.node.interface:
             self.uapi.close()
             if error := self.serve(new["node"]["interface"]):
                 self.log.error(error)
@@ -65,8 +68,10 @@ class UapiFront:
             respond(serialize_errno(None))
         else:
             self.log.info("applying wg set")
-            self.reconfigure(new, lambda errors: respond(serialize_errno(
-                UapiError(errno.EIO, "; ".join(errors)) if errors else None)))
+            self.reconfigure(
+                new,
+                lambda errors: respond(serialize_errno(UapiError(errno.EIO, "; ".join(errors)) if errors else None)),
+            )
 
     def close(self) -> None:
         if self.uapi is not None:

@@ -6,14 +6,15 @@ and ``want_write()``, and calls ``on_ready``. A request is handed to
 answers once its reconfiguration steps are acknowledged). Requests on one
 connection are answered in order, one at a time.
 """
+
 from __future__ import annotations
 
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from meshsup.supervisor.uapi import GetRequest, SetRequest, UapiError, parse_request, serialize_errno, split_request
 
@@ -32,8 +33,8 @@ class _Conn:
     sock: socket.socket
     inbuf: bytes = b""
     outbuf: bytes = b""
-    busy: bool = False      # a request is being answered
-    closing: bool = False   # peer hung up or sent garbage: close once outbuf is sent
+    busy: bool = False  # a request is being answered
+    closing: bool = False  # peer hung up or sent garbage: close once outbuf is sent
     queued: list[bytes] = field(default_factory=list)
 
 

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -10,9 +10,16 @@ from tests.nodes import Netns, Node, is_root
 from tests.topology import Underlay
 
 
+def require_netns_mark(request: pytest.FixtureRequest) -> None:
+    """`pytest -m "not netns"` runs the unit tests alone: a test making namespaces must say so."""
+    if request.node.get_closest_marker("netns") is None:
+        pytest.fail(f"{request.node.nodeid} makes network namespaces but is not marked netns")
+
+
 @pytest.fixture
-def netns() -> Iterator[Callable[..., Netns]]:
+def netns(request: pytest.FixtureRequest) -> Iterator[Callable[..., Netns]]:
     """Factory for network namespaces, all removed at teardown."""
+    require_netns_mark(request)
     if not is_root():
         pytest.skip("needs root for network namespaces")
     made: list[Netns] = []
@@ -32,8 +39,7 @@ def node_factory(tmp_path: Path, netns: Callable[..., Netns]) -> Iterator[Callab
     """Start meshsup nodes, each in a fresh namespace; all stopped at teardown."""
     nodes: list[Node] = []
 
-    def make(*args: str, env: dict[str, Any] | None = None, ns: Netns | None = None,
-             faults: bool = True) -> Node:
+    def make(*args: str, env: dict[str, Any] | None = None, ns: Netns | None = None, faults: bool = True) -> Node:
         n = Node(tmp_path, *args, env=env, netns=ns or netns(), faults=faults)
         nodes.append(n)
         return n
@@ -44,7 +50,8 @@ def node_factory(tmp_path: Path, netns: Callable[..., Netns]) -> Iterator[Callab
 
 
 @pytest.fixture
-def underlay() -> Iterator[Underlay]:
+def underlay(request: pytest.FixtureRequest) -> Iterator[Underlay]:
+    require_netns_mark(request)
     u = Underlay()
     yield u
     u.close()

@@ -36,7 +36,7 @@ import dns.rcode
 import dns.rrset
 
 from meshsup.actors.dns.server import DnsServer, serve
-from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.settings.dns import DnsSettings
 from tests.nodes import Netns
 from tests.topology import Identity, meshsup_config
 
@@ -314,8 +314,7 @@ def start_dnsdist(tmp: Path, certificate: Certificate, host: str, backend: Dnsma
         f'addDOHLocal("{host}:{doh_port}", "{certificate.cert}", "{certificate.key}", "/dns-query")\n'
     )
     process = Process(["dnsdist", "--supervised", "--disable-syslog", "-C", str(config)], tmp / "dnsdist.log")
-    process.wait_ready(lambda: _tcp_open(host, tls_port) and _tcp_open(host, doh_port),
-                       what=f"dnsdist on {host}")
+    process.wait_ready(lambda: _tcp_open(host, tls_port) and _tcp_open(host, doh_port), what=f"dnsdist on {host}")
     return Dnsdist(host, tls_port, doh_port, process)
 
 
@@ -330,7 +329,8 @@ def _tcp_open(host: str, port: int) -> bool:
 @dataclass
 class StubUpstream:
     """A tiny UDP+TCP upstream in a thread: a fixed rcode or address, an
-    optional delay, and a record of every question it got."""
+    optional delay, and a record of every question it got. With ``hold``, its
+    UDP answers wait until that event is set: late for as long as a test needs."""
 
     host: str
     port: int
@@ -339,6 +339,7 @@ class StubUpstream:
     delay: float = 0.0
     ttl: int = 60
     ns: Netns | None = None
+    hold: threading.Event | None = None
     questions: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -374,7 +375,8 @@ class StubUpstream:
                 connection, _ = self._tcp.accept()
                 threading.Thread(target=self._serve_tcp, args=(connection,), daemon=True).start()
             now = time.monotonic()
-            for item in [d for d in due if d[0] <= now]:
+            held = self.hold is not None and not self.hold.is_set()
+            for item in [d for d in due if d[0] <= now and not held]:
                 due.remove(item)
                 item[1]()
 
@@ -533,8 +535,11 @@ BAD_PACKETS: list[tuple[str, bytes, int | None]] = [
     ("truncated", (header(0x0100) + _QUESTION)[:19], dns.rcode.FORMERR),
     ("pointer-loop", header(0x0100) + b"\xc0\x0c\x00\x01\x00\x01", dns.rcode.FORMERR),
     ("trailing-junk", header(0x0100) + _QUESTION + b"junk", dns.rcode.FORMERR),
-    ("two-opts", header(0x0100, ar=2) + _QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00" * 2,
-     dns.rcode.FORMERR),
+    (
+        "two-opts",
+        header(0x0100, ar=2) + _QUESTION + b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00" * 2,
+        dns.rcode.FORMERR,
+    ),
     ("too-short", b"\x42\x42\x01", None),
 ]
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from meshsup.actors.netlog.syslog import OctetCountingDecoder
-from tests.nodes import Netns
+from tests.nodes import Netns, udp_sockets
 
 LOOPBACK = "127.0.0.1"
 JOURNAL_REMOTE = "/lib/systemd/systemd-journal-remote"
@@ -89,6 +89,19 @@ def parse_syslog_line(line: str) -> dict[str, str]:
     return {"hostname": hostname, "app_name": app_name, "procid": procid, "msgid": msgid, "sd": sd, "msg": msg}
 
 
+def rsyslog_lacks_imtcp(binary: str, workdir: Path) -> str | None:
+    """Whether this rsyslogd has what the tests need (imtcp with maxFrameSize), asked with the
+    fewest lines rsyslogd accepts: a fault in the tests' own config must fail, not skip."""
+    probe = workdir / "imtcp-probe.conf"
+    probe.write_text(
+        'module(load="imtcp" maxFrameSize="310000")\n'
+        f'input(type="imtcp" address="{LOOPBACK}" port="1")\n'
+        f'action(type="omfile" file="{workdir / "imtcp-probe.out"}")\n'
+    )
+    check = subprocess.run([binary, "-N1", "-f", str(probe)], check=False, capture_output=True, text=True, timeout=30)
+    return None if check.returncode == 0 else f"this rsyslogd lacks imtcp with maxFrameSize: {check.stderr[-300:]}"
+
+
 class Rsyslog:
     """rsyslogd -n with imtcp on a loopback port writing the parsed fields of each message to a file.
 
@@ -121,7 +134,9 @@ class Rsyslog:
             [self.binary, "-N1", "-f", str(self.conf)], check=False, capture_output=True, text=True, timeout=30
         )
         if check.returncode != 0:
-            pytest.skip(f"rsyslogd cannot load this config (imtcp missing?): {check.stderr.strip()[:300]}")
+            if lacks := rsyslog_lacks_imtcp(self.binary, workdir):
+                pytest.skip(lacks)
+            raise AssertionError(f"rsyslogd refuses the test's own config: {check.stderr.strip()[:300]}")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -180,6 +195,11 @@ class Nfcapd:
             stop_process(self.proc)
             raise RuntimeError(f"nfcapd did not start: {self.log.read_text()}")
 
+    def drained(self) -> bool:
+        """Whether nfcapd took every datagram off its socket: the kernel's receive queue for its port is empty."""
+        sockets = udp_sockets(self.port, self.netns)
+        return bool(sockets) and all(queued == 0 for queued, _ in sockets)
+
     def stop(self) -> Path:
         """Stop nfcapd, which closes its current file; return that file."""
         stop_process(self.proc)
@@ -225,14 +245,19 @@ class JournalRemote:
             self.proc = subprocess.Popen(
                 in_netns(
                     self.netns,
-                    [JOURNAL_REMOTE, f"--listen-http={LOOPBACK}:{self.port}", f"--output={self.output}",
-                     "--split-mode=none"],
+                    [
+                        JOURNAL_REMOTE,
+                        f"--listen-http={LOOPBACK}:{self.port}",
+                        f"--output={self.output}",
+                        "--split-mode=none",
+                    ],
                 ),
                 stdout=out,
                 stderr=out,
             )
-        if not wait_until(lambda: self.proc is not None and self.proc.poll() is None
-                          and tcp_listening(self.port, self.netns), 10):
+        if not wait_until(
+            lambda: self.proc is not None and self.proc.poll() is None and tcp_listening(self.port, self.netns), 10
+        ):
             stop_process(self.proc)
             raise RuntimeError(f"systemd-journal-remote did not listen: {self.log.read_text()}")
 
@@ -246,7 +271,10 @@ class JournalRemote:
             return []
         out = subprocess.run(
             [self.journalctl, f"--file={self.output}", "-o", "json", "--no-pager"],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         ).stdout
         return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -265,11 +293,14 @@ class HttpCollector:
 
     script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
     requests: list[HttpRequest] = field(default_factory=list)
+    keep_alive: bool = False  # answer as HTTP/1.1, so a connection carries the next request too
 
     def __post_init__(self) -> None:
         collector = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if collector.keep_alive else "HTTP/1.0"
+
             def do_POST(self) -> None:
                 at = time.time()
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -309,7 +340,7 @@ def make_certificate(directory: Path, host: str = LOOPBACK) -> tuple[Path, Path]
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -325,9 +356,7 @@ def make_certificate(directory: Path, host: str = LOOPBACK) -> tuple[Path, Path]
     cert_path, key_path = directory / "cert.pem", directory / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return cert_path, key_path
 

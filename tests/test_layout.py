@@ -5,6 +5,7 @@ the shared layers and the bus import no actor kind; the supervisor reaches
 actor kinds only through the registry (by name, not by import). Every
 package folder is installed under the meshsup namespace.
 """
+
 from __future__ import annotations
 
 import ast

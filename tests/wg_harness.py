@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from meshsup.actors.crypto.device import Device, Output  # noqa: E402
 from meshsup.actors.crypto.peer import PeerConfig  # noqa: E402
+from meshsup.actors.kernel.types import Burst  # noqa: E402
 from meshsup.supervisor.icmp import checksum  # noqa: E402
 
 ECHO_ID = 0x4D53  # "MS"
@@ -79,12 +80,14 @@ def main() -> int:
     args = ap.parse_args()
 
     device = Device(base64.b64decode(args.private_key))
-    device.set_peer(PeerConfig(
-        public_key=base64.b64decode(args.peer),
-        preshared_key=base64.b64decode(args.psk) if args.psk else None,
-        allowed_ips=[ipaddress.ip_network(a) for a in args.allowed],
-        endpoint=host_port(args.endpoint) if args.endpoint else None,
-    ))
+    device.set_peer(
+        PeerConfig(
+            public_key=base64.b64decode(args.peer),
+            preshared_key=base64.b64decode(args.psk) if args.psk else None,
+            allowed_ips=[ipaddress.ip_network(a) for a in args.allowed],
+            endpoint=host_port(args.endpoint) if args.endpoint else None,
+        )
+    )
     listen = host_port(args.listen)
     sock = socket.socket(socket.AF_INET6 if ":" in listen[0] else socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(listen)
@@ -96,8 +99,9 @@ def main() -> int:
     events: list[list[str]] = []
 
     def flush(out: Output) -> list[bytes]:
-        for endpoint, datagram in out.datagrams:
-            sock.sendto(datagram, endpoint)
+        for endpoint, datagrams in out.datagrams:
+            for datagram in datagrams:
+                sock.sendto(datagram, endpoint)
         events.extend([e.kind, base64.b64encode(e.public_key).decode()] for e in out.events)
         return out.packets
 
@@ -108,7 +112,7 @@ def main() -> int:
         for seq in range(1, args.count + 1):
             payload = bytes((seq + i) & 0xFF for i in range(args.size - overhead))
             requests.append(icmp_packet(src, target, 8 if overhead == 28 else 128, ECHO_ID, seq, payload))
-    inbox = flush(device.send(requests, time.time()))
+    inbox = flush(device.send(requests, time.monotonic()))
 
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -121,13 +125,13 @@ def main() -> int:
                 replies[src].add((seq, len(packet)))
             elif icmp_type in (8, 128):
                 reply = icmp_packet(dst, src, 0 if icmp_type == 8 else 129, ident, seq, payload)
-                flush(device.send([reply], time.time()))
+                flush(device.send([reply], time.monotonic()))
                 answered += 1
         inbox = []
         done = all(len(got) >= args.count for got in replies.values()) and answered >= args.answer
         if done:
             break
-        now = time.time()
+        now = time.monotonic()
         wake = device.next_deadline()
         wait = 0.05 if wake is None else min(0.05, max(0.0, wake - now))
         if select.select([sock], [], [], wait)[0]:
@@ -137,17 +141,22 @@ def main() -> int:
                     data, addr = sock.recvfrom(65535)
                 except BlockingIOError:
                     break
-                batch.append((data, (addr[0], addr[1])))
-            inbox = flush(device.receive(batch, time.time()))
-        inbox += flush(device.tick(time.time()))
+                batch.append(Burst((addr[0], addr[1]), [data]))
+            inbox = flush(device.receive(batch, time.monotonic()))
+        inbox += flush(device.tick(time.monotonic()))
 
-    print(json.dumps({
-        "replies": {t: sorted(got) for t, got in replies.items()},
-        "answered": answered,
-        "counters": dict(device.counters),
-        "events": events,
-        "status": device.status(),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "replies": {t: sorted(got) for t, got in replies.items()},
+                "answered": answered,
+                "counters": dict(device.counters),
+                "events": events,
+                "status": device.status(),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ A batch stays under MAX_BYTES (a single larger packet travels alone): the
 data path's messages are then small enough for the kernel to carry without
 large contiguous allocations (actors.bus.datapath).
 """
+
 from __future__ import annotations
 
 import struct
@@ -48,6 +49,6 @@ def unpack(blob: bytes) -> list[bytes]:
         j = i + 2 + (blob[i] << 8 | blob[i + 1])
         if j > end:
             raise DecodeError("bad_batch", "truncated packet")
-        append(blob[i + 2:j])
+        append(blob[i + 2 : j])
         i = j
     return out

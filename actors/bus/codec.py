@@ -4,6 +4,7 @@ A frame is ``[tag, version, [field, ...]]``. Decoding checks the tag is
 known, the version matches and every field has its declared type, so a
 handler never sees a message it did not ask for.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,12 +1,13 @@
 """Every message that crosses the bus. Tags are stable; bump VERSION on change."""
+
 from __future__ import annotations
 
 from typing import Any
 
 from meshsup.actors.bus.codec import Message, message
 
-
 # --- supervisor <-> actor control (DEALER/ROUTER, request/ack) -------------
+
 
 @message("actor.hello")
 class Hello(Message):
@@ -22,16 +23,17 @@ class Heartbeat(Message):
     status: dict[str, Any]  # counters and actor-specific state for `status`
 
 
-@message("actor.configure")
+@message("actor.configure", version=2)
 class Configure(Message):
     req: int
     generation: int
-    config: dict[str, Any]
+    config: dict[str, Any]  # actors.settings.Settings, in its wire form
 
 
 @message("actor.command")
 class Command(Message):
     """A request other than configuration: `op` names it, `args` carry it."""
+
     req: int
     op: str
     args: dict[str, Any]
@@ -52,6 +54,7 @@ class Stop(Message):
 
 # --- CLI <-> supervisor (REQ/ROUTER) ---------------------------------------
 
+
 @message("cli.request")
 class CliRequest(Message):
     command: str
@@ -67,6 +70,7 @@ class CliReply(Message):
 
 # --- events (PUB -> supervisor proxy -> SUB) -------------------------------
 
+
 @message("event.link_changed")
 class LinkChanged(Message):
     interface: str
@@ -81,24 +85,28 @@ class NameLearned(Message):
 
 # --- data path (PUSH -> PULL, point to point) ------------------------------
 
+
 @message("data.packets")
 class PacketBatch(Message):
     """IP packets between tun-io and crypto; `packets` is a batch.pack blob.
 
     No sequence number: a peer's packets all go through its one owning
     worker, so each stream stays in order without re-sequencing."""
+
     packets: bytes
 
 
 @message("data.datagrams")
 class DatagramBatch(Message):
     """WireGuard datagrams to or from one underlay endpoint (crypto <-> magicsock)."""
+
     host: str
     port: int
     packets: bytes
 
 
 # --- to netlog: traffic counts and the node's own logs ---------------------
+
 
 @message("netlog.flow_counts")
 class FlowCounts(Message):
@@ -110,6 +118,7 @@ class FlowCounts(Message):
     netlog acknowledges each (FlowCountsAck to `source`); one not
     acknowledged is sent again as it is, and netlog counts it once.
     """
+
     source: str  # the sending actor
     epoch: int  # the sender's run: its sequence numbers start again with a new one
     seq: int
@@ -121,6 +130,7 @@ class FlowCounts(Message):
 @message("netlog.flow_counts_ack")
 class FlowCountsAck(Message):
     """netlog has logged FlowCounts `seq` of `epoch`: the sender may forget it."""
+
     epoch: int
     seq: int
 
@@ -128,27 +138,31 @@ class FlowCountsAck(Message):
 @message("netlog.log_line")
 class LogLine(Message):
     """One structured log event of a process of the node, as its JSON line (actors.log)."""
+
     seq: int  # per process, counting from 0: a gap is lines dropped on the way
     line: str
 
 
 # --- between relay workers (actors.relay) ----------------------------------
 
+
 @message("relay.client_up")
 class RelayClientUp(Message):
     """A DERP client logged in on `worker`; the newest login of a key (`since`, then
     the worker's name) is the one that stays, as a second connection replaces the first."""
+
     worker: str
     key: bytes
     host: str
     port: int
-    flags: int      # derp.PeerPresentFlags
-    since: float    # wall-clock time of the login
+    flags: int  # derp.PeerPresentFlags
+    since: float  # wall-clock time of the login
 
 
 @message("relay.client_down")
 class RelayClientDown(Message):
     """The client of `key` that logged in on `worker` at `since` left."""
+
     worker: str
     key: bytes
     since: float
@@ -158,6 +172,7 @@ class RelayClientDown(Message):
 class RelayWorkerUp(Message):
     """A relay worker (re)started at `started`: its clients from before are gone; the
     others tell it theirs (RelayRoster). Sent a few times while the bus connects."""
+
     worker: str
     started: float
 
@@ -165,6 +180,7 @@ class RelayWorkerUp(Message):
 @message("relay.roster")
 class RelayRoster(Message):
     """Every client logged in on `worker`, as [key, host, port, flags, since] (answer to worker_up)."""
+
     worker: str
     clients: list[Any]
 
@@ -173,4 +189,5 @@ class RelayRoster(Message):
 class RelayFrames(Message):
     """DERP RecvPacket frames for clients of the receiving worker: each entry is the
     destination key (32 bytes) then the whole frame, back to back."""
+
     frames: bytes

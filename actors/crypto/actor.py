@@ -12,33 +12,90 @@ and it sends and receives its peers' datagrams on sockets connected to
 them. A packet on its queue that another worker owns goes to that worker
 over the bus. What goes by those direct paths is counted here for flow
 logs, as tun-io and magicsock count what goes through them.
+
+The map: which process touches a packet, in which order, where it is
+batched and where it may be dropped, with the counter that says so (as
+``meshsup status --json`` names it: crypto-N's unless another actor is
+named; ``bus_full`` counts batches, the rest packets or datagrams). "Bus"
+is the data path between actors: a unix SOCK_SEQPACKET message per batch of
+at most 60 kB (actors.bus.datapath, batch), dropped when the receiver's
+socket is full or gone. A receiver drops a malformed or oversized batch, one its
+handler raised on, or (a crypto worker) one that arrives before its first
+configuration, as ``bus_dropped`` (by reason).
+
+Outgoing, TUN -> network
+ 1. kernel: queues the packet on one TUN queue, picked by tun-io's eBPF
+    program (bpf.steering): the queue of the worker owning the peer the
+    destination routes to, queue 0 (crypto-0's) if no prefix holds it. The
+    supervisor holds queue k for worker k, so packets wait in it while the
+    worker restarts. A full queue is the link's TX drop (ip -s link).
+    Without steering the kernel spreads packets over every queue; without
+    worker queues all reach tun-io's, which reads it (256 at a time),
+    drops what no worker owns (tun-io's no_route) and hands the rest to
+    the owners as PacketBatch (tun-io's rx_packets, bus_full).
+ 2. crypto-N (direct.DirectPaths): reads its queue, 256 at a time
+    (tun_read); send_read splits them by owner again: unrouted ones are
+    dropped (no_route), other workers' go to them as PacketBatch (bus_full).
+ 3. Device.send: routes by allowed IPs (bad_packet; no_route, added into
+    the same counter) and seals each peer's packets, in order, into one
+    Burst. A peer with no usable session stages up to 1024 packets while
+    it handshakes (staged_overflow drops the oldest, handshake_timeout the
+    staged ones when it gives up; no_endpoint).
+ 4. emit: each Burst goes out on the UDP socket connected to that peer, in
+    GSO sends of up to 64 datagrams (udp_tx_gso_sends; udp_tx_dropped). A
+    peer with no such socket: a DatagramBatch to magicsock (bus_full), which
+    sends it from the shared socket (magicsock's tx_datagrams, tx_dropped).
+
+Incoming, network -> TUN
+ 1. kernel: hands the datagram to the socket connected to its source (its
+    owner's, see direct), else to magicsock's unconnected one on the same
+    port. A full socket buffer is the kernel's UdpRcvbufErrors.
+ 2. crypto-N: recv_batch on its peer socket, 512 at a time, GRO buffers cut
+    apart (udp_rx_coalesced; udp_rx_dropped for truncated or failed reads),
+    one Burst per run of a sender; receive_direct.
+    magicsock instead: recv_batch likewise; drops what is not WireGuard
+    (not_wireguard); types 2-4 go to worker receiver_index % workers, an
+    initiation to a worker picked by a hash of its source, as a DatagramBatch
+    per worker and endpoint (rx_datagrams; a full bus is counted only in
+    magicsock's send_dropped, which ``meshsup status`` does not show).
+ 3. Device.receive, burst by burst, runs of one session looked up once:
+    data is decrypted and checked (unknown_type, no_session,
+    expired_session, decrypt_failed, replay; inside: bad_packet, and
+    allowed_ips for a source the peer may not use); handshake messages
+    (bad_length, bad_mac1, cookie_sent: answered with a cookie under load,
+    rate_limited, bad_initiation, unknown_peer, handshake_replay,
+    bad_response, bad_cookie_reply). Datagrams of another worker's sessions
+    (Output.foreign) and initiations from its peers (Output.forwards) go to
+    it as DatagramBatch (forwarded, forwarded_initiations; bus_full).
+ 4. emit: the decrypted packets are written to crypto-N's TUN queue,
+    consecutive segments of a TCP flow coalesced into one virtio-net
+    super-packet per write (tun_writes, tun_coalesced, tun_dropped). A
+    worker with no writable queue sends them to tun-io as PacketBatch
+    (bus_full), which writes them (tun-io's tx_packets, tx_dropped).
 """
+
 from __future__ import annotations
 
-import base64
-import ipaddress
 import os
 import time
 from collections import defaultdict
 from functools import partial
-from itertools import groupby
-from operator import itemgetter
 from typing import Any
 
 from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus import batch
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import DatagramBatch, FlowCountsAck, PacketBatch
-from meshsup.actors.crypto.device import ENDPOINT_CHANGED, Device, Output
+from meshsup.actors.crypto.device import ENDPOINT_CHANGED, Device, Forward, Output
 from meshsup.actors.crypto.direct import DirectPaths
 from meshsup.actors.crypto.peer import PeerConfig
-from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
 from meshsup.actors.crypto.timers import Timing
-from meshsup.actors.wire.wireguard import receiver_index
-from meshsup.actors.kernel.types import Endpoint
-from meshsup.actors.flowcount.tally import INNER, UNDERLAY
 from meshsup.actors.flowcount.feed import FlowFeed
+from meshsup.actors.flowcount.tally import INNER, UNDERLAY
 from meshsup.actors.kernel.tun import Tun
+from meshsup.actors.kernel.types import Burst
+from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
+from meshsup.actors.settings import PeerSettings, Settings
 
 TICK_INTERVAL = 0.05
 TIMING_ENV = "MESHSUP_TEST_TIMING"  # e.g. "rekey_after_time=4,reject_after_time=8" (tests only)
@@ -53,17 +110,13 @@ def test_timing() -> Timing:
     return Timing(**{k: type(getattr(default, k))(float(v)) for k, v in (kv.split("=") for kv in spec.split(","))})
 
 
-def peer_config(p: dict[str, Any]) -> PeerConfig:
-    endpoint = None
-    if p["endpoints"]:
-        host, _, port = p["endpoints"][0].rpartition(":")
-        endpoint = (host.strip("[]"), int(port))
+def peer_config(p: PeerSettings) -> PeerConfig:
     return PeerConfig(
-        public_key=base64.b64decode(p["public_key"]),
-        preshared_key=base64.b64decode(p["preshared_key"]) if p["preshared_key"] else None,
-        allowed_ips=[ipaddress.ip_network(a) for a in p["allowed_ips"]],
-        endpoint=endpoint,
-        persistent_keepalive=p["persistent_keepalive"] or None,
+        public_key=p.public_key,
+        preshared_key=p.preshared_key,
+        allowed_ips=list(p.allowed_ips),
+        endpoint=p.endpoints[0] if p.endpoints else None,
+        persistent_keepalive=p.persistent_keepalive or None,
     )
 
 
@@ -76,36 +129,41 @@ class CryptoActor(Actor):
         self.routes = worker_routes([])  # destination -> owning worker, for what our TUN queue gives us
         self.no_route = 0
         self.device: Device | None = None
-        self.device_key: tuple[str, int, int] | None = None
-        self.peers: dict[bytes, dict[str, Any]] = {}
+        self.device_key: tuple[bytes, int, int] | None = None
+        self.peers: dict[bytes, PeerSettings] = {}
         self.next_tick = 0.0
         self.forwarded = 0  # datagrams handed on to other workers
         self.forwarded_initiations = 0
-        self.direct = DirectPaths(self.log, self.add_reader, self.remove_reader, self.receive_direct,
-                                  self.send_read, self._adopt(tun_queue))
+        self.direct = DirectPaths(
+            self.log, self.add_reader, self.remove_reader, self.receive_direct, self.send_read, self._adopt(tun_queue)
+        )
         # Flow counts of the direct paths: packets written to the TUN, datagrams on peer sockets.
         self.inner = FlowFeed(self, INNER)
         self.underlay = FlowFeed(self, UNDERLAY)
         self.feeds = (self.inner, self.underlay)
 
-    def configure(self, config: dict[str, Any]) -> None:
-        super().configure(config)
+    def configure(self, settings: Settings) -> None:
         for feed in self.feeds:
-            feed.configure(config)
-        node = config["node"]
-        workers = config["actors"]["crypto"]
+            feed.configure(settings)
+        node = settings.node
+        workers = settings.actors.crypto
         if self.index >= workers:
             raise ConfigError(f"{self.name} is beyond {workers} crypto workers")
-        key = (node["private_key"], workers, node["mtu"])
+        key = (node.private_key, workers, node.mtu)
         if key != self.device_key:
             # A new key or shard map invalidates every session: start clean.
-            self.device = Device(base64.b64decode(node["private_key"]), worker=self.index,
-                                 workers=workers, timing=test_timing(), mtu=node["mtu"],
-                                 owner_of=partial(owner, workers=workers))
+            self.device = Device(
+                node.private_key,
+                worker=self.index,
+                workers=workers,
+                timing=test_timing(),
+                mtu=node.mtu,
+                owner_of=partial(owner, workers=workers),
+            )
             self.device_key, self.peers = key, {}
         assert self.device is not None
         self.outbox.connect(["tun-io", "magicsock", *(f"crypto-{w}" for w in range(workers))])
-        wanted = {base64.b64decode(p["public_key"]): p for p in config["peers"]}
+        wanted = {p.public_key: p for p in settings.peers}
         wanted = {k: p for k, p in wanted.items() if owner(k, workers) == self.index}
         for gone in set(self.peers) - set(wanted):
             self.device.remove_peer(gone)
@@ -113,12 +171,12 @@ class CryptoActor(Actor):
             old = self.peers.get(k)
             if old == p:
                 continue  # unchanged: keep its session and roamed endpoint
-            if old is not None and old["preshared_key"] != p["preshared_key"]:
+            if old is not None and old.preshared_key != p.preshared_key:
                 self.device.remove_peer(k)  # key material changed: flush the session
             self.device.set_peer(peer_config(p))
         self.peers = wanted
-        self.routes = worker_routes(worker_prefixes(config["peers"], workers))
-        self.direct.configure(node["interface"], node["listen_port"])
+        self.routes = worker_routes(worker_prefixes(settings.peers, workers))
+        self.direct.configure(node.interface, node.listen_port)
         self.direct.set_endpoints({k: peer.endpoint for k, peer in self.device.peers.items()})
 
     def on_message(self, msg: Message) -> None:
@@ -129,7 +187,7 @@ class CryptoActor(Actor):
         if self.device is None:
             self.count_drop("not_configured", msg.TAG)
             return
-        now = time.time()
+        now = time.monotonic()  # every protocol timer; the device reads the wall clock itself
         if not isinstance(msg, (PacketBatch, DatagramBatch)):
             return super().on_message(msg)
         packets = self.unpack(msg.packets)
@@ -138,8 +196,7 @@ class CryptoActor(Actor):
         if isinstance(msg, PacketBatch):
             self.emit(self.device.send(packets, now))
         else:
-            endpoint = (msg.host, msg.port)
-            self.receive([(d, endpoint) for d in packets])
+            self.receive([Burst((msg.host, msg.port), packets)])
 
     def _adopt(self, fd: int | None) -> Tun | None:
         if fd is None:
@@ -160,29 +217,28 @@ class CryptoActor(Actor):
         self.no_route += unrouted
         mine = others.pop(self.index, None)
         if mine:
-            self.emit(self.device.send(mine, time.time()))
+            self.emit(self.device.send(mine, time.monotonic()))
         for w, ps in others.items():
             for blob in batch.pack_split(ps):
                 self.outbox.send(f"crypto-{w}", PacketBatch(packets=blob))
 
-    def receive_direct(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
+    def receive_direct(self, bursts: list[Burst]) -> None:
         """Datagrams from a peer socket of our own (magicsock counts the ones it passes on)."""
         rx = self.underlay.rx
         if rx.enabled:
-            for endpoint, run in groupby(datagrams, key=itemgetter(1)):
-                sizes = [len(d) for d, _ in run]
-                rx.add(endpoint, len(sizes), sum(sizes))
-        self.receive(datagrams)
+            for endpoint, datagrams in bursts:
+                rx.add(endpoint, len(datagrams), sum(map(len, datagrams)))
+        self.receive(bursts)
 
-    def receive(self, datagrams: list[tuple[bytes, Endpoint]]) -> None:
+    def receive(self, bursts: list[Burst]) -> None:
         """Datagrams from the network, through magicsock or a peer socket of our own."""
         assert self.device is not None
-        self.emit(self.device.receive(datagrams, time.time()))
+        self.emit(self.device.receive(bursts, time.monotonic()))
 
-    def _hand_on(self, datagrams: list[tuple[int, bytes, Endpoint]]) -> None:
+    def _hand_on(self, forwards: list[Forward]) -> None:
         """Datagrams that belong to other workers' peers, to their owners."""
         groups: dict[tuple[int, str, int], list[bytes]] = defaultdict(list)
-        for w, d, (host, port) in datagrams:
+        for w, (host, port), d in forwards:
             groups[(w, host, port)].append(d)
         for (w, host, port), ds in groups.items():
             self.forwarded += len(ds)
@@ -197,21 +253,18 @@ class CryptoActor(Actor):
                 for blob in batch.pack_split(out.packets):
                     self.outbox.send("tun-io", PacketBatch(packets=blob))
         tx = self.underlay.tx
-        # Runs of datagrams to one endpoint (a peer's burst stays one run, in order).
-        for endpoint, run in groupby(out.datagrams, key=itemgetter(0)):
-            pairs = list(run)
-            if self.direct.send(endpoint, pairs):
+        for burst in out.datagrams:  # a peer's burst stays one, in order
+            endpoint, datagrams = burst
+            if self.direct.send(burst):
                 if tx.enabled:
-                    tx.add(endpoint, len(pairs), sum(len(d) for _, d in pairs))
+                    tx.add(endpoint, len(datagrams), sum(map(len, datagrams)))
             else:  # magicsock sends them, and counts them
-                for blob in batch.pack_split([d for _, d in pairs]):
+                for blob in batch.pack_split(datagrams):
                     self.outbox.send("magicsock", DatagramBatch(host=endpoint[0], port=endpoint[1], packets=blob))
         if out.forwards or out.foreign:
             # Initiations whose peer another worker owns; datagrams of another worker's sessions.
-            workers = self.device_key[1] if self.device_key else 1
             self.forwarded_initiations += len(out.forwards)
-            self._hand_on([(w, d, e) for w, e, d in out.forwards]
-                          + [((receiver_index(d) or 0) % workers, d, e) for d, e in out.foreign])
+            self._hand_on(out.forwards + out.foreign)
         for event in out.events:
             if event.kind == ENDPOINT_CHANGED and self.device is not None:
                 self.direct.set_endpoints({k: p.endpoint for k, p in self.device.peers.items()})
@@ -219,19 +272,25 @@ class CryptoActor(Actor):
     def tick(self, now: float) -> None:
         if self.device is not None and now >= self.next_tick:
             self.next_tick = now + TICK_INTERVAL
-            self.emit(self.device.tick(time.time()))
+            self.emit(self.device.tick(now))
         for feed in self.feeds:
             feed.tick(now)
 
     def status(self) -> dict[str, Any]:
         if self.device is None:
             return {}
-        return {"peers": self.device.status(),
-                "counters": {**self.device.counters, **self.direct.counters(),
-                             "handshakes": self.device.handshakes, "forwarded": self.forwarded,
-                             "no_route": self.no_route,
-                             "forwarded_initiations": self.forwarded_initiations,
-                             "bus_full": sum(self.outbox.dropped.values())}}
+        return {
+            "peers": self.device.status(),
+            "counters": {
+                **self.device.counters,
+                **self.direct.counters(),
+                "handshakes": self.device.handshakes,
+                "forwarded": self.forwarded,
+                "no_route": self.no_route + self.device.counters["no_route"],
+                "forwarded_initiations": self.forwarded_initiations,
+                "bus_full": sum(self.outbox.dropped.values()),
+            },
+        }
 
     def close(self) -> None:
         for feed in self.feeds:

@@ -10,12 +10,12 @@ reply instead of a handshake.
 
 from __future__ import annotations
 
-from meshsup.actors.kernel.types import Endpoint
-
 import hmac
 import ipaddress
 import math
 from collections.abc import Callable
+
+from meshsup.actors.kernel.types import Endpoint
 
 from .messages import MAC_SIZE, CookieReply, pack_cookie_reply
 from .noise import hash_, mac, xaead_decrypt, xaead_encrypt
@@ -24,7 +24,6 @@ LABEL_MAC1 = b"mac1----"
 LABEL_COOKIE = b"cookie--"
 COOKIE_REFRESH_TIME = 120.0
 COOKIE_NONCE_SIZE = 24
-
 
 
 def endpoint_bytes(endpoint: Endpoint) -> bytes:
@@ -39,14 +38,19 @@ def endpoint_bytes(endpoint: Endpoint) -> bytes:
 
 def _macs_region(message: bytes) -> tuple[bytes, bytes, bytes]:
     """(bytes covered by mac1, mac1, mac2) of an initiation or response."""
-    return message[:-2 * MAC_SIZE], message[-2 * MAC_SIZE:-MAC_SIZE], message[-MAC_SIZE:]
+    return message[: -2 * MAC_SIZE], message[-2 * MAC_SIZE : -MAC_SIZE], message[-MAC_SIZE:]
 
 
 class CookieChecker:
     """Responder side: verifies mac1/mac2 of messages sent to us and issues cookie replies."""
 
-    def __init__(self, local_public: bytes, rng: Callable[[int], bytes],
-                 refresh_time: float = COOKIE_REFRESH_TIME, seed: bytes | None = None) -> None:
+    def __init__(
+        self,
+        local_public: bytes,
+        rng: Callable[[int], bytes],
+        refresh_time: float = COOKIE_REFRESH_TIME,
+        seed: bytes | None = None,
+    ) -> None:
         self._mac1_key = hash_(LABEL_MAC1, local_public)
         self._encryption_key = hash_(LABEL_COOKIE, local_public)
         self._rng = rng
@@ -92,7 +96,7 @@ class CookieGenerator:
         self._last_mac1: bytes | None = None
 
     def add_macs(self, message: bytes, now: float) -> bytes:
-        body = message[:-2 * MAC_SIZE]
+        body = message[: -2 * MAC_SIZE]
         mac1 = mac(self._mac1_key, body)
         self._last_mac1 = mac1
         if now - self._cookie_set > self._refresh_time:

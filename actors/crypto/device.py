@@ -1,8 +1,14 @@
 """A sans-IO WireGuard device: batches of packets and datagrams in, actions out.
 
 Behaviour follows wireguard-go's device package (send.go, receive.go,
-timers.go, peer.go). ``now`` is wall-clock unix seconds (``time.time()``):
-handshake timestamps are TAI64N and must keep growing across restarts.
+timers.go, peer.go). Two clocks, both injected: ``now``, passed to every
+call, is monotonic seconds (``time.monotonic()``) and drives every protocol
+timer (session age, rekeying, retransmission, rate limits, dropping keys), so
+a step of the wall clock neither keeps keys past Reject-After-Time nor
+refuses a peer's initiations. ``wall`` (unix seconds) is read only for the
+TAI64N timestamp of an initiation, which must keep growing across restarts
+(and keeps growing here when the wall clock steps back), and for the
+last-handshake time that status shows.
 
 Sharding: the device can be one of N workers sharing a private key. Every
 local index it allocates satisfies ``index % workers == worker``, so a front
@@ -17,6 +23,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,20 +31,39 @@ from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 
-from . import handshake as hs_
+from meshsup.actors.kernel.types import Burst, Endpoint
 from meshsup.actors.routing.allowedips import AllowedIPs
-from meshsup.actors.kernel.types import Endpoint
+from meshsup.actors.wire.ip import (
+    IPV4_DST,
+    IPV4_HEADER_MIN,
+    IPV4_SRC,
+    IPV4_TOTAL_LENGTH,
+    IPV6_DST,
+    IPV6_HEADER,
+    IPV6_PAYLOAD_LENGTH,
+    IPV6_SRC,
+)
 
+from . import handshake as hs_
 from .cookie import CookieChecker, SourceRateLimiter, endpoint_bytes
 from .keypair import Keypair
-from .messages import (INITIATION_SIZE, MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION,
-                       MESSAGE_RESPONSE, MESSAGE_TRANSPORT, RESPONSE_SIZE, TRANSPORT_HEADER,
-                       TRANSPORT_MIN_SIZE, message_type, parse_cookie_reply,
-                       parse_response)
+from .messages import (
+    INITIATION_SIZE,
+    MESSAGE_COOKIE_REPLY,
+    MESSAGE_INITIATION,
+    MESSAGE_RESPONSE,
+    MESSAGE_TRANSPORT,
+    RESPONSE_SIZE,
+    TRANSPORT_HEADER,
+    TRANSPORT_MIN_SIZE,
+    message_type,
+    parse_cookie_reply,
+    parse_response,
+)
 from .noise import StaticKey, hmac_
 from .peer import Peer, PeerConfig
-from .timers import (NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE,
-                     ZERO_KEY_MATERIAL, Timing)
+from .tai64n import TAI64N_SIZE, successor, tai64n
+from .timers import NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE, ZERO_KEY_MATERIAL, Timing
 
 HANDSHAKE_COMPLETED = "handshake_completed"
 ENDPOINT_CHANGED = "endpoint_changed"
@@ -62,20 +88,38 @@ class Event(NamedTuple):
     endpoint: Endpoint | None = None
 
 
+class Forward(NamedTuple):
+    """A received datagram for another worker, with the endpoint it came from."""
+
+    worker: int
+    endpoint: Endpoint
+    data: bytes
+
+
 @dataclass
 class Output:
-    datagrams: list[tuple[Endpoint, bytes]] = field(default_factory=list)  # to the network
+    datagrams: list[Burst] = field(default_factory=list)  # to the network
     packets: list[bytes] = field(default_factory=list)  # decrypted IP packets for the TUN
     events: list[Event] = field(default_factory=list)
-    forwards: list[tuple[int, Endpoint, bytes]] = field(default_factory=list)  # (worker, source, initiation)
-    # Received datagrams addressed to another worker's session (receiver index), to hand on.
-    foreign: list[tuple[bytes, Endpoint]] = field(default_factory=list)
+    forwards: list[Forward] = field(default_factory=list)  # initiations from peers another worker owns
+    # Received datagrams of another worker's session (by receiver index), to hand on.
+    foreign: list[Forward] = field(default_factory=list)
 
 
 class Device:
-    def __init__(self, private_key: bytes, *, worker: int = 0, workers: int = 1, timing: Timing = Timing(),
-                 under_load_threshold: int = 256, rng: Callable[[int], bytes] = os.urandom,
-                 mtu: int = DEFAULT_MTU, owner_of: Callable[[bytes], int] | None = None) -> None:
+    def __init__(
+        self,
+        private_key: bytes,
+        *,
+        worker: int = 0,
+        workers: int = 1,
+        timing: Timing = Timing(),
+        under_load_threshold: int = 256,
+        rng: Callable[[int], bytes] = os.urandom,
+        mtu: int = DEFAULT_MTU,
+        owner_of: Callable[[bytes], int] | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         if not 0 <= worker < workers:
             raise ValueError(f"worker {worker} is not in range(0, {workers})")
         self.static = StaticKey(private_key)
@@ -89,10 +133,13 @@ class Device:
         self.counters: Counter[str] = Counter()  # drops and refusals, by reason
         self.handshakes = 0  # completed handshakes (key rotations), for status
         self._rng = rng
+        self._wall = wall
+        self._last_timestamp = bytes(TAI64N_SIZE)  # TAI64N of our last initiation
         self._indices: dict[int, tuple[Peer, Keypair | None]] = {}  # local index -> owner
         # Workers sharing the private key derive the same cookie secrets: a cookie from one passes at another.
-        self._checker = CookieChecker(self.public_key, rng, timing.cookie_refresh_time,
-                                      seed=hmac_(private_key, b"cookie secret"))
+        self._checker = CookieChecker(
+            self.public_key, rng, timing.cookie_refresh_time, seed=hmac_(private_key, b"cookie secret")
+        )
         self._limiter = SourceRateLimiter()
         # Arrival times of the last threshold+1 handshake messages: under load when all are < 1 s old.
         self._handshake_arrivals: deque[float] = deque(maxlen=under_load_threshold + 1)
@@ -106,7 +153,7 @@ class Device:
             peer = Peer(config, self.static, self.timing, self._jitter)
             self.peers[config.public_key] = peer
         elif (config.preshared_key or hs_.NO_PRESHARED_KEY) != peer.handshake.preshared_key:
-            self._zero_keys(peer)
+            self._drop_keys(peer)
             peer.handshake.preshared_key = config.preshared_key or hs_.NO_PRESHARED_KEY
         if config.endpoint is not None:
             peer.endpoint = config.endpoint
@@ -122,7 +169,7 @@ class Device:
     def remove_peer(self, public_key: bytes) -> None:
         peer = self.peers.pop(public_key, None)
         if peer is not None:
-            self._zero_keys(peer)
+            self._drop_keys(peer)
             peer.timers.stop()
             self.allowed_ips.remove_peer(peer)
 
@@ -153,10 +200,10 @@ class Device:
         for packet in packets:
             n = len(packet)
             version = packet[0] >> 4 if n else 0
-            if version == 4 and n >= 20:
-                dst = packet[16:20]
-            elif version == 6 and n >= 40:
-                dst = packet[24:40]
+            if version == 4 and n >= IPV4_HEADER_MIN:
+                dst = packet[IPV4_DST]
+            elif version == 6 and n >= IPV6_HEADER:
+                dst = packet[IPV6_DST]
             else:
                 counters["bad_packet"] += 1
                 continue
@@ -191,8 +238,8 @@ class Device:
         header = TRANSPORT_HEADER.pack
         nonce = _NONCE.pack
         remote = kp.remote_index
-        endpoint = peer.endpoint
-        append = out.datagrams.append
+        sealed: list[bytes] = []
+        append = sealed.append
         counter = kp.send_counter
         nbytes = 0
         for packet in packets:
@@ -201,12 +248,16 @@ class Device:
             pad = -n & 15
             if n + pad > mtu:
                 pad = mtu - n if n <= mtu else _padding_near_mtu(n, mtu)
-            datagram = header(MESSAGE_TRANSPORT, remote, counter) + \
-                encrypt(nonce(counter), packet + _ZEROS[:pad] if pad else packet, None)
+            datagram = header(MESSAGE_TRANSPORT, remote, counter) + encrypt(
+                nonce(counter), packet + _ZEROS[:pad] if pad else packet, None
+            )
             counter += 1
             nbytes += len(datagram)
-            append((endpoint, datagram))
+            append(datagram)
         kp.send_counter = counter
+        if sealed:
+            assert peer.endpoint is not None  # the callers checked
+            out.datagrams.append(Burst(peer.endpoint, sealed))
         self._after_data_sent(peer, nbytes, any(packets), now, out)
 
     def _send_staged(self, peer: Peer, now: float, out: Output) -> None:
@@ -231,8 +282,10 @@ class Device:
             timers.data_sent(now)
         # Keep the key fresh: the initiator rekeys after REKEY_AFTER_TIME, anyone after too many messages.
         kp = peer.keypairs.current
-        if kp is not None and (kp.send_counter > self.timing.rekey_after_messages
-                               or (kp.is_initiator and now - kp.created > self.timing.rekey_after_time)):
+        if kp is not None and (
+            kp.send_counter > self.timing.rekey_after_messages
+            or (kp.is_initiator and now - kp.created > self.timing.rekey_after_time)
+        ):
             self._initiate(peer, now, out, is_retry=False)
 
     def _send_keepalive(self, peer: Peer, now: float, out: Output) -> None:
@@ -242,7 +295,7 @@ class Device:
 
     # --- network -> TUN
 
-    def receive(self, datagrams: Iterable[tuple[bytes, Endpoint]], now: float) -> Output:
+    def receive(self, bursts: Iterable[Burst], now: float) -> Output:
         """Handle datagrams from the network: handshakes, cookie replies and transport data."""
         out = Output()
         counters = self.counters
@@ -261,73 +314,72 @@ class Device:
         # Bulk traffic comes in runs of one session: what depends only on the
         # session is looked up once per run (``session`` is the run's receiver index).
         session = -1
-        for data, endpoint in datagrams:
-            if len(data) < TRANSPORT_MIN_SIZE or data[0] != MESSAGE_TRANSPORT:
-                self._receive_control(data, endpoint, now, out)
-                session = -1  # a handshake may have changed the sessions
-                continue
-            mtype, receiver, counter = unpack_header(data)
-            if mtype != MESSAGE_TRANSPORT:  # non-zero reserved bytes
-                counters["unknown_type"] += 1
-                continue
-            if receiver != session:
-                entry = indices.get(receiver)
-                if entry is None or entry[1] is None:
-                    if self._foreign(receiver):
-                        out.foreign.append((data, endpoint))
-                    else:
-                        counters["no_session"] += 1
+        for endpoint, datagrams in bursts:
+            for data in datagrams:
+                if len(data) < TRANSPORT_MIN_SIZE or data[0] != MESSAGE_TRANSPORT:
+                    self._receive_control(data, endpoint, now, out)
+                    session = -1  # a handshake may have changed the sessions
                     continue
-                peer, kp = entry
-                if now - kp.created >= reject_after_time:
-                    counters["expired_session"] += 1
+                mtype, receiver, counter = unpack_header(data)
+                if mtype != MESSAGE_TRANSPORT:  # non-zero reserved bytes
+                    counters["unknown_type"] += 1
                     continue
-                session, decrypt, validate = receiver, kp.receive.decrypt, kp.replay.validate
-                at_endpoint = None  # the datagram endpoint known to be the peer's
-            try:
-                plain = decrypt(nonce(counter), memoryview(data)[16:], None)
-            except InvalidTag:
-                counters["decrypt_failed"] += 1
-                continue
-            if not validate(counter, reject_after_messages):
-                counters["replay"] += 1
-                continue
-            if endpoint is not at_endpoint:
-                if endpoint != peer.endpoint:
-                    self._set_endpoint(peer, endpoint, out)
-                at_endpoint = endpoint
-            if kp is peer.keypairs.next:
-                self._confirm(peer, kp, now, out)
-            n = len(plain)
-            peer.rx_bytes += n + TRANSPORT_MIN_SIZE
-            if not n:  # keepalive
-                authenticated.setdefault(peer, False)
-                continue
-            authenticated[peer] = True
-            version = plain[0] >> 4
-            # Trim the padding by the IP header's length and check the inner source (cryptokey routing).
-            if version == 4 and n >= 20:
-                length = unpack_u16(plain, 2)[0]
-                if length > n or length < 20:
+                if receiver != session:
+                    entry = indices.get(receiver)
+                    if entry is None or entry[1] is None:
+                        if not self._foreign(receiver, endpoint, data, out):
+                            counters["no_session"] += 1
+                        continue
+                    peer, kp = entry
+                    if now - kp.created >= reject_after_time:
+                        counters["expired_session"] += 1
+                        continue
+                    session, decrypt, validate = receiver, kp.receive.decrypt, kp.replay.validate
+                    at_endpoint = None  # the datagram endpoint known to be the peer's
+                try:
+                    plain = decrypt(nonce(counter), memoryview(data)[16:], None)
+                except InvalidTag:
+                    counters["decrypt_failed"] += 1
+                    continue
+                if not validate(counter, reject_after_messages):
+                    counters["replay"] += 1
+                    continue
+                if endpoint is not at_endpoint:
+                    if endpoint != peer.endpoint:
+                        self._set_endpoint(peer, endpoint, out)
+                    at_endpoint = endpoint
+                if kp is peer.keypairs.next:
+                    self._confirm(peer, kp, now, out)
+                n = len(plain)
+                peer.rx_bytes += n + TRANSPORT_MIN_SIZE
+                if not n:  # keepalive
+                    authenticated.setdefault(peer, False)
+                    continue
+                authenticated[peer] = True
+                version = plain[0] >> 4
+                # Trim the padding by the IP header's length and check the inner source (cryptokey routing).
+                if version == 4 and n >= IPV4_HEADER_MIN:
+                    length = unpack_u16(plain, IPV4_TOTAL_LENGTH)[0]
+                    if length > n or length < IPV4_HEADER_MIN:
+                        counters["bad_packet"] += 1
+                        continue
+                    src = plain[IPV4_SRC]
+                elif version == 6 and n >= IPV6_HEADER:
+                    length = unpack_u16(plain, IPV6_PAYLOAD_LENGTH)[0] + IPV6_HEADER
+                    if length > n:
+                        counters["bad_packet"] += 1
+                        continue
+                    src = plain[IPV6_SRC]
+                else:
                     counters["bad_packet"] += 1
                     continue
-                src = plain[12:16]
-            elif version == 6 and n >= 40:
-                length = unpack_u16(plain, 4)[0] + 40
-                if length > n:
-                    counters["bad_packet"] += 1
+                if src != last_src or peer is not last_peer:  # bulk flows repeat sources: route once per run
+                    last_src, last_peer = src, peer
+                    allowed = lookup(src) is peer
+                if not allowed:
+                    counters["allowed_ips"] += 1
                     continue
-                src = plain[8:24]
-            else:
-                counters["bad_packet"] += 1
-                continue
-            if src != last_src or peer is not last_peer:  # bulk flows repeat sources: route once per run
-                last_src, last_peer = src, peer
-                allowed = lookup(src) is peer
-            if not allowed:
-                counters["allowed_ips"] += 1
-                continue
-            packets.append(plain if length == n else plain[:length])
+                packets.append(plain if length == n else plain[:length])
         for peer, data_received in authenticated.items():
             self._after_data_received(peer, data_received, now, out)
         return out
@@ -336,9 +388,13 @@ class Device:
         timers = peer.timers
         kp = peer.keypairs.current
         # The initiator rehandshakes shortly before REJECT_AFTER_TIME if the peer is still talking.
-        if not timers.sent_last_minute_handshake and kp is not None and kp.is_initiator and \
-                now - kp.created > self.timing.reject_after_time - self.timing.keepalive_timeout \
-                - self.timing.rekey_timeout:
+        if (
+            not timers.sent_last_minute_handshake
+            and kp is not None
+            and kp.is_initiator
+            and now - kp.created
+            > self.timing.reject_after_time - self.timing.keepalive_timeout - self.timing.rekey_timeout
+        ):
             timers.sent_last_minute_handshake = True
             self._initiate(peer, now, out, is_retry=False)
         timers.any_authenticated_packet_traversal(now)
@@ -376,8 +432,7 @@ class Device:
         if len(data) != (INITIATION_SIZE if mtype == MESSAGE_INITIATION else RESPONSE_SIZE):
             counters["bad_length"] += 1
             return
-        if mtype == MESSAGE_RESPONSE and self._foreign(_RECEIVER.unpack_from(data)[0]):
-            out.foreign.append((data, endpoint))
+        if mtype == MESSAGE_RESPONSE and self._foreign(_RECEIVER.unpack_from(data)[0], endpoint, data, out):
             return
         self._handshake_arrivals.append(now)
         if not self._checker.check_mac1(data):
@@ -387,7 +442,7 @@ class Device:
             source = endpoint_bytes(endpoint)
             if not self._checker.check_mac2(data, source, now):
                 sender = _SENDER.unpack_from(data)[0]
-                out.datagrams.append((endpoint, self._checker.create_reply(data, sender, source, now)))
+                out.datagrams.append(Burst(endpoint, [self._checker.create_reply(data, sender, source, now)]))
                 counters["cookie_sent"] += 1
                 return
             if not self._limiter.allow(endpoint[0], now):
@@ -407,8 +462,7 @@ class Device:
         if reply is None:
             self.counters["bad_length"] += 1
             return
-        if self._foreign(reply.receiver):
-            out.foreign.append((data, endpoint))
+        if self._foreign(reply.receiver, endpoint, data, out):
             return
         entry = self._indices.get(reply.receiver)
         if entry is None:
@@ -425,7 +479,8 @@ class Device:
             return
         owner = self.worker if self._owner_of is None else self._owner_of(opened.initiator_static)
         if owner != self.worker:
-            out.forwards.append((owner, endpoint, data))  # the owner checks it again, with the same cookie secret
+            # The owner checks it again, with the same cookie secret.
+            out.forwards.append(Forward(owner, endpoint, data))
             return
         peer = self.peers.get(opened.initiator_static)
         if peer is None:
@@ -487,7 +542,7 @@ class Device:
         hs.last_sent_handshake = now
         self._free_index(hs.local_index)
         index = self._new_index(peer)
-        message = hs_.create_initiation(self.static, hs, index, now, self._rng)
+        message = hs_.create_initiation(self.static, hs, index, self._timestamp(), self._rng)
         if message is None:
             self._free_index(index)
             self.counters["bad_peer_key"] += 1
@@ -497,9 +552,18 @@ class Device:
         self._emit(peer, peer.cookies.add_macs(message, now), out)
         peer.timers.handshake_initiated(now)
 
+    def _timestamp(self) -> bytes:
+        """TAI64N for a new initiation: the wall clock, but always later than the last one
+        (a clock stepped back would have every peer refuse our initiations as replays)."""
+        stamp = tai64n(self._wall())
+        if stamp <= self._last_timestamp:
+            stamp = successor(self._last_timestamp)
+        self._last_timestamp = stamp
+        return stamp
+
     def _handshake_complete(self, peer: Peer, now: float, out: Output) -> None:
         peer.timers.handshake_complete()
-        peer.last_handshake = now
+        peer.last_handshake = self._wall()
         self.handshakes += 1
         out.events.append(Event(HANDSHAKE_COMPLETED, peer.public_key))
 
@@ -507,7 +571,7 @@ class Device:
         if peer.endpoint is None:
             self.counters["no_endpoint"] += 1
             return
-        out.datagrams.append((peer.endpoint, message))
+        out.datagrams.append(Burst(peer.endpoint, [message]))
         peer.tx_bytes += len(message)
 
     # --- sessions and indices
@@ -533,7 +597,9 @@ class Device:
         for kp in keypairs:
             self._indices.pop(kp.local_index, None)
 
-    def _zero_keys(self, peer: Peer) -> None:
+    def _drop_keys(self, peer: Peer) -> None:
+        """Forget the peer's sessions and handshake (wireguard-go zeroes them; here the
+        references go, see actors.crypto.keypair) and the packets waiting for a session."""
         self._free_keypairs(peer.keypairs.clear())
         self._free_index(peer.handshake.local_index)
         peer.handshake.clear()
@@ -546,7 +612,7 @@ class Device:
     # --- timers
 
     def tick(self, now: float) -> Output:
-        """Run expired timers: retransmissions, keepalives, rekeying, key zeroing."""
+        """Run expired timers: retransmissions, keepalives, rekeying, dropping old keys."""
         out = Output()
         for peer in list(self.peers.values()):
             timers = peer.timers
@@ -565,7 +631,7 @@ class Device:
                 elif name == NEW_HANDSHAKE:
                     self._initiate(peer, now, out, is_retry=False)
                 elif name == ZERO_KEY_MATERIAL:
-                    self._zero_keys(peer)
+                    self._drop_keys(peer)
                 elif name == PERSISTENT_KEEPALIVE and timers.persistent_keepalive_interval > 0:
                     self._send_keepalive(peer, now, out)
         self._limiter.collect(now)
@@ -573,6 +639,10 @@ class Device:
 
     # --- sharding
 
-    def _foreign(self, receiver: int) -> bool:
-        """Whether a receiver index was allocated by another worker."""
-        return receiver % self.workers != self.worker
+    def _foreign(self, receiver: int, endpoint: Endpoint, data: bytes, out: Output) -> bool:
+        """Hand a datagram on if its receiver index was allocated by another worker (that worker's)."""
+        owner = receiver % self.workers
+        if owner == self.worker:
+            return False
+        out.foreign.append(Forward(owner, endpoint, data))
+        return True

@@ -21,6 +21,7 @@ bus for it, and says so once. A crash closes the worker's descriptors: its
 peers' datagrams fall back to magicsock until the restarted worker connects
 again, and nothing else changes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,21 +29,26 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from meshsup.actors.kernel.types import Endpoint
-from meshsup.actors.kernel.udp import UdpSocket
 from meshsup.actors.kernel.tun import Tun
-from meshsup.actors.kernel.types import Buffer
+from meshsup.actors.kernel.types import Buffer, Burst, Endpoint
+from meshsup.actors.kernel.udp import UdpSocket
 
-Receive = Callable[[list[tuple[bytes, Endpoint]]], None]
+Receive = Callable[[list[Burst]], None]
 Read = Callable[[list[bytes]], None]
 RECV_BATCH = 512
 READ_BATCH = 256
 
 
 class DirectPaths:
-    def __init__(self, log: Any, add_reader: Callable[[int, Callable[[], None]], None],
-                 remove_reader: Callable[[int], None], receive: Receive, read: Read,
-                 queue: Tun | None = None) -> None:
+    def __init__(
+        self,
+        log: Any,
+        add_reader: Callable[[int, Callable[[], None]], None],
+        remove_reader: Callable[[int], None],
+        receive: Receive,
+        read: Read,
+        queue: Tun | None = None,
+    ) -> None:
         self.log = log
         self._add_reader, self._remove_reader, self._receive = add_reader, remove_reader, receive
         self._read = read
@@ -72,14 +78,12 @@ class DirectPaths:
         if self.queue is not None and self.queue.name == interface:
             self.tun = self.queue
             self._add_reader(self.tun.fileno(), self._tun_readable)
-            self.log.info("reading and writing our own TUN queue", interface=interface,
-                          coalescing=self.tun.vnet_hdr)
+            self.log.info("reading and writing our own TUN queue", interface=interface, coalescing=self.tun.vnet_hdr)
             return
         try:
             self.tun = Tun.open_writer(interface)
         except (OSError, ValueError) as err:
-            self._once("tun", "no TUN write queue of our own; decrypted packets go through tun-io",
-                       reason=str(err))
+            self._once("tun", "no TUN write queue of our own; decrypted packets go through tun-io", reason=str(err))
         else:
             self.log.info("writing to the TUN directly", interface=interface, coalescing=self.tun.vnet_hdr)
 
@@ -108,8 +112,11 @@ class DirectPaths:
             try:
                 sock.connect(endpoint)
             except (OSError, ValueError) as err:
-                self.log.warning("cannot connect a socket to a peer; it goes through magicsock",
-                                 endpoint=f"{endpoint[0]}:{endpoint[1]}", reason=str(err))
+                self.log.warning(
+                    "cannot connect a socket to a peer; it goes through magicsock",
+                    endpoint=f"{endpoint[0]}:{endpoint[1]}",
+                    reason=str(err),
+                )
                 self._remove_reader(sock.fileno())
                 sock.close()
                 continue
@@ -120,8 +127,12 @@ class DirectPaths:
         try:
             sock = UdpSocket(self.port, reuse_port=True)
         except OSError as err:
-            self._once("udp", "cannot share the listen port; datagrams go through magicsock",
-                       port=self.port, reason=err.strerror)
+            self._once(
+                "udp",
+                "cannot share the listen port; datagrams go through magicsock",
+                port=self.port,
+                reason=err.strerror,
+            )
             return None
         # Until it is connected the socket may get anyone's datagram: the
         # device hands back those of other workers' sessions (Output.foreign).
@@ -140,13 +151,12 @@ class DirectPaths:
         self.tun_dropped += self.tun.write_batch(packets)
         return True
 
-    def send(self, endpoint: Endpoint, datagrams: list[tuple[Endpoint, bytes]]) -> bool:
-        """(endpoint, datagram) pairs to one peer; False when no socket is
-        connected to it (use magicsock)."""
-        sock = self.sockets.get(endpoint)
+    def send(self, burst: Burst) -> bool:
+        """A burst to a peer; False when no socket is connected to its endpoint (use magicsock)."""
+        sock = self.sockets.get(burst.endpoint)
         if sock is None:
             return False
-        sock.send_batch(datagrams)
+        sock.send_batch(burst)
         return True
 
     def counters(self) -> dict[str, int]:
@@ -154,9 +164,15 @@ class DirectPaths:
         udp = Counter[str]()
         for sock in self.sockets.values():
             udp.update(dataclasses.asdict(sock.stats))
-        return {"direct_tun": int(tun is not None), "direct_sockets": len(self.sockets),
-                "tun_writes": tun.tx_writes if tun else 0, "tun_coalesced": tun.tx_coalesced if tun else 0,
-                "tun_dropped": self.tun_dropped, "tun_read": self.tun_read, **{f"udp_{k}": v for k, v in udp.items()}}
+        return {
+            "direct_tun": int(tun is not None),
+            "direct_sockets": len(self.sockets),
+            "tun_writes": tun.tx_writes if tun else 0,
+            "tun_coalesced": tun.tx_coalesced if tun else 0,
+            "tun_dropped": self.tun_dropped,
+            "tun_read": self.tun_read,
+            **{f"udp_{k}": v for k, v in udp.items()},
+        }
 
     def close(self) -> None:
         for endpoint in list(self.sockets):

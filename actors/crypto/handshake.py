@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from . import messages
 from .noise import KEY_SIZE, StaticKey, aead_decrypt, aead_encrypt, hash_, kdf1, kdf2, kdf3
-from .tai64n import TAI64N_SIZE, is_after, tai64n
+from .tai64n import TAI64N_SIZE, is_after
 
 CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
@@ -36,9 +36,21 @@ class HandshakeState(IntEnum):
 class Handshake:
     """One peer's handshake state; timestamps survive ``clear`` to keep replay protection."""
 
-    __slots__ = ("remote_static", "preshared_key", "precomputed_static_static", "state", "hash",
-                 "chain_key", "local_ephemeral", "remote_ephemeral", "local_index", "remote_index",
-                 "last_timestamp", "last_initiation_consumption", "last_sent_handshake")
+    __slots__ = (
+        "remote_static",
+        "preshared_key",
+        "precomputed_static_static",
+        "state",
+        "hash",
+        "chain_key",
+        "local_ephemeral",
+        "remote_ephemeral",
+        "local_index",
+        "remote_index",
+        "last_timestamp",
+        "last_initiation_consumption",
+        "last_sent_handshake",
+    )
 
     def __init__(self, local: StaticKey, remote_static: bytes, preshared_key: bytes | None) -> None:
         self.remote_static = remote_static
@@ -51,6 +63,7 @@ class Handshake:
         self.clear()
 
     def clear(self) -> None:
+        """Back to ZEROED (wireguard-go's name): the secrets are dropped, not overwritten (see keypair)."""
         self.state = HandshakeState.ZEROED
         self.hash = b""
         self.chain_key = b""
@@ -69,9 +82,10 @@ class OpenedInitiation(NamedTuple):
     message: messages.Initiation
 
 
-def create_initiation(local: StaticKey, hs: Handshake, sender_index: int, now: float,
-                      rng: Callable[[int], bytes]) -> bytes | None:
-    """Type-1 message with zero MACs, or None if the peer's key is unusable."""
+def create_initiation(
+    local: StaticKey, hs: Handshake, sender_index: int, timestamp: bytes, rng: Callable[[int], bytes]
+) -> bytes | None:
+    """Type-1 message with zero MACs carrying ``timestamp`` (TAI64N), or None if the peer's key is unusable."""
     if hs.precomputed_static_static is None:
         return None
     chain_key = INITIAL_CHAIN_KEY
@@ -86,12 +100,12 @@ def create_initiation(local: StaticKey, hs: Handshake, sender_index: int, now: f
     static = aead_encrypt(key, 0, local.public, h)
     h = hash_(h, static)
     chain_key, key = kdf2(chain_key, hs.precomputed_static_static)
-    timestamp = aead_encrypt(key, 0, tai64n(now), h)
-    h = hash_(h, timestamp)
+    sealed_timestamp = aead_encrypt(key, 0, timestamp, h)
+    h = hash_(h, sealed_timestamp)
 
     hs.state = HandshakeState.INITIATION_CREATED
     hs.hash, hs.chain_key, hs.local_ephemeral, hs.local_index = h, chain_key, ephemeral, sender_index
-    return messages.pack_initiation(sender_index, ephemeral.public, static, timestamp)
+    return messages.pack_initiation(sender_index, ephemeral.public, static, sealed_timestamp)
 
 
 def open_initiation(local: StaticKey, data: bytes) -> OpenedInitiation | None:
@@ -112,7 +126,8 @@ def open_initiation(local: StaticKey, data: bytes) -> OpenedInitiation | None:
 
 
 def consume_initiation(opened: OpenedInitiation, hs: Handshake, now: float, min_interval: float) -> str | None:
-    """Authenticate the timestamp and take the initiation into ``hs``; an error reason or None."""
+    """Authenticate the timestamp and take the initiation into ``hs``; an error reason or None.
+    ``now`` is monotonic: a wall clock stepped back would refuse every initiation as too soon."""
     if hs.precomputed_static_static is None:
         return "bad_initiation"
     msg = opened.message
@@ -189,7 +204,8 @@ class SessionKeys(NamedTuple):
 
 
 def derive_session(hs: Handshake) -> SessionKeys | None:
-    """Transport keys from a finished handshake, which is then zeroed (forward secrecy)."""
+    """Transport keys from a finished handshake, which then drops its ephemeral secrets and chaining key
+    (forward secrecy as far as Python allows: references dropped, memory not overwritten)."""
     if hs.state == HandshakeState.RESPONSE_CONSUMED:
         send, receive = kdf2(hs.chain_key, b"")
         is_initiator = True

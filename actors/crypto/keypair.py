@@ -3,6 +3,13 @@
 The initiator may use a new keypair at once (the response proved the peer has
 it). The responder parks its new keypair in ``next`` until the first
 transport message sealed with it arrives: that is key confirmation.
+
+Keys are dropped, not wiped. Where wireguard-go zeroes key memory, this
+code only lets go of its references: the keys are immutable ``bytes``
+(from hashlib and hmac, with copies in their intermediates) and live again
+inside the AEAD objects, none of which Python can overwrite. The memory is
+freed when the last reference goes and holds the key until it is reused:
+nothing here promises that key material leaves memory before the process.
 """
 
 from __future__ import annotations
@@ -14,8 +21,7 @@ from .replay import ReplayFilter
 
 
 class Keypair:
-    __slots__ = ("send", "receive", "send_counter", "local_index", "remote_index", "created",
-                 "is_initiator", "replay")
+    __slots__ = ("send", "receive", "send_counter", "local_index", "remote_index", "created", "is_initiator", "replay")
 
     def __init__(self, keys: SessionKeys, created: float) -> None:
         # One AEAD object per direction, reused for every packet of the session.
@@ -24,7 +30,7 @@ class Keypair:
         self.send_counter = 0
         self.local_index = keys.local_index
         self.remote_index = keys.remote_index
-        self.created = created
+        self.created = created  # monotonic: Reject-After-Time counts from here
         self.is_initiator = keys.is_initiator
         self.replay = ReplayFilter()
 

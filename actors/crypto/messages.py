@@ -65,8 +65,14 @@ def message_type(data: bytes) -> int | None:
     return _TYPE.unpack_from(data)[0]
 
 
-def pack_initiation(sender: int, ephemeral: bytes, static: bytes, timestamp: bytes,
-                    mac1: bytes = bytes(MAC_SIZE), mac2: bytes = bytes(MAC_SIZE)) -> bytes:
+def pack_initiation(
+    sender: int,
+    ephemeral: bytes,
+    static: bytes,
+    timestamp: bytes,
+    mac1: bytes = bytes(MAC_SIZE),
+    mac2: bytes = bytes(MAC_SIZE),
+) -> bytes:
     return _INITIATION.pack(MESSAGE_INITIATION, sender, ephemeral, static, timestamp, mac1, mac2)
 
 
@@ -76,8 +82,14 @@ def parse_initiation(data: bytes) -> Initiation | None:
     return Initiation(*_INITIATION.unpack(data)[1:])
 
 
-def pack_response(sender: int, receiver: int, ephemeral: bytes, empty: bytes,
-                  mac1: bytes = bytes(MAC_SIZE), mac2: bytes = bytes(MAC_SIZE)) -> bytes:
+def pack_response(
+    sender: int,
+    receiver: int,
+    ephemeral: bytes,
+    empty: bytes,
+    mac1: bytes = bytes(MAC_SIZE),
+    mac2: bytes = bytes(MAC_SIZE),
+) -> bytes:
     return _RESPONSE.pack(MESSAGE_RESPONSE, sender, receiver, ephemeral, empty, mac1, mac2)
 
 
@@ -106,4 +118,3 @@ def parse_transport_header(data: bytes) -> TransportHeader | None:
     if len(data) < TRANSPORT_MIN_SIZE or message_type(data) != MESSAGE_TRANSPORT:
         return None
     return TransportHeader(*TRANSPORT_HEADER.unpack_from(data)[1:])
-

@@ -126,7 +126,7 @@ class StaticKey:
         self.public = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
     @classmethod
-    def generate(cls, rng) -> "StaticKey":
+    def generate(cls, rng) -> StaticKey:
         return cls(rng(32))
 
     def dh(self, public: bytes) -> bytes | None:

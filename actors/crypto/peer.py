@@ -32,8 +32,18 @@ class PeerConfig:
 
 
 class Peer:
-    __slots__ = ("public_key", "handshake", "keypairs", "cookies", "timers", "staged", "endpoint",
-                 "rx_bytes", "tx_bytes", "last_handshake")
+    __slots__ = (
+        "public_key",
+        "handshake",
+        "keypairs",
+        "cookies",
+        "timers",
+        "staged",
+        "endpoint",
+        "rx_bytes",
+        "tx_bytes",
+        "last_handshake",
+    )
 
     def __init__(self, config: PeerConfig, local: StaticKey, timing: Timing, jitter: Callable[[], float]) -> None:
         self.public_key = config.public_key
@@ -45,14 +55,17 @@ class Peer:
         self.endpoint: Endpoint | None = config.endpoint
         self.rx_bytes = 0
         self.tx_bytes = 0
-        self.last_handshake = 0.0  # `now` of the last completed handshake; 0 = never
+        self.last_handshake = 0.0  # wall-clock time of the last completed handshake, for status; 0 = never
 
     def sendable_keypair(self, now: float) -> Keypair | None:
         """The current keypair if it may still seal packets."""
         kp = self.keypairs.current
         timing = self.timers.timing
-        if kp is None or kp.send_counter >= timing.reject_after_messages \
-                or now - kp.created >= timing.reject_after_time:
+        if (
+            kp is None
+            or kp.send_counter >= timing.reject_after_messages
+            or now - kp.created >= timing.reject_after_time
+        ):
             return None
         return kp
 

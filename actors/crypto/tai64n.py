@@ -19,7 +19,7 @@ _FORMAT = struct.Struct(">QI")
 
 
 def tai64n(unix_seconds: float) -> bytes:
-    """Encode a unix time (as passed around as ``now``) as a whitened TAI64N label."""
+    """Encode a wall-clock unix time as a whitened TAI64N label."""
     frac, whole = math.modf(max(unix_seconds, 0.0))
     nanos = int(frac * 1_000_000_000) & ~_WHITENER_MASK
     return _FORMAT.pack(_BASE + int(whole), nanos)
@@ -28,3 +28,13 @@ def tai64n(unix_seconds: float) -> bytes:
 def is_after(a: bytes, b: bytes) -> bool:
     """True when timestamp ``a`` is strictly later than ``b``."""
     return a > b
+
+
+def successor(stamp: bytes) -> bytes:
+    """The next whitened label after ``stamp``: for when the wall clock stepped back
+    and a new initiation must still carry a later timestamp than the last one."""
+    seconds, nanos = _FORMAT.unpack(stamp)
+    nanos = (nanos & ~_WHITENER_MASK) + _WHITENER_MASK + 1
+    if nanos >= 1_000_000_000:
+        seconds, nanos = seconds + 1, 0
+    return _FORMAT.pack(seconds, nanos)

@@ -1,7 +1,7 @@
 """WireGuard's per-peer timer state machine (wireguard-go timers.go), sans-IO.
 
-Timers are deadlines (floats in the caller's ``now`` clock, or None when not
-pending). Protocol events call the hooks below; ``due(now)`` pops the timers
+Timers are deadlines (floats in the monotonic clock of the caller's ``now``,
+or None when not pending). Protocol events call the hooks below; ``due(now)`` pops the timers
 that have expired and the device runs their handlers.
 """
 
@@ -43,8 +43,15 @@ class Timing:
 
 
 class PeerTimers:
-    __slots__ = ("timing", "_jitter", "deadlines", "handshake_attempts", "need_another_keepalive",
-                 "sent_last_minute_handshake", "persistent_keepalive_interval")
+    __slots__ = (
+        "timing",
+        "_jitter",
+        "deadlines",
+        "handshake_attempts",
+        "need_another_keepalive",
+        "sent_last_minute_handshake",
+        "persistent_keepalive_interval",
+    )
 
     def __init__(self, timing: Timing, jitter: Callable[[], float]) -> None:
         self.timing = timing
@@ -57,8 +64,9 @@ class PeerTimers:
 
     def due(self, now: float) -> list[str]:
         """Pop the expired timers, earliest first."""
-        expired = sorted((deadline, name) for name, deadline in self.deadlines.items()
-                         if deadline is not None and deadline <= now)
+        expired = sorted(
+            (deadline, name) for name, deadline in self.deadlines.items() if deadline is not None and deadline <= now
+        )
         for _, name in expired:
             self.deadlines[name] = None
         return [name for _, name in expired]
@@ -107,7 +115,7 @@ class PeerTimers:
             self.deadlines[PERSISTENT_KEEPALIVE] = now + self.persistent_keepalive_interval
 
     def handshake_gave_up(self, now: float) -> None:
-        """After too many retransmissions: stop keepalives, destroy any residue later."""
+        """After too many retransmissions: stop keepalives, drop any key material later."""
         self.deadlines[SEND_KEEPALIVE] = None
         if self.deadlines[ZERO_KEY_MATERIAL] is None:
             self.deadlines[ZERO_KEY_MATERIAL] = now + self.timing.zero_keys_after

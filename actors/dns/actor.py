@@ -10,11 +10,11 @@ Learned names go onto the bus from the DNS thread itself, through a socket
 of its own (a ZeroMQ socket belongs to one thread): handing each to the
 actor thread would cost two GIL hand-offs per forwarded answer.
 """
+
 from __future__ import annotations
 
 import asyncio
 import gc
-import ipaddress
 import resource
 import threading
 from collections.abc import Callable
@@ -26,7 +26,8 @@ from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus.codec import Message, encode
 from meshsup.actors.bus.messages import LinkChanged, NameLearned
 from meshsup.actors.dns.server import DnsServer
-from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.settings import DnsSettings, Settings
+from meshsup.actors.settings.node import format_endpoint
 
 START_TIMEOUT = 5.0
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)
@@ -92,27 +93,6 @@ class LearnedEvents:
         self.sock.close(0)
 
 
-def mesh_names(config: dict[str, Any]) -> dict[str, list[str]]:
-    """host label -> addresses, for the node and every peer (peers' single-host allowed IPs)."""
-    node = config["node"]
-    names = {node["name"]: [a.split("/")[0] for a in node["addresses"]]}
-    for p in config["peers"]:
-        hosts = [str(n.network_address) for n in map(ipaddress.ip_network, p["allowed_ips"])
-                 if n.prefixlen == n.max_prefixlen]
-        names[p["name"]] = hosts
-    return names
-
-
-def mesh_ranges(config: dict[str, Any]) -> list[str]:
-    """The networks of the node's addresses and every peer's allowed IPs: the mesh's clients."""
-    ranges = [str(ipaddress.ip_interface(a).network) for a in config["node"]["addresses"]]
-    return ranges + [n for p in config["peers"] for n in p["allowed_ips"]]
-
-
-def dns_settings(config: dict[str, Any]) -> DnsSettings:
-    return DnsSettings.from_config(config["dns"], mesh_names(config), mesh_ranges(config))
-
-
 class DnsActor(Actor):
     kind = "dns"
 
@@ -134,12 +114,8 @@ class DnsActor(Actor):
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(START_TIMEOUT)
 
-    def configure(self, config: dict[str, Any]) -> None:
-        super().configure(config)
-        try:
-            settings = dns_settings(config)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    def configure(self, node_settings: Settings) -> None:
+        settings = node_settings.dns_for_mesh()
         if settings == self.settings:
             return
         try:
@@ -160,7 +136,8 @@ class DnsActor(Actor):
             else:
                 self._call(self.server.reconfigure(settings))
         except OSError as err:
-            raise ConfigError(f"cannot listen on {', '.join(config['dns'].get('listen', []))}: {err}") from None
+            listen = ", ".join(format_endpoint(host, port) for host, port in settings.listen)
+            raise ConfigError(f"cannot listen on {listen}: {err}") from None
         self.settings = settings
 
     def on_message(self, msg: Message) -> None:
@@ -196,4 +173,3 @@ class DnsActor(Actor):
         except Exception:
             pass
         self.loop.call_soon_threadsafe(self.loop.stop)
-

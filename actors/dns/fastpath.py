@@ -112,8 +112,19 @@ class Prepared:
     Only the ID differs between queries; TTLs change once a second, so the
     counted-down body is made once a second, not once a query."""
 
-    __slots__ = ("reply", "ttls", "born", "expires", "counter", "cache_entry", "_bodies", "_rng", "_body",
-                 "_after", "_until")
+    __slots__ = (
+        "reply",
+        "ttls",
+        "born",
+        "expires",
+        "counter",
+        "cache_entry",
+        "_bodies",
+        "_rng",
+        "_body",
+        "_after",
+        "_until",
+    )
 
     def __init__(
         self,

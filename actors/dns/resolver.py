@@ -46,11 +46,12 @@ from meshsup.actors.dns.message import (
     render,
     reply_ttls,
 )
-from meshsup.actors.dns.rules import Reject, Route, Router, SourceOverride
-from meshsup.actors.dns.settings import DnsSettings
-from meshsup.actors.dns.upstream import FailoverPlan, Upstream, should_failover, without_own
+from meshsup.actors.dns.rules import Reject, Router
+from meshsup.actors.dns.upstream import FailoverPlan, should_failover, without_own
 from meshsup.actors.dns.wire import WireAnswer, label_count
 from meshsup.actors.dns.zone import Zone
+from meshsup.actors.settings.dns import DnsSettings
+from meshsup.actors.settings.dnstypes import Route, SourceOverride, Upstream
 
 Source = tuple[Any, ...]  # (ip, port) of the client
 
@@ -212,7 +213,9 @@ class Resolver:
         if cached is not None:
             return [self._reply_cached(waiter, cached, now)]
         admission = self._inflight.admit(
-            key, waiter, lambda: Flight(make_forward_query(parsed), FailoverPlan(decision.upstreams), now),
+            key,
+            waiter,
+            lambda: Flight(make_forward_query(parsed), FailoverPlan(decision.upstreams), now),
             owner=prefix_of(str(source[0])) if source else None,
         )
         if admission is Admission.MERGED:
@@ -324,9 +327,15 @@ class Resolver:
         wire = self._render(waiter, entry.answer)
         prepared = None
         if wire is not None:
-            prepared = prepare(wire, self._rng, counter="cache_hits", born=entry.stored_at,
-                               expires=entry.expires_at(), cache_entry=entry,
-                               ttls=reply_ttls(waiter.query, entry.answer, wire))
+            prepared = prepare(
+                wire,
+                self._rng,
+                counter="cache_hits",
+                born=entry.stored_at,
+                expires=entry.expires_at(),
+                cache_entry=entry,
+                ttls=reply_ttls(waiter.query, entry.answer, wire),
+            )
         if prepared is None:
             return self._reply(waiter, entry.answer_at(now))
         if self._fast_cache_hits:

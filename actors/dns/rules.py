@@ -12,24 +12,19 @@ Order of decision for a forwarded query:
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import dns.rdatatype
-
-from meshsup.actors.dns.upstream import Upstream
-
-MATCH_KINDS = ("full", "suffix", "keyword", "regex", "qtype")
-REJECT = "reject"
-ASIS = "asis"
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-def normalize_name(name: str) -> str:
-    """Lowercase, no trailing dot: the form every matcher compares."""
-    return name.lower().rstrip(".")
+from meshsup.actors.settings.dnstypes import (
+    ASIS,
+    REJECT,
+    Matcher,
+    Route,
+    Rule,
+    SourceOverride,
+    Upstream,
+    normalize_name,
+)
 
 
 def is_under(name: str, suffix: str) -> bool:
@@ -37,68 +32,20 @@ def is_under(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-@dataclass(frozen=True)
-class Matcher:
-    kind: str
-    pattern: str
-    _regex: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
-    _qtype: int = field(default=0, compare=False, repr=False)
-
-    @classmethod
-    def parse(cls, text: str) -> Matcher:
-        if not isinstance(text, str) or ":" not in text:
-            raise ValueError(f"match {text!r} must be KIND:PATTERN, KIND one of {', '.join(MATCH_KINDS)}")
-        kind, _, pattern = text.partition(":")
-        kind, pattern = kind.strip().lower(), pattern.strip()
-        if kind not in MATCH_KINDS:
-            raise ValueError(f"match {text!r}: unknown kind {kind!r}, expected one of {', '.join(MATCH_KINDS)}")
-        if not pattern:
-            raise ValueError(f"match {text!r}: empty pattern")
-        if kind == "regex":
-            try:
-                return cls(kind, pattern, _regex=re.compile(pattern, re.IGNORECASE))
-            except re.error as exc:
-                raise ValueError(f"match {text!r}: bad regex: {exc}") from None
-        if kind == "qtype":
-            try:
-                qtype = int(pattern) if pattern.isdigit() else dns.rdatatype.from_text(pattern.upper())
-            except dns.rdatatype.UnknownRdatatype:
-                raise ValueError(f"match {text!r}: unknown query type") from None
-            return cls(kind, pattern.upper(), _qtype=int(qtype))
-        return cls(kind, normalize_name(pattern))
-
-    def matches(self, name: str, qtype: int) -> bool:
-        """name is normalized (lowercase, no trailing dot)."""
-        match self.kind:
-            case "full":
-                return name == self.pattern
-            case "suffix":
-                return is_under(name, self.pattern)
-            case "keyword":
-                return self.pattern in name
-            case "regex":
-                assert self._regex is not None
-                return self._regex.search(name) is not None
-            case _:
-                return qtype == self._qtype
-
-
-@dataclass(frozen=True)
-class Rule:
-    matcher: Matcher
-    action: str  # REJECT, ASIS or an upstream group name
-
-
-@dataclass(frozen=True)
-class Route:
-    suffix: str
-    upstreams: tuple[Upstream, ...]
-
-
-@dataclass(frozen=True)
-class SourceOverride:
-    network: IPNetwork
-    upstreams: tuple[Upstream, ...]
+def matches(matcher: Matcher, name: str, qtype: int) -> bool:
+    """name is normalized (lowercase, no trailing dot)."""
+    match matcher.kind:
+        case "full":
+            return name == matcher.pattern
+        case "suffix":
+            return is_under(name, matcher.pattern)
+        case "keyword":
+            return matcher.pattern in name
+        case "regex":
+            assert matcher.regex is not None
+            return matcher.regex.search(name) is not None
+        case _:
+            return qtype == matcher.qtype
 
 
 @dataclass(frozen=True)
@@ -144,7 +91,7 @@ class Router:
     def route(self, qname: str, qtype: int, source_ip: str) -> Decision:
         name = normalize_name(qname)
         for index, rule in enumerate(self._rules):
-            if not rule.matcher.matches(name, qtype):
+            if not matches(rule.matcher, name, qtype):
                 continue
             if rule.action == REJECT:
                 return Reject(f"rule {index}")

@@ -44,11 +44,11 @@ import structlog
 from meshsup.actors.dns.access import RateLimit, Sources, Verdict, share
 from meshsup.actors.dns.message import refusal
 from meshsup.actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Resolver
-from meshsup.actors.dns.settings import DnsSettings
 from meshsup.actors.dns.steering import steer
 from meshsup.actors.dns.transport import Transport
 from meshsup.actors.dns.wire import truncated
 from meshsup.actors.kernel.mmsg import SLOTS, Batch
+from meshsup.actors.settings.dns import DnsSettings
 
 log = structlog.get_logger("meshsup.dns")
 

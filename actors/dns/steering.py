@@ -59,8 +59,11 @@ def spread(sock: socket.socket, members: int) -> None:
         for code, k in ((_LD_W_ABS, _SKF_AD_RANDOM), (_ALU_MOD_K, members), (_RET_A, 0))
     )
     buffer = ctypes.create_string_buffer(program)
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF,
-                    _SOCK_FPROG.pack(len(program) // _SOCK_FILTER.size, ctypes.addressof(buffer)))
+    sock.setsockopt(
+        socket.SOL_SOCKET,
+        SO_ATTACH_REUSEPORT_CBPF,
+        _SOCK_FPROG.pack(len(program) // _SOCK_FILTER.size, ctypes.addressof(buffer)),
+    )
 
 
 def steer(sock: socket.socket) -> bool:

@@ -39,7 +39,7 @@ from typing import Any
 
 import structlog
 
-from meshsup.actors.dns.upstream import Upstream
+from meshsup.actors.settings.dnstypes import Upstream
 
 log = structlog.get_logger("meshsup.dns")
 
@@ -129,8 +129,7 @@ class _UdpSocket:
     goes to the query waiting on its ID. No task and no timer per query: the
     deadlines wait in a heap, and one timer is armed for the earliest."""
 
-    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated,
-                 live: set[_UdpSocket]) -> None:
+    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated, live: set[_UdpSocket]) -> None:
         family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -527,7 +526,10 @@ class _DohClient:
 
     async def _connect(self) -> _HttpConnection:
         reader, writer = await asyncio.open_connection(
-            self._upstream.host, self._upstream.port, ssl=self._tls, server_hostname=self._upstream.tls_name,
+            self._upstream.host,
+            self._upstream.port,
+            ssl=self._tls,
+            server_hostname=self._upstream.tls_name,
             limit=MAX_HTTP_LINE,
         )
         self._counters["upstream_connections_https"] += 1

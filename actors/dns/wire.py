@@ -241,8 +241,17 @@ class WireAnswer:
                 TTL.pack_into(out, offset, ttl)
             records = bytes(out)
         return WireAnswer(
-            self.rcode, self.authenticated, self.base, records, self.counts, ttls, self.types, self.ttl_offsets,
-            self.set_ends, self.negative_ttl, self.addresses if keep_addresses else (),
+            self.rcode,
+            self.authenticated,
+            self.base,
+            records,
+            self.counts,
+            ttls,
+            self.types,
+            self.ttl_offsets,
+            self.set_ends,
+            self.negative_ttl,
+            self.addresses if keep_addresses else (),
         )
 
     def reply_ttls(self) -> tuple[tuple[int, int], ...]:
@@ -372,9 +381,7 @@ def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int], l
     )
 
 
-def assemble(
-    query_id: int, query_flags: int, question: bytes, answer: WireAnswer, edns: bool, do: bool
-) -> bytes:
+def assemble(query_id: int, query_flags: int, question: bytes, answer: WireAnswer, edns: bool, do: bool) -> bytes:
     """The reply to a query (its ID, flags and question in wire form) from answer,
     as message.render would make it: RD and CD from the query, RA, AD only for
     clients asking for DNSSEC data (RFC 6840 section 5.8), our own OPT."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import dns.name
 import dns.rcode
@@ -26,17 +25,9 @@ import dns.reversename
 import dns.rrset
 
 from meshsup.actors.dns.message import Answer
+from meshsup.actors.settings.dnstypes import SrvRecord
 
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
-
-
-@dataclass(frozen=True)
-class SrvRecord:
-    name: str  # fully qualified, e.g. "_http._tcp.mesh"
-    target: str  # fully qualified, e.g. "alpha.mesh"
-    port: int
-    priority: int = 0
-    weight: int = 0
 
 
 def _rdata(rdtype: int, text: str) -> dns.rdata.Rdata:
@@ -72,9 +63,7 @@ class Zone:
             text = f"{record.priority} {record.weight} {record.port} {record.target}."
             self._add(dns.name.from_text(record.name), dns.rdatatype.SRV, _rdata(dns.rdatatype.SRV, text))
         # Empty non-terminals (e.g. _tcp.DOMAIN above _http._tcp.DOMAIN) exist: NOERROR, not NXDOMAIN.
-        self._existing = {
-            ancestor for name in self._nodes for ancestor in self._ancestors(name)
-        }
+        self._existing = {ancestor for name in self._nodes for ancestor in self._ancestors(name)}
         self._origin_wire = self._origin.to_wire().lower()
         self._reverse_wire = frozenset(name.to_wire().lower() for name in self._reverse)
 

@@ -1,4 +1,5 @@
-"""The counting actors' side of flow logging (tun-io, magicsock, crypto workers): tallies flushed to netlog, until acknowledged.
+"""The counting actors' side of flow logging (tun-io, magicsock, crypto workers):
+tallies flushed to netlog, until acknowledged.
 
 The owning actor counts into `tx` and `rx` (actors.flowcount.tally.Tally) as batches go
 by, calls `tick` from its loop and hands netlog's acknowledgements to
@@ -12,12 +13,12 @@ Counting is on only while [netlog] has collectors.
 from __future__ import annotations
 
 import random
-from typing import Any
 
 from meshsup.actors.base import Actor
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import FlowCounts, FlowCountsAck
 from meshsup.actors.flowcount.tally import INNER, PacketTally, Tally, chunks
+from meshsup.actors.settings import Settings
 
 NETLOG = "netlog"
 MAX_PERIOD = 1.0  # seconds between flushes; shorter for short windows
@@ -26,6 +27,7 @@ RESEND_AFTER = 1.0  # seconds without an acknowledgement
 
 class FlowFeed:
     def __init__(self, actor: Actor, layer: str) -> None:
+        actor.accept_from_unprivileged(FlowCountsAck)  # netlog runs unprivileged (actors.registry)
         self.outbox = actor.outbox
         self.source = actor.name
         self.layer = layer
@@ -37,11 +39,10 @@ class FlowFeed:
         self.unacked: dict[int, tuple[FlowCounts, float]] = {}  # seq -> (message, when last sent)
         self._next_flush = 0.0
 
-    def configure(self, config: dict[str, Any]) -> None:
-        netlog = config.get("netlog", {})
-        on = bool(netlog.get("collectors"))
+    def configure(self, settings: Settings) -> None:
+        on = bool(settings.netlog.collectors)
         self.tx.enabled = self.rx.enabled = on
-        self.period = min(MAX_PERIOD, float(netlog.get("interval", 5)) / 4)
+        self.period = min(MAX_PERIOD, settings.netlog.interval / 4)
         if on:
             self.outbox.connect([NETLOG])
         else:

@@ -17,6 +17,17 @@ from typing import Any
 
 from meshsup.actors.kernel.types import Buffer
 from meshsup.actors.wire import ip
+from meshsup.actors.wire.ip import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV4_DST,
+    IPV4_FRAGMENT,
+    IPV4_PROTOCOL,
+    IPV4_SRC,
+    IPV6_DST,
+    IPV6_NEXT_HEADER,
+    IPV6_SRC,
+)
 
 INNER = "inner"  # FlowCounts.layer of tallied IP packets
 UNDERLAY = "underlay"  # FlowCounts.layer of tallied underlay datagrams
@@ -25,6 +36,11 @@ UNREADABLE = b""  # the key of packets whose IP header cannot be read
 # 64-bit counts), under the data path's message limit (actors.bus.datapath.MAX_MESSAGE).
 MAX_ENTRIES_PER_MESSAGE = 1024
 _NO_PORTS = bytes(4)
+# The fast path's keys, cut from headers without options or extension headers: addresses, then ports.
+_IPV4_FLOW = slice(IPV4_SRC.start, IPV4_DST.stop + 4)
+_IPV6_FLOW = slice(IPV6_SRC.start, IPV6_DST.stop + 4)
+_IPV4_FLOW_END, _IPV6_FLOW_END = _IPV4_FLOW.stop, _IPV6_FLOW.stop
+_IPV4_FRAGMENT_LOW = IPV4_FRAGMENT + 1  # the fragment offset's low byte
 _ADDRESS_LENGTHS = {13: 4, 37: 16}  # key length -> address length
 Entry = list[Any]  # [key, packets, bytes]
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -76,13 +92,15 @@ class PacketTally(Tally):
         tcp, udp, other = self._tcp, self._udp, self._counts
         for p in packets:
             n = len(p)
-            if n >= 24 and p[0] == 0x45 and not (p[6] & 0x1F or p[7]):  # IPv4, first fragment
-                proto, key = p[9], p[12:24]
-            elif n >= 44 and p[0] >> 4 == 6:
-                proto, key = p[6], p[8:44]
+            if (
+                n >= _IPV4_FLOW_END and p[0] == 0x45 and not (p[IPV4_FRAGMENT] & 0x1F or p[_IPV4_FRAGMENT_LOW])
+            ):  # IPv4, first fragment
+                proto, key = p[IPV4_PROTOCOL], p[_IPV4_FLOW]
+            elif n >= _IPV6_FLOW_END and p[0] >> 4 == 6:
+                proto, key = p[IPV6_NEXT_HEADER], p[_IPV6_FLOW]
             else:
                 proto = -1
-            table = tcp if proto == 6 else udp if proto == 17 else None
+            table = tcp if proto == IPPROTO_TCP else udp if proto == IPPROTO_UDP else None
             if table is None:
                 table, key = other, connection_key(p)
             total = table.get(key)
@@ -107,7 +125,7 @@ def connection_key(pkt: Buffer) -> bytes:
         return UNREADABLE
     proto = ip.protocol(pkt)
     if proto is None:  # an unreadable extension chain or bad IHL: the header's own field
-        proto = pkt[9] if len(src) == 4 else pkt[6]
+        proto = pkt[IPV4_PROTOCOL] if len(src) == 4 else pkt[IPV6_NEXT_HEADER]
     ports = ip.ports(pkt)
     port_bytes = ports[0].to_bytes(2, "big") + ports[1].to_bytes(2, "big") if ports else _NO_PORTS
     return bytes((proto,)) + src + dst + port_bytes

@@ -8,6 +8,7 @@ swapped between check and use. Files are written to a fresh temp file beside
 the target (mkstemp opens with O_EXCL, so never a planted file or symlink),
 given their mode through the descriptor, and renamed over the target.
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,19 +27,24 @@ class UnsafePath(Exception):
     """A refused path, in one line: what it is, its owner and mode, what is wrong, what to do."""
 
     def __init__(self, what: str, path: Path, st: os.stat_result, problem: str, fix: str) -> None:
-        super().__init__(f"{what} {path} (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}) "
-                         f"{problem}: {fix}")
+        super().__init__(f"{what} {path} (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}) {problem}: {fix}")
 
 
 def _check_owner(what: str, path: Path, st: os.stat_result, forbidden: int) -> None:
     me = os.geteuid()
     if st.st_uid != me:
-        raise UnsafePath(what, path, st, f"is not owned by uid {me}, who runs meshsup",
-                         f"chown {me} it or run meshsup as uid {st.st_uid}")
+        raise UnsafePath(
+            what,
+            path,
+            st,
+            f"is not owned by uid {me}, who runs meshsup",
+            f"chown {me} it or run meshsup as uid {st.st_uid}",
+        )
     if st.st_mode & forbidden:
         who = "writable" if st.st_mode & forbidden & GROUP_OTHER_WRITE else "readable"
-        raise UnsafePath(what, path, st, f"is {who} by group or others",
-                         f"chmod {stat.S_IMODE(st.st_mode) & ~forbidden:04o} it")
+        raise UnsafePath(
+            what, path, st, f"is {who} by group or others", f"chmod {stat.S_IMODE(st.st_mode) & ~forbidden:04o} it"
+        )
 
 
 def _open_checked(path: Path, what: str, flags: int, follow: bool) -> int:

@@ -148,8 +148,13 @@ class Batch:
         port = address[1].to_bytes(2, "big")
         if self._family == socket.AF_INET6:
             flowinfo, scope = (address[2], address[3]) if len(address) == 4 else (0, 0)
-            return (_FAMILY.pack(socket.AF_INET6) + port + flowinfo.to_bytes(4, "big")
-                    + socket.inet_pton(socket.AF_INET6, address[0]) + _U32.pack(scope))
+            return (
+                _FAMILY.pack(socket.AF_INET6)
+                + port
+                + flowinfo.to_bytes(4, "big")
+                + socket.inet_pton(socket.AF_INET6, address[0])
+                + _U32.pack(scope)
+            )
         return _FAMILY.pack(socket.AF_INET) + port + socket.inet_pton(socket.AF_INET, address[0]) + bytes(8)
 
     @property

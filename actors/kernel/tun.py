@@ -20,8 +20,6 @@ load. ``FakeTun`` has the same interface over in-memory queues for unit tests.
 
 from __future__ import annotations
 
-from meshsup.actors.kernel.types import Buffer
-
 import errno
 import fcntl
 import os
@@ -33,6 +31,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from meshsup.actors.kernel import vnet
+from meshsup.actors.kernel.types import Buffer
 
 # From <linux/if_tun.h>.
 TUNSETIFF: Final = 0x400454CA
@@ -58,9 +57,7 @@ _IFREQ: Final = struct.Struct("16sH22x")  # struct ifreq: name, then ifr_flags
 # Largest IP packet; a read into anything smaller would truncate silently.
 MAX_PACKET: Final = 65535
 # Write errors that mean "this packet was refused", not "the device is gone".
-_DROP_ERRNOS: Final = frozenset(
-    {errno.EAGAIN, errno.EINVAL, errno.EIO, errno.ENOBUFS, errno.ENOMEM, errno.EMSGSIZE}
-)
+_DROP_ERRNOS: Final = frozenset({errno.EAGAIN, errno.EINVAL, errno.EIO, errno.ENOBUFS, errno.ENOMEM, errno.EMSGSIZE})
 
 
 @dataclass(frozen=True)

@@ -11,28 +11,28 @@ connected to its source before any unconnected one.
 Two kernel features cut syscalls when they are present (probed at start,
 reported in ``gso`` / ``gro``, each can be refused by the caller):
 
-- UDP GSO (``UDP_SEGMENT``): consecutive datagrams to one endpoint with one
+- UDP GSO (``UDP_SEGMENT``): consecutive datagrams of a burst with one
   size (the last may be shorter) leave in a single ``sendmsg``; the kernel
   cuts them apart.
 - UDP GRO (``UDP_GRO``): the kernel may hand back many datagrams from one
   sender glued into one buffer, with the segment size in a control message;
   ``recv_batch`` cuts them apart again.
+
+Datagrams come and go in bursts (``Burst``: one endpoint, its datagrams in order).
 """
 
 from __future__ import annotations
-
-from meshsup.actors.kernel.types import Buffer, Endpoint
 
 import errno
 import functools
 import socket
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import groupby
-from operator import itemgetter
 from typing import Final
 
+from meshsup.actors.kernel.types import Buffer, Burst, Endpoint
 
 SOL_UDP: Final = 17
 UDP_SEGMENT: Final = 103  # <linux/udp.h>
@@ -70,30 +70,32 @@ def split_coalesced(buf: Buffer, segment_size: int) -> list[bytes]:
     return [bytes(view[i : i + segment_size]) for i in range(0, len(view), segment_size)]
 
 
-def gso_groups(datagrams: Iterable[tuple[Endpoint, bytes]]) -> list[tuple[Endpoint, list[bytes]]]:
-    """Group consecutive datagrams that one GSO send can carry: same
-    endpoint, same size except a shorter last one, within kernel limits.
-    Order is kept, so per-peer order on the wire is the batch order.
+def gso_groups(datagrams: Sequence[bytes]) -> list[Sequence[bytes]]:
+    """Group consecutive datagrams that one GSO send can carry: same size
+    except a shorter last one, within kernel limits. Order is kept, so the
+    order on the wire is the burst's.
 
-    Runs of one endpoint and of one size are found by ``groupby`` (C speed),
-    so the Python work is per run, not per datagram."""
-    groups: list[tuple[Endpoint, list[bytes]]] = []
-    for endpoint, pairs in groupby(datagrams, key=itemgetter(0)):
-        segments = [d for _, d in pairs]
-        count = len(segments)
-        i = end = 0
-        for size, run in groupby(map(len, segments)):
-            end += len(list(run))
-            # The kernel caps the segments and the bytes of one send.
-            per_send = min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // size) if size else 1
-            while i < end:
-                j = min(i + per_send, end)
-                # A shorter datagram right after a run may close its last group.
-                if j == end < count and j - i < per_send and 0 < len(segments[j]) < size \
-                        and (j - i) * size + len(segments[j]) <= MAX_GSO_BYTES:
-                    j += 1
-                groups.append((endpoint, segments[i:j]))
-                i = j
+    Runs of one size are found by ``groupby`` (C speed), so the Python work
+    is per run, not per datagram."""
+    groups: list[Sequence[bytes]] = []
+    count = len(datagrams)
+    i = end = 0
+    for size, run in groupby(map(len, datagrams)):
+        end += len(list(run))
+        # The kernel caps the segments and the bytes of one send.
+        per_send = min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // size) if size else 1
+        while i < end:
+            j = min(i + per_send, end)
+            # A shorter datagram right after a run may close its last group.
+            if (
+                j == end < count
+                and j - i < per_send
+                and 0 < len(datagrams[j]) < size
+                and (j - i) * size + len(datagrams[j]) <= MAX_GSO_BYTES
+            ):
+                j += 1
+            groups.append(datagrams[i:j])
+            i = j
     return groups
 
 
@@ -201,13 +203,16 @@ class UdpSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def recv_batch(self, max_datagrams: int) -> list[tuple[bytes, Endpoint]]:
-        """Datagrams ready now, oldest first, stopping at ``max_datagrams``
-        receives or when nothing is left. A GRO super-buffer is returned
-        whole, so the count may exceed ``max_datagrams`` by one buffer."""
-        out: list[tuple[bytes, Endpoint]] = []
+    def recv_batch(self, max_datagrams: int) -> list[Burst]:
+        """Datagrams ready now, oldest first, in bursts of one sender, stopping
+        at ``max_datagrams`` or when nothing is left. A GRO super-buffer is
+        returned whole, so the count may exceed ``max_datagrams`` by one buffer."""
+        out: list[Burst] = []
         stats = self.stats
-        while len(out) < max_datagrams:
+        count = 0
+        last_addr: tuple | None = None
+        burst: list[bytes] = []
+        while count < max_datagrams:
             try:
                 if self.gro:
                     n, ancdata, flags, addr = self._sock.recvmsg_into((self._buf,), _GRO_CMSG_SPACE)
@@ -225,37 +230,43 @@ class UdpSocket:
                 stats.rx_dropped += 1
                 continue
             stats.rx_calls += 1
-            endpoint = _endpoint(addr)
+            if addr != last_addr:  # a sender's datagrams tend to come in runs: one burst each
+                last_addr = addr
+                burst = []
+                out.append(Burst(_endpoint(addr), burst))
             segment = 0
             for level, kind, data in ancdata:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= _GRO_CMSG.size:
                     (segment,) = _GRO_CMSG.unpack_from(data)
             if 0 < segment < n:
                 stats.rx_coalesced += 1
-                before = len(out)
-                out.extend((d, endpoint) for d in split_coalesced(self._view[:n], segment))
-                stats.rx_datagrams += len(out) - before
+                datagrams = split_coalesced(self._view[:n], segment)
+                burst += datagrams
+                count += len(datagrams)
             else:
-                out.append((bytes(self._view[:n]), endpoint))
-                stats.rx_datagrams += 1
+                burst.append(bytes(self._view[:n]))
+                count += 1
+        stats.rx_datagrams += count
         return out
 
-    def send_batch(self, datagrams: Sequence[tuple[Endpoint, bytes]]) -> int:
-        """Send in order; returns how many datagrams were dropped (bad
+    def send_batch(self, burst: Burst) -> int:
+        """Send a burst in order; returns how many datagrams were dropped (bad
         endpoint, full buffer, unreachable network)."""
-        dropped = 0
-        for endpoint, segments in gso_groups(datagrams):
-            try:
-                host, port = endpoint
-                addr = _sockaddr(host, port, self.family)
-            except (TypeError, ValueError):  # malformed or unhashable endpoint
-                addr = None
-            dropped += len(segments) if addr is None else self._send_group(addr, segments)
+        endpoint, datagrams = burst
+        try:
+            host, port = endpoint
+            addr = _sockaddr(host, port, self.family)
+        except (TypeError, ValueError):  # malformed or unhashable endpoint
+            addr = None
+        if addr is None:
+            dropped = len(datagrams)
+        else:
+            dropped = sum(self._send_group(addr, segments) for segments in gso_groups(datagrams))
         self.stats.tx_datagrams += len(datagrams) - dropped
         self.stats.tx_dropped += dropped
         return dropped
 
-    def _send_group(self, addr: tuple, segments: list[bytes]) -> int:
+    def _send_group(self, addr: tuple, segments: Sequence[bytes]) -> int:
         # To the connected endpoint without an address: the kernel then uses
         # the socket's cached route instead of looking one up per send.
         sock = self._sock

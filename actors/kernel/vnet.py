@@ -20,12 +20,26 @@ order given.
 
 from __future__ import annotations
 
-from meshsup.actors.kernel.types import Buffer
-
 import struct
 from collections.abc import Sequence
 from typing import Final
 
+from meshsup.actors.kernel.types import Buffer
+from meshsup.actors.wire.ip import (
+    IPPROTO_TCP,
+    IPV4_ADDRESSES,
+    IPV4_CHECKSUM,
+    IPV4_FRAGMENT,
+    IPV4_HEADER_MIN,
+    IPV4_PROTOCOL,
+    IPV4_SRC,
+    IPV4_TOTAL_LENGTH,
+    IPV6_ADDRESSES,
+    IPV6_HEADER,
+    IPV6_NEXT_HEADER,
+    IPV6_PAYLOAD_LENGTH,
+    IPV6_SRC,
+)
 
 HEADER: Final = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 HEADER_LEN: Final = HEADER.size
@@ -35,7 +49,6 @@ GSO_NONE: Final = 0
 GSO_TCPV4: Final = 1
 GSO_TCPV6: Final = 4
 
-_IPPROTO_TCP: Final = 6
 _TCP_CHECKSUM_OFFSET: Final = 16
 _ACK: Final = 0x10
 _PSH: Final = 0x08
@@ -78,8 +91,22 @@ class _Run:
     the expected sequence number written in.
     """
 
-    __slots__ = ("segments", "ip_len", "header_len", "mss", "full", "next_seq", "size", "open",
-                 "fixed", "middle", "middle_at", "seq_at", "tail", "tail_at")
+    __slots__ = (
+        "segments",
+        "ip_len",
+        "header_len",
+        "mss",
+        "full",
+        "next_seq",
+        "size",
+        "open",
+        "fixed",
+        "middle",
+        "middle_at",
+        "seq_at",
+        "tail",
+        "tail_at",
+    )
 
     def __init__(self, head: bytes, ip_len: int, header_len: int) -> None:
         t = ip_len
@@ -90,15 +117,15 @@ class _Run:
         self.next_seq = (_U32.unpack_from(head, t + 4)[0] + self.mss) & 0xFFFFFFFF
         self.size = self.full
         self.open = not head[t + 13] & _PSH
-        if t == 20:  # version..total length, flags..protocol; then addresses
-            self.fixed = ((0, head[0:4]), (6, head[6:10]))
-            self.middle_at = 12
+        if t == IPV4_HEADER_MIN:  # version..total length, flags..protocol; then addresses
+            self.fixed = ((0, head[: IPV4_TOTAL_LENGTH + 2]), (IPV4_FRAGMENT, head[IPV4_FRAGMENT : IPV4_PROTOCOL + 1]))
+            self.middle_at = IPV4_SRC.start
         else:  # version..hop limit; then addresses
-            self.fixed = ((0, head[0:8]),)
-            self.middle_at = 8
-        self.middle = bytearray(head[self.middle_at:t + 16])
+            self.fixed = ((0, head[: IPV6_SRC.start]),)
+            self.middle_at = IPV6_SRC.start
+        self.middle = bytearray(head[self.middle_at : t + 16])
         self.seq_at = t + 4 - self.middle_at
-        self.tail = head[t + 18:header_len]  # urgent pointer and options
+        self.tail = head[t + 18 : header_len]  # urgent pointer and options
         self.tail_at = t + 18
 
     def follows(self, packet: bytes) -> bool:
@@ -108,9 +135,12 @@ class _Run:
         middle = self.middle
         _U32.pack_into(middle, self.seq_at, self.next_seq)
         at = self.middle_at
-        if len(packet) == self.full and packet[at:at + len(middle)] == middle \
-                and packet.startswith(self.tail, self.tail_at) \
-                and all(packet.startswith(value, offset) for offset, value in self.fixed):
+        if (
+            len(packet) == self.full
+            and packet[at : at + len(middle)] == middle
+            and packet.startswith(self.tail, self.tail_at)
+            and all(packet.startswith(value, offset) for offset, value in self.fixed)
+        ):
             self.segments.append(packet)
             self.size += self.mss
             self.next_seq = (self.next_seq + self.mss) & 0xFFFFFFFF
@@ -122,22 +152,36 @@ class _Run:
         t = self.ip_len
         n = len(packet)
         payload = n - self.header_len
-        if not (0 < payload <= self.mss and self.size + payload <= _MAX_IP_PACKET
-                and packet[t + 13] & ~_PSH == _ACK
-                and _U16.unpack_from(packet, 2 if t == 20 else 4)[0] == (n if t == 20 else n - 40)):
+        if not (
+            0 < payload <= self.mss
+            and self.size + payload <= _MAX_IP_PACKET
+            and packet[t + 13] & ~_PSH == _ACK
+            and (
+                _U16.unpack_from(packet, IPV4_TOTAL_LENGTH)[0] == n
+                if t == IPV4_HEADER_MIN
+                else _U16.unpack_from(packet, IPV6_PAYLOAD_LENGTH)[0] == n - IPV6_HEADER
+            )
+        ):
             return False
         flags_at = t + 13 - self.middle_at
         middle = self.middle
-        got = packet[self.middle_at:self.middle_at + len(middle)]
-        if got[:flags_at] != middle[:flags_at] or got[flags_at + 1:] != middle[flags_at + 1:] \
-                or not packet.startswith(self.tail, self.tail_at):
+        got = packet[self.middle_at : self.middle_at + len(middle)]
+        if (
+            got[:flags_at] != middle[:flags_at]
+            or got[flags_at + 1 :] != middle[flags_at + 1 :]
+            or not packet.startswith(self.tail, self.tail_at)
+        ):
             return False
         # The fixed parts, but for the lengths of a shorter segment.
         head = self.segments[0]
-        if t == 20:
-            same = packet[0:2] == head[0:2] and packet.startswith(head[6:10], 6)
+        if t == IPV4_HEADER_MIN:
+            same = packet[:IPV4_TOTAL_LENGTH] == head[:IPV4_TOTAL_LENGTH] and packet.startswith(
+                head[IPV4_FRAGMENT : IPV4_PROTOCOL + 1], IPV4_FRAGMENT
+            )
         else:
-            same = packet[0:4] == head[0:4] and packet.startswith(head[6:8], 6)
+            same = packet[:IPV6_PAYLOAD_LENGTH] == head[:IPV6_PAYLOAD_LENGTH] and packet.startswith(
+                head[IPV6_NEXT_HEADER : IPV6_SRC.start], IPV6_NEXT_HEADER
+            )
         if not same:
             return False
         self.segments.append(packet)
@@ -155,15 +199,15 @@ class _Run:
         ip = bytearray(head[:ip_len])
         tcp = bytearray(head[ip_len:header_len])
         tcp[13] |= self.segments[-1][ip_len + 13] & _PSH
-        if ip_len == 40:
-            _U16.pack_into(ip, 4, tcp_total)
-            pseudo = ones_complement_sum(bytes(ip[8:40]) + struct.pack("!IxxxB", tcp_total, _IPPROTO_TCP))
+        if ip_len == IPV6_HEADER:
+            _U16.pack_into(ip, IPV6_PAYLOAD_LENGTH, tcp_total)
+            pseudo = ones_complement_sum(bytes(ip[IPV6_ADDRESSES]) + struct.pack("!IxxxB", tcp_total, IPPROTO_TCP))
             gso_type = GSO_TCPV6
         else:
-            _U16.pack_into(ip, 2, self.size)
-            ip[10:12] = b"\0\0"
-            _U16.pack_into(ip, 10, ipv4_header_checksum(ip))
-            pseudo = ones_complement_sum(bytes(ip[12:20]) + struct.pack("!xBH", _IPPROTO_TCP, tcp_total))
+            _U16.pack_into(ip, IPV4_TOTAL_LENGTH, self.size)
+            _U16.pack_into(ip, IPV4_CHECKSUM, 0)
+            _U16.pack_into(ip, IPV4_CHECKSUM, ipv4_header_checksum(ip))
+            pseudo = ones_complement_sum(bytes(ip[IPV4_ADDRESSES]) + struct.pack("!xBH", IPPROTO_TCP, tcp_total))
             gso_type = GSO_TCPV4
         # CHECKSUM_PARTIAL convention: the folded pseudo-header sum, not inverted;
         # the kernel adds the header and payload when (if ever) it needs the sum.
@@ -180,15 +224,23 @@ def _run(packet: bytes) -> _Run | None:
         return None
     first = packet[0]
     if first == 0x45:  # IPv4 without options
-        frag = _U16.unpack_from(packet, 6)[0]
-        if packet[9] != _IPPROTO_TCP or _U16.unpack_from(packet, 2)[0] != n \
-                or frag & _FRAGMENT_BITS or not frag & _DF:
+        frag = _U16.unpack_from(packet, IPV4_FRAGMENT)[0]
+        if (
+            packet[IPV4_PROTOCOL] != IPPROTO_TCP
+            or _U16.unpack_from(packet, IPV4_TOTAL_LENGTH)[0] != n
+            or frag & _FRAGMENT_BITS
+            or not frag & _DF
+        ):
             return None
-        ip_len = 20
+        ip_len = IPV4_HEADER_MIN
     elif first >> 4 == 6:
-        if packet[6] != _IPPROTO_TCP or n < 61 or _U16.unpack_from(packet, 4)[0] + 40 != n:
+        if (
+            packet[IPV6_NEXT_HEADER] != IPPROTO_TCP
+            or n < 61
+            or _U16.unpack_from(packet, IPV6_PAYLOAD_LENGTH)[0] + IPV6_HEADER != n
+        ):
             return None
-        ip_len = 40
+        ip_len = IPV6_HEADER
     else:
         return None
     header_len = ip_len + (packet[ip_len + 12] >> 4) * 4

@@ -10,6 +10,7 @@ connected to its endpoint, which the kernel prefers for that peer's
 datagrams: magicsock gets initiations from new endpoints and the traffic of
 peers whose worker has no socket (yet), and sends what workers hand it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,10 +21,12 @@ from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus import batch
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import DatagramBatch
-from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
-from meshsup.actors.kernel.udp import UdpSocket
-from meshsup.actors.flowcount.tally import UNDERLAY
 from meshsup.actors.flowcount.feed import FlowFeed
+from meshsup.actors.flowcount.tally import UNDERLAY
+from meshsup.actors.kernel.types import Burst
+from meshsup.actors.kernel.udp import UdpSocket
+from meshsup.actors.settings import Settings
+from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
 
 RECV_BATCH = 512
 
@@ -38,11 +41,10 @@ class MagicsockActor(Actor):
         self.counters: Counter[str] = Counter()
         self.flows = FlowFeed(self, UNDERLAY)
 
-    def configure(self, config: dict[str, Any]) -> None:
-        super().configure(config)
-        self.flows.configure(config)
-        port = config["node"]["listen_port"]
-        self.workers = config["actors"]["crypto"]
+    def configure(self, settings: Settings) -> None:
+        self.flows.configure(settings)
+        port = settings.node.listen_port
+        self.workers = settings.actors.crypto
         self.outbox.connect([f"crypto-{w}" for w in range(self.workers)])
         if self.sock is None or self.sock.port != port:
             try:
@@ -59,18 +61,19 @@ class MagicsockActor(Actor):
     def on_readable(self) -> None:
         assert self.sock is not None
         groups: dict[tuple[int, str, int], list[bytes]] = defaultdict(list)
-        for data, (host, port) in self.sock.recv_batch(RECV_BATCH):
-            kind = classify(data)
-            if kind is None:
-                self.counters["not_wireguard"] += 1
-                continue
-            self.counters["rx_datagrams"] += 1
-            if kind == MessageType.INITIATION:
-                src = f"{host}:{port}".encode()
-                worker = int.from_bytes(hashlib.blake2s(src, digest_size=4).digest(), "big") % self.workers
-            else:
-                worker = (receiver_index(data) or 0) % self.workers
-            groups[(worker, host, port)].append(data)
+        for (host, port), datagrams in self.sock.recv_batch(RECV_BATCH):
+            for data in datagrams:
+                kind = classify(data)
+                if kind is None:
+                    self.counters["not_wireguard"] += 1
+                    continue
+                self.counters["rx_datagrams"] += 1
+                if kind == MessageType.INITIATION:
+                    src = f"{host}:{port}".encode()
+                    worker = int.from_bytes(hashlib.blake2s(src, digest_size=4).digest(), "big") % self.workers
+                else:
+                    worker = (receiver_index(data) or 0) % self.workers
+                groups[(worker, host, port)].append(data)
         for (worker, host, port), ds in groups.items():
             self.flows.rx.add((host, port), len(ds), sum(map(len, ds)))
             for blob in batch.pack_split(ds):
@@ -90,7 +93,7 @@ class MagicsockActor(Actor):
         endpoint = (msg.host, msg.port)
         self.counters["tx_datagrams"] += len(packets)
         self.flows.tx.add(endpoint, len(packets), sum(map(len, packets)))
-        self.counters["tx_dropped"] += self.sock.send_batch([(endpoint, p) for p in packets])
+        self.counters["tx_dropped"] += self.sock.send_batch(Burst(endpoint, packets))
 
     def status(self) -> dict[str, Any]:
         info: dict[str, Any] = {"counters": dict(self.counters)}

@@ -11,6 +11,11 @@ and only then is the window log reset to the deltas not yet counted. Every
 process of the node pushes its log events here too (actors.log); they go to
 the [logging] collectors the same way.
 
+Collector sockets are watched for what each sender waits for (a reply,
+TLS data, a connect or send to finish), and the sender is pumped as soon as
+that is ready; the loop's tick pumps every sender too, for what goes by the
+clock (deadlines, backoff, syslog confirmations, a resolved name).
+
 Starting first and stopping last (actors.registry), netlog counts the
 node's first packets and, on stop, closes the last window and flushes it,
 with a deadline: what is not delivered by then stays spooled for the next
@@ -22,24 +27,28 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, deque
+from functools import partial
 from typing import Any
 
 import zmq
 
-from meshsup.actors.base import Actor, ConfigError
+from meshsup.actors.base import Actor
 from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
-from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.endpoints import Runtime, grant
 from meshsup.actors.bus.messages import FlowCounts, FlowCountsAck, LogLine
 from meshsup.actors.log import log_endpoint
-from meshsup.actors.netlog.collectors import CollectorConfig
 from meshsup.actors.netlog.counting import CountsReader, Deliveries
-from meshsup.actors.netlog.daemonlog import LEVELS, LogIntake
+from meshsup.actors.netlog.daemonlog import LogIntake
 from meshsup.actors.netlog.flows import FlowTable, Record
 from meshsup.actors.netlog.formats import FLOWS, LOGS, RecordFormat
+from meshsup.actors.netlog.mesh import classifier, endpoint_peers
 from meshsup.actors.netlog.resolve import Resolver
-from meshsup.actors.netlog.settings import NetlogSettings, classifier, endpoint_peers, netlog_settings
-from meshsup.actors.netlog.shipper import Shipper
+from meshsup.actors.netlog.shipper import Sender, Shipper, Wait
 from meshsup.actors.netlog.wal import WindowLog
+from meshsup.actors.settings import Settings
+from meshsup.actors.settings.collectors import CollectorConfig
+from meshsup.actors.settings.keys import b64
+from meshsup.actors.settings.netlog import LEVELS, NetlogSettings
 
 # Collector I/O runs in this loop without ever waiting; a request (resolving, connecting,
 # TLS, sending, the answer) that is not done this long after it started counts as failed.
@@ -63,6 +72,7 @@ class NetlogActor(Actor):
         self.flow_shipper: Shipper | None = None
         self.log_shipper: Shipper | None = None
         self.resolver = Resolver()  # one cache of collector names for both shippers
+        self.watching: dict[Sender, tuple[int, Wait]] = {}  # each watched collector socket's fd and wait
         self.intake = LogIntake()
         self.log_records: list[Record] = []
         self.counters: Counter[str] = Counter()
@@ -76,41 +86,39 @@ class NetlogActor(Actor):
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.woken = False
         self.add_reader(self.wake_r, self.count_pending)
+
+    def bind_runtime(self) -> None:
         self.log_inbox = self.ctx.socket(zmq.PULL)
         self.log_inbox.setsockopt(zmq.RCVHWM, 4096)
-        self.log_inbox.bind(log_endpoint(runtime))  # read once configured; lines wait till then
+        self.log_inbox.bind(log_endpoint(self.runtime))  # read once configured; lines wait till then
+        grant(log_endpoint(self.runtime), unprivileged=True)  # DNS logs too
 
     # --- configuration ------------------------------------------------------
-    def configure(self, config: dict[str, Any]) -> None:
-        try:
-            settings = netlog_settings(config)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        super().configure(config)
-        node = config["node"]
-        self.reader.peers = endpoint_peers(config)
-        rules = classifier(config, settings.anonymize_exit)
+    def configure(self, node_settings: Settings) -> None:
+        settings, node = node_settings.netlog, node_settings.node
+        self.reader.peers = endpoint_peers(node_settings)
+        rules = classifier(node_settings, settings.anonymize_exit)
         now = time.time()
         old = self.settings
         if old is None or old.collectors != settings.collectors:
             if self.table is not None and self.flow_shipper is not None:
                 self._close_window(now)  # counted under the old collectors: theirs
                 self.flow_shipper.close()
-            self.flow_shipper = self._shipper(settings.collectors, "flows", FLOWS, node["name"])
+            self.flow_shipper = self._shipper(settings.collectors, "flows", FLOWS, node.name)
         if old is None or old.log_collectors != settings.log_collectors:
             if self.log_shipper is not None:
                 self.log_shipper.close()
-            self.log_shipper = self._shipper(settings.log_collectors, "logs", LOGS, node["name"])
+            self.log_shipper = self._shipper(settings.log_collectors, "logs", LOGS, node.name)
         self.intake.min_level = LEVELS[settings.log_level]
         if old is None:
             self.add_reader(self.log_inbox, self.on_log_lines)
         self.settings = settings
         if self.table is None:
-            self.table = FlowTable(node["public_key"], rules, self.wal_start, settings.max_record_bytes)
+            self.table = FlowTable(b64(node.public_key), rules, self.wal_start, settings.max_record_bytes)
             self._wake()  # the deltas found in the window log, or received before now
         else:
             self.table.set_classifier(rules)
-            self.table.node_id, self.table.max_record_bytes = node["public_key"], settings.max_record_bytes
+            self.table.node_id, self.table.max_record_bytes = b64(node.public_key), settings.max_record_bytes
         # A window found in the log spans the time netlog was away: it stays open long enough
         # for the counts tun-io and magicsock kept meanwhile to arrive in it.
         self.window_end = min(self.window_end or float("inf"), max(self.wal_start, now) + settings.interval)
@@ -120,8 +128,15 @@ class NetlogActor(Actor):
     ) -> Shipper | None:
         if not collectors:
             return None
-        return Shipper(list(collectors), self.spool_root / what, hostname, form=form,
-                       request_timeout=REQUEST_TIMEOUT, backoff_cap=BACKOFF_CAP, resolver=self.resolver)
+        return Shipper(
+            list(collectors),
+            self.spool_root / what,
+            hostname,
+            form=form,
+            request_timeout=REQUEST_TIMEOUT,
+            backoff_cap=BACKOFF_CAP,
+            resolver=self.resolver,
+        )
 
     # --- flow counts ----------------------------------------------------------
     def on_message(self, msg: Message) -> None:
@@ -216,6 +231,32 @@ class NetlogActor(Actor):
         for shipper in (self.flow_shipper, self.log_shipper):
             if shipper is not None:
                 shipper.pump(wall)
+        self._watch_collectors()
+
+    def _on_collector(self, shipper: Shipper, sender: Sender) -> None:
+        """A collector's socket is ready for what its sender waits for."""
+        shipper.pump_one(sender, time.time())
+        self._watch_collectors()
+
+    def _watch_collectors(self) -> None:
+        """Watch each sender's socket for what it waits for now; stop watching those that wait for nothing."""
+        waits = {
+            sender: (shipper, sender.waiting_on())
+            for shipper in (self.flow_shipper, self.log_shipper)
+            if shipper is not None
+            for sender in shipper.senders
+        }
+        # Stale watches go first: the number of a socket closed meanwhile may be another sender's now.
+        for sender, (fd, old) in list(self.watching.items()):
+            wait = waits.get(sender, (None, None))[1]
+            if wait is None or wait.sock is not old.sock:
+                self.unwatch(fd)
+                del self.watching[sender]
+        for sender, (shipper, wait) in waits.items():
+            if wait is not None and (sender not in self.watching or self.watching[sender][1] != wait):
+                fd = wait.sock.fileno()
+                self.watch(fd, partial(self._on_collector, shipper, sender), read=wait.read, write=wait.write)
+                self.watching[sender] = (fd, wait)
 
     def _submit_logs(self, now: float) -> None:
         if self.log_records and self.log_shipper is not None:
@@ -226,11 +267,19 @@ class NetlogActor(Actor):
         counters = Counter(self.counters)
         if self.table is not None:
             flows = self.table.counters
-            counters.update(records=flows.records, split_records=flows.split_records,
-                            bad_flows=flows.bad_input, skipped_flows=flows.skipped)
-        counters.update(bad_counts=self.reader.bad_entries, unreadable_packets=self.reader.unreadable_packets,
-                        log_lines=self.intake.counters.received, log_lines_lost=self.intake.counters.lost,
-                        log_lines_rate_limited=self.intake.counters.rate_limited)
+            counters.update(
+                records=flows.records,
+                split_records=flows.split_records,
+                bad_flows=flows.bad_input,
+                skipped_flows=flows.skipped,
+            )
+        counters.update(
+            bad_counts=self.reader.bad_entries,
+            unreadable_packets=self.reader.unreadable_packets,
+            log_lines=self.intake.counters.received,
+            log_lines_lost=self.intake.counters.lost,
+            log_lines_rate_limited=self.intake.counters.rate_limited,
+        )
         for what, shipper in (("flows", self.flow_shipper), ("logs", self.log_shipper)):
             for name, stats in (shipper.stats() if shipper else {}).items():
                 for key in ("sent", "delivered", "errors", "dropped"):

@@ -106,8 +106,9 @@ class CountsReader:
 
     def _underlay(self, table: FlowTable, entry: Entry, received: bool) -> None:
         endpoint, packets, nbytes = entry
-        if not (type(endpoint) is list and len(endpoint) == 2 and isinstance(endpoint[0], str)
-                and type(endpoint[1]) is int):
+        if not (
+            type(endpoint) is list and len(endpoint) == 2 and isinstance(endpoint[0], str) and type(endpoint[1]) is int
+        ):
             self.bad_entries += 1
             return
         host, port = endpoint

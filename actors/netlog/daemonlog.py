@@ -13,9 +13,8 @@ import json
 from dataclasses import dataclass
 
 from meshsup.actors.netlog.flows import Record
+from meshsup.actors.settings.netlog import LEVELS
 
-# structlog's level names, ordered; "exception" is logged at error level.
-LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 _ALIASES = {"exception": "error", "warn": "warning", "fatal": "critical"}
 _MAX_SENDERS = 1024
 

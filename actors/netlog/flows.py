@@ -18,8 +18,10 @@ import ipaddress
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeGuard
+
+from meshsup.actors.settings.netlog import DEFAULT_MAX_RECORD_BYTES, MIN_RECORD_BYTES
 
 Record = dict[str, Any]
 Conn = tuple[int, str, str]  # (IP protocol number, "ip:port", "ip:port")
@@ -27,8 +29,6 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Endpoint = tuple[IPAddress, int]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-DEFAULT_MAX_RECORD_BYTES = 256 * 1024  # Tailscale's maxLogSize
-MIN_RECORD_BYTES = 1024  # room for the header plus a few entries
 _MAX_COUNTER = 2**64  # counters travel as IPFIX unsigned64
 
 
@@ -50,7 +50,7 @@ _ENTRY_ESTIMATE = 128
 
 def rfc3339(t: float) -> str:
     """UTC timestamp with microseconds, e.g. 2024-05-01T12:00:00.250000Z."""
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def encode_record(record: Record) -> bytes:
@@ -228,9 +228,7 @@ class FlowTable:
             return
         self.add_routed(*route, tx_pkts, tx_bytes, rx_pkts, rx_bytes)
 
-    def add_routed(
-        self, kind: Traffic, key: Conn, tx_pkts: int, tx_bytes: int, rx_pkts: int, rx_bytes: int
-    ) -> None:
+    def add_routed(self, kind: Traffic, key: Conn, tx_pkts: int, tx_bytes: int, rx_pkts: int, rx_bytes: int) -> None:
         """Add deltas already routed by this table's classifier (`Classifier.route`)."""
         counts = (tx_pkts, tx_bytes, rx_pkts, rx_bytes)
         if not _valid_counts(counts):
@@ -240,9 +238,7 @@ class FlowTable:
         else:
             self._accumulate(kind, key, counts)
 
-    def add_physical(
-        self, src: str, dst: str, tx_pkts: int, tx_bytes: int, rx_pkts: int, rx_bytes: int
-    ) -> None:
+    def add_physical(self, src: str, dst: str, tx_pkts: int, tx_bytes: int, rx_pkts: int, rx_bytes: int) -> None:
         """Underlay counts: src is the peer's mesh address ("ip:0"), dst its endpoint."""
         ends = parse_endpoint(src), parse_endpoint(dst)
         counts = (tx_pkts, tx_bytes, rx_pkts, rx_bytes)

@@ -13,6 +13,7 @@ import enum
 
 MAX_HEADERS = 100  # as http.client: a collector sending more is not answering a POST
 
+
 class HttpError(Exception):
     """A response that is not HTTP/1.x or is longer than allowed."""
 
@@ -119,8 +120,10 @@ class ResponseReader:
 
     def _status_line(self, line: bytes) -> None:
         parts = line.split(b" ", 2)
-        if len(parts) < 2 or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1") or not (
-            len(parts[1]) == 3 and parts[1].isdigit()
+        if (
+            len(parts) < 2
+            or parts[0] not in (b"HTTP/1.0", b"HTTP/1.1")
+            or not (len(parts[1]) == 3 and parts[1].isdigit())
         ):
             raise HttpError(f"not an HTTP/1.x status line: {line[:40]!r}")
         self._version, self.status = parts[0], int(parts[1])

@@ -193,9 +193,7 @@ class IpfixExporter:
                         out.append(packed)
         return out
 
-    def _message(
-        self, sets: list[bytes], current: tuple[int, list[bytes]] | None, count: int, now: float
-    ) -> bytes:
+    def _message(self, sets: list[bytes], current: tuple[int, list[bytes]] | None, count: int, now: float) -> bytes:
         body = b"".join(sets) + (_data_set(*current) if current is not None else b"")
         header = _HEADER.pack(
             IPFIX_VERSION, _HEADER.size + len(body), int(now) & 0xFFFFFFFF, self.sequence, self.observation_domain

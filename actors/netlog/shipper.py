@@ -4,8 +4,10 @@ One sender per collector, each with its own spool or queue and its own
 retry state, so a dead collector never holds up the others. `Shipper.pump`
 is called from the netlog actor's loop and never waits: host names are
 resolved in threads (resolve.py), sockets are non-blocking, and each pump
-takes a connection or request as far as it can go without waiting. A
-collector cannot stall the loop: a request (resolving, connecting, the TLS
+takes a connection or request as far as it can go without waiting. Each
+sender says what it waits for (`waiting_on`: its socket readable, writable
+or both), so the loop pumps it as soon as that is ready instead of at its
+next tick. A collector cannot stall the loop: a request (resolving, connecting, the TLS
 handshake, sending, reading the answer) has one deadline for all of it, and
 what is read from a collector is capped in bytes. A sender that fails in a
 way nobody foresaw is reset and backs off like any failing collector; it
@@ -56,7 +58,6 @@ from typing import Protocol
 import structlog
 
 from meshsup.actors.netlog import journal_export
-from meshsup.actors.netlog.collectors import CollectorConfig
 from meshsup.actors.netlog.flows import Record, encode_record
 from meshsup.actors.netlog.formats import FLOWS, RecordFormat
 from meshsup.actors.netlog.http11 import HttpError, ResponseReader, post_request
@@ -65,6 +66,7 @@ from meshsup.actors.netlog.resolve import Address, Resolver
 from meshsup.actors.netlog.retry import Backoff, parse_retry_after
 from meshsup.actors.netlog.spool import Spool
 from meshsup.actors.netlog.syslog import encode_message, frame
+from meshsup.actors.settings.collectors import CollectorConfig
 
 log = structlog.get_logger(__name__)
 
@@ -73,6 +75,8 @@ _IPFIX_QUEUE = 1024  # datagrams waiting to be sent; beyond that the oldest go
 _PEER_BYTES_MAX = 64 * 1024  # a syslog collector has nothing to say: past this on a connection it is not one
 _REPLY_MAX = 1 << 20  # an HTTP answer (head and body) longer than this fails the request
 _RECV_CHUNK = 65536  # also what one pump reads of an HTTP answer, so parsing a long one takes turns
+_ANSWERS_PER_PUMP = 4  # a collector answering at once (or unasked) gets no more requests than this per pump
+_FLUSH_STEP = 0.02  # at stop, the longest wait between pumps: confirmations and backoff go by the clock
 
 
 @dataclass
@@ -86,12 +90,22 @@ class SenderStats:
     last_error: str = ""
 
 
+@dataclass(frozen=True)
+class Wait:
+    """What a sender's next pump waits for: its socket readable (`read`), writable (`write`) or either."""
+
+    sock: socket.socket
+    read: bool
+    write: bool
+
+
 class Sender(Protocol):
     config: CollectorConfig
     stats: SenderStats
 
     def offer(self, records: list[Record], now: float) -> None: ...
     def pump(self, now: float) -> None: ...
+    def waiting_on(self) -> Wait | None: ...
     def abort(self, now: float, error: str) -> None: ...
     def idle(self) -> bool: ...
     def close(self) -> None: ...
@@ -119,6 +133,7 @@ class _Connector:
         self._addresses: list[Address] | None = None
         self._sock: socket.socket | None = None
         self._connected = False
+        self._handshake_write = False  # the TLS handshake waits to write, not to read
         self._error: OSError = OSError("no address to connect to")
 
     def step(self, now: float) -> socket.socket | None:
@@ -134,6 +149,14 @@ class _Connector:
             return None
         sock, self._sock = self._sock, None
         return sock
+
+    def waiting_on(self) -> Wait | None:
+        """None while resolving: the resolver thread's answer is picked up at the loop's next tick."""
+        if self._sock is None:
+            return None
+        if not self._connected:
+            return Wait(self._sock, read=False, write=True)
+        return Wait(self._sock, read=not self._handshake_write, write=self._handshake_write)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -163,7 +186,8 @@ class _Connector:
             assert isinstance(self._sock, ssl.SSLSocket)
             try:
                 self._sock.do_handshake()
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as e:
+                self._handshake_write = isinstance(e, ssl.SSLWantWriteError)
                 return False
         return True
 
@@ -177,6 +201,8 @@ class _Connector:
                 family, address = self._addresses.pop(0)
                 self._sock = socket.socket(family, socket.SOCK_STREAM)
                 self._sock.setblocking(False)
+                # Sent in pieces (_SEND_CHUNK), a request's last one would wait for the collector's delayed ACK.
+                self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 err = self._sock.connect_ex(address)
                 if err not in (0, errno.EINPROGRESS):
                     self._fail(err)
@@ -237,6 +263,9 @@ class _SpooledSender:
             self._connector = None
         return sock
 
+    def _connecting(self) -> Wait | None:
+        return self._connector.waiting_on() if self._connector is not None else None
+
     def close(self) -> None:
         if self._connector is not None:
             self._connector.close()
@@ -281,6 +310,13 @@ class SyslogSender(_SpooledSender):
 
     def idle(self) -> bool:
         return super().idle() and not self._in_flight
+
+    def waiting_on(self) -> Wait | None:
+        if self._sock is None:
+            return self._connecting()
+        # Readable: the collector closed, reset or talks. Writable: bytes not yet sent, or records not yet written.
+        unsent = len(self.spool) > sum(len(batch.names) for batch in self._in_flight)
+        return Wait(self._sock, read=True, write=bool(self._out) or unsent)
 
     def pump(self, now: float) -> None:
         if self._sock is not None:
@@ -419,17 +455,30 @@ class HttpSender(_SpooledSender):
         self._request: _Request | None = None
 
     def pump(self, now: float) -> None:
-        if self._request is None:
-            if not len(self.spool) or not self.backoff.ready(now) or not self._start(now):
+        # An answer read here lets the next request start at once: the loop waits for its answer, not a tick.
+        for _ in range(_ANSWERS_PER_PUMP):
+            if self._request is None:
+                if not len(self.spool) or not self.backoff.ready(now) or not self._start(now):
+                    return
+            try:
+                reply = self._exchange(now)
+            except (OSError, HttpError) as e:
+                self.abort(now, f"POST to {self.config.url} failed: {e}")
                 return
-        try:
-            reply = self._exchange(now)
-        except (OSError, HttpError) as e:
-            self.abort(now, f"POST to {self.config.url} failed: {e}")
-            return
-        if reply is None:
-            return
-        now = time.time()  # a Retry-After counts from the answer, not from the request
+            if reply is None:
+                return
+            now = time.time()  # a Retry-After counts from the answer, not from the request
+            self._answered(reply, now)
+
+    def waiting_on(self) -> Wait | None:
+        if self._request is None:
+            return None  # a kept-alive connection is not watched: _start checks it before reusing it
+        if self._sock is None:
+            return self._connecting()
+        # An answer may come before the whole request is sent (a 413, say): always readable too.
+        return Wait(self._sock, read=True, write=bool(self._request.out))
+
+    def _answered(self, reply: ResponseReader, now: float) -> None:
         assert self._request is not None
         names, self._request = self._request.names, None
         if not reply.keep_alive or reply.extra:
@@ -573,6 +622,10 @@ class IpfixSender:
     def idle(self) -> bool:
         return not self._queue
 
+    def waiting_on(self) -> Wait | None:
+        # Once the socket is open, only a full send buffer leaves datagrams queued after a pump.
+        return Wait(self._sock, read=False, write=True) if self._sock is not None and self._queue else None
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
@@ -580,7 +633,8 @@ class IpfixSender:
 
 
 class Shipper:
-    """All collectors of a node. Call `submit` with each window's records and `pump` often."""
+    """All collectors of a node. Call `submit` with each window's records and `pump` often; pump a
+    sender (`pump_one`) as soon as its socket is ready for what it is `waiting_on`."""
 
     def __init__(
         self,
@@ -604,7 +658,13 @@ class Shipper:
             if config.kind == "syslog":
                 self.senders.append(
                     SyslogSender(
-                        config, spool_root, backoff, request_timeout, form, resolver, hostname,
+                        config,
+                        spool_root,
+                        backoff,
+                        request_timeout,
+                        form,
+                        resolver,
+                        hostname,
                         confirm_delay=confirm_delay,
                     )
                 )
@@ -619,11 +679,14 @@ class Shipper:
 
     def pump(self, now: float) -> None:
         for sender in self.senders:
-            try:
-                sender.pump(now)
-            except Exception as e:  # unforeseen: this collector backs off, the others and the actor go on
-                log.exception("netlog collector failed unexpectedly", collector=sender.config.name)
-                sender.abort(now, f"unexpected error: {e!r}")
+            self.pump_one(sender, now)
+
+    def pump_one(self, sender: Sender, now: float) -> None:
+        try:
+            sender.pump(now)
+        except Exception as e:  # unforeseen: this collector backs off, the others and the actor go on
+            log.exception("netlog collector failed unexpectedly", collector=sender.config.name)
+            sender.abort(now, f"unexpected error: {e!r}")
 
     def idle(self) -> bool:
         return all(sender.idle() for sender in self.senders)
@@ -637,9 +700,19 @@ class Shipper:
             self.pump(time.time())
             if self.idle():
                 return True
-            if time.time() >= deadline:
+            now = time.time()
+            if now >= deadline:
                 return False
-            time.sleep(0.02)
+            self._wait(min(_FLUSH_STEP, deadline - now))
+
+    def _wait(self, timeout: float) -> None:
+        """Until a sender's socket is ready for what it waits for, or `timeout` seconds."""
+        poller = select.poll()
+        for sender in self.senders:
+            wait = sender.waiting_on()
+            if wait is not None:
+                poller.register(wait.sock, (select.POLLIN if wait.read else 0) | (select.POLLOUT if wait.write else 0))
+        poller.poll(timeout * 1000)
 
     def stats(self) -> dict[str, SenderStats]:
         return {sender.config.name: sender.stats for sender in self.senders}

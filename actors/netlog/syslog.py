@@ -53,9 +53,7 @@ def _header_field(value: str, max_len: int) -> str:
 
 
 def _sd_name(value: str) -> str:
-    cleaned = "".join(
-        c if 33 <= ord(c) <= 126 and c not in _SD_NAME_FORBIDDEN else "_" for c in value[:_MAX_SD_NAME]
-    )
+    cleaned = "".join(c if 33 <= ord(c) <= 126 and c not in _SD_NAME_FORBIDDEN else "_" for c in value[:_MAX_SD_NAME])
     return cleaned or "_"
 
 
@@ -63,10 +61,7 @@ def encode_structured_data(elements: tuple[SDElement, ...]) -> str:
     if not elements:
         return NILVALUE
     return "".join(
-        "["
-        + _sd_name(e.sd_id)
-        + "".join(f' {_sd_name(k)}="{v.translate(_PARAM_ESCAPES)}"' for k, v in e.params)
-        + "]"
+        "[" + _sd_name(e.sd_id) + "".join(f' {_sd_name(k)}="{v.translate(_PARAM_ESCAPES)}"' for k, v in e.params) + "]"
         for e in elements
     )
 

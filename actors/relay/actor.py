@@ -14,7 +14,6 @@ Who is on which worker comes from the other workers' events on the bus.
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import select
 import socket
@@ -30,6 +29,7 @@ from meshsup.actors.kernel.types import Endpoint
 from meshsup.actors.registry import actor_name
 from meshsup.actors.relay.core import Core, Settings
 from meshsup.actors.relay.transport import Transport
+from meshsup.actors.settings.relay import RelayConf, RelaySettings
 from meshsup.actors.wire import stun
 
 TURN_EVENTS = 256  # socket events handled per turn of the actor loop
@@ -37,11 +37,6 @@ ACCEPT_BUDGET = 64
 STUN_BUDGET = 64
 ANNOUNCE_AFTER = (0.5, 2.0)  # RelayWorkerUp again while the bus's subscriptions settle
 RESTART_TRY_FOR_MS = 5000
-
-
-def parse_hostport(text: str) -> Endpoint:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _listen(kind: int, where: Endpoint) -> socket.socket:
@@ -72,6 +67,7 @@ def _endpoint(addr: Any) -> Endpoint:
 
 class RelayActor(Actor):
     kind = "relay"
+    settings_class = RelaySettings
 
     def __init__(self, name: str, runtime: Runtime) -> None:
         super().__init__(name, runtime)
@@ -90,29 +86,26 @@ class RelayActor(Actor):
         self.subscribe("relay.")
 
     # --- configuration ---------------------------------------------------------
-    def configure(self, config: dict[str, Any]) -> None:
-        relay = config["relay"]
+    def configure(self, settings: RelaySettings) -> None:
+        relay = settings.relay
         try:
             tls = _tls_context(relay)
         except (OSError, ssl.SSLError) as err:
             raise ConfigError(f"TLS certificate: {err}") from None
         if self.core is None:
             try:
-                self.listener = _listen(socket.SOCK_STREAM, parse_hostport(relay["listen"]))
-                if relay["stun_listen"]:
-                    self.stun = _listen(socket.SOCK_DGRAM, parse_hostport(relay["stun_listen"]))
+                self.listener = _listen(socket.SOCK_STREAM, relay.listen)
+                if relay.stun_listen is not None:
+                    self.stun = _listen(socket.SOCK_DGRAM, relay.stun_listen)
             except OSError as err:
                 raise ConfigError(f"cannot listen: {err}") from None
             for s in (self.listener, self.stun):
                 if s is not None:
                     self.epoll.register(s.fileno(), select.EPOLLIN)
-            private, public = (base64.b64decode(relay[k]) for k in ("private_key", "public_key"))
-            self.core = Core(Settings(self.name, private, public), time.monotonic())
+            self.core = Core(Settings(self.name, relay.private_key, relay.public_key), time.monotonic())
         self.tls = tls
-        self.core.keep_workers({actor_name("relay", i) for i in range(config["actors"]["relay"])})
-        self.core.s.rate, self.core.s.burst = relay["rate"], relay["burst"]
-        self.core.s.mesh_key = relay["mesh_key"]
-        super().configure(config)
+        self.core.keep_workers({actor_name("relay", i) for i in range(settings.actors.relay)})
+        self.core.s.rate, self.core.s.burst, self.core.s.mesh_key = relay.rate, relay.burst, relay.mesh_key
         self._apply()
 
     # --- the loop's hooks --------------------------------------------------------
@@ -302,10 +295,10 @@ class RelayActor(Actor):
             self.publish(event)
 
 
-def _tls_context(relay: dict[str, Any]) -> ssl.SSLContext | None:
-    if not relay["tls_cert"]:
+def _tls_context(relay: RelayConf) -> ssl.SSLContext | None:
+    if not relay.tls_cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(relay["tls_cert"], relay["tls_key"])
+    ctx.load_cert_chain(relay.tls_cert, relay.tls_key)
     return ctx

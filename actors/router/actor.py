@@ -9,6 +9,7 @@ the node stops or the setting goes. Every link or address change in the
 namespace is published as LinkChanged (the DNS controller flushes its cache
 on it), one per link and kind of change in each burst.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -17,10 +18,10 @@ from pyroute2 import IPRoute
 
 from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus.messages import LinkChanged
-from meshsup.actors.dns.settings import DnsSettings
+from meshsup.actors.kernel.tun import make_persistent
 from meshsup.actors.router.netconf import LinkMonitor, LinuxRouter
 from meshsup.actors.router.resolvconf import ResolvConf, for_this_namespace
-from meshsup.actors.kernel.tun import make_persistent
+from meshsup.actors.settings import DnsSettings, Settings
 
 
 class RouterActor(Actor):
@@ -36,10 +37,9 @@ class RouterActor(Actor):
         self.monitor = LinkMonitor()
         self.add_reader(self.monitor.fileno(), self._link_events)
 
-    def configure(self, config: dict[str, Any]) -> None:
-        super().configure(config)
-        node = config["node"]
-        iface = node["interface"]
+    def configure(self, settings: Settings) -> None:
+        node = settings.node
+        iface = node.interface
         if self.router is not None and self.router.ifname != iface:
             self._remove_link()
         if self.router is None:
@@ -51,23 +51,24 @@ class RouterActor(Actor):
                 self.router = LinuxRouter(iface)
             except (OSError, ValueError, LookupError) as err:
                 raise ConfigError(f"cannot create TUN {iface}: {err}") from None
-        changes = self.router.configure(node["addresses"], node["mtu"])
-        routes = sorted({p for peer in config["peers"] for p in peer["allowed_ips"]})
+        changes = self.router.configure([str(a) for a in node.addresses], node.mtu)
+        routes = sorted({str(p) for peer in settings.peers for p in peer.allowed_ips})
         route_changes = self.router.set_routes(routes)
         self.failures = [*changes.failed, *changes.rejected, *route_changes.failed, *route_changes.rejected]
         if self.failures:
             self.log.warning("some link settings failed", failures=self.failures)
         if changes.added or route_changes.added or route_changes.removed:
-            self.log.info("link configured", interface=iface, addresses=changes.added,
-                          routes_added=route_changes.added, routes_removed=route_changes.removed)
-        self._os_resolver(config["dns"])
+            self.log.info(
+                "link configured",
+                interface=iface,
+                addresses=changes.added,
+                routes_added=route_changes.added,
+                routes_removed=route_changes.removed,
+            )
+        self._os_resolver(settings.dns)
 
-    def _os_resolver(self, dns_table: dict[str, Any]) -> None:
+    def _os_resolver(self, settings: DnsSettings) -> None:
         """resolv.conf at the controller's addresses, or back to what it was."""
-        try:
-            settings = DnsSettings.from_config(dns_table, {})
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
         if not settings.set_os_resolver:
             self._restore_resolver()
             return
@@ -79,10 +80,16 @@ class RouterActor(Actor):
         except OSError as err:
             raise ConfigError(f"cannot write {self.resolv.path}: {err}") from None
         if first and self.resolv.refused_backup:
-            self.log.warning("resolv.conf backup refused; the original is taken to have been absent",
-                             reason=self.resolv.refused_backup)
-        self.log.info("resolver set", path=str(self.resolv.path), nameservers=settings.nameservers,
-                      problems=self.resolver_problems)
+            self.log.warning(
+                "resolv.conf backup refused; the original is taken to have been absent",
+                reason=self.resolv.refused_backup,
+            )
+        self.log.info(
+            "resolver set",
+            path=str(self.resolv.path),
+            nameservers=settings.nameservers,
+            problems=self.resolver_problems,
+        )
 
     def _restore_resolver(self) -> None:
         if self.resolv is not None and self.resolv.active:

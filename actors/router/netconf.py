@@ -56,9 +56,7 @@ def _normalise_address(text: str) -> str:
     return str(ipaddress.ip_interface(text))
 
 
-def plan(
-    present: set[str], owned: set[str], wanted: Iterable[object], normalise: Callable[[str], str]
-) -> Changes:
+def plan(present: set[str], owned: set[str], wanted: Iterable[object], normalise: Callable[[str], str]) -> Changes:
     """The additions and removals that turn ``present`` into ``wanted``,
     touching only ``owned`` entries when removing. Malformed wanted entries
     are listed in ``rejected`` and otherwise ignored."""
@@ -113,9 +111,7 @@ class LinuxRouter:
         ours = self._our_routes()
         changes = plan(ours, ours, prefixes, _normalise_prefix)
         changes.added = [p for p in changes.added if self._apply(changes, p, lambda: self._route("add", p))]
-        changes.removed = [
-            p for p in changes.removed if self._apply(changes, p, lambda: self._route("del", p))
-        ]
+        changes.removed = [p for p in changes.removed if self._apply(changes, p, lambda: self._route("del", p))]
         return changes
 
     def teardown(self) -> Changes:

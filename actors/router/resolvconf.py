@@ -101,7 +101,7 @@ def _load_backup(path: Path) -> _Snapshot:
     except FileNotFoundError:
         return _Snapshot("missing")
     if data.startswith(SYMLINK_MARK):
-        return _Snapshot("symlink", data[len(SYMLINK_MARK):])
+        return _Snapshot("symlink", data[len(SYMLINK_MARK) :])
     return _Snapshot("file", data)
 
 
@@ -151,15 +151,21 @@ def for_this_namespace(backup_dir: Path) -> ResolvConf:
     name = network_namespace_name()
     if name is None:
         return ResolvConf("/etc/resolv.conf", backup=backup_dir / ("resolv.conf" + BACKUP_SUFFIX))
-    return ResolvConf(NETNS_ETC_DIR / name / "resolv.conf", backup=backup_dir / f"resolv.conf.{name}{BACKUP_SUFFIX}",
-                      in_place=True)
+    return ResolvConf(
+        NETNS_ETC_DIR / name / "resolv.conf", backup=backup_dir / f"resolv.conf.{name}{BACKUP_SUFFIX}", in_place=True
+    )
 
 
 class ResolvConf:
     """The resolver configuration at ``path``, taken over and given back."""
 
-    def __init__(self, path: str | os.PathLike[str] = "/etc/resolv.conf", *,
-                 backup: str | os.PathLike[str] | None = None, in_place: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "/etc/resolv.conf",
+        *,
+        backup: str | os.PathLike[str] | None = None,
+        in_place: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.backup = Path(backup) if backup else self.path.with_name(self.path.name + BACKUP_SUFFIX)
         self.in_place = in_place

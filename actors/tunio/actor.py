@@ -9,6 +9,7 @@ steering on this kernel, a worker without a queue) is read here in
 batches, split by owner and handed on; tun-io writes only for a worker
 that has no queue.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,11 +21,12 @@ from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus import batch
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import PacketBatch
+from meshsup.actors.flowcount.feed import FlowFeed
+from meshsup.actors.flowcount.tally import INNER
+from meshsup.actors.kernel.tun import Tun
 from meshsup.actors.routing.allowedips import AllowedIPs, Network
 from meshsup.actors.routing.shard import by_owner, worker_prefixes, worker_routes
-from meshsup.actors.flowcount.tally import INNER
-from meshsup.actors.flowcount.feed import FlowFeed
-from meshsup.actors.kernel.tun import Tun
+from meshsup.actors.settings import Settings
 from meshsup.bpf import steering
 from meshsup.bpf.syscall import attach_steering, load_socket_filter
 
@@ -44,10 +46,9 @@ class TunIoActor(Actor):
         self.steering = False
         self._steering_refused = False  # said once in the log
 
-    def configure(self, config: dict[str, Any]) -> None:
-        super().configure(config)
-        self.flows.configure(config)
-        iface = config["node"]["interface"]
+    def configure(self, settings: Settings) -> None:
+        self.flows.configure(settings)
+        iface = settings.node.interface
         if self.tun is None or self.tun.name != iface:
             try:
                 new = Tun.open(iface)
@@ -60,11 +61,11 @@ class TunIoActor(Actor):
             self.add_reader(new.fileno(), self.on_readable)
             self._report_offloads(new)
             self.route_key = None  # steer the new descriptor's device too
-        workers = config["actors"]["crypto"]
+        workers = settings.actors.crypto
         self.outbox.connect([f"crypto-{w}" for w in range(workers)])
-        key = (workers, [(p["public_key"], p["allowed_ips"]) for p in config["peers"]])
+        key = (workers, [(p.public_key, p.allowed_ips) for p in settings.peers])
         if key != self.route_key:
-            prefixes = worker_prefixes(config["peers"], workers)
+            prefixes = worker_prefixes(settings.peers, workers)
             self.routes, self.route_key = worker_routes(prefixes), key
             self._steer(prefixes)
 
@@ -91,8 +92,7 @@ class TunIoActor(Actor):
         self.steering = True
 
     def _report_offloads(self, tun: Tun) -> None:
-        self.log.info("TUN attached", interface=tun.name, coalesced_writes=tun.vnet_hdr,
-                      worker_queues=tun.multi_queue)
+        self.log.info("TUN attached", interface=tun.name, coalesced_writes=tun.vnet_hdr, worker_queues=tun.multi_queue)
         if not tun.vnet_hdr:
             self.log.warning("TUN without a virtio-net header: packets are written one by one")
         if not tun.multi_queue:
@@ -126,8 +126,14 @@ class TunIoActor(Actor):
 
     def status(self) -> dict[str, Any]:
         tun = {} if self.tun is None else dataclasses.asdict(self.tun.stats)
-        return {"counters": {**self.counters, **tun, "steering": int(self.steering),
-                             "bus_full": sum(self.outbox.dropped.values())}}
+        return {
+            "counters": {
+                **self.counters,
+                **tun,
+                "steering": int(self.steering),
+                "bus_full": sum(self.outbox.dropped.values()),
+            }
+        }
 
     def tick(self, now: float) -> None:
         self.flows.tick(now)

@@ -1,23 +1,41 @@
-"""Field accessors for raw IPv4/IPv6 packets as read from a TUN.
+"""Field offsets and accessors for raw IPv4/IPv6 packets as read from a TUN.
 
-Plain functions over ``bytes``/``memoryview``: the hot path asks one or two
-questions per packet (version, destination, ports for flow accounting) and
-must not build an object per packet. Every accessor returns ``None`` for a
-packet too short or malformed to answer, never raises.
+The offsets are named here once, for every reader of IP headers: a slice
+for a field cut out as bytes (``packet[IPV4_DST]``), an int for one read as
+a number (a byte, or a big-endian u16 at that offset). Hot loops index with
+them directly, which costs no more than a literal slice.
+
+The accessors are plain functions over ``bytes``/``memoryview``: the hot
+path asks one or two questions per packet (version, destination, ports for
+flow accounting) and must not build an object per packet. Every accessor
+returns ``None`` for a packet too short or malformed to answer, never raises.
 """
 
 from __future__ import annotations
 
-from meshsup.actors.kernel.types import Buffer
-
 from typing import Final
 
+from meshsup.actors.kernel.types import Buffer
 
 IPPROTO_TCP: Final = 6
 IPPROTO_UDP: Final = 17
 
-_IPV4_MIN_HEADER: Final = 20
-_IPV6_HEADER: Final = 40
+# IPv4 header (RFC 791), without options.
+IPV4_HEADER_MIN: Final = 20
+IPV4_TOTAL_LENGTH: Final = 2  # u16, header included
+IPV4_FRAGMENT: Final = 6  # u16: 3 flag bits (reserved, DF, MF), 13 bits of fragment offset
+IPV4_PROTOCOL: Final = 9
+IPV4_CHECKSUM: Final = 10  # u16
+IPV4_SRC: Final = slice(12, 16)
+IPV4_DST: Final = slice(16, 20)
+IPV4_ADDRESSES: Final = slice(IPV4_SRC.start, IPV4_DST.stop)  # source then destination
+# IPv6 fixed header (RFC 8200).
+IPV6_HEADER: Final = 40
+IPV6_PAYLOAD_LENGTH: Final = 4  # u16, fixed header excluded
+IPV6_NEXT_HEADER: Final = 6
+IPV6_SRC: Final = slice(8, 24)
+IPV6_DST: Final = slice(24, 40)
+IPV6_ADDRESSES: Final = slice(IPV6_SRC.start, IPV6_DST.stop)
 # IPv6 extension headers that sit between the fixed header and the transport
 # header and share the "next header, length in 8-octet units" layout.
 _IPV6_EXTENSIONS: Final = frozenset({0, 43, 60})
@@ -35,7 +53,7 @@ def version(pkt: Buffer) -> int | None:
 
 def _ipv4_header_length(pkt: Buffer) -> int | None:
     ihl = (pkt[0] & 0x0F) * 4
-    if ihl < _IPV4_MIN_HEADER or len(pkt) < ihl:
+    if ihl < IPV4_HEADER_MIN or len(pkt) < ihl:
         return None
     return ihl
 
@@ -43,30 +61,30 @@ def _ipv4_header_length(pkt: Buffer) -> int | None:
 def total_length(pkt: Buffer) -> int | None:
     """Length the IP header claims for the whole packet (header included)."""
     v = version(pkt)
-    if v == 4 and len(pkt) >= _IPV4_MIN_HEADER:
-        return int.from_bytes(pkt[2:4], "big")
-    if v == 6 and len(pkt) >= _IPV6_HEADER:
-        return _IPV6_HEADER + int.from_bytes(pkt[4:6], "big")
+    if v == 4 and len(pkt) >= IPV4_HEADER_MIN:
+        return pkt[IPV4_TOTAL_LENGTH] << 8 | pkt[IPV4_TOTAL_LENGTH + 1]
+    if v == 6 and len(pkt) >= IPV6_HEADER:
+        return IPV6_HEADER + (pkt[IPV6_PAYLOAD_LENGTH] << 8 | pkt[IPV6_PAYLOAD_LENGTH + 1])
     return None
 
 
 def src_addr(pkt: Buffer) -> bytes | None:
     """Source address: 4 bytes for IPv4, 16 for IPv6."""
     v = version(pkt)
-    if v == 4 and len(pkt) >= _IPV4_MIN_HEADER:
-        return bytes(pkt[12:16])
-    if v == 6 and len(pkt) >= _IPV6_HEADER:
-        return bytes(pkt[8:24])
+    if v == 4 and len(pkt) >= IPV4_HEADER_MIN:
+        return bytes(pkt[IPV4_SRC])
+    if v == 6 and len(pkt) >= IPV6_HEADER:
+        return bytes(pkt[IPV6_SRC])
     return None
 
 
 def dst_addr(pkt: Buffer) -> bytes | None:
     """Destination address: 4 bytes for IPv4, 16 for IPv6."""
     v = version(pkt)
-    if v == 4 and len(pkt) >= _IPV4_MIN_HEADER:
-        return bytes(pkt[16:20])
-    if v == 6 and len(pkt) >= _IPV6_HEADER:
-        return bytes(pkt[24:40])
+    if v == 4 and len(pkt) >= IPV4_HEADER_MIN:
+        return bytes(pkt[IPV4_DST])
+    if v == 6 and len(pkt) >= IPV6_HEADER:
+        return bytes(pkt[IPV6_DST])
     return None
 
 
@@ -78,11 +96,11 @@ def _transport(pkt: Buffer) -> tuple[int, int | None] | None:
         ihl = _ipv4_header_length(pkt)
         if ihl is None:
             return None
-        fragment_offset = int.from_bytes(pkt[6:8], "big") & 0x1FFF
-        return pkt[9], (ihl if fragment_offset == 0 else None)
-    if v != 6 or len(pkt) < _IPV6_HEADER:
+        fragment_offset = (pkt[IPV4_FRAGMENT] << 8 | pkt[IPV4_FRAGMENT + 1]) & 0x1FFF
+        return pkt[IPV4_PROTOCOL], (ihl if fragment_offset == 0 else None)
+    if v != 6 or len(pkt) < IPV6_HEADER:
         return None
-    proto, offset = pkt[6], _IPV6_HEADER
+    proto, offset = pkt[IPV6_NEXT_HEADER], IPV6_HEADER
     for _ in range(_IPV6_MAX_EXTENSIONS):
         if proto in _IPV6_EXTENSIONS:
             if len(pkt) < offset + 2:

@@ -8,11 +8,10 @@ drop and goes on.
 
 from __future__ import annotations
 
-from meshsup.actors.kernel.types import Buffer
-
 from enum import IntEnum
 from typing import Final
 
+from meshsup.actors.kernel.types import Buffer
 
 
 class MessageType(IntEnum):
@@ -54,4 +53,4 @@ def receiver_index(datagram: Buffer) -> int | None:
         return None
     # A response carries its own sender index first; ours follows it.
     offset = 8 if mtype is MessageType.RESPONSE else 4
-    return int.from_bytes(datagram[offset:offset + 4], "little")
+    return int.from_bytes(datagram[offset : offset + 4], "little")

@@ -15,6 +15,7 @@ every meshsup process's share of a CPU and where its samples fall (the
 functions with the most samples of their own). Other load on the machine
 moves every figure; the ratios, measured minutes apart, move less.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -90,8 +91,19 @@ class Pair:
                     self.ends.append(wg)
                 else:
                     config = meshsup_config(self.tmp, me, [other])
-                    self.ends.append(u.track(Node(self.tmp, "--config", str(config), "--crypto-workers",
-                                                  str(self.workers), netns=ns, faults=False)))
+                    self.ends.append(
+                        u.track(
+                            Node(
+                                self.tmp,
+                                "--config",
+                                str(config),
+                                "--crypto-workers",
+                                str(self.workers),
+                                netns=ns,
+                                faults=False,
+                            )
+                        )
+                    )
             for end in self.ends:  # both nodes start at once
                 if isinstance(end, Node):
                     end.wait_ready()
@@ -139,8 +151,11 @@ class Pair:
         before = self.drops()
         r = self.iperf3(seconds, extra=extra)
         drops = {k: v - before[k] for k, v in self.drops().items()}
-        return {**r["end"]["sum"], "out_of_order": sum(s["udp"]["out_of_order"] for s in r["end"]["streams"]),
-                "drops": {k: v for k, v in drops.items() if v}}
+        return {
+            **r["end"]["sum"],
+            "out_of_order": sum(s["udp"]["out_of_order"] for s in r["end"]["streams"]),
+            "drops": {k: v for k, v in drops.items() if v},
+        }
 
     def drops(self) -> dict[str, int]:
         """Where a datagram can be lost: the sender's TUN queue (kernel), the
@@ -154,8 +169,11 @@ class Pair:
         for end in self.ends:
             if isinstance(end, Node):
                 counters = end.counters()
-                out["tunnel_counted"] += sum(c.get(k, 0) for c in counters.values()
-                                             for k in ("bus_full", "tun_dropped", "tx_dropped", "udp_tx_dropped"))
+                out["tunnel_counted"] += sum(
+                    c.get(k, 0)
+                    for c in counters.values()
+                    for k in ("bus_full", "tun_dropped", "tx_dropped", "udp_tx_dropped")
+                )
         snmp = b.run("nstat", "-az", "UdpRcvbufErrors", check=False).stdout.split()
         out["receiver_udp_buffers"] = int(snmp[snmp.index("UdpRcvbufErrors") + 1]) if "UdpRcvbufErrors" in snmp else 0
         return out
@@ -170,12 +188,33 @@ class Pair:
 
     def profiled_tcp(self, seconds: int) -> tuple[Transfer, dict[str, Profile]]:
         """iperf3 TCP alpha -> bravo with py-spy sampling every actor of both nodes."""
-        procs = {name: pid for name, pid in self.meshsup_processes().items()
-                 if name.split("/")[1].startswith(("crypto", "tun-io", "magicsock"))}
-        spies = {name: subprocess.Popen(
-            [SPY, "record", "--nonblocking", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw",
-             "-o", str(self.tmp / f"spy-{name.replace('/', '-')}.txt")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for name, pid in procs.items()}
+        procs = {
+            name: pid
+            for name, pid in self.meshsup_processes().items()
+            if name.split("/")[1].startswith(("crypto", "tun-io", "magicsock"))
+        }
+        spies = {
+            name: subprocess.Popen(
+                [
+                    SPY,
+                    "record",
+                    "--nonblocking",
+                    "-p",
+                    str(pid),
+                    "-d",
+                    str(seconds),
+                    "-r",
+                    "250",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(self.tmp / f"spy-{name.replace('/', '-')}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for name, pid in procs.items()
+        }
         before = {name: cpu_seconds([pid]) for name, pid in procs.items()}
         transfer = self.tcp(seconds, reverse=False)
         profiles = {}
@@ -219,10 +258,12 @@ def hot_spots(path: Path, n: int = 4) -> list[tuple[str, float]]:
 # Pinned to one CPU at SCHED_IDLE: it runs only when nothing else wants that
 # CPU and yields to any wake-up at once, so it takes no time from the tunnels,
 # but the CPU never goes idle (on a VM: its vCPU never halts).
-_IDLE_SPINNER = ("import os, sys\n"
-                 "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
-                 "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
-                 "while True:\n    pass\n")
+_IDLE_SPINNER = (
+    "import os, sys\n"
+    "os.sched_setaffinity(0, {int(sys.argv[1])})\n"
+    "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+    "while True:\n    pass\n"
+)
 
 
 @contextlib.contextmanager
@@ -301,28 +342,42 @@ def main() -> None:
 
     (_, base_fwd, _, base_rev, base_rtt), *_ = rows
     print(f"iperf3 TCP, {s} s each way; CPU s/GB: both ends' tunnel processes per GB received")
-    for name_fwd, fwd, name_rev, rev, rtt in rows:
-        print(f"  {name_fwd:<26} {fwd.mbit:6.0f} Mbit/s {ratio(fwd.mbit, base_fwd.mbit):>8} "
-              f"{fwd.cpu_per_gb:5.1f} CPU s/GB {ratio(fwd.cpu_per_gb, base_fwd.cpu_per_gb):>8}   "
-              f"{name_rev:<26} {rev.mbit:6.0f} Mbit/s {ratio(rev.mbit, base_rev.mbit):>8} "
-              f"{rev.cpu_per_gb:5.1f} CPU s/GB {ratio(rev.cpu_per_gb, base_rev.cpu_per_gb):>8}")
-    print("ping RTT (median of 150 pings 20 ms apart, the pairs taking turns); then with no CPU left idle "
-          "(a SCHED_IDLE busy loop on each), which takes out the wake-up of an idle, on a VM halted, CPU")
+    for name_fwd, fwd, name_rev, rev, _rtt in rows:
+        print(
+            f"  {name_fwd:<26} {fwd.mbit:6.0f} Mbit/s {ratio(fwd.mbit, base_fwd.mbit):>8} "
+            f"{fwd.cpu_per_gb:5.1f} CPU s/GB {ratio(fwd.cpu_per_gb, base_fwd.cpu_per_gb):>8}   "
+            f"{name_rev:<26} {rev.mbit:6.0f} Mbit/s {ratio(rev.mbit, base_rev.mbit):>8} "
+            f"{rev.cpu_per_gb:5.1f} CPU s/GB {ratio(rev.cpu_per_gb, base_rev.cpu_per_gb):>8}"
+        )
+    print(
+        "ping RTT (median of 150 pings 20 ms apart, the pairs taking turns); then with no CPU left idle "
+        "(a SCHED_IDLE busy loop on each), which takes out the wake-up of an idle, on a VM halted, CPU"
+    )
     for (name_fwd, *_, rtt), awake in zip(rows, awake_rtts):
-        print(f"  {name_fwd.replace(' -> ', ' <-> '):<26} {rtt:6.3f} ms {ratio(rtt, base_rtt):>8}   "
-              f"no CPU idle: {awake:6.3f} ms {ratio(awake, awake_rtts[0]):>8}")
-    print(f"iperf3 UDP {UDP_RATE}bit/s, {UDP_LEN}-byte datagrams, {UDP_SECONDS} s (meshsup: 2 crypto workers); "
-          "iperf3's socket buffers at the default, then 4 MB")
+        print(
+            f"  {name_fwd.replace(' -> ', ' <-> '):<26} {rtt:6.3f} ms {ratio(rtt, base_rtt):>8}   "
+            f"no CPU idle: {awake:6.3f} ms {ratio(awake, awake_rtts[0]):>8}"
+        )
+    print(
+        f"iperf3 UDP {UDP_RATE}bit/s, {UDP_LEN}-byte datagrams, {UDP_SECONDS} s (meshsup: 2 crypto workers); "
+        "iperf3's socket buffers at the default, then 4 MB"
+    )
     for (a, b, buffer), u in udp.items():
         lost, total = u.get("lost_packets", 0), u.get("packets", 0)
-        print(f"  {a} -> {b:<13} {buffer or 'default':>7}  {u['out_of_order']} out of order, "
-              f"{lost}/{total} lost ({100 * lost / total if total else float('nan'):.3f} %)  dropped at: {u['drops']}")
-    print("meshsup -> meshsup TCP by crypto workers (one peer: one owning worker), py-spy on every "
-          "dataplane actor: its share of a CPU, and the functions with most samples of their own")
+        print(
+            f"  {a} -> {b:<13} {buffer or 'default':>7}  {u['out_of_order']} out of order, "
+            f"{lost}/{total} lost ({100 * lost / total if total else float('nan'):.3f} %)  dropped at: {u['drops']}"
+        )
+    print(
+        "meshsup -> meshsup TCP by crypto workers (one peer: one owning worker), py-spy on every "
+        "dataplane actor: its share of a CPU, and the functions with most samples of their own"
+    )
     for n in sorted(workers):
         t, profiles = workers[n]
-        print(f"  {n} worker{'s' if n > 1 else ' '}  {t.mbit:6.0f} Mbit/s {ratio(t.mbit, base_fwd.mbit):>8} "
-              f"{t.cpu_per_gb:5.1f} CPU s/GB")
+        print(
+            f"  {n} worker{'s' if n > 1 else ' '}  {t.mbit:6.0f} Mbit/s {ratio(t.mbit, base_fwd.mbit):>8} "
+            f"{t.cpu_per_gb:5.1f} CPU s/GB"
+        )
         for name, prof in sorted(profiles.items(), key=lambda kv: -kv[1].cpu):
             if prof.cpu >= 0.02:
                 spots = ", ".join(f"{fn} {share:.0%}" for fn, share in prof.top)

@@ -17,6 +17,7 @@ RSS is each server process's resident set at the end, with the part of it
 that is the process's own (a dns worker shares the rest with the fork
 server it came from and the other actors).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,23 @@ def dnsperf(ns: Netns, server: Server, queries: list[str], tmp: Path, seconds: f
     """One dnsperf run; passes=N stops after N passes through the queries (else after `seconds`)."""
     data = tmp / f"queries-{secrets.token_hex(3)}.txt"
     data.write_text("\n".join(queries) + "\n")
-    argv = ["dnsperf", "-s", server.host, "-p", str(server.port), "-d", str(data), "-l", str(seconds),
-            "-c", str(CLIENTS), "-q", str(OUTSTANDING), "-t", "2"]
+    argv = [
+        "dnsperf",
+        "-s",
+        server.host,
+        "-p",
+        str(server.port),
+        "-d",
+        str(data),
+        "-l",
+        str(seconds),
+        "-c",
+        str(CLIENTS),
+        "-q",
+        str(OUTSTANDING),
+        "-t",
+        "2",
+    ]
     if passes:
         argv += ["-n", str(passes)]
     pids = server.pids()
@@ -85,11 +101,17 @@ def dnsperf(ns: Netns, server: Server, queries: list[str], tmp: Path, seconds: f
         return float(match.group(1))
 
     codes = re.search(r"Response codes:\s+(.*)", out)
-    errors = sum(int(n) for code, n in re.findall(r"(\w+) (\d+) \(", codes.group(1) if codes else "")
-                 if code != "NOERROR")
+    errors = sum(
+        int(n) for code, n in re.findall(r"(\w+) (\d+) \(", codes.group(1) if codes else "") if code != "NOERROR"
+    )
     completed = max(1, int(number("Queries completed")))
-    return Figures(number("Queries per second"), number("Average Latency \\(s\\)") * 1000,
-                   cpu / completed * 1e6, int(number("Queries lost")), errors)
+    return Figures(
+        number("Queries per second"),
+        number("Average Latency \\(s\\)") * 1000,
+        cpu / completed * 1e6,
+        int(number("Queries lost")),
+        errors,
+    )
 
 
 @dataclass
@@ -131,8 +153,14 @@ def dns_workers(node: Node) -> list[int]:
     return [a["pid"] for a in node.status()["actors"] if a["kind"] == "dns" and a["state"] == "running"]
 
 
-def run_rounds(ns: Netns, servers: list[Server], peers: list[Identity], tmp: Path, args: argparse.Namespace,
-               results: dict[str, dict[str, list[Figures]]]) -> None:
+def run_rounds(
+    ns: Netns,
+    servers: list[Server],
+    peers: list[Identity],
+    tmp: Path,
+    args: argparse.Namespace,
+    results: dict[str, dict[str, list[Figures]]],
+) -> None:
     """Each workload against each server in turn, round after round, so that
     whatever else the machine does weighs on all of them alike."""
     names = workloads(peers)
@@ -143,8 +171,9 @@ def run_rounds(ns: Netns, servers: list[Server], peers: list[Identity], tmp: Pat
         for workload in ("local", "cached", "cold"):
             for server in order:
                 if workload == "cold":
-                    figures = dnsperf(ns, server, cold_names(secrets.token_hex(3), args.cold), tmp, args.seconds,
-                                      passes=1)
+                    figures = dnsperf(
+                        ns, server, cold_names(secrets.token_hex(3), args.cold), tmp, args.seconds, passes=1
+                    )
                 else:
                     figures = dnsperf(ns, server, names[workload], tmp, args.seconds)
                 results.setdefault(server.name, {}).setdefault(workload, []).append(figures)
@@ -152,11 +181,17 @@ def run_rounds(ns: Netns, servers: list[Server], peers: list[Identity], tmp: Pat
 
 def median(figures: list[Figures]) -> Figures:
     """Field by field."""
+
     def mid(values: list[float]) -> float:
         return sorted(values)[len(values) // 2]
 
-    return Figures(mid([f.qps for f in figures]), mid([f.latency_ms for f in figures]),
-                   mid([f.cpu_us for f in figures]), sum(f.lost for f in figures), sum(f.errors for f in figures))
+    return Figures(
+        mid([f.qps for f in figures]),
+        mid([f.latency_ms for f in figures]),
+        mid([f.cpu_us for f in figures]),
+        sum(f.lost for f in figures),
+        sum(f.errors for f in figures),
+    )
 
 
 def main() -> None:
@@ -174,18 +209,32 @@ def main() -> None:
             tmp = Path(tmp_name)
             me = Identity("alpha", 1)
             peers = [Identity(f"peer{i}", i + 2) for i in range(PEERS)]
-            upstream = start_dnsmasq(tmp, ["--address=/example.test/203.0.113.7"], ttl=3600, name="upstream",
-                                     ns=ns, log_queries=False)
+            upstream = start_dnsmasq(
+                tmp, ["--address=/example.test/203.0.113.7"], ttl=3600, name="upstream", ns=ns, log_queries=False
+            )
             processes.append(upstream)
             forward = f"{upstream.host}#{upstream.port}"
             records = [f"--host-record={p.name}.mesh,{p.v4},{p.v6}" for p in peers]
-            dnsmasq = start_dnsmasq(tmp, [f"--server=/example.test/{forward}", "--dns-forward-max=1024", *records],
-                                    ttl=600, name="dnsmasq", ns=ns, log_queries=False, cache_size=CACHE_SIZE)
+            dnsmasq = start_dnsmasq(
+                tmp,
+                [f"--server=/example.test/{forward}", "--dns-forward-max=1024", *records],
+                ttl=600,
+                name="dnsmasq",
+                ns=ns,
+                log_queries=False,
+                cache_size=CACHE_SIZE,
+            )
             processes.append(dnsmasq)
-            config = node_config(tmp, me, peers, {
-                "listen": ["127.0.0.1:53"], "upstreams": [f"udp://{upstream.host}:{upstream.port}"],
-                "cache_size": CACHE_SIZE,
-            })
+            config = node_config(
+                tmp,
+                me,
+                peers,
+                {
+                    "listen": ["127.0.0.1:53"],
+                    "upstreams": [f"udp://{upstream.host}:{upstream.port}"],
+                    "cache_size": CACHE_SIZE,
+                },
+            )
             node = Node(tmp, "--config", str(config), "--dns-workers", "1", netns=ns, faults=False)
             processes.append(node)
             node.wait_ready()
@@ -196,8 +245,9 @@ def main() -> None:
                     node.wait(lambda: len(dns_workers(node)) == 2, what="two dns workers")
                 label = f"meshsup {workers} worker{'s' if workers > 1 else ''}"
                 meshsup = Server(label, "127.0.0.1", 53, lambda: dns_workers(node))
-                reference = Server(f"dnsmasq (vs {workers})", dnsmasq.host, dnsmasq.port,
-                                   lambda: [dnsmasq.process.popen.pid])
+                reference = Server(
+                    f"dnsmasq (vs {workers})", dnsmasq.host, dnsmasq.port, lambda: [dnsmasq.process.popen.pid]
+                )
                 run_rounds(ns, [reference, meshsup], peers, tmp, args, results)
                 pairs.append((reference.name, label))
                 rss[label] = [memory(pid) for pid in meshsup.pids()]
@@ -207,17 +257,21 @@ def main() -> None:
             process.close() if isinstance(process, Node) else process.stop()
         ns.close()
 
-    print(f"dnsperf, {CLIENTS} clients, {OUTSTANDING} outstanding, {args.seconds:g} s per run, medians of "
-          f"{args.rounds} rounds; cold: {args.cold} names each asked once. Ratios against dnsmasq in the same "
-          f"rounds: q/s, and CPU per query (dnsmasq's over ours: above 1, we use less)")
+    print(
+        f"dnsperf, {CLIENTS} clients, {OUTSTANDING} outstanding, {args.seconds:g} s per run, medians of "
+        f"{args.rounds} rounds; cold: {args.cold} names each asked once. Ratios against dnsmasq in the same "
+        f"rounds: q/s, and CPU per query (dnsmasq's over ours: above 1, we use less)"
+    )
     for reference, label in pairs:
         base = {workload: median(f) for workload, f in results[reference].items()}
         for server in (reference, label):
             for workload, runs in results[server].items():
                 f = median(runs)
-                print(f"{server:>17}  {workload:<6} {f}  {f.qps / base[workload].qps:5.2f}x q/s  "
-                      f"{base[workload].cpu_us / f.cpu_us:5.2f}x CPU  "
-                      f"(q/s {min(r.qps for r in runs):.0f}..{max(r.qps for r in runs):.0f})")
+                print(
+                    f"{server:>17}  {workload:<6} {f}  {f.qps / base[workload].qps:5.2f}x q/s  "
+                    f"{base[workload].cpu_us / f.cpu_us:5.2f}x CPU  "
+                    f"(q/s {min(r.qps for r in runs):.0f}..{max(r.qps for r in runs):.0f})"
+                )
             memory_of = "dnsmasq" if server == reference else server
             print(f"{'':>17}  RSS    " + " + ".join(map(str, rss[memory_of])) + " MiB")
 

@@ -1,6 +1,7 @@
 """Flow-logging figures: counting on the hot path, shipping to rsyslog and nfcapd, netlog's CPU and memory.
 
 Run as root: .venv/bin/python tests/bench/bench_netlog.py [--records 2000] [--windows 3] [--rounds 2]
+             [--phase counting|shipping|node|loop]  (one of the figures below: 1, 2, 3 or 4)
 
 1. Counting: what tun-io's per-packet tally costs, against the per-packet
    work tun-io already does (parse the destination, look up its peer); and
@@ -10,11 +11,18 @@ Run as root: .venv/bin/python tests/bench/bench_netlog.py [--records 2000] [--wi
    (spooled, fsynced, RFC 5424 over TCP, confirmed) and to a real nfcapd
    (IPFIX over UDP), against logger(1) sending the same messages to the
    same rsyslog and nfreplay(1) sending the same flows to the same nfcapd.
+   The shipper is driven here by its own flush (rsyslog) or pump (nfcapd).
 3. A real node's netlog fed the counts of N active connections once per
    window (5 s), shipping to rsyslog and nfcapd in its namespace: CPU per
    1,000 connections per window, and memory with 100,000 connections
    (netlog's RSS; tun-io's tally of them, measured in this process).
+4. Shipping through netlog's loop: the same records spooled for one
+   collector, shipped by a netlog actor running its own loop (the real
+   Actor.run, in a child process: tests/netlog_loop.py), to a loopback HTTP
+   collector in this process (keep-alive) and to rsyslog over TCP: records/s
+   until the last one is at the collector, and the turns of the loop taken.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,16 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from meshsup.actors.bus.datapath import Outbox  # noqa: E402
 from meshsup.actors.bus.endpoints import Runtime  # noqa: E402
-from meshsup.actors.routing.allowedips import AllowedIPs  # noqa: E402
-from meshsup.actors.netlog.collectors import parse_collectors  # noqa: E402
 from meshsup.actors.bus.messages import FlowCounts  # noqa: E402
 from meshsup.actors.flowcount.tally import INNER, PacketTally, chunks  # noqa: E402
 from meshsup.actors.netlog.flows import Classifier, FlowTable, Record, encode_record  # noqa: E402
 from meshsup.actors.netlog.formats import flow_syslog  # noqa: E402
 from meshsup.actors.netlog.shipper import Shipper  # noqa: E402
 from meshsup.actors.netlog.syslog import encode_message  # noqa: E402
+from meshsup.actors.routing.allowedips import AllowedIPs  # noqa: E402
+from meshsup.actors.settings.collectors import parse_collectors  # noqa: E402
 from meshsup.actors.wire import ip as packet  # noqa: E402
-from tests.netlog_fixtures import Nfcapd, Rsyslog, free_port, wait_until  # noqa: E402
+from tests.netlog_fixtures import HttpCollector, Nfcapd, Rsyslog, free_port, wait_until  # noqa: E402
+from tests.netlog_loop import LoopRun, ship_through_loop  # noqa: E402
 from tests.nodes import Netns, Node  # noqa: E402
 from tests.topology import Identity, Underlay, WgGo, iperf3, meshsup_config, ping  # noqa: E402
 
@@ -78,8 +87,10 @@ def bench_counting() -> None:
             lookup(dst) if dst is not None else None
 
     counted, routed = per_packet(tally.add_packets, batch), per_packet(route, batch)
-    print(f"counting on the hot path: {counted:.0f} ns/packet; tun-io's routing work {routed:.0f} ns/packet "
-          f"(+{counted / routed:.0%})")
+    print(
+        f"counting on the hot path: {counted:.0f} ns/packet; tun-io's routing work {routed:.0f} ns/packet "
+        f"(+{counted / routed:.0%})"
+    )
 
 
 def tunnel_mbits(workdir: Path, extra: str, seconds: int = 5) -> tuple[float, float]:
@@ -110,9 +121,11 @@ def bench_tunnel(workdir: Path, rounds: int) -> None:
         for name, extra in (("off", ""), ("on", on)):
             runs[name].append(tunnel_mbits(workdir, extra))
     mean = {k: (sum(r[0] for r in v) / len(v), sum(r[1] for r in v) / len(v)) for k, v in runs.items()}
-    print(f"tunnel, meshsup <-> wireguard-go, {rounds} rounds: flow logging off {mean['off'][0]:.0f} / "
-          f"{mean['off'][1]:.0f} Mbit/s, on {mean['on'][0]:.0f} / {mean['on'][1]:.0f} Mbit/s "
-          f"({mean['on'][0] / mean['off'][0]:.2f}x / {mean['on'][1] / mean['off'][1]:.2f}x)")
+    print(
+        f"tunnel, meshsup <-> wireguard-go, {rounds} rounds: flow logging off {mean['off'][0]:.0f} / "
+        f"{mean['off'][1]:.0f} Mbit/s, on {mean['on'][0]:.0f} / {mean['on'][1]:.0f} Mbit/s "
+        f"({mean['on'][0] / mean['off'][0]:.2f}x / {mean['on'][1] / mean['off'][1]:.2f}x)"
+    )
 
 
 def records(count: int, connections: int) -> list[Record]:
@@ -121,8 +134,9 @@ def records(count: int, connections: int) -> list[Record]:
     for r in range(count):
         for c in range(connections):
             n = r * connections + c
-            table.add((6, f"100.64.{n >> 16 & 63}.{n >> 8 & 255}:{1024 + n % 60000}", "100.64.0.2:443"),
-                      12, 15000, 9, 600)
+            table.add(
+                (6, f"100.64.{n >> 16 & 63}.{n >> 8 & 255}:{1024 + n % 60000}", "100.64.0.2:443"), 12, 15000, 9, 600
+            )
         out += table.close_window(time.time())
     return out
 
@@ -131,8 +145,12 @@ def bench_rsyslog(workdir: Path, batch: list[Record], connections: int) -> None:
     ours = Rsyslog(workdir / "ours", free_port())
     ours.start()
     try:
-        shipper = Shipper(parse_collectors([{"kind": "syslog", "address": f"tcp://127.0.0.1:{ours.port}"}]),
-                          workdir / "spool", "bench", confirm_delay=0.05)
+        shipper = Shipper(
+            parse_collectors([{"kind": "syslog", "address": f"tcp://127.0.0.1:{ours.port}"}]),
+            workdir / "spool",
+            "bench",
+            confirm_delay=0.05,
+        )
         start = time.perf_counter()
         shipper.submit(batch, time.time())
         assert shipper.flush(time.time() + 300)
@@ -148,24 +166,43 @@ def bench_rsyslog(workdir: Path, batch: list[Record], connections: int) -> None:
         lines.write_bytes(b"\n".join(encode_record(r) for r in batch) + b"\n")
         start = time.perf_counter()
         with open(lines, "rb") as stdin:
-            subprocess.run(["logger", "--tcp", "--octet-count", "--rfc5424", "-n", "127.0.0.1",
-                            "-P", str(theirs.port), "-S", "1000000", "-t", "meshsup"], stdin=stdin, check=True)
+            subprocess.run(
+                [
+                    "logger",
+                    "--tcp",
+                    "--octet-count",
+                    "--rfc5424",
+                    "-n",
+                    "127.0.0.1",
+                    "-P",
+                    str(theirs.port),
+                    "-S",
+                    "1000000",
+                    "-t",
+                    "meshsup",
+                ],
+                stdin=stdin,
+                check=True,
+            )
         assert wait_until(lambda: len(theirs.messages()) >= len(batch), 120)
         took_logger = time.perf_counter() - start
     finally:
         theirs.stop()
     size = sum(len(encode_message(flow_syslog(r, 0, "bench"))) for r in batch) / len(batch)
     rate, rate_logger = len(batch) / took, len(batch) / took_logger
-    print(f"rsyslog, {connections:>5} connections/record ({size / 1024:.1f} KiB): {rate:8.0f} records/s "
-          f"{rate * connections:9.0f} connections/s   logger(1): {rate_logger:8.0f} records/s ({rate / rate_logger:.2f}x)")
+    print(
+        f"rsyslog, {connections:>5} connections/record ({size / 1024:.1f} KiB): {rate:8.0f} records/s "
+        f"{rate * connections:9.0f} connections/s   logger(1): {rate_logger:8.0f} records/s ({rate / rate_logger:.2f}x)"
+    )
 
 
 def bench_nfcapd(workdir: Path, batch: list[Record], connections: int) -> None:
     ours = Nfcapd(workdir / "ours", free_port())
     ours.start()
     try:
-        shipper = Shipper(parse_collectors([{"kind": "ipfix", "address": f"udp://127.0.0.1:{ours.port}"}]),
-                          workdir / "spool", "bench")
+        shipper = Shipper(
+            parse_collectors([{"kind": "ipfix", "address": f"udp://127.0.0.1:{ours.port}"}]), workdir / "spool", "bench"
+        )
         start = time.perf_counter()
         sender = shipper.senders[0]
         for r in batch:  # record by record, as windows close, so the queue never overflows
@@ -182,16 +219,52 @@ def bench_nfcapd(workdir: Path, batch: list[Record], connections: int) -> None:
     theirs.start()
     try:
         start = time.perf_counter()
-        subprocess.run(["nfreplay", "-r", str(path), "-H", "127.0.0.1", "-p", str(theirs.port), "-v", "9", "-d", "0"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["nfreplay", "-r", str(path), "-H", "127.0.0.1", "-p", str(theirs.port), "-v", "9", "-d", "0"],
+            check=True,
+            capture_output=True,
+        )
         took_replay = time.perf_counter() - start
         time.sleep(0.5)
     finally:
         replayed = theirs.stats(theirs.stop())
     flows, rate = int(stats["Flows"]), len(batch) * connections / took
-    print(f"nfcapd,  {connections:>5} connections/record: {len(batch) / took:8.0f} records/s {rate:9.0f} connections/s "
-          f"(received {flows}/{len(batch) * connections}, sequence failures {stats['Sequence failures']})   "
-          f"nfreplay(1): {int(replayed['Flows']) / took_replay:9.0f} flows/s ({rate * took_replay / int(replayed['Flows']):.2f}x)")
+    print(
+        f"nfcapd,  {connections:>5} connections/record: {len(batch) / took:8.0f} records/s {rate:9.0f} connections/s "
+        f"(received {flows}/{len(batch) * connections}, sequence failures {stats['Sequence failures']})   "
+        f"nfreplay(1): {int(replayed['Flows']) / took_replay:9.0f} flows/s "
+        f"({rate * took_replay / int(replayed['Flows']):.2f}x)"
+    )
+
+
+def bench_loop(workdir: Path, batch: list[Record], connections: int) -> None:
+    http = HttpCollector(keep_alive=True)
+    try:
+        run = ship_through_loop(
+            workdir / "http", [{"kind": "http", "address": f"http://127.0.0.1:{http.port}/"}], batch
+        )
+        assert len(http.accepted()) == len(batch), (len(http.accepted()), len(batch))
+        report_loop("http", batch, connections, run, http.requests[-1].at - run.started)
+    finally:
+        http.close()
+    rsyslog = Rsyslog(workdir / "rsyslog", free_port())
+    rsyslog.start()
+    try:
+        run = ship_through_loop(
+            workdir / "syslog", [{"kind": "syslog", "address": f"tcp://127.0.0.1:{rsyslog.port}"}], batch
+        )
+        assert wait_until(lambda: len(rsyslog.messages()) >= len(batch), 60)
+        report_loop("rsyslog", batch, connections, run, rsyslog.output.stat().st_mtime - run.started)
+    finally:
+        rsyslog.stop()
+
+
+def report_loop(name: str, batch: list[Record], connections: int, run: LoopRun, took: float) -> None:
+    """`took`: from the loop's start to the last record at the collector (rsyslog: its output's last write)."""
+    print(
+        f"netlog's loop -> {name:<7} {connections:>5} connections/record: {len(batch) / took:8.0f} records/s "
+        f"({len(batch)} in {took:.2f} s, {run.ticks} turns of the loop; spool empty after {run.seconds:.2f} s)"
+    )
 
 
 def proc_cpu(pid: int) -> float:
@@ -221,11 +294,18 @@ def bench_node(workdir: Path, sizes: list[int], windows: int) -> None:
     try:
         rsyslog.start()
         nfcapd.start()
-        extra = (f'[netlog]\ninterval = 5\nanonymize_exit = false\n'
-                 f'[[netlog.collectors]]\nkind = "syslog"\naddress = "tcp://127.0.0.1:{rsyslog.port}"\n'
-                 f'[[netlog.collectors]]\nkind = "ipfix"\naddress = "udp://127.0.0.1:{nfcapd.port}"\n')
-        node = Node(workdir, "--config", str(meshsup_config(workdir, Identity("alpha", 1), [], extra=extra)),
-                    netns=ns, faults=False)
+        extra = (
+            f"[netlog]\ninterval = 5\nanonymize_exit = false\n"
+            f'[[netlog.collectors]]\nkind = "syslog"\naddress = "tcp://127.0.0.1:{rsyslog.port}"\n'
+            f'[[netlog.collectors]]\nkind = "ipfix"\naddress = "udp://127.0.0.1:{nfcapd.port}"\n'
+        )
+        node = Node(
+            workdir,
+            "--config",
+            str(meshsup_config(workdir, Identity("alpha", 1), [], extra=extra)),
+            netns=ns,
+            faults=False,
+        )
         node.wait_ready()
         pid = node.actors()["netlog"]["pid"]
         push = Outbox(Runtime(node.state_dir).inbox)  # the data path tun-io and magicsock use
@@ -247,16 +327,20 @@ def bench_node(workdir: Path, sizes: list[int], windows: int) -> None:
                 time.sleep(max(0.0, start + 5 * (w + 1) - time.time()))
             used = proc_cpu(pid) - before - idle / 5 * (time.time() - start)
             rss, peak = proc_memory(pid)
-            print(f"netlog, {size:>6} active connections per 5 s window: "
-                  f"{used / windows / (size / 1000) * 1000:6.1f} ms CPU per 1,000 connections per window "
-                  f"({used / windows / 5:.0%} of a core); RSS {rss / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB")
+            print(
+                f"netlog, {size:>6} active connections per 5 s window: "
+                f"{used / windows / (size / 1000) * 1000:6.1f} ms CPU per 1,000 connections per window "
+                f"({used / windows / 5:.0%} of a core); RSS {rss / 2**20:.0f} MiB, peak {peak / 2**20:.0f} MiB"
+            )
         push.close()
         made = node.counters()["netlog"].get("records", 0)
         start = time.time()
         wait_until(lambda: sum(1 for m in rsyslog.messages() if m["msgid"] == "flowlog") >= made, 120, 0.5)
         delivered = sum(1 for m in rsyslog.messages() if m["msgid"] == "flowlog")
-        print(f"  records made {made}, at rsyslog {delivered} ({time.time() - start:.1f} s after the last window), "
-              f"netlog restarts {node.actors()['netlog']['restarts']}")
+        print(
+            f"  records made {made}, at rsyslog {delivered} ({time.time() - start:.1f} s after the last window), "
+            f"netlog restarts {node.actors()['netlog']['restarts']}"
+        )
     finally:
         if node is not None:
             node.close()
@@ -282,20 +366,27 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=2000, help="small records shipped per collector")
     ap.add_argument("--windows", type=int, default=3, help="windows per size fed to the real netlog")
     ap.add_argument("--rounds", type=int, default=2, help="tunnel runs with flow logging off and on")
+    ap.add_argument("--phase", choices=("counting", "shipping", "node", "loop"), help="only this phase")
     args = ap.parse_args()
     for tool in ("rsyslogd", "nfcapd", "nfdump", "nfreplay", "logger"):
         if shutil.which(tool) is None:
             sys.exit(f"needs {tool} (deploy/setup.sh installs it)")
-    bench_counting()
-    bench_tally_memory(100_000)
+    phases = {args.phase} if args.phase else {"counting", "shipping", "loop", "node"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bench_tunnel(work, args.rounds)
+        if "counting" in phases:
+            bench_counting()
+            bench_tally_memory(100_000)
+            bench_tunnel(work, args.rounds)
         for count, connections in ((args.records, 10), (max(20, args.records // 50), 1500)):
-            batch = records(count, connections)
-            bench_rsyslog(work / f"rsyslog-{connections}", batch, connections)
-            bench_nfcapd(work / f"nfcapd-{connections}", batch, connections)
-        bench_node(work, [1_000, 10_000, 100_000], args.windows)
+            batch = records(count, connections) if phases & {"shipping", "loop"} else []
+            if "shipping" in phases:
+                bench_rsyslog(work / f"rsyslog-{connections}", batch, connections)
+                bench_nfcapd(work / f"nfcapd-{connections}", batch, connections)
+            if "loop" in phases:
+                bench_loop(work / f"loop-{connections}", batch, connections)
+        if "node" in phases:
+            bench_node(work, [1_000, 10_000, 100_000], args.windows)
 
 
 if __name__ == "__main__":

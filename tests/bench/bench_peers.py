@@ -6,6 +6,7 @@ actor: actors are forked from one preloaded server, so PSS counts shared pages
 once), start-up time, `wg show` time and one-peer `wg set` time, and the
 same for wireguard-go configured with the same peers, in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from meshsup.supervisor.keys import b64, generate_private, public_of  # noqa: E402
+from meshsup.actors.settings.keys import b64, generate_private, public_of  # noqa: E402
 from tests.nodes import Netns, Node  # noqa: E402
 from tests.topology import Identity, WgGo  # noqa: E402
 
@@ -45,8 +46,10 @@ def peers_toml(n: int) -> tuple[str, list[tuple[str, str]]]:
         key = b64(public_of(generate_private()))
         allowed = f"100.65.{i // 250}.{i % 250 + 1}/32"
         peers.append((key, allowed))
-        lines.append(f'[[peers]]\npublic_key = "{key}"\nallowed_ips = ["{allowed}"]\n'
-                     f'endpoints = ["198.51.100.{i % 250 + 2}:51820"]\n')
+        lines.append(
+            f'[[peers]]\npublic_key = "{key}"\nallowed_ips = ["{allowed}"]\n'
+            f'endpoints = ["198.51.100.{i % 250 + 2}:51820"]\n'
+        )
     return "\n".join(lines), peers
 
 
@@ -71,8 +74,14 @@ def bench_meshsup(tmp: Path, stanzas: str) -> dict[str, float]:
         show = timed(lambda: ns.run("wg", "show", node.iface, "dump"))
         extra = b64(public_of(generate_private()))
         wg_set = timed(lambda: ns.run("wg", "set", node.iface, "peer", extra, "allowed-ips", "100.66.0.1/32"))
-        return {"start_s": start, "rss_mib": rss / 1024, "pss_mib": pss / 1024, "processes": len(pids),
-                "wg_show_s": show, "wg_set_s": wg_set}
+        return {
+            "start_s": start,
+            "rss_mib": rss / 1024,
+            "pss_mib": pss / 1024,
+            "processes": len(pids),
+            "wg_show_s": show,
+            "wg_set_s": wg_set,
+        }
     finally:
         node.close()
         ns.close()
@@ -83,17 +92,26 @@ def bench_wireguard_go(tmp: Path, peers: list[tuple[str, str]]) -> dict[str, flo
     wg = WgGo(ns, Identity("wg", 1), tmp)
     try:
         conf = tmp / "wg.conf"
-        conf.write_text("".join(f"[Peer]\nPublicKey = {k}\nAllowedIPs = {a}\n"
-                                f"Endpoint = 198.51.100.{i % 250 + 2}:51820\n\n"
-                                for i, (k, a) in enumerate(peers)))
+        conf.write_text(
+            "".join(
+                f"[Peer]\nPublicKey = {k}\nAllowedIPs = {a}\nEndpoint = 198.51.100.{i % 250 + 2}:51820\n\n"
+                for i, (k, a) in enumerate(peers)
+            )
+        )
         start = timed(lambda: ns.run("wg", "addconf", wg.iface, str(conf)))
         time.sleep(2)
         rss, pss = memory_kib([wg.proc.pid, *descendants(wg.proc.pid)])
         show = timed(lambda: ns.run("wg", "show", wg.iface, "dump"))
         extra = b64(public_of(generate_private()))
         wg_set = timed(lambda: ns.run("wg", "set", wg.iface, "peer", extra, "allowed-ips", "100.66.0.1/32"))
-        return {"start_s": start, "rss_mib": rss / 1024, "pss_mib": pss / 1024, "processes": 1,
-                "wg_show_s": show, "wg_set_s": wg_set}
+        return {
+            "start_s": start,
+            "rss_mib": rss / 1024,
+            "pss_mib": pss / 1024,
+            "processes": 1,
+            "wg_show_s": show,
+            "wg_set_s": wg_set,
+        }
     finally:
         wg.close()
         ns.close()

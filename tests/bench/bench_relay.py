@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from meshsup.actors.wire import derp  # noqa: E402
+from tests.actors.relay.test_node import Relay, on_two_workers  # noqa: E402
 from tests.derp_client import DerpClient  # noqa: E402
-from tests.test_relay import Relay, on_two_workers  # noqa: E402
 
 
 def cpu_seconds(pids: list[int]) -> float:

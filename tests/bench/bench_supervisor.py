@@ -3,6 +3,7 @@
 Run as root: .venv/bin/python tests/bench/bench_supervisor.py [--kills 50]
 Prints figures; asserts nothing (timed tests flake on shared machines).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,14 +44,17 @@ def restart_latency(kills: int) -> None:
                 before = node.actors()[name]
                 t_kill = time.time()
                 os.kill(before["pid"], signal.SIGKILL)
-                node.wait(lambda: (a := node.actors()[name])["state"] == "running"
-                          and a["restarts"] == before["restarts"] + 1)
+                node.wait(
+                    lambda: (a := node.actors()[name])["state"] == "running" and a["restarts"] == before["restarts"] + 1
+                )
                 ready = _ready_time(node.stderr(), name, before["restarts"] + 1)
                 latencies.append(ready - t_kill)
             latencies.sort()
             p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-            print(f"restart after kill -9 ({kills} kills): median {statistics.median(latencies) * 1000:.0f} ms, "
-                  f"p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
+            print(
+                f"restart after kill -9 ({kills} kills): median {statistics.median(latencies) * 1000:.0f} ms, "
+                f"p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+            )
         finally:
             node.close()
             ns.close()
@@ -109,8 +113,10 @@ def main() -> None:
         packet = b"\x45" + os.urandom(1399)
         blob = b"".join(len(packet).to_bytes(2, "big") + packet for _ in range(64))
         rate, packets = bus_throughput(ep, 20_000, lambda i: PacketBatch(packets=blob))
-        print(f"bus, 64 x 1400 B packets per frame: {rate:,.0f} frames/s = {rate * 64:,.0f} packets/s "
-              f"= {rate * 64 * 1400 * 8 / 1e9:.1f} Gbit/s ({packets} packets checked)")
+        print(
+            f"bus, 64 x 1400 B packets per frame: {rate:,.0f} frames/s = {rate * 64:,.0f} packets/s "
+            f"= {rate * 64 * 1400 * 8 / 1e9:.1f} Gbit/s ({packets} packets checked)"
+        )
     restart_latency(args.kills)
 
 

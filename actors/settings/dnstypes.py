@@ -1,0 +1,155 @@
+"""The plain data a ``[dns]`` table is made of: upstreams, rule matches, routes,
+per-source upstreams, SRV records. Parsing and checking live here; what the
+controller does with them (matching a query, forwarding it) lives in actors.dns.
+
+An upstream is written as a URL, ``udp://198.51.100.53``, ``tcp://...``,
+``tls://IP[:853][#name]`` or ``https://IP[:443][/path][#name]``. The host
+must be an IP literal: the controller cannot resolve the names of its own
+upstreams. The optional ``#name`` is the TLS name to verify (as unbound's
+``forward-addr: IP@853#name``); without it the certificate must carry the IP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import dns.rdatatype
+
+DEFAULT_PORTS: dict[str, int] = {"udp": 53, "tcp": 53, "tls": 853, "https": 443}
+DEFAULT_DOH_PATH = "/dns-query"
+MATCH_KINDS = ("full", "suffix", "keyword", "regex", "qtype")
+REJECT = "reject"
+ASIS = "asis"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def normalize_name(name: str) -> str:
+    """Lowercase, no trailing dot: the form every matcher compares."""
+    return name.lower().rstrip(".")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    scheme: str
+    host: str
+    port: int
+    path: str = ""
+    server_name: str = ""
+    # Worked out once: an upstream is hashed and counted for every query sent to it.
+    counter: str = field(init=False, repr=False, compare=False)
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "counter", f"upstream_queries_{self.scheme}")
+        object.__setattr__(self, "_hash", hash((self.scheme, self.host, self.port, self.path, self.server_name)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @property
+    def tls_name(self) -> str:
+        """The name the upstream's certificate must match."""
+        return self.server_name or self.host
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        name = f"#{self.server_name}" if self.server_name else ""
+        return f"{self.scheme}://{host}:{self.port}{self.path}{name}"
+
+
+def parse_upstream(url: str) -> Upstream:
+    """Parse an upstream URL; ValueError says what is wrong."""
+    if not isinstance(url, str):
+        raise ValueError(f"upstream must be a URL string, not {type(url).__name__}")
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError(f"{url!r}: scheme must be one of udp, tcp, tls, https")
+    if parts.query or parts.username or parts.password:
+        raise ValueError(f"{url!r}: query strings and credentials are not supported")
+    try:
+        host = parts.hostname or ""
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError as exc:  # urlsplit rejects a port out of range or not a number
+        raise ValueError(f"{url!r}: {exc}") from None
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(f"{url!r}: host must be an IP address") from None
+    if scheme == "https":
+        path = parts.path or DEFAULT_DOH_PATH
+    elif parts.path not in ("", "/"):
+        raise ValueError(f"{url!r}: a path is only meaningful for https://")
+    else:
+        path = ""
+    if parts.fragment and scheme not in ("tls", "https"):
+        raise ValueError(f"{url!r}: '#name' is only meaningful for tls:// and https://")
+    return Upstream(scheme, host, port, path, parts.fragment.lower())
+
+
+@dataclass(frozen=True)
+class Matcher:
+    """What a rule matches: KIND:PATTERN, checked (a regex compiles, a query type exists)."""
+
+    kind: str
+    pattern: str
+    qtype: int = 0  # the query type of a qtype match
+    # Compiled once, from the pattern: a rule is tried on every forwarded query.
+    regex: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regex", re.compile(self.pattern, re.IGNORECASE) if self.kind == "regex" else None)
+
+    @classmethod
+    def parse(cls, text: str) -> Matcher:
+        if not isinstance(text, str) or ":" not in text:
+            raise ValueError(f"match {text!r} must be KIND:PATTERN, KIND one of {', '.join(MATCH_KINDS)}")
+        kind, _, pattern = text.partition(":")
+        kind, pattern = kind.strip().lower(), pattern.strip()
+        if kind not in MATCH_KINDS:
+            raise ValueError(f"match {text!r}: unknown kind {kind!r}, expected one of {', '.join(MATCH_KINDS)}")
+        if not pattern:
+            raise ValueError(f"match {text!r}: empty pattern")
+        if kind == "regex":
+            try:
+                return cls(kind, pattern)
+            except re.error as exc:
+                raise ValueError(f"match {text!r}: bad regex: {exc}") from None
+        if kind == "qtype":
+            try:
+                qtype = int(pattern) if pattern.isdigit() else dns.rdatatype.from_text(pattern.upper())
+            except dns.rdatatype.UnknownRdatatype:
+                raise ValueError(f"match {text!r}: unknown query type") from None
+            return cls(kind, pattern.upper(), int(qtype))
+        return cls(kind, normalize_name(pattern))
+
+
+@dataclass(frozen=True)
+class Rule:
+    matcher: Matcher
+    action: str  # REJECT, ASIS or an upstream group name
+
+
+@dataclass(frozen=True)
+class Route:
+    suffix: str
+    upstreams: tuple[Upstream, ...]
+
+
+@dataclass(frozen=True)
+class SourceOverride:
+    network: IPNetwork
+    upstreams: tuple[Upstream, ...]
+
+
+@dataclass(frozen=True)
+class SrvRecord:
+    name: str  # fully qualified, e.g. "_http._tcp.mesh"
+    target: str  # fully qualified, e.g. "alpha.mesh"
+    port: int
+    priority: int = 0
+    weight: int = 0

@@ -1,0 +1,73 @@
+"""The [dns] table read into DnsSettings, and wrong tables refused naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshsup.actors.settings.dns import DNS_KEYS, DnsSettings
+from meshsup.actors.settings.dnstypes import SrvRecord, Upstream
+
+
+def test_settings_defaults_and_parsing():
+    s = DnsSettings.from_config(
+        {
+            "listen": ["127.0.0.1:5353", "[::1]:53", "100.64.0.1"],
+            "domain": "Mesh.",
+            "upstreams": ["udp://198.51.100.53", "tls://198.51.100.54#dns.example"],
+            "groups": {"corp": ["tcp://198.51.100.55:5353"]},
+            "rules": [{"match": "suffix:ads.example", "action": "reject"}, {"match": "qtype:AAAA", "action": "corp"}],
+            "routes": [{"suffix": "corp.example", "upstreams": ["tcp://198.51.100.53"]}],
+            "srv": [{"name": "_http._tcp", "target": "alpha", "port": 80}],
+            "source_overrides": [{"source": "10.0.0.0/8", "upstreams": ["udp://198.51.100.60"]}],
+            "timeout": 1,
+        },
+        {"Alpha": ["100.64.0.1/32"]},
+    )
+    assert s.listen == (("127.0.0.1", 5353), ("::1", 53), ("100.64.0.1", 53))
+    assert s.domain == "mesh"
+    assert s.upstreams[1] == Upstream("tls", "198.51.100.54", 853, "", "dns.example")
+    assert s.names == {"alpha": ("100.64.0.1",)}
+    assert s.srv == (SrvRecord("_http._tcp.mesh", "alpha.mesh", 80),)
+    assert (s.ttl, s.max_inflight, s.reject_rcode, s.timeout) == (600, 1024, "noerror", 1.0)
+    assert {"listen", "domain", "upstreams", "set_os_resolver", "routes", "rules"} <= DNS_KEYS
+
+
+@pytest.mark.parametrize(
+    ("table", "names", "key"),
+    [
+        ({"upstreams": ["ftp://198.51.100.1"]}, {}, "dns.upstreams[0]"),
+        ({"upstreams": ["udp://resolver.example"]}, {}, "dns.upstreams[0]"),
+        ({"ttl": -1}, {}, "dns.ttl"),
+        ({"ttl": True}, {}, "dns.ttl"),
+        ({"serve_stale": 1}, {}, "dns.serve_stale"),
+        ({"listen": ["127.0.0.1:99999"]}, {}, "dns.listen[0]"),
+        ({"listen": []}, {}, "dns.listen"),
+        ({"domain": "bad domain!"}, {}, "dns.domain"),
+        ({"bogus": 1}, {}, "bogus"),
+        ({"rules": [{"match": "suffix:x.example", "action": "nosuchgroup"}]}, {}, "dns.rules[0].action"),
+        ({"rules": [{"match": "regex:([", "action": "reject"}]}, {}, "dns.rules[0].match"),
+        ({"rules": [{"match": "glob:*", "action": "reject"}]}, {}, "dns.rules[0].match"),
+        ({"rules": [{"match": "qtype:NOTATYPE", "action": "reject"}]}, {}, "dns.rules[0].match"),
+        ({"reject_rcode": "servfail"}, {}, "dns.reject_rcode"),
+        ({"srv": [{"name": "_x._tcp", "target": "alpha", "port": 70000}]}, {}, "dns.srv[0].port"),
+        ({"srv": [{"name": "_x._tcp.elsewhere.", "target": "alpha", "port": 1}]}, {}, "dns.srv[0].name"),
+        ({"routes": [{"suffix": "corp.example"}]}, {}, "dns.routes[0]"),
+        ({"groups": {"reject": ["udp://198.51.100.1"]}}, {}, "dns.groups.reject"),
+        ({"source_overrides": [{"source": "10.0.0.0/33", "upstreams": []}]}, {}, "dns.source_overrides[0].source"),
+        ({"cache_min_ttl": 100, "cache_max_ttl": 10}, {}, "dns.cache_min_ttl"),
+        ({"ca_file": "/nonexistent/ca.pem"}, {}, "dns.ca_file"),
+        ({}, {"alpha": ["not-an-ip"]}, "names.alpha"),
+        ({"set_os_resolver": True, "listen": ["127.0.0.1:5353"]}, {}, "dns.set_os_resolver"),
+    ],
+)
+def test_settings_errors_name_the_key(table, names, key):
+    with pytest.raises(ValueError) as error:
+        DnsSettings.from_config(table, names)
+    assert key in str(error.value)
+
+
+def test_nameservers_for_resolv_conf():
+    listen = ["127.0.0.53:53", "0.0.0.0:53", "[::]:53", "100.64.0.1:5353", "[fd7a::1]:53"]
+    assert DnsSettings.from_config({"listen": listen, "set_os_resolver": True}, {}).nameservers == [
+        "127.0.0.53", "127.0.0.1", "::1", "fd7a::1",
+    ]  # fmt: skip

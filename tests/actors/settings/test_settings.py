@@ -1,0 +1,149 @@
+"""The settings layer: parsed once into frozen typed objects, carried on the bus as plain data."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshsup.actors.bus.codec import decode, encode
+from meshsup.actors.bus.messages import Configure
+from meshsup.actors.dns.rules import matches
+from meshsup.actors.settings import ConfigError, Settings, parse
+from meshsup.actors.settings.keys import b64, generate_private, public_of
+from meshsup.actors.settings.wire import WireError
+from meshsup.supervisor import config as cfg
+from tests.netlog_fixtures import make_certificate
+
+PEER = b64(public_of(generate_private()))
+
+
+def full_config(tmp_path: Path) -> Path:
+    """Every section, with a value of every kind the settings hold."""
+    make_certificate(tmp_path)  # cert.pem, named relative to the config file below
+    path = tmp_path / "node.toml"
+    path.write_text(f"""
+[node]
+name = "alpha"
+private_key = "{b64(generate_private())}"
+addresses = ["100.64.0.1/10", "fd7a:115c:a1e0::1/48"]
+mtu = 1380
+
+[[peers]]
+name = "bravo"
+public_key = "{PEER}"
+preshared_key = "{b64(generate_private())}"
+allowed_ips = ["100.64.0.2/32", "10.20.0.0/16", "::/0"]
+endpoints = ["198.51.100.2:51820", "[2001:db8::2]:51821"]
+persistent_keepalive = 25
+
+[actors]
+crypto = 3
+dns = 2
+
+[supervisor]
+intensity = 7
+period = 2.5
+
+[dns]
+listen = ["127.0.0.1:5353", "::1"]
+upstreams = ["udp://198.51.100.53", "https://198.51.100.54/q#doh.example"]
+timeout = 3
+allow = ["192.168.0.0/16"]
+rate_limit_window = 2
+srv = [{{name = "_http._tcp", target = "bravo", port = 80, weight = 5}}]
+source_overrides = [{{source = "10.9.0.0/16", upstreams = ["tcp://198.51.100.55"]}}]
+routes = [{{suffix = "corp.example", upstreams = ["tls://198.51.100.56#dns.corp.example"]}}]
+groups = {{fast = ["udp://198.51.100.57"]}}
+rules = [{{match = "regex:^ads?\\\\.", action = "reject"}}, {{match = "qtype:AAAA", action = "fast"}}]
+
+[netlog]
+interval = 2
+collectors = [{{kind = "syslog", address = "tls://127.0.0.1:6514", ca_file = "cert.pem"}},
+              {{kind = "ipfix", address = "udp://127.0.0.1:4739", template_interval = 30}}]
+
+[logging]
+level = "warning"
+collectors = [{{kind = "http", address = "https://127.0.0.1:8443/logs", ca_file = "cert.pem", gzip = true}}]
+""")
+    path.chmod(0o600)
+    return path
+
+
+def test_the_wire_form_round_trips_through_the_bus(tmp_path: Path) -> None:
+    settings = cfg.load_toml(full_config(tmp_path), tmp_path)
+    msg = decode(encode(Configure(req=1, generation=1, config=settings.to_wire())))
+    assert isinstance(msg, Configure)
+    back = Settings.from_wire(msg.config)
+    assert back == settings
+    assert back.to_wire() == settings.to_wire()
+    # What is worked out from the data comes back too, not only what equality compares.
+    reject, fast = back.dns.rules
+    assert matches(reject.matcher, "ad.example", 1) and not matches(reject.matcher, "bad.example", 1)
+    assert matches(fast.matcher, "x.example", 28) and not matches(fast.matcher, "x.example", 1)
+    assert [hash(u) for u in back.dns.upstreams] == [hash(u) for u in settings.dns.upstreams]
+    assert back.netlog.collectors[0].ca_file == tmp_path / "cert.pem"
+    mesh = back.dns_for_mesh()
+    assert mesh == settings.dns_for_mesh() and mesh.names["bravo"] == ("100.64.0.2",)
+    assert [str(n) for n in mesh.sources] == [
+        "100.64.0.0/10",
+        "fd7a:115c:a1e0::/48",
+        "100.64.0.2/32",
+        "10.20.0.0/16",
+        "::/0",
+        "192.168.0.0/16",
+    ]
+
+
+def test_settings_are_frozen(tmp_path: Path) -> None:
+    settings = cfg.load_toml(full_config(tmp_path), tmp_path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.node.mtu = 1500  # type: ignore[misc]
+    assert isinstance(settings.peers, tuple) and isinstance(settings.peers[0].allowed_ips, tuple)
+
+
+@pytest.mark.parametrize(
+    "doc, key, problem",
+    [
+        ({"colour": "red"}, "colour", "unknown key"),
+        ({"node": {"mtu": 100}}, "node.mtu", "outside 576..65515"),
+        ({"node": {"addresses": ["100.64.0.1/33"]}}, "node.addresses", "not an address with prefix length"),
+        ({"peers": [{"public_key": PEER, "endpoints": ["example.com:1"]}]}, "peers[0].endpoints", "not an IP address"),
+        ({"peers": [{"public_key": PEER}, {"public_key": PEER}]}, "peers[1].public_key", "same key as peers[0]"),
+        ({"actors": {"crypto": 0}}, "actors.crypto", "outside 1..64"),
+        ({"supervisor": {"period": 0}}, "supervisor.period", "more than 0"),
+        ({"dns": {"ttl": -1}}, "dns.ttl", "outside"),
+        ({"dns": {"rules": [{"match": "regex:(", "action": "reject"}]}}, "dns.rules[0].match", "bad regex"),
+        ({"dns": {"bogus": 1}}, "dns", "unknown keys bogus"),
+        ({"netlog": {"interval": 0}}, "netlog.interval", "expected seconds"),
+        ({"logging": {"level": "loud"}}, "logging.level", "expected one of"),
+    ],
+)
+def test_a_wrong_value_names_the_file_and_the_key(tmp_path: Path, doc: dict[str, Any], key: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("n.toml", {"node": {"private_key": b64(generate_private())}} | doc, tmp_path, tmp_path)
+    err = caught.value
+    assert (err.file, err.key) == ("n.toml", key) and problem in err.problem
+    assert str(err).startswith(f"n.toml: {key}: ")
+
+
+@pytest.mark.parametrize(
+    "spoil, where",
+    [
+        (lambda w: w["node"].update(listen_port="51820"), "settings.node.listen_port"),
+        (lambda w: w["node"].update(listen_port=True), "settings.node.listen_port"),
+        (lambda w: w["peers"][0].update(allowed_ips=["10.0.0.0/99"]), "settings.peers[0].allowed_ips[0]"),
+        (lambda w: w["peers"][0]["endpoints"][0].append(1), "settings.peers[0].endpoints[0]"),
+        (lambda w: w["dns"].pop("ttl"), "settings.dns"),
+        (lambda w: w["netlog"].update(extra=1), "settings.netlog"),
+        (lambda w: w.update(node=[]), "settings.node"),
+    ],
+)
+def test_a_wire_form_that_does_not_fit_is_refused_naming_where(tmp_path: Path, spoil: Any, where: str) -> None:
+    wire = cfg.load_toml(full_config(tmp_path), tmp_path).to_wire()
+    spoil(wire)
+    with pytest.raises(WireError, match=f"^{re.escape(where)}: "):
+        Settings.from_wire(wire)
