@@ -27,7 +27,7 @@ from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import FlowCountsAck, LinkChanged, PacketBatch
 from meshsup.actors.kernel.files import UnsafePath
 from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, USER, Account, unprivileged_account
-from meshsup.actors.registry import EXIT_NO_DROP, KINDS, settings_for
+from meshsup.actors.registry import EXIT_NO_DROP, START_ORDER, settings_for
 from meshsup.actors.settings import Settings, parse
 from meshsup.actors.settings.keys import b64, generate_private, public_of
 from meshsup.supervisor.resources import open_state_dir
@@ -79,7 +79,7 @@ def encode_settings(s: Settings) -> bytes:
 def test_only_the_crypto_workers_get_the_keys(tmp_path: Path) -> None:
     full = settings(tmp_path)
     assert full.holds_secrets and holds_a_key(encode_settings(full))
-    for kind in KINDS:
+    for kind in START_ORDER:  # a node's kinds (a relay's workers get the relay's settings, its own key)
         given = settings_for(kind, full)
         assert given.holds_secrets == (kind == "crypto") == holds_a_key(encode_settings(given)), kind
         # Nothing else is taken away, and what is left still crosses the bus.
@@ -92,7 +92,7 @@ def test_only_the_crypto_workers_get_the_keys(tmp_path: Path) -> None:
 
 def test_the_supervisor_configures_each_kind_with_keys_only_for_crypto(tmp_path: Path, account: Account) -> None:
     tree = Tree(settings(tmp_path), Runtime(tmp_path), None, None, account, None)  # type: ignore[arg-type]
-    for kind in KINDS:
+    for kind in START_ORDER:
         message = tree.configure_message(kind, req=7, generation=3)
         assert (message.req, message.generation) == (7, 3)
         assert holds_a_key(encode(message)) == (kind == "crypto"), kind
