@@ -19,7 +19,6 @@ outside what its type allows, before waiting for its payload.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import struct
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from meshsup.actors.kernel.types import Buffer
+from meshsup.actors.wire.ip import packed16, unpacked16
 
 MAGIC: Final = "DERP🔑".encode()  # 44 45 52 50 f0 9f 94 91
 PROTOCOL_VERSION: Final = 2  # v2: RecvPacket starts with the source key
@@ -161,9 +161,7 @@ def peer_gone(key: bytes, reason: PeerGoneReason) -> bytes:
 
 def peer_present(key: bytes, host: str, port: int, flags: PeerPresentFlags) -> bytes:
     """As a current server sends it: key, the client's IP (16 bytes, v4 mapped) and port, flags."""
-    addr = ipaddress.ip_address(host)
-    raw = addr.packed if addr.version == 6 else ipaddress.IPv6Address(f"::ffff:{addr}").packed
-    return frame(FrameType.PEER_PRESENT, key, raw, port.to_bytes(2, "big"), bytes([flags]))
+    return frame(FrameType.PEER_PRESENT, key, packed16(host), port.to_bytes(2, "big"), bytes([flags]))
 
 
 def ping(data: bytes) -> bytes:
@@ -274,8 +272,7 @@ class PeerPresent:
 def parse_peer_present(payload: Buffer) -> PeerPresent:
     host, port, flags = None, 0, PeerPresentFlags(0)
     if len(payload) >= KEY_LEN + 18:
-        addr = ipaddress.IPv6Address(bytes(payload[KEY_LEN : KEY_LEN + 16]))
-        host = str(addr.ipv4_mapped or addr)
+        host = unpacked16(payload[KEY_LEN : KEY_LEN + 16])
         port = int.from_bytes(payload[KEY_LEN + 16 : KEY_LEN + 18], "big")
     if len(payload) > KEY_LEN + 18:
         flags = PeerPresentFlags(payload[KEY_LEN + 18])
