@@ -27,7 +27,6 @@ from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack, Command, Configure, Heartbeat, Hello, Stop
 from meshsup.actors.log import RateLimited, setup
 from meshsup.actors.settings import Settings
-from meshsup.actors.settings.relay import RelayConfig
 from meshsup.actors.settings.wire import WireError
 
 HEARTBEAT_INTERVAL = 0.2
@@ -38,16 +37,16 @@ class ConfigError(ValueError):
     """Raised by `configure` to refuse a configuration (the ack carries it)."""
 
 
-def _settings(kind: type[Settings] | type[RelayConfig], wire: dict[str, Any]) -> Settings | RelayConfig:
+def _settings(cls: Any, wire: dict[str, Any]) -> Any:
     try:
-        return kind.from_wire(wire)
+        return cls.from_wire(wire)
     except WireError as err:
         raise ConfigError(f"settings from the supervisor do not decode: {err}") from None
 
 
 class Actor:
     kind = "actor"
-    settings_type: type[Settings] | type[RelayConfig] = Settings  # what Configure carries for this kind
+    settings_class: Any = Settings  # what its Configure carries (a relay's workers: RelaySettings)
 
     def __init__(self, name: str, runtime: Runtime) -> None:
         self.name = name
@@ -69,7 +68,7 @@ class Actor:
         self.control = self.ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.IDENTITY, name.encode())
         self.control.setsockopt(zmq.LINGER, 1000)
-        self.control.connect(runtime.control)
+        self.control.connect(runtime.unprivileged_control if runtime.drop else runtime.control)
         self.inbox = Inbox(
             runtime.inbox(name),
             self.add_reader,
@@ -81,8 +80,16 @@ class Actor:
         self.events.connect(runtime.events_in)
         self.subscriptions = self.ctx.socket(zmq.SUB)
         self.subscriptions.connect(runtime.events_out)
+        self.bind_runtime()
+        if runtime.drop is not None:
+            runtime.drop.finish()  # PrivilegeError: the actor does not run (actors.registry)
+        self.holds_keys = False  # whether the last settings it was given carry key material
 
     # --- hooks for subclasses -------------------------------------------
+    def bind_runtime(self) -> None:
+        """Bind the actor's own sockets in the runtime dir: called while it is still root
+        (only root creates files there), before an unprivileged kind drops privileges."""
+
     def configure(self, settings: Settings) -> None:
         """Apply the node's settings; raise ConfigError to refuse them."""
 
@@ -156,6 +163,18 @@ class Actor:
         except OSError as err:
             if err.errno not in (errno.ENOENT, errno.EBADF, errno.EPERM):  # closed (and maybe reused) already
                 raise
+
+    def accept_from_unprivileged(self, *types: type[Message]) -> None:
+        """Let the unprivileged actors send these messages to this actor's inbox; anything
+        else from a process not running as root is counted and dropped."""
+
+        def take(msg: Message) -> None:
+            if isinstance(msg, types):
+                self.on_message(msg)
+            else:
+                self.count_drop("unprivileged_sender", msg.TAG)
+
+        self.inbox.share(lambda frame: self._dispatch(frame, take))
 
     def subscribe(self, *tags: str) -> None:
         for tag in tags:
@@ -263,7 +282,12 @@ class Actor:
         self._stopping = True
 
     def _status(self) -> dict[str, Any]:
-        return {"bus_dropped": dict(self.bus_dropped), "send_dropped": dict(self.outbox.dropped), **self.status()}
+        return {
+            "bus_dropped": dict(self.bus_dropped),
+            "send_dropped": dict(self.outbox.dropped),
+            "holds_keys": self.holds_keys,
+            **self.status(),
+        }
 
     def _send(self, msg: Message) -> None:
         self.control.send(encode(msg))
@@ -302,7 +326,7 @@ class Actor:
 
     def _on_control(self, msg: Message) -> None:
         if isinstance(msg, Configure):
-            self._ack(msg.req, lambda: (self.configure(_settings(self.settings_type, msg.config)), {})[1])
+            self._ack(msg.req, lambda: self._configure(_settings(self.settings_class, msg.config)))
         elif isinstance(msg, Command):
             if msg.op == "fault":
                 self._ack(msg.req, lambda: self._fault(str(msg.args.get("mode"))))
@@ -313,6 +337,11 @@ class Actor:
             self._stopping = True
         else:
             self.count_drop("unexpected_type", msg.TAG)
+
+    def _configure(self, settings: Settings) -> dict[str, Any]:
+        self.holds_keys = settings.holds_secrets
+        self.configure(settings)
+        return {}
 
     def _ack(self, req: int, work: Callable[[], dict[str, Any]]) -> None:
         try:

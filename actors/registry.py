@@ -3,41 +3,95 @@
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from multiprocessing.reduction import DupFd
 from typing import Any
 
 from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, Account, Drop
 from meshsup.actors.settings import Settings
-from meshsup.actors.settings.relay import RelayConfig
+from meshsup.actors.settings.relay import RelaySettings
+
+AnySettings = Settings | RelaySettings
 
 # Start order follows the seed engine's dependencies: flow logging before
 # the router (first packets counted), the router before the dataplane
-# (the TUN exists), magicsock before crypto (keys before peers), DNS last
+# (the TUN exists), magicsock before crypto (the port before peers), DNS last
 # (it may listen on the tunnel address).
 START_ORDER = ("netlog", "router", "magicsock", "crypto", "tun-io", "dns")
 # A relay (`meshsup relay`) runs only its workers.
 RELAY_ORDER = ("relay",)
 SCALABLE = frozenset({"crypto", "dns", "relay"})
+EXIT_NO_DROP = 77  # EX_NOPERM: the exit of an actor that would have stayed root
 
-_CLASSES = {
-    "netlog": "meshsup.actors.netlog.actor:NetlogActor",
-    "router": "meshsup.actors.router.actor:RouterActor",
-    "magicsock": "meshsup.actors.magicsock.actor:MagicsockActor",
-    "crypto": "meshsup.actors.crypto.actor:CryptoActor",
-    "tun-io": "meshsup.actors.tunio.actor:TunIoActor",
-    "dns": "meshsup.actors.dns.actor:DnsActor",
-    "relay": "meshsup.actors.relay.actor:RelayActor",
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    """What a kind of actor is given: the one place that decides who holds keys and who runs as root."""
+
+    cls: str  # module:class
+    keys: bool = False  # its settings carry the private key and the preshared keys
+    # With [[relays]], its settings carry the private key (no preshared keys): it logs in to the relays as the node.
+    login_key: bool = False
+    # None: it stays root with every capability; else it runs as the unprivileged
+    # user (actors.kernel.privileges) with only these capabilities.
+    caps: frozenset[int] | None = None
+    state_dirs: tuple[str, ...] = ()  # in the state dir, the unprivileged user's (made before it starts)
+
+
+# Why each stays root or not (README: Privileges): the router changes links,
+# addresses and routes (netlink) and rewrites /etc/resolv.conf; tun-io opens
+# the TUN and loads the eBPF steering program; magicsock and the crypto
+# workers share the listen port with SO_REUSEPORT, which the kernel allows
+# only within one uid, and the workers hold the keys: not the uid of DNS and
+# netlog. Only the crypto workers use the keys; magicsock routes datagrams by
+# their receiver index, but with [[relays]] it logs in to them with the
+# node's private key (a DERP relay knows a node by its WireGuard key, and the
+# login proves it holds it), so then it gets that key alone (a disco key,
+# when magicsock has one, is not the WireGuard key: a flag of its own). DNS and netlog read what
+# strangers send (queries, upstream answers, collector replies): they run
+# unprivileged, DNS keeping only the right to bind port 53.
+KINDS = {
+    # state_dirs: its window log and its spool (actors/netlog/actor.py)
+    "netlog": Kind("meshsup.actors.netlog.actor:NetlogActor", caps=frozenset(), state_dirs=("netlog", "spool")),
+    "router": Kind("meshsup.actors.router.actor:RouterActor"),
+    "magicsock": Kind("meshsup.actors.magicsock.actor:MagicsockActor", login_key=True),
+    "crypto": Kind("meshsup.actors.crypto.actor:CryptoActor", keys=True),
+    "tun-io": Kind("meshsup.actors.tunio.actor:TunIoActor"),
+    "dns": Kind("meshsup.actors.dns.actor:DnsActor", caps=frozenset({CAP_NET_BIND_SERVICE})),
+    # A relay worker uses the relay's key, and stays root: it reads the TLS key (root's file) on
+    # every configuration, so that a reload takes a renewed certificate.
+    "relay": Kind("meshsup.actors.relay.actor:RelayActor", keys=True),
 }
 
 # Imported by the fork server once, so a restart only forks.
 PRELOAD = ["zmq", "msgpack", "structlog", "setproctitle", "meshsup.actors.base"] + [
-    path.split(":")[0] for path in _CLASSES.values()
+    k.cls.split(":")[0] for k in KINDS.values()
 ]
 
 
-def start_order(config: Settings | RelayConfig) -> tuple[str, ...]:
-    """The kinds a config runs, in start order: a relay's, or a node's."""
-    return RELAY_ORDER if isinstance(config, RelayConfig) else START_ORDER
+def kind_of(name: str) -> str:
+    """The kind of an actor by its name (actor_name)."""
+    return name if name in KINDS else name.rpartition("-")[0]
+
+
+def unprivileged(kind: str) -> bool:
+    return KINDS[kind].caps is not None
+
+
+def settings_for(kind: str, settings: AnySettings) -> AnySettings:
+    """The settings as an actor of `kind` gets them: without keys unless it uses them."""
+    spec = KINDS[kind]
+    if spec.keys:
+        return settings
+    if spec.login_key and isinstance(settings, Settings) and settings.relays:
+        return settings.without_preshared_keys()
+    return settings.without_secrets()
+
+
+def start_order(settings: AnySettings) -> tuple[str, ...]:
+    """The kinds the settings run, in start order: a relay's, or a node's."""
+    return RELAY_ORDER if isinstance(settings, RelaySettings) else START_ORDER
 
 
 def actor_name(kind: str, index: int) -> str:
@@ -60,17 +114,30 @@ def _inherit(dup: Any) -> int:
     return int(dup.detach())
 
 
-def run_actor(kind: str, name: str, state_dir: str, tun_queue: int | None = None) -> None:
+def run_actor(kind: str, name: str, state_dir: str, tun_queue: int | None, account: Account) -> None:
     """The body of an actor process (target of the supervisor's spawn). A crypto
-    worker may get its queue of the TUN (see supervisor/resources.py, TunQueues)."""
+    worker may get its queue of the TUN (see supervisor/resources.py, TunQueues);
+    an unprivileged kind becomes `account` once it has joined the bus (actors.base)."""
     from setproctitle import setproctitle
 
     from meshsup.actors.base import crash_on_start_requested, exit_now
+    from meshsup.actors.kernel.privileges import PrivilegeError
+    from meshsup.actors.log import setup
 
     setproctitle(f"meshsup: {name}")
     if crash_on_start_requested(kind):
         exit_now(3)
-    module, cls = _CLASSES[kind].split(":")
+    spec = KINDS[kind]
+    module, cls = spec.cls.split(":")
     extra = {} if tun_queue is None else {"tun_queue": tun_queue}
-    actor = getattr(importlib.import_module(module), cls)(name, Runtime(state_dir), **extra)
+    try:
+        if spec.caps is None:
+            runtime = Runtime(state_dir)
+        else:
+            drop = Drop(account, spec.caps)
+            runtime = Runtime(drop.prepare(state_dir), drop)
+        actor = getattr(importlib.import_module(module), cls)(name, runtime, **extra)
+    except PrivilegeError as err:
+        setup(name).error("refusing to run: cannot drop privileges", kind=kind, user=account.name, error=str(err))
+        exit_now(EXIT_NO_DROP)
     exit_now(actor.run())

@@ -23,5 +23,8 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The user meshsup's DNS and netlog actors run as, once they have joined the bus (README: Privileges).
+id -u meshsup >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin meshsup
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'

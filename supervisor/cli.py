@@ -13,6 +13,7 @@ from typing import Any
 
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.kernel.files import UnsafePath
+from meshsup.actors.kernel.privileges import USER, PrivilegeError, unprivileged_account
 from meshsup.actors.log import setup
 from meshsup.actors.settings import Settings
 from meshsup.actors.settings.keys import b64
@@ -118,6 +119,7 @@ def peer_stanza(conf: Settings) -> str:
 def start(args: argparse.Namespace) -> int:
     """`meshsup start` (a node) and `meshsup relay`: the same supervisor, other actors."""
     from meshsup.supervisor.node import Supervisor
+    from meshsup.supervisor.resources import open_state_dir
 
     state_dir = Path(args.state_dir)
     runtime = Runtime(state_dir)
@@ -126,6 +128,11 @@ def start(args: argparse.Namespace) -> int:
         runtime.check(create_state_dir=True)  # before the config, which may make the key in it
         conf = load(args, state_dir)
         runtime.create()
+        account = unprivileged_account()
+        open_state_dir(runtime, account)
+    except PrivilegeError as err:
+        print(f"meshsup: {err}: run deploy/setup.sh, which makes the user {USER}", file=sys.stderr)
+        return 2
     except UnsafePath as err:
         print(f"meshsup: refusing to start: {err}, or choose another --state-dir", file=sys.stderr)
         return 2
@@ -139,8 +146,16 @@ def start(args: argparse.Namespace) -> int:
         print(f"meshsup: a node is already running with state dir {state_dir}", file=sys.stderr)
         return 1
     log = setup("supervisor", runtime)
+    if account.name != USER:
+        log.warning(
+            "unprivileged actors run as a user other daemons may share",
+            user=account.name,
+            uid=account.uid,
+            missing=USER,
+            fix="deploy/setup.sh makes the user",
+        )
     print(relay.relay_stanza(conf) if args.command == "relay" else peer_stanza(conf), flush=True)
-    sup = Supervisor(conf, runtime, lambda: load(args, state_dir), log)
+    sup = Supervisor(conf, runtime, account, lambda: load(args, state_dir), log)
     code = sup.run()
     if sup.failure:
         print(f"meshsup: node stopped: {sup.failure}", file=sys.stderr)

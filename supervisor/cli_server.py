@@ -11,12 +11,12 @@ import zmq
 
 from meshsup.actors.base import FAULTS_ENV
 from meshsup.actors.bus.codec import DecodeError, decode, encode
-from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.endpoints import Runtime, grant
 from meshsup.actors.bus.messages import CliReply, CliRequest, Command
 from meshsup.actors.registry import SCALABLE, start_order
 from meshsup.actors.settings import Settings
 from meshsup.actors.settings.keys import b64
-from meshsup.actors.settings.relay import RelayConfig
+from meshsup.actors.settings.relay import RelaySettings
 from meshsup.supervisor import relay
 from meshsup.supervisor.hub import Hub, bind
 from meshsup.supervisor.supervision import Tree
@@ -40,6 +40,7 @@ class CliServer:
         self.reload = reload
         self.reconfigure = reconfigure
         self.socket = bind(ctx, zmq.ROUTER, runtime.cli)
+        grant(runtime.cli, unprivileged=False)
 
     def drain(self) -> None:
         for _ in range(64):
@@ -101,7 +102,7 @@ class CliServer:
             reply(False, f"unknown command {cmd!r}")
 
     def status(self) -> dict[str, Any]:
-        if isinstance(self.tree.config, RelayConfig):
+        if isinstance(self.tree.config, RelaySettings):
             return {
                 **relay.status(self.tree.config, self._actors(), self.tree.ready, self.tree.generation),
                 "supervisor": {"bus_dropped": self.hub.bus_dropped},
@@ -135,6 +136,7 @@ class CliServer:
                 "state": a.state,
                 "restarts": a.restarts,
                 "last_exit": a.exit_reason,
+                "holds_keys": a.status.get("holds_keys", False),
                 "bus_dropped": a.status.get("bus_dropped", {}),
                 "counters": a.status.get("counters", {}),
             }

@@ -1,7 +1,8 @@
-"""The supervisor's end of the bus: the control socket every actor's DEALER
-connects to, requests to actors with acks and deadlines, counted drops of
-bad frames, and the event proxy (XSUB/XPUB). All pumped from the
-supervisor's one poll loop.
+"""The supervisor's end of the bus: the control sockets every actor's DEALER
+connects to (one for the actors running as root, one for the unprivileged
+ones), requests to actors with acks and deadlines, counted drops of bad
+frames, and the event proxy (XSUB/XPUB). All pumped from the supervisor's
+one poll loop.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any, TypeVar
 import zmq
 
 from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
-from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.endpoints import Runtime, grant
 from meshsup.actors.bus.messages import Ack
 from meshsup.actors.log import RateLimited
+from meshsup.actors.registry import kind_of, unprivileged
 
 REQUEST_TIMEOUT = 5.0  # deadline for an actor's ack
 
@@ -46,9 +48,22 @@ class Hub:
         self.bus_dropped: dict[str, int] = {}
         self._ratelimit = RateLimited()
         self.control = bind(ctx, zmq.ROUTER, runtime.control)
-        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted actor reuses its identity
+        self.unprivileged = bind(ctx, zmq.ROUTER, runtime.unprivileged_control)
+        for sock in self.controls:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted actor reuses its identity
         self.xsub = bind(ctx, zmq.XSUB, runtime.events_in)
         self.xpub = bind(ctx, zmq.XPUB, runtime.events_out)
+        grant(runtime.control, unprivileged=False)
+        for endpoint in (runtime.unprivileged_control, runtime.events_in, runtime.events_out):
+            grant(endpoint, unprivileged=True)
+
+    @property
+    def controls(self) -> tuple[zmq.Socket, zmq.Socket]:
+        return self.control, self.unprivileged
+
+    def _control_of(self, actor: str) -> zmq.Socket:
+        """The control socket the actor connects to (actors.registry.unprivileged)."""
+        return self.unprivileged if unprivileged(kind_of(actor)) else self.control
 
     def pump(self, src: zmq.Socket) -> None:
         """The event proxy: what came in on one side out on the other."""
@@ -64,11 +79,13 @@ class Hub:
         if self._ratelimit.should_log(reason, time.monotonic()) is not None:
             self.log.warning("bus frame dropped", reason=reason, detail=detail[:120])
 
-    def drain_control(self, actors: Mapping[str, A], on_message: Callable[[A, Message], None]) -> None:
-        """Each frame from a known actor to `on_message`; anything else counted as dropped."""
+    def drain_control(
+        self, sock: zmq.Socket, actors: Mapping[str, A], on_message: Callable[[A, Message], None]
+    ) -> None:
+        """Each frame from a known actor, on its control socket, to `on_message`; anything else counted as dropped."""
         for _ in range(1024):
             try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             if len(frames) != 2:
@@ -80,8 +97,9 @@ class Hub:
             except DecodeError as err:
                 self.count_drop(err.reason, str(err))
                 continue
-            a = actors.get(ident.decode(errors="replace"))
-            if a is None:
+            name = ident.decode(errors="replace")
+            a = actors.get(name)
+            if a is None or self._control_of(name) is not sock:
                 self.count_drop("unknown_sender", ident[:32].hex())
                 continue
             on_message(a, msg)
@@ -98,12 +116,12 @@ class Hub:
         req = self.next_req
         self.next_req += 1
         self.pending[req] = Pending(actor, time.monotonic() + timeout, done)
-        self.control.send_multipart([actor.encode(), encode(make(req))])
+        self._control_of(actor).send_multipart([actor.encode(), encode(make(req))])
 
     def tell(self, actor: str, msg: Message) -> None:
         """Send without waiting for an ack, or for room in the queue (shutdown)."""
         try:
-            self.control.send_multipart([actor.encode(), encode(msg)], zmq.NOBLOCK)
+            self._control_of(actor).send_multipart([actor.encode(), encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 

@@ -23,8 +23,10 @@ from typing import Any
 import zmq
 
 from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.kernel.privileges import Account
+from meshsup.actors.registry import AnySettings
 from meshsup.actors.settings import Settings
-from meshsup.actors.settings.relay import RelayConfig
+from meshsup.actors.settings.relay import RelaySettings
 from meshsup.supervisor import relay, sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
 from meshsup.supervisor.hub import Hub
@@ -36,8 +38,9 @@ from meshsup.supervisor.uapi_front import UapiFront
 
 class Supervisor:
     def __init__(
-        self, config: Settings | RelayConfig, runtime: Runtime, reload: Callable[[], Settings | RelayConfig], log: Any
+        self, config: Settings, runtime: Runtime, account: Account, reload: Callable[[], Settings], log: Any
     ) -> None:
+        """`account`: the unprivileged actors' user, let into the runtime dir (resources.open_state_dir)."""
         self.runtime = runtime
         self.reload_source = reload
         self.log = log
@@ -45,7 +48,7 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.hub = Hub(self.ctx, runtime, log)
         self.tun_queues = TunQueues(log)
-        self.tree = Tree(config, runtime, self.hub, self.tun_queues, log)
+        self.tree = Tree(config, runtime, self.hub, self.tun_queues, account, log)
         self.sequencer = Sequencer(self.tree, self.hub)
         self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure)
         self.wg = UapiFront(self.tree, self.reconfigure, log)
@@ -79,10 +82,10 @@ class Supervisor:
         self.close()
         return 1 if self.failure else 0
 
-    def _prepare(self, config: Settings | RelayConfig) -> str | None:
+    def _prepare(self, config: AnySettings) -> str | None:
         """What the actors need before they start, or why they cannot have it: a node's UDP
         port, `wg`'s socket and the TUN's queues; a relay's ports."""
-        if isinstance(config, RelayConfig):
+        if isinstance(config, RelaySettings):
             return relay.probe(config)
         error = probe_port(config) or self.wg.serve(config.node.interface)
         if error is None:
@@ -97,7 +100,7 @@ class Supervisor:
 
     def _poll(self, timeout: float) -> None:
         poller = zmq.Poller()
-        for s in (self.hub.control, self.cli.socket, self.hub.xsub, self.hub.xpub):
+        for s in (*self.hub.controls, self.cli.socket, self.hub.xsub, self.hub.xpub):
             poller.register(s, zmq.POLLIN)
         poller.register(self.signal_r, zmq.POLLIN)
         sentinels = self.tree.sentinels()
@@ -105,8 +108,8 @@ class Supervisor:
             poller.register(fd, zmq.POLLIN)
         uapi_fds = self.wg.register(poller)
         for sock, _ in poller.poll(timeout * 1000):
-            if sock is self.hub.control:
-                self.hub.drain_control(self.tree.actors, self.tree.on_actor_message)
+            if sock in self.hub.controls:
+                self.hub.drain_control(sock, self.tree.actors, self.tree.on_actor_message)
             elif sock is self.cli.socket:
                 self.cli.drain()
             elif sock is self.hub.xsub or sock is self.hub.xpub:

@@ -1,16 +1,22 @@
 """Kernel resources the supervisor takes care of for its workers: the probe
-of the listen port before anything starts, and the TUN's queues, held for
-the node's life and handed to each crypto worker at its spawn.
+of the listen port before anything starts, the TUN's queues, held for the
+node's life and handed to each crypto worker at its spawn, and the part of
+the state dir the unprivileged actors may use.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import stat
 from typing import Any
 
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.kernel.files import UnsafePath
+from meshsup.actors.kernel.privileges import Account
 from meshsup.actors.kernel.tun import Tun, make_persistent
 from meshsup.actors.kernel.udp import UdpSocket
-from meshsup.actors.registry import InheritedFd
+from meshsup.actors.registry import KINDS, InheritedFd, unprivileged
 from meshsup.actors.settings import Settings
 
 
@@ -66,3 +72,43 @@ class TunQueues:
         for tun in self.queues:
             tun.close()
         self.queues = []
+
+
+def open_state_dir(runtime: Runtime, account: Account) -> None:
+    """Let the unprivileged actors in: search the state dir and the runtime dir (the
+    sockets meant for them are their group's), and own their kinds' state dirs."""
+    runtime.open_to(account.gid)
+    for name in sorted({d for kind, k in KINDS.items() if unprivileged(kind) for d in k.state_dirs}):
+        path = runtime.state_dir / name
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid == 0:
+                _hand_over(fd, account)
+            elif st.st_uid != account.uid:
+                raise UnsafePath(
+                    f"{name} dir",
+                    path,
+                    st,
+                    f"is neither root's nor {account.name}'s",
+                    f"remove it or chown -R {account.name} it",
+                )
+        finally:
+            os.close(fd)
+
+
+def _hand_over(top: int, account: Account) -> None:
+    """Give a root-owned tree (just made, or left by a node whose netlog ran as root) to `account`.
+    Only a tree the account could never write: it cannot have planted a link in it to
+    a file of root's. Bottom up, so that a start cut short leaves the top root's and
+    the next one does it again. Through descriptors, following no symlink."""
+    for _, dirs, files, fd in os.fwalk(".", topdown=False, dir_fd=top):
+        for name in dirs + files:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
+                os.chown(name, account.uid, account.gid, dir_fd=fd, follow_symlinks=False)
+    os.fchown(top, account.uid, account.gid)

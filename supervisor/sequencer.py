@@ -9,13 +9,14 @@ The control path
      `scale`)
 
 `reload` and `wg set` stop before this when the new config equals the running
-one. Each step is a Configure carrying the whole config; an actor takes from
-it what it needs. The steps go to the running actors by kind, in this order
-(workers of one kind by name):
+one. Each step is a Configure carrying the whole config (without the keys for
+the actors that use none: actors.registry); an actor takes from it what it
+needs. The steps go to the running actors by kind, in this order (workers of
+one kind by name):
 
     magicsock -> crypto-N -> tun-io -> netlog -> router -> dns-N
 
-- magicsock before crypto: magicsock gets the private key before the
+- magicsock before crypto: magicsock listens on the (new) port before the
   workers get the peers, so handshakes can go out at once.
 - tun-io after crypto: no comment gives a reason; in effect tun-io steers
   packets to a peer's (new) owner only after the workers took their peers.
@@ -50,7 +51,7 @@ from collections import deque
 from collections.abc import Callable
 
 from meshsup.actors.bus.codec import Message
-from meshsup.actors.bus.messages import Ack, Configure
+from meshsup.actors.bus.messages import Ack
 from meshsup.actors.settings import Settings
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.supervision import Tree
@@ -87,13 +88,13 @@ class Sequencer:
         self.tree.generation += 1
         gen = self.tree.generation
         steps = [
-            (name, lambda req: Configure(req=req, generation=gen, config=self.tree.config.to_wire()))
+            (name, lambda req, kind=self.tree.actors[name].kind: self.tree.configure_message(kind, req, gen))
             for name in self.reconfigure_order()
         ]
         self.run_steps(steps, finished)
 
     def reconfigure_order(self) -> list[str]:
-        """The seed's order: keys to magicsock before peers to crypto; netlog before router before DNS."""
+        """The seed's order: magicsock before peers to crypto; netlog before router before DNS."""
         order = ("magicsock", "crypto", "tun-io", "netlog", "router", "dns", "relay")
         by_kind = {k: [a.name for a in self.tree.actors.values() if a.kind == k] for k in order}
         return [n for k in order for n in sorted(by_kind[k])]

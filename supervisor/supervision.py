@@ -20,10 +20,9 @@ from typing import Any
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, Stop
-from meshsup.actors.registry import PRELOAD, SCALABLE, actor_name, run_actor, start_order
-from meshsup.actors.settings import Settings
+from meshsup.actors.kernel.privileges import Account
+from meshsup.actors.registry import PRELOAD, SCALABLE, AnySettings, actor_name, run_actor, settings_for, start_order
 from meshsup.actors.settings.keys import b64
-from meshsup.actors.settings.relay import RelayConfig
 from meshsup.supervisor import sdnotify
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.resources import TunQueues
@@ -57,13 +56,14 @@ class ActorProc:
 
 class Tree:
     def __init__(
-        self, config: Settings | RelayConfig, runtime: Runtime, hub: Hub, tun_queues: TunQueues, log: Any
+        self, config: AnySettings, runtime: Runtime, hub: Hub, tun_queues: TunQueues, account: Account, log: Any
     ) -> None:
         self.config = config
         self.generation = 1
         self.runtime = runtime
         self.hub = hub
         self.tun_queues = tun_queues
+        self.account = account  # the unprivileged actors' user
         self.log = log
         self.actors: dict[str, ActorProc] = {}
         self.start_queue: deque[str] = deque()
@@ -118,14 +118,16 @@ class Tree:
             return
         if not self.ready and all(a.state == "running" for a in self.actors.values()):
             self.ready = True
-            own = self.config.relay if isinstance(self.config, RelayConfig) else self.config.node
-            self.log.info("node ready", actors=len(self.actors), public_key=b64(own.public_key))
+            self.log.info("node ready", actors=len(self.actors), public_key=b64(self.config.public_key))
             sdnotify.notify("READY=1\nSTATUS=all actors running")
 
     def _spawn(self, a: ActorProc) -> None:
         queue = self.tun_queues.for_actor(a.name, a.kind)
         p = self._mp.Process(
-            target=run_actor, args=(a.kind, a.name, str(self.runtime.state_dir), queue), name=a.name, daemon=True
+            target=run_actor,
+            args=(a.kind, a.name, str(self.runtime.state_dir), queue, self.account),
+            name=a.name,
+            daemon=True,
         )
         p.start()
         a.process, a.pid, a.state = p, p.pid or 0, "starting"
@@ -199,7 +201,7 @@ class Tree:
             a.pid = msg.pid
             self.hub.request(
                 a.name,
-                lambda req: Configure(req=req, generation=self.generation, config=self.config.to_wire()),
+                lambda req: self.configure_message(a.kind, req, self.generation),
                 lambda ack: self._on_configured(a, ack),
                 START_TIMEOUT,
             )
@@ -210,6 +212,10 @@ class Tree:
             self.hub.acked(msg)
         else:
             self.hub.count_drop("unexpected_type", msg.TAG)
+
+    def configure_message(self, kind: str, req: int, generation: int) -> Configure:
+        """The running config as an actor of `kind` gets it: with the keys only if it uses them."""
+        return Configure(req=req, generation=generation, config=settings_for(kind, self.config).to_wire())
 
     def _on_configured(self, a: ActorProc, ack: Ack | None) -> None:
         if ack is None or a.state != "starting":

@@ -7,9 +7,11 @@ syscall on each side, keeps message boundaries and is bounded the same way:
 when the receiver falls behind, the sender's socket buffer fills, and the
 batch is dropped and counted, as a NIC drops on a full ring.
 
-Every actor listens on ``Runtime.inbox(name)`` in the node's 0700 runtime
-directory. A sender connects on first use, and again after the receiver
-restarted (the old connection then fails, and that batch counts as dropped).
+Every actor listens on ``Runtime.inbox(name)`` in the node's runtime
+directory, for root's processes only unless it `share`s its inbox with the
+unprivileged actors (actors.bus.endpoints). A sender connects on first use,
+and again after the receiver restarted (the old connection then fails, and
+that batch counts as dropped).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from meshsup.actors.bus.codec import Message, encode
+from meshsup.actors.bus.endpoints import grant
 
 # Largest message read; a longer one is cut short and counted. Batches stay
 # far below it (actors.bus.batch.MAX_BYTES): the kernel copies a message of
@@ -33,6 +37,7 @@ SEND_BUFFER = 8 * 1024 * 1024
 SO_SNDBUFFORCE = 32  # <asm-generic/socket.h>; not in Python 3.11's socket
 # Plain ints: the socket module's flags are enum members, and & on one costs microseconds.
 _MSG_TRUNC, _MSG_NOSIGNAL = int(socket.MSG_TRUNC), int(socket.MSG_NOSIGNAL)
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (SO_PEERCRED)
 _GONE = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 
 
@@ -55,7 +60,7 @@ class Inbox:
         self._handle, self._truncated = handle, truncated
         self._buffer = bytearray(MAX_MESSAGE)
         self._view = memoryview(self._buffer)
-        self._connections: dict[int, socket.socket] = {}
+        self._connections: dict[int, tuple[socket.socket, Callable[[memoryview], None]]] = {}
         self._path = path
         try:
             os.unlink(path)  # left by a previous run of this actor
@@ -65,8 +70,17 @@ class Inbox:
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         )
         self._listener.bind(path)
+        grant(path, unprivileged=False)
         self._listener.listen(64)
+        self._uid = os.geteuid()
+        self._others: Callable[[memoryview], None] | None = None
         add_reader(self._listener.fileno(), self._accept)
+
+    def share(self, handle: Callable[[memoryview], None]) -> None:
+        """Let the unprivileged actors connect too; what a sender that is neither root nor
+        this process's user sends goes to `handle` (which should trust none of it)."""
+        self._others = handle
+        grant(self._path, unprivileged=True)
 
     def _accept(self) -> None:
         while True:
@@ -76,11 +90,16 @@ class Inbox:
                 return
             except OSError:  # e.g. out of descriptors: the sender retries on its next batch
                 return
+            _, uid, _ = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            handle = self._handle if uid in (0, self._uid) else self._others
+            if handle is None:  # the socket's mode let them in: not meant to happen
+                conn.close()
+                continue
             conn.setblocking(False)
-            self._connections[conn.fileno()] = conn
-            self._add_reader(conn.fileno(), lambda conn=conn: self._drain(conn))
+            self._connections[conn.fileno()] = conn, handle
+            self._add_reader(conn.fileno(), lambda conn=conn, handle=handle: self._drain(conn, handle))
 
-    def _drain(self, conn: socket.socket, budget: int = 64) -> None:
+    def _drain(self, conn: socket.socket, handle: Callable[[memoryview], None], budget: int = 64) -> None:
         """Read what is ready (bounded, so other readers and control never starve)."""
         for _ in range(budget):
             try:
@@ -96,7 +115,7 @@ class Inbox:
             if flags & _MSG_TRUNC:
                 self._truncated()
                 continue
-            self._handle(self._view[:n])
+            handle(self._view[:n])
 
     def _close(self, conn: socket.socket) -> None:
         self._remove_reader(conn.fileno())
@@ -106,17 +125,17 @@ class Inbox:
     def drain(self) -> None:
         """Read everything senders have queued so far (at exit, nothing left behind)."""
         self._accept()
-        for conn in list(self._connections.values()):
-            self._drain(conn, budget=1 << 30)
+        for conn, handle in list(self._connections.values()):
+            self._drain(conn, handle, budget=1 << 30)
 
     def close(self) -> None:
-        for conn in list(self._connections.values()):
+        for conn, _ in list(self._connections.values()):
             self._close(conn)
         self._remove_reader(self._listener.fileno())
         self._listener.close()
         try:
             os.unlink(self._path)
-        except FileNotFoundError:
+        except OSError:  # gone, or this actor gave up root: the next one to bind it unlinks it
             pass
 
 

@@ -1,4 +1,9 @@
-"""Where the bus lives: ipc:// endpoints in a per-node runtime dir (0700)."""
+"""Where the bus lives: ipc:// endpoints in a per-node runtime dir.
+
+Only root creates files there. The node's unprivileged actors (DNS, netlog:
+actors.registry) may search it and connect to the sockets meant for them
+(`grant`); the rest stay root's.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,20 @@ import os
 from pathlib import Path
 
 from meshsup.actors.kernel.files import private_dir
+from meshsup.actors.kernel.privileges import Drop
+
+
+def grant(endpoint: str, unprivileged: bool) -> None:
+    """Who may connect to a socket of the runtime dir: root only (0600), or the
+    unprivileged actors too (0660: the socket has their group, see Runtime.open_to)."""
+    os.chmod(endpoint.removeprefix("ipc://"), 0o660 if unprivileged else 0o600)
 
 
 class Runtime:
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str], drop: Drop | None = None) -> None:
         self.state_dir = Path(state_dir)
         self.dir = self.state_dir / "run"
+        self.drop = drop  # in an actor that gives up root once it joined the bus (actors.base)
 
     def check(self, create_state_dir: bool = False) -> None:
         """Refuse (UnsafePath) a state dir or runtime dir, where there is one, that
@@ -25,13 +38,31 @@ class Runtime:
         private_dir(self.state_dir, "state dir", create=True)
         private_dir(self.dir, "runtime dir", create=True, follow=False)
 
+    def open_to(self, gid: int) -> None:
+        """Let the group `gid` (the unprivileged actors') search the state dir (0710) and the
+        runtime dir, whose new files get that group (02710, set-group-ID): which sockets
+        the group may connect to is then up to each socket's mode (`grant`)."""
+        for path, mode, follow in ((self.state_dir, 0o710, True), (self.dir, 0o2710, False)):
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+            try:
+                os.fchown(fd, -1, gid)
+                os.fchmod(fd, mode)
+            finally:
+                os.close(fd)
+
     def _ipc(self, name: str) -> str:
         return f"ipc://{self.dir / name}"
 
     @property
     def control(self) -> str:
-        """Supervisor ROUTER that every actor's DEALER connects to."""
+        """Supervisor ROUTER that the DEALER of every actor running as root connects to."""
         return self._ipc("control.sock")
+
+    @property
+    def unprivileged_control(self) -> str:
+        """The same for the unprivileged actors: apart, so that none of them can take a
+        root actor's identity (and the keys in its configuration)."""
+        return self._ipc("control-u.sock")  # short: a socket path has at most 107 bytes
 
     @property
     def cli(self) -> str:

@@ -146,21 +146,24 @@ class LogLine(Message):
 
 # --- between relay workers (actors.relay) ----------------------------------
 
+
 @message("relay.client_up")
 class RelayClientUp(Message):
     """A DERP client logged in on `worker`; the newest login of a key (`since`, then
     the worker's name) is the one that stays, as a second connection replaces the first."""
+
     worker: str
     key: bytes
     host: str
     port: int
-    flags: int      # derp.PeerPresentFlags
-    since: float    # wall-clock time of the login
+    flags: int  # derp.PeerPresentFlags
+    since: float  # wall-clock time of the login
 
 
 @message("relay.client_down")
 class RelayClientDown(Message):
     """The client of `key` that logged in on `worker` at `since` left."""
+
     worker: str
     key: bytes
     since: float
@@ -170,6 +173,7 @@ class RelayClientDown(Message):
 class RelayWorkerUp(Message):
     """A relay worker (re)started at `started`: its clients from before are gone; the
     others tell it theirs (RelayRoster). Sent a few times while the bus connects."""
+
     worker: str
     started: float
 
@@ -177,6 +181,7 @@ class RelayWorkerUp(Message):
 @message("relay.roster")
 class RelayRoster(Message):
     """Every client logged in on `worker`, as [key, host, port, flags, since] (answer to worker_up)."""
+
     worker: str
     clients: list[Any]
 
@@ -185,4 +190,5 @@ class RelayRoster(Message):
 class RelayFrames(Message):
     """DERP RecvPacket frames for clients of the receiving worker: each entry is the
     destination key (32 bytes) then the whole frame, back to back."""
+
     frames: bytes

@@ -11,6 +11,7 @@ closed: Tailscale's server allows each frame's write 2 s, and a reader that
 only trickles (the kernel reopening a zero window by a few bytes) makes no
 progress that counts. Writes go out many frames to a syscall (sendmsg's iovecs).
 """
+
 from __future__ import annotations
 
 import socket
@@ -34,10 +35,10 @@ class Transport:
         """The server side of `sock`, or with `server_hostname` (the name or IP its certificate must carry) the
         client side."""
         self.sock = sock
-        self.raw: deque[bytes | memoryview] = deque()   # bytes for the socket, ciphertext under TLS
+        self.raw: deque[bytes | memoryview] = deque()  # bytes for the socket, ciphertext under TLS
         self.queued = 0
-        self.progress = now                             # when the queue last filled from empty or moved enough
-        self._moved = 0                                 # bytes written since then
+        self.progress = now  # when the queue last filled from empty or moved enough
+        self._moved = 0  # bytes written since then
         self._bio_in = self._bio_out = None
         self._tls: ssl.SSLObject | None = None
         if tls is not None:

@@ -39,6 +39,8 @@ from meshsup.actors.wire.ip import (
     IPV6_NEXT_HEADER,
     IPV6_PAYLOAD_LENGTH,
     IPV6_SRC,
+    ipv4_header_checksum,
+    ones_complement_sum,
 )
 
 HEADER: Final = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
@@ -55,23 +57,6 @@ _PSH: Final = 0x08
 _MAX_IP_PACKET: Final = 65535
 _DF: Final = 0x4000
 _FRAGMENT_BITS: Final = 0x3FFF  # MF and the fragment offset
-
-
-def ones_complement_sum(data: Buffer) -> int:
-    """RFC 1071 sum of big-endian 16-bit words, folded to 16 bits (odd length: zero-padded).
-
-    2**16 is 1 modulo 0xFFFF, so the sum of the words is the whole buffer as
-    one integer modulo 0xFFFF: one C-level pass instead of a Python loop.
-    """
-    if len(data) % 2:
-        data = bytes(data) + b"\0"
-    total = int.from_bytes(data, "big") % 0xFFFF
-    return total if total or not any(data) else 0xFFFF
-
-
-def ipv4_header_checksum(header: Buffer) -> int:
-    """The checksum field value for an IPv4 header whose own checksum field is zero."""
-    return ~ones_complement_sum(header) & 0xFFFF
 
 
 _U16: Final = struct.Struct("!H")

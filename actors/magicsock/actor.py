@@ -36,7 +36,7 @@ from meshsup.actors.kernel.udp import UdpSocket
 from meshsup.actors.magicsock.relays import RelayLink, Relays
 from meshsup.actors.routing.shard import owner
 from meshsup.actors.settings import Settings, keys
-from meshsup.actors.settings.relay import RelaySettings
+from meshsup.actors.settings.relay import RelayEntry
 from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
 
 RECV_BATCH = 512
@@ -52,7 +52,7 @@ class MagicsockActor(Actor):
         self.counters: Counter[str] = Counter()
         self.flows = FlowFeed(self, UNDERLAY)
         self.relays = Relays([])
-        self.relays_for: tuple[bytes, tuple[RelaySettings, ...]] | None = None  # (our key, [[relays]]) served
+        self.relays_for: tuple[bytes, tuple[RelayEntry, ...]] | None = None  # (our key, [[relays]]) served
         self.peer_keys: frozenset[bytes] = frozenset()
 
     def configure(self, settings: Settings) -> None:

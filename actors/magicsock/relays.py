@@ -35,7 +35,7 @@ from typing import Any
 from meshsup.actors.kernel.stream import SEND_QUEUE_BYTES, Transport
 from meshsup.actors.kernel.types import RELAY_HOST, Buffer, Endpoint
 from meshsup.actors.magicsock.derpclient import DerpClient, PeerGone, Restarting, Timing
-from meshsup.actors.settings.relay import RelaySettings
+from meshsup.actors.settings.relay import RelayEntry
 from meshsup.actors.wire.derp import FRAME_HEADER_LEN, KEY_LEN, PeerGoneReason
 
 READ_BUDGET = 8  # socket reads per wake-up, so one busy relay never starves the loop
@@ -62,7 +62,7 @@ class Backoff:
         self.failures = 0
 
 
-def tls_context(relay: RelaySettings) -> ssl.SSLContext | None:
+def tls_context(relay: RelayEntry) -> ssl.SSLContext | None:
     if not relay.tls:
         return None
     ctx = ssl.create_default_context(cafile=str(relay.ca_file) if relay.ca_file else None)
@@ -76,7 +76,7 @@ class RelayLink:
     def __init__(
         self,
         index: int,
-        relay: RelaySettings,
+        relay: RelayEntry,
         keys: tuple[bytes, bytes],
         watch: Watch,
         unwatch: Callable[[int], None],

@@ -34,7 +34,7 @@ import zmq
 
 from meshsup.actors.base import Actor
 from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
-from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.endpoints import Runtime, grant
 from meshsup.actors.bus.messages import FlowCounts, FlowCountsAck, LogLine
 from meshsup.actors.log import log_endpoint
 from meshsup.actors.netlog.counting import CountsReader, Deliveries
@@ -86,9 +86,12 @@ class NetlogActor(Actor):
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.woken = False
         self.add_reader(self.wake_r, self.count_pending)
+
+    def bind_runtime(self) -> None:
         self.log_inbox = self.ctx.socket(zmq.PULL)
         self.log_inbox.setsockopt(zmq.RCVHWM, 4096)
-        self.log_inbox.bind(log_endpoint(runtime))  # read once configured; lines wait till then
+        self.log_inbox.bind(log_endpoint(self.runtime))  # read once configured; lines wait till then
+        grant(log_endpoint(self.runtime), unprivileged=True)  # DNS logs too
 
     # --- configuration ------------------------------------------------------
     def configure(self, node_settings: Settings) -> None:

@@ -11,6 +11,7 @@ each turn, one data-path message (actors/bus/datapath.py) per worker carries
 all of them, so crossing workers costs a syscall per batch, not per packet.
 Who is on which worker comes from the other workers' events on the bus.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -24,14 +25,14 @@ from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import RelayFrames, RelayWorkerUp
+from meshsup.actors.kernel.stream import Transport
 from meshsup.actors.kernel.types import Endpoint
 from meshsup.actors.registry import actor_name
 from meshsup.actors.relay.core import Core, Settings
-from meshsup.actors.kernel.stream import Transport
-from meshsup.actors.settings.relay import RelayConfig, RelayServerSettings
+from meshsup.actors.settings.relay import RelayConf, RelaySettings
 from meshsup.actors.wire import stun
 
-TURN_EVENTS = 256          # socket events handled per turn of the actor loop
+TURN_EVENTS = 256  # socket events handled per turn of the actor loop
 ACCEPT_BUDGET = 64
 STUN_BUDGET = 64
 ANNOUNCE_AFTER = (0.5, 2.0)  # RelayWorkerUp again while the bus's subscriptions settle
@@ -66,7 +67,7 @@ def _endpoint(addr: Any) -> Endpoint:
 
 class RelayActor(Actor):
     kind = "relay"
-    settings_type = RelayConfig
+    settings_class = RelaySettings
 
     def __init__(self, name: str, runtime: Runtime) -> None:
         super().__init__(name, runtime)
@@ -85,8 +86,8 @@ class RelayActor(Actor):
         self.subscribe("relay.")
 
     # --- configuration ---------------------------------------------------------
-    def configure(self, config: RelayConfig) -> None:  # type: ignore[override]
-        relay = config.relay
+    def configure(self, settings: RelaySettings) -> None:
+        relay = settings.relay
         try:
             tls = _tls_context(relay)
         except (OSError, ssl.SSLError) as err:
@@ -94,7 +95,7 @@ class RelayActor(Actor):
         if self.core is None:
             try:
                 self.listener = _listen(socket.SOCK_STREAM, relay.listen)
-                if relay.stun_listen:
+                if relay.stun_listen is not None:
                     self.stun = _listen(socket.SOCK_DGRAM, relay.stun_listen)
             except OSError as err:
                 raise ConfigError(f"cannot listen: {err}") from None
@@ -103,10 +104,8 @@ class RelayActor(Actor):
                     self.epoll.register(s.fileno(), select.EPOLLIN)
             self.core = Core(Settings(self.name, relay.private_key, relay.public_key), time.monotonic())
         self.tls = tls
-        self.core.keep_workers({actor_name("relay", i) for i in range(config.actors.relay)})
-        self.core.s.rate, self.core.s.burst = relay.rate, relay.burst
-        self.core.s.mesh_key = relay.mesh_key
-        super().configure(config)  # type: ignore[arg-type]
+        self.core.keep_workers({actor_name("relay", i) for i in range(settings.actors.relay)})
+        self.core.s.rate, self.core.s.burst, self.core.s.mesh_key = relay.rate, relay.burst, relay.mesh_key
         self._apply()
 
     # --- the loop's hooks --------------------------------------------------------
@@ -275,7 +274,7 @@ class RelayActor(Actor):
                 self.core.dropped["queue_full"] += dropped
             if conn not in out.close:
                 self._flush(conn, now)
-        for conn, until in out.pause.items():
+        for conn in out.pause:
             if conn in self.conns:
                 self._want(conn, read=False)
         for conn in out.resume:
@@ -296,8 +295,8 @@ class RelayActor(Actor):
             self.publish(event)
 
 
-def _tls_context(relay: RelayServerSettings) -> ssl.SSLContext | None:
-    if relay.tls_cert is None or relay.tls_key is None:
+def _tls_context(relay: RelayConf) -> ssl.SSLContext | None:
+    if not relay.tls_cert:
         return None
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

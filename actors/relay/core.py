@@ -15,6 +15,7 @@ worker joins that worker's batch, one data-path message per batch.
 Clocks are time.monotonic(), the same for every process of the host, so
 logins compare across workers.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -26,17 +27,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshsup.actors.bus.codec import Message
-from meshsup.actors.bus.messages import (RelayClientDown, RelayClientUp, RelayFrames, RelayRoster,
-                                         RelayWorkerUp)
+from meshsup.actors.bus.messages import RelayClientDown, RelayClientUp, RelayFrames, RelayRoster, RelayWorkerUp
 from meshsup.actors.kernel.types import Buffer, Endpoint
 from meshsup.actors.relay.session import Handshake
 from meshsup.actors.wire import derp
 from meshsup.actors.wire.derp import KEY_LEN, FrameError, FrameReader, FrameType, PeerGoneReason, PeerPresentFlags
 
-MIN_BURST = derp.MAX_PACKET_SIZE + KEY_LEN   # a bucket holds at least one largest frame, as Tailscale's
+MIN_BURST = derp.MAX_PACKET_SIZE + KEY_LEN  # a bucket holds at least one largest frame, as Tailscale's
 KEEPALIVE_JITTER = 5.0
 ROSTER_INTERVAL = 10.0
-BATCH_BYTES = 60_000                         # a batch to another worker, as the bus's data path likes them
+BATCH_BYTES = 60_000  # a batch to another worker, as the bus's data path likes them
 _LEN = struct.Struct(">I")
 
 
@@ -45,7 +45,7 @@ class Settings:
     worker: str
     private: bytes
     public: bytes
-    rate: int = 0          # per-client bytes/s read from it, 0 for no limit
+    rate: int = 0  # per-client bytes/s read from it, 0 for no limit
     burst: int = 0
     mesh_key: str = ""
 
@@ -87,7 +87,7 @@ class Client:
     gone_budget: TokenBucket
     preferred: bool = False
     watcher: bool = False
-    seen: set[bytes] = field(default_factory=set)   # senders of what it got: told when they leave
+    seen: set[bytes] = field(default_factory=set)  # senders of what it got: told when they leave
 
 
 @dataclass
@@ -104,8 +104,8 @@ class Output:
 
     def __init__(self) -> None:
         self.send: defaultdict[int, list[Buffer]] = defaultdict(list)
-        self.close: dict[int, str] = {}          # conn -> bad input's reason, "" for none
-        self.pause: dict[int, float] = {}        # conn -> when to read it again
+        self.close: dict[int, str] = {}  # conn -> bad input's reason, "" for none
+        self.pause: dict[int, float] = {}  # conn -> when to read it again
         self.resume: set[int] = set()
         self.remote: defaultdict[str, list[bytes]] = defaultdict(list)
         self.events: list[Message] = []
@@ -130,7 +130,7 @@ class Core:
         self.pending: dict[int, tuple[Handshake, Endpoint]] = {}
         self.clients: dict[int, Client] = {}
         self.by_key: dict[bytes, Client] = {}
-        self.table: dict[bytes, Remote] = {}     # keys logged in on other workers
+        self.table: dict[bytes, Remote] = {}  # keys logged in on other workers
         self.paused: dict[int, float] = {}
         self.counters: Counter[str] = Counter()
         self.bad: Counter[str] = Counter()
@@ -189,10 +189,12 @@ class Core:
         if c is not None:
             self._leave(c)
 
-    def _login(self, conn: int, remote: Endpoint, reader: FrameReader, key: bytes, info: dict[str, Any],
-               now: float) -> None:
-        mesh = bool(self.s.mesh_key) and hmac.compare_digest(str(info.get("meshkey", "")).encode(),
-                                                             self.s.mesh_key.encode())
+    def _login(
+        self, conn: int, remote: Endpoint, reader: FrameReader, key: bytes, info: dict[str, Any], now: float
+    ) -> None:
+        mesh = bool(self.s.mesh_key) and hmac.compare_digest(
+            str(info.get("meshkey", "")).encode(), self.s.mesh_key.encode()
+        )
         flags = PeerPresentFlags.MESH_PEER if mesh else PeerPresentFlags.REGULAR
         if info.get("isprober"):
             flags |= PeerPresentFlags.PROBER
@@ -201,14 +203,24 @@ class Core:
             self.counters["replaced"] += 1
             self._drop_conn(old.conn, "")
         rate, burst = self.s.rate, max(self.s.burst, MIN_BURST)
-        c = Client(conn, remote, key, now, reader, flags, mesh,
-                   TokenBucket(rate, burst, now) if rate and not mesh else None,
-                   now + derp.KEEPALIVE_INTERVAL + random.uniform(0, KEEPALIVE_JITTER), TokenBucket(3, 3, now))
+        c = Client(
+            conn,
+            remote,
+            key,
+            now,
+            reader,
+            flags,
+            mesh,
+            TokenBucket(rate, burst, now) if rate and not mesh else None,
+            now + derp.KEEPALIVE_INTERVAL + random.uniform(0, KEEPALIVE_JITTER),
+            TokenBucket(3, 3, now),
+        )
         self.clients[conn], self.by_key[key] = c, c
         self.counters["logins"] += 1
         self.out.send[conn].append(derp.server_info(self.s.private, key, rate, burst if rate else 0))
-        self.out.events.append(RelayClientUp(worker=self.s.worker, key=key, host=remote[0], port=remote[1],
-                                             flags=int(flags), since=now))
+        self.out.events.append(
+            RelayClientUp(worker=self.s.worker, key=key, host=remote[0], port=remote[1], flags=int(flags), since=now)
+        )
         self._tell_watchers(key, remote[0], remote[1], flags)
         self._frames(c, now)
 
@@ -273,7 +285,7 @@ class Core:
 
     def _other_frame(self, c: Client, ftype: int, payload: bytes, now: float) -> None:
         if ftype == FrameType.PING:
-            self.out.send[c.conn].append(derp.pong(payload[:derp.PING_LEN]))
+            self.out.send[c.conn].append(derp.pong(payload[: derp.PING_LEN]))
             self.counters["pongs"] += 1
         elif ftype == FrameType.NOTE_PREFERRED:
             c.preferred = payload[0] != 0
@@ -292,7 +304,7 @@ class Core:
             elif ftype == FrameType.CLOSE_PEER and (victim := self.by_key.get(payload)) is not None:
                 self._drop_conn(victim.conn, "")
             elif ftype == FrameType.FORWARD_PACKET:
-                self._forward(payload[:KEY_LEN], payload[KEY_LEN:2 * KEY_LEN], payload[2 * KEY_LEN:], None, now)
+                self._forward(payload[:KEY_LEN], payload[KEY_LEN : 2 * KEY_LEN], payload[2 * KEY_LEN :], None, now)
         else:
             self.bad[f"unexpected_{derp.type_name(ftype)}"] += 1  # skipped, as Tailscale's server does
 
@@ -301,7 +313,7 @@ class Core:
         """A batch from another worker: deliver each frame whose destination is still here."""
         pos, end, view = 0, len(blob), memoryview(blob)  # frames go out as views of the batch, uncopied
         while pos + KEY_LEN + derp.FRAME_HEADER_LEN <= end:
-            dst = blob[pos:pos + KEY_LEN]
+            dst = blob[pos : pos + KEY_LEN]
             size = derp.FRAME_HEADER_LEN + _LEN.unpack_from(blob, pos + KEY_LEN + 1)[0]
             start, pos = pos + KEY_LEN, pos + KEY_LEN + size
             to = self.by_key.get(dst)
@@ -309,7 +321,7 @@ class Core:
                 self.dropped["gone_disconnected"] += 1
                 continue
             frame = view[start:pos]
-            to.seen.add(blob[start + derp.FRAME_HEADER_LEN:start + derp.FRAME_HEADER_LEN + KEY_LEN])
+            to.seen.add(blob[start + derp.FRAME_HEADER_LEN : start + derp.FRAME_HEADER_LEN + KEY_LEN])
             self.out.send[to.conn].append(frame)
             self.counters["packets_out"] += 1
 
@@ -359,8 +371,10 @@ class Core:
             self._forget(worker, lambda r: True, frozenset())
 
     def roster(self) -> RelayRoster:
-        return RelayRoster(worker=self.s.worker, clients=[[c.key, c.remote[0], c.remote[1], int(c.flags), c.since]
-                                                          for c in self.by_key.values()])
+        return RelayRoster(
+            worker=self.s.worker,
+            clients=[[c.key, c.remote[0], c.remote[1], int(c.flags), c.since] for c in self.by_key.values()],
+        )
 
     # --- time ------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -390,7 +404,12 @@ class Core:
             self.out.send[c.conn].append(derp.restarting(reconnect_in_ms, try_for_ms))
 
     def status(self) -> dict[str, Any]:
-        counters = dict(self.counters, connections=len(self.pending) + len(self.clients), clients=len(self.clients),
-                        home_clients=sum(c.preferred for c in self.clients.values()),
-                        watchers=sum(c.watcher for c in self.clients.values()), remote_clients=len(self.table))
+        counters = dict(
+            self.counters,
+            connections=len(self.pending) + len(self.clients),
+            clients=len(self.clients),
+            home_clients=sum(c.preferred for c in self.clients.values()),
+            watchers=sum(c.watcher for c in self.clients.values()),
+            remote_clients=len(self.table),
+        )
         return {"counters": counters, "bad_input": dict(self.bad), "dropped": dict(self.dropped)}

@@ -10,6 +10,7 @@ Every refusal has a reason the worker counts as bad input; a probe closes
 with no reason. A login must finish within LOGIN_TIMEOUT, as Tailscale's
 server allows 10 s for the greeting and the client's proof.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -25,14 +26,14 @@ LOGIN_TIMEOUT = 10.0
 @dataclass
 class Login:
     key: bytes
-    info: dict[str, Any]    # ClientInfo's JSON, keys lower-cased
+    info: dict[str, Any]  # ClientInfo's JSON, keys lower-cased
 
 
 @dataclass
 class Step:
     send: bytes = b""
     login: Login | None = None
-    close: str | None = None    # after `send`, end the connection; "" for a clean end, else the bad input's reason
+    close: str | None = None  # after `send`, end the connection; "" for a clean end, else the bad input's reason
 
 
 @dataclass
@@ -80,8 +81,9 @@ class Handshake:
         if method != "GET":
             return Step(derp.plain_response(405, "Method Not Allowed", "GET only\n"), close="bad_method")
         if head.header("upgrade").lower() != "derp":
-            return Step(derp.plain_response(426, "Upgrade Required", "DERP requires connection upgrade\n"),
-                        close="not_upgrade")
+            return Step(
+                derp.plain_response(426, "Upgrade Required", "DERP requires connection upgrade\n"), close="not_upgrade"
+            )
         hello = b"" if head.header(derp.FAST_START_HEADER) == "1" else derp.upgrade_response(self.public)
         return Step(hello + derp.server_key(self.public))
 

@@ -2,16 +2,17 @@
 
 The supervisor reads a config file into `Settings` (`parse`) and hands every
 actor the same object, through the bus in its wire form (`to_wire`,
-`from_wire`). One module per section: node (with peers, actors, supervisor),
-dns, netlog (with logging), relay (the [[relays]] a node reaches peers through,
-and RelayConfig: what `meshsup relay` runs instead); a wrong value is a ConfigError naming the file
-and the key.
+`from_wire`), without the keys to those that do not use them
+(`without_secrets`). One module per section: node (with peers, actors,
+supervisor), dns, netlog (with logging), relay (a node's [[relays]], and
+what `meshsup relay` runs instead); a wrong value is a ConfigError naming
+the file and the key.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,7 +30,7 @@ from meshsup.actors.settings.node import (
     parse_peer,
     parse_supervisor,
 )
-from meshsup.actors.settings.relay import RelaySettings, check_relays, parse_relay
+from meshsup.actors.settings.relay import RelayEntry, check_relays, parse_relay
 from meshsup.actors.settings.table import ConfigError, Table
 
 TOP_KEYS = {"node", "peers", "actors", "supervisor", "dns", "netlog", "logging", "relays"}
@@ -45,7 +46,7 @@ class Settings:
     supervisor: SupervisorSettings
     dns: DnsSettings  # names and mesh: empty; the DNS controller adds them (dns_for_mesh)
     netlog: NetlogSettings  # with [logging]
-    relays: tuple[RelaySettings, ...] = ()
+    relays: tuple[RelayEntry, ...] = ()
 
     def dns_for_mesh(self) -> DnsSettings:
         """The DNS settings with the mesh filled in, from the node and its peers (kept out of
@@ -57,6 +58,24 @@ class Settings:
             names[p.name] = [str(n.network_address) for n in p.hosts]
         ranges = [str(a.network) for a in self.node.addresses] + [str(n) for p in self.peers for n in p.allowed_ips]
         return self.dns.with_mesh(names, ranges)
+
+    def without_secrets(self) -> Settings:
+        """The same settings with no key material: the private key empty, no preshared keys.
+        What the actors that use no keys get (actors.registry.settings_for)."""
+        return replace(self.without_preshared_keys(), node=replace(self.node, private_key=b""))
+
+    def without_preshared_keys(self) -> Settings:
+        """The private key kept, no preshared keys: what logs in to DERP relays (actors.registry)."""
+        return replace(self, peers=tuple(replace(p, preshared_key=None) for p in self.peers))
+
+    @property
+    def holds_secrets(self) -> bool:
+        return bool(self.node.private_key) or any(p.preshared_key for p in self.peers)
+
+    @property
+    def public_key(self) -> bytes:
+        """The node's, as a relay's settings (actors.settings.relay) have theirs."""
+        return self.node.public_key
 
     def to_wire(self) -> dict[str, Any]:
         """msgpack-able, for the bus."""

@@ -1,4 +1,5 @@
-"""WireGuard key material: parsing, generation, and addresses derived from a key."""
+"""Key material: WireGuard keys (parsing, generation, addresses derived from one) and
+the node's disco key."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from meshsup.actors.kernel.files import GROUP_OTHER_ANY, read_owned, write_atomic
 
 KEY_LEN = 32
+DISCO_KEY_FILE = "disco.key"
 MESH_V4 = ipaddress.ip_network("100.64.0.0/10")
 MESH_V6 = ipaddress.ip_network("fd7a:115c:a1e0::/48")
 
@@ -46,18 +48,25 @@ def public_of(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def load_or_create(path: Path) -> bytes:
-    """The node's key file under the state dir, created 0600 on first start.
+def load_or_create(path: Path, what: str = "private key file") -> bytes:
+    """A key file of the node's under the state dir (`what` names it), created 0600 on first start.
     UnsafePath if the one found is not ours alone (as `wg` warns of a key
     others can read): a key others could read or write is not private."""
     try:
-        return parse_key(read_owned(path, "private key file", GROUP_OTHER_ANY).decode(errors="replace"))
+        return parse_key(read_owned(path, what, GROUP_OTHER_ANY).decode(errors="replace"))
     except FileNotFoundError:
         pass
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = generate_private()
     write_atomic(path, (b64(key) + "\n").encode(), 0o600)
     return key
+
+
+def load_or_create_disco(state_dir: Path) -> bytes:
+    """The node's disco private key: a Curve25519 key as its WireGuard key, but apart from
+    it (as Tailscale keeps them), so no key serves two protocols: this one seals disco's
+    NaCl boxes, the WireGuard key only Noise handshakes."""
+    return load_or_create(state_dir / DISCO_KEY_FILE, "disco key file")
 
 
 def derived_addresses(public: bytes) -> list[str]:

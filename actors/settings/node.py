@@ -32,7 +32,7 @@ Endpoint = tuple[str, int]  # (literal IP, port), as actors.kernel.types has it
 @dataclass(frozen=True, slots=True)
 class NodeSettings:
     name: str
-    private_key: bytes = field(repr=False)  # kept out of logs and tracebacks
+    private_key: bytes = field(repr=False)  # kept out of logs and tracebacks; b"": withheld (without_secrets)
     public_key: bytes
     listen_port: int
     interface: str
@@ -44,7 +44,7 @@ class NodeSettings:
 class PeerSettings:
     name: str
     public_key: bytes
-    preshared_key: bytes | None = field(repr=False)
+    preshared_key: bytes | None = field(repr=False)  # None also where withheld (without_secrets)
     allowed_ips: tuple[IPNetwork, ...]
     endpoints: tuple[Endpoint, ...]
     persistent_keepalive: int  # seconds; 0: off

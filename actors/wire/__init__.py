@@ -1,2 +1,3 @@
-"""Wire formats the actor kinds share, sans-IO: IP headers with named offsets
-and WireGuard message classification."""
+"""Wire formats the actor kinds share, sans-IO: IP headers with named offsets,
+WireGuard message classification, STUN, DERP, disco, TSMP, and the demux that
+tells the protocols sharing the node's UDP port apart."""

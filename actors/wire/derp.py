@@ -16,9 +16,9 @@ Both ends use FrameReader: it takes bytes as they come and hands back whole
 frames, refusing (FrameError with a reason) any frame whose length is
 outside what its type allows, before waiting for its payload.
 """
+
 from __future__ import annotations
 
-import ipaddress
 import json
 import struct
 from dataclasses import dataclass
@@ -29,20 +29,21 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from meshsup.actors.kernel.types import Buffer
+from meshsup.actors.wire.ip import packed16, unpacked16
 
-MAGIC: Final = "DERP🔑".encode()            # 44 45 52 50 f0 9f 94 91
-PROTOCOL_VERSION: Final = 2                # v2: RecvPacket starts with the source key
+MAGIC: Final = "DERP🔑".encode()  # 44 45 52 50 f0 9f 94 91
+PROTOCOL_VERSION: Final = 2  # v2: RecvPacket starts with the source key
 KEY_LEN: Final = 32
 NONCE_LEN: Final = 24
-BOX_OVERHEAD: Final = 16                   # Poly1305 tag
+BOX_OVERHEAD: Final = 16  # Poly1305 tag
 FRAME_HEADER_LEN: Final = 5
-MAX_PACKET_SIZE: Final = 64 << 10          # payload of a Send/RecvPacket, without its key
-MAX_INFO_LEN: Final = 1 << 20              # the client's bound on ServerInfo's JSON
-MAX_CLIENT_INFO_LEN: Final = 256 << 10     # the server's bound on ClientInfo, before it trusts anyone
-KEEPALIVE_INTERVAL: Final = 60.0           # seconds between a server's KeepAlive frames
+MAX_PACKET_SIZE: Final = 64 << 10  # payload of a Send/RecvPacket, without its key
+MAX_INFO_LEN: Final = 1 << 20  # the client's bound on ServerInfo's JSON
+MAX_CLIENT_INFO_LEN: Final = 256 << 10  # the server's bound on ClientInfo, before it trusts anyone
+KEEPALIVE_INTERVAL: Final = 60.0  # seconds between a server's KeepAlive frames
 PING_LEN: Final = 8
-MAX_PING_LEN: Final = 1000                 # a ping may carry extra bytes, within reason
-MAX_HEAD: Final = 8 << 10                  # longest HTTP head we read
+MAX_PING_LEN: Final = 1000  # a ping may carry extra bytes, within reason
+MAX_HEAD: Final = 8 << 10  # longest HTTP head we read
 FAST_START_HEADER: Final = "Derp-Fast-Start"
 PROBE_PATHS: Final = frozenset({"/derp/probe", "/derp/latency-check"})
 _U32 = struct.Struct(">I")
@@ -50,27 +51,27 @@ _HEADER = struct.Struct(">BI")
 
 
 class FrameType(IntEnum):
-    SERVER_KEY = 0x01       # 8B magic + 32B server public key (+ future use)
-    CLIENT_INFO = 0x02      # 32B client public key + 24B nonce + box(JSON)
-    SERVER_INFO = 0x03      # 24B nonce + box(JSON)
-    SEND_PACKET = 0x04      # 32B destination key + packet
-    RECV_PACKET = 0x05      # 32B source key + packet
-    KEEP_ALIVE = 0x06       # empty
-    NOTE_PREFERRED = 0x07   # 1 byte: 1 if this is the client's home relay
-    PEER_GONE = 0x08        # 32B key + 1B reason
-    PEER_PRESENT = 0x09     # 32B key [+ 16B IP + 2B port [+ 1B flags]]
-    FORWARD_PACKET = 0x0A   # 32B source + 32B destination + packet (between meshed relays)
-    WATCH_CONNS = 0x10      # empty: subscribe to PeerPresent/PeerGone (mesh key holders)
-    CLOSE_PEER = 0x11       # 32B key (mesh key holders)
-    PING = 0x12             # 8 bytes, echoed in a Pong
+    SERVER_KEY = 0x01  # 8B magic + 32B server public key (+ future use)
+    CLIENT_INFO = 0x02  # 32B client public key + 24B nonce + box(JSON)
+    SERVER_INFO = 0x03  # 24B nonce + box(JSON)
+    SEND_PACKET = 0x04  # 32B destination key + packet
+    RECV_PACKET = 0x05  # 32B source key + packet
+    KEEP_ALIVE = 0x06  # empty
+    NOTE_PREFERRED = 0x07  # 1 byte: 1 if this is the client's home relay
+    PEER_GONE = 0x08  # 32B key + 1B reason
+    PEER_PRESENT = 0x09  # 32B key [+ 16B IP + 2B port [+ 1B flags]]
+    FORWARD_PACKET = 0x0A  # 32B source + 32B destination + packet (between meshed relays)
+    WATCH_CONNS = 0x10  # empty: subscribe to PeerPresent/PeerGone (mesh key holders)
+    CLOSE_PEER = 0x11  # 32B key (mesh key holders)
+    PING = 0x12  # 8 bytes, echoed in a Pong
     PONG = 0x13
-    HEALTH = 0x14           # UTF-8 problem text; empty means healthy again
-    RESTARTING = 0x15       # u32 reconnect-in ms + u32 try-for ms
+    HEALTH = 0x14  # UTF-8 problem text; empty means healthy again
+    RESTARTING = 0x15  # u32 reconnect-in ms + u32 try-for ms
 
 
 class PeerGoneReason(IntEnum):
-    DISCONNECTED = 0x00     # the peer left this relay
-    NOT_HERE = 0x01         # the relay has no such peer
+    DISCONNECTED = 0x00  # the peer left this relay
+    NOT_HERE = 0x01  # the relay has no such peer
 
 
 class PeerPresentFlags(IntFlag):
@@ -122,6 +123,7 @@ class FrameError(ValueError):
 
 # --- writing frames ----------------------------------------------------------
 
+
 def header(ftype: int, length: int) -> bytes:
     return _HEADER.pack(ftype, length)
 
@@ -159,9 +161,7 @@ def peer_gone(key: bytes, reason: PeerGoneReason) -> bytes:
 
 def peer_present(key: bytes, host: str, port: int, flags: PeerPresentFlags) -> bytes:
     """As a current server sends it: key, the client's IP (16 bytes, v4 mapped) and port, flags."""
-    addr = ipaddress.ip_address(host)
-    raw = (addr.packed if addr.version == 6 else ipaddress.IPv6Address(f"::ffff:{addr}").packed)
-    return frame(FrameType.PEER_PRESENT, key, raw, port.to_bytes(2, "big"), bytes([flags]))
+    return frame(FrameType.PEER_PRESENT, key, packed16(host), port.to_bytes(2, "big"), bytes([flags]))
 
 
 def ping(data: bytes) -> bytes:
@@ -186,6 +186,7 @@ def watch_conns() -> bytes:
 
 # --- login boxes -------------------------------------------------------------
 
+
 def seal(private: bytes, peer: bytes, message: bytes) -> bytes:
     """nonce || crypto_box(message), as Tailscale's key.NodePrivate.SealTo."""
     return bytes(Box(PrivateKey(private), PublicKey(peer)).encrypt(message))
@@ -198,11 +199,9 @@ def open_box(private: bytes, peer: bytes, sealed: Buffer, reason: str) -> bytes:
         raise FrameError(reason, "the box does not open with the sender's key") from None
 
 
-def client_info(client_private: bytes, client_public: bytes, server_public: bytes,
-                info: dict[str, Any]) -> bytes:
+def client_info(client_private: bytes, client_public: bytes, server_public: bytes, info: dict[str, Any]) -> bytes:
     """The ClientInfo frame; `info` as Tailscale's client sends it, e.g. client_info_json()."""
-    return frame(FrameType.CLIENT_INFO, client_public,
-                 seal(client_private, server_public, json.dumps(info).encode()))
+    return frame(FrameType.CLIENT_INFO, client_public, seal(client_private, server_public, json.dumps(info).encode()))
 
 
 def client_info_json(mesh_key: str = "", can_ack_pings: bool = True) -> dict[str, Any]:
@@ -245,10 +244,11 @@ def open_server_info(client_private: bytes, server_public: bytes, payload: Buffe
 
 # --- reading frames ----------------------------------------------------------
 
+
 def parse_server_key(payload: Buffer) -> bytes:
-    if bytes(payload[:len(MAGIC)]) != MAGIC:
+    if bytes(payload[: len(MAGIC)]) != MAGIC:
         raise FrameError("server_key_magic", "no DERP magic in the server's greeting")
-    return bytes(payload[len(MAGIC):len(MAGIC) + KEY_LEN])
+    return bytes(payload[len(MAGIC) : len(MAGIC) + KEY_LEN])
 
 
 def parse_peer_gone(payload: Buffer) -> tuple[bytes, PeerGoneReason | int]:
@@ -272,9 +272,8 @@ class PeerPresent:
 def parse_peer_present(payload: Buffer) -> PeerPresent:
     host, port, flags = None, 0, PeerPresentFlags(0)
     if len(payload) >= KEY_LEN + 18:
-        addr = ipaddress.IPv6Address(bytes(payload[KEY_LEN:KEY_LEN + 16]))
-        host = str(addr.ipv4_mapped or addr)
-        port = int.from_bytes(payload[KEY_LEN + 16:KEY_LEN + 18], "big")
+        host = unpacked16(payload[KEY_LEN : KEY_LEN + 16])
+        port = int.from_bytes(payload[KEY_LEN + 16 : KEY_LEN + 18], "big")
     if len(payload) > KEY_LEN + 18:
         flags = PeerPresentFlags(payload[KEY_LEN + 18])
     return PeerPresent(bytes(payload[:KEY_LEN]), host, port, flags)
@@ -319,7 +318,7 @@ class FrameReader:
             self._compact()
             return None
         self._pos = end
-        return ftype, bytes(buf[pos + FRAME_HEADER_LEN:end])
+        return ftype, bytes(buf[pos + FRAME_HEADER_LEN : end])
 
     def unfinished(self) -> str | None:
         """Why the stream may not end here: the reason the frame it cuts off counts as, or None
@@ -339,16 +338,16 @@ class FrameReader:
             self._buf.clear()
             self._pos = 0
         elif self._pos >= self._COMPACT_AT:
-            del self._buf[:self._pos]
+            del self._buf[: self._pos]
             self._pos = 0
 
 
 # --- the HTTP upgrade ----------------------------------------------------------
 
+
 def upgrade_request(host: str, path: str = "/derp", fast_start: bool = False) -> bytes:
     """What Tailscale's derphttp client sends to start a DERP connection."""
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "User-Agent: meshsup",
-             "Upgrade: DERP", "Connection: Upgrade"]
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "User-Agent: meshsup", "Upgrade: DERP", "Connection: Upgrade"]
     if fast_start:
         lines.append(f"{FAST_START_HEADER}: 1")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
@@ -356,26 +355,34 @@ def upgrade_request(host: str, path: str = "/derp", fast_start: bool = False) ->
 
 def upgrade_response(server_public: bytes) -> bytes:
     """Tailscale's handler's answer to an upgrade, byte for byte."""
-    return ("HTTP/1.1 101 Switching Protocols\r\n"
-            "Upgrade: DERP\r\n"
-            "Connection: Upgrade\r\n"
-            f"Derp-Version: {PROTOCOL_VERSION}\r\n"
-            f"Derp-Public-Key: {server_public.hex()}\r\n\r\n").encode()
+    return (
+        "HTTP/1.1 101 Switching Protocols\r\n"
+        "Upgrade: DERP\r\n"
+        "Connection: Upgrade\r\n"
+        f"Derp-Version: {PROTOCOL_VERSION}\r\n"
+        f"Derp-Public-Key: {server_public.hex()}\r\n\r\n"
+    ).encode()
 
 
 def plain_response(status: int, reason: str, body: str = "", extra: tuple[str, ...] = ()) -> bytes:
     """A short HTTP answer that closes the connection (probes and refusals)."""
     data = body.encode()
-    head = [f"HTTP/1.1 {status} {reason}", "Content-Type: text/plain; charset=utf-8",
-            f"Content-Length: {len(data)}", "Connection: close", *extra]
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Length: {len(data)}",
+        "Connection: close",
+        *extra,
+    ]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + data
 
 
 @dataclass(frozen=True)
 class Head:
     """An HTTP request or response head: its first line's three parts and its headers."""
+
     first: tuple[str, str, str]
-    headers: dict[str, str]     # names lower-cased
+    headers: dict[str, str]  # names lower-cased
 
     def header(self, name: str) -> str:
         return self.headers.get(name.lower(), "")
@@ -384,7 +391,7 @@ class Head:
 def split_head(data: Buffer) -> tuple[Head, int] | None:
     """The head at the start of `data` and its length, or None until it is all there.
     FrameError("http_head_too_long"/"bad_http") for what is not an HTTP head."""
-    end = bytes(data[:MAX_HEAD + 4]).find(b"\r\n\r\n")
+    end = bytes(data[: MAX_HEAD + 4]).find(b"\r\n\r\n")
     if end < 0:
         if len(data) > MAX_HEAD:
             raise FrameError("http_head_too_long", f"no end of the head in {MAX_HEAD} bytes")

@@ -13,6 +13,7 @@ returns ``None`` for a packet too short or malformed to answer, never raises.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Final
 
 from meshsup.actors.kernel.types import Buffer
@@ -23,7 +24,9 @@ IPPROTO_UDP: Final = 17
 # IPv4 header (RFC 791), without options.
 IPV4_HEADER_MIN: Final = 20
 IPV4_TOTAL_LENGTH: Final = 2  # u16, header included
+IPV4_IDENT: Final = 4  # u16
 IPV4_FRAGMENT: Final = 6  # u16: 3 flag bits (reserved, DF, MF), 13 bits of fragment offset
+IPV4_TTL: Final = 8
 IPV4_PROTOCOL: Final = 9
 IPV4_CHECKSUM: Final = 10  # u16
 IPV4_SRC: Final = slice(12, 16)
@@ -31,8 +34,10 @@ IPV4_DST: Final = slice(16, 20)
 IPV4_ADDRESSES: Final = slice(IPV4_SRC.start, IPV4_DST.stop)  # source then destination
 # IPv6 fixed header (RFC 8200).
 IPV6_HEADER: Final = 40
+IPV6_FLOW: Final = 0  # u32: version (4 bits), traffic class (8), flow label (20)
 IPV6_PAYLOAD_LENGTH: Final = 4  # u16, fixed header excluded
 IPV6_NEXT_HEADER: Final = 6
+IPV6_HOP_LIMIT: Final = 7
 IPV6_SRC: Final = slice(8, 24)
 IPV6_DST: Final = slice(24, 40)
 IPV6_ADDRESSES: Final = slice(IPV6_SRC.start, IPV6_DST.stop)
@@ -41,6 +46,37 @@ IPV6_ADDRESSES: Final = slice(IPV6_SRC.start, IPV6_DST.stop)
 _IPV6_EXTENSIONS: Final = frozenset({0, 43, 60})
 _IPV6_FRAGMENT: Final = 44
 _IPV6_MAX_EXTENSIONS: Final = 8
+
+
+def packed16(host: str) -> bytes:
+    """An IP address in 16 bytes, IPv4 as IPv4-mapped IPv6 (::ffff:a.b.c.d), as Tailscale's
+    netip.Addr.As16 writes addresses into DERP frames and disco messages."""
+    addr = ipaddress.ip_address(host)
+    return addr.packed if addr.version == 6 else b"\0" * 10 + b"\xff\xff" + addr.packed
+
+
+def unpacked16(raw: Buffer) -> str:
+    """packed16's inverse: an IPv4-mapped address comes back as plain IPv4."""
+    addr = ipaddress.IPv6Address(bytes(raw[:16]))
+    return str(addr.ipv4_mapped or addr)
+
+
+def ones_complement_sum(data: Buffer) -> int:
+    """RFC 1071 sum of big-endian 16-bit words, folded to 16 bits (odd length: zero-padded).
+
+    2**16 is 1 modulo 0xFFFF, so the sum of the words is the whole buffer as
+    one integer modulo 0xFFFF: one C-level pass instead of a Python loop.
+    """
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    total = int.from_bytes(data, "big") % 0xFFFF
+    return total if total or not any(data) else 0xFFFF
+
+
+def ipv4_header_checksum(header: Buffer) -> int:
+    """The checksum field value for an IPv4 header whose own checksum field is zero
+    (and 0 for a header whose field already holds its checksum)."""
+    return ~ones_complement_sum(header) & 0xFFFF
 
 
 def version(pkt: Buffer) -> int | None:

@@ -9,6 +9,7 @@ came from, XORed with the cookie (and, for IPv6, the transaction ID).
 Unlike Tailscale's server, ours answers any client's Binding request (RFC
 8489 asks no SOFTWARE of it), and echoes FINGERPRINT when the request had one.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -28,12 +29,12 @@ BINDING_REQUEST: Final = 0x0001
 BINDING_SUCCESS: Final = 0x0101
 ATTR_MAPPED_ADDRESS: Final = 0x0001
 ATTR_XOR_MAPPED_ADDRESS: Final = 0x0020
-ATTR_XOR_MAPPED_ADDRESS_ALT: Final = 0x8020   # the old draft's number; some servers still send it
+ATTR_XOR_MAPPED_ADDRESS_ALT: Final = 0x8020  # the old draft's number; some servers still send it
 ATTR_SOFTWARE: Final = 0x8022
 ATTR_FINGERPRINT: Final = 0x8028
-FINGERPRINT_XOR: Final = 0x5354554E           # "STUN"
-SOFTWARE: Final = b"tailnode"                 # Tailscale's; 8 bytes, so no padding
-_FINGERPRINT_LEN: Final = 8                   # type + length + CRC-32
+FINGERPRINT_XOR: Final = 0x5354554E  # "STUN"
+SOFTWARE: Final = b"tailnode"  # Tailscale's; 8 bytes, so no padding
+_FINGERPRINT_LEN: Final = 8  # type + length + CRC-32
 _HDR = struct.Struct(">HH4s12s")
 _ATTR = struct.Struct(">HH")
 
@@ -82,7 +83,7 @@ def _attributes(body: Buffer) -> list[tuple[int, bytes]]:
         start, pos = pos + 4, pos + 4 + alen + (-alen % 4)
         if pos > len(body):
             raise StunError("malformed_attributes")
-        out.append((atype, bytes(body[start:start + alen])))
+        out.append((atype, bytes(body[start : start + alen])))
     return out
 
 
@@ -93,7 +94,7 @@ def _split(data: Buffer) -> tuple[int, bytes, list[tuple[int, bytes]], int]:
     mtype, length, _, txid = _HDR.unpack_from(data, 0)
     if length % 4 or HEADER_LEN + length > len(data):
         raise StunError("bad_length")
-    attrs = _attributes(data[HEADER_LEN:HEADER_LEN + length])
+    attrs = _attributes(data[HEADER_LEN : HEADER_LEN + length])
     fp_at = -1
     if attrs and attrs[-1][0] == ATTR_FINGERPRINT:
         fp_at = HEADER_LEN + length - _FINGERPRINT_LEN
@@ -105,7 +106,7 @@ def _split(data: Buffer) -> tuple[int, bytes, list[tuple[int, bytes]], int]:
 @dataclass(frozen=True)
 class BindingRequest:
     txid: bytes
-    fingerprint: bool    # the request had one, so the answer gets one
+    fingerprint: bool  # the request had one, so the answer gets one
 
 
 def parse_binding_request(data: Buffer) -> BindingRequest:
@@ -128,8 +129,9 @@ def response(txid: bytes, source: Endpoint, with_fingerprint: bool = False) -> b
     mapped = ipaddress.ip_address(host)
     if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped:
         host = str(mapped.ipv4_mapped)  # a dual-stack socket's view of an IPv4 client
-    return _message(BINDING_SUCCESS, txid, [(ATTR_XOR_MAPPED_ADDRESS, _xor_address(txid, host, port))],
-                    with_fingerprint)
+    return _message(
+        BINDING_SUCCESS, txid, [(ATTR_XOR_MAPPED_ADDRESS, _xor_address(txid, host, port))], with_fingerprint
+    )
 
 
 def _address(value: bytes, txid: bytes, xored: bool) -> Endpoint:
@@ -139,7 +141,7 @@ def _address(value: bytes, txid: bytes, xored: bool) -> Endpoint:
     if len(value) < 4 + size:
         raise StunError("malformed_attributes")
     port = int.from_bytes(value[2:4], "big")
-    raw = value[4:4 + size]
+    raw = value[4 : 4 + size]
     if xored:
         port ^= MAGIC_COOKIE >> 16
         raw = bytes(b ^ m for b, m in zip(raw, _COOKIE + txid))
@@ -183,7 +185,7 @@ class BindingClient:
         """The request, if it is time to (re)send it; None when waiting or given up."""
         if self.result is not None or self.sent >= self.tries or now < self.next_send:
             return None
-        self.next_send = now + self.rto * 2 ** self.sent
+        self.next_send = now + self.rto * 2**self.sent
         self.sent += 1
         return self.packet
 

@@ -22,12 +22,12 @@ workers). For each: Mbit/s, the share of the direct path's rate, the
 relay's CPU seconds per GB carried and the nodes'. Other load on the
 machine moves every figure.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from meshsup.actors.wire import derp  # noqa: E402
-from tests.actors.relay.test_relay import Relay, on_two_workers  # noqa: E402
+from tests.actors.relay.test_node import Relay, on_two_workers  # noqa: E402
 from tests.derp_client import DerpClient  # noqa: E402
 from tests.topology import Identity, Netns, Node, Underlay, iperf3, meshsup_config, ping  # noqa: E402
 
@@ -63,7 +63,7 @@ def run(relay: Relay, a: DerpClient, b: DerpClient, seconds: float, size: int) -
         while not stop.is_set():
             try:
                 received[0] += b.sock.recv_into(buf)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
 
     pids = [x["pid"] for x in relay.status()["actors"]]
@@ -81,9 +81,12 @@ def run(relay: Relay, a: DerpClient, b: DerpClient, seconds: float, size: int) -
     packets = received[0] / frame_len
     crossed = after.get("packets_to_workers", 0) - before.get("packets_to_workers", 0)
     batches = after.get("batches_to_workers", 0) - before.get("batches_to_workers", 0)
-    return {"mbit_s": received[0] * 8 / elapsed / 1e6, "kpps": packets / elapsed / 1e3,
-            "cpu_s_per_gb": cpu / (received[0] / 1e9) if received[0] else float("nan"),
-            "packets_per_batch": crossed / batches if batches else 0.0}
+    return {
+        "mbit_s": received[0] * 8 / elapsed / 1e6,
+        "kpps": packets / elapsed / 1e3,
+        "cpu_s_per_gb": cpu / (received[0] / 1e9) if received[0] else float("nan"),
+        "packets_per_batch": crossed / batches if batches else 0.0,
+    }
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -97,6 +100,7 @@ def rss_kib(pids: list[int]) -> int:
 
 def idle(relay: Relay, n: int, seconds: float, ping_every: float) -> None:
     import resource
+
     resource.setrlimit(resource.RLIMIT_NOFILE, (n + 256, max(n + 256, resource.getrlimit(resource.RLIMIT_NOFILE)[1])))
     pids = [x["pid"] for x in relay.status()["actors"]]
     rss0 = rss_kib(pids)
@@ -111,8 +115,10 @@ def idle(relay: Relay, n: int, seconds: float, ping_every: float) -> None:
         time.sleep(min(left, ping_every or left))
     cpu = cpu_seconds(pids) - cpu0
     pinging = f", each pinging every {ping_every:g} s" if ping_every else ""
-    print(f"{n} idle clients{pinging}: workers' RSS {rss0 / 1024:.1f} MiB -> {rss1 / 1024:.1f} MiB "
-          f"({(rss1 - rss0) / n:.1f} KiB a client), CPU {cpu * 60 / seconds:.2f} s a minute")
+    print(
+        f"{n} idle clients{pinging}: workers' RSS {rss0 / 1024:.1f} MiB -> {rss1 / 1024:.1f} MiB "
+        f"({(rss1 - rss0) / n:.1f} KiB a client), CPU {cpu * 60 / seconds:.2f} s a minute"
+    )
     for c in clients:
         c.close()
 
@@ -188,9 +194,11 @@ def nodes(tmp: Path, seconds: int) -> None:
             rate, relay_cpu, received = transfer(ns_a, ns_b, b.v4, seconds, relay_pids)
             nodes_cpu = (cpu_seconds(node_pids(a2) + node_pids(b2)) - nodes_cpu0) / (received / 1e9)
             where = ", ".join(f"{k} {v}" for k, v in sorted(worker_clients(relay).items()))
-            print(f"{f'relay, {workers} worker' + 's' * (workers > 1):<17} {rate:8.0f} Mbit/s "
-                  f"({rate / direct:4.2f} of direct)  relay {relay_cpu:5.1f} CPU s/GB, nodes {nodes_cpu:5.1f}"
-                  f"  (clients: {where})")
+            print(
+                f"{f'relay, {workers} worker' + 's' * (workers > 1):<17} {rate:8.0f} Mbit/s "
+                f"({rate / direct:4.2f} of direct)  relay {relay_cpu:5.1f} CPU s/GB, nodes {nodes_cpu:5.1f}"
+                f"  (clients: {where})"
+            )
         drops = {k: v for k, v in a2.counters()["magicsock"].items() if "drop" in k or "unreach" in k}
         print(f"relay dropped: {relay.status()['dropped']}, alpha's magicsock: {drops}")
     finally:
@@ -221,8 +229,10 @@ def main() -> None:
             partner = a if counts[where["a"]] == 2 else b
             for name, (x, y) in (("cross-worker", (a, b)), ("same worker", (same, partner))):
                 r = run(relay, x, y, args.seconds, args.size)
-                print(f"{name:<13} {r['mbit_s']:8.0f} Mbit/s {r['kpps']:7.1f} kpps "
-                      f"{r['cpu_s_per_gb']:6.1f} CPU s/GB  {r['packets_per_batch']:6.1f} packets per bus message")
+                print(
+                    f"{name:<13} {r['mbit_s']:8.0f} Mbit/s {r['kpps']:7.1f} kpps "
+                    f"{r['cpu_s_per_gb']:6.1f} CPU s/GB  {r['packets_per_batch']:6.1f} packets per bus message"
+                )
             print(f"dropped: {relay.status()['dropped']}")
             if args.idle:
                 idle(relay, args.idle, args.idle_seconds, args.idle_ping)

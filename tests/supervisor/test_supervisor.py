@@ -46,7 +46,8 @@ def test_embedded_default_runs_every_kind(node_factory) -> None:
     assert status["node"]["public_key"] in node.stdout()  # printed with a peer stanza
     assert "[Peer]" in node.stdout()
     assert (node.state_dir / "private.key").stat().st_mode & 0o077 == 0
-    assert (node.state_dir / "run").stat().st_mode & 0o777 == 0o700
+    # Only the unprivileged actors' group may search it (tests/test_privileges.py); no one else.
+    assert (node.state_dir / "run").stat().st_mode & 0o7777 == 0o2710
 
 
 def test_kill_each_kind_is_replaced_others_untouched(node_factory, tmp_path) -> None:

@@ -19,9 +19,9 @@ from nacl.public import PrivateKey
 from meshsup.actors.kernel.types import Buffer
 from meshsup.actors.magicsock.derpclient import Timing
 from meshsup.actors.magicsock.relays import Backoff, RelayLink, Relays
-from meshsup.actors.settings.relay import RelaySettings
+from meshsup.actors.settings.relay import RelayEntry
 from meshsup.actors.wire import derp
-from tests.actors.relay.test_relay import Relay
+from tests.actors.relay.test_node import Relay
 from tests.netlog_fixtures import make_certificate
 
 
@@ -50,7 +50,7 @@ class Loop:
     def link(self, index: int, port: int, timing: Timing = Timing(), ca_file: Path | None = None) -> RelayLink:
         tls = ca_file is not None
         url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/derp"
-        settings = RelaySettings("edge", url, "127.0.0.1", port, tls, ("127.0.0.1", 3478), ca_file)
+        settings = RelayEntry("edge", url, "127.0.0.1", port, tls, ("127.0.0.1", 3478), ca_file)
         key = PrivateKey.generate()
         return RelayLink(
             index, settings, (bytes(key), bytes(key.public_key)), self.watch, self.unwatch, self.deliver, Log(), timing

@@ -293,6 +293,9 @@ class FakeActor:
     def __init__(self) -> None:
         self.outbox = FakeOutbox()
 
+    def accept_from_unprivileged(self, *types: type) -> None:
+        pass
+
 
 def test_the_feed_flushes_once_per_period_and_loses_nothing_netlog_did_not_take() -> None:
     actor = FakeActor()

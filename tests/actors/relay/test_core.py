@@ -1,4 +1,5 @@
 """The relay worker's core, sans-IO: bytes and time in, bytes, batches and events out."""
+
 from __future__ import annotations
 
 from nacl.public import PrivateKey
@@ -39,8 +40,9 @@ class Peer:
         self.private, self.public = keys()
         c.accept(conn, ("198.51.100.7", 40000 + conn), now)
         hello = derp.upgrade_request("relay", fast_start=fast)
-        c.receive(conn, hello + derp.client_info(self.private, self.public, SERVER[1],
-                                                 derp.client_info_json(mesh_key)), now)
+        c.receive(
+            conn, hello + derp.client_info(self.private, self.public, SERVER[1], derp.client_info_json(mesh_key)), now
+        )
 
     def got(self, out: Output) -> list[tuple[int, bytes]]:
         return frames(out.send.get(self.conn, []))
@@ -52,10 +54,11 @@ def test_login_forward_and_ping() -> None:
     out = c.take()
     sent = b"".join(out.send[1])
     assert sent.startswith(derp.upgrade_response(SERVER[1]))
-    got = frames([sent[len(derp.upgrade_response(SERVER[1])):]])
+    got = frames([sent[len(derp.upgrade_response(SERVER[1])) :]])
     assert [t for t, _ in got] == [FrameType.SERVER_KEY, FrameType.SERVER_INFO]
     assert isinstance(out.events[0], RelayWorkerUp) and out.events[1] == RelayClientUp(
-        worker="relay-0", key=a.public, host="198.51.100.7", port=40001, flags=1, since=100.0)
+        worker="relay-0", key=a.public, host="198.51.100.7", port=40001, flags=1, since=100.0
+    )
     b = Peer(c, 2)
     c.take()
     c.receive(1, derp.send_packet(b.public, b"hi") + derp.ping(b"abcdefgh"), 101.0)
@@ -72,8 +75,9 @@ def test_replacement_peer_gone_and_not_here() -> None:
     c.take()
     # a logs in again on conn 3: conn 1 is closed, no PeerGone to b.
     c.accept(3, ("198.51.100.7", 1), 102.0)
-    c.receive(3, derp.upgrade_request("r", fast_start=True) + derp.client_info(a.private, a.public, SERVER[1], {}),
-              102.0)
+    c.receive(
+        3, derp.upgrade_request("r", fast_start=True) + derp.client_info(a.private, a.public, SERVER[1], {}), 102.0
+    )
     out = c.take()
     assert out.close == {1: ""} and b.got(out) == [] and c.counters["replaced"] == 1
     assert not any(isinstance(e, RelayClientDown) for e in out.events)
@@ -124,7 +128,8 @@ def test_other_workers_batches_and_events() -> None:
 
 def test_rate_limit_pauses_and_resumes() -> None:
     c = core(rate=100_000, burst=0)
-    a, b = Peer(c, 1), Peer(c, 2)
+    Peer(c, 1)
+    b = Peer(c, 2)
     c.take()
     packet = bytes(60_000)
     c.receive(1, derp.send_packet(b.public, packet) * 3, 101.0)

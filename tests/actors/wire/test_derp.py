@@ -1,5 +1,6 @@
 """DERP's wire format against the facts and byte vectors of Tailscale's derp package
 (derp.go, derp_client.go, client_test.go, derp_test.go, derpserver/handler.go)."""
+
 from __future__ import annotations
 
 import json
@@ -32,22 +33,38 @@ def test_constants_are_tailscales() -> None:
     assert (derp.MAX_PACKET_SIZE, derp.KEY_LEN, derp.NONCE_LEN, derp.FRAME_HEADER_LEN) == (65536, 32, 24, 5)
     assert derp.PROTOCOL_VERSION == 2 and derp.KEEPALIVE_INTERVAL == 60.0
     assert {t.name: t.value for t in FrameType} == {
-        "SERVER_KEY": 0x01, "CLIENT_INFO": 0x02, "SERVER_INFO": 0x03, "SEND_PACKET": 0x04,
-        "RECV_PACKET": 0x05, "KEEP_ALIVE": 0x06, "NOTE_PREFERRED": 0x07, "PEER_GONE": 0x08,
-        "PEER_PRESENT": 0x09, "FORWARD_PACKET": 0x0A, "WATCH_CONNS": 0x10, "CLOSE_PEER": 0x11,
-        "PING": 0x12, "PONG": 0x13, "HEALTH": 0x14, "RESTARTING": 0x15}
+        "SERVER_KEY": 0x01,
+        "CLIENT_INFO": 0x02,
+        "SERVER_INFO": 0x03,
+        "SEND_PACKET": 0x04,
+        "RECV_PACKET": 0x05,
+        "KEEP_ALIVE": 0x06,
+        "NOTE_PREFERRED": 0x07,
+        "PEER_GONE": 0x08,
+        "PEER_PRESENT": 0x09,
+        "FORWARD_PACKET": 0x0A,
+        "WATCH_CONNS": 0x10,
+        "CLOSE_PEER": 0x11,
+        "PING": 0x12,
+        "PONG": 0x13,
+        "HEALTH": 0x14,
+        "RESTARTING": 0x15,
+    }
     assert (derp.PeerGoneReason.DISCONNECTED, derp.PeerGoneReason.NOT_HERE) == (0, 1)
     assert [int(f) for f in derp.PeerPresentFlags] == [1, 2, 4, 8]
 
 
 # client_test.go, TestClientRecv: what a client reads.
-@pytest.mark.parametrize("data, ftype, payload", [
-    (bytes([0x12, 0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]), FrameType.PING, bytes(range(1, 9))),
-    (bytes([0x13, 0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]), FrameType.PONG, bytes(range(1, 9))),
-    (bytes([0x14, 0, 0, 0, 3]) + b"BAD", FrameType.HEALTH, b"BAD"),
-    (bytes([0x14, 0, 0, 0, 0]), FrameType.HEALTH, b""),
-    (bytes([0x15, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 2]), FrameType.RESTARTING, bytes([0, 0, 0, 1, 0, 0, 0, 2])),
-])
+@pytest.mark.parametrize(
+    "data, ftype, payload",
+    [
+        (bytes([0x12, 0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]), FrameType.PING, bytes(range(1, 9))),
+        (bytes([0x13, 0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]), FrameType.PONG, bytes(range(1, 9))),
+        (bytes([0x14, 0, 0, 0, 3]) + b"BAD", FrameType.HEALTH, b"BAD"),
+        (bytes([0x14, 0, 0, 0, 0]), FrameType.HEALTH, b""),
+        (bytes([0x15, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 2]), FrameType.RESTARTING, bytes([0, 0, 0, 1, 0, 0, 0, 2])),
+    ],
+)
 def test_tailscale_receive_vectors(data: bytes, ftype: FrameType, payload: bytes) -> None:
     assert read_all(data) == [(ftype, payload)]
 
@@ -79,9 +96,10 @@ def test_packet_frames_and_peer_frames() -> None:
     assert derp.parse_peer_gone(a) == (a, derp.PeerGoneReason.DISCONNECTED)  # an old server: key only
     present = derp.peer_present(a, "198.51.100.7", 41641, derp.PeerPresentFlags.REGULAR)
     assert present[:5] == bytes([0x09, 0, 0, 0, 51])  # key + 16B IP + 2B port + flags, as a current server
-    assert present[5 + 32:5 + 48] == bytes(10) + b"\xff\xff" + bytes([198, 51, 100, 7])
-    assert derp.parse_peer_present(present[5:]) == derp.PeerPresent(a, "198.51.100.7", 41641,
-                                                                     derp.PeerPresentFlags.REGULAR)
+    assert present[5 + 32 : 5 + 48] == bytes(10) + b"\xff\xff" + bytes([198, 51, 100, 7])
+    assert derp.parse_peer_present(present[5:]) == derp.PeerPresent(
+        a, "198.51.100.7", 41641, derp.PeerPresentFlags.REGULAR
+    )
     assert derp.parse_peer_present(a) == derp.PeerPresent(a, None, 0, derp.PeerPresentFlags(0))
     v6 = derp.peer_present(a, "2001:db8::1", 7, derp.PeerPresentFlags.MESH_PEER)
     assert derp.parse_peer_present(v6[5:]).host == "2001:db8::1"
@@ -138,7 +156,10 @@ def test_server_info() -> None:
     assert json.loads(derp.open_box(c_priv, s_pub, payload, "x")) == {"version": 2}
     ((_, payload),) = read_all(derp.server_info(s_priv, c_pub, rate=1000, burst=70000))
     assert derp.open_server_info(c_priv, s_pub, payload) == {
-        "version": 2, "tokenbucketbytespersecond": 1000, "tokenbucketbytesburst": 70000}
+        "version": 2,
+        "tokenbucketbytespersecond": 1000,
+        "tokenbucketbytesburst": 70000,
+    }
 
 
 def test_reader_is_incremental() -> None:
@@ -147,7 +168,7 @@ def test_reader_is_incremental() -> None:
     r = FrameReader()
     got = []
     for i in range(len(stream)):
-        r.feed(stream[i:i + 1])
+        r.feed(stream[i : i + 1])
         while (f := r.next()) is not None:
             got.append(f)
         assert (r.unfinished() is None) == (len(r) == 0)
@@ -195,7 +216,8 @@ def test_http_upgrade_texts() -> None:
     pub = bytes(range(32))
     assert derp.upgrade_response(pub) == (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
-        b"Derp-Version: 2\r\nDerp-Public-Key: " + pub.hex().encode() + b"\r\n\r\n")
+        b"Derp-Version: 2\r\nDerp-Public-Key: " + pub.hex().encode() + b"\r\n\r\n"
+    )
     req = derp.upgrade_request("relay.example:8080", fast_start=True)
     head, n = derp.split_head(req + b"\x02rest")  # type: ignore[misc]
     assert req[n:] == b"" and head.first == ("GET", "/derp", "HTTP/1.1")
@@ -209,8 +231,12 @@ def test_http_upgrade_texts() -> None:
 
 def test_http_head_refusals() -> None:
     assert derp.split_head(b"GET /derp HTTP/1.1\r\nUpgrade: DERP\r\n") is None
-    for bad in (b"\x16\x03\x01\x02\x00\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
-                b"GET / HTTP/1.1\r\nX: \xff\r\n\r\n"):
+    for bad in (
+        b"\x16\x03\x01\x02\x00\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX: \xff\r\n\r\n",
+    ):
         with pytest.raises(FrameError) as err:
             derp.split_head(bad)
         assert err.value.reason == "bad_http"

@@ -2,6 +2,7 @@
 exchange packets across workers, survive a worker's kill -9, are rate limited; every
 kind of bad input is counted and costs at most its own connection; STUN answers
 coturn's client, and our STUN client reads coturn's server."""
+
 from __future__ import annotations
 
 import base64
@@ -35,8 +36,16 @@ class Relay(Node):
     def __init__(self, tmp: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port, self.stun_port = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)
         self.addr = ("127.0.0.1", self.port)
-        super().__init__(tmp, "--listen", f"127.0.0.1:{self.port}", "--stun-listen", f"127.0.0.1:{self.stun_port}",
-                         *args, env=env, command="relay")
+        super().__init__(
+            tmp,
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--stun-listen",
+            f"127.0.0.1:{self.stun_port}",
+            *args,
+            env=env,
+            command="relay",
+        )
 
     def wait_ready(self, timeout: float = 30.0) -> dict[str, Any]:
         return self.wait(lambda: (s := self.status())["relay"]["ready"] and s, timeout, "relay ready")
@@ -81,7 +90,9 @@ def test_stanza_status_probes_notify_and_stop(relay_factory: Callable[..., Relay
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.settimeout(30)
-    relay = relay_factory("--relay-workers", "2", "--name", "edge1", env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    relay = relay_factory(
+        "--relay-workers", "2", "--name", "edge1", env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    )
     assert "READY=1" in notify.recv(4096).decode().splitlines()  # as a node tells systemd
     notify.close()
     status = relay.status()
@@ -121,8 +132,13 @@ def test_clients_on_two_workers_exchange_packets(relay_factory: Callable[..., Re
     assert a.expect(FrameType.PONG) == (FrameType.PONG, b"12345678")
     b.sock.sendall(derp.note_preferred(True))
     relay.wait(lambda: relay.status()["counters"].get("home_clients") == 1, what="a home client")
-    counters = relay.status()["counters"]
-    assert counters["packets_to_workers"] >= 3 and counters["batches_from_workers"] >= 1
+    relay.wait(
+        lambda: (
+            (c := relay.status()["counters"]).get("packets_to_workers", 0) >= 3
+            and c.get("batches_from_workers", 0) >= 1
+        ),
+        what="the packets counted as crossing workers",
+    )
     # A second connection with a's key replaces the first, whichever worker it lands on.
     a2 = DerpClient(relay.addr, a.private)
     assert a.closed()
@@ -152,8 +168,14 @@ def test_kill_9_of_a_worker(relay_factory: Callable[..., Relay]) -> None:
     victim = {x["name"]: x for x in relay.status()["actors"]}[where["b"]]
     os.kill(victim["pid"], signal.SIGKILL)
     assert b.closed()
-    relay.wait(lambda: (x := {y["name"]: y for y in relay.status()["actors"]}[where["b"]])["restarts"] == 1
-               and x["state"] == "running" and x["pid"] != victim["pid"], what="the worker restarted")
+    relay.wait(
+        lambda: (
+            (x := {y["name"]: y for y in relay.status()["actors"]}[where["b"]])["restarts"] == 1
+            and x["state"] == "running"
+            and x["pid"] != victim["pid"]
+        ),
+        what="the worker restarted",
+    )
     b2 = DerpClient(relay.addr, b.private)  # the client reconnects, to whichever worker
     relay.wait_clients(2)
     a.send(b.public, b"after the restart")
@@ -218,8 +240,10 @@ def test_bad_input_is_counted_and_costs_only_its_connection(relay_factory: Calla
     relay = relay_factory("--relay-workers", "2")
     a, b, _ = on_two_workers(relay)
     want = bad_connections(relay)
-    relay.wait(lambda: all(relay.status()["bad_input"].get(k, 0) >= v for k, v in want.items()),
-               what=f"every reason counted: {sorted(want)}")
+    relay.wait(
+        lambda: all(relay.status()["bad_input"].get(k, 0) >= v for k, v in want.items()),
+        what=f"every reason counted: {sorted(want)}",
+    )
     # A client that stops reading: its queue is bounded, the excess dropped and counted, then it is closed.
     slow = DerpClient(relay.addr)
     slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -240,8 +264,11 @@ def test_rate_limit(relay_factory: Callable[..., Relay]) -> None:
     rate = 400_000
     relay = relay_factory("--rate-limit", str(rate))
     a, b = DerpClient(relay.addr), DerpClient(relay.addr)
-    assert a.server_info == {"version": 2, "tokenbucketbytespersecond": rate,
-                             "tokenbucketbytesburst": derp.MAX_PACKET_SIZE + 32}
+    assert a.server_info == {
+        "version": 2,
+        "tokenbucketbytespersecond": rate,
+        "tokenbucketbytesburst": derp.MAX_PACKET_SIZE + 32,
+    }
     n, size = 20, 50_000
     start = time.monotonic()
     for i in range(n):
@@ -251,16 +278,37 @@ def test_rate_limit(relay_factory: Callable[..., Relay]) -> None:
     elapsed = time.monotonic() - start
     least = (n * (size + 32) - (derp.MAX_PACKET_SIZE + 32)) / rate
     assert least * 0.95 <= elapsed < least * 3, elapsed
-    assert relay.status()["counters"]["rate_limited"] > 0
+    relay.wait(lambda: relay.status()["counters"].get("rate_limited", 0) > 0, what="the waits counted")
 
 
 def test_tls(relay_factory: Callable[..., Relay], tmp_path: Path) -> None:
     if why := have("openssl"):
         pytest.skip(why)
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     relay = relay_factory("--tls-cert", str(cert), "--tls-key", str(key))
     assert relay.status()["relay"]["url"].startswith("https://")
     ctx = ssl.create_default_context(cafile=str(cert))
@@ -277,10 +325,11 @@ def test_stun_answers_coturns_client(relay_factory: Callable[..., Relay]) -> Non
     if why := have("turnutils_stunclient"):
         pytest.skip(why)
     relay = relay_factory()
-    out = subprocess.run(["turnutils_stunclient", "-p", str(relay.stun_port), "127.0.0.1"],
-                         capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(
+        ["turnutils_stunclient", "-p", str(relay.stun_port), "127.0.0.1"], capture_output=True, text=True, timeout=30
+    ).stdout
     assert "UDP reflexive addr: 127.0.0.1:" in out, out
-    assert relay.status()["counters"]["stun_requests"] >= 1
+    relay.wait(lambda: relay.status()["counters"].get("stun_requests", 0) >= 1, what="the request counted")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # and ours, as Tailscale's netcheck asks
         s.bind(("127.0.0.1", 0))
         s.settimeout(5)
@@ -295,10 +344,24 @@ def test_our_stun_client_against_coturns_server(tmp_path: Path) -> None:
     if why := have("turnserver"):
         pytest.skip(why)
     port = free_port(socket.SOCK_DGRAM)
-    server = subprocess.Popen(["turnserver", "-n", "--stun-only", "--no-tls", "--no-dtls", "--no-cli",
-                               "--listening-ip=127.0.0.1", f"--listening-port={port}", "--log-file=stdout",
-                               f"--pidfile={tmp_path / 'turnserver.pid'}", "--simple-log"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    server = subprocess.Popen(
+        [
+            "turnserver",
+            "-n",
+            "--stun-only",
+            "--no-tls",
+            "--no-dtls",
+            "--no-cli",
+            "--listening-ip=127.0.0.1",
+            f"--listening-port={port}",
+            "--log-file=stdout",
+            f"--pidfile={tmp_path / 'turnserver.pid'}",
+            "--simple-log",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.1", 0))
@@ -309,7 +372,7 @@ def test_our_stun_client_against_coturns_server(tmp_path: Path) -> None:
                 s.settimeout(0.05)
                 try:
                     client.receive(s.recv(2048))
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:
                     pass
             assert client.result == s.getsockname()
     finally:

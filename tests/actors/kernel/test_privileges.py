@@ -1,0 +1,343 @@
+"""Who holds keys and who runs as root: only the crypto workers get key material; DNS and
+netlog run as the unprivileged user (meshsup), DNS keeping only CAP_NET_BIND_SERVICE,
+and an actor that cannot drop refuses to run."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from meshsup.actors.base import Actor
+from meshsup.actors.bus.codec import Message, encode
+from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.messages import FlowCountsAck, LinkChanged, PacketBatch
+from meshsup.actors.kernel.files import UnsafePath
+from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, USER, Account, unprivileged_account
+from meshsup.actors.registry import EXIT_NO_DROP, START_ORDER, settings_for
+from meshsup.actors.settings import Settings, parse
+from meshsup.actors.settings.keys import b64, generate_private, public_of
+from meshsup.supervisor.resources import open_state_dir
+from meshsup.supervisor.supervision import Tree
+from tests.dns_fixtures import dig
+from tests.netlog_fixtures import Rsyslog, free_port, wait_until
+from tests.nodes import REPO, Netns, Node
+from tests.topology import have
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")
+DROPPED = {"netlog": 0, "dns": 1 << CAP_NET_BIND_SERVICE}  # kind -> the capabilities it keeps
+NODE_KEY, PSK = generate_private(), generate_private()
+MESH_ADDRESS = "100.64.0.1"
+
+
+@pytest.fixture(scope="module")
+def account() -> Account:
+    found = unprivileged_account()
+    if found.name != USER:
+        pytest.skip(f"no user {USER} (deploy/setup.sh makes it)")
+    return found
+
+
+def settings(tmp_path: Path) -> Settings:
+    peer = {
+        "name": "bravo",
+        "public_key": b64(public_of(generate_private())),
+        "preshared_key": b64(PSK),
+        "allowed_ips": ["100.64.0.2/32"],
+    }
+    doc = {
+        "node": {"name": "alpha", "private_key": b64(NODE_KEY), "addresses": [f"{MESH_ADDRESS}/32"]},
+        "peers": [peer, {**peer, "name": "charlie", "public_key": b64(public_of(generate_private()))}],
+    }
+    return parse("node.toml", doc, tmp_path, tmp_path)
+
+
+def holds_a_key(blob: bytes) -> bool:
+    return NODE_KEY in blob or PSK in blob
+
+
+def encode_settings(s: Settings) -> bytes:
+    return msgpack.packb(s.to_wire())
+
+
+# --- the keys: one place decides, per kind ---------------------------------------------
+
+
+def test_only_the_crypto_workers_get_the_keys(tmp_path: Path) -> None:
+    full = settings(tmp_path)
+    assert full.holds_secrets and holds_a_key(encode_settings(full))
+    for kind in START_ORDER:  # a node's kinds (a relay's workers get the relay's settings, its own key)
+        given = settings_for(kind, full)
+        assert given.holds_secrets == (kind == "crypto") == holds_a_key(encode_settings(given)), kind
+        # Nothing else is taken away, and what is left still crosses the bus.
+        assert Settings.from_wire(given.to_wire()) == given
+        assert given.without_secrets() == full.without_secrets()
+    stripped = full.without_secrets()
+    assert stripped.node.private_key == b"" and {p.preshared_key for p in stripped.peers} == {None}
+    assert stripped.node.public_key == full.node.public_key and stripped.dns_for_mesh() == full.dns_for_mesh()
+
+
+def test_the_supervisor_configures_each_kind_with_keys_only_for_crypto(tmp_path: Path, account: Account) -> None:
+    tree = Tree(settings(tmp_path), Runtime(tmp_path), None, None, account, None)  # type: ignore[arg-type]
+    for kind in START_ORDER:
+        message = tree.configure_message(kind, req=7, generation=3)
+        assert (message.req, message.generation) == (7, 3)
+        assert holds_a_key(encode(message)) == (kind == "crypto"), kind
+
+
+# --- the drop, and what happens when it cannot be done ------------------------------------
+
+REFUSE = """
+import importlib, os, sys
+from meshsup.actors.registry import PRELOAD, run_actor
+for module in PRELOAD:  # as the fork server does (and the interpreter may be where nobody can read)
+    importlib.import_module(module)
+from meshsup.actors.kernel.privileges import unprivileged_account
+how = sys.argv[2]
+if how == "setresuid fails":
+    def refuse(*ids): raise PermissionError(1, "Operation not permitted")
+    os.setresuid = refuse
+elif how == "setresuid does nothing":
+    os.setresuid = lambda *ids: None
+elif how == "not root":
+    os.seteuid(65534)
+run_actor(sys.argv[3], sys.argv[3] + "-0" if sys.argv[3] == "dns" else sys.argv[3], sys.argv[1], None,
+          unprivileged_account())
+"""
+
+
+@pytest.mark.parametrize("kind", ["dns", "netlog"])
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("setresuid fails", "cannot switch to meshsup"),
+        ("setresuid does nothing", "privileges not dropped as asked: thread"),
+        ("not root", "not root"),
+    ],
+)
+def test_an_actor_that_cannot_drop_privileges_refuses_to_run(
+    tmp_path: Path, account: Account, kind: str, how: str, reason: str
+) -> None:
+    Runtime(tmp_path).create()
+    r = subprocess.run(
+        [sys.executable, "-c", REFUSE, str(tmp_path), how, kind],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert r.returncode == EXIT_NO_DROP, r.stderr
+    [line] = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert line["event"] == "refusing to run: cannot drop privileges" and line["level"] == "error", line
+    assert reason in line["error"] and line["user"] == account.name
+    if how == "setresuid does nothing":
+        assert f"Uid 0 0 0 0, not {account.uid}" in line["error"]
+
+
+class Recorder(Actor):
+    kind = "tun-io"
+
+    def __init__(self, name: str, runtime: Runtime) -> None:
+        super().__init__(name, runtime)
+        self.got: list[Message] = []
+
+    def on_message(self, msg: Message) -> None:
+        self.got.append(msg)
+
+
+def send_as(uid: int, gid: int, path: str, messages: list[Message]) -> None:
+    """Send on the data path from a child process running as uid:gid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            # Its tmp dir's parents are root's alone: reach the socket as the actors do.
+            directory = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.connect(f"/proc/self/fd/{directory}/{os.path.basename(path)}")
+                for msg in messages:
+                    s.send(encode(msg))
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_a_shared_inbox_takes_only_acks_from_the_unprivileged_user(tmp_path: Path, account: Account) -> None:
+    runtime = Runtime(tmp_path)
+    runtime.create()
+    runtime.open_to(account.gid)
+    actor = Recorder("tun-io", runtime)
+    try:
+        path = runtime.inbox("tun-io")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        actor.accept_from_unprivileged(FlowCountsAck)
+        assert (stat.S_IMODE(os.stat(path).st_mode), os.stat(path).st_gid) == (0o660, account.gid)
+        ack, packets = FlowCountsAck(epoch=1, seq=2), PacketBatch(packets=b"")
+        send_as(account.uid, account.gid, path, [ack, packets])  # netlog's ack, and what only crypto may send
+        send_as(0, 0, path, [packets])
+        deadline = time.monotonic() + 10
+        while len(actor.got) < 2 and time.monotonic() < deadline:
+            for fd in select.select(list(actor._fds), [], [], 0.1)[0]:
+                actor._fds[fd][0]()
+        assert sorted(m.TAG for m in actor.got) == sorted([ack.TAG, packets.TAG])
+        assert actor.bus_dropped == {"unprivileged_sender": 1}
+    finally:
+        actor.inbox.close()
+        actor.ctx.destroy(linger=0)
+
+
+def test_the_state_dir_is_opened_to_the_group_and_a_root_spool_handed_over(tmp_path: Path, account: Account) -> None:
+    runtime = Runtime(tmp_path / "state")
+    runtime.create()
+    flows = runtime.state_dir / "spool" / "flows"
+    flows.mkdir(parents=True, mode=0o700)  # as a node whose netlog ran as root left it
+    (flows / "1.json").write_text("{}")
+    (flows / "root-file").symlink_to("/etc/passwd")
+    (tmp_path / "elsewhere").write_text("")
+    os.link(tmp_path / "elsewhere", flows / "linked")
+    open_state_dir(runtime, account)
+    owner = {p.name: p.lstat().st_uid for p in [runtime.state_dir / "spool", flows, *flows.iterdir()]}
+    assert owner == {
+        "spool": account.uid,
+        "flows": account.uid,
+        "1.json": account.uid,
+        "root-file": 0,
+        "linked": 0,
+    }  # never through a link, never a file linked elsewhere
+    assert (runtime.state_dir / "netlog").stat().st_uid == account.uid
+    st, run = runtime.state_dir.stat(), runtime.dir.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o710, 0, account.gid)
+    assert (stat.S_IMODE(run.st_mode), run.st_uid, run.st_gid) == (0o2710, 0, account.gid)
+    runtime.check()  # group-searchable is not group-writable: still safe
+    os.chown(runtime.state_dir / "netlog", 54321, -1)
+    with pytest.raises(UnsafePath, match="netlog dir .* is neither root's nor meshsup's"):
+        open_state_dir(runtime, account)
+
+
+# --- a node --------------------------------------------------------------------------------
+
+
+def proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
+    path = f"/proc/{pid}/task/{tid}/status" if tid else f"/proc/{pid}/status"
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in Path(path).read_text().splitlines())}
+
+
+def check_privileges(actors: dict[str, dict[str, Any]], account: Account) -> None:
+    for name, a in actors.items():
+        assert a["holds_keys"] == (a["kind"] == "crypto"), name
+        status = proc_status(a["pid"])
+        if a["kind"] not in DROPPED:
+            assert status["Uid"].split()[0] == "0", name  # README: why these stay root
+            continue
+        keep = DROPPED[a["kind"]]
+        for tid in os.listdir(f"/proc/{a['pid']}/task"):  # every thread, the ZeroMQ ones too
+            thread = proc_status(a["pid"], int(tid))
+            assert set(thread["Uid"].split()) == {str(account.uid)}, (name, thread["Uid"])
+            assert set(thread["Gid"].split()) == {str(account.gid)} and thread["Groups"] == "", name
+            assert thread["NoNewPrivs"] == "1" and int(thread["CapBnd"], 16) == keep, name
+            assert int(thread["CapInh"], 16) == int(thread["CapAmb"], 16) == 0, name
+        assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == keep, name
+
+
+def node_config(tmp_path: Path, port: int, peers: int) -> Path:
+    key = tmp_path / "alpha.key"
+    key.write_text(b64(NODE_KEY))
+    key.chmod(0o600)
+    peer_tables = "".join(
+        f'[[peers]]\nname = "peer{i}"\npublic_key = "{b64(public_of(generate_private()))}"\n'
+        f'preshared_key = "{b64(PSK)}"\nallowed_ips = ["100.64.0.{i + 2}/32"]\n'
+        for i in range(peers)
+    )
+    collector = f'kind = "syslog"\naddress = "tcp://127.0.0.1:{port}"\n'
+    path = tmp_path / "alpha.toml"
+    path.write_text(
+        f'[node]\nname = "alpha"\nprivate_key_file = "{key}"\naddresses = ["{MESH_ADDRESS}/32"]\n'
+        f"[supervisor]\nintensity = 20\nperiod = 10\n"
+        f'[dns]\nlisten = ["127.0.0.1:53", "{MESH_ADDRESS}:53"]\n'
+        f"[netlog]\ninterval = 1\n[[netlog.collectors]]\n{collector}"
+        f'[logging]\nlevel = "info"\n[[logging.collectors]]\n{collector}' + peer_tables
+    )
+    return path
+
+
+@pytest.fixture
+def rsyslogs() -> Iterator[list[Rsyslog]]:
+    made: list[Rsyslog] = []
+    yield made
+    for r in made:
+        r.stop()
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(bool(have("dig", "rsyslogd")), reason=have("dig", "rsyslogd") or "")
+def test_dns_and_netlog_run_unprivileged_hold_no_keys_and_still_work(
+    node_factory: Callable[..., Node],
+    netns: Callable[..., Netns],
+    tmp_path: Path,
+    account: Account,
+    rsyslogs: list[Rsyslog],
+) -> None:
+    ns = netns()
+    rsyslog = Rsyslog(tmp_path / "rsyslog", free_port(), ns)
+    rsyslogs.append(rsyslog)
+    config = node_config(tmp_path, rsyslog.port, peers=1)
+    node = node_factory("--config", str(config), ns=ns)
+    actors = node.wait_ready()["actors"]
+    check_privileges({a["name"]: a for a in actors}, account)
+
+    # DNS binds port 53, on loopback and on the mesh address.
+    for host in ("127.0.0.1", MESH_ADDRESS):
+        assert dig(host, 53, "alpha.mesh", ns=ns).rdata("A") == [MESH_ADDRESS], host
+
+    # netlog, with its collector down, keeps the window log and spools: files of the user's own.
+    spool = node.state_dir / "spool"
+    assert wait_until(lambda: {p.parent.parent.name for p in spool.rglob("*.json")} == {"flows", "logs"}, 15)
+    spooled = list(spool.rglob("*.json"))
+    for path in [node.state_dir / "netlog" / "window.wal", *spooled]:
+        st = path.lstat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (account.uid, 0o600), path
+
+    # Restarted (forked from the root fork server again), they drop again.
+    for name in ("dns-0", "netlog"):
+        old = node.actors()[name]["pid"]
+        os.kill(old, signal.SIGKILL)
+        node.wait(lambda: (a := node.actors()[name])["pid"] != old and a["state"] == "running", what=name)
+    # A reload reaches every actor through the sequencer: keys still only to crypto.
+    config.write_text(node_config(tmp_path, rsyslog.port, peers=2).read_text())
+    node.cli("reload")
+    assert node.status()["node"]["generation"] == 2
+    check_privileges(node.actors(), account)
+
+    # What was spooled is shipped, and the restarted DNS logs through the restarted netlog:
+    # a frame it cannot decode makes it log a warning.
+    rsyslog.start()
+    with zmq.Context() as ctx, ctx.socket(zmq.PUB) as pub:
+        pub.connect(Runtime(node.state_dir).events_in)
+
+        def dns_logged() -> bool:
+            pub.send_multipart([LinkChanged.TAG.encode(), b"\xc1 not msgpack"])
+            events = [json.loads(m["msg"]) for m in rsyslog.messages() if m["msgid"] == "log"]
+            return any(e["event"] == "bus frame dropped" and e["actor"] == "dns-0" for e in events) and any(
+                e["event"] == "node ready" for e in events
+            )
+
+        assert wait_until(dns_logged, 30, step=0.5), rsyslog.messages()[-5:]
+    assert wait_until(lambda: not any(p.exists() for p in spooled), 15)
+    assert any(m["msgid"] == "flowlog" for m in rsyslog.messages())
