@@ -124,6 +124,14 @@ SERVER = PrivateKey.generate()
 UPGRADED = derp.upgrade_response(bytes(SERVER.public_key)) + derp.server_key(bytes(SERVER.public_key))
 
 
+def hang_up_after_login(conn: socket.socket) -> None:
+    """The greeting, the client's proof read (so the close is a clean end, not a reset), then gone."""
+    request(conn)
+    conn.sendall(UPGRADED)
+    conn.recv(4096)
+    conn.close()
+
+
 @pytest.mark.parametrize(
     "behave, reason",
     [
@@ -131,7 +139,7 @@ UPGRADED = derp.upgrade_response(bytes(SERVER.public_key)) + derp.server_key(byt
         (answer(os.urandom(64) + b"\r\n\r\n"), "bad_http"),
         (answer(UPGRADED + derp.header(derp.FrameType.RECV_PACKET, 1 << 30), hang_up=False), "recv_packet_oversized"),
         (answer(UPGRADED + derp.frame(derp.FrameType.SERVER_INFO, os.urandom(80)), hang_up=False), "server_info_box"),
-        (answer(UPGRADED), "closed_at_login"),
+        (hang_up_after_login, "closed_at_login"),
         (request, "login_timeout"),  # reads the request, then says nothing
     ],
     ids=["http-500", "garbage", "oversized-frame", "bad-box", "hangs-up", "stalls"],
