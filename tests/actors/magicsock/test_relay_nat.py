@@ -127,6 +127,8 @@ def test_nat_pair_through_the_relay_beside_a_wireguard_go_peer(underlay: Underla
     magicsock = m.node_a.counters()["magicsock"]
     assert magicsock["relay_tx_datagrams"] > 1000 and magicsock["relay_rx_datagrams"] > 1000, magicsock
     assert m.relay.status()["counters"]["home_clients"] == 2
+    # magicsock logs in with the node's key: it holds that (no preshared keys); no other actor does but crypto.
+    assert {a["kind"] for a in m.node_a.status()["actors"] if a["holds_keys"]} == {"crypto", "magicsock"}
     text = m.node_a.cli("status").stdout
     assert "relay edge" in text and "(home)" in text, text
     # The wireguard-go peer, with no relay, works at its endpoint: alpha and bravo reach it
