@@ -73,6 +73,8 @@ class MagicsockActor(Actor):
             self.log.info("listening", port=new.port, gso=new.gso, gro=new.gro)
         self.peer_keys = frozenset(p.public_key for p in settings.peers)
         node = settings.node
+        if settings.relays and not node.private_key:
+            raise ConfigError("relays need the node's private key to log in (actors.registry: login_key)")
         if self.relays_for != (node.private_key, settings.relays):  # a new key logs in anew
             self.relays.close()
             ours = (node.private_key, node.public_key)

@@ -118,12 +118,16 @@ class RelayLink:
     def dial(self, now: float) -> None:
         host, port = self.relay.host, self.relay.port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError as err:  # out of descriptors, say: try again later
+            self._retry(now, _reason("socket", err.errno))
+            return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are small; Go's default too
         err = sock.connect_ex((host, port))
         if err not in (0, errno.EINPROGRESS):
             sock.close()
-            self._retry(now, f"connect_{errno.errorcode.get(err, err)}".lower())
+            self._retry(now, _reason("connect", err))
             return
         self.counters["dials"] += 1
         self.transport = Transport(sock, self.tls, now, server_hostname=host if self.tls else None)
@@ -161,7 +165,7 @@ class RelayLink:
             if self.connecting:
                 err = transport.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
-                    self.fail(now, f"connect_{errno.errorcode.get(err, err)}".lower())
+                    self.fail(now, _reason("connect", err))
                     return
                 self.connecting = False
                 transport.start()
@@ -181,7 +185,7 @@ class RelayLink:
         except OSError as err:
             if err.errno == errno.ENOTCONN:  # the connect is still under way
                 return
-            self.fail(now, f"socket_{errno.errorcode.get(err.errno or 0, 'error')}".lower())
+            self.fail(now, _reason("socket", err.errno))
             return
         self._after(now)
 
@@ -246,7 +250,7 @@ class RelayLink:
         try:
             done = transport.flush(now)
         except OSError as err:
-            self.fail(now, f"socket_{errno.errorcode.get(err.errno or 0, 'error')}".lower())
+            self.fail(now, _reason("socket", err.errno))
             return
         if done == self._writing:  # watch for room only while something waits
             self._writing = not done
@@ -334,6 +338,11 @@ class Relays:
 
     def status(self) -> list[dict[str, Any]]:
         return [link.status(link is self.home) for link in self.links]
+
+
+def _reason(what: str, err: int | None) -> str:
+    """connect_econnrefused, socket_econnreset: a failure's label, by its errno."""
+    return f"{what}_{errno.errorcode.get(err or 0, 'error')}".lower()
 
 
 def _latency(link: RelayLink) -> float:
