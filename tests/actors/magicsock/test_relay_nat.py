@@ -287,3 +287,34 @@ def test_relayed_traffic_is_in_flow_records_with_the_relay_as_the_endpoint(under
     finally:
         for r in rsyslog:
             r.stop()
+
+
+def test_when_the_home_relay_fails_another_takes_over(underlay: Underlay, tmp_path: Path) -> None:
+    lab = NatLab(underlay)
+    relays, stanzas = {}, ""
+    for name in ("one", "two"):
+        ns, addr = lab.public()
+        relays[name] = underlay.track(
+            Node(tmp_path, "--listen", f"{addr}:{RELAY_PORT}", "--name", name, netns=ns, command="relay")
+        )
+        stanzas += f'\n[[relays]]\nname = "{name}"\nurl = "http://{addr}:{RELAY_PORT}/derp"\n'
+    for r in relays.values():
+        r.wait(lambda: r.status()["relay"]["ready"], what="relay ready")
+    (ns_a, _, _), (ns_b, _, _) = lab.home(), lab.home()
+    a, b = Identity("alpha", 1), Identity("bravo", 2)
+    node_a = start_meshsup(underlay, tmp_path, a, [b], ns=ns_a, extra=stanzas)
+    node_b = start_meshsup(underlay, tmp_path, b, [a], ns=ns_b, extra=stanzas)
+
+    def home(node: Node) -> str | None:
+        return next((r["name"] for r in node.status()["relays"] if r["home"] and r["state"] == "up"), None)
+
+    for node in (node_a, node_b):
+        node.wait(lambda: relay_up(node) and home(node), what="both relays up, a home chosen")
+    assert ping(ns_a, b.v4) and ping(ns_b, a.v4)  # on the same home or not: each reaches the other
+    first = home(node_a)
+    relays[first].close()
+    other = "two" if first == "one" else "one"
+    for node in (node_a, node_b):
+        node.wait(lambda: home(node) == other, what=f"{other} the home now")
+    assert ping(ns_a, b.v4, count=3, timeout=15) and ping(ns_b, a.v4)
+    assert peer(node_a, "bravo")["relay"] == other
