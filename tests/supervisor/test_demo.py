@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,15 @@ def test_ctrl_c_still_removes_everything() -> None:
         if line.startswith("ping through the tunnel"):
             os.killpg(proc.pid, signal.SIGINT)
             break
-    out = "".join(lines) + proc.communicate(timeout=60)[0]
+    # The rest through the same reader, which holds what the loop read ahead (communicate()
+    # would read the descriptor itself and lose that); killed if it has not ended in 60 s.
+    watchdog = threading.Timer(60, proc.kill)
+    watchdog.start()
+    try:
+        out = "".join(lines) + proc.stdout.read()
+        proc.wait()
+    finally:
+        watchdog.cancel()
     assert proc.returncode == 1, out
     assert out.rstrip().splitlines()[-1] == "FAILED: interrupted"
     assert_nothing_left(out)

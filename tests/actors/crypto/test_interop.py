@@ -113,12 +113,16 @@ class Topology:
 
     @staticmethod
     def result(proc: subprocess.Popen) -> dict:
+        # Not communicate(timeout=...): it reads the pipe's descriptor itself and misses what
+        # readline() above already buffered, which a fast run's last line can be.
         try:
-            out, err = proc.communicate(timeout=30)
+            proc.wait(timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
         assert proc.returncode == 0, err
         return json.loads(out.strip().splitlines()[-1])
 
