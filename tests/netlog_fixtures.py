@@ -332,7 +332,7 @@ class HttpCollector:
 
 
 def make_certificate(directory: Path, host: str = LOOPBACK) -> tuple[Path, Path]:
-    """A self-signed certificate for `host` (its own CA): (cert.pem, key.pem)."""
+    """A self-signed certificate for `host`, an IP or a name (its own CA): (cert.pem, key.pem)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -340,6 +340,10 @@ def make_certificate(directory: Path, host: str = LOOPBACK) -> tuple[Path, Path]
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:  # a host name
+        san = x509.DNSName(host)
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -349,7 +353,7 @@ def make_certificate(directory: Path, host: str = LOOPBACK) -> tuple[Path, Path]
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )

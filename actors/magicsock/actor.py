@@ -31,6 +31,7 @@ from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import DatagramBatch
 from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.flowcount.tally import UNDERLAY
+from meshsup.actors.kernel.resolve import Resolver
 from meshsup.actors.kernel.types import RELAYED, Buffer, Burst, relayed, relayed_key
 from meshsup.actors.kernel.udp import UdpSocket
 from meshsup.actors.magicsock.relays import RelayLink, Relays
@@ -52,6 +53,7 @@ class MagicsockActor(Actor):
         self.counters: Counter[str] = Counter()
         self.flows = FlowFeed(self, UNDERLAY)
         self.relays = Relays([])
+        self.resolver = Resolver()  # relay host names, looked up off the loop; kept across reloads
         self.relays_for: tuple[bytes, tuple[RelayEntry, ...]] | None = None  # (our key, [[relays]]) served
         self.peer_keys: frozenset[bytes] = frozenset()
 
@@ -79,7 +81,7 @@ class MagicsockActor(Actor):
             self.relays.close()
             ours = (node.private_key, node.public_key)
             links = [
-                RelayLink(i, r, ours, self.watch, self.unwatch, self.relayed_in, self.log)
+                RelayLink(i, r, ours, self.watch, self.unwatch, self.relayed_in, self.log, self.resolver)
                 for i, r in enumerate(settings.relays, 1)
             ]
             self.relays, self.relays_for = Relays(links), (node.private_key, settings.relays)

@@ -2,11 +2,14 @@
 which one reaches a peer.
 
 Each relay has a RelayLink: a non-blocking TCP socket (TLS for https, verified
-against the system's CAs or the entry's ca_file) watched by the actor's loop,
-driving a DerpClient (sans-IO). A link that fails (refused, reset, bad input, a
-stalled relay) is closed, the reason counted, and dialled again after a
-backoff: 0.1 s doubling to 5 s, with jitter, as Tailscale's (or when a
-restarting relay said to come back), back to 0.1 s once logged in.
+against the system's CAs or the entry's ca_file, for the url's host) watched by
+the actor's loop, driving a DerpClient (sans-IO). A host name is resolved by a
+thread (kernel/resolve.py) and polled at each tick until it answers, so a slow
+resolver never blocks the loop; the first address is dialled. A link that fails
+(a name that does not resolve, refused, reset, bad input, a stalled relay) is
+closed, the reason counted, and dialled again after a backoff: 0.1 s doubling
+to 5 s, with jitter, as Tailscale's (or when a restarting relay said to come
+back), back to 0.1 s once logged in.
 
 Every link stays connected: its Pings measure the relay's latency, and a peer
 homed on another relay is reached there. The home relay is the connected one
@@ -32,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from meshsup.actors.kernel.resolve import Resolver
 from meshsup.actors.kernel.stream import SEND_QUEUE_BYTES, Transport
 from meshsup.actors.kernel.types import RELAY_HOST, Buffer, Endpoint
 from meshsup.actors.magicsock.derpclient import DerpClient, PeerGone, Restarting, Timing
@@ -82,9 +86,10 @@ class RelayLink:
         unwatch: Callable[[int], None],
         on_packets: Packets,
         log: Any,
+        resolver: Resolver,
         timing: Timing = Timing(),
     ) -> None:
-        self.index, self.relay, self.keys = index, relay, keys
+        self.index, self.relay, self.keys, self.resolver = index, relay, keys, resolver
         self.address: Endpoint = (RELAY_HOST, index)  # how flow records name this relay
         self._watch, self._unwatch, self._on_packets, self.log, self.timing = watch, unwatch, on_packets, log, timing
         self.tls = tls_context(relay)
@@ -116,15 +121,23 @@ class RelayLink:
 
     # --- connecting and failing -----------------------------------------------------
     def dial(self, now: float) -> None:
-        host, port = self.relay.host, self.relay.port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        """Connect to the relay's first address; nothing while its name is being resolved (tick asks again)."""
+        host = self.relay.host
+        try:
+            addresses = self.resolver.lookup(host, self.relay.port, socket.SOCK_STREAM)
+        except OSError:  # the cached failure for FAILURE_TTL: each retry meanwhile is counted, none starts a lookup
+            self._retry(now, "resolve_failed")
+            return
+        if addresses is None:
+            return
+        family, address = addresses[0]
         try:
             sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError as err:  # out of descriptors, say: try again later
             self._retry(now, _reason("socket", err.errno))
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are small; Go's default too
-        err = sock.connect_ex((host, port))
+        err = sock.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             self._retry(now, _reason("connect", err))

@@ -36,13 +36,13 @@ from meshsup.actors.base import Actor
 from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
 from meshsup.actors.bus.endpoints import Runtime, grant
 from meshsup.actors.bus.messages import FlowCounts, FlowCountsAck, LogLine
+from meshsup.actors.kernel.resolve import Resolver
 from meshsup.actors.log import log_endpoint
 from meshsup.actors.netlog.counting import CountsReader, Deliveries
 from meshsup.actors.netlog.daemonlog import LogIntake
 from meshsup.actors.netlog.flows import FlowTable, Record
 from meshsup.actors.netlog.formats import FLOWS, LOGS, RecordFormat
 from meshsup.actors.netlog.mesh import classifier, endpoint_peers, key_peers
-from meshsup.actors.netlog.resolve import Resolver
 from meshsup.actors.netlog.shipper import Sender, Shipper, Wait
 from meshsup.actors.netlog.wal import WindowLog
 from meshsup.actors.settings import Settings

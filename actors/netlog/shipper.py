@@ -3,7 +3,7 @@
 One sender per collector, each with its own spool or queue and its own
 retry state, so a dead collector never holds up the others. `Shipper.pump`
 is called from the netlog actor's loop and never waits: host names are
-resolved in threads (resolve.py), sockets are non-blocking, and each pump
+resolved in threads (kernel/resolve.py), sockets are non-blocking, and each pump
 takes a connection or request as far as it can go without waiting. Each
 sender says what it waits for (`waiting_on`: its socket readable, writable
 or both), so the loop pumps it as soon as that is ready instead of at its
@@ -57,12 +57,12 @@ from typing import Protocol
 
 import structlog
 
+from meshsup.actors.kernel.resolve import Address, Resolver
 from meshsup.actors.netlog import journal_export
 from meshsup.actors.netlog.flows import Record, encode_record
 from meshsup.actors.netlog.formats import FLOWS, RecordFormat
 from meshsup.actors.netlog.http11 import HttpError, ResponseReader, post_request
 from meshsup.actors.netlog.ipfix import IpfixExporter
-from meshsup.actors.netlog.resolve import Address, Resolver
 from meshsup.actors.netlog.retry import Backoff, parse_retry_after
 from meshsup.actors.netlog.spool import Spool
 from meshsup.actors.netlog.syslog import encode_message, frame

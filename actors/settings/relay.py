@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from meshsup.actors.settings import wire
+from meshsup.actors.settings.collectors import _valid_host
 from meshsup.actors.settings.node import Endpoint, SupervisorSettings, _label, parse_endpoint
 from meshsup.actors.settings.table import ConfigError, Table
 
@@ -79,7 +80,7 @@ class RelayEntry:
 
     name: str
     url: str  # http(s)://HOST[:PORT]/derp, as configured
-    host: str  # a literal IP (no DNS at config time, as for endpoints)
+    host: str  # a literal IP or a DNS name (resolved at connect time)
     port: int
     tls: bool
     stun: Endpoint  # the relay's STUN server
@@ -98,8 +99,10 @@ def parse_relay(file: str, table: Any, index: int, base: Path) -> RelayEntry:
         raise c.fail("url", f"{url!r} is not http://HOST[:PORT]/derp or https://HOST[:PORT]/derp")
     try:
         host = str(ipaddress.ip_address(parts.hostname))
-    except ValueError:
-        raise c.fail("url", f"{url!r}: HOST must be an IP address (no DNS at config time)") from None
+    except ValueError:  # a name: magicsock resolves it when it connects
+        host = parts.hostname
+        if not _valid_host(host):
+            raise c.fail("url", f"{url!r}: HOST is neither an IP address nor a DNS name") from None
     try:
         port = parts.port or DEFAULT_PORTS[parts.scheme]
     except ValueError:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from nacl.public import PrivateKey
 
+from meshsup.actors.kernel.resolve import Resolver
 from meshsup.actors.kernel.types import Buffer
 from meshsup.actors.magicsock.derpclient import Timing
 from meshsup.actors.magicsock.relays import Backoff, RelayLink, Relays
@@ -33,7 +34,8 @@ class Log:
 class Loop:
     """The actor loop's part: watched descriptors and their handlers, then every link's tick and flush."""
 
-    def __init__(self) -> None:
+    def __init__(self, resolver: Resolver | None = None) -> None:
+        self.resolver = resolver or Resolver()
         self.fds: dict[int, tuple[Callable[[], None], bool, bool]] = {}
         self.got: dict[bytes, list[bytes]] = {}  # what the links delivered, by source key
 
@@ -47,14 +49,15 @@ class Loop:
         for key, ps in packets.items():
             self.got.setdefault(key, []).extend(bytes(p) for p in ps)
 
-    def link(self, index: int, port: int, timing: Timing = Timing(), ca_file: Path | None = None) -> RelayLink:
+    def link(
+        self, index: int, port: int, timing: Timing = Timing(), ca_file: Path | None = None, host: str = "127.0.0.1"
+    ) -> RelayLink:
         tls = ca_file is not None
-        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/derp"
-        settings = RelayEntry("edge", url, "127.0.0.1", port, tls, ("127.0.0.1", 3478), ca_file)
+        url = f"{'https' if tls else 'http'}://{host}:{port}/derp"
+        settings = RelayEntry("edge", url, host, port, tls, (host, 3478), ca_file)
         key = PrivateKey.generate()
-        return RelayLink(
-            index, settings, (bytes(key), bytes(key.public_key)), self.watch, self.unwatch, self.deliver, Log(), timing
-        )
+        keys = (bytes(key), bytes(key.public_key))
+        return RelayLink(index, settings, keys, self.watch, self.unwatch, self.deliver, Log(), self.resolver, timing)
 
     def run(self, relays: Relays, until: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -224,6 +227,51 @@ def test_https_with_the_relays_ca_and_refused_without_it(tmp_path: Path) -> None
         relays.close()
     finally:
         relay.close()
+
+
+def loopback_as(name: str, asked: list[str]) -> Callable[..., list[tuple[Any, ...]]]:
+    """A getaddrinfo that answers `name` with 127.0.0.1 and knows no other name."""
+
+    def getaddrinfo(host: str, port: int, type: int = 0) -> list[tuple[Any, ...]]:
+        asked.append(host)
+        if host != name:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return socket.getaddrinfo("127.0.0.1", port, type=type)
+
+    return getaddrinfo
+
+
+def test_a_relay_named_by_host_name_is_reached_at_its_address_and_verified_by_that_name(tmp_path: Path) -> None:
+    cert, key = make_certificate(tmp_path, "relay.test")
+    relay = Relay(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        relay.wait_ready()
+        asked: list[str] = []
+        loop = Loop(Resolver(getaddrinfo=loopback_as("relay.test", asked)))
+        named = loop.link(1, relay.port, ca_file=cert, host="relay.test")
+        by_ip = loop.link(2, relay.port, ca_file=cert)  # the same relay, but the certificate does not name its IP
+        relays = Relays([named, by_ip])
+        loop.run(relays, lambda: named.rtt is not None and by_ip.failures["tls_certificate_verify_failed"] >= 1)
+        assert named.state == "up" and not named.failures and not by_ip.up
+        assert asked == ["relay.test"] and loop.resolver.lookups == 1  # a literal asks no resolver
+        relays.close()
+    finally:
+        relay.close()
+
+
+def test_a_relay_name_that_does_not_resolve_is_counted_and_retried_with_backoff() -> None:
+    asked: list[str] = []
+    loop = Loop(Resolver(getaddrinfo=loopback_as("relay.test", asked)))
+    link = loop.link(1, 9, host="nowhere.test")
+    relays = Relays([link])
+    started = time.monotonic()
+    loop.run(relays, lambda: link.failures["resolve_failed"] >= 3)
+    # At least 0.05 and 0.1 s (the upper halves of the first two steps) between the three attempts.
+    assert time.monotonic() - started >= 0.15 and link.backoff.failures == 3
+    assert set(link.failures) == {"resolve_failed"} and link.counters["dials"] == 0 and link.state == "waiting"
+    assert asked == ["nowhere.test"]  # the failure is cached: the retries start no lookup of their own
+    assert loop.fds == {}
+    relays.close()
 
 
 class FakeLink:

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
+from meshsup.actors.kernel.resolve import Resolver
 from meshsup.actors.netlog.actor import REQUEST_TIMEOUT
 from meshsup.actors.netlog.flows import Classifier, FlowTable, Record
 from meshsup.actors.netlog.http11 import HttpError, ResponseReader
-from meshsup.actors.netlog.resolve import Resolver
 from meshsup.actors.netlog.shipper import Shipper
 from meshsup.actors.netlog.syslog import OctetCountingDecoder
 from meshsup.actors.settings.collectors import parse_collectors

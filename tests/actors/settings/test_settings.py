@@ -147,7 +147,7 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ({"netlog": {"interval": 0}}, "netlog.interval", "expected seconds"),
         ({"logging": {"level": "loud"}}, "logging.level", "expected one of"),
         ({"relays": [{"name": "r"}]}, "relays[0].url", "is required"),
-        ({"relays": [{"url": "http://relay.example/derp"}]}, "relays[0].url", "HOST must be an IP address"),
+        ({"relays": [{"url": "https://bad_name!/derp"}]}, "relays[0].url", "neither an IP address nor a DNS name"),
         ({"relays": [{"url": "ftp://203.0.113.1/derp"}]}, "relays[0].url", "is not http://"),
         ({"relays": [{"url": "http://203.0.113.1/"}]}, "relays[0].url", "is not http://"),
         ({"relays": [{"url": "http://203.0.113.1:99999/derp"}]}, "relays[0].url", "not a port number"),
@@ -196,6 +196,13 @@ def test_a_wire_form_that_does_not_fit_is_refused_naming_where(tmp_path: Path, s
     spoil(wire)
     with pytest.raises(WireError, match=f"^{re.escape(where)}: "):
         Settings.from_wire(wire)
+
+
+def test_a_relay_may_be_named_by_host_name_its_stun_defaulting_to_that_host(tmp_path: Path) -> None:
+    doc = {"node": {"private_key": b64(generate_private())}, "relays": [{"url": "https://relay.example/derp"}]}
+    (relay,) = parse("n.toml", doc, tmp_path, tmp_path).relays
+    assert (relay.host, relay.port, relay.tls, relay.stun) == ("relay.example", 443, True, ("relay.example", 3478))
+    assert relay.hostport == "relay.example:443"
 
 
 def test_the_embedded_default_has_no_relays(tmp_path: Path) -> None:

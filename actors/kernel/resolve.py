@@ -1,17 +1,17 @@
-"""Collector host names resolved off the actor's loop.
+"""Host names resolved off an actor's loop: netlog's collectors, magicsock's relays.
 
 getaddrinfo blocks for as long as the system's resolver likes (seconds per
 server and attempt, or for ever with a hostile or broken one), so it never
 runs in the loop: a literal address is answered at once, a name by a daemon
 thread whose answer is cached. `lookup` never waits: until the first answer
-for a name is in, it returns None and the connection attempt keeps waiting
-within its own deadline. An expired answer is still used while a fresh one
-is looked up, so a slow resolver delays no collector that once resolved.
+for a name is in, it returns None and the connection attempt polls again at
+the loop's next tick. An expired answer is still used while a fresh one is
+looked up, so a slow resolver delays no connection that once resolved.
 
-Threads rather than literal-only addresses: host names in collector
-addresses stay accepted as before (TLS checks the certificate against them),
-and at most one lookup per name runs at a time, so even a resolver that never
-answers costs one parked thread per collector name, not one per attempt.
+Threads rather than literal-only addresses: host names are what users write
+(TLS checks the certificate against them), and at most one lookup per name
+runs at a time, so even a resolver that never answers costs one parked
+thread per name, not one per attempt.
 """
 
 from __future__ import annotations
