@@ -119,19 +119,24 @@ Done = Callable[[Any, bytes | None, str], None]
 Truncated = Callable[[Upstream, bytes, float, Done, Any], None]
 
 
-class _Poller:
-    """Readiness of the burst sockets, in an epoll set of our own that the loop
-    watches as one reader. A socket joins with one epoll_ctl and leaves by
-    being closed (the kernel drops a closed socket from every epoll set), where
-    the loop's add_reader and remove_reader would cost a system call each and
-    a selector key and handle per burst; and the loop makes one call a turn,
-    however many burst sockets are ready."""
+class _Bursts:
+    """A transport's open burst sockets: their readiness in an epoll set of our
+    own that the loop watches as one reader, their deadlines under one timer.
+    A socket joins with one epoll_ctl and leaves by being closed (the kernel
+    drops a closed socket from every epoll set), where the loop's add_reader
+    and remove_reader would cost a system call each and a selector key and
+    handle per burst; the loop makes one call a turn, however many are ready.
+    The timer is armed for the earliest deadline and, when it fires, looks at
+    every socket open (those waiting on answers: a few loop turns' worth), so
+    a burst answered in time costs no timer of its own."""
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._sockets: dict[int, _UdpSocket] = {}  # every one open, by file descriptor
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._epoll.fileno(), self._ready)
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed = _NEVER  # the timer's deadline
 
     def add(self, sock: _UdpSocket, fd: int) -> None:
         self._epoll.register(fd, select.EPOLLIN)
@@ -140,6 +145,14 @@ class _Poller:
     def discard(self, fd: int) -> None:
         """Before the socket is closed: its number may be another's next."""
         del self._sockets[fd]
+
+    def deadline(self, when: float) -> None:
+        """A query must be answered by when."""
+        if when < self._armed:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(when, self._expire)
+            self._armed = when
 
     def _ready(self) -> None:
         sockets = self._sockets
@@ -150,8 +163,20 @@ class _Poller:
             if sock is not None:
                 sock.readable()
 
+    def _expire(self) -> None:
+        self._timer, self._armed = None, _NEVER
+        now = self._loop.time()
+        for sock in list(self._sockets.values()):
+            if sock.earliest <= now:
+                sock.expire(now)
+        earliest = min((sock.earliest for sock in self._sockets.values()), default=_NEVER)
+        if earliest < _NEVER:
+            self.deadline(earliest)
+
     def close(self) -> None:
         """Close every burst socket (their queries end as "closed"), then the set."""
+        if self._timer is not None:
+            self._timer.cancel()
         for sock in list(self._sockets.values()):
             sock.close()
         self._loop.remove_reader(self._epoll.fileno())
@@ -162,14 +187,14 @@ class _UdpSocket:
     """One connected UDP socket for one burst of queries: on a source port the
     kernel picks at random when it connects (RFC 5452), taking queries until
     retired, closed once those it took are answered or timed out. An answer
-    goes to the query waiting on its ID. No task and no timer per query: one
-    timer, for the earliest deadline; as a burst is at most UDP_BURST queries,
-    when it fires they are all looked at rather than kept in deadline order."""
+    goes to the query waiting on its ID. No task and no timer per query (nor
+    per socket: _Bursts keeps one); as a burst is at most UDP_BURST queries,
+    its deadlines are looked at all together rather than kept in order."""
 
-    __slots__ = ("_sock", "_fd", "_upstream", "_counters", "_truncated", "_poller", "_loop", "_pending")
-    __slots__ += ("_timer", "_armed", "uses", "retired", "closed")
+    __slots__ = ("_sock", "_fd", "_upstream", "_counters", "_truncated", "_bursts", "_loop", "_pending")
+    __slots__ += ("earliest", "uses", "retired", "closed")
 
-    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated, poller: _Poller) -> None:
+    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated, bursts: _Bursts) -> None:
         family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
         self._sock = socket.socket(family, _UDP_NONBLOCKING)
         try:
@@ -177,19 +202,18 @@ class _UdpSocket:
             # port unreachable as ConnectionRefusedError at once.
             self._sock.connect((upstream.host, upstream.port))
             self._fd = self._sock.fileno()
-            poller.add(self, self._fd)
+            bursts.add(self, self._fd)
         except BaseException:
             self._sock.close()
             raise
         self._upstream = upstream
         self._counters = counters
         self._truncated = truncated
-        self._poller = poller
+        self._bursts = bursts
         self._loop = asyncio.get_running_loop()
         # By ID: query, callback, its token, deadline.
         self._pending: dict[int, tuple[bytes, Done, Any, float]] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._armed = _NEVER  # the timer's deadline
+        self.earliest = _NEVER  # no query waiting has a deadline before (answered ones may)
         self.uses = 0
         self.retired = False
         self.closed = False
@@ -203,8 +227,9 @@ class _UdpSocket:
         self._sock.send(_ID.pack(query_id) + query[2:])
         deadline = self._loop.time() + timeout
         self._pending[query_id] = (query, done, token, deadline)
-        if deadline < self._armed:  # the earliest now
-            self._arm(deadline)
+        if deadline < self.earliest:
+            self.earliest = deadline
+            self._bursts.deadline(deadline)
 
     def retire(self) -> None:
         """No more queries: close once those under way are done."""
@@ -215,22 +240,14 @@ class _UdpSocket:
         if self.retired and not self._pending:
             self.close()
 
-    def _arm(self, deadline: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(deadline, self._expire)
-        self._armed = deadline
-
-    def _expire(self) -> None:
-        self._timer, self._armed = None, _NEVER
-        now = self._loop.time()
+    def expire(self, now: float) -> None:
+        """Time out the queries due by now."""
         for query_id in [i for i, waiting in self._pending.items() if waiting[3] <= now]:
             # Looked up again: a callback may have closed the socket, ending every query.
             waiting = self._pending.pop(query_id, None)
             if waiting is not None:
                 waiting[1](waiting[2], None, "timeout")
-        if self._pending:
-            self._arm(min(waiting[3] for waiting in self._pending.values()))
+        self.earliest = min((waiting[3] for waiting in self._pending.values()), default=_NEVER)
         self._close_if_done()
 
     def readable(self) -> None:
@@ -268,9 +285,7 @@ class _UdpSocket:
         if self.closed:
             return
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self._poller.discard(self._fd)
+        self._bursts.discard(self._fd)
         self._sock.close()
         self._fail_all("closed")
 
@@ -282,11 +297,11 @@ class _UdpClient:
     lives about as long as one query does, and a forged answer must still
     match the ID (and question) of one query, so a burst gives it no better odds."""
 
-    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated, poller: _Poller) -> None:
+    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated, bursts: _Bursts) -> None:
         self._upstream = upstream
         self._counters = counters
         self._truncated = truncated
-        self._poller = poller
+        self._bursts = bursts
         self._current: _UdpSocket | None = None
         self._burst_ends = False  # the end of this loop turn's burst is scheduled
 
@@ -295,7 +310,7 @@ class _UdpClient:
         if sock is None or sock.uses >= UDP_BURST:
             if sock is not None:
                 sock.retire()
-            sock = self._current = _UdpSocket(self._upstream, self._counters, self._truncated, self._poller)
+            sock = self._current = _UdpSocket(self._upstream, self._counters, self._truncated, self._bursts)
             self._counters["upstream_sockets_udp"] += 1
             if not self._burst_ends:
                 self._burst_ends = True
@@ -580,7 +595,7 @@ class Transport:
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._streams: dict[Upstream, _StreamClient] = {}
         self._udp_clients: dict[Upstream, _UdpClient] = {}
-        self._poller: _Poller | None = None
+        self._bursts: _Bursts | None = None
         self._doh: dict[Upstream, _DohClient] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -643,9 +658,9 @@ class Transport:
     def _udp(self, upstream: Upstream) -> _UdpClient:
         client = self._udp_clients.get(upstream)  # once per query: one hash of the upstream, not two
         if client is None:
-            if self._poller is None:
-                self._poller = _Poller()
-            client = _UdpClient(upstream, self.counters, self._retry_over_tcp, self._poller)
+            if self._bursts is None:
+                self._bursts = _Bursts()
+            client = _UdpClient(upstream, self.counters, self._retry_over_tcp, self._bursts)
             self._udp_clients[upstream] = client
         return client
 
@@ -667,8 +682,8 @@ class Transport:
             task.cancel()
         for client in [*self._streams.values(), *self._doh.values()]:
             client.close()
-        if self._poller is not None:  # every UDP client's sockets
-            self._poller.close()
+        if self._bursts is not None:  # every UDP client's sockets
+            self._bursts.close()
         self._udp_clients.clear()
         self._streams.clear()
         self._doh.clear()
