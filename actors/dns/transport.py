@@ -3,8 +3,9 @@
 - UDP: each burst of queries (those sent in one loop turn) gets a fresh
   connected socket, on a source port the kernel picks at random (RFC 5452),
   closed once its answers are in; answers matched by a random ID (and the
-  resolver checks the question they echo). A truncated answer is asked
-  again over TCP.
+  resolver checks the question they echo). The burst sockets are watched in
+  an epoll set of our own, one reader for the loop. A truncated answer is
+  asked again over TCP.
 - TCP and TLS: one connection per upstream carries many queries at once
   (RFC 7766 pipelining), answers matched by ID; a reused connection that
   the server closed meanwhile is retried once on a new one; closed when
@@ -18,22 +19,22 @@
 
 ``Transport.start`` sends a query and calls back once, with the token it
 was given, with the answer or with a short reason the resolver counts
-(timeout, refused, closed, network, tls, http...). A UDP query costs a heap
+(timeout, refused, closed, network, tls, http...). A UDP query costs a dict
 entry, not a task or a closure.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import os
 import re
+import select
 import socket
 import ssl
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -47,6 +48,7 @@ MAX_MESSAGE = 65535
 DOH_POOL_SIZE = 4
 UDP_BURST = 16  # queries one socket (one source port) carries at most
 UDP_ANSWER_SIZE = 4096  # we ask for at most OUR_PAYLOAD (1232): a larger answer is dropped, counted
+POLL_EVENTS = 64  # burst sockets found ready per epoll_wait; the rest the next loop turn
 MAX_HTTP_HEADERS = 64
 MAX_HTTP_LINE = 8192  # a status, header or chunk-size line
 CONTENT_LENGTH = re.compile(r"[0-9]{1,5}")
@@ -54,6 +56,8 @@ CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")  # checked against what a message 
 _ID = struct.Struct("!H")
 _QR_BYTE = 0x80  # in the third octet of a message
 _TC_BYTE = 0x02
+_UDP_NONBLOCKING = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK  # in socket(): no fcntl calls after it
+_NEVER = float("inf")
 
 
 class UpstreamError(Exception):
@@ -80,22 +84,15 @@ def _tls_context(ca_file: str | None, alpn: str) -> ssl.SSLContext:
     return context
 
 
-class _RandomIds:
-    """Unpredictable 16-bit IDs (RFC 5452), from os.urandom a few thousand at a time
-    rather than with a system call each."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._at = 0
-
-    def __call__(self) -> int:
-        if self._at >= len(self._buffer):
-            self._buffer, self._at = os.urandom(4096), 0
-        self._at += 2
-        return (self._buffer[self._at - 2] << 8) | self._buffer[self._at - 1]
+def _random_ids() -> Iterator[int]:
+    """Unpredictable 16-bit IDs (RFC 5452), from os.urandom a few thousand at a
+    time rather than with a system call each; next() on them costs a third of
+    what a method slicing them out does."""
+    while True:
+        yield from memoryview(os.urandom(8192)).cast("H")
 
 
-_random_id = _RandomIds()
+_random_id = _random_ids().__next__
 
 
 def _reason(exc: BaseException) -> str:
@@ -122,36 +119,101 @@ Done = Callable[[Any, bytes | None, str], None]
 Truncated = Callable[[Upstream, bytes, float, Done, Any], None]
 
 
+class _Bursts:
+    """A transport's open burst sockets: their readiness in an epoll set of our
+    own that the loop watches as one reader, their deadlines under one timer.
+    A socket joins with one epoll_ctl and leaves by being closed (the kernel
+    drops a closed socket from every epoll set), where the loop's add_reader
+    and remove_reader would cost a system call each and a selector key and
+    handle per burst; the loop makes one call a turn, however many are ready.
+    The timer is armed for the earliest deadline and, when it fires, looks at
+    every socket open (those waiting on answers: a few loop turns' worth), so
+    a burst answered in time costs no timer of its own."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._sockets: dict[int, _UdpSocket] = {}  # every one open, by file descriptor
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._epoll.fileno(), self._ready)
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed = _NEVER  # the timer's deadline
+
+    def add(self, sock: _UdpSocket, fd: int) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._sockets[fd] = sock
+
+    def discard(self, fd: int) -> None:
+        """Before the socket is closed: its number may be another's next."""
+        del self._sockets[fd]
+
+    def deadline(self, when: float) -> None:
+        """A query must be answered by when."""
+        if when < self._armed:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(when, self._expire)
+            self._armed = when
+
+    def _ready(self) -> None:
+        sockets = self._sockets
+        for fd, _ in self._epoll.poll(0, POLL_EVENTS):
+            # None if closed since the poll; a socket opened since on the same
+            # number reads its own answers, or nothing.
+            sock = sockets.get(fd)
+            if sock is not None:
+                sock.readable()
+
+    def _expire(self) -> None:
+        self._timer, self._armed = None, _NEVER
+        now = self._loop.time()
+        for sock in list(self._sockets.values()):
+            if sock.earliest <= now:
+                sock.expire(now)
+        earliest = min((sock.earliest for sock in self._sockets.values()), default=_NEVER)
+        if earliest < _NEVER:
+            self.deadline(earliest)
+
+    def close(self) -> None:
+        """Close every burst socket (their queries end as "closed"), then the set."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for sock in list(self._sockets.values()):
+            sock.close()
+        self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+
+
 class _UdpSocket:
     """One connected UDP socket for one burst of queries: on a source port the
     kernel picks at random when it connects (RFC 5452), taking queries until
     retired, closed once those it took are answered or timed out. An answer
-    goes to the query waiting on its ID. No task and no timer per query: the
-    deadlines wait in a heap, and one timer is armed for the earliest."""
+    goes to the query waiting on its ID. No task and no timer per query (nor
+    per socket: _Bursts keeps one); as a burst is at most UDP_BURST queries,
+    its deadlines are looked at all together rather than kept in order."""
 
-    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated, live: set[_UdpSocket]) -> None:
+    __slots__ = ("_sock", "_fd", "_upstream", "_counters", "_truncated", "_bursts", "_loop", "_pending")
+    __slots__ += ("earliest", "uses", "retired", "closed")
+
+    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated, bursts: _Bursts) -> None:
         family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        self._sock = socket.socket(family, _UDP_NONBLOCKING)
         try:
-            self._sock.setblocking(False)
             # Connected: the kernel filters other sources and reports ICMP
             # port unreachable as ConnectionRefusedError at once.
             self._sock.connect((upstream.host, upstream.port))
+            self._fd = self._sock.fileno()
+            bursts.add(self, self._fd)
         except BaseException:
             self._sock.close()
             raise
         self._upstream = upstream
         self._counters = counters
         self._truncated = truncated
-        self._live = live
-        live.add(self)
+        self._bursts = bursts
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._sock.fileno(), self._readable)
         # By ID: query, callback, its token, deadline.
         self._pending: dict[int, tuple[bytes, Done, Any, float]] = {}
-        # (deadline, ID), answered ones included: they are skipped when their time comes.
-        self._deadlines: list[tuple[float, int]] = []
-        self._timer: asyncio.TimerHandle | None = None
+        self.earliest = _NEVER  # no query waiting has a deadline before (answered ones may)
         self.uses = 0
         self.retired = False
         self.closed = False
@@ -165,9 +227,9 @@ class _UdpSocket:
         self._sock.send(_ID.pack(query_id) + query[2:])
         deadline = self._loop.time() + timeout
         self._pending[query_id] = (query, done, token, deadline)
-        heapq.heappush(self._deadlines, (deadline, query_id))
-        if self._deadlines[0][1] == query_id:  # the earliest now
-            self._arm()
+        if deadline < self.earliest:
+            self.earliest = deadline
+            self._bursts.deadline(deadline)
 
     def retire(self) -> None:
         """No more queries: close once those under way are done."""
@@ -178,29 +240,20 @@ class _UdpSocket:
         if self.retired and not self._pending:
             self.close()
 
-    def _arm(self) -> None:
-        """The timer, for the earliest deadline (none if no query waits)."""
-        if self._timer is not None:
-            self._timer.cancel()
-        if not self._pending:
-            self._deadlines.clear()
-        self._timer = self._loop.call_at(self._deadlines[0][0], self._expire) if self._deadlines else None
-
-    def _expire(self) -> None:
-        self._timer = None
-        now, deadlines = self._loop.time(), self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            deadline, query_id = heapq.heappop(deadlines)
-            waiting = self._pending.get(query_id)
-            if waiting is not None and waiting[3] == deadline:  # not answered (nor its ID reused)
-                del self._pending[query_id]
+    def expire(self, now: float) -> None:
+        """Time out the queries due by now."""
+        for query_id in [i for i, waiting in self._pending.items() if waiting[3] <= now]:
+            # Looked up again: a callback may have closed the socket, ending every query.
+            waiting = self._pending.pop(query_id, None)
+            if waiting is not None:
                 waiting[1](waiting[2], None, "timeout")
-        self._arm()
+        self.earliest = min((waiting[3] for waiting in self._pending.values()), default=_NEVER)
         self._close_if_done()
 
-    def _readable(self) -> None:
-        """The answers waiting, one system call each (a burst's are few); one
-        more read than there are queries waiting would only find none."""
+    def readable(self) -> None:
+        """The answers waiting, one system call each (a burst's are few, and
+        recvmmsg costs as much for so few); one more read than there are
+        queries waiting would only find none."""
         pending, counters = self._pending, self._counters
         for _ in range(max(1, len(pending))):
             try:
@@ -232,10 +285,7 @@ class _UdpSocket:
         if self.closed:
             return
         self.closed = True
-        self._live.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
-        self._loop.remove_reader(self._sock.fileno())
+        self._bursts.discard(self._fd)
         self._sock.close()
         self._fail_all("closed")
 
@@ -247,12 +297,12 @@ class _UdpClient:
     lives about as long as one query does, and a forged answer must still
     match the ID (and question) of one query, so a burst gives it no better odds."""
 
-    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated) -> None:
+    def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated, bursts: _Bursts) -> None:
         self._upstream = upstream
         self._counters = counters
         self._truncated = truncated
+        self._bursts = bursts
         self._current: _UdpSocket | None = None
-        self._live: set[_UdpSocket] = set()
         self._burst_ends = False  # the end of this loop turn's burst is scheduled
 
     def send(self, query: bytes, timeout: float, done: Done, token: Any) -> None:
@@ -260,7 +310,7 @@ class _UdpClient:
         if sock is None or sock.uses >= UDP_BURST:
             if sock is not None:
                 sock.retire()
-            sock = self._current = _UdpSocket(self._upstream, self._counters, self._truncated, self._live)
+            sock = self._current = _UdpSocket(self._upstream, self._counters, self._truncated, self._bursts)
             self._counters["upstream_sockets_udp"] += 1
             if not self._burst_ends:
                 self._burst_ends = True
@@ -272,11 +322,6 @@ class _UdpClient:
         if self._current is not None:
             self._current.retire()
             self._current = None
-
-    def close(self) -> None:
-        for sock in list(self._live):
-            sock.close()
-        self._current = None
 
 
 class _StreamConnection:
@@ -550,6 +595,7 @@ class Transport:
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._streams: dict[Upstream, _StreamClient] = {}
         self._udp_clients: dict[Upstream, _UdpClient] = {}
+        self._bursts: _Bursts | None = None
         self._doh: dict[Upstream, _DohClient] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -612,7 +658,10 @@ class Transport:
     def _udp(self, upstream: Upstream) -> _UdpClient:
         client = self._udp_clients.get(upstream)  # once per query: one hash of the upstream, not two
         if client is None:
-            client = self._udp_clients[upstream] = _UdpClient(upstream, self.counters, self._retry_over_tcp)
+            if self._bursts is None:
+                self._bursts = _Bursts()
+            client = _UdpClient(upstream, self.counters, self._retry_over_tcp, self._bursts)
+            self._udp_clients[upstream] = client
         return client
 
     def _stream(self, upstream: Upstream) -> _StreamClient:
@@ -631,8 +680,10 @@ class Transport:
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        for client in [*self._udp_clients.values(), *self._streams.values(), *self._doh.values()]:
+        for client in [*self._streams.values(), *self._doh.values()]:
             client.close()
+        if self._bursts is not None:  # every UDP client's sockets
+            self._bursts.close()
         self._udp_clients.clear()
         self._streams.clear()
         self._doh.clear()
