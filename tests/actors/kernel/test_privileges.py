@@ -299,7 +299,14 @@ def test_dns_and_netlog_run_unprivileged_hold_no_keys_and_still_work(
     rsyslogs.append(rsyslog)
     config = node_config(tmp_path, rsyslog.port, peers=1)
     node = node_factory("--config", str(config), ns=ns)
-    actors = node.wait_ready()["actors"]
+    node.wait_ready()
+
+    # holds_keys comes with the heartbeat after an actor's configuration: ready can come first.
+    def configured() -> list[dict[str, Any]] | None:
+        actors = node.status()["actors"]
+        return actors if all(a["holds_keys"] for a in actors if a["kind"] == "crypto") else None
+
+    actors = node.wait(configured, what="the crypto workers' configured heartbeats")
     check_privileges({a["name"]: a for a in actors}, account)
 
     # DNS binds port 53, on loopback and on the mesh address.
