@@ -29,6 +29,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from meshsup.actors.kernel.types import Buffer
+from meshsup.actors.wire.errors import WireError
 from meshsup.actors.wire.ip import packed16, unpacked16
 
 MAGIC: Final = "DERP🔑".encode()  # 44 45 52 50 f0 9f 94 91
@@ -113,12 +114,8 @@ def type_name(ftype: int) -> str:
         return f"type_{ftype:#04x}"
 
 
-class FrameError(ValueError):
-    """Input that breaks the protocol; `reason` is a short label to count it by."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+class FrameError(WireError):
+    """Input that breaks the DERP protocol."""
 
 
 # --- writing frames ----------------------------------------------------------

@@ -28,6 +28,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 
 from meshsup.actors.kernel.types import Buffer, Endpoint
+from meshsup.actors.wire.errors import WireError
 from meshsup.actors.wire.ip import packed16, unpacked16
 
 MAGIC: Final = "TS💬".encode()  # 54 53 f0 9f 92 ac
@@ -49,12 +50,8 @@ class MessageType(IntEnum):
     # Tailscale's 0x04-0x09 (its UDP relay servers' handshake) are not spoken here.
 
 
-class DiscoError(ValueError):
-    """A datagram or payload that is not a usable disco message; `reason` is a short label to count it by."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+class DiscoError(WireError):
+    """A datagram or payload that is not a usable disco message."""
 
 
 @dataclass(frozen=True)

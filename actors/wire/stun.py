@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from meshsup.actors.kernel.types import Buffer, Endpoint
+from meshsup.actors.wire.errors import WireError
 
 MAGIC_COOKIE: Final = 0x2112A442
 _COOKIE: Final = MAGIC_COOKIE.to_bytes(4, "big")
@@ -39,12 +40,8 @@ _HDR = struct.Struct(">HH4s12s")
 _ATTR = struct.Struct(">HH")
 
 
-class StunError(ValueError):
-    """Not a usable STUN message; `reason` is a short label to count it by."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+class StunError(WireError):
+    """Not a usable STUN message."""
 
 
 def is_stun(data: Buffer) -> bool:

@@ -26,6 +26,7 @@ from enum import IntEnum
 from typing import Final
 
 from meshsup.actors.kernel.types import Buffer
+from meshsup.actors.wire.errors import WireError
 from meshsup.actors.wire.ip import (
     IPV4_CHECKSUM,
     IPV4_DST,
@@ -64,12 +65,8 @@ class TsmpType(IntEnum):
     DISCO_ADVERTISEMENT = ord("a")
 
 
-class TsmpError(ValueError):
-    """A packet that is no usable TSMP message; `reason` is a short label to count it by."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+class TsmpError(WireError):
+    """A packet that is no usable TSMP message."""
 
 
 @dataclass(frozen=True)
