@@ -105,6 +105,53 @@ class DatagramBatch(Message):
     packets: bytes
 
 
+# --- paths: magicsock <-> crypto (disco, TSMP) ------------------------------
+
+
+@message("path.set")
+class PathSet(Message):
+    """magicsock -> the crypto worker owning `peer` (a disco peer): the direct path to use.
+
+    From its first PathSet a peer's endpoint moves only by PathSet: WireGuard
+    roaming stays for peers that speak no disco. A path is trusted for
+    `trusted_for` seconds from receipt (a pong's 6.5 s; magicsock refreshes it
+    with each heartbeat's pong); untrusted, the peer's datagrams go through
+    the relay."""
+
+    peer: bytes  # WireGuard public key
+    host: str  # "": no direct path, use the relay
+    port: int
+    trusted_for: float
+
+
+@message("path.report")
+class PathReport(Message):
+    """crypto -> magicsock, at most once a second and only when there is news."""
+
+    active: list[bytes]  # peers with data sent or received since the last report
+    handshakes: list[bytes]  # peers whose handshake completed since the last report
+    demoted: list[Any]  # [peer, host, port, reason]: direct paths the worker stopped using
+
+
+@message("path.tsmp")
+class TsmpBatch(Message):
+    """TSMP packets (IP protocol 99) of one peer, as a batch.pack blob. crypto -> magicsock: what the
+    peer sent inside the tunnel, checked against its allowed IPs, never written to the TUN.
+    magicsock -> crypto: packets to seal to the peer (no route lookup: the peer is named)."""
+
+    peer: bytes
+    packets: bytes
+
+
+@message("path.underlay")
+class UnderlayIn(Message):
+    """crypto -> magicsock: disco and STUN datagrams a worker's peer socket read from `host:port`."""
+
+    host: str
+    port: int
+    packets: bytes
+
+
 # --- to netlog: traffic counts and the node's own logs ---------------------
 
 
