@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.reduction import DupFd
 from typing import Any
 
@@ -33,6 +33,7 @@ class Kind:
     keys: bool = False  # its settings carry the private key and the preshared keys
     # With [[relays]], its settings carry the private key (no preshared keys): it logs in to the relays as the node.
     login_key: bool = False
+    disco_key: bool = False  # its settings carry the node's disco key (it runs disco)
     # None: it stays root with every capability; else it runs as the unprivileged
     # user (actors.kernel.privileges) with only these capabilities.
     caps: frozenset[int] | None = None
@@ -47,15 +48,15 @@ class Kind:
 # netlog. Only the crypto workers use the keys; magicsock routes datagrams by
 # their receiver index, but with [[relays]] it logs in to them with the
 # node's private key (a DERP relay knows a node by its WireGuard key, and the
-# login proves it holds it), so then it gets that key alone (a disco key,
-# when magicsock has one, is not the WireGuard key: a flag of its own). DNS and netlog read what
+# login proves it holds it), so then it gets that key too. It always gets the
+# disco key, which seals disco's boxes and is not the WireGuard key. DNS and netlog read what
 # strangers send (queries, upstream answers, collector replies): they run
 # unprivileged, DNS keeping only the right to bind port 53.
 KINDS = {
     # state_dirs: its window log and its spool (actors/netlog/actor.py)
     "netlog": Kind("meshsup.actors.netlog.actor:NetlogActor", caps=frozenset(), state_dirs=("netlog", "spool")),
     "router": Kind("meshsup.actors.router.actor:RouterActor"),
-    "magicsock": Kind("meshsup.actors.magicsock.actor:MagicsockActor", login_key=True),
+    "magicsock": Kind("meshsup.actors.magicsock.actor:MagicsockActor", login_key=True, disco_key=True),
     "crypto": Kind("meshsup.actors.crypto.actor:CryptoActor", keys=True),
     "tun-io": Kind("meshsup.actors.tunio.actor:TunIoActor"),
     "dns": Kind("meshsup.actors.dns.actor:DnsActor", caps=frozenset({CAP_NET_BIND_SERVICE})),
@@ -84,9 +85,12 @@ def settings_for(kind: str, settings: AnySettings) -> AnySettings:
     spec = KINDS[kind]
     if spec.keys:
         return settings
-    if spec.login_key and isinstance(settings, Settings) and settings.relays:
-        return settings.without_preshared_keys()
-    return settings.without_secrets()
+    if not isinstance(settings, Settings):
+        return settings.without_secrets()
+    given = settings.without_preshared_keys() if spec.login_key and settings.relays else settings.without_secrets()
+    if spec.disco_key:
+        given = replace(given, node=replace(given.node, disco_key=settings.node.disco_key))
+    return given
 
 
 def start_order(settings: AnySettings) -> tuple[str, ...]:

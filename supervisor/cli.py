@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     scale.add_argument("kind")
     scale.add_argument("count", type=int)
     cmd("stop", "stop the node (also SIGTERM)")
-    ping = cmd("ping", "ICMP echo to a peer through the tunnel")
+    ping = cmd("ping", "ping a peer: ICMP echo through the tunnel, or meshsup's disco or TSMP ping")
     ping.add_argument("target", metavar="PEER|IP")
     ping.add_argument("--type", choices=["icmp", "disco", "tsmp"], default="icmp")
     ping.add_argument("-c", dest="count", type=int, default=4, help="requests to send (default 4)")
@@ -188,6 +188,10 @@ def _print_status(result: dict[str, Any]) -> None:
                 f"{p['name']:<16} {p['endpoint'] or '-':<24} {_size(p['rx_bytes']):>12} "
                 f"{_size(p['tx_bytes']):>12}  {_ago(p['last_handshake'], time.time()):<16} {_path(p)}"
             )
+            for c in p.get("candidates", []):
+                print(f"{'':<16} candidate {c['endpoint']:<24} {_ms(c['latency_ms'])}")
+            if p.get("why"):
+                print(f"{'':<16} relayed: {p['why']}")
     if result.get("relays"):
         print(f"\n{'RELAY':<16} {'ADDRESS':<16} {'STATE':<10} {'LATENCY':>10}  URL")
         for r in result["relays"]:
@@ -197,6 +201,8 @@ def _print_status(result: dict[str, Any]) -> None:
 
 def _path(peer: dict[str, Any]) -> str:
     """direct, relay NAME LATENCY (down: not connected), or - before any packet."""
+    if peer["path"] == "direct" and peer.get("latency_ms") is not None:
+        return f"direct {_ms(peer['latency_ms'])}"
     if peer["path"] != "relay":
         return peer["path"] or "-"
     latency = peer["latency_ms"]
@@ -258,9 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meshsup: {args.command}: {reply.error}", file=sys.stderr)
         return 1
     if args.command == "ping":
-        from meshsup.supervisor.ping import run as ping
+        from meshsup.supervisor import ping
 
-        return ping(args, reply.result)
+        if args.type == "icmp":
+            return ping.run(args, reply.result)
+        return ping.run_path(args, reply.result, lambda command, request: call(runtime, command, request))
     if args.command == "status":
         if args.json:
             print(json.dumps(reply.result, indent=2))

@@ -23,6 +23,11 @@ from meshsup.supervisor.supervision import Tree
 from meshsup.supervisor.wgapi import peer_status
 
 Reply = Callable[..., None]
+PATH_OPS = ("path_ping", "path_ping_result")  # CLI commands magicsock answers (its ops without "path_")
+
+
+def _why(ack: Any) -> str:
+    return "" if ack is not None and ack.ok else (ack.error if ack is not None else "magicsock did not answer")
 
 
 class CliServer:
@@ -86,6 +91,13 @@ class CliServer:
                 self.tree.scale(kind, count)
                 self.reconfigure(self.tree.config, lambda errors: None)
                 reply(True, result={"kind": kind, "count": count})
+        elif cmd in PATH_OPS and "magicsock" in self.tree.actors:
+            # `meshsup ping --type disco|tsmp`: magicsock starts the ping and answers whether it came back.
+            self.hub.request(
+                "magicsock",
+                lambda req: Command(req=req, op=cmd.removeprefix("path_"), args=dict(args)),
+                lambda ack: reply(ack is not None and ack.ok, _why(ack), ack.result if ack and ack.ok else {}),
+            )
         elif cmd == "fault" and os.environ.get(FAULTS_ENV) == "1":
             name = str(args.get("actor"))
             if name not in self.tree.actors:
@@ -94,9 +106,7 @@ class CliServer:
             self.hub.request(
                 name,
                 lambda req: Command(req=req, op="fault", args={"mode": args.get("mode")}),
-                lambda ack: reply(
-                    ack is not None and ack.ok, "" if ack and ack.ok else (ack.error if ack else "no answer")
-                ),
+                lambda ack: reply(ack is not None and ack.ok, _why(ack)),
             )
         else:
             reply(False, f"unknown command {cmd!r}")

@@ -1,7 +1,11 @@
-"""`meshsup ping`: ICMP echo to a peer through the node's tunnel, sent from the node's namespace.
+"""`meshsup ping`: ICMP echo to a peer through the node's tunnel, sent from the node's namespace;
+or, with --type disco|tsmp, meshsup's own pings, which the node's magicsock sends.
 
 The peer is found in the running node's status (the CLI fetches it); the echo logic is the
-sans-IO `supervisor.icmp`; this module is the socket loop around it.
+sans-IO `supervisor.icmp`; this module is the socket loop around it. A disco ping goes to the
+peer's UDP port as Tailscale's disco does, on the direct path when one is trusted, else through
+its relay, and each pong says which; a TSMP ping goes inside the WireGuard tunnel (IP protocol
+99) and is answered by the peer's meshsup, never by its host's network stack.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from meshsup.supervisor.icmp import EchoSession, Reply
 
 PAYLOAD = (b"meshsup " * 7)[:56]  # ping's 56 data bytes
 _CLONE_NEWNET = 0x40000000
-_NOT_YET = "needs meshsup's own peer-to-peer ping protocol, which the dataplane does not have yet; use --type icmp"
+POLL = 0.02  # seconds between asking magicsock whether a pong came
 
 
 def resolve(peers: list[dict[str, Any]], target: str) -> tuple[str, str]:
@@ -120,11 +124,46 @@ def exchange(
 
 def refusal(args: argparse.Namespace) -> str | None:
     """Why these arguments cannot be run, before any node is asked; None when they can."""
-    if args.type != "icmp":
-        return f"--type {args.type} is not supported: it {_NOT_YET}"
     if args.count < 1 or args.interval <= 0 or args.wait <= 0:
         return "-c must be at least 1, -i and -W above 0"
     return None
+
+
+def run_path(args: argparse.Namespace, status: dict[str, Any], call: Callable[..., Any]) -> int:
+    """A disco or TSMP ping: magicsock sends each and tells whether its pong came, by which path.
+    `call(command, args)`: the running node's answer (a CliReply)."""
+    try:
+        name, addr = resolve(status["peers"], args.target)
+    except ValueError as err:
+        print(f"meshsup: ping: {err}", file=sys.stderr)
+        return 2
+    key = next(p["public_key"] for p in status["peers"] if p["name"] == name)
+    print(f"PING {name} ({addr}) with {args.type}", flush=True)
+    sent = received = 0
+    try:
+        for i in range(args.count):
+            if i:
+                time.sleep(args.interval)
+            reply = call("path_ping", {"type": args.type, "peer": key})
+            if not reply.ok:
+                print(f"meshsup: ping: {reply.error}", file=sys.stderr)
+                return 1
+            sent += 1
+            while not (result := call("path_ping_result", {"request": reply.result["request"]})).result.get("done"):
+                if not result.ok:
+                    print(f"meshsup: ping: {result.error}", file=sys.stderr)
+                    return 1
+                time.sleep(POLL)
+            latency = result.result.get("latency")
+            if latency is None:
+                print(f"timeout from {name} ({addr}): no pong", flush=True)
+                continue
+            received += 1
+            print(f"pong from {name} ({addr}) {result.result['path']} in {latency * 1000:.3f} ms", flush=True)
+    except KeyboardInterrupt:
+        pass
+    print(f"\n--- {name} {args.type} ping statistics ---\n{sent} sent, {received} received")
+    return 0 if received else 1
 
 
 def run(args: argparse.Namespace, status: dict[str, Any]) -> int:

@@ -45,17 +45,25 @@ def peer_status(
     """Configured peers with the live figures their owning worker reports (``live``: public
     key -> that worker's status of the peer): `meshsup status` shows these, `wg show` too.
     A peer whose datagrams go through a relay names it, with the latency magicsock measured
-    to it (``magicsock``: its status; None while the relay is not connected)."""
+    to it (``magicsock``: its status; None while the relay is not connected), and why no direct
+    path is used; a peer on a direct path found by disco has that path's latency; either has the
+    candidate endpoints disco tried, with their last pong's latency."""
     links = (magicsock or {}).get("relays", [])
     routes = (magicsock or {}).get("relay_routes", {})
     home = next((link["name"] for link in links if link["home"]), None)
     latency = {link["name"]: link["latency_ms"] for link in links}
+    found = (magicsock or {}).get("paths", {})  # disco's view of the peers it knows a disco key of
     out = []
     for p in config.peers:
         public = keys.b64(p.public_key)
         seen = live.get(public, {})
         path = seen.get("path")
         relay = routes.get(public, home) if path == "relay" else None
+        disco = found.get(public, {})
+        if path == "direct" and disco.get("latency_ms") is not None:
+            path_latency = disco["latency_ms"]
+        else:
+            path_latency = latency.get(relay) if relay else None
         out.append(
             {
                 "name": p.name,
@@ -68,10 +76,21 @@ def peer_status(
                 "persistent_keepalive": p.persistent_keepalive,
                 "path": path,
                 "relay": relay,
-                "latency_ms": latency.get(relay) if relay else None,
+                "latency_ms": path_latency,
+                "candidates": disco.get("candidates", []),
+                "why": _why(path, disco, seen),
             }
         )
     return out
+
+
+def _why(path: str | None, disco: dict[str, Any], seen: dict[str, Any]) -> str | None:
+    """Why a relayed peer has no direct path: disco's reason, or the worker's demotion."""
+    if path != "relay":
+        return None
+    if not disco:
+        return "no disco key from the peer yet (it is told inside the tunnel once a session is up)"
+    return disco.get("why") or seen.get("demoted")
 
 
 def device_state(config: Settings, live: dict[str, dict[str, Any]]) -> DeviceState:

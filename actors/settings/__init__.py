@@ -62,7 +62,7 @@ class Settings:
     def without_secrets(self) -> Settings:
         """The same settings with no key material: the private key empty, no preshared keys.
         What the actors that use no keys get (actors.registry.settings_for)."""
-        return replace(self.without_preshared_keys(), node=replace(self.node, private_key=b""))
+        return replace(self.without_preshared_keys(), node=replace(self.node, private_key=b"", disco_key=b""))
 
     def without_preshared_keys(self) -> Settings:
         """The private key kept, no preshared keys: what logs in to DERP relays (actors.registry)."""

@@ -38,6 +38,8 @@ class NodeSettings:
     interface: str
     addresses: tuple[IPInterface, ...]
     mtu: int
+    # Seals disco's NaCl boxes (keys.load_or_create_disco), magicsock's alone; b"": withheld.
+    disco_key: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,7 @@ def parse_node(file: str, table: Any, base: Path, state_dir: Path) -> NodeSettin
         interface=interface,
         addresses=tuple(parse_interface_address(a) for a in addresses),
         mtu=mtu,
+        disco_key=keys.load_or_create_disco(state_dir),
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -124,19 +123,6 @@ def test_resolve_names_and_addresses() -> None:
     assert source_for(["100.64.0.1/32", "fd7a:115c:a1e0::1/128"], 6) == "fd7a:115c:a1e0::1"
     with pytest.raises(ValueError, match="no IPv6 address"):
         source_for(["100.64.0.1/32"], 6)
-
-
-@pytest.mark.parametrize("kind", ["disco", "tsmp"])
-def test_peer_to_peer_types_are_refused_clearly(tmp_path: Path, kind: str) -> None:
-    r = subprocess.run(
-        [*MESHSUP, "ping", "bravo", "--type", kind, "--state-dir", str(tmp_path)],
-        text=True,
-        capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and f"--type {kind} is not supported" in r.stderr
-    assert "--type icmp" in r.stderr
 
 
 @pytest.mark.netns

@@ -85,6 +85,8 @@ def test_only_the_crypto_workers_get_the_keys(tmp_path: Path) -> None:
         # Nothing else is taken away, and what is left still crosses the bus.
         assert Settings.from_wire(given.to_wire()) == given
         assert given.without_secrets() == full.without_secrets()
+        # The disco key is magicsock's alone (and the crypto workers', which get everything).
+        assert (given.node.disco_key == full.node.disco_key != b"") == (kind in ("magicsock", "crypto")), kind
     stripped = full.without_secrets()
     assert stripped.node.private_key == b"" and {p.preshared_key for p in stripped.peers} == {None}
     assert stripped.node.public_key == full.node.public_key and stripped.dns_for_mesh() == full.dns_for_mesh()
