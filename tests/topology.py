@@ -6,15 +6,18 @@ module keeps the names the tests import, and the few set-ups many tests share.
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from meshsup.supervisor.lab import Identity, Netns, Node, Underlay, WgGo, have, iperf3, meshsup_config, ping, ping_rtt
 
 __all__ = [
+    "Home",
     "Identity",
     "NatLab",
     "Netns",
@@ -106,16 +109,38 @@ def assert_carried(result: dict[str, Any]) -> None:
     assert result.get("end", {}).get("sum_received", {}).get("bytes", 0) > 0, result
 
 
+NatMode = Literal["masquerade", "random"]
+
+
+@dataclass
+class Home:
+    """A home of a NatLab: its router and the one host on its LAN (a 198.51.100.0/26 from `base`)."""
+
+    host: Netns
+    router: Netns
+    addr: str  # the host's LAN address
+    public: str  # the router's address on the internet segment
+    base: int  # the LAN's network number: its addresses are 198.51.100.(base+1 .. base+62)
+    next_lan: int = 3  # the next free host number in the LAN (the router is 1, the first host 2)
+
+    @property
+    def gateway(self) -> str:
+        return f"198.51.100.{self.base + 1}"
+
+
 class NatLab:
     """An internet segment (203.0.113.0/24) and homes on it: each a router that masquerades its LAN
     (a 198.51.100.0/26 of its own) onto the segment with nftables, and one host on that LAN. Hosts
     in two homes cannot reach each other: each router takes only replies in (conntrack). A relay or
-    a public peer sits on the segment itself. Everything goes with `close` (the Underlay's)."""
+    a public peer sits on the segment itself. The faults NAT traversal must survive are made here:
+    a NAT that maps per destination (`home(nat="random")`), a path that dies (`blackhole`), mappings
+    that are forgotten (`flush_nat`), a host that changes address (`renumber`). Everything goes with
+    `close` (the Underlay's): it all lives in the lab's namespaces."""
 
     def __init__(self, underlay: Underlay) -> None:
         self.net = underlay  # its bridge is the segment
         self.next_public = 1
-        self.homes = 0
+        self.homes: list[Home] = []
 
     def public(self) -> tuple[Netns, str]:
         """A host on the internet segment, with its public address."""
@@ -126,32 +151,90 @@ class NatLab:
         self.net.plug(ns, addr)
         return ns, addr
 
-    def home(self) -> tuple[Netns, str, str]:
-        """A new home: (its host, the host's LAN address, the router's public address)."""
+    def home(self, nat: NatMode = "masquerade") -> tuple[Netns, str, str]:
+        """A new home: (its host, the host's LAN address, the router's public address). `nat` is how
+        the router maps: "masquerade" keeps a LAN host's source port where it can, the same mapping
+        for every destination; "random" (`masquerade random`) draws a port per destination, an
+        endpoint-dependent NAT ("hard" in Tailscale's terms), where no STUN answer tells a peer
+        the port to use."""
+        if nat not in ("masquerade", "random"):
+            raise ValueError(f"nat must be masquerade or random, not {nat!r}")
         router, public = self.public()
         host = Netns("lan")
         self.net.hosts.append(host)
-        base = 64 * self.homes
-        self.homes += 1
-        gateway, addr = f"198.51.100.{base + 1}", f"198.51.100.{base + 2}"
+        home = Home(host, router, "", public, base=64 * len(self.homes))
+        home.addr = f"198.51.100.{home.base + 2}"
+        self.homes.append(home)
         a, b = f"v{secrets.token_hex(4)}", f"v{secrets.token_hex(4)}"
         subprocess.run(
             ["ip", "link", "add", a, "netns", router.name, "type", "veth", "peer", "name", b, "netns", host.name],
             check=True,
         )
         router.run("ip", "link", "set", a, "name", "lan0")
-        router.run("ip", "addr", "add", f"{gateway}/26", "dev", "lan0")
+        router.run("ip", "addr", "add", f"{home.gateway}/26", "dev", "lan0")
         router.run("ip", "link", "set", "lan0", "up")
         host.run("ip", "link", "set", b, "name", "eth0")
-        host.run("ip", "addr", "add", f"{addr}/26", "dev", "eth0")
+        host.run("ip", "addr", "add", f"{home.addr}/26", "dev", "eth0")
         host.run("ip", "link", "set", "eth0", "up")
-        host.run("ip", "route", "add", "default", "via", gateway)
+        host.run("ip", "route", "add", "default", "via", home.gateway)
         router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         rules = (
             "table ip nat { chain postrouting { type nat hook postrouting priority srcnat; "
-            'oifname "eth0" masquerade; }; }\n'
+            f'oifname "eth0" masquerade{" random" if nat == "random" else ""}; }}; }}\n'
             "table ip filter { chain forward { type filter hook forward priority filter; policy drop; "
             'iifname "lan0" accept; ct state established,related accept; }; }\n'
         )
         router.run("nft", "-f", "-", input=rules)
-        return host, addr, public
+        return host, home.addr, public
+
+    def home_of(self, ns: Netns) -> Home:
+        """The home whose host or router `ns` is."""
+        return next(h for h in self.homes if ns in (h.host, h.router))
+
+    @staticmethod
+    def _blackhole_table(other: str) -> str:
+        return "blackhole_" + other.replace(".", "_")
+
+    def blackhole(self, ns: Netns, other: str) -> None:
+        """The router of `ns`'s home drops every UDP datagram between the home and the public address
+        `other`, both ways, before conntrack sees it (so no mapping is refreshed by it either): the
+        direct path between them dies while a relay, at another address, still carries."""
+        table = self._blackhole_table(other)
+        rules = (
+            f"table ip {table} {{ chain prerouting {{ type filter hook prerouting priority raw; "
+            f"ip daddr {other} meta l4proto udp counter drop; ip saddr {other} meta l4proto udp counter drop; }}; }}\n"
+        )
+        self.home_of(ns).router.run("nft", "-f", "-", input=rules)
+
+    def unblackhole(self, ns: Netns, other: str) -> None:
+        self.home_of(ns).router.run("nft", "delete", "table", "ip", self._blackhole_table(other))
+
+    def blackholed(self, ns: Netns, other: str) -> tuple[int, int]:
+        """Datagrams the blackhole between `ns`'s home and `other` dropped: (from the home, to it)."""
+        out = self.home_of(ns).router.run("nft", "-j", "list", "table", "ip", self._blackhole_table(other)).stdout
+        rules = [item["rule"] for item in json.loads(out)["nftables"] if "rule" in item]
+        drops = {}
+        for rule in rules:
+            match = next(e["match"] for e in rule["expr"] if "match" in e)
+            counter = next(e["counter"] for e in rule["expr"] if "counter" in e)
+            drops[match["left"]["payload"]["field"]] = counter["packets"]
+        return drops["daddr"], drops["saddr"]
+
+    def flush_nat(self, ns: Netns) -> None:
+        """The router of `ns`'s home forgets every mapping (conntrack -F), as a rebooted router would:
+        a peer's datagrams to an old mapping are refused, and the next ones out get new ports."""
+        self.home_of(ns).router.run("conntrack", "-F")
+
+    def renumber(self, ns: Netns) -> str:
+        """Move the host of `ns`'s home to another address in its LAN, as a DHCP renewal can: the new
+        address is added, the default route switched to it, the old address removed. Returns the new."""
+        home = self.home_of(ns)
+        old, new = home.addr, f"198.51.100.{home.base + home.next_lan}"
+        home.next_lan += 1
+        host = home.host
+        host.run("sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1")  # else the new goes with the old
+        host.run("ip", "addr", "add", f"{new}/26", "dev", "eth0")
+        host.run("ip", "route", "replace", "default", "via", home.gateway, "src", new)
+        host.run("ip", "addr", "del", f"{old}/26", "dev", "eth0")
+        home.addr = new
+        return new

@@ -73,6 +73,10 @@ class CliReply(Message):
 
 @message("event.link_changed")
 class LinkChanged(Message):
+    """The router saw the namespace's network change: `change` is "link", "link-removed",
+    "addr-added", "addr-removed", "default-route-added" or "default-route-removed"
+    (router/netconf.py's LinkEventParser), or "overrun" when the kernel dropped notifications."""
+
     interface: str
     change: str
 

@@ -6,8 +6,10 @@ with nothing lost, and it removes the link (and with it every address and
 route) when the node stops. With ``[dns] set_os_resolver`` it points the
 namespace's resolver at the DNS controller and puts the old one back when
 the node stops or the setting goes. Every link or address change in the
-namespace is published as LinkChanged (the DNS controller flushes its cache
-on it), one per link and kind of change in each burst.
+namespace, and every change of a default route other than the node's own, is
+published as LinkChanged (the DNS controller flushes its cache on it;
+magicsock looks for its endpoints anew), one per link and kind of change in
+each burst.
 """
 
 from __future__ import annotations

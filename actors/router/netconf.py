@@ -21,6 +21,7 @@ import errno
 import ipaddress
 import socket
 import struct
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -220,37 +221,58 @@ class FakeRouter:
 
 RTMGRP_LINK: Final = 0x1
 RTMGRP_IPV4_IFADDR: Final = 0x10
+RTMGRP_IPV4_ROUTE: Final = 0x40
 RTMGRP_IPV6_IFADDR: Final = 0x100
+RTMGRP_IPV6_ROUTE: Final = 0x400
 _NLMSG: Final = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _IFINFO: Final = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDR: Final = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_RTMSG: Final = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 _RTATTR: Final = struct.Struct("=HH")
 _IFLA_IFNAME: Final = 3
 _IFA_LABEL: Final = 3
-_EVENT_KINDS: Final = {16: "link", 17: "link-removed", 20: "addr-added", 21: "addr-removed"}
+_RTA_OIF: Final = 4
+_EVENT_KINDS: Final = {
+    16: "link",
+    17: "link-removed",
+    20: "addr-added",
+    21: "addr-removed",
+    24: "default-route-added",
+    25: "default-route-removed",
+}
 
 
 def _align(n: int) -> int:
     return (n + 3) & ~3
 
 
-def _string_attr(data: bytes, start: int, end: int, wanted: int) -> str | None:
+def _attr(data: bytes, start: int, end: int, wanted: int) -> bytes | None:
     while start + _RTATTR.size <= end:
         length, kind = _RTATTR.unpack_from(data, start)
         if length < _RTATTR.size or start + length > end:
             return None
         if kind == wanted:
-            return data[start + _RTATTR.size : start + length].split(b"\0", 1)[0].decode(errors="replace")
+            return data[start + _RTATTR.size : start + length]
         start += _align(length)
     return None
+
+
+def _string_attr(data: bytes, start: int, end: int, wanted: int) -> str | None:
+    raw = _attr(data, start, end, wanted)
+    return None if raw is None else raw.split(b"\0", 1)[0].decode(errors="replace")
 
 
 class LinkEventParser:
     """Sans-IO: rtnetlink messages in, ``(kind, ifname)`` events out.
 
     Kinds: "link" (a link appeared or changed: state, MTU, name),
-    "link-removed", "addr-added", "addr-removed". Address messages carry
-    only an interface index, so names are learnt from link messages.
+    "link-removed", "addr-added", "addr-removed", and "default-route-added",
+    "default-route-removed" for a default route (IPv4 or IPv6, any table or
+    type) that is not ours: the underlay's way out changed. Routes for peers' allowed IPs
+    (our protocol number, even a default one) and all other routes are
+    skipped. Address and route messages carry only an interface index, so
+    names are learnt from link messages; a route with no single interface
+    (multipath, blackhole) has the name "".
     Truncated or unknown messages are skipped.
     """
 
@@ -274,16 +296,22 @@ class LinkEventParser:
                 else:
                     self.names.pop(index, None)
                 events.append((kind, name))
-            elif kind and body + _IFADDR.size <= end:
+            elif kind in ("addr-added", "addr-removed") and body + _IFADDR.size <= end:
                 index = _IFADDR.unpack_from(data, body)[4]
                 label = _string_attr(data, body + _IFADDR.size, end, _IFA_LABEL)
                 events.append((kind, self.names.get(index) or label or str(index)))
+            elif kind and body + _RTMSG.size <= end:
+                _, dst_len, _, _, _, protocol, _, _, _ = _RTMSG.unpack_from(data, body)
+                if dst_len == 0 and protocol != RTPROT_MESHSUP:
+                    oif = _attr(data, body + _RTMSG.size, end, _RTA_OIF)
+                    index = int.from_bytes(oif, sys.byteorder) if oif and len(oif) == 4 else None
+                    events.append((kind, "" if index is None else self.names.get(index) or str(index)))
             offset += _align(length)
         return events
 
 
 class LinkMonitor:
-    """A non-blocking rtnetlink socket subscribed to link and address
+    """A non-blocking rtnetlink socket subscribed to link, address and route
     changes. Poll ``fileno()``; ``read_events()`` drains what is ready. The
     first events are a snapshot of the existing links (one "link" each)."""
 
@@ -293,7 +321,8 @@ class LinkMonitor:
             self._sock = create_socket(netns, family, kind, socket.NETLINK_ROUTE, flags=0)
         else:
             self._sock = socket.socket(family, kind, socket.NETLINK_ROUTE)
-        self._sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+        groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+        self._sock.bind((0, groups))
         self._sock.setblocking(False)
         self._parser = LinkEventParser()
         # RTM_GETLINK dump (NLM_F_REQUEST | NLM_F_DUMP) to learn current names.

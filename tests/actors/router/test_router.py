@@ -88,6 +88,29 @@ def test_link_event_parser() -> None:
     assert parser.feed(b"\xff" * 40) == []
 
 
+def _route(mtype: int, dst_len: int, protocol: int, oif: int | None) -> bytes:
+    attrs = struct.pack("=HHI", 8, 4, oif) if oif is not None else b""
+    return _nlmsg(mtype, struct.pack("=BBBBBBBBI", 2, dst_len, 0, 0, 254, protocol, 0, 1, 0) + attrs)
+
+
+def test_link_event_parser_reports_default_routes_but_ours() -> None:
+    parser = LinkEventParser()
+    stream = (
+        _link(16, 3, "eth0")
+        + _route(24, 0, 3, 3)  # default via eth0 (boot)
+        + _route(24, 24, 3, 3)  # a subnet: not the way out
+        + _route(24, 0, RTPROT_MESHSUP, 9)  # a peer's 0.0.0.0/0 on our tunnel
+        + _route(25, 0, 16, None)  # a multipath default (dhcp) goes
+        + _route(25, 0, 3, 3)
+    )
+    assert parser.feed(stream) == [
+        ("link", "eth0"),
+        ("default-route-added", "eth0"),
+        ("default-route-removed", ""),
+        ("default-route-removed", "eth0"),
+    ]
+
+
 # --- resolv.conf ---------------------------------------------------------------------
 
 
@@ -328,6 +351,16 @@ def test_link_monitor_sees_changes(tun_in_netns: tuple[str, str]) -> None:
         assert ("link", "lo") in events  # the initial snapshot
         subprocess.run(["ip", "-n", netns, "addr", "add", "100.64.0.1/24", "dev", ifname], check=True, timeout=10)
         assert ("addr-added", ifname) in _drain(monitor, lambda ev: ("addr-added", ifname) in ev)
+        subprocess.run(["ip", "-n", netns, "link", "set", ifname, "up"], check=True, timeout=10)
+        ours = ["ip", "-n", netns, "route", "add", "default", "dev", ifname, "proto", str(RTPROT_MESHSUP)]
+        subprocess.run([*ours, "metric", "5"], check=True, timeout=10)  # a peer's 0.0.0.0/0: not reported...
+        subprocess.run(["ip", "-n", netns, "route", "add", "default", "via", "100.64.0.2"], check=True, timeout=10)
+        events = _drain(monitor, lambda ev: ("default-route-added", ifname) in ev)
+        assert events.count(("default-route-added", ifname)) == 1  # ...the underlay's is
+        subprocess.run(["ip", "-n", netns, "-6", "route", "add", "default", "dev", ifname], check=True, timeout=10)
+        assert ("default-route-added", ifname) in _drain(monitor, lambda ev: ("default-route-added", ifname) in ev)
+        subprocess.run(["ip", "-n", netns, "route", "del", "default", "via", "100.64.0.2"], check=True, timeout=10)
+        assert ("default-route-removed", ifname) in _drain(monitor, lambda ev: ("default-route-removed", ifname) in ev)
         subprocess.run(["ip", "-n", netns, "link", "del", ifname], check=True, timeout=10)
         assert ("link-removed", ifname) in _drain(monitor, lambda ev: ("link-removed", ifname) in ev)
     finally:
