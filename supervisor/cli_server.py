@@ -133,6 +133,7 @@ class CliServer:
             "actors": self._actors(),
             "peers": peer_status(self.tree.config, self.tree.live_peers(), magicsock),
             "relays": magicsock.get("relays", []),
+            "disco": magicsock.get("disco", {}),
             "supervisor": {"bus_dropped": self.hub.bus_dropped},
         }
 

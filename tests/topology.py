@@ -18,6 +18,7 @@ from meshsup.supervisor.lab import Identity, Netns, Node, Underlay, WgGo, have, 
 
 __all__ = [
     "Home",
+    "RELAY_PORT",
     "Identity",
     "NatLab",
     "Netns",
@@ -35,8 +36,27 @@ __all__ = [
     "start_meshsup",
     "start_wg",
     "pair",
+    "peer",
+    "relay_up",
+    "relays_stanza",
     "unanswered",
 ]
+
+RELAY_PORT = 8080  # a test relay's DERP port; its STUN is on 3478 of the same address
+
+
+def relays_stanza(addr: str, name: str = "edge") -> str:
+    return f'\n[[relays]]\nname = "{name}"\nurl = "http://{addr}:{RELAY_PORT}/derp"\n'
+
+
+def relay_up(node: Node) -> bool:
+    """Every relay of the node connected, its latency measured."""
+    return all(r["state"] == "up" and r["latency_ms"] is not None for r in node.status()["relays"])
+
+
+def peer(node: Node, name: str) -> dict[str, Any]:
+    """The node's status of one peer."""
+    return next(p for p in node.status()["peers"] if p["name"] == name)
 
 
 def readdress(underlay: Underlay, ns: Netns, old: str, ifname: str = "eth0") -> str:

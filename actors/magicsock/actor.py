@@ -43,14 +43,14 @@ from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import DatagramBatch, LinkChanged, PathReport, PathSet, TsmpBatch, UnderlayIn
 from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.flowcount.tally import UNDERLAY
-from meshsup.actors.kernel.addrs import local_addresses
+from meshsup.actors.kernel.addrs import local_endpoints
 from meshsup.actors.kernel.resolve import Resolver
 from meshsup.actors.kernel.types import RELAYED, Buffer, Burst, Endpoint, relayed, relayed_key
 from meshsup.actors.kernel.udp import UdpSocket
 from meshsup.actors.magicsock.inband import InBand
 from meshsup.actors.magicsock.paths import Paths
 from meshsup.actors.magicsock.relays import RelayLink, Relays
-from meshsup.actors.magicsock.stunclient import StunProber
+from meshsup.actors.magicsock.stunclient import StunProber, stun_servers
 from meshsup.actors.routing.shard import owner
 from meshsup.actors.settings import Settings, keys
 from meshsup.actors.settings.relay import RelayEntry
@@ -79,6 +79,8 @@ class MagicsockActor(Actor):
         self.disco_for = b""  # the disco key `paths` was made with
         self.inband: InBand | None = None
         self.stun = StunProber([])
+        self.stuns: list[tuple[str, int]] = []  # the relays' STUN servers, as configured (names resolve)
+        self.next_lookup = 0.0
         self.interface = ""  # the node's tunnel: its addresses are no endpoints
         self.host_endpoints: list[Endpoint] = []
         self.requests = itertools.count(1)
@@ -115,7 +117,8 @@ class MagicsockActor(Actor):
             [a.ip for a in node.addresses],
             {p.public_key: [n.network_address for n in (p.hosts or p.allowed_ips)] for p in settings.peers},
         )
-        self.stun.set_servers([r.stun for r in settings.relays], now)
+        self.stuns = [r.stun for r in settings.relays]
+        self.stun.set_servers(stun_servers(self.stuns, self.resolver.lookup), now)
         self.interface = node.interface
         self.refresh_endpoints(now)
         self.subscribe(LinkChanged.TAG)
@@ -138,11 +141,10 @@ class MagicsockActor(Actor):
         """The host's addresses (on every interface but the tunnel) at our port, and STUN's."""
         assert self.sock is not None
         try:
-            hosts = local_addresses(exclude=self.interface)
+            self.host_endpoints = local_endpoints(self.sock.port, exclude=[self.interface])
         except OSError as err:
-            self.count_drop("local_addresses", str(err))
-            hosts = []
-        self.host_endpoints = [(str(a), self.sock.port) for a in hosts]
+            self.log.warning("cannot list the host's addresses", error=str(err))
+            self.host_endpoints = []
         self.tell_endpoints(now)
 
     def tell_endpoints(self, now: float) -> None:
@@ -215,7 +217,8 @@ class MagicsockActor(Actor):
             for data in packets or ():
                 self.underlay_in((msg.host, msg.port), data, now)
         elif isinstance(msg, LinkChanged):
-            self.link_changed(now)
+            if msg.interface != self.interface:  # our tunnel's own addresses are no endpoints
+                self.link_changed(now)
         else:
             return super().on_message(msg)
         self.flush_paths(now)
@@ -404,6 +407,9 @@ class MagicsockActor(Actor):
             due = self.paths.get_timer()
             if due is not None and due <= now:
                 self.paths.handle_timer(now)
+            if now >= self.next_lookup:  # a relay's name may have resolved since
+                self.next_lookup = now + 1.0
+                self.stun.set_servers(stun_servers(self.stuns, self.resolver.lookup), now)
             due = self.stun.get_timer()
             if due is not None and due <= now:
                 before = self.stun.reflexive()

@@ -1,7 +1,8 @@
 """Nodes behind real NAT reach each other through `meshsup relay` (DERP), in network namespaces.
 
-Two homes, each a router masquerading its LAN onto an internet segment (nftables), a node on each
-LAN with no endpoint for the other: the relay on the segment is the only way between them. A
+Two homes, each a router masquerading its LAN onto an internet segment (nftables) with a new port
+per destination (`masquerade random`: endpoint-dependent NAT, which no hole punching opens), a node
+on each LAN with no endpoint for the other: the relay on the segment is the only way between them. A
 wireguard-go peer on the segment, with no relay, is reached at its configured endpoint beside them.
 """
 
@@ -26,6 +27,7 @@ from nacl.public import PrivateKey
 from tests.netlog_fixtures import Rsyslog, free_port, wait_until
 from tests.nodes import REPO, is_root
 from tests.topology import (
+    RELAY_PORT,
     Identity,
     NatLab,
     Netns,
@@ -35,7 +37,10 @@ from tests.topology import (
     assert_carried,
     have,
     iperf3,
+    peer,
     ping,
+    relay_up,
+    relays_stanza,
     start_meshsup,
     start_wg,
     unanswered,
@@ -46,7 +51,6 @@ pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(not is_root() or bool(have(*TOOLS)), reason=have(*TOOLS) or "needs root"),
 ]
-RELAY_PORT = 8080
 
 
 @dataclass
@@ -62,18 +66,6 @@ class Mesh:
     node_a: Node
     node_b: Node
     wg_c: WgGo
-
-
-def relays_stanza(addr: str) -> str:
-    return f'\n[[relays]]\nname = "edge"\nurl = "http://{addr}:{RELAY_PORT}/derp"\n'
-
-
-def relay_up(node: Node) -> bool:
-    return all(r["state"] == "up" and r["latency_ms"] is not None for r in node.status()["relays"])
-
-
-def peer(node: Node, name: str) -> dict[str, Any]:
-    return next(p for p in node.status()["peers"] if p["name"] == name)
 
 
 def build(underlay: Underlay, tmp: Path, relay_workers: int = 1, extra_a: Callable[[Netns], str] | None = None) -> Mesh:
@@ -95,7 +87,7 @@ def build(underlay: Underlay, tmp: Path, relay_workers: int = 1, extra_a: Callab
         )
     )
     relay.wait(lambda: relay.status()["relay"]["ready"], what="relay ready")
-    (ns_a, _, _), (ns_b, _, _) = lab.home(), lab.home()
+    (ns_a, _, _), (ns_b, _, _) = lab.home(nat="random"), lab.home(nat="random")
     ns_c, addr_c = lab.public()
     a, b, c = Identity("alpha", 1), Identity("bravo", 2), Identity("charlie", 3)
     c.endpoint = f"{addr_c}:51820"  # the one reachable endpoint; alpha and bravo have none
@@ -300,7 +292,7 @@ def test_when_the_home_relay_fails_another_takes_over(underlay: Underlay, tmp_pa
         stanzas += f'\n[[relays]]\nname = "{name}"\nurl = "http://{addr}:{RELAY_PORT}/derp"\n'
     for r in relays.values():
         r.wait(lambda: r.status()["relay"]["ready"], what="relay ready")
-    (ns_a, _, _), (ns_b, _, _) = lab.home(), lab.home()
+    (ns_a, _, _), (ns_b, _, _) = lab.home(nat="random"), lab.home(nat="random")
     a, b = Identity("alpha", 1), Identity("bravo", 2)
     node_a = start_meshsup(underlay, tmp_path, a, [b], ns=ns_a, extra=stanzas)
     node_b = start_meshsup(underlay, tmp_path, b, [a], ns=ns_b, extra=stanzas)
