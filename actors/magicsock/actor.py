@@ -109,7 +109,7 @@ class MagicsockActor(Actor):
         if not node.disco_key:
             raise ConfigError("magicsock needs the node's disco key (actors.registry: disco_key)")
         if self.paths is None or self.disco_for != node.disco_key:
-            self.paths, self.disco_for = Paths(node.disco_key), node.disco_key
+            self.paths, self.disco_for = Paths(node.disco_key, node_key=node.public_key), node.disco_key
             self.inband = InBand(self.paths.public_key)
         assert self.inband is not None
         self.paths.set_peers({p.public_key: p.endpoints for p in settings.peers}, now)
