@@ -75,6 +75,7 @@ def peer_status(
                 "last_handshake": seen.get("last_handshake", 0),
                 "persistent_keepalive": p.persistent_keepalive,
                 "path": path,
+                "demoted": seen.get("demoted"),  # why its worker left a disco peer's direct path, while it does
                 "relay": relay,
                 "latency_ms": path_latency,
                 "candidates": disco.get("candidates", []),

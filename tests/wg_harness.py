@@ -152,7 +152,7 @@ def main() -> int:
                 "answered": answered,
                 "counters": dict(device.counters),
                 "events": events,
-                "status": device.status(),
+                "status": device.status(time.monotonic()),
             }
         ),
         flush=True,

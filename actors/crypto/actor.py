@@ -40,13 +40,16 @@ Outgoing, TUN -> network
     the same counter) and seals each peer's packets, in order, into one
     Burst. A peer with no usable session stages up to 1024 packets while
     it handshakes (staged_overflow drops the oldest, handshake_timeout the
-    staged ones when it gives up; no_endpoint).
+    staged ones when it gives up; no_endpoint). TSMP packets magicsock
+    sends a peer (TsmpBatch) join here, by Device.send_to: not routed,
+    sealed to the peer named (tsmp_sent; no_peer for a key not ours).
  4. emit: each Burst goes out on the UDP socket connected to that peer, in
     GSO sends of up to 64 datagrams (udp_tx_gso_sends; udp_tx_dropped). A
     peer with no such socket: a DatagramBatch to magicsock (bus_full), which
     sends it from the shared socket (magicsock's tx_datagrams, tx_dropped).
     A relayed Burst (step 3 chose the relay: no endpoint, or none trusted;
-    its endpoint is the peer's key, kernel.types.relayed) always goes to
+    for a disco peer, none magicsock trusts, or its path demoted; its
+    endpoint is the peer's key, kernel.types.relayed) always goes to
     magicsock, which queues it on the relay that reaches the peer as DERP
     SendPacket frames and writes them at the end of its loop's turn, many
     frames a syscall (magicsock's relay_tx_datagrams; relay_unreachable when
@@ -58,7 +61,9 @@ Incoming, network -> TUN
     port. A full socket buffer is the kernel's UdpRcvbufErrors.
  2. crypto-N: recv_batch on its peer socket, 512 at a time, GRO buffers cut
     apart (udp_rx_coalesced; udp_rx_dropped for truncated or failed reads),
-    one Burst per run of a sender; receive_direct.
+    one Burst per run of a sender; receive_direct. What is disco or STUN
+    (a peer's magicsock pings from the port our socket is connected to)
+    goes to magicsock as UnderlayIn (underlay_in; bus_full).
     magicsock instead: recv_batch likewise; drops what is not WireGuard
     (not_wireguard); types 2-4 go to worker receiver_index % workers, an
     initiation to a worker picked by a hash of its source, as a DatagramBatch
@@ -77,15 +82,30 @@ Incoming, network -> TUN
     bad_response, bad_cookie_reply). Datagrams of another worker's sessions
     (Output.foreign) and initiations from its peers (Output.forwards) go to
     it as DatagramBatch (forwarded, forwarded_initiations; bus_full).
+    TSMP packets (IP protocol 99) that passed the allowed-IPs check go to
+    magicsock as TsmpBatch of their sender, never to the TUN
+    (tsmp_received; bus_full).
  4. emit: the decrypted packets are written to crypto-N's TUN queue,
     consecutive segments of a TCP flow coalesced into one virtio-net
     super-packet per write (tun_writes, tun_coalesced, tun_dropped). A
     worker with no writable queue sends them to tun-io as PacketBatch
     (bus_full), which writes them (tun-io's tx_packets, tx_dropped).
+
+Paths, magicsock <-> crypto-N (actors.crypto.discopath)
+ - PathSet: the direct path magicsock chose for a peer by disco, and for
+   how long it trusts it (bus_dropped bad_path for no IP address and
+   port, no_peer for a key not ours). The peer is a disco peer from then
+   on: only PathSet moves its endpoint (and its peer socket); WireGuard
+   roaming stays for the others.
+ - PathReport, from tick, at most once a second and only with news: peers
+   with traffic, completed handshakes, and direct paths demoted because
+   WireGuard stayed silent on them for data_timeout while we sent (each
+   peer's status shows `path`, `endpoint` and `demoted`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 from collections import defaultdict
@@ -95,7 +115,14 @@ from typing import Any
 from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus import batch
 from meshsup.actors.bus.codec import Message
-from meshsup.actors.bus.messages import DatagramBatch, FlowCountsAck, PacketBatch
+from meshsup.actors.bus.messages import (
+    DatagramBatch,
+    FlowCountsAck,
+    PacketBatch,
+    PathSet,
+    TsmpBatch,
+    UnderlayIn,
+)
 from meshsup.actors.crypto.device import ENDPOINT_CHANGED, Device, Forward, Output
 from meshsup.actors.crypto.direct import DirectPaths
 from meshsup.actors.crypto.peer import PeerConfig
@@ -103,7 +130,7 @@ from meshsup.actors.crypto.timers import Timing
 from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.flowcount.tally import INNER, UNDERLAY
 from meshsup.actors.kernel.tun import Tun
-from meshsup.actors.kernel.types import Burst
+from meshsup.actors.kernel.types import Burst, Endpoint
 from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
 from meshsup.actors.settings import PeerSettings, Settings
 
@@ -118,6 +145,19 @@ def test_timing() -> Timing:
     default = Timing()
     # Each value takes the type of its default: message counts stay integers (they slice batches).
     return Timing(**{k: type(getattr(default, k))(float(v)) for k, v in (kv.split("=") for kv in spec.split(","))})
+
+
+def path_endpoint(msg: PathSet) -> Endpoint | None:
+    """The endpoint a PathSet names (None: the relay), as the kernel writes source addresses, which
+    the device compares it with; ValueError for one that is no IP address and port."""
+    if not msg.host:
+        return None
+    addr = ipaddress.ip_address(msg.host)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    if not 0 < msg.port < 65536:
+        raise ValueError(f"port {msg.port}")
+    return str(addr), msg.port
 
 
 def peer_config(p: PeerSettings) -> PeerConfig:
@@ -144,8 +184,15 @@ class CryptoActor(Actor):
         self.next_tick = 0.0
         self.forwarded = 0  # datagrams handed on to other workers
         self.forwarded_initiations = 0
+        self.underlay_in = 0  # disco and STUN datagrams our peer sockets read, handed to magicsock
         self.direct = DirectPaths(
-            self.log, self.add_reader, self.remove_reader, self.receive_direct, self.send_read, self._adopt(tun_queue)
+            self.log,
+            self.add_reader,
+            self.remove_reader,
+            self.receive_direct,
+            self.send_read,
+            self.underlay,
+            self._adopt(tun_queue),
         )
         # Flow counts of the direct paths: packets written to the TUN, datagrams on peer sockets.
         self.inner = FlowFeed(self, INNER)
@@ -199,13 +246,23 @@ class CryptoActor(Actor):
             self.count_drop("not_configured", msg.TAG)
             return
         now = time.monotonic()  # every protocol timer; the device reads the wall clock itself
-        if not isinstance(msg, (PacketBatch, DatagramBatch)):
+        if isinstance(msg, PathSet):
+            try:
+                endpoint = path_endpoint(msg)
+            except ValueError as err:
+                self.count_drop("bad_path", str(err))
+                return
+            self.emit(self.device.set_path(msg.peer, endpoint, msg.trusted_for, now))
+            return
+        if not isinstance(msg, (PacketBatch, DatagramBatch, TsmpBatch)):
             return super().on_message(msg)
         packets = self.unpack(msg.packets)
         if packets is None:
             return
         if isinstance(msg, PacketBatch):
             self.emit(self.device.send(packets, now))
+        elif isinstance(msg, TsmpBatch):
+            self.emit(self.device.send_to(msg.peer, packets, now))
         else:
             self.receive([Burst((msg.host, msg.port), packets)])
 
@@ -241,6 +298,13 @@ class CryptoActor(Actor):
                 rx.add(endpoint, len(datagrams), sum(map(len, datagrams)))
         self.receive(bursts)
 
+    def underlay(self, burst: Burst) -> None:
+        """Disco and STUN datagrams a peer socket of ours read: magicsock's."""
+        (host, port), datagrams = burst
+        self.underlay_in += len(datagrams)
+        for blob in batch.pack_split(datagrams):
+            self.outbox.send("magicsock", UnderlayIn(host=host, port=port, packets=blob))
+
     def receive(self, bursts: list[Burst]) -> None:
         """Datagrams from the network, through magicsock or a peer socket of our own."""
         assert self.device is not None
@@ -272,6 +336,9 @@ class CryptoActor(Actor):
             else:  # magicsock sends them, and counts them
                 for blob in batch.pack_split(datagrams):
                     self.outbox.send("magicsock", DatagramBatch(host=endpoint[0], port=endpoint[1], packets=blob))
+        for key, packets in out.tsmp.items():
+            for blob in batch.pack_split(packets):
+                self.outbox.send("magicsock", TsmpBatch(peer=key, packets=blob))
         if out.forwards or out.foreign:
             # Initiations whose peer another worker owns; datagrams of another worker's sessions.
             self.forwarded_initiations += len(out.forwards)
@@ -284,6 +351,9 @@ class CryptoActor(Actor):
         if self.device is not None and now >= self.next_tick:
             self.next_tick = now + TICK_INTERVAL
             self.emit(self.device.tick(now))
+            report = self.device.path_report(now)
+            if report is not None:
+                self.outbox.send("magicsock", report)
         for feed in self.feeds:
             feed.tick(now)
 
@@ -291,7 +361,7 @@ class CryptoActor(Actor):
         if self.device is None:
             return {}
         return {
-            "peers": self.device.status(),
+            "peers": self.device.status(time.monotonic()),
             "counters": {
                 **self.device.counters,
                 **self.direct.counters(),
@@ -299,6 +369,7 @@ class CryptoActor(Actor):
                 "forwarded": self.forwarded,
                 "no_route": self.no_route + self.device.counters["no_route"],
                 "forwarded_initiations": self.forwarded_initiations,
+                "underlay_in": self.underlay_in,
                 "bus_full": sum(self.outbox.dropped.values()),
             },
         }

@@ -24,6 +24,21 @@ through the relay, as a Burst to the peer's relayed endpoint (kernel.types), and
 to the endpoint as well while it worked within ``mirror_direct``, or once per
 ``probe_direct``: a peer that hears us there answers there, and the path is
 trusted again. A datagram through the relay never moves the peer's endpoint.
+
+Disco peers (actors.crypto.discopath): from magicsock's first ``set_path``
+for a peer, its endpoint moves only by ``set_path``, never by roaming, and
+its datagrams (handshakes too) go to that endpoint alone while magicsock
+trusts it and it is not demoted, else to the relay; nothing is mirrored or
+probed (disco probes). A direct path we keep sending on that stays silent for
+``Timing.data_timeout`` is demoted to the relay. ``path_report`` gives
+magicsock the news at most once a second: peers with traffic, completed
+handshakes, demotions. Peers that speak no disco (wireguard-go) keep
+roaming and the choice above.
+
+TSMP: decrypted packets of IP protocol 99 that passed the allowed-IPs check
+go to ``Output.tsmp`` by sender (``tsmp_received``), not to the TUN;
+``send_to`` seals packets to a named peer (``tsmp_sent``; ``no_peer`` for a
+key that is no peer of ours).
 """
 
 from __future__ import annotations
@@ -39,21 +54,26 @@ from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 
+from meshsup.actors.bus.messages import PathReport
 from meshsup.actors.kernel.types import RELAYED, Burst, Endpoint
 from meshsup.actors.routing.allowedips import AllowedIPs
 from meshsup.actors.wire.ip import (
     IPV4_DST,
     IPV4_HEADER_MIN,
+    IPV4_PROTOCOL,
     IPV4_SRC,
     IPV4_TOTAL_LENGTH,
     IPV6_DST,
     IPV6_HEADER,
+    IPV6_NEXT_HEADER,
     IPV6_PAYLOAD_LENGTH,
     IPV6_SRC,
 )
+from meshsup.actors.wire.tsmp import IPPROTO_TSMP
 
 from . import handshake as hs_
 from .cookie import CookieChecker, SourceRateLimiter, endpoint_bytes
+from .discopath import DiscoPath, PathNews
 from .keypair import Keypair
 from .messages import (
     INITIATION_SIZE,
@@ -112,6 +132,7 @@ class Output:
     forwards: list[Forward] = field(default_factory=list)  # initiations from peers another worker owns
     # Received datagrams of another worker's session (by receiver index), to hand on.
     foreign: list[Forward] = field(default_factory=list)
+    tsmp: dict[bytes, list[bytes]] = field(default_factory=dict)  # sender's key -> its TSMP packets, for magicsock
 
 
 class Device:
@@ -141,6 +162,7 @@ class Device:
         self.counters: Counter[str] = Counter()  # drops and refusals, by reason
         self.handshakes = 0  # completed handshakes (key rotations), for status
         self.relaying = False  # a relay may carry what a peer's endpoint does not
+        self._news = PathNews()
         self._rng = rng
         self._wall = wall
         self._last_timestamp = bytes(TAI64N_SIZE)  # TAI64N of our last initiation
@@ -164,7 +186,7 @@ class Device:
         elif (config.preshared_key or hs_.NO_PRESHARED_KEY) != peer.handshake.preshared_key:
             self._drop_keys(peer)
             peer.handshake.preshared_key = config.preshared_key or hs_.NO_PRESHARED_KEY
-        if config.endpoint is not None:
+        if config.endpoint is not None and peer.disco is None:  # a disco peer's endpoint is magicsock's
             peer.endpoint = config.endpoint
         self.allowed_ips.remove_peer(peer)
         for network in config.allowed_ips:
@@ -182,11 +204,31 @@ class Device:
             peer.timers.stop()
             self.allowed_ips.remove_peer(peer)
 
-    def status(self) -> list[dict[str, object]]:
+    def set_path(self, public_key: bytes, endpoint: Endpoint | None, trusted_for: float, now: float) -> Output:
+        """magicsock's direct path for a peer (None: the relay), trusted for `trusted_for` seconds from
+        `now`; the peer is a disco peer from now on. ENDPOINT_CHANGED when its endpoint moves."""
+        out = Output()
+        peer = self.peers.get(public_key)
+        if peer is None:
+            self.counters["no_peer"] += 1
+            return out
+        if peer.disco is None:
+            peer.disco = DiscoPath()
+        peer.disco.set(peer.endpoint, endpoint, trusted_for, now)
+        if endpoint != peer.endpoint:
+            peer.endpoint = endpoint
+            out.events.append(Event(ENDPOINT_CHANGED, public_key, endpoint))
+        return out
+
+    def path_report(self, now: float) -> PathReport | None:
+        """What magicsock learns of this worker's peers: at most once a second, only when there is news."""
+        return self._news.report(now)
+
+    def status(self, now: float) -> list[dict[str, object]]:
         """Per-peer status for `meshsup status` and `wg show`."""
         result = []
         for peer in self.peers.values():
-            entry = peer.status()
+            entry = peer.status(now, self.relaying)
             entry["allowed_ips"] = [str(n) for n in self.allowed_ips.networks(peer)]
             result.append(entry)
         return result
@@ -225,15 +267,30 @@ class Device:
                 continue
             queue.append(packet)
         for peer, queued in by_peer.items():
-            kp = peer.sendable_keypair(now)
-            if kp is not None and not peer.staged and (peer.endpoint is not None or self.relaying):
-                self._transmit(peer, kp, queued, now, out)
-            else:
-                for packet in queued:
-                    if not peer.stage(packet):
-                        counters["staged_overflow"] += 1
-                self._send_staged(peer, now, out)
+            self._send_peer(peer, queued, now, out)
         return out
+
+    def send_to(self, public_key: bytes, packets: list[bytes], now: float) -> Output:
+        """Encrypt packets to a named peer, with no route lookup (magicsock's TSMP packets)."""
+        out = Output()
+        peer = self.peers.get(public_key)
+        if peer is None:
+            self.counters["no_peer"] += len(packets)
+            return out
+        self.counters["tsmp_sent"] += len(packets)
+        self._send_peer(peer, packets, now, out)
+        return out
+
+    def _send_peer(self, peer: Peer, packets: list[bytes], now: float, out: Output) -> None:
+        """A peer's packets, sealed now or staged while it handshakes."""
+        kp = peer.sendable_keypair(now)
+        if kp is not None and not peer.staged and (peer.endpoint is not None or self.relaying):
+            self._transmit(peer, kp, packets, now, out)
+            return
+        for packet in packets:
+            if not peer.stage(packet):
+                self.counters["staged_overflow"] += 1
+        self._send_staged(peer, now, out)
 
     def _transmit(self, peer: Peer, kp: Keypair, packets: list[bytes], now: float, out: Output) -> None:
         """Seal ``packets`` in order with ``kp`` (counter nonces) and send them to the peer."""
@@ -264,14 +321,25 @@ class Device:
             nbytes += len(datagram)
             append(datagram)
         kp.send_counter = counter
+        data = any(packets)
         if sealed:
-            self._to_peer(peer, sealed, now, out)
-        self._after_data_sent(peer, nbytes, any(packets), now, out)
+            self._to_peer(peer, sealed, data, now, out)
+        self._after_data_sent(peer, nbytes, data, now, out)
 
-    def _to_peer(self, peer: Peer, datagrams: list[bytes], now: float, out: Output) -> None:
+    def _to_peer(self, peer: Peer, datagrams: list[bytes], answer_expected: bool, now: float, out: Output) -> None:
         """A peer's datagrams, in order, by its endpoint, the relay or both (see the module's docstring).
-        The caller checked there is a way: an endpoint, or relaying."""
+        The caller checked there is a way: an endpoint, or relaying. `answer_expected`: the peer
+        answers them (data, handshake messages), as it does not a keepalive."""
         endpoint = peer.endpoint
+        if peer.disco is not None:
+            if self._disco_direct(peer, peer.disco, answer_expected, now) or not self.relaying:
+                assert endpoint is not None
+                out.datagrams.append(Burst(endpoint, datagrams))
+                peer.path = DIRECT
+            else:
+                out.datagrams.append(Burst(peer.relay_endpoint, datagrams))
+                peer.path = RELAY
+            return
         since = now - peer.direct_seen
         if not self.relaying or (endpoint is not None and since < self.timing.trust_direct):
             assert endpoint is not None
@@ -283,6 +351,23 @@ class Device:
             peer.next_probe = now + self.timing.probe_direct
             out.datagrams.append(Burst(endpoint, datagrams))
         out.datagrams.append(Burst(peer.relay_endpoint, datagrams))
+
+    def _disco_direct(self, peer: Peer, disco: DiscoPath, answer_expected: bool, now: float) -> bool:
+        """Whether a disco peer's datagrams go to its endpoint now: trusted by magicsock, not
+        demoted, and not silent for data_timeout while we kept sending there (then demoted)."""
+        endpoint = peer.endpoint
+        if not disco.usable(endpoint, now):
+            disco.settle()
+            return False
+        assert endpoint is not None
+        timeout = self.timing.data_timeout
+        if not disco.sent(answer_expected, now, timeout):
+            return True
+        reason = f"no WireGuard data from it for {timeout:g} s while sending"
+        disco.demote(endpoint, reason, now, self.timing.demoted_for)
+        disco.settle()
+        self._news.demoted.append([peer.public_key, endpoint[0], endpoint[1], reason])
+        return False
 
     def _send_staged(self, peer: Peer, now: float, out: Output) -> None:
         if not peer.staged:
@@ -304,6 +389,7 @@ class Device:
         timers.any_authenticated_packet_sent()
         if data:
             timers.data_sent(now)
+            self._news.active.add(peer.public_key)
         # Keep the key fresh: the initiator rekeys after REKEY_AFTER_TIME, anyone after too many messages.
         kp = peer.keypairs.current
         if kp is not None and (
@@ -387,12 +473,14 @@ class Device:
                         counters["bad_packet"] += 1
                         continue
                     src = plain[IPV4_SRC]
+                    protocol = plain[IPV4_PROTOCOL]
                 elif version == 6 and n >= IPV6_HEADER:
                     length = unpack_u16(plain, IPV6_PAYLOAD_LENGTH)[0] + IPV6_HEADER
                     if length > n:
                         counters["bad_packet"] += 1
                         continue
                     src = plain[IPV6_SRC]
+                    protocol = plain[IPV6_NEXT_HEADER]  # TSMP follows the fixed header: no extensions walked
                 else:
                     counters["bad_packet"] += 1
                     continue
@@ -401,6 +489,10 @@ class Device:
                     allowed = lookup(src) is peer
                 if not allowed:
                     counters["allowed_ips"] += 1
+                    continue
+                if protocol == IPPROTO_TSMP:  # for magicsock, never the TUN
+                    counters["tsmp_received"] += 1
+                    out.tsmp.setdefault(peer.public_key, []).append(plain[:length])
                     continue
                 packets.append(plain if length == n else plain[:length])
         for peer, data_received in authenticated.items():
@@ -424,6 +516,7 @@ class Device:
         timers.any_authenticated_packet_received()
         if data_received:
             timers.data_received(now)
+            self._news.active.add(peer.public_key)
 
     def _confirm(self, peer: Peer, kp: Keypair, now: float, out: Output) -> None:
         """The peer used our responder keypair: it is confirmed and becomes current."""
@@ -433,11 +526,16 @@ class Device:
 
     def _heard(self, peer: Peer, endpoint: Endpoint, now: float, out: Output) -> None:
         """An authenticated datagram came from `endpoint`. Roaming: the peer is wherever its last one
-        came from, and that path is trusted anew; unless it came through a relay."""
+        came from, and that path is trusted anew; unless it came through a relay. A disco peer does not
+        roam: one from its endpoint shows the path carries WireGuard."""
         if endpoint[0].startswith(RELAYED):
             return
-        peer.direct_seen = now
         endpoint = tuple(endpoint)  # callers decoding msgpack may hand over lists
+        if peer.disco is not None:
+            if endpoint == peer.endpoint:
+                peer.disco.settle()
+            return
+        peer.direct_seen = now
         if endpoint != peer.endpoint:
             peer.endpoint = endpoint
             out.events.append(Event(ENDPOINT_CHANGED, peer.public_key, endpoint))
@@ -592,13 +690,14 @@ class Device:
         peer.timers.handshake_complete()
         peer.last_handshake = self._wall()
         self.handshakes += 1
+        self._news.handshakes.add(peer.public_key)
         out.events.append(Event(HANDSHAKE_COMPLETED, peer.public_key))
 
     def _emit(self, peer: Peer, message: bytes, now: float, out: Output) -> None:
         if peer.endpoint is None and not self.relaying:
             self.counters["no_endpoint"] += 1
             return
-        self._to_peer(peer, [message], now, out)
+        self._to_peer(peer, [message], True, now, out)  # a response answers an initiation, a keepalive a response
         peer.tx_bytes += len(message)
 
     # --- sessions and indices

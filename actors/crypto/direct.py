@@ -13,7 +13,10 @@
   unconnected one, so a peer's traffic reaches its owner directly, and
   magicsock's unconnected socket gets the rest (initiations from endpoints
   not seen yet, peers whose worker is restarting). Datagrams leave from the
-  listen port, so peers see the node's endpoint unchanged.
+  listen port, so peers see the node's endpoint unchanged. The socket
+  follows the peer's endpoint as it roams or as magicsock moves it. The
+  port carries disco and STUN too: what a peer socket reads of them is
+  magicsock's (``take_underlay``), handed to it over the bus.
 
 Each part may be missing (a kernel without multi-queue TUN, listen port 0,
 a refused bind): the worker then goes through tun-io or magicsock over the
@@ -32,11 +35,34 @@ from typing import Any
 from meshsup.actors.kernel.tun import Tun
 from meshsup.actors.kernel.types import Buffer, Burst, Endpoint
 from meshsup.actors.kernel.udp import UdpSocket
+from meshsup.actors.wire.demux import Protocol, protocol
+
+from .messages import MESSAGE_TRANSPORT
 
 Receive = Callable[[list[Burst]], None]
 Read = Callable[[list[bytes]], None]
+Underlay = Callable[[Burst], None]
 RECV_BATCH = 512
 READ_BATCH = 256
+_UNDERLAY = (Protocol.DISCO, Protocol.STUN)
+
+
+def take_underlay(bursts: list[Burst]) -> list[Burst]:
+    """Take the disco and STUN datagrams out of `bursts` (in place) and return them, a burst per
+    sender. Only datagrams that are no transport message are classified (handshakes, disco, STUN,
+    garbage): transport is nearly all the traffic, and this costs each a byte compare."""
+    taken: list[Burst] = []
+    for endpoint, datagrams in bursts:
+        if not [d for d in datagrams if not d or d[0] != MESSAGE_TRANSPORT]:
+            continue  # all transport (a list comprehension is the cheapest loop here)
+        keep: list[bytes] = []
+        take: list[bytes] = []
+        for d in datagrams:
+            (take if d and d[0] != MESSAGE_TRANSPORT and protocol(d) in _UNDERLAY else keep).append(d)
+        if take:
+            datagrams[:] = keep
+            taken.append(Burst(endpoint, take))
+    return taken
 
 
 class DirectPaths:
@@ -47,11 +73,13 @@ class DirectPaths:
         remove_reader: Callable[[int], None],
         receive: Receive,
         read: Read,
+        underlay: Underlay,
         queue: Tun | None = None,
     ) -> None:
         self.log = log
         self._add_reader, self._remove_reader, self._receive = add_reader, remove_reader, receive
         self._read = read
+        self._underlay = underlay
         self.queue = queue  # the supervisor's queue for this worker, if any
         self.tun: Tun | None = None
         self.interface = ""
@@ -136,8 +164,14 @@ class DirectPaths:
             return None
         # Until it is connected the socket may get anyone's datagram: the
         # device hands back those of other workers' sessions (Output.foreign).
-        self._add_reader(sock.fileno(), lambda: self._receive(sock.recv_batch(RECV_BATCH)))
+        self._add_reader(sock.fileno(), lambda: self._peer_readable(sock))
         return sock
+
+    def _peer_readable(self, sock: UdpSocket) -> None:
+        bursts = sock.recv_batch(RECV_BATCH)
+        for burst in take_underlay(bursts):
+            self._underlay(burst)
+        self._receive(bursts)
 
     def _close(self, endpoint: Endpoint) -> None:
         sock = self.sockets.pop(endpoint)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from meshsup.actors.kernel.types import Endpoint, relayed
 
 from .cookie import CookieGenerator
+from .discopath import DiscoPath
 from .handshake import Handshake
 from .keypair import Keypair, Keypairs
 from .noise import StaticKey
@@ -48,6 +49,7 @@ class Peer:
         "direct_seen",
         "next_probe",
         "path",
+        "disco",
     )
 
     def __init__(self, config: PeerConfig, local: StaticKey, timing: Timing, jitter: Callable[[], float]) -> None:
@@ -65,6 +67,8 @@ class Peer:
         self.direct_seen = float("-inf")  # when an authenticated datagram last came from the endpoint
         self.next_probe = float("-inf")  # when a relayed peer's endpoint may be tried again
         self.path: str | None = None  # how the last datagram went: DIRECT or RELAY; None before any
+        # Set by magicsock's first PathSet: from then on only PathSet moves the endpoint (no roaming).
+        self.disco: DiscoPath | None = None
 
     def sendable_keypair(self, now: float) -> Keypair | None:
         """The current keypair if it may still seal packets."""
@@ -86,8 +90,10 @@ class Peer:
         self.staged.append(packet)
         return not full
 
-    def status(self) -> dict[str, object]:
-        endpoint = self.endpoint
+    def status(self, now: float, relaying: bool) -> dict[str, object]:
+        endpoint, disco = self.endpoint, self.disco
+        if disco is not None and relaying and not disco.usable(endpoint, now):
+            endpoint = None  # no direct path in use: the relay carries it
         return {
             "public_key": base64.b64encode(self.public_key).decode(),
             "endpoint": None if endpoint is None else _format_endpoint(endpoint),
@@ -96,6 +102,7 @@ class Peer:
             "last_handshake": int(self.last_handshake),
             "persistent_keepalive": self.timers.persistent_keepalive_interval,
             "path": self.path,
+            "demoted": None if disco is None else disco.demotion(now),
         }
 
 

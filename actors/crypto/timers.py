@@ -36,6 +36,11 @@ class Timing:
     trust_direct: float = 6.5  # Tailscale's trustUDPAddrDuration
     mirror_direct: float = 30.0  # a one-way flow's receiver answers with a keepalive every keepalive_timeout
     probe_direct: float = 1.0
+    # A disco peer's direct path (actors.crypto.discopath): demoted when a peer we keep sending to
+    # stays silent there this long (keepalive_timeout + rekey_timeout: a receiver of data answers
+    # within keepalive_timeout), and kept off it this long unless magicsock names another.
+    data_timeout: float = 15.0
+    demoted_for: float = 60.0
 
     @property
     def zero_keys_after(self) -> float:

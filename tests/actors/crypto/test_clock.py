@@ -91,7 +91,7 @@ def test_rekey_on_schedule_and_our_initiations_accepted_after_the_wall_clock_ste
     assert rekeyed_at == TIMING.rekey_after_time + 1
     assert seqs(link, EB) == list(range(1, 201)) and seqs(link, EA) == list(range(1, 200))
     assert not +link.a.counters and not +link.b.counters
-    (status,) = link.a.status()
+    (status,) = link.a.status(link.now)
     assert status["last_handshake"] >= int(WALL0 + rekeyed_at + step), "status shows wall-clock time"
 
 

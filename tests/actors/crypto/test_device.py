@@ -70,6 +70,7 @@ class Link:
         self.devices = {EA: self.a, EB: self.b}
         self.received: dict[tuple, list[bytes]] = {EA: [], EB: []}
         self.events: dict[tuple, list[Event]] = {EA: [], EB: []}
+        self.tsmp: dict[tuple, list[bytes]] = {EA: [], EB: []}  # what each diverted to magicsock
         self.wire: list[tuple[tuple, tuple, bytes]] = []  # (from, to, datagram) of everything sent
         self.drop: Callable[[tuple, bytes], bool] = lambda to, datagram: False
 
@@ -81,6 +82,7 @@ class Link:
             frm, output = pending.pop(0)
             self.received[frm].extend(output.packets)
             self.events[frm].extend(output.events)
+            self.tsmp[frm].extend(p for packets in output.tsmp.values() for p in packets)
             for to, datagrams in output.datagrams:
                 for datagram in datagrams:
                     self.wire.append((frm, to, datagram))
@@ -123,7 +125,7 @@ def test_handshake_and_data_both_ways(initiator: tuple, psk: bytes | None) -> No
     for side, device in link.devices.items():
         other = link.b if side == EA else link.a
         assert Event(HANDSHAKE_COMPLETED, other.public_key) in link.events[side]
-        (status,) = device.status()
+        (status,) = device.status(T0)
         assert status["last_handshake"] == int(T0) and status["rx_bytes"] > 0 and status["tx_bytes"] > 0
     assert not +link.a.counters and not +link.b.counters, "no drops on a clean link"
 

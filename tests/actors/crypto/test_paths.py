@@ -19,8 +19,8 @@ class Mesh:
     """Devices A (at EA) and B (at EB), a relay that carries what goes to a relayed endpoint, and a
     direct wire that carries the rest while `direct` is on."""
 
-    def __init__(self, endpoints: bool, relaying: bool = True) -> None:
-        self.a, self.b = Device(os.urandom(32)), Device(os.urandom(32))
+    def __init__(self, endpoints: bool, relaying: bool = True, timing: Timing = TIMING) -> None:
+        self.a, self.b = Device(os.urandom(32), timing=timing), Device(os.urandom(32), timing=timing)
         self.a.relaying = self.b.relaying = relaying
         self.a.set_peer(PeerConfig(self.b.public_key, None, net(f"{B_IP}/32"), EB if endpoints else None))
         self.b.set_peer(PeerConfig(self.a.public_key, None, net(f"{A_IP}/32"), EA if endpoints else None))
@@ -54,6 +54,10 @@ class Mesh:
         src, dst = (A_IP, B_IP) if side == EA else (B_IP, A_IP)
         self.deliver(side, self.at[side].send([ping(src, dst, i) for i in range(n)], now), now)
 
+    def tick(self, now: float) -> None:
+        for side, device in self.at.items():
+            self.deliver(side, device.tick(now), now)
+
     def paths(self, sender: str) -> list[str]:
         return [path for who, path, _ in self.log if who == sender]
 
@@ -71,7 +75,7 @@ def test_no_endpoints_everything_goes_through_the_relay() -> None:
     assert set(m.paths("A")) == set(m.paths("B")) == {"relay"}
     for device in (m.a, m.b):
         peer = m.peer_of(device)
-        assert peer.endpoint is None and device.status()[0]["path"] == "relay"  # type: ignore[attr-defined]
+        assert peer.endpoint is None and device.status(T0)[0]["path"] == "relay"  # type: ignore[attr-defined]
         assert device.counters["no_endpoint"] == 0
     assert not any(kind == ENDPOINT_CHANGED for _, kind in m.events)
 
@@ -82,10 +86,10 @@ def test_a_working_endpoint_is_trusted_then_mirrored_then_probed() -> None:
     assert m.paths("A")[:2] == ["direct", "relay"] and len(m.received[EB]) == 1
     m.log.clear()
     m.send(EA, 5, T0 + 1)
-    assert m.paths("A") == ["direct"] and m.a.status()[0]["path"] == "direct"  # B answered directly
+    assert m.paths("A") == ["direct"] and m.a.status(T0)[0]["path"] == "direct"  # B answered directly
     m.log.clear()
     m.send(EA, 1, T0 + 1 + TIMING.trust_direct + 1)  # B silent past the trust window: the relay, and direct too
-    assert sorted(m.paths("A")[:2]) == ["direct", "relay"] and m.a.status()[0]["path"] == "relay"
+    assert sorted(m.paths("A")[:2]) == ["direct", "relay"] and m.a.status(T0)[0]["path"] == "relay"
     m.log.clear()
     quiet = T0 + 1 + TIMING.mirror_direct + 1  # the endpoint has not worked for long: probed once a second
     m.direct = False
@@ -103,7 +107,7 @@ def test_a_dead_endpoint_leaves_the_peer_on_the_relay_and_never_moves_it() -> No
     m.send(EB, 10, T0 + 0.2)
     assert len(m.received[EB]) == 11 and len(m.received[EA]) == 10
     assert m.paths("A").count("relay") == 3 and m.paths("A").count("direct") == 1  # initiation, then probe-paced
-    assert m.a.status()[0]["path"] == m.b.status()[0]["path"] == "relay"
+    assert m.a.status(T0)[0]["path"] == m.b.status(T0)[0]["path"] == "relay"
     assert m.peer_of(m.a).endpoint == EB and m.peer_of(m.b).endpoint == EA  # type: ignore[attr-defined]
     assert not any(kind == ENDPOINT_CHANGED for _, kind in m.events)  # nothing roamed to the relay
 
@@ -111,4 +115,4 @@ def test_a_dead_endpoint_leaves_the_peer_on_the_relay_and_never_moves_it() -> No
 def test_without_relays_a_peer_with_no_endpoint_is_unreachable_as_before() -> None:
     m = Mesh(endpoints=False, relaying=False)
     m.send(EA, 2, T0)
-    assert m.log == [] and m.a.counters["no_endpoint"] == 1 and m.a.status()[0]["path"] is None
+    assert m.log == [] and m.a.counters["no_endpoint"] == 1 and m.a.status(T0)[0]["path"] is None
