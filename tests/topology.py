@@ -198,11 +198,18 @@ class NatLab:
         host.run("ip", "link", "set", "eth0", "up")
         host.run("ip", "route", "add", "default", "via", home.gateway)
         router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        # As a home router's firewall: the LAN goes out, only replies come in, and nothing from the
+        # internet reaches the router itself. That last rule matters beyond realism: a datagram that
+        # reaches the router unasked and is not dropped leaves a conntrack entry behind (30 s, renewed
+        # by each one after it), and the mapping the LAN host makes next toward that sender clashes
+        # with it and takes another port, which no hole punching can then find.
         rules = (
             "table ip nat { chain postrouting { type nat hook postrouting priority srcnat; "
             f'oifname "eth0" masquerade{" random" if nat == "random" else ""}; }}; }}\n'
             "table ip filter { chain forward { type filter hook forward priority filter; policy drop; "
-            'iifname "lan0" accept; ct state established,related accept; }; }\n'
+            'iifname "lan0" accept; ct state established,related accept; }; '
+            "chain input { type filter hook input priority filter; policy accept; "
+            'iifname "eth0" ct state established,related accept; iifname "eth0" drop; }; }\n'
         )
         router.run("nft", "-f", "-", input=rules)
         return host, home.addr, public

@@ -118,6 +118,7 @@ from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import (
     DatagramBatch,
     FlowCountsAck,
+    LinkChanged,
     PacketBatch,
     PathSet,
     TsmpBatch,
@@ -185,6 +186,7 @@ class CryptoActor(Actor):
         self.forwarded = 0  # datagrams handed on to other workers
         self.forwarded_initiations = 0
         self.underlay_in = 0  # disco and STUN datagrams our peer sockets read, handed to magicsock
+        self.interface = ""
         self.direct = DirectPaths(
             self.log,
             self.add_reader,
@@ -236,6 +238,8 @@ class CryptoActor(Actor):
         self.routes = worker_routes(worker_prefixes(settings.peers, workers))
         self.direct.configure(node.interface, node.listen_port)
         self.direct.set_endpoints({k: peer.endpoint for k, peer in self.device.peers.items()})
+        self.interface = node.interface
+        self.subscribe(LinkChanged.TAG)
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, FlowCountsAck):  # each feed takes its own (by epoch)
@@ -244,6 +248,10 @@ class CryptoActor(Actor):
             return
         if self.device is None:
             self.count_drop("not_configured", msg.TAG)
+            return
+        if isinstance(msg, LinkChanged):
+            if msg.interface != self.interface:  # the underlay moved, not our tunnel
+                self.direct.reconnect()
             return
         now = time.monotonic()  # every protocol timer; the device reads the wall clock itself
         if isinstance(msg, PathSet):

@@ -151,6 +151,14 @@ class DirectPaths:
             self.sockets[endpoint] = sock
             self.peer_endpoints[key] = endpoint
 
+    def reconnect(self) -> None:
+        """The host's addresses or routes changed: a connected socket keeps the source address the
+        kernel chose at connect, which may be gone, so each peer's socket is made anew."""
+        endpoints: dict[bytes, Endpoint | None] = dict(self.peer_endpoints)
+        for key in list(self.peer_endpoints):
+            self._close(self.peer_endpoints.pop(key))
+        self.set_endpoints(endpoints)
+
     def _bind(self) -> UdpSocket | None:
         try:
             sock = UdpSocket(self.port, reuse_port=True)

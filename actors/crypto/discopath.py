@@ -78,12 +78,19 @@ class PathNews:
     handshakes: set[bytes] = field(default_factory=set)
     demoted: list[list[Any]] = field(default_factory=list)  # [peer, host, port, reason]
     next_report: float = -INF
+    reported_active: set[bytes] = field(default_factory=set)  # the peers the last report named active
 
     def report(self, now: float) -> PathReport | None:
-        """The news, at most once every REPORT_INTERVAL and only when there is some."""
-        if now < self.next_report or not (self.active or self.handshakes or self.demoted):
+        """The news, only when there is some: at once for a handshake, a demotion or a peer that has
+        become active (each starts disco's work: an advertisement, a new path, hole punching); else
+        at most once every REPORT_INTERVAL, since a peer that stays busy only needs keeping active."""
+        if not self.active and now >= self.next_report:
+            self.reported_active = set()  # a quiet interval: the next data is news again
+        urgent = self.handshakes or self.demoted or not self.active <= self.reported_active
+        if not (urgent or (self.active and now >= self.next_report)):
             return None
         self.next_report = now + REPORT_INTERVAL
         report = PathReport(active=list(self.active), handshakes=list(self.handshakes), demoted=self.demoted)
+        self.reported_active = self.active
         self.active, self.handshakes, self.demoted = set(), set(), []
         return report

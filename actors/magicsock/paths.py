@@ -39,6 +39,8 @@ from nacl.public import PrivateKey
 from meshsup.actors.kernel.types import RELAY_HOST, Buffer, Endpoint
 from meshsup.actors.magicsock.pathstate import (
     CALL_ME_MAYBE_INTERVAL,
+    EARLY_FOR,
+    EARLY_HELD,
     HEARTBEAT,
     MAX_CALL_ME_MAYBE,
     MAX_IN_FLIGHT,
@@ -163,6 +165,10 @@ class Paths:
             self._start_heartbeat(state, now)
             self._round(state, now, call_me_maybe=True)
         self._schedule(state)
+        held, state.early = list(state.early), deque(maxlen=EARLY_HELD)
+        for datagram, at in held:
+            if now - at < EARLY_FOR:
+                self.receive(datagram, peer, now)
         return True
 
     def disco_key(self, peer: bytes) -> bytes | None:
@@ -235,7 +241,13 @@ class Paths:
             return
         peer = self._by_disco.get(sender)
         if peer is None:
-            self.counters["unknown_sender"] += 1
+            early = self._peers.get(source) if isinstance(source, bytes) else None
+            if early is not None and early.disco is None:
+                # The relay vouches it is the peer's; its TSMP advertisement may still be on its way.
+                early.early.append((bytes(datagram), now))
+                self.counters["held_until_key"] += 1
+            else:
+                self.counters["unknown_sender"] += 1
             return
         relayed = isinstance(source, bytes)
         if relayed and source != peer.key:
@@ -269,8 +281,7 @@ class Paths:
             return
         self._send(source, peer.disco.seal(Pong(ping.txid, source)), "pongs_sent")
         peer.pinged_us_directly = True
-        candidate = peer.ping_source(source, now)
-        if candidate.last_ping is None or now - candidate.last_ping >= PING_INTERVAL:
+        if peer.ping_source(source, now).owes_ping_back(now):
             self._send_ping(peer, source, now)
 
     def _on_pong(self, peer: PeerPaths, pong: Pong, source: Destination, now: float) -> None:

@@ -24,6 +24,8 @@ MAX_CALL_ME_MAYBE: Final = 32  # endpoints taken from one call-me-maybe
 MAX_PING_SOURCES: Final = 16  # endpoints learnt from where the peer's pings came from
 MAX_IN_FLIGHT: Final = 64  # our pings to the peer awaiting a pong
 RECENT_PINGS: Final = 32  # the peer's ping TxIDs remembered, to answer each once
+EARLY_HELD: Final = 4  # disco through the relay before the peer's key is known, kept for when it is
+EARLY_FOR: Final = 5.0  # seconds such a datagram is worth opening
 
 
 @dataclass(slots=True)
@@ -36,6 +38,19 @@ class Candidate:
     last_ping: float | None = None  # our last ping to it
     latency: float | None = None  # the round trip of its last pong
     pong_at: float | None = None
+    pinged_back: float | None = None  # when a ping from it last made us ping it out of turn
+
+    def owes_ping_back(self, now: float) -> bool:
+        """A ping came from here: ping it now if we have not within 5 s, or if our last ping went
+        unanswered (it likely died at the peer's NAT before the peer's own ping opened it), but
+        that out of turn at most once per 5 s, so two nodes never ping each other in a loop."""
+        if self.last_ping is None or now - self.last_ping >= PING_INTERVAL:
+            return True
+        unanswered = self.pong_at is None or self.pong_at < self.last_ping
+        if unanswered and (self.pinged_back is None or now - self.pinged_back >= PING_INTERVAL):
+            self.pinged_back = now
+            return True
+        return False
 
     def wanted(self, now: float) -> bool:
         """A ping source stays a candidate while the peer keeps pinging from it, as in Tailscale."""
@@ -66,6 +81,9 @@ class PeerPaths:
     demoted: dict[Endpoint, tuple[str, float]] = field(default_factory=dict)  # reason, until
     pinged_us_directly: bool = False
     recent_pings: deque[bytes] = field(default_factory=lambda: deque(maxlen=RECENT_PINGS))
+    # Its disco through the relay that came before its key did (the two travel different ways):
+    # opened once the key is learnt, so a call-me-maybe is not lost to the race.
+    early: deque[tuple[bytes, float]] = field(default_factory=lambda: deque(maxlen=EARLY_HELD))
 
     def __post_init__(self) -> None:
         self.reset()

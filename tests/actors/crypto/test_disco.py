@@ -196,7 +196,7 @@ def test_plain_peers_are_never_demoted_and_still_roam() -> None:
 # --- reports
 
 
-def test_the_path_report_names_active_peers_and_handshakes_once_a_second_and_only_with_news() -> None:
+def test_the_path_report_names_active_peers_and_handshakes_at_once_then_once_a_second() -> None:
     link = Link()
     key_a, key_b = link.a.public_key, link.b.public_key
     assert link.a.path_report(T0) is None
@@ -212,6 +212,11 @@ def test_the_path_report_names_active_peers_and_handshakes_once_a_second_and_onl
     link.tick(T0 + 11)  # B answers the data with a keepalive, which is no data
     assert [messages.message_type(d) for f, _, d in link.wire[from_b:]] == [messages.MESSAGE_TRANSPORT]
     assert link.a.path_report(T0 + 11) is None and link.b.path_report(T0 + 11) is None
+    # Data after a quiet second is news at once (disco starts hole punching on it), not a second later.
+    link.send(EA, [ping(A_IP, B_IP, 99)], T0 + 12)
+    assert link.a.path_report(T0 + 12) == PathReport(active=[key_b], handshakes=[], demoted=[])
+    link.send(EA, [ping(A_IP, B_IP, 100)], T0 + 12.2)
+    assert link.a.path_report(T0 + 12.2) is None  # still busy: kept active once a second
 
 
 # --- TSMP
