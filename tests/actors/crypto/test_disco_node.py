@@ -92,8 +92,8 @@ def test_a_worker_takes_paths_and_tsmp_from_the_bus(underlay: Underlay, tmp_path
         # TSMP from magicsock is sealed to bravo, whose worker hands it to its magicsock, not its TUN.
         packets = [tsmp.disco_advertisement(a.v4, b.v4, bytes(range(1, 33))), tsmp.ping(a.v4, b.v4, b"12345678")]
         assert magicsock.send(worker, TsmpBatch(peer=key_b, packets=batch.pack(packets)))
-        node_b.wait(lambda: node_b.counters()["crypto"].get("tsmp_received", 0) == 2, what="TSMP at bravo")
-        assert node_a.counters()["crypto"]["tsmp_sent"] == 2
+        node_b.wait(lambda: node_b.counters()["crypto"].get("tsmp_received", 0) >= 2, what="TSMP at bravo")
+        assert node_a.counters()["crypto"]["tsmp_sent"] >= 2
         assert all(x["restarts"] == 0 for x in node_a.status()["actors"])
     finally:
         magicsock.close()

@@ -129,6 +129,52 @@ def test_both_behind_endpoint_independent_nat_go_direct(underlay: Underlay, tmp_
     assert all(a["restarts"] == 0 for a in p.node_a.status()["actors"])
 
 
+def test_a_transfer_begun_on_the_relay_moves_to_the_direct_path_unbroken(underlay: Underlay, tmp_path: Path) -> None:
+    p = build(underlay, tmp_path, "masquerade", "masquerade")
+    result: dict[str, Any] = {}
+    transfer = threading.Thread(target=lambda: result.update(iperf3(p.ns_a, p.ns_b, p.b.v4, seconds=8)))
+    transfer.start()  # its first packets go through the relay: no direct path exists yet
+    try:
+        p.node_a.wait(lambda: direct(p.node_a, "bravo"), timeout=8, what="direct during the transfer")
+        relayed = p.node_a.counters()["magicsock"].get("relay_tx_datagrams", 0)
+    finally:
+        transfer.join(60)
+    assert_carried(result)
+    assert relayed > 0 and direct(p.node_a, "bravo")
+
+
+def test_a_path_that_answers_disco_but_carries_no_data_is_demoted(underlay: Underlay, tmp_path: Path) -> None:
+    """tailscale#19457: a middlebox lets disco through but not WireGuard's data (here: an nft rule on
+    the first byte of the UDP payload, 4 for transport data, in alpha's router)."""
+    p = build(underlay, tmp_path, "masquerade", "masquerade")
+    go_direct(p, within=5)
+    p.lab.home_of(p.ns_a).router.run(
+        "nft",
+        "-f",
+        "-",
+        input=f"table ip nodata {{ chain pre {{ type filter hook prerouting priority raw; "
+        f"ip saddr {p.public_b} meta l4proto udp @th,64,8 4 drop; "
+        f"ip daddr {p.public_b} meta l4proto udp @th,64,8 4 drop; }}; }}\n",
+    )
+    cut = time.monotonic()
+    pinger = p.ns_a.popen("ping", "-q", "-i", "0.2", "-w", "30", p.b.v4, stdout=subprocess.DEVNULL)
+    try:
+
+        def demoted() -> Any:
+            seen = peer(p.node_a, "bravo")
+            return seen["path"] == "relay" and "carried no data" in (seen["why"] or "") and seen
+
+        seen = p.node_a.wait(demoted, timeout=25, what="demoted, saying why")
+        assert time.monotonic() - cut < 15 + 5  # the stated bound (15 s of sending unanswered), and slack
+        # Disco still answers on that path, and traffic flows through the relay.
+        assert any(c["latency_ms"] is not None for c in seen["candidates"]), seen
+        assert ping(p.ns_a, p.b.v4, count=2) and peer(p.node_a, "bravo")["path"] == "relay"
+    finally:
+        pinger.kill()
+        pinger.wait()
+    assert "carried no data" in p.node_a.cli("status").stdout
+
+
 def test_endpoint_dependent_nat_to_a_public_node_goes_direct(underlay: Underlay, tmp_path: Path) -> None:
     p = build(underlay, tmp_path, "random", "public")
     seen_a, seen_b = go_direct(p, within=5)
