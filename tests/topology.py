@@ -34,6 +34,7 @@ __all__ = [
     "readdress",
     "received_from",
     "start_meshsup",
+    "start_relay",
     "start_wg",
     "pair",
     "peer",
@@ -82,6 +83,13 @@ def start_meshsup(
     node = u.track(Node(tmp, "--config", str(meshsup_config(tmp, ident, peers, extra=extra)), *args, netns=ns, env=env))
     node.wait_ready()
     return node
+
+
+def start_relay(u: Underlay, tmp: Path, ns: Netns, addr: str, *args: str, name: str = "edge") -> Node:
+    """`meshsup relay` at `addr` in `ns` (DERP on RELAY_PORT, STUN on 3478 unless `args` say), ready."""
+    relay = u.track(Node(tmp, "--listen", f"{addr}:{RELAY_PORT}", "--name", name, *args, netns=ns, command="relay"))
+    relay.wait(lambda: relay.status()["relay"]["ready"], what="relay ready")
+    return relay
 
 
 def start_wg(u: Underlay, tmp: Path, ns: Netns, ident: Identity, peers: list[Identity], keepalive: int = 0) -> WgGo:

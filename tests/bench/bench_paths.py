@@ -49,6 +49,7 @@ from tests.topology import (  # noqa: E402
 
 
 def time_to_direct(tmp: Path, nat_a: str, nat_b: str) -> float:
+    tmp.mkdir()
     u = Underlay()
     try:
         p = build(u, tmp, nat_a, nat_b)

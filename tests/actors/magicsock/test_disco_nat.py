@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,6 @@ import pytest
 from meshsup.actors.settings import keys
 from tests.nodes import REPO, is_root
 from tests.topology import (
-    RELAY_PORT,
     Identity,
     NatLab,
     Netns,
@@ -38,6 +39,7 @@ from tests.topology import (
     relay_up,
     relays_stanza,
     start_meshsup,
+    start_relay,
     start_wg,
 )
 
@@ -66,10 +68,7 @@ def build(underlay: Underlay, tmp: Path, nat_a: str, nat_b: str, relays: int = 1
     stanzas = ""
     for i in range(relays):
         ns, addr = lab.public()
-        relay = underlay.track(
-            Node(tmp, "--listen", f"{addr}:{RELAY_PORT}", "--name", f"r{i}", netns=ns, command="relay")
-        )
-        relay.wait(lambda: relay.status()["relay"]["ready"], what="relay ready")
+        start_relay(underlay, tmp, ns, addr, name=f"r{i}")
         stanzas += relays_stanza(addr, f"r{i}")
 
     def host(nat: str) -> tuple[Netns, str]:
@@ -87,6 +86,32 @@ def build(underlay: Underlay, tmp: Path, nat_a: str, nat_b: str, relays: int = 1
     return Pair(lab, ns_a, ns_b, a, b, node_a, node_b, public_b)
 
 
+@contextmanager
+def traffic(ns: Netns, addr: str, seconds: float, interval: float = 0.2) -> Iterator[None]:
+    """Pings from `ns` to `addr` in the background for the body (at most `seconds`): a peer with traffic
+    is one disco keeps a path for."""
+    pinger = ns.popen("ping", "-q", "-i", str(interval), "-w", str(int(seconds)), addr, stdout=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        pinger.kill()
+        pinger.wait()
+
+
+@contextmanager
+def transfer(p: Pair, seconds: int) -> Iterator[None]:
+    """iperf3 TCP from alpha to bravo for `seconds`, while the body runs: the connection must live
+    through whatever the body does to the path."""
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(iperf3(p.ns_a, p.ns_b, p.b.v4, seconds=seconds)))
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(seconds + 60)
+    assert_carried(result)
+
+
 def direct(node: Node, name: str) -> dict[str, Any] | None:
     p = peer(node, name)
     return p if p["path"] == "direct" else None
@@ -96,13 +121,9 @@ def go_direct(p: Pair, within: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """Traffic starts; both sides must be on a direct path within `within` seconds of the first packet."""
     first = time.monotonic()
     assert ping(p.ns_a, p.b.v4, count=1, timeout=5)
-    pinger = p.ns_a.popen("ping", "-q", "-i", "0.2", "-w", str(int(within) + 2), p.b.v4, stdout=subprocess.DEVNULL)
-    try:
+    with traffic(p.ns_a, p.b.v4, within + 2):
         seen_a = p.node_a.wait(lambda: direct(p.node_a, "bravo"), timeout=within, what="alpha direct to bravo")
         seen_b = p.node_b.wait(lambda: direct(p.node_b, "alpha"), timeout=within, what="bravo direct to alpha")
-    finally:
-        pinger.kill()
-        pinger.wait()
     assert time.monotonic() - first < within + 1
     return seen_a, seen_b
 
@@ -131,15 +152,9 @@ def test_both_behind_endpoint_independent_nat_go_direct(underlay: Underlay, tmp_
 
 def test_a_transfer_begun_on_the_relay_moves_to_the_direct_path_unbroken(underlay: Underlay, tmp_path: Path) -> None:
     p = build(underlay, tmp_path, "masquerade", "masquerade")
-    result: dict[str, Any] = {}
-    transfer = threading.Thread(target=lambda: result.update(iperf3(p.ns_a, p.ns_b, p.b.v4, seconds=8)))
-    transfer.start()  # its first packets go through the relay: no direct path exists yet
-    try:
+    with transfer(p, seconds=8):  # its first packets go through the relay: no direct path exists yet
         p.node_a.wait(lambda: direct(p.node_a, "bravo"), timeout=8, what="direct during the transfer")
         relayed = p.node_a.counters()["magicsock"].get("relay_tx_datagrams", 0)
-    finally:
-        transfer.join(60)
-    assert_carried(result)
     assert relayed > 0 and direct(p.node_a, "bravo")
 
 
@@ -157,21 +172,17 @@ def test_a_path_that_answers_disco_but_carries_no_data_is_demoted(underlay: Unde
         f"ip daddr {p.public_b} meta l4proto udp @th,64,8 4 drop; }}; }}\n",
     )
     cut = time.monotonic()
-    pinger = p.ns_a.popen("ping", "-q", "-i", "0.2", "-w", "30", p.b.v4, stdout=subprocess.DEVNULL)
-    try:
 
-        def demoted() -> Any:
-            seen = peer(p.node_a, "bravo")
-            return seen["path"] == "relay" and "carried no data" in (seen["why"] or "") and seen
+    def demoted() -> Any:
+        seen = peer(p.node_a, "bravo")
+        return seen["path"] == "relay" and "carried no data" in (seen["why"] or "") and seen
 
+    with traffic(p.ns_a, p.b.v4, 30):
         seen = p.node_a.wait(demoted, timeout=25, what="demoted, saying why")
         assert time.monotonic() - cut < 15 + 5  # the stated bound (15 s of sending unanswered), and slack
         # Disco still answers on that path, and traffic flows through the relay.
         assert any(c["latency_ms"] is not None for c in seen["candidates"]), seen
         assert ping(p.ns_a, p.b.v4, count=2) and peer(p.node_a, "bravo")["path"] == "relay"
-    finally:
-        pinger.kill()
-        pinger.wait()
     assert "carried no data" in p.node_a.cli("status").stdout
 
 
@@ -188,17 +199,13 @@ def test_endpoint_dependent_nat_to_a_public_node_goes_direct(underlay: Underlay,
 def test_both_behind_endpoint_dependent_nat_stay_relayed_and_say_why(underlay: Underlay, tmp_path: Path) -> None:
     p = build(underlay, tmp_path, "random", "random", relays=2)  # two STUN servers: the mapping is seen to vary
     assert ping(p.ns_a, p.b.v4)
-    pinger = p.ns_a.popen("ping", "-q", "-i", "0.2", "-w", "12", p.b.v4, stdout=subprocess.DEVNULL)
-    try:
 
-        def gave_reason() -> Any:
-            seen = peer(p.node_a, "bravo")
-            return seen["path"] == "relay" and "endpoint-dependent" in (seen["why"] or "") and seen
+    def gave_reason() -> Any:
+        seen = peer(p.node_a, "bravo")
+        return seen["path"] == "relay" and "endpoint-dependent" in (seen["why"] or "") and seen
 
+    with traffic(p.ns_a, p.b.v4, 12):
         seen = p.node_a.wait(gave_reason, timeout=15, what="relayed, saying why")
-    finally:
-        pinger.kill()
-        pinger.wait()
     assert "no pong from any of" in seen["why"] and seen["candidates"], seen
     assert p.node_a.status()["disco"]["mapping_varies"] is True
     assert ping(p.ns_a, p.b.v4, count=3) and peer(p.node_a, "bravo")["path"] == "relay"
@@ -210,28 +217,18 @@ def test_both_behind_endpoint_dependent_nat_stay_relayed_and_say_why(underlay: U
 def test_a_blackholed_direct_path_falls_back_to_the_relay_and_comes_back(underlay: Underlay, tmp_path: Path) -> None:
     p = build(underlay, tmp_path, "masquerade", "masquerade")
     go_direct(p, within=5)
-    result: dict[str, Any] = {}
-    transfer = threading.Thread(target=lambda: result.update(iperf3(p.ns_a, p.ns_b, p.b.v4, seconds=16)))
-    transfer.start()
-    try:
+    with transfer(p, seconds=16):  # the TCP stream must live through the move
         time.sleep(2)
         p.lab.blackhole(p.ns_a, p.public_b)
         cut = time.monotonic()
         p.node_a.wait(lambda: peer(p.node_a, "bravo")["path"] == "relay", timeout=10, what="alpha on the relay")
         p.node_b.wait(lambda: peer(p.node_b, "alpha")["path"] == "relay", timeout=12 - (time.monotonic() - cut))
         assert time.monotonic() - cut < 12
-    finally:
-        transfer.join(60)
-    assert_carried(result)  # the TCP stream lived through the move
     assert sum(p.lab.blackholed(p.ns_a, p.public_b)) > 0
     p.lab.unblackhole(p.ns_a, p.public_b)
     healed = time.monotonic()
-    pinger = p.ns_a.popen("ping", "-q", "-i", "0.5", "-w", "75", p.b.v4, stdout=subprocess.DEVNULL)
-    try:
+    with traffic(p.ns_a, p.b.v4, 75, interval=0.5):
         p.node_a.wait(lambda: direct(p.node_a, "bravo"), timeout=70, what="back on the direct path")
-    finally:
-        pinger.kill()
-        pinger.wait()
     assert time.monotonic() - healed < 70
 
 
@@ -247,15 +244,9 @@ def test_flushed_nat_mappings_recover(underlay: Underlay, tmp_path: Path) -> Non
 def test_a_moved_underlay_address_keeps_the_transfer(underlay: Underlay, tmp_path: Path) -> None:
     p = build(underlay, tmp_path, "masquerade", "masquerade")
     go_direct(p, within=5)
-    result: dict[str, Any] = {}
-    transfer = threading.Thread(target=lambda: result.update(iperf3(p.ns_a, p.ns_b, p.b.v4, seconds=12)))
-    transfer.start()
-    try:
+    with transfer(p, seconds=12):
         time.sleep(2)
         new = p.lab.renumber(p.ns_a)
-    finally:
-        transfer.join(60)
-    assert_carried(result)
     p.node_a.wait(lambda: new in str(p.node_a.status()["disco"]["endpoints"]), what="the new address an endpoint")
     go_direct(p, within=20)
 
@@ -263,8 +254,7 @@ def test_a_moved_underlay_address_keeps_the_transfer(underlay: Underlay, tmp_pat
 def test_a_wireguard_go_peer_beside_disco_peers(underlay: Underlay, tmp_path: Path) -> None:
     lab = NatLab(underlay)
     relay_ns, relay_addr = lab.public()
-    relay = underlay.track(Node(tmp_path, "--listen", f"{relay_addr}:{RELAY_PORT}", netns=relay_ns, command="relay"))
-    relay.wait(lambda: relay.status()["relay"]["ready"], what="relay ready")
+    start_relay(underlay, tmp_path, relay_ns, relay_addr)
     (ns_a, _, _), (ns_b, _, _) = lab.home(), lab.home()
     ns_c, addr_c = lab.public()
     a, b, c = Identity("alpha", 1), Identity("bravo", 2), Identity("charlie", 3)

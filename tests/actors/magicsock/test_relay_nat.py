@@ -42,6 +42,7 @@ from tests.topology import (
     relay_up,
     relays_stanza,
     start_meshsup,
+    start_relay,
     start_wg,
     unanswered,
 )
@@ -73,20 +74,7 @@ def build(underlay: Underlay, tmp: Path, relay_workers: int = 1, extra_a: Callab
     to alpha's config, given alpha's namespace (to start a collector there first)."""
     lab = NatLab(underlay)
     relay_ns, relay_addr = lab.public()
-    relay = underlay.track(
-        Node(
-            tmp,
-            "--listen",
-            f"{relay_addr}:{RELAY_PORT}",
-            "--relay-workers",
-            str(relay_workers),
-            "--name",
-            "edge",
-            netns=relay_ns,
-            command="relay",
-        )
-    )
-    relay.wait(lambda: relay.status()["relay"]["ready"], what="relay ready")
+    relay = start_relay(underlay, tmp, relay_ns, relay_addr, "--relay-workers", str(relay_workers))
     (ns_a, _, _), (ns_b, _, _) = lab.home(nat="random"), lab.home(nat="random")
     ns_c, addr_c = lab.public()
     a, b, c = Identity("alpha", 1), Identity("bravo", 2), Identity("charlie", 3)
@@ -215,8 +203,7 @@ def run_python(ns: Netns, script: str, *args: str) -> subprocess.Popen[str]:
 def test_what_a_relay_must_not_deliver_is_counted_and_crashes_nothing(underlay: Underlay, tmp_path: Path) -> None:
     lab = NatLab(underlay)
     relay_ns, relay_addr = lab.public()
-    relay = underlay.track(Node(tmp_path, "--listen", f"{relay_addr}:{RELAY_PORT}", netns=relay_ns, command="relay"))
-    relay.wait(lambda: relay.status()["relay"]["ready"], what="relay ready")
+    start_relay(underlay, tmp_path, relay_ns, relay_addr)
     rogues: list[subprocess.Popen[str]] = [run_python(relay_ns, GARBAGE, relay_addr, "9000")]
     try:
         ns_a, _, _ = lab.home()
@@ -286,12 +273,8 @@ def test_when_the_home_relay_fails_another_takes_over(underlay: Underlay, tmp_pa
     relays, stanzas = {}, ""
     for name in ("one", "two"):
         ns, addr = lab.public()
-        relays[name] = underlay.track(
-            Node(tmp_path, "--listen", f"{addr}:{RELAY_PORT}", "--name", name, netns=ns, command="relay")
-        )
-        stanzas += f'\n[[relays]]\nname = "{name}"\nurl = "http://{addr}:{RELAY_PORT}/derp"\n'
-    for r in relays.values():
-        r.wait(lambda: r.status()["relay"]["ready"], what="relay ready")
+        relays[name] = start_relay(underlay, tmp_path, ns, addr, name=name)
+        stanzas += relays_stanza(addr, name)
     (ns_a, _, _), (ns_b, _, _) = lab.home(nat="random"), lab.home(nat="random")
     a, b = Identity("alpha", 1), Identity("bravo", 2)
     node_a = start_meshsup(underlay, tmp_path, a, [b], ns=ns_a, extra=stanzas)

@@ -18,7 +18,7 @@ from pyroute2.netns import create_socket
 from meshsup.actors.kernel.types import Endpoint
 from meshsup.actors.magicsock.stunclient import StunProber
 from tests.nodes import is_root
-from tests.topology import NatLab, Netns, Node, Underlay, have
+from tests.topology import NatLab, Netns, Underlay, have, start_relay
 
 TOOLS = ("nft", "turnserver", "ss")
 pytestmark = [
@@ -104,22 +104,9 @@ def test_stun_from_behind_nat_finds_the_router_address_and_how_it_maps(underlay:
     turn_ns, turn_addr = lab.public()
     coturn = underlay.track(Coturn(turn_ns, turn_addr, tmp_path))
     relay_ns, relay_addr = lab.public()
-    relay = underlay.track(
-        Node(
-            tmp_path,
-            "--listen",
-            f"{relay_addr}:8080",
-            "--stun-listen",
-            f"{relay_addr}:{STUN_PORT}",
-            "--name",
-            "edge",
-            netns=relay_ns,
-            command="relay",
-        )
-    )
+    relay = start_relay(underlay, tmp_path, relay_ns, relay_addr, "--stun-listen", f"{relay_addr}:{STUN_PORT}")
     easy, _, easy_public = lab.home(nat="masquerade")
     hard, _, hard_public = lab.home(nat="random")
-    relay.wait(lambda: relay.status()["relay"]["ready"], what="relay ready")
     wait_until(coturn.listening, what="turnserver listening")
     servers = [(turn_addr, STUN_PORT), (relay_addr, STUN_PORT)]
 
