@@ -36,6 +36,7 @@ from meshsup.actors.dns.access import prefix_of, share
 from meshsup.actors.dns.cache import CacheEntry, CacheKey, DnsCache
 from meshsup.actors.dns.fastpath import FastAnswers, prepare
 from meshsup.actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
+from meshsup.actors.dns.latency import LatencyBuckets
 from meshsup.actors.dns.message import (
     Answer,
     Ignored,
@@ -121,6 +122,7 @@ class Resolver:
         self._rng = rng or random.Random()
         self._inflight: InflightTable[_Waiter] = InflightTable(settings.max_inflight)
         self._cap_log = RateLimiter()
+        self.upstream_latency = LatencyBuckets()
         self._cache = DnsCache(0)
         self._fast = FastAnswers(0)
         # The reply to a query answered before, from its bytes alone; None: call handle().
@@ -246,6 +248,7 @@ class Resolver:
         entry = self._cache.store(key, answer, now)
         self._inflight.finish(key)
         self.counters["upstream_answers"] += 1
+        self.upstream_latency.observe(now - flight.started)
         # Not kept for the fast path yet: that waits for the question to come again
         # (most names are asked once; preparing for them would cost time and memory).
         stored = entry.answer if entry else answer
