@@ -189,6 +189,11 @@ def _dns(fams: _Families, a: ActorProc) -> None:
         fams.counter("dns_queries", "DNS queries received, by transport").add(
             c.get(f"queries_{transport}", 0), **ids, transport=transport
         )
+    for key, n in c.items():
+        if key.startswith("replies_"):
+            fams.counter("dns_replies", "DNS replies sent, by rcode (fast path included)").add(
+                n, **ids, rcode=key.removeprefix("replies_").upper()
+            )
     for key, source in DNS_SOURCES.items():
         fams.counter("dns_answers", "DNS answers by source (fast path answers included)").add(
             c.get(key, 0), **ids, source=source

@@ -15,6 +15,7 @@ from meshsup.actors.settings import ConfigError, Settings, parse
 from meshsup.actors.settings.metrics import MetricsSettings
 from meshsup.supervisor.exposition import CONTENT_TYPE, Family, Histogram, render
 from meshsup.supervisor.metrics import DROPS, families
+from meshsup.supervisor.metrics_front import MetricsFront
 from meshsup.supervisor.scrape import MAX_CONNECTIONS, MAX_REQUEST, ScrapeServer, answer
 from meshsup.supervisor.supervision import ActorProc
 
@@ -151,7 +152,13 @@ def _actors() -> list[ActorProc]:
     latency = LatencyBuckets()
     latency.observe(0.02)
     dns.status = {
-        "counters": {"queries_udp": 9, "cache_hits": 5, "upstream_answers": 1, "cache_entries": 7},
+        "counters": {
+            "queries_udp": 9,
+            "cache_hits": 5,
+            "upstream_answers": 1,
+            "cache_entries": 7,
+            "replies_nxdomain": 2,
+        },
         "upstream_latency": latency.snapshot(),
     }
     netlog = ActorProc("netlog", "netlog", process=object(), state="running", last_beat=99.9)
@@ -191,6 +198,7 @@ def test_the_series_of_a_node():
     assert s['meshsup_dns_queries_total{actor="dns-0",transport="udp"}'] == 9
     assert s['meshsup_dns_answers_total{actor="dns-0",source="cache"}'] == 5
     assert s['meshsup_dns_cache_entries{actor="dns-0"}'] == 7
+    assert s['meshsup_dns_replies_total{actor="dns-0",rcode="NXDOMAIN"}'] == 2
     assert s['meshsup_dns_upstream_latency_seconds_bucket{actor="dns-0",le="0.025"}'] == 1
     assert s['meshsup_dns_upstream_latency_seconds_bucket{actor="dns-0",le="0.01"}'] == 0
     assert s['meshsup_netlog_sent_total{collector="my.collector",stream="flows"}'] == 3
@@ -268,3 +276,44 @@ def test_the_server_answers_on_its_socket_and_bounds_its_connections():
             s.close()
     finally:
         server.close()
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def info(self, *args: object, **kw: object) -> None:
+        pass
+
+    def error(self, message: str, **kw: object) -> None:
+        self.errors.append(message)
+
+
+def test_a_taken_address_is_refused_at_start_and_kept_from_on_reload(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    log = _Log()
+    front = MetricsFront(None, dict, log)  # type: ignore[arg-type]
+    try:
+        assert front.serve(_parse(tmp_path, {"listen": f"127.0.0.1:{port}"})) == (
+            f"cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+        )
+        assert front.serve(_parse(tmp_path, {})) is None and front.server is None
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        other = free.getsockname()[1]
+        free.close()
+        front.follow(_parse(tmp_path, {"listen": f"127.0.0.1:{other}"}))
+        assert front.server is not None and front.server.listener.getsockname() == ("127.0.0.1", other)
+        front.follow(_parse(tmp_path, {"listen": f"127.0.0.1:{port}"}))  # taken: the old one stays
+        assert front.server.listener.getsockname() == ("127.0.0.1", other)
+        assert log.errors == [f"cannot serve metrics on 127.0.0.1:{port}: Address already in use"]
+        front.follow(_parse(tmp_path, {}))  # off
+        assert front.server is None
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", other), timeout=1)
+    finally:
+        front.close()
+        taken.close()

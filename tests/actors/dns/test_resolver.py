@@ -189,3 +189,15 @@ def test_upstream_latency_counted_in_buckets_from_first_forward_to_answer():
     assert snap["count"] == 1 and snap["sum"] == pytest.approx(0.03)
     assert dict(zip(snap["bounds"], snap["cumulative"]))[0.025] == 0
     assert dict(zip(snap["bounds"], snap["cumulative"]))[0.05] == 1
+
+
+def test_replies_counted_by_rcode_on_the_full_path_and_the_fast_path():
+    resolver = Resolver(settings())
+    for _ in range(3):  # the first through handle(), the others from the fast path
+        wire = query_wire("nobody.mesh")
+        if resolver.fast(wire, "udp", 0.0) is None:
+            reply_of(resolver.handle(wire, CLIENT, "udp", 0.0))
+    reply_of(resolver.handle(query_wire("alpha.mesh"), CLIENT, "udp", 0.0))
+    stats = resolver.stats()
+    assert stats["replies_nxdomain"] == 3 and stats["replies_noerror"] == 1
+    assert stats["local_answers"] == 4 and stats["fast_answers"] == 2
