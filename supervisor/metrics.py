@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from meshsup.supervisor.exposition import Family, Histogram
+from meshsup.supervisor.exposition import Family, Histogram, Kind
 from meshsup.supervisor.supervision import ActorProc
 
 STATES = ("starting", "running", "backoff", "stopping", "stopped")
@@ -109,7 +109,7 @@ class _Families:
     def __init__(self) -> None:
         self.all: dict[str, Family] = {}
 
-    def _get(self, name: str, kind: Any, help: str) -> Family:
+    def _get(self, name: str, kind: Kind, help: str) -> Family:
         full = f"meshsup_{name}"
         if full not in self.all:
             self.all[full] = Family(full, kind, help)
