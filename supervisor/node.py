@@ -5,6 +5,7 @@ The parts, each owning one concern:
 - supervision.py: the actor tree (spawn, restart, deadlines, intensity, heartbeats) and the running config;
 - sequencer.py: a new config to the running actors in ordered, acked steps;
 - cli_server.py: the CLI's requests; uapi_front.py: `wg show` and `wg set`;
+- metrics_front.py: Prometheus's /metrics, rendered from the same state as `status`;
 - resources.py: the listen port's probe and the TUN queues held for the crypto workers.
 
 One thread, one poll loop: an actor's message, a process exit, a CLI or `wg`
@@ -30,6 +31,7 @@ from meshsup.actors.settings.relay import RelaySettings
 from meshsup.supervisor import relay, sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
 from meshsup.supervisor.hub import Hub
+from meshsup.supervisor.metrics_front import MetricsFront
 from meshsup.supervisor.resources import TunQueues, probe_port
 from meshsup.supervisor.sequencer import Sequencer
 from meshsup.supervisor.supervision import NodeFailed, Tree
@@ -52,6 +54,7 @@ class Supervisor:
         self.sequencer = Sequencer(self.tree, self.hub)
         self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure)
         self.wg = UapiFront(self.tree, self.reconfigure, log)
+        self.metrics = MetricsFront(self.tree, self.cli.status, log)
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def run(self) -> int:
@@ -87,7 +90,7 @@ class Supervisor:
         port, `wg`'s socket and the TUN's queues; a relay's ports."""
         if isinstance(config, RelaySettings):
             return relay.probe(config)
-        error = probe_port(config) or self.wg.serve(config.node.interface)
+        error = probe_port(config) or self.wg.serve(config.node.interface) or self.metrics.serve(config)
         if error is None:
             self.tun_queues.open(config)
         return error
@@ -107,6 +110,7 @@ class Supervisor:
         for fd in sentinels:
             poller.register(fd, zmq.POLLIN)
         uapi_fds = self.wg.register(poller)
+        metrics_fds = self.metrics.register(poller)
         for sock, _ in poller.poll(timeout * 1000):
             if sock in self.hub.controls:
                 self.hub.drain_control(sock, self.tree.actors, self.tree.on_actor_message)
@@ -120,6 +124,8 @@ class Supervisor:
                 self.tree.on_exit(sentinels[sock])
             elif sock in uapi_fds:
                 self.wg.on_ready(sock)
+            elif sock in metrics_fds:
+                self.metrics.on_ready(sock)
 
     def _on_signals(self) -> None:
         try:
@@ -137,6 +143,7 @@ class Supervisor:
     def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
         """Every config change (reload, `wg set`, scale) comes through here."""
         self.wg.follow(new)
+        self.metrics.follow(new)
         self.sequencer.reconfigure(new, finished)
 
     def reload(self, reply: Reply) -> None:
@@ -158,6 +165,7 @@ class Supervisor:
 
     def close(self) -> None:
         self.wg.close()
+        self.metrics.close()
         self.tun_queues.close()
         self.ctx.destroy(linger=0)
         os.close(self.signal_r)

@@ -118,6 +118,7 @@ class Prepared:
         "born",
         "expires",
         "counter",
+        "tally",
         "cache_entry",
         "_bodies",
         "_rng",
@@ -142,6 +143,8 @@ class Prepared:
         self.born = born
         self.expires = expires
         self.counter = counter  # what a hit counts as
+        # ... and with the reply's rcode: one key, a string for its cached hash, so a hit costs what it did
+        self.tally = f"{counter} {reply[3] & 0x0F}"
         self.cache_entry = cache_entry  # the cache entry it came from: a hit marks it used
         self._rng = rng
         self._bodies = _shuffled(reply, layout.runs, rng) if expires == STATIC else ()
@@ -191,7 +194,7 @@ class FastAnswers:
     def __init__(self, size: int) -> None:
         self.size = size
         self.answered: Counter[str] = Counter()  # by transport
-        self.hits: Counter[str] = Counter()  # by Prepared.counter
+        self.hits: Counter[str] = Counter()  # by Prepared.tally: "counter rcode"
         self._tables: dict[str, OrderedDict[bytes, Prepared]] = {"udp": OrderedDict(), "tcp": OrderedDict()}
 
     def __len__(self) -> int:
@@ -210,7 +213,7 @@ class FastAnswers:
             del table[key]
             return None
         self.answered[transport] += 1
-        self.hits[prepared.counter] += 1
+        self.hits[prepared.tally] += 1
         if prepared.cache_entry is not None:
             prepared.cache_entry.used = True
         return prepared.render(query[:2], now)

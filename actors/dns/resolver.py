@@ -36,6 +36,7 @@ from meshsup.actors.dns.access import prefix_of, share
 from meshsup.actors.dns.cache import CacheEntry, CacheKey, DnsCache
 from meshsup.actors.dns.fastpath import FastAnswers, prepare
 from meshsup.actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
+from meshsup.actors.dns.latency import LatencyBuckets
 from meshsup.actors.dns.message import (
     Answer,
     Ignored,
@@ -121,6 +122,8 @@ class Resolver:
         self._rng = rng or random.Random()
         self._inflight: InflightTable[_Waiter] = InflightTable(settings.max_inflight)
         self._cap_log = RateLimiter()
+        self.upstream_latency = LatencyBuckets()
+        self.rcodes: Counter[int] = Counter()  # replies the full path made, by rcode (the header's 4 bits)
         self._cache = DnsCache(0)
         self._fast = FastAnswers(0)
         # The reply to a query answered before, from its bytes alone; None: call handle().
@@ -165,8 +168,13 @@ class Resolver:
         """Counters and gauges for status; the fast path's answers counted as the full path counts them."""
         stats: Counter[str] = Counter(self.counters)
         stats.update(self._cache.counters.as_dict())
-        stats.update(self._fast.hits)
+        rcodes = Counter(self.rcodes)
+        for tally, n in self._fast.hits.items():
+            counter, _, rcode = tally.rpartition(" ")
+            stats[counter] += n
+            rcodes[int(rcode)] += n
         stats.update({f"queries_{transport}": n for transport, n in self._fast.answered.items()})
+        stats.update({f"replies_{dns.rcode.to_text(rcode).lower()}": n for rcode, n in rcodes.items()})
         return {
             **stats,
             "cache_entries": len(self._cache),
@@ -185,6 +193,7 @@ class Resolver:
             counters[parsed.reason] += 1
             if isinstance(parsed, Ignored):
                 return [Drop(parsed.reason, source, transport, ctx)]
+            self.rcodes[parsed.wire[3] & 0x0F] += 1
             return [Reply(parsed.wire, source, transport, ctx)]
         waiter = _Waiter(parsed, source, transport, ctx, query_wire)
         if parsed.qtype == dns.rdatatype.ANY:
@@ -246,6 +255,7 @@ class Resolver:
         entry = self._cache.store(key, answer, now)
         self._inflight.finish(key)
         self.counters["upstream_answers"] += 1
+        self.upstream_latency.observe(now - flight.started)
         # Not kept for the fast path yet: that waits for the question to come again
         # (most names are asked once; preparing for them would cost time and memory).
         stored = entry.answer if entry else answer
@@ -320,6 +330,7 @@ class Resolver:
             prepared = prepare(wire, self._rng, counter=keep)
             if prepared is not None:
                 self._fast.keep(waiter.wire, waiter.transport, prepared)
+        self.rcodes[wire[3] & 0x0F] += 1
         return Reply(wire, waiter.source, waiter.transport, waiter.ctx)
 
     def _reply_cached(self, waiter: _Waiter, entry: CacheEntry, now: float) -> Reply:
@@ -342,4 +353,5 @@ class Resolver:
             self._fast.keep(waiter.wire, waiter.transport, prepared)
         if now > entry.stored_at:  # else nothing has counted down yet: the rendered reply is it
             wire = prepared.render(waiter.wire[:2], now)
+        self.rcodes[wire[3] & 0x0F] += 1
         return Reply(wire, waiter.source, waiter.transport, waiter.ctx)

@@ -312,6 +312,10 @@ class DnsServer:
             "tcp_clients": len(self._connections),
         }
 
+    def upstream_latency(self) -> dict[str, Any]:
+        """latency.LatencyBuckets' snapshot: forwards answered, by seconds waited."""
+        return self._resolver.upstream_latency.snapshot()
+
     @property
     def addresses(self) -> list[Address]:
         return list(self._listeners)

@@ -285,6 +285,8 @@ class NetlogActor(Actor):
             for name, stats in (shipper.stats() if shipper else {}).items():
                 for key in ("sent", "delivered", "errors", "dropped"):
                     counters[f"{what}.{name}.{key}"] = getattr(stats, key)
+            for name, depth in (shipper.depths() if shipper else {}).items():
+                counters[f"{what}.{name}.spooled"] = depth
         return {"counters": dict(counters)}
 
     def close(self) -> None:

@@ -108,6 +108,7 @@ class Sender(Protocol):
     def waiting_on(self) -> Wait | None: ...
     def abort(self, now: float, error: str) -> None: ...
     def idle(self) -> bool: ...
+    def depth(self) -> int: ...  # records (IPFIX: messages) waiting to go: the spool's or the queue's
     def close(self) -> None: ...
 
 
@@ -246,6 +247,9 @@ class _SpooledSender:
 
     def idle(self) -> bool:
         return len(self.spool) == 0
+
+    def depth(self) -> int:
+        return len(self.spool)
 
     def _connected(self, now: float, deadline: float) -> socket.socket | None:
         """Start connecting (to be done by `deadline`) or go on; the socket once connected.
@@ -622,6 +626,9 @@ class IpfixSender:
     def idle(self) -> bool:
         return not self._queue
 
+    def depth(self) -> int:
+        return len(self._queue)
+
     def waiting_on(self) -> Wait | None:
         # Once the socket is open, only a full send buffer leaves datagrams queued after a pump.
         return Wait(self._sock, read=False, write=True) if self._sock is not None and self._queue else None
@@ -716,6 +723,9 @@ class Shipper:
 
     def stats(self) -> dict[str, SenderStats]:
         return {sender.config.name: sender.stats for sender in self.senders}
+
+    def depths(self) -> dict[str, int]:
+        return {sender.config.name: sender.depth() for sender in self.senders}
 
     def close(self) -> None:
         for sender in self.senders:

@@ -179,3 +179,25 @@ def test_reconfigure_keeps_cache_unless_forwarding_changes():
     resolver.reconfigure(settings(names={}, upstreams=["udp://127.0.0.20"]))
     assert only_forward(resolver.handle(query_wire("x.example"), CLIENT, "udp", 2.0)).upstream.host == "127.0.0.20"
     assert reply_of(resolver.handle(query_wire("carol.mesh"), CLIENT, "udp", 2.0)).rcode() == dns.rcode.NXDOMAIN
+
+
+def test_upstream_latency_counted_in_buckets_from_first_forward_to_answer():
+    resolver = Resolver(settings())
+    forward = only_forward(resolver.handle(query_wire("www.example.com"), CLIENT, "udp", 10.0))
+    resolver.on_upstream_answer(forward.key, forward.upstream, upstream_answer(forward), 10.03)
+    snap = resolver.upstream_latency.snapshot()
+    assert snap["count"] == 1 and snap["sum"] == pytest.approx(0.03)
+    assert dict(zip(snap["bounds"], snap["cumulative"]))[0.025] == 0
+    assert dict(zip(snap["bounds"], snap["cumulative"]))[0.05] == 1
+
+
+def test_replies_counted_by_rcode_on_the_full_path_and_the_fast_path():
+    resolver = Resolver(settings())
+    for _ in range(3):  # the first through handle(), the others from the fast path
+        wire = query_wire("nobody.mesh")
+        if resolver.fast(wire, "udp", 0.0) is None:
+            reply_of(resolver.handle(wire, CLIENT, "udp", 0.0))
+    reply_of(resolver.handle(query_wire("alpha.mesh"), CLIENT, "udp", 0.0))
+    stats = resolver.stats()
+    assert stats["replies_nxdomain"] == 3 and stats["replies_noerror"] == 1
+    assert stats["local_answers"] == 4 and stats["fast_answers"] == 2
