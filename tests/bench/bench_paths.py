@@ -78,8 +78,7 @@ def throughput(tmp: Path, seconds: int) -> None:
         nat = build(u, tmp, "masquerade", "masquerade")
         assert ping(nat.ns_a, nat.b.v4)
         nat.node_a.wait(lambda: direct(nat.node_a, "bravo"), timeout=30, what="direct")
-        lab = NatLab(u)
-        (ns_c, addr_c), (ns_d, addr_d) = lab.public(), lab.public()
+        (ns_c, addr_c), (ns_d, addr_d) = nat.lab.public(), nat.lab.public()  # one lab: addresses unique
         c, d = Identity("charlie", 3), Identity("delta", 4)
         c.endpoint, d.endpoint = f"{addr_c}:51820", f"{addr_d}:51820"
         start_meshsup(u, tmp, c, [d], ns=ns_c)
