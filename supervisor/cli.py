@@ -16,7 +16,7 @@ from meshsup.actors.kernel.files import UnsafePath
 from meshsup.actors.kernel.privileges import USER, PrivilegeError, unprivileged_account
 from meshsup.actors.log import setup
 from meshsup.actors.settings import Settings
-from meshsup.actors.settings.keys import b64
+from meshsup.actors.settings.keys import b64, load_or_create_disco
 from meshsup.supervisor import config as cfg
 from meshsup.supervisor import relay
 from meshsup.supervisor.control import NotRunning, call
@@ -95,6 +95,7 @@ def load_config(args: argparse.Namespace, state_dir: Path) -> Settings:
             if not 1 <= n <= 64:
                 raise cfg.ConfigError(f"--{kind}-workers", f"actors.{kind}", f"{n} is outside 1..64")
             actors = replace(actors, **{kind: n})
+    node = replace(node, disco_key=load_or_create_disco(state_dir))  # a node that runs runs disco
     return replace(conf, node=node, actors=actors)
 
 

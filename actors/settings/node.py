@@ -38,7 +38,8 @@ class NodeSettings:
     interface: str
     addresses: tuple[IPInterface, ...]
     mtu: int
-    # Seals disco's NaCl boxes (keys.load_or_create_disco), magicsock's alone; b"": withheld.
+    # Seals disco's NaCl boxes, magicsock's alone; b"": withheld, or not loaded (a node that runs
+    # loads it from its state dir: supervisor.cli, keys.load_or_create_disco; parsing writes no file).
     disco_key: bytes = field(default=b"", repr=False)
 
 
@@ -135,7 +136,6 @@ def parse_node(file: str, table: Any, base: Path, state_dir: Path) -> NodeSettin
         interface=interface,
         addresses=tuple(parse_interface_address(a) for a in addresses),
         mtu=mtu,
-        disco_key=keys.load_or_create_disco(state_dir),
     )
 
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from meshsup.actors.kernel.files import UnsafePath
 from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, USER, Account, unprivileged_account
 from meshsup.actors.registry import EXIT_NO_DROP, START_ORDER, settings_for
 from meshsup.actors.settings import Settings, parse
-from meshsup.actors.settings.keys import b64, generate_private, public_of
+from meshsup.actors.settings.keys import b64, generate_private, load_or_create_disco, public_of
 from meshsup.supervisor.resources import open_state_dir
 from meshsup.supervisor.supervision import Tree
 from tests.dns_fixtures import dig
@@ -78,6 +79,7 @@ def encode_settings(s: Settings) -> bytes:
 
 def test_only_the_crypto_workers_get_the_keys(tmp_path: Path) -> None:
     full = settings(tmp_path)
+    full = replace(full, node=replace(full.node, disco_key=load_or_create_disco(tmp_path)))  # as the CLI loads it
     assert full.holds_secrets and holds_a_key(encode_settings(full))
     for kind in START_ORDER:  # a node's kinds (a relay's workers get the relay's settings, its own key)
         given = settings_for(kind, full)
