@@ -151,12 +151,13 @@ class DnsActor(Actor):
         if server is None:
             return {}
 
-        async def read() -> dict[str, int]:  # read on the DNS thread, where they change
-            return server.counters()
+        async def read() -> tuple[dict[str, int], dict[str, Any]]:  # read on the DNS thread, where they change
+            return server.counters(), server.upstreams()
 
         events = self.learned_events
         learned = {"learned_names": events.learned, "learned_published": events.published}
-        return {"counters": {**self._call(read()), **learned}}
+        counters, upstreams = self._call(read())
+        return {"counters": {**counters, **learned}, "upstreams": upstreams}
 
     def close(self) -> None:
         if self.server is not None:
