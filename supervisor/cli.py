@@ -288,13 +288,11 @@ def main(argv: list[str] | None = None) -> int:
             return _check(reply.result.get("health", []))
         if args.json:
             print(json.dumps(reply.result, indent=2))
-        elif "relay" in reply.result:
-            relay.print_status(reply.result)
         else:
-            _print_status(reply.result)
-        if reply.result.get("health"):
-            print(f"\n{'HEALTH':<22} {'SINCE':<20} MESSAGE")
-            print("\n".join(_warning_lines(reply.result["health"])))
+            (relay.print_status if "relay" in reply.result else _print_status)(reply.result)
+            if reply.result.get("health"):
+                print(f"\n{'HEALTH':<22} {'SINCE':<20} MESSAGE")
+                print("\n".join(_warning_lines(reply.result["health"])))
     elif args.command == "stop":
         print("stopping")
     elif reply.result:
