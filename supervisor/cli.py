@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_arguments(cmd("relay", "run a DERP relay and STUN server in the foreground", relay.DEFAULT_STATE_DIR))
     status = cmd("status", "show actors and peers")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--check", action="store_true", help="print the health warnings; exit 1 while any stands")
     cmd("reload", "re-read the configuration (also SIGHUP)")
     scale = cmd("scale", "change an actor's worker count")
     scale.add_argument("kind")
@@ -200,6 +201,19 @@ def _print_status(result: dict[str, Any]) -> None:
             print(f"{r['name']:<16} {r['address']:<16} {r['state']:<10} {_ms(r['latency_ms']):>10}  {r['url']}{home}")
 
 
+def _warning_lines(health: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"{w['code']:<22} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(w['since'])):<20} {w['message']}"
+        for w in health
+    ]
+
+
+def _check(health: list[dict[str, Any]]) -> int:
+    """`status --check`, for monitors: 0 and "healthy", or 1 and each warning standing."""
+    print("\n".join(_warning_lines(health)) if health else "healthy")
+    return 1 if health else 0
+
+
 def _path(peer: dict[str, Any]) -> str:
     """direct, relay NAME LATENCY (down: not connected), or - before any packet."""
     if peer["path"] == "direct" and peer.get("latency_ms") is not None:
@@ -271,12 +285,15 @@ def main(argv: list[str] | None = None) -> int:
             return ping.run(args, reply.result)
         return ping.run_path(args, reply.result, lambda command, request: call(runtime, command, request))
     if args.command == "status":
+        if args.check:
+            return _check(reply.result.get("health", []))
         if args.json:
             print(json.dumps(reply.result, indent=2))
-        elif "relay" in reply.result:
-            relay.print_status(reply.result)
         else:
-            _print_status(reply.result)
+            (relay.print_status if "relay" in reply.result else _print_status)(reply.result)
+            if reply.result.get("health"):
+                print(f"\n{'HEALTH':<22} {'SINCE':<20} MESSAGE")
+                print("\n".join(_warning_lines(reply.result["health"])))
     elif args.command == "stop":
         print("stopping")
     elif reply.result:

@@ -18,6 +18,7 @@ from meshsup.actors.settings import Settings
 from meshsup.actors.settings.keys import b64
 from meshsup.actors.settings.relay import RelaySettings
 from meshsup.supervisor import relay
+from meshsup.supervisor.health import Health
 from meshsup.supervisor.hub import Hub, bind
 from meshsup.supervisor.supervision import Tree
 from meshsup.supervisor.wgapi import peer_status
@@ -39,8 +40,10 @@ class CliServer:
         hub: Hub,
         reload: Callable[[Reply], None],
         reconfigure: Callable[[Settings, Callable[[list[str]], None]], None],
+        health: Health,
     ) -> None:
         self.tree = tree
+        self.health = health
         self.hub = hub
         self.reload = reload
         self.reconfigure = reconfigure
@@ -116,6 +119,7 @@ class CliServer:
             return {
                 **relay.status(self.tree.config, self._actors(), self.tree.ready, self.tree.generation),
                 "supervisor": {"bus_dropped": self.hub.bus_dropped},
+                "health": self._health(),
             }
         node = self.tree.config.node
         magicsock = self.tree.actors["magicsock"].status if "magicsock" in self.tree.actors else {}
@@ -135,7 +139,11 @@ class CliServer:
             "relays": magicsock.get("relays", []),
             "disco": magicsock.get("disco", {}),
             "supervisor": {"bus_dropped": self.hub.bus_dropped},
+            "health": self._health(),
         }
+
+    def _health(self) -> list[dict[str, Any]]:
+        return [w.to_json() for w in self.health.warnings()]
 
     def _actors(self) -> list[dict[str, Any]]:
         out = []

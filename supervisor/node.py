@@ -30,12 +30,14 @@ from meshsup.actors.settings import Settings
 from meshsup.actors.settings.relay import RelaySettings
 from meshsup.supervisor import relay, sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
+from meshsup.supervisor.health import UPDATE_INTERVAL, Health, no_handshake_after
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.metrics_front import MetricsFront
 from meshsup.supervisor.resources import TunQueues, probe_port
 from meshsup.supervisor.sequencer import Sequencer
 from meshsup.supervisor.supervision import NodeFailed, Tree
 from meshsup.supervisor.uapi_front import UapiFront
+from meshsup.supervisor.wgapi import peer_status
 
 
 class Supervisor:
@@ -52,7 +54,8 @@ class Supervisor:
         self.tun_queues = TunQueues(log)
         self.tree = Tree(config, runtime, self.hub, self.tun_queues, account, log)
         self.sequencer = Sequencer(self.tree, self.hub)
-        self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure)
+        self.health = Health(no_handshake_after(os.environ))
+        self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure, self.health)
         self.wg = UapiFront(self.tree, self.reconfigure, log)
         self.metrics = MetricsFront(self.tree, self.cli.status, log)
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -67,7 +70,7 @@ class Supervisor:
         signal.set_wakeup_fd(self.signal_w, warn_on_full_buffer=False)
         self.tree.start()
         watchdog = sdnotify.watchdog_interval()
-        next_watchdog = time.monotonic()
+        next_watchdog = next_health = time.monotonic()
         try:
             while not self.tree.stopping:
                 self.tree.start_next()
@@ -75,6 +78,9 @@ class Supervisor:
                 now = time.monotonic()
                 self.tree.check_deadlines(now)
                 self.hub.check_deadlines(now)
+                if now >= next_health:
+                    self._check_health()
+                    next_health = now + UPDATE_INTERVAL
                 if watchdog and now >= next_watchdog:
                     sdnotify.notify("WATCHDOG=1")
                     next_watchdog = now + watchdog
@@ -94,6 +100,14 @@ class Supervisor:
         if error is None:
             self.tun_queues.open(config)
         return error
+
+    def _check_health(self) -> None:
+        config, actors = self.tree.config, self.tree.actors.values()
+        if isinstance(config, RelaySettings):
+            self.health.update(time.time(), actors, config.supervisor.period)
+        else:
+            peers = peer_status(config, self.tree.live_peers())
+            self.health.update(time.time(), actors, config.supervisor.period, peers, config.node.listen_port)
 
     def _fail_start(self, reason: str) -> int:
         self.failure = reason

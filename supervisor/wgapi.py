@@ -73,6 +73,7 @@ def peer_status(
                 "rx_bytes": seen.get("rx_bytes", 0),
                 "tx_bytes": seen.get("tx_bytes", 0),
                 "last_handshake": seen.get("last_handshake", 0),
+                "staged": seen.get("staged", 0),
                 "persistent_keepalive": p.persistent_keepalive,
                 "path": path,
                 "demoted": seen.get("demoted"),  # why its worker left a disco peer's direct path, while it does

@@ -197,11 +197,13 @@ def start_dnsmasq(
     ns: Netns | None = None,
     log_queries: bool = True,
     cache_size: int = 0,
+    at: tuple[str, int] | None = None,
 ) -> Dnsmasq:
     """dnsmasq answering from its arguments (e.g. '--address=/x.test/203.0.113.7'
-    or '--server=127.0.0.9'); names under .test never go further."""
+    or '--server=127.0.0.9'); names under .test never go further. On a free loopback
+    address and port, or `at` one."""
     need_tool("dnsmasq")
-    host, port = endpoint(ns)
+    host, port = at or endpoint(ns)
     log = tmp / f"{name}.log"
     argv = [
         "dnsmasq", "--keep-in-foreground", "--no-daemon", "--conf-file=/dev/null",

@@ -102,6 +102,7 @@ class Peer:
             "last_handshake": int(self.last_handshake),
             "persistent_keepalive": self.timers.persistent_keepalive_interval,
             "path": self.path,
+            "staged": len(self.staged),  # packets waiting for a session (the node's health watches them)
             "demoted": None if disco is None else disco.demotion(now),
         }
 

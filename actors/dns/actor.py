@@ -152,12 +152,12 @@ class DnsActor(Actor):
             return {}
 
         async def read() -> tuple[dict[str, int], dict[str, Any]]:  # read on the DNS thread, where they change
-            return server.counters(), server.upstream_latency()
+            return server.counters(), server.upstream_latency(), server.upstreams()
 
         events = self.learned_events
         learned = {"learned_names": events.learned, "learned_published": events.published}
-        counters, latency = self._call(read())
-        return {"counters": {**counters, **learned}, "upstream_latency": latency}
+        counters, latency, upstreams = self._call(read())
+        return {"counters": {**counters, **learned}, "upstream_latency": latency, "upstreams": upstreams}
 
     def close(self) -> None:
         if self.server is not None:

@@ -48,7 +48,7 @@ from meshsup.actors.dns.message import (
     reply_ttls,
 )
 from meshsup.actors.dns.rules import Reject, Router
-from meshsup.actors.dns.upstream import FailoverPlan, should_failover, without_own
+from meshsup.actors.dns.upstream import FailoverPlan, UpstreamHealth, should_failover, without_own
 from meshsup.actors.dns.wire import WireAnswer, label_count
 from meshsup.actors.dns.zone import Zone
 from meshsup.actors.settings.dns import DnsSettings
@@ -132,6 +132,7 @@ class Resolver:
         # Whether anyone wants Learned actions: reading addresses out of every
         # answer is half the work of taking it in.
         self.learning = True
+        self.upstreams = UpstreamHealth()
         self.reconfigure(settings, force=True)
 
     def reconfigure(self, settings: DnsSettings, *, force: bool = False) -> None:
@@ -145,6 +146,11 @@ class Resolver:
             groups={name: without_own(ups, own) for name, ups in settings.groups.items()},
             default=without_own(settings.upstreams, own),
             overrides=[SourceOverride(o.network, without_own(o.upstreams, own)) for o in settings.source_overrides],
+        )
+        self.upstreams.keep(
+            [*settings.upstreams, *(u for r in settings.routes for u in r.upstreams)]
+            + [u for ups in settings.groups.values() for u in ups]
+            + [u for o in settings.source_overrides for u in o.upstreams]
         )
         self._inflight.cap = settings.max_inflight
         self._inflight.share = share(settings.max_inflight)
@@ -249,9 +255,10 @@ class Resolver:
             return []
         answer = parse_response(wire, flight.waiters[0].query, self.learning)
         if isinstance(answer, str):
-            return self._failed(key, f"upstream_{answer}", now)
+            return self._failed(key, upstream, f"upstream_{answer}", now)
         if should_failover(answer.rcode):
-            return self._failed(key, f"upstream_{dns.rcode.to_text(answer.rcode).lower()}", now)
+            return self._failed(key, upstream, f"upstream_{dns.rcode.to_text(answer.rcode).lower()}", now)
+        self.upstreams.answered(upstream, now)
         entry = self._cache.store(key, answer, now)
         self._inflight.finish(key)
         self.counters["upstream_answers"] += 1
@@ -267,7 +274,7 @@ class Resolver:
         """The Forward for key failed: timeout, connection refused, TLS error..."""
         if self._current(key, upstream) is None:
             return []
-        return self._failed(key, f"upstream_{reason}", now)
+        return self._failed(key, upstream, f"upstream_{reason}", now)
 
     def _current(self, key: CacheKey, upstream: Upstream) -> Flight[_Waiter] | None:
         flight = self._inflight.get(key)
@@ -286,8 +293,9 @@ class Resolver:
             self.counters["failovers"] += 1
         return [Forward(key, upstream, flight.query, self.settings.timeout)]
 
-    def _failed(self, key: CacheKey, reason: str, now: float) -> list[Action]:
+    def _failed(self, key: CacheKey, upstream: Upstream, reason: str, now: float) -> list[Action]:
         self.counters[reason] += 1
+        self.upstreams.failed(upstream, reason, now)
         return self._attempt(key, now)
 
     def _exhausted(self, key: CacheKey, now: float) -> list[Action]:

@@ -304,6 +304,10 @@ class DnsServer:
         """Whether on_learned hears of names (say, while anyone listens for them)."""
         self._resolver.learning = on and self._on_learned is not None
 
+    def upstreams(self) -> dict[str, dict[str, Any]]:
+        """Each upstream's last outcome (actors.dns.upstream.UpstreamHealth)."""
+        return self._resolver.upstreams.status()
+
     def counters(self) -> dict[str, int]:
         return {
             **self._resolver.stats(),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import dns.rcode
 
@@ -54,3 +56,38 @@ class FailoverPlan:
         if self.current is not None:
             self.attempts += 1
         return self.current
+
+
+@dataclass(slots=True)
+class UpstreamState:
+    ok: bool  # its last query answered
+    at: float  # when (the caller's monotonic clock, one for every process of the host)
+    error: str  # why its last failed query failed
+    failures: int  # failed queries since its last answer
+
+
+class UpstreamHealth:
+    """How each upstream did in its last query: the node's health warns when all fail."""
+
+    def __init__(self) -> None:
+        self._states: dict[Upstream, UpstreamState] = {}
+
+    def answered(self, upstream: Upstream, now: float) -> None:
+        state = self._states.get(upstream)
+        if state is None:
+            self._states[upstream] = UpstreamState(True, now, "", 0)
+        else:
+            state.ok, state.at, state.failures = True, now, 0
+
+    def failed(self, upstream: Upstream, reason: str, now: float) -> None:
+        state = self._states.setdefault(upstream, UpstreamState(False, now, reason, 0))
+        state.ok, state.at, state.error = False, now, reason
+        state.failures += 1
+
+    def keep(self, upstreams: Iterable[Upstream]) -> None:
+        """Forget the upstreams no longer configured."""
+        wanted = set(upstreams)
+        self._states = {u: s for u, s in self._states.items() if u in wanted}
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {str(u): asdict(s) for u, s in self._states.items()}

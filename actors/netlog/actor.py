@@ -281,13 +281,15 @@ class NetlogActor(Actor):
             log_lines_lost=self.intake.counters.lost,
             log_lines_rate_limited=self.intake.counters.rate_limited,
         )
+        collectors = []
         for what, shipper in (("flows", self.flow_shipper), ("logs", self.log_shipper)):
             for name, stats in (shipper.stats() if shipper else {}).items():
                 for key in ("sent", "delivered", "errors", "dropped"):
                     counters[f"{what}.{name}.{key}"] = getattr(stats, key)
             for name, depth in (shipper.depths() if shipper else {}).items():
                 counters[f"{what}.{name}.spooled"] = depth
-        return {"counters": dict(counters)}
+            collectors += [{"what": what, **c} for c in (shipper.collectors() if shipper else [])]
+        return {"counters": dict(counters), "collectors": collectors}
 
     def close(self) -> None:
         """Count what is still queued, close the last window and flush, within FLUSH_TIMEOUT."""

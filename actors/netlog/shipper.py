@@ -727,6 +727,22 @@ class Shipper:
     def depths(self) -> dict[str, int]:
         return {sender.config.name: sender.depth() for sender in self.senders}
 
+    def collectors(self) -> list[dict[str, object]]:
+        """The spooled collectors (syslog, http) as the node's health reads them: failures since
+        the last delivery, the last error, what waits in the spool. IPFIX has none: best effort,
+        over UDP, it cannot tell a collector that is not there."""
+        return [
+            {
+                "name": sender.config.name,
+                "address": sender.config.url,
+                "failures": sender.backoff.failures,
+                "error": sender.stats.last_error,
+                "spooled": len(sender.spool),
+            }
+            for sender in self.senders
+            if isinstance(sender, _SpooledSender)
+        ]
+
     def close(self) -> None:
         for sender in self.senders:
             sender.close()

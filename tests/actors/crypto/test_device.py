@@ -177,12 +177,14 @@ def test_key_confirmation_responder_waits_for_first_data() -> None:
     # B has no confirmed session: its packet waits instead of using the unconfirmed key.
     out = link.b.send([ping(B_IP, A_IP, 5)], T0 + 0.1)
     assert out.datagrams == [] and len(peer_a.staged) == 1
+    assert link.b.status(T0 + 0.1)[0]["staged"] == 1  # what the node's health sees waiting
     # A's data (sealed with the new key) confirms it; B flushes its staged packet at once.
     link.drop = lambda to, d: False
     transport = [d for f, _, d in link.wire if f == EA and messages.message_type(d) == messages.MESSAGE_TRANSPORT]
     out = link.b.receive([Burst(EA, [transport[-1]])], T0 + 0.2)
     assert peer_a.keypairs.current is not None and peer_a.keypairs.next is None
     assert Event(HANDSHAKE_COMPLETED, link.a.public_key) in out.events
+    assert link.b.status(T0 + 0.2)[0]["staged"] == 0
     assert [messages.message_type(d) for d in sent(out)] == [messages.MESSAGE_TRANSPORT]
     link.deliver(EB, out, T0 + 0.2)
     assert [parse_icmp(p)[4] for p in link.received[EA]] == [5]

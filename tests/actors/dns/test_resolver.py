@@ -201,3 +201,26 @@ def test_replies_counted_by_rcode_on_the_full_path_and_the_fast_path():
     stats = resolver.stats()
     assert stats["replies_nxdomain"] == 3 and stats["replies_noerror"] == 1
     assert stats["local_answers"] == 4 and stats["fast_answers"] == 2
+
+
+def test_each_upstream_keeps_its_last_outcome_for_the_node_health():
+    resolver = Resolver(settings())
+    actions = resolver.handle(query_wire("www.example.com"), CLIENT, "udp", 0.0)
+    for now in (1.0, 2.0):
+        forward = only_forward(actions)
+        actions = resolver.on_upstream_failure(forward.key, forward.upstream, "timeout", now)
+    forward = only_forward(actions)
+    servfail = upstream_answer(forward, dns.rcode.SERVFAIL)
+    resolver.on_upstream_answer(forward.key, forward.upstream, servfail, 3.0)
+    first, second, third = (f"udp://127.0.0.{n}:53" for n in (11, 12, 13))
+    failed = resolver.upstreams.status()
+    assert {url: (s["ok"], s["at"], s["error"], s["failures"]) for url, s in failed.items()} == {
+        first: (False, 1.0, "upstream_timeout", 1),
+        second: (False, 2.0, "upstream_timeout", 1),
+        third: (False, 3.0, "upstream_servfail", 1),
+    }
+    forward = only_forward(resolver.handle(query_wire("www.example.org"), CLIENT, "udp", 4.0))
+    resolver.on_upstream_answer(forward.key, forward.upstream, upstream_answer(forward), 4.5)
+    assert resolver.upstreams.status()[first] == {"ok": True, "at": 4.5, "error": "upstream_timeout", "failures": 0}
+    resolver.reconfigure(settings(upstreams=["udp://127.0.0.12"]))  # the others are forgotten
+    assert list(resolver.upstreams.status()) == [second]

@@ -137,9 +137,14 @@ def test_records_spooled_while_rsyslog_is_down_all_arrive_after_restart(rsyslog:
         shipper = shipper_for(tables, tmp_path / "spool")
         produce(RESTART_PAUSE / 2)
         assert len(shipper.senders[0].spool) > 0  # type: ignore[attr-defined]
+        (down,) = shipper.collectors()  # what the node's health warns of
+        assert down["failures"] > 0 and "refused" in str(down["error"])
+        assert down["spooled"] == len(shipper.senders[0].spool) > 0  # type: ignore[attr-defined]
         rsyslog.start()
         produce(0.5)
         assert shipper.flush(time.time() + 15)
+        (up,) = shipper.collectors()
+        assert (up["failures"], up["error"], up["spooled"]) == (0, "", 0)
     finally:
         shipper.close()
     assert wait_until(lambda: len({record_id(json.loads(m["msg"])) for m in rsyslog.messages()}) >= next_id, 10)
