@@ -91,6 +91,14 @@ Incoming, network -> TUN
     worker with no writable queue sends them to tun-io as PacketBatch
     (bus_full), which writes them (tun-io's tx_packets, tx_dropped).
 
+Capture (actors.crypto.capture; `meshsup capture`, supervisor/capture.py)
+ - emit tests CryptoActor.tap once per batch; None (no capture) costs nothing
+   more. While a capture runs, the packets of outgoing step 3 (inner, as read
+   from the TUN) and incoming step 4 (inner, as decrypted), or the datagrams of
+   outgoing step 4 and incoming step 3 (outer), go to the capture's socket as
+   CaptureBatch, never waiting: a full socket drops them (the CLI reports the
+   count when it stops).
+
 Paths, magicsock <-> crypto-N (actors.crypto.discopath)
  - PathSet: the direct path magicsock chose for a peer by disco, and for
    how long it trusts it (bus_dropped bad_path for no IP address and

@@ -7,6 +7,9 @@ scope is global (so neither loopback nor link-local, which would need an
 interface to be named), it is not tentative (DAD still running), failed DAD
 or deprecated. The node's own tunnel is left out by name: an endpoint inside
 the tunnel would route the tunnel through itself.
+
+`source_address` is the address the kernel sends from to a given host: the
+node's side of a datagram, as `meshsup capture --outer` shows it.
 """
 
 from __future__ import annotations
