@@ -226,8 +226,9 @@ def _capture(args: argparse.Namespace, runtime: Runtime) -> int:
         listener = Listener(path, writer.take)
         try:
             reply = call(runtime, "capture", request)
-            if not reply.ok:
+            if not reply.ok:  # the workers that took it let it go at once, not when the lease ends
                 print(f"meshsup: capture: {reply.error}", file=sys.stderr)
+                call(runtime, "capture", {**request, "stop": True})
                 return 1
             print(f"capturing {'WireGuard datagrams' if args.outer else 'packets'} to {args.write}", file=sys.stderr)
             now = time.monotonic()

@@ -98,8 +98,8 @@ class CliServer:
                 lambda req: Command(req=req, op=cmd.removeprefix("path_"), args=dict(args)),
                 lambda ack: reply(ack is not None and ack.ok, _why(ack), ack.result if ack and ack.ok else {}),
             )
-        elif cmd == "capture":  # `meshsup capture` (supervisor/capture.py): every crypto worker is asked
-            workers = [name for name, a in self.tree.actors.items() if a.kind == "crypto"]
+        elif cmd == "capture":  # `meshsup capture` (supervisor/capture.py): every configured crypto worker
+            workers = [name for name, a in self.tree.actors.items() if a.kind == "crypto" and a.state == "running"]
             capture.fan_out(self.hub, workers, dict(args), reply)
         elif cmd == "fault" and os.environ.get(FAULTS_ENV) == "1":
             name = str(args.get("actor"))

@@ -79,6 +79,21 @@ def test_inner_capture_shows_a_ping(underlay: Underlay, tmp_path: Path) -> None:
     assert tshark(pcap, *ICMP) == [[a.v4, b.v4, "8"], [b.v4, a.v4, "0"]] * 2
     assert tshark(pcap, "-Y", "udp or wg", "-e", "frame.number") == []
 
+    # A worker that restarts during a capture joins it again at the next renewal.
+    again = tmp_path / "again.pcap"
+    capture = Capture(alpha, tmp_path, "-w", str(again), "--count", "2")
+    try:
+        alpha.cli("fault", "crypto-0", "crash", check=False)  # it dies before it can answer
+        alpha.wait(lambda: (w := alpha.actors()["crypto-0"])["restarts"] == 1 and w["state"] == "running")
+        deadline = time.monotonic() + 15
+        while capture.proc.poll() is None:
+            assert time.monotonic() < deadline, capture.stderr()
+            ping(ns_a, b.v4, count=1)
+        assert "2 packets captured" in capture.wait()
+    finally:
+        capture.kill()
+    assert tshark(again, *ICMP) == [[a.v4, b.v4, "8"], [b.v4, a.v4, "0"]]
+
 
 def test_outer_capture_decrypts_with_the_key_log(underlay: Underlay, tmp_path: Path) -> None:
     (ns_a, a, alpha), (ns_b, b, _) = pair(underlay, tmp_path, "meshsup")
