@@ -144,7 +144,7 @@ class Listener:
         self._accept()
         for key in list(self.selector.get_map().values()):
             if key.fileobj is not self.sock:
-                self._drain(key.fileobj)  # type: ignore[arg-type]
+                self._drain(key.fileobj, budget=1 << 30)  # type: ignore[arg-type]
 
     def _accept(self) -> None:
         while True:
@@ -155,8 +155,9 @@ class Listener:
             conn.setblocking(False)
             self.selector.register(conn, selectors.EVENT_READ)
 
-    def _drain(self, conn: socket.socket) -> None:
-        while True:
+    def _drain(self, conn: socket.socket, budget: int = 256) -> None:
+        """Read what is ready, bounded: a busy worker must not keep the lease from being renewed."""
+        for _ in range(budget):
             try:
                 frame = conn.recv(MAX_MESSAGE)
             except (BlockingIOError, InterruptedError):

@@ -150,6 +150,7 @@ from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.actors.settings.keys import parse_key
 
 TICK_INTERVAL = 0.05
+KEY_LINES_PER_MESSAGE = 256  # about 20 kB: far below what a capture's reader takes in one message
 TIMING_ENV = "MESHSUP_TEST_TIMING"  # e.g. "rekey_after_time=4,reject_after_time=8" (tests only)
 
 
@@ -393,9 +394,17 @@ class CryptoActor(Actor):
                 self.log.info("capture lease expired: its reader went away", captured=self.captured)
                 self._stop_capture()
             elif self.tap.spec.keylog:
-                self.capture_keys += self.tap.key_lines()
-                if self.capture_keys and self._to_capture(CaptureKeys(source=self.name, lines=self.capture_keys)):
-                    self.capture_keys = []  # else kept for the next tick: keys are never dropped
+                self._send_keys()
+
+    def _send_keys(self) -> None:
+        """The key log lines of new handshakes, a bounded message at a time; what does not go now
+        is kept for the next tick: a dropped key would leave its session sealed in the capture."""
+        self.capture_keys += self.tap.key_lines() if self.tap is not None else []
+        while self.capture_keys:
+            lines = self.capture_keys[:KEY_LINES_PER_MESSAGE]
+            if not self._to_capture(CaptureKeys(source=self.name, lines=lines)):
+                return
+            del self.capture_keys[: len(lines)]
 
     # --- `meshsup capture` (supervisor/capture.py asks every worker, and renews its lease)
 

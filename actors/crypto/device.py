@@ -39,6 +39,11 @@ TSMP: decrypted packets of IP protocol 99 that passed the allowed-IPs check
 go to ``Output.tsmp`` by sender (``tsmp_received``), not to the TUN;
 ``send_to`` seals packets to a named peer (``tsmp_sent``; ``no_peer`` for a
 key that is no peer of ours).
+
+Capture: while ``keylog`` is a list (a capture with a key log runs,
+actors.crypto.capture), every handshake message we make adds the peer's key,
+our ephemeral private key and the preshared key to it; ``rekey`` starts a
+handshake at once, so that a capture sees one whole.
 """
 
 from __future__ import annotations
@@ -628,7 +633,8 @@ class Device:
         hs.last_sent_handshake = now
         self._free_index(hs.local_index)
         response = hs_.create_response(hs, self._new_index(peer), self._rng)
-        self._log_keys(peer)  # before derive_session drops the ephemeral key
+        if response is not None:
+            self._log_keys(peer)  # before derive_session drops the ephemeral key
         keys = hs_.derive_session(hs) if response is not None else None
         if keys is None:
             self.counters["bad_initiation"] += 1
