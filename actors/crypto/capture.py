@@ -25,6 +25,7 @@ the outer capture's transport data.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from .device import Device, Output
 from .handshake import NO_PRESHARED_KEY
 
 LOOPBACK = "127.0.0.1"
+MAX_SOURCES = 4096  # underlay hosts whose local address is remembered
 
 
 @dataclass(frozen=True)
@@ -99,12 +101,14 @@ class Tap:
         if received:
             handed_on = {id(f.data) for f in out.forwards + out.foreign}
             for endpoint, datagrams in received:
-                if endpoints is None or tuple(endpoint) in endpoints:
-                    remote, local = self._ends(endpoint)
+                ends = self._ends(endpoint, endpoints)
+                if ends is not None:
+                    remote, local = ends
                     taken += [udp_packet(remote, local, d) for d in datagrams if id(d) not in handed_on]
         for endpoint, datagrams in out.datagrams:
-            if endpoints is None or tuple(endpoint) in endpoints:
-                remote, local = self._ends(endpoint)
+            ends = self._ends(endpoint, endpoints)
+            if ends is not None:
+                remote, local = ends
                 taken += [udp_packet(local, remote, d) for d in datagrams]
         return taken
 
@@ -117,13 +121,24 @@ class Tap:
             return set()
         return {peer.relay_endpoint} | ({tuple(peer.endpoint)} if peer.endpoint else set())
 
-    def _ends(self, endpoint: Endpoint) -> tuple[Endpoint, Endpoint]:
-        """(remote, local) underlay addresses of a datagram to or from `endpoint`."""
-        host, port = endpoint[0], int(endpoint[1])
+    def _ends(self, endpoint: Endpoint, wanted: set[Endpoint] | None) -> tuple[Endpoint, Endpoint] | None:
+        """(remote, local) underlay addresses of a datagram to or from `endpoint`; None when it is
+        not a wanted one, or no IP address and port (what came over the bus is not trusted)."""
+        if wanted is not None and tuple(endpoint) not in wanted:
+            return None
+        host, port = endpoint[0], endpoint[1]
+        if not isinstance(port, int) or not 0 <= port < 65536:
+            return None
         if host.startswith(RELAYED):
             return (RELAY_HOST, 0), (LOOPBACK, self.port)
         source = self._sources.get(host)
         if source is None:
+            try:
+                ipaddress.ip_address(host)  # never a name: looking one up would block the worker
+            except ValueError:
+                return None
+            if len(self._sources) >= MAX_SOURCES:  # spoofed senders must not grow it without end
+                self._sources.clear()
             source = self._sources[host] = self._source_for(host)
         return (host, port), (source, self.port)
 

@@ -55,6 +55,9 @@ def test_outer_wraps_datagrams_in_their_underlay_addresses() -> None:
     assert [udp(p) for p in capture.take(None, received, handed)] == [(*EB, LOCAL, 51820, b"\x04" + bytes(31))]
     everyone = tap(link, None, outer=True)
     assert [udp(p)[0] for p in everyone.take(None, received, Output())] == [EB[0], EB[0], EC[0]]
+    # Endpoints off the bus that are no IP address and port are not shown (and never looked up).
+    junk = [Burst(("example.com", 1), [b"\x04"]), Burst(("198.51.100.9", 70000), [b"\x04"])]
+    assert everyone.take(None, junk, Output()) == []
     # Through a relay: between the magic DERP address and the node's port on loopback.
     peer_b = link.a.peers[link.b.public_key]
     relayed = Output(datagrams=[Burst(peer_b.relay_endpoint, [b"\x04" + bytes(31)])])
