@@ -47,7 +47,7 @@ RENEW = 1.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-w", dest="write", required=True, metavar="FILE.pcap", help="the pcap file to write")
+    p.add_argument("-w", dest="write", required=True, metavar="FILE.pcap", help="the pcap file to write (-: stdout)")
     p.add_argument("--peer", help="only this peer's traffic (its name or public key)")
     until = p.add_mutually_exclusive_group()
     until.add_argument("--count", type=int, help="stop after N packets")
@@ -222,7 +222,8 @@ def _capture(args: argparse.Namespace, runtime: Runtime) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _: stop.append(signum))
     keys = _open_keylog(args.keylog) if args.keylog else None
-    with open(args.write, "wb") as out, keys or nullcontext():
+    to_stdout = args.write == "-"  # for a pipe into tshark or wireshark -k -i -
+    with nullcontext(sys.stdout.buffer) if to_stdout else open(args.write, "wb") as out, keys or nullcontext():
         writer = Writer(out, keys, args.count)
         listener = Listener(path, writer.take)
         try:

@@ -25,11 +25,12 @@ pytestmark = [
 class Capture:
     """A `meshsup capture` running in the background, started once the node says it captures."""
 
-    def __init__(self, node: Node, tmp: Path, *args: str) -> None:
+    def __init__(self, node: Node, tmp: Path, *args: str, stdout: Path | None = None) -> None:
         self.err = tmp / f"capture-{time.monotonic_ns()}.err"
-        with open(self.err, "w") as err:
+        with open(self.err, "w") as err, open(stdout or os.devnull, "wb") as out:
             self.proc = subprocess.Popen(
                 [*MESHSUP, "capture", "--state-dir", str(node.state_dir), *args],
+                stdout=out,
                 stderr=err,
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
             )
@@ -79,9 +80,9 @@ def test_inner_capture_shows_a_ping(underlay: Underlay, tmp_path: Path) -> None:
     assert tshark(pcap, *ICMP) == [[a.v4, b.v4, "8"], [b.v4, a.v4, "0"]] * 2
     assert tshark(pcap, "-Y", "udp or wg", "-e", "frame.number") == []
 
-    # A worker that restarts during a capture joins it again at the next renewal.
+    # A worker that restarts during a capture joins it again at the next renewal (the file: stdout).
     again = tmp_path / "again.pcap"
-    capture = Capture(alpha, tmp_path, "-w", str(again), "--count", "2")
+    capture = Capture(alpha, tmp_path, "-w", "-", "--count", "2", stdout=again)
     try:
         alpha.cli("fault", "crypto-0", "crash", check=False)  # it dies before it can answer
         alpha.wait(lambda: (w := alpha.actors()["crypto-0"])["restarts"] == 1 and w["state"] == "running")
