@@ -82,7 +82,7 @@ def main() -> None:
                 on.append((rate, captured, dropped))
     finally:
         u.close()
-    print(f"iperf3 TCP alpha -> bravo, {args.seconds} s a run, meshsup <-> meshsup, 1 crypto worker each")
+    print(f"iperf3 TCP alpha -> bravo, {args.seconds} s a run, meshsup <-> meshsup, 2 crypto workers each")
     print(f"{'capture':<28} {'Mbit/s':>9}  {'captured':>10} {'dropped':>10}")
     for i in range(args.rounds):
         print(f"{'off':<28} {off[i]:>9.0f}")
