@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 DEBS=(wireguard-go wireguard-tools iproute2 iputils-ping iperf3 dnsutils knot-dnsutils
       dnsmasq unbound dnsdist dnsperf rsyslog nfdump systemd-journal-remote openssl clang llvm
-      libbpf-dev procps coturn nftables conntrack prometheus)
+      libbpf-dev procps coturn nftables conntrack prometheus tshark tcpdump)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

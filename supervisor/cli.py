@@ -17,8 +17,8 @@ from meshsup.actors.kernel.privileges import USER, PrivilegeError, unprivileged_
 from meshsup.actors.log import setup
 from meshsup.actors.settings import Settings
 from meshsup.actors.settings.keys import b64, load_or_create_disco
+from meshsup.supervisor import capture, relay
 from meshsup.supervisor import config as cfg
-from meshsup.supervisor import relay
 from meshsup.supervisor.control import NotRunning, call
 
 DEFAULT_STATE_DIR = "/var/lib/meshsup"
@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     ping.add_argument("-c", dest="count", type=int, default=4, help="requests to send (default 4)")
     ping.add_argument("-i", dest="interval", type=float, default=1.0, help="seconds apart (default 1)")
     ping.add_argument("-W", dest="wait", type=float, default=2.0, help="seconds to wait at the end (default 2)")
+    capture.add_arguments(cmd("capture", "write the node's packets (or its WireGuard datagrams) to a pcap file"))
     demo = sub.add_parser("demo", help="a small mesh in network namespaces, end to end (needs root)")
     demo.add_argument("--seconds", type=int, default=3, help="iperf3 seconds per pair (default 3)")
     fault = cmd("fault", argparse.SUPPRESS)  # test-only; refused unless MESHSUP_TEST_FAULTS=1
@@ -259,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo(args.seconds)
     runtime = Runtime(args.state_dir)
+    if args.command == "capture":
+        return capture.run(args, runtime)
     request: dict[str, Any] = {}
     if args.command == "scale":
         request = {"kind": args.kind, "count": args.count}

@@ -1,4 +1,4 @@
-"""The node's end of the CLI socket: `meshsup status`, `stop`, `reload`, `scale`
+"""The node's end of the CLI socket: `meshsup status`, `stop`, `reload`, `scale`, `capture`
 (and `fault` in tests), one request, one reply; control.py is the CLI's end."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from meshsup.actors.registry import SCALABLE, start_order
 from meshsup.actors.settings import Settings
 from meshsup.actors.settings.keys import b64
 from meshsup.actors.settings.relay import RelaySettings
-from meshsup.supervisor import relay
+from meshsup.supervisor import capture, relay
 from meshsup.supervisor.health import Health
 from meshsup.supervisor.hub import Hub, bind
 from meshsup.supervisor.supervision import Tree
@@ -101,6 +101,9 @@ class CliServer:
                 lambda req: Command(req=req, op=cmd.removeprefix("path_"), args=dict(args)),
                 lambda ack: reply(ack is not None and ack.ok, _why(ack), ack.result if ack and ack.ok else {}),
             )
+        elif cmd == "capture":  # `meshsup capture` (supervisor/capture.py): every configured crypto worker
+            workers = [name for name, a in self.tree.actors.items() if a.kind == "crypto" and a.state == "running"]
+            capture.fan_out(self.hub, workers, dict(args), reply)
         elif cmd == "fault" and os.environ.get(FAULTS_ENV) == "1":
             name = str(args.get("actor"))
             if name not in self.tree.actors:

@@ -23,19 +23,24 @@ def pack(packets: Iterable[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def pack_split(packets: list[bytes], max_bytes: int = MAX_BYTES) -> list[bytes]:
-    """``packets`` packed into as many batches as it takes, in order."""
-    blobs = []
+def split(packets: list[bytes], max_bytes: int = MAX_BYTES) -> list[list[bytes]]:
+    """``packets`` in order, in as few runs as keep each run's batch under ``max_bytes``."""
+    runs = []
     start = size = 0
     for i, p in enumerate(packets):
         n = len(p) + 2
         if size + n > max_bytes and i > start:
-            blobs.append(pack(packets[start:i]))
+            runs.append(packets[start:i])
             start, size = i, 0
         size += n
     if start < len(packets):
-        blobs.append(pack(packets[start:]))
-    return blobs
+        runs.append(packets[start:])
+    return runs
+
+
+def pack_split(packets: list[bytes], max_bytes: int = MAX_BYTES) -> list[bytes]:
+    """``packets`` packed into as many batches as it takes, in order."""
+    return [pack(run) for run in split(packets, max_bytes)]
 
 
 def unpack(blob: bytes) -> list[bytes]:

@@ -156,6 +156,29 @@ class UnderlayIn(Message):
     packets: bytes
 
 
+# --- packet capture: crypto -> `meshsup capture` (supervisor/capture.py) -----
+
+
+@message("capture.packets")
+class CaptureBatch(Message):
+    """Packets a crypto worker saw together, at `ts` (unix nanoseconds, the worker's clock), as a
+    batch.pack blob: IP packets (inner), or WireGuard datagrams in IP and UDP headers (outer).
+    Sent to the capture's own socket, never to an actor; dropped and counted when it is full."""
+
+    source: str  # the worker
+    ts: int
+    packets: bytes
+
+
+@message("capture.keys")
+class CaptureKeys(Message):
+    """Key log lines (Wireshark's wg.keylog_file format) of handshakes made during a capture that
+    asked for them: the only way session keys leave a crypto worker."""
+
+    source: str
+    lines: list[str]
+
+
 # --- to netlog: traffic counts and the node's own logs ---------------------
 
 

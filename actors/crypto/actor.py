@@ -91,6 +91,14 @@ Incoming, network -> TUN
     worker with no writable queue sends them to tun-io as PacketBatch
     (bus_full), which writes them (tun-io's tx_packets, tx_dropped).
 
+Capture (actors.crypto.capture; `meshsup capture`, supervisor/capture.py)
+ - emit tests CryptoActor.tap once per batch; None (no capture) costs nothing
+   more. While a capture runs, the packets of outgoing step 3 (inner, as read
+   from the TUN) and incoming step 4 (inner, as decrypted), or the datagrams of
+   outgoing step 4 and incoming step 3 (outer), go to the capture's socket as
+   CaptureBatch, never waiting: a full socket drops them (the CLI reports the
+   count when it stops).
+
 Paths, magicsock <-> crypto-N (actors.crypto.discopath)
  - PathSet: the direct path magicsock chose for a peer by disco, and for
    how long it trusts it (bus_dropped bad_path for no IP address and
@@ -115,7 +123,10 @@ from typing import Any
 from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus import batch
 from meshsup.actors.bus.codec import Message
+from meshsup.actors.bus.datapath import Outbox
 from meshsup.actors.bus.messages import (
+    CaptureBatch,
+    CaptureKeys,
     DatagramBatch,
     FlowCountsAck,
     LinkChanged,
@@ -124,18 +135,22 @@ from meshsup.actors.bus.messages import (
     TsmpBatch,
     UnderlayIn,
 )
+from meshsup.actors.crypto.capture import CaptureSpec, Tap
 from meshsup.actors.crypto.device import ENDPOINT_CHANGED, Device, Forward, Output
 from meshsup.actors.crypto.direct import DirectPaths
 from meshsup.actors.crypto.peer import PeerConfig
 from meshsup.actors.crypto.timers import Timing
 from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.flowcount.tally import INNER, UNDERLAY
+from meshsup.actors.kernel.addrs import source_address
 from meshsup.actors.kernel.tun import Tun
 from meshsup.actors.kernel.types import Burst, Endpoint
 from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
 from meshsup.actors.settings import PeerSettings, Settings
+from meshsup.actors.settings.keys import parse_key
 
 TICK_INTERVAL = 0.05
+KEY_LINES_PER_MESSAGE = 256  # about 20 kB: far below what a capture's reader takes in one message
 TIMING_ENV = "MESHSUP_TEST_TIMING"  # e.g. "rekey_after_time=4,reject_after_time=8" (tests only)
 
 
@@ -200,6 +215,12 @@ class CryptoActor(Actor):
         self.inner = FlowFeed(self, INNER)
         self.underlay = FlowFeed(self, UNDERLAY)
         self.feeds = (self.inner, self.underlay)
+        # `meshsup capture` (actors.crypto.capture): None unless one runs, the hot path's only test.
+        self.tap: Tap | None = None
+        self.capture_out = Outbox(lambda _: "")
+        self.capture_until = 0.0  # the capture's lease: it ends unless renewed by then
+        self.captured = self.capture_dropped = 0
+        self.capture_keys: list[str] = []  # key log lines not yet sent
 
     def configure(self, settings: Settings) -> None:
         for feed in self.feeds:
@@ -220,6 +241,7 @@ class CryptoActor(Actor):
                 owner_of=partial(owner, workers=workers),
             )
             self.device_key, self.peers = key, {}
+            self._stop_capture()  # its renewal starts it again on the new device
         assert self.device is not None
         self.device.relaying = bool(settings.relays)
         self.outbox.connect(["tun-io", "magicsock", *(f"crypto-{w}" for w in range(workers))])
@@ -268,7 +290,7 @@ class CryptoActor(Actor):
         if packets is None:
             return
         if isinstance(msg, PacketBatch):
-            self.emit(self.device.send(packets, now))
+            self.emit(self.device.send(packets, now), sent=packets)
         elif isinstance(msg, TsmpBatch):
             self.emit(self.device.send_to(msg.peer, packets, now))
         else:
@@ -293,7 +315,7 @@ class CryptoActor(Actor):
         self.no_route += unrouted
         mine = others.pop(self.index, None)
         if mine:
-            self.emit(self.device.send(mine, time.monotonic()))
+            self.emit(self.device.send(mine, time.monotonic()), sent=mine)
         for w, ps in others.items():
             for blob in batch.pack_split(ps):
                 self.outbox.send(f"crypto-{w}", PacketBatch(packets=blob))
@@ -316,7 +338,7 @@ class CryptoActor(Actor):
     def receive(self, bursts: list[Burst]) -> None:
         """Datagrams from the network, through magicsock or a peer socket of our own."""
         assert self.device is not None
-        self.emit(self.device.receive(bursts, time.monotonic()))
+        self.emit(self.device.receive(bursts, time.monotonic()), received=bursts)
 
     def _hand_on(self, forwards: list[Forward]) -> None:
         """Datagrams that belong to other workers' peers, to their owners."""
@@ -328,7 +350,10 @@ class CryptoActor(Actor):
             for blob in batch.pack_split(ds):
                 self.outbox.send(f"crypto-{w}", DatagramBatch(host=host, port=port, packets=blob))
 
-    def emit(self, out: Output) -> None:
+    def emit(self, out: Output, sent: list[bytes] | None = None, received: list[Burst] | None = None) -> None:
+        """What the device made of a batch (`sent` to Device.send, `received` to Device.receive)."""
+        if self.tap is not None:  # nothing else on the hot path when no capture runs
+            self._capture(self.tap.take(sent, received, out))
         if out.packets:
             if self.direct.write(out.packets):
                 self.inner.rx.add_packets(out.packets)
@@ -364,6 +389,83 @@ class CryptoActor(Actor):
                 self.outbox.send("magicsock", report)
         for feed in self.feeds:
             feed.tick(now)
+        if self.tap is not None:
+            if now > self.capture_until:
+                self.log.info("capture lease expired: its reader went away", captured=self.captured)
+                self._stop_capture()
+            elif self.tap.spec.keylog:
+                self._send_keys()
+
+    def _send_keys(self) -> None:
+        """The key log lines of new handshakes, a bounded message at a time; what does not go now
+        is kept for the next tick: a dropped key would leave its session sealed in the capture."""
+        self.capture_keys += self.tap.key_lines() if self.tap is not None else []
+        while self.capture_keys:
+            lines = self.capture_keys[:KEY_LINES_PER_MESSAGE]
+            if not self._to_capture(CaptureKeys(source=self.name, lines=lines)):
+                return
+            del self.capture_keys[: len(lines)]
+
+    # --- `meshsup capture` (supervisor/capture.py asks every worker, and renews its lease)
+
+    def command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op != "capture":
+            return super().command(op, args)
+        spec = self._capture_spec(args)
+        if args.get("stop"):
+            counts = {"packets": self.captured, "dropped": self.capture_dropped}
+            if self.tap is not None and self.tap.spec == spec:
+                self._stop_capture()
+            return counts
+        if self.tap is not None and self.tap.spec != spec:
+            raise ConfigError(f"another capture is running (to {self.tap.spec.socket})")
+        if self.device is None:
+            raise ConfigError("not configured yet")
+        now = time.monotonic()
+        self.capture_until = now + float(args.get("lease", 0))
+        if self.tap is None:
+            self.tap = Tap(spec, self.device, self.direct.port, source_address)
+            self.capture_out = Outbox(lambda _: spec.socket)
+            self.captured = self.capture_dropped = 0
+            self.log.info("capture started", outer=spec.outer, keylog=spec.keylog, peer=args.get("peer") or "all")
+            if spec.keylog:
+                self.device.keylog = []
+                # Only handshakes from now on are in the log: start one with every peer that has a session.
+                self.emit(self.device.rekey([spec.peer] if spec.peer else list(self.device.peers), now))
+        return {"packets": self.captured, "dropped": self.capture_dropped}
+
+    def _capture_spec(self, args: dict[str, Any]) -> CaptureSpec:
+        path = str(args.get("socket", ""))
+        run = os.path.realpath(self.runtime.dir)
+        if os.path.dirname(path) != run or not os.path.basename(path).startswith("capture-"):
+            raise ConfigError(f"a capture socket must be a capture-* socket in {run}")
+        try:
+            peer = parse_key(args["peer"]) if args.get("peer") else None
+        except ValueError as err:
+            raise ConfigError(f"peer: {err}") from None
+        return CaptureSpec(path, peer, bool(args.get("outer")), bool(args.get("keylog")))
+
+    def _capture(self, packets: list[bytes]) -> None:
+        if not packets:
+            return
+        ts = time.time_ns()
+        for run in batch.split(packets):
+            if self._to_capture(CaptureBatch(source=self.name, ts=ts, packets=batch.pack(run))):
+                self.captured += len(run)
+            else:  # the reader is slow or gone: drop and count, never wait
+                self.capture_dropped += len(run)
+
+    def _to_capture(self, msg: Message) -> bool:
+        return self.capture_out.send("capture", msg)
+
+    def _stop_capture(self) -> None:
+        if self.tap is not None:
+            self.log.info("capture stopped", captured=self.captured, dropped=self.capture_dropped)
+        self.tap = None
+        self.capture_keys = []
+        if self.device is not None:
+            self.device.keylog = None
+        self.capture_out.close()
 
     def status(self) -> dict[str, Any]:
         if self.device is None:
@@ -383,6 +485,7 @@ class CryptoActor(Actor):
         }
 
     def close(self) -> None:
+        self.capture_out.close()
         for feed in self.feeds:
             feed.close()
         self.direct.close()

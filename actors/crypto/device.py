@@ -39,10 +39,16 @@ TSMP: decrypted packets of IP protocol 99 that passed the allowed-IPs check
 go to ``Output.tsmp`` by sender (``tsmp_received``), not to the TUN;
 ``send_to`` seals packets to a named peer (``tsmp_sent``; ``no_peer`` for a
 key that is no peer of ours).
+
+Capture: while ``keylog`` is a list (a capture with a key log runs,
+actors.crypto.capture), every handshake message we make adds the peer's key,
+our ephemeral private key and the preshared key to it; ``rekey`` starts a
+handshake at once, so that a capture sees one whole.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import struct
@@ -162,6 +168,9 @@ class Device:
         self.counters: Counter[str] = Counter()  # drops and refusals, by reason
         self.handshakes = 0  # completed handshakes (key rotations), for status
         self.relaying = False  # a relay may carry what a peer's endpoint does not
+        # Set by a capture with a key log only (actors.crypto.capture): each handshake we take part in
+        # adds (peer key, our ephemeral private key, preshared key) for tshark to decrypt the session.
+        self.keylog: list[tuple[bytes, bytes, bytes]] | None = None
         self._news = PathNews()
         self._rng = rng
         self._wall = wall
@@ -624,6 +633,8 @@ class Device:
         hs.last_sent_handshake = now
         self._free_index(hs.local_index)
         response = hs_.create_response(hs, self._new_index(peer), self._rng)
+        if response is not None:
+            self._log_keys(peer)  # before derive_session drops the ephemeral key
         keys = hs_.derive_session(hs) if response is not None else None
         if keys is None:
             self.counters["bad_initiation"] += 1
@@ -672,10 +683,27 @@ class Device:
             self._free_index(index)
             self.counters["bad_peer_key"] += 1
             return
+        self._log_keys(peer)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_sent()
         self._emit(peer, peer.cookies.add_macs(message, now), now, out)
         peer.timers.handshake_initiated(now)
+
+    def _log_keys(self, peer: Peer) -> None:
+        hs = peer.handshake
+        if self.keylog is not None and hs.local_ephemeral is not None:
+            self.keylog.append((peer.public_key, hs.local_ephemeral.private, hs.preshared_key))
+
+    def rekey(self, public_keys: Iterable[bytes], now: float) -> Output:
+        """A new handshake now with each of these peers that has a session (a capture's key log
+        holds only the ephemeral keys of handshakes made while it runs)."""
+        out = Output()
+        for key in public_keys:
+            peer = self.peers.get(key)
+            if peer is not None and peer.keypairs.current is not None:
+                peer.handshake.last_sent_handshake = -math.inf  # a user's request, once: not a retry to space out
+                self._initiate(peer, now, out, is_retry=False)
+        return out
 
     def _timestamp(self) -> bytes:
         """TAI64N for a new initiation: the wall clock, but always later than the last one

@@ -7,11 +7,15 @@ scope is global (so neither loopback nor link-local, which would need an
 interface to be named), it is not tentative (DAD still running), failed DAD
 or deprecated. The node's own tunnel is left out by name: an endpoint inside
 the tunnel would route the tunnel through itself.
+
+`source_address` is the address the kernel sends from to a given host: the
+node's side of a datagram, as `meshsup capture --outer` shows it.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Collection
 from typing import Final
 
@@ -50,3 +54,15 @@ def local_endpoints(port: int, exclude: Collection[str] = (), netns: str | None 
             if not (addr.is_loopback or addr.is_link_local or addr.is_multicast or addr.is_unspecified):
                 found[(str(addr), port)] = addr.version
     return sorted(found, key=found.__getitem__)
+
+
+def source_address(host: str) -> str:
+    """The local address the kernel sends from to `host` (a route lookup: a UDP connect sends
+    nothing); the unspecified address when no route reaches it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((host, 9))  # any port: only the route matters
+        except OSError:
+            return "::" if family == socket.AF_INET6 else "0.0.0.0"
+        return str(sock.getsockname()[0])
