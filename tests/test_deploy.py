@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -141,11 +142,10 @@ def test_systemd_analyze_verifies_every_unit_as_installed(installed: Path) -> No
 
 @needs_root
 @pytest.mark.netns
-def test_node_runs_under_its_units_capabilities(tmp_path: Path) -> None:
+def test_node_runs_under_its_units_capabilities(tmp_path: Path, netns: Callable[..., Netns]) -> None:
     """Every actor comes up and stays up, DNS and netlog dropped to their user, and the node
     stops cleanly: with nothing the unit's CapabilityBoundingSet withholds."""
-    ns = Netns()
-    node = Node(tmp_path, netns=ns, faults=False, wrapper=sandbox(NODE_UNIT))
+    node = Node(tmp_path, netns=netns(), faults=False, wrapper=sandbox(NODE_UNIT))
     try:
         status = node.wait_ready()
         assert {a["name"]: (a["state"], a["restarts"]) for a in status["actors"]}.items() >= {
@@ -156,21 +156,19 @@ def test_node_runs_under_its_units_capabilities(tmp_path: Path) -> None:
         assert all(a["restarts"] == 0 for a in node.status()["actors"])
     finally:
         node.close()
-        ns.close()
     assert node.proc.returncode == 0, node.stderr()[-2000:]
 
 
 @needs_root
 @pytest.mark.netns
-def test_relay_runs_under_its_units_capabilities(tmp_path: Path) -> None:
-    ns = Netns()
+def test_relay_runs_under_its_units_capabilities(tmp_path: Path, netns: Callable[..., Netns]) -> None:
     relay = Node(
         tmp_path,
         "--listen",
         "127.0.0.1:8080",
         "--stun-listen",
         "off",
-        netns=ns,
+        netns=netns(),
         faults=False,
         command="relay",
         wrapper=sandbox(RELAY_UNIT),
@@ -180,7 +178,6 @@ def test_relay_runs_under_its_units_capabilities(tmp_path: Path) -> None:
         assert all(a["state"] == "running" and a["restarts"] == 0 for a in status["actors"])
     finally:
         relay.close()
-        ns.close()
     assert relay.proc.returncode == 0, relay.stderr()[-2000:]
 
 
