@@ -130,15 +130,15 @@ def load_wg_quick(path: str | os.PathLike[str], state_dir: Path, interface_name:
     interface["interface"] = interface_name
     dns_servers = interface.pop("dns", [])
     doc: dict[str, Any] = {"node": interface, "peers": peers}
-    upstreams = []
+    upstreams, search = [], []
     for server in dns_servers:
         try:
             ipaddress.ip_address(server)
             upstreams.append(f"udp://{format_endpoint(server, 53)}")
         except ValueError:
-            pass  # wg-quick treats non-addresses as search domains; the mesh domain covers ours
-    if upstreams:
-        doc["dns"] = {**DNS_DEFAULT, "upstreams": upstreams, "set_os_resolver": True}
+            search.append(server)  # wg-quick's reading of what is no address: a search domain
+    if dns_servers:
+        doc["dns"] = {**DNS_DEFAULT, "upstreams": upstreams, "search": search, "set_os_resolver": True}
     try:
         return parse(file, doc, Path(path).resolve().parent, state_dir)
     except ConfigError as err:

@@ -184,6 +184,7 @@ PersistentKeepalive = 25
     assert peer.endpoints == (("198.51.100.2", 51820),) and peer.persistent_keepalive == 25
     assert peer.preshared_key is not None and b64(peer.preshared_key) == psk
     assert [str(u) for u in c.dns.upstreams] == ["udp://198.51.100.53:53"] and c.dns.set_os_resolver
+    assert c.dns.search == ("corp.example",)
 
 
 def test_toml_full_example_is_accepted(tmp_path) -> None:
@@ -206,6 +207,7 @@ def test_embedded_default_is_stable(tmp_path) -> None:
     [
         ("[dns]\nupstreams = ['ftp://198.51.100.53']\n", "dns.upstreams", "ftp"),
         ("[dns]\nbogus = 1\n", "dns", "bogus"),
+        ("[dns]\nsearch = ['corp example']\n", "dns.search[0]", "has a label"),
         ("[[dns.rules]]\nmatch = 'nope:x'\naction = 'reject'\n", "dns.rules[0]", ""),
         (
             "[[netlog.collectors]]\nkind = 'carrier-pigeon'\naddress = 'tcp://127.0.0.1:1'\n",
