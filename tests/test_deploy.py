@@ -154,6 +154,7 @@ def test_node_runs_under_its_units_capabilities(tmp_path: Path, netns: Callable[
             ("router", ("running", 0)),
         }
         assert all(a["restarts"] == 0 for a in node.status()["actors"])
+        assert "no eBPF queue steering" not in node.stderr()  # CAP_BPF: tun-io loaded its program
     finally:
         node.close()
     assert node.proc.returncode == 0, node.stderr()[-2000:]
