@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     start = cmd("start", "run a node in the foreground")
     src = start.add_mutually_exclusive_group()
     src.add_argument("--config", help="TOML configuration")
-    src.add_argument("--wg-config", help="wg-quick configuration ([Interface], [Peer])")
+    src.add_argument("--wg-config", help="wg-quick configuration ([Interface], [Peer]); NAME.conf names the interface")
     start.add_argument("--crypto-workers", type=int)
     start.add_argument("--dns-workers", type=int)
     start.add_argument("--interface", help="TUN interface name (overrides the config)")
