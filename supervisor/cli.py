@@ -17,12 +17,12 @@ from meshsup.actors.kernel.privileges import USER, PrivilegeError, unprivileged_
 from meshsup.actors.log import setup
 from meshsup.actors.settings import Settings
 from meshsup.actors.settings.keys import b64, load_or_create_disco
+from meshsup.actors.settings.node import INTERFACE_RULE, valid_interface_name
 from meshsup.supervisor import capture, relay
 from meshsup.supervisor import config as cfg
 from meshsup.supervisor.control import NotRunning, call
 
 DEFAULT_STATE_DIR = "/var/lib/meshsup"
-IFNAMSIZ = 16  # the kernel's limit on an interface name, with its NUL
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     start = cmd("start", "run a node in the foreground")
     src = start.add_mutually_exclusive_group()
     src.add_argument("--config", help="TOML configuration")
-    src.add_argument("--wg-config", help="wg-quick configuration ([Interface], [Peer])")
+    src.add_argument("--wg-config", help="wg-quick configuration ([Interface], [Peer]); NAME.conf names the interface")
     start.add_argument("--crypto-workers", type=int)
     start.add_argument("--dns-workers", type=int)
     start.add_argument("--interface", help="TUN interface name (overrides the config)")
@@ -71,21 +71,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_config(args: argparse.Namespace, state_dir: Path) -> Settings:
+    if args.interface is not None and not valid_interface_name(args.interface):
+        raise cfg.ConfigError(
+            "--interface", "interface", f"{args.interface!r} is not a valid interface name ({INTERFACE_RULE})"
+        )
     if args.config:
         conf = cfg.load_toml(args.config, state_dir)
     elif args.wg_config:
-        conf = cfg.load_wg_quick(args.wg_config, state_dir)
+        conf = cfg.load_wg_quick(args.wg_config, state_dir, args.interface)
     else:
         conf = cfg.embedded_default(state_dir)
     node, actors = conf.node, conf.actors
     if args.interface is not None:
-        if not valid_interface_name(args.interface):
-            raise cfg.ConfigError(
-                "--interface",
-                "interface",
-                f"{args.interface!r} is not a valid interface name "
-                f"(1-{IFNAMSIZ - 1} characters, no '/', ':' or white space, not '.' or '..')",
-            )
         node = replace(node, interface=args.interface)
     if args.listen_port is not None:
         if not 0 <= args.listen_port <= 65535:
@@ -99,11 +96,6 @@ def load_config(args: argparse.Namespace, state_dir: Path) -> Settings:
             actors = replace(actors, **{kind: n})
     node = replace(node, disco_key=load_or_create_disco(state_dir))  # a node that runs runs disco
     return replace(conf, node=node, actors=actors)
-
-
-def valid_interface_name(name: str) -> bool:
-    """What the kernel's dev_valid_name accepts."""
-    return 0 < len(name) < IFNAMSIZ and name not in (".", "..") and not any(c in "/:" or c.isspace() for c in name)
 
 
 def peer_stanza(conf: Settings) -> str:

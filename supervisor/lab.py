@@ -72,15 +72,19 @@ class Node:
         netns: Netns | None = None,
         faults: bool = True,
         command: str = "start",
+        wrapper: tuple[str, ...] = (),
     ) -> None:
+        """``wrapper``: a command the node runs under (setpriv, as a service unit would)."""
         self.state_dir = tmp / f"state-{secrets.token_hex(3)}"
         self.netns = netns
         self.iface = f"ms{secrets.token_hex(4)}"
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         if faults:
             full_env["MESHSUP_TEST_FAULTS"] = "1"
-        cmd = [*MESHSUP, command, "--state-dir", str(self.state_dir), *args]
-        if command == "start" and "--interface" not in args:
+        cmd = [*wrapper, *MESHSUP, command, "--state-dir", str(self.state_dir), *args]
+        if "--wg-config" in args and "--interface" not in args:
+            self.iface = Path(args[args.index("--wg-config") + 1]).stem  # named after the file, as wg-quick does
+        elif command == "start" and "--interface" not in args:
             cmd += ["--interface", self.iface]
         self.stdout_path = tmp / f"{self.state_dir.name}.out"
         self.stderr_path = tmp / f"{self.state_dir.name}.err"

@@ -78,7 +78,7 @@ class RouterActor(Actor):
             self.resolv = for_this_namespace(self.runtime.state_dir)
         first = not self.resolv.active
         try:
-            self.resolver_problems = self.resolv.apply(settings.nameservers, [settings.domain])
+            self.resolver_problems = self.resolv.apply(settings.nameservers, [settings.domain, *settings.search])
         except OSError as err:
             raise ConfigError(f"cannot write {self.resolv.path}: {err}") from None
         if first and self.resolv.refused_backup:

@@ -76,9 +76,11 @@ def _put(path: Path, snap: _Snapshot, in_place: bool = False) -> None:
     try:
         write_atomic(path, snap.payload, 0o644)
     except OSError as e:
-        # A bind-mounted resolv.conf (containers) cannot be replaced, only
+        # A bind-mounted resolv.conf (containers) cannot be replaced, nor can one
+        # made writable alone in a read-only /etc (systemd's ProtectSystem=strict with
+        # ReadWritePaths=/etc/resolv.conf, as deploy/meshsup.service has it): both are
         # rewritten in place.
-        if e.errno != errno.EBUSY:
+        if e.errno not in (errno.EBUSY, errno.EROFS):
             raise
         _rewrite(path, snap.payload)
 

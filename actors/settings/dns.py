@@ -37,6 +37,7 @@ DNS_KEYS = frozenset(
         "domain",
         "upstreams",
         "set_os_resolver",
+        "search",
         "routes",
         "rules",
         "groups",
@@ -72,6 +73,7 @@ class DnsSettings:
     domain: str = "mesh"
     upstreams: tuple[Upstream, ...] = ()
     set_os_resolver: bool = False
+    search: tuple[str, ...] = ()  # resolv.conf's search domains after `domain` (set_os_resolver)
     routes: tuple[Route, ...] = ()
     rules: tuple[Rule, ...] = ()
     groups: dict[str, tuple[Upstream, ...]] = field(default_factory=dict)
@@ -140,6 +142,7 @@ class DnsSettings:
             domain=domain,
             upstreams=t.get("upstreams", [], list, _upstreams),
             set_os_resolver=t.get("set_os_resolver", cls.set_os_resolver, bool),
+            search=t.get("search", [], list, _search),
             routes=t.get("routes", [], list, _routes),
             rules=t.get("rules", [], list, lambda v, k: _rules(v, k, set(groups))),
             groups=groups,
@@ -236,6 +239,10 @@ def _listen(value: list[Any], name: str) -> tuple[tuple[str, int], ...]:
             raise ValueError(f"{key}: port {number} out of range")
         out.append((address, number))
     return tuple(dict.fromkeys(out))
+
+
+def _search(value: list[Any], name: str) -> tuple[str, ...]:
+    return tuple(_dns_name(_typed(v, str, f"{name}[{i}]"), f"{name}[{i}]") for i, v in enumerate(value))
 
 
 def _upstreams(value: list[Any], name: str) -> tuple[Upstream, ...]:

@@ -13,6 +13,8 @@ from meshsup.actors.settings.table import ConfigError, Table
 DEFAULT_PORT = 51820
 DEFAULT_MTU = 1420
 DEFAULT_INTERFACE = "meshsup0"
+IFNAMSIZ = 16  # the kernel's limit on an interface name, with its NUL
+INTERFACE_RULE = f"1-{IFNAMSIZ - 1} characters, no '/', ':' or white space, not '.' or '..'"
 NODE_KEYS = {"name", "private_key", "private_key_file", "listen_port", "interface", "addresses", "mtu"}
 PEER_KEYS = {
     "name",
@@ -100,6 +102,11 @@ def parse_endpoint(text: str) -> Endpoint:
     return host, int(port)
 
 
+def valid_interface_name(name: str) -> bool:
+    """What the kernel's dev_valid_name accepts."""
+    return 0 < len(name) < IFNAMSIZ and name not in (".", "..") and not any(c in "/:" or c.isspace() for c in name)
+
+
 def format_endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -117,8 +124,8 @@ def parse_node(file: str, table: Any, base: Path, state_dir: Path) -> NodeSettin
         private = keys.load_or_create(state_dir / "private.key")
     public = keys.public_of(private)
     interface = c.get("interface", str, DEFAULT_INTERFACE)
-    if not 0 < len(interface) < 16 or "/" in interface or " " in interface:
-        raise c.fail("interface", f"{interface!r} is not a valid interface name (1-15 characters)")
+    if not valid_interface_name(interface):
+        raise c.fail("interface", f"{interface!r} is not a valid interface name ({INTERFACE_RULE})")
     mtu = c.get("mtu", int, DEFAULT_MTU)
     if not 576 <= mtu <= 65515:
         raise c.fail("mtu", f"{mtu} is outside 576..65515")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from meshsup.actors.settings.keys import b64, generate_private, public_of
+from meshsup.supervisor import cli
 from meshsup.supervisor import config as cfg
 from tests.nodes import REPO
 
@@ -92,12 +94,63 @@ def test_wg_quick_refusals(tmp_path) -> None:
     )
     r = start(tmp_path, "--wg-config", str(path))
     assert r.returncode == 2 and "[Peer] 1 AllowedIPs" in r.stderr and "not an IP prefix" in r.stderr
-    path = write(tmp_path, f"[Interface]\nPrivateKey = {b64(generate_private())}\nPostUp = rm -rf /\n", name="wg1.conf")
-    r = start(tmp_path, "--wg-config", str(path))
-    assert r.returncode == 2 and "PostUp" in r.stderr and "not supported" in r.stderr
     path = write(tmp_path, f"[Interface]\nPrivateKey = {b64(generate_private())}\n", mode=0o644, name="wg2.conf")
     r = start(tmp_path, "--wg-config", str(path))
     assert r.returncode == 2 and "readable by others" in r.stderr
+
+
+UNAPPLIED = [
+    ("Table = 1234", "routes AllowedIPs in the main table"),
+    ("Table = off", "routes AllowedIPs in the main table"),
+    ("FwMark = 0x1234", "no policy routing"),
+    ("SaveConfig = true", "never writes the file back"),
+    ("PreUp = true", "runs no commands"),
+    ("PostUp = rm -rf /", "runs no commands"),
+    ("predown = true", "runs no commands"),
+    ("PostDown = true", "runs no commands"),
+]
+
+
+@pytest.mark.parametrize("line,why", UNAPPLIED, ids=[u[0].split()[0] for u in UNAPPLIED])
+def test_wg_quick_keys_meshsup_does_not_apply_are_refused_by_name(tmp_path, line, why) -> None:
+    path = write(tmp_path, f"[Interface]\nPrivateKey = {b64(generate_private())}\n{line}\n", name="wg1.conf")
+    r = start(tmp_path, "--wg-config", str(path))
+    key = line.split()[0]
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{path}: line 3: {key}: not applied" in r.stderr and why in r.stderr
+
+
+def test_wg_quick_keys_that_ask_for_nothing_are_accepted(tmp_path) -> None:
+    path = write(
+        tmp_path,
+        f"[Interface]\nPrivateKey = {b64(generate_private())}\nTable = auto\nFwMark = off\nSaveConfig = false\n",
+        name="wg1.conf",
+    )
+    assert cfg.load_wg_quick(path, tmp_path).node.interface == "wg1"
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return cli._parser().parse_args(["start", *argv])
+
+
+def test_wg_quick_names_the_interface_after_the_file(tmp_path) -> None:
+    body = f"[Interface]\nPrivateKey = {b64(generate_private())}\n"
+    path = write(tmp_path, body, name="wg-office.conf")
+    assert cli.load_config(_args("--wg-config", str(path)), tmp_path).node.interface == "wg-office"
+    conf = cli.load_config(_args("--wg-config", str(path), "--interface", "tun7"), tmp_path)
+    assert conf.node.interface == "tun7"  # --interface wins, as over a TOML file
+    # A file that names no interface is fine once --interface names it.
+    odd = write(tmp_path, body, name="my office vpn.conf")
+    assert cli.load_config(_args("--wg-config", str(odd), "--interface", "tun7"), tmp_path).node.interface == "tun7"
+
+
+@pytest.mark.parametrize("name", ["my office.conf", "wg0.cfg", "averyveryverylong.conf", "..conf", "wg:0.conf"])
+def test_wg_quick_file_that_names_no_interface_is_refused(tmp_path, name) -> None:
+    path = write(tmp_path, f"[Interface]\nPrivateKey = {b64(generate_private())}\n", name=name)
+    r = start(tmp_path, "--wg-config", str(path))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{path}: (file name): wg-quick names the interface after the file" in r.stderr
+    assert "--interface" in r.stderr
 
 
 def test_wg_quick_is_read_as_wg_quick_reads_it(tmp_path) -> None:
@@ -123,7 +176,7 @@ PersistentKeepalive = 25
         name="wg3.conf",
     )
     c = cfg.load_wg_quick(path, tmp_path)
-    assert c.node.public_key == public_of(priv)
+    assert c.node.public_key == public_of(priv) and c.node.interface == "wg3"
     assert c.node.listen_port == 51999 and c.node.mtu == 1380
     assert [str(a) for a in c.node.addresses] == ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"]
     (peer,) = c.peers
@@ -131,6 +184,7 @@ PersistentKeepalive = 25
     assert peer.endpoints == (("198.51.100.2", 51820),) and peer.persistent_keepalive == 25
     assert peer.preshared_key is not None and b64(peer.preshared_key) == psk
     assert [str(u) for u in c.dns.upstreams] == ["udp://198.51.100.53:53"] and c.dns.set_os_resolver
+    assert c.dns.search == ("corp.example",)
 
 
 def test_toml_full_example_is_accepted(tmp_path) -> None:
@@ -153,6 +207,7 @@ def test_embedded_default_is_stable(tmp_path) -> None:
     [
         ("[dns]\nupstreams = ['ftp://198.51.100.53']\n", "dns.upstreams", "ftp"),
         ("[dns]\nbogus = 1\n", "dns", "bogus"),
+        ("[dns]\nsearch = ['corp example']\n", "dns.search[0]", "has a label"),
         ("[[dns.rules]]\nmatch = 'nope:x'\naction = 'reject'\n", "dns.rules[0]", ""),
         (
             "[[netlog.collectors]]\nkind = 'carrier-pigeon'\naddress = 'tcp://127.0.0.1:1'\n",
