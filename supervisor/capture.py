@@ -186,12 +186,15 @@ def _open_keylog(path: str) -> IO[str]:
 
 def _remove_stale(run: Path) -> None:
     """Sockets of captures whose CLI was killed."""
-    for old in run.glob("capture-*.sock"):
+    for old in run.glob("pc*.sock"):
+        pid = Runtime.capture_pid(old)
+        if pid is None:
+            continue
         try:
-            os.kill(int(old.stem.removeprefix("capture-")), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             old.unlink(missing_ok=True)
-        except (ValueError, PermissionError):
+        except PermissionError:
             pass
 
 
@@ -216,7 +219,7 @@ def _capture(args: argparse.Namespace, runtime: Runtime) -> int:
             print(f"meshsup: capture: {err}", file=sys.stderr)
             return 2
     _remove_stale(runtime.dir)
-    path = runtime.dir.resolve() / f"capture-{os.getpid()}.sock"
+    path = runtime.dir.resolve() / runtime.capture(os.getpid()).name
     request = {"socket": str(path), "peer": peer, "outer": args.outer, "keylog": bool(args.keylog), "lease": LEASE}
     stop: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -8,6 +8,7 @@ actors.registry) may search it and connect to the sockets meant for them
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from meshsup.actors.kernel.files import private_dir
@@ -18,6 +19,9 @@ def grant(endpoint: str, unprivileged: bool) -> None:
     """Who may connect to a socket of the runtime dir: root only (0600), or the
     unprivileged actors too (0660: the socket has their group, see Runtime.open_to)."""
     os.chmod(endpoint.removeprefix("ipc://"), 0o660 if unprivileged else 0o600)
+
+
+_CAPTURE = re.compile(r"pc(\d+)\.sock")
 
 
 class Runtime:
@@ -79,6 +83,17 @@ class Runtime:
     def inbox(self, actor: str) -> str:
         """The actor's data path socket (a unix seqpacket path, see actors.bus.datapath)."""
         return str(self.dir / f"{actor}.sock")
+
+    def capture(self, pid: int) -> Path:
+        """The socket a `meshsup capture` CLI listens on for the workers' packets, by its pid: a
+        name as short as control-u.sock's, for the same 107-byte limit."""
+        return self.dir / f"pc{pid}.sock"
+
+    @staticmethod
+    def capture_pid(path: str | os.PathLike[str]) -> int | None:
+        """The pid in a capture socket's name; None for a name that is not one."""
+        m = _CAPTURE.fullmatch(os.path.basename(path))
+        return int(m.group(1)) if m else None
 
     @property
     def pidfile(self) -> Path:

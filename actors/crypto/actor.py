@@ -124,6 +124,7 @@ from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus import batch
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.datapath import Outbox
+from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import (
     CaptureBatch,
     CaptureKeys,
@@ -437,8 +438,8 @@ class CryptoActor(Actor):
     def _capture_spec(self, args: dict[str, Any]) -> CaptureSpec:
         path = str(args.get("socket", ""))
         run = os.path.realpath(self.runtime.dir)
-        if os.path.dirname(path) != run or not os.path.basename(path).startswith("capture-"):
-            raise ConfigError(f"a capture socket must be a capture-* socket in {run}")
+        if os.path.dirname(path) != run or Runtime.capture_pid(path) is None:
+            raise ConfigError(f"a capture socket must be a capture CLI's socket in {run}")
         try:
             peer = parse_key(args["peer"]) if args.get("peer") else None
         except ValueError as err:

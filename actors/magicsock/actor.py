@@ -131,9 +131,10 @@ class MagicsockActor(Actor):
         if self.sock is not None:
             self.remove_reader(self.sock.fileno())
             self.sock.close()
+        rebound = self.sock is not None
         self.sock = new
         self.add_reader(new.fileno(), self.on_readable)
-        self.log.info("listening", port=new.port, gso=new.gso, gro=new.gro)
+        self.log.info("rebound" if rebound else "listening", port=new.port, gso=new.gso, gro=new.gro)
 
     # --- our endpoints
 
@@ -154,11 +155,13 @@ class MagicsockActor(Actor):
             self.paths.set_nat(self.stun.mapping_varies())
 
     def link_changed(self, now: float) -> None:
-        """An address or route changed: bind anew, ask STUN again, tell peers where we are."""
-        if self.sock is not None:
-            self.bind(self.sock.port)
+        """An address or route changed: ask STUN again, tell peers where we are, and with the host's
+        addresses changed, bind anew (as Tailscale rebinds), so nothing of the old ones lingers."""
+        before = self.host_endpoints
         self.stun.refresh(now)
         self.refresh_endpoints(now)
+        if self.sock is not None and self.host_endpoints != before:
+            self.bind(self.sock.port)
 
     # --- datagrams in
 

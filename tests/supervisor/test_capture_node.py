@@ -156,4 +156,4 @@ def test_peer_filter_count_and_a_killed_capture(underlay: Underlay, tmp_path: Pa
             time.sleep(0.5)
     finally:
         first.kill()
-    assert not list((alpha.state_dir / "run").glob("capture-*.sock"))
+    assert not list((alpha.state_dir / "run").glob("pc*.sock"))
