@@ -173,8 +173,9 @@ def filter_status(config: Settings, workers: list[dict[str, Any]]) -> dict[str, 
     drops: Counter[str] = Counter()
     totals: Counter[str] = Counter()
     for w in workers:
-        if len(w.get("hits", ())) == len(rules):
-            hits = [a + b for a, b in zip(hits, w["hits"])]
+        worker_hits = w.get("hits", [])
+        if len(worker_hits) == len(rules):
+            hits = [a + b for a, b in zip(hits, worker_hits)]
         drops.update(w.get("drops", {}))
         totals.update({k: w.get(k, 0) for k in ("flows", "evictions", "cut")})
     return {
