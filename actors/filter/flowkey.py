@@ -25,6 +25,10 @@ _IPV6_EXTENSIONS = frozenset({0, 43, 44, 60})
 def flow_key(p: bytes) -> bytes | None:
     """The packet's flow key, FRAGMENT, or None for a packet too short or not IP."""
     n = len(p)
+    if n >= 24 and p[0] == 0x45:  # the bulk of traffic: IPv4 without options, TCP or UDP, unfragmented
+        proto = p[9]
+        if (proto == TCP or proto == UDP) and not (p[6] & 0x1F or p[7]):
+            return p[9:10] + p[12:24]  # the fields are in key order already
     if not n:
         return None
     version = p[0] >> 4
@@ -46,8 +50,6 @@ def flow_key(p: bytes) -> bytes | None:
     if proto == TCP or proto == UDP:
         if n < t + 4:
             return None
-        if t == 20:  # IPv4 without options: the fields are in key order already
-            return p[9:10] + p[12:24]
         return bytes((proto,)) + p[addresses[0] : addresses[1]] + p[t : t + 4]
     head = bytes((proto,)) + p[addresses[0] : addresses[1]]
     if (proto == ICMP and version == 4) or (proto == ICMPV6 and version == 6):

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 from meshsup.actors.filter.conntrack import DEFAULT_MAX_FLOWS, FlowTable
-from meshsup.actors.filter.flowkey import FRAGMENT, flow_key, quoted_key
+from meshsup.actors.filter.flowkey import FRAGMENT, TCP, UDP, flow_key, quoted_key
 from meshsup.actors.filter.reject import reject_reply
 from meshsup.actors.filter.rules import RuleSet
 from meshsup.actors.settings.filter import ACCEPT, REJECT, FilterSettings
@@ -62,30 +62,39 @@ class Filter:
         passed: list[bytes] = []
         replies: list[bytes] = []
         live = self.table.live
-        last: bytes | None = None  # the key of the last packet passed: a run of one flow needs one lookup
+        append = passed.append
+        # A run of one flow needs one lookup: `last` is the key of the last packet passed, and for
+        # IPv4 TCP or UDP, `tail` its addresses and ports as they sit in the packet (bytes 12-24),
+        # checked before any key is cut (a fragment taken for the flow's packet passes anyway).
+        last: bytes | None = None
+        tail: bytes | None = None
+        proto = -1
         for p in packets:
+            if p[12:24] == tail and p[9] == proto and p[0] == 0x45:
+                append(p)
+                continue
             key = flow_key(p)
             if key is None:
                 self.drops["malformed"] += 1
                 continue
             if key == last or key is FRAGMENT:
-                passed.append(p)
+                append(p)
                 continue
             if live(key, now) is not None:
-                passed.append(p)
-                last = key
+                append(p)
+                last, tail, proto = key, *_tail(p, key)
                 continue
             related = quoted_key(p)
             if related is not None and related in self.table.by_key:
-                passed.append(p)  # an ICMP error about a flow of ours
+                append(p)  # an ICMP error about a flow of ours
                 continue
             action, rule = self.rules.judge(key) if judged else (ACCEPT, None)
             if rule is not None:
                 self.hits[rule] += 1
             if action == ACCEPT:
                 self.table.add(key, rule, local, now)
-                passed.append(p)
-                last = key
+                append(p)
+                last, tail, proto = key, *_tail(p, key)
                 continue
             self.drops[action if rule is not None else f"default_{action}"] += 1
             if action == REJECT and (reply := reject_reply(p)) is not None:
@@ -105,3 +114,8 @@ class Filter:
             "evictions": self.table.evictions,
             "cut": self.cut,
         }
+
+
+def _tail(p: bytes, key: bytes) -> tuple[bytes | None, int]:
+    """For an IPv4 TCP or UDP packet without options, what `_judge` compares the next ones by."""
+    return (key[1:], key[0]) if p[0] == 0x45 and (key[0] == TCP or key[0] == UDP) else (None, -1)

@@ -282,3 +282,19 @@ def test_random_bytes_are_counted_drops_never_exceptions(tmp_path: Any) -> None:
     f.inbound(packets, 0.0)
     f.outbound(packets, 0.0)
     assert f.drops["malformed"] > 0
+
+
+def test_a_run_of_one_flow_passes_on_one_lookup_but_nothing_else_rides_along(tmp_path: Any) -> None:
+    f = Filter(
+        settings(
+            {"default": "deny", "rules": [{"action": "accept", "src": ["*"], "dst": ["*:22"], "proto": "tcp"}]},
+            tmp_path,
+        )
+    )
+    run = [tcp(BRAVO, NODE, 4000, 22, ACK, seq=i) for i in range(5)]
+    same_ports_udp = udp(BRAVO, NODE, 4000, 22)
+    other_port = tcp(BRAVO, NODE, 4001, 22, ACK)  # judged anew: no flow, but the rule accepts it
+    short = run[0][:20]
+    passed, _ = f.inbound([*run, same_ports_udp, short, *run, other_port], 0.0)
+    assert passed == [*run, *run, other_port]
+    assert f.drops == {"default_deny": 1, "malformed": 1} and f.hits == [2]
