@@ -11,7 +11,8 @@ tun-io's steering program puts them) and writes what it decrypts there,
 and it sends and receives its peers' datagrams on sockets connected to
 them. A packet on its queue that another worker owns goes to that worker
 over the bus. What goes by those direct paths is counted here for flow
-logs, as tun-io and magicsock count what goes through them.
+logs, as tun-io and magicsock count what goes through them, with the
+filter rule that accepted each connection ([filter]; FlowCounts.rules).
 
 The map: which process touches a packet, in which order, where it is
 batched and where it may be dropped, with the counter that says so (as
@@ -261,10 +262,12 @@ class CryptoActor(Actor):
         assert self.device is not None
         if not settings.enabled:
             self.device.filter = None
-        elif self.device.filter is None:
-            self.device.filter = Filter(settings)
         else:
-            self.device.filter.configure(settings, time.monotonic())
+            if self.device.filter is None:
+                self.device.filter = Filter(settings)
+            else:
+                self.device.filter.configure(settings, time.monotonic())
+            self.device.filter.recording = self.inner.tx.enabled  # flow logs are on
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, FlowCountsAck):  # each feed takes its own (by epoch)
@@ -386,6 +389,7 @@ class CryptoActor(Actor):
             self.emit(self.device.tick(now))
             if self.device.filter is not None:
                 self.device.filter.tick(now)
+                self.inner.rules.update(self.device.filter.take_decided())
             report = self.device.path_report(now)
             if report is not None:
                 self.outbox.send("magicsock", report)

@@ -20,6 +20,7 @@ from meshsup.actors.filter.rules import RuleSet
 from meshsup.actors.settings.filter import ACCEPT, REJECT, FilterSettings
 
 SWEEP_EVERY = 30.0  # seconds between sweeps of expired flows from `tick`
+MAX_DECIDED = 1024  # accepted flows remembered for flow logs between two takes (a flush a second)
 
 
 class Filter:
@@ -30,6 +31,11 @@ class Filter:
         self.hits = [0] * len(settings.rules)  # flows (or refused packets) each rule decided
         self.drops: Counter[str] = Counter()  # by reason: deny, reject, default_deny, default_reject, malformed
         self.cut = 0  # live flows a rule change ended
+        # Flows a rule accepted, key -> rule, for flow logs (while `recording`; at most MAX_DECIDED
+        # between two `take_decided`, the rest counted in `unlogged`).
+        self.recording = False
+        self.decided: dict[bytes, int] = {}
+        self.unlogged = 0
         self._next_sweep = 0.0
 
     def configure(self, settings: FilterSettings, now: float) -> None:
@@ -93,6 +99,8 @@ class Filter:
                 self.hits[rule] += 1
             if action == ACCEPT:
                 self.table.add(key, rule, local, now)
+                if rule is not None and self.recording:
+                    self._decided(key, rule)
                 append(p)
                 last, tail, proto = key, *_tail(p, key)
                 continue
@@ -100,6 +108,16 @@ class Filter:
             if action == REJECT and (reply := reject_reply(p)) is not None:
                 replies.append(reply)
         return passed, replies
+
+    def _decided(self, key: bytes, rule: int) -> None:
+        if len(self.decided) < MAX_DECIDED:
+            self.decided[key] = rule
+        else:
+            self.unlogged += 1
+
+    def take_decided(self) -> dict[bytes, int]:
+        decided, self.decided = self.decided, {}
+        return decided
 
     def tick(self, now: float) -> None:
         if now >= self._next_sweep:
@@ -113,6 +131,7 @@ class Filter:
             "flows": len(self.table),
             "evictions": self.table.evictions,
             "cut": self.cut,
+            "unlogged": self.unlogged,
         }
 
 

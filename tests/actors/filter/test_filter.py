@@ -298,3 +298,15 @@ def test_a_run_of_one_flow_passes_on_one_lookup_but_nothing_else_rides_along(tmp
     passed, _ = f.inbound([*run, same_ports_udp, short, *run, other_port], 0.0)
     assert passed == [*run, *run, other_port]
     assert f.drops == {"default_deny": 1, "malformed": 1} and f.hits == [2]
+
+
+def test_flows_a_rule_accepted_are_kept_for_flow_logs_while_recording(tmp_path: Any) -> None:
+    f = Filter(settings(RULES, tmp_path))
+    f.inbound([tcp(BRAVO, NODE, 4000, 22)], 0.0)
+    assert f.take_decided() == {}  # flow logs off
+    f.recording = True
+    first = tcp(BRAVO, NODE, 4001, 22)
+    f.inbound([first, tcp(BRAVO, NODE, 4001, 22, ACK), tcp(CHARLIE, NODE, 4000, 85)], 1.0)
+    f.outbound([tcp(NODE, BRAVO, 6000, 22)], 1.0)  # opened here: no rule decided it
+    assert f.take_decided() == {flow_key(first): 1, flow_key(tcp(CHARLIE, NODE, 4000, 85)): 2}
+    assert f.take_decided() == {}
