@@ -189,3 +189,12 @@ def test_ten_thousand_random_packets_restart_no_actor(lab: Lab) -> None:
     assert {a["name"]: a["restarts"] for a in after} == before
     assert all(a["state"] == "running" for a in after)
     assert sum(lab.filter_status()["drops"].values()) > 0
+
+
+def test_a_peer_sending_from_outside_its_allowed_ips_is_dropped_and_counted(lab: Lab) -> None:
+    def dropped() -> int:
+        return lab.alpha.counters()["crypto"].get("allowed_ips", 0)
+
+    before = dropped()
+    assert lab.probe(lab.ns_b, "random", "100.64.0.77", lab.a.v4, "50", "16") == "sent"
+    assert lab.alpha.wait(lambda: dropped() >= before + 50, what="50 spoofed packets counted as allowed_ips")
