@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -141,6 +142,9 @@ class CliServer:
             "peers": peer_status(self.tree.config, self.tree.live_peers(), magicsock),
             "relays": magicsock.get("relays", []),
             "disco": magicsock.get("disco", {}),
+            "filter": filter_status(
+                self.tree.config, [a.status.get("filter", {}) for a in self.tree.actors.values() if a.kind == "crypto"]
+            ),
             "supervisor": {"bus_dropped": self.hub.bus_dropped},
             "health": self._health(),
         }
@@ -170,3 +174,26 @@ class CliServer:
                 )
             out.append(entry)
         return out
+
+
+def filter_status(config: Settings, workers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The packet filter's figures, summed over the crypto workers (each filters its own peers);
+    a worker still counting for other rules (a reload under way) is left out of the hits."""
+    rules = config.filter.rules
+    hits = [0] * len(rules)
+    drops: Counter[str] = Counter()
+    totals: Counter[str] = Counter()
+    for w in workers:
+        worker_hits = w.get("hits", [])
+        if len(worker_hits) == len(rules):
+            hits = [a + b for a, b in zip(hits, worker_hits)]
+        drops.update(w.get("drops", {}))
+        totals.update({k: w.get(k, 0) for k in ("flows", "evictions", "cut")})
+    return {
+        "enabled": config.filter.enabled,
+        "default": config.filter.default,
+        "outbound": config.filter.outbound,
+        "rules": [{"index": i, "action": r.action, "hits": h} for i, (r, h) in enumerate(zip(rules, hits))],
+        "drops": dict(drops),
+        **{k: totals[k] for k in ("flows", "evictions", "cut")},
+    }

@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = frozenset({"crypto", "dns", "magicsock", "netlog", "relay", "router", "tunio"})
-SHARED = frozenset({"bus", "kernel", "wire", "routing", "flowcount", "settings", "base", "log", "registry"})
+SHARED = frozenset({"bus", "kernel", "wire", "routing", "flowcount", "filter", "settings", "base", "log", "registry"})
 
 
 def imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Any
 
 from meshsup.actors.bus.codec import Message, message
@@ -192,6 +193,10 @@ class FlowCounts(Message):
     DERP relay carried, [RELAY_HOST, the relay's number, the peer's key].
     netlog acknowledges each (FlowCountsAck to `source`); one not
     acknowledged is sent again as it is, and netlog counts it once.
+    `rules` (inner, from crypto workers with a [filter]): [key, index] of
+    the connections a filter rule accepted since the last flush, the key
+    that of the connection's first packet, in the same layout (the `rule`
+    of flow records' connection entries).
     """
 
     source: str  # the sending actor
@@ -200,6 +205,7 @@ class FlowCounts(Message):
     layer: str
     tx: list[Any]
     rx: list[Any]
+    rules: list[Any] = field(default_factory=list)
 
 
 @message("netlog.flow_counts_ack")

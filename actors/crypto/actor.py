@@ -11,7 +11,8 @@ tun-io's steering program puts them) and writes what it decrypts there,
 and it sends and receives its peers' datagrams on sockets connected to
 them. A packet on its queue that another worker owns goes to that worker
 over the bus. What goes by those direct paths is counted here for flow
-logs, as tun-io and magicsock count what goes through them.
+logs, as tun-io and magicsock count what goes through them, with the
+filter rule that accepted each connection ([filter]; FlowCounts.rules).
 
 The map: which process touches a packet, in which order, where it is
 batched and where it may be dropped, with the counter that says so (as
@@ -36,7 +37,11 @@ Outgoing, TUN -> network
  2. crypto-N (direct.DirectPaths): reads its queue, 256 at a time
     (tun_read); send_read splits them by owner again: unrouted ones are
     dropped (no_route), other workers' go to them as PacketBatch (bus_full).
- 3. Device.send: routes by allowed IPs (bad_packet; no_route, added into
+ 3. Device.send: with [filter], each packet first opens or renews its flow
+    in the worker's connection table (actors.filter); with outbound = true
+    the first packet of a flow is judged by the rules, and what they refuse
+    is dropped (``filter.drops`` by reason), a reject answered into the TUN.
+    Then it routes by allowed IPs (bad_packet; no_route, added into
     the same counter) and seals each peer's packets, in order, into one
     Burst. A peer with no usable session stages up to 1024 packets while
     it handshakes (staged_overflow drops the oldest, handshake_timeout the
@@ -84,7 +89,15 @@ Incoming, network -> TUN
     it as DatagramBatch (forwarded, forwarded_initiations; bus_full).
     TSMP packets (IP protocol 99) that passed the allowed-IPs check go to
     magicsock as TsmpBatch of their sender, never to the TUN
-    (tsmp_received; bus_full).
+    (tsmp_received; bus_full). With [filter], the burst's other packets
+    then pass the filter as one batch: a known flow's packet in one dict
+    lookup (a run of one flow in one), a new flow's first by the rules
+    (``filter.rules[i].hits``); refused ones are dropped, counted in
+    ``filter.drops`` (deny, reject: by a rule; default_deny,
+    default_reject; malformed), a reject's RST or ICMP unreachable sealed
+    back to the sender (step 3 of the outgoing path, after the filter).
+    The table's ``flows``, ``evictions`` (past 65,536 flows) and ``cut``
+    (by a rule change) are in crypto-N's ``filter``.
  4. emit: the decrypted packets are written to crypto-N's TUN queue,
     consecutive segments of a TCP flow coalesced into one virtio-net
     super-packet per write (tun_writes, tun_coalesced, tun_dropped). A
@@ -141,6 +154,7 @@ from meshsup.actors.crypto.device import ENDPOINT_CHANGED, Device, Forward, Outp
 from meshsup.actors.crypto.direct import DirectPaths
 from meshsup.actors.crypto.peer import PeerConfig
 from meshsup.actors.crypto.timers import Timing
+from meshsup.actors.filter.packetfilter import Filter
 from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.flowcount.tally import INNER, UNDERLAY
 from meshsup.actors.kernel.addrs import source_address
@@ -148,6 +162,7 @@ from meshsup.actors.kernel.tun import Tun
 from meshsup.actors.kernel.types import Burst, Endpoint
 from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
 from meshsup.actors.settings import PeerSettings, Settings
+from meshsup.actors.settings.filter import FilterSettings
 from meshsup.actors.settings.keys import parse_key
 
 TICK_INTERVAL = 0.05
@@ -245,6 +260,7 @@ class CryptoActor(Actor):
             self._stop_capture()  # its renewal starts it again on the new device
         assert self.device is not None
         self.device.relaying = bool(settings.relays)
+        self._configure_filter(settings.filter)
         self.outbox.connect(["tun-io", "magicsock", *(f"crypto-{w}" for w in range(workers))])
         wanted = {p.public_key: p for p in settings.peers}
         wanted = {k: p for k, p in wanted.items() if owner(k, workers) == self.index}
@@ -263,6 +279,18 @@ class CryptoActor(Actor):
         self.direct.set_endpoints({k: peer.endpoint for k, peer in self.device.peers.items()})
         self.interface = node.interface
         self.subscribe(LinkChanged.TAG)
+
+    def _configure_filter(self, settings: FilterSettings) -> None:
+        """A new filter, new rules for the one there (its live flows re-judged), or none."""
+        assert self.device is not None
+        if not settings.enabled:
+            self.device.filter = None
+        else:
+            if self.device.filter is None:
+                self.device.filter = Filter(settings)
+            else:
+                self.device.filter.configure(settings, time.monotonic())
+            self.device.filter.recording = self.inner.tx.enabled  # flow logs are on
 
     def on_message(self, msg: Message) -> None:
         if isinstance(msg, FlowCountsAck):  # each feed takes its own (by epoch)
@@ -385,6 +413,9 @@ class CryptoActor(Actor):
         if self.device is not None and now >= self.next_tick:
             self.next_tick = now + TICK_INTERVAL
             self.emit(self.device.tick(now))
+            if self.device.filter is not None:
+                self.device.filter.tick(now)
+                self.inner.rules.update(self.device.filter.take_decided())
             report = self.device.path_report(now)
             if report is not None:
                 self.outbox.send("magicsock", report)
@@ -473,6 +504,7 @@ class CryptoActor(Actor):
             return {}
         return {
             "peers": self.device.status(time.monotonic()),
+            "filter": self.device.filter.status() if self.device.filter is not None else {},
             "counters": {
                 **self.device.counters,
                 **self.direct.counters(),

@@ -35,6 +35,11 @@ magicsock the news at most once a second: peers with traffic, completed
 handshakes, demotions. Peers that speak no disco (wireguard-go) keep
 roaming and the choice above.
 
+Filter (actors.filter): with ``filter`` set, decrypted packets that passed the
+allowed-IPs check are judged before the TUN (replies to rejects are sealed
+to their senders), and what ``send`` is given opens or renews its flow (and
+is judged with outbound filtering) before it is routed.
+
 TSMP: decrypted packets of IP protocol 99 that passed the allowed-IPs check
 go to ``Output.tsmp`` by sender (``tsmp_received``), not to the TUN;
 ``send_to`` seals packets to a named peer (``tsmp_sent``; ``no_peer`` for a
@@ -61,6 +66,7 @@ from typing import NamedTuple
 from cryptography.exceptions import InvalidTag
 
 from meshsup.actors.bus.messages import PathReport
+from meshsup.actors.filter.packetfilter import Filter
 from meshsup.actors.kernel.types import RELAYED, Burst, Endpoint
 from meshsup.actors.routing.allowedips import AllowedIPs
 from meshsup.actors.wire.ip import (
@@ -171,6 +177,7 @@ class Device:
         # Set by a capture with a key log only (actors.crypto.capture): each handshake we take part in
         # adds (peer key, our ephemeral private key, preshared key) for tshark to decrypt the session.
         self.keylog: list[tuple[bytes, bytes, bytes]] | None = None
+        self.filter: Filter | None = None  # the packet filter ([filter]); None: everything passes
         self._news = PathNews()
         self._rng = rng
         self._wall = wall
@@ -250,8 +257,15 @@ class Device:
     # --- data path: TUN -> network
 
     def send(self, packets: Iterable[bytes], now: float) -> Output:
-        """Encrypt IP packets to the peers their destinations route to."""
+        """Encrypt IP packets to the peers their destinations route to (through the filter first:
+        each opens or renews its flow; a reject's reply goes back to the TUN)."""
         out = Output()
+        if self.filter is not None:
+            packets, out.packets = self.filter.outbound(list(packets), now)
+        self._route(packets, now, out)
+        return out
+
+    def _route(self, packets: Iterable[bytes], now: float, out: Output) -> None:
         counters = self.counters
         lookup = self.allowed_ips.lookup
         by_peer: dict[Peer, list[bytes]] = {}
@@ -277,7 +291,6 @@ class Device:
             queue.append(packet)
         for peer, queued in by_peer.items():
             self._send_peer(peer, queued, now, out)
-        return out
 
     def send_to(self, public_key: bytes, packets: list[bytes], now: float) -> Output:
         """Encrypt packets to a named peer, with no route lookup (magicsock's TSMP packets)."""
@@ -504,6 +517,10 @@ class Device:
                     out.tsmp.setdefault(peer.public_key, []).append(plain[:length])
                     continue
                 packets.append(plain if length == n else plain[:length])
+        if self.filter is not None and packets:
+            out.packets, replies = self.filter.inbound(packets, now)
+            if replies:  # to the senders, sealed as any packet to them
+                self._route(replies, now, out)
         for peer, data_received in authenticated.items():
             self._after_data_received(peer, data_received, now, out)
         return out

@@ -33,6 +33,7 @@ class FlowFeed:
         self.layer = layer
         self.tx: Tally = PacketTally() if layer == INNER else Tally()
         self.rx: Tally = PacketTally() if layer == INNER else Tally()
+        self.rules: dict[bytes, int] = {}  # connection key -> the filter rule that accepted it (crypto workers)
         self.period = MAX_PERIOD
         self.epoch = random.getrandbits(31)
         self.seq = 0
@@ -65,14 +66,22 @@ class FlowFeed:
         for seq, (msg, sent) in list(self.unacked.items()):
             if now - sent >= RESEND_AFTER and self.outbox.send(NETLOG, msg):
                 self.unacked[seq] = (msg, now)
-        for tx, rx in chunks(self.tx.drain(), self.rx.drain()):
+        parts = chunks(self.tx.drain(), self.rx.drain())
+        rules, self.rules = [[k, i] for k, i in self.rules.items()], {}
+        if rules and not parts:
+            parts = [([], [])]
+        for tx, rx in parts:
             self.seq += 1
-            msg = FlowCounts(source=self.source, epoch=self.epoch, seq=self.seq, layer=self.layer, tx=tx, rx=rx)
+            msg = FlowCounts(
+                source=self.source, epoch=self.epoch, seq=self.seq, layer=self.layer, tx=tx, rx=rx, rules=rules
+            )
             if self.outbox.send(NETLOG, msg):
                 self.unacked[self.seq] = (msg, now)
             else:  # it never left: count it again with the next flush
                 self.tx.restore(tx)
                 self.rx.restore(rx)
+                self.rules.update(rules)
+            rules = []  # the first part carries them
 
     def close(self) -> None:
         """The last counts, and what is not acknowledged. A message sent is already in

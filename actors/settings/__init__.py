@@ -5,7 +5,7 @@ actor the same object, through the bus in its wire form (`to_wire`,
 `from_wire`), without the keys to those that do not use them
 (`without_secrets`). One module per section: node (with peers, actors,
 supervisor), dns, netlog (with logging), relay (a node's [[relays]], and
-what `meshsup relay` runs instead), metrics; a wrong value is a ConfigError naming
+what `meshsup relay` runs instead), metrics, filter; a wrong value is a ConfigError naming
 the file and the key.
 """
 
@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from meshsup.actors.settings import wire
 from meshsup.actors.settings.dns import DnsSettings
+from meshsup.actors.settings.filter import FilterSettings, parse_filter
 from meshsup.actors.settings.metrics import MetricsSettings, parse_metrics
 from meshsup.actors.settings.netlog import NetlogSettings, netlog_settings
 from meshsup.actors.settings.node import (
@@ -34,7 +35,7 @@ from meshsup.actors.settings.node import (
 from meshsup.actors.settings.relay import RelayEntry, check_relays, parse_relay
 from meshsup.actors.settings.table import ConfigError, Table
 
-TOP_KEYS = {"node", "peers", "actors", "supervisor", "dns", "netlog", "logging", "relays", "metrics"}
+TOP_KEYS = {"node", "peers", "actors", "supervisor", "dns", "netlog", "logging", "relays", "metrics", "filter"}
 DNS_DEFAULT: dict[str, Any] = {"listen": ["127.0.0.1:53"], "domain": "mesh", "upstreams": []}
 T = TypeVar("T")
 
@@ -49,6 +50,7 @@ class Settings:
     netlog: NetlogSettings  # with [logging]
     relays: tuple[RelayEntry, ...] = ()
     metrics: MetricsSettings = MetricsSettings()  # the supervisor's alone
+    filter: FilterSettings = FilterSettings()
 
     def dns_for_mesh(self) -> DnsSettings:
         """The DNS settings with the mesh filled in, from the node and its peers (kept out of
@@ -106,7 +108,8 @@ def parse(file: str, doc: dict[str, Any], base: Path, state_dir: Path) -> Settin
         file, "netlog", lambda: netlog_settings(top.get("netlog", dict, {}), top.get("logging", dict, {}), base)
     )
     metrics = parse_metrics(file, top.get("metrics", dict, {}))
-    settings = Settings(node, tuple(peers), actors, supervisor, dns, netlog, tuple(relays), metrics)
+    packet_filter = parse_filter(file, top.get("filter", dict, None), node, peers)
+    settings = Settings(node, tuple(peers), actors, supervisor, dns, netlog, tuple(relays), metrics, packet_filter)
     _section(file, "dns", settings.dns_for_mesh)  # the node's and peers' names must be DNS names too
     return settings
 

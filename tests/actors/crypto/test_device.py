@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -14,7 +15,9 @@ from meshsup.actors.crypto.cookie import CookieChecker, CookieGenerator
 from meshsup.actors.crypto.device import ENDPOINT_CHANGED, HANDSHAKE_COMPLETED, Device, Event, Output
 from meshsup.actors.crypto.peer import STAGED_PACKETS_LIMIT, PeerConfig
 from meshsup.actors.crypto.timers import Timing
+from meshsup.actors.filter.packetfilter import Filter
 from meshsup.actors.kernel.types import Burst
+from meshsup.actors.settings.filter import ACCEPT, DENY, REJECT, Destination, FilterRule, FilterSettings
 from tests.wg_harness import icmp_packet, parse_icmp
 
 EA, EB = ("198.51.100.1", 51820), ("198.51.100.2", 51820)
@@ -39,6 +42,13 @@ def sent(out: Output) -> list[bytes]:
 
 def net(*cidrs: str) -> list:
     return [ipaddress.ip_network(c) for c in cidrs]
+
+
+def udp_packet(src: str, dst: str, sport: int, dport: int) -> bytes:
+    header = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 32, 0, 0, 64, 17, 0, *(ipaddress.ip_address(a).packed for a in (src, dst))
+    )
+    return header + struct.pack("!HHHH", sport, dport, 12, 0) + b"data"
 
 
 def ping(src: str, dst: str, seq: int = 1, size: int = 84) -> bytes:
@@ -399,6 +409,26 @@ def test_inner_source_must_be_in_senders_allowed_ips() -> None:
     (datagram,) = sent(link.a.send([spoofed], T0 + 1))
     assert link.b.receive([Burst(EA, [datagram])], T0 + 1).packets == []
     assert link.b.counters["allowed_ips"] == 1
+
+
+def test_the_filter_judges_what_peers_send_and_rejects_go_back_through_the_tunnel() -> None:
+    link = Link()
+    link.handshake()
+    rules = (FilterRule(ACCEPT, tuple(net(f"{A_IP}/32")), (Destination(net("0.0.0.0/0")[0], 7, 7),), 17),)
+    link.b.filter = Filter(FilterSettings(True, REJECT, False, rules))
+    link.a.filter = Filter(FilterSettings(True, DENY))
+    allowed, refused = udp_packet(A_IP, B_IP, 5000, 7), udp_packet(A_IP, B_IP, 5000, 9)
+    link.send(EA, [allowed, refused], T0 + 1)
+    assert link.received[EB][-1:] == [allowed]  # the handshake's ping was before the filter
+    (unreachable,) = link.received[EA]  # sealed back to A, and A's filter lets it in: it is about A's flow
+    assert (unreachable[9], unreachable[20], unreachable[21], unreachable[28:]) == (1, 3, 13, refused)
+    assert link.b.filter.drops == {"default_reject": 1} and link.b.filter.hits == [1]
+    assert link.a.filter.drops == {}
+    # A's default deny keeps B's ping out; B's own ping comes back through B's default reject.
+    link.send(EB, [ping(B_IP, A_IP, 5)], T0 + 2)
+    assert len(link.received[EA]) == 1 and link.a.filter.drops == {"default_deny": 1}
+    link.send(EA, [icmp_packet(A_IP, B_IP, 0, 7, 5, bytes(56))], T0 + 3)
+    assert parse_icmp(link.received[EB][-1])[4] == 5 and link.b.filter.drops == {"default_reject": 1}
 
 
 def test_roaming_follows_last_authenticated_packet() -> None:

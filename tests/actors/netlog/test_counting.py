@@ -332,6 +332,22 @@ def test_the_feed_flushes_once_per_period_and_loses_nothing_netlog_did_not_take(
     assert len(sent) == 2
 
 
+def test_the_filter_rules_that_accepted_connections_go_with_the_counts_and_come_back_if_refused() -> None:
+    actor = FakeActor()
+    feed = FlowFeed(actor, INNER)  # type: ignore[arg-type]
+    feed.configure(config(interval=2))
+    key = b"\x06" + bytes(8) + b"\x0f\xa0\x00\x16"
+    feed.rules[key] = 3
+    actor.outbox.refuse = True
+    feed.tick(10.0)  # no traffic counted here (tun-io wrote it), yet the rule is sent: refused, kept
+    actor.outbox.refuse = False
+    feed.tick(10.5)
+    msg = decode(encode(actor.outbox.sent[0]))  # through the bus codec
+    assert isinstance(msg, FlowCounts) and (msg.tx, msg.rx, msg.rules) == ([], [], [[key, 3]])
+    feed.tick(11.0)
+    assert len(actor.outbox.sent) == 1  # nothing new
+
+
 # --- the open window's log -------------------------------------------------------------
 
 

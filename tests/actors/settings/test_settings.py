@@ -69,6 +69,22 @@ collectors = [{{kind = "syslog", address = "tls://127.0.0.1:6514", ca_file = "ce
 level = "warning"
 collectors = [{{kind = "http", address = "https://127.0.0.1:8443/logs", ca_file = "cert.pem", gzip = true}}]
 
+[filter]
+default = "reject"
+outbound = true
+[filter.groups]
+ops = ["bravo"]
+[[filter.rules]]
+action = "accept"
+src = ["group:ops", "10.9.0.0/16"]
+dst = ["alpha:22", "[fd7a:115c:a1e0::1]:80-89", "*:*"]
+proto = "tcp"
+[[filter.rules]]
+action = "deny"
+src = ["*"]
+dst = ["100.64.0.1:53"]
+proto = 17
+
 [[relays]]
 name = "home"
 url = "http://203.0.113.10:8080/derp"
@@ -112,6 +128,17 @@ def test_the_wire_form_round_trips_through_the_bus(tmp_path: Path) -> None:
         tmp_path / "cert.pem",
     )
     assert far.hostport == "[2001:db8::10]:443"
+    ops, dns = back.filter.rules
+    assert (back.filter.default, back.filter.outbound) == ("reject", True)
+    assert [str(n) for n in ops.sources] == ["100.64.0.2/32", "10.20.0.0/16", "::/0", "10.9.0.0/16"]
+    assert [(str(d.network), d.first_port, d.last_port) for d in ops.destinations] == [
+        ("100.64.0.1/32", 22, 22),
+        ("fd7a:115c:a1e0::1/128", 22, 22),
+        ("fd7a:115c:a1e0::1/128", 80, 89),
+        ("0.0.0.0/0", 0, 65535),
+        ("::/0", 0, 65535),
+    ]
+    assert (ops.protocol, dns.action, dns.protocol) == (6, "deny", 17)
     mesh = back.dns_for_mesh()
     assert mesh == settings.dns_for_mesh() and mesh.names["bravo"] == ("100.64.0.2",)
     assert [str(n) for n in mesh.sources] == [
@@ -122,6 +149,11 @@ def test_the_wire_form_round_trips_through_the_bus(tmp_path: Path) -> None:
         "::/0",
         "192.168.0.0/16",
     ]
+
+
+def test_no_filter_table_accepts_everything_as_before(tmp_path: Path) -> None:
+    settings = parse("n.toml", {"node": {"private_key": b64(generate_private())}}, tmp_path, tmp_path)
+    assert not settings.filter.enabled and settings.filter.rules == ()
 
 
 def test_settings_are_frozen(tmp_path: Path) -> None:
@@ -147,6 +179,54 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ({"netlog": {"interval": 0}}, "netlog.interval", "expected seconds"),
         ({"logging": {"level": "loud"}}, "logging.level", "expected one of"),
         ({"relays": [{"name": "r"}]}, "relays[0].url", "is required"),
+        ({"filter": {"default": "drop"}}, "filter.default", "none of accept, deny, reject"),
+        ({"filter": {"groups": {"ops": ["nobody"]}}}, "filter.groups.ops", "'nobody' is no peer"),
+        (
+            {"filter": {"rules": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}, {"src": ["*"]}]}},
+            "filter.rules[1].action",
+            "is required",
+        ),
+        ({"filter": {"rules": [{"action": "accept", "dst": ["*:*"]}]}}, "filter.rules[0].src", "is required"),
+        (
+            {"filter": {"rules": [{"action": "accept", "src": ["group:x"], "dst": ["*:*"]}]}},
+            "filter.rules[0].src",
+            "no such group",
+        ),
+        (
+            {"filter": {"rules": [{"action": "accept", "src": ["nobody"], "dst": ["*:*"]}]}},
+            "filter.rules[0].src",
+            "neither",
+        ),
+        (
+            {"filter": {"rules": [{"action": "accept", "src": ["*"], "dst": ["*"]}]}},
+            "filter.rules[0].dst",
+            "HOST:PORTS",
+        ),
+        (
+            {"filter": {"rules": [{"action": "accept", "src": ["*"], "dst": ["*:9-2"]}]}},
+            "filter.rules[0].dst",
+            "no port range",
+        ),
+        (
+            {"filter": {"rules": [{"action": "accept", "src": ["*"], "dst": ["*:http"]}]}},
+            "filter.rules[0].dst",
+            "no port",
+        ),
+        (
+            {"filter": {"rules": [{"action": "accept", "src": ["*"], "dst": ["*:1"], "proto": "sctp"}]}},
+            "filter.rules[0].proto",
+            "none of any",
+        ),
+        (
+            {"filter": {"rules": [{"action": "accept", "src": ["*"], "dst": ["*:1"], "proto": 300}]}},
+            "filter.rules[0].proto",
+            "no protocol",
+        ),
+        (
+            {"filter": {"rules": [{"action": "allow", "src": ["*"], "dst": ["*:1"]}]}},
+            "filter.rules[0].action",
+            "none of",
+        ),
         ({"relays": [{"url": "https://bad_name!/derp"}]}, "relays[0].url", "neither an IP address nor a DNS name"),
         ({"relays": [{"url": "ftp://203.0.113.1/derp"}]}, "relays[0].url", "is not http://"),
         ({"relays": [{"url": "http://203.0.113.1/"}]}, "relays[0].url", "is not http://"),
