@@ -100,6 +100,8 @@ def families(status: dict[str, Any], actors: Iterable[ActorProc], now: float, wa
         )
     for p in status.get("peers", []):
         _peer(fams, p, wall)
+    _filter(fams, status.get("filter", {}))
+    _health(fams, status.get("health", []))
     return list(fams.all.values())
 
 
@@ -179,6 +181,30 @@ def _peer(fams: _Families, p: dict[str, Any], wall: float) -> None:
     if p.get("latency_ms") is not None:
         fams.gauge("peer_latency_seconds", "round trip on the peer's path (disco's, or the relay's)").add(
             p["latency_ms"] / 1000, **ids, path=p["path"] or ""
+        )
+
+
+def _filter(fams: _Families, f: dict[str, Any]) -> None:
+    """The packet filter's figures, once it is on: hits by rule, drops by reason, flows."""
+    if not f.get("enabled"):
+        return
+    for rule in f.get("rules", []):
+        fams.counter("filter_rule_hits", "flows (or refused packets) a filter rule decided, by its index").add(
+            rule["hits"], rule=str(rule["index"]), action=rule["action"]
+        )
+    for reason, n in f.get("drops", {}).items():
+        fams.counter("filter_dropped", "packets the filter refused, by reason").add(n, reason=reason)
+    fams.gauge("filter_flows", "flows in the filter's connection tables").add(f.get("flows", 0))
+    fams.counter("filter_evictions", "flows evicted from a full connection table").add(f.get("evictions", 0))
+    fams.counter("filter_cut", "live flows cut because new rules no longer allow them").add(f.get("cut", 0))
+
+
+def _health(fams: _Families, warnings: list[dict[str, Any]]) -> None:
+    """One series per standing warning (and a count, 0 when healthy, so an alert has a series to watch)."""
+    fams.gauge("health_warnings", "health warnings standing").add(len(warnings))
+    for w in warnings:
+        fams.gauge("health_warning_since_timestamp_seconds", "unix time a standing warning was raised").add(
+            w["since"], code=w["code"], subject=w["subject"]
         )
 
 

@@ -142,7 +142,22 @@ def _status() -> dict:
     }
     idle = {**peer, "name": "charlie", "public_key": "x" * 43 + "=", "last_handshake": 0, "path": None}
     node = {"name": "alpha", "public_key": KEY, "interface": "wg0", "ready": True, "generation": 2}
-    return {"node": node, "peers": [peer, idle], "supervisor": {"bus_dropped": {"malformed": 2}}}
+    packet_filter = {
+        "enabled": True,
+        "rules": [{"index": 0, "action": "accept", "hits": 5}, {"index": 1, "action": "reject", "hits": 1}],
+        "drops": {"reject": 1, "default_deny": 3},
+        "flows": 4,
+        "evictions": 0,
+        "cut": 1,
+    }
+    health = [{"code": "peer-no-handshake", "subject": "charlie", "message": "...", "since": 900}]
+    return {
+        "node": node,
+        "peers": [peer, idle],
+        "supervisor": {"bus_dropped": {"malformed": 2}},
+        "filter": packet_filter,
+        "health": health,
+    }
 
 
 def _actors() -> list[ActorProc]:
@@ -205,6 +220,18 @@ def test_the_series_of_a_node():
     assert s['meshsup_netlog_spool_records{collector="my.collector",stream="flows"}'] == 1
     assert s['meshsup_netlog_dropped_total{collector="sys",stream="logs"}'] == 2
     assert s["meshsup_node_ready"] == 1
+    assert s['meshsup_filter_rule_hits_total{action="reject",rule="1"}'] == 1
+    assert s['meshsup_filter_dropped_total{reason="default_deny"}'] == 3
+    assert (s["meshsup_filter_flows"], s["meshsup_filter_cut_total"]) == (4, 1)
+    assert s["meshsup_health_warnings"] == 1
+    assert s['meshsup_health_warning_since_timestamp_seconds{code="peer-no-handshake",subject="charlie"}'] == 900
+
+
+def test_a_healthy_node_without_a_filter_has_a_zero_warning_count_and_no_filter_series():
+    status = {**_status(), "filter": {"enabled": False}, "health": []}
+    s = _series(render(families(status, _actors(), now=100.0, wall=1030.0)))
+    assert s["meshsup_health_warnings"] == 0
+    assert not any(k.startswith("meshsup_filter_") or "warning_since" in k for k in s)
 
 
 def test_no_series_twice_and_every_name_follows_the_conventions():
