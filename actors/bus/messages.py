@@ -195,8 +195,10 @@ class FlowCounts(Message):
     acknowledged is sent again as it is, and netlog counts it once.
     `rules` (inner, from crypto workers with a [filter]): [key, index] of
     the connections a filter rule accepted since the last flush, the key
-    that of the connection's first packet, in the same layout (the `rule`
-    of flow records' connection entries).
+    that of the connection's first packet as the node sends it (turned
+    around if a peer sent it), in the same layout but for ICMP echo, whose
+    identifier fills both port places (the `rule` of flow records'
+    connection entries).
     """
 
     source: str  # the sending actor

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Any
 
 from meshsup.actors.filter.conntrack import DEFAULT_MAX_FLOWS, FlowTable
-from meshsup.actors.filter.flowkey import FRAGMENT, TCP, UDP, flow_key, quoted_key
+from meshsup.actors.filter.flowkey import FRAGMENT, TCP, UDP, flow_key, quoted_key, reverse
 from meshsup.actors.filter.reject import reject_reply
 from meshsup.actors.filter.rules import RuleSet
 from meshsup.actors.settings.filter import ACCEPT, REJECT, FilterSettings
@@ -31,8 +31,8 @@ class Filter:
         self.hits = [0] * len(settings.rules)  # flows (or refused packets) each rule decided
         self.drops: Counter[str] = Counter()  # by reason: deny, reject, default_deny, default_reject, malformed
         self.cut = 0  # live flows a rule change ended
-        # Flows a rule accepted, key -> rule, for flow logs (while `recording`; at most MAX_DECIDED
-        # between two `take_decided`, the rest counted in `unlogged`).
+        # Flows a rule accepted, key as the node sends -> rule, for flow logs (while `recording`; at
+        # most MAX_DECIDED between two `take_decided`, the rest counted in `unlogged`).
         self.recording = False
         self.decided: dict[bytes, int] = {}
         self.unlogged = 0
@@ -99,8 +99,8 @@ class Filter:
                 self.hits[rule] += 1
             if action == ACCEPT:
                 self.table.add(key, rule, local, now)
-                if rule is not None and self.recording:
-                    self._decided(key, rule)
+                if rule is not None and self.recording:  # flow logs key a connection by its local end
+                    self._decided(key if local else reverse(key), rule)
                 append(p)
                 last, tail, proto = key, *_tail(p, key)
                 continue

@@ -11,6 +11,7 @@ from meshsup.actors.flowcount.tally import INNER, UNDERLAY, UNREADABLE, Entry, d
 from meshsup.actors.netlog.flows import Classifier, Conn, FlowTable, Traffic, format_endpoint, parse_endpoint
 
 _MAX_CACHED_ROUTES = 1 << 18
+_ICMP_ECHO = (b"\x01", b"\x3a")  # ICMP, ICMPv6: the filter keys echo by its identifier, tallies by no ports
 
 
 class Deliveries:
@@ -70,6 +71,9 @@ class CountsReader:
         """False if the message's layer is unknown (nothing counted)."""
         if msg.layer not in (INNER, UNDERLAY):
             return False
+        if msg.layer == INNER:
+            for decided in msg.rules:
+                self._rule(table, decided)
         for entries, received in ((msg.tx, False), (msg.rx, True)):
             for entry in entries:
                 if not _valid_entry(entry):
@@ -92,6 +96,25 @@ class CountsReader:
             table.add_routed(*route, 0, 0, packets, nbytes)
         else:
             table.add_routed(*route, packets, nbytes, 0, 0)
+
+    def _rule(self, table: FlowTable, decided: object) -> None:
+        if not (
+            type(decided) is list
+            and len(decided) == 2
+            and isinstance(decided[0], bytes)
+            and type(decided[1]) is int
+            and decided[1] >= 0
+        ):
+            self.bad_entries += 1
+            return
+        key, rule = decided
+        if key[:1] in _ICMP_ECHO and len(key) in (13, 37):  # the filter's echo identifier: no ports here
+            key = key[:-4] + bytes(4)
+        route = self._route(table.classifier, key, False)
+        if route is None:
+            self.bad_entries += 1
+        else:
+            table.note_rule(*route, rule)
 
     def _route(self, rules: Classifier, key: object, received: bool) -> tuple[Traffic, Conn] | None:
         if not isinstance(key, bytes):

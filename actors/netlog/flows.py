@@ -7,7 +7,9 @@ record looks like Tailscale's netlogtype.Message:
      "exitTraffic", "physicalTraffic"[, "dropped"]}
 
 with entries {proto, src, dst, txPkts, txBytes, rxPkts, rxBytes} whose zero
-fields are left out, as Go's `omitempty` does.
+fields are left out, as Go's `omitempty` does, and `rule`, the index of the
+[[filter.rules]] entry that accepted the connection, on entries a rule
+decided (meshsup's own field).
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ def _has_traffic(record: Record) -> bool:
     return any(kind.value in record for kind in RECORD_KINDS)
 
 
-def _entry(key: Conn, counts: list[int]) -> Record:
+def _entry(key: Conn, counts: list[int], rule: int | None) -> Record:
     proto, src, dst = key
     entry: Record = {}
     if proto:
@@ -182,6 +184,8 @@ def _entry(key: Conn, counts: list[int]) -> Record:
     if dst:
         entry["dst"] = dst
     entry.update((k, v) for k, v in zip(_COUNT_KEYS, counts) if v)
+    if rule is not None:
+        entry["rule"] = rule
     return entry
 
 
@@ -206,6 +210,9 @@ class FlowTable:
         # Per-window cache so a connection is parsed and classified once.
         self._routes: dict[Conn, tuple[Traffic, Conn]] = {}
         self._counts: dict[Traffic, dict[Conn, list[int]]] = {k: {} for k in RECORD_KINDS}
+        # The filter rule that accepted each connection, said once, when it did: kept while the
+        # connection has traffic in every window, so no more than a window's entries.
+        self._rules: dict[Conn, int] = {}
 
     def __len__(self) -> int:
         """Entries in the current window."""
@@ -238,6 +245,12 @@ class FlowTable:
         else:
             self._accumulate(kind, key, counts)
 
+    def note_rule(self, kind: Traffic, key: Conn, rule: int) -> None:
+        """The filter rule that accepted a connection routed by this table's classifier. Not for
+        anonymised exit traffic, whose entries merge many connections."""
+        if kind is not Traffic.SKIPPED and key[1]:
+            self._rules[key] = rule
+
     def add_physical(self, src: str, dst: str, tx_pkts: int, tx_bytes: int, rx_pkts: int, rx_bytes: int) -> None:
         """Underlay counts: src is the peer's mesh address ("ip:0"), dst its endpoint."""
         ends = parse_endpoint(src), parse_endpoint(dst)
@@ -258,6 +271,8 @@ class FlowTable:
         self._start = now
         counts, self._counts = self._counts, {k: {} for k in RECORD_KINDS}
         self._routes.clear()
+        rules = self._rules
+        self._rules = {key: rule for key, rule in rules.items() if any(key in counts[k] for k in RECORD_KINDS)}
         if not self._pending_dropped and not any(counts.values()):
             return []  # an idle window has nothing to report
         records = [dict(header, dropped=self._pending_dropped) if self._pending_dropped else dict(header)]
@@ -265,7 +280,7 @@ class FlowTable:
         size = len(encode_record(records[0]))
         for kind in RECORD_KINDS:
             for key in sorted(counts[kind]):
-                entry = _entry(key, counts[kind][key])
+                entry = _entry(key, counts[kind][key], rules.get(key))
                 entry_size = len(encode_record(entry))
                 record = records[-1]
                 # A new list costs ,"kind":[] around the entry; a further entry a comma.

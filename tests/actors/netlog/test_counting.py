@@ -237,6 +237,74 @@ def test_what_a_relay_carried_is_the_peers_with_the_relay_as_its_endpoint() -> N
     assert reader.bad_entries == 1  # a third part that is no key
 
 
+def icmp_echo(src: str, dst: str, ident: int) -> bytes:
+    return ipv4(src, dst, 1, bytes((8, 0, 0, 0)) + struct.pack("!HH", ident, 1))
+
+
+def test_the_rule_that_accepted_a_connection_is_on_its_entry() -> None:
+    reader = CountsReader()
+    table = FlowTable("node-a", classifier(config(), anonymize_exit=True), start=T0)
+    ssh_in = connection_key(ipv4(B4, A4, 6, ports(40000, 22)))  # bravo opened it
+    ssh_out = connection_key(ipv4(A4, B4, 6, ports(22, 40000)))
+    ping_in = connection_key(icmp_echo(B4, A4, 77))  # the tally's key: no ports
+    exit_out = connection_key(ipv4(A4, "203.0.113.5", 17, ports(5000, 53)))
+    web = connection_key(ipv4(A4, B4, 6, ports(41000, 80)))  # opened here: no rule
+    # The filter's keys, as the node sends: the ICMP echo identifier in both port places.
+    decided = [[ssh_out, 1], [connection_key(icmp_echo(A4, B4, 0))[:-4] + struct.pack("!HH", 77, 77), 0]]
+    bad = [["x"], [ssh_out, -1], [ssh_out, "1"], [b"short", 2]]
+    tx, rx = [[ssh_out, 2, 200], [exit_out, 1, 60], [web, 1, 60]], [[ssh_in, 3, 300], [ping_in, 1, 84]]
+    msg = FlowCounts(
+        source="crypto-0", epoch=7, seq=1, layer=INNER, tx=tx, rx=rx, rules=[*decided, [exit_out, 2], *bad]
+    )
+    through_the_bus = decode(encode(msg))
+    assert isinstance(through_the_bus, FlowCounts) and reader.apply(through_the_bus, table)
+    [record] = table.close_window(T0 + 1)
+    assert record["virtualTraffic"] == [
+        {"proto": 1, "src": f"{A4}:0", "dst": f"{B4}:0", "rxPkts": 1, "rxBytes": 84, "rule": 0},
+        {
+            "proto": 6,
+            "src": f"{A4}:22",
+            "dst": f"{B4}:40000",
+            "txPkts": 2,
+            "txBytes": 200,
+            "rxPkts": 3,
+            "rxBytes": 300,
+            "rule": 1,
+        },
+        {"proto": 6, "src": f"{A4}:41000", "dst": f"{B4}:80", "txPkts": 1, "txBytes": 60},
+    ]
+    assert record["exitTraffic"] == [{"proto": 17, "txPkts": 1, "txBytes": 60}]  # merged: no one rule
+    assert reader.bad_entries == 4
+
+
+def test_a_connections_rule_stays_while_it_has_traffic_in_every_window() -> None:
+    reader = CountsReader()
+    table = FlowTable("node-a", classifier(config(), anonymize_exit=True), start=T0)
+    ssh = connection_key(ipv4(A4, B4, 6, ports(22, 40000)))
+    web = connection_key(ipv4(A4, B4, 6, ports(80, 40001)))
+    seq = iter(range(1, 100))
+
+    def window(tx: list[Any], rules: list[Any], end: float) -> list[Any]:
+        msg = FlowCounts(source="crypto-0", epoch=7, seq=next(seq), layer=INNER, tx=tx, rx=[], rules=rules)
+        assert reader.apply(msg, table)
+        return [r.get("virtualTraffic") for r in table.close_window(end)]
+
+    assert window([[ssh, 1, 60]], [[ssh, 4], [web, 5]], T0 + 1) == [
+        [{"proto": 6, "src": f"{A4}:22", "dst": f"{B4}:40000", "txPkts": 1, "txBytes": 60, "rule": 4}]
+    ]
+    both = [[ssh, 1, 60], [web, 1, 60]]  # web's rule came in a window it had no traffic: forgotten
+    assert window(both, [], T0 + 2) == [
+        [
+            {"proto": 6, "src": f"{A4}:22", "dst": f"{B4}:40000", "txPkts": 1, "txBytes": 60, "rule": 4},
+            {"proto": 6, "src": f"{A4}:80", "dst": f"{B4}:40001", "txPkts": 1, "txBytes": 60},
+        ]
+    ]
+    assert window([], [], T0 + 3) == []  # idle: ssh's rule goes with it
+    assert window([[ssh, 1, 60]], [], T0 + 4) == [
+        [{"proto": 6, "src": f"{A4}:22", "dst": f"{B4}:40000", "txPkts": 1, "txBytes": 60}]
+    ]
+
+
 def test_the_config_says_what_is_virtual_subnet_exit_or_the_nodes_own_service() -> None:
     rules = classifier(config(), anonymize_exit=True)
     table = FlowTable("node-a", rules, start=T0)
