@@ -21,9 +21,11 @@ from pyroute2 import IPRoute
 from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus.messages import LinkChanged
 from meshsup.actors.kernel.tun import make_persistent
+from meshsup.actors.router.forwarding import Forwarding
 from meshsup.actors.router.netconf import LinkMonitor, LinuxRouter
 from meshsup.actors.router.resolvconf import ResolvConf, for_this_namespace
 from meshsup.actors.settings import DnsSettings, Settings
+from meshsup.actors.settings.node import IPNetwork
 
 
 class RouterActor(Actor):
@@ -35,6 +37,7 @@ class RouterActor(Actor):
         self.failures: list[str] = []
         self.resolv: ResolvConf | None = None
         self.resolver_problems: list[str] = []
+        self.forwarding: Forwarding | None = None
         self.links_published = 0
         self.monitor = LinkMonitor()
         self.add_reader(self.monitor.fileno(), self._link_events)
@@ -67,7 +70,30 @@ class RouterActor(Actor):
                 routes_added=route_changes.added,
                 routes_removed=route_changes.removed,
             )
+        self._serve(iface, node.advertise_exit_node, node.advertise_routes)
         self._os_resolver(settings.dns)
+
+    def _serve(self, iface: str, exit_node: bool, routes: tuple[IPNetwork, ...]) -> None:
+        """Forwarding and masquerade for peers, or none. The first call after a
+        start also clears what a crashed router left (Forwarding.apply)."""
+        if self.forwarding is not None and self.forwarding.iface != iface:
+            self._stop_serving()
+        if self.forwarding is None:
+            self.forwarding = Forwarding(iface, self.runtime.state_dir)
+        try:
+            self.forwarding.apply(exit_node, routes)
+        except OSError as err:
+            raise ConfigError(f"cannot set up forwarding for {iface}: {err}") from None
+        if exit_node or routes:
+            self.log.info("serving", exit_node=exit_node, routes=[str(r) for r in routes])
+
+    def _stop_serving(self) -> None:
+        assert self.forwarding is not None
+        try:
+            self.forwarding.remove()
+        except OSError as err:
+            self.log.error("cannot remove forwarding", interface=self.forwarding.iface, error=str(err))
+        self.forwarding = None
 
     def _os_resolver(self, settings: DnsSettings) -> None:
         """resolv.conf at the controller's addresses, or back to what it was."""
@@ -129,6 +155,8 @@ class RouterActor(Actor):
 
     def close(self) -> None:
         self._restore_resolver()
+        if self.forwarding is not None:
+            self._stop_serving()
         self.monitor.close()
         if self.router is not None:
             self._remove_link()
