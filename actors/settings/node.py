@@ -38,6 +38,10 @@ PEER_KEYS = {
     "persistent_keepalive",
 }
 
+# With an exit node in use: the mark on the node's own underlay sockets, and the routing table of
+# the default route through the exit (the same number, as wg-quick's Table = auto picks).
+EXIT_MARK = EXIT_TABLE = 0x4D53
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 Endpoint = tuple[str, int]  # (literal IP, port), as actors.kernel.types has it
@@ -61,6 +65,11 @@ class NodeSettings:
     # Using: the default route through this peer ("": none), the underlay's LAN kept direct or not.
     exit_node: str = ""
     exit_node_allow_lan: bool = False
+
+    @property
+    def fwmark(self) -> int:
+        """The firewall mark for the node's own underlay sockets: only with an exit node in use."""
+        return EXIT_MARK if self.exit_node else 0
 
 
 @dataclass(frozen=True, slots=True)
