@@ -3,10 +3,13 @@
 The client has a default route by its underlay, so its own encrypted traffic following the tunnel's
 default route into itself would show (no handshake, no transfer); without exit_node_allow_lan even the
 underlay's LAN takes the tunnel, so only the socket mark keeps the client's UDP to the exit direct.
+A kill -9 of either side's router actor: traffic resumes and the client's rules and routes are the same.
 Changing exit_node on reload, and stopping, put `ip rule` and every routing table back as they were."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -87,14 +90,15 @@ def test_the_client_reaches_the_internet_through_the_exit_node_and_gets_its_rout
 
     client, exit_ = Identity("client", 1), Identity("exit", 2)
     client.endpoint, exit_.endpoint = f"{addr_c}:51820", f"{addr_e}:51820"
-    u.track(
+    exit_node = u.track(
         Node(
             tmp_path,
             "--config",
             str(with_node_keys(meshsup_config(tmp_path, exit_, [client]), "advertise_exit_node = true")),
             netns=ns_e,
         )
-    ).wait_ready()
+    )
+    exit_node.wait_ready()
     conf = meshsup_config(tmp_path, client, [exit_])
     seen = f'"{exit_.v6}/128"]'  # the exit may send from anywhere: 0.0.0.0/0 and ::/0 in its allowed IPs
     conf.write_text(conf.read_text().replace(seen, f'"{exit_.v6}/128", "0.0.0.0/0", "::/0"]'))
@@ -108,6 +112,14 @@ def test_the_client_reaches_the_internet_through_the_exit_node_and_gets_its_rout
     assert route_dev(ns_c, addr_e, "mark", MARK) == "eth0"  # ... but the node's own marked UDP stays out
     assert ping(ns_c, INTERNET_HOST)
     assert_carried(iperf3(ns_c, internet, INTERNET_HOST, seconds=3))
+
+    running = routing(ns_c)
+    for crashed in (exit_node, node):  # each side's router killed: its successor takes over
+        pid = crashed.actors()["router"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        crashed.wait(lambda c=crashed, p=pid: (a := c.actors()["router"])["pid"] != p and a["state"] == "running")
+        assert ping(ns_c, INTERNET_HOST)
+    assert routing(ns_c) == running  # the client's rules and routes as they were, none twice
 
     conf.write_text(plain)
     with_node_keys(conf, 'exit_node = "exit"\nexit_node_allow_lan = true')
