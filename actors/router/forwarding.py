@@ -18,6 +18,7 @@ puts back what was there before the node ran.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,17 +84,28 @@ class Sysctls:
 class Forwarding:
     """The node's forwarding and masquerade for one tunnel link."""
 
-    def __init__(self, iface: str, state_dir: Path, nft: Sequence[str] = ("nft",)) -> None:
+    def __init__(
+        self, iface: str, state_dir: Path, nft: Sequence[str] = ("nft",), sysctl_root: Path = Path("/proc/sys")
+    ) -> None:
         self.iface = iface
-        self.sysctls = Sysctls(state_dir / f"forwarding-{iface}.json")
+        self.sysctls = Sysctls(state_dir / f"forwarding-{iface}.json", sysctl_root)
         self.nft = tuple(nft)
+        self.applied: tuple[bool, tuple[IPNetwork, ...]] | None = None
 
     def apply(self, exit_node: bool, routes: Sequence[IPNetwork]) -> None:
         """Serve as asked (nothing: all off and as before). Raises OSError if
         the sysctls cannot be written or nft refuses the table."""
+        wanted = (exit_node, tuple(routes))
+        if wanted == self.applied:
+            return
+        self.applied = None  # until this succeeds: a later call does it all again
         serving = exit_node or bool(routes)
         if serving:
             self.sysctls.set(FORWARDING_SYSCTLS, "1")
+        elif shutil.which(self.nft[0]) is None:  # a node that never served needs no nft: no table of ours
+            self.sysctls.restore()
+            self.applied = wanted
+            return
         r = subprocess.run(
             [*self.nft, "-f", "-"], input=ruleset(self.iface, exit_node, routes), text=True, capture_output=True
         )
@@ -101,6 +113,7 @@ class Forwarding:
             raise OSError(f"nft: {r.stderr.strip()}")
         if not serving:
             self.sysctls.restore()
+        self.applied = wanted
 
     def remove(self) -> None:
         self.apply(False, ())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from meshsup.actors.router.forwarding import Sysctls, ruleset
+from meshsup.actors.router.forwarding import FORWARDING_SYSCTLS, Forwarding, Sysctls, ruleset
 from tests.nodes import is_root
 from tests.topology import Identity, Netns, Node, Underlay, have, meshsup_config, ping
 
@@ -104,3 +104,16 @@ def test_a_host_behind_a_subnet_router_is_reached_until_the_route_is_withdrawn(
     assert ping(ns_c, LAN_HOST)
     serving.close()
     assert host_state(ns_r) == before
+
+
+def test_a_node_that_does_not_serve_needs_no_nft(tmp_path: Path) -> None:
+    root = tmp_path / "sys"
+    for name in FORWARDING_SYSCTLS:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("0\n")
+    forwarding = Forwarding("ms0", tmp_path, nft=(str(tmp_path / "no-nft"),), sysctl_root=root)
+    forwarding.apply(False, [])  # no table to clear: nothing is asked of nft
+    with pytest.raises(OSError):
+        forwarding.apply(True, [])
+    forwarding.remove()
+    assert [(root / name).read_text() for name in FORWARDING_SYSCTLS] == ["0\n", "0\n"]
