@@ -110,7 +110,9 @@ def device_state(config: Settings, live: dict[str, dict[str, Any]]) -> DeviceSta
         )
         for p, s in zip(config.peers, peer_status(config, live))
     ]
-    return DeviceState(private_key=config.node.private_key, listen_port=config.node.listen_port, peers=peers)
+    return DeviceState(
+        private_key=config.node.private_key, listen_port=config.node.listen_port, fwmark=config.node.fwmark, peers=peers
+    )
 
 
 def _new_peer(public: bytes, taken: set[str]) -> PeerSettings:
@@ -144,8 +146,8 @@ def apply_set(config: Settings, request: SetRequest) -> Settings | UapiError:
         elif isinstance(op, ListenPort):
             node = replace(node, listen_port=op.port)
         elif isinstance(op, Fwmark):
-            if op.mark:
-                return UapiError(errno.EOPNOTSUPP, "fwmark is not supported")
+            if op.mark and op.mark != node.fwmark:  # the mark is meshsup's, in use with [node] exit_node
+                return UapiError(errno.EOPNOTSUPP, f"fwmark is {node.fwmark} (set by [node] exit_node), not settable")
         elif isinstance(op, ReplacePeers):
             peers.clear()
         elif key is None or key not in peers:

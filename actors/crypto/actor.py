@@ -275,7 +275,7 @@ class CryptoActor(Actor):
             self.device.set_peer(peer_config(p))
         self.peers = wanted
         self.routes = worker_routes(worker_prefixes(settings.peers, workers))
-        self.direct.configure(node.interface, node.listen_port)
+        self.direct.configure(node.interface, node.listen_port, node.fwmark)
         self.direct.set_endpoints({k: peer.endpoint for k, peer in self.device.peers.items()})
         self.interface = node.interface
         self.subscribe(LinkChanged.TAG)

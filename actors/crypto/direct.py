@@ -84,14 +84,15 @@ class DirectPaths:
         self.tun: Tun | None = None
         self.interface = ""
         self.port = 0
+        self.mark = 0  # the firewall mark on the sockets (kernel.mark)
         self.sockets: dict[Endpoint, UdpSocket] = {}  # by the endpoint each is connected to
         self.peer_endpoints: dict[bytes, Endpoint] = {}  # owned peer -> endpoint with a socket
         self.tun_dropped = 0
         self.tun_read = 0  # packets read from our own queue
         self._complaints: set[str] = set()
 
-    def configure(self, interface: str, port: int) -> None:
-        """Attach the TUN queue and take the listen port (sockets follow in ``set_endpoints``)."""
+    def configure(self, interface: str, port: int, mark: int = 0) -> None:
+        """Attach the TUN queue and take the listen port and firewall mark (sockets follow in ``set_endpoints``)."""
         if interface != self.interface:
             self.interface = interface
             self._close_tun()
@@ -101,6 +102,9 @@ class DirectPaths:
             self.set_endpoints({})
             if port == 0:
                 self._once("udp", "listen port 0: datagrams go through magicsock")
+        if mark != self.mark:  # a connected socket keeps its route: each is made anew with the mark
+            self.mark = mark
+            self.reconnect()
 
     def _attach_tun(self, interface: str) -> None:
         if self.queue is not None and self.queue.name == interface:
@@ -161,7 +165,7 @@ class DirectPaths:
 
     def _bind(self) -> UdpSocket | None:
         try:
-            sock = UdpSocket(self.port, reuse_port=True)
+            sock = UdpSocket(self.port, reuse_port=True, mark=self.mark)
         except OSError as err:
             self._once(
                 "udp",

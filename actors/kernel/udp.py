@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Final
 
+from meshsup.actors.kernel.mark import set_mark
 from meshsup.actors.kernel.types import Buffer, Burst, Endpoint
 
 SOL_UDP: Final = 17
@@ -140,11 +141,13 @@ class UdpSocket:
         gro: bool = True,
         buffer_bytes: int = 4 << 20,
         reuse_port: bool = False,
+        mark: int = 0,
     ) -> None:
         """Bind to ``port`` (0: any) on ``host`` ("" means every address of
         both families). ``gso``/``gro`` False turns the offload off even when
         the kernel has it; ``reuse_port`` lets sockets of the node share the
-        port. Raises OSError if the port cannot be bound."""
+        port; ``mark`` (nonzero) is the firewall mark on what it sends (set_mark).
+        Raises OSError if the port cannot be bound or marked."""
         try:
             sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -157,6 +160,8 @@ class UdpSocket:
             self._grow_buffers(buffer_bytes)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if mark:
+                set_mark(sock, mark)
             sock.bind((_bind_address(host, self.family), port))
         except BaseException:
             sock.close()
@@ -189,6 +194,10 @@ class UdpSocket:
 
     def fileno(self) -> int:
         return self._sock.fileno()
+
+    def set_mark(self, mark: int) -> None:
+        """The firewall mark on what is sent from now on. Raises OSError."""
+        set_mark(self._sock, mark)
 
     def connect(self, endpoint: Endpoint) -> None:
         """Receive only from ``endpoint`` (and be preferred for it over the

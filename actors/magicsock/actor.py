@@ -82,6 +82,7 @@ class MagicsockActor(Actor):
         self.stuns: list[tuple[str, int]] = []  # the relays' STUN servers, as configured (names resolve)
         self.next_lookup = 0.0
         self.interface = ""  # the node's tunnel: its addresses are no endpoints
+        self.mark = 0  # the firewall mark on self.sock
         self.host_endpoints: list[Endpoint] = []
         self.requests = itertools.count(1)
         self.pings: dict[int, dict[str, Any]] = {}  # a user's ping -> its state, then its answer
@@ -92,7 +93,7 @@ class MagicsockActor(Actor):
         self.workers = settings.actors.crypto
         self.outbox.connect([f"crypto-{w}" for w in range(self.workers)])
         if self.sock is None or self.sock.port != port:
-            self.bind(port)
+            self.bind(port, settings.node.fwmark)
         self.peer_keys = frozenset(p.public_key for p in settings.peers)
         node = settings.node
         if settings.relays and not node.private_key:
@@ -105,6 +106,7 @@ class MagicsockActor(Actor):
                 for i, r in enumerate(settings.relays, 1)
             ]
             self.relays, self.relays_for = Relays(links), (node.private_key, settings.relays)
+        self._mark(node.fwmark)
         now = time.monotonic()
         if not node.disco_key:
             raise ConfigError("magicsock needs the node's disco key (actors.registry: disco_key)")
@@ -123,16 +125,28 @@ class MagicsockActor(Actor):
         self.refresh_endpoints(now)
         self.subscribe(LinkChanged.TAG)
 
-    def bind(self, port: int) -> None:
+    def _mark(self, mark: int) -> None:
+        """The firewall mark on our UDP socket and relay connections (an exit node in use, or not)."""
+        assert self.sock is not None
         try:
-            new = UdpSocket(port, reuse_port=True)
+            if mark != self.mark:
+                self.sock.set_mark(mark)
+                self.mark = mark
+            for link in self.relays.links:
+                link.set_mark(mark)
+        except OSError as err:
+            raise ConfigError(f"cannot mark the underlay sockets: {err.strerror}") from None
+
+    def bind(self, port: int, mark: int) -> None:
+        try:
+            new = UdpSocket(port, reuse_port=True, mark=mark)
         except OSError as err:
             raise ConfigError(f"cannot listen on UDP port {port}: {err.strerror}") from None
         if self.sock is not None:
             self.remove_reader(self.sock.fileno())
             self.sock.close()
         rebound = self.sock is not None
-        self.sock = new
+        self.sock, self.mark = new, mark
         self.add_reader(new.fileno(), self.on_readable)
         self.log.info("rebound" if rebound else "listening", port=new.port, gso=new.gso, gro=new.gro)
 
@@ -161,7 +175,7 @@ class MagicsockActor(Actor):
         self.stun.refresh(now)
         self.refresh_endpoints(now)
         if self.sock is not None and self.host_endpoints != before:
-            self.bind(self.sock.port)
+            self.bind(self.sock.port, self.mark)
 
     # --- datagrams in
 

@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from meshsup.actors.kernel.mark import set_mark
 from meshsup.actors.kernel.resolve import Resolver
 from meshsup.actors.kernel.stream import SEND_QUEUE_BYTES, Transport
 from meshsup.actors.kernel.types import RELAY_HOST, Buffer, Endpoint
@@ -104,6 +105,7 @@ class RelayLink:
         self.counters: Counter[str] = Counter()
         self._writing = False  # watched for writability
         self._was_up = False
+        self.mark = 0  # the firewall mark on the connection (kernel.mark)
 
     @property
     def up(self) -> bool:
@@ -137,6 +139,13 @@ class RelayLink:
             self._retry(now, _reason("socket", err.errno))
             return
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are small; Go's default too
+        try:
+            if self.mark:
+                set_mark(sock, self.mark)
+        except OSError as err:
+            sock.close()
+            self._retry(now, _reason("mark", err.errno))
+            return
         err = sock.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
             sock.close()
@@ -162,6 +171,12 @@ class RelayLink:
         self.failures[reason] += 1
         self.told_preferred = False
         self.retry_at = now + (self.backoff.next() if delay is None else delay)
+
+    def set_mark(self, mark: int) -> None:
+        """Mark this connection and the next ones (a live one is rerouted when the rules change)."""
+        if mark != self.mark and self.transport is not None:
+            set_mark(self.transport.sock, mark)
+        self.mark = mark
 
     def close(self) -> None:
         if self.transport is not None:

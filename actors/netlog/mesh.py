@@ -11,10 +11,12 @@ from meshsup.actors.settings import PeerSettings, Settings
 
 def classifier(settings: Settings, anonymize_exit: bool) -> Classifier:
     """Mesh: the node's own networks and the peers' single addresses (as DNS names them).
-    Subnets: the peers' other routes, but default routes, which make a peer an exit node.
+    Subnets: the peers' other routes, but default routes, which make a peer an exit node; and the
+    networks this node routes for its peers (advertise_routes). What a peer sends elsewhere through
+    this node, an exit node, is exit traffic.
     Skipped: the node's DNS listeners."""
     mesh = [str(a.network) for a in settings.node.addresses]
-    subnets = []
+    subnets = [str(net) for net in settings.node.advertise_routes]
     for peer in settings.peers:
         for net in peer.allowed_ips:
             if net.prefixlen == net.max_prefixlen:

@@ -14,16 +14,21 @@ each burst.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus.messages import LinkChanged
 from meshsup.actors.kernel.tun import make_persistent
+from meshsup.actors.router.exitroute import ExitRouting
+from meshsup.actors.router.forwarding import Forwarding
 from meshsup.actors.router.netconf import LinkMonitor, LinuxRouter
 from meshsup.actors.router.resolvconf import ResolvConf, for_this_namespace
 from meshsup.actors.settings import DnsSettings, Settings
+from meshsup.actors.settings.node import IPNetwork
 
 
 class RouterActor(Actor):
@@ -35,6 +40,8 @@ class RouterActor(Actor):
         self.failures: list[str] = []
         self.resolv: ResolvConf | None = None
         self.resolver_problems: list[str] = []
+        self.forwarding: Forwarding | None = None
+        self.exit: ExitRouting | None = None
         self.links_published = 0
         self.monitor = LinkMonitor()
         self.add_reader(self.monitor.fileno(), self._link_events)
@@ -54,7 +61,11 @@ class RouterActor(Actor):
             except (OSError, ValueError, LookupError) as err:
                 raise ConfigError(f"cannot create TUN {iface}: {err}") from None
         changes = self.router.configure([str(a) for a in node.addresses], node.mtu)
-        routes = sorted({str(p) for peer in settings.peers for p in peer.allowed_ips})
+        # With an exit node in use its default route lives in a table of its own (_use_exit), never in
+        # main, where the node's marked underlay traffic would follow it into the tunnel.
+        routes = sorted(
+            {str(p) for peer in settings.peers for p in peer.allowed_ips if not (node.exit_node and p.prefixlen == 0)}
+        )
         route_changes = self.router.set_routes(routes)
         self.failures = [*changes.failed, *changes.rejected, *route_changes.failed, *route_changes.rejected]
         if self.failures:
@@ -67,7 +78,48 @@ class RouterActor(Actor):
                 routes_added=route_changes.added,
                 routes_removed=route_changes.removed,
             )
+        self._use_exit(settings)
+        self._serve(iface, node.advertise_exit_node, node.advertise_routes)
         self._os_resolver(settings.dns)
+
+    def _use_exit(self, settings: Settings) -> None:
+        """The default route through the exit node's peer, or none. The first call after a start
+        also removes what a crashed router left (ExitRouting.apply)."""
+        assert self.router is not None
+        node = settings.node
+        exit_peer = next((p for p in settings.peers if p.name == node.exit_node), None)
+        defaults = [n for n in exit_peer.allowed_ips if n.prefixlen == 0] if exit_peer else []
+        families = {socket.AF_INET if n.version == 4 else socket.AF_INET6 for n in defaults}
+        if self.exit is None:
+            self.exit = ExitRouting()
+        try:
+            self.exit.apply(self.router.index, families, node.exit_node_allow_lan)
+        except NetlinkError as err:
+            raise ConfigError(f"cannot route through exit node {node.exit_node}: {err}") from None
+        if exit_peer:
+            self.log.info("using exit node", peer=exit_peer.name, allow_lan=node.exit_node_allow_lan)
+
+    def _serve(self, iface: str, exit_node: bool, routes: tuple[IPNetwork, ...]) -> None:
+        """Forwarding and masquerade for peers, or none. The first call after a
+        start also clears what a crashed router left (Forwarding.apply)."""
+        if self.forwarding is not None and self.forwarding.iface != iface:
+            self._stop_serving()
+        if self.forwarding is None:
+            self.forwarding = Forwarding(iface, self.runtime.state_dir)
+        try:
+            self.forwarding.apply(exit_node, routes)
+        except OSError as err:
+            raise ConfigError(f"cannot set up forwarding for {iface}: {err}") from None
+        if exit_node or routes:
+            self.log.info("serving", exit_node=exit_node, routes=[str(r) for r in routes])
+
+    def _stop_serving(self) -> None:
+        assert self.forwarding is not None
+        try:
+            self.forwarding.remove()
+        except OSError as err:
+            self.log.error("cannot remove forwarding", interface=self.forwarding.iface, error=str(err))
+        self.forwarding = None
 
     def _os_resolver(self, settings: DnsSettings) -> None:
         """resolv.conf at the controller's addresses, or back to what it was."""
@@ -129,6 +181,11 @@ class RouterActor(Actor):
 
     def close(self) -> None:
         self._restore_resolver()
+        if self.forwarding is not None:
+            self._stop_serving()
+        if self.exit is not None:
+            self.exit.clear()
+            self.exit.close()
         self.monitor.close()
         if self.router is not None:
             self._remove_link()

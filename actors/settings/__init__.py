@@ -26,6 +26,7 @@ from meshsup.actors.settings.node import (
     NodeSettings,
     PeerSettings,
     SupervisorSettings,
+    check_exit_node,
     check_unique,
     parse_actors,
     parse_node,
@@ -98,6 +99,7 @@ def parse(file: str, doc: dict[str, Any], base: Path, state_dir: Path) -> Settin
     node = parse_node(file, top.get("node", dict, {}), base, state_dir)
     peers = [parse_peer(file, p, i, base) for i, p in enumerate(top.get("peers", list, []))]
     check_unique(file, node, peers)
+    check_exit_node(file, node, peers)
     relays = [parse_relay(file, r, i, base) for i, r in enumerate(top.get("relays", list, []))]
     check_relays(file, relays)
     actors = parse_actors(file, top.get("actors", dict, {}))

@@ -15,7 +15,19 @@ DEFAULT_MTU = 1420
 DEFAULT_INTERFACE = "meshsup0"
 IFNAMSIZ = 16  # the kernel's limit on an interface name, with its NUL
 INTERFACE_RULE = f"1-{IFNAMSIZ - 1} characters, no '/', ':' or white space, not '.' or '..'"
-NODE_KEYS = {"name", "private_key", "private_key_file", "listen_port", "interface", "addresses", "mtu"}
+NODE_KEYS = {
+    "name",
+    "private_key",
+    "private_key_file",
+    "listen_port",
+    "interface",
+    "addresses",
+    "mtu",
+    "advertise_exit_node",
+    "advertise_routes",
+    "exit_node",
+    "exit_node_allow_lan",
+}
 PEER_KEYS = {
     "name",
     "public_key",
@@ -25,6 +37,10 @@ PEER_KEYS = {
     "endpoints",
     "persistent_keepalive",
 }
+
+# With an exit node in use: the mark on the node's own underlay sockets, and the routing table of
+# the default route through the exit (the same number, as wg-quick's Table = auto picks).
+EXIT_MARK = EXIT_TABLE = 0x4D53
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -43,6 +59,17 @@ class NodeSettings:
     # Seals disco's NaCl boxes, magicsock's alone; b"": withheld, or not loaded (a node that runs
     # loads it from its state dir: supervisor.cli, keys.load_or_create_disco; parsing writes no file).
     disco_key: bytes = field(default=b"", repr=False)
+    # Serving: forward and masquerade for peers toward everything / toward these networks.
+    advertise_exit_node: bool = False
+    advertise_routes: tuple[IPNetwork, ...] = ()
+    # Using: the default route through this peer ("": none), the underlay's LAN kept direct or not.
+    exit_node: str = ""
+    exit_node_allow_lan: bool = False
+
+    @property
+    def fwmark(self) -> int:
+        """The firewall mark for the node's own underlay sockets: only with an exit node in use."""
+        return EXIT_MARK if self.exit_node else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +170,10 @@ def parse_node(file: str, table: Any, base: Path, state_dir: Path) -> NodeSettin
         interface=interface,
         addresses=tuple(parse_interface_address(a) for a in addresses),
         mtu=mtu,
+        advertise_exit_node=c.get("advertise_exit_node", bool, False),
+        advertise_routes=tuple(parse_network(r) for r in c.strings("advertise_routes", parse_network)),
+        exit_node=c.get("exit_node", str, "").lower(),
+        exit_node_allow_lan=c.get("exit_node_allow_lan", bool, False),
     )
 
 
@@ -180,6 +211,19 @@ def check_unique(file: str, node: NodeSettings, peers: list[PeerSettings]) -> No
             raise ConfigError(file, f"peers[{i}].name", f"{p.name!r} is used twice")
         seen_keys[p.public_key] = f"peers[{i}]"
         seen_names[p.name] = f"peers[{i}]"
+
+
+def check_exit_node(file: str, node: NodeSettings, peers: list[PeerSettings]) -> None:
+    """exit_node names a peer that may send from anywhere: its allowed IPs hold a default route."""
+    if not node.exit_node:
+        return
+    found = next((p for p in peers if p.name == node.exit_node), None)
+    if found is None:
+        raise ConfigError(file, "node.exit_node", f"no peer named {node.exit_node!r}")
+    if not any(n.prefixlen == 0 for n in found.allowed_ips):
+        raise ConfigError(
+            file, "node.exit_node", f"peer {found.name!r} has neither 0.0.0.0/0 nor ::/0 in its allowed_ips"
+        )
 
 
 def parse_actors(file: str, table: Any) -> ActorCounts:

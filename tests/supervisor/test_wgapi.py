@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from meshsup.actors.settings import PeerSettings, Settings, keys, parse
+from meshsup.actors.settings.node import EXIT_MARK
 from meshsup.supervisor.uapi import SetRequest, UapiError, parse_request, serialize_get
 from meshsup.supervisor.wgapi import apply_set, device_state
 
@@ -101,6 +102,16 @@ def test_refusals_name_the_problem() -> None:
     conf = config()
     assert wg_set(conf, "fwmark=7").errno == errno.EOPNOTSUPP
     assert wg_set(conf, "fwmark=0") == conf
+
+
+def test_the_exit_nodes_fwmark_is_shown_and_may_be_set_to_itself() -> None:
+    conf = config(peer(K1, "bravo", ["100.64.0.2/32", "0.0.0.0/0"]))
+    using = replace(conf, node=replace(conf.node, exit_node="bravo"))
+    assert f"fwmark={EXIT_MARK}\n" in serialize_get(device_state(using, {})).decode()
+    assert "fwmark" not in serialize_get(device_state(conf, {})).decode()
+    assert wg_set(using, f"fwmark={EXIT_MARK}") == using
+    refused = wg_set(using, "fwmark=7")
+    assert isinstance(refused, UapiError) and refused.errno == errno.EOPNOTSUPP and str(EXIT_MARK) in refused.message
     assert wg_set(conf, f"private_key={bytes(32).hex()}").errno == errno.EINVAL
 
 

@@ -279,3 +279,13 @@ def test_a_socket_connected_on_a_shared_port_takes_its_peers_datagrams(sockets: 
     direct.close()
     peer.send_batch(Burst(port, [b"after"]))
     assert _data(_receive(shared, 1)) == [b"after"], "without the worker, magicsock gets it"
+
+
+def test_a_socket_carries_the_firewall_mark_it_is_given() -> None:
+    sock = UdpSocket(mark=0x4D53)
+    try:
+        assert sock._sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x4D53
+        sock.set_mark(0)
+        assert sock._sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0
+    finally:
+        sock.close()

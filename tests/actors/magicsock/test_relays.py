@@ -329,3 +329,20 @@ def test_a_peer_is_reached_where_it_was_heard_else_home_else_where_it_was_not_re
     assert k not in relays.not_at and relays.route(k) is x
     x.up = y.up = False
     assert relays.route(k) is None
+
+
+def test_a_relay_connection_carries_the_firewall_mark_and_takes_a_new_one() -> None:
+    server = Misbehaving(lambda conn: None)  # accepts and holds
+    loop = Loop()
+    link = loop.link(1, server.port)
+    link.set_mark(0x4D53)  # before the dial: the connection is routed by it from its first packet
+    relays = Relays([link])
+    try:
+        loop.run(relays, lambda: link.transport is not None and link.counters["dials"] == 1)
+        assert link.transport is not None
+        assert link.transport.sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0x4D53
+        link.set_mark(0)
+        assert link.transport.sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == 0
+    finally:
+        relays.close()
+        server.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import struct
 from pathlib import Path
@@ -437,3 +438,19 @@ def test_the_window_log_gives_back_its_window_and_ignores_a_torn_tail(tmp_path: 
     assert WindowLog(path).recover(T0 + 9) == (T0 + 5, [])
     again.remove()
     assert WindowLog(path).recover(T0 + 9) == (T0 + 9, [])
+
+
+def test_a_node_serving_counts_its_own_routes_as_subnet_and_the_rest_as_anonymised_exit() -> None:
+    settings = config()
+    serving = dataclasses.replace(
+        settings,
+        node=dataclasses.replace(
+            settings.node, advertise_routes=(ipaddress.ip_network("10.30.0.0/16"),), advertise_exit_node=True
+        ),
+    )
+    table = FlowTable("node-a", classifier(serving, anonymize_exit=True), start=T0)
+    table.add((6, f"{B4}:40000", "10.30.0.7:22"), 0, 0, 5, 500)  # a peer reaching the LAN behind this node
+    table.add((6, f"{B4}:40001", "203.0.113.5:443"), 0, 0, 4, 400)  # and the internet through it
+    [record] = table.close_window(T0 + 1)
+    assert [e["dst"] for e in record["subnetTraffic"]] == ["10.30.0.7:22"]
+    assert record["exitTraffic"] == [{"proto": 6, "rxPkts": 4, "rxBytes": 400}]

@@ -31,6 +31,10 @@ name = "alpha"
 private_key = "{b64(generate_private())}"
 addresses = ["100.64.0.1/10", "fd7a:115c:a1e0::1/48"]
 mtu = 1380
+advertise_exit_node = true
+advertise_routes = ["10.20.0.0/16", "fd00:20::/64"]
+exit_node = "bravo"
+exit_node_allow_lan = true
 
 [[peers]]
 name = "bravo"
@@ -156,6 +160,14 @@ def test_no_filter_table_accepts_everything_as_before(tmp_path: Path) -> None:
     assert not settings.filter.enabled and settings.filter.rules == ()
 
 
+def test_the_exit_and_subnet_keys_are_read(tmp_path: Path) -> None:
+    node = cfg.load_toml(full_config(tmp_path), tmp_path).node
+    assert node.advertise_exit_node and node.exit_node_allow_lan and node.exit_node == "bravo"
+    assert [str(r) for r in node.advertise_routes] == ["10.20.0.0/16", "fd00:20::/64"]
+    plain = parse("n.toml", {"node": {"private_key": b64(generate_private())}}, tmp_path, tmp_path).node
+    assert (plain.advertise_exit_node, plain.advertise_routes, plain.exit_node) == (False, (), "")
+
+
 def test_settings_are_frozen(tmp_path: Path) -> None:
     settings = cfg.load_toml(full_config(tmp_path), tmp_path)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -172,6 +184,15 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ({"peers": [{"public_key": PEER, "endpoints": ["example.com:1"]}]}, "peers[0].endpoints", "not an IP address"),
         ({"peers": [{"public_key": PEER}, {"public_key": PEER}]}, "peers[1].public_key", "same key as peers[0]"),
         ({"actors": {"crypto": 0}}, "actors.crypto", "outside 1..64"),
+        ({"node": {"advertise_exit_node": 1}}, "node.advertise_exit_node", "must be bool"),
+        ({"node": {"advertise_routes": ["10.20.0.0/33"]}}, "node.advertise_routes", "not an IP prefix"),
+        ({"node": {"exit_node_allow_lan": "yes"}}, "node.exit_node_allow_lan", "must be bool"),
+        ({"node": {"exit_node": "bravo"}}, "node.exit_node", "no peer named 'bravo'"),
+        (
+            {"node": {"exit_node": "bravo"}, "peers": [{"name": "bravo", "public_key": PEER}]},
+            "node.exit_node",
+            "neither 0.0.0.0/0 nor ::/0",
+        ),
         ({"supervisor": {"period": 0}}, "supervisor.period", "more than 0"),
         ({"dns": {"ttl": -1}}, "dns.ttl", "outside"),
         ({"dns": {"rules": [{"match": "regex:(", "action": "reject"}]}}, "dns.rules[0].match", "bad regex"),

@@ -1,0 +1,88 @@
+"""Using an exit node: the default route through the tunnel in a routing table
+of our own, chosen by policy rules, as wg-quick does for 0.0.0.0/0:
+
+    PRIORITY:     not fwmark EXIT_MARK lookup EXIT_TABLE
+    PRIORITY - 1: lookup main suppress_prefixlength 0   (exit_node_allow_lan only)
+
+The node's own underlay sockets carry EXIT_MARK (kernel.mark), so they skip the
+table and leave by the underlay's routes; everything else takes the tunnel.
+With allow_lan, main's routes other than its default (the underlay's connected
+LANs among them) are looked up first and stay direct.
+
+Rules and routes carry our routing protocol number, so a restarted router finds
+and removes what a crashed one left: ``apply`` always starts from a clean slate.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from typing import Final
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from meshsup.actors.router.netconf import MAIN_TABLE, RTPROT_MESHSUP
+from meshsup.actors.settings.node import EXIT_MARK, EXIT_TABLE
+
+PRIORITY: Final = 5210  # ahead of main (32766); our two rules take this and the one before
+_FIB_RULE_INVERT: Final = 0x2
+_DEFAULT: Final = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
+
+
+class ExitRouting:
+    def __init__(self) -> None:
+        self._ipr = IPRoute()
+        self.applied: tuple[int, tuple[int, ...], bool] | None = None  # (link index, families, allow_lan)
+
+    def apply(self, index: int, families: Iterable[int], allow_lan: bool) -> None:
+        """Route ``families`` (AF_INET, AF_INET6) by default through link ``index``,
+        or nothing (no families). Raises NetlinkError."""
+        wanted = (index, tuple(sorted(families)), allow_lan)
+        if wanted == self.applied:
+            return
+        self.clear()
+        for family in wanted[1]:
+            self._ipr.route(
+                "add", dst=_DEFAULT[family], oif=index, table=EXIT_TABLE, proto=RTPROT_MESHSUP, family=family
+            )
+            if allow_lan:
+                self._ipr.rule(
+                    "add",
+                    family=family,
+                    table=MAIN_TABLE,
+                    priority=PRIORITY - 1,
+                    FRA_SUPPRESS_PREFIXLEN=0,
+                    protocol=RTPROT_MESHSUP,
+                )
+            self._ipr.rule(
+                "add",
+                family=family,
+                table=EXIT_TABLE,
+                priority=PRIORITY,
+                fwmark=EXIT_MARK,
+                fwmask=0xFFFFFFFF,
+                flags=_FIB_RULE_INVERT,
+                protocol=RTPROT_MESHSUP,
+            )
+        self.applied = wanted
+
+    def clear(self) -> None:
+        """Remove our rules and our routes in EXIT_TABLE (ours by protocol number), whoever added them."""
+        for family in _DEFAULT:
+            for rule in self._ipr.get_rules(family=family):
+                if rule.get_attr("FRA_PROTOCOL") == RTPROT_MESHSUP and rule.get_attr("FRA_PRIORITY") in (
+                    PRIORITY,
+                    PRIORITY - 1,
+                ):
+                    self._ipr.rule("del", family=family, priority=rule.get_attr("FRA_PRIORITY"))
+            for route in self._ipr.route("dump", family=family, table=EXIT_TABLE):
+                if route["proto"] == RTPROT_MESHSUP:
+                    try:
+                        self._ipr.route("del", family=family, dst=_DEFAULT[family], table=EXIT_TABLE)
+                    except NetlinkError:  # gone with its link meanwhile
+                        pass
+        self.applied = None
+
+    def close(self) -> None:
+        self._ipr.close()
