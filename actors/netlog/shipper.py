@@ -473,6 +473,15 @@ class HttpSender(_SpooledSender):
                 return
             now = time.time()  # a Retry-After counts from the answer, not from the request
             self._answered(reply, now)
+        # The budget is spent on answers, and more may wait: the next request is begun, not read, so
+        # that its socket (writable, or connecting) wakes the loop. Else nothing would until a tick.
+        if self._request is None and len(self.spool) and self.backoff.ready(now) and self._start(now):
+            assert self._request is not None
+            if self._sock is None:
+                try:
+                    self._sock = self._connected(now, self._request.deadline)
+                except OSError as e:
+                    self.abort(now, f"POST to {self.config.url} failed: {e}")
 
     def waiting_on(self) -> Wait | None:
         if self._request is None:
