@@ -746,7 +746,7 @@ class Shipper:
                 "address": sender.config.url,
                 "failures": sender.backoff.failures,
                 "error": sender.stats.last_error,
-                "spooled": len(sender.spool),
+                "spooled": sender.depth(),
             }
             for sender in self.senders
             if isinstance(sender, _SpooledSender)
