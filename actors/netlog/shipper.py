@@ -240,6 +240,7 @@ class _SpooledSender:
         self.resolver = resolver
         self.stats = SenderStats()
         self._connector: _Connector | None = None
+        self._sock: socket.socket | None = None
 
     def offer(self, records: list[Record], now: float) -> None:
         self.spool.extend(records)
@@ -307,7 +308,6 @@ class SyslogSender(_SpooledSender):
         super().__init__(config, spool_root, backoff, request_timeout, form, resolver)
         self.hostname = hostname
         self.confirm_delay, self.ack_timeout, self.write_budget = confirm_delay, ack_timeout, write_budget
-        self._sock: socket.socket | None = None
         self._peer_bytes = 0  # what the collector sent on this connection
         self._out = bytearray()
         self._in_flight: list[_Batch] = []
@@ -445,18 +445,7 @@ class _Request:
 class HttpSender(_SpooledSender):
     """One POST at a time, kept alive between requests when the collector allows."""
 
-    def __init__(
-        self,
-        config: CollectorConfig,
-        spool_root: Path,
-        backoff: Backoff,
-        request_timeout: float,
-        form: RecordFormat,
-        resolver: Resolver,
-    ) -> None:
-        super().__init__(config, spool_root, backoff, request_timeout, form, resolver)
-        self._sock: socket.socket | None = None
-        self._request: _Request | None = None
+    _request: _Request | None = None  # the POST in flight, set per instance
 
     def pump(self, now: float) -> None:
         # An answer read here lets the next request start at once: the loop waits for its answer, not a tick.
