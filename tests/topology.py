@@ -325,10 +325,10 @@ class ExitLab:
         node.wait_ready()
         return node
 
-    def start_client(self, node_keys: str = 'exit_node = "exit"') -> Node:
-        """The client, ready, with `node_keys` in its [node] table."""
+    def start_client(self, node_keys: str = 'exit_node = "exit"', same_as: Node | None = None) -> Node:
+        """The client, ready, with `node_keys` in its [node] table; with `same_as`, that one again."""
         self.client_conf.write_text(self.client_plain)
         with_node_keys(self.client_conf, node_keys)
-        node = self.u.track(Node(self.tmp, "--config", str(self.client_conf), netns=self.client_ns))
+        node = self.u.track(Node(self.tmp, "--config", str(self.client_conf), netns=self.client_ns, same_as=same_as))
         node.wait_ready()
         return node

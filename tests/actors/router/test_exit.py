@@ -7,7 +7,8 @@ underlay's LAN takes the tunnel, so only the socket mark keeps the client's UDP 
 A kill -9 of either side's router actor: traffic resumes and the client's rules and routes are the same.
 A kill -9 of the exit node's supervisor: its actors stop on their own and clean up; of every process of
 the exit node at once: what it left is cleaned up by its next start; either way the client's routing
-stays as it was and its traffic resumes when the exit returns. The internet's DNS server answers the
+stays as it was and its traffic resumes when the exit returns. The client killed outright keeps its
+rules until its next start takes them over. The internet's DNS server answers the
 client through the exit, and the exit node logs what it carried as exit traffic, anonymised.
 Changing exit_node on reload, and stopping, put `ip rule` and every routing table back as they were."""
 
@@ -126,16 +127,17 @@ def test_the_client_reaches_the_internet_through_the_exit_node_and_gets_its_rout
 
 @pytest.mark.netns
 @needs_tools
-def test_a_killed_exit_node_leaves_nothing_behind_and_the_client_resumes_when_it_returns(
+def test_a_killed_node_leaves_nothing_behind_and_the_client_resumes_when_the_exit_returns(
     underlay: Underlay, tmp_path: Path
 ) -> None:
     lab = ExitLab(underlay, tmp_path)
     ns_c, ns_e = lab.client_ns, lab.exit_ns
     link_local_settled(ns_e, "eth0", "eth1")
-    before = host_state(ns_e)
+    link_local_settled(ns_c, "eth0")
+    before, client_before = host_state(ns_e), routing(ns_c)
     assert before[-2:] == ["0\n", "0\n"]  # else switching forwarding on would not show
     exit_node = lab.start_exit()
-    lab.start_client()
+    client = lab.start_client()
     assert ping(ns_c, INTERNET_HOST)
     running = routing(ns_c)
 
@@ -161,6 +163,17 @@ def test_a_killed_exit_node_leaves_nothing_behind_and_the_client_resumes_when_it
     assert reaches_the_internet(ns_c)
     assert ns_e.run("nft", "list", "tables").stdout == tables  # the stale table replaced, not doubled
     assert routing(ns_c) == running
+
+    # The client killed outright keeps its rules (nothing leaks past the exit meanwhile); its next
+    # start takes them over, none twice, and its traffic goes out through the exit again.
+    client.kill()
+    assert routing(ns_c)[:2] == running[:2]
+    client = lab.start_client(same_as=client)
+    assert reaches_the_internet(ns_c)
+    assert routing(ns_c) == running
+
+    client.close()
+    assert routing(ns_c) == client_before
     exit_node.close()
     assert host_state(ns_e) == before
 
