@@ -191,6 +191,25 @@ class Actor:
             self.count_drop(err.reason, str(err))
             return None
 
+    def stop_with(self, pid: int) -> None:
+        """Stop, as on SIGTERM, once process `pid` (the supervisor) has ended, however it ended.
+        Nothing else would tell: the actor's parent is the fork server, which outlives a supervisor
+        killed outright as long as any actor runs."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.log.warning("supervisor gone, stopping", supervisor_pid=pid)
+            self._request_stop()
+            return
+
+        def gone() -> None:
+            self.unwatch(fd)
+            os.close(fd)
+            self.log.warning("supervisor gone, stopping", supervisor_pid=pid)
+            self._request_stop()
+
+        self.watch(fd, gone, read=True)
+
     def count_drop(self, reason: str, detail: str = "") -> None:
         self.bus_dropped[reason] += 1
         suppressed = self._ratelimit.should_log(reason, time.monotonic())

@@ -118,10 +118,13 @@ def _inherit(dup: Any) -> int:
     return int(dup.detach())
 
 
-def run_actor(kind: str, name: str, state_dir: str, tun_queue: int | None, account: Account) -> None:
+def run_actor(
+    kind: str, name: str, state_dir: str, tun_queue: int | None, account: Account, supervisor: int | None = None
+) -> None:
     """The body of an actor process (target of the supervisor's spawn). A crypto
     worker may get its queue of the TUN (see supervisor/resources.py, TunQueues);
-    an unprivileged kind becomes `account` once it has joined the bus (actors.base)."""
+    an unprivileged kind becomes `account` once it has joined the bus (actors.base).
+    The actor stops when process `supervisor` ends (Actor.stop_with)."""
     from setproctitle import setproctitle
 
     from meshsup.actors.base import crash_on_start_requested, exit_now
@@ -144,4 +147,6 @@ def run_actor(kind: str, name: str, state_dir: str, tun_queue: int | None, accou
     except PrivilegeError as err:
         setup(name).error("refusing to run: cannot drop privileges", kind=kind, user=account.name, error=str(err))
         exit_now(EXIT_NO_DROP)
+    if supervisor is not None:
+        actor.stop_with(supervisor)
     exit_now(actor.run())

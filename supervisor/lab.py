@@ -62,7 +62,8 @@ class Netns:
 
 
 class Node:
-    """A `meshsup start` (or `meshsup relay`) process; stopped (and its namespace removed) by close()."""
+    """A `meshsup start` (or `meshsup relay`) process; stopped by close(), which also ends by PID
+    every process of the node's that outlived it (the node runs in a session of its own)."""
 
     def __init__(
         self,
@@ -73,11 +74,13 @@ class Node:
         faults: bool = True,
         command: str = "start",
         wrapper: tuple[str, ...] = (),
+        same_as: Node | None = None,
     ) -> None:
-        """``wrapper``: a command the node runs under (setpriv, as a service unit would)."""
-        self.state_dir = tmp / f"state-{secrets.token_hex(3)}"
+        """``wrapper``: a command the node runs under (setpriv, as a service unit would).
+        ``same_as``: a stopped (or killed) node this one starts again: its state dir and interface."""
+        self.state_dir = same_as.state_dir if same_as else tmp / f"state-{secrets.token_hex(3)}"
         self.netns = netns
-        self.iface = f"ms{secrets.token_hex(4)}"
+        self.iface = same_as.iface if same_as else f"ms{secrets.token_hex(4)}"
         full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         if faults:
             full_env["MESHSUP_TEST_FAULTS"] = "1"
@@ -88,9 +91,11 @@ class Node:
             cmd += ["--interface", self.iface]
         self.stdout_path = tmp / f"{self.state_dir.name}.out"
         self.stderr_path = tmp / f"{self.state_dir.name}.err"
-        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+        with open(self.stdout_path, "a") as out, open(self.stderr_path, "a") as err:
             prefix = ["ip", "netns", "exec", netns.name] if netns else []
-            self.proc = subprocess.Popen([*prefix, *cmd], stdout=out, stderr=err, env=full_env, cwd=tmp)
+            self.proc = subprocess.Popen(
+                [*prefix, *cmd], stdout=out, stderr=err, env=full_env, cwd=tmp, start_new_session=True
+            )
 
     def cli(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(
@@ -143,6 +148,18 @@ class Node:
     def stdout(self) -> str:
         return self.stdout_path.read_text()
 
+    def processes(self) -> list[int]:
+        """Every live process of the node: the supervisor, its fork server, the actors (renamed
+        "meshsup: NAME", they no longer name the state dir) and what they run."""
+        return session_members(self.proc.pid)
+
+    def kill(self) -> None:
+        """kill -9 of the whole node, every process of it at once, as a crash of the machine's
+        view of it would be: nothing is stopped in order, nothing cleaned up."""
+        for pid in self.processes():
+            _kill(pid)
+        self.proc.wait(10)
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -151,13 +168,34 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        # Anything the node failed to stop is ended by PID, so nothing is leaked.
-        for pid in descendants_by_state_dir(self.state_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # Anything the node failed to stop, or that outlived a supervisor killed outright, is
+        # ended by PID, so nothing is leaked.
+        for pid in {*self.processes(), *descendants_by_state_dir(self.state_dir)}:
+            _kill(pid)
         remove_if_stale(socket_path(self.iface))  # a node killed outright leaves it behind
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def session_members(sid: int) -> list[int]:
+    """PIDs of the live (not zombie) processes in session `sid`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # After the name, which may hold spaces and parentheses: state, ppid, pgrp, session.
+            state, _, _, session = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+        except (OSError, ValueError):
+            continue
+        if int(session) == sid and state != "Z":
+            pids.append(int(entry.name))
+    return pids
 
 
 def descendants_by_state_dir(state_dir: Path) -> list[int]:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from meshsup.supervisor.lab import Identity, Netns, Node, Underlay, WgGo, have, iperf3, meshsup_config, ping, ping_rtt
 
 __all__ = [
+    "ExitLab",
     "Home",
     "RELAY_PORT",
     "Identity",
@@ -41,6 +42,7 @@ __all__ = [
     "relay_up",
     "relays_stanza",
     "unanswered",
+    "with_node_keys",
 ]
 
 RELAY_PORT = 8080  # a test relay's DERP port; its STUN is on 3478 of the same address
@@ -273,3 +275,60 @@ class NatLab:
         host.run("ip", "addr", "del", f"{old}/26", "dev", "eth0")
         home.addr = new
         return new
+
+
+def with_node_keys(path: Path, keys: str) -> Path:
+    """The config at `path` with `keys` added to its [node] table."""
+    path.write_text(path.read_text().replace("[supervisor]", f"{keys}\n[supervisor]", 1))
+    return path
+
+
+class ExitLab:
+    """A client that uses an exit node, and the internet behind the exit: the client and the exit on
+    the underlay, and an "internet" namespace on 203.0.113.0/24 linked to the exit alone (the exit at
+    INTERNET_EXIT, a host at INTERNET_HOST). The client has a default route of its own by the
+    underlay, to a gateway nobody answers for: only the tunnel reaches the internet, and the client's
+    own encrypted traffic following the tunnel's default route into itself would show (no handshake).
+    Nodes are started by `start_exit` (its config with `exit_extra` added) and `start_client`;
+    `close` is the Underlay's."""
+
+    INTERNET_EXIT, INTERNET_HOST = "203.0.113.1", "203.0.113.2"
+
+    def __init__(self, underlay: Underlay, tmp: Path, exit_extra: str = "") -> None:
+        self.u, self.tmp = underlay, tmp
+        (self.client_ns, client_addr), (self.exit_ns, exit_addr) = underlay.host(), underlay.host()
+        self.internet = Netns("inet")
+        underlay.hosts.append(self.internet)
+        subprocess.run(
+            ["ip", "link", "add", "eth1", "netns", self.exit_ns.name, "type", "veth"]
+            + ["peer", "name", "eth0", "netns", self.internet.name],
+            check=True,
+        )
+        self.exit_ns.run("ip", "addr", "add", f"{self.INTERNET_EXIT}/24", "dev", "eth1")
+        self.exit_ns.run("ip", "link", "set", "eth1", "up")
+        self.internet.run("ip", "addr", "add", f"{self.INTERNET_HOST}/24", "dev", "eth0")
+        self.internet.run("ip", "link", "set", "eth0", "up")
+        self.client_ns.run("ip", "route", "add", "default", "via", "198.51.100.254", "dev", "eth0")
+        self.client, self.exit = Identity("client", 1), Identity("exit", 2)
+        self.client.endpoint, self.exit.endpoint = f"{client_addr}:51820", f"{exit_addr}:51820"
+        exit_conf = meshsup_config(tmp, self.exit, [self.client], extra=exit_extra)
+        self.exit_conf = with_node_keys(exit_conf, "advertise_exit_node = true")
+        conf = meshsup_config(tmp, self.client, [self.exit])
+        seen = f'"{self.exit.v6}/128"]'  # the exit may send from anywhere: 0.0.0.0/0 and ::/0 in its allowed IPs
+        conf.write_text(conf.read_text().replace(seen, f'"{self.exit.v6}/128", "0.0.0.0/0", "::/0"]'))
+        self.client_plain = conf.read_text()  # the client's config without the keys of start_client
+        self.client_conf = conf
+
+    def start_exit(self, same_as: Node | None = None) -> Node:
+        """The exit node, ready; with `same_as`, that one again (its state dir and interface)."""
+        node = self.u.track(Node(self.tmp, "--config", str(self.exit_conf), netns=self.exit_ns, same_as=same_as))
+        node.wait_ready()
+        return node
+
+    def start_client(self, node_keys: str = 'exit_node = "exit"', same_as: Node | None = None) -> Node:
+        """The client, ready, with `node_keys` in its [node] table; with `same_as`, that one again."""
+        self.client_conf.write_text(self.client_plain)
+        with_node_keys(self.client_conf, node_keys)
+        node = self.u.track(Node(self.tmp, "--config", str(self.client_conf), netns=self.client_ns, same_as=same_as))
+        node.wait_ready()
+        return node
