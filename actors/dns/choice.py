@@ -88,7 +88,7 @@ class Upstreams:
         self._measured = measured
         self._dead &= set(wanted)
 
-    def order(self, upstreams: tuple[Upstream, ...], policy: str, now: float) -> Sequence[Upstream]:
+    def order(self, upstreams: tuple[Upstream, ...], policy: str) -> Sequence[Upstream]:
         """The upstreams a query for this group tries, first choice first."""
         if policy == FAILOVER and not self._dead:
             return upstreams

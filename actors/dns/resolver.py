@@ -5,9 +5,10 @@ minimally, RFC 8482: one HINFO "RFC8482", never forwarded), the local zone
 (zone.py), Docker's ndots rule, request routing (rules.py), the cache
 (cache.py), merging and the in-flight cap, whole and per client prefix
 (inflight.py, access.py), and finally one upstream after another
-(upstream.py), in the order the group's policy gives (choice.py). Replies that depend on the question
-alone are prepared for the fast path (fastpath.py), an upstream's answer
-once its question comes again and is answered from the cache: the IO side
+(upstream.py), in the order the group's policy gives (choice.py).
+Replies that depend on the question alone are prepared for the fast path
+(fastpath.py), an upstream's answer once its question comes again and is
+answered from the cache: the IO side
 offers every query to fast() first and calls handle() only when that has no
 reply.
 The IO side carries out the actions:
@@ -233,7 +234,7 @@ class Resolver:
             waiter,
             lambda: Flight(
                 make_forward_query(parsed),
-                FailoverPlan(self.upstreams.order(decision.upstreams, decision.policy, now)),
+                FailoverPlan(self.upstreams.order(decision.upstreams, decision.policy)),
                 now,
             ),
             owner=prefix_of(str(source[0])) if source else None,
