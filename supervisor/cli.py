@@ -187,6 +187,11 @@ def _print_status(result: dict[str, Any]) -> None:
                 print(f"{'':<16} candidate {c['endpoint']:<24} {_ms(c['latency_ms'])}")
             if p.get("why"):
                 print(f"{'':<16} relayed: {p['why']}")
+    upstreams = [(a["name"], url, u) for a in result["actors"] for url, u in a.get("upstreams", {}).items()]
+    if upstreams:  # each DNS worker's own view
+        print(f"\n{'DNS UPSTREAM':<36} {'WORKER':<8} {'STATE':<6} {'LATENCY':>10} {'CHOSEN':>8}")
+        for worker, url, u in upstreams:
+            print(f"{url:<36} {worker:<8} {u['state']:<6} {_ms(u['latency_ms']):>10} {u['chosen']:>8}")
     if result.get("relays"):
         print(f"\n{'RELAY':<16} {'ADDRESS':<16} {'STATE':<10} {'LATENCY':>10}  URL")
         for r in result["relays"]:

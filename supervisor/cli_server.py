@@ -166,7 +166,9 @@ class CliServer:
                 "bus_dropped": a.status.get("bus_dropped", {}),
                 "counters": a.status.get("counters", {}),
             }
-            if a.kind == "relay":
+            if a.kind == "dns":  # each worker's own view (actors.dns.choice)
+                entry["upstreams"] = a.status.get("upstreams", {})
+            elif a.kind == "relay":
                 entry.update(
                     bad_input=a.status.get("bad_input", {}),
                     dropped=a.status.get("dropped", {}),

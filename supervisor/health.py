@@ -175,6 +175,8 @@ def _dns(workers: list[Mapping[str, Mapping[str, Any]]]) -> dict[tuple[str, str]
     latest: dict[str, Mapping[str, Any]] = {}
     for upstreams in workers:
         for url, state in upstreams.items():
+            if state["at"] is None:  # never asked by this worker
+                continue
             if url not in latest or state["at"] > latest[url]["at"]:
                 latest[url] = state
     if not latest or any(s["ok"] for s in latest.values()):

@@ -239,6 +239,19 @@ def _dns(fams: _Families, a: ActorProc) -> None:
         fams.histogram("dns_upstream_latency_seconds", "from forwarding a query to its answer").add(
             Histogram(latency["bounds"], latency["cumulative"], latency["sum"], latency["count"]), **ids
         )
+    for url, u in a.status.get("upstreams", {}).items():
+        up = {**ids, "upstream": url}
+        fams.gauge("dns_upstream_alive", "1 while a DNS upstream answers, 0 once found dead (choice.py)").add(
+            int(u.get("state") != "dead"), **up
+        )
+        if u.get("latency_ms") is not None:
+            fams.gauge("dns_upstream_rtt_seconds", "a DNS upstream's moving average round trip").add(
+                u["latency_ms"] / 1000, **up
+            )
+        fams.counter("dns_upstream_chosen", "forwards sent to a DNS upstream").add(u.get("chosen", 0), **up)
+        fams.counter("dns_upstream_probes", "probes sent to a DNS upstream (dead, or idle in min_latency)").add(
+            u.get("probes", 0), **up
+        )
 
 
 def _netlog(fams: _Families, a: ActorProc) -> None:

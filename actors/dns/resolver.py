@@ -5,9 +5,10 @@ minimally, RFC 8482: one HINFO "RFC8482", never forwarded), the local zone
 (zone.py), Docker's ndots rule, request routing (rules.py), the cache
 (cache.py), merging and the in-flight cap, whole and per client prefix
 (inflight.py, access.py), and finally one upstream after another
-(upstream.py). Replies that depend on the question
-alone are prepared for the fast path (fastpath.py), an upstream's answer
-once its question comes again and is answered from the cache: the IO side
+(upstream.py), in the order the group's policy gives (choice.py).
+Replies that depend on the question alone are prepared for the fast path
+(fastpath.py), an upstream's answer once its question comes again and is
+answered from the cache: the IO side
 offers every query to fast() first and calls handle() only when that has no
 reply.
 The IO side carries out the actions:
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dns.rcode
@@ -34,6 +35,7 @@ import dns.rrset
 
 from meshsup.actors.dns.access import prefix_of, share
 from meshsup.actors.dns.cache import CacheEntry, CacheKey, DnsCache
+from meshsup.actors.dns.choice import Upstreams
 from meshsup.actors.dns.fastpath import FastAnswers, prepare
 from meshsup.actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
 from meshsup.actors.dns.latency import LatencyBuckets
@@ -48,11 +50,11 @@ from meshsup.actors.dns.message import (
     reply_ttls,
 )
 from meshsup.actors.dns.rules import Reject, Router
-from meshsup.actors.dns.upstream import FailoverPlan, UpstreamHealth, should_failover, without_own
+from meshsup.actors.dns.upstream import FailoverPlan, should_failover, without_own
 from meshsup.actors.dns.wire import WireAnswer, label_count
 from meshsup.actors.dns.zone import Zone
 from meshsup.actors.settings.dns import DnsSettings
-from meshsup.actors.settings.dnstypes import Route, SourceOverride, Upstream
+from meshsup.actors.settings.dnstypes import FAILOVER, Route, SourceOverride, Upstream, UpstreamGroup
 
 Source = tuple[Any, ...]  # (ip, port) of the client
 
@@ -132,7 +134,7 @@ class Resolver:
         # Whether anyone wants Learned actions: reading addresses out of every
         # answer is half the work of taking it in.
         self.learning = True
-        self.upstreams = UpstreamHealth()
+        self.upstreams = Upstreams(self._rng)
         self.reconfigure(settings, force=True)
 
     def reconfigure(self, settings: DnsSettings, *, force: bool = False) -> None:
@@ -143,14 +145,14 @@ class Resolver:
         self._router = Router(
             rules=settings.rules,
             routes=[Route(r.suffix, without_own(r.upstreams, own)) for r in settings.routes],
-            groups={name: without_own(ups, own) for name, ups in settings.groups.items()},
-            default=without_own(settings.upstreams, own),
+            groups={name: replace(g, upstreams=without_own(g.upstreams, own)) for name, g in settings.groups.items()},
+            default=UpstreamGroup(without_own(settings.upstreams, own), settings.policy),
             overrides=[SourceOverride(o.network, without_own(o.upstreams, own)) for o in settings.source_overrides],
         )
         self.upstreams.keep(
-            [*settings.upstreams, *(u for r in settings.routes for u in r.upstreams)]
-            + [u for ups in settings.groups.values() for u in ups]
-            + [u for o in settings.source_overrides for u in o.upstreams]
+            [(settings.upstreams, settings.policy), *((r.upstreams, FAILOVER) for r in settings.routes)]
+            + [(g.upstreams, g.policy) for g in settings.groups.values()]
+            + [(o.upstreams, FAILOVER) for o in settings.source_overrides]
         )
         self._inflight.cap = settings.max_inflight
         self._inflight.share = share(settings.max_inflight)
@@ -230,7 +232,11 @@ class Resolver:
         admission = self._inflight.admit(
             key,
             waiter,
-            lambda: Flight(make_forward_query(parsed), FailoverPlan(decision.upstreams), now),
+            lambda: Flight(
+                make_forward_query(parsed),
+                FailoverPlan(self.upstreams.order(decision.upstreams, decision.policy)),
+                now,
+            ),
             owner=prefix_of(str(source[0])) if source else None,
         )
         if admission is Admission.MERGED:
@@ -254,11 +260,12 @@ class Resolver:
         if flight is None:
             return []
         answer = parse_response(wire, flight.waiters[0].query, self.learning)
+        rtt = now - flight.plan.sent
         if isinstance(answer, str):
-            return self._failed(key, upstream, f"upstream_{answer}", now)
+            return self._failed(key, upstream, f"upstream_{answer}", now, rtt)
         if should_failover(answer.rcode):
-            return self._failed(key, upstream, f"upstream_{dns.rcode.to_text(answer.rcode).lower()}", now)
-        self.upstreams.answered(upstream, now)
+            return self._failed(key, upstream, f"upstream_{dns.rcode.to_text(answer.rcode).lower()}", now, rtt)
+        self.upstreams.answered(upstream, rtt, now)
         entry = self._cache.store(key, answer, now)
         self._inflight.finish(key)
         self.counters["upstream_answers"] += 1
@@ -286,16 +293,23 @@ class Resolver:
     def _attempt(self, key: CacheKey, now: float) -> list[Action]:
         flight = self._inflight.get(key)
         assert flight is not None
-        upstream = flight.plan.next()
+        upstream = flight.plan.next(now)
         if upstream is None:
             return self._exhausted(key, now)
+        self.upstreams.sent(upstream)
         if flight.plan.attempts > 1:
             self.counters["failovers"] += 1
         return [Forward(key, upstream, flight.query, self.settings.timeout)]
 
-    def _failed(self, key: CacheKey, upstream: Upstream, reason: str, now: float) -> list[Action]:
+    def _failed(
+        self, key: CacheKey, upstream: Upstream, reason: str, now: float, rtt: float | None = None
+    ) -> list[Action]:
+        """The attempt failed: with rtt, on an answer that would not do; without, on none."""
         self.counters[reason] += 1
-        self.upstreams.failed(upstream, reason, now)
+        if rtt is None:
+            self.upstreams.failed(upstream, reason, now)
+        else:
+            self.upstreams.answered(upstream, rtt, now, reason)
         return self._attempt(key, now)
 
     def _exhausted(self, key: CacheKey, now: float) -> list[Action]:

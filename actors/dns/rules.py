@@ -1,12 +1,14 @@
 """Request routing: dae-style rules, split-DNS routes, per-source upstreams.
 
 Order of decision for a forwarded query:
-1. rules, first match wins: ``reject``, a named upstream group, or ``asis``
-   (stop evaluating rules and route normally);
+1. rules, first match wins: ``reject``, a named upstream group (its policy
+   orders its upstreams: choice.py), or ``asis`` (stop evaluating rules and
+   route normally);
 2. split-DNS routes, the most specific suffix wins;
 3. the upstreams for the client's source network, if one is configured
    (Docker's per-source external servers);
-4. the default upstreams.
+4. the default upstreams (a group too, with `dns.policy`).
+Routes and per-source upstreams fail over in order.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from dataclasses import dataclass
 
 from meshsup.actors.settings.dnstypes import (
     ASIS,
+    FAILOVER,
     REJECT,
     Matcher,
     Route,
     Rule,
     SourceOverride,
     Upstream,
+    UpstreamGroup,
     normalize_name,
 )
 
@@ -60,6 +64,7 @@ class ForwardTo:
     # so one client's view never leaks to another.
     view: str
     via: str
+    policy: str = FAILOVER
 
 
 Decision = Reject | ForwardTo
@@ -71,8 +76,8 @@ class Router:
         *,
         rules: Sequence[Rule],
         routes: Sequence[Route],
-        groups: Mapping[str, Sequence[Upstream]],
-        default: Sequence[Upstream],
+        groups: Mapping[str, UpstreamGroup],
+        default: UpstreamGroup,
         overrides: Sequence[SourceOverride] = (),
     ) -> None:
         missing = {r.action for r in rules} - {REJECT, ASIS} - set(groups)
@@ -81,10 +86,9 @@ class Router:
         self._rules = tuple(rules)
         # Most specific first: more labels means a longer, narrower suffix.
         self._routes = tuple(sorted(routes, key=lambda r: r.suffix.count("."), reverse=True))
-        self._groups = {name: tuple(ups) for name, ups in groups.items()}
-        self._default = tuple(default)
+        self._groups = {name: ForwardTo(g.upstreams, "", f"group {name}", g.policy) for name, g in groups.items()}
         self._overrides = tuple(overrides)
-        self._to_default = ForwardTo(self._default, "", "default")
+        self._to_default = ForwardTo(default.upstreams, "", "default", default.policy)
         # With nothing to match, every name goes the same way: callers may skip route().
         self.only = None if self._rules or self._routes or self._overrides else self._to_default
 
@@ -97,7 +101,7 @@ class Router:
                 return Reject(f"rule {index}")
             if rule.action == ASIS:
                 break
-            return ForwardTo(self._groups[rule.action], "", f"group {rule.action}")
+            return self._groups[rule.action]
         for route in self._routes:
             if is_under(name, route.suffix):
                 return ForwardTo(route.upstreams, "", f"route {route.suffix}")

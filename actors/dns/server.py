@@ -7,7 +7,9 @@ tunnel address before the router has put it on the link. TCP carries many
 queries per connection (answers may come back out of order, RFC 7766) and
 idle connections are closed. Every query is offered to the resolver's fast
 path first (a question asked before, answered from bytes) and goes the
-full way only when that has nothing.
+full way only when that has nothing. Upstreams that are dead, or idle in a
+min_latency group, are probed from here as choice.py says, on the same
+transport as the forwards.
 
 Only loopback, the mesh and the `allow` prefixes are answered (access.py):
 a query from anyone else is dropped over UDP (an answer would reflect off a
@@ -24,6 +26,7 @@ prefix may hold at most an eighth of the TCP connections.
     server.set_learning(False)         # nobody listens for learned names now
     await server.reconfigure(new)      # listeners kept if addresses unchanged
     server.counters()                  # for status
+    server.upstreams()                 # each upstream's state, latency, counts
     await server.close()
 
 or, all in one: ``await serve(settings, ready=ready, stop=stop)``.
@@ -42,6 +45,7 @@ from typing import Any
 import structlog
 
 from meshsup.actors.dns.access import RateLimit, Sources, Verdict, share
+from meshsup.actors.dns.choice import PROBE_QUERY
 from meshsup.actors.dns.message import refusal
 from meshsup.actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Resolver
 from meshsup.actors.dns.steering import steer
@@ -56,6 +60,7 @@ Address = tuple[str, int]
 OnLearned = Callable[[str, tuple[str, ...]], None]
 
 STEER_INTERVAL = 2.0  # seconds between recounts of the workers sharing a UDP port
+PROBE_TICK = 0.25  # seconds between looks at which upstreams are due a probe (choice.py paces them)
 MAX_TCP_CLIENTS = 512
 MAX_TCP_BACKLOG = 128
 TCP_WRITE_BUFFER_LIMIT = 1 << 20  # a client that does not read its answers is cut off
@@ -224,11 +229,23 @@ class DnsServer:
         self._rate_limit = _rate_limit(settings)
         self._closing = False
         self._steer_timer: asyncio.TimerHandle | None = None
+        self._probe_timer: asyncio.TimerHandle | None = None
         self.stats: Counter[str] = Counter()
 
     async def start(self) -> None:
         await self._listen(self.settings.listen)
         self._steer_timer = asyncio.get_running_loop().call_later(STEER_INTERVAL, self._steer_again)
+        self._probe()
+
+    def _probe(self) -> None:
+        """Send the probes due now; look again in a moment."""
+        for upstream in self._resolver.upstreams.probes(time.monotonic()):
+            self._transport.start(upstream, PROBE_QUERY, self.settings.timeout, self._probed, upstream)
+        self._probe_timer = asyncio.get_running_loop().call_later(PROBE_TICK, self._probe)
+
+    def _probed(self, upstream: Any, wire: bytes | None, reason: str) -> None:
+        if not self._closing:
+            self._resolver.upstreams.probed(upstream, time.monotonic(), "" if wire is not None else reason)
 
     def _steer(self, listeners: list[_Listeners]) -> None:
         """Spread UDP queries evenly over the workers sharing each port (steering.py)."""
@@ -305,7 +322,7 @@ class DnsServer:
         self._resolver.learning = on and self._on_learned is not None
 
     def upstreams(self) -> dict[str, dict[str, Any]]:
-        """Each upstream's last outcome (actors.dns.upstream.UpstreamHealth)."""
+        """Each upstream's last outcome, state, latency and counts (actors.dns.choice.Upstreams)."""
         return self._resolver.upstreams.status()
 
     def counters(self) -> dict[str, int]:
@@ -325,8 +342,9 @@ class DnsServer:
         return list(self._listeners)
 
     async def close(self) -> None:
-        if self._steer_timer is not None:
-            self._steer_timer.cancel()
+        for timer in (self._steer_timer, self._probe_timer):
+            if timer is not None:
+                timer.cancel()
         for listeners in self._listeners.values():
             listeners.close()
         self._listeners.clear()

@@ -1,12 +1,10 @@
 """Upstream resolvers: the sans-IO failover plan (an upstream itself is settings:
-actors.settings.dnstypes)."""
+actors.settings.dnstypes; which upstreams a plan holds, and in what order, is choice.py's)."""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import dns.rcode
 
@@ -49,45 +47,12 @@ class FailoverPlan:
         self._remaining = list(upstreams[:MAX_ATTEMPTS])
         self.current: Upstream | None = None
         self.attempts = 0
+        self.sent = 0.0  # when the current one was asked: its answer's round trip
 
-    def next(self) -> Upstream | None:
-        """The next upstream to try, or None when the plan is exhausted."""
+    def next(self, now: float) -> Upstream | None:
+        """The next upstream to try (asked now), or None when the plan is exhausted."""
         self.current = self._remaining.pop(0) if self._remaining else None
         if self.current is not None:
             self.attempts += 1
+            self.sent = now
         return self.current
-
-
-@dataclass(slots=True)
-class UpstreamState:
-    ok: bool  # its last query answered
-    at: float  # when (the caller's monotonic clock, one for every process of the host)
-    error: str  # why its last failed query failed
-    failures: int  # failed queries since its last answer
-
-
-class UpstreamHealth:
-    """How each upstream did in its last query: the node's health warns when all fail."""
-
-    def __init__(self) -> None:
-        self._states: dict[Upstream, UpstreamState] = {}
-
-    def answered(self, upstream: Upstream, now: float) -> None:
-        state = self._states.get(upstream)
-        if state is None:
-            self._states[upstream] = UpstreamState(True, now, "", 0)
-        else:
-            state.ok, state.at, state.failures = True, now, 0
-
-    def failed(self, upstream: Upstream, reason: str, now: float) -> None:
-        state = self._states.setdefault(upstream, UpstreamState(False, now, reason, 0))
-        state.ok, state.at, state.error = False, now, reason
-        state.failures += 1
-
-    def keep(self, upstreams: Iterable[Upstream]) -> None:
-        """Forget the upstreams no longer configured."""
-        wanted = set(upstreams)
-        self._states = {u: s for u, s in self._states.items() if u in wanted}
-
-    def status(self) -> dict[str, dict[str, Any]]:
-        return {str(u): asdict(s) for u, s in self._states.items()}

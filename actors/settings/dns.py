@@ -19,6 +19,8 @@ import dns.rcode
 
 from meshsup.actors.settings.dnstypes import (
     ASIS,
+    FAILOVER,
+    POLICIES,
     REJECT,
     IPNetwork,
     Matcher,
@@ -27,6 +29,7 @@ from meshsup.actors.settings.dnstypes import (
     SourceOverride,
     SrvRecord,
     Upstream,
+    UpstreamGroup,
     normalize_name,
     parse_upstream,
 )
@@ -36,6 +39,7 @@ DNS_KEYS = frozenset(
         "listen",
         "domain",
         "upstreams",
+        "policy",
         "set_os_resolver",
         "search",
         "routes",
@@ -72,11 +76,12 @@ class DnsSettings:
     listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 53),)
     domain: str = "mesh"
     upstreams: tuple[Upstream, ...] = ()
+    policy: str = FAILOVER  # the default upstreams' (they are a group too)
     set_os_resolver: bool = False
     search: tuple[str, ...] = ()  # resolv.conf's search domains after `domain` (set_os_resolver)
     routes: tuple[Route, ...] = ()
     rules: tuple[Rule, ...] = ()
-    groups: dict[str, tuple[Upstream, ...]] = field(default_factory=dict)
+    groups: dict[str, UpstreamGroup] = field(default_factory=dict)
     names: dict[str, tuple[str, ...]] = field(default_factory=dict)
     ttl: int = 600
     cache_size: int = 4096
@@ -141,6 +146,7 @@ class DnsSettings:
             listen=t.get("listen", [f"{h}:{p}" for h, p in cls.listen], list, _listen),
             domain=domain,
             upstreams=t.get("upstreams", [], list, _upstreams),
+            policy=t.get("policy", FAILOVER, str, _policy),
             set_os_resolver=t.get("set_os_resolver", cls.set_os_resolver, bool),
             search=t.get("search", [], list, _search),
             routes=t.get("routes", [], list, _routes),
@@ -281,17 +287,37 @@ def _routes(value: list[Any], name: str) -> tuple[Route, ...]:
     return tuple(out)
 
 
-def _groups(value: dict[str, Any], name: str) -> dict[str, tuple[Upstream, ...]]:
+def _groups(value: dict[str, Any], name: str) -> dict[str, UpstreamGroup]:
+    """NAME = [URLs] (failover), or the table form: [dns.groups.NAME] upstreams = [URLs], policy = "..."."""
     out = {}
-    for group, urls in value.items():
+    for group, spec in value.items():
         key = f"{name}.{group}"
         if group in (REJECT, ASIS):
             raise ValueError(f"{key}: {group!r} is a reserved action name")
-        ups = _upstreams(_typed(urls, list, key), key)
+        if isinstance(spec, dict):
+            extra = set(spec) - {"upstreams", "policy"}
+            if extra:
+                raise ValueError(f"{key}: unknown keys {', '.join(sorted(extra))}")
+            if "upstreams" not in spec:
+                raise ValueError(f"{key}: missing upstreams")
+            urls_key = f"{key}.upstreams"
+            ups = _upstreams(_typed(spec["upstreams"], list, urls_key), urls_key)
+            policy = _policy(_typed(spec.get("policy", FAILOVER), str, f"{key}.policy"), f"{key}.policy")
+        elif isinstance(spec, list):
+            urls_key, policy = key, FAILOVER
+            ups = _upstreams(spec, key)
+        else:
+            raise ValueError(f"{key}: expected a list of upstream URLs or a table, got {type(spec).__name__}")
         if not ups:
-            raise ValueError(f"{key}: empty")
-        out[group] = ups
+            raise ValueError(f"{urls_key}: empty")
+        out[group] = UpstreamGroup(ups, policy)
     return out
+
+
+def _policy(value: str, name: str) -> str:
+    if value not in POLICIES:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(POLICIES)}")
+    return value
 
 
 def _rules(value: list[Any], name: str, groups: set[str]) -> tuple[Rule, ...]:

@@ -1,5 +1,5 @@
-"""The plain data a ``[dns]`` table is made of: upstreams, rule matches, routes,
-per-source upstreams, SRV records. Parsing and checking live here; what the
+"""The plain data a ``[dns]`` table is made of: upstreams, upstream groups, rule
+matches, routes, per-source upstreams, SRV records. Parsing and checking live here; what the
 controller does with them (matching a query, forwarding it) lives in actors.dns.
 
 An upstream is written as a URL, ``udp://198.51.100.53``, ``tcp://...``,
@@ -23,6 +23,8 @@ DEFAULT_DOH_PATH = "/dns-query"
 MATCH_KINDS = ("full", "suffix", "keyword", "regex", "qtype")
 REJECT = "reject"
 ASIS = "asis"
+# How a group picks the upstream a query goes to first (actors.dns.choice).
+FAILOVER, MIN_LATENCY, RANDOM = POLICIES = ("failover", "min_latency", "random")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -132,6 +134,12 @@ class Matcher:
 class Rule:
     matcher: Matcher
     action: str  # REJECT, ASIS or an upstream group name
+
+
+@dataclass(frozen=True)
+class UpstreamGroup:
+    upstreams: tuple[Upstream, ...]
+    policy: str = FAILOVER
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def test_the_threshold_follows_the_test_timing_only_in_tests() -> None:
     assert no_handshake_after({"MESHSUP_TEST_FAULTS": "1"}) == NO_HANDSHAKE_AFTER
 
 
-def dns(upstreams: dict[str, tuple[bool, float]], name: str = "dns-0") -> ActorProc:
+def dns(upstreams: dict[str, tuple[bool, float | None]], name: str = "dns-0") -> ActorProc:
     status = {
         url: {"ok": ok, "at": at, "error": "" if ok else "upstream_timeout"} for url, (ok, at) in upstreams.items()
     }
@@ -116,6 +116,9 @@ def test_dns_workers_merged_by_the_latest_outcome() -> None:
     assert codes(h) == {}
     h.update(T0 + 2, [dns({})], PERIOD)  # nothing asked yet: nothing known to fail
     assert codes(h) == {}
+    # A worker lists every configured upstream: one it never asked (at None) does not count.
+    h.update(T0 + 3, [dns({A: (False, 11.0), B: (True, None)})], PERIOD)
+    assert set(codes(h)) == {(DNS_FORWARD_FAILING, "")}
 
 
 def netlog(*collectors: dict[str, Any]) -> ActorProc:

@@ -7,11 +7,14 @@ import math
 import re
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from meshsup.actors.dns.choice import DEAD_AFTER, Upstreams
 from meshsup.actors.dns.latency import LatencyBuckets
 from meshsup.actors.settings import ConfigError, Settings, parse
+from meshsup.actors.settings.dnstypes import parse_upstream
 from meshsup.actors.settings.metrics import MetricsSettings
 from meshsup.supervisor.exposition import CONTENT_TYPE, Family, Histogram, render
 from meshsup.supervisor.metrics import DROPS, families
@@ -160,6 +163,19 @@ def _status() -> dict:
     }
 
 
+def _upstreams() -> dict[str, Any]:
+    """A min_latency group as a DNS worker reports it: one upstream answering, one found dead."""
+    fast, dead = parse_upstream("udp://198.51.100.53"), parse_upstream("udp://198.51.100.54")
+    upstreams = Upstreams()
+    upstreams.keep([((fast, dead), "min_latency")])
+    for _ in range(3):
+        upstreams.sent(fast)
+    upstreams.answered(fast, 0.004, 1.0)
+    for now in range(DEAD_AFTER):
+        upstreams.failed(dead, "upstream_timeout", float(now))
+    return upstreams.status()
+
+
 def _actors() -> list[ActorProc]:
     crypto = ActorProc("crypto-0", "crypto", process=object(), state="running", restarts=3, last_beat=99.5)
     crypto.status = {"counters": {"decrypt_failed": 4, "handshakes": 2}, "bus_dropped": {"malformed": 1}}
@@ -175,6 +191,7 @@ def _actors() -> list[ActorProc]:
             "replies_nxdomain": 2,
         },
         "upstream_latency": latency.snapshot(),
+        "upstreams": _upstreams(),
     }
     netlog = ActorProc("netlog", "netlog", process=object(), state="running", last_beat=99.9)
     netlog.status = {
@@ -216,6 +233,12 @@ def test_the_series_of_a_node():
     assert s['meshsup_dns_replies_total{actor="dns-0",rcode="NXDOMAIN"}'] == 2
     assert s['meshsup_dns_upstream_latency_seconds_bucket{actor="dns-0",le="0.025"}'] == 1
     assert s['meshsup_dns_upstream_latency_seconds_bucket{actor="dns-0",le="0.01"}'] == 0
+    fast, dead = 'actor="dns-0",upstream="udp://198.51.100.53:53"', 'actor="dns-0",upstream="udp://198.51.100.54:53"'
+    assert s[f"meshsup_dns_upstream_alive{{{fast}}}"] == 1 and s[f"meshsup_dns_upstream_alive{{{dead}}}"] == 0
+    assert s[f"meshsup_dns_upstream_rtt_seconds{{{fast}}}"] == 0.004
+    assert f"meshsup_dns_upstream_rtt_seconds{{{dead}}}" not in s  # never answered: no figure
+    assert s[f"meshsup_dns_upstream_chosen_total{{{fast}}}"] == 3
+    assert s[f"meshsup_dns_upstream_probes_total{{{dead}}}"] == 0
     assert s['meshsup_netlog_sent_total{collector="my.collector",stream="flows"}'] == 3
     assert s['meshsup_netlog_spool_records{collector="my.collector",stream="flows"}'] == 1
     assert s['meshsup_netlog_dropped_total{collector="sys",stream="logs"}'] == 2

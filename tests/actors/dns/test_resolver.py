@@ -212,15 +212,25 @@ def test_each_upstream_keeps_its_last_outcome_for_the_node_health():
     forward = only_forward(actions)
     servfail = upstream_answer(forward, dns.rcode.SERVFAIL)
     resolver.on_upstream_answer(forward.key, forward.upstream, servfail, 3.0)
-    first, second, third = (f"udp://127.0.0.{n}:53" for n in (11, 12, 13))
+    first, second, third, fourth = (f"udp://127.0.0.{n}:53" for n in (11, 12, 13, 14))
     failed = resolver.upstreams.status()
     assert {url: (s["ok"], s["at"], s["error"], s["failures"]) for url, s in failed.items()} == {
         first: (False, 1.0, "upstream_timeout", 1),
         second: (False, 2.0, "upstream_timeout", 1),
         third: (False, 3.0, "upstream_servfail", 1),
+        fourth: (True, None, "", 0),  # never asked (three attempts at most)
     }
     forward = only_forward(resolver.handle(query_wire("www.example.org"), CLIENT, "udp", 4.0))
     resolver.on_upstream_answer(forward.key, forward.upstream, upstream_answer(forward), 4.5)
-    assert resolver.upstreams.status()[first] == {"ok": True, "at": 4.5, "error": "upstream_timeout", "failures": 0}
+    assert resolver.upstreams.status()[first] == {
+        "ok": True,
+        "at": 4.5,
+        "error": "upstream_timeout",
+        "failures": 0,
+        "state": "alive",  # one timeout is no death
+        "latency_ms": 500.0,
+        "chosen": 2,
+        "probes": 0,
+    }
     resolver.reconfigure(settings(upstreams=["udp://127.0.0.12"]))  # the others are forgotten
     assert list(resolver.upstreams.status()) == [second]

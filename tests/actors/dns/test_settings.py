@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshsup.actors.settings.dns import DNS_KEYS, DnsSettings
-from meshsup.actors.settings.dnstypes import SrvRecord, Upstream
+from meshsup.actors.settings.dnstypes import SrvRecord, Upstream, UpstreamGroup
 
 
 def test_settings_defaults_and_parsing():
@@ -53,6 +53,14 @@ def test_settings_defaults_and_parsing():
         ({"srv": [{"name": "_x._tcp.elsewhere.", "target": "alpha", "port": 1}]}, {}, "dns.srv[0].name"),
         ({"routes": [{"suffix": "corp.example"}]}, {}, "dns.routes[0]"),
         ({"groups": {"reject": ["udp://198.51.100.1"]}}, {}, "dns.groups.reject"),
+        ({"groups": {"g": []}}, {}, "dns.groups.g: empty"),
+        ({"groups": {"g": "udp://198.51.100.1"}}, {}, "dns.groups.g: expected a list of upstream URLs or a table"),
+        ({"groups": {"g": {"upstreams": []}}}, {}, "dns.groups.g.upstreams: empty"),
+        ({"groups": {"g": {"policy": "random"}}}, {}, "dns.groups.g: missing upstreams"),
+        ({"groups": {"g": {"upstreams": ["udp://x.example"]}}}, {}, "dns.groups.g.upstreams[0]"),
+        ({"groups": {"g": {"upstreams": ["udp://198.51.100.1"], "w": 1}}}, {}, "dns.groups.g: unknown keys w"),
+        ({"groups": {"g": {"upstreams": ["udp://198.51.100.1"], "policy": 1}}}, {}, "dns.groups.g.policy"),
+        ({"policy": "round_robin"}, {}, "dns.policy"),
         ({"source_overrides": [{"source": "10.0.0.0/33", "upstreams": []}]}, {}, "dns.source_overrides[0].source"),
         ({"cache_min_ttl": 100, "cache_max_ttl": 10}, {}, "dns.cache_min_ttl"),
         ({"ca_file": "/nonexistent/ca.pem"}, {}, "dns.ca_file"),
@@ -64,6 +72,28 @@ def test_settings_errors_name_the_key(table, names, key):
     with pytest.raises(ValueError) as error:
         DnsSettings.from_config(table, names)
     assert key in str(error.value)
+
+
+def test_groups_in_both_forms_with_their_policies():
+    s = DnsSettings.from_config(
+        {
+            "upstreams": ["udp://198.51.100.53"],
+            "policy": "min_latency",
+            "groups": {
+                "corp": ["tcp://198.51.100.55:5353"],
+                "fast": {"upstreams": ["udp://198.51.100.56", "udp://198.51.100.57"], "policy": "random"},
+                "plain": {"upstreams": ["udp://198.51.100.58"]},
+            },
+            "rules": [{"match": "suffix:x.example", "action": "fast"}],
+        },
+        {},
+    )
+    assert s.policy == "min_latency" and DnsSettings().policy == "failover"
+    assert s.groups == {
+        "corp": UpstreamGroup((Upstream("tcp", "198.51.100.55", 5353),), "failover"),
+        "fast": UpstreamGroup((Upstream("udp", "198.51.100.56", 53), Upstream("udp", "198.51.100.57", 53)), "random"),
+        "plain": UpstreamGroup((Upstream("udp", "198.51.100.58", 53),), "failover"),
+    }
 
 
 def test_nameservers_for_resolv_conf():

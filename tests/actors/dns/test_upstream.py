@@ -35,8 +35,9 @@ def test_upstream_bad_urls(url):
 def test_failover_plan_tries_at_most_three_in_order():
     ups = [parse_upstream(f"udp://198.51.100.{i}") for i in range(1, 6)]
     plan = FailoverPlan(ups)
-    tried = [plan.next() for _ in range(5)]
+    tried = [plan.next(float(now)) for now in range(5)]
     assert tried[:MAX_ATTEMPTS] == ups[:3] and tried[3:] == [None, None]
+    assert plan.sent == 2.0  # when the last one was asked
 
 
 def test_own_listen_addresses_are_never_upstreams():

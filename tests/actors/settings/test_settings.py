@@ -61,8 +61,13 @@ rate_limit_window = 2
 srv = [{{name = "_http._tcp", target = "bravo", port = 80, weight = 5}}]
 source_overrides = [{{source = "10.9.0.0/16", upstreams = ["tcp://198.51.100.55"]}}]
 routes = [{{suffix = "corp.example", upstreams = ["tls://198.51.100.56#dns.corp.example"]}}]
-groups = {{fast = ["udp://198.51.100.57"]}}
+policy = "random"
 rules = [{{match = "regex:^ads?\\\\.", action = "reject"}}, {{match = "qtype:AAAA", action = "fast"}}]
+[dns.groups]
+fast = ["udp://198.51.100.57"]
+[dns.groups.near]
+upstreams = ["udp://198.51.100.58", "tcp://198.51.100.59"]
+policy = "min_latency"
 
 [netlog]
 interval = 2
@@ -115,6 +120,12 @@ def test_the_wire_form_round_trips_through_the_bus(tmp_path: Path) -> None:
     assert matches(reject.matcher, "ad.example", 1) and not matches(reject.matcher, "bad.example", 1)
     assert matches(fast.matcher, "x.example", 28) and not matches(fast.matcher, "x.example", 1)
     assert [hash(u) for u in back.dns.upstreams] == [hash(u) for u in settings.dns.upstreams]
+    assert (back.dns.policy, back.dns.groups["fast"].policy, back.dns.groups["near"].policy) == (
+        "random",
+        "failover",
+        "min_latency",
+    )
+    assert [str(u) for u in back.dns.groups["near"].upstreams] == ["udp://198.51.100.58:53", "tcp://198.51.100.59:53"]
     assert back.netlog.collectors[0].ca_file == tmp_path / "cert.pem"
     home, far = back.relays
     assert (home.host, home.port, home.tls, home.stun, home.ca_file) == (
@@ -197,6 +208,12 @@ def test_settings_are_frozen(tmp_path: Path) -> None:
         ({"dns": {"ttl": -1}}, "dns.ttl", "outside"),
         ({"dns": {"rules": [{"match": "regex:(", "action": "reject"}]}}, "dns.rules[0].match", "bad regex"),
         ({"dns": {"bogus": 1}}, "dns", "unknown keys bogus"),
+        ({"dns": {"policy": "fastest"}}, "dns.policy", "not one of failover, min_latency, random"),
+        (
+            {"dns": {"groups": {"near": {"upstreams": ["udp://198.51.100.1"], "policy": "best"}}}},
+            "dns.groups.near.policy",
+            "not one of",
+        ),
         ({"netlog": {"interval": 0}}, "netlog.interval", "expected seconds"),
         ({"logging": {"level": "loud"}}, "logging.level", "expected one of"),
         ({"relays": [{"name": "r"}]}, "relays[0].url", "is required"),
