@@ -27,6 +27,7 @@ import dns.rrset
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.quic.configuration import QuicConfiguration
@@ -153,8 +154,9 @@ H2_MODES = ("answer", "status-500", "wrong-stream", "truncated-frame", "garbage"
 
 
 class BadDoh2:
-    """A DoH server on loopback: HTTP/2 in one of H2_MODES, or (http1=True) HTTP/1.1
-    only, answering well. One thread per connection; every request is counted."""
+    """A DoH server on loopback: HTTP/2 in one of H2_MODES (taking max_streams at
+    once), or (http1=True) HTTP/1.1 only, answering well. One thread per
+    connection; every request is counted."""
 
     def __init__(
         self,
@@ -164,9 +166,10 @@ class BadDoh2:
         *,
         http1: bool = False,
         address: str = "203.0.113.61",
+        max_streams: int = 100,
     ) -> None:
         assert mode in H2_MODES
-        self.mode, self.http1, self.address = mode, http1, address
+        self.mode, self.http1, self.address, self.max_streams = mode, http1, address, max_streams
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.context.load_cert_chain(certificate.cert, certificate.key)
         self.context.set_alpn_protocols(["http/1.1"] if http1 else ["h2"])
@@ -226,6 +229,9 @@ class BadDoh2:
 
     def _serve_h2(self, tls: ssl.SSLSocket) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams}
+        )
         conn.initiate_connection()
         tls.sendall(conn.data_to_send())
         bodies: dict[int, bytes] = {}

@@ -122,10 +122,19 @@ class _H2Connection:
         self._h2.initiate_connection()
         self._streams: dict[int, _Stream] = {}
         self._changed = asyncio.Event()  # a stream ended or the server's window grew: room to send maybe
+        self._settings = asyncio.Event()  # the server's first SETTINGS came (or the connection ended)
+        self.failure = "closed"  # why it ended, once it has
         self._idle_timer: asyncio.TimerHandle | None = None
         self.closed = False
         self._flush()
         self._reader_task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    async def ready(self) -> None:
+        """Until the server's SETTINGS (RFC 9113 section 3.4: its first frame) have come,
+        so that the first queries keep to the streams it allows at once."""
+        await self._settings.wait()
+        if self.closed:
+            raise UpstreamError(self.failure)
 
     async def exchange(self, query: bytes, idle_timeout: float) -> bytes:
         body = b"\x00\x00" + query[2:]  # RFC 8484 section 4.1: ID 0, cache friendly
@@ -134,9 +143,7 @@ class _H2Connection:
             await self._changed.wait()
         if self.closed:
             raise _ConnectionLost()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._cancel_idle_timer()
         stream_id = self._h2.get_next_available_stream_id()
         stream = self._streams[stream_id] = _Stream(asyncio.get_running_loop().create_future())
         try:
@@ -155,6 +162,7 @@ class _H2Connection:
                 self._reset(stream_id)  # given up on (timed out)
             self._changed.set()
             if not self._streams and not self.closed:
+                self._cancel_idle_timer()  # another query's, when both ended in one read
                 self._idle_timer = asyncio.get_running_loop().call_later(idle_timeout, self.close)
         return _answer_for(query, answer, b"\x00\x00")
 
@@ -167,7 +175,8 @@ class _H2Connection:
                 self._received(self._h2.receive_data(data))
                 self._flush()
         except (UpstreamError, h2.exceptions.H2Error, hyperframe.exceptions.HyperframeError, ValueError):
-            self._fail_all(UpstreamError("http_bad_response"))  # broken framing, or a stream never opened
+            self.failure = "http_bad_response"  # broken framing, or a stream never opened
+            self._fail_all(UpstreamError(self.failure))
         except (OSError, ssl.SSLError):
             pass  # the server closed or reset: queries fail below
         finally:
@@ -177,6 +186,7 @@ class _H2Connection:
         for event in events:
             if isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
                 self._changed.set()
+                self._settings.set()
                 continue
             if isinstance(event, h2.events.ConnectionTerminated):
                 self._goaway(event.last_stream_id or 0)
@@ -238,11 +248,16 @@ class _H2Connection:
             if not stream.future.done():
                 stream.future.set_exception(error)
 
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
     def _shut(self) -> None:
         self.closed = True
         self._changed.set()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self._settings.set()
+        self._cancel_idle_timer()
         self._fail_all(_ConnectionLost())
         self._writer.close()
 
@@ -271,15 +286,18 @@ class Doh2Client:
 
     async def exchange(self, query: bytes) -> bytes:
         connection, reused = await self._connect()
-        if connection is None:
-            return await self._http1.exchange(query)
         try:
-            return await connection.exchange(query, self._idle_timeout)
+            return await self._ask(connection, query)
         except _ConnectionLost:
             if not reused:
                 raise
-        connection, _ = await self._connect()  # the server closed it meanwhile: once more, anew
-        assert connection is not None  # the server was found to speak HTTP/2
+        # The server closed it meanwhile (idle, or a GOAWAY before our stream): once more, anew.
+        connection, _ = await self._connect()
+        return await self._ask(connection, query)
+
+    async def _ask(self, connection: _H2Connection | None, query: bytes) -> bytes:
+        if connection is None:
+            return await self._http1.exchange(query)
         return await connection.exchange(query, self._idle_timeout)
 
     async def _connect(self) -> tuple[_H2Connection | None, bool]:
@@ -304,8 +322,14 @@ class Doh2Client:
                 self._http1.adopt(reader, writer)
                 return None, False
             self._counters["upstream_https_h2"] += 1
-            self._connection = _H2Connection(reader, writer, self._upstream, self._http1.authority)
-            return self._connection, False
+            connection = _H2Connection(reader, writer, self._upstream, self._http1.authority)
+            try:
+                await connection.ready()
+            except BaseException:
+                connection.close()
+                raise
+            self._connection = connection
+            return connection, False
 
     def close(self) -> None:
         if self._connection is not None:

@@ -14,9 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import dns.message
+import dns.name
+import dns.rdatatype
+import dns.rrset
 import pytest
 import structlog.testing
 
+from meshsup.actors.dns.bootstrap import MIN_TTL, addresses_of
 from meshsup.actors.settings.dns import DnsSettings
 from tests.dns_fixtures import (
     Certificate,
@@ -87,6 +91,26 @@ def counted(server: ServerThread, what: Callable[[dict[str, int]], bool]) -> dic
     return server.counters()
 
 
+# -- sans-IO: what a bootstrap answer gives ----------------------------------------------------
+
+
+def test_bootstrap_addresses_follow_cnames_and_take_the_least_ttl():
+    query = dns.message.make_query("dns.example", "A")
+    answer = dns.message.make_response(query)
+    answer.answer.append(dns.rrset.from_text("dns.example.", 300, "IN", "CNAME", "edge.cdn.example."))
+    answer.answer.append(dns.rrset.from_text("edge.cdn.example.", 60, "IN", "A", "198.51.100.7", "198.51.100.8"))
+    answer.answer.append(dns.rrset.from_text("elsewhere.example.", 5, "IN", "A", "203.0.113.1"))  # not on the way
+    answer = dns.message.from_wire(answer.to_wire())  # read as the bootstrap reads one
+    name = dns.name.from_text("dns.example")
+    addresses, ttl = addresses_of(answer, name, dns.rdatatype.A)
+    assert sorted(addresses) == ["198.51.100.7", "198.51.100.8"] and ttl == 60
+    assert addresses_of(answer, name, dns.rdatatype.AAAA) == ((), 0.0)
+    zero = dns.message.make_response(query)
+    zero.answer.append(dns.rrset.from_text("dns.example.", 0, "IN", "A", "198.51.100.9"))
+    zero = dns.message.from_wire(zero.to_wire())
+    assert addresses_of(zero, name, dns.rdatatype.A) == (("198.51.100.9",), MIN_TTL)  # never a lookup a query
+
+
 # -- DoH over HTTP/2 -------------------------------------------------------------------------
 
 
@@ -108,6 +132,18 @@ def test_doh_over_http2_with_dnsdist_and_unbound_many_queries_on_one_connection(
     counters = counted(server, lambda c: c.get("upstream_queries_https") == 21)
     assert counters["upstream_connections_https"] == counters["upstream_https_h2"] == 2  # one each
     assert "upstream_https_http1" not in counters and "failovers" not in counters
+
+
+def test_doh2_waits_for_the_streams_the_server_allows_and_closes_when_idle(later, site):
+    need_tool("dig")
+    doh = later(BadDoh2(site.certificate, site.host, max_streams=2))
+    server = start_server(later, ca_file=site.ca_file, upstreams=[doh.url()], tcp_idle_timeout=1.0)
+    answers = at_once(server, [f"n{i}.example.test" for i in range(12)])
+    assert [a.answer[0][0].address for a in answers] == ["203.0.113.61"] * 12
+    assert doh.requests == 12 and doh.connections == 1  # two at a time, on the one connection
+    time.sleep(1.5)  # idle past the timeout: closed (GOAWAY), and the next query opens another
+    assert ask(server, "again.example.test") == ["203.0.113.61"] and doh.connections == 2
+    assert server.counters()["upstream_https_h2"] == 2
 
 
 def test_doh_falls_back_to_http1_when_the_server_offers_only_that(later, site):
