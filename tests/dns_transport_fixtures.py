@@ -66,7 +66,7 @@ class _Loop:
 
 
 # What a DoQ server may do with a query, besides answering it.
-DOQ_MODES = ("answer", "truncated", "padded", "server-stream", "garbage", "nonzero-id")
+DOQ_MODES = ("answer", "truncated", "padded", "server-stream", "garbage", "nonzero-id", "oversized")
 
 
 class _DoqHandler(QuicConnectionProtocol):
@@ -98,6 +98,8 @@ class _DoqHandler(QuicConnectionProtocol):
             framed += b"\x00" * 7
         elif mode == "garbage":
             framed = os.urandom(40)
+        elif mode == "oversized":
+            framed = b"\xff\xff" + b"x" * 70000  # past any message the prefix can give
         elif mode == "server-stream":
             stream_id = self._quic.get_next_available_stream_id()  # one the server opens
         self._quic.send_stream_data(stream_id, framed, end_stream=True)

@@ -31,7 +31,6 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import hyperframe.exceptions
 
 from meshsup.actors.dns.transport import MAX_HTTP_LINE, MAX_MESSAGE, UpstreamError, _answer_for, _ConnectionLost
 from meshsup.actors.settings.dnstypes import Upstream
@@ -174,7 +173,7 @@ class _H2Connection:
                     raise UpstreamError("http_bad_response")
                 self._received(self._h2.receive_data(data))
                 self._flush()
-        except (UpstreamError, h2.exceptions.H2Error, hyperframe.exceptions.HyperframeError, ValueError):
+        except (UpstreamError, h2.exceptions.H2Error, ValueError):  # h2 wraps hpack and hyperframe errors
             self.failure = "http_bad_response"  # broken framing, or a stream never opened
             self._fail_all(UpstreamError(self.failure))
         except (OSError, ssl.SSLError):

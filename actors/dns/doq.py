@@ -49,8 +49,13 @@ class _DoqConnection(QuicConnectionProtocol):
     def __init__(self, quic: QuicConnection) -> None:
         super().__init__(quic)
         self._answers: dict[int, tuple[asyncio.Future[bytes], bytearray]] = {}
+        self._handshake: asyncio.Future[None] = self._loop.create_future()
         self.failure = ""  # why it closed, once it has
         self.closed = False
+
+    async def ready(self) -> None:
+        """Until the handshake is done (UpstreamError if it fails)."""
+        await self._handshake  # one waiter (the connecting one): cancelled with it
 
     async def exchange(self, query: bytes) -> bytes:
         if self.closed:
@@ -76,10 +81,19 @@ class _DoqConnection(QuicConnectionProtocol):
             self._data(event)
         elif isinstance(event, StreamReset):
             self._settle(event.stream_id, UpstreamError("closed"))
-        elif isinstance(event, HandshakeCompleted) and event.alpn_protocol != ALPN:
-            self._abort()
+        elif isinstance(event, HandshakeCompleted):
+            if event.alpn_protocol != ALPN:
+                self._abort()
+            elif not self._handshake.done():
+                self._handshake.set_result(None)
         elif isinstance(event, ConnectionTerminated):
             self._terminated(event.error_code)
+
+    def error_received(self, exc: Exception) -> None:
+        """An ICMP error on the connected socket: port unreachable, most likely."""
+        if not self.closed:
+            self.failure = "refused" if isinstance(exc, ConnectionRefusedError) else "network"
+            self.end()
 
     def _data(self, event: StreamDataReceived) -> None:
         if not _is_ours(event.stream_id):
@@ -130,6 +144,8 @@ class _DoqConnection(QuicConnectionProtocol):
         lost: Exception = _ConnectionLost() if self.failure == "closed" else UpstreamError(self.failure)
         for stream_id in list(self._answers):
             self._settle(stream_id, lost)
+        if not self._handshake.done():
+            self._handshake.set_exception(UpstreamError(self.failure))
         # After this turn: the datagram that says so goes first.
         self._loop.call_soon(self._transport.close)
 
@@ -141,7 +157,13 @@ class DoqClient:
         self._upstream = upstream
         self._counters = counters
         self._configuration = QuicConfiguration(
-            is_client=True, alpn_protocols=[ALPN], server_name=upstream.tls_name, idle_timeout=idle_timeout
+            is_client=True,
+            alpn_protocols=[ALPN],
+            server_name=upstream.tls_name,
+            idle_timeout=idle_timeout,
+            # A stream's flow-control window fits one prefixed message: a server can make aioquic
+            # hold little more for a stream (it widens the window only as data is read).
+            max_stream_data=_LENGTH.size + MAX_MESSAGE,
         )
         # The system's CAs, as for tls:// and https:// (aioquic would take certifi's).
         system = ssl.get_default_verify_paths()
@@ -182,14 +204,10 @@ class DoqClient:
             self._counters["upstream_connections_doq"] += 1
             connection.connect(peer)
             try:
-                await connection.wait_connected()
-            except ConnectionError:
-                raise UpstreamError(connection.failure or "closed") from None
-            except BaseException:  # timed out: no handshake left behind
+                await connection.ready()
+            except BaseException:  # failed, or timed out: no handshake left behind
                 connection.end()
                 raise
-            if connection.closed:  # completed, then closed at once (a wrong ALPN)
-                raise UpstreamError(connection.failure)
             self._connection = connection
             return connection, False
 

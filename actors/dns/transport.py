@@ -17,10 +17,10 @@
   server writes is checked before anything is read by it (lines, headers,
   chunks, bodies): a server that breaks the bounds fails the exchange as
   http_bad_response, having made us hold no more than a message.
-- DoQ (RFC 9250): doq.py. An upstream given by host name is first resolved
-  through the bootstrap servers (bootstrap.py). Those modules are imported
-  when an upstream first needs them: a worker that has none carries neither
-  aioquic nor h2.
+- DoQ (RFC 9250): doq.py. doq.py and doh2.py are imported when an upstream
+  first needs them: a worker that has none carries neither aioquic nor h2.
+- An upstream given by host name is first resolved through the bootstrap
+  servers (bootstrap.py).
 
 ``Transport.start`` sends a query and calls back once, with the token it
 was given, with the answer or with a short reason the resolver counts
@@ -604,7 +604,7 @@ class Transport:
     ) -> None:
         self._ca_file = ca_file
         self._idle_timeout = idle_timeout
-        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._streams: dict[Upstream, _StreamClient] = {}
         self._udp_clients: dict[Upstream, _UdpClient] = {}
         self._bursts: _Bursts | None = None

@@ -27,6 +27,7 @@ from tests.dns_fixtures import (
     ServerThread,
     dig,
     endpoint,
+    free_port,
     loopback_address,
     make_certificate,
     need_tool,
@@ -188,6 +189,18 @@ def test_doq_checks_the_certificate_name(later, site):
     assert counters["upstream_tls"] == 1 and counters["failovers"] == 1 and doq.queries == 0
 
 
+def test_a_doq_upstream_nobody_listens_on_is_refused_at_once(later, site):
+    need_tool("dig")
+    good = later(start_stub())
+    dead = f"doq://{site.host}:{free_port(site.host)}"
+    server = start_server(later, ca_file=site.ca_file, timeout=5.0, upstreams=[dead, f"udp://{good.host}:{good.port}"])
+    started = time.monotonic()
+    assert ask(server, "www.example.test", "+time=8") == ["203.0.113.50"]
+    assert time.monotonic() - started < 5.0  # ICMP port unreachable ended it, not the timeout
+    counters = server.counters()
+    assert counters["upstream_refused"] == 1 and counters["failovers"] == 1
+
+
 # -- host names, through the bootstrap servers ---------------------------------------------------
 
 
@@ -252,6 +265,7 @@ DOQ_BREAKS = {
     "server-stream": "doq_bad_response",  # the answer on a stream the server opened
     "garbage": "doq_bad_response",
     "nonzero-id": "mismatched",  # RFC 9250 section 4.2.1: the answer's ID is 0 too
+    "oversized": "doq_bad_response",  # more than a prefixed message, stopped there
 }
 H2_BREAKS = {
     "status-500": "http_status",
