@@ -138,7 +138,7 @@ def test_doh_over_http2_with_dnsdist_and_unbound_many_queries_on_one_connection(
 def test_doh2_waits_for_the_streams_the_server_allows_and_closes_when_idle(later, site):
     need_tool("dig")
     doh = later(BadDoh2(site.certificate, site.host, max_streams=2))
-    server = start_server(later, ca_file=site.ca_file, upstreams=[doh.url()], tcp_idle_timeout=1.0)
+    server = start_server(later, ca_file=site.ca_file, upstreams=[doh.url()], tcp_idle_timeout=0.5)
     answers = at_once(server, [f"n{i}.example.test" for i in range(12)])
     assert [a.answer[0][0].address for a in answers] == ["203.0.113.61"] * 12
     assert doh.requests == 12 and doh.connections == 1  # two at a time, on the one connection
@@ -166,9 +166,9 @@ def test_doh_falls_back_to_http1_when_the_server_offers_only_that(later, site):
 def test_doq_answers_on_one_connection_with_id_0_and_closes_it_when_idle(later, site):
     need_tool("dig")
     doq = later(DoqServer(site.certificate, site.host))
-    server = start_server(later, ca_file=site.ca_file, upstreams=[doq.url()], tcp_idle_timeout=1.0)
-    for i in range(3):
-        assert ask(server, f"q{i}.example.test") == ["203.0.113.60"]
+    server = start_server(later, ca_file=site.ca_file, upstreams=[doq.url()], tcp_idle_timeout=0.5)
+    answers = at_once(server, [f"q{i}.example.test" for i in range(3)])
+    assert [a.answer[0][0].address for a in answers] == ["203.0.113.60"] * 3
     assert doq.queries == 3 and doq.connections == 1 and doq.ids == [0, 0, 0]  # RFC 9250 section 4.2.1
     time.sleep(1.5)  # idle for longer than the timeout: QUIC's idle timeout closes it
     assert ask(server, "again.example.test") == ["203.0.113.60"]
