@@ -51,7 +51,7 @@ class Http1(Protocol):
     def adopt(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None: ...
 
 
-class _FrameLengths:
+class FrameLengths:
     """Follows the frames in what the server sends, to refuse one longer than
     MAX_FRAME (the default SETTINGS_MAX_FRAME_SIZE, which we keep) by its header."""
 
@@ -167,7 +167,7 @@ class _H2Connection:
 
     async def _read_loop(self) -> None:
         try:
-            frames = _FrameLengths()
+            frames = FrameLengths()
             while data := await self._reader.read(READ_SIZE):
                 if not frames.fit(data):
                     raise UpstreamError("http_bad_response")

@@ -21,6 +21,7 @@ import pytest
 import structlog.testing
 
 from meshsup.actors.dns.bootstrap import MIN_TTL, addresses_of
+from meshsup.actors.dns.doh2 import FrameLengths
 from meshsup.actors.settings.dns import DnsSettings
 from tests.dns_fixtures import (
     Certificate,
@@ -92,7 +93,7 @@ def counted(server: ServerThread, what: Callable[[dict[str, int]], bool]) -> dic
     return server.counters()
 
 
-# -- sans-IO: what a bootstrap answer gives ----------------------------------------------------
+# -- sans-IO: what a bootstrap answer gives, how long an HTTP/2 frame is ------------------------
 
 
 def test_bootstrap_addresses_follow_cnames_and_take_the_least_ttl():
@@ -110,6 +111,20 @@ def test_bootstrap_addresses_follow_cnames_and_take_the_least_ttl():
     zero.answer.append(dns.rrset.from_text("dns.example.", 0, "IN", "A", "198.51.100.9"))
     zero = dns.message.from_wire(zero.to_wire())
     assert addresses_of(zero, name, dns.rdatatype.A) == (("198.51.100.9",), MIN_TTL)  # never a lookup a query
+
+
+def frame(length: int) -> bytes:
+    """An HTTP/2 DATA frame of length bytes (RFC 9113 section 4.1)."""
+    return length.to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big") + b"x" * length
+
+
+def test_http2_frame_lengths_are_checked_from_their_headers_however_the_bytes_come():
+    ok = frame(0) + frame(16384) + frame(5)
+    lengths = FrameLengths()
+    assert all(lengths.fit(ok[i : i + 7]) for i in range(0, len(ok), 7))  # headers split too
+    too_long = frame(5)[:14] + frame(16385)[:9]  # refused by its header, before its payload comes
+    lengths = FrameLengths()
+    assert lengths.fit(too_long[:12]) and not lengths.fit(too_long[12:])
 
 
 # -- DoH over HTTP/2 -------------------------------------------------------------------------
