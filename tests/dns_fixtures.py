@@ -245,6 +245,7 @@ def make_certificate(tmp: Path, ip: str, name: str = "dns.test") -> Certificate:
 class Unbound:
     host: str
     tls_port: int
+    https_port: int  # DoH, HTTP/2 only (unbound speaks it through nghttp2)
     log: Path
     process: Process
 
@@ -257,18 +258,22 @@ class Unbound:
         self.process.stop()
 
 
-def start_unbound_tls(tmp: Path, certificate: Certificate, host: str, local_data: Sequence[str]) -> Unbound:
-    """unbound serving DNS over TLS from local-data only; it refuses everything
-    else, so it never recurses to the internet."""
+def start_unbound_tls(
+    tmp: Path, certificate: Certificate, host: str, local_data: Sequence[str], ns: Netns | None = None
+) -> Unbound:
+    """unbound serving DNS over TLS and over HTTPS from local-data only; it
+    refuses everything else, so it never recurses to the internet."""
     need_tool("unbound")
-    port = free_port(host)
+    port, https_port = free_port(host, ns), free_port(host, ns)
     log = tmp / "unbound.log"
     zones = sorted({record.split()[0].split(".", 1)[1] for record in local_data})
     config = tmp / "unbound.conf"
     lines = [
         "server:",
         f"  interface: {host}@{port}",
+        f"  interface: {host}@{https_port}",
         f"  tls-port: {port}",
+        f"  https-port: {https_port}",
         f'  tls-service-key: "{certificate.key}"',
         f'  tls-service-pem: "{certificate.cert}"',
         "  do-daemonize: no",
@@ -288,9 +293,9 @@ def start_unbound_tls(tmp: Path, certificate: Certificate, host: str, local_data
         "  control-enable: no",
     ]
     config.write_text("\n".join(lines) + "\n")
-    process = Process(["unbound", "-d", "-c", str(config)], log)
-    process.wait_ready(lambda: _tcp_open(host, port), what=f"unbound on {host}:{port}")
-    return Unbound(host, port, log, process)
+    process = Process(["unbound", "-d", "-c", str(config)], log, ns)
+    process.wait_ready(lambda: _tcp_open(host, port, ns) and _tcp_open(host, https_port, ns), what="unbound")
+    return Unbound(host, port, https_port, log, process)
 
 
 @dataclass
@@ -304,10 +309,12 @@ class Dnsdist:
         self.process.stop()
 
 
-def start_dnsdist(tmp: Path, certificate: Certificate, host: str, backend: Dnsmasq, check_name: str) -> Dnsdist:
-    """dnsdist offering DoT and DoH (HTTP/1.1 works) in front of a dnsmasq."""
+def start_dnsdist(
+    tmp: Path, certificate: Certificate, host: str, backend: Dnsmasq, check_name: str, ns: Netns | None = None
+) -> Dnsdist:
+    """dnsdist offering DoT and DoH (HTTP/2 and HTTP/1.1, through h2o) in front of a dnsmasq."""
     need_tool("dnsdist")
-    tls_port, doh_port = free_port(host), free_port(host)
+    tls_port, doh_port = free_port(host, ns), free_port(host, ns)
     config = tmp / "dnsdist.conf"
     config.write_text(
         'setSecurityPollSuffix("")\n'  # no security polling: it would query the internet
@@ -315,17 +322,19 @@ def start_dnsdist(tmp: Path, certificate: Certificate, host: str, backend: Dnsma
         f'addTLSLocal("{host}:{tls_port}", "{certificate.cert}", "{certificate.key}")\n'
         f'addDOHLocal("{host}:{doh_port}", "{certificate.cert}", "{certificate.key}", "/dns-query")\n'
     )
-    process = Process(["dnsdist", "--supervised", "--disable-syslog", "-C", str(config)], tmp / "dnsdist.log")
-    process.wait_ready(lambda: _tcp_open(host, tls_port) and _tcp_open(host, doh_port), what=f"dnsdist on {host}")
+    process = Process(["dnsdist", "--supervised", "--disable-syslog", "-C", str(config)], tmp / "dnsdist.log", ns)
+    process.wait_ready(lambda: _tcp_open(host, tls_port, ns) and _tcp_open(host, doh_port, ns), what="dnsdist")
     return Dnsdist(host, tls_port, doh_port, process)
 
 
-def _tcp_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
+def _tcp_open(host: str, port: int, ns: Netns | None = None) -> bool:
+    with make_socket(socket.SOCK_STREAM, ns) as sock:
+        sock.settimeout(0.2)
+        try:
+            sock.connect((host, port))
             return True
-    except OSError:
-        return False
+        except OSError:
+            return False
 
 
 @dataclass

@@ -221,7 +221,7 @@ class DnsServer:
         self._resolver = Resolver(settings)
         self._resolver.learning = on_learned is not None
         self.fast = self._resolver.fast
-        self._transport = Transport(ca_file=settings.ca_file, idle_timeout=settings.tcp_idle_timeout)
+        self._transport = _transport(settings)
         self._listeners: dict[Address, _Listeners] = {}
         self._connections: set[_TcpConnection] = set()
         self._tcp_prefixes: Counter[Hashable] = Counter()  # connections by client prefix
@@ -287,10 +287,10 @@ class DnsServer:
         await self._listen(settings.listen)
         for address in set(self._listeners) - set(settings.listen):
             self._listeners.pop(address).close()
-        if (settings.ca_file, settings.tcp_idle_timeout) != (self.settings.ca_file, self.settings.tcp_idle_timeout):
+        if _transport_shape(settings) != _transport_shape(self.settings):
             # Forwards under way on the old transport fail over to the new one.
             old = self._transport
-            self._transport = Transport(ca_file=settings.ca_file, idle_timeout=settings.tcp_idle_timeout)
+            self._transport = _transport(settings)
             old.close()
         if settings.sources != self.settings.sources:
             self.sources = Sources(settings.sources)
@@ -440,6 +440,14 @@ class DnsServer:
             if not self._tcp_prefixes[prefix]:
                 del self._tcp_prefixes[prefix]
             connection.close()
+
+
+def _transport_shape(settings: DnsSettings) -> tuple[Any, ...]:
+    return settings.ca_file, settings.tcp_idle_timeout, settings.bootstrap
+
+
+def _transport(settings: DnsSettings) -> Transport:
+    return Transport(ca_file=settings.ca_file, idle_timeout=settings.tcp_idle_timeout, bootstrap=settings.bootstrap)
 
 
 def _rate_limit_shape(settings: DnsSettings) -> tuple[int, float, int]:

@@ -10,12 +10,17 @@
   (RFC 7766 pipelining), answers matched by ID; a reused connection that
   the server closed meanwhile is retried once on a new one; closed when
   idle.
-- HTTPS (RFC 8484): HTTP/1.1 keep-alive POSTs of application/dns-message
+- HTTPS (RFC 8484): over HTTP/2 where the server speaks it (doh2.py);
+  else HTTP/1.1 keep-alive POSTs of application/dns-message
   on a small pool of TLS connections (HTTP/1.1 has one request in flight
   per connection), ID 0 on the wire as the RFC asks. Every length the
   server writes is checked before anything is read by it (lines, headers,
   chunks, bodies): a server that breaks the bounds fails the exchange as
   http_bad_response, having made us hold no more than a message.
+- DoQ (RFC 9250): doq.py. doq.py and doh2.py are imported when an upstream
+  first needs them: a worker that has none carries neither aioquic nor h2.
+- An upstream given by host name is first resolved through the bootstrap
+  servers (bootstrap.py).
 
 ``Transport.start`` sends a query and calls back once, with the token it
 was given, with the answer or with a short reason the resolver counts
@@ -34,12 +39,13 @@ import ssl
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
 import structlog
 
+from meshsup.actors.dns.bootstrap import Bootstrap
 from meshsup.actors.settings.dnstypes import Upstream
 
 log = structlog.get_logger("meshsup.dns")
@@ -77,10 +83,10 @@ def _answer_for(query: bytes, answer: bytes, wire_id: bytes) -> bytes:
     return query[:2] + answer[2:]
 
 
-def _tls_context(ca_file: str | None, alpn: str) -> ssl.SSLContext:
+def _tls_context(ca_file: str | None, alpn: tuple[str, ...]) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols([alpn])
+    context.set_alpn_protocols(list(alpn))
     return context
 
 
@@ -534,7 +540,7 @@ class _DohClient:
         self._slots = asyncio.Semaphore(DOH_POOL_SIZE)
         host = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
         name = upstream.server_name or host
-        self._authority = name if upstream.port == 443 else f"{name}:{upstream.port}"
+        self.authority = name if upstream.port == 443 else f"{name}:{upstream.port}"
 
     async def exchange(self, query: bytes) -> bytes:
         body = b"\x00\x00" + query[2:]  # RFC 8484 section 4.1: ID 0, cache friendly
@@ -551,7 +557,7 @@ class _DohClient:
 
     async def _post(self, connection: _HttpConnection, body: bytes) -> bytes:
         try:
-            answer = await connection.post(self._authority, self._upstream.path, body)
+            answer = await connection.post(self.authority, self._upstream.path, body)
         except BaseException:
             connection.close()
             raise
@@ -560,6 +566,10 @@ class _DohClient:
         else:
             connection.close()
         return answer
+
+    def adopt(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection made elsewhere (doh2's, that found only HTTP/1.1 offered), to use next."""
+        self._idle.append(_HttpConnection(reader, writer))
 
     def _take_idle(self) -> _HttpConnection | None:
         while self._idle:
@@ -589,19 +599,23 @@ class _DohClient:
 class Transport:
     """Sends queries to upstreams, and hands back their answers (with the query's ID)."""
 
-    def __init__(self, *, ca_file: str | None = None, idle_timeout: float = 10.0) -> None:
+    def __init__(
+        self, *, ca_file: str | None = None, idle_timeout: float = 10.0, bootstrap: Sequence[tuple[str, int]] = ()
+    ) -> None:
         self._ca_file = ca_file
         self._idle_timeout = idle_timeout
-        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._streams: dict[Upstream, _StreamClient] = {}
         self._udp_clients: dict[Upstream, _UdpClient] = {}
         self._bursts: _Bursts | None = None
         self._doh: dict[Upstream, _DohClient] = {}
+        self._others: dict[Upstream, Any] = {}  # DoQ and DoH/2 clients: doq.py, doh2.py
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.counters: Counter[str] = Counter()
+        self._bootstrap = Bootstrap(bootstrap, self.counters)
 
-    def _context(self, alpn: str) -> ssl.SSLContext:
+    def _context(self, *alpn: str) -> ssl.SSLContext:
         if alpn not in self._contexts:
             self._contexts[alpn] = _tls_context(self._ca_file, alpn)
         return self._contexts[alpn]
@@ -651,9 +665,30 @@ class Transport:
         task.add_done_callback(self._tasks.discard)
 
     async def _stream_or_doh(self, upstream: Upstream, query: bytes) -> bytes:
+        if upstream.named:
+            resolved = await self._bootstrap.resolve(upstream)
+            if resolved is None:
+                raise UpstreamError("bootstrap")
+            upstream = resolved
         if upstream.scheme in ("tcp", "tls"):
             return await self._stream(upstream).exchange(query)
-        return await self._doh_client(upstream).exchange(query)
+        return await self._other(upstream).exchange(query)
+
+    def _other(self, upstream: Upstream) -> Any:
+        client = self._others.get(upstream)
+        if client is not None:
+            return client
+        if upstream.scheme == "doq":
+            from meshsup.actors.dns.doq import DoqClient
+
+            client = DoqClient(upstream, self._ca_file, self._idle_timeout, self.counters)
+        else:
+            from meshsup.actors.dns.doh2 import Doh2Client
+
+            tls = self._context("h2", "http/1.1")
+            client = Doh2Client(upstream, tls, self._idle_timeout, self.counters, self._doh_client(upstream))
+        self._others[upstream] = client
+        return client
 
     def _udp(self, upstream: Upstream) -> _UdpClient:
         client = self._udp_clients.get(upstream)  # once per query: one hash of the upstream, not two
@@ -680,14 +715,17 @@ class Transport:
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        for client in [*self._streams.values(), *self._doh.values()]:
+        for client in [*self._streams.values(), *self._doh.values(), *self._others.values()]:
             client.close()
+        self._bootstrap.close()
         if self._bursts is not None:  # every UDP client's sockets
             self._bursts.close()
         self._udp_clients.clear()
         self._streams.clear()
         self._doh.clear()
+        self._others.clear()
 
     async def wait_closed(self) -> None:
         """Until the exchanges close() cancelled have ended."""
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._bootstrap.wait_closed()

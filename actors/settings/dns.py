@@ -40,6 +40,7 @@ DNS_KEYS = frozenset(
         "domain",
         "upstreams",
         "policy",
+        "bootstrap",
         "set_os_resolver",
         "search",
         "routes",
@@ -77,6 +78,9 @@ class DnsSettings:
     domain: str = "mesh"
     upstreams: tuple[Upstream, ...] = ()
     policy: str = FAILOVER  # the default upstreams' (they are a group too)
+    # Plain DNS servers (address, port) that resolve the host names of upstreams
+    # (tls://dns.example): by default the udp:// and tcp:// upstreams given by address.
+    bootstrap: tuple[tuple[str, int], ...] = ()
     set_os_resolver: bool = False
     search: tuple[str, ...] = ()  # resolv.conf's search domains after `domain` (set_os_resolver)
     routes: tuple[Route, ...] = ()
@@ -142,11 +146,14 @@ class DnsSettings:
         t = _Table(dns_table)
         domain = t.get("domain", cls.domain, str, _dns_name)
         groups = t.get("groups", {}, dict, _groups)
+        upstreams = t.get("upstreams", [], list, _upstreams)
+        listen = t.get("listen", [f"{h}:{p}" for h, p in cls.listen], list, _listen)
         settings = cls(
-            listen=t.get("listen", [f"{h}:{p}" for h, p in cls.listen], list, _listen),
+            listen=listen,
             domain=domain,
-            upstreams=t.get("upstreams", [], list, _upstreams),
+            upstreams=upstreams,
             policy=t.get("policy", FAILOVER, str, _policy),
+            bootstrap=t.get("bootstrap", None, list, _listen) or _plain_servers(upstreams),
             set_os_resolver=t.get("set_os_resolver", cls.set_os_resolver, bool),
             search=t.get("search", [], list, _search),
             routes=t.get("routes", [], list, _routes),
@@ -175,6 +182,7 @@ class DnsSettings:
         )
         if settings.cache_min_ttl > settings.cache_max_ttl:
             raise ValueError("dns.cache_min_ttl: greater than dns.cache_max_ttl")
+        _check_bootstrap(settings)
         if settings.set_os_resolver and not settings.nameservers:
             raise ValueError("dns.set_os_resolver: needs a dns.listen address on port 53 (resolv.conf has no ports)")
         return settings
@@ -259,6 +267,29 @@ def _upstreams(value: list[Any], name: str) -> tuple[Upstream, ...]:
         except ValueError as exc:
             raise ValueError(f"{name}[{i}]: {exc}") from None
     return tuple(out)
+
+
+def _plain_servers(upstreams: tuple[Upstream, ...]) -> tuple[tuple[str, int], ...]:
+    """The default bootstrap: the upstreams that need no resolving nor certificate."""
+    return tuple(dict.fromkeys((u.host, u.port) for u in upstreams if u.scheme in ("udp", "tcp")))
+
+
+def _check_bootstrap(settings: DnsSettings) -> None:
+    """A host name needs a bootstrap server, and a bootstrap server that is this
+    controller would ask itself (then its named upstream) for that name."""
+    lists = [settings.upstreams, *settings.groups.values()]
+    lists += [r.upstreams for r in settings.routes] + [o.upstreams for o in settings.source_overrides]
+    named = next((u for upstreams in lists for u in upstreams if u.named), None)
+    if named is None:
+        return
+    if not settings.bootstrap:
+        raise ValueError(f"dns.bootstrap: {named} names its host: give the addresses of servers to resolve it")
+    for i, (host, port) in enumerate(settings.bootstrap):
+        target = ipaddress.ip_address(host)
+        for own_host, own_port in settings.listen:
+            own = ipaddress.ip_address(own_host)
+            if port == own_port and (own == target or (own.is_unspecified and target.is_loopback)):
+                raise ValueError(f"dns.bootstrap[{i}]: {host} port {port} is this controller's own listener")
 
 
 def _tables(value: list[Any], name: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> list[dict]:

@@ -3,10 +3,13 @@ matches, routes, per-source upstreams, SRV records. Parsing and checking live he
 controller does with them (matching a query, forwarding it) lives in actors.dns.
 
 An upstream is written as a URL, ``udp://198.51.100.53``, ``tcp://...``,
-``tls://IP[:853][#name]`` or ``https://IP[:443][/path][#name]``. The host
-must be an IP literal: the controller cannot resolve the names of its own
-upstreams. The optional ``#name`` is the TLS name to verify (as unbound's
-``forward-addr: IP@853#name``); without it the certificate must carry the IP.
+``tls://HOST[:853][#name]``, ``https://HOST[:443][/path][#name]`` or
+``doq://HOST[:853][#name]`` (DNS over QUIC, RFC 9250). The host of udp:// and
+tcp:// must be an IP literal; that of an encrypted upstream may be a host
+name, which the controller resolves through the ``bootstrap`` servers and
+whose certificate must then carry that name. The optional ``#name`` is the
+TLS name to verify for an IP host (as unbound's ``forward-addr:
+IP@853#name``); without it the certificate must carry the IP.
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from urllib.parse import urlsplit
 
 import dns.rdatatype
 
-DEFAULT_PORTS: dict[str, int] = {"udp": 53, "tcp": 53, "tls": 853, "https": 443}
+DEFAULT_PORTS: dict[str, int] = {"udp": 53, "tcp": 53, "tls": 853, "https": 443, "doq": 853}
+ENCRYPTED = frozenset({"tls", "https", "doq"})  # the schemes that verify a certificate, by name or IP
+# A host name (RFC 1123), as an upstream's host: letters, digits, '-', and at least one dot.
+HOST_NAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 DEFAULT_DOH_PATH = "/dns-query"
 MATCH_KINDS = ("full", "suffix", "keyword", "regex", "qtype")
 REJECT = "reject"
@@ -57,6 +63,11 @@ class Upstream:
         """The name the upstream's certificate must match."""
         return self.server_name or self.host
 
+    @property
+    def named(self) -> bool:
+        """Its host is a name, to resolve through the bootstrap servers (not an IPv6 or IPv4 literal)."""
+        return ":" not in self.host and not self.host.replace(".", "").isdigit()
+
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         name = f"#{self.server_name}" if self.server_name else ""
@@ -70,7 +81,7 @@ def parse_upstream(url: str) -> Upstream:
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
-        raise ValueError(f"{url!r}: scheme must be one of udp, tcp, tls, https")
+        raise ValueError(f"{url!r}: scheme must be one of udp, tcp, tls, https, doq")
     if parts.query or parts.username or parts.password:
         raise ValueError(f"{url!r}: query strings and credentials are not supported")
     try:
@@ -81,16 +92,26 @@ def parse_upstream(url: str) -> Upstream:
     try:
         host = str(ipaddress.ip_address(host))
     except ValueError:
-        raise ValueError(f"{url!r}: host must be an IP address") from None
+        host = _host_name(url, scheme, host.rstrip("."), parts.fragment)
     if scheme == "https":
         path = parts.path or DEFAULT_DOH_PATH
     elif parts.path not in ("", "/"):
         raise ValueError(f"{url!r}: a path is only meaningful for https://")
     else:
         path = ""
-    if parts.fragment and scheme not in ("tls", "https"):
-        raise ValueError(f"{url!r}: '#name' is only meaningful for tls:// and https://")
+    if parts.fragment and scheme not in ENCRYPTED:
+        raise ValueError(f"{url!r}: '#name' is only meaningful for tls://, https:// and doq://")
     return Upstream(scheme, host, port, path, parts.fragment.lower())
+
+
+def _host_name(url: str, scheme: str, host: str, fragment: str) -> str:
+    if scheme not in ENCRYPTED:
+        raise ValueError(f"{url!r}: host must be an IP address (a name only for tls, https, doq)")
+    if not HOST_NAME.fullmatch(host):
+        raise ValueError(f"{url!r}: host must be an IP address or a host name")
+    if fragment:
+        raise ValueError(f"{url!r}: '#name' is for an IP host; a host name is itself the TLS name")
+    return host
 
 
 @dataclass(frozen=True)

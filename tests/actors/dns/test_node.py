@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,12 +35,17 @@ from tests.dns_fixtures import (
     assert_bad_packet_answer,
     dig,
     endpoint,
+    loopback_address,
+    make_certificate,
     make_socket,
     need_tool,
     node_config,
+    start_dnsdist,
     start_dnsmasq,
     start_stub,
+    start_unbound_tls,
 )
+from tests.dns_transport_fixtures import DoqServer
 from tests.nodes import Netns, Node, udp_counters, udp_sockets
 from tests.topology import Identity
 
@@ -255,6 +262,54 @@ def test_node_fails_over_to_serve_stale_then_servfail(lab: Lab) -> None:
     assert lab.dig("new.example.test").status == "SERVFAIL"
     counters = lab.node.wait(lambda: (c := lab.dns_counters())["servfail_exhausted"] == 2 and c, what="counters")
     assert counters["stale_answers"] == 1
+
+
+def test_node_forwards_over_doh2_dot_and_doq_to_upstreams_named_through_bootstrap(lab: Lab) -> None:
+    """Every encrypted transport, to upstreams given by host name: dnsdist (DoH over HTTP/2,
+    through h2o), unbound (DoT, and DoH over HTTP/2 through nghttp2) and a DoQ server built
+    from aioquic (Debian has none), all in the node's namespace."""
+    need_tool("openssl", "unbound", "dnsdist")
+    # The DNS worker runs as meshsup: the CA file goes where that user can read it.
+    public = Path(tempfile.mkdtemp(prefix="meshsup-dns-ca-"))
+    try:
+        public.chmod(0o755)
+        host, name = loopback_address(), "resolver.test"
+        certificate = make_certificate(public, host, name)
+        bootstrap = lab.dnsmasq(f"--address=/{name}/{host}", name="bootstrap")
+        backend = lab.dnsmasq("--address=/example.test/203.0.113.7", name="backend")
+        dnsdist = start_dnsdist(lab.tmp, certificate, host, backend, "example.test", ns=lab.ns)
+        lab.stoppable.append(dnsdist)
+        records = ["www.dot.test. 300 IN A 203.0.113.9", "www.h2.test. 300 IN A 203.0.113.10"]
+        unbound = start_unbound_tls(lab.tmp, certificate, host, records, ns=lab.ns)
+        lab.stoppable.append(unbound)
+        doq = DoqServer(certificate, host, ns=lab.ns)
+        lab.stoppable.append(doq)
+        lab.start(
+            {
+                "upstreams": [f"https://{name}:{dnsdist.doh_port}/dns-query"],
+                "bootstrap": [f"{bootstrap.host}:{bootstrap.port}"],
+                "ca_file": str(certificate.cert),
+                "timeout": 3.0,
+                "routes": [
+                    {"suffix": "dot.test", "upstreams": [f"tls://{name}:{unbound.tls_port}"]},
+                    {"suffix": "h2.test", "upstreams": [f"https://{name}:{unbound.https_port}/dns-query"]},
+                    {"suffix": "doq.test", "upstreams": [f"doq://{name}:{doq.port}"]},
+                ],
+            }
+        )
+        assert lab.dig("www.example.test").rdata("A") == ["203.0.113.7"]
+        assert lab.dig("www.dot.test").rdata("A") == ["203.0.113.9"]
+        assert lab.dig("www.h2.test").rdata("A") == ["203.0.113.10"]
+        assert lab.dig("www.doq.test").rdata("A") == ["203.0.113.60"] and doq.ids == [0]
+        assert unbound.count("www.dot.test") == 1 and unbound.count("www.h2.test") == 1
+        counters = lab.node.wait(
+            lambda: (c := lab.dns_counters()).get("upstream_answers") == 4 and c, what="every answer counted"
+        )
+        assert counters["upstream_queries_https"] == 2 and counters["upstream_https_h2"] == 2
+        assert counters["upstream_queries_tls"] == 1 and counters["upstream_queries_doq"] == 1
+        assert bootstrap.count(name) == 1 and "failovers" not in counters
+    finally:
+        shutil.rmtree(public)
 
 
 def test_node_rules_and_split_dns(lab: Lab) -> None:

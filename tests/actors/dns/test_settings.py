@@ -66,6 +66,14 @@ def test_settings_defaults_and_parsing():
         ({"ca_file": "/nonexistent/ca.pem"}, {}, "dns.ca_file"),
         ({}, {"alpha": ["not-an-ip"]}, "names.alpha"),
         ({"set_os_resolver": True, "listen": ["127.0.0.1:5353"]}, {}, "dns.set_os_resolver"),
+        ({"upstreams": ["tcp://resolver.example"]}, {}, "dns.upstreams[0]"),  # names only for the encrypted
+        ({"upstreams": ["tls://bad_name.example"]}, {}, "dns.upstreams[0]"),
+        ({"upstreams": ["tls://dns.example#other.example"]}, {}, "dns.upstreams[0]"),  # the name is the TLS name
+        ({"upstreams": ["doq://198.51.100.1/path"]}, {}, "dns.upstreams[0]"),
+        ({"upstreams": ["doq://dns.example"]}, {}, "dns.bootstrap"),  # nothing to resolve it through
+        ({"groups": {"g": ["https://dns.example"]}, "upstreams": ["tls://198.51.100.1"]}, {}, "dns.bootstrap"),
+        ({"upstreams": ["tls://dns.example"], "bootstrap": ["dns.example"]}, {}, "dns.bootstrap[0]"),
+        ({"upstreams": ["tls://dns.example"], "bootstrap": ["127.0.0.1"]}, {}, "dns.bootstrap[0]"),  # ourselves
     ],
 )
 def test_settings_errors_name_the_key(table, names, key):
@@ -101,3 +109,24 @@ def test_nameservers_for_resolv_conf():
     assert DnsSettings.from_config({"listen": listen, "set_os_resolver": True}, {}).nameservers == [
         "127.0.0.53", "127.0.0.1", "::1", "fd7a::1",
     ]  # fmt: skip
+
+
+def test_upstreams_by_host_name_and_the_bootstrap_servers():
+    s = DnsSettings.from_config(
+        {
+            "listen": ["127.0.0.1:5353"],
+            "upstreams": ["udp://198.51.100.53", "tls://Dns.Example.", "doq://198.51.100.54#dns.example"],
+            "routes": [{"suffix": "corp.example", "upstreams": ["https://doh.corp.example:8443"]}],
+        },
+        {},
+    )
+    named, by_address = s.upstreams[1], s.upstreams[2]
+    assert named == Upstream("tls", "dns.example", 853) and named.named and named.tls_name == "dns.example"
+    assert by_address == Upstream("doq", "198.51.100.54", 853, "", "dns.example") and not by_address.named
+    assert str(s.routes[0].upstreams[0]) == "https://doh.corp.example:8443/dns-query"
+    assert s.bootstrap == (("198.51.100.53", 53),)  # by default, the plain upstreams given by address
+    explicit = DnsSettings.from_config(
+        {"upstreams": ["tls://dns.example"], "bootstrap": ["198.51.100.1", "[2001:db8::1]:5353"]}, {}
+    )
+    assert explicit.bootstrap == (("198.51.100.1", 53), ("2001:db8::1", 5353))
+    assert not Upstream("tls", "2001:db8::a", 853).named and not Upstream("tls", "198.51.100.1", 853).named
