@@ -20,7 +20,7 @@ import dns.rdatatype
 
 DEFAULT_PORTS: dict[str, int] = {"udp": 53, "tcp": 53, "tls": 853, "https": 443}
 DEFAULT_DOH_PATH = "/dns-query"
-MATCH_KINDS = ("full", "suffix", "keyword", "regex", "qtype")
+MATCH_KINDS = ("full", "suffix", "keyword", "regex", "qtype", "dst")
 REJECT = "reject"
 ASIS = "asis"
 
@@ -98,6 +98,7 @@ class Matcher:
     kind: str
     pattern: str
     qtype: int = 0  # the query type of a qtype match
+    network: IPNetwork | None = None  # a dst match's: the intercepted query's original destination in it
     # Compiled once, from the pattern: a rule is tried on every forwarded query.
     regex: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
 
@@ -119,6 +120,12 @@ class Matcher:
                 return cls(kind, pattern)
             except re.error as exc:
                 raise ValueError(f"match {text!r}: bad regex: {exc}") from None
+        if kind == "dst":
+            try:
+                network = ipaddress.ip_network(pattern, strict=False)
+            except ValueError:
+                raise ValueError(f"match {text!r}: not an address or prefix") from None
+            return cls(kind, str(network), network=network)
         if kind == "qtype":
             try:
                 qtype = int(pattern) if pattern.isdigit() else dns.rdatatype.from_text(pattern.upper())
