@@ -172,7 +172,10 @@ def _lookup(asm: Assembler, helper: int, tuple_size: int) -> None:
 def program(v4: Target | None, v6: Target | None, mark: int) -> bytes:
     """The ingress program's instructions. DNS to any destination goes to the
     sockets of ``v4`` (IPv4 packets) and ``v6`` (IPv6), marked with ``mark``;
-    a version without a target, and everything else, passes untouched."""
+    a version without a target, and everything else, passes untouched.
+    Raises ValueError without any target (the program would do nothing)."""
+    if v4 is None and v6 is None:
+        raise ValueError("no target: the program would intercept nothing")
     asm = Assembler()
     asm.mov(R6, R1)  # the context, kept across helper calls
     asm.load(4, R1, R6, SKB_PROTOCOL)
