@@ -44,6 +44,8 @@ RESOLVER = "203.0.113.53"  # the client's resolver: a real host, where no DNS se
 OTHER = "203.0.113.54"  # the same host's second address
 CLIENT, NODE_LAN = "198.51.100.2", "198.51.100.1"
 SERVER, NODE_WAN = "203.0.113.2", "203.0.113.1"
+# IPv6 inside these namespaces only: the client's LAN, and an address nobody has.
+CLIENT6, NODE_LAN6, RESOLVER6 = "fd00:5:1::2", "fd00:5:1::1", "fd00:113::53"
 ECHO_PORT = 7
 NO_DNS = """table inet nodns {
   chain in {
@@ -81,7 +83,7 @@ class Lab:
         table = {
             "listen": ["127.0.0.1:53"],
             "timeout": 1.0,
-            "allow": ["198.51.100.0/24"],
+            "allow": ["198.51.100.0/24", "fd00:5:1::/64"],
             "upstreams": [f"udp://{self.upstream.host}:{self.upstream.port}"],
             "intercept": [self.lan],
             **dns_table,
@@ -129,6 +131,9 @@ def lab(node_factory: Callable[..., Node], netns: Callable[..., Netns], tmp_path
     _veth(node_ns, lan, f"{NODE_LAN}/24", client, f"dic{tag}", f"{CLIENT}/24")
     _veth(node_ns, f"diw{tag}", f"{NODE_WAN}/30", server, f"dis{tag}", f"{SERVER}/30")
     client.run("ip", "route", "add", "default", "via", NODE_LAN)
+    node_ns.run("ip", "addr", "add", f"{NODE_LAN6}/64", "dev", lan, "nodad")
+    client.run("ip", "addr", "add", f"{CLIENT6}/64", "dev", f"dic{tag}", "nodad")
+    client.run("ip", "-6", "route", "add", "default", "via", NODE_LAN6)
     server.run("ip", "route", "add", "default", "via", NODE_WAN)
     for address in (RESOLVER, OTHER):
         server.run("ip", "addr", "add", f"{address}/32", "dev", "lo")
@@ -204,10 +209,12 @@ def test_dns_to_any_address_is_answered_by_the_controller_and_routed_by_rules(la
         # The destination the client chose routes too: the same name, asked of another address.
         other = lab.ask("www.example.test", *transport, at=OTHER)
         assert other.server == OTHER and [a[4] for a in other.answer] == ["198.51.100.88"]
+        over_v6 = lab.ask("www.example.test", *transport, at=RESOLVER6)
+        assert over_v6.server == RESOLVER6 and [a[4] for a in over_v6.answer] == ["198.51.100.77"], over_v6.text
     assert lab.upstream.count("www.example.test") >= 1 and lab.group.count("a.grouped.example.test") >= 1
     assert lab.dropped_dns() == 0  # no DNS got past the node
     counters = lab.node.counters()["dns"]
-    assert counters["intercepted_udp"] >= 5 and counters["intercepted_tcp"] >= 5
+    assert counters["intercepted_udp"] >= 6 and counters["intercepted_tcp"] >= 6
 
 
 def test_other_traffic_to_the_address_is_untouched(lab: Lab) -> None:
