@@ -17,7 +17,12 @@ clients other than loopback are rate limited per client prefix (RRL: some
 dropped, some truncated so that real clients retry over TCP), and one
 prefix may hold at most an eighth of the TCP connections.
 
-    server = DnsServer(settings, on_learned=publish)
+Interception (``[dns] intercept``) brings queries sent to any address to the
+interception sockets the server is handed (actors.dns.interception): they are
+answered as any, from the address the client asked, and that address goes to
+the rules (``dst:``).
+
+    server = DnsServer(settings, on_learned=publish, intercept=sockets)
     await server.start()
     ...
     server.flush_cache()               # link changed
