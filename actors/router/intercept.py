@@ -42,6 +42,7 @@ PRIORITY: Final = 5200  # ahead of the exit node's rules (exitroute) and of main
 FILTER_PRIORITY: Final = 0x4453  # our filter among the interface's ingress filters
 PROGRAM_NAME: Final = "meshsup_dns"
 _INGRESS: Final = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
+_EGRESS: Final = 0xFFFFFFF3
 _ETH_P_ALL: Final = 0x0003
 _DEFAULT: Final = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
 _ENOENT_LIKE: Final = (2, 19, 22)  # ENOENT, ENODEV, EINVAL: the filter or its link is gone already
@@ -150,7 +151,7 @@ class Interception:
             if err.code not in _ENOENT_LIKE:
                 raise
         try:
-            if not self._ipr.get_filters(index=index, parent=_INGRESS):
+            if not any(self._ipr.get_filters(index=index, parent=hook) for hook in (_INGRESS, _EGRESS)):
                 self._ipr.tc("del", "clsact", index)  # nobody else's filters on it: no trace of ours
         except NetlinkError as err:
             if err.code not in _ENOENT_LIKE:
