@@ -161,8 +161,11 @@ def lab(node_factory: Callable[..., Node], netns: Callable[..., Netns], tmp_path
         shutil.rmtree(resolv)
 
 
-def _exchange(ns: Netns, kind: socket.SocketKind, wire: bytes, host: str = RESOLVER, port: int = 53) -> bytes | None:
-    """One message to host:port from a socket connected to it (so only its answer counts)."""
+def _exchange(
+    ns: Netns, kind: socket.SocketKind, wire: bytes, host: str = RESOLVER, port: int = 53, framed: bool = True
+) -> bytes | None:
+    """One message to host:port from a socket connected to it (so only its answer counts);
+    over TCP with its length in front, unless not ``framed`` (bytes as they are)."""
 
     def run() -> bytes | None:
         with socket.socket(socket.AF_INET, kind) as sock:
@@ -170,7 +173,7 @@ def _exchange(ns: Netns, kind: socket.SocketKind, wire: bytes, host: str = RESOL
             try:
                 sock.connect((host, port))
                 if kind == socket.SOCK_STREAM:
-                    sock.sendall(len(wire).to_bytes(2, "big") + wire)
+                    sock.sendall(len(wire).to_bytes(2, "big") + wire if framed else wire)
                     length = int.from_bytes(sock.recv(2), "big")
                     data = b""
                     while len(data) < length:
@@ -233,7 +236,9 @@ def test_garbage_gets_what_any_client_gets(lab: Lab) -> None:
             assert_bad_packet_answer(answer, rcode)
         except AssertionError:
             raise AssertionError(f"{what}: {answer!r}") from None
-    assert _exchange(lab.client, socket.SOCK_STREAM, b"\xff" * 40) is None  # a length it never completes
+    truncated = next(packet for what, packet, _ in BAD_PACKETS if what == "truncated")
+    assert_bad_packet_answer(_exchange(lab.client, socket.SOCK_STREAM, truncated), dns.rcode.FORMERR)
+    assert _exchange(lab.client, socket.SOCK_STREAM, b"\xff" * 40, framed=False) is None  # a length never completed
     assert _exchange(lab.client, socket.SOCK_DGRAM, b"") is None
     assert {n: a["pid"] for n, a in lab.node.actors().items() if a["kind"] == "dns"} == workers
     query = dns.message.make_query("www.example.test", "A").to_wire()
