@@ -2,7 +2,8 @@
 
 No libbpf: ``bpf(BPF_PROG_LOAD)`` through ctypes with a hand-packed
 ``union bpf_attr``, and the TUN's own ioctl to attach. Needs CAP_BPF (root)
-for programs longer than 4096 instructions and CAP_NET_ADMIN on the TUN.
+for programs longer than 4096 instructions, CAP_BPF and CAP_NET_ADMIN for a
+traffic-control program, and CAP_NET_ADMIN on the TUN.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ _SYS_BPF: Final = {"x86_64": 321, "aarch64": 280}
 BPF_PROG_LOAD: Final = 5
 BPF_PROG_TEST_RUN: Final = 10
 BPF_PROG_TYPE_SOCKET_FILTER: Final = 1
+BPF_PROG_TYPE_SCHED_CLS: Final = 3
 # _IOR('T', 224, int) from <linux/if_tun.h>: the argument points to a program
 # fd, or to -1 to detach.
 TUNSETSTEERINGEBPF: Final = 0x800454E0
@@ -58,7 +60,7 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
     return int(_libc.syscall(ctypes.c_long(_sys_bpf()), ctypes.c_long(cmd), attr, ctypes.c_uint(len(attr))))
 
 
-def _prog_load(insns: bytes, name: str, log: ctypes.Array[ctypes.c_char] | None) -> int:
+def _prog_load(insns: bytes, name: str, prog_type: int, log: ctypes.Array[ctypes.c_char] | None) -> int:
     """One BPF_PROG_LOAD: the new fd, or -1 with ctypes' errno set."""
     code = ctypes.create_string_buffer(insns, len(insns))
     license = ctypes.create_string_buffer(b"GPL")
@@ -66,7 +68,7 @@ def _prog_load(insns: bytes, name: str, log: ctypes.Array[ctypes.c_char] | None)
     _PROG_LOAD.pack_into(
         attr,
         0,
-        BPF_PROG_TYPE_SOCKET_FILTER,
+        prog_type,
         len(insns) // _INSN_SIZE,
         ctypes.addressof(code),
         ctypes.addressof(license),
@@ -81,7 +83,12 @@ def _prog_load(insns: bytes, name: str, log: ctypes.Array[ctypes.c_char] | None)
 
 
 def load_socket_filter(insns: bytes, name: str) -> int:
-    """Load ``insns`` (raw struct bpf_insn) as a BPF_PROG_TYPE_SOCKET_FILTER
+    """``load_program`` as a BPF_PROG_TYPE_SOCKET_FILTER."""
+    return load_program(insns, name, BPF_PROG_TYPE_SOCKET_FILTER)
+
+
+def load_program(insns: bytes, name: str, prog_type: int) -> int:
+    """Load ``insns`` (raw struct bpf_insn) as a program of ``prog_type``
     called ``name``; returns the program fd (close-on-exec), which the caller
     closes. Raises ValueError for a malformed program or name, OSError when
     the kernel refuses, its message ending with the verifier log's last lines.
@@ -90,7 +97,7 @@ def load_socket_filter(insns: bytes, name: str) -> int:
         raise ValueError(f"{len(insns)} bytes is not a whole, non-empty number of instructions")
     if not _NAME.fullmatch(name):
         raise ValueError(f"invalid program name {name!r}: up to 15 of [A-Za-z0-9_.]")
-    fd = _prog_load(insns, name, None)
+    fd = _prog_load(insns, name, prog_type, None)
     if fd >= 0:
         return fd
     err = ctypes.get_errno()
@@ -98,7 +105,7 @@ def load_socket_filter(insns: bytes, name: str) -> int:
     # overflows makes the kernel fail even a sound program with ENOSPC, and
     # the log of a long program overflows 64 KiB.
     log = ctypes.create_string_buffer(_LOG_SIZE)
-    fd = _prog_load(insns, name, log)
+    fd = _prog_load(insns, name, prog_type, log)
     if fd >= 0:
         return fd
     tail = log.value.decode(errors="replace").rstrip().splitlines()[-_LOG_TAIL_LINES:]

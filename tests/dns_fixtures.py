@@ -476,6 +476,7 @@ class DigResult:
     authority: list[list[str]]
     additional: list[list[str]]
     text: str
+    server: str = ""  # the address that answered, as dig names it
 
     def rdata(self, rdtype: str, section: str = "answer") -> list[str]:
         return [" ".join(r[4:]) for r in getattr(self, section) if r[3] == rdtype]
@@ -486,9 +487,14 @@ def dig(host: str, port: int, name: str, qtype: str = "A", *options: str, ns: Ne
     need_tool("dig")
     argv = ["dig", f"@{host}", "-p", str(port), name, qtype, "+time=3", "+tries=1", "+nocookie", *options]
     prefix = ["ip", "netns", "exec", ns.name] if ns else []
-    text = subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=15).stdout
+    return parse_dig(subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=15).stdout)
+
+
+def parse_dig(text: str) -> DigResult:
+    """dig's output, as DigResult."""
     header = re.search(r"status: (\w+)", text)
     flags = re.search(r";; flags:([^;]*);", text)
+    server = re.search(r";; SERVER: ([^#]+)#", text)
     sections: dict[str, list[list[str]]] = {"answer": [], "authority": [], "additional": []}
     current = None
     for line in text.splitlines():
@@ -503,6 +509,7 @@ def dig(host: str, port: int, name: str, qtype: str = "A", *options: str, ns: Ne
         status=header.group(1) if header else "NO-ANSWER",
         flags=set(flags.group(1).split()) if flags else set(),
         text=text,
+        server=server.group(1) if server else "",
         **sections,
     )
 

@@ -25,6 +25,7 @@ import zmq
 from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus.codec import Message, encode
 from meshsup.actors.bus.messages import LinkChanged, NameLearned
+from meshsup.actors.dns.interception import open_intercept_sockets
 from meshsup.actors.dns.server import DnsServer
 from meshsup.actors.settings import DnsSettings, Settings
 from meshsup.actors.settings.node import format_endpoint
@@ -107,6 +108,12 @@ class DnsActor(Actor):
         self.settings: DnsSettings | None = None
         self.learned_events = self._call(self._open_learned_events())
         self.subscribe(LinkChanged.TAG)
+        if self.intercept_problems:
+            self.log.warning("some interception sockets did not open", problems=self.intercept_problems)
+
+    def bind_runtime(self) -> None:
+        # Still root: the only moment this worker may make sockets transparent (interception.py).
+        self.intercept_socks, self.intercept_problems = open_intercept_sockets()
 
     async def _open_learned_events(self) -> LearnedEvents:
         return LearnedEvents(self.ctx, self.runtime.events_in)
@@ -120,7 +127,7 @@ class DnsActor(Actor):
             return
         try:
             if self.server is None:
-                server = DnsServer(settings, on_learned=self.learned_events.publish)
+                server = DnsServer(settings, on_learned=self.learned_events.publish, intercept=self.intercept_socks)
                 self._call(server.start())
                 self.server = server
                 self.loop.call_soon_threadsafe(self.learned_events.follow, server.set_learning)

@@ -158,7 +158,7 @@ class Resolver:
         self._inflight.share = share(settings.max_inflight)
         self._fast.clear(size=settings.cache_size + LOCAL_ENTRIES)  # the zone or the routes may have changed
         # With per-source upstreams, the same question may have different answers.
-        self._fast_cache_hits = not settings.source_overrides
+        self._fast_cache_hits = not settings.source_overrides and not self._router.by_destination
         if force or _cache_shape(old) != _cache_shape(settings):
             self._cache = DnsCache(
                 size=settings.cache_size,
@@ -192,8 +192,10 @@ class Resolver:
             "inflight_cap_logs_suppressed": self._cap_log.suppressed,
         }
 
-    def handle(self, query_wire: bytes, source: Source, transport: str, now: float, ctx: object = None) -> list[Action]:
-        """A query from a client. Never raises on bad input."""
+    def handle(
+        self, query_wire: bytes, source: Source, transport: str, now: float, ctx: object = None, destination: str = ""
+    ) -> list[Action]:
+        """A query from a client (destination: where an intercepted one was sent). Never raises on bad input."""
         counters = self.counters
         counters["queries_" + transport] += 1
         parsed = parse_query(query_wire)
@@ -220,11 +222,13 @@ class Resolver:
             counters["ndots_not_forwarded"] += 1
             return [self._reply(waiter, Answer(dns.rcode.NOERROR), keep="ndots_not_forwarded")]
         decision = self._router.only or self._router.route(
-            parsed.name_text, parsed.qtype, str(source[0]) if source else ""
+            parsed.name_text, parsed.qtype, str(source[0]) if source else "", destination
         )
         if isinstance(decision, Reject):
             counters["rejected_by_rule"] += 1
-            return [self._reply(waiter, Answer(self.settings.reject_rcode_value), keep="rejected_by_rule")]
+            # A refusal by destination is not the question's: the fast path, which knows only that, keeps none.
+            keep = "" if self._router.by_destination else "rejected_by_rule"
+            return [self._reply(waiter, Answer(self.settings.reject_rcode_value), keep=keep)]
         key = CacheKey(parsed.qname_key, parsed.qtype, parsed.qclass, parsed.do, decision.view)
         cached = self._cache.fresh(key, now)
         if cached is not None:

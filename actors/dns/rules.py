@@ -21,6 +21,7 @@ from meshsup.actors.settings.dnstypes import (
     ASIS,
     FAILOVER,
     REJECT,
+    IPNetwork,
     Matcher,
     Route,
     Rule,
@@ -36,8 +37,9 @@ def is_under(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def matches(matcher: Matcher, name: str, qtype: int) -> bool:
-    """name is normalized (lowercase, no trailing dot)."""
+def matches(matcher: Matcher, name: str, qtype: int, destination: str = "") -> bool:
+    """name is normalized (lowercase, no trailing dot); destination is the
+    address an intercepted query was sent to ("" for any other query)."""
     match matcher.kind:
         case "full":
             return name == matcher.pattern
@@ -48,8 +50,20 @@ def matches(matcher: Matcher, name: str, qtype: int) -> bool:
         case "regex":
             assert matcher.regex is not None
             return matcher.regex.search(name) is not None
+        case "dst":
+            assert matcher.network is not None
+            return _within(destination, matcher.network)
         case _:
             return qtype == matcher.qtype
+
+
+def _within(address: str, network: IPNetwork) -> bool:
+    if not address:
+        return False
+    try:
+        return ipaddress.ip_address(address) in network
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -86,16 +100,23 @@ class Router:
         self._rules = tuple(rules)
         # Most specific first: more labels means a longer, narrower suffix.
         self._routes = tuple(sorted(routes, key=lambda r: r.suffix.count("."), reverse=True))
-        self._groups = {name: ForwardTo(g.upstreams, "", f"group {name}", g.policy) for name, g in groups.items()}
         self._overrides = tuple(overrides)
         self._to_default = ForwardTo(default.upstreams, "", "default", default.policy)
         # With nothing to match, every name goes the same way: callers may skip route().
         self.only = None if self._rules or self._routes or self._overrides else self._to_default
+        # Whether a decision may depend on where an intercepted query was sent, not
+        # only on the question: then what it routes to a group is cached apart.
+        self.by_destination = any(r.matcher.kind == "dst" for r in self._rules)
+        self._groups = {
+            name: ForwardTo(g.upstreams, f"group {name}" if self.by_destination else "", f"group {name}", g.policy)
+            for name, g in groups.items()
+        }
 
-    def route(self, qname: str, qtype: int, source_ip: str) -> Decision:
+    def route(self, qname: str, qtype: int, source_ip: str, destination: str = "") -> Decision:
+        """destination: the original destination of an intercepted query, else ""."""
         name = normalize_name(qname)
         for index, rule in enumerate(self._rules):
-            if not matches(rule.matcher, name, qtype):
+            if not matches(rule.matcher, name, qtype, destination):
                 continue
             if rule.action == REJECT:
                 return Reject(f"rule {index}")

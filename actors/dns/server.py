@@ -19,7 +19,12 @@ clients other than loopback are rate limited per client prefix (RRL: some
 dropped, some truncated so that real clients retry over TCP), and one
 prefix may hold at most an eighth of the TCP connections.
 
-    server = DnsServer(settings, on_learned=publish)
+Interception (``[dns] intercept``) brings queries sent to any address to the
+interception sockets the server is handed (actors.dns.interception): they are
+answered as any, from the address the client asked, and that address goes to
+the rules (``dst:``).
+
+    server = DnsServer(settings, on_learned=publish, intercept=sockets)
     await server.start()
     ...
     server.flush_cache()               # link changed
@@ -35,23 +40,25 @@ or, all in one: ``await serve(settings, ready=ready, stop=stop)``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import structlog
 
 from meshsup.actors.dns.access import RateLimit, Sources, Verdict, share
 from meshsup.actors.dns.choice import PROBE_QUERY
+from meshsup.actors.dns.interception import ANCILLARY_SIZE, original_destination, reply_from
 from meshsup.actors.dns.message import refusal
 from meshsup.actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Resolver
 from meshsup.actors.dns.steering import steer
 from meshsup.actors.dns.transport import Transport
 from meshsup.actors.dns.wire import truncated
-from meshsup.actors.kernel.mmsg import SLOTS, Batch
+from meshsup.actors.kernel.mmsg import SLOT_SIZE, SLOTS, Batch
 from meshsup.actors.settings.dns import DnsSettings
 
 log = structlog.get_logger("meshsup.dns")
@@ -178,6 +185,68 @@ class _UdpListener:
         self.sock.close()
 
 
+class _InterceptUdp:
+    """The interception UDP socket (actors.dns.interception): a datagram at a
+    time, as each carries its original destination, which the reply leaves from.
+    Its source as the resolver sees it is the client's address with that
+    destination last."""
+
+    BATCH = 64  # datagrams read per wakeup, so that one busy socket does not starve the loop
+
+    def __init__(self, sock: socket.socket, server: DnsServer) -> None:
+        self.sock = sock
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        server, stats = self._server, self._server.stats
+        for _ in range(self.BATCH):
+            try:
+                query, ancillary, flags, client = self.sock.recvmsg(SLOT_SIZE, ANCILLARY_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                stats["udp_receive_errors"] += 1
+                return
+            stats["intercepted_udp"] += 1
+            if flags & socket.MSG_TRUNC:
+                stats["udp_oversized_queries"] += 1
+                continue
+            destination = original_destination(ancillary)
+            if destination is None:  # not delivered by interception: a client of 127.0.0.153 itself
+                destination = str(self.sock.getsockname()[0])
+            source = (*client, destination)
+            if not server.sources(client[0]).allowed:
+                stats["refused_source"] += 1
+                continue
+            reply = server.fast(query, "udp", time.monotonic())
+            if reply is None:
+                server._handle(query, source, "udp", self, destination)
+            else:
+                self.send(reply, source)
+
+    def send(self, wire: bytes, source: Any) -> None:
+        """A reply from the original destination (source's last item), as the rate limit lets it go."""
+        prefix = self._server.sources(source[0]).prefix
+        if prefix is not None:
+            limited = self._server.limit(wire, prefix, time.monotonic())
+            if limited is None:
+                return
+            wire = limited
+        try:
+            self.sock.sendmsg([wire], [reply_from(source[-1])], 0, source[:-1])
+        except OSError:
+            self._server.stats["udp_send_errors"] += 1
+
+    def finished(self) -> None:
+        """Nothing to keep track of per UDP query."""
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
 class _TcpConnection:
     """One client connection; counts the queries it still owes an answer."""
 
@@ -215,8 +284,18 @@ class _Listeners:
 
 
 class DnsServer:
-    def __init__(self, settings: DnsSettings, *, on_learned: OnLearned | None = None) -> None:
+    def __init__(
+        self,
+        settings: DnsSettings,
+        *,
+        on_learned: OnLearned | None = None,
+        intercept: Sequence[socket.socket] = (),
+    ) -> None:
+        """``intercept``: the interception sockets (actors.dns.interception), served
+        from start() until close(), whatever the settings."""
         self.settings = settings
+        self._intercept_socks = list(intercept)
+        self._intercepting: list[_InterceptUdp | asyncio.Server] = []
         self._on_learned = on_learned
         self._resolver = Resolver(settings)
         self._resolver.learning = on_learned is not None
@@ -234,6 +313,12 @@ class DnsServer:
 
     async def start(self) -> None:
         await self._listen(self.settings.listen)
+        for sock in self._intercept_socks:
+            if sock.type == socket.SOCK_DGRAM:
+                self._intercepting.append(_InterceptUdp(sock, self))
+            else:
+                client = functools.partial(self._tcp_client, intercepted=True)
+                self._intercepting.append(await asyncio.start_server(client, sock=sock, limit=65537))
         self._steer_timer = asyncio.get_running_loop().call_later(STEER_INTERVAL, self._steer_again)
         self._probe()
 
@@ -348,6 +433,9 @@ class DnsServer:
         for listeners in self._listeners.values():
             listeners.close()
         self._listeners.clear()
+        for intercepting in self._intercepting:
+            intercepting.close()
+        self._intercepting.clear()
         for connection in list(self._connections):
             connection.close()
         self._closing = True
@@ -356,8 +444,16 @@ class DnsServer:
 
     # -- the loop around the resolver ------------------------------------
 
-    def _handle(self, wire: bytes, source: Any, transport: str, ctx: _UdpListener | _TcpConnection) -> None:
-        self._run(self._resolver.handle(wire, source, transport, time.monotonic(), ctx))
+    def _handle(
+        self,
+        wire: bytes,
+        source: Any,
+        transport: str,
+        ctx: _UdpListener | _InterceptUdp | _TcpConnection,
+        destination: str = "",
+    ) -> None:
+        """``destination``: the address an intercepted query was sent to."""
+        self._run(self._resolver.handle(wire, source, transport, time.monotonic(), ctx, destination))
 
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
@@ -391,8 +487,14 @@ class DnsServer:
             self.stats["learned_callback_errors"] += 1
             log.exception("dns_learned_callback_failed", name=learned.name)
 
-    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _tcp_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, intercepted: bool = False
+    ) -> None:
         source = writer.get_extra_info("peername")
+        # An intercepted connection's local address is the one the client asked.
+        destination = str(writer.get_extra_info("sockname")[0]) if intercepted else ""
+        if intercepted:
+            self.stats["intercepted_tcp"] += 1
         prefix = self.sources(source[0]).prefix
         if len(self._connections) >= MAX_TCP_CLIENTS:
             self.stats["tcp_clients_refused"] += 1
@@ -429,7 +531,7 @@ class DnsServer:
                     break
                 reply = self.fast(wire, "tcp", time.monotonic())
                 if reply is None:
-                    self._handle(wire, source, "tcp", connection)
+                    self._handle(wire, source, "tcp", connection, destination)
                 else:
                     connection.send(reply, source)
         except (asyncio.IncompleteReadError, OSError, TimeoutError):

@@ -25,6 +25,7 @@ from meshsup.actors.bus.messages import LinkChanged
 from meshsup.actors.kernel.tun import make_persistent
 from meshsup.actors.router.exitroute import ExitRouting
 from meshsup.actors.router.forwarding import Forwarding
+from meshsup.actors.router.intercept import Interception
 from meshsup.actors.router.netconf import LinkMonitor, LinuxRouter
 from meshsup.actors.router.resolvconf import ResolvConf, for_this_namespace
 from meshsup.actors.settings import DnsSettings, Settings
@@ -42,6 +43,7 @@ class RouterActor(Actor):
         self.resolver_problems: list[str] = []
         self.forwarding: Forwarding | None = None
         self.exit: ExitRouting | None = None
+        self.interception: Interception | None = None
         self.links_published = 0
         self.monitor = LinkMonitor()
         self.add_reader(self.monitor.fileno(), self._link_events)
@@ -81,6 +83,7 @@ class RouterActor(Actor):
         self._use_exit(settings)
         self._serve(iface, node.advertise_exit_node, node.advertise_routes)
         self._os_resolver(settings.dns)
+        self._intercept(settings.dns.intercept)
 
     def _use_exit(self, settings: Settings) -> None:
         """The default route through the exit node's peer, or none. The first call after a start
@@ -145,6 +148,22 @@ class RouterActor(Actor):
             problems=self.resolver_problems,
         )
 
+    def _intercept(self, interfaces: tuple[str, ...]) -> None:
+        """DNS coming in on these interfaces to the controller, or nowhere. The first call
+        after a start also removes what a crashed router left (Interception.apply)."""
+        if self.interception is None:
+            self.interception = Interception(self.runtime.state_dir)
+        changed = self.interception.applied != interfaces
+        try:
+            self.interception.apply(interfaces)
+        except OSError as err:
+            raise ConfigError(f"cannot intercept DNS on {', '.join(interfaces)}: {err}") from None
+        if self.interception.missing:
+            self.failures.append(f"dns.intercept: no interface {', '.join(self.interception.missing)}")
+            self.log.warning("DNS not intercepted on missing interfaces", interfaces=self.interception.missing)
+        if changed and interfaces:
+            self.log.info("intercepting DNS", interfaces=list(interfaces))
+
     def _restore_resolver(self) -> None:
         if self.resolv is not None and self.resolv.active:
             self.resolv.restore()
@@ -181,6 +200,9 @@ class RouterActor(Actor):
 
     def close(self) -> None:
         self._restore_resolver()
+        if self.interception is not None:
+            self.interception.clear()
+            self.interception.close()
         if self.forwarding is not None:
             self._stop_serving()
         if self.exit is not None:

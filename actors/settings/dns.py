@@ -64,10 +64,26 @@ DNS_KEYS = frozenset(
         "rate_limit",
         "rate_limit_window",
         "rate_limit_slip",
+        "intercept",
     }
 )
 REJECT_RCODES = {"noerror": dns.rcode.NOERROR, "nxdomain": dns.rcode.NXDOMAIN}
 MAX_TTL = 2**31 - 1  # RFC 2181 section 8
+# DNS interception (`intercept`): the addresses of the controller's interception
+# sockets, which the router's ingress program (meshsup.bpf.intercept) hands DNS to,
+# and the mark and routing table that deliver it locally. IPv4: a loopback
+# address of its own; IPv6 has one loopback address, so the socket is bound
+# (transparent) to one of the discard-only prefix (RFC 6666), which no packet
+# reaches otherwise. UDP is on port 53, the port its replies must come from (a
+# reply takes the socket's port); a TCP connection takes its ports from the
+# client's SYN, so the listener is on a port of its own, leaving 53 free for a
+# wildcard `listen`.
+INTERCEPT_V4 = "127.0.0.153"
+INTERCEPT_V6 = "100::53"
+INTERCEPT_UDP_PORT = 53
+INTERCEPT_TCP_PORT = 54
+INTERCEPT_MARK = INTERCEPT_TABLE = 0x4453
+IFNAME = re.compile(r"[^/\s:]{1,15}")  # what the kernel takes as an interface name (dev_valid_name)
 # Host names (RFC 1123) plus the underscore that SRV owner names need.
 LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})")
 
@@ -108,6 +124,7 @@ class DnsSettings:
     rate_limit: int = 100  # UDP responses a second per client prefix; 0: no limit
     rate_limit_window: float = 5.0
     rate_limit_slip: int = 2
+    intercept: tuple[str, ...] = ()  # interfaces whose DNS, to any address, the controller answers
 
     @property
     def reject_rcode_value(self) -> int:
@@ -179,6 +196,7 @@ class DnsSettings:
             rate_limit=t.get("rate_limit", cls.rate_limit, int, _between(0, 1_000_000)),
             rate_limit_window=t.get("rate_limit_window", cls.rate_limit_window, float, _between(1.0, 3600.0)),
             rate_limit_slip=t.get("rate_limit_slip", cls.rate_limit_slip, int, _between(0, 10)),
+            intercept=t.get("intercept", [], list, _interfaces),
         )
         if settings.cache_min_ttl > settings.cache_max_ttl:
             raise ValueError("dns.cache_min_ttl: greater than dns.cache_max_ttl")
@@ -251,7 +269,20 @@ def _listen(value: list[Any], name: str) -> tuple[tuple[str, int], ...]:
             raise ValueError(f"{key}: {text!r} is not ADDRESS:PORT") from None
         if not 0 < number < 65536:
             raise ValueError(f"{key}: port {number} out of range")
+        if address in (INTERCEPT_V4, INTERCEPT_V6):
+            raise ValueError(f"{key}: {address} is kept for the interception sockets (dns.intercept)")
         out.append((address, number))
+    return tuple(dict.fromkeys(out))
+
+
+def _interfaces(value: list[Any], name: str) -> tuple[str, ...]:
+    out = []
+    for i, item in enumerate(value):
+        key = f"{name}[{i}]"
+        text = _typed(item, str, key)
+        if not IFNAME.fullmatch(text) or text in (".", ".."):
+            raise ValueError(f"{key}: {text!r} is not an interface name")
+        out.append(text)
     return tuple(dict.fromkeys(out))
 
 

@@ -26,7 +26,7 @@ ENCRYPTED = frozenset({"tls", "https", "doq"})  # the schemes that verify a cert
 # A host name (RFC 1123), as an upstream's host: letters, digits, '-', and at least one dot.
 HOST_NAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 DEFAULT_DOH_PATH = "/dns-query"
-MATCH_KINDS = ("full", "suffix", "keyword", "regex", "qtype")
+MATCH_KINDS = ("full", "suffix", "keyword", "regex", "qtype", "dst")
 REJECT = "reject"
 ASIS = "asis"
 # How a group picks the upstream a query goes to first (actors.dns.choice).
@@ -121,6 +121,7 @@ class Matcher:
     kind: str
     pattern: str
     qtype: int = 0  # the query type of a qtype match
+    network: IPNetwork | None = None  # a dst match's: the intercepted query's original destination in it
     # Compiled once, from the pattern: a rule is tried on every forwarded query.
     regex: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
 
@@ -142,6 +143,12 @@ class Matcher:
                 return cls(kind, pattern)
             except re.error as exc:
                 raise ValueError(f"match {text!r}: bad regex: {exc}") from None
+        if kind == "dst":
+            try:
+                network = ipaddress.ip_network(pattern, strict=False)
+            except ValueError:
+                raise ValueError(f"match {text!r}: not an address or prefix") from None
+            return cls(kind, str(network), network=network)
         if kind == "qtype":
             try:
                 qtype = int(pattern) if pattern.isdigit() else dns.rdatatype.from_text(pattern.upper())

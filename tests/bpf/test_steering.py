@@ -20,7 +20,8 @@ import pytest
 
 from meshsup.actors.kernel import vnet
 from meshsup.actors.wire import ip as packet
-from meshsup.bpf.steering import INSN, Route, program
+from meshsup.bpf.asm import INSN
+from meshsup.bpf.steering import Route, program
 from meshsup.bpf.syscall import attach_steering, detach_steering, load_socket_filter, run_on_packet
 from tests.nodes import REPO, Netns
 
