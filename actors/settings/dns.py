@@ -308,7 +308,7 @@ def _plain_servers(upstreams: tuple[Upstream, ...]) -> tuple[tuple[str, int], ..
 def _check_bootstrap(settings: DnsSettings) -> None:
     """A host name needs a bootstrap server, and a bootstrap server that is this
     controller would ask itself (then its named upstream) for that name."""
-    lists = [settings.upstreams, *settings.groups.values()]
+    lists = [settings.upstreams, *(g.upstreams for g in settings.groups.values())]
     lists += [r.upstreams for r in settings.routes] + [o.upstreams for o in settings.source_overrides]
     named = next((u for upstreams in lists for u in upstreams if u.named), None)
     if named is None:

@@ -14,7 +14,7 @@ from meshsup.actors.dns.interception import IP_ORIGDSTADDR, IPV6_ORIGDSTADDR, or
 from meshsup.actors.dns.resolver import Resolver
 from meshsup.actors.dns.rules import ForwardTo, Reject, Router, matches
 from meshsup.actors.settings.dns import INTERCEPT_V4, DnsSettings
-from meshsup.actors.settings.dnstypes import Matcher, Rule, parse_upstream
+from meshsup.actors.settings.dnstypes import Matcher, Rule, UpstreamGroup, parse_upstream
 from tests.actors.dns.helpers import CLIENT, only_forward, query_wire, reply_of, settings, upstream_answer
 
 U1, U2 = parse_upstream("udp://198.51.100.1"), parse_upstream("udp://198.51.100.2")
@@ -59,7 +59,7 @@ def test_dst_matcher(match, destination, hit):
 
 def test_decisions_by_destination_are_cached_apart():
     rules = [Rule(Matcher.parse("dst:203.0.113.53"), "other"), Rule(Matcher.parse("dst:203.0.113.54"), "reject")]
-    router = Router(rules=rules, routes=[], groups={"other": [U2]}, default=[U1])
+    router = Router(rules=rules, routes=[], groups={"other": UpstreamGroup((U2,))}, default=UpstreamGroup((U1,)))
     assert router.by_destination
     grouped = router.route("www.example", 1, "198.51.100.9", "203.0.113.53")
     assert isinstance(grouped, ForwardTo) and grouped.upstreams == (U2,) and grouped.view == "group other"
@@ -67,7 +67,10 @@ def test_decisions_by_destination_are_cached_apart():
     straight = router.route("www.example", 1, "198.51.100.9")
     assert isinstance(straight, ForwardTo) and straight.upstreams == (U1,) and straight.view == ""
     by_name = Router(
-        rules=[Rule(Matcher.parse("suffix:example"), "other")], routes=[], groups={"other": [U2]}, default=[U1]
+        rules=[Rule(Matcher.parse("suffix:example"), "other")],
+        routes=[],
+        groups={"other": UpstreamGroup((U2,))},
+        default=UpstreamGroup((U1,)),
     )
     assert not by_name.by_destination and by_name.route("www.example", 1, "198.51.100.9").view == ""
 
