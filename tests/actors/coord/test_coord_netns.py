@@ -1,0 +1,97 @@
+"""Nodes that find each other through NATS: no [[peers]], only [coordination] (namespaces)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshsup.supervisor.lab import descendants_by_state_dir
+from tests.actors.coord.natsrv import NatsServer
+from tests.topology import Identity, Netns, Node, Underlay, have, meshsup_config, ping
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(bool(have("nats-server", "wireguard-go")), reason=str(have("nats-server", "wireguard-go"))),
+]
+
+LIFETIME = 6
+
+
+@pytest.fixture
+def underlay() -> Iterator[Underlay]:
+    u = Underlay()
+    try:
+        yield u
+    finally:
+        u.close()
+
+
+def coordination(servers: list[NatsServer], **extra: object) -> str:
+    urls = ", ".join(f'"{s.url}"' for s in servers)
+    more = "".join(f"{k} = {v}\n" for k, v in extra.items())
+    return f'\n[coordination]\nservers = [{urls}]\nmesh = "test"\nlifetime = {LIFETIME}\n{more}'
+
+
+def start_node(
+    u: Underlay, tmp: Path, ident: Identity, servers: list[NatsServer], **extra: object
+) -> tuple[Netns, Node]:
+    ns, addr = u.host()
+    ident.endpoint = f"{addr}:51820"
+    node = u.track(
+        Node(tmp, "--config", str(meshsup_config(tmp, ident, [], extra=coordination(servers, **extra))), netns=ns)
+    )
+    node.wait_ready()
+    return ns, node
+
+
+def peer_names(node: Node) -> set[str]:
+    return {p["name"] for p in node.status()["peers"]}
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (the supervisor, its fork server, the actors)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return [pid]
+    return [pid, *(p for c in children for p in process_tree(int(c)))]
+
+
+def kill_node(node: Node) -> None:
+    """The whole node at once, as a power cut: nothing takes its record away."""
+    for pid in [*process_tree(node.proc.pid), *descendants_by_state_dir(node.state_dir)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    node.proc.wait(10)
+
+
+def test_nodes_find_each_other_through_one_server(underlay: Underlay, tmp_path: Path) -> None:
+    u = underlay
+    ns_n, addr_n = u.host()
+    server = u.track(NatsServer(ns_n, addr_n, tmp_path, "n1"))
+    server.wait_ready()
+    idents = [Identity(name, i) for i, name in enumerate(("alpha", "bravo", "charlie"), 1)]
+    nodes = [start_node(u, tmp_path, ident, [server]) for ident in idents]
+    for ident, (_, node) in zip(idents, nodes):
+        others = {i.name for i in idents} - {ident.name}
+        node.wait(lambda node=node, others=others: peer_names(node) == others, 20, f"{ident.name}'s peers")
+    for ident, (ns, _) in zip(idents, nodes):
+        for other in idents:
+            if other is not ident:
+                assert ping(ns, other.v4, count=2), f"{ident.name} -> {other.name}"
+    # A node that stops takes its record with it: gone from the others at once.
+    nodes[2][1].close()
+    for _, node in nodes[:2]:
+        node.wait(lambda node=node: "charlie" not in peer_names(node), 5, "charlie gone")
+    # One that dies leaves its record to expire: gone within its lifetime.
+    kill_node(nodes[1][1])
+    alpha = nodes[0][1]
+    alpha.wait(lambda: "bravo" not in peer_names(alpha), LIFETIME + 4, "bravo expired")
+    assert alpha.status()["coordination"]["up"]
