@@ -29,7 +29,8 @@ from meshsup.actors.settings.node import IPNetwork, parse_endpoint
 from meshsup.actors.settings.wire import encode
 
 PUSH_INTERVAL = 0.1  # at most this often a new peer set to the supervisor: a flood is coalesced
-WATCH_GRACE = 5.0  # our own write not seen on the watch in this long: the watch is started again
+ECHO_GRACE = 1.0  # our own write not seen on the watch in this long: nothing expires until it is
+WATCH_GRACE = 3.0  # ... and in this long: the watch is started again
 
 
 class CoordActor(Actor):
@@ -45,8 +46,9 @@ class CoordActor(Actor):
         self.taking: dict[int, IPNetwork] = {}  # compare-and-set in flight
         self.refused: set[IPNetwork] = set()
         self.written: bytes = b""  # the record as last written
-        self.written_revision = 0
-        self.written_at = 0.0
+        self.written_revision = 0  # its revision, once the write is acknowledged
+        self.echo_since: float | None = None  # since when a write of ours waits to be seen on the watch
+        self.rewatched = 0.0
         self.next_refresh = 0.0
         self.pushed: MeshPeers | None = None
         self.next_push = 0.0
@@ -80,8 +82,11 @@ class CoordActor(Actor):
                 parse_endpoint(e)
         except ValueError as err:
             raise ConfigError(f"local: {err}") from None
-        self.local = {"disco": disco, "endpoints": endpoints, "relay": str(args.get("relay") or "")}
-        self.next_refresh = 0.0
+        local = {"disco": disco, "endpoints": endpoints, "relay": str(args.get("relay") or "")}
+        if local != self.local:
+            self.log.info("record's endpoints changed", endpoints=endpoints, relay=local["relay"])
+            self.local = local
+            self.next_refresh = 0.0
         return {}
 
     # --- the bucket ---------------------------------------------------------------
@@ -123,7 +128,7 @@ class CoordActor(Actor):
                 self._count("address_race_lost" if event.error == "wrong_revision" else "write_failed")
         elif event.key == node_key(self.settings.node.name):
             if event.ok:
-                self.written_revision, self.written_at = event.revision, now
+                self.written_revision = event.revision
             else:
                 self.written = b""  # written again at the next tick
                 self.next_refresh = now + 1.0
@@ -182,14 +187,29 @@ class CoordActor(Actor):
             if record is not None and (record.encode() != self.written or now >= self.next_refresh):
                 self.written = record.encode()
                 self.next_refresh = now + self.settings.coordination.lifetime / 3
-                self.written_revision, self.written_at = 0, now
+                self.written_revision = 0
+                self.echo_since = now if self.echo_since is None else self.echo_since
                 self.link.put(node_key(record.name), self.written)
-            if self.written_revision > self.view.revision and now - self.written_at > WATCH_GRACE:
-                self._count("watch_stalled")  # our own write never came back: the watch is stuck
-                self.written_at = now
-                self.link.rewatch()
+            self._check_echo(now)
         if now >= self.next_push:
             self._push(now)
+
+    def _check_echo(self, now: float) -> None:
+        """Our own write not seen back on the watch: the watch may be stuck (its server gone, a
+        new one not yet noticed) or writes failing. Until it comes back nothing expires, since what
+        we do not hear may be alive; if it takes long, the watch is started again."""
+        assert self.view is not None and self.link is not None
+        if self.echo_since is None:
+            return
+        if self.written_revision and self.view.revision >= self.written_revision:
+            self.echo_since = None
+            self.view.resume(now)
+        elif now - self.echo_since > ECHO_GRACE:
+            self.view.pause(self.echo_since)
+            if now - max(self.echo_since, self.rewatched) > WATCH_GRACE:
+                self._count("watch_stalled")
+                self.rewatched = now
+                self.link.rewatch()
 
     def _push(self, now: float) -> None:
         assert self.view is not None and self.settings is not None

@@ -35,7 +35,7 @@ DEFAULT_ROUTES = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"
 @dataclass
 class Live:
     record: NodeRecord
-    revision: int
+    since: int  # the revision this key first held this public key: the older holder wins a conflict
     expires: float  # monotonic
 
 
@@ -84,7 +84,9 @@ class MeshView:
         if life <= 0:
             self.records.pop(key, None)  # written by a node that stopped refreshing it long ago
             return None
-        self.records[key] = Live(record, revision, now + life)
+        known = self.records.get(key)
+        since = known.since if known is not None and known.record.public_key == record.public_key else revision
+        self.records[key] = Live(record, since, now + life)
         self.applied += 1
         return None
 
@@ -129,11 +131,11 @@ class MeshView:
         return claim.settled <= now and not any(live.record.public_key == claim.owner for live in self.records.values())
 
     def peers(self, own_key: bytes, exit_node: str = "") -> list[PeerSettings]:
-        """The live records but the node's own, as peers: the first revision to hold a key or an
-        address keeps it (a later record claiming one is counted as a conflict and left out)."""
+        """The live records but the node's own, as peers, by name: the record that held a key or
+        an address first keeps it (a later one claiming it is counted as a conflict and left out)."""
         taken_keys, taken_addrs = {own_key}, set()
         out, self.conflicts = [], 0
-        for live in sorted(self.records.values(), key=lambda live: live.revision):
+        for live in sorted(self.records.values(), key=lambda live: live.since):
             r = live.record
             if r.public_key in taken_keys or taken_addrs & set(r.addresses):
                 self.conflicts += r.public_key != own_key
@@ -146,7 +148,7 @@ class MeshView:
             if r.exit and exit_node == r.name:
                 allowed += DEFAULT_ROUTES
             out.append(PeerSettings(r.name, r.public_key, None, tuple(allowed), r.endpoints, 0))
-        return out
+        return sorted(out, key=lambda p: p.name)
 
     def status(self) -> dict[str, object]:
         return {

@@ -95,3 +95,56 @@ def test_nodes_find_each_other_through_one_server(underlay: Underlay, tmp_path: 
     alpha = nodes[0][1]
     alpha.wait(lambda: "bravo" not in peer_names(alpha), LIFETIME + 4, "bravo expired")
     assert alpha.status()["coordination"]["up"]
+
+
+def cluster(u: Underlay, tmp: Path) -> list[NatsServer]:
+    hosts = [u.host() for _ in range(3)]
+    addrs = [a for _, a in hosts]
+    servers = [
+        u.track(NatsServer(ns, addr, tmp, f"n{i}", [a for a in addrs if a != addr]))
+        for i, (ns, addr) in enumerate(hosts, 1)
+    ]
+    for s in servers:
+        s.wait_ready()
+    return servers
+
+
+def test_a_cluster_loses_a_server_unnoticed_and_all_of_them_without_harm(underlay: Underlay, tmp_path: Path) -> None:
+    u = underlay
+    servers = cluster(u, tmp_path)
+    idents = [Identity(name, i) for i, name in enumerate(("alpha", "bravo", "charlie"), 1)]
+    nodes = [start_node(u, tmp_path, ident, servers, replicas=3) for ident in idents]
+    everyone = {i.name for i in idents}
+    for ident, (_, node) in zip(idents, nodes):
+        node.wait(lambda node=node, ident=ident: peer_names(node) == everyone - {ident.name}, 30, "peers")
+    # One server killed mid-run: a newcomer still reaches everyone, and everyone still pings.
+    servers[0].stop()
+    delta = Identity("delta", 4)
+    ns_d, node_d = start_node(u, tmp_path, delta, servers, replicas=3)
+    everyone.add("delta")
+    for ident, (_, node) in [*zip(idents, nodes), (delta, (ns_d, node_d))]:
+        node.wait(lambda node=node, ident=ident: peer_names(node) == everyone - {ident.name}, 20, "delta seen")
+    assert ping(ns_d, idents[0].v4, count=2) and ping(nodes[0][0], delta.v4, count=2)
+    # Every server down: the mesh runs on as it was, past the records' lifetime.
+    generations = [node.status()["node"]["generation"] for _, node in nodes]
+    for s in servers[1:]:
+        s.stop()
+    alpha = nodes[0][1]
+    alpha.wait(lambda: not alpha.status()["coordination"]["up"], 15, "alpha sees the servers gone")
+    deadline_status = None
+    for _ in range(2):
+        assert ping(nodes[0][0], idents[1].v4, count=2, timeout=LIFETIME)  # takes a lifetime, twice
+    for ident, (_, node) in zip(idents, nodes):
+        deadline_status = node.status()
+        assert {p["name"] for p in deadline_status["peers"]} == everyone - {ident.name}
+    # Back: each node picks up where it left, reconfiguring nothing (no change was missed or replayed).
+    for s in servers:
+        s.start()
+    for _, node in nodes:
+        node.wait(lambda node=node: node.status()["coordination"]["up"], 40, "coordination back")
+    for (_, node), generation in zip(nodes, generations):
+        assert node.status()["node"]["generation"] == generation
+    # And changes flow again: a node that stops is gone from the others.
+    node_d.close()
+    for _, node in nodes:
+        node.wait(lambda node=node: "delta" not in peer_names(node), 10, "delta gone")
