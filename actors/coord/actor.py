@@ -105,6 +105,8 @@ class CoordActor(Actor):
             elif isinstance(event, Down):
                 if self.up:
                     self.log.warning("coordination down, keeping the mesh as it is", reason=event.reason)
+                else:
+                    self._ratelimited_warning("coordination unreachable", "", event.reason)
                 self.up = False
                 self.view.pause(now)
                 self._count("down")

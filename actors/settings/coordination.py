@@ -112,3 +112,26 @@ def _file(c: Table, k: str, base: Path) -> Path | None:
     if not path.is_file():
         raise c.fail(k, f"{path} is not a readable file")
     return path
+
+
+def node_permissions(mesh: str, name: str) -> dict[str, dict[str, list[str]]]:
+    """What a node named `name` needs of nats-server to take part in `mesh`, and nothing more: it
+    writes its own record and address claims, watches the bucket, and cannot write another's
+    record or the policy (the server refuses it: "permissions violation"). For nats-server's
+    `authorization { users = [...] }`; the operator makes the bucket (nodes may not)."""
+    stream = f"KV_meshsup-{mesh}"
+    return {
+        "publish": {
+            "allow": [
+                f"$KV.meshsup-{mesh}.node.{name}",
+                f"$KV.meshsup-{mesh}.addr.>",
+                f"$JS.API.STREAM.INFO.{stream}",
+                f"$JS.API.CONSUMER.CREATE.{stream}",
+                f"$JS.API.CONSUMER.CREATE.{stream}.>",
+                f"$JS.API.CONSUMER.INFO.{stream}.*",
+                f"$JS.API.CONSUMER.DELETE.{stream}.*",
+                f"$JS.FC.{stream}.>",
+            ]
+        },
+        "subscribe": {"allow": ["_INBOX.>"]},
+    }

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from meshsup.actors.settings.coordination import node_permissions
 from meshsup.supervisor.lab import descendants_by_state_dir
-from tests.actors.coord.natsrv import NatsServer
+from tests.actors.coord.natsrv import NatsServer, client
 from tests.topology import Identity, Netns, Node, Underlay, have, meshsup_config, ping
 
 pytestmark = [
@@ -20,6 +23,17 @@ pytestmark = [
 ]
 
 LIFETIME = 6
+
+
+@pytest.fixture
+def readable_dir() -> Iterator[Path]:
+    """A directory the unprivileged coord actor can read files from (credentials)."""
+    d = Path(tempfile.mkdtemp(prefix="coordtest"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -148,3 +162,43 @@ def test_a_cluster_loses_a_server_unnoticed_and_all_of_them_without_harm(underla
     node_d.close()
     for _, node in nodes:
         node.wait(lambda node=node: "delta" not in peer_names(node), 10, "delta gone")
+
+
+def test_a_node_may_write_only_its_own_record(underlay: Underlay, tmp_path: Path, readable_dir: Path) -> None:
+    """NATS permissions per node (node_permissions): alpha's attempts on bravo's record and on the
+    policy are refused by the server, and bravo stays as it was everywhere."""
+    u = underlay
+    ns_n, addr_n = u.host()
+    names = ("alpha", "bravo")
+    users = [{"user": "admin", "password": "operator-secret"}] + [
+        {"user": n, "password": f"{n}-secret", "permissions": node_permissions("test", n)} for n in names
+    ]
+    server = u.track(NatsServer(ns_n, addr_n, tmp_path, "n1", users=users))
+    server.wait_ready()
+    client(ns_n, server.url, "admin", "operator-secret", "pass")  # the operator makes the bucket
+    idents = [Identity(n, i) for i, n in enumerate(names, 1)]
+    nodes = []
+    for ident in idents:
+        secret = readable_dir / f"{ident.name}.password"
+        secret.write_text(f"{ident.name}-secret")
+        secret.chmod(0o644)  # the coord actor reads it as the user meshsup
+        nodes.append(start_node(u, tmp_path, ident, [server], user=f'"{ident.name}"', password_file=f'"{secret}"'))
+    for ident, (_, node) in zip(idents, nodes):
+        node.wait(lambda node=node, ident=ident: peer_names(node) == set(names) - {ident.name}, 20, "peers")
+    (ns_a, alpha), (_, bravo) = nodes
+    before = next(p for p in alpha.status()["peers"] if p["name"] == "bravo")
+    attempts = """
+for key in ("node.bravo", "policy"):
+    try:
+        await kv.put(key, b'{"v":1,"name":"bravo","key":"x"}')
+        print(key, "written")
+    except Exception as err:
+        print(key, "refused", type(err).__name__)
+"""
+    out = client(ns_a, server.url, "alpha", "alpha-secret", attempts)
+    assert "node.bravo refused" in out and "policy refused" in out, out
+    assert "Publish Violation" in server.log_path.read_text()
+    after = next(p for p in alpha.status()["peers"] if p["name"] == "bravo")
+    assert after["public_key"] == before["public_key"] and after["allowed_ips"] == before["allowed_ips"]
+    assert ping(ns_a, idents[1].v4, count=2)
+    assert bravo.status()["coordination"]["up"]
