@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from meshsup.actors.settings.coordination import node_permissions
+from meshsup.actors.settings.keys import b64
 from meshsup.supervisor.lab import descendants_by_state_dir
 from tests.actors.coord.natsrv import NatsServer, client
 from tests.topology import Identity, Netns, Node, Underlay, have, meshsup_config, ping
@@ -202,3 +204,38 @@ for key in ("node.bravo", "policy"):
     assert after["public_key"] == before["public_key"] and after["allowed_ips"] == before["allowed_ips"]
     assert ping(ns_a, idents[1].v4, count=2)
     assert bravo.status()["coordination"]["up"]
+
+
+def test_nodes_without_addresses_take_free_ones(underlay: Underlay, tmp_path: Path) -> None:
+    """No [node] addresses: each node takes one from 100.64.0.0/10 and one from the ULA pool by
+    compare-and-set, all different, and the mesh uses them."""
+    u = underlay
+    ns_n, addr_n = u.host()
+    server = u.track(NatsServer(ns_n, addr_n, tmp_path, "n1"))
+    server.wait_ready()
+    nodes = []
+    for name in ("alpha", "bravo", "charlie"):
+        ns, _ = u.host()
+        ident = Identity(name, 0)
+        key = tmp_path / f"{name}.key"
+        key.write_text(b64(ident.private))
+        key.chmod(0o600)
+        config = tmp_path / f"{name}.toml"
+        config.write_text(f'[node]\nname = "{name}"\nprivate_key_file = "{key}"\n' + coordination([server]))
+        nodes.append((ns, u.track(Node(tmp_path, "--config", str(config), netns=ns))))
+    taken = {}
+    for _, node in nodes:
+        node.wait_ready()
+        status = node.wait(lambda node=node: len((s := node.status())["coordination"]["addresses"]) == 2 and s)
+        taken[status["node"]["name"]] = status["coordination"]["addresses"]
+    v4s = [ipaddress.ip_interface(a[0]) for a in taken.values()]
+    v6s = [ipaddress.ip_interface(a[1]) for a in taken.values()]
+    assert len(set(v4s)) == len(set(v6s)) == 3
+    assert all(a.ip in ipaddress.ip_network("100.64.0.0/10") for a in v4s)
+    assert all(a.ip in ipaddress.ip_network("fd7a:115c:a1e0::/48") for a in v6s)
+    for (ns, node), name in zip(nodes, taken):
+        node.wait(lambda node=node: len(node.status()["peers"]) == 2, 20, "peers")
+        assert node.status()["node"]["addresses"] == taken[name]
+        for other, addrs in taken.items():
+            if other != name:
+                assert ping(ns, str(ipaddress.ip_interface(addrs[0]).ip), count=2), f"{name} -> {other}"
