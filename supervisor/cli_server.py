@@ -50,6 +50,8 @@ class CliServer:
         self.reconfigure = reconfigure
         self.socket = bind(ctx, zmq.ROUTER, runtime.cli)
         grant(runtime.cli, unprivileged=False)
+        # With [coordination]: what the supervisor made of the mesh's peers and policy (node.py)
+        self.mesh_status: Callable[[], dict[str, Any]] = dict
 
     def drain(self) -> None:
         for _ in range(64):
@@ -148,7 +150,7 @@ class CliServer:
             ),
             "supervisor": {"bus_dropped": self.hub.bus_dropped},
             "health": self._health(),
-            **({} if coord is None else {"coordination": _coordination(coord)}),
+            **({} if coord is None else {"coordination": {**_coordination(coord), "applied": self.mesh_status()}}),
         }
 
     def _health(self) -> list[dict[str, Any]]:

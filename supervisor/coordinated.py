@@ -4,7 +4,8 @@ The entry point the supervisor calls is `Coordinated.take` (the coord actor's wh
 checked) and `merge` (the config as a file or `wg set` gave it, plus that set): the result goes
 through the same ordered steps as a reload, so only the peers that changed change.
 [[peers]] win: a coordinated peer with the key or the name of a configured one (or of the node)
-is left out.
+is left out. The mesh's policy, when there is one, replaces [filter] and the mesh-wide [dns] keys
+it names; one that does not parse is refused whole (the last good one stays) and says why.
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshsup.actors.bus.messages import MeshPeers
-from meshsup.actors.settings import Settings
-from meshsup.actors.settings.node import IPInterface, PeerSettings
+from meshsup.actors.settings import ConfigError, Settings
+from meshsup.actors.settings.dns import DnsSettings
+from meshsup.actors.settings.filter import FilterSettings, parse_filter
+from meshsup.actors.settings.node import IPInterface, NodeSettings, PeerSettings
 from meshsup.actors.settings.wire import WireError, decode
+
+POLICY_FILE = "(mesh policy)"  # what a policy's errors name as their file
 
 
 @dataclass
@@ -26,6 +31,9 @@ class Coordinated:
     revision: int = 0
     refused: int = 0  # MeshPeers that did not decode (never applied in part)
     shadowed: list[str] = field(default_factory=list)  # names left out for a [[peers]] entry's key or name
+    policy: dict[str, Any] = field(default_factory=dict)
+    good_policy: dict[str, Any] = field(default_factory=dict)  # the last that parsed
+    policy_error: str = ""  # why the latest did not
 
     def take(self, msg: MeshPeers) -> bool:
         """The coord actor's news, whole or not at all; False if it does not decode."""
@@ -35,7 +43,7 @@ class Coordinated:
         except (WireError, ValueError):
             self.refused += 1
             return False
-        self.peers, self.addresses, self.revision = peers, addresses, msg.revision
+        self.peers, self.addresses, self.revision, self.policy = peers, addresses, msg.revision, msg.policy
         return True
 
     def merge(self, static: Settings) -> Settings:
@@ -60,7 +68,29 @@ class Coordinated:
             keys.add(p.public_key)
             names.add(p.name)
             added.append(p)
-        return replace(static, node=node, dns=dns, peers=(*static.peers, *added))
+        peers = (*static.peers, *added)
+        packet_filter, dns = self._with_policy(node, list(peers), static.filter, dns)
+        return replace(static, node=node, dns=dns, peers=peers, filter=packet_filter)
+
+    def _with_policy(
+        self, node: NodeSettings, peers: list[PeerSettings], packet_filter: FilterSettings, dns: DnsSettings
+    ) -> tuple[FilterSettings, DnsSettings]:
+        """The policy's filter and DNS keys over the config's: the latest policy, else the last good."""
+        self.policy_error = ""
+        for policy in (self.policy, self.good_policy):
+            if not policy:
+                return packet_filter, dns
+            try:
+                mesh_dns = DnsSettings.from_config(policy.get("dns", {}), {})
+                if "filter" in policy:
+                    packet_filter = parse_filter(POLICY_FILE, policy["filter"], node, peers, True)
+                result = packet_filter, replace(dns, **{k: getattr(mesh_dns, k) for k in policy.get("dns", {})})
+            except (ConfigError, ValueError) as err:
+                self.policy_error = self.policy_error or str(err)
+                continue
+            self.good_policy = policy
+            return result
+        return packet_filter, dns
 
     def status(self) -> dict[str, object]:
         return {
@@ -69,6 +99,8 @@ class Coordinated:
             "addresses": [str(a) for a in self.addresses],
             "refused": self.refused,
             "shadowed": self.shadowed,
+            "policy": bool(self.policy),
+            "policy_error": self.policy_error,
         }
 
 

@@ -65,6 +65,7 @@ class Supervisor:
         self.tree.on_mesh = self.on_mesh
         self.health = Health(no_handshake_after(os.environ))
         self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure, self.health)
+        self.cli.mesh_status = self.mesh.status
         self.wg = UapiFront(self.tree, self.reconfigure, log)
         self.metrics = MetricsFront(self.tree, self.cli.status, log)
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -199,6 +200,8 @@ class Supervisor:
             self.log.warning("mesh peers refused: they do not decode", revision=msg.revision)
             return
         self._apply_mesh()
+        if self.mesh.policy_error:
+            self.log.warning("mesh policy refused, the last good one kept", error=self.mesh.policy_error)
 
     def _apply_mesh(self) -> None:
         if self.mesh_applying:

@@ -287,3 +287,4 @@ class MeshPeers(Message):
     revision: int  # the bucket's last revision behind them
     peers: list[Any]  # actors.settings.node.PeerSettings, each in its wire form
     addresses: list[str]  # the node's own, taken from the pools; []: as configured
+    policy: dict[str, Any]  # {"filter": [filter] table, "dns": mesh-wide [dns] keys}; {}: none

@@ -220,8 +220,13 @@ class CoordActor(Actor):
             revision=self.view.revision,
             peers=[encode(p) for p in peers],
             addresses=[str(self.addresses[v]) for v in sorted(self.addresses)] if len(self.addresses) == 2 else [],
+            policy=self.view.policy,
         )
-        if self.pushed is None or (msg.peers, msg.addresses) != (self.pushed.peers, self.pushed.addresses):
+        if self.pushed is None or (msg.peers, msg.addresses, msg.policy) != (
+            self.pushed.peers,
+            self.pushed.addresses,
+            self.pushed.policy,
+        ):
             if self.pushed is not None or self.up:  # nothing to say before the first catch-up
                 self._send(msg)
                 self.pushed = msg

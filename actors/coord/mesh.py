@@ -16,14 +16,17 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshsup.actors.coord.record import (
     ADDR_PREFIX,
     NODE_PREFIX,
+    POLICY_KEY,
     NodeRecord,
     RecordError,
     address_of_key,
     decode,
+    decode_policy,
 )
 from meshsup.actors.settings.coordination import CoordinationSettings
 from meshsup.actors.settings.keys import b64, parse_key
@@ -55,6 +58,7 @@ class MeshView:
     paused_at: float | None = None
     dropped: Counter[str] = field(default_factory=Counter)
     applied: int = 0
+    policy: dict[str, Any] = field(default_factory=dict)  # {}: none; a bad one leaves the last good
     conflicts: int = 0  # live records left out by the last peers(): a key or address held first by another
 
     def apply(self, key: str, value: bytes | None, revision: int, age: float, now: float) -> str | None:
@@ -68,7 +72,17 @@ class MeshView:
             return self._record(key, value, revision, max(0.0, age), now)
         if key.startswith(ADDR_PREFIX):
             return self._claim(key, value, revision, now + self.settings.lifetime - max(0.0, age))
-        return None  # the policy and keys of later versions: not records
+        if key == POLICY_KEY:
+            return self._policy(value)
+        return None  # keys of later versions
+
+    def _policy(self, value: bytes | None) -> str | None:
+        try:
+            self.policy = decode_policy(value) if value is not None else {}
+        except RecordError as err:
+            self.dropped[err.reason] += 1
+            return str(err)
+        return None
 
     def _record(self, key: str, value: bytes | None, revision: int, age: float, now: float) -> str | None:
         if value is None:

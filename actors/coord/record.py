@@ -1,7 +1,8 @@
 """A node's record in the mesh's bucket, and the keys of the bucket: encoding and checking (sans-IO).
 
 Keys: `node.NAME` holds a node's record (JSON, below); `addr.ADDRESS` (dots and colons as '-')
-names the public key that holds a mesh address, taken by compare-and-set (alloc.py). A record
+names the public key that holds a mesh address, taken by compare-and-set (alloc.py); `policy`
+holds the mesh's filter and DNS settings, which the operator writes (decode_policy). A record
 read from the bucket is data from anyone who can write there: it is checked whole before
 any of it is used, and refused with the reason, which the actor counts.
 """
@@ -22,6 +23,10 @@ MAX_ENDPOINTS = 16
 MAX_ROUTES = 64
 NODE_PREFIX = "node."
 ADDR_PREFIX = "addr."
+POLICY_KEY = "policy"
+# What the policy may set: a whole [filter], and the [dns] keys that are the mesh's, not a node's.
+POLICY_DNS_KEYS = frozenset({"domain", "upstreams", "search", "routes", "rules", "groups", "srv"})
+MAX_POLICY = 256 * 1024
 
 
 class RecordError(ValueError):
@@ -99,6 +104,25 @@ def decode(key: str, value: bytes, settings: CoordinationSettings) -> NodeRecord
     if len(relay) > 64:
         raise RecordError("bad_field", "relay")
     return NodeRecord(name, public, disco, addresses, endpoints, relay, routes, _field(doc, "exit", bool))
+
+
+def decode_policy(value: bytes) -> dict[str, Any]:
+    """The policy's JSON: {"filter": {...as [filter]...}, "dns": {...}}, either part optional.
+    Its shape is checked here; its values by the settings' own parsers, where the supervisor
+    merges it (they need the peers)."""
+    if len(value) > MAX_POLICY:
+        raise RecordError("too_large", f"{len(value)} bytes")
+    try:
+        doc = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        raise RecordError("not_json") from None
+    if not isinstance(doc, dict) or set(doc) - {"filter", "dns"}:
+        raise RecordError("bad_policy", "a table of filter and dns")
+    if not all(isinstance(v, dict) for v in doc.values()):
+        raise RecordError("bad_policy", "filter and dns are tables")
+    if set(doc.get("dns", {})) - POLICY_DNS_KEYS:
+        raise RecordError("bad_policy", f"dns keys other than {', '.join(sorted(POLICY_DNS_KEYS))}")
+    return doc
 
 
 def _field(doc: dict[str, Any], name: str, kind: type) -> Any:

@@ -37,7 +37,7 @@ def test_mesh_peers_join_the_configured_ones(tmp_path: Path) -> None:
     clash_name = peer("bravo", public_of(generate_private()), "100.64.0.5/32")
     taken = ["100.64.7.7/32", "fd7a:115c:a1e0::77/128"]
     wire = [encode(p) for p in (charlie, clash_key, clash_name)]
-    assert mesh.take(MeshPeers(revision=9, peers=wire, addresses=taken))
+    assert mesh.take(MeshPeers(revision=9, peers=wire, addresses=taken, policy={}))
     merged = mesh.merge(s)
     assert [p.name for p in merged.peers] == ["bravo", "charlie"]
     assert merged.peers[0].public_key == STATIC_PEER
@@ -49,8 +49,8 @@ def test_mesh_peers_join_the_configured_ones(tmp_path: Path) -> None:
 def test_a_peer_set_that_does_not_decode_changes_nothing(tmp_path: Path) -> None:
     mesh = Coordinated()
     good = peer("charlie", public_of(generate_private()), "100.64.0.3/32")
-    assert mesh.take(MeshPeers(revision=1, peers=[encode(good)], addresses=[]))
-    assert not mesh.take(MeshPeers(revision=2, peers=[encode(good), {"name": 1}], addresses=[]))
+    assert mesh.take(MeshPeers(revision=1, peers=[encode(good)], addresses=[], policy={}))
+    assert not mesh.take(MeshPeers(revision=2, peers=[encode(good), {"name": 1}], addresses=[], policy={}))
     assert mesh.peers == (good,) and mesh.revision == 1 and mesh.refused == 1
 
 
@@ -61,3 +61,27 @@ def test_local_info_from_magicsock_status() -> None:
         "relays": [{"name": "r1", "home": False}, {"name": "r2", "home": True}],
     }
     assert local_info(status) == {"disco": "k", "endpoints": ["198.51.100.1:51820"], "relay": "r2"}
+
+
+def test_the_mesh_policy_replaces_filter_and_dns_keys_or_is_refused_whole(tmp_path: Path) -> None:
+    s = static(tmp_path)
+    mesh = Coordinated()
+    charlie = peer("charlie", public_of(generate_private()), "100.64.0.3/32")
+    policy = {
+        "filter": {
+            "default": "deny",
+            "groups": {"ops": ["charlie", "gone"]},
+            "rules": [{"action": "accept", "src": ["group:ops", "gone"], "dst": ["*:22"], "proto": "tcp"}],
+        },
+        "dns": {"domain": "corp"},
+    }
+    assert mesh.take(MeshPeers(revision=1, peers=[encode(charlie)], addresses=[], policy=policy))
+    merged = mesh.merge(s)
+    assert merged.filter.enabled and merged.filter.default == "deny"
+    assert merged.filter.rules[0].sources == (ipaddress.ip_network("100.64.0.3/32"),)  # "gone" matches nothing
+    assert merged.dns.domain == "corp" and merged.dns.listen == s.dns.listen
+    bad = {"filter": {"default": "maybe"}}
+    assert mesh.take(MeshPeers(revision=2, peers=[encode(charlie)], addresses=[], policy=bad))
+    again = mesh.merge(s)
+    assert again.filter == merged.filter and again.dns.domain == "corp"
+    assert "filter.default" in mesh.policy_error

@@ -66,7 +66,7 @@ class NatsServer:
         self.stop(signal.SIGTERM)
 
 
-def client(ns: Netns, url: str, user: str, password: str, body: str) -> str:
+def client(ns: Netns, url: str, body: str, user: str | None = None, password: str | None = None) -> str:
     """Run `body` (async Python, `kv` the mesh "test"'s bucket, `api` nats.js.api) as a NATS client
     in `ns`; what it prints. The bucket is made if missing (an operator's job)."""
     script = f"""

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +104,21 @@ def test_nodes_find_each_other_through_one_server(underlay: Underlay, tmp_path: 
         for other in idents:
             if other is not ident:
                 assert ping(ns, other.v4, count=2), f"{ident.name} -> {other.name}"
+    # The operator's policy reaches every node within 2 s: only alpha may ping, names in "corp".
+    policy = {
+        "filter": {"default": "deny", "rules": [{"action": "accept", "src": ["alpha"], "dst": ["*:*"]}]},
+        "dns": {"domain": "corp"},
+    }
+    client(ns_n, server.url, f"await kv.put('policy', {json.dumps(policy).encode()!r})")
+    written = time.monotonic()
+    for _, node in nodes:
+        node.wait(lambda node=node: node.status()["filter"]["default"] == "deny", 5, "policy")
+    assert time.monotonic() - written < 2.0
+    (ns_a, _), (ns_b, _) = nodes[0], nodes[1]
+    assert ping(ns_a, idents[1].v4, count=2)
+    assert not ping(ns_b, idents[2].v4, count=1, timeout=2)  # charlie's filter refuses bravo
+    answer = ns_a.run("dig", "+short", "+time=2", "@127.0.0.1", "bravo.corp", check=False).stdout.split()
+    assert answer == [idents[1].v4]
     # A node that stops takes its record with it: gone from the others at once.
     nodes[2][1].close()
     for _, node in nodes[:2]:
@@ -177,7 +194,7 @@ def test_a_node_may_write_only_its_own_record(underlay: Underlay, tmp_path: Path
     ]
     server = u.track(NatsServer(ns_n, addr_n, tmp_path, "n1", users=users))
     server.wait_ready()
-    client(ns_n, server.url, "admin", "operator-secret", "pass")  # the operator makes the bucket
+    client(ns_n, server.url, "pass", "admin", "operator-secret")  # the operator makes the bucket
     idents = [Identity(n, i) for i, n in enumerate(names, 1)]
     nodes = []
     for ident in idents:
@@ -197,7 +214,7 @@ for key in ("node.bravo", "policy"):
     except Exception as err:
         print(key, "refused", type(err).__name__)
 """
-    out = client(ns_a, server.url, "alpha", "alpha-secret", attempts)
+    out = client(ns_a, server.url, attempts, "alpha", "alpha-secret")
     assert "node.bravo refused" in out and "policy refused" in out, out
     assert "Publish Violation" in server.log_path.read_text()
     after = next(p for p in alpha.status()["peers"] if p["name"] == "bravo")

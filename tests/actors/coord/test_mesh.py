@@ -157,3 +157,20 @@ def test_a_node_takes_back_what_it_holds() -> None:
     assert alloc.held(view, SETTINGS.pool4, me) == net("100.64.9.9/32")
     assert alloc.held(view, SETTINGS.pool6, me) == net("fd7a:115c:a1e0::9/128")
     assert alloc.held(view, SETTINGS.pool4, key()) is None
+
+
+def test_the_policy_is_taken_whole_or_not_at_all() -> None:
+    view = MeshView(SETTINGS)
+    good = {"filter": {"default": "deny"}, "dns": {"domain": "corp"}}
+    assert view.apply("policy", json.dumps(good).encode(), 1, 0.0, 0.0) is None
+    assert view.policy == good
+    for bad, reason in (
+        (b"[1]", "bad_policy"),
+        (json.dumps({"dns": {"listen": ["0.0.0.0:53"]}}).encode(), "bad_policy"),  # a node's key, not the mesh's
+        (json.dumps({"filter": [1]}).encode(), "bad_policy"),
+        (b"\xff", "not_json"),
+    ):
+        assert view.apply("policy", bad, view.revision + 1, 0.0, 0.0).startswith(reason)
+        assert view.policy == good
+    view.apply("policy", None, view.revision + 1, 0.0, 0.0)
+    assert view.policy == {}
