@@ -31,6 +31,7 @@ from meshsup.actors.settings.wire import encode
 PUSH_INTERVAL = 0.1  # at most this often a new peer set to the supervisor: a flood is coalesced
 ECHO_GRACE = 1.0  # our own write not seen on the watch in this long: nothing expires until it is
 WATCH_GRACE = 3.0  # ... and in this long: the watch is started again
+LOCAL_WAIT = 3.0  # the first record waits this long at most for magicsock's endpoints
 
 
 class CoordActor(Actor):
@@ -53,6 +54,7 @@ class CoordActor(Actor):
         self.pushed: MeshPeers | None = None
         self.next_push = 0.0
         self.up = False
+        self.started = time.monotonic()
         self.counters: dict[str, int] = {}
 
     # --- configuration and the supervisor's news -----------------------------------
@@ -186,6 +188,8 @@ class CoordActor(Actor):
             if self.settings.coordination.allocate:
                 self._allocate(now)
             record = self._record()
+            if not self.local["endpoints"] and now < self.started + LOCAL_WAIT:
+                record = None  # a record without endpoints would be rewritten at once: wait for them
             if record is not None and (record.encode() != self.written or now >= self.next_refresh):
                 self.written = record.encode()
                 self.next_refresh = now + self.settings.coordination.lifetime / 3

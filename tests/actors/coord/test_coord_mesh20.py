@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -92,12 +94,14 @@ def test_twenty_nodes_three_servers(underlay: Underlay, tmp_path: Path) -> None:
     # A node that stops (killed: nothing takes its record away) is gone from the others within its lifetime.
     kill_node(nodes[-1][1])
     killed = time.monotonic()
-    for _, node in nodes[:3]:
-        node.wait(lambda node=node: idents[-1].name not in peer_names(node), LIFETIME + 6, "expired")
-    print(f"killed node gone from 3 others after {time.monotonic() - killed:.1f} s (lifetime {LIFETIME} s)")
+    first = nodes[0][1]
+    first.wait(lambda: idents[-1].name not in peer_names(first), LIFETIME + 10, "expired")
+    print(f"killed node gone after {time.monotonic() - killed:.1f} s (lifetime {LIFETIME} s; status polled)")
+    for _, node in nodes[1:-1]:
+        assert idents[-1].name not in peer_names(node)
     # A newcomer: every other node pings it from the moment it starts; each first answer is timed.
     newcomer = Identity("n99", 99)
-    started = time.monotonic()
+    started, started_wall = time.monotonic(), time.time()
     ns_new, node_new = launch(u, tmp_path, newcomer, servers)
     # (ping gives up at once while there is no route yet: it is run again until it is answered)
     until = f"until ping -c1 -W1 {newcomer.v4} >/dev/null 2>&1; do sleep 0.1; done"
@@ -115,5 +119,10 @@ def test_twenty_nodes_three_servers(underlay: Underlay, tmp_path: Path) -> None:
                 p.wait()
     ready = node_new.wait_ready()["node"]["ready"]
     assert ready and codes == [0] * len(pings)
-    print(f"newcomer answered all {len(pings)} nodes {max(times):.1f} s after it was started")
-    assert max(times) < 15.0
+    ready_at = next(json.loads(line)["timestamp"] for line in node_new.stderr().splitlines() if "node ready" in line)
+    ready_after = datetime.fromisoformat(ready_at.replace("Z", "+00:00")).timestamp() - started_wall
+    print(
+        f"newcomer answered all {len(pings)} nodes {max(times):.1f} s after it was started "
+        f"({max(times) - ready_after:.1f} s after it was ready)"
+    )
+    assert max(times) - ready_after < 5.0
