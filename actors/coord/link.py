@@ -81,6 +81,7 @@ class Link:
         self._rewatch = asyncio.Event()
         self._up = False
         self._stop = False
+        self._main_task: asyncio.Task[None] | None = None
         self.thread = threading.Thread(target=self._run, name="nats", daemon=True)
 
     # --- the actor's side -------------------------------------------------
@@ -113,23 +114,36 @@ class Link:
         self.loop.call_soon_threadsafe(self._rewatch.set)
 
     def close(self) -> None:
+        """Stop the thread (whatever it waits for: a connection, a server's answer) and close."""
         self._stop = True
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self._rewatch.set)
-        self.thread.join(3.0)
-        os.close(self.wake)
+        if self.thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._cancel)
+            self.thread.join(3.0)
+        with contextlib.suppress(OSError):
+            os.close(self.wake)
 
     def _submit(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def _emit(self, event: Event) -> None:
+        if self._stop:
+            return  # the actor no longer reads them (and the eventfd may be closed)
         self.events.append(event)
         os.eventfd_write(self.wake, 1)
 
     # --- the thread ---------------------------------------------------------
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._main())
+        self._main_task = self.loop.create_task(self._main())
+        with contextlib.suppress(asyncio.CancelledError):
+            self.loop.run_until_complete(self._main_task)
+        self.loop.run_until_complete(self._shutdown())
+        self.loop.close()
+
+    def _cancel(self) -> None:
+        if self._main_task is not None:
+            self._main_task.cancel()
 
     async def _main(self) -> None:
         delay = RETRY_MIN
@@ -141,6 +155,8 @@ class Link:
                 self._down(f"{type(err).__name__}: {err}"[:200])
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
+
+    async def _shutdown(self) -> None:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._sub.unsubscribe(), 0.5)

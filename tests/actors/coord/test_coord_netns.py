@@ -119,6 +119,27 @@ def test_nodes_find_each_other_through_one_server(underlay: Underlay, tmp_path: 
     assert not ping(ns_b, idents[2].v4, count=1, timeout=2)  # charlie's filter refuses bravo
     answer = ns_a.run("dig", "+short", "+time=2", "@127.0.0.1", "bravo.corp", check=False).stdout.split()
     assert answer == [idents[1].v4]
+    # Bad input: records that do not parse, a key that is no key, addresses outside the pools, and a
+    # flood of updates to bravo's record: counted, none applied, no actor restarted, bravo untouched.
+    bravo_record = client(ns_n, server.url, "print((await kv.get('node.bravo')).value.decode())").strip()
+    flood = f"""
+import json
+good = json.loads({bravo_record!r})
+for i in range(100):
+    await kv.put('node.mallory', b'{{not json' + bytes([i]))
+    await kv.put('node.bravo', json.dumps({{**good, 'key': 'not-a-key'}}).encode())
+    await kv.put('node.bravo', json.dumps({{**good, 'addresses': ['10.9.9.9/32']}}).encode())
+print(await kv.put('node.bravo', {bravo_record.encode()!r}))
+"""
+    last = int(client(ns_n, server.url, flood))
+    alpha = nodes[0][1]
+    alpha.wait(lambda: alpha.status()["coordination"]["revision"] >= last, 20, "the flood taken")
+    status = alpha.status()
+    refused = status["coordination"]["refused"]  # a watch behind a flood may see only a key's latest
+    assert refused["not_json"] and refused["bad_key"] and refused["bad_address"], refused
+    assert {p["name"] for p in status["peers"]} == {"bravo", "charlie"}
+    assert all(a["restarts"] == 0 for a in status["actors"])
+    assert ping(nodes[0][0], idents[1].v4, count=2)
     # A node that stops takes its record with it: gone from the others at once.
     nodes[2][1].close()
     for _, node in nodes[:2]:
