@@ -6,7 +6,9 @@ The control path
     (reload: CLI     (the `wg` API socket        (the tree takes the      each Configure acked
      or SIGHUP;       follows a new interface     config, generation + 1)  before the next is sent
      `wg set`;        name first)
-     `scale`)
+     `scale`; the
+     mesh's peers
+     from coord)
 
 `reload` and `wg set` stop before this when the new config equals the running
 one. Each step is a Configure carrying the whole config (without the keys for
