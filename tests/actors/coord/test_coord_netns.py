@@ -18,12 +18,13 @@ from meshsup.actors.settings.coordination import node_permissions
 from meshsup.actors.settings.keys import b64
 from meshsup.supervisor.lab import descendants_by_state_dir
 from tests.actors.coord.natsrv import NatsServer, client
-from tests.topology import Identity, Netns, Node, Underlay, have, meshsup_config, ping
+from tests.topology import Identity, Netns, Node, Underlay, have, meshsup_config, ping, start_wg
 
+MISSING = have("nats-server", "wireguard-go", "wg", "dig")
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
-    pytest.mark.skipif(bool(have("nats-server", "wireguard-go")), reason=str(have("nats-server", "wireguard-go"))),
+    pytest.mark.skipif(bool(MISSING), reason=str(MISSING)),
 ]
 
 LIFETIME = 6
@@ -56,13 +57,13 @@ def coordination(servers: list[NatsServer], **extra: object) -> str:
 
 
 def start_node(
-    u: Underlay, tmp: Path, ident: Identity, servers: list[NatsServer], **extra: object
+    u: Underlay, tmp: Path, ident: Identity, servers: list[NatsServer], static: list[Identity] = (), **extra: object
 ) -> tuple[Netns, Node]:
+    """A node with [coordination] (and `static` [[peers]]), ready."""
     ns, addr = u.host()
     ident.endpoint = f"{addr}:51820"
-    node = u.track(
-        Node(tmp, "--config", str(meshsup_config(tmp, ident, [], extra=coordination(servers, **extra))), netns=ns)
-    )
+    config = meshsup_config(tmp, ident, list(static), extra=coordination(servers, **extra))
+    node = u.track(Node(tmp, "--config", str(config), netns=ns))
     node.wait_ready()
     return ns, node
 
@@ -96,14 +97,27 @@ def test_nodes_find_each_other_through_one_server(underlay: Underlay, tmp_path: 
     server = u.track(NatsServer(ns_n, addr_n, tmp_path, "n1"))
     server.wait_ready()
     idents = [Identity(name, i) for i, name in enumerate(("alpha", "bravo", "charlie"), 1)]
-    nodes = [start_node(u, tmp_path, ident, [server]) for ident in idents]
+    # alpha also has a [[peers]] entry: whisky, a plain wireguard-go peer the mesh knows nothing of
+    whisky = Identity("whisky", 9)
+    ns_w, addr_w = u.host()
+    whisky.endpoint = f"{addr_w}:51820"
+    nodes = [start_node(u, tmp_path, idents[0], [server], static=[whisky])]
+    nodes += [start_node(u, tmp_path, ident, [server]) for ident in idents[1:]]
+    start_wg(u, tmp_path, ns_w, whisky, [idents[0]])
     for ident, (_, node) in zip(idents, nodes):
-        others = {i.name for i in idents} - {ident.name}
+        others = {i.name for i in idents} - {ident.name} | ({"whisky"} if ident.name == "alpha" else set())
         node.wait(lambda node=node, others=others: peer_names(node) == others, 20, f"{ident.name}'s peers")
     for ident, (ns, _) in zip(idents, nodes):
         for other in idents:
             if other is not ident:
                 assert ping(ns, other.v4, count=2), f"{ident.name} -> {other.name}"
+    assert ping(nodes[0][0], whisky.v4, count=2)
+    # A reload re-reads the file and merges the mesh's peers in again: nothing changes.
+    alpha = nodes[0][1]
+    generation = alpha.status()["node"]["generation"]
+    alpha.cli("reload")
+    assert alpha.status()["node"]["generation"] == generation
+    assert peer_names(alpha) == {"bravo", "charlie", "whisky"}
     # The operator's policy reaches every node within 2 s: only alpha may ping, names in "corp".
     policy = {
         "filter": {"default": "deny", "rules": [{"action": "accept", "src": ["alpha"], "dst": ["*:*"]}]},
@@ -137,7 +151,7 @@ print(await kv.put('node.bravo', {bravo_record.encode()!r}))
     status = alpha.status()
     refused = status["coordination"]["refused"]  # a watch behind a flood may see only a key's latest
     assert refused["not_json"] and refused["bad_key"] and refused["bad_address"], refused
-    assert {p["name"] for p in status["peers"]} == {"bravo", "charlie"}
+    assert {p["name"] for p in status["peers"]} == {"bravo", "charlie", "whisky"}
     assert all(a["restarts"] == 0 for a in status["actors"])
     assert ping(nodes[0][0], idents[1].v4, count=2)
     # A node that stops takes its record with it: gone from the others at once.
