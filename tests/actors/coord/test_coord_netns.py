@@ -291,3 +291,14 @@ def test_nodes_without_addresses_take_free_ones(underlay: Underlay, tmp_path: Pa
         for other, addrs in taken.items():
             if other != name:
                 assert ping(ns, str(ipaddress.ip_interface(addrs[0]).ip), count=2), f"{name} -> {other}"
+    # The coord actor killed: restarted, it takes back its addresses, and the mesh is not disturbed.
+    ns, node = nodes[0]
+    before = node.status()
+    coord = next(a for a in before["actors"] if a["kind"] == "coord")
+    os.kill(coord["pid"], signal.SIGKILL)
+    node.wait(lambda: next(a for a in node.actors().values() if a["kind"] == "coord")["restarts"] == 1, 20)
+    node.wait(lambda: node.status()["coordination"]["up"], 20, "coord back")
+    after = node.status()
+    assert after["coordination"]["addresses"] == before["coordination"]["addresses"]
+    assert after["node"]["generation"] == before["node"]["generation"]
+    assert {p["name"] for p in after["peers"]} == {p["name"] for p in before["peers"]}
