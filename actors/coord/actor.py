@@ -54,6 +54,8 @@ class CoordActor(Actor):
         self.pushed: MeshPeers | None = None
         self.next_push = 0.0
         self.up = False
+        self.down_since: float | None = None  # monotonic: since when the bucket is out of reach
+        self.last_error = ""
         self.started = time.monotonic()
         self.counters: dict[str, int] = {}
 
@@ -101,7 +103,7 @@ class CoordActor(Actor):
                 if refused and refused != "replayed":
                     self._ratelimited_warning("record refused", event.key, refused)
             elif isinstance(event, Up):
-                self.up = True
+                self.up, self.down_since = True, None
                 self.view.resume(now)
                 self.log.info("coordination up", revision=self.view.revision, records=len(self.view.records))
             elif isinstance(event, Down):
@@ -109,10 +111,12 @@ class CoordActor(Actor):
                     self.log.warning("coordination down, keeping the mesh as it is", reason=event.reason)
                 else:
                     self._ratelimited_warning("coordination unreachable", "", event.reason)
-                self.up = False
+                self.up, self.last_error = False, event.reason
+                self.down_since = self.down_since or now
                 self.view.pause(now)
                 self._count("down")
             elif isinstance(event, Problem):
+                self.last_error = event.reason
                 self._count("client_error")
                 self._ratelimited_warning("coordination client error", "", event.reason)
             elif isinstance(event, Written):
@@ -245,7 +249,15 @@ class CoordActor(Actor):
             self.log.warning(event, key=key[:80], reason=reason[:200])
 
     def status(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"counters": dict(self.counters), "up": self.up, "local": self.local}
+        # Out of reach: since a Down, or since the start while it never came up (health.py warns)
+        since = self.down_since if self.down_since is not None else None if self.up else self.started
+        info: dict[str, Any] = {
+            "counters": dict(self.counters),
+            "up": self.up,
+            "local": self.local,
+            "down_for": 0.0 if since is None else time.monotonic() - since,
+            "last_error": self.last_error,
+        }
         if self.view is not None:
             info["mesh"] = self.view.status()
         info["addresses"] = [str(a) for _, a in sorted(self.addresses.items())]

@@ -12,6 +12,8 @@ from meshsup.actors.settings.keys import b64, generate_private, public_of
 from meshsup.actors.settings.node import PeerSettings
 from meshsup.actors.settings.wire import encode
 from meshsup.supervisor.coordinated import Coordinated, local_info
+from meshsup.supervisor.health import COORDINATION_GRACE, Health
+from meshsup.supervisor.supervision import ActorProc
 
 STATIC_PEER = public_of(generate_private())
 
@@ -85,3 +87,20 @@ def test_the_mesh_policy_replaces_filter_and_dns_keys_or_is_refused_whole(tmp_pa
     again = mesh.merge(s)
     assert again.filter == merged.filter and again.dns.domain == "corp"
     assert "filter.default" in mesh.policy_error
+
+
+def test_unreachable_nats_servers_are_a_health_warning_after_a_grace() -> None:
+    health = Health()
+
+    def coord(down_for: float) -> ActorProc:
+        status = {"up": not down_for, "down_for": down_for, "last_error": "disconnected"}
+        return ActorProc("coord", "coord", state="running", status=status)
+
+    health.update(1000.0, [coord(COORDINATION_GRACE - 1)], 10.0)
+    assert health.warnings() == []
+    health.update(1001.0, [coord(COORDINATION_GRACE + 5)], 10.0)
+    (warning,) = health.warnings()
+    assert warning.code == "coordination-unreachable" and "last known state" in warning.message
+    assert "disconnected" in warning.message
+    health.update(1002.0, [coord(0.0)], 10.0)
+    assert health.warnings() == []

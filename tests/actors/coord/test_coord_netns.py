@@ -199,12 +199,12 @@ def test_a_cluster_loses_a_server_unnoticed_and_all_of_them_without_harm(underla
         s.stop()
     alpha = nodes[0][1]
     alpha.wait(lambda: not alpha.status()["coordination"]["up"], 15, "alpha sees the servers gone")
-    deadline_status = None
     for _ in range(2):
         assert ping(nodes[0][0], idents[1].v4, count=2, timeout=LIFETIME)  # takes a lifetime, twice
     for ident, (_, node) in zip(idents, nodes):
-        deadline_status = node.status()
-        assert {p["name"] for p in deadline_status["peers"]} == everyone - {ident.name}
+        assert {p["name"] for p in node.status()["peers"]} == everyone - {ident.name}
+    warned = alpha.wait(lambda: [w for w in alpha.status()["health"] if w["code"] == "coordination-unreachable"], 20)
+    assert "last known state" in warned[0]["message"]
     # Back: each node picks up where it left, reconfiguring nothing (no change was missed or replayed).
     for s in servers:
         s.start()
@@ -212,6 +212,7 @@ def test_a_cluster_loses_a_server_unnoticed_and_all_of_them_without_harm(underla
         node.wait(lambda node=node: node.status()["coordination"]["up"], 40, "coordination back")
     for (_, node), generation in zip(nodes, generations):
         assert node.status()["node"]["generation"] == generation
+    alpha.wait(lambda: not alpha.status()["health"], 5, "the warning cleared")
     # And changes flow again: a node that stops is gone from the others.
     node_d.close()
     for _, node in nodes:
