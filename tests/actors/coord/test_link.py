@@ -10,12 +10,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from meshsup.actors.coord.link import Down, Entry, Event, Link, Problem, Up, Written
 from meshsup.actors.settings.coordination import CoordinationSettings
+from tests.netlog_fixtures import make_certificate
 
 pytestmark = pytest.mark.skipif(shutil.which("nats-server") is None, reason="needs nats-server (deploy/setup.sh)")
 
@@ -100,5 +102,33 @@ def test_a_real_server_lost_and_back_resumes_after_the_last_revision(tmp_path: P
         assert [(e.key, e.revision) for e in events if isinstance(e, Entry)] == [("node.n3", 4)]
     finally:
         link.close()
+        server.terminate()
+        server.wait(10)
+
+
+def test_tls_with_the_operators_ca(tmp_path: Path) -> None:
+    """A server with a certificate of the operator's CA: the link trusts `ca_file` and nothing else."""
+    cert, key = make_certificate(tmp_path, "127.0.0.1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        f'listen: "127.0.0.1:{port}"\njetstream {{ store_dir: "{tmp_path / "js"}" }}\n'
+        f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\n'
+    )
+    server = subprocess.Popen(["nats-server", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trusting = Link(replace(settings(port), servers=(f"tls://127.0.0.1:{port}",), ca_file=cert), "t")
+    stranger = Link(replace(settings(port), servers=(f"tls://127.0.0.1:{port}",)), "t")  # the system's CAs
+    try:
+        trusting.start()
+        stranger.start()
+        collect(trusting, lambda ev: any(isinstance(e, Up) for e in ev))
+        events = collect(stranger, lambda ev: sum(isinstance(e, (Down, Problem)) for e in ev) >= 2)
+        assert not any(isinstance(e, Up) for e in events)
+        assert any("CERTIFICATE_VERIFY_FAILED" in getattr(e, "reason", "") for e in events), events
+    finally:
+        trusting.close()
+        stranger.close()
         server.terminate()
         server.wait(10)
