@@ -45,7 +45,8 @@ class CoordActor(Actor):
         self.local: dict[str, Any] = {"disco": "", "endpoints": [], "relay": ""}
         self.addresses: dict[int, IPNetwork] = {}  # taken from the pools, by IP version
         self.taking: dict[int, IPNetwork] = {}  # compare-and-set in flight
-        self.refused: set[IPNetwork] = set()
+        self.refused: set[IPNetwork] = set()  # lost a compare-and-set: not tried again
+        self.exhausted: set[IPNetwork] = set()  # pools with no candidate left
         self.written: bytes = b""  # the record as last written
         self.written_revision = 0  # its revision, once the write is acknowledged
         self.echo_since: float | None = None  # since when a write of ours waits to be seen on the watch
@@ -157,8 +158,12 @@ class CoordActor(Actor):
                 continue
             take = alloc.next_take(self.view, pool, me, self.refused, now)
             if take is None:
-                self._count("pool_exhausted")
+                if pool not in self.exhausted:
+                    self.exhausted.add(pool)  # counted once; tried again each tick, as addresses come free
+                    self._count("pool_exhausted")
+                    self.log.error("no free address in the pool", pool=str(pool))
                 continue
+            self.exhausted.discard(pool)
             self.taking[pool.version] = take.address
             self.link.take_over(addr_key(take.address), owner_text(me), take.revision)
 
