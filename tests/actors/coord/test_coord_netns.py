@@ -154,10 +154,14 @@ print(await kv.put('node.bravo', {bravo_record.encode()!r}))
     assert {p["name"] for p in status["peers"]} == {"bravo", "charlie", "whisky"}
     assert all(a["restarts"] == 0 for a in status["actors"])
     assert ping(nodes[0][0], idents[1].v4, count=2)
-    # A node that stops takes its record with it: gone from the others at once.
+    # A node that stops takes its record with it: gone from the others at once, and the peers
+    # that did not change keep their sessions (no new handshake).
+    session = {p["name"]: p["last_handshake"] for p in alpha.status()["peers"]}
     nodes[2][1].close()
     for _, node in nodes[:2]:
         node.wait(lambda node=node: "charlie" not in peer_names(node), 5, "charlie gone")
+    kept = {p["name"]: p["last_handshake"] for p in alpha.status()["peers"]}
+    assert kept["bravo"] == session["bravo"] and kept["whisky"] == session["whisky"]
     # One that dies leaves its record to expire: gone within its lifetime.
     kill_node(nodes[1][1])
     alpha = nodes[0][1]
