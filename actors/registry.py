@@ -19,6 +19,8 @@ AnySettings = Settings | RelaySettings
 # (the TUN exists), magicsock before crypto (the port before peers), DNS last
 # (it may listen on the tunnel address).
 START_ORDER = ("netlog", "router", "magicsock", "crypto", "tun-io", "dns")
+# With [coordination], coord starts last: what it hands the supervisor goes to running actors.
+COORD_ORDER = (*START_ORDER, "coord")
 # A relay (`meshsup relay`) runs only its workers.
 RELAY_ORDER = ("relay",)
 SCALABLE = frozenset({"crypto", "dns", "relay"})
@@ -60,6 +62,9 @@ KINDS = {
     "crypto": Kind("meshsup.actors.crypto.actor:CryptoActor", keys=True),
     "tun-io": Kind("meshsup.actors.tunio.actor:TunIoActor"),
     "dns": Kind("meshsup.actors.dns.actor:DnsActor", caps=frozenset({CAP_NET_BIND_SERVICE})),
+    # coord reads what anyone who can write to the mesh's bucket wrote: it runs unprivileged, and
+    # needs no key (a record holds public keys only).
+    "coord": Kind("meshsup.actors.coord.actor:CoordActor", caps=frozenset()),
     # A relay worker uses the relay's key, and stays root: it reads the TLS key (root's file) on
     # every configuration, so that a reload takes a renewed certificate.
     "relay": Kind("meshsup.actors.relay.actor:RelayActor", keys=True),
@@ -95,7 +100,9 @@ def settings_for(kind: str, settings: AnySettings) -> AnySettings:
 
 def start_order(settings: AnySettings) -> tuple[str, ...]:
     """The kinds the settings run, in start order: a relay's, or a node's."""
-    return RELAY_ORDER if isinstance(settings, RelaySettings) else START_ORDER
+    if isinstance(settings, RelaySettings):
+        return RELAY_ORDER
+    return COORD_ORDER if settings.coordination is not None else START_ORDER
 
 
 def actor_name(kind: str, index: int) -> str:

@@ -24,7 +24,7 @@ done
 
 DEBS=(wireguard-go wireguard-tools iproute2 iputils-ping iperf3 dnsutils knot-dnsutils
       dnsmasq unbound dnsdist dnsperf rsyslog nfdump systemd-journal-remote openssl
-      procps coturn nftables conntrack prometheus tshark tcpdump)
+      procps coturn nftables conntrack prometheus tshark tcpdump nats-server)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     capture.add_arguments(cmd("capture", "write the node's packets (or its WireGuard datagrams) to a pcap file"))
     demo = sub.add_parser("demo", help="a small mesh in network namespaces, end to end (needs root)")
     demo.add_argument("--seconds", type=int, default=3, help="iperf3 seconds per pair (default 3)")
+    demo.add_argument(
+        "--mesh", action="store_true", help="a mesh that configures itself through a nats-server the demo starts"
+    )
     fault = cmd("fault", argparse.SUPPRESS)  # test-only; refused unless MESHSUP_TEST_FAULTS=1
     fault.add_argument("actor")
     fault.add_argument("mode")
@@ -197,6 +200,13 @@ def _print_status(result: dict[str, Any]) -> None:
         for r in result["relays"]:
             home = " (home)" if r["home"] else ""
             print(f"{r['name']:<16} {r['address']:<16} {r['state']:<10} {_ms(r['latency_ms']):>10}  {r['url']}{home}")
+    if coord := result.get("coordination"):
+        refused = sum(coord["refused"].values()) - coord["refused"].get("replayed", 0)
+        print(
+            f"\ncoordination {'up' if coord['up'] else 'DOWN (the mesh runs on as it was)'}  "
+            f"revision {coord['revision']}  records {len(coord['records'])}  refused {refused}"
+            + (f"  policy refused: {coord['applied']['policy_error']}" if coord["applied"].get("policy_error") else "")
+        )
 
 
 def _warning_lines(health: list[dict[str, Any]]) -> list[str]:
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from meshsup.supervisor.demo import run as demo
 
-        return demo(args.seconds)
+        return demo(args.seconds, args.mesh)
     runtime = Runtime(args.state_dir)
     if args.command == "capture":
         return capture.run(args, runtime)

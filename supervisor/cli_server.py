@@ -50,6 +50,8 @@ class CliServer:
         self.reconfigure = reconfigure
         self.socket = bind(ctx, zmq.ROUTER, runtime.cli)
         grant(runtime.cli, unprivileged=False)
+        # With [coordination]: what the supervisor made of the mesh's peers and policy (node.py)
+        self.mesh_status: Callable[[], dict[str, Any]] = dict
 
     def drain(self) -> None:
         for _ in range(64):
@@ -127,6 +129,7 @@ class CliServer:
             }
         node = self.tree.config.node
         magicsock = self.tree.actors["magicsock"].status if "magicsock" in self.tree.actors else {}
+        coord = self.tree.actors["coord"].status if "coord" in self.tree.actors else None
         return {
             "node": {
                 "name": node.name,
@@ -147,6 +150,7 @@ class CliServer:
             ),
             "supervisor": {"bus_dropped": self.hub.bus_dropped},
             "health": self._health(),
+            **({} if coord is None else {"coordination": {**_coordination(coord), "applied": self.mesh_status()}}),
         }
 
     def _health(self) -> list[dict[str, Any]]:
@@ -198,4 +202,20 @@ def filter_status(config: Settings, workers: list[dict[str, Any]]) -> dict[str, 
         "rules": [{"index": i, "action": r.action, "hits": h} for i, (r, h) in enumerate(zip(rules, hits))],
         "drops": dict(drops),
         **{k: totals[k] for k in ("flows", "evictions", "cut")},
+    }
+
+
+def _coordination(coord: dict[str, Any]) -> dict[str, Any]:
+    """The coord actor's view of the mesh (actors/coord): whether the bucket is reachable, its
+    revision, the live records, the node's taken addresses, refusals by reason."""
+    mesh = coord.get("mesh", {})
+    return {
+        "up": coord.get("up", False),
+        "revision": mesh.get("revision", 0),
+        "records": mesh.get("records", []),
+        "addresses": coord.get("addresses", []),
+        "record_revision": coord.get("record_revision", 0),
+        "refused": mesh.get("dropped", {}),
+        "conflicts": mesh.get("conflicts", 0),
+        "counters": coord.get("counters", {}),
     }

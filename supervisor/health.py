@@ -16,7 +16,9 @@ Codes:
   failing, with what waits in its spool;
 - actor-restarting: an actor restarted RESTARTS_WARN times within the
   supervisor's period;
-- listen-port-lost: magicsock is not listening on the configured UDP port.
+- listen-port-lost: magicsock is not listening on the configured UDP port;
+- coordination-unreachable: the coord actor has not reached the mesh's NATS servers for
+  COORDINATION_GRACE (the mesh runs on as it was meanwhile).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ DNS_FORWARD_FAILING = "dns-forward-failing"
 COLLECTOR_UNREACHABLE = "collector-unreachable"
 ACTOR_RESTARTING = "actor-restarting"
 LISTEN_PORT_LOST = "listen-port-lost"
+COORDINATION_UNREACHABLE = "coordination-unreachable"
 
 NO_HANDSHAKE_AFTER = 180.0  # WireGuard's Reject-After-Time
 RESTARTS_WARN = 3  # restarts of one actor within the supervisor's period
@@ -41,6 +44,7 @@ RESTARTS_WARN = 3  # restarts of one actor within the supervisor's period
 # packet at once: "packets wait" holds this long past the last sight of one.
 WAITING_GRACE = 5.0
 UPDATE_INTERVAL = 0.5  # how often the supervisor's loop updates it
+COORDINATION_GRACE = 10.0  # seconds without the NATS servers before it is a warning (a reconnect takes ~1)
 TIMING_ENV = "MESHSUP_TEST_TIMING"  # the crypto workers' test timing; its reject_after_time shortens ours
 
 
@@ -94,6 +98,11 @@ class Health:
                 raised.update(_collectors(a.status.get("collectors", [])))
             elif a.kind == "magicsock" and listen_port is not None:
                 raised.update(_listen_port(a.status, listen_port))
+            elif a.kind == "coord" and a.status.get("down_for", 0) >= COORDINATION_GRACE:
+                raised[(COORDINATION_UNREACHABLE, "")] = (
+                    f"the mesh's NATS servers unreachable for {_duration(a.status['down_for'])}: the mesh runs on"
+                    f" its last known state (last error: {a.status.get('last_error') or 'none'})"
+                )
         raised.update(_dns([a.status.get("upstreams", {}) for a in actors if a.kind == "dns"]))
         self._warnings = {
             key: HealthWarning(key[0], key[1], message, old.since if (old := self._warnings.get(key)) else now)

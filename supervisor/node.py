@@ -24,12 +24,14 @@ from typing import Any
 import zmq
 
 from meshsup.actors.bus.endpoints import Runtime
+from meshsup.actors.bus.messages import Command, MeshPeers
 from meshsup.actors.kernel.privileges import Account
 from meshsup.actors.registry import AnySettings
 from meshsup.actors.settings import Settings
 from meshsup.actors.settings.relay import RelaySettings
 from meshsup.supervisor import relay, sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
+from meshsup.supervisor.coordinated import Coordinated, local_info
 from meshsup.supervisor.health import UPDATE_INTERVAL, Health, no_handshake_after
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.metrics_front import MetricsFront
@@ -54,8 +56,16 @@ class Supervisor:
         self.tun_queues = TunQueues(log)
         self.tree = Tree(config, runtime, self.hub, self.tun_queues, account, log)
         self.sequencer = Sequencer(self.tree, self.hub)
+        # With [coordination]: the config as read (the file), the mesh's peers merged into it, and
+        # whether a change of them is being applied (the next waits for it: a flood is coalesced).
+        self.static = config
+        self.mesh = Coordinated()
+        self.mesh_applying = self.mesh_dirty = False
+        self.local_asked: dict[str, Any] | None = None
+        self.tree.on_mesh = self.on_mesh
         self.health = Health(no_handshake_after(os.environ))
         self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure, self.health)
+        self.cli.mesh_status = self.mesh.status
         self.wg = UapiFront(self.tree, self.reconfigure, log)
         self.metrics = MetricsFront(self.tree, self.cli.status, log)
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -106,6 +116,7 @@ class Supervisor:
         if isinstance(config, RelaySettings):
             self.health.update(time.time(), actors, config.supervisor.period)
         else:
+            self._tell_coord_local()
             peers = peer_status(config, self.tree.live_peers())
             self.health.update(time.time(), actors, config.supervisor.period, peers, config.node.listen_port)
 
@@ -162,12 +173,16 @@ class Supervisor:
 
     def reload(self, reply: Reply) -> None:
         try:
-            new = self.reload_source()
+            static = self.reload_source()
         except Exception as err:  # any refusal keeps the running config
             self.log.error("reload refused, keeping the running configuration", error=str(err))
             reply(False, f"reload refused, running configuration kept: {err}")
             return
-        new = replace(new, actors=self.tree.config.actors)  # the worker counts stay as scaled
+        static = replace(static, actors=self.tree.config.actors)  # the worker counts stay as scaled
+        if static.coordination != self.static.coordination:
+            static = replace(static, coordination=self.static.coordination)  # read at start only
+        self.static = static
+        new = self.mesh.merge(static)
         if new == self.tree.config:
             reply(True, result={"changed": False})
             return
@@ -176,6 +191,53 @@ class Supervisor:
             new,
             lambda errors: reply(not errors, "; ".join(errors), {"changed": True, "generation": self.tree.generation}),
         )
+
+    # --- the mesh's peers (actors/coord) ----------------------------------------------
+    def on_mesh(self, msg: MeshPeers) -> None:
+        """The coord actor's peer set: merged with the config's and applied like a reload, one
+        change at a time (a newer set arriving meanwhile is applied when that one is done)."""
+        if not self.mesh.take(msg):
+            self.log.warning("mesh peers refused: they do not decode", revision=msg.revision)
+            return
+        self._apply_mesh()
+        if self.mesh.policy_error:
+            self.log.warning("mesh policy refused, the last good one kept", error=self.mesh.policy_error)
+
+    def _apply_mesh(self) -> None:
+        if self.mesh_applying:
+            self.mesh_dirty = True
+            return
+        new = self.mesh.merge(self.static)
+        new = replace(new, actors=self.tree.config.actors)
+        if new == self.tree.config:
+            return
+        self.mesh_applying, self.mesh_dirty = True, False
+        self.log.info("applying the mesh's peers", revision=self.mesh.revision, peers=len(self.mesh.peers))
+
+        def done(errors: list[str]) -> None:
+            self.mesh_applying = False
+            if errors:
+                self.log.warning("mesh peers applied with errors", errors="; ".join(errors))
+            if self.mesh_dirty:
+                self._apply_mesh()
+
+        self.reconfigure(new, done)
+
+    def _tell_coord_local(self) -> None:
+        """magicsock's endpoints, disco key and home relay to the coord actor, for the node's
+        record, when they differ from what it has."""
+        coord, magicsock = self.tree.actors.get("coord"), self.tree.actors.get("magicsock")
+        if coord is None or magicsock is None or coord.state != "running" or self.local_asked is not None:
+            return
+        local = local_info(magicsock.status)
+        if local is None or coord.status.get("local") == local:
+            return
+        self.local_asked = local
+
+        def answered(ack: Any) -> None:
+            self.local_asked = None
+
+        self.hub.request("coord", lambda req: Command(req=req, op="local", args=local), answered)
 
     def close(self) -> None:
         self.wg.close()

@@ -6,7 +6,9 @@ The control path
     (reload: CLI     (the `wg` API socket        (the tree takes the      each Configure acked
      or SIGHUP;       follows a new interface     config, generation + 1)  before the next is sent
      `wg set`;        name first)
-     `scale`)
+     `scale`; the
+     mesh's peers
+     from coord)
 
 `reload` and `wg set` stop before this when the new config equals the running
 one. Each step is a Configure carrying the whole config (without the keys for
@@ -14,7 +16,7 @@ the actors that use none: actors.registry); an actor takes from it what it
 needs. The steps go to the running actors by kind, in this order (workers of
 one kind by name):
 
-    magicsock -> crypto-N -> tun-io -> netlog -> router -> dns-N
+    magicsock -> crypto-N -> tun-io -> netlog -> router -> dns-N -> coord
 
 - magicsock before crypto: magicsock listens on the (new) port before the
   workers get the peers, so handshakes can go out at once.
@@ -95,6 +97,6 @@ class Sequencer:
 
     def reconfigure_order(self) -> list[str]:
         """The seed's order: magicsock before peers to crypto; netlog before router before DNS."""
-        order = ("magicsock", "crypto", "tun-io", "netlog", "router", "dns", "relay")
+        order = ("magicsock", "crypto", "tun-io", "netlog", "router", "dns", "relay", "coord")
         by_kind = {k: [a.name for a in self.tree.actors.values() if a.kind == k] for k in order}
         return [n for k in order for n in sorted(by_kind[k])]

@@ -19,7 +19,7 @@ from typing import Any
 
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, Stop
+from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, MeshPeers, Stop
 from meshsup.actors.kernel.privileges import Account
 from meshsup.actors.registry import PRELOAD, SCALABLE, AnySettings, actor_name, run_actor, settings_for, start_order
 from meshsup.actors.settings.keys import b64
@@ -70,6 +70,7 @@ class Tree:
         self.restart_times: deque[float] = deque()
         self.ready = False
         self.stopping = False
+        self.on_mesh: Any = None  # Callable[[MeshPeers], None]: the coord actor's peer set (node.py)
         self._mp = multiprocessing.get_context("forkserver")
         self._mp.set_forkserver_preload(PRELOAD)
 
@@ -210,6 +211,8 @@ class Tree:
             a.status = msg.status
         elif isinstance(msg, Ack):
             self.hub.acked(msg)
+        elif isinstance(msg, MeshPeers) and a.kind == "coord" and a.state == "running" and self.on_mesh:
+            self.on_mesh(msg)
         else:
             self.hub.count_drop("unexpected_type", msg.TAG)
 

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = frozenset({"crypto", "dns", "magicsock", "netlog", "relay", "router", "tunio"})
+KINDS = frozenset({"coord", "crypto", "dns", "magicsock", "netlog", "relay", "router", "tunio"})
 SHARED = frozenset({"bus", "kernel", "wire", "routing", "flowcount", "filter", "settings", "base", "log", "registry"})
 
 

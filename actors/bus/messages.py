@@ -274,3 +274,17 @@ class RelayFrames(Message):
     destination key (32 bytes) then the whole frame, back to back."""
 
     frames: bytes
+
+
+# --- coordination: coord -> supervisor (control socket) ----------------------
+
+
+@message("coord.mesh")
+class MeshPeers(Message):
+    """The peers the mesh's bucket holds for this node, whole, each time they change: the
+    supervisor merges them with [[peers]] and applies them in its ordered steps."""
+
+    revision: int  # the bucket's last revision behind them
+    peers: list[Any]  # actors.settings.node.PeerSettings, each in its wire form
+    addresses: list[str]  # the node's own, taken from the pools; []: as configured
+    policy: dict[str, Any]  # {"filter": [filter] table, "dns": mesh-wide [dns] keys}; {}: none

@@ -5,7 +5,7 @@ actor the same object, through the bus in its wire form (`to_wire`,
 `from_wire`), without the keys to those that do not use them
 (`without_secrets`). One module per section: node (with peers, actors,
 supervisor), dns, netlog (with logging), relay (a node's [[relays]], and
-what `meshsup relay` runs instead), metrics, filter; a wrong value is a ConfigError naming
+what `meshsup relay` runs instead), metrics, filter, coordination; a wrong value is a ConfigError naming
 the file and the key.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from meshsup.actors.settings import wire
+from meshsup.actors.settings.coordination import CoordinationSettings, parse_coordination
 from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.settings.filter import FilterSettings, parse_filter
 from meshsup.actors.settings.metrics import MetricsSettings, parse_metrics
@@ -36,7 +37,10 @@ from meshsup.actors.settings.node import (
 from meshsup.actors.settings.relay import RelayEntry, check_relays, parse_relay
 from meshsup.actors.settings.table import ConfigError, Table
 
-TOP_KEYS = {"node", "peers", "actors", "supervisor", "dns", "netlog", "logging", "relays", "metrics", "filter"}
+TOP_KEYS = {
+    *("node", "peers", "actors", "supervisor", "dns", "netlog", "logging", "relays", "metrics", "filter"),
+    "coordination",
+}
 DNS_DEFAULT: dict[str, Any] = {"listen": ["127.0.0.1:53"], "domain": "mesh", "upstreams": []}
 T = TypeVar("T")
 
@@ -52,6 +56,7 @@ class Settings:
     relays: tuple[RelayEntry, ...] = ()
     metrics: MetricsSettings = MetricsSettings()  # the supervisor's alone
     filter: FilterSettings = FilterSettings()
+    coordination: CoordinationSettings | None = None  # None: the peers are [[peers]] alone
 
     def dns_for_mesh(self) -> DnsSettings:
         """The DNS settings with the mesh filled in, from the node and its peers (kept out of
@@ -111,7 +116,10 @@ def parse(file: str, doc: dict[str, Any], base: Path, state_dir: Path) -> Settin
     )
     metrics = parse_metrics(file, top.get("metrics", dict, {}))
     packet_filter = parse_filter(file, top.get("filter", dict, None), node, peers)
-    settings = Settings(node, tuple(peers), actors, supervisor, dns, netlog, tuple(relays), metrics, packet_filter)
+    coordination = parse_coordination(file, top.get("coordination", dict, None), base, top.get("node", dict, {}))
+    settings = Settings(
+        node, tuple(peers), actors, supervisor, dns, netlog, tuple(relays), metrics, packet_filter, coordination
+    )
     _section(file, "dns", settings.dns_for_mesh)  # the node's and peers' names must be DNS names too
     return settings
 

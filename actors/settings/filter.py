@@ -46,7 +46,11 @@ class FilterSettings:
     rules: tuple[FilterRule, ...] = ()
 
 
-def parse_filter(file: str, table: Any, node: NodeSettings, peers: list[PeerSettings]) -> FilterSettings:
+def parse_filter(
+    file: str, table: Any, node: NodeSettings, peers: list[PeerSettings], absent_match_nothing: bool = False
+) -> FilterSettings:
+    """`absent_match_nothing`: a name that is no peer stands for no address instead of being refused
+    (the mesh's policy names nodes that come and go: actors/coord)."""
     if table is None:
         return FilterSettings()
     t = Table(file, table, "filter", FILTER_KEYS)
@@ -61,16 +65,21 @@ def parse_filter(file: str, table: Any, node: NodeSettings, peers: list[PeerSett
     for group in groups.table:
         nets: list[IPNetwork] = []
         for name in groups.strings(group):
-            if name not in names:
+            if name not in names and not absent_match_nothing:
                 raise groups.fail(group, f"{name!r} is no peer")
-            nets += names[name]
+            nets += names.get(name, ())
         members[group] = tuple(nets)
-    rules = [_rule(file, r, i, names, members) for i, r in enumerate(t.get("rules", list, []))]
+    rules = [_rule(file, r, i, names, members, absent_match_nothing) for i, r in enumerate(t.get("rules", list, []))]
     return FilterSettings(True, default, t.get("outbound", bool, False), tuple(rules))
 
 
 def _rule(
-    file: str, table: Any, index: int, names: dict[str, tuple[IPNetwork, ...]], groups: dict[str, tuple[IPNetwork, ...]]
+    file: str,
+    table: Any,
+    index: int,
+    names: dict[str, tuple[IPNetwork, ...]],
+    groups: dict[str, tuple[IPNetwork, ...]],
+    absent_match_nothing: bool = False,
 ) -> FilterRule:
     r = Table(file, table, f"filter.rules[{index}]", RULE_KEYS)
     action = r.get("action", str, required=True)
@@ -79,14 +88,14 @@ def _rule(
     sources: list[IPNetwork] = []
     for item in _required_strings(r, "src"):
         try:
-            sources += _hosts(item, names, groups)
+            sources += _hosts(item, names, groups, absent_match_nothing)
         except ValueError as err:
             raise r.fail("src", f"{item!r}: {err}") from None
     destinations: list[Destination] = []
     for item in _required_strings(r, "dst"):
         try:
             host, first, last = _split_ports(item)
-            destinations += [Destination(n, first, last) for n in _hosts(host, names, groups)]
+            destinations += [Destination(n, first, last) for n in _hosts(host, names, groups, absent_match_nothing)]
         except ValueError as err:
             raise r.fail("dst", f"{item!r}: {err}") from None
     return FilterRule(action, tuple(sources), tuple(destinations), _protocol(r))
@@ -113,7 +122,10 @@ def _protocol(r: Table) -> int | None:
 
 
 def _hosts(
-    item: str, names: dict[str, tuple[IPNetwork, ...]], groups: dict[str, tuple[IPNetwork, ...]]
+    item: str,
+    names: dict[str, tuple[IPNetwork, ...]],
+    groups: dict[str, tuple[IPNetwork, ...]],
+    absent_match_nothing: bool = False,
 ) -> list[IPNetwork]:
     """'*', a CIDR or address, a peer's (or the node's) name, or group:NAME, as networks."""
     if item == "*":
@@ -127,6 +139,8 @@ def _hosts(
     try:
         return [ipaddress.ip_network(item, strict=False)]
     except ValueError:
+        if absent_match_nothing and item.replace("-", "").isalnum():
+            return []  # a node's name, while it is not in the mesh
         raise ValueError("neither *, a CIDR, a peer's name nor group:NAME") from None
 
 

@@ -1,0 +1,128 @@
+"""A real mesh: 3 clustered NATS servers and 20 nodes in namespaces, configured by nothing but
+[coordination] (issue #18, item 7). Prints the memory it took (PSS of every process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.actors.coord.natsrv import NatsServer
+from tests.actors.coord.test_coord_netns import LIFETIME, cluster, coordination, kill_node, peer_names, process_tree
+from tests.topology import Identity, Netns, Node, Underlay, have, meshsup_config
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+    pytest.mark.skipif(bool(have("nats-server", "ping")), reason=str(have("nats-server", "ping"))),
+]
+
+NODES = 20
+
+
+@pytest.fixture
+def underlay() -> Iterator[Underlay]:
+    u = Underlay()
+    try:
+        yield u
+    finally:
+        u.close()
+
+
+def launch(u: Underlay, tmp: Path, ident: Identity, servers: list[NatsServer]) -> tuple[Netns, Node]:
+    ns, addr = u.host()
+    ident.endpoint = f"{addr}:51820"
+    config = meshsup_config(tmp, ident, [], extra=coordination(servers, replicas=3))
+    args = ("--config", str(config), "--crypto-workers", "1", "--dns-workers", "1")
+    return ns, u.track(Node(tmp, *args, netns=ns))
+
+
+def unreachable(ns: Netns, targets: list[str]) -> list[str]:
+    """The targets that answer no ping from `ns` (each tried for a few seconds, all at once)."""
+    script = " ".join(f"(ping -c1 -W1 -w4 {a} >/dev/null || echo {a}) &" for a in targets) + " wait"
+    return ns.run("sh", "-c", script, check=False, timeout=30).stdout.split()
+
+
+def pss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total
+
+
+def test_twenty_nodes_three_servers(underlay: Underlay, tmp_path: Path) -> None:
+    u = underlay
+    servers = cluster(u, tmp_path)
+    idents = [Identity(f"n{i:02d}", i) for i in range(1, NODES + 1)]
+    nodes = []
+    for ident in idents:  # one at a time: 20 starting at once swamp two cores
+        nodes.append(launch(u, tmp_path, ident, servers))
+        nodes[-1][1].wait_ready(120)
+    names = {i.name for i in idents}
+    servers[0].stop()  # one server killed while the mesh forms: changes nothing
+    for ident, (_, node) in zip(idents, nodes):
+        node.wait(lambda node=node, ident=ident: peer_names(node) == names - {ident.name}, 90, f"{ident.name}'s peers")
+    failed = {}
+    for ident, (ns, _) in zip(idents, nodes):
+        missing = unreachable(ns, [i.v4 for i in idents if i is not ident])
+        missing = unreachable(ns, missing) if missing else []  # a first handshake may lose its first echo
+        if missing:
+            failed[ident.name] = missing
+    assert not failed, f"pairs that do not ping: {failed}"
+    node_pids = [p for _, node in nodes for p in process_tree(node.proc.pid)]
+    nats_pids = [s.proc.pid for s in servers if s.proc is not None]
+    coord_pids = [a["pid"] for _, node in nodes for a in node.status()["actors"] if a["kind"] == "coord"]
+    mesh_kib, nats_kib, coord_kib = pss_kib(node_pids), pss_kib(nats_pids), pss_kib(coord_pids)
+    print(
+        f"\nmemory: {NODES} nodes {mesh_kib / 1024:.0f} MiB PSS ({mesh_kib / 1024 / NODES:.1f} MiB a node, "
+        f"{len(node_pids)} processes; of it the coord actors {coord_kib / 1024 / NODES:.1f} MiB a node); "
+        f"{len(nats_pids)} nats-servers {nats_kib / 1024:.0f} MiB"
+    )
+    # A node that stops (killed: nothing takes its record away) is gone from the others within its lifetime.
+    kill_node(nodes[-1][1])
+    killed = time.monotonic()
+    first = nodes[0][1]
+    first.wait(lambda: idents[-1].name not in peer_names(first), LIFETIME + 10, "expired")
+    print(f"killed node gone after {time.monotonic() - killed:.1f} s (lifetime {LIFETIME} s; status polled)")
+    for _, node in nodes[1:-1]:
+        node.wait(lambda node=node: idents[-1].name not in peer_names(node), 5, "expired everywhere")
+    # A newcomer: every other node pings it from the moment it starts; each first answer is timed.
+    newcomer = Identity("n99", 99)
+    started, started_wall = time.monotonic(), time.time()
+    ns_new, node_new = launch(u, tmp_path, newcomer, servers)
+    # (ping gives up at once while there is no route yet: it is run again until it is answered)
+    until = f"until ping -c1 -W1 {newcomer.v4} >/dev/null 2>&1; do sleep 0.1; done"
+    pings = [ns.popen("timeout", "30", "sh", "-c", until, stdout=subprocess.DEVNULL) for ns, _ in nodes[:-1]]
+    times = []
+    try:
+        for p in pings:
+            p.wait(40)
+            times.append(time.monotonic() - started)
+        codes = [p.returncode for p in pings]
+    finally:
+        for p in pings:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+    ready = node_new.wait_ready()["node"]["ready"]
+    assert ready and codes == [0] * len(pings)
+    ready_at = next(json.loads(line)["timestamp"] for line in node_new.stderr().splitlines() if "node ready" in line)
+    ready_after = datetime.fromisoformat(ready_at.replace("Z", "+00:00")).timestamp() - started_wall
+    print(
+        f"newcomer answered all {len(pings)} nodes {max(times):.1f} s after it was started "
+        f"({max(times) - ready_after:.1f} s after it was ready)"
+    )
+    assert max(times) - ready_after < 10.0  # 1.7 s on a quiet machine; the 2 cores here are shared

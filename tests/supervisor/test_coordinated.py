@@ -1,0 +1,106 @@
+"""The mesh's peers merged into the config: [[peers]] win, the node's taken addresses replace
+the derived ones, and a peer set that does not decode changes nothing."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from meshsup.actors.bus.messages import MeshPeers
+from meshsup.actors.settings import Settings, parse
+from meshsup.actors.settings.keys import b64, generate_private, public_of
+from meshsup.actors.settings.node import PeerSettings
+from meshsup.actors.settings.wire import encode
+from meshsup.supervisor.coordinated import Coordinated, local_info
+from meshsup.supervisor.health import COORDINATION_GRACE, Health
+from meshsup.supervisor.supervision import ActorProc
+
+STATIC_PEER = public_of(generate_private())
+
+
+def static(tmp_path: Path) -> Settings:
+    doc = {
+        "node": {"name": "alpha", "private_key": b64(generate_private())},
+        "peers": [{"name": "bravo", "public_key": b64(STATIC_PEER), "allowed_ips": ["100.64.0.2/32"]}],
+        "coordination": {"servers": ["nats://198.51.100.10:4222"], "mesh": "m"},
+    }
+    return parse("node.toml", doc, tmp_path, tmp_path)
+
+
+def peer(name: str, key: bytes, v4: str) -> PeerSettings:
+    return PeerSettings(name, key, None, (ipaddress.ip_network(v4),), (("198.51.100.3", 51820),), 0)
+
+
+def test_mesh_peers_join_the_configured_ones(tmp_path: Path) -> None:
+    s = static(tmp_path)
+    mesh = Coordinated()
+    charlie = peer("charlie", public_of(generate_private()), "100.64.0.3/32")
+    clash_key = peer("impostor", STATIC_PEER, "100.64.0.4/32")
+    clash_name = peer("bravo", public_of(generate_private()), "100.64.0.5/32")
+    taken = ["100.64.7.7/32", "fd7a:115c:a1e0::77/128"]
+    wire = [encode(p) for p in (charlie, clash_key, clash_name)]
+    assert mesh.take(MeshPeers(revision=9, peers=wire, addresses=taken, policy={}))
+    merged = mesh.merge(s)
+    assert [p.name for p in merged.peers] == ["bravo", "charlie"]
+    assert merged.peers[0].public_key == STATIC_PEER
+    assert [str(a) for a in merged.node.addresses] == taken
+    assert merged.dns.listen == (("100.64.7.7", 53),)  # the default listen follows the address
+    assert mesh.shadowed == ["impostor", "bravo"]
+
+
+def test_a_peer_set_that_does_not_decode_changes_nothing(tmp_path: Path) -> None:
+    mesh = Coordinated()
+    good = peer("charlie", public_of(generate_private()), "100.64.0.3/32")
+    assert mesh.take(MeshPeers(revision=1, peers=[encode(good)], addresses=[], policy={}))
+    assert not mesh.take(MeshPeers(revision=2, peers=[encode(good), {"name": 1}], addresses=[], policy={}))
+    assert mesh.peers == (good,) and mesh.revision == 1 and mesh.refused == 1
+
+
+def test_local_info_from_magicsock_status() -> None:
+    assert local_info({}) is None
+    status = {
+        "disco": {"public_key": "k", "endpoints": ["198.51.100.1:51820"]},
+        "relays": [{"name": "r1", "home": False}, {"name": "r2", "home": True}],
+    }
+    assert local_info(status) == {"disco": "k", "endpoints": ["198.51.100.1:51820"], "relay": "r2"}
+
+
+def test_the_mesh_policy_replaces_filter_and_dns_keys_or_is_refused_whole(tmp_path: Path) -> None:
+    s = static(tmp_path)
+    mesh = Coordinated()
+    charlie = peer("charlie", public_of(generate_private()), "100.64.0.3/32")
+    policy = {
+        "filter": {
+            "default": "deny",
+            "groups": {"ops": ["charlie", "gone"]},
+            "rules": [{"action": "accept", "src": ["group:ops", "gone"], "dst": ["*:22"], "proto": "tcp"}],
+        },
+        "dns": {"domain": "corp"},
+    }
+    assert mesh.take(MeshPeers(revision=1, peers=[encode(charlie)], addresses=[], policy=policy))
+    merged = mesh.merge(s)
+    assert merged.filter.enabled and merged.filter.default == "deny"
+    assert merged.filter.rules[0].sources == (ipaddress.ip_network("100.64.0.3/32"),)  # "gone" matches nothing
+    assert merged.dns.domain == "corp" and merged.dns.listen == s.dns.listen
+    bad = {"filter": {"default": "maybe"}}
+    assert mesh.take(MeshPeers(revision=2, peers=[encode(charlie)], addresses=[], policy=bad))
+    again = mesh.merge(s)
+    assert again.filter == merged.filter and again.dns.domain == "corp"
+    assert "filter.default" in mesh.policy_error
+
+
+def test_unreachable_nats_servers_are_a_health_warning_after_a_grace() -> None:
+    health = Health()
+
+    def coord(down_for: float) -> ActorProc:
+        status = {"up": not down_for, "down_for": down_for, "last_error": "disconnected"}
+        return ActorProc("coord", "coord", state="running", status=status)
+
+    health.update(1000.0, [coord(COORDINATION_GRACE - 1)], 10.0)
+    assert health.warnings() == []
+    health.update(1001.0, [coord(COORDINATION_GRACE + 5)], 10.0)
+    (warning,) = health.warnings()
+    assert warning.code == "coordination-unreachable" and "last known state" in warning.message
+    assert "disconnected" in warning.message
+    health.update(1002.0, [coord(0.0)], 10.0)
+    assert health.warnings() == []
