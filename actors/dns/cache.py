@@ -20,34 +20,50 @@ Answers are upstream answers as bytes (wire.WireAnswer).
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import dns.rcode
 
-from meshsup.actors.dns.wire import SOA, WireAnswer
+from meshsup.actors.dns.wire import SOA, WireAnswer, parse_answer
 
 _NOERROR, _NXDOMAIN = int(dns.rcode.NOERROR), int(dns.rcode.NXDOMAIN)  # plain ints: compared per answer
 # RFC 8767 section 4: the TTL on a stale answer.
 STALE_ANSWER_TTL = 30
 
 
-class CacheKey(NamedTuple):
-    name: bytes  # lowercase wire form
-    qtype: int
-    qclass: int
-    do: bool
-    view: str = ""
+# What an answer is kept under (and a forward merged by): the question, the DO
+# bit and the view, in one bytes object, as cache_key() makes it.
+CacheKey = bytes
+_KEY = struct.Struct("!HHBB")  # qtype, qclass, DO, the name's length; then the name and the view
 
 
-@dataclass(eq=False, slots=True)
+def cache_key(name: bytes, qtype: int, qclass: int, do: bool, view: str = "") -> CacheKey:
+    """name: the question's name in lowercase wire form. Bytes rather than a
+    tuple: an entry a full cache holds by the hundred thousand costs less."""
+    return _KEY.pack(qtype, qclass, do, len(name)) + name + view.encode()
+
+
+def key_question(key: CacheKey) -> tuple[bytes, int, int]:
+    """The name (lowercase wire form), type and class a key was made of."""
+    qtype, qclass, _, length = _KEY.unpack_from(key)
+    return key[_KEY.size : _KEY.size + length], qtype, qclass
+
+
 class CacheEntry:
-    key: CacheKey
-    answer: WireAnswer  # TTLs are the clamped TTLs at stored_at
-    stored_at: float
-    ttl: int
-    used: bool = False  # answered on the fast path since the cache last moved it to the young end
+    """An answer kept, once asked for again: the cache keeps one asked for once as
+    the upstream's message itself (most names are asked once, and bytes take a
+    fraction of the memory), read again when it is first served."""
+
+    __slots__ = ("key", "answer", "stored_at", "ttl", "used")
+
+    def __init__(self, key: CacheKey, answer: WireAnswer, stored_at: float, ttl: int) -> None:
+        self.key = key
+        self.answer = answer  # TTLs are the clamped TTLs at stored_at
+        self.stored_at = stored_at
+        self.ttl = ttl
+        self.used = False  # answered on the fast path since the cache last moved it to the young end
 
     def expires_at(self) -> float:
         return self.stored_at + self.ttl
@@ -56,6 +72,10 @@ class CacheEntry:
         """The answer with its TTLs counted down to now."""
         elapsed = max(0.0, now - self.stored_at)
         return self.answer.retimed(lambda ttl, _: max(0, int(ttl - elapsed)))
+
+
+# Before the upstream's message in an entry kept as bytes: when it was stored, and its lifetime.
+_STAMP = struct.Struct("!dI")
 
 
 @dataclass
@@ -84,7 +104,8 @@ class DnsCache:
     max_ttl: int = 86400
     stale_ttl: int = 0  # 0: serve-stale off
     counters: CacheCounters = field(default_factory=CacheCounters)
-    _entries: OrderedDict[CacheKey, CacheEntry] = field(default_factory=OrderedDict)
+    # An entry not asked for since it was stored: bytes (_STAMP, then the upstream's message).
+    _entries: OrderedDict[CacheKey, CacheEntry | bytes] = field(default_factory=OrderedDict)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -92,36 +113,37 @@ class DnsCache:
     def _clamp(self, ttl: int) -> int:
         return max(self.min_ttl, min(self.max_ttl, ttl))
 
-    def put(self, key: CacheKey, answer: WireAnswer, now: float) -> WireAnswer | None:
-        """Store answer; returns it as stored (TTLs clamped), or None if not cacheable."""
-        entry = self.store(key, answer, now)
-        return entry.answer if entry is not None else None
-
-    def store(self, key: CacheKey, answer: WireAnswer, now: float) -> CacheEntry | None:
-        """Store answer; returns the entry, or None if not cacheable."""
+    def put(self, key: CacheKey, answer: WireAnswer, now: float, wire: bytes = b"") -> WireAnswer | None:
+        """Store answer (read from wire, the upstream's message, if given); returns
+        it as stored (TTLs clamped), or None if not cacheable."""
         ttl = self._lifetime(answer)
         if ttl is None or ttl <= 0 or self.size <= 0:
             self.counters.not_cacheable += 1
             return None
         negative = _negative(answer)
-        if not negative and self.min_ttl <= min(answer.ttls) and max(answer.ttls) <= self.max_ttl:
-            stored = answer.retimed(None, keep_addresses=False)  # the usual case: nothing to clamp
+        ttls = answer.ttls
+        stored: WireAnswer | bytes
+        if not negative and self.min_ttl <= min(ttls) and max(ttls) <= self.max_ttl:
+            # The usual case: nothing to clamp, so the message itself can be kept.
+            stored = _STAMP.pack(now, ttl) + wire if wire else answer.retimed(None, keep_addresses=False)
+            kept = answer
         else:
             # The SOA of a negative answer carries the negative TTL (RFC 2308 section 3).
-            stored = answer.retimed(
+            stored = kept = answer.retimed(
                 lambda was, rtype: ttl if negative and rtype == SOA else self._clamp(was), keep_addresses=False
             )
-        entry = self._entries[key] = CacheEntry(key, stored, now, ttl)
-        self._entries.move_to_end(key)
+        entries = self._entries
+        entries[key] = stored if isinstance(stored, bytes) else CacheEntry(key, stored, now, ttl)
+        entries.move_to_end(key)
         self.counters.stores += 1
-        while len(self._entries) > self.size:
-            _, oldest = self._entries.popitem(last=False)
-            if oldest.used:
+        while len(entries) > self.size:
+            _, oldest = entries.popitem(last=False)
+            if isinstance(oldest, CacheEntry) and oldest.used:
                 oldest.used = False
-                self._entries[oldest.key] = oldest
+                entries[oldest.key] = oldest
             else:
                 self.counters.evictions += 1
-        return entry
+        return kept
 
     def _lifetime(self, answer: WireAnswer) -> int | None:
         if answer.rcode != _NOERROR and answer.rcode != _NXDOMAIN:
@@ -141,7 +163,7 @@ class DnsCache:
     def fresh(self, key: CacheKey, now: float) -> CacheEntry | None:
         """The entry for key if it has not expired, or None."""
         entry = self._lookup(key, now)
-        if entry is None or now >= entry.expires_at():
+        if entry is None or now >= entry.stored_at + entry.ttl:
             self.counters.misses += 1
             return None
         self.counters.hits += 1
@@ -156,14 +178,21 @@ class DnsCache:
         return entry.answer.retimed(lambda ttl, rtype: STALE_ANSWER_TTL)
 
     def _lookup(self, key: CacheKey, now: float) -> CacheEntry | None:
-        entry = self._entries.get(key)
+        entries = self._entries
+        entry = entries.get(key)
         if entry is None:
             return None
-        if now >= entry.expires_at() + self.stale_ttl:
-            del self._entries[key]
+        stored_at, ttl = _STAMP.unpack_from(entry) if isinstance(entry, bytes) else (entry.stored_at, entry.ttl)
+        if now >= stored_at + ttl + self.stale_ttl:
+            del entries[key]
             self.counters.expired += 1
             return None
-        self._entries.move_to_end(key)
+        if isinstance(entry, bytes):
+            # Bytes that read well when they came in read the same now.
+            answer = parse_answer(entry[_STAMP.size :], *key_question(key), learn=False)
+            assert isinstance(answer, WireAnswer), answer
+            entry = entries[key] = CacheEntry(key, answer, stored_at, ttl)
+        entries.move_to_end(key)
         return entry
 
     def flush(self) -> None:
