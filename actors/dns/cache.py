@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import dns.rcode
 
-from meshsup.actors.dns.wire import SOA, WireAnswer, parse_answer
+from meshsup.actors.dns.wire import AD, HEADER, QR, SOA, TYPE_CLASS, WireAnswer, parse_answer
 
 _NOERROR, _NXDOMAIN = int(dns.rcode.NOERROR), int(dns.rcode.NXDOMAIN)  # plain ints: compared per answer
 # RFC 8767 section 4: the TTL on a stale answer.
@@ -52,9 +52,9 @@ def key_question(key: CacheKey) -> tuple[bytes, int, int]:
 
 
 class CacheEntry:
-    """An answer kept, once asked for again: the cache keeps one asked for once as
-    the upstream's message itself (most names are asked once, and bytes take a
-    fraction of the memory), read again when it is first served."""
+    """An answer kept, once asked for again: the cache keeps one not asked for
+    since as bytes (most names are asked once, and bytes take a fraction of
+    the memory), and reads them again when it is first served."""
 
     __slots__ = ("key", "answer", "stored_at", "ttl", "used")
 
@@ -74,8 +74,9 @@ class CacheEntry:
         return self.answer.retimed(lambda ttl, _: max(0, int(ttl - elapsed)))
 
 
-# Before the upstream's message in an entry kept as bytes: when it was stored, and its lifetime.
-_STAMP = struct.Struct("!dI")
+# An entry kept as bytes: when it was stored, its lifetime, the answer's flags
+# (rcode and AD) and counts; then its records, as the upstream wrote them.
+_STAMP = struct.Struct("!dIHHHH")
 
 
 @dataclass
@@ -104,7 +105,7 @@ class DnsCache:
     max_ttl: int = 86400
     stale_ttl: int = 0  # 0: serve-stale off
     counters: CacheCounters = field(default_factory=CacheCounters)
-    # An entry not asked for since it was stored: bytes (_STAMP, then the upstream's message).
+    # An entry not asked for since it was stored: bytes (_STAMP, then the records).
     _entries: OrderedDict[CacheKey, CacheEntry | bytes] = field(default_factory=OrderedDict)
 
     def __len__(self) -> int:
@@ -113,27 +114,27 @@ class DnsCache:
     def _clamp(self, ttl: int) -> int:
         return max(self.min_ttl, min(self.max_ttl, ttl))
 
-    def put(self, key: CacheKey, answer: WireAnswer, now: float, wire: bytes = b"") -> WireAnswer | None:
-        """Store answer (read from wire, the upstream's message, if given); returns
-        it as stored (TTLs clamped), or None if not cacheable."""
+    def put(self, key: CacheKey, answer: WireAnswer, now: float) -> WireAnswer | None:
+        """Store answer; returns it as stored (TTLs clamped), or None if not cacheable."""
         ttl = self._lifetime(answer)
         if ttl is None or ttl <= 0 or self.size <= 0:
             self.counters.not_cacheable += 1
             return None
         negative = _negative(answer)
         ttls = answer.ttls
-        stored: WireAnswer | bytes
+        stored: CacheEntry | bytes
         if not negative and self.min_ttl <= min(ttls) and max(ttls) <= self.max_ttl:
-            # The usual case: nothing to clamp, so the message itself can be kept.
-            stored = _STAMP.pack(now, ttl) + wire if wire else answer.retimed(None, keep_addresses=False)
-            kept = answer
+            # The usual case: nothing to clamp, so the upstream's records can be kept as they are.
+            flags = answer.rcode | (AD if answer.authenticated else 0)
+            stored, kept = _STAMP.pack(now, ttl, flags, *answer.counts) + answer.records, answer
         else:
             # The SOA of a negative answer carries the negative TTL (RFC 2308 section 3).
-            stored = kept = answer.retimed(
+            kept = answer.retimed(
                 lambda was, rtype: ttl if negative and rtype == SOA else self._clamp(was), keep_addresses=False
             )
+            stored = CacheEntry(key, kept, now, ttl)
         entries = self._entries
-        entries[key] = stored if isinstance(stored, bytes) else CacheEntry(key, stored, now, ttl)
+        entries[key] = stored
         entries.move_to_end(key)
         self.counters.stores += 1
         while len(entries) > self.size:
@@ -182,19 +183,28 @@ class DnsCache:
         entry = entries.get(key)
         if entry is None:
             return None
-        stored_at, ttl = _STAMP.unpack_from(entry) if isinstance(entry, bytes) else (entry.stored_at, entry.ttl)
+        stored_at, ttl = _STAMP.unpack_from(entry)[:2] if isinstance(entry, bytes) else (entry.stored_at, entry.ttl)
         if now >= stored_at + ttl + self.stale_ttl:
             del entries[key]
             self.counters.expired += 1
             return None
         if isinstance(entry, bytes):
-            # Bytes that read well when they came in read the same now.
-            answer = parse_answer(entry[_STAMP.size :], *key_question(key), learn=False)
-            assert isinstance(answer, WireAnswer), answer
-            entry = entries[key] = CacheEntry(key, answer, stored_at, ttl)
+            entry = entries[key] = CacheEntry(key, _read(key, entry), stored_at, ttl)
         entries.move_to_end(key)
         return entry
 
     def flush(self) -> None:
         self._entries.clear()
         self.counters.flushes += 1
+
+
+def _read(key: CacheKey, kept: bytes) -> WireAnswer:
+    """The answer an entry kept as bytes holds: its message made again (the
+    question as long as it was, so the records' compression pointers still
+    point where they did) and read as when it came in, which it passed."""
+    _, _, flags, an, ns, ar = _STAMP.unpack_from(kept)
+    name, qtype, qclass = key_question(key)
+    message = HEADER.pack(0, QR | flags, 1, an, ns, ar) + name + TYPE_CLASS.pack(qtype, qclass) + kept[_STAMP.size :]
+    answer = parse_answer(message, name, qtype, qclass, learn=False)
+    assert isinstance(answer, WireAnswer), answer
+    return answer

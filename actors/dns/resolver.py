@@ -259,7 +259,7 @@ class Resolver:
         if should_failover(answer.rcode):
             return self._failed(key, upstream, f"upstream_{dns.rcode.to_text(answer.rcode).lower()}", now)
         self.upstreams.answered(upstream, now)
-        stored = self._cache.put(key, answer, now, wire) or answer  # TTLs as the cache keeps them
+        stored = self._cache.put(key, answer, now) or answer  # TTLs as the cache keeps them
         self._inflight.finish(key)
         self.counters["upstream_answers"] += 1
         self.upstream_latency.observe(now - flight.started)

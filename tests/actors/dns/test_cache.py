@@ -103,21 +103,22 @@ def test_cache_flush():
     assert cache.get(KEY, 1.0) is None
 
 
-def test_an_answer_kept_as_the_upstreams_message_is_served_as_read():
-    """An answer stored with its message (nothing to clamp) is kept as those bytes
-    until asked for, then served as the answer read from them would be."""
+def test_an_answer_kept_as_bytes_is_served_as_read():
+    """An answer with nothing to clamp is kept as bytes until asked for, then
+    served as the answer read from the upstream's message was."""
     message = dns.message.make_response(dns.message.make_query(NAME, "A", use_edns=0))
     message.answer = [dns.rrset.from_text(NAME, 300, "IN", "A", "203.0.113.1", "203.0.113.2")]
     wire = message.to_wire()
     answer = parse_answer(wire, QNAME, dns.rdatatype.A, dns.rdataclass.IN)
     cache = DnsCache(size=10, min_ttl=60, max_ttl=600)
-    assert cache.put(KEY, answer, 1000.0, wire) is answer
+    assert cache.put(KEY, answer, 1000.0) is answer
     served = cache.get(KEY, 1100.5)
     assert [(r.ttl, sorted(map(str, r))) for r in sections(served, QNAME).answer] == [
         (199, ["203.0.113.1", "203.0.113.2"])
     ]
-    assert served.counts == answer.counts and served.base == answer.base
+    kept = cache.fresh(KEY, 1100.5).answer  # as stored, before counting down
+    assert (kept.records, kept.counts, kept.base, kept.ttls) == (answer.records, answer.counts, answer.base, (300, 300))
     assert cache.get(KEY, 1300.0) is None and cache.counters.expired == 1
     clamped = parse_answer(wire.replace(struct.pack("!I", 300), struct.pack("!I", 5)), QNAME, 1, 1)
-    assert sections(cache.put(KEY, clamped, 0.0, wire), QNAME).answer[0].ttl == 60  # clamped: kept as read
+    assert sections(cache.put(KEY, clamped, 0.0), QNAME).answer[0].ttl == 60  # clamped: kept as read
     assert sections(cache.get(KEY, 1.0), QNAME).answer[0].ttl == 59
