@@ -90,7 +90,7 @@ class _UdpListener:
     """Reads datagrams a batch at a time (actors.kernel.mmsg); replies go out of the
     same socket. Queries the fast path knows are answered right here, the hot
     loop: their replies leave together when the batch is done, one clock
-    reading per batch (the full path reads the clock again for what follows)."""
+    reading per batch (the datagrams of a batch arrived together)."""
 
     def __init__(self, sock: socket.socket, server: DnsServer) -> None:
         self.sock = sock
@@ -120,8 +120,7 @@ class _UdpListener:
                 continue
             reply = fast(query, "udp", now)
             if reply is None:
-                server._handle(query, source, "udp", self)
-                now = time.monotonic()
+                server._handle(query, source, "udp", self, now)
                 continue
             if client.prefix is not None:
                 reply = server.limit(reply, client.prefix, now)
@@ -338,8 +337,8 @@ class DnsServer:
 
     # -- the loop around the resolver ------------------------------------
 
-    def _handle(self, wire: bytes, source: Any, transport: str, ctx: _UdpListener | _TcpConnection) -> None:
-        self._run(self._resolver.handle(wire, source, transport, time.monotonic(), ctx))
+    def _handle(self, wire: bytes, source: Any, transport: str, ctx: _UdpListener | _TcpConnection, now: float) -> None:
+        self._run(self._resolver.handle(wire, source, transport, now, ctx))
 
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
@@ -409,9 +408,10 @@ class DnsServer:
                     if refused is not None:
                         connection.send(refused, source)
                     break
-                reply = self.fast(wire, "tcp", time.monotonic())
+                now = time.monotonic()
+                reply = self.fast(wire, "tcp", now)
                 if reply is None:
-                    self._handle(wire, source, "tcp", connection)
+                    self._handle(wire, source, "tcp", connection, now)
                 else:
                     connection.send(reply, source)
         except (asyncio.IncompleteReadError, OSError, TimeoutError):
