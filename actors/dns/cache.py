@@ -1,9 +1,10 @@
 """The response cache: bounded, TTL clamps, negative caching, serve-stale.
 
-- Bounded, least recently used out first. A hit on the fast path only marks
-  its entry used (no reordering per hit): the oldest entry, if used since it
-  was last looked at, gets a second chance at the young end instead of going
-  (the CLOCK approximation of LRU).
+- Bounded, the CLOCK approximation of least recently used out first: a hit
+  only marks its entry used (no reordering per hit, on the fast path or
+  not), and the oldest entry, if used since it was last looked at, gets a
+  second chance at the young end instead of going. The order is a deque of
+  keys beside a plain dict: an OrderedDict would cost an entry 80 bytes more.
 - Keyed by name (case-insensitive: its lowercase wire form), type, class,
   DO bit and view (the upstream set chosen by the client's source, "" for
   everyone).
@@ -21,7 +22,7 @@ Answers are upstream answers as bytes (wire.WireAnswer).
 from __future__ import annotations
 
 import struct
-from collections import OrderedDict
+from collections import deque
 from dataclasses import dataclass, field
 
 import dns.rcode
@@ -29,6 +30,8 @@ import dns.rcode
 from meshsup.actors.dns.wire import AD, HEADER, QR, SOA, TYPE_CLASS, WireAnswer, parse_answer
 
 _NOERROR, _NXDOMAIN = int(dns.rcode.NOERROR), int(dns.rcode.NXDOMAIN)  # plain ints: compared per answer
+# Keys the order may hold beyond twice the entries before it is made again.
+ORDER_SLACK = 1024
 # RFC 8767 section 4: the TTL on a stale answer.
 STALE_ANSWER_TTL = 30
 
@@ -63,7 +66,7 @@ class CacheEntry:
         self.answer = answer  # TTLs are the clamped TTLs at stored_at
         self.stored_at = stored_at
         self.ttl = ttl
-        self.used = False  # answered on the fast path since the cache last moved it to the young end
+        self.used = False  # looked up (or answered on the fast path) since eviction last passed it over
 
     def expires_at(self) -> float:
         return self.stored_at + self.ttl
@@ -106,7 +109,10 @@ class DnsCache:
     stale_ttl: int = 0  # 0: serve-stale off
     counters: CacheCounters = field(default_factory=CacheCounters)
     # An entry not asked for since it was stored: bytes (_STAMP, then the records).
-    _entries: OrderedDict[CacheKey, CacheEntry | bytes] = field(default_factory=OrderedDict)
+    _entries: dict[CacheKey, CacheEntry | bytes] = field(default_factory=dict)
+    # Keys from the oldest stored (or given a second chance) to the youngest; also
+    # keys since dropped or stored again, passed over when they come up.
+    _order: deque[CacheKey] = field(default_factory=deque)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -133,17 +139,24 @@ class DnsCache:
                 lambda was, rtype: ttl if negative and rtype == SOA else self._clamp(was), keep_addresses=False
             )
             stored = CacheEntry(key, kept, now, ttl)
-        entries = self._entries
+        entries, order = self._entries, self._order
         entries[key] = stored
-        entries.move_to_end(key)
+        order.append(key)
         self.counters.stores += 1
         while len(entries) > self.size:
-            _, oldest = entries.popitem(last=False)
-            if isinstance(oldest, CacheEntry) and oldest.used:
-                oldest.used = False
-                entries[oldest.key] = oldest
+            oldest = order.popleft()
+            entry = entries.get(oldest)
+            if entry is None:
+                continue  # dropped since
+            if isinstance(entry, CacheEntry) and entry.used:
+                entry.used = False
+                order.append(oldest)
             else:
+                del entries[oldest]
                 self.counters.evictions += 1
+        if len(order) > 2 * len(entries) + ORDER_SLACK:
+            # Mostly keys dropped since (expired, stored again): start again from the dict's order.
+            self._order = deque(entries)
         return kept
 
     def _lifetime(self, answer: WireAnswer) -> int | None:
@@ -190,11 +203,12 @@ class DnsCache:
             return None
         if isinstance(entry, bytes):
             entry = entries[key] = CacheEntry(key, _read(key, entry), stored_at, ttl)
-        entries.move_to_end(key)
+        entry.used = True
         return entry
 
     def flush(self) -> None:
         self._entries.clear()
+        self._order.clear()
         self.counters.flushes += 1
 
 

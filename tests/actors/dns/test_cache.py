@@ -122,3 +122,14 @@ def test_an_answer_kept_as_bytes_is_served_as_read():
     clamped = parse_answer(wire.replace(struct.pack("!I", 300), struct.pack("!I", 5)), QNAME, 1, 1)
     assert sections(cache.put(KEY, clamped, 0.0), QNAME).answer[0].ttl == 60  # clamped: kept as read
     assert sections(cache.get(KEY, 1.0), QNAME).answer[0].ttl == 59
+
+
+def test_a_key_dropped_or_stored_again_is_evicted_once():
+    cache = DnsCache(size=2)
+    keys = [cache_key(dns.name.from_text(f"n{i}.example.").to_wire(), 1, 1, False) for i in range(4)]
+    cache.put(keys[0], positive(10), 0.0)
+    assert cache.get(keys[0], 20.0) is None  # expired: dropped
+    for key in keys:
+        cache.put(key, positive(), 20.0)
+    assert len(cache) == 2 and cache.counters.evictions == 2
+    assert [cache.get(key, 21.0) is not None for key in keys] == [False, False, True, True]
