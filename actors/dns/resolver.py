@@ -34,7 +34,7 @@ import dns.rdatatype
 import dns.rrset
 
 from meshsup.actors.dns.access import prefix_of, share
-from meshsup.actors.dns.cache import CacheEntry, CacheKey, DnsCache
+from meshsup.actors.dns.cache import CacheEntry, CacheKey, DnsCache, cache_key
 from meshsup.actors.dns.choice import Upstreams
 from meshsup.actors.dns.fastpath import FastAnswers, prepare
 from meshsup.actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
@@ -229,7 +229,7 @@ class Resolver:
             # A refusal by destination is not the question's: the fast path, which knows only that, keeps none.
             keep = "" if self._router.by_destination else "rejected_by_rule"
             return [self._reply(waiter, Answer(self.settings.reject_rcode_value), keep=keep)]
-        key = CacheKey(parsed.qname_key, parsed.qtype, parsed.qclass, parsed.do, decision.view)
+        key = cache_key(parsed.qname_key, parsed.qtype, parsed.qclass, parsed.do, decision.view)
         cached = self._cache.fresh(key, now)
         if cached is not None:
             return [self._reply_cached(waiter, cached, now)]
@@ -270,13 +270,12 @@ class Resolver:
         if should_failover(answer.rcode):
             return self._failed(key, upstream, f"upstream_{dns.rcode.to_text(answer.rcode).lower()}", now, rtt)
         self.upstreams.answered(upstream, rtt, now)
-        entry = self._cache.store(key, answer, now)
+        stored = self._cache.put(key, answer, now) or answer  # TTLs as the cache keeps them
         self._inflight.finish(key)
         self.counters["upstream_answers"] += 1
         self.upstream_latency.observe(now - flight.started)
         # Not kept for the fast path yet: that waits for the question to come again
         # (most names are asked once; preparing for them would cost time and memory).
-        stored = entry.answer if entry else answer
         actions: list[Action] = [Learned(name, addresses) for name, addresses in answer.addresses]
         actions += [self._reply(waiter, stored) for waiter in flight.waiters]
         return actions

@@ -102,7 +102,7 @@ class _UdpListener:
     """Reads datagrams a batch at a time (actors.kernel.mmsg); replies go out of the
     same socket. Queries the fast path knows are answered right here, the hot
     loop: their replies leave together when the batch is done, one clock
-    reading per batch (the full path reads the clock again for what follows)."""
+    reading per batch (the datagrams of a batch arrived together)."""
 
     def __init__(self, sock: socket.socket, server: DnsServer) -> None:
         self.sock = sock
@@ -132,8 +132,7 @@ class _UdpListener:
                 continue
             reply = fast(query, "udp", now)
             if reply is None:
-                server._handle(query, source, "udp", self)
-                now = time.monotonic()
+                server._handle(query, source, "udp", self, now)
                 continue
             if client.prefix is not None:
                 reply = server.limit(reply, client.prefix, now)
@@ -220,9 +219,10 @@ class _InterceptUdp:
             if not server.sources(client[0]).allowed:
                 stats["refused_source"] += 1
                 continue
-            reply = server.fast(query, "udp", time.monotonic())
+            now = time.monotonic()
+            reply = server.fast(query, "udp", now)
             if reply is None:
-                server._handle(query, source, "udp", self, destination)
+                server._handle(query, source, "udp", self, now, destination)
             else:
                 self.send(reply, source)
 
@@ -450,10 +450,11 @@ class DnsServer:
         source: Any,
         transport: str,
         ctx: _UdpListener | _InterceptUdp | _TcpConnection,
+        now: float,
         destination: str = "",
     ) -> None:
         """``destination``: the address an intercepted query was sent to."""
-        self._run(self._resolver.handle(wire, source, transport, time.monotonic(), ctx, destination))
+        self._run(self._resolver.handle(wire, source, transport, now, ctx, destination))
 
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
@@ -529,9 +530,10 @@ class DnsServer:
                     if refused is not None:
                         connection.send(refused, source)
                     break
-                reply = self.fast(wire, "tcp", time.monotonic())
+                now = time.monotonic()
+                reply = self.fast(wire, "tcp", now)
                 if reply is None:
-                    self._handle(wire, source, "tcp", connection, destination)
+                    self._handle(wire, source, "tcp", connection, now, destination)
                 else:
                     connection.send(reply, source)
         except (asyncio.IncompleteReadError, OSError, TimeoutError):

@@ -128,11 +128,15 @@ class PlainQuery(NamedTuple):
     do: bool
 
 
+_FLAGS_COUNTS = struct.Struct("!HHHHH")  # a header after its ID
+_tuple = tuple.__new__  # makes a NamedTuple without its __new__, a Python function
+
+
 def parse_plain_query(wire: bytes) -> PlainQuery | None:
     """A query with one question and nothing else but a bare OPT (no options,
     version 0); None for anything else, even if valid. The caller has checked
     QR, the opcode and QDCOUNT."""
-    flags, _, ancount, nscount, arcount = struct.unpack_from("!HHHHH", wire, 2)
+    flags, _, ancount, nscount, arcount = _FLAGS_COUNTS.unpack_from(wire, 2)
     if ancount or nscount or arcount > 1:
         return None
     offset, size = HEADER_LEN, len(wire)
@@ -148,14 +152,14 @@ def parse_plain_query(wire: bytes) -> PlainQuery | None:
     if not arcount:
         if end != size:
             return None
-        return PlainQuery(flags, wire[HEADER_LEN:name_end], qtype, qclass, -1, 0, False)
+        return _tuple(PlainQuery, (flags, wire[HEADER_LEN:name_end], qtype, qclass, -1, 0, False))
     if size != end + 1 + RR_FIXED.size or wire[end] != 0:
         return None
     rtype, payload, ttl, rdlength = RR_FIXED.unpack_from(wire, end + 1)
     # The top 16 bits are the extended RCODE and the version: both 0 here.
     if rtype != OPT or rdlength or ttl & 0xFFFF0000:
         return None
-    return PlainQuery(flags, wire[HEADER_LEN:name_end], qtype, qclass, 0, payload, bool(ttl & EDNS_DO))
+    return _tuple(PlainQuery, (flags, wire[HEADER_LEN:name_end], qtype, qclass, 0, payload, bool(ttl & EDNS_DO)))
 
 
 def query_key(query: bytes) -> bytes:
@@ -196,10 +200,13 @@ def label_count(qname: bytes) -> int:
     return count
 
 
+_FORWARD_HEADERS = {cd: HEADER.pack(0, RD | cd, 1, 0, 0, 1) for cd in (0, CD)}
+
+
 def forward_query(qname: bytes, qtype: int, qclass: int, flags: int, do: bool) -> bytes:
     """The query sent upstream: ID 0 (the transport sets its own), RD, the
     client's CD, our EDNS with the client's DO."""
-    return HEADER.pack(0, RD | (flags & CD), 1, 0, 0, 1) + qname + TYPE_CLASS.pack(qtype, qclass) + opt_record(do)
+    return _FORWARD_HEADERS[flags & CD] + qname + TYPE_CLASS.pack(qtype, qclass) + _OUR_OPT[do]
 
 
 @dataclass(slots=True)
@@ -366,18 +373,18 @@ def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int], l
         records = wire[base : opt[0]]
     set_ends.append((len(records), index))
     an, ns, ar = counts
-    return WireAnswer(
-        rcode=flags & 0xF,
-        authenticated=bool(flags & AD),
-        base=base,
-        records=records,
-        counts=(an, ns, ar - (opt is not None)),
-        ttls=tuple(ttls),
-        types=tuple(types),
-        ttl_offsets=tuple(ttl_offsets),
-        set_ends=tuple(set_ends),
-        negative_ttl=negative_ttl,
-        addresses=tuple((name, tuple(found)) for (name, _), found in addresses.items()) if addresses else (),
+    return WireAnswer(  # by position: a tenth faster than by keyword, and made once an answer
+        flags & 0xF,  # rcode
+        bool(flags & AD),  # authenticated
+        base,
+        records,
+        (an, ns, ar - (opt is not None)),  # counts
+        tuple(ttls),
+        tuple(types),
+        tuple(ttl_offsets),
+        tuple(set_ends),
+        negative_ttl,
+        tuple((name, tuple(found)) for (name, _), found in addresses.items()) if addresses else (),
     )
 
 

@@ -1,6 +1,7 @@
 """DNS figures: dnsperf against meshsup (1 and 2 dns workers) and dnsmasq, in one run.
 
 Run as root: .venv/bin/python tests/bench/bench_dns.py [--seconds 5] [--rounds 3] [--cold 10000]
+    [--workers 1,2] [--workloads local,cached,cold]
 
 Everything runs in one throwaway network namespace: an upstream dnsmasq
 (answers every name under example.test itself, no cache), a meshsup node
@@ -13,9 +14,12 @@ weighs on both alike. Each run gives q/s, mean latency and the server's CPU
 time per answered query (user and system, all its processes, from /proc):
 the figure other load on the machine moves least. Ratios are meshsup against
 dnsmasq in the same rounds (medians: load from elsewhere comes and goes).
-RSS is each server process's resident set at the end, with the part of it
-that is the process's own (a dns worker shares the rest with the fork
-server it came from and the other actors).
+Memory is each server process's at the end: its resident set (RSS), its
+proportional share (PSS: a page shared with N processes counts 1/N) and
+the part that is its own alone (USS); a dns worker shares the rest with the
+fork server it came from and the other actors. The last lines sum up the
+issue's figures: cold forwarding with the most workers run, and the
+workers' PSS, against dnsmasq's.
 """
 
 from __future__ import annotations
@@ -117,17 +121,18 @@ def dnsperf(ns: Netns, server: Server, queries: list[str], tmp: Path, seconds: f
 @dataclass
 class Memory:
     rss: float  # MiB, pages shared with the fork server and other actors included
+    pss: float  # MiB, each shared page counted 1/N for the N processes that map it
     uss: float  # MiB, the process's own pages (private clean and dirty)
 
     def __str__(self) -> str:
-        return f"{self.rss:.1f} ({self.uss:.1f} own)"
+        return f"RSS {self.rss:.1f} PSS {self.pss:.1f} own {self.uss:.1f}"
 
 
 def memory(pid: int) -> Memory:
-    """The process's resident set, and the part of it no other process shares."""
+    """The process's resident set, its proportional share, and the part of it no other process shares."""
     fields = dict(re.findall(r"(\w+):\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text()))
-    kib = {name: int(fields.get(name, 0)) for name in ("Rss", "Private_Clean", "Private_Dirty")}
-    return Memory(kib["Rss"] / 1024, (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024)
+    kib = {name: int(fields.get(name, 0)) for name in ("Rss", "Pss", "Private_Clean", "Private_Dirty")}
+    return Memory(kib["Rss"] / 1024, kib["Pss"] / 1024, (kib["Private_Clean"] + kib["Private_Dirty"]) / 1024)
 
 
 def workloads(peers: list[Identity]) -> dict[str, list[str]]:
@@ -164,11 +169,12 @@ def run_rounds(
     """Each workload against each server in turn, round after round, so that
     whatever else the machine does weighs on all of them alike."""
     names = workloads(peers)
-    for server in servers:
-        dnsperf(ns, server, names["cached"], tmp, args.seconds, passes=3)  # warm the caches
+    if "cached" in args.workloads:
+        for server in servers:
+            dnsperf(ns, server, names["cached"], tmp, args.seconds, passes=3)  # warm the caches
     for round_ in range(args.rounds):
         order = servers if round_ % 2 == 0 else servers[::-1]
-        for workload in ("local", "cached", "cold"):
+        for workload in args.workloads:
             for server in order:
                 if workload == "cold":
                     figures = dnsperf(
@@ -199,7 +205,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cold", type=int, default=10000, help="distinct names in each cold-cache run")
+    ap.add_argument("--workers", default="1,2", help="dns workers of each meshsup run, in turn")
+    ap.add_argument("--workloads", default="local,cached,cold", help="of local, cached, cold")
     args = ap.parse_args()
+    args.workers = [int(n) for n in args.workers.split(",")]
+    args.workloads = args.workloads.split(",")
+    if not set(args.workloads) <= {"local", "cached", "cold"} or sorted(args.workers) != args.workers:
+        ap.error("workloads: of local, cached, cold; workers: in rising order")
     ns = Netns("bd")
     results: dict[str, dict[str, list[Figures]]] = {}
     rss: dict[str, list[Memory]] = {}
@@ -235,14 +247,15 @@ def main() -> None:
                     "cache_size": CACHE_SIZE,
                 },
             )
-            node = Node(tmp, "--config", str(config), "--dns-workers", "1", netns=ns, faults=False)
+            first = args.workers[0]
+            node = Node(tmp, "--config", str(config), "--dns-workers", str(first), netns=ns, faults=False)
             processes.append(node)
             node.wait_ready()
             pairs: list[tuple[str, str]] = []  # dnsmasq's label in the rounds of each meshsup's
-            for workers in (1, 2):
-                if workers == 2:
-                    node.cli("scale", "dns", "2")
-                    node.wait(lambda: len(dns_workers(node)) == 2, what="two dns workers")
+            for workers in args.workers:
+                if workers != first:
+                    node.cli("scale", "dns", str(workers))
+                    node.wait(lambda: len(dns_workers(node)) == workers, what=f"{workers} dns workers")
                 label = f"meshsup {workers} worker{'s' if workers > 1 else ''}"
                 meshsup = Server(label, "127.0.0.1", 53, lambda: dns_workers(node))
                 reference = Server(
@@ -273,7 +286,23 @@ def main() -> None:
                     f"(q/s {min(r.qps for r in runs):.0f}..{max(r.qps for r in runs):.0f})"
                 )
             memory_of = "dnsmasq" if server == reference else server
-            print(f"{'':>17}  RSS    " + " + ".join(map(str, rss[memory_of])) + " MiB")
+            print(f"{'':>17}  memory " + " + ".join(map(str, rss[memory_of])) + " MiB")
+    if "cold" in args.workloads:
+        reference, label = pairs[-1]
+        ours, theirs = median(results[label]["cold"]), median(results[reference]["cold"])
+        print(
+            f"cold forwarding, {label}: {ours.qps:.0f} q/s against dnsmasq's {theirs.qps:.0f}: "
+            f"{ours.qps / theirs.qps:.2f}x; CPU {ours.cpu_us:.1f} us/q against {theirs.cpu_us:.1f} us/q"
+        )
+    workers = rss[pairs[-1][1]]
+    print(
+        f"memory, {pairs[-1][1]}: PSS "
+        + " + ".join(f"{m.pss:.1f}" for m in workers)
+        + " MiB (RSS "
+        + " + ".join(f"{m.rss:.1f}" for m in workers)
+        + f") against dnsmasq's PSS {rss['dnsmasq'][0].pss:.1f} "
+        f"(RSS {rss['dnsmasq'][0].rss:.1f})"
+    )
 
 
 if __name__ == "__main__":

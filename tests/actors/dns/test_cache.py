@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import dns.message
 import dns.name
 import dns.rcode
@@ -9,7 +11,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from meshsup.actors.dns.cache import STALE_ANSWER_TTL, CacheKey, DnsCache
+from meshsup.actors.dns.cache import STALE_ANSWER_TTL, DnsCache, cache_key
 from meshsup.actors.dns.wire import WireAnswer, parse_answer
 from tests.actors.dns.helpers import sections
 
@@ -19,7 +21,7 @@ NAME = dns.name.from_text("www.example.")
 QNAME = NAME.to_wire()
 
 
-KEY = CacheKey(QNAME, dns.rdatatype.A, 1, False)
+KEY = cache_key(QNAME, dns.rdatatype.A, 1, False)
 
 
 def upstream(rcode: int = dns.rcode.NOERROR, answer=(), authority=()) -> WireAnswer:
@@ -45,7 +47,7 @@ def test_cache_ttl_counts_down_and_expires():
     cache = DnsCache(size=10)
     cache.put(KEY, positive(300), now=1000.0)
     assert sections(cache.get(KEY, 1100.4), QNAME).answer[0].ttl == 199
-    assert cache.get(CacheKey(QNAME, 1, 1, True), 1100.0) is None  # the DO bit is part of the key
+    assert cache.get(cache_key(QNAME, 1, 1, True), 1100.0) is None  # the DO bit is part of the key
     assert cache.get(KEY, 1300.0) is None
 
 
@@ -77,7 +79,7 @@ def test_uncacheable_answers():
 
 def test_cache_is_lru_bounded():
     cache = DnsCache(size=2)
-    keys = [CacheKey(dns.name.from_text(f"n{i}.example.").to_wire(), 1, 1, False) for i in range(3)]
+    keys = [cache_key(dns.name.from_text(f"n{i}.example.").to_wire(), 1, 1, False) for i in range(3)]
     cache.put(keys[0], positive(), 0.0)
     cache.put(keys[1], positive(), 0.0)
     assert cache.get(keys[0], 1.0) is not None  # keys[0] is now the most recent
@@ -99,3 +101,35 @@ def test_cache_flush():
     cache.put(KEY, positive(), 0.0)
     cache.flush()
     assert cache.get(KEY, 1.0) is None
+
+
+def test_an_answer_kept_as_bytes_is_served_as_read():
+    """An answer with nothing to clamp is kept as bytes until asked for, then
+    served as the answer read from the upstream's message was."""
+    message = dns.message.make_response(dns.message.make_query(NAME, "A", use_edns=0))
+    message.answer = [dns.rrset.from_text(NAME, 300, "IN", "A", "203.0.113.1", "203.0.113.2")]
+    wire = message.to_wire()
+    answer = parse_answer(wire, QNAME, dns.rdatatype.A, dns.rdataclass.IN)
+    cache = DnsCache(size=10, min_ttl=60, max_ttl=600)
+    assert cache.put(KEY, answer, 1000.0) is answer
+    served = cache.get(KEY, 1100.5)
+    assert [(r.ttl, sorted(map(str, r))) for r in sections(served, QNAME).answer] == [
+        (199, ["203.0.113.1", "203.0.113.2"])
+    ]
+    kept = cache.fresh(KEY, 1100.5).answer  # as stored, before counting down
+    assert (kept.records, kept.counts, kept.base, kept.ttls) == (answer.records, answer.counts, answer.base, (300, 300))
+    assert cache.get(KEY, 1300.0) is None and cache.counters.expired == 1
+    clamped = parse_answer(wire.replace(struct.pack("!I", 300), struct.pack("!I", 5)), QNAME, 1, 1)
+    assert sections(cache.put(KEY, clamped, 0.0), QNAME).answer[0].ttl == 60  # clamped: kept as read
+    assert sections(cache.get(KEY, 1.0), QNAME).answer[0].ttl == 59
+
+
+def test_a_key_dropped_or_stored_again_is_evicted_once():
+    cache = DnsCache(size=2)
+    keys = [cache_key(dns.name.from_text(f"n{i}.example.").to_wire(), 1, 1, False) for i in range(4)]
+    cache.put(keys[0], positive(10), 0.0)
+    assert cache.get(keys[0], 20.0) is None  # expired: dropped
+    for key in keys:
+        cache.put(key, positive(), 20.0)
+    assert len(cache) == 2 and cache.counters.evictions == 2
+    assert [cache.get(key, 21.0) is not None for key in keys] == [False, False, True, True]
