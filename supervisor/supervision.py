@@ -19,9 +19,19 @@ from typing import Any
 
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, Stop
+from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, PeersChanged, Stop
 from meshsup.actors.kernel.privileges import Account
-from meshsup.actors.registry import PRELOAD, SCALABLE, AnySettings, actor_name, run_actor, settings_for, start_order
+from meshsup.actors.registry import (
+    PRELOAD,
+    SCALABLE,
+    AnySettings,
+    actor_name,
+    peers_for,
+    run_actor,
+    settings_for,
+    start_order,
+)
+from meshsup.actors.settings import PeerSettings, wire
 from meshsup.actors.settings.keys import b64
 from meshsup.supervisor import sdnotify
 from meshsup.supervisor.hub import Hub
@@ -216,6 +226,13 @@ class Tree:
     def configure_message(self, kind: str, req: int, generation: int) -> Configure:
         """The running config as an actor of `kind` gets it: with the keys only if it uses them."""
         return Configure(req=req, generation=generation, config=settings_for(kind, self.config).to_wire())
+
+    def peers_message(
+        self, kind: str, req: int, generation: int, changed: list[PeerSettings], removed: list[bytes]
+    ) -> PeersChanged:
+        """The change of peers that made `generation`, as an actor of `kind` gets it."""
+        peers = [wire.encode(p) for p in peers_for(kind, changed)]
+        return PeersChanged(req=req, base=generation - 1, generation=generation, peers=peers, removed=removed)
 
     def _on_configured(self, a: ActorProc, ack: Ack | None) -> None:
         if ack is None or a.state != "starting":

@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import ipaddress
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from meshsup.actors.kernel.types import Endpoint, relayed
 
@@ -28,7 +28,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class PeerConfig:
     public_key: bytes
     preshared_key: bytes | None = None
-    allowed_ips: list[Network] = field(default_factory=list)
+    allowed_ips: Sequence[Network] = ()
     endpoint: Endpoint | None = None
     persistent_keepalive: int | None = None
 

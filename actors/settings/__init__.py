@@ -73,6 +73,23 @@ class Settings:
         """The private key kept, no preshared keys: what logs in to DERP relays (actors.registry)."""
         return replace(self, peers=tuple(replace(p, preshared_key=None) for p in self.peers))
 
+    def peer_changes(self, new: Settings) -> tuple[list[PeerSettings], list[bytes]] | None:
+        """How `new` differs from these settings when only peers differ: the peers added or changed
+        (in their new form) and the keys of those removed; None when anything else differs too."""
+        if replace(self, peers=()) != replace(new, peers=()):
+            return None
+        old = {p.public_key: p for p in self.peers}
+        changed = [p for p in new.peers if (o := old.pop(p.public_key, None)) is not p and o != p]
+        return changed, list(old)
+
+    def with_peers(self, changed: list[PeerSettings], removed: list[bytes]) -> Settings:
+        """These settings with `changed` peers put in place (new ones last) and `removed` ones gone:
+        what `peer_changes` took out, put back."""
+        by_key = {p.public_key: p for p in changed}
+        gone = set(removed)
+        kept = tuple(by_key.pop(p.public_key, p) for p in self.peers if p.public_key not in gone)
+        return replace(self, peers=kept + tuple(by_key.values()))
+
     @property
     def holds_secrets(self) -> bool:
         return bool(self.node.private_key) or any(p.preshared_key for p in self.peers)
