@@ -124,12 +124,18 @@ class Paths:
     def set_peers(self, configured: Mapping[bytes, Sequence[Endpoint]], now: float) -> None:
         """The node's peers, WireGuard key -> configured endpoints (maybe none). Removed peers' state
         goes; the others keep theirs."""
-        for key in [k for k in self._peers if k not in configured]:
-            peer = self._peers.pop(key)
+        self.change_peers(configured, [k for k in self._peers if k not in configured], now)
+
+    def change_peers(self, changed: Mapping[bytes, Sequence[Endpoint]], removed: Sequence[bytes], now: float) -> None:
+        """Some peers added or changed (key -> configured endpoints), some removed; the rest untouched."""
+        for key in removed:
+            peer = self._peers.pop(key, None)
+            if peer is None:
+                continue
             if peer.disco is not None:
                 del self._by_disco[peer.disco.peer]
             self._heartbeating.discard(key)
-        for key, endpoints in configured.items():
+        for key, endpoints in changed.items():
             wanted = tuple(dict.fromkeys(canonical(ep) for ep in endpoints))
             peer = self._peers.get(key)
             if peer is None:

@@ -25,8 +25,8 @@ from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.flowcount.tally import INNER
 from meshsup.actors.kernel.tun import Tun
 from meshsup.actors.routing.allowedips import AllowedIPs, Network
-from meshsup.actors.routing.shard import by_owner, worker_prefixes, worker_routes
-from meshsup.actors.settings import Settings
+from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
+from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.bpf import steering
 from meshsup.bpf.syscall import attach_steering, load_socket_filter
 
@@ -41,6 +41,8 @@ class TunIoActor(Actor):
         self.tun: Tun | None = None
         self.routes = AllowedIPs()  # destination prefix -> crypto worker index
         self.route_key: Any = None
+        self.prefixes: dict[bytes, tuple[Network, ...]] = {}  # each peer's allowed IPs, as routed
+        self.steer_due = False  # the routes changed since the steering program was made
         self.counters: Counter[str] = Counter()
         self.flows = FlowFeed(self, INNER)
         self.steering = False
@@ -67,7 +69,24 @@ class TunIoActor(Actor):
         if key != self.route_key:
             prefixes = worker_prefixes(settings.peers, workers)
             self.routes, self.route_key = worker_routes(prefixes), key
+            self.prefixes = {p.public_key: p.allowed_ips for p in settings.peers}
             self._steer(prefixes)
+            self.steer_due = False
+
+    def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
+        """The changed peers' routes at once; the steering program, which holds every route, on the
+        next tick (one for many changes): until then a packet steered by the old one reaches a worker
+        that hands it on to its owner by the routes, as without steering."""
+        workers = settings.actors.crypto
+        for key in [*removed, *(p.public_key for p in changed)]:
+            for network in self.prefixes.pop(key, ()):
+                self.routes.remove(network, owner(key, workers))
+        for p in changed:
+            self.prefixes[p.public_key] = p.allowed_ips
+            for network in p.allowed_ips:
+                self.routes.insert(network, owner(p.public_key, workers))
+        self.route_key = None  # a whole configuration compares anew
+        self.steer_due = True
 
     def _steer(self, prefixes: list[tuple[Network, int]]) -> None:
         """Have the kernel queue each outgoing packet on its owner's queue (the supervisor
@@ -137,6 +156,9 @@ class TunIoActor(Actor):
 
     def tick(self, now: float) -> None:
         self.flows.tick(now)
+        if self.steer_due and self.running is not None:
+            self.steer_due = False
+            self._steer(worker_prefixes(self.running.peers, self.running.actors.crypto))
 
     def close(self) -> None:
         self.flows.close()
