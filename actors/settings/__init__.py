@@ -64,6 +64,14 @@ class Settings:
         ranges = [str(a.network) for a in self.node.addresses] + [str(n) for p in self.peers for n in p.allowed_ips]
         return self.dns.with_mesh(names, ranges)
 
+    def dns_peers_changed(self, dns: DnsSettings, gone: list[PeerSettings], changed: list[PeerSettings]) -> DnsSettings:
+        """What dns_for_mesh gives for these settings, from `dns`, what it gave before the `gone`
+        peers went and the `changed` ones changed: only their names are checked, the mesh's
+        ranges are the networks as parsed."""
+        names = {p.name: [str(n.network_address) for n in p.hosts] for p in changed}
+        mesh = [a.network for a in self.node.addresses] + [n for p in self.peers for n in p.allowed_ips]
+        return dns.with_names_changed([p.name for p in gone], names, mesh)
+
     def without_secrets(self) -> Settings:
         """The same settings with no key material: the private key empty, no preshared keys.
         What the actors that use no keys get (actors.registry.settings_for)."""

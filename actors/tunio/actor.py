@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from meshsup.actors.base import Actor, ConfigError
@@ -31,6 +32,7 @@ from meshsup.bpf import steering
 from meshsup.bpf.syscall import attach_steering, load_socket_filter
 
 READ_BATCH = 256
+STEER_AT_ONCE = 256  # routes whose program is attached before configure returns (a few ms to verify)
 
 
 class TunIoActor(Actor):
@@ -47,6 +49,9 @@ class TunIoActor(Actor):
         self.flows = FlowFeed(self, INNER)
         self.steering = False
         self._steering_refused = False  # said once in the log
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steering")
+        self._loading: Future[int] | None = None  # a steering program being made (its fd)
+        self._routes_loading = 0
 
     def configure(self, settings: Settings) -> None:
         self.flows.configure(settings)
@@ -70,8 +75,8 @@ class TunIoActor(Actor):
             prefixes = worker_prefixes(settings.peers, workers)
             self.routes, self.route_key = worker_routes(prefixes), key
             self.prefixes = {p.public_key: p.allowed_ips for p in settings.peers}
-            self._steer(prefixes)
             self.steer_due = False
+            self._steer(prefixes)
 
     def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
         """The changed peers' routes at once; the steering program, which holds every route, on the
@@ -90,12 +95,29 @@ class TunIoActor(Actor):
 
     def _steer(self, prefixes: list[tuple[Network, int]]) -> None:
         """Have the kernel queue each outgoing packet on its owner's queue (the supervisor
-        holds queue k for crypto worker k). Without it tun-io reads and hands packets on."""
+        holds queue k for crypto worker k). Without it tun-io reads and hands packets on.
+        The program is made and checked by the kernel's verifier on a thread of its own, which
+        takes a second for thousands of routes, while the loop goes on (heartbeats, packets): a
+        few routes' program is waited for, and attached at once."""
         assert self.tun is not None
         if not self.tun.multi_queue:
             return
+        if self._loading is not None:
+            self.steer_due = True  # one is being made: this one after it
+            return
+        self._loading = self._loader.submit(_load_steering, prefixes)
+        self._routes_loading = len(prefixes)
+        if len(prefixes) <= STEER_AT_ONCE:
+            self._attach_steering(wait=True)
+
+    def _attach_steering(self, wait: bool = False) -> None:
+        """The program made on the loader's thread, attached once it is done."""
+        loading = self._loading
+        if loading is None or not (wait or loading.done()) or self.tun is None:
+            return
+        self._loading = None
         try:
-            prog = load_socket_filter(steering.program(prefixes, default=0), "meshsup_steer")
+            prog = loading.result()
             try:
                 attach_steering(self.tun.fileno(), prog)
             finally:
@@ -107,7 +129,7 @@ class TunIoActor(Actor):
                 self.log.warning("no eBPF queue steering: outgoing packets go through tun-io", reason=str(err))
             return
         if not self.steering:
-            self.log.info("steering outgoing packets to their owners' TUN queues", routes=len(prefixes))
+            self.log.info("steering outgoing packets to their owners' TUN queues", routes=self._routes_loading)
         self.steering = True
 
     def _report_offloads(self, tun: Tun) -> None:
@@ -156,11 +178,18 @@ class TunIoActor(Actor):
 
     def tick(self, now: float) -> None:
         self.flows.tick(now)
-        if self.steer_due and self.running is not None:
+        self._attach_steering()
+        if self.steer_due and self._loading is None and self.running is not None and self.tun is not None:
             self.steer_due = False
             self._steer(worker_prefixes(self.running.peers, self.running.actors.crypto))
 
     def close(self) -> None:
         self.flows.close()
+        self._loader.shutdown(wait=False, cancel_futures=True)
         if self.tun is not None:
             self.tun.close()
+
+
+def _load_steering(prefixes: list[tuple[Network, int]]) -> int:
+    """The steering program for these routes, assembled and loaded (past the kernel's verifier): its fd."""
+    return load_socket_filter(steering.program(prefixes, default=0), "meshsup_steer")
