@@ -21,6 +21,9 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.PTR
+import dns.rdtypes.IN.A
+import dns.rdtypes.IN.AAAA
 import dns.reversename
 import dns.rrset
 
@@ -64,11 +67,17 @@ class Zone:
 
     def _add_host(self, label: str, addresses: Sequence[str]) -> dns.name.Name:
         host = dns.name.from_text(label, origin=self._origin)
+        # Made directly, not parsed from text: a mesh of thousands of peers has as many records.
+        pointer = dns.rdtypes.ANY.PTR.PTR(dns.rdataclass.IN, dns.rdatatype.PTR, host)
         for address in addresses:
-            family = dns.rdatatype.A if ipaddress.ip_address(address).version == 4 else dns.rdatatype.AAAA
-            self._add(host, family, _rdata(family, address))
+            if ipaddress.ip_address(address).version == 4:
+                family, rdata = dns.rdatatype.A, dns.rdtypes.IN.A.A(dns.rdataclass.IN, dns.rdatatype.A, address)
+            else:
+                family = dns.rdatatype.AAAA
+                rdata = dns.rdtypes.IN.AAAA.AAAA(dns.rdataclass.IN, dns.rdatatype.AAAA, address)
+            self._add(host, family, rdata)
             reverse = dns.reversename.from_address(address)
-            self._reverse.setdefault(reverse, []).append(_rdata(dns.rdatatype.PTR, host.to_text()))
+            self._reverse.setdefault(reverse, []).append(pointer)
         return host
 
     def change_names(self, names: Mapping[str, Sequence[str]]) -> None:

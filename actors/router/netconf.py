@@ -231,9 +231,9 @@ class RouteRequests:
                 offset += _align(length)
         return [errors[seq] for seq in range(first, self._seq + 1)]
 
-    def ours(self, oif: int, table: int) -> set[str]:
-        """The prefixes routed by us (RTPROT_MESHSUP) via link `oif` in `table`, from a dump of
-        the routing tables (parsed here: pyroute2 takes a second for thousands)."""
+    def ours(self, oif: int | None, table: int) -> set[str]:
+        """The prefixes routed by us (RTPROT_MESHSUP) via link `oif` (None: any) in `table`, from a
+        dump of the routing tables (parsed here: pyroute2 takes a second for thousands)."""
         self._seq += 1
         seq = self._seq
         rtmsg = _RTMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0, 0)
@@ -263,8 +263,7 @@ class RouteRequests:
                 raw_table, raw_oif = _attr(data, attrs, end, _RTA_TABLE), _attr(data, attrs, end, _RTA_OIF)
                 if (
                     protocol != RTPROT_MESHSUP
-                    or raw_oif is None
-                    or _U32.unpack(raw_oif)[0] != oif
+                    or (oif is not None and (raw_oif is None or _U32.unpack(raw_oif)[0] != oif))
                     or (_U32.unpack(raw_table)[0] if raw_table else low_table) != table
                 ):
                     continue
