@@ -8,6 +8,7 @@ the test-only fault switches.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import select
@@ -31,6 +32,7 @@ from meshsup.actors.settings import wire as settings_wire
 from meshsup.actors.settings.wire import WireError
 
 HEARTBEAT_INTERVAL = 0.2
+_LIBC = ctypes.CDLL(None)
 FAULTS_ENV = "MESHSUP_TEST_FAULTS"
 
 
@@ -353,6 +355,7 @@ class Actor:
         self.holds_keys = settings.holds_secrets
         self.configure(settings)
         self.running, self.generation = settings, generation
+        _give_back_memory()
         return {}
 
     def _change_peers(self, msg: PeersChanged) -> dict[str, Any]:
@@ -393,6 +396,17 @@ class Actor:
         else:
             raise ConfigError(f"unknown fault {mode!r}")
         return {}
+
+
+def _give_back_memory() -> None:
+    """What decoding and applying a whole config left free goes back to the kernel: with thousands
+    of peers the wire form alone is megabytes, and every actor of a node decodes one. (No garbage
+    collection first: it would write to every object inherited from the fork server, copying
+    their pages into each actor.)"""
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:  # not glibc
+        pass
 
 
 def crash_on_start_requested(kind: str) -> bool:

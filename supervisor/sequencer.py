@@ -77,6 +77,7 @@ class Sequencer:
         {"applied": False} (a change of peers the actor could not apply) sends it the whole config."""
         errors: list[str] = []
         queue = deque(steps)
+        self.tree.reconfiguring += 1
 
         def next_step(ack: Ack | None = None, name: str = "") -> None:
             if name and (ack is None or not ack.ok):
@@ -90,6 +91,7 @@ class Sequencer:
                     continue  # a starting actor gets the new config on its own hello
                 self.hub.request(actor, make, lambda ack, actor=actor: next_step(ack, actor))
                 return
+            self.tree.reconfiguring -= 1
             finished(errors)
 
         next_step()

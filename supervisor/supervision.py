@@ -72,6 +72,7 @@ class Tree:
         self.config = config
         self.generation = 1
         self._wired: tuple[AnySettings | None, dict[Any, dict[str, Any]]] = (None, {})  # config -> wire forms
+        self.reconfiguring = 0  # sequences under way (sequencer.py), whose steps share the wire forms
         self.runtime = runtime
         self.hub = hub
         self.tun_queues = tun_queues
@@ -128,6 +129,8 @@ class Tree:
             self.start_queue.popleft()
             self._spawn(a)
             return
+        if not self.reconfiguring:  # nothing starts and no sequence runs: the wire forms are not needed
+            self._wired = (None, {})
         if not self.ready and all(a.state == "running" for a in self.actors.values()):
             self.ready = True
             self.log.info("node ready", actors=len(self.actors), public_key=b64(self.config.public_key))

@@ -105,7 +105,12 @@ class TunIoActor(Actor):
         if self._loading is not None:
             self.steer_due = True  # one is being made: this one after it
             return
-        self._loading = self._loader.submit(_load_steering, prefixes)
+        try:
+            program = steering.program(prefixes, default=0)
+        except ValueError as err:
+            self._no_steering(err)
+            return
+        self._loading = self._loader.submit(load_socket_filter, program, "meshsup_steer")
         self._routes_loading = len(prefixes)
         if len(prefixes) <= STEER_AT_ONCE:
             self._attach_steering(wait=True)
@@ -123,14 +128,17 @@ class TunIoActor(Actor):
             finally:
                 os.close(prog)
         except (OSError, ValueError) as err:
-            self.steering = False
-            if not self._steering_refused:
-                self._steering_refused = True
-                self.log.warning("no eBPF queue steering: outgoing packets go through tun-io", reason=str(err))
+            self._no_steering(err)
             return
         if not self.steering:
             self.log.info("steering outgoing packets to their owners' TUN queues", routes=self._routes_loading)
         self.steering = True
+
+    def _no_steering(self, err: Exception) -> None:
+        self.steering = False
+        if not self._steering_refused:
+            self._steering_refused = True
+            self.log.warning("no eBPF queue steering: outgoing packets go through tun-io", reason=str(err))
 
     def _report_offloads(self, tun: Tun) -> None:
         self.log.info("TUN attached", interface=tun.name, coalesced_writes=tun.vnet_hdr, worker_queues=tun.multi_queue)
@@ -188,8 +196,3 @@ class TunIoActor(Actor):
         self._loader.shutdown(wait=False, cancel_futures=True)
         if self.tun is not None:
             self.tun.close()
-
-
-def _load_steering(prefixes: list[tuple[Network, int]]) -> int:
-    """The steering program for these routes, assembled and loaded (past the kernel's verifier): its fd."""
-    return load_socket_filter(steering.program(prefixes, default=0), "meshsup_steer")

@@ -471,6 +471,33 @@ def test_psk_change_flushes_session_and_remove_peer() -> None:
     assert link.b.counters["no_route"] == 1
 
 
+def test_a_configured_peer_has_state_only_from_its_first_traffic() -> None:
+    link = Link()
+    assert link.a.peers == {} and link.b.peers == {}, "configured, no traffic: a record alone"
+    assert link.a.status(T0) == [] and set(link.a.configs) == {link.b.public_key}
+    link.handshake()  # A's packet gives A's peer state, B's peer gets it from the initiation
+    assert set(link.a.peers) == {link.b.public_key} and set(link.b.peers) == {link.a.public_key}
+    assert link.a.fresh == [link.b.public_key] and link.b.fresh == [link.a.public_key]
+    (status,) = link.a.status(T0)
+    assert status["allowed_ips"] == [f"{B_IP}/32", f"{B_IP6}/128"] and status["last_handshake"] == int(T0)
+
+
+def test_a_lazy_peer_is_updated_removed_and_keeps_persistent_keepalive_at_once() -> None:
+    link = Link()
+    link.a.set_peer(PeerConfig(link.b.public_key, None, net(f"{B_IP}/32"), ("198.51.100.7", 1)))
+    assert link.a.peers == {}, "a change of a peer without traffic stays a record"
+    assert link.a.peer(link.b.public_key).endpoint == ("198.51.100.7", 1), "made from the latest record"
+    other = Device(os.urandom(32))
+    link.a.set_peer(PeerConfig(other.public_key, None, net("100.64.0.9/32"), ("198.51.100.9", 1), 25))
+    assert other.public_key in link.a.peers, "persistent keepalive sends at once: state from the start"
+    assert sent(link.a.tick(T0)), "its first keepalive starts a handshake"
+    link.a.remove_peer(other.public_key)
+    link.a.remove_peer(link.b.public_key)
+    assert link.a.peers == {} and link.a.configs == {}
+    assert link.a.send([ping(A_IP, B_IP)], T0).datagrams == [] and link.a.counters["no_route"] == 1
+    assert link.a.peer(link.b.public_key) is None
+
+
 def test_unknown_initiator_is_dropped() -> None:
     link = Link()
     stranger = Device(os.urandom(32))
