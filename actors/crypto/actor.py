@@ -418,6 +418,11 @@ class CryptoActor(Actor):
         """What the device made of a batch (`sent` to Device.send, `received` to Device.receive)."""
         if self.tap is not None:  # nothing else on the hot path when no capture runs
             self._capture(self.tap.take(sent, received, out))
+        # Sockets follow their peers before anything is sent: an answer to a peer's first initiation
+        # leaves from its new socket, and what the peer sends next comes in there, not to magicsock.
+        moved = [event.public_key for event in out.events if event.kind == ENDPOINT_CHANGED]
+        if self.device is not None and (moved or self.device.fresh):
+            self._follow_endpoints(moved)
         if out.packets:
             if self.direct.write(out.packets):
                 self.inner.rx.add_packets(out.packets)
@@ -440,9 +445,6 @@ class CryptoActor(Actor):
             # Initiations whose peer another worker owns; datagrams of another worker's sessions.
             self.forwarded_initiations += len(out.forwards)
             self._hand_on(out.forwards + out.foreign)
-        moved = [event.public_key for event in out.events if event.kind == ENDPOINT_CHANGED]
-        if self.device is not None and (moved or self.device.fresh):
-            self._follow_endpoints(moved)
 
     def tick(self, now: float) -> None:
         if self.device is not None and now >= self.next_tick:
@@ -544,6 +546,7 @@ class CryptoActor(Actor):
                 **self.device.counters,
                 **self.direct.counters(),
                 "handshakes": self.device.handshakes,
+                "initiations": self.device.initiations,
                 "forwarded": self.forwarded,
                 "no_route": self.no_route + self.device.counters["no_route"],
                 "forwarded_initiations": self.forwarded_initiations,

@@ -17,6 +17,14 @@ reach any worker: given ``owner_of``, the device checks it as a responder
 (mac1, and the cookie when under load, before any Diffie-Hellman), then hands
 it to the worker owning its initiator in ``Output.forwards``.
 
+Lazy peers: a configured peer is a record (``configs``, its allowed IPs in the
+routing table) until it has traffic, a handshake or a path (``peer`` makes its
+state then), so thousands of idle peers cost no keys, timers or sockets; one
+left with nothing to do (no keys, handshake, packets or timers: 9 minutes after
+its last session) goes back to its record every ``TRIM_EVERY``, keeping its
+figures and its initiations' replay protection (``trimmed``), as Tailscale's
+engine keeps idle peers out of wireguard-go.
+
 Relays: with ``relaying`` on (the node has [[relays]]), a peer needs no endpoint.
 As Tailscale's magicsock, its datagrams go to its endpoint alone while an
 authenticated datagram came from there within ``trust_direct`` (6.5 s); else
@@ -60,7 +68,7 @@ import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
@@ -101,7 +109,7 @@ from .messages import (
     parse_response,
 )
 from .noise import StaticKey, hmac_
-from .peer import DIRECT, RELAY, Peer, PeerConfig
+from .peer import DIRECT, RELAY, Peer, PeerConfig, Trimmed
 from .tai64n import TAI64N_SIZE, successor, tai64n
 from .timers import NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE, ZERO_KEY_MATERIAL, Timing
 
@@ -109,6 +117,7 @@ HANDSHAKE_COMPLETED = "handshake_completed"
 ENDPOINT_CHANGED = "endpoint_changed"
 
 DEFAULT_MTU = 1420
+TRIM_EVERY = 10.0  # seconds between looks for idle peers to trim
 _SENDER = struct.Struct("<4xI")  # sender index of an initiation or response
 _RECEIVER = struct.Struct("<8xI")  # receiver index of a response
 _NONCE = struct.Struct("<4xQ")
@@ -171,10 +180,13 @@ class Device:
         self.mtu = mtu
         self.configs: dict[bytes, PeerConfig] = {}  # every configured peer
         self.peers: dict[bytes, Peer] = {}  # those with state: traffic, a handshake or a path since configured
-        self.fresh: list[bytes] = []  # peers given state since the caller last took them (their endpoints)
+        self.fresh: list[bytes] = []  # peers given or relieved of state since the caller last took them
+        self.trimmed: dict[bytes, Trimmed] = {}  # peers whose state went back to a record: what stays of it
+        self._next_trim = -math.inf
         self.allowed_ips = AllowedIPs()  # values are public keys
         self.counters: Counter[str] = Counter()  # drops and refusals, by reason
         self.handshakes = 0  # completed handshakes (key rotations), for status
+        self.initiations = 0  # peers' initiations answered, for status
         self.relaying = False  # a relay may carry what a peer's endpoint does not
         # Set by a capture with a key log only (actors.crypto.capture): each handshake we take part in
         # adds (peer key, our ephemeral private key, preshared key) for tshark to decrypt the session.
@@ -205,6 +217,9 @@ class Device:
             self.allowed_ips.insert(network, key)
         peer = self.peers.get(key)
         if peer is None:
+            trimmed = self.trimmed.get(key)
+            if trimmed is not None and config.endpoint is not None:
+                self.trimmed[key] = replace(trimmed, endpoint=config.endpoint)
             if config.persistent_keepalive:
                 self.peer(key)
             return
@@ -226,6 +241,9 @@ class Device:
                 return None
             peer = self.peers[public_key] = Peer(config, self.static, self.timing, self._jitter)
             self.fresh.append(public_key)
+            trimmed = self.trimmed.pop(public_key, None)
+            if trimmed is not None:
+                trimmed.restore(peer)
             self._keepalive(peer, config.persistent_keepalive or 0)
         return peer
 
@@ -238,6 +256,7 @@ class Device:
 
     def remove_peer(self, public_key: bytes) -> None:
         self.configs.pop(public_key, None)
+        self.trimmed.pop(public_key, None)
         self.allowed_ips.remove_peer(public_key)
         peer = self.peers.pop(public_key, None)
         if peer is not None:
@@ -272,6 +291,8 @@ class Device:
             entry = peer.status(now, self.relaying)
             entry["allowed_ips"] = [str(n) for n in self.allowed_ips.networks(key)]
             result.append(entry)
+        for key, trimmed in self.trimmed.items():
+            result.append({**trimmed.status(key), "allowed_ips": [str(n) for n in self.allowed_ips.networks(key)]})
         return result
 
     def next_deadline(self) -> float | None:
@@ -684,6 +705,7 @@ class Device:
             self.counters["bad_initiation"] += 1
             return
         self._begin_session(peer, keys, now)
+        self.initiations += 1
         peer.timers.session_derived(now)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_sent()
@@ -833,7 +855,21 @@ class Device:
                 elif name == PERSISTENT_KEEPALIVE and timers.persistent_keepalive_interval > 0:
                     self._send_keepalive(peer, now, out)
         self._limiter.collect(now)
+        if now >= self._next_trim:
+            self._next_trim = now + TRIM_EVERY
+            self._trim_idle()
         return out
+
+    def _trim_idle(self) -> None:
+        """Peers left with nothing to do go back to their record, as Tailscale's engine takes idle
+        peers out of wireguard-go: no session, no handshake under way or packets waiting, no timer
+        (keys are dropped 9 minutes after the last session), no keepalive, no disco path. What
+        status shows of them and the replay protection of their initiations are kept."""
+        for key, peer in list(self.peers.items()):
+            if peer.idle():
+                del self.peers[key]
+                self.trimmed[key] = Trimmed.of(peer)
+                self.fresh.append(key)  # its socket goes
 
     # --- sharding
 

@@ -290,8 +290,8 @@ def test_keys_zeroed_after_three_reject_after_times() -> None:
     assert link.a.peers[link.b.public_key].keypairs.current is not None
     link.tick(T0 + 541)
     for device, other in ((link.a, link.b), (link.b, link.a)):
-        kps = device.peers[other.public_key].keypairs
-        assert (kps.previous, kps.current, kps.next) == (None, None, None)
+        # No keys left, and nothing else: the peer's state goes, back to its record.
+        assert other.public_key not in device.peers and other.public_key in device.trimmed
 
 
 def flood_initiation(target: Device) -> bytes:
@@ -496,6 +496,22 @@ def test_a_lazy_peer_is_updated_removed_and_keeps_persistent_keepalive_at_once()
     assert link.a.peers == {} and link.a.configs == {}
     assert link.a.send([ping(A_IP, B_IP)], T0).datagrams == [] and link.a.counters["no_route"] == 1
     assert link.a.peer(link.b.public_key) is None
+
+
+def test_an_idle_peer_goes_back_to_a_record_keeping_its_figures_and_replay_protection() -> None:
+    link = Link()
+    link.handshake()
+    initiation = next(d for f, _, d in link.wire if f == EA and messages.message_type(d) == messages.MESSAGE_INITIATION)
+    for t in (20, 200, 600, 620):  # keepalive, then keys dropped 540 s after the session
+        link.tick(T0 + t)
+    assert link.b.peers == {} and set(link.b.trimmed) == {link.a.public_key}
+    assert link.a.public_key in link.b.fresh, "the worker closes its socket"
+    (status,) = link.b.status(T0 + 620)
+    assert status["rx_bytes"] > 0 and status["last_handshake"] >= T0 and status["endpoint"] == "198.51.100.1:51820"
+    assert link.b.receive([Burst(EA, [initiation])], T0 + 621).datagrams == []
+    assert link.b.counters["handshake_replay"] == 1, "an initiation from before is still a replay"
+    link.send(EB, [ping(B_IP, A_IP)], T0 + 622)
+    assert link.received[EA] and link.a.public_key in link.b.peers and not link.b.trimmed
 
 
 def test_unknown_initiator_is_dropped() -> None:
