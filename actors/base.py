@@ -8,6 +8,7 @@ the test-only fault switches.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import select
@@ -24,12 +25,14 @@ from meshsup.actors.bus import batch
 from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
 from meshsup.actors.bus.datapath import Inbox, Outbox
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.bus.messages import Ack, Command, Configure, Heartbeat, Hello, Stop
+from meshsup.actors.bus.messages import Ack, Command, Configure, Heartbeat, Hello, PeersChanged, Stop
 from meshsup.actors.log import RateLimited, setup
-from meshsup.actors.settings import Settings
+from meshsup.actors.settings import PeerSettings, Settings
+from meshsup.actors.settings import wire as settings_wire
 from meshsup.actors.settings.wire import WireError
 
 HEARTBEAT_INTERVAL = 0.2
+_LIBC = ctypes.CDLL(None)
 FAULTS_ENV = "MESHSUP_TEST_FAULTS"
 
 
@@ -84,6 +87,8 @@ class Actor:
         if runtime.drop is not None:
             runtime.drop.finish()  # PrivilegeError: the actor does not run (actors.registry)
         self.holds_keys = False  # whether the last settings it was given carry key material
+        self.running: Any = None  # the settings last applied (a PeersChanged changes them)
+        self.generation = 0  # theirs
 
     # --- hooks for subclasses -------------------------------------------
     def bind_runtime(self) -> None:
@@ -92,6 +97,12 @@ class Actor:
 
     def configure(self, settings: Settings) -> None:
         """Apply the node's settings; raise ConfigError to refuse them."""
+
+    def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
+        """Apply a change of peers alone: `settings` as they are now, `changed` the peers added or
+        changed, `removed` the keys of those gone. Raise ConfigError to refuse it. An actor whose
+        work grows with the peers does only theirs; by default it configures anew."""
+        self.configure(settings)
 
     def command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown command {op!r}")
@@ -345,7 +356,9 @@ class Actor:
 
     def _on_control(self, msg: Message) -> None:
         if isinstance(msg, Configure):
-            self._ack(msg.req, lambda: self._configure(_settings(self.settings_class, msg.config)))
+            self._ack(msg.req, lambda: self._configure(_settings(self.settings_class, msg.config), msg.generation))
+        elif isinstance(msg, PeersChanged):
+            self._ack(msg.req, lambda: self._change_peers(msg))
         elif isinstance(msg, Command):
             if msg.op == "fault":
                 self._ack(msg.req, lambda: self._fault(str(msg.args.get("mode"))))
@@ -357,10 +370,27 @@ class Actor:
         else:
             self.count_drop("unexpected_type", msg.TAG)
 
-    def _configure(self, settings: Settings) -> dict[str, Any]:
+    def _configure(self, settings: Settings, generation: int) -> dict[str, Any]:
         self.holds_keys = settings.holds_secrets
         self.configure(settings)
+        self.running, self.generation = settings, generation
+        _give_back_memory()
         return {}
+
+    def _change_peers(self, msg: PeersChanged) -> dict[str, Any]:
+        if msg.generation <= self.generation:
+            return {"applied": True}  # a whole Configure brought it already
+        if self.running is None or msg.base != self.generation:
+            return {"applied": False}  # a change missed: the supervisor sends the whole config
+        try:
+            changed = [settings_wire.decode(PeerSettings, p, "peers") for p in msg.peers]
+        except WireError as err:
+            raise ConfigError(f"peers from the supervisor do not decode: {err}") from None
+        settings = self.running.with_peers(changed, [bytes(k) for k in msg.removed])
+        self.change_peers(settings, changed, msg.removed)
+        self.holds_keys = settings.holds_secrets
+        self.running, self.generation = settings, msg.generation
+        return {"applied": True}
 
     def _ack(self, req: int, work: Callable[[], dict[str, Any]]) -> None:
         try:
@@ -385,6 +415,17 @@ class Actor:
         else:
             raise ConfigError(f"unknown fault {mode!r}")
         return {}
+
+
+def _give_back_memory() -> None:
+    """What decoding and applying a whole config left free goes back to the kernel: with thousands
+    of peers the wire form alone is megabytes, and every actor of a node decodes one. (No garbage
+    collection first: it would write to every object inherited from the fork server, copying
+    their pages into each actor.)"""
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:  # not glibc
+        pass
 
 
 def crash_on_start_requested(kind: str) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, Account, Drop
-from meshsup.actors.settings import Settings
+from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.actors.settings.relay import RelaySettings
 
 AnySettings = Settings | RelaySettings
@@ -96,6 +96,12 @@ def settings_for(kind: str, settings: AnySettings) -> AnySettings:
     if spec.disco_key:
         given = replace(given, node=replace(given.node, disco_key=settings.node.disco_key))
     return given
+
+
+def peers_for(kind: str, peers: list[PeerSettings]) -> list[PeerSettings]:
+    """Changed peers as an actor of `kind` gets them (as settings_for gives its settings):
+    without preshared keys unless it uses keys."""
+    return peers if KINDS[kind].keys else [replace(p, preshared_key=None) for p in peers]
 
 
 def start_order(settings: AnySettings) -> tuple[str, ...]:

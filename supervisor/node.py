@@ -28,6 +28,7 @@ from meshsup.actors.bus.messages import Command, MeshPeers
 from meshsup.actors.kernel.privileges import Account
 from meshsup.actors.registry import AnySettings
 from meshsup.actors.settings import Settings
+from meshsup.actors.settings.keys import b64
 from meshsup.actors.settings.relay import RelaySettings
 from meshsup.supervisor import relay, sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
@@ -117,7 +118,12 @@ class Supervisor:
             self.health.update(time.time(), actors, config.supervisor.period)
         else:
             self._tell_coord_local()
-            peers = peer_status(config, self.tree.live_peers())
+            # The peers a worker reports: the others have had no traffic (their state is made on the
+            # first packet), so none can wait for a handshake; the thousands of them cost nothing here.
+            live = self.tree.live_peers()
+            peers = peer_status(
+                replace(config, peers=tuple(p for p in config.peers if b64(p.public_key) in live)), live
+            )
             self.health.update(time.time(), actors, config.supervisor.period, peers, config.node.listen_port)
 
     def _fail_start(self, reason: str) -> int:

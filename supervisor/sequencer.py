@@ -13,7 +13,12 @@ The control path
 `reload` and `wg set` stop before this when the new config equals the running
 one. Each step is a Configure carrying the whole config (without the keys for
 the actors that use none: actors.registry); an actor takes from it what it
-needs. The steps go to the running actors by kind, in this order (workers of
+needs. A change that touched the peers alone (a `wg set`, most reloads of a
+large mesh) goes as a PeersChanged instead: the peers added or changed and the
+keys removed, so a one-peer change costs each actor one peer's work, not every
+peer's. It names the generation it applies to; an actor at another one (it
+restarted, or missed a step) answers so and is sent the whole config in the
+same step. The steps go to the running actors by kind, in this order (workers of
 one kind by name):
 
     magicsock -> crypto-N -> tun-io -> netlog -> router -> dns-N -> coord
@@ -42,9 +47,12 @@ crash, stopping) is skipped: whenever it (re)starts, its hello is answered
 with a Configure of the running config and generation (supervision.py,
 deadline START_TIMEOUT; a refusal there kills and restarts it), so a restart
 during a sequence replays the current config to it. Sequences are not queued
-behind each other, and each step's config is read when the step is sent: a
-sequence overtaken by a newer one sends the newer config (with its own, older
-generation).
+behind each other, and each whole config is read when its step is sent: a
+sequence overtaken by a newer one sends the newer config, labelled with the
+newer generation, so that the overtaken sequence's changes of peers that reach
+that actor afterwards are known as applied and skipped (a newer one's apply in
+turn, as the sequences walk the actors in one order and each actor takes its
+requests in order).
 """
 
 from __future__ import annotations
@@ -58,22 +66,26 @@ from meshsup.actors.settings import Settings
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.supervision import Tree
 
+Step = Callable[[int], Message]  # a request id -> the request
+
 
 class Sequencer:
     def __init__(self, tree: Tree, hub: Hub) -> None:
         self.tree = tree
         self.hub = hub
 
-    def run_steps(
-        self, steps: list[tuple[str, Callable[[int], Message]]], finished: Callable[[list[str]], None]
-    ) -> None:
-        """Send each request only after the previous one was acked (or failed)."""
+    def run_steps(self, steps: list[tuple[str, Step]], finished: Callable[[list[str]], None]) -> None:
+        """Send each request only after the previous one was acked (or failed). An ack that says
+        {"applied": False} (a change of peers the actor could not apply) sends it the whole config."""
         errors: list[str] = []
         queue = deque(steps)
+        self.tree.reconfiguring += 1
 
         def next_step(ack: Ack | None = None, name: str = "") -> None:
             if name and (ack is None or not ack.ok):
                 errors.append(f"{name}: {'no answer' if ack is None else ack.error}")
+            elif name and ack is not None and ack.result.get("applied") is False:
+                queue.appendleft((name, self._whole(self.tree.actors[name].kind)))
             while queue:
                 actor, make = queue.popleft()
                 a = self.tree.actors.get(actor)
@@ -81,19 +93,30 @@ class Sequencer:
                     continue  # a starting actor gets the new config on its own hello
                 self.hub.request(actor, make, lambda ack, actor=actor: next_step(ack, actor))
                 return
+            self.tree.reconfiguring -= 1
             finished(errors)
 
         next_step()
 
     def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
+        old = self.tree.config
+        changes = old.peer_changes(new) if isinstance(old, Settings) else None
         self.tree.config = new
         self.tree.generation += 1
         gen = self.tree.generation
-        steps = [
-            (name, lambda req, kind=self.tree.actors[name].kind: self.tree.configure_message(kind, req, gen))
-            for name in self.reconfigure_order()
-        ]
+        steps: list[tuple[str, Step]] = []
+        for name in self.reconfigure_order():
+            kind = self.tree.actors[name].kind
+            if changes is None:
+                steps.append((name, self._whole(kind)))
+            else:
+                changed, removed = changes
+                steps.append((name, lambda req, kind=kind: self.tree.peers_message(kind, req, gen, changed, removed)))
         self.run_steps(steps, finished)
+
+    def _whole(self, kind: str) -> Step:
+        """A Configure of the running config, labelled with its generation when sent."""
+        return lambda req: self.tree.configure_message(kind, req, self.tree.generation)
 
     def reconfigure_order(self) -> list[str]:
         """The seed's order: magicsock before peers to crypto; netlog before router before DNS."""

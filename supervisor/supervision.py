@@ -19,9 +19,20 @@ from typing import Any
 
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, MeshPeers, Stop
+from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, MeshPeers, PeersChanged, Stop
 from meshsup.actors.kernel.privileges import Account
-from meshsup.actors.registry import PRELOAD, SCALABLE, AnySettings, actor_name, run_actor, settings_for, start_order
+from meshsup.actors.registry import (
+    KINDS,
+    PRELOAD,
+    SCALABLE,
+    AnySettings,
+    actor_name,
+    peers_for,
+    run_actor,
+    settings_for,
+    start_order,
+)
+from meshsup.actors.settings import PeerSettings, wire
 from meshsup.actors.settings.keys import b64
 from meshsup.supervisor import sdnotify
 from meshsup.supervisor.hub import Hub
@@ -60,6 +71,8 @@ class Tree:
     ) -> None:
         self.config = config
         self.generation = 1
+        self._wired: tuple[AnySettings | None, dict[Any, dict[str, Any]]] = (None, {})  # config -> wire forms
+        self.reconfiguring = 0  # sequences under way (sequencer.py), whose steps share the wire forms
         self.runtime = runtime
         self.hub = hub
         self.tun_queues = tun_queues
@@ -117,6 +130,8 @@ class Tree:
             self.start_queue.popleft()
             self._spawn(a)
             return
+        if not self.reconfiguring:  # nothing starts and no sequence runs: the wire forms are not needed
+            self._wired = (None, {})
         if not self.ready and all(a.state == "running" for a in self.actors.values()):
             self.ready = True
             self.log.info("node ready", actors=len(self.actors), public_key=b64(self.config.public_key))
@@ -218,7 +233,24 @@ class Tree:
 
     def configure_message(self, kind: str, req: int, generation: int) -> Configure:
         """The running config as an actor of `kind` gets it: with the keys only if it uses them."""
-        return Configure(req=req, generation=generation, config=settings_for(kind, self.config).to_wire())
+        return Configure(req=req, generation=generation, config=self._wire(kind))
+
+    def _wire(self, kind: str) -> dict[str, Any]:
+        """The running config's wire form for `kind`, made once for all the kinds given the same
+        (with thousands of peers each costs a tenth of a second)."""
+        if self._wired[0] is not self.config:
+            self._wired = (self.config, {})
+        cached, spec = self._wired[1], KINDS[kind]  # what a kind is given follows from its Kind alone
+        if spec not in cached:
+            cached[spec] = settings_for(kind, self.config).to_wire()
+        return cached[spec]
+
+    def peers_message(
+        self, kind: str, req: int, generation: int, changed: list[PeerSettings], removed: list[bytes]
+    ) -> PeersChanged:
+        """The change of peers that made `generation`, as an actor of `kind` gets it."""
+        peers = [wire.encode(p) for p in peers_for(kind, changed)]
+        return PeersChanged(req=req, base=generation - 1, generation=generation, peers=peers, removed=removed)
 
     def _on_configured(self, a: ActorProc, ack: Ack | None) -> None:
         if ack is None or a.state != "starting":

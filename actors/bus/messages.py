@@ -31,6 +31,20 @@ class Configure(Message):
     config: dict[str, Any]  # actors.settings.Settings, in its wire form
 
 
+@message("actor.peers")
+class PeersChanged(Message):
+    """A config change that touched peers alone, as the changes only, so that a one-peer
+    `wg set` costs one peer's work in every actor (a whole Configure would be every peer's).
+    It turns generation `base` into `generation`; an actor at another generation answers
+    {"applied": False} and gets the whole Configure instead."""
+
+    req: int
+    base: int
+    generation: int
+    peers: list[Any]  # actors.settings.PeerSettings added or changed, each in its wire form
+    removed: list[bytes]  # public keys
+
+
 @message("actor.command")
 class Command(Message):
     """A request other than configuration: `op` names it, `args` carry it."""

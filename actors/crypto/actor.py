@@ -160,6 +160,7 @@ from meshsup.actors.flowcount.tally import INNER, UNDERLAY
 from meshsup.actors.kernel.addrs import source_address
 from meshsup.actors.kernel.tun import Tun
 from meshsup.actors.kernel.types import Burst, Endpoint
+from meshsup.actors.routing.allowedips import Network
 from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
 from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.actors.settings.filter import FilterSettings
@@ -196,7 +197,7 @@ def peer_config(p: PeerSettings) -> PeerConfig:
     return PeerConfig(
         public_key=p.public_key,
         preshared_key=p.preshared_key,
-        allowed_ips=list(p.allowed_ips),
+        allowed_ips=p.allowed_ips,
         endpoint=p.endpoints[0] if p.endpoints else None,
         persistent_keepalive=p.persistent_keepalive or None,
     )
@@ -209,6 +210,7 @@ class CryptoActor(Actor):
         super().__init__(name, runtime)
         self.index = int(name.rsplit("-", 1)[1])
         self.routes = worker_routes([])  # destination -> owning worker, for what our TUN queue gives us
+        self.prefixes: dict[bytes, tuple[Network, ...]] = {}  # every peer's allowed IPs, as routed there
         self.no_route = 0
         self.device: Device | None = None
         self.device_key: tuple[bytes, int, int] | None = None
@@ -262,23 +264,56 @@ class CryptoActor(Actor):
         self.device.relaying = bool(settings.relays)
         self._configure_filter(settings.filter)
         self.outbox.connect(["tun-io", "magicsock", *(f"crypto-{w}" for w in range(workers))])
-        wanted = {p.public_key: p for p in settings.peers}
-        wanted = {k: p for k, p in wanted.items() if owner(k, workers) == self.index}
+        wanted = {p.public_key: p for p in settings.peers if owner(p.public_key, workers) == self.index}
         for gone in set(self.peers) - set(wanted):
             self.device.remove_peer(gone)
-        for k, p in wanted.items():
-            old = self.peers.get(k)
-            if old == p:
-                continue  # unchanged: keep its session and roamed endpoint
-            if old is not None and old.preshared_key != p.preshared_key:
-                self.device.remove_peer(k)  # key material changed: flush the session
-            self.device.set_peer(peer_config(p))
-        self.peers = wanted
+            del self.peers[gone]
+        for p in wanted.values():
+            self._set_peer(p)
+        self.prefixes = {p.public_key: p.allowed_ips for p in settings.peers}
         self.routes = worker_routes(worker_prefixes(settings.peers, workers))
         self.direct.configure(node.interface, node.listen_port, node.fwmark)
         self.direct.set_endpoints({k: peer.endpoint for k, peer in self.device.peers.items()})
+        self.device.fresh.clear()
         self.interface = node.interface
         self.subscribe(LinkChanged.TAG)
+
+    def _set_peer(self, p: PeerSettings) -> None:
+        """One owned peer added or changed: an unchanged one keeps its session and roamed endpoint."""
+        assert self.device is not None
+        old = self.peers.get(p.public_key)
+        if old == p:
+            return
+        if old is not None and old.preshared_key != p.preshared_key:
+            self.device.remove_peer(p.public_key)  # key material changed: flush the session
+        self.device.set_peer(peer_config(p))
+        self.peers[p.public_key] = p
+
+    def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
+        """The peers' own changes alone: a one-peer `wg set` costs one peer's work, not every peer's."""
+        assert self.device is not None
+        workers = settings.actors.crypto
+        for key in [*removed, *(p.public_key for p in changed)]:
+            for network in self.prefixes.pop(key, ()):
+                self.routes.remove(network, owner(key, workers))
+            if key in removed and self.peers.pop(key, None) is not None:
+                self.device.remove_peer(key)
+        for p in changed:
+            w = owner(p.public_key, workers)
+            self.prefixes[p.public_key] = p.allowed_ips
+            for network in p.allowed_ips:
+                self.routes.insert(network, w)
+            if w == self.index:
+                self._set_peer(p)
+        self._follow_endpoints([*removed, *(p.public_key for p in changed)])
+
+    def _follow_endpoints(self, keys: list[bytes]) -> None:
+        """These peers' sockets (and those of peers given state since) follow their endpoints."""
+        assert self.device is not None
+        keys += self.device.fresh
+        self.device.fresh.clear()
+        peers = self.device.peers
+        self.direct.update_endpoints({k: p.endpoint if (p := peers.get(k)) else None for k in keys})
 
     def _configure_filter(self, settings: FilterSettings) -> None:
         """A new filter, new rules for the one there (its live flows re-judged), or none."""
@@ -383,6 +418,11 @@ class CryptoActor(Actor):
         """What the device made of a batch (`sent` to Device.send, `received` to Device.receive)."""
         if self.tap is not None:  # nothing else on the hot path when no capture runs
             self._capture(self.tap.take(sent, received, out))
+        # Sockets follow their peers before anything is sent: an answer to a peer's first initiation
+        # leaves from its new socket, and what the peer sends next comes in there, not to magicsock.
+        moved = [event.public_key for event in out.events if event.kind == ENDPOINT_CHANGED]
+        if self.device is not None and (moved or self.device.fresh):
+            self._follow_endpoints(moved)
         if out.packets:
             if self.direct.write(out.packets):
                 self.inner.rx.add_packets(out.packets)
@@ -405,9 +445,6 @@ class CryptoActor(Actor):
             # Initiations whose peer another worker owns; datagrams of another worker's sessions.
             self.forwarded_initiations += len(out.forwards)
             self._hand_on(out.forwards + out.foreign)
-        for event in out.events:
-            if event.kind == ENDPOINT_CHANGED and self.device is not None:
-                self.direct.set_endpoints({k: p.endpoint for k, p in self.device.peers.items()})
 
     def tick(self, now: float) -> None:
         if self.device is not None and now >= self.next_tick:
@@ -509,6 +546,7 @@ class CryptoActor(Actor):
                 **self.device.counters,
                 **self.direct.counters(),
                 "handshakes": self.device.handshakes,
+                "initiations": self.device.initiations,
                 "forwarded": self.forwarded,
                 "no_route": self.no_route + self.device.counters["no_route"],
                 "forwarded_initiations": self.forwarded_initiations,

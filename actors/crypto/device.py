@@ -17,6 +17,14 @@ reach any worker: given ``owner_of``, the device checks it as a responder
 (mac1, and the cookie when under load, before any Diffie-Hellman), then hands
 it to the worker owning its initiator in ``Output.forwards``.
 
+Lazy peers: a configured peer is a record (``configs``, its allowed IPs in the
+routing table) until it has traffic, a handshake or a path (``peer`` makes its
+state then), so thousands of idle peers cost no keys, timers or sockets; one
+left with nothing to do (no keys, handshake, packets or timers: 9 minutes after
+its last session) goes back to its record every ``TRIM_EVERY``, keeping its
+figures and its initiations' replay protection (``trimmed``), as Tailscale's
+engine keeps idle peers out of wireguard-go.
+
 Relays: with ``relaying`` on (the node has [[relays]]), a peer needs no endpoint.
 As Tailscale's magicsock, its datagrams go to its endpoint alone while an
 authenticated datagram came from there within ``trust_direct`` (6.5 s); else
@@ -60,7 +68,7 @@ import struct
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
@@ -101,7 +109,7 @@ from .messages import (
     parse_response,
 )
 from .noise import StaticKey, hmac_
-from .peer import DIRECT, RELAY, Peer, PeerConfig
+from .peer import DIRECT, RELAY, Peer, PeerConfig, Trimmed
 from .tai64n import TAI64N_SIZE, successor, tai64n
 from .timers import NEW_HANDSHAKE, PERSISTENT_KEEPALIVE, RETRANSMIT_HANDSHAKE, SEND_KEEPALIVE, ZERO_KEY_MATERIAL, Timing
 
@@ -109,6 +117,7 @@ HANDSHAKE_COMPLETED = "handshake_completed"
 ENDPOINT_CHANGED = "endpoint_changed"
 
 DEFAULT_MTU = 1420
+TRIM_EVERY = 10.0  # seconds between looks for idle peers to trim
 _SENDER = struct.Struct("<4xI")  # sender index of an initiation or response
 _RECEIVER = struct.Struct("<8xI")  # receiver index of a response
 _NONCE = struct.Struct("<4xQ")
@@ -169,10 +178,15 @@ class Device:
         self._owner_of = owner_of  # worker owning a peer key; None: this device owns every peer it knows
         self.timing = timing
         self.mtu = mtu
-        self.peers: dict[bytes, Peer] = {}
-        self.allowed_ips = AllowedIPs()  # values are Peer objects
+        self.configs: dict[bytes, PeerConfig] = {}  # every configured peer
+        self.peers: dict[bytes, Peer] = {}  # those with state: traffic, a handshake or a path since configured
+        self.fresh: list[bytes] = []  # peers given or relieved of state since the caller last took them
+        self.trimmed: dict[bytes, Trimmed] = {}  # peers whose state went back to a record: what stays of it
+        self._next_trim = -math.inf
+        self.allowed_ips = AllowedIPs()  # values are public keys
         self.counters: Counter[str] = Counter()  # drops and refusals, by reason
         self.handshakes = 0  # completed handshakes (key rotations), for status
+        self.initiations = 0  # peers' initiations answered, for status
         self.relaying = False  # a relay may carry what a peer's endpoint does not
         # Set by a capture with a key log only (actors.crypto.capture): each handshake we take part in
         # adds (peer key, our ephemeral private key, preshared key) for tshark to decrypt the session.
@@ -194,37 +208,66 @@ class Device:
     # --- configuration
 
     def set_peer(self, config: PeerConfig) -> None:
-        """Add a peer or update it; a new preshared key flushes its session."""
-        peer = self.peers.get(config.public_key)
+        """Add a peer or update it; a new preshared key flushes its session. A peer is a config
+        record alone until it has traffic (``peer``); one with persistent keepalive has at once."""
+        key = config.public_key
+        self.configs[key] = config
+        self.allowed_ips.remove_peer(key)
+        for network in config.allowed_ips:
+            self.allowed_ips.insert(network, key)
+        peer = self.peers.get(key)
         if peer is None:
-            peer = Peer(config, self.static, self.timing, self._jitter)
-            self.peers[config.public_key] = peer
-        elif (config.preshared_key or hs_.NO_PRESHARED_KEY) != peer.handshake.preshared_key:
+            trimmed = self.trimmed.get(key)
+            if trimmed is not None and config.endpoint is not None:
+                self.trimmed[key] = replace(trimmed, endpoint=config.endpoint)
+            if config.persistent_keepalive:
+                self.peer(key)
+            return
+        if (config.preshared_key or hs_.NO_PRESHARED_KEY) != peer.handshake.preshared_key:
             self._drop_keys(peer)
             peer.handshake.preshared_key = config.preshared_key or hs_.NO_PRESHARED_KEY
         if config.endpoint is not None and peer.disco is None:  # a disco peer's endpoint is magicsock's
             peer.endpoint = config.endpoint
-        self.allowed_ips.remove_peer(peer)
-        for network in config.allowed_ips:
-            self.allowed_ips.insert(network, peer)
-        interval = config.persistent_keepalive or 0
+        self._keepalive(peer, config.persistent_keepalive or 0)
+
+    def peer(self, public_key: bytes) -> Peer | None:
+        """The peer's state, made on its first use (traffic, a handshake, a path): a configured
+        peer costs a record until then, as Tailscale's engine keeps idle peers out of
+        wireguard-go. None for a key that is no peer of ours."""
+        peer = self.peers.get(public_key)
+        if peer is None:
+            config = self.configs.get(public_key)
+            if config is None:
+                return None
+            peer = self.peers[public_key] = Peer(config, self.static, self.timing, self._jitter)
+            self.fresh.append(public_key)
+            trimmed = self.trimmed.pop(public_key, None)
+            if trimmed is not None:
+                trimmed.restore(peer)
+            self._keepalive(peer, config.persistent_keepalive or 0)
+        return peer
+
+    @staticmethod
+    def _keepalive(peer: Peer, interval: int) -> None:
         if interval > 0 and peer.timers.persistent_keepalive_interval == 0:
             # As wireguard-go: turning persistent keepalive on sends one at once (next tick).
             peer.timers.deadlines[PERSISTENT_KEEPALIVE] = float("-inf")
         peer.timers.persistent_keepalive_interval = interval
 
     def remove_peer(self, public_key: bytes) -> None:
+        self.configs.pop(public_key, None)
+        self.trimmed.pop(public_key, None)
+        self.allowed_ips.remove_peer(public_key)
         peer = self.peers.pop(public_key, None)
         if peer is not None:
             self._drop_keys(peer)
             peer.timers.stop()
-            self.allowed_ips.remove_peer(peer)
 
     def set_path(self, public_key: bytes, endpoint: Endpoint | None, trusted_for: float, now: float) -> Output:
         """magicsock's direct path for a peer (None: the relay), trusted for `trusted_for` seconds from
         `now`; the peer is a disco peer from now on. ENDPOINT_CHANGED when its endpoint moves."""
         out = Output()
-        peer = self.peers.get(public_key)
+        peer = self.peer(public_key)
         if peer is None:
             self.counters["no_peer"] += 1
             return out
@@ -241,12 +284,15 @@ class Device:
         return self._news.report(now)
 
     def status(self, now: float) -> list[dict[str, object]]:
-        """Per-peer status for `meshsup status` and `wg show`."""
+        """Per-peer status for `meshsup status` and `wg show`, of the peers with state: the others
+        have no figures yet but their config's (the supervisor's too)."""
         result = []
-        for peer in self.peers.values():
+        for key, peer in self.peers.items():
             entry = peer.status(now, self.relaying)
-            entry["allowed_ips"] = [str(n) for n in self.allowed_ips.networks(peer)]
+            entry["allowed_ips"] = [str(n) for n in self.allowed_ips.networks(key)]
             result.append(entry)
+        for key, trimmed in self.trimmed.items():
+            result.append({**trimmed.status(key), "allowed_ips": [str(n) for n in self.allowed_ips.networks(key)]})
         return result
 
     def next_deadline(self) -> float | None:
@@ -268,6 +314,7 @@ class Device:
     def _route(self, packets: Iterable[bytes], now: float, out: Output) -> None:
         counters = self.counters
         lookup = self.allowed_ips.lookup
+        peers = self.peers
         by_peer: dict[Peer, list[bytes]] = {}
         last_dst: bytes | None = None
         queue: list[bytes] | None = None
@@ -283,7 +330,8 @@ class Device:
                 continue
             if dst != last_dst:  # bulk traffic repeats destinations: route once per run
                 last_dst = dst
-                peer = lookup(dst)
+                key = lookup(dst)
+                peer = None if key is None else peers.get(key) or self.peer(key)
                 queue = None if peer is None else by_peer.setdefault(peer, [])
             if queue is None:
                 counters["no_route"] += 1
@@ -295,7 +343,7 @@ class Device:
     def send_to(self, public_key: bytes, packets: list[bytes], now: float) -> Output:
         """Encrypt packets to a named peer, with no route lookup (magicsock's TSMP packets)."""
         out = Output()
-        peer = self.peers.get(public_key)
+        peer = self.peer(public_key)
         if peer is None:
             self.counters["no_peer"] += len(packets)
             return out
@@ -508,7 +556,7 @@ class Device:
                     continue
                 if src != last_src or peer is not last_peer:  # bulk flows repeat sources: route once per run
                     last_src, last_peer = src, peer
-                    allowed = lookup(src) is peer
+                    allowed = lookup(src) == peer.public_key
                 if not allowed:
                     counters["allowed_ips"] += 1
                     continue
@@ -633,7 +681,7 @@ class Device:
             # The owner checks it again, with the same cookie secret.
             out.forwards.append(Forward(owner, endpoint, data))
             return
-        peer = self.peers.get(opened.initiator_static)
+        peer = self.peer(opened.initiator_static)
         if peer is None:
             self.counters["unknown_peer"] += 1
             return
@@ -657,6 +705,7 @@ class Device:
             self.counters["bad_initiation"] += 1
             return
         self._begin_session(peer, keys, now)
+        self.initiations += 1
         peer.timers.session_derived(now)
         peer.timers.any_authenticated_packet_traversal(now)
         peer.timers.any_authenticated_packet_sent()
@@ -806,7 +855,21 @@ class Device:
                 elif name == PERSISTENT_KEEPALIVE and timers.persistent_keepalive_interval > 0:
                     self._send_keepalive(peer, now, out)
         self._limiter.collect(now)
+        if now >= self._next_trim:
+            self._next_trim = now + TRIM_EVERY
+            self._trim_idle()
         return out
+
+    def _trim_idle(self) -> None:
+        """Peers left with nothing to do go back to their record, as Tailscale's engine takes idle
+        peers out of wireguard-go: no session, no handshake under way or packets waiting, no timer
+        (keys are dropped 9 minutes after the last session), no keepalive, no disco path. What
+        status shows of them and the replay protection of their initiations are kept."""
+        for key, peer in list(self.peers.items()):
+            if peer.idle():
+                del self.peers[key]
+                self.trimmed[key] = Trimmed.of(peer)
+                self.fresh.append(key)  # its socket goes
 
     # --- sharding
 

@@ -127,11 +127,17 @@ class DirectPaths:
 
     def set_endpoints(self, endpoints: dict[bytes, Endpoint | None]) -> None:
         """Keep one connected socket for each owned peer with an endpoint (and none for others)."""
-        wanted = {k: (str(e[0]), int(e[1])) for k, e in endpoints.items() if e is not None and self.port}
-        for key in set(self.peer_endpoints) - set(wanted):
-            self._close(self.peer_endpoints.pop(key))
-        for key, endpoint in wanted.items():
+        self.update_endpoints({**dict.fromkeys(self.peer_endpoints), **endpoints})
+
+    def update_endpoints(self, endpoints: dict[bytes, Endpoint | None]) -> None:
+        """The sockets of these peers alone follow their endpoints (None: no socket)."""
+        # Sockets closed first: a peer may move to an endpoint another one leaves.
+        for key, e in sorted(endpoints.items(), key=lambda item: item[1] is not None and bool(self.port)):
+            endpoint = (str(e[0]), int(e[1])) if e is not None and self.port else None
             if self.peer_endpoints.get(key) == endpoint:
+                continue
+            if endpoint is None:
+                self._close(self.peer_endpoints.pop(key))
                 continue
             if endpoint in self.sockets:
                 continue  # two peers configured with one endpoint: the first one's socket serves

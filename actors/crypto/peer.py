@@ -5,14 +5,14 @@ from __future__ import annotations
 import base64
 import ipaddress
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from meshsup.actors.kernel.types import Endpoint, relayed
 
 from .cookie import CookieGenerator
 from .discopath import DiscoPath
-from .handshake import Handshake
+from .handshake import Handshake, HandshakeState
 from .keypair import Keypair, Keypairs
 from .noise import StaticKey
 from .timers import PeerTimers, Timing
@@ -28,7 +28,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class PeerConfig:
     public_key: bytes
     preshared_key: bytes | None = None
-    allowed_ips: list[Network] = field(default_factory=list)
+    allowed_ips: Sequence[Network] = ()
     endpoint: Endpoint | None = None
     persistent_keepalive: int | None = None
 
@@ -90,6 +90,21 @@ class Peer:
         self.staged.append(packet)
         return not full
 
+    def idle(self) -> bool:
+        """Nothing to do and nothing held: no keys, no handshake, no packets waiting, no timer,
+        no keepalive and no disco path (magicsock's)."""
+        kps, timers = self.keypairs, self.timers
+        return (
+            kps.current is None
+            and kps.previous is None
+            and kps.next is None
+            and self.handshake.state == HandshakeState.ZEROED
+            and not self.staged
+            and self.disco is None
+            and timers.persistent_keepalive_interval == 0
+            and all(d is None for d in timers.deadlines.values())
+        )
+
     def status(self, now: float, relaying: bool) -> dict[str, object]:
         endpoint, disco = self.endpoint, self.disco
         if disco is not None and relaying and not disco.usable(endpoint, now):
@@ -110,3 +125,49 @@ class Peer:
 def _format_endpoint(endpoint: Endpoint) -> str:
     host, port = endpoint[0], endpoint[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Trimmed:
+    """What stays of an idle peer's state (Device._trim_idle): its figures for status, the endpoint
+    it roamed to, and the newest initiation timestamp taken from it, so that an initiation
+    replayed from before is still refused when its state is made again."""
+
+    rx_bytes: int
+    tx_bytes: int
+    last_handshake: float
+    endpoint: Endpoint | None
+    last_timestamp: bytes
+    last_initiation_consumption: float
+
+    @classmethod
+    def of(cls, peer: Peer) -> Trimmed:
+        hs = peer.handshake
+        return cls(
+            peer.rx_bytes,
+            peer.tx_bytes,
+            peer.last_handshake,
+            peer.endpoint,
+            hs.last_timestamp,
+            hs.last_initiation_consumption,
+        )
+
+    def restore(self, peer: Peer) -> None:
+        peer.rx_bytes, peer.tx_bytes, peer.last_handshake = self.rx_bytes, self.tx_bytes, self.last_handshake
+        peer.endpoint = self.endpoint if self.endpoint is not None else peer.endpoint
+        peer.handshake.last_timestamp = self.last_timestamp
+        peer.handshake.last_initiation_consumption = self.last_initiation_consumption
+
+    def status(self, public_key: bytes) -> dict[str, object]:
+        """As Peer.status says of a peer with nothing under way."""
+        return {
+            "public_key": base64.b64encode(public_key).decode(),
+            "endpoint": None if self.endpoint is None else _format_endpoint(self.endpoint),
+            "rx_bytes": self.rx_bytes,
+            "tx_bytes": self.tx_bytes,
+            "last_handshake": int(self.last_handshake),
+            "persistent_keepalive": 0,
+            "path": None,
+            "staged": 0,
+            "demoted": None,
+        }

@@ -27,7 +27,7 @@ from meshsup.actors.bus.codec import Message, encode
 from meshsup.actors.bus.messages import LinkChanged, NameLearned
 from meshsup.actors.dns.interception import open_intercept_sockets
 from meshsup.actors.dns.server import DnsServer
-from meshsup.actors.settings import DnsSettings, Settings
+from meshsup.actors.settings import DnsSettings, PeerSettings, Settings
 from meshsup.actors.settings.node import format_endpoint
 
 START_TIMEOUT = 5.0
@@ -145,6 +145,23 @@ class DnsActor(Actor):
         except OSError as err:
             listen = ", ".join(format_endpoint(host, port) for host, port in settings.listen)
             raise ConfigError(f"cannot listen on {listen}: {err}") from None
+        self.settings = settings
+
+    def change_peers(self, node_settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
+        """The changed peers' names alone (a one-peer `wg set` among thousands changes one name)."""
+        old = self.settings
+        if self.server is None or old is None or self.running is None:
+            self.configure(node_settings)
+            return
+        keys = {*removed, *(p.public_key for p in changed)}
+        gone = [p for p in self.running.peers if p.public_key in keys]
+        try:
+            settings = node_settings.dns_peers_changed(old, gone, changed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        names = {h: settings.names.get(h, ()) for h in old.names.keys() | settings.names.keys()}
+        names = {h: a for h, a in names.items() if a != old.names.get(h, ())}
+        self._call(self.server.change_names(settings, names))
         self.settings = settings
 
     def on_message(self, msg: Message) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -136,6 +137,13 @@ class Resolver:
         self.learning = True
         self.upstreams = Upstreams(self._rng)
         self.reconfigure(settings, force=True)
+
+    def change_names(self, settings: DnsSettings, names: Mapping[str, Sequence[str]]) -> None:
+        """New settings that differ from these in the mesh's names and ranges alone: the names given
+        change in the zone (see Zone.change_names), the rest stays."""
+        self.settings = settings
+        self._zone.change_names(names)
+        self._fast.clear()  # answers of the names changed may be kept there
 
     def reconfigure(self, settings: DnsSettings, *, force: bool = False) -> None:
         """Take new settings; flights under way finish with their old plan."""

@@ -45,7 +45,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -365,6 +365,13 @@ class DnsServer:
             raise
         self._listeners.update(opened)
         self._steer(list(opened.values()))
+
+    async def change_names(self, settings: DnsSettings, names: Mapping[str, Sequence[str]]) -> None:
+        """New settings that differ in the mesh's names and ranges alone (peers changed): those names
+        (Resolver.change_names) and who is answered, the listeners and upstreams untouched."""
+        self.sources = Sources(settings.sources)
+        self._resolver.change_names(settings, names)
+        self.settings = settings
 
     async def reconfigure(self, settings: DnsSettings) -> None:
         """New settings at runtime. New listeners open before old ones close; if

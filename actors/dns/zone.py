@@ -21,6 +21,9 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.PTR
+import dns.rdtypes.IN.A
+import dns.rdtypes.IN.AAAA
 import dns.reversename
 import dns.rrset
 
@@ -53,19 +56,52 @@ class Zone:
         self._soa = dns.rrset.from_rdata_list(self._origin, ttl, [_rdata(dns.rdatatype.SOA, soa)])
         self._add(self._origin, dns.rdatatype.SOA, self._soa[0])
         for label, addresses in names.items():
-            host = dns.name.from_text(label, origin=self._origin)
-            for address in addresses:
-                family = dns.rdatatype.A if ipaddress.ip_address(address).version == 4 else dns.rdatatype.AAAA
-                self._add(host, family, _rdata(family, address))
-                reverse = dns.reversename.from_address(address)
-                self._reverse.setdefault(reverse, []).append(_rdata(dns.rdatatype.PTR, host.to_text()))
+            self._add_host(label, addresses)
         for record in srv:
             text = f"{record.priority} {record.weight} {record.port} {record.target}."
             self._add(dns.name.from_text(record.name), dns.rdatatype.SRV, _rdata(dns.rdatatype.SRV, text))
         # Empty non-terminals (e.g. _tcp.DOMAIN above _http._tcp.DOMAIN) exist: NOERROR, not NXDOMAIN.
         self._existing = {ancestor for name in self._nodes for ancestor in self._ancestors(name)}
         self._origin_wire = self._origin.to_wire().lower()
-        self._reverse_wire = frozenset(name.to_wire().lower() for name in self._reverse)
+        self._reverse_wire = {name.to_wire().lower() for name in self._reverse}
+
+    def _add_host(self, label: str, addresses: Sequence[str]) -> dns.name.Name:
+        host = dns.name.from_text(label, origin=self._origin)
+        # Made directly, not parsed from text: a mesh of thousands of peers has as many records.
+        pointer = dns.rdtypes.ANY.PTR.PTR(dns.rdataclass.IN, dns.rdatatype.PTR, host)
+        for address in addresses:
+            if ipaddress.ip_address(address).version == 4:
+                family, rdata = dns.rdatatype.A, dns.rdtypes.IN.A.A(dns.rdataclass.IN, dns.rdatatype.A, address)
+            else:
+                family = dns.rdatatype.AAAA
+                rdata = dns.rdtypes.IN.AAAA.AAAA(dns.rdataclass.IN, dns.rdatatype.AAAA, address)
+            self._add(host, family, rdata)
+            reverse = dns.reversename.from_address(address)
+            self._reverse.setdefault(reverse, []).append(pointer)
+        return host
+
+    def change_names(self, names: Mapping[str, Sequence[str]]) -> None:
+        """These names' addresses replaced (none: the name is gone), the others' kept: a change of
+        one peer among thousands costs that peer's records alone."""
+        for label, addresses in names.items():
+            host = dns.name.from_text(label, origin=self._origin)
+            node = self._nodes.get(host, {})
+            for family in _ADDRESS_TYPES:
+                for rdata in node.pop(family, []):
+                    reverse = dns.reversename.from_address(rdata.address)
+                    pointers = [r for r in self._reverse.get(reverse, []) if r.target != host]
+                    if pointers:
+                        self._reverse[reverse] = pointers
+                    else:
+                        self._reverse.pop(reverse, None)
+                        self._reverse_wire.discard(reverse.to_wire().lower())
+            if not node:
+                self._nodes.pop(host, None)
+                self._existing.discard(host)
+            if addresses:
+                self._add_host(label, addresses)
+                self._existing.update(self._ancestors(host))
+                self._reverse_wire.update(dns.reversename.from_address(a).to_wire().lower() for a in addresses)
 
     def _add(self, name: dns.name.Name, rdtype: int, rdata: dns.rdata.Rdata) -> None:
         rdatas = self._nodes.setdefault(name, {}).setdefault(rdtype, [])

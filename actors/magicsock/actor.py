@@ -47,12 +47,12 @@ from meshsup.actors.kernel.addrs import local_endpoints
 from meshsup.actors.kernel.resolve import Resolver
 from meshsup.actors.kernel.types import RELAYED, Buffer, Burst, Endpoint, relayed, relayed_key
 from meshsup.actors.kernel.udp import UdpSocket
-from meshsup.actors.magicsock.inband import InBand
+from meshsup.actors.magicsock.inband import Address, InBand
 from meshsup.actors.magicsock.paths import Paths
 from meshsup.actors.magicsock.relays import RelayLink, Relays
 from meshsup.actors.magicsock.stunclient import StunProber, stun_servers
 from meshsup.actors.routing.shard import owner
-from meshsup.actors.settings import Settings, keys
+from meshsup.actors.settings import PeerSettings, Settings, keys
 from meshsup.actors.settings.relay import RelayEntry
 from meshsup.actors.wire.demux import Protocol, protocol
 from meshsup.actors.wire.wireguard import MessageType, classify, receiver_index
@@ -115,15 +115,19 @@ class MagicsockActor(Actor):
             self.inband = InBand(self.paths.public_key)
         assert self.inband is not None
         self.paths.set_peers({p.public_key: p.endpoints for p in settings.peers}, now)
-        self.inband.configure(
-            [a.ip for a in node.addresses],
-            {p.public_key: [n.network_address for n in (p.hosts or p.allowed_ips)] for p in settings.peers},
-        )
+        self.inband.configure([a.ip for a in node.addresses], {p.public_key: _addresses(p) for p in settings.peers})
         self.stuns = [r.stun for r in settings.relays]
         self.stun.set_servers(stun_servers(self.stuns, self.resolver.lookup), now)
         self.interface = node.interface
         self.refresh_endpoints(now)
         self.subscribe(LinkChanged.TAG)
+
+    def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
+        """The peers' own changes alone (a one-peer `wg set` costs one peer's work)."""
+        assert self.paths is not None and self.inband is not None
+        self.peer_keys = frozenset(p.public_key for p in settings.peers)
+        self.paths.change_peers({p.public_key: p.endpoints for p in changed}, removed, time.monotonic())
+        self.inband.change_peers({p.public_key: _addresses(p) for p in changed}, removed)
 
     def _mark(self, mark: int) -> None:
         """The firewall mark on our UDP socket and relay connections (an exit node in use, or not)."""
@@ -451,3 +455,8 @@ class MagicsockActor(Actor):
 def _path(endpoint: Endpoint) -> str:
     host, port = endpoint
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _addresses(peer: PeerSettings) -> list[Address]:
+    """Where in-band (TSMP) messages to a peer go: its own addresses, else its networks'."""
+    return [n.network_address for n in (peer.hosts or peer.allowed_ips)]

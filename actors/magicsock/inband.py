@@ -60,6 +60,12 @@ class InBand:
         self._ours = list(ours)
         self._theirs = theirs
 
+    def change_peers(self, theirs: dict[bytes, list[Address]], removed: Sequence[bytes]) -> None:
+        """Some peers' addresses changed (or are new), some peers gone."""
+        for key in removed:
+            self._theirs.pop(key, None)
+        self._theirs.update(theirs)
+
     def _addresses(self, peer: bytes) -> tuple[str, str] | None:
         """(our source, the peer's destination) of one IP version, or None when we share none."""
         for dst in self._theirs.get(peer, ()):

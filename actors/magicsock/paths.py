@@ -106,7 +106,8 @@ class Paths:
         self._rng = rng
         self._node_key = node_key
         self.counters: Counter[str] = Counter()
-        self._peers: dict[bytes, PeerPaths] = {}
+        self._configured: dict[bytes, Sequence[Endpoint]] = {}  # every peer: its configured endpoints
+        self._peers: dict[bytes, PeerPaths] = {}  # those disco concerned since
         self._by_disco: dict[bytes, PeerPaths] = {}  # the dict lookup before any crypto
         self._heartbeating: set[bytes] = set()
         self._local: tuple[Endpoint, ...] = ()
@@ -124,23 +125,37 @@ class Paths:
     def set_peers(self, configured: Mapping[bytes, Sequence[Endpoint]], now: float) -> None:
         """The node's peers, WireGuard key -> configured endpoints (maybe none). Removed peers' state
         goes; the others keep theirs."""
-        for key in [k for k in self._peers if k not in configured]:
-            peer = self._peers.pop(key)
+        self.change_peers(configured, [k for k in self._configured if k not in configured], now)
+
+    def change_peers(self, changed: Mapping[bytes, Sequence[Endpoint]], removed: Sequence[bytes], now: float) -> None:
+        """Some peers added or changed (key -> configured endpoints), some removed; the rest untouched.
+        A peer's path state is made when disco first concerns it (``_state``): until then the
+        configured endpoints are all it costs, as idle peers of a large mesh stay."""
+        for key in removed:
+            self._configured.pop(key, None)
+            peer = self._peers.pop(key, None)
+            if peer is None:
+                continue
             if peer.disco is not None:
                 del self._by_disco[peer.disco.peer]
             self._heartbeating.discard(key)
-        for key, endpoints in configured.items():
-            wanted = tuple(dict.fromkeys(canonical(ep) for ep in endpoints))
+        for key, endpoints in changed.items():
+            self._configured[key] = endpoints
             peer = self._peers.get(key)
-            if peer is None:
-                self._peers[key] = PeerPaths(key, wanted)
-            elif peer.configured != wanted:
+            if peer is not None and peer.configured != (wanted := _canonical(endpoints)):
                 peer.set_configured(wanted, now)
+
+    def _state(self, key: bytes) -> PeerPaths | None:
+        """A configured peer's path state, made on first use; None for a key that is no peer."""
+        state = self._peers.get(key)
+        if state is None and key in self._configured:
+            state = self._peers[key] = PeerPaths(key, _canonical(self._configured[key]))
+        return state
 
     def set_disco_key(self, peer: bytes, disco_key: bytes, now: float) -> bool:
         """The peer's disco key as its WireGuard session told it (TSMP). True when new or changed: the
         caller then advertises ours back. A change resets the peer's path state."""
-        state = self._peers.get(peer)
+        state = self._state(peer)
         if state is None:
             self.counters["unknown_peer"] += 1
             return False
@@ -193,7 +208,7 @@ class Paths:
 
     def activity(self, peer: bytes, now: float) -> None:
         """Data moved for the peer: it is active for 45 s, and without a trusted path hole punching starts."""
-        state = self._peers.get(peer)
+        state = self._state(peer)
         if state is None:
             self.counters["unknown_peer"] += 1
             return
@@ -241,7 +256,7 @@ class Paths:
             return
         peer = self._by_disco.get(sender)
         if peer is None:
-            early = self._peers.get(source) if isinstance(source, bytes) else None
+            early = self._state(source) if isinstance(source, bytes) else None
             if early is not None and early.disco is None:
                 # The relay vouches it is the peer's; its TSMP advertisement may still be on its way.
                 early.early.append((bytes(datagram), now))
@@ -471,7 +486,8 @@ class Paths:
         their last round trip, and why there is no direct path, in a sentence."""
         state = self._peers.get(peer)
         if state is None:
-            return {"endpoint": None, "latency_ms": None, "candidates": [], "why": "not a configured peer"}
+            why = NO_DISCO_KEY if peer in self._configured else "not a configured peer"  # no disco yet, or none
+            return {"endpoint": None, "latency_ms": None, "candidates": [], "why": why}
         best = state.best if state.trusted(now) else None
         return {
             "endpoint": format_endpoint(*best) if best else None,
@@ -508,3 +524,7 @@ class Paths:
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
+
+
+def _canonical(endpoints: Sequence[Endpoint]) -> tuple[Endpoint, ...]:
+    return tuple(dict.fromkeys(canonical(ep) for ep in endpoints))

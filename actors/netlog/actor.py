@@ -42,10 +42,10 @@ from meshsup.actors.netlog.counting import CountsReader, Deliveries
 from meshsup.actors.netlog.daemonlog import LogIntake
 from meshsup.actors.netlog.flows import FlowTable, Record
 from meshsup.actors.netlog.formats import FLOWS, LOGS, RecordFormat
-from meshsup.actors.netlog.mesh import classifier, endpoint_peers, key_peers
+from meshsup.actors.netlog.mesh import classifier, endpoint_peers, key_peers, peer_address, peer_endpoints
 from meshsup.actors.netlog.shipper import Sender, Shipper, Wait
 from meshsup.actors.netlog.wal import WindowLog
-from meshsup.actors.settings import Settings
+from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.actors.settings.collectors import CollectorConfig
 from meshsup.actors.settings.keys import b64
 from meshsup.actors.settings.netlog import LEVELS, NetlogSettings
@@ -123,6 +123,23 @@ class NetlogActor(Actor):
         # A window found in the log spans the time netlog was away: it stays open long enough
         # for the counts tun-io and magicsock kept meanwhile to arrive in it.
         self.window_end = min(self.window_end or float("inf"), max(self.wal_start, now) + settings.interval)
+
+    def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
+        """The changed peers' endpoints and addresses alone, and the classifier anew from the
+        networks as parsed (a one-peer `wg set` among thousands parses one peer's)."""
+        if self.table is None or self.running is None:
+            self.configure(settings)
+            return
+        keys = {*removed, *(p.public_key for p in changed)}
+        for old in (p for p in self.running.peers if p.public_key in keys):
+            for endpoint in peer_endpoints(old):
+                self.reader.peers.pop(endpoint, None)
+            self.reader.key_peers.pop(old.public_key, None)
+        for p in changed:
+            self.reader.peers.update(peer_endpoints(p))
+            if (address := peer_address(p)) is not None:
+                self.reader.key_peers[p.public_key] = address
+        self.table.set_classifier(classifier(settings, settings.netlog.anonymize_exit))
 
     def _shipper(
         self, collectors: tuple[CollectorConfig, ...], what: str, form: RecordFormat, hostname: str

@@ -100,14 +100,14 @@ class Classifier:
 
     def __init__(
         self,
-        mesh_prefixes: Iterable[str],
-        subnet_prefixes: Iterable[str],
+        mesh_prefixes: Iterable[str | IPNetwork],
+        subnet_prefixes: Iterable[str | IPNetwork],
         service_addresses: Iterable[str],
         anonymize_exit: bool = True,
         service_endpoints: Iterable[tuple[str, int]] = (),
     ) -> None:
-        self.mesh = tuple(ipaddress.ip_network(p, strict=False) for p in mesh_prefixes)
-        self.subnets = tuple(ipaddress.ip_network(p, strict=False) for p in subnet_prefixes)
+        self.mesh = tuple(map(_network, mesh_prefixes))
+        self.subnets = tuple(map(_network, subnet_prefixes))
         self.services = frozenset(ipaddress.ip_address(a) for a in service_addresses)
         self.service_endpoints = frozenset((ipaddress.ip_address(a), port) for a, port in service_endpoints)
         self.anonymize_exit = anonymize_exit
@@ -137,6 +137,15 @@ class Classifier:
         if kind is Traffic.EXIT and self.anonymize_exit:
             return kind, (proto, "", "")
         return kind, (proto, format_endpoint(*src), format_endpoint(*dst))
+
+
+def _network(prefix: str | IPNetwork) -> IPNetwork:
+    """A prefix as given (a node's thousands of peers' are parsed already), or parsed."""
+    return (
+        prefix
+        if isinstance(prefix, (ipaddress.IPv4Network, ipaddress.IPv6Network))
+        else ipaddress.ip_network(prefix, strict=False)
+    )
 
 
 def _within(address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:

@@ -7,6 +7,7 @@ import ipaddress
 
 from meshsup.actors.netlog.flows import Classifier, format_endpoint
 from meshsup.actors.settings import PeerSettings, Settings
+from meshsup.actors.settings.node import IPNetwork
 
 
 def classifier(settings: Settings, anonymize_exit: bool) -> Classifier:
@@ -15,14 +16,14 @@ def classifier(settings: Settings, anonymize_exit: bool) -> Classifier:
     networks this node routes for its peers (advertise_routes). What a peer sends elsewhere through
     this node, an exit node, is exit traffic.
     Skipped: the node's DNS listeners."""
-    mesh = [str(a.network) for a in settings.node.addresses]
-    subnets = [str(net) for net in settings.node.advertise_routes]
+    mesh: list[IPNetwork] = [a.network for a in settings.node.addresses]
+    subnets: list[IPNetwork] = list(settings.node.advertise_routes)
     for peer in settings.peers:
         for net in peer.allowed_ips:
             if net.prefixlen == net.max_prefixlen:
-                mesh.append(str(net))
+                mesh.append(net)
             elif net.prefixlen:
-                subnets.append(str(net))
+                subnets.append(net)
     return Classifier(mesh, subnets, (), anonymize_exit, service_endpoints=list(settings.dns.listen))
 
 
@@ -30,19 +31,23 @@ def endpoint_peers(settings: Settings) -> dict[str, str]:
     """Each configured endpoint ("host:port") -> its peer's mesh address as "ip:0", IPv4 first."""
     out = {}
     for peer in settings.peers:
-        address = _address(peer)
-        if address is None:
-            continue
-        for host, port in peer.endpoints:
-            out[format_endpoint(ipaddress.ip_address(host), port)] = address
+        out.update(peer_endpoints(peer))
     return out
+
+
+def peer_endpoints(peer: PeerSettings) -> dict[str, str]:
+    """A peer's part of endpoint_peers."""
+    address = peer_address(peer)
+    if address is None:
+        return {}
+    return {format_endpoint(ipaddress.ip_address(host), port): address for host, port in peer.endpoints}
 
 
 def key_peers(settings: Settings) -> dict[bytes, str]:
     """Each peer's public key -> its mesh address as "ip:0": whose traffic a relay carried."""
-    return {p.public_key: address for p in settings.peers if (address := _address(p)) is not None}
+    return {p.public_key: address for p in settings.peers if (address := peer_address(p)) is not None}
 
 
-def _address(peer: PeerSettings) -> str | None:
+def peer_address(peer: PeerSettings) -> str | None:
     hosts = sorted((net.network_address for net in peer.hosts), key=lambda a: a.version)
     return format_endpoint(hosts[0], 0) if hosts else None

@@ -15,6 +15,7 @@ each burst.
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -28,7 +29,7 @@ from meshsup.actors.router.forwarding import Forwarding
 from meshsup.actors.router.intercept import Interception
 from meshsup.actors.router.netconf import LinkMonitor, LinuxRouter
 from meshsup.actors.router.resolvconf import ResolvConf, for_this_namespace
-from meshsup.actors.settings import DnsSettings, Settings
+from meshsup.actors.settings import DnsSettings, PeerSettings, Settings
 from meshsup.actors.settings.node import IPNetwork
 
 
@@ -39,6 +40,8 @@ class RouterActor(Actor):
         super().__init__(name, runtime)
         self.router: LinuxRouter | None = None
         self.failures: list[str] = []
+        self.peer_routes: dict[bytes, tuple[str, ...]] = {}  # each peer's routes through the link
+        self.routed: Counter[str] = Counter()  # route -> peers that have it
         self.resolv: ResolvConf | None = None
         self.resolver_problems: list[str] = []
         self.forwarding: Forwarding | None = None
@@ -63,12 +66,9 @@ class RouterActor(Actor):
             except (OSError, ValueError, LookupError) as err:
                 raise ConfigError(f"cannot create TUN {iface}: {err}") from None
         changes = self.router.configure([str(a) for a in node.addresses], node.mtu)
-        # With an exit node in use its default route lives in a table of its own (_use_exit), never in
-        # main, where the node's marked underlay traffic would follow it into the tunnel.
-        routes = sorted(
-            {str(p) for peer in settings.peers for p in peer.allowed_ips if not (node.exit_node and p.prefixlen == 0)}
-        )
-        route_changes = self.router.set_routes(routes)
+        self.peer_routes = {p.public_key: _routes(node.exit_node, p) for p in settings.peers}
+        self.routed = Counter(r for routes in self.peer_routes.values() for r in routes)
+        route_changes = self.router.set_routes(sorted(self.routed))
         self.failures = [*changes.failed, *changes.rejected, *route_changes.failed, *route_changes.rejected]
         if self.failures:
             self.log.warning("some link settings failed", failures=self.failures)
@@ -84,6 +84,40 @@ class RouterActor(Actor):
         self._serve(iface, node.advertise_exit_node, node.advertise_routes)
         self._os_resolver(settings.dns)
         self._intercept(settings.dns.intercept)
+
+    def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
+        """The changed peers' routes alone: a one-peer `wg set` adds or removes its routes, with no
+        dump of the routing table (a prefix stays routed while any peer still has it)."""
+        if self.router is None:
+            self.configure(settings)
+            return
+        node = settings.node
+        gone: set[str] = set()
+        for key in [*removed, *(p.public_key for p in changed)]:
+            for route in self.peer_routes.pop(key, ()):
+                self.routed[route] -= 1
+                if not self.routed[route]:
+                    del self.routed[route]
+                    gone.add(route)
+        new: set[str] = set()
+        for p in changed:
+            self.peer_routes[p.public_key] = _routes(node.exit_node, p)
+            for route in self.peer_routes[p.public_key]:
+                new.update(() if self.routed[route] else (route,))
+                self.routed[route] += 1
+        route_changes = self.router.change_routes(sorted(new - gone), sorted(gone - new))
+        if route_changes.failed or route_changes.rejected:
+            self.failures = [*self.failures, *route_changes.failed, *route_changes.rejected]
+            self.log.warning("some link settings failed", failures=self.failures)
+        if route_changes.added or route_changes.removed:
+            self.log.info(
+                "link configured",
+                interface=node.interface,
+                routes_added=route_changes.added,
+                routes_removed=route_changes.removed,
+            )
+        if node.exit_node:  # the exit node's peer may be among them
+            self._use_exit(settings)
 
     def _use_exit(self, settings: Settings) -> None:
         """The default route through the exit node's peer, or none. The first call after a start
@@ -211,3 +245,10 @@ class RouterActor(Actor):
         self.monitor.close()
         if self.router is not None:
             self._remove_link()
+
+
+def _routes(exit_node: str, peer: PeerSettings) -> tuple[str, ...]:
+    """A peer's routes through the link: its allowed IPs. With an exit node in use its default route
+    lives in a table of its own (_use_exit), never in main, where the node's marked underlay traffic
+    would follow it into the tunnel."""
+    return tuple(str(p) for p in peer.allowed_ips if not (exit_node and p.prefixlen == 0))

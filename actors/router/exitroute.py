@@ -22,7 +22,7 @@ from typing import Final
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from meshsup.actors.router.netconf import MAIN_TABLE, RTPROT_MESHSUP
+from meshsup.actors.router.netconf import MAIN_TABLE, RTPROT_MESHSUP, RouteRequests
 from meshsup.actors.settings.node import EXIT_MARK, EXIT_TABLE
 
 PRIORITY: Final = 5210  # ahead of main (32766); our two rules take this and the one before
@@ -33,6 +33,7 @@ _DEFAULT: Final = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
 class ExitRouting:
     def __init__(self) -> None:
         self._ipr = IPRoute()
+        self._routes = RouteRequests()
         self.applied: tuple[int, tuple[int, ...], bool] | None = None  # (link index, families, allow_lan)
 
     def apply(self, index: int, families: Iterable[int], allow_lan: bool) -> None:
@@ -76,13 +77,15 @@ class ExitRouting:
                     PRIORITY - 1,
                 ):
                     self._ipr.rule("del", family=family, priority=rule.get_attr("FRA_PRIORITY"))
-            for route in self._ipr.route("dump", family=family, table=EXIT_TABLE):
-                if route["proto"] == RTPROT_MESHSUP:
-                    try:
-                        self._ipr.route("del", family=family, dst=_DEFAULT[family], table=EXIT_TABLE)
-                    except NetlinkError:  # gone with its link meanwhile
-                        pass
+        # Read from our own dump: pyroute2's parses every route of every table, thousands with many peers.
+        for prefix in self._routes.ours(None, EXIT_TABLE):
+            family = socket.AF_INET6 if ":" in prefix else socket.AF_INET
+            try:
+                self._ipr.route("del", family=family, dst=_DEFAULT[family], table=EXIT_TABLE)
+            except NetlinkError:  # gone with its link meanwhile
+                pass
         self.applied = None
 
     def close(self) -> None:
         self._ipr.close()
+        self._routes.close()

@@ -38,7 +38,7 @@ class AllowedIPs:
 
     def insert(self, network: Network | str, peer: Hashable) -> None:
         """Route ``network`` (host bits are masked off) to ``peer``."""
-        network = ipaddress.ip_network(network, strict=False)
+        network = _network(network)
         size, length, key = self._slot(network)
         table = self._tables[size].setdefault(length, {})
         previous = table.get(key)
@@ -50,7 +50,7 @@ class AllowedIPs:
 
     def remove(self, network: Network | str, peer: Hashable) -> None:
         """Remove ``network`` if (and only if) it belongs to ``peer``."""
-        network = ipaddress.ip_network(network, strict=False)
+        network = _network(network)
         size, length, key = self._slot(network)
         table = self._tables[size].get(length)
         if table is None or table.get(key) != peer:
@@ -81,3 +81,11 @@ class AllowedIPs:
             if peer is not None:
                 return peer
         return None
+
+
+def _network(network: Network | str) -> Network:
+    """A network as given (the settings' are parsed and masked: thousands of peers' are not made
+    again), else parsed with its host bits masked off."""
+    if isinstance(network, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return network
+    return ipaddress.ip_network(network, strict=False)

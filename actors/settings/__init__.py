@@ -69,6 +69,14 @@ class Settings:
         ranges = [str(a.network) for a in self.node.addresses] + [str(n) for p in self.peers for n in p.allowed_ips]
         return self.dns.with_mesh(names, ranges)
 
+    def dns_peers_changed(self, dns: DnsSettings, gone: list[PeerSettings], changed: list[PeerSettings]) -> DnsSettings:
+        """What dns_for_mesh gives for these settings, from `dns`, what it gave before the `gone`
+        peers went and the `changed` ones changed: only their names are checked, the mesh's
+        ranges are the networks as parsed."""
+        names = {p.name: [str(n.network_address) for n in p.hosts] for p in changed}
+        mesh = [a.network for a in self.node.addresses] + [n for p in self.peers for n in p.allowed_ips]
+        return dns.with_names_changed([p.name for p in gone], names, mesh)
+
     def without_secrets(self) -> Settings:
         """The same settings with no key material: the private key empty, no preshared keys.
         What the actors that use no keys get (actors.registry.settings_for)."""
@@ -77,6 +85,23 @@ class Settings:
     def without_preshared_keys(self) -> Settings:
         """The private key kept, no preshared keys: what logs in to DERP relays (actors.registry)."""
         return replace(self, peers=tuple(replace(p, preshared_key=None) for p in self.peers))
+
+    def peer_changes(self, new: Settings) -> tuple[list[PeerSettings], list[bytes]] | None:
+        """How `new` differs from these settings when only peers differ: the peers added or changed
+        (in their new form) and the keys of those removed; None when anything else differs too."""
+        if replace(self, peers=()) != replace(new, peers=()):
+            return None
+        old = {p.public_key: p for p in self.peers}
+        changed = [p for p in new.peers if (o := old.pop(p.public_key, None)) is not p and o != p]
+        return changed, list(old)
+
+    def with_peers(self, changed: list[PeerSettings], removed: list[bytes]) -> Settings:
+        """These settings with `changed` peers put in place (new ones last) and `removed` ones gone:
+        what `peer_changes` took out, put back."""
+        by_key = {p.public_key: p for p in changed}
+        gone = set(removed)
+        kept = tuple(by_key.pop(p.public_key, p) for p in self.peers if p.public_key not in gone)
+        return replace(self, peers=kept + tuple(by_key.values()))
 
     @property
     def holds_secrets(self) -> bool:

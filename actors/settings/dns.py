@@ -153,6 +153,16 @@ class DnsSettings:
         answering the clients of the `mesh` networks."""
         return replace(self, names=_names(names), mesh=_networks(list(mesh), "mesh"))
 
+    def with_names_changed(
+        self, gone: Sequence[str], names: Mapping[str, list[str]], mesh: Sequence[IPNetwork]
+    ) -> DnsSettings:
+        """These settings with the `gone` host labels out and `names` in (only those are checked),
+        answering the clients of the `mesh` networks: with_mesh for a change of a few peers."""
+        kept = dict(self.names)
+        for label in gone:
+            kept.pop(_dns_name(label, f"names.{label}"), None)
+        return replace(self, names={**kept, **_names(names)}, mesh=tuple(dict.fromkeys(mesh)))
+
     @classmethod
     def from_config(
         cls, dns_table: Mapping[str, Any], names: Mapping[str, list[str]], mesh: Sequence[str] = ()

@@ -12,6 +12,7 @@ import functools
 import ipaddress
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,53 +43,155 @@ def encode(value: Any) -> Any:
 
 def decode(hint: Any, data: Any, where: str = "settings") -> Any:
     """The value of type `hint` that `encode` made `data` from; WireError names where it does not fit."""
+    try:
+        return _decoder(hint)(data)
+    except _Misfit as err:
+        raise WireError(f"{where}{''.join(reversed(err.path))}: {err.problem}") from None
+
+
+class _Misfit(Exception):
+    """Where (innermost first, as the decoders unwind) and why a value does not fit: the path is
+    put together only on this way out, never for the values that fit (thousands of peers)."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        self.path: list[str] = []
+
+
+Decoder = Callable[[Any], Any]
+
+
+@functools.cache
+def _decoder(hint: Any) -> Decoder:
+    """The function that decodes values of `hint`, made once per type."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        names, hints = _init_fields(hint), _hints(hint)
-        if not isinstance(data, dict):
-            raise WireError(f"{where}: expected a table")
-        if set(data) != set(names):  # a field missing, or one this version does not know
-            raise WireError(f"{where}: fields differ: {', '.join(sorted(map(str, set(data) ^ set(names))))}")
-        return hint(**{name: decode(hints[name], data[name], f"{where}.{name}") for name in names})
+        return _dataclass_decoder(hint)
     if origin in (typing.Union, types.UnionType):
-        if data is None and type(None) in args:
-            return None
+        optional = type(None) in args
         choices = frozenset(a for a in args if a is not type(None))
         if choices == _NETWORKS:
-            return _text(ipaddress.ip_network, data, where)
-        if choices == _INTERFACES:
-            return _text(ipaddress.ip_interface, data, where)
-        if len(choices) == 1:
-            return decode(next(iter(choices)), data, where)
-        raise TypeError(f"{where}: no wire form for {hint}")
+            inner = _text_decoder(ipaddress.ip_network)
+        elif choices == _INTERFACES:
+            inner = _text_decoder(ipaddress.ip_interface)
+        elif len(choices) == 1:
+            inner = _decoder(next(iter(choices)))
+        else:
+            raise TypeError(f"no wire form for {hint}")
+        return (lambda data: None if data is None else inner(data)) if optional else inner
     if origin is tuple:
-        if not isinstance(data, list):
-            raise WireError(f"{where}: expected a list")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(decode(args[0], v, f"{where}[{i}]") for i, v in enumerate(data))
-        if len(data) != len(args):
-            raise WireError(f"{where}: expected {len(args)} items")
-        return tuple(decode(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
+            return _items_decoder(_decoder(args[0]))
+        return _fixed_tuple_decoder(tuple(map(_decoder, args)))
     if origin is dict:
-        if not isinstance(data, dict):
-            raise WireError(f"{where}: expected a table")
-        return {decode(args[0], k, where): decode(args[1], v, f"{where}.{k}") for k, v in data.items()}
+        return _dict_decoder(_decoder(args[0]), _decoder(args[1]))
     if hint is Path:
-        return _text(Path, data, where)
-    if hint is float and isinstance(data, (int, float)) and not isinstance(data, bool):
+        return _text_decoder(Path)
+    if hint is float:
+        return _float
+    if hint in _PLAIN:
+        return _plain_decoder(hint)
+    raise TypeError(f"no wire form for {hint}")
+
+
+def _dataclass_decoder(cls: type) -> Decoder:
+    hints = _hints(cls)
+    fields = tuple((name, _decoder(hints[name])) for name in _init_fields(cls))
+    names = frozenset(name for name, _ in fields)
+
+    def decode_dataclass(data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise _Misfit("expected a table")
+        if data.keys() != names:  # a field missing, or one this version does not know
+            raise _Misfit(f"fields differ: {', '.join(sorted(map(str, set(data) ^ names)))}")
+        values = {}
+        for name, field_decoder in fields:
+            try:
+                values[name] = field_decoder(data[name])
+            except _Misfit as err:
+                err.path.append(f".{name}")
+                raise
+        return cls(**values)
+
+    return decode_dataclass
+
+
+def _items_decoder(item: Decoder) -> Decoder:
+    def decode_items(data: Any) -> tuple[Any, ...]:
+        if not isinstance(data, list):
+            raise _Misfit("expected a list")
+        out = []
+        for i, v in enumerate(data):
+            try:
+                out.append(item(v))
+            except _Misfit as err:
+                err.path.append(f"[{i}]")
+                raise
+        return tuple(out)
+
+    return decode_items
+
+
+def _fixed_tuple_decoder(items: tuple[Decoder, ...]) -> Decoder:
+    def decode_tuple(data: Any) -> tuple[Any, ...]:
+        if not isinstance(data, list):
+            raise _Misfit("expected a list")
+        if len(data) != len(items):
+            raise _Misfit(f"expected {len(items)} items")
+        out = []
+        for i, (item, v) in enumerate(zip(items, data)):
+            try:
+                out.append(item(v))
+            except _Misfit as err:
+                err.path.append(f"[{i}]")
+                raise
+        return tuple(out)
+
+    return decode_tuple
+
+
+def _dict_decoder(key: Decoder, value: Decoder) -> Decoder:
+    def decode_dict(data: Any) -> dict[Any, Any]:
+        if not isinstance(data, dict):
+            raise _Misfit("expected a table")
+        out = {}
+        for k, v in data.items():
+            decoded = key(k)
+            try:
+                out[decoded] = value(v)
+            except _Misfit as err:
+                err.path.append(f".{k}")
+                raise
+        return out
+
+    return decode_dict
+
+
+def _text_decoder(parse: Any) -> Decoder:
+    def decode_text(data: Any) -> Any:
+        if not isinstance(data, str):
+            raise _Misfit("expected a string")
+        try:
+            return parse(data)
+        except ValueError as err:
+            raise _Misfit(str(err)) from None
+
+    return decode_text
+
+
+def _float(data: Any) -> float:
+    if isinstance(data, (int, float)) and not isinstance(data, bool):
         return float(data)
-    if hint in _PLAIN and isinstance(data, hint) and (hint is bool or not isinstance(data, bool)):
-        return data
-    raise WireError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(data).__name__}")
+    raise _Misfit(f"expected float, got {type(data).__name__}")
 
 
-def _text(parse: Any, data: Any, where: str) -> Any:
-    if not isinstance(data, str):
-        raise WireError(f"{where}: expected a string")
-    try:
-        return parse(data)
-    except ValueError as err:
-        raise WireError(f"{where}: {err}") from None
+def _plain_decoder(hint: type) -> Decoder:
+    def decode_plain(data: Any) -> Any:
+        if isinstance(data, hint) and (hint is bool or not isinstance(data, bool)):
+            return data
+        raise _Misfit(f"expected {hint.__name__}, got {type(data).__name__}")
+
+    return decode_plain
 
 
 @functools.cache

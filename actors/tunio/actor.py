@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from meshsup.actors.base import Actor, ConfigError
@@ -25,12 +26,13 @@ from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.flowcount.tally import INNER
 from meshsup.actors.kernel.tun import Tun
 from meshsup.actors.routing.allowedips import AllowedIPs, Network
-from meshsup.actors.routing.shard import by_owner, worker_prefixes, worker_routes
-from meshsup.actors.settings import Settings
+from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
+from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.bpf import steering
 from meshsup.bpf.syscall import attach_steering, load_socket_filter
 
 READ_BATCH = 256
+STEER_AT_ONCE = 256  # routes whose program is attached before configure returns (a few ms to verify)
 
 
 class TunIoActor(Actor):
@@ -41,10 +43,15 @@ class TunIoActor(Actor):
         self.tun: Tun | None = None
         self.routes = AllowedIPs()  # destination prefix -> crypto worker index
         self.route_key: Any = None
+        self.prefixes: dict[bytes, tuple[Network, ...]] = {}  # each peer's allowed IPs, as routed
+        self.steer_due = False  # the routes changed since the steering program was made
         self.counters: Counter[str] = Counter()
         self.flows = FlowFeed(self, INNER)
         self.steering = False
         self._steering_refused = False  # said once in the log
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steering")
+        self._loading: Future[int] | None = None  # a steering program being made (its fd)
+        self._routes_loading = 0
 
     def configure(self, settings: Settings) -> None:
         self.flows.configure(settings)
@@ -67,29 +74,71 @@ class TunIoActor(Actor):
         if key != self.route_key:
             prefixes = worker_prefixes(settings.peers, workers)
             self.routes, self.route_key = worker_routes(prefixes), key
+            self.prefixes = {p.public_key: p.allowed_ips for p in settings.peers}
+            self.steer_due = False
             self._steer(prefixes)
+
+    def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
+        """The changed peers' routes at once; the steering program, which holds every route, on the
+        next tick (one for many changes): until then a packet steered by the old one reaches a worker
+        that hands it on to its owner by the routes, as without steering."""
+        workers = settings.actors.crypto
+        for key in [*removed, *(p.public_key for p in changed)]:
+            for network in self.prefixes.pop(key, ()):
+                self.routes.remove(network, owner(key, workers))
+        for p in changed:
+            self.prefixes[p.public_key] = p.allowed_ips
+            for network in p.allowed_ips:
+                self.routes.insert(network, owner(p.public_key, workers))
+        self.route_key = None  # a whole configuration compares anew
+        self.steer_due = True
 
     def _steer(self, prefixes: list[tuple[Network, int]]) -> None:
         """Have the kernel queue each outgoing packet on its owner's queue (the supervisor
-        holds queue k for crypto worker k). Without it tun-io reads and hands packets on."""
+        holds queue k for crypto worker k). Without it tun-io reads and hands packets on.
+        The program is made and checked by the kernel's verifier on a thread of its own, which
+        takes a second for thousands of routes, while the loop goes on (heartbeats, packets): a
+        few routes' program is waited for, and attached at once."""
         assert self.tun is not None
         if not self.tun.multi_queue:
             return
+        if self._loading is not None:
+            self.steer_due = True  # one is being made: this one after it
+            return
         try:
-            prog = load_socket_filter(steering.program(prefixes, default=0), "meshsup_steer")
+            program = steering.program(prefixes, default=0)
+        except ValueError as err:
+            self._no_steering(err)
+            return
+        self._loading = self._loader.submit(load_socket_filter, program, "meshsup_steer")
+        self._routes_loading = len(prefixes)
+        if len(prefixes) <= STEER_AT_ONCE:
+            self._attach_steering(wait=True)
+
+    def _attach_steering(self, wait: bool = False) -> None:
+        """The program made on the loader's thread, attached once it is done."""
+        loading = self._loading
+        if loading is None or not (wait or loading.done()) or self.tun is None:
+            return
+        self._loading = None
+        try:
+            prog = loading.result()
             try:
                 attach_steering(self.tun.fileno(), prog)
             finally:
                 os.close(prog)
         except (OSError, ValueError) as err:
-            self.steering = False
-            if not self._steering_refused:
-                self._steering_refused = True
-                self.log.warning("no eBPF queue steering: outgoing packets go through tun-io", reason=str(err))
+            self._no_steering(err)
             return
         if not self.steering:
-            self.log.info("steering outgoing packets to their owners' TUN queues", routes=len(prefixes))
+            self.log.info("steering outgoing packets to their owners' TUN queues", routes=self._routes_loading)
         self.steering = True
+
+    def _no_steering(self, err: Exception) -> None:
+        self.steering = False
+        if not self._steering_refused:
+            self._steering_refused = True
+            self.log.warning("no eBPF queue steering: outgoing packets go through tun-io", reason=str(err))
 
     def _report_offloads(self, tun: Tun) -> None:
         self.log.info("TUN attached", interface=tun.name, coalesced_writes=tun.vnet_hdr, worker_queues=tun.multi_queue)
@@ -137,8 +186,13 @@ class TunIoActor(Actor):
 
     def tick(self, now: float) -> None:
         self.flows.tick(now)
+        self._attach_steering()
+        if self.steer_due and self._loading is None and self.running is not None and self.tun is not None:
+            self.steer_due = False
+            self._steer(worker_prefixes(self.running.peers, self.running.actors.crypto))
 
     def close(self) -> None:
         self.flows.close()
+        self._loader.shutdown(wait=False, cancel_futures=True)
         if self.tun is not None:
             self.tun.close()

@@ -209,8 +209,9 @@ print(json.dumps({"sent": sent, "cookie_replies": replies}))
 """
 
 
-# What a crypto worker does with an initiation it takes in.
-HANDLED = ("cookie_sent", "bad_initiation", "rate_limited")
+# What a crypto worker does with an initiation it takes in. The real peer's first ones, answered ("initiations"),
+# reach magicsock too: a worker connects a socket to a peer only once the peer has traffic.
+HANDLED = ("cookie_sent", "bad_initiation", "rate_limited", "initiations")
 
 
 @lab

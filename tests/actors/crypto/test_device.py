@@ -290,8 +290,8 @@ def test_keys_zeroed_after_three_reject_after_times() -> None:
     assert link.a.peers[link.b.public_key].keypairs.current is not None
     link.tick(T0 + 541)
     for device, other in ((link.a, link.b), (link.b, link.a)):
-        kps = device.peers[other.public_key].keypairs
-        assert (kps.previous, kps.current, kps.next) == (None, None, None)
+        # No keys left, and nothing else: the peer's state goes, back to its record.
+        assert other.public_key not in device.peers and other.public_key in device.trimmed
 
 
 def flood_initiation(target: Device) -> bytes:
@@ -469,6 +469,49 @@ def test_psk_change_flushes_session_and_remove_peer() -> None:
     assert out.packets == [] and link.b.counters["no_session"] >= 1
     assert link.b.send([ping(B_IP, A_IP)], T0 + 1).datagrams == []
     assert link.b.counters["no_route"] == 1
+
+
+def test_a_configured_peer_has_state_only_from_its_first_traffic() -> None:
+    link = Link()
+    assert link.a.peers == {} and link.b.peers == {}, "configured, no traffic: a record alone"
+    assert link.a.status(T0) == [] and set(link.a.configs) == {link.b.public_key}
+    link.handshake()  # A's packet gives A's peer state, B's peer gets it from the initiation
+    assert set(link.a.peers) == {link.b.public_key} and set(link.b.peers) == {link.a.public_key}
+    assert link.a.fresh == [link.b.public_key] and link.b.fresh == [link.a.public_key]
+    (status,) = link.a.status(T0)
+    assert status["allowed_ips"] == [f"{B_IP}/32", f"{B_IP6}/128"] and status["last_handshake"] == int(T0)
+
+
+def test_a_lazy_peer_is_updated_removed_and_keeps_persistent_keepalive_at_once() -> None:
+    link = Link()
+    link.a.set_peer(PeerConfig(link.b.public_key, None, net(f"{B_IP}/32"), ("198.51.100.7", 1)))
+    assert link.a.peers == {}, "a change of a peer without traffic stays a record"
+    assert link.a.peer(link.b.public_key).endpoint == ("198.51.100.7", 1), "made from the latest record"
+    other = Device(os.urandom(32))
+    link.a.set_peer(PeerConfig(other.public_key, None, net("100.64.0.9/32"), ("198.51.100.9", 1), 25))
+    assert other.public_key in link.a.peers, "persistent keepalive sends at once: state from the start"
+    assert sent(link.a.tick(T0)), "its first keepalive starts a handshake"
+    link.a.remove_peer(other.public_key)
+    link.a.remove_peer(link.b.public_key)
+    assert link.a.peers == {} and link.a.configs == {}
+    assert link.a.send([ping(A_IP, B_IP)], T0).datagrams == [] and link.a.counters["no_route"] == 1
+    assert link.a.peer(link.b.public_key) is None
+
+
+def test_an_idle_peer_goes_back_to_a_record_keeping_its_figures_and_replay_protection() -> None:
+    link = Link()
+    link.handshake()
+    initiation = next(d for f, _, d in link.wire if f == EA and messages.message_type(d) == messages.MESSAGE_INITIATION)
+    for t in (20, 200, 600, 620):  # keepalive, then keys dropped 540 s after the session
+        link.tick(T0 + t)
+    assert link.b.peers == {} and set(link.b.trimmed) == {link.a.public_key}
+    assert link.a.public_key in link.b.fresh, "the worker closes its socket"
+    (status,) = link.b.status(T0 + 620)
+    assert status["rx_bytes"] > 0 and status["last_handshake"] >= T0 and status["endpoint"] == "198.51.100.1:51820"
+    assert link.b.receive([Burst(EA, [initiation])], T0 + 621).datagrams == []
+    assert link.b.counters["handshake_replay"] == 1, "an initiation from before is still a replay"
+    link.send(EB, [ping(B_IP, A_IP)], T0 + 622)
+    assert link.received[EA] and link.a.public_key in link.b.peers and not link.b.trimmed
 
 
 def test_unknown_initiator_is_dropped() -> None:

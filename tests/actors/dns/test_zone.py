@@ -83,3 +83,28 @@ def test_zone_srv_with_glue(zone):
 def test_zone_leaves_other_names_alone(zone):
     assert ask(zone, "example.com.", "A") is None
     assert zone.answer(dns.name.from_text("alpha.mesh."), dns.rdatatype.A, dns.rdataclass.CH) is None
+
+
+def test_a_change_of_names_answers_as_a_zone_made_anew(zone):
+    zone.change_names({"bravo": ["100.64.0.9"], "charlie": ["fd7a:115c:a1e0::3"], "alpha": []})
+    anew = Zone(
+        "mesh",
+        {"bravo": ["100.64.0.9"], "charlie": ["fd7a:115c:a1e0::3"]},
+        srv=[SrvRecord("_http._tcp.mesh", "alpha.mesh", 8080, 1, 5)],
+        ttl=120,
+    )
+    for name, rdtype in [
+        ("alpha.mesh.", "A"),
+        ("bravo.mesh.", "A"),
+        ("charlie.mesh.", "AAAA"),
+        ("2.0.64.100.in-addr.arpa.", "PTR"),
+        ("9.0.64.100.in-addr.arpa.", "PTR"),
+        ("_http._tcp.mesh.", "SRV"),
+    ]:
+        changed, made = ask(zone, name, rdtype), ask(anew, name, rdtype)
+        assert made is not None or "2.0.64" in name, "the test asks what a zone answers"
+        summary = [None if a is None else (a.rcode, texts(a.answer)) for a in (changed, made)]
+        assert summary[0] == summary[1], name
+    for name in ("2.0.64.100.in-addr.arpa.", "9.0.64.100.in-addr.arpa.", "bravo.mesh.", "alpha.mesh."):
+        wire = dns.name.from_text(name).to_wire().lower()
+        assert zone.covers(wire) == anew.covers(wire), name

@@ -325,3 +325,15 @@ def test_a_relay_may_be_named_by_host_name_its_stun_defaulting_to_that_host(tmp_
 
 def test_the_embedded_default_has_no_relays(tmp_path: Path) -> None:
     assert cfg.embedded_default(tmp_path).relays == ()
+
+
+def test_a_change_of_peers_gives_the_dns_settings_a_whole_config_would(tmp_path: Path) -> None:
+    old = cfg.load_toml(full_config(tmp_path), tmp_path)
+    bravo = old.peers[0]
+    moved = dataclasses.replace(bravo, name="bravo2", allowed_ips=bravo.allowed_ips[:1])
+    added = dataclasses.replace(bravo, name="charlie", public_key=public_of(generate_private()), allowed_ips=())
+    new = dataclasses.replace(old, peers=(moved, added))
+    changes = old.peer_changes(new)
+    assert changes == ([moved, added], [])
+    assert new.dns_peers_changed(old.dns_for_mesh(), [bravo], [moved, added]) == new.dns_for_mesh()
+    assert old.peer_changes(dataclasses.replace(new, node=dataclasses.replace(new.node, mtu=1300))) is None
