@@ -50,7 +50,7 @@ from meshsup.actors.dns.message import (
     reply_ttls,
 )
 from meshsup.actors.dns.rules import Reject, Router
-from meshsup.actors.dns.upstream import FailoverPlan, should_failover, without_own
+from meshsup.actors.dns.upstream import FAILOVER_RCODES, FailoverPlan, without_own
 from meshsup.actors.dns.wire import WireAnswer, label_count
 from meshsup.actors.dns.zone import Zone
 from meshsup.actors.settings.dns import DnsSettings
@@ -267,7 +267,7 @@ class Resolver:
         rtt = now - flight.plan.sent
         if isinstance(answer, str):
             return self._failed(key, upstream, f"upstream_{answer}", now, rtt)
-        if should_failover(answer.rcode):
+        if answer.rcode in FAILOVER_RCODES:
             return self._failed(key, upstream, f"upstream_{dns.rcode.to_text(answer.rcode).lower()}", now, rtt)
         self.upstreams.answered(upstream, rtt, now)
         stored = self._cache.put(key, answer, now) or answer  # TTLs as the cache keeps them
@@ -276,8 +276,9 @@ class Resolver:
         self.upstream_latency.observe(now - flight.started)
         # Not kept for the fast path yet: that waits for the question to come again
         # (most names are asked once; preparing for them would cost time and memory).
-        actions: list[Action] = [Learned(name, addresses) for name, addresses in answer.addresses]
-        actions += [self._reply(waiter, stored) for waiter in flight.waiters]
+        actions: list[Action] = [self._reply(waiter, stored) for waiter in flight.waiters]
+        if answer.addresses:
+            actions += [Learned(name, addresses) for name, addresses in answer.addresses]
         return actions
 
     def on_upstream_failure(self, key: CacheKey, upstream: Upstream, reason: str, now: float) -> list[Action]:
