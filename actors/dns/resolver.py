@@ -243,20 +243,24 @@ class Resolver:
             ),
             owner=prefix_of(str(source[0])) if source else None,
         )
-        if admission is Admission.MERGED:
-            counters["merged"] += 1
-            return []
-        if admission is Admission.OWNER_FULL:
-            counters["refused_source_inflight_cap"] += 1
-            return [self._reply(waiter, Answer(dns.rcode.REFUSED))]
-        if admission is Admission.FULL:
-            counters["refused_inflight_cap"] += 1
-            actions: list[Action] = [self._reply(waiter, Answer(dns.rcode.REFUSED))]
-            if self._cap_log.allow(now):
-                actions.append(Log("dns_inflight_cap_reached", {"cap": self._inflight.cap}))
-            return actions
+        if admission is not Admission.STARTED:
+            return self._not_started(admission, waiter, now)
         counters["forwarded"] += 1
         return self._attempt(key, now)
+
+    def _not_started(self, admission: Admission, waiter: _Waiter, now: float) -> list[Action]:
+        """A query that joined a forward under way, or was refused one of its own."""
+        if admission is Admission.MERGED:
+            self.counters["merged"] += 1
+            return []
+        if admission is Admission.OWNER_FULL:
+            self.counters["refused_source_inflight_cap"] += 1
+            return [self._reply(waiter, Answer(dns.rcode.REFUSED))]
+        self.counters["refused_inflight_cap"] += 1
+        actions: list[Action] = [self._reply(waiter, Answer(dns.rcode.REFUSED))]
+        if self._cap_log.allow(now):
+            actions.append(Log("dns_inflight_cap_reached", {"cap": self._inflight.cap}))
+        return actions
 
     def on_upstream_answer(self, key: CacheKey, upstream: Upstream, wire: bytes, now: float) -> list[Action]:
         """The upstream answered the Forward for key. Never raises on bad input."""
