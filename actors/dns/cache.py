@@ -97,10 +97,6 @@ class CacheCounters:
         return {f"cache_{k}": v for k, v in self.__dict__.items()}
 
 
-def _negative(answer: WireAnswer) -> bool:
-    return answer.empty or answer.rcode == dns.rcode.NXDOMAIN
-
-
 @dataclass
 class DnsCache:
     size: int
@@ -122,16 +118,24 @@ class DnsCache:
 
     def put(self, key: CacheKey, answer: WireAnswer, now: float) -> WireAnswer | None:
         """Store answer; returns it as stored (TTLs clamped), or None if not cacheable."""
-        ttl = self._lifetime(answer)
-        if ttl is None or ttl <= 0 or self.size <= 0:
+        rcode, answers, ttls = answer.rcode, answer.counts[0], answer.ttls
+        # Its lifetime: positive answers live for their lowest answer TTL,
+        # negative ones (NXDOMAIN, NODATA) as their SOA says; nothing else is kept.
+        if rcode == _NOERROR and answers:
+            negative, lowest = False, min(ttls[:answers])
+        elif (rcode == _NOERROR or rcode == _NXDOMAIN) and answer.negative_ttl is not None:
+            negative, lowest = True, min((answer.negative_ttl, *ttls[:answers]))
+        else:
             self.counters.not_cacheable += 1
             return None
-        negative = _negative(answer)
-        ttls = answer.ttls
+        ttl = self._clamp(lowest)
+        if ttl <= 0 or self.size <= 0:
+            self.counters.not_cacheable += 1
+            return None
         stored: CacheEntry | bytes
         if not negative and self.min_ttl <= min(ttls) and max(ttls) <= self.max_ttl:
             # The usual case: nothing to clamp, so the upstream's records can be kept as they are.
-            flags = answer.rcode | (AD if answer.authenticated else 0)
+            flags = rcode | (AD if answer.authenticated else 0)
             stored, kept = _STAMP.pack(now, ttl, flags, *answer.counts) + answer.records, answer
         else:
             # The SOA of a negative answer carries the negative TTL (RFC 2308 section 3).
@@ -158,16 +162,6 @@ class DnsCache:
             # Mostly keys dropped since (expired, stored again): start again from the dict's order.
             self._order = deque(entries)
         return kept
-
-    def _lifetime(self, answer: WireAnswer) -> int | None:
-        if answer.rcode != _NOERROR and answer.rcode != _NXDOMAIN:
-            return None
-        answers = answer.counts[0]
-        if answers and answer.rcode == _NOERROR:
-            return self._clamp(min(answer.ttls[:answers]))
-        if answer.negative_ttl is None:
-            return None
-        return self._clamp(min((answer.negative_ttl, *answer.ttls[:answers])))
 
     def get(self, key: CacheKey, now: float) -> WireAnswer | None:
         """A fresh answer with TTLs counted down, or None."""

@@ -92,10 +92,6 @@ class Query:
         return self._message
 
     @property
-    def id(self) -> int:
-        return int.from_bytes(self.wire[:2], "big")
-
-    @property
     def qname_wire(self) -> bytes:
         return self.fields.qname
 
@@ -112,6 +108,9 @@ class Query:
 
     @property
     def question_wire(self) -> bytes:
+        """The question as the client wrote it (its case kept: RFC 5452 clients may check it)."""
+        if self.plain:  # right after the header, uncompressed
+            return self.wire[HEADER_LEN : HEADER_LEN + len(self.fields.qname) + wire.TYPE_CLASS.size]
         return self.fields.qname + wire.TYPE_CLASS.pack(self.fields.qtype, self.fields.qclass)
 
     def size_limit(self, transport: str) -> int:
@@ -214,7 +213,9 @@ def render(query: Query, answer: Answer | WireAnswer, transport: str) -> bytes:
     if isinstance(answer, WireAnswer):
         if query.plain:
             fields = query.fields
-            reply = wire.assemble(query.id, fields.flags, query.question_wire, answer, fields.edns >= 0, fields.do)
+            reply = wire.assemble(
+                query.wire[:2], fields.flags, query.question_wire, answer, fields.edns >= 0, fields.do
+            )
             return reply if len(reply) <= limit else wire.cut(reply, answer, limit, fields.edns >= 0)
         answer = Answer.from_wire_answer(query, answer)
     message = query.message

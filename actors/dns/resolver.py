@@ -51,7 +51,7 @@ from meshsup.actors.dns.message import (
     reply_ttls,
 )
 from meshsup.actors.dns.rules import Reject, Router
-from meshsup.actors.dns.upstream import FailoverPlan, should_failover, without_own
+from meshsup.actors.dns.upstream import FAILOVER_RCODES, FailoverPlan, without_own
 from meshsup.actors.dns.wire import WireAnswer, label_count
 from meshsup.actors.dns.zone import Zone
 from meshsup.actors.settings.dns import DnsSettings
@@ -251,20 +251,24 @@ class Resolver:
             ),
             owner=prefix_of(str(source[0])) if source else None,
         )
-        if admission is Admission.MERGED:
-            counters["merged"] += 1
-            return []
-        if admission is Admission.OWNER_FULL:
-            counters["refused_source_inflight_cap"] += 1
-            return [self._reply(waiter, Answer(dns.rcode.REFUSED))]
-        if admission is Admission.FULL:
-            counters["refused_inflight_cap"] += 1
-            actions: list[Action] = [self._reply(waiter, Answer(dns.rcode.REFUSED))]
-            if self._cap_log.allow(now):
-                actions.append(Log("dns_inflight_cap_reached", {"cap": self._inflight.cap}))
-            return actions
+        if admission is not Admission.STARTED:
+            return self._not_started(admission, waiter, now)
         counters["forwarded"] += 1
         return self._attempt(key, now)
+
+    def _not_started(self, admission: Admission, waiter: _Waiter, now: float) -> list[Action]:
+        """A query that joined a forward under way, or was refused one of its own."""
+        if admission is Admission.MERGED:
+            self.counters["merged"] += 1
+            return []
+        if admission is Admission.OWNER_FULL:
+            self.counters["refused_source_inflight_cap"] += 1
+            return [self._reply(waiter, Answer(dns.rcode.REFUSED))]
+        self.counters["refused_inflight_cap"] += 1
+        actions: list[Action] = [self._reply(waiter, Answer(dns.rcode.REFUSED))]
+        if self._cap_log.allow(now):
+            actions.append(Log("dns_inflight_cap_reached", {"cap": self._inflight.cap}))
+        return actions
 
     def on_upstream_answer(self, key: CacheKey, upstream: Upstream, wire: bytes, now: float) -> list[Action]:
         """The upstream answered the Forward for key. Never raises on bad input."""
@@ -275,7 +279,7 @@ class Resolver:
         rtt = now - flight.plan.sent
         if isinstance(answer, str):
             return self._failed(key, upstream, f"upstream_{answer}", now, rtt)
-        if should_failover(answer.rcode):
+        if answer.rcode in FAILOVER_RCODES:
             return self._failed(key, upstream, f"upstream_{dns.rcode.to_text(answer.rcode).lower()}", now, rtt)
         self.upstreams.answered(upstream, rtt, now)
         stored = self._cache.put(key, answer, now) or answer  # TTLs as the cache keeps them
@@ -284,8 +288,9 @@ class Resolver:
         self.upstream_latency.observe(now - flight.started)
         # Not kept for the fast path yet: that waits for the question to come again
         # (most names are asked once; preparing for them would cost time and memory).
-        actions: list[Action] = [Learned(name, addresses) for name, addresses in answer.addresses]
-        actions += [self._reply(waiter, stored) for waiter in flight.waiters]
+        actions: list[Action] = [self._reply(waiter, stored) for waiter in flight.waiters]
+        if answer.addresses:
+            actions += [Learned(name, addresses) for name, addresses in answer.addresses]
         return actions
 
     def on_upstream_failure(self, key: CacheKey, upstream: Upstream, reason: str, now: float) -> list[Action]:

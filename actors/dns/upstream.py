@@ -36,23 +36,24 @@ def without_own(upstreams: Sequence[Upstream], listen: Iterable[tuple[str, int]]
     return tuple(u for u in upstreams if not is_own_address(u, listen))
 
 
-def should_failover(rcode: int) -> bool:
-    return rcode in FAILOVER_RCODES
-
-
 class FailoverPlan:
     """The upstreams one query may try, in order, at most MAX_ATTEMPTS."""
 
+    __slots__ = ("_upstreams", "current", "attempts", "sent")
+
     def __init__(self, upstreams: Sequence[Upstream]) -> None:
-        self._remaining = list(upstreams[:MAX_ATTEMPTS])
+        self._upstreams = upstreams  # the first MAX_ATTEMPTS of them: a slice would copy them per query
         self.current: Upstream | None = None
-        self.attempts = 0
+        self.attempts = 0  # also the index of the next one
         self.sent = 0.0  # when the current one was asked: its answer's round trip
 
     def next(self, now: float) -> Upstream | None:
         """The next upstream to try (asked now), or None when the plan is exhausted."""
-        self.current = self._remaining.pop(0) if self._remaining else None
-        if self.current is not None:
-            self.attempts += 1
-            self.sent = now
+        attempts = self.attempts
+        if attempts >= MAX_ATTEMPTS or attempts >= len(self._upstreams):
+            self.current = None
+            return None
+        self.current = self._upstreams[attempts]
+        self.attempts = attempts + 1
+        self.sent = now
         return self.current

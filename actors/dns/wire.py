@@ -388,18 +388,23 @@ def _records(wire: bytes, base: int, flags: int, counts: tuple[int, int, int], l
     )
 
 
-def assemble(query_id: int, query_flags: int, question: bytes, answer: WireAnswer, edns: bool, do: bool) -> bytes:
-    """The reply to a query (its ID, flags and question in wire form) from answer,
-    as message.render would make it: RD and CD from the query, RA, AD only for
-    clients asking for DNSSEC data (RFC 6840 section 5.8), our own OPT."""
+_REPLY_HEADER = struct.Struct("!HHHHH")  # a header after its ID
+
+
+def assemble(query_id: bytes, query_flags: int, question: bytes, answer: WireAnswer, edns: bool, do: bool) -> bytes:
+    """The reply to a query (its ID as written, flags and question in wire form,
+    as the client wrote it) from answer, as message.render would make it: RD
+    and CD from the query, RA, AD only for clients asking for DNSSEC data
+    (RFC 6840 section 5.8), our own OPT."""
     if HEADER_LEN + len(question) != answer.base:
         raise WireError("question of another length")
     flags = QR | RA | (query_flags & (RD | CD)) | answer.rcode
     if answer.authenticated and (do or query_flags & AD):
         flags |= AD
     an, ns, ar = answer.counts
-    opt = opt_record(do) if edns else b""
-    return HEADER.pack(query_id, flags, 1, an, ns, ar + bool(opt)) + question + answer.records + opt
+    if edns:
+        return query_id + _REPLY_HEADER.pack(flags, 1, an, ns, ar + 1) + question + answer.records + _OUR_OPT[do]
+    return query_id + _REPLY_HEADER.pack(flags, 1, an, ns, ar) + question + answer.records
 
 
 def truncated(reply: bytes) -> bytes:

@@ -234,3 +234,17 @@ def test_each_upstream_keeps_its_last_outcome_for_the_node_health():
     }
     resolver.reconfigure(settings(upstreams=["udp://127.0.0.12"]))  # the others are forgotten
     assert list(resolver.upstreams.status()) == [second]
+
+
+def test_forwarded_reply_carries_the_question_as_the_client_wrote_it():
+    # Clients that randomise the case of their names (0x20) check it in the reply;
+    # an upstream may echo the question in another case.
+    resolver = Resolver(settings())
+    query = query_wire("wWw.ExAmPle.CoM")
+    forward = only_forward(resolver.handle(query, CLIENT, "udp", 0.0))
+    answer = bytearray(upstream_answer(forward))
+    answer[12 : 12 + 17] = answer[12 : 12 + 17].lower()
+    actions = resolver.on_upstream_answer(forward.key, forward.upstream, bytes(answer), 0.1)
+    reply = next(a for a in actions if isinstance(a, Reply)).wire
+    assert reply[:2] == query[:2] and reply[12 : 12 + 21] == query[12 : 12 + 21]
+    assert str(dns.message.from_wire(reply).answer[0]) == "wWw.ExAmPle.CoM. 300 IN A 203.0.113.7"
