@@ -155,8 +155,12 @@ class Node:
 
     def kill(self) -> None:
         """kill -9 of the whole node, every process of it at once, as a crash of the machine's
-        view of it would be: nothing is stopped in order, nothing cleaned up."""
-        for pid in self.processes():
+        view of it would be: nothing is stopped in order, nothing cleaned up. All are stopped
+        first, so no actor sees its supervisor gone and cleans up before its own SIGKILL."""
+        pids = self.processes()
+        for pid in pids:
+            _kill(pid, signal.SIGSTOP)
+        for pid in pids:
             _kill(pid)
         self.proc.wait(10)
 
@@ -175,9 +179,9 @@ class Node:
         remove_if_stale(socket_path(self.iface))  # a node killed outright leaves it behind
 
 
-def _kill(pid: int) -> None:
+def _kill(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
     except ProcessLookupError:
         pass
 
