@@ -124,9 +124,9 @@ def test_tls_with_the_operators_ca(tmp_path: Path) -> None:
         trusting.start()
         stranger.start()
         collect(trusting, lambda ev: any(isinstance(e, Up) for e in ev))
-        events = collect(stranger, lambda ev: sum(isinstance(e, (Down, Problem)) for e in ev) >= 2)
+        # Refused for the certificate (one refusal is enough: a second waits on the retry backoff).
+        events = collect(stranger, lambda ev: any("CERTIFICATE_VERIFY_FAILED" in getattr(e, "reason", "") for e in ev))
         assert not any(isinstance(e, Up) for e in events)
-        assert any("CERTIFICATE_VERIFY_FAILED" in getattr(e, "reason", "") for e in events), events
     finally:
         trusting.close()
         stranger.close()
