@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 from dataclasses import dataclass, replace
+from multiprocessing import forkserver
 from multiprocessing.reduction import DupFd
 from typing import Any
 
@@ -74,6 +76,15 @@ KINDS = {
 PRELOAD = ["zmq", "msgpack", "structlog", "setproctitle", "meshsup.actors.base"] + [
     k.cls.split(":")[0] for k in KINDS.values()
 ]
+
+
+def fork_server() -> Any:
+    """The context actors are forked from, its server started now if it is not running: it
+    imports every kind (PRELOAD, about a second) while the supervisor goes on with its own start."""
+    mp = multiprocessing.get_context("forkserver")
+    mp.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
+    return mp
 
 
 def kind_of(name: str) -> str:

@@ -9,7 +9,6 @@ run and how often they may fail, and an actor gets it on every (re)start.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import time
@@ -23,10 +22,10 @@ from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, MeshPe
 from meshsup.actors.kernel.privileges import Account
 from meshsup.actors.registry import (
     KINDS,
-    PRELOAD,
     SCALABLE,
     AnySettings,
     actor_name,
+    fork_server,
     peers_for,
     run_actor,
     settings_for,
@@ -84,8 +83,7 @@ class Tree:
         self.ready = False
         self.stopping = False
         self.on_mesh: Any = None  # Callable[[MeshPeers], None]: the coord actor's peer set (node.py)
-        self._mp = multiprocessing.get_context("forkserver")
-        self._mp.set_forkserver_preload(PRELOAD)
+        self._mp = fork_server()
 
     # --- the actor set ---------------------------------------------------
     def wanted(self) -> list[tuple[str, str]]:
