@@ -25,6 +25,19 @@ START_ORDER = ("netlog", "router", "magicsock", "crypto", "tun-io", "dns")
 COORD_ORDER = (*START_ORDER, "coord")
 # A relay (`meshsup relay`) runs only its workers.
 RELAY_ORDER = ("relay",)
+# What a kind waits for before it starts (every actor of these kinds running): START_ORDER's reasons
+# and no more, so the rest start side by side: the crypto workers together, DNS (which builds a zone
+# of every peer's name) beside the dataplane, as it needs only the router's tunnel address.
+STARTS_AFTER: dict[str, tuple[str, ...]] = {
+    "netlog": (),
+    "router": ("netlog",),
+    "magicsock": ("router",),
+    "crypto": ("magicsock",),
+    "tun-io": ("crypto",),
+    "dns": ("router",),
+    "coord": START_ORDER,
+    "relay": (),
+}
 SCALABLE = frozenset({"crypto", "dns", "relay"})
 EXIT_NO_DROP = 77  # EX_NOPERM: the exit of an actor that would have stayed root
 

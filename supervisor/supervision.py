@@ -23,6 +23,7 @@ from meshsup.actors.kernel.privileges import Account
 from meshsup.actors.registry import (
     KINDS,
     SCALABLE,
+    STARTS_AFTER,
     AnySettings,
     actor_name,
     fork_server,
@@ -98,7 +99,7 @@ class Tree:
         return {name for name, _ in self.wanted()}
 
     def start(self) -> None:
-        """Queue every actor the config asks for; `start_next` starts them one at a time."""
+        """Queue every actor the config asks for; `start_next` starts each once it may."""
         for name, kind in self.wanted():
             self.actors[name] = ActorProc(name, kind)
             self.start_queue.append(name)
@@ -115,18 +116,19 @@ class Tree:
 
     # --- starting and restarting -------------------------------------------
     def start_next(self) -> None:
-        if self.stopping or any(a.state == "starting" for a in self.actors.values()):
+        """Start every queued actor whose backoff is over and whose kind's predecessors
+        (registry.STARTS_AFTER) all run."""
+        if self.stopping:
             return
         now = time.monotonic()
-        while self.start_queue:
-            a = self.actors.get(self.start_queue[0])
-            if a is None or a.state == "running":
-                self.start_queue.popleft()
-                continue
-            if a.state == "backoff" and now < a.started:
-                return  # `started` holds the earliest restart time while backing off
-            self.start_queue.popleft()
-            self._spawn(a)
+        for name in list(self.start_queue):
+            a = self.actors.get(name)
+            if a is None or a.state in ("running", "starting"):
+                self.start_queue.remove(name)
+            elif (a.state != "backoff" or now >= a.started) and self._may_start(a.kind):
+                self.start_queue.remove(name)  # `started` holds the earliest restart time while backing off
+                self._spawn(a)
+        if self.start_queue or any(a.state == "starting" for a in self.actors.values()):
             return
         if not self.reconfiguring:  # nothing starts and no sequence runs: the wire forms are not needed
             self._wired = (None, {})
@@ -134,6 +136,10 @@ class Tree:
             self.ready = True
             self.log.info("node ready", actors=len(self.actors), public_key=b64(self.config.public_key))
             sdnotify.notify("READY=1\nSTATUS=all actors running")
+
+    def _may_start(self, kind: str) -> bool:
+        after = STARTS_AFTER[kind]
+        return all(a.state == "running" for a in self.actors.values() if a.kind in after)
 
     def _spawn(self, a: ActorProc) -> None:
         queue = self.tun_queues.for_actor(a.name, a.kind)
