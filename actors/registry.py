@@ -91,13 +91,18 @@ PRELOAD = ["zmq", "msgpack", "structlog", "setproctitle", "meshsup.actors.base"]
 ]
 
 
-def fork_server() -> Any:
-    """The context actors are forked from, its server started now if it is not running: it
-    imports every kind (PRELOAD, about a second) while the supervisor goes on with its own start."""
+def fork_context() -> Any:
+    """The multiprocessing context actors are forked from: a fork server that preloads every kind."""
     mp = multiprocessing.get_context("forkserver")
     mp.set_forkserver_preload(PRELOAD)
-    forkserver.ensure_running()
     return mp
+
+
+def start_fork_server() -> None:
+    """The fork server started now (else the first actor's spawn starts it): it imports every kind
+    (PRELOAD, about a second) while the supervisor goes on with its own start."""
+    fork_context()
+    forkserver.ensure_running()
 
 
 def kind_of(name: str) -> str:
@@ -120,6 +125,12 @@ def settings_for(kind: str, settings: AnySettings) -> AnySettings:
     if spec.disco_key:
         given = replace(given, node=replace(given.node, disco_key=settings.node.disco_key))
     return given
+
+
+def settings_class(kind: str) -> tuple[bool, bool, bool]:
+    """All of a kind's Kind that settings_for reads: the kinds with the same are given the same settings."""
+    spec = KINDS[kind]
+    return spec.keys, spec.login_key, spec.disco_key
 
 
 def peers_for(kind: str, peers: list[PeerSettings]) -> list[PeerSettings]:

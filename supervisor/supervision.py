@@ -21,14 +21,14 @@ from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, MeshPeers, PeersChanged, Stop
 from meshsup.actors.kernel.privileges import Account
 from meshsup.actors.registry import (
-    KINDS,
     SCALABLE,
     STARTS_AFTER,
     AnySettings,
     actor_name,
-    fork_server,
+    fork_context,
     peers_for,
     run_actor,
+    settings_class,
     settings_for,
     start_order,
 )
@@ -84,7 +84,7 @@ class Tree:
         self.ready = False
         self.stopping = False
         self.on_mesh: Any = None  # Callable[[MeshPeers], None]: the coord actor's peer set (node.py)
-        self._mp = fork_server()
+        self._mp = fork_context()
 
     # --- the actor set ---------------------------------------------------
     def wanted(self) -> list[tuple[str, str]]:
@@ -244,10 +244,10 @@ class Tree:
         (with thousands of peers each costs a tenth of a second)."""
         if self._wired[0] is not self.config:
             self._wired = (self.config, {})
-        cached, spec = self._wired[1], KINDS[kind]  # what a kind is given follows from its Kind alone
-        if spec not in cached:
-            cached[spec] = settings_for(kind, self.config).to_wire()
-        return cached[spec]
+        cached, given = self._wired[1], settings_class(kind)
+        if given not in cached:
+            cached[given] = settings_for(kind, self.config).to_wire()
+        return cached[given]
 
     def peers_message(
         self, kind: str, req: int, generation: int, changed: list[PeerSettings], removed: list[bytes]
