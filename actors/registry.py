@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 from dataclasses import dataclass, replace
+from multiprocessing import forkserver
 from multiprocessing.reduction import DupFd
 from typing import Any
 
@@ -23,6 +25,19 @@ START_ORDER = ("netlog", "router", "magicsock", "crypto", "tun-io", "dns")
 COORD_ORDER = (*START_ORDER, "coord")
 # A relay (`meshsup relay`) runs only its workers.
 RELAY_ORDER = ("relay",)
+# What a kind waits for before it starts (every actor of these kinds running): START_ORDER's reasons
+# and no more, so the rest start side by side: the crypto workers together, DNS (which builds a zone
+# of every peer's name) beside the dataplane, as it needs only the router's tunnel address.
+STARTS_AFTER: dict[str, tuple[str, ...]] = {
+    "netlog": (),
+    "router": ("netlog",),
+    "magicsock": ("router",),
+    "crypto": ("magicsock",),
+    "tun-io": ("crypto",),
+    "dns": ("router",),
+    "coord": START_ORDER,
+    "relay": (),
+}
 SCALABLE = frozenset({"crypto", "dns", "relay"})
 EXIT_NO_DROP = 77  # EX_NOPERM: the exit of an actor that would have stayed root
 
@@ -76,6 +91,20 @@ PRELOAD = ["zmq", "msgpack", "structlog", "setproctitle", "meshsup.actors.base"]
 ]
 
 
+def fork_context() -> Any:
+    """The multiprocessing context actors are forked from: a fork server that preloads every kind."""
+    mp = multiprocessing.get_context("forkserver")
+    mp.set_forkserver_preload(PRELOAD)
+    return mp
+
+
+def start_fork_server() -> None:
+    """The fork server started now (else the first actor's spawn starts it): it imports every kind
+    (PRELOAD, about a second) while the supervisor goes on with its own start."""
+    fork_context()
+    forkserver.ensure_running()
+
+
 def kind_of(name: str) -> str:
     """The kind of an actor by its name (actor_name)."""
     return name if name in KINDS else name.rpartition("-")[0]
@@ -96,6 +125,12 @@ def settings_for(kind: str, settings: AnySettings) -> AnySettings:
     if spec.disco_key:
         given = replace(given, node=replace(given.node, disco_key=settings.node.disco_key))
     return given
+
+
+def settings_class(kind: str) -> tuple[bool, bool, bool]:
+    """All of a kind's Kind that settings_for reads: the kinds with the same are given the same settings."""
+    spec = KINDS[kind]
+    return spec.keys, spec.login_key, spec.disco_key
 
 
 def peers_for(kind: str, peers: list[PeerSettings]) -> list[PeerSettings]:

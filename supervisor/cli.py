@@ -15,6 +15,7 @@ from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.kernel.files import UnsafePath
 from meshsup.actors.kernel.privileges import USER, PrivilegeError, unprivileged_account
 from meshsup.actors.log import setup
+from meshsup.actors.registry import start_fork_server
 from meshsup.actors.settings import Settings
 from meshsup.actors.settings.keys import b64, load_or_create_disco
 from meshsup.actors.settings.node import INTERFACE_RULE, valid_interface_name
@@ -116,6 +117,7 @@ def peer_stanza(conf: Settings) -> str:
 
 def start(args: argparse.Namespace) -> int:
     """`meshsup start` (a node) and `meshsup relay`: the same supervisor, other actors."""
+    start_fork_server()  # first: it preloads the actors while the supervisor reads its config and sets up
     from meshsup.supervisor.node import Supervisor
     from meshsup.supervisor.resources import open_state_dir
 

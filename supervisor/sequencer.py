@@ -34,6 +34,8 @@ one kind by name):
 Starting and stopping follow actors/registry.py START_ORDER instead (netlog,
 router, magicsock, crypto, tun-io, dns) and its reverse: netlog starts before
 the router and stops after it, so the first and the last packets are counted.
+At start, a kind waits only for those it needs (STARTS_AFTER): DNS for the
+router, not the dataplane; the crypto workers start together.
 
 A step's deadline is hub.REQUEST_TIMEOUT (5 s) for its ack. A step that is
 refused (the ack's error) or gets no answer (the deadline passed, or the actor

@@ -9,7 +9,6 @@ run and how often they may fail, and an actor gets it on every (re)start.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import time
@@ -22,13 +21,14 @@ from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, MeshPeers, PeersChanged, Stop
 from meshsup.actors.kernel.privileges import Account
 from meshsup.actors.registry import (
-    KINDS,
-    PRELOAD,
     SCALABLE,
+    STARTS_AFTER,
     AnySettings,
     actor_name,
+    fork_context,
     peers_for,
     run_actor,
+    settings_class,
     settings_for,
     start_order,
 )
@@ -84,8 +84,7 @@ class Tree:
         self.ready = False
         self.stopping = False
         self.on_mesh: Any = None  # Callable[[MeshPeers], None]: the coord actor's peer set (node.py)
-        self._mp = multiprocessing.get_context("forkserver")
-        self._mp.set_forkserver_preload(PRELOAD)
+        self._mp = fork_context()
 
     # --- the actor set ---------------------------------------------------
     def wanted(self) -> list[tuple[str, str]]:
@@ -100,7 +99,7 @@ class Tree:
         return {name for name, _ in self.wanted()}
 
     def start(self) -> None:
-        """Queue every actor the config asks for; `start_next` starts them one at a time."""
+        """Queue every actor the config asks for; `start_next` starts each once it may."""
         for name, kind in self.wanted():
             self.actors[name] = ActorProc(name, kind)
             self.start_queue.append(name)
@@ -117,18 +116,19 @@ class Tree:
 
     # --- starting and restarting -------------------------------------------
     def start_next(self) -> None:
-        if self.stopping or any(a.state == "starting" for a in self.actors.values()):
+        """Start every queued actor whose backoff is over and whose kind's predecessors
+        (registry.STARTS_AFTER) all run."""
+        if self.stopping:
             return
         now = time.monotonic()
-        while self.start_queue:
-            a = self.actors.get(self.start_queue[0])
-            if a is None or a.state == "running":
-                self.start_queue.popleft()
-                continue
-            if a.state == "backoff" and now < a.started:
-                return  # `started` holds the earliest restart time while backing off
-            self.start_queue.popleft()
-            self._spawn(a)
+        for name in list(self.start_queue):
+            a = self.actors.get(name)
+            if a is None or a.state in ("running", "starting"):
+                self.start_queue.remove(name)
+            elif (a.state != "backoff" or now >= a.started) and self._may_start(a.kind):
+                self.start_queue.remove(name)  # `started` holds the earliest restart time while backing off
+                self._spawn(a)
+        if self.start_queue or any(a.state == "starting" for a in self.actors.values()):
             return
         if not self.reconfiguring:  # nothing starts and no sequence runs: the wire forms are not needed
             self._wired = (None, {})
@@ -136,6 +136,10 @@ class Tree:
             self.ready = True
             self.log.info("node ready", actors=len(self.actors), public_key=b64(self.config.public_key))
             sdnotify.notify("READY=1\nSTATUS=all actors running")
+
+    def _may_start(self, kind: str) -> bool:
+        after = STARTS_AFTER[kind]
+        return all(a.state == "running" for a in self.actors.values() if a.kind in after)
 
     def _spawn(self, a: ActorProc) -> None:
         queue = self.tun_queues.for_actor(a.name, a.kind)
@@ -240,10 +244,10 @@ class Tree:
         (with thousands of peers each costs a tenth of a second)."""
         if self._wired[0] is not self.config:
             self._wired = (self.config, {})
-        cached, spec = self._wired[1], KINDS[kind]  # what a kind is given follows from its Kind alone
-        if spec not in cached:
-            cached[spec] = settings_for(kind, self.config).to_wire()
-        return cached[spec]
+        cached, given = self._wired[1], settings_class(kind)
+        if given not in cached:
+            cached[given] = settings_for(kind, self.config).to_wire()
+        return cached[given]
 
     def peers_message(
         self, kind: str, req: int, generation: int, changed: list[PeerSettings], removed: list[bytes]

@@ -15,6 +15,7 @@ the dead one left, and ``clear`` on stop leaves nothing.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -137,9 +138,14 @@ class Interception:
             for rule in self._ipr.get_rules(family=family):
                 if rule.get_attr("FRA_PROTOCOL") == RTPROT_MESHSUP and rule.get_attr("FRA_PRIORITY") == PRIORITY:
                     self._ipr.rule("del", family=family, priority=PRIORITY)
-            for route in self._ipr.route("dump", family=family, table=INTERCEPT_TABLE):
-                if route["proto"] == RTPROT_MESHSUP:
-                    self._ipr.route("del", family=family, dst=default, type="local", scope=254, table=INTERCEPT_TABLE)
+            # Deleted by its protocol, which the kernel matches, not looked for: a dump is of every
+            # route the host has (thousands, with as many peers), filtered here.
+            try:
+                ours = {"type": "local", "scope": 254, "table": INTERCEPT_TABLE, "proto": RTPROT_MESHSUP}
+                self._ipr.route("del", family=family, dst=default, **ours)
+            except NetlinkError as err:
+                if err.code != errno.ESRCH:  # not there (nor its table)
+                    raise
         self._record.unlink(missing_ok=True)
         self.applied = None
         self.missing = []

@@ -11,19 +11,20 @@ the file and the key.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from meshsup.actors.settings import wire
 from meshsup.actors.settings.coordination import CoordinationSettings, parse_coordination
-from meshsup.actors.settings.dns import DnsSettings
+from meshsup.actors.settings.dns import Address, DnsSettings
 from meshsup.actors.settings.filter import FilterSettings, parse_filter
 from meshsup.actors.settings.metrics import MetricsSettings, parse_metrics
 from meshsup.actors.settings.netlog import NetlogSettings, netlog_settings
 from meshsup.actors.settings.node import (
     ActorCounts,
+    IPNetwork,
     NodeSettings,
     PeerSettings,
     SupervisorSettings,
@@ -63,19 +64,21 @@ class Settings:
         `dns` so that a change to the peers, as `wg set` makes, leaves no stale copy): the
         names answered (host label -> addresses: the node's, and each peer's single-host
         allowed IPs) and the clients answered (the node's networks, the peers' allowed IPs)."""
-        names = {self.node.name: [str(a.ip) for a in self.node.addresses]}
+        names: dict[str, Sequence[Address]] = {self.node.name: [a.ip for a in self.node.addresses]}
         for p in self.peers:
-            names[p.name] = [str(n.network_address) for n in p.hosts]
-        ranges = [str(a.network) for a in self.node.addresses] + [str(n) for p in self.peers for n in p.allowed_ips]
-        return self.dns.with_mesh(names, ranges)
+            names[p.name] = [n.network_address for n in p.hosts]
+        return self.dns.with_mesh(names, self._mesh_networks())
 
     def dns_peers_changed(self, dns: DnsSettings, gone: list[PeerSettings], changed: list[PeerSettings]) -> DnsSettings:
         """What dns_for_mesh gives for these settings, from `dns`, what it gave before the `gone`
         peers went and the `changed` ones changed: only their names are checked, the mesh's
         ranges are the networks as parsed."""
-        names = {p.name: [str(n.network_address) for n in p.hosts] for p in changed}
-        mesh = [a.network for a in self.node.addresses] + [n for p in self.peers for n in p.allowed_ips]
-        return dns.with_names_changed([p.name for p in gone], names, mesh)
+        names: dict[str, Sequence[Address]] = {p.name: [n.network_address for n in p.hosts] for p in changed}
+        return dns.with_names_changed([p.name for p in gone], names, self._mesh_networks())
+
+    def _mesh_networks(self) -> list[IPNetwork]:
+        """The networks DNS answers the clients of: the node's, and the peers' allowed IPs (as parsed)."""
+        return [a.network for a in self.node.addresses] + [n for p in self.peers for n in p.allowed_ips]
 
     def without_secrets(self) -> Settings:
         """The same settings with no key material: the private key empty, no preshared keys.

@@ -84,6 +84,8 @@ INTERCEPT_UDP_PORT = 53
 INTERCEPT_TCP_PORT = 54
 INTERCEPT_MARK = INTERCEPT_TABLE = 0x4453
 IFNAME = re.compile(r"[^/\s:]{1,15}")  # what the kernel takes as an interface name (dev_valid_name)
+# A name's address: as written in the config, or parsed already (the node's and the peers').
+Address = str | ipaddress.IPv4Address | ipaddress.IPv6Address
 # Host names (RFC 1123) plus the underscore that SRV owner names need.
 LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})")
 
@@ -148,13 +150,13 @@ class DnsSettings:
         """The networks whose clients are answered, loopback aside."""
         return self.mesh + self.allow
 
-    def with_mesh(self, names: Mapping[str, list[str]], mesh: Sequence[str]) -> DnsSettings:
+    def with_mesh(self, names: Mapping[str, Sequence[Address]], mesh: Sequence[IPNetwork]) -> DnsSettings:
         """These settings answering for `names` (host label -> addresses) as the mesh's own, and
-        answering the clients of the `mesh` networks."""
-        return replace(self, names=_names(names), mesh=_networks(list(mesh), "mesh"))
+        answering the clients of the `mesh` networks (as parsed: the node's and the peers')."""
+        return replace(self, names=_names(names), mesh=tuple(dict.fromkeys(mesh)))
 
     def with_names_changed(
-        self, gone: Sequence[str], names: Mapping[str, list[str]], mesh: Sequence[IPNetwork]
+        self, gone: Sequence[str], names: Mapping[str, Sequence[Address]], mesh: Sequence[IPNetwork]
     ) -> DnsSettings:
         """These settings with the `gone` host labels out and `names` in (only those are checked),
         answering the clients of the `mesh` networks: with_mesh for a change of a few peers."""
@@ -249,6 +251,8 @@ def _between(low: float, high: float) -> Callable[[Any, str], Any]:
 
 
 def _dns_name(text: str, name: str) -> str:
+    if LABEL.fullmatch(text):  # one plain label (a peer's name, thousands of them): its normal form already
+        return text
     try:
         parsed = dns.name.from_text(text, origin=None)
     except dns.exception.DNSException as exc:
@@ -470,13 +474,16 @@ def _networks(value: list[Any], name: str) -> tuple[IPNetwork, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _names(names: Mapping[str, list[str]]) -> dict[str, tuple[str, ...]]:
+def _names(names: Mapping[str, Sequence[Address]]) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {}
     for label, addresses in names.items():
         key = f"names.{label}"
         host = _dns_name(_typed(label, str, key), key)
         parsed = []
         for address in addresses:
+            if isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address):  # the node's and peers', parsed
+                parsed.append(str(address))
+                continue
             try:
                 # Config addresses may carry a prefix length (100.64.0.1/32).
                 parsed.append(str(ipaddress.ip_interface(address).ip))

@@ -11,6 +11,7 @@ import pytest
 
 from meshsup.actors.bus.codec import Message, decode, encode
 from meshsup.actors.bus.messages import Ack, Configure, PeersChanged
+from meshsup.actors.registry import KINDS, settings_for
 from meshsup.actors.settings import PeerSettings, Settings, parse, wire
 from meshsup.actors.settings.keys import b64, generate_private, public_of
 from meshsup.supervisor.sequencer import Sequencer
@@ -91,3 +92,12 @@ def test_any_other_change_goes_as_the_whole_config(running: Any) -> None:
     while hub.waiting:
         hub.ack()
     assert all(isinstance(msg, Configure) for _, msg in hub.sent) and len(hub.sent) == len(tree.actors)
+
+
+def test_every_kind_is_configured_with_its_own_share_of_the_settings(running: Any) -> None:
+    _, tree, _ = running
+    tree.config = replace(tree.config, relays=())
+    for kind in KINDS:
+        given = Settings.from_wire(tree.configure_message(kind, 0, 1).config)
+        assert given == settings_for(kind, tree.config), kind
+        assert given.holds_secrets == KINDS[kind].keys, kind
