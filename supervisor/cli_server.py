@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import zmq
@@ -94,8 +95,11 @@ class CliServer:
             elif not isinstance(count, int) or not 1 <= count <= 64:
                 reply(False, "worker count must be 1..64")
             else:
-                self.tree.scale(kind, count)
-                self.reconfigure(self.tree.config, lambda errors: None)
+                # The running actors get the new count as a config change (a whole one: not only
+                # peers differ), then the tree starts or stops workers to match it.
+                config = self.tree.config
+                self.reconfigure(replace(config, actors=replace(config.actors, **{kind: count})), lambda errors: None)
+                self.tree.follow_counts()
                 reply(True, result={"kind": kind, "count": count})
         elif cmd in PATH_OPS and "magicsock" in self.tree.actors:
             # `meshsup ping --type disco|tsmp`: magicsock starts the ping and answers whether it came back.

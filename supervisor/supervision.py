@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshsup.actors.bus.codec import Message
@@ -269,8 +269,8 @@ class Tree:
         self.log.info("actor running", name=a.name, child_pid=a.pid, restarts=a.restarts)
 
     # --- scaling -----------------------------------------------------------
-    def scale(self, kind: str, count: int) -> None:
-        self.config = replace(self.config, actors=replace(self.config.actors, **{kind: count}))
+    def follow_counts(self) -> None:
+        """Start and stop workers to match the running config's counts (after a scale)."""
         wanted = self.wanted_names()
         for name, k in self.wanted():
             if name not in self.actors:
