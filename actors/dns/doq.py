@@ -28,7 +28,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent, StreamDataReceived, StreamReset
 from aioquic.quic.packet import QuicErrorCode
 
-from meshsup.actors.dns.transport import MAX_MESSAGE, UpstreamError, _answer_for, _ConnectionLost
+from meshsup.actors.dns.transport import MAX_MESSAGE, UpstreamError, _answer_for, _ConnectionLost, exchange_once_more
 from meshsup.actors.settings.dnstypes import Upstream
 
 ALPN = "doq"
@@ -175,14 +175,7 @@ class DoqClient:
         self._lock = asyncio.Lock()
 
     async def exchange(self, query: bytes) -> bytes:
-        connection, reused = await self._connect()
-        try:
-            return await connection.exchange(query)
-        except _ConnectionLost:
-            if not reused:
-                raise
-        connection, _ = await self._connect()  # the server closed it meanwhile: once more, anew
-        return await connection.exchange(query)
+        return await exchange_once_more(self._connect, query)
 
     async def _connect(self) -> tuple[_DoqConnection, bool]:
         """The shared connection, and whether it was open before this call."""

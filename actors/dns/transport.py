@@ -395,6 +395,20 @@ class _StreamConnection:
         self._shut()
 
 
+async def exchange_once_more(connect: Callable[[], Coroutine[Any, Any, tuple[Any, bool]]], query: bytes) -> bytes:
+    """query on the shared connection `connect` gives (with whether it was open before). A server
+    may close an idle connection at any time (RFC 7766 section 6.2.3): a reused one that was lost
+    gets one more try on a new connection."""
+    connection, reused = await connect()
+    try:
+        return await connection.exchange(query)
+    except _ConnectionLost:
+        if not reused:
+            raise
+    connection, _ = await connect()
+    return await connection.exchange(query)
+
+
 class _StreamClient:
     def __init__(
         self, upstream: Upstream, tls: ssl.SSLContext | None, idle_timeout: float, counters: Counter[str]
@@ -407,16 +421,7 @@ class _StreamClient:
         self._lock = asyncio.Lock()
 
     async def exchange(self, query: bytes) -> bytes:
-        connection, reused = await self._connect()
-        try:
-            return await connection.exchange(query)
-        except _ConnectionLost:
-            if not reused:
-                raise
-        # A server may close an idle connection at any time (RFC 7766 section
-        # 6.2.3): one more try on a new connection.
-        connection, _ = await self._connect()
-        return await connection.exchange(query)
+        return await exchange_once_more(self._connect, query)
 
     async def _connect(self) -> tuple[_StreamConnection, bool]:
         """The shared connection, and whether it was open before this call."""
