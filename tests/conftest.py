@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +23,19 @@ def netns(request: pytest.FixtureRequest) -> Iterator[Callable[..., Netns]]:
     require_netns_mark(request)
     if not is_root():
         pytest.skip("needs root for network namespaces")
-    made: list[Netns] = []
-
-    def make(prefix: str = "ms") -> Netns:
-        ns = Netns(prefix)
-        made.append(ns)
-        return ns
-
-    yield make
-    for ns in made:
-        ns.close()
+    with ExitStack() as made:
+        yield lambda prefix="ms": made.enter_context(closing(Netns(prefix)))
 
 
 @pytest.fixture
 def node_factory(tmp_path: Path, netns: Callable[..., Netns]) -> Iterator[Callable[..., Node]]:
     """Start meshsup nodes, each in a fresh namespace; all stopped at teardown."""
-    nodes: list[Node] = []
+    with ExitStack() as started:
 
-    def make(*args: str, env: dict[str, Any] | None = None, ns: Netns | None = None, faults: bool = True) -> Node:
-        n = Node(tmp_path, *args, env=env, netns=ns or netns(), faults=faults)
-        nodes.append(n)
-        return n
+        def make(*args: str, env: dict[str, Any] | None = None, ns: Netns | None = None, faults: bool = True) -> Node:
+            return started.enter_context(closing(Node(tmp_path, *args, env=env, netns=ns or netns(), faults=faults)))
 
-    yield make
-    for n in nodes:
-        n.close()
+        yield make
 
 
 @pytest.fixture

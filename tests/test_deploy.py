@@ -68,6 +68,12 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not is_root():
         pytest.skip("needs root")
     root = tmp_path_factory.mktemp("root")
+    install_service(root)
+    return root
+
+
+def install_service(root: Path) -> None:
+    """`setup.sh --install-service` under ``root``, which must succeed."""
     r = subprocess.run(
         [str(REPO / "deploy" / "setup.sh"), "--install-service", "--root", str(root)],
         capture_output=True,
@@ -75,7 +81,6 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    return root
 
 
 def in_root(root: Path, path: str) -> Path:
@@ -112,13 +117,7 @@ def test_install_puts_every_path_the_units_name_in_place(installed: Path) -> Non
 def test_install_keeps_an_operators_config(installed: Path) -> None:
     config = in_root(installed, "/etc/meshsup/meshsup.toml")
     config.write_text('[node]\nname = "mine"\n')
-    r = subprocess.run(
-        [str(REPO / "deploy" / "setup.sh"), "--install-service", "--root", str(installed)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
+    install_service(installed)
     assert config.read_text() == '[node]\nname = "mine"\n'
 
 
