@@ -82,21 +82,34 @@ class OpenedInitiation(NamedTuple):
     message: messages.Initiation
 
 
+def _initiation_keys(responder_static: bytes, ephemeral: bytes, es: bytes) -> tuple[bytes, bytes, bytes]:
+    """Hash, chaining key and the key sealing the initiator's static key, from the initiator's
+    ephemeral and its DH with the responder's static (``es``): what both ends derive alike."""
+    h = hash_(hash_(INITIAL_HASH, responder_static), ephemeral)
+    chain_key, key = kdf2(kdf1(INITIAL_CHAIN_KEY, ephemeral), es)
+    return h, chain_key, key
+
+
+def _response_keys(hs: Handshake, ephemeral: bytes, ee: bytes, se: bytes) -> tuple[bytes, bytes, bytes]:
+    """Hash, chaining key and the key sealing the empty payload, from the responder's ephemeral, the
+    ephemeral DH (``ee``), the responder's ephemeral with the initiator's static (``se``) and the
+    preshared key, on top of the initiation's hash and chaining key: what both ends derive alike."""
+    chain_key = kdf1(kdf1(kdf1(hs.chain_key, ephemeral), ee), se)
+    chain_key, tau, key = kdf3(chain_key, hs.preshared_key)
+    return hash_(hash_(hs.hash, ephemeral), tau), chain_key, key
+
+
 def create_initiation(
     local: StaticKey, hs: Handshake, sender_index: int, timestamp: bytes, rng: Callable[[int], bytes]
 ) -> bytes | None:
     """Type-1 message with zero MACs carrying ``timestamp`` (TAI64N), or None if the peer's key is unusable."""
     if hs.precomputed_static_static is None:
         return None
-    chain_key = INITIAL_CHAIN_KEY
-    h = hash_(INITIAL_HASH, hs.remote_static)
     ephemeral = StaticKey.generate(rng)
-    chain_key = kdf1(chain_key, ephemeral.public)
-    h = hash_(h, ephemeral.public)
-    ss = ephemeral.dh(hs.remote_static)
-    if ss is None:
+    es = ephemeral.dh(hs.remote_static)
+    if es is None:
         return None
-    chain_key, key = kdf2(chain_key, ss)
+    h, chain_key, key = _initiation_keys(hs.remote_static, ephemeral.public, es)
     static = aead_encrypt(key, 0, local.public, h)
     h = hash_(h, static)
     chain_key, key = kdf2(chain_key, hs.precomputed_static_static)
@@ -113,12 +126,10 @@ def open_initiation(local: StaticKey, data: bytes) -> OpenedInitiation | None:
     msg = messages.parse_initiation(data)
     if msg is None:
         return None
-    h = hash_(hash_(INITIAL_HASH, local.public), msg.ephemeral)
-    chain_key = kdf1(INITIAL_CHAIN_KEY, msg.ephemeral)
-    ss = local.dh(msg.ephemeral)
-    if ss is None:
+    es = local.dh(msg.ephemeral)
+    if es is None:
         return None
-    chain_key, key = kdf2(chain_key, ss)
+    h, chain_key, key = _initiation_keys(local.public, msg.ephemeral, es)
     initiator_static = aead_decrypt(key, 0, msg.static, h)
     if initiator_static is None:
         return None
@@ -155,15 +166,11 @@ def create_response(hs: Handshake, sender_index: int, rng: Callable[[int], bytes
     if hs.state != HandshakeState.INITIATION_CONSUMED:
         return None
     ephemeral = StaticKey.generate(rng)
-    h = hash_(hs.hash, ephemeral.public)
-    chain_key = kdf1(hs.chain_key, ephemeral.public)
     ee = ephemeral.dh(hs.remote_ephemeral)
-    es = ephemeral.dh(hs.remote_static)
-    if ee is None or es is None:
+    se = ephemeral.dh(hs.remote_static)
+    if ee is None or se is None:
         return None
-    chain_key = kdf1(kdf1(chain_key, ee), es)
-    chain_key, tau, key = kdf3(chain_key, hs.preshared_key)
-    h = hash_(h, tau)
+    h, chain_key, key = _response_keys(hs, ephemeral.public, ee, se)
     empty = aead_encrypt(key, 0, b"", h)
     h = hash_(h, empty)
 
@@ -176,15 +183,11 @@ def consume_response(local: StaticKey, hs: Handshake, msg: messages.Response) ->
     """Complete our initiation with the peer's response; False (state untouched) if it fails."""
     if hs.state != HandshakeState.INITIATION_CREATED or hs.local_ephemeral is None:
         return False
-    h = hash_(hs.hash, msg.ephemeral)
-    chain_key = kdf1(hs.chain_key, msg.ephemeral)
     ee = hs.local_ephemeral.dh(msg.ephemeral)
     se = local.dh(msg.ephemeral)
     if ee is None or se is None:
         return False
-    chain_key = kdf1(kdf1(chain_key, ee), se)
-    chain_key, tau, key = kdf3(chain_key, hs.preshared_key)
-    h = hash_(h, tau)
+    h, chain_key, key = _response_keys(hs, msg.ephemeral, ee, se)
     if aead_decrypt(key, 0, msg.empty, h) is None:
         return False
     hs.state = HandshakeState.RESPONSE_CONSUMED

@@ -8,25 +8,25 @@ type instead of raising.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 MESSAGE_INITIATION = 1
 MESSAGE_RESPONSE = 2
 MESSAGE_COOKIE_REPLY = 3
 MESSAGE_TRANSPORT = 4
 
-INITIATION_SIZE = 148
-RESPONSE_SIZE = 92
-COOKIE_REPLY_SIZE = 64
-TRANSPORT_HEADER_SIZE = 16
-TRANSPORT_MIN_SIZE = TRANSPORT_HEADER_SIZE + 16  # header + Poly1305 tag: a keepalive
-MAC_SIZE = 16
-
 _INITIATION = struct.Struct("<II32s48s28s16s16s")
 _RESPONSE = struct.Struct("<III32s16s16s16s")
 _COOKIE_REPLY = struct.Struct("<II24s32s")
 TRANSPORT_HEADER = struct.Struct("<IIQ")
 _TYPE = struct.Struct("<I")
+
+INITIATION_SIZE = _INITIATION.size  # 148
+RESPONSE_SIZE = _RESPONSE.size  # 92
+COOKIE_REPLY_SIZE = _COOKIE_REPLY.size  # 64
+TRANSPORT_HEADER_SIZE = TRANSPORT_HEADER.size  # 16
+TRANSPORT_MIN_SIZE = TRANSPORT_HEADER_SIZE + 16  # header + Poly1305 tag: a keepalive
+MAC_SIZE = 16
 
 
 class Initiation(NamedTuple):
@@ -65,6 +65,16 @@ def message_type(data: bytes) -> int | None:
     return _TYPE.unpack_from(data)[0]
 
 
+_Fixed = TypeVar("_Fixed", Initiation, Response, CookieReply)
+
+
+def _parse(data: bytes, layout: struct.Struct, kind: int, fields: type[_Fixed]) -> _Fixed | None:
+    """A message of fixed size ``layout.size``: its fields after the type, or None for a wrong length or type."""
+    if len(data) != layout.size or message_type(data) != kind:
+        return None
+    return fields(*layout.unpack(data)[1:])
+
+
 def pack_initiation(
     sender: int,
     ephemeral: bytes,
@@ -77,9 +87,7 @@ def pack_initiation(
 
 
 def parse_initiation(data: bytes) -> Initiation | None:
-    if len(data) != INITIATION_SIZE or message_type(data) != MESSAGE_INITIATION:
-        return None
-    return Initiation(*_INITIATION.unpack(data)[1:])
+    return _parse(data, _INITIATION, MESSAGE_INITIATION, Initiation)
 
 
 def pack_response(
@@ -94,9 +102,7 @@ def pack_response(
 
 
 def parse_response(data: bytes) -> Response | None:
-    if len(data) != RESPONSE_SIZE or message_type(data) != MESSAGE_RESPONSE:
-        return None
-    return Response(*_RESPONSE.unpack(data)[1:])
+    return _parse(data, _RESPONSE, MESSAGE_RESPONSE, Response)
 
 
 def pack_cookie_reply(receiver: int, nonce: bytes, cookie: bytes) -> bytes:
@@ -104,9 +110,7 @@ def pack_cookie_reply(receiver: int, nonce: bytes, cookie: bytes) -> bytes:
 
 
 def parse_cookie_reply(data: bytes) -> CookieReply | None:
-    if len(data) != COOKIE_REPLY_SIZE or message_type(data) != MESSAGE_COOKIE_REPLY:
-        return None
-    return CookieReply(*_COOKIE_REPLY.unpack(data)[1:])
+    return _parse(data, _COOKIE_REPLY, MESSAGE_COOKIE_REPLY, CookieReply)
 
 
 def pack_transport_header(receiver: int, counter: int) -> bytes:
