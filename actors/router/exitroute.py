@@ -23,11 +23,11 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from meshsup.actors.router.netconf import MAIN_TABLE, RTPROT_MESHSUP, RouteRequests
+from meshsup.actors.router.rules import DEFAULT_ROUTE, add_rule, remove_rules
 from meshsup.actors.settings.node import EXIT_MARK, EXIT_TABLE
 
 PRIORITY: Final = 5210  # ahead of main (32766); our two rules take this and the one before
 _FIB_RULE_INVERT: Final = 0x2
-_DEFAULT: Final = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
 
 
 class ExitRouting:
@@ -45,43 +45,24 @@ class ExitRouting:
         self.clear()
         for family in wanted[1]:
             self._ipr.route(
-                "add", dst=_DEFAULT[family], oif=index, table=EXIT_TABLE, proto=RTPROT_MESHSUP, family=family
+                "add", dst=DEFAULT_ROUTE[family], oif=index, table=EXIT_TABLE, proto=RTPROT_MESHSUP, family=family
             )
             if allow_lan:
-                self._ipr.rule(
-                    "add",
-                    family=family,
-                    table=MAIN_TABLE,
-                    priority=PRIORITY - 1,
-                    FRA_SUPPRESS_PREFIXLEN=0,
-                    protocol=RTPROT_MESHSUP,
-                )
-            self._ipr.rule(
-                "add",
-                family=family,
-                table=EXIT_TABLE,
-                priority=PRIORITY,
-                fwmark=EXIT_MARK,
-                fwmask=0xFFFFFFFF,
-                flags=_FIB_RULE_INVERT,
-                protocol=RTPROT_MESHSUP,
+                add_rule(self._ipr, family, MAIN_TABLE, PRIORITY - 1, FRA_SUPPRESS_PREFIXLEN=0)
+            add_rule(
+                self._ipr, family, EXIT_TABLE, PRIORITY, fwmark=EXIT_MARK, fwmask=0xFFFFFFFF, flags=_FIB_RULE_INVERT
             )
         self.applied = wanted
 
     def clear(self) -> None:
         """Remove our rules and our routes in EXIT_TABLE (ours by protocol number), whoever added them."""
-        for family in _DEFAULT:
-            for rule in self._ipr.get_rules(family=family):
-                if rule.get_attr("FRA_PROTOCOL") == RTPROT_MESHSUP and rule.get_attr("FRA_PRIORITY") in (
-                    PRIORITY,
-                    PRIORITY - 1,
-                ):
-                    self._ipr.rule("del", family=family, priority=rule.get_attr("FRA_PRIORITY"))
+        for family in DEFAULT_ROUTE:
+            remove_rules(self._ipr, family, (PRIORITY, PRIORITY - 1))
         # Read from our own dump: pyroute2's parses every route of every table, thousands with many peers.
         for prefix in self._routes.ours(None, EXIT_TABLE):
             family = socket.AF_INET6 if ":" in prefix else socket.AF_INET
             try:
-                self._ipr.route("del", family=family, dst=_DEFAULT[family], table=EXIT_TABLE)
+                self._ipr.route("del", family=family, dst=DEFAULT_ROUTE[family], table=EXIT_TABLE)
             except NetlinkError:  # gone with its link meanwhile
                 pass
         self.applied = None

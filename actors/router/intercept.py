@@ -19,7 +19,6 @@ import errno
 import ipaddress
 import json
 import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -28,6 +27,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from meshsup.actors.router.netconf import RTPROT_MESHSUP
+from meshsup.actors.router.rules import DEFAULT_ROUTE, add_rule, remove_rules
 from meshsup.actors.settings.dns import (
     INTERCEPT_MARK,
     INTERCEPT_TABLE,
@@ -45,7 +45,6 @@ PROGRAM_NAME: Final = "meshsup_dns"
 _INGRESS: Final = 0xFFFFFFF2  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)
 _EGRESS: Final = 0xFFFFFFF3
 _ETH_P_ALL: Final = 0x0003
-_DEFAULT: Final = {socket.AF_INET: "0.0.0.0/0", socket.AF_INET6: "::/0"}
 _ENOENT_LIKE: Final = (2, 19, 22)  # ENOENT, ENODEV, EINVAL: the filter or its link is gone already
 
 
@@ -89,7 +88,7 @@ class Interception:
         self.applied = wanted
 
     def _route(self) -> None:
-        for family, default in _DEFAULT.items():
+        for family, default in DEFAULT_ROUTE.items():
             self._ipr.route(
                 "add",
                 dst=default,
@@ -100,15 +99,7 @@ class Interception:
                 proto=RTPROT_MESHSUP,
                 family=family,
             )
-            self._ipr.rule(
-                "add",
-                family=family,
-                table=INTERCEPT_TABLE,
-                priority=PRIORITY,
-                fwmark=INTERCEPT_MARK,
-                fwmask=0xFFFFFFFF,
-                protocol=RTPROT_MESHSUP,
-            )
+            add_rule(self._ipr, family, INTERCEPT_TABLE, PRIORITY, fwmark=INTERCEPT_MARK, fwmask=0xFFFFFFFF)
 
     def _attach(self, index: int, fd: int) -> None:
         try:
@@ -134,10 +125,8 @@ class Interception:
         for name in self._read():
             for index in self._ipr.link_lookup(ifname=name):
                 self._detach(index)
-        for family, default in _DEFAULT.items():
-            for rule in self._ipr.get_rules(family=family):
-                if rule.get_attr("FRA_PROTOCOL") == RTPROT_MESHSUP and rule.get_attr("FRA_PRIORITY") == PRIORITY:
-                    self._ipr.rule("del", family=family, priority=PRIORITY)
+        for family, default in DEFAULT_ROUTE.items():
+            remove_rules(self._ipr, family, (PRIORITY,))
             # Deleted by its protocol, which the kernel matches, not looked for: a dump is of every
             # route the host has (thousands, with as many peers), filtered here.
             try:

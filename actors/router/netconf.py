@@ -197,17 +197,20 @@ class LinuxRouter:
         return self._netlink.ours(self.index, self.table)
 
 
+def rtnetlink_socket(netns: str | None = None) -> socket.socket:
+    """A raw rtnetlink socket in the named network namespace (None: ours)."""
+    if netns:
+        return create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE, flags=0)
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+
+
 class RouteRequests:
     """Route changes as rtnetlink requests sent many at once, each acked: what pyroute2 sends
     for one route("add"/"del", dst, oif, proto=RTPROT_MESHSUP, table), without its round trip
     per route."""
 
     def __init__(self, netns: str | None = None) -> None:
-        family, kind = socket.AF_NETLINK, socket.SOCK_RAW
-        if netns:
-            self._sock = create_socket(netns, family, kind, socket.NETLINK_ROUTE, flags=0)
-        else:
-            self._sock = socket.socket(family, kind, socket.NETLINK_ROUTE)
+        self._sock = rtnetlink_socket(netns)
         self._sock.settimeout(ROUTE_TIMEOUT)
         self._seq = 0
 
@@ -444,11 +447,7 @@ class LinkMonitor:
     first events are a snapshot of the existing links (one "link" each)."""
 
     def __init__(self, netns: str | None = None) -> None:
-        family, kind = socket.AF_NETLINK, socket.SOCK_RAW
-        if netns:
-            self._sock = create_socket(netns, family, kind, socket.NETLINK_ROUTE, flags=0)
-        else:
-            self._sock = socket.socket(family, kind, socket.NETLINK_ROUTE)
+        self._sock = rtnetlink_socket(netns)
         groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
         self._sock.bind((0, groups))
         self._sock.setblocking(False)
