@@ -26,7 +26,10 @@ __all__ = [
     "Node",
     "Underlay",
     "WgGo",
+    "alpha_and_bravo",
     "assert_carried",
+    "config_path",
+    "filter_stanza",
     "have",
     "iperf3",
     "meshsup_config",
@@ -87,6 +90,20 @@ def start_meshsup(
     return node
 
 
+def config_path(node: Node) -> Path:
+    """The config file a node was started with: a test rewrites it, then `meshsup reload`."""
+    args = node.proc.args
+    return Path(args[args.index("--config") + 1])
+
+
+def filter_stanza(*rules: tuple[str, list[str], list[str], str], default: str = "deny") -> str:
+    """A [filter] section: ``rules`` as (action, sources, destinations, protocol), in order."""
+    return f'\n[filter]\ndefault = "{default}"\n' + "".join(
+        f'[[filter.rules]]\naction = "{action}"\nsrc = {json.dumps(src)}\ndst = {json.dumps(dst)}\nproto = "{proto}"\n'
+        for action, src, dst, proto in rules
+    )
+
+
 def start_relay(u: Underlay, tmp: Path, ns: Netns, addr: str, *args: str, name: str = "edge") -> Node:
     """`meshsup relay` at `addr` in `ns` (DERP on RELAY_PORT, STUN on 3478 unless `args` say), ready."""
     relay = u.track(Node(tmp, "--listen", f"{addr}:{RELAY_PORT}", "--name", name, *args, netns=ns, command="relay"))
@@ -102,13 +119,19 @@ def start_wg(u: Underlay, tmp: Path, ns: Netns, ident: Identity, peers: list[Ide
     return wg
 
 
+def alpha_and_bravo(u: Underlay) -> tuple[tuple[Netns, Identity], tuple[Netns, Identity]]:
+    """Two hosts on the underlay and the identities of alpha and bravo, each with its host's endpoint."""
+    (ns_a, addr_a), (ns_b, addr_b) = u.host(), u.host()
+    a, b = Identity("alpha", 1), Identity("bravo", 2)
+    a.endpoint, b.endpoint = f"{addr_a}:51820", f"{addr_b}:51820"
+    return (ns_a, a), (ns_b, b)
+
+
 def pair(
     u: Underlay, tmp: Path, second: str
 ) -> tuple[tuple[Netns, Identity, Node], tuple[Netns, Identity, Node | WgGo]]:
     """alpha is meshsup; bravo is wireguard-go or meshsup; each on its own host."""
-    (ns_a, addr_a), (ns_b, addr_b) = u.host(), u.host()
-    a, b = Identity("alpha", 1), Identity("bravo", 2)
-    a.endpoint, b.endpoint = f"{addr_a}:51820", f"{addr_b}:51820"
+    (ns_a, a), (ns_b, b) = alpha_and_bravo(u)
     node_a = start_meshsup(u, tmp, a, [b], ns=ns_a)
     peer_b = start_wg(u, tmp, ns_b, b, [a]) if second == "wireguard-go" else start_meshsup(u, tmp, b, [a], ns=ns_b)
     return (ns_a, a, node_a), (ns_b, b, peer_b)

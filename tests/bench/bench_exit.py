@@ -14,28 +14,18 @@ the ratio internet / exit node (the issue's target: >= 0.8).
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.topology import ExitLab, Underlay, iperf3, ping  # noqa: E402
-
-
-def mbit(result: dict) -> float:
-    if "error" in result:
-        raise SystemExit(f"iperf3 failed: {result['error']}")
-    return result["end"]["sum_received"]["bits_per_second"] / 1e6
+from tests.bench.iperf_rounds import medians_in_turn, options  # noqa: E402
+from tests.topology import ExitLab, Underlay, ping  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=3)
-    opts = ap.parse_args()
+    opts = options(__doc__, rounds=3)
     u = Underlay()
     try:
         lab = ExitLab(u, Path(tempfile.mkdtemp(prefix="bench-exit-")))
@@ -44,16 +34,10 @@ def main() -> None:
         targets = {"exit node": (lab.exit_ns, lab.exit.v4), "internet": (lab.internet, ExitLab.INTERNET_HOST)}
         for _, addr in targets.values():
             assert ping(lab.client_ns, addr), f"{addr} answers through the tunnel"
-        figures: dict[str, dict[str, list[float]]] = {t: {"up": [], "down": []} for t in targets}
-        for _ in range(opts.rounds):
-            for target, (server, addr) in targets.items():
-                figures[target]["up"].append(mbit(iperf3(lab.client_ns, server, addr, seconds=opts.seconds)))
-                figures[target]["down"].append(
-                    mbit(iperf3(lab.client_ns, server, addr, seconds=opts.seconds, reverse=True))
-                )
+        medians = medians_in_turn(list(targets), opts.rounds, opts.seconds, lambda t: (lab.client_ns, *targets[t]))
         print(f"iperf3 TCP, {opts.seconds} s x {opts.rounds} rounds, medians; client -> exit node (-> internet)")
-        for way, label in (("up", "client -> target"), ("down", "target -> client")):
-            own, out = (statistics.median(figures[t][way]) for t in targets)
+        for way, label in enumerate(("client -> target", "target -> client")):
+            own, out = (medians[t][way] for t in targets)
             print(f"  {label}: exit node {own:.0f} Mbit/s, internet {out:.0f} Mbit/s, ratio {out / own:.2f}")
     finally:
         u.close()

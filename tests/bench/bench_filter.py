@@ -13,65 +13,48 @@ setting (medians) and the ratio rules / none (the issue's target: >= 0.9).
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.topology import Identity, Underlay, iperf3, ping, start_meshsup  # noqa: E402
+from tests.bench.iperf_rounds import medians_in_turn, options  # noqa: E402
+from tests.topology import Netns, Underlay, alpha_and_bravo, config_path, filter_stanza, ping, start_meshsup  # noqa: E402
 
 RULES = 1000
 
 
 def rules_toml() -> str:
-    lines = ['\n[filter]\ndefault = "deny"\n']
-    for i in range(RULES - 1):
-        lines.append(
-            f'[[filter.rules]]\naction = "accept"\nsrc = ["10.{i // 256}.{i % 256}.0/24"]\n'
-            f'dst = ["*:5000-6000"]\nproto = "tcp"\n'
-        )
-    lines.append('[[filter.rules]]\naction = "accept"\nsrc = ["alpha"]\ndst = ["bravo:5000-6000"]\nproto = "tcp"\n')
-    lines.append('[[filter.rules]]\naction = "accept"\nsrc = ["alpha"]\ndst = ["bravo:*"]\nproto = "icmp"\n')
-    return "".join(lines)
-
-
-def mbit(result: dict) -> float:
-    if "error" in result:
-        raise SystemExit(f"iperf3 failed: {result['error']}")
-    return result["end"]["sum_received"]["bits_per_second"] / 1e6
+    """RULES rules, the last but one accepting alpha's TCP: a flow's first packet walks them all."""
+    others = [("accept", [f"10.{i // 256}.{i % 256}.0/24"], ["*:5000-6000"], "tcp") for i in range(RULES - 1)]
+    return filter_stanza(
+        *others, ("accept", ["alpha"], ["bravo:5000-6000"], "tcp"), ("accept", ["alpha"], ["bravo:*"], "icmp")
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
-    opts = ap.parse_args()
+    opts = options(__doc__, rounds=2)
     u = Underlay()
     try:
         tmp = Path(tempfile.mkdtemp(prefix="bench-filter-"))
-        (ns_a, addr_a), (ns_b, addr_b) = u.host(), u.host()
-        a, b = Identity("alpha", 1), Identity("bravo", 2)
-        a.endpoint, b.endpoint = f"{addr_a}:51820", f"{addr_b}:51820"
+        (ns_a, a), (ns_b, b) = alpha_and_bravo(u)
         start_meshsup(u, tmp, a, [b], ns=ns_a)
         bravo = start_meshsup(u, tmp, b, [a], ns=ns_b)
-        args = bravo.proc.args
-        config = Path(args[args.index("--config") + 1])
+        config = config_path(bravo)
         plain = config.read_text()
-        figures: dict[str, dict[str, list[float]]] = {"none": {"in": [], "out": []}, "rules": {"in": [], "out": []}}
-        for _ in range(opts.rounds):
-            for setting in ("none", "rules"):
-                config.write_text(plain + (rules_toml() if setting == "rules" else ""))
-                bravo.cli("reload")
-                assert ping(ns_a, b.v4), "the tunnel is up and the filter lets ping through"
-                figures[setting]["in"].append(mbit(iperf3(ns_a, ns_b, b.v4, seconds=opts.seconds)))
-                figures[setting]["out"].append(mbit(iperf3(ns_a, ns_b, b.v4, seconds=opts.seconds, reverse=True)))
+
+        def switch(setting: str) -> tuple[Netns, Netns, str]:
+            config.write_text(plain + (rules_toml() if setting == "rules" else ""))
+            bravo.cli("reload")
+            assert ping(ns_a, b.v4), "the tunnel is up and the filter lets ping through"
+            return ns_a, ns_b, b.v4
+
+        medians = medians_in_turn(["none", "rules"], opts.rounds, opts.seconds, switch)
         hits = bravo.status()["filter"]["rules"][RULES - 1]["hits"]
         print(f"iperf3 TCP, {opts.seconds} s x {opts.rounds} rounds, medians; bravo filters ({RULES} rules)")
-        for way, label in (("in", "alpha -> bravo (into the filter)"), ("out", "bravo -> alpha (out of it)")):
-            none, rules = (statistics.median(figures[s][way]) for s in ("none", "rules"))
+        for way, label in enumerate(("alpha -> bravo (into the filter)", "bravo -> alpha (out of it)")):
+            none, rules = medians["none"][way], medians["rules"][way]
             print(f"  {label}: none {none:.0f} Mbit/s, rules {rules:.0f} Mbit/s, ratio {rules / none:.2f}")
         print(f"  last rule's hits (flows it accepted): {hits}")
     finally:

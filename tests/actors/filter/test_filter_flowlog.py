@@ -11,36 +11,24 @@ import pytest
 
 from tests.netlog_fixtures import Rsyslog, free_port, wait_until
 from tests.nodes import is_root
-from tests.topology import Identity, Underlay, have, ping, start_meshsup
+from tests.topology import Underlay, alpha_and_bravo, filter_stanza, have, ping, start_meshsup
 
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(not is_root() or bool(have("ping")), reason=have("ping") or "needs root"),
 ]
 
-RULES = """
-[filter]
-default = "deny"
-[[filter.rules]]
-action = "accept"
-src = ["bravo"]
-dst = ["alpha:22"]
-proto = "tcp"
-[[filter.rules]]
-action = "accept"
-src = ["bravo"]
-dst = ["alpha:*"]
-proto = "icmp"
-"""
+RULES = filter_stanza(
+    ("accept", ["bravo"], ["alpha:22"], "tcp"),
+    ("accept", ["bravo"], ["alpha:*"], "icmp"),
+)
 
 
 def test_a_connection_a_rule_accepted_names_the_rule_in_flow_records(tmp_path: Path) -> None:
     u = Underlay()
     rsyslog: Rsyslog | None = None
     try:
-        (ns_a, addr_a), (ns_b, addr_b) = u.host(), u.host()
-        a, b = Identity("alpha", 1), Identity("bravo", 2)
-        a.endpoint, b.endpoint = f"{addr_a}:51820", f"{addr_b}:51820"
+        (ns_a, a), (ns_b, b) = alpha_and_bravo(u)
         rsyslog = Rsyslog(tmp_path / "rsyslog", free_port(), ns_a)
         rsyslog.start()
         netlog = f'[netlog]\ninterval = 1\n[[netlog.collectors]]\nkind = "syslog"\naddress = "tcp://127.0.0.1:{rsyslog.port}"\n'

@@ -17,42 +17,31 @@ from pathlib import Path
 import pytest
 
 from tests.nodes import REPO, is_root
-from tests.topology import Identity, Netns, Node, Underlay, have, ping, start_meshsup
+from tests.topology import (
+    Identity,
+    Netns,
+    Node,
+    Underlay,
+    alpha_and_bravo,
+    config_path,
+    filter_stanza,
+    have,
+    ping,
+    start_meshsup,
+)
 
 pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(not is_root() or bool(have("ping")), reason=have("ping") or "needs root"),
 ]
 
-RULES = """
-[filter]
-default = "deny"
-[[filter.rules]]
-action = "accept"
-src = ["bravo"]
-dst = ["alpha:22", "alpha:2222"]
-proto = "tcp"
-[[filter.rules]]
-action = "reject"
-src = ["*"]
-dst = ["*:23"]
-proto = "tcp"
-[[filter.rules]]
-action = "accept"
-src = ["bravo"]
-dst = ["*:1053"]
-proto = "udp"
-[[filter.rules]]
-action = "reject"
-src = ["*"]
-dst = ["*:1054"]
-proto = "udp"
-[[filter.rules]]
-action = "accept"
-src = ["bravo"]
-dst = ["alpha:*"]
-proto = "icmp"
-"""
+RULES = filter_stanza(
+    ("accept", ["bravo"], ["alpha:22", "alpha:2222"], "tcp"),
+    ("reject", ["*"], ["*:23"], "tcp"),
+    ("accept", ["bravo"], ["*:1053"], "udp"),
+    ("reject", ["*"], ["*:1054"], "udp"),
+    ("accept", ["bravo"], ["alpha:*"], "icmp"),
+)
 ALPHA_TCP, ALPHA_UDP = "22,23,24,2222", "1053,1054,1055"
 
 
@@ -83,9 +72,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     u = Underlay()
     servers: list[subprocess.Popen[str]] = []
     try:
-        (ns_a, addr_a), (ns_b, addr_b) = u.host(), u.host()
-        a, b = Identity("alpha", 1), Identity("bravo", 2)
-        a.endpoint, b.endpoint = f"{addr_a}:51820", f"{addr_b}:51820"
+        (ns_a, a), (ns_b, b) = alpha_and_bravo(u)
         alpha = start_meshsup(u, tmp, a, [b], ns=ns_a, extra=RULES)
         start_meshsup(u, tmp, b, [a], ns=ns_b)
         for ns, tcp, udp in [(ns_a, ALPHA_TCP, ALPHA_UDP), (ns_b, "8000", "")]:
@@ -94,8 +81,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             )
             servers.append(server)
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-        args = alpha.proc.args
-        lab = Lab(ns_a, ns_b, a, b, alpha, Path(args[args.index("--config") + 1]))
+        lab = Lab(ns_a, ns_b, a, b, alpha, config_path(alpha))
         assert ping(ns_a, b.v4), "alpha's own ping opens the tunnel (and its flow)"
         yield lab
     finally:
