@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -102,7 +103,39 @@ def rsyslog_lacks_imtcp(binary: str, workdir: Path) -> str | None:
     return None if check.returncode == 0 else f"this rsyslogd lacks imtcp with maxFrameSize: {check.stderr[-300:]}"
 
 
-class Rsyslog:
+class _Daemon:
+    """A collector daemon a test starts (in its namespace) and stops by PID."""
+
+    netns: Netns | None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, cmd: list[str], log: Path, ready: Callable[[], bool]) -> None:
+        """Start ``cmd`` with its output to ``log``; stopped, and RuntimeError, unless ready within 10 s."""
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(in_netns(self.netns, cmd), stdout=out, stderr=out)
+        self.proc = proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{Path(cmd[0]).name} exited: {log.read_text(errors='replace')}")
+            return ready()
+
+        if not wait_until(up, 10):
+            self.stop()
+            raise RuntimeError(f"{Path(cmd[0]).name} did not start: {log.read_text(errors='replace')}")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Rsyslog(_Daemon):
     """rsyslogd -n with imtcp on a loopback port writing the parsed fields of each message to a file.
 
     Only the modules the config loads are active (no imuxsock, so /dev/log is
@@ -137,28 +170,13 @@ class Rsyslog:
             if lacks := rsyslog_lacks_imtcp(self.binary, workdir):
                 pytest.skip(lacks)
             raise AssertionError(f"rsyslogd refuses the test's own config: {check.stderr.strip()[:300]}")
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        with open(self.dir / "rsyslogd.stderr", "ab") as log:
-            self.proc = subprocess.Popen(
-                in_netns(self.netns, [self.binary, "-n", "-f", str(self.conf), "-i", str(self.pidfile)]),
-                stdout=log,
-                stderr=log,
-            )
-        if not wait_until(self._listening, 10):
-            stop_process(self.proc)
-            raise RuntimeError(f"rsyslogd did not listen on {self.port}: {(self.dir / 'rsyslogd.stderr').read_text()}")
-
-    def _listening(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"rsyslogd exited: {(self.dir / 'rsyslogd.stderr').read_text()}")
-        return tcp_listening(self.port, self.netns)
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
+        self._spawn(
+            [self.binary, "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
+            self.dir / "rsyslogd.stderr",
+            lambda: tcp_listening(self.port, self.netns),
+        )
 
     def messages(self) -> list[dict[str, str]]:
         if not self.output.exists():
@@ -167,7 +185,7 @@ class Rsyslog:
         return [parse_syslog_line(line) for line in lines if line]
 
 
-class Nfcapd:
+class Nfcapd(_Daemon):
     """nfcapd collecting IPFIX on a loopback UDP port into a private directory."""
 
     def __init__(self, workdir: Path, port: int, netns: Netns | None = None) -> None:
@@ -179,31 +197,21 @@ class Nfcapd:
         self.flowdir = workdir / "flows"
         self.flowdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "nfcapd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                in_netns(
-                    self.netns,
-                    [self.binary, "-w", str(self.flowdir), "-b", LOOPBACK, "-p", str(self.port), "-t", "3600"],
-                ),
-                stdout=out,
-                stderr=out,
-            )
-        if not wait_until(lambda: "Startup" in self.log.read_text(errors="replace"), 10):
-            stop_process(self.proc)
-            raise RuntimeError(f"nfcapd did not start: {self.log.read_text()}")
+        self._spawn(
+            [self.binary, "-w", str(self.flowdir), "-b", LOOPBACK, "-p", str(self.port), "-t", "3600"],
+            self.log,
+            lambda: "Startup" in self.log.read_text(errors="replace"),
+        )
 
     def drained(self) -> bool:
         """Whether nfcapd took every datagram off its socket: the kernel's receive queue for its port is empty."""
         sockets = udp_sockets(self.port, self.netns)
         return bool(sockets) and all(queued == 0 for queued, _ in sockets)
 
-    def stop(self) -> Path:
-        """Stop nfcapd, which closes its current file; return that file."""
-        stop_process(self.proc)
-        self.proc = None
+    def last_file(self) -> Path:
+        """The file nfcapd wrote last: stopping it closes its current one."""
         files = sorted(p for p in self.flowdir.iterdir() if p.name.startswith("nfcapd.2"))
         assert files, f"nfcapd wrote no file: {self.log.read_text()}"
         return files[-1]
@@ -225,7 +233,7 @@ class Nfcapd:
         return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines()) if v}
 
 
-class JournalRemote:
+class JournalRemote(_Daemon):
     """systemd-journal-remote taking journal export entries over HTTP into a private journal file."""
 
     def __init__(self, workdir: Path, port: int, netns: Netns | None = None) -> None:
@@ -237,33 +245,14 @@ class JournalRemote:
         self.netns = netns
         self.output = workdir / "remote.journal"
         self.log = workdir / "journal-remote.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                in_netns(
-                    self.netns,
-                    [
-                        JOURNAL_REMOTE,
-                        f"--listen-http={LOOPBACK}:{self.port}",
-                        f"--output={self.output}",
-                        "--split-mode=none",
-                    ],
-                ),
-                stdout=out,
-                stderr=out,
-            )
-        if not wait_until(
-            lambda: self.proc is not None and self.proc.poll() is None and tcp_listening(self.port, self.netns), 10
-        ):
-            stop_process(self.proc)
-            raise RuntimeError(f"systemd-journal-remote did not listen: {self.log.read_text()}")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-        self.proc = None
+        self._spawn(
+            [JOURNAL_REMOTE, f"--listen-http={LOOPBACK}:{self.port}", f"--output={self.output}", "--split-mode=none"],
+            self.log,
+            lambda: tcp_listening(self.port, self.netns),
+        )
 
     def entries(self) -> list[dict[str, object]]:
         """Every entry of the journal file, as `journalctl -o json` shows it."""

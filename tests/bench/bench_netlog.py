@@ -213,7 +213,8 @@ def bench_nfcapd(workdir: Path, batch: list[Record], connections: int) -> None:
         shipper.close()
         time.sleep(0.5)
     finally:
-        path = ours.stop()
+        ours.stop()
+        path = ours.last_file()
     stats = ours.stats(path)
     theirs = Nfcapd(workdir / "nfreplay", free_port())
     theirs.start()
@@ -227,7 +228,8 @@ def bench_nfcapd(workdir: Path, batch: list[Record], connections: int) -> None:
         took_replay = time.perf_counter() - start
         time.sleep(0.5)
     finally:
-        replayed = theirs.stats(theirs.stop())
+        theirs.stop()
+        replayed = theirs.stats(theirs.last_file())
     flows, rate = int(stats["Flows"]), len(batch) * connections / took
     print(
         f"nfcapd,  {connections:>5} connections/record: {len(batch) / took:8.0f} records/s {rate:9.0f} connections/s "
@@ -345,8 +347,7 @@ def bench_node(workdir: Path, sizes: list[int], windows: int) -> None:
         if node is not None:
             node.close()
         rsyslog.stop()
-        if nfcapd.proc is not None:
-            nfcapd.stop()
+        nfcapd.stop()
         ns.close()
 
 

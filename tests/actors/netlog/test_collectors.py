@@ -56,21 +56,14 @@ def pump_for(shipper: Shipper, seconds: float) -> None:
 
 @pytest.fixture
 def rsyslog(tmp_path: Path) -> Iterator[Rsyslog]:
-    collector = Rsyslog(tmp_path / "rsyslog", free_port())
-    try:
+    with Rsyslog(tmp_path / "rsyslog", free_port()) as collector:
         yield collector
-    finally:
-        collector.stop()
 
 
 @pytest.fixture
 def nfcapd(tmp_path: Path) -> Iterator[Nfcapd]:
-    collector = Nfcapd(tmp_path / "nfcapd", free_port())
-    try:
+    with Nfcapd(tmp_path / "nfcapd", free_port()) as collector:
         yield collector
-    finally:
-        if collector.proc is not None:
-            collector.stop()
 
 
 @pytest.fixture
@@ -247,7 +240,8 @@ def test_nfcapd_reads_back_flows_with_forward_and_reverse_counters(nfcapd: Nfcap
         assert wait_until(nfcapd.drained, 10), "nfcapd left datagrams on its socket"
     finally:
         shipper.close()
-    path = nfcapd.stop()
+    nfcapd.stop()
+    path = nfcapd.last_file()
     flows = {
         (f["sa"], f["sp"], f["da"], f["dp"], f["pr"]): tuple(int(f[k]) for k in ("ipkt", "ibyt", "opkt", "obyt"))
         for f in nfcapd.flows(path)

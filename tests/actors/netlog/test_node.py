@@ -207,7 +207,8 @@ def test_iperf_transfer_is_in_rsyslog_and_nfcapd_records(site_factory: Any, tmp_
         pings.proc.terminate()
         pings.proc.wait()
     finally:
-        path = nfcapd.stop()
+        nfcapd.stop()
+    path = nfcapd.last_file()
     received, sent_by_iperf = result["end"]["sum_received"]["bytes"], result["end"]["sum_sent"]["bytes"]
     records = flow_records(site.rsyslog)
     assert_contiguous(records, since, until)
