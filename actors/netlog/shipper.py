@@ -51,7 +51,7 @@ import struct
 import termios
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -220,27 +220,23 @@ class _Connector:
         self._error = OSError(err, os.strerror(err))
 
 
+@dataclass(eq=False, repr=False)
 class _SpooledSender:
     """What the syslog and http senders share: a spool, a backoff, stats, a connector."""
 
-    def __init__(
-        self,
-        config: CollectorConfig,
-        spool_root: Path,
-        backoff: Backoff,
-        request_timeout: float,
-        form: RecordFormat,
-        resolver: Resolver,
-    ) -> None:
-        self.config = config
-        self.spool = Spool(spool_root / config.name, config.spool_max_records, config.spool_max_bytes)
-        self.backoff = backoff
-        self.request_timeout = request_timeout
-        self.form = form
-        self.resolver = resolver
-        self.stats = SenderStats()
-        self._connector: _Connector | None = None
-        self._sock: socket.socket | None = None
+    config: CollectorConfig
+    spool_root: InitVar[Path]
+    backoff: Backoff
+    request_timeout: float
+    form: RecordFormat
+    resolver: Resolver
+    spool: Spool = field(init=False)
+    stats: SenderStats = field(init=False, default_factory=SenderStats)
+    _connector: _Connector | None = field(init=False, default=None)
+    _sock: socket.socket | None = field(init=False, default=None)
+
+    def __post_init__(self, spool_root: Path) -> None:
+        self.spool = Spool(spool_root / self.config.name, self.config.spool_max_records, self.config.spool_max_bytes)
 
     def offer(self, records: list[Record], now: float) -> None:
         self.spool.extend(records)
@@ -291,26 +287,15 @@ class _Batch:
     written_at: float | None = None  # when its last byte reached the kernel
 
 
+@dataclass(eq=False, repr=False)
 class SyslogSender(_SpooledSender):
-    def __init__(
-        self,
-        config: CollectorConfig,
-        spool_root: Path,
-        backoff: Backoff,
-        request_timeout: float,
-        form: RecordFormat,
-        resolver: Resolver,
-        hostname: str,
-        confirm_delay: float = 0.3,
-        ack_timeout: float = 10.0,
-        write_budget: int = 256 * 1024,
-    ) -> None:
-        super().__init__(config, spool_root, backoff, request_timeout, form, resolver)
-        self.hostname = hostname
-        self.confirm_delay, self.ack_timeout, self.write_budget = confirm_delay, ack_timeout, write_budget
-        self._peer_bytes = 0  # what the collector sent on this connection
-        self._out = bytearray()
-        self._in_flight: list[_Batch] = []
+    hostname: str
+    confirm_delay: float = 0.3
+    ack_timeout: float = 10.0
+    write_budget: int = 256 * 1024
+    _peer_bytes: int = field(init=False, default=0)  # what the collector sent on this connection
+    _out: bytearray = field(init=False, default_factory=bytearray)
+    _in_flight: list[_Batch] = field(init=False, default_factory=list)
 
     def idle(self) -> bool:
         return super().idle() and not self._in_flight
