@@ -514,6 +514,34 @@ def parse_dig(text: str) -> DigResult:
     )
 
 
+def url(upstream: Any, scheme: str = "udp") -> str:
+    """Where a test's upstream (dnsmasq, a stub, a fake) listens, as a [dns] upstream names it."""
+    return f"{scheme}://{upstream.host}:{upstream.port}"
+
+
+def split_dns_table(default: Any, fast: Any, corp: Any, deep: Any) -> dict[str, Any]:
+    """The [dns] settings the rules and split-DNS tests share: `default` answers all but corp.test
+    (`corp`) and eu.corp.test (`deep`); rules reject by full name, suffix, keyword and type (NXDOMAIN),
+    keep one name of a rejected suffix as is, and send cdnN. names to the group `fast`."""
+    return {
+        "upstreams": [url(default)],
+        "reject_rcode": "nxdomain",
+        "groups": {"fast": [url(fast)]},
+        "routes": [
+            {"suffix": "corp.test", "upstreams": [url(corp)]},
+            {"suffix": "eu.corp.test", "upstreams": [url(deep)]},
+        ],
+        "rules": [
+            {"match": "full:blocked.test", "action": "reject"},
+            {"match": "full:ok.ads.test", "action": "asis"},
+            {"match": "suffix:ads.test", "action": "reject"},
+            {"match": "keyword:tracker", "action": "reject"},
+            {"match": r"regex:^cdn[0-9]+\.", "action": "fast"},
+            {"match": "qtype:MX", "action": "reject"},
+        ],
+    }
+
+
 def toml_value(value: Any) -> str:
     """A TOML literal for the plain values a [dns] table holds."""
     if isinstance(value, bool):

@@ -29,6 +29,7 @@ from tests.topology import (
     Underlay,
     WgGo,
     assert_carried,
+    config_path,
     have,
     iperf3,
     meshsup_config,
@@ -99,11 +100,6 @@ def peer_status(node: Node, ident: Identity) -> dict[str, Any]:
 
 def wg_latest_handshake(wg: WgGo) -> int:
     return int(wg.show().splitlines()[1].split("\t")[4])
-
-
-def config_path(node: Node) -> Path:
-    args = node.proc.args
-    return Path(args[args.index("--config") + 1])
 
 
 def reconfigure(

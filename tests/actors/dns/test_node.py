@@ -40,10 +40,12 @@ from tests.dns_fixtures import (
     make_socket,
     need_tool,
     node_config,
+    split_dns_table,
     start_dnsdist,
     start_dnsmasq,
     start_stub,
     start_unbound_tls,
+    url,
 )
 from tests.dns_transport_fixtures import DoqServer
 from tests.nodes import Netns, Node, udp_counters, udp_sockets
@@ -123,10 +125,6 @@ def lab(node_factory: Callable[..., Node], netns: Callable[..., Netns], tmp_path
         made.node.close()  # before its upstreams go
     for thing in reversed(made.stoppable):
         thing.stop()
-
-
-def url(upstream: Any, scheme: str = "udp") -> str:
-    return f"{scheme}://{upstream.host}:{upstream.port}"
 
 
 # -- local names ----------------------------------------------------------------------
@@ -317,25 +315,7 @@ def test_node_rules_and_split_dns(lab: Lab) -> None:
     corp = lab.dnsmasq("--address=/corp.test/203.0.113.8", name="corp")
     deep = lab.dnsmasq("--address=/eu.corp.test/203.0.113.9", name="deep")
     fast = lab.stub()
-    lab.start(
-        {
-            "upstreams": [url(default)],
-            "reject_rcode": "nxdomain",
-            "groups": {"fast": [url(fast)]},
-            "routes": [
-                {"suffix": "corp.test", "upstreams": [url(corp)]},
-                {"suffix": "eu.corp.test", "upstreams": [url(deep)]},
-            ],
-            "rules": [
-                {"match": "full:blocked.test", "action": "reject"},
-                {"match": "full:ok.ads.test", "action": "asis"},
-                {"match": "suffix:ads.test", "action": "reject"},
-                {"match": "keyword:tracker", "action": "reject"},
-                {"match": r"regex:^cdn[0-9]+\.", "action": "fast"},
-                {"match": "qtype:MX", "action": "reject"},
-            ],
-        }
-    )
+    lab.start(split_dns_table(default, fast, corp, deep))
     rejected = [("blocked.test", "A"), ("x.ads.test", "A"), ("my-tracker.test", "A"), ("www.test", "MX")]
     for name, rdtype in rejected:
         result = lab.dig(name, rdtype)

@@ -20,7 +20,7 @@ import pytest
 
 from meshsup.actors.dns.choice import DEAD_AFTER
 from tests.actors.dns.upstream_fakes import DelayingForwarder
-from tests.dns_fixtures import Dnsmasq, need_tool, node_config, start_dnsmasq, udp_exchange
+from tests.dns_fixtures import Dnsmasq, need_tool, node_config, start_dnsmasq, udp_exchange, url
 from tests.nodes import Netns, Node
 from tests.topology import Identity
 
@@ -30,10 +30,6 @@ ALPHA = Identity("alpha", 1)
 METRICS = "127.0.0.1:9273"  # the namespace's own loopback
 TIMEOUT = 0.5
 DELAY = 0.05
-
-
-def url(upstream: Any) -> str:
-    return f"udp://{upstream.host}:{upstream.port}"
 
 
 def queries(upstream: Dnsmasq, prefix: str) -> int:

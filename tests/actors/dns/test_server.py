@@ -22,7 +22,6 @@ from meshsup.actors.kernel.mmsg import SLOT_SIZE, Batch
 from meshsup.actors.settings.dns import DnsSettings
 from tests.dns_fixtures import (
     BAD_PACKETS,
-    Dnsmasq,
     ServerThread,
     assert_bad_packet_answer,
     dig,
@@ -32,11 +31,13 @@ from tests.dns_fixtures import (
     loopback_address,
     make_certificate,
     need_tool,
+    split_dns_table,
     start_dnsdist,
     start_dnsmasq,
     start_stub,
     start_unbound_tls,
     udp_exchange,
+    url,
     wait_until,
 )
 
@@ -51,10 +52,6 @@ def _tools() -> None:
 def dead_upstream(scheme: str = "udp") -> str:
     host = loopback_address()
     return f"{scheme}://{host}:{free_port(host)}"  # nothing listens there
-
-
-def url(upstream: Dnsmasq, scheme: str = "udp") -> str:
-    return f"{scheme}://{upstream.host}:{upstream.port}"
 
 
 def start_server(later, names=NAMES, on_learned=None, **table) -> ServerThread:
@@ -391,24 +388,7 @@ def test_rules_and_split_dns(tmp_path, later):
     corp = later(start_dnsmasq(tmp_path, ["--address=/corp.test/203.0.113.8"], name="corp"))
     deep = later(start_dnsmasq(tmp_path, ["--address=/eu.corp.test/203.0.113.9"], name="deep"))
     fast = later(start_stub())
-    server = start_server(
-        later,
-        upstreams=[url(default)],
-        reject_rcode="nxdomain",
-        groups={"fast": [f"udp://{fast.host}:{fast.port}"]},
-        routes=[
-            {"suffix": "corp.test", "upstreams": [url(corp)]},
-            {"suffix": "eu.corp.test", "upstreams": [url(deep)]},
-        ],
-        rules=[
-            {"match": "full:blocked.test", "action": "reject"},
-            {"match": "full:ok.ads.test", "action": "asis"},
-            {"match": "suffix:ads.test", "action": "reject"},
-            {"match": "keyword:tracker", "action": "reject"},
-            {"match": r"regex:^cdn[0-9]+\.", "action": "fast"},
-            {"match": "qtype:MX", "action": "reject"},
-        ],
-    )
+    server = start_server(later, **split_dns_table(default, fast, corp, deep))
 
     def ask(name: str, rdtype: str = "A"):
         return dig(server.host, server.port, name, rdtype)

@@ -25,14 +25,12 @@ class Arrival:
     rdtype: str
 
 
-class SilentUpstream:
-    """A UDP upstream that hears everything (arrivals, timed) and answers NOERROR only
-    while `answering` is set: dead until a test brings it back."""
+class _UdpUpstream:
+    """A UDP upstream on an address of its own (in ns), served by a thread of its own until stop().
+    A subclass sets up what its _run needs before calling __init__, which starts the thread."""
 
-    def __init__(self, ns: Netns | None = None) -> None:
+    def __init__(self, ns: Netns | None) -> None:
         self.host, self.port = endpoint(ns)
-        self.answering = threading.Event()
-        self.arrivals: list[Arrival] = []
         self._sock = make_socket(socket.SOCK_DGRAM, ns)
         self._sock.bind((self.host, self.port))
         self._stop = threading.Event()
@@ -42,6 +40,24 @@ class SilentUpstream:
     @property
     def url(self) -> str:
         return f"udp://{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+
+class SilentUpstream(_UdpUpstream):
+    """A UDP upstream that hears everything (arrivals, timed) and answers NOERROR only
+    while `answering` is set: dead until a test brings it back."""
+
+    def __init__(self, ns: Netns | None = None) -> None:
+        self.answering = threading.Event()
+        self.arrivals: list[Arrival] = []
+        super().__init__(ns)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -58,11 +74,6 @@ class SilentUpstream:
             if self.answering.is_set():
                 self._sock.sendto(dns.message.make_response(query).to_wire(), source)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self._sock.close()
-
 
 @dataclass(order=True)
 class _Due:
@@ -71,34 +82,25 @@ class _Due:
     source: tuple[str, int] = field(compare=False)
 
 
-class DelayingForwarder:
+class DelayingForwarder(_UdpUpstream):
     """Listens on a UDP address of its own (in ns) and passes each query on to target
     `delay` seconds later, answers straight back: a slow upstream made of a fast one."""
 
     def __init__(self, target: tuple[str, int], delay: float, ns: Netns | None = None) -> None:
-        self.host, self.port = endpoint(ns)
         self.target, self.delay = target, delay
         self.forwarded = 0
-        self._front = make_socket(socket.SOCK_DGRAM, ns)
-        self._front.bind((self.host, self.port))
         self._back = make_socket(socket.SOCK_DGRAM, ns)
         self._back.connect(target)
         self._clients: dict[bytes, tuple[str, int]] = {}  # the query ID's client
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"udp://{self.host}:{self.port}"
+        super().__init__(ns)
 
     def _run(self) -> None:
         due: list[_Due] = []
         while not self._stop.is_set():
             wait = min(0.05, max(0.0, due[0].at - time.monotonic())) if due else 0.05
-            readable = select.select([self._front, self._back], [], [], wait)[0]
-            if self._front in readable:
-                wire, source = self._front.recvfrom(65535)
+            readable = select.select([self._sock, self._back], [], [], wait)[0]
+            if self._sock in readable:
+                wire, source = self._sock.recvfrom(65535)
                 heapq.heappush(due, _Due(time.monotonic() + self.delay, wire, source))
             if self._back in readable:
                 try:
@@ -107,7 +109,7 @@ class DelayingForwarder:
                     answer = b""
                 client = self._clients.pop(answer[:2], None)
                 if client is not None:
-                    self._front.sendto(answer, client)
+                    self._sock.sendto(answer, client)
             while due and due[0].at <= time.monotonic():
                 item = heapq.heappop(due)
                 self._clients[item.wire[:2]] = item.source
@@ -118,7 +120,5 @@ class DelayingForwarder:
                     pass
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self._front.close()
+        super().stop()
         self._back.close()
