@@ -15,6 +15,7 @@ from meshsup.actors.settings import Settings
 from meshsup.actors.settings.node import format_endpoint
 from meshsup.supervisor.exposition import render
 from meshsup.supervisor.metrics import families
+from meshsup.supervisor.polled import register
 from meshsup.supervisor.scrape import ScrapeServer
 from meshsup.supervisor.supervision import Tree
 
@@ -56,12 +57,7 @@ class MetricsFront:
         return render(families(self.status(), self.tree.actors.values(), time.monotonic(), time.time()))
 
     def register(self, poller: zmq.Poller) -> set[int]:
-        if self.server is None:
-            return set()
-        readers, writers = set(self.server.fds()), set(self.server.want_write())
-        for fd in readers | writers:
-            poller.register(fd, (zmq.POLLIN if fd in readers else 0) | (zmq.POLLOUT if fd in writers else 0))
-        return readers | writers
+        return register(poller, self.server)
 
     def on_ready(self, fd: int) -> None:
         if self.server is not None:

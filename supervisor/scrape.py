@@ -15,8 +15,10 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import islice
 
 from meshsup.supervisor.exposition import CONTENT_TYPE
+from meshsup.supervisor.polled import StreamServer, receive
 
 MAX_CONNECTIONS = 16
 MAX_REQUEST = 8192
@@ -67,55 +69,40 @@ class _Conn:
     answered: bool = False
 
 
-class ScrapeServer:
+class ScrapeServer(StreamServer[_Conn]):
     def __init__(self, listen: tuple[str, int], render: Callable[[], str]) -> None:
         self.listen = listen
         self.render = render
         family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        listener = socket.socket(family, socket.SOCK_STREAM)
         try:
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.listener.bind(listen)
-            self.listener.listen(MAX_CONNECTIONS)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(listen)
+            listener.listen(MAX_CONNECTIONS)
         except OSError:
-            self.listener.close()
+            listener.close()
             raise
-        self.listener.setblocking(False)
-        self.conns: dict[int, _Conn] = {}  # in order of arrival: the first is the oldest
+        super().__init__(listener)
 
-    def fds(self) -> list[int]:
-        return [self.listener.fileno(), *(fd for fd, c in self.conns.items() if not c.answered)]
+    def _reading(self, c: _Conn) -> bool:
+        return not c.answered
 
-    def want_write(self) -> list[int]:
-        return [fd for fd, c in self.conns.items() if c.outbuf]
-
-    def on_ready(self, fd: int) -> None:
-        if fd == self.listener.fileno():
-            self._accept()
-        elif (c := self.conns.get(fd)) is not None:
-            if c.answered:
-                self._flush(fd, c)
-            else:
-                self._read(fd, c)
+    def _on_conn(self, fd: int, c: _Conn) -> None:
+        if c.answered:
+            self._flush(fd, c)
+        else:
+            self._read(fd, c)
 
     def _accept(self) -> None:
-        for _ in range(MAX_CONNECTIONS):
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:  # nothing more to accept (BlockingIOError), or it left already
-                return
+        for sock in islice(self._accepted(), MAX_CONNECTIONS):
             if len(self.conns) >= MAX_CONNECTIONS:
-                self._close(next(iter(self.conns)))
-            sock.setblocking(False)
+                self._close(next(iter(self.conns)))  # the oldest
             self.conns[sock.fileno()] = _Conn(sock)
 
     def _read(self, fd: int, c: _Conn) -> None:
-        try:
-            data = c.sock.recv(MAX_REQUEST + 1 - len(c.inbuf))
-        except BlockingIOError:
+        data = receive(c.sock, MAX_REQUEST + 1 - len(c.inbuf))
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self._close(fd)
             return

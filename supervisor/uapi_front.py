@@ -11,6 +11,7 @@ from typing import Any
 import zmq
 
 from meshsup.actors.settings import Settings
+from meshsup.supervisor.polled import register
 from meshsup.supervisor.supervision import Tree
 from meshsup.supervisor.uapi import GetRequest, SetRequest, UapiError, serialize_errno, serialize_get
 from meshsup.supervisor.uapi_server import InUse, UapiServer
@@ -39,17 +40,11 @@ class UapiFront:
         """Before a config change: the socket's name follows the interface's."""
         if self.uapi is not None and new.node.interface != self.tree.config.node.interface:
             self.uapi.close()
-            if error := self.serve(new["node"]["interface"]):
+            if error := self.serve(new.node.interface):
                 self.log.error(error)
 
     def register(self, poller: zmq.Poller) -> set[int]:
-        """Its descriptors into the loop's poller, for reading or writing as it asks; those fds."""
-        if self.uapi is None:
-            return set()
-        readers, writers = set(self.uapi.fds()), set(self.uapi.want_write())
-        for fd in readers | writers:
-            poller.register(fd, (zmq.POLLIN if fd in readers else 0) | (zmq.POLLOUT if fd in writers else 0))
-        return readers | writers
+        return register(poller, self.uapi)
 
     def on_ready(self, fd: int) -> None:
         if self.uapi is not None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshsup.supervisor.polled import StreamServer, receive
 from meshsup.supervisor.uapi import GetRequest, SetRequest, UapiError, parse_request, serialize_errno, split_request
 
 SOCKET_DIR = Path("/var/run/wireguard")
@@ -53,59 +54,43 @@ def remove_if_stale(path: Path) -> bool:
     return True
 
 
-class UapiServer:
+class UapiServer(StreamServer[_Conn]):
     def __init__(self, interface: str, handle: Handler, directory: Path = SOCKET_DIR) -> None:
         self.path = socket_path(interface, directory)
         self.handle = handle
-        self.conns: dict[int, _Conn] = {}
         directory.mkdir(mode=0o755, parents=True, exist_ok=True)
         if not remove_if_stale(self.path):
             raise InUse(f"{self.path} is served by another process")
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)  # root-only, as wireguard-go's: `get` returns the private key
         try:
-            self.listener.bind(str(self.path))
+            listener.bind(str(self.path))
         finally:
             os.umask(old)
-        self.listener.listen(16)
-        self.listener.setblocking(False)
+        listener.listen(16)
+        super().__init__(listener)
         self.inode = os.stat(self.path).st_ino
 
-    def fds(self) -> list[int]:
-        """What to poll for reading; a closing connection only waits to be written."""
-        return [self.listener.fileno(), *(fd for fd, c in self.conns.items() if not c.closing)]
+    def _reading(self, c: _Conn) -> bool:
+        return not c.closing  # a closing connection only waits to be written
 
-    def want_write(self) -> list[int]:
-        return [fd for fd, c in self.conns.items() if c.outbuf]
-
-    def on_ready(self, fd: int) -> None:
-        if fd == self.listener.fileno():
-            self._accept()
-        elif (c := self.conns.get(fd)) is not None:
-            if c.outbuf:
-                self._flush(fd, c)
-            if fd in self.conns and not c.closing:
-                self._read(fd, c)
+    def _on_conn(self, fd: int, c: _Conn) -> None:
+        if c.outbuf:
+            self._flush(fd, c)
+        if fd in self.conns and not c.closing:
+            self._read(fd, c)
 
     def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except BlockingIOError:
-                return
+        for sock in self._accepted():
             if len(self.conns) >= MAX_CONNECTIONS:
                 sock.close()
                 continue
-            sock.setblocking(False)
             self.conns[sock.fileno()] = _Conn(sock)
 
     def _read(self, fd: int, c: _Conn) -> None:
-        try:
-            data = c.sock.recv(65536)
-        except BlockingIOError:
+        data = receive(c.sock, 65536)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             c.closing = True
             self._maybe_close(fd, c)

@@ -13,11 +13,14 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from meshsup.actors.settings import Settings, parse
 from meshsup.supervisor.uapi import (
     AllowedIp,
     DeviceState,
@@ -42,6 +45,8 @@ from meshsup.supervisor.uapi import (
     serialize_get,
     split_request,
 )
+from meshsup.supervisor.uapi_front import UapiFront
+from meshsup.supervisor.uapi_server import SOCKET_DIR, socket_path
 
 K1, K2, K3 = bytes(range(32)), bytes(range(32, 64)), bytes([7]) * 32
 
@@ -295,3 +300,21 @@ def test_wg_reports_our_errno(uapi_server: tuple[str, UapiServer]) -> None:
     out = subprocess.run(["wg", "set", ifname, "listen-port", "51821"], capture_output=True, text=True, timeout=10)
     assert out.returncode != 0
     assert os.strerror(errno.EADDRINUSE) in out.stderr
+
+
+def test_the_socket_follows_the_interface_when_a_reload_renames_it(tmp_path: Path) -> None:
+    if not os.access(SOCKET_DIR if SOCKET_DIR.exists() else SOCKET_DIR.parent, os.W_OK):
+        pytest.skip(f"needs root to write {SOCKET_DIR}")
+    old, new = ("mstu" + secrets.token_hex(4) for _ in range(2))  # the directory is shared: names unique
+
+    def config(interface: str) -> Settings:
+        return parse("node.toml", {"node": {"interface": interface}}, tmp_path, tmp_path)
+
+    front = UapiFront(SimpleNamespace(config=config(old)), lambda new, done: None, structlog.get_logger())  # type: ignore[arg-type]
+    try:
+        assert front.serve(old) is None and socket_path(old).exists()
+        front.follow(config(new))
+        assert socket_path(new).exists() and not socket_path(old).exists()
+    finally:
+        if front.uapi is not None:
+            front.uapi.close()
