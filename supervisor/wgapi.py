@@ -16,25 +16,7 @@ from typing import Any
 
 from meshsup.actors.settings import PeerSettings, Settings, keys
 from meshsup.actors.settings.node import format_endpoint, parse_endpoint
-from meshsup.supervisor.uapi import (
-    AllowedIp,
-    DeviceState,
-    Endpoint,
-    Fwmark,
-    ListenPort,
-    PeerState,
-    PersistentKeepaliveInterval,
-    PresharedKey,
-    PrivateKey,
-    ProtocolVersion,
-    PublicKey,
-    Remove,
-    ReplaceAllowedIps,
-    ReplacePeers,
-    SetRequest,
-    UapiError,
-    UpdateOnly,
-)
+from meshsup.supervisor import uapi
 
 ZERO_KEY = bytes(keys.KEY_LEN)
 
@@ -95,10 +77,10 @@ def _why(path: str | None, disco: dict[str, Any], seen: dict[str, Any]) -> str |
     return disco.get("why") or seen.get("demoted")
 
 
-def device_state(config: Settings, live: dict[str, dict[str, Any]]) -> DeviceState:
+def device_state(config: Settings, live: dict[str, dict[str, Any]]) -> uapi.DeviceState:
     """The reply to ``get=1``: the same merge as `meshsup status`, plus the key material."""
     peers = [
-        PeerState(
+        uapi.PeerState(
             public_key=p.public_key,
             preshared_key=p.preshared_key,
             endpoint=parse_endpoint(s["endpoint"]) if s["endpoint"] else None,
@@ -110,7 +92,7 @@ def device_state(config: Settings, live: dict[str, dict[str, Any]]) -> DeviceSta
         )
         for p, s in zip(config.peers, peer_status(config, live))
     ]
-    return DeviceState(
+    return uapi.DeviceState(
         private_key=config.node.private_key, listen_port=config.node.listen_port, fwmark=config.node.fwmark, peers=peers
     )
 
@@ -125,51 +107,52 @@ def _new_peer(public: bytes, taken: set[str]) -> PeerSettings:
     )
 
 
-def apply_set(config: Settings, request: SetRequest) -> Settings | UapiError:
+def apply_set(config: Settings, request: uapi.SetRequest) -> Settings | uapi.UapiError:
     """The config after ``request``, or the error that refuses all of it."""
     node = config.node
     peers: dict[bytes, PeerSettings] = {p.public_key: p for p in config.peers}
     key: bytes | None = None  # the peer the current operations apply to; None: skip them
     created = False
     for op in request.operations:
-        if isinstance(op, PublicKey):
+        if isinstance(op, uapi.PublicKey):
             created = op.key not in peers
             if created and op.key != node.public_key:  # our own key: ignored, as wireguard-go does
                 peers[op.key] = _new_peer(op.key, {p.name for p in peers.values()} | {node.name})
             key = op.key if op.key in peers else None
             continue
-        if isinstance(op, PrivateKey):
+        if isinstance(op, uapi.PrivateKey):
             if op.key == ZERO_KEY:
-                return UapiError(errno.EINVAL, "a meshsup node cannot run without a private key")
+                return uapi.UapiError(errno.EINVAL, "a meshsup node cannot run without a private key")
             node = replace(node, private_key=op.key, public_key=keys.public_of(op.key))
             peers.pop(node.public_key, None)
-        elif isinstance(op, ListenPort):
+        elif isinstance(op, uapi.ListenPort):
             node = replace(node, listen_port=op.port)
-        elif isinstance(op, Fwmark):
+        elif isinstance(op, uapi.Fwmark):
             if op.mark and op.mark != node.fwmark:  # the mark is meshsup's, in use with [node] exit_node
-                return UapiError(errno.EOPNOTSUPP, f"fwmark is {node.fwmark} (set by [node] exit_node), not settable")
-        elif isinstance(op, ReplacePeers):
+                why = f"fwmark is {node.fwmark} (set by [node] exit_node), not settable"
+                return uapi.UapiError(errno.EOPNOTSUPP, why)
+        elif isinstance(op, uapi.ReplacePeers):
             peers.clear()
         elif key is None or key not in peers:
             continue  # before any public_key, or for a skipped or removed peer
-        elif isinstance(op, UpdateOnly):
+        elif isinstance(op, uapi.UpdateOnly):
             if created:
                 del peers[key]
-        elif isinstance(op, Remove):
+        elif isinstance(op, uapi.Remove):
             del peers[key]
-        elif isinstance(op, PresharedKey):
+        elif isinstance(op, uapi.PresharedKey):
             peers[key] = replace(peers[key], preshared_key=None if op.key == ZERO_KEY else op.key)
-        elif isinstance(op, Endpoint):
+        elif isinstance(op, uapi.Endpoint):
             peers[key] = replace(peers[key], endpoints=((op.host, op.port),))
-        elif isinstance(op, PersistentKeepaliveInterval):
+        elif isinstance(op, uapi.PersistentKeepaliveInterval):
             peers[key] = replace(peers[key], persistent_keepalive=op.seconds)
-        elif isinstance(op, ReplaceAllowedIps):
+        elif isinstance(op, uapi.ReplaceAllowedIps):
             peers[key] = replace(peers[key], allowed_ips=())
-        elif isinstance(op, AllowedIp):
+        elif isinstance(op, uapi.AllowedIp):
             for k, other in peers.items():  # a prefix routes to one peer only
                 if op.network in other.allowed_ips:
                     peers[k] = replace(other, allowed_ips=tuple(n for n in other.allowed_ips if n != op.network))
             peers[key] = replace(peers[key], allowed_ips=(*peers[key].allowed_ips, op.network))
-        elif isinstance(op, ProtocolVersion):
+        elif isinstance(op, uapi.ProtocolVersion):
             pass
     return replace(config, node=node, peers=tuple(peers.values()))
