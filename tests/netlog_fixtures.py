@@ -106,8 +106,9 @@ def rsyslog_lacks_imtcp(binary: str, workdir: Path) -> str | None:
 class _Daemon:
     """A collector daemon a test starts (in its namespace) and stops by PID."""
 
-    netns: Netns | None
-    proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, workdir: Path, port: int, netns: Netns | None) -> None:
+        self.dir, self.port, self.netns = workdir, port, netns
+        self.proc: subprocess.Popen[bytes] | None = None
 
     def _spawn(self, cmd: list[str], log: Path, ready: Callable[[], bool]) -> None:
         """Start ``cmd`` with its output to ``log``; stopped, and RuntimeError, unless ready within 10 s."""
@@ -143,10 +144,8 @@ class Rsyslog(_Daemon):
     """
 
     def __init__(self, workdir: Path, port: int, netns: Netns | None = None) -> None:
+        super().__init__(workdir, port, netns)
         self.binary = require_tool("rsyslogd")
-        self.dir = workdir
-        self.port = port
-        self.netns = netns
         self.output = workdir / "flows.log"
         self.conf = workdir / "rsyslog.conf"
         self.pidfile = workdir / "rsyslogd.pid"
@@ -191,9 +190,7 @@ class Nfcapd(_Daemon):
     def __init__(self, workdir: Path, port: int, netns: Netns | None = None) -> None:
         self.binary = require_tool("nfcapd")
         self.nfdump = require_tool("nfdump")
-        self.dir = workdir
-        self.port = port
-        self.netns = netns
+        super().__init__(workdir, port, netns)
         self.flowdir = workdir / "flows"
         self.flowdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "nfcapd.log"
@@ -240,9 +237,7 @@ class JournalRemote(_Daemon):
         if not Path(JOURNAL_REMOTE).exists():
             pytest.skip("systemd-journal-remote is not installed (Debian package systemd-journal-remote)")
         self.journalctl = require_tool("journalctl")
-        self.dir = workdir
-        self.port = port
-        self.netns = netns
+        super().__init__(workdir, port, netns)
         self.output = workdir / "remote.journal"
         self.log = workdir / "journal-remote.log"
         workdir.mkdir(parents=True, exist_ok=True)
