@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import secrets
 import subprocess
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +30,7 @@ __all__ = [
     "WgGo",
     "alpha_and_bravo",
     "assert_carried",
+    "carried_through",
     "config_path",
     "filter_stanza",
     "have",
@@ -135,6 +138,20 @@ def pair(
     node_a = start_meshsup(u, tmp, a, [b], ns=ns_a)
     peer_b = start_wg(u, tmp, ns_b, b, [a]) if second == "wireguard-go" else start_meshsup(u, tmp, b, [a], ns=ns_b)
     return (ns_a, a, node_a), (ns_b, b, peer_b)
+
+
+@contextmanager
+def carried_through(client: Netns, server: Netns, addr: str, seconds: int) -> Iterator[None]:
+    """iperf3 TCP from ``client`` to ``addr`` (in ``server``) for ``seconds``, begun before the body: after
+    it, the connection must have lived through whatever the body did (assert_carried)."""
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(iperf3(client, server, addr, seconds=seconds)))
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(seconds + 60)
+    assert_carried(result)
 
 
 def received_from(wg: WgGo, sender: Identity) -> int:

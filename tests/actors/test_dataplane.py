@@ -5,13 +5,22 @@ from __future__ import annotations
 import os
 import random
 import signal
-import threading
 import time
 
 import pytest
 
 from tests.nodes import REPO, is_root
-from tests.topology import Identity, assert_carried, have, iperf3, pair, ping, start_meshsup, start_wg
+from tests.topology import (
+    Identity,
+    assert_carried,
+    carried_through,
+    have,
+    iperf3,
+    pair,
+    ping,
+    start_meshsup,
+    start_wg,
+)
 
 pytestmark = [
     pytest.mark.netns,
@@ -106,15 +115,11 @@ def test_three_node_full_mesh(underlay, tmp_path) -> None:
 def test_kill_dataplane_actors_during_transfer(underlay, tmp_path) -> None:
     (ns_a, a, node_a), (ns_b, b, wg) = pair(underlay, tmp_path, "wireguard-go")
     assert ping(ns_a, b.v4)
-    result: dict = {}
-    t = threading.Thread(target=lambda: result.update(iperf3(ns_a, ns_b, b.v4, seconds=16)))
-    t.start()
     victims = ["crypto-0", "crypto-1", "tun-io", "magicsock"]
-    for name in victims:
-        time.sleep(3)
-        os.kill(node_a.actors()[name]["pid"], signal.SIGKILL)
-    t.join(60)
-    assert_carried(result)  # the connection lived through every kill
+    with carried_through(ns_a, ns_b, b.v4, seconds=16):  # the connection lives through every kill
+        for name in victims:
+            time.sleep(3)
+            os.kill(node_a.actors()[name]["pid"], signal.SIGKILL)
     actors = node_a.actors()
     assert all(actors[v]["restarts"] == 1 for v in victims)
     assert ping(ns_a, b.v4) and ping(ns_b, a.v4)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from tests.topology import (
     Node,
     Underlay,
     assert_carried,
+    carried_through,
     have,
     iperf3,
     peer,
@@ -98,20 +98,6 @@ def traffic(ns: Netns, addr: str, seconds: float, interval: float = 0.2) -> Iter
         pinger.wait()
 
 
-@contextmanager
-def transfer(p: Pair, seconds: int) -> Iterator[None]:
-    """iperf3 TCP from alpha to bravo for `seconds`, while the body runs: the connection must live
-    through whatever the body does to the path."""
-    result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.update(iperf3(p.ns_a, p.ns_b, p.b.v4, seconds=seconds)))
-    thread.start()
-    try:
-        yield
-    finally:
-        thread.join(seconds + 60)
-    assert_carried(result)
-
-
 def direct(node: Node, name: str) -> dict[str, Any] | None:
     p = peer(node, name)
     return p if p["path"] == "direct" else None
@@ -152,7 +138,8 @@ def test_both_behind_endpoint_independent_nat_go_direct(underlay: Underlay, tmp_
 
 def test_a_transfer_begun_on_the_relay_moves_to_the_direct_path_unbroken(underlay: Underlay, tmp_path: Path) -> None:
     p = build(underlay, tmp_path, "masquerade", "masquerade")
-    with transfer(p, seconds=8):  # its first packets go through the relay: no direct path exists yet
+    # The transfer's first packets go through the relay: no direct path exists yet.
+    with carried_through(p.ns_a, p.ns_b, p.b.v4, seconds=8):
         p.node_a.wait(lambda: direct(p.node_a, "bravo"), timeout=8, what="direct during the transfer")
         relayed = p.node_a.counters()["magicsock"].get("relay_tx_datagrams", 0)
     assert relayed > 0 and direct(p.node_a, "bravo")
@@ -217,7 +204,7 @@ def test_both_behind_endpoint_dependent_nat_stay_relayed_and_say_why(underlay: U
 def test_a_blackholed_direct_path_falls_back_to_the_relay_and_comes_back(underlay: Underlay, tmp_path: Path) -> None:
     p = build(underlay, tmp_path, "masquerade", "masquerade")
     go_direct(p, within=5)
-    with transfer(p, seconds=16):  # the TCP stream must live through the move
+    with carried_through(p.ns_a, p.ns_b, p.b.v4, seconds=16):  # the TCP stream must live through the move
         time.sleep(2)
         p.lab.blackhole(p.ns_a, p.public_b)
         cut = time.monotonic()
@@ -244,7 +231,7 @@ def test_flushed_nat_mappings_recover(underlay: Underlay, tmp_path: Path) -> Non
 def test_a_moved_underlay_address_keeps_the_transfer(underlay: Underlay, tmp_path: Path) -> None:
     p = build(underlay, tmp_path, "masquerade", "masquerade")
     go_direct(p, within=5)
-    with transfer(p, seconds=12):
+    with carried_through(p.ns_a, p.ns_b, p.b.v4, seconds=12):
         time.sleep(2)
         new = p.lab.renumber(p.ns_a)
     p.node_a.wait(lambda: new in str(p.node_a.status()["disco"]["endpoints"]), what="the new address an endpoint")

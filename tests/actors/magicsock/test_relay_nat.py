@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from tests.topology import (
     Underlay,
     WgGo,
     assert_carried,
+    carried_through,
     have,
     iperf3,
     peer,
@@ -136,26 +136,22 @@ def test_peers_learn_the_relay_is_gone(underlay: Underlay, tmp_path: Path) -> No
 def test_kill_9_of_a_relay_worker(underlay: Underlay, tmp_path: Path) -> None:
     m = build(underlay, tmp_path, relay_workers=2)
     assert ping(m.ns_a, m.b.v4)
-    result: dict[str, Any] = {}
-    transfer = threading.Thread(target=lambda: result.update(iperf3(m.ns_a, m.ns_b, m.b.v4, seconds=12)))
-    transfer.start()
-    m.node_a.wait(lambda: m.node_a.counters()["magicsock"].get("relay_tx_datagrams", 0) > 5000, what="iperf3 going")
-    workers = {a["name"]: a for a in m.relay.status()["actors"]}
-    victim = max(workers.values(), key=lambda a: a["counters"].get("clients", 0))
-    os.kill(victim["pid"], signal.SIGKILL)
-    killed = time.monotonic()
-    m.relay.wait(
-        lambda: (
-            (w := {a["name"]: a for a in m.relay.status()["actors"]})[victim["name"]]["restarts"] == 1
-            and w[victim["name"]]["state"] == "running"
-        ),
-        what="the worker restarted",
-    )
-    m.relay.wait(lambda: m.relay.status()["counters"].get("clients") == 2, what="both clients back")
-    assert ping(m.ns_a, m.b.v4, count=1, timeout=5)
-    assert time.monotonic() - killed < 5, "traffic took over 5 s to resume"
-    transfer.join(60)
-    assert_carried(result)  # the TCP connection lived through the kill
+    with carried_through(m.ns_a, m.ns_b, m.b.v4, seconds=12):  # the TCP connection lives through the kill
+        m.node_a.wait(lambda: m.node_a.counters()["magicsock"].get("relay_tx_datagrams", 0) > 5000, what="iperf3 going")
+        workers = {a["name"]: a for a in m.relay.status()["actors"]}
+        victim = max(workers.values(), key=lambda a: a["counters"].get("clients", 0))
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed = time.monotonic()
+        m.relay.wait(
+            lambda: (
+                (w := {a["name"]: a for a in m.relay.status()["actors"]})[victim["name"]]["restarts"] == 1
+                and w[victim["name"]]["state"] == "running"
+            ),
+            what="the worker restarted",
+        )
+        m.relay.wait(lambda: m.relay.status()["counters"].get("clients") == 2, what="both clients back")
+        assert ping(m.ns_a, m.b.v4, count=1, timeout=5)
+        assert time.monotonic() - killed < 5, "traffic took over 5 s to resume"
     assert (
         sum(m.node_a.status()["relays"][0]["failures"].values()) >= 1
         or sum(m.node_b.status()["relays"][0]["failures"].values()) >= 1
