@@ -12,7 +12,8 @@ drops them in two steps, and refuses to run (PrivilegeError) if either fails:
    runtime dir, which only root may create, are bound) and before it reads
    any input: no supplementary groups, the user's uid and gid (glibc sets
    these on every thread), and the kept capabilities as the only permitted
-   and effective ones. The threads already running keep no capability at
+   and effective ones, and not dumpable (no ptrace by the user's other
+   processes). The threads already running keep no capability at
    all: the uid change clears theirs. Then every thread is checked in /proc:
    a drop that did not happen is an error, never a silent root actor.
 
@@ -39,7 +40,7 @@ FALLBACK_USER: Final = "nobody"
 CAP_NET_BIND_SERVICE: Final = 10  # <linux/capability.h>
 
 # <linux/prctl.h>, <linux/capability.h>
-_PR_SET_KEEPCAPS, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 8, 24, 38
+_PR_GET_DUMPABLE, _PR_SET_DUMPABLE, _PR_SET_KEEPCAPS, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 3, 4, 8, 24, 38
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
 
@@ -137,10 +138,15 @@ class Drop:
             os.setresuid(uid, uid, uid)
             _capset(self.keep)  # ... of which it keeps these
             _prctl(_PR_SET_KEEPCAPS, 0)
+            # The other unprivileged actors run as this user too: none may ptrace this one or read its
+            # memory. The uid change did this already unless the host's fs.suid_dumpable says otherwise.
+            _prctl(_PR_SET_DUMPABLE, 0)
         except OSError as err:
             raise PrivilegeError(f"cannot switch to {self.account.name} (uid {uid}): {err}") from None
         me = threading.get_native_id()
         problems = [f"thread {tid}: {p}" for tid, status in _threads() for p in self._problems(status, tid == me)]
+        if _libc.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
+            problems.append("dumpable (its user's other processes may ptrace it)")
         if problems:
             raise PrivilegeError(f"privileges not dropped as asked: {'; '.join(problems)}")
 

@@ -258,6 +258,9 @@ def check_privileges(actors: dict[str, dict[str, Any]], account: Account) -> Non
             assert thread["NoNewPrivs"] == "1" and int(thread["CapBnd"], 16) == keep, name
             assert int(thread["CapInh"], 16) == int(thread["CapAmb"], 16) == 0, name
         assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == keep, name
+        # Not dumpable: no other process of its user (another unprivileged actor) may ptrace it or
+        # read its memory, and so the kernel gives its /proc entries to root.
+        assert os.stat(f"/proc/{a['pid']}/mem").st_uid == 0, name
 
 
 def node_config(tmp_path: Path, port: int, peers: int) -> Path:
