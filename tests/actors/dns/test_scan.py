@@ -90,6 +90,7 @@ def test_plain_query_fields():
         head(0x0100) + b"\x01x\xc0\x0c\x00\x01\x00\x01",  # compressed
         b"\x12\x34",
     ],
+    ids=["cut", "trailing", "answer", "option", "version", "compressed", "short"],
 )
 def test_queries_that_are_not_plain_are_left_to_dnspython(wire):
     assert scan.plain_query(wire) is None
