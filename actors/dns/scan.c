@@ -119,6 +119,21 @@ PyDoc_STRVAR(read_name_doc,
              "The offset just past the name at offset, every pointer and bound checked (WireError if\n"
              "it is not a name); its labels appended to labels, if given.");
 
+/* The name at args[1] in args[0], walked: its end, with view held until the caller
+ * releases it; -1 with an exception set (and nothing held) if it is not a name. */
+static Py_ssize_t name_at(PyObject *const *args, Py_buffer *view, Labels *labels) {
+    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
+    if ((offset == -1 && PyErr_Occurred()) || buffer_of(args[0], view) < 0)
+        return -1;
+    const char *why = NULL;
+    Py_ssize_t end = walk_name(view->buf, view->len, offset, labels, &why);
+    if (end < 0) {
+        PyErr_SetString(WireError, why);
+        PyBuffer_Release(view);
+    }
+    return end;
+}
+
 static PyObject *read_name(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 2 || nargs > 3) {
         PyErr_SetString(PyExc_TypeError, "read_name(wire, offset, labels=None)");
@@ -129,23 +144,14 @@ static PyObject *read_name(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "labels must be a list");
         return NULL;
     }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
-    if (offset == -1 && PyErr_Occurred())
-        return NULL;
     Py_buffer view;
-    if (buffer_of(args[0], &view) < 0)
-        return NULL;
-    const uint8_t *w = view.buf;
     Labels labels;
-    const char *why = NULL;
-    Py_ssize_t end = walk_name(w, view.len, offset, list != NULL ? &labels : NULL, &why);
+    Py_ssize_t end = name_at(args, &view, list != NULL ? &labels : NULL);
+    if (end < 0)
+        return NULL;
     PyObject *result = NULL;
-    if (end < 0) {
-        PyErr_SetString(WireError, why);
-        goto done;
-    }
     for (int i = 0; list != NULL && i < labels.count; i++) {
-        PyObject *label = PyBytes_FromStringAndSize((const char *)w + labels.at[i], labels.len[i]);
+        PyObject *label = PyBytes_FromStringAndSize((const char *)view.buf + labels.at[i], labels.len[i]);
         if (label == NULL || PyList_Append(list, label) < 0) {
             Py_XDECREF(label);
             goto done;
@@ -294,19 +300,11 @@ static PyObject *name_text_at(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "name_text(wire, offset)");
         return NULL;
     }
-    Py_ssize_t offset = PyLong_AsSsize_t(args[1]);
-    if (offset == -1 && PyErr_Occurred())
-        return NULL;
     Py_buffer view;
-    if (buffer_of(args[0], &view) < 0)
-        return NULL;
     Labels labels;
-    const char *why = NULL;
-    PyObject *text = NULL;
-    if (walk_name(view.buf, view.len, offset, &labels, &why) < 0)
-        PyErr_SetString(WireError, why);
-    else
-        text = name_text(view.buf, &labels);
+    if (name_at(args, &view, &labels) < 0)
+        return NULL;
+    PyObject *text = name_text(view.buf, &labels);
     PyBuffer_Release(&view);
     return text;
 }
