@@ -345,11 +345,12 @@ static int learn(Learning *l, const uint8_t *w, Py_ssize_t size, Py_ssize_t star
     if (name == NULL) {
         Labels labels;
         const char *why = NULL;
-        if (PyErr_Occurred() || walk_name(w, size, start, &labels, &why) < 0 || (name = name_text(w, &labels)) == NULL ||
-            PyDict_SetItem(l->owners, written, name) < 0) {
+        if (!PyErr_Occurred() && walk_name(w, size, start, &labels, &why) < 0)
+            PyErr_SetString(WireError, why); /* not so: the owner was read before */
+        if (PyErr_Occurred() || (name = name_text(w, &labels)) == NULL || PyDict_SetItem(l->owners, written, name) < 0) {
             Py_XDECREF(name);
             Py_DECREF(written);
-            return -1; /* walk_name cannot fail here: the name was read before */
+            return -1;
         }
         Py_DECREF(name); /* the dict holds it */
     }
