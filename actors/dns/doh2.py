@@ -32,7 +32,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from meshsup.actors.dns.transport import MAX_HTTP_LINE, MAX_MESSAGE, UpstreamError, _answer_for, _ConnectionLost
+from meshsup.actors.dns.exchange import MAX_MESSAGE, ConnectionLost, UpstreamError, answer_for
+from meshsup.actors.dns.transport import MAX_HTTP_LINE
 from meshsup.actors.settings.dnstypes import Upstream
 
 MAX_HEADER_LIST = 16384  # what a DoH answer's headers may take, decoded
@@ -141,7 +142,7 @@ class _H2Connection:
             self._changed.clear()
             await self._changed.wait()
         if self.closed:
-            raise _ConnectionLost()
+            raise ConnectionLost()
         self._cancel_idle_timer()
         stream_id = self._h2.get_next_available_stream_id()
         stream = self._streams[stream_id] = _Stream(asyncio.get_running_loop().create_future())
@@ -152,7 +153,7 @@ class _H2Connection:
                 self._changed.clear()
                 await self._changed.wait()
                 if self.closed:
-                    raise _ConnectionLost()
+                    raise ConnectionLost()
             self._h2.send_data(stream_id, body, end_stream=True)
             self._flush()
             answer = await stream.future
@@ -163,7 +164,7 @@ class _H2Connection:
             if not self._streams and not self.closed:
                 self._cancel_idle_timer()  # another query's, when both ended in one read
                 self._idle_timer = asyncio.get_running_loop().call_later(idle_timeout, self.close)
-        return _answer_for(query, answer, b"\x00\x00")
+        return answer_for(query, answer, b"\x00\x00")
 
     async def _read_loop(self) -> None:
         try:
@@ -234,7 +235,7 @@ class _H2Connection:
         self.closed = True
         self._changed.set()
         for stream_id in [s for s in self._streams if s > last_stream_id]:
-            self._streams.pop(stream_id).future.set_exception(_ConnectionLost())
+            self._streams.pop(stream_id).future.set_exception(ConnectionLost())
 
     def _flush(self) -> None:
         data = self._h2.data_to_send()
@@ -257,7 +258,7 @@ class _H2Connection:
         self._changed.set()
         self._settings.set()
         self._cancel_idle_timer()
-        self._fail_all(_ConnectionLost())
+        self._fail_all(ConnectionLost())
         self._writer.close()
 
     def close(self) -> None:
@@ -287,7 +288,7 @@ class Doh2Client:
         connection, reused = await self._connect()
         try:
             return await self._ask(connection, query)
-        except _ConnectionLost:
+        except ConnectionLost:
             if not reused:
                 raise
         # The server closed it meanwhile (idle, or a GOAWAY before our stream): once more, anew.

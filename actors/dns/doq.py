@@ -28,7 +28,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, QuicEvent, StreamDataReceived, StreamReset
 from aioquic.quic.packet import QuicErrorCode
 
-from meshsup.actors.dns.transport import MAX_MESSAGE, UpstreamError, _answer_for, _ConnectionLost, exchange_once_more
+from meshsup.actors.dns.exchange import MAX_MESSAGE, ConnectionLost, UpstreamError, answer_for, exchange_once_more
 from meshsup.actors.settings.dnstypes import Upstream
 
 ALPN = "doq"
@@ -59,7 +59,7 @@ class _DoqConnection(QuicConnectionProtocol):
 
     async def exchange(self, query: bytes) -> bytes:
         if self.closed:
-            raise _ConnectionLost()
+            raise ConnectionLost()
         stream_id = self._quic.get_next_available_stream_id()
         future: asyncio.Future[bytes] = self._loop.create_future()
         self._answers[stream_id] = (future, bytearray())
@@ -74,7 +74,7 @@ class _DoqConnection(QuicConnectionProtocol):
                 with contextlib.suppress(ValueError):  # a stream aioquic has already let go of
                     self._quic.stop_stream(stream_id, DOQ_REQUEST_CANCELLED)
                 self.transmit()
-        return _answer_for(query, answer, b"\x00\x00")
+        return answer_for(query, answer, b"\x00\x00")
 
     def quic_event_received(self, event: QuicEvent) -> None:
         if isinstance(event, StreamDataReceived):
@@ -141,7 +141,7 @@ class _DoqConnection(QuicConnectionProtocol):
                 self.failure = "closed"  # idle, or the server closed it
             else:
                 self.failure = "doq_bad_response"  # a QUIC error, the server's or one aioquic found in what it sent
-        lost: Exception = _ConnectionLost() if self.failure == "closed" else UpstreamError(self.failure)
+        lost: Exception = ConnectionLost() if self.failure == "closed" else UpstreamError(self.failure)
         for stream_id in list(self._answers):
             self._settle(stream_id, lost)
         if not self._handshake.done():

@@ -102,9 +102,7 @@ class Query:
     @property
     def name_text(self) -> str:
         """The name as rules match it: lowercase, no final dot."""
-        labels: list[bytes] = []
-        wire.read_name(self.fields.qname, 0, labels)
-        return wire.name_text(labels)
+        return wire.name_text(self.fields.qname, 0)
 
     @property
     def question_wire(self) -> bytes:

@@ -147,13 +147,10 @@ class _UdpListener:
     def send(self, wire: bytes, source: Any) -> None:
         """A reply made outside the receive batch (a forwarded answer), as the
         rate limit lets it go."""
-        prefix = self._server.sources(source[0]).prefix
-        if prefix is not None:
-            limited = self._server.limit(wire, prefix, time.monotonic())
-            if limited is None:
-                return
-            wire = limited
-        self._queue(wire, source)
+        limited = self._server.limit_to(source[0], wire)
+        if limited is None:
+            return
+        self._queue(limited, source)
 
     def _queue(self, wire: bytes, source: Any) -> None:
         """Queued, and sent with the others of this loop turn in one system call."""
@@ -219,23 +216,15 @@ class _InterceptUdp:
             if not server.sources(client[0]).allowed:
                 stats["refused_source"] += 1
                 continue
-            now = time.monotonic()
-            reply = server.fast(query, "udp", now)
-            if reply is None:
-                server._handle(query, source, "udp", self, now, destination)
-            else:
-                self.send(reply, source)
+            server._answer(query, source, "udp", self, destination)
 
     def send(self, wire: bytes, source: Any) -> None:
         """A reply from the original destination (source's last item), as the rate limit lets it go."""
-        prefix = self._server.sources(source[0]).prefix
-        if prefix is not None:
-            limited = self._server.limit(wire, prefix, time.monotonic())
-            if limited is None:
-                return
-            wire = limited
+        limited = self._server.limit_to(source[0], wire)
+        if limited is None:
+            return
         try:
-            self.sock.sendmsg([wire], [reply_from(source[-1])], 0, source[:-1])
+            self.sock.sendmsg([limited], [reply_from(source[-1])], 0, source[:-1])
         except OSError:
             self._server.stats["udp_send_errors"] += 1
 
@@ -405,6 +394,11 @@ class DnsServer:
         self.stats["rrl_dropped"] += 1
         return None
 
+    def limit_to(self, host: str, wire: bytes) -> bytes | None:
+        """A UDP reply to the client at host, made outside a receive batch, as limit() lets it go."""
+        prefix = self.sources(host).prefix
+        return wire if prefix is None else self.limit(wire, prefix, time.monotonic())
+
     def flush_cache(self) -> None:
         """Forget every cached answer, e.g. after a link change."""
         self._resolver.flush_cache()
@@ -450,6 +444,17 @@ class DnsServer:
         await self._transport.wait_closed()
 
     # -- the loop around the resolver ------------------------------------
+
+    def _answer(
+        self, wire: bytes, source: Any, transport: str, ctx: _InterceptUdp | _TcpConnection, destination: str
+    ) -> None:
+        """A query read on its own (not in a UDP batch): the fast path's reply, else the resolver's."""
+        now = time.monotonic()
+        reply = self.fast(wire, transport, now)
+        if reply is None:
+            self._handle(wire, source, transport, ctx, now, destination)
+        else:
+            ctx.send(reply, source)
 
     def _handle(
         self,
@@ -537,12 +542,7 @@ class DnsServer:
                     if refused is not None:
                         connection.send(refused, source)
                     break
-                now = time.monotonic()
-                reply = self.fast(wire, "tcp", now)
-                if reply is None:
-                    self._handle(wire, source, "tcp", connection, now, destination)
-                else:
-                    connection.send(reply, source)
+                self._answer(wire, source, "tcp", connection, destination)
         except (asyncio.IncompleteReadError, OSError, TimeoutError):
             pass  # the client went away or stalled mid-message
         finally:

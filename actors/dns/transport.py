@@ -46,11 +46,18 @@ from typing import Any
 import structlog
 
 from meshsup.actors.dns.bootstrap import Bootstrap
+from meshsup.actors.dns.exchange import (
+    MAX_MESSAGE,
+    QR_BYTE,
+    ConnectionLost,
+    UpstreamError,
+    answer_for,
+    exchange_once_more,
+)
 from meshsup.actors.settings.dnstypes import Upstream
 
 log = structlog.get_logger("meshsup.dns")
 
-MAX_MESSAGE = 65535
 DOH_POOL_SIZE = 4
 UDP_BURST = 16  # queries one socket (one source port) carries at most
 UDP_ANSWER_SIZE = 4096  # we ask for at most OUR_PAYLOAD (1232): a larger answer is dropped, counted
@@ -60,27 +67,9 @@ MAX_HTTP_LINE = 8192  # a status, header or chunk-size line
 CONTENT_LENGTH = re.compile(r"[0-9]{1,5}")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")  # checked against what a message may still take before reading
 _ID = struct.Struct("!H")
-_QR_BYTE = 0x80  # in the third octet of a message
 _TC_BYTE = 0x02
 _UDP_NONBLOCKING = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK  # in socket(): no fcntl calls after it
 _NEVER = float("inf")
-
-
-class UpstreamError(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class _ConnectionLost(ConnectionError):
-    """The connection ended before our answer came."""
-
-
-def _answer_for(query: bytes, answer: bytes, wire_id: bytes) -> bytes:
-    """Check the answer belongs to the query on the wire; give it the query's own ID."""
-    if len(answer) < 12 or answer[:2] != wire_id or not answer[2] & _QR_BYTE:
-        raise UpstreamError("mismatched")
-    return query[:2] + answer[2:]
 
 
 def _tls_context(ca_file: str | None, alpn: tuple[str, ...]) -> ssl.SSLContext:
@@ -272,7 +261,7 @@ class _UdpSocket:
             if len(answer) > UDP_ANSWER_SIZE:
                 counters["upstream_udp_oversized"] += 1
                 continue
-            is_answer = len(answer) >= 12 and answer[2] & _QR_BYTE
+            is_answer = len(answer) >= 12 and answer[2] & QR_BYTE
             waiting = pending.pop((answer[0] << 8) | answer[1], None) if is_answer else None
             if waiting is None:
                 counters["upstream_udp_mismatched"] += 1  # late, stray or spoofed: keep waiting
@@ -344,7 +333,7 @@ class _StreamConnection:
 
     async def exchange(self, query: bytes) -> bytes:
         if self.closed:
-            raise _ConnectionLost()
+            raise ConnectionLost()
         query_id = _random_id()
         while query_id in self._pending:
             query_id = _random_id()
@@ -360,7 +349,7 @@ class _StreamConnection:
             self._pending.pop(query_id, None)
             if not self._pending and not self.closed:
                 self._idle_timer = asyncio.get_running_loop().call_later(self._idle_timeout, self.close)
-        return _answer_for(query, answer, wire_id)
+        return answer_for(query, answer, wire_id)
 
     async def _read_loop(self) -> None:
         try:
@@ -387,26 +376,12 @@ class _StreamConnection:
         self._cancel_idle_timer()
         for future in self._pending.values():
             if not future.done():
-                future.set_exception(_ConnectionLost())
+                future.set_exception(ConnectionLost())
         self._writer.close()
 
     def close(self) -> None:
         self._reader_task.cancel()
         self._shut()
-
-
-async def exchange_once_more(connect: Callable[[], Coroutine[Any, Any, tuple[Any, bool]]], query: bytes) -> bytes:
-    """query on the shared connection `connect` gives (with whether it was open before). A server
-    may close an idle connection at any time (RFC 7766 section 6.2.3): a reused one that was lost
-    gets one more try on a new connection."""
-    connection, reused = await connect()
-    try:
-        return await connection.exchange(query)
-    except _ConnectionLost:
-        if not reused:
-            raise
-    connection, _ = await connect()
-    return await connection.exchange(query)
 
 
 class _StreamClient:
@@ -465,7 +440,7 @@ class _HttpConnection:
         await self._writer.drain()
         status_line = await self._line()
         if not status_line:
-            raise _ConnectionLost()
+            raise ConnectionLost()
         parts = status_line.decode("latin-1").split(None, 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
             raise UpstreamError("http_bad_response")
@@ -554,11 +529,11 @@ class _DohClient:
             reused = connection is not None
             try:
                 answer = await self._post(connection or await self._connect(), body)
-            except _ConnectionLost:
+            except ConnectionLost:
                 if not reused:
                     raise
                 answer = await self._post(await self._connect(), body)
-        return _answer_for(query, answer, b"\x00\x00")
+        return answer_for(query, answer, b"\x00\x00")
 
     async def _post(self, connection: _HttpConnection, body: bytes) -> bytes:
         try:

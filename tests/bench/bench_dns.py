@@ -52,22 +52,25 @@ class Figures:
     qps: float
     latency_ms: float
     cpu_us: float  # the server's CPU time (user and system, all its processes) per answered query
+    user_us: float  # of that, user time: the server's own code, where system time is the kernel's
     lost: int
     errors: int
 
     def __str__(self) -> str:
         extra = f", {self.lost} lost" if self.lost else ""
         extra += f", {self.errors} not NOERROR" if self.errors else ""
-        return f"{self.qps:8.0f} q/s {self.latency_ms:6.2f} ms {self.cpu_us:6.1f} us CPU/q{extra}"
+        cpu = f"{self.cpu_us:6.1f} us CPU/q ({self.user_us:4.1f} user)"
+        return f"{self.qps:8.0f} q/s {self.latency_ms:6.2f} ms {cpu}{extra}"
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
     """User and system time of the processes so far."""
-    total = 0
+    user = system = 0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
+        user, system = user + int(fields[11]), system + int(fields[12])  # utime, stime
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
 def dnsperf(ns: Netns, server: Server, queries: list[str], tmp: Path, seconds: float, passes: int = 0) -> Figures:
@@ -94,9 +97,10 @@ def dnsperf(ns: Netns, server: Server, queries: list[str], tmp: Path, seconds: f
     if passes:
         argv += ["-n", str(passes)]
     pids = server.pids()
-    cpu = cpu_seconds(pids)
+    user, system = cpu_seconds(pids)
     out = ns.run(*argv, timeout=seconds + 60).stdout
-    cpu = cpu_seconds(pids) - cpu
+    user_after, system_after = cpu_seconds(pids)
+    user, cpu = user_after - user, user_after + system_after - user - system
 
     def number(label: str) -> float:
         match = re.search(rf"{label}:\s+([\d.]+)", out)
@@ -113,6 +117,7 @@ def dnsperf(ns: Netns, server: Server, queries: list[str], tmp: Path, seconds: f
         number("Queries per second"),
         number("Average Latency \\(s\\)") * 1000,
         cpu / completed * 1e6,
+        user / completed * 1e6,
         int(number("Queries lost")),
         errors,
     )
@@ -195,6 +200,7 @@ def median(figures: list[Figures]) -> Figures:
         mid([f.qps for f in figures]),
         mid([f.latency_ms for f in figures]),
         mid([f.cpu_us for f in figures]),
+        mid([f.user_us for f in figures]),
         sum(f.lost for f in figures),
         sum(f.errors for f in figures),
     )
@@ -292,7 +298,8 @@ def main() -> None:
         ours, theirs = median(results[label]["cold"]), median(results[reference]["cold"])
         print(
             f"cold forwarding, {label}: {ours.qps:.0f} q/s against dnsmasq's {theirs.qps:.0f}: "
-            f"{ours.qps / theirs.qps:.2f}x; CPU {ours.cpu_us:.1f} us/q against {theirs.cpu_us:.1f} us/q"
+            f"{ours.qps / theirs.qps:.2f}x; CPU {ours.cpu_us:.1f} us/q against {theirs.cpu_us:.1f} us/q "
+            f"(user {ours.user_us:.1f} against {theirs.user_us:.1f})"
         )
     workers = rss[pairs[-1][1]]
     print(
