@@ -63,6 +63,7 @@ class Supervisor:
         self.mesh = Coordinated()
         self.mesh_applying = self.mesh_dirty = False
         self.local_asked: dict[str, Any] | None = None
+        self.local_told: tuple[int, dict[str, Any]] | None = None  # the coord actor's pid, and what it took
         self.tree.on_mesh = self.on_mesh
         self.health = Health(no_handshake_after(os.environ))
         self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure, self.health)
@@ -89,6 +90,7 @@ class Supervisor:
                 now = time.monotonic()
                 self.tree.check_deadlines(now)
                 self.hub.check_deadlines(now)
+                self._tell_coord_local()  # at magicsock's first heartbeat with them: the record waits for them
                 if now >= next_health:
                     self._check_health()
                     next_health = now + UPDATE_INTERVAL
@@ -117,7 +119,6 @@ class Supervisor:
         if isinstance(config, RelaySettings):
             self.health.update(time.time(), actors, config.supervisor.period)
         else:
-            self._tell_coord_local()
             # The peers a worker reports: the others have had no traffic (their state is made on the
             # first packet), so none can wait for a handshake; the thousands of them cost nothing here.
             live = self.tree.live_peers()
@@ -231,17 +232,19 @@ class Supervisor:
 
     def _tell_coord_local(self) -> None:
         """magicsock's endpoints, disco key and home relay to the coord actor, for the node's
-        record, when they differ from what it has."""
+        record, when they differ from what it has (its heartbeat says; until the next one, what
+        it was told stands for it)."""
         coord, magicsock = self.tree.actors.get("coord"), self.tree.actors.get("magicsock")
         if coord is None or magicsock is None or coord.state != "running" or self.local_asked is not None:
             return
         local = local_info(magicsock.status)
-        if local is None or coord.status.get("local") == local:
+        if local is None or coord.status.get("local") == local or self.local_told == (coord.pid, local):
             return
         self.local_asked = local
 
         def answered(ack: Any) -> None:
             self.local_asked = None
+            self.local_told = (coord.pid, local) if ack is not None and ack.ok else None
 
         self.hub.request("coord", lambda req: Command(req=req, op="local", args=local), answered)
 

@@ -8,15 +8,15 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from tests.actors.coord.natsrv import NatsServer
-from tests.actors.coord.test_coord_netns import LIFETIME, cluster, coordination, kill_node, peer_names, process_tree
-from tests.topology import Identity, Netns, Node, Underlay, have, meshsup_config
+from tests.actors.coord.test_coord_netns import LIFETIME, cluster, kill_node, peer_names, process_tree
+from tests.actors.coord.test_coord_netns import launch as coord_launch
+from tests.topology import Identity, Netns, Node, Underlay, have
 
 pytestmark = [
     pytest.mark.netns,
@@ -28,21 +28,11 @@ pytestmark = [
 NODES = 20
 
 
-@pytest.fixture
-def underlay() -> Iterator[Underlay]:
-    u = Underlay()
-    try:
-        yield u
-    finally:
-        u.close()
+WORKERS = ("--crypto-workers", "1", "--dns-workers", "1")
 
 
 def launch(u: Underlay, tmp: Path, ident: Identity, servers: list[NatsServer]) -> tuple[Netns, Node]:
-    ns, addr = u.host()
-    ident.endpoint = f"{addr}:51820"
-    config = meshsup_config(tmp, ident, [], extra=coordination(servers, replicas=3))
-    args = ("--config", str(config), "--crypto-workers", "1", "--dns-workers", "1")
-    return ns, u.track(Node(tmp, *args, netns=ns))
+    return coord_launch(u, tmp, ident, servers, args=WORKERS, replicas=3)
 
 
 def unreachable(ns: Netns, targets: list[str]) -> list[str]:

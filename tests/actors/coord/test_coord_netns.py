@@ -18,7 +18,19 @@ from meshsup.actors.settings.coordination import node_permissions
 from meshsup.actors.settings.keys import b64
 from meshsup.supervisor.lab import descendants_by_state_dir
 from tests.actors.coord.natsrv import NatsServer, client
-from tests.topology import Identity, Netns, Node, Underlay, have, meshsup_config, ping, start_wg
+from tests.topology import (
+    ExitLab,
+    Identity,
+    Netns,
+    Node,
+    Underlay,
+    have,
+    meshsup_config,
+    peer,
+    ping,
+    start_wg,
+    with_node_keys,
+)
 
 MISSING = have("nats-server", "wireguard-go", "wg", "dig")
 pytestmark = [
@@ -41,29 +53,33 @@ def readable_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def underlay() -> Iterator[Underlay]:
-    u = Underlay()
-    try:
-        yield u
-    finally:
-        u.close()
-
-
 def coordination(servers: list[NatsServer], **extra: object) -> str:
     urls = ", ".join(f'"{s.url}"' for s in servers)
     more = "".join(f"{k} = {v}\n" for k, v in extra.items())
     return f'\n[coordination]\nservers = [{urls}]\nmesh = "test"\nlifetime = {LIFETIME}\n{more}'
 
 
-def start_node(
-    u: Underlay, tmp: Path, ident: Identity, servers: list[NatsServer], static: list[Identity] = (), **extra: object
+def launch(
+    u: Underlay,
+    tmp: Path,
+    ident: Identity,
+    servers: list[NatsServer],
+    static: list[Identity] = (),
+    args: tuple[str, ...] = (),
+    **extra: object,
 ) -> tuple[Netns, Node]:
-    """A node with [coordination] (and `static` [[peers]]), ready."""
+    """A node with [coordination] (and `static` [[peers]]) in a namespace of its own, started."""
     ns, addr = u.host()
     ident.endpoint = f"{addr}:51820"
     config = meshsup_config(tmp, ident, list(static), extra=coordination(servers, **extra))
-    node = u.track(Node(tmp, "--config", str(config), netns=ns))
+    return ns, u.track(Node(tmp, "--config", str(config), *args, netns=ns))
+
+
+def start_node(
+    u: Underlay, tmp: Path, ident: Identity, servers: list[NatsServer], static: list[Identity] = (), **extra: object
+) -> tuple[Netns, Node]:
+    """As launch, ready."""
+    ns, node = launch(u, tmp, ident, servers, static, **extra)
     node.wait_ready()
     return ns, node
 
@@ -307,3 +323,26 @@ def test_nodes_without_addresses_take_free_ones(underlay: Underlay, tmp_path: Pa
     assert after["coordination"]["addresses"] == before["coordination"]["addresses"]
     assert after["node"]["generation"] == before["node"]["generation"]
     assert {p["name"] for p in after["peers"]} == {p["name"] for p in before["peers"]}
+
+
+def test_exit_node_named_from_the_mesh(underlay: Underlay, tmp_path: Path) -> None:
+    """`exit_node` names a node known only through the mesh, which advertises exit: the client's
+    traffic to the internet goes through it, and its connection to NATS stays direct."""
+    u = underlay
+    lab = ExitLab(u, tmp_path)
+    ns_n, addr_n = u.host()
+    server = u.track(NatsServer(ns_n, addr_n, tmp_path, "n1"))
+    server.wait_ready()
+    exit_conf = meshsup_config(tmp_path, lab.exit, [], extra=coordination([server]))
+    with_node_keys(exit_conf, "advertise_exit_node = true")
+    u.track(Node(tmp_path, "--config", str(exit_conf), netns=lab.exit_ns)).wait_ready()
+    client_conf = meshsup_config(tmp_path, lab.client, [], extra=coordination([server]))
+    with_node_keys(client_conf, 'exit_node = "exit"')
+    client = u.track(Node(tmp_path, "--config", str(client_conf), netns=lab.client_ns))
+    client.wait_ready()
+    allowed = client.wait(lambda: peer(client, "exit")["allowed_ips"], 20, "the exit from the mesh")
+    assert "0.0.0.0/0" in allowed and "::/0" in allowed
+    assert ping(lab.client_ns, lab.INTERNET_HOST, count=2)
+    assert f"to {addr_n} lookup main" in lab.client_ns.run("ip", "-4", "rule").stdout
+    assert client.status()["coordination"]["up"]
+    assert all(a["restarts"] == 0 for a in client.status()["actors"])

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import tomllib
+from pathlib import Path
 
 import pytest
 
 from meshsup.actors.coord import alloc
 from meshsup.actors.coord.mesh import MeshView, owner_text
 from meshsup.actors.coord.record import NodeRecord, RecordError, addr_key, address_of_key, decode, node_key
+from meshsup.actors.settings import ConfigError, parse
 from meshsup.actors.settings.coordination import CoordinationSettings
 from meshsup.actors.settings.keys import b64, generate_private, public_of
 
@@ -174,3 +177,18 @@ def test_the_policy_is_taken_whole_or_not_at_all() -> None:
         assert view.policy == good
     view.apply("policy", None, view.revision + 1, 0.0, 0.0)
     assert view.policy == {}
+
+
+def test_exit_node_may_name_a_peer_of_the_mesh(tmp_path: Path) -> None:
+    """With [coordination], exit_node may name no [[peers]] entry (the mesh's node of that name, once
+    it advertises exit); without, or naming a [[peers]] entry that is no exit, it is refused."""
+    node = f'[node]\nname = "client"\nprivate_key_file = "{tmp_path / "k"}"\nexit_node = "exit"\n'
+    (tmp_path / "k").write_text(b64(generate_private()))
+    (tmp_path / "k").chmod(0o600)
+    mesh = '[coordination]\nservers = ["nats://127.0.0.1:4222"]\nmesh = "t"\n'
+    assert parse("t.toml", tomllib.loads(node + mesh), tmp_path, tmp_path).node.exit_node == "exit"
+    with pytest.raises(ConfigError, match="no peer named 'exit'"):
+        parse("t.toml", tomllib.loads(node), tmp_path, tmp_path)
+    static = f'[[peers]]\nname = "exit"\npublic_key = "{b64(key())}"\nallowed_ips = ["100.64.0.9/32"]\n'
+    with pytest.raises(ConfigError, match="neither 0.0.0.0/0"):
+        parse("t.toml", tomllib.loads(node + mesh + static), tmp_path, tmp_path)
