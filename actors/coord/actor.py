@@ -122,6 +122,9 @@ class CoordActor(Actor):
                 self._ratelimited_warning("coordination client error", "", event.reason)
             elif isinstance(event, Written):
                 self._on_written(event, now)
+        for key, what in self.view.notes:
+            self._ratelimited_warning("address claim mismatch", key, what)
+        self.view.notes.clear()
 
     def _on_written(self, event: Written, now: float) -> None:
         assert self.settings is not None

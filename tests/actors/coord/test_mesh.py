@@ -192,3 +192,30 @@ def test_exit_node_may_name_a_peer_of_the_mesh(tmp_path: Path) -> None:
     static = f'[[peers]]\nname = "exit"\npublic_key = "{b64(key())}"\nallowed_ips = ["100.64.0.9/32"]\n'
     with pytest.raises(ConfigError, match="neither 0.0.0.0/0"):
         parse("t.toml", tomllib.loads(node + mesh + static), tmp_path, tmp_path)
+
+
+def test_an_address_claimed_by_another_key_is_counted_and_decides_only_a_contest() -> None:
+    """Claims are a cross-check: a mismatch is counted and noted with the record's key; it never
+    removes a record alone (anyone may write a claim), nor a working peer; between two live records
+    holding one address, the one the claim names gets it."""
+    view = MeshView(SETTINGS)
+    a, b, forger, me = key(), key(), key(), key()
+    view.apply(addr_key(net("100.64.0.1/32")), owner_text(forger), 1, 0.0, 0.0)  # a forged claim
+    view.apply(node_key("alpha"), record("alpha", a, "100.64.0.1").encode(), 2, 0.0, 0.0)
+    assert view.mismatches == 1 and view.notes == [("node.alpha", f"100.64.0.1/32 is claimed by {b64(forger)}")]
+    assert [p.name for p in view.peers(me)] == ["alpha"]  # kept: the claim's owner has no record holding it
+    # bravo takes the address by claim and publishes it: alpha was a working peer and stays
+    view.apply(addr_key(net("100.64.0.1/32")), owner_text(b), 3, 0.0, 0.0)
+    view.apply(node_key("bravo"), record("bravo", b, "100.64.0.1").encode(), 4, 0.0, 0.0)
+    assert view.mismatches == 2  # alpha's address, now claimed by bravo
+    assert [p.name for p in view.peers(me)] == ["alpha"] and view.conflicts == 1
+    # a reader that never had alpha as a peer gives the address to the record the claim names
+    fresh = MeshView(SETTINGS)
+    fresh.apply(node_key("alpha"), record("alpha", a, "100.64.0.1").encode(), 2, 0.0, 0.0)
+    fresh.apply(addr_key(net("100.64.0.1/32")), owner_text(b), 3, 0.0, 0.0)
+    fresh.apply(node_key("bravo"), record("bravo", b, "100.64.0.1").encode(), 4, 0.0, 0.0)
+    assert [p.name for p in fresh.peers(me)] == ["bravo"] and fresh.mismatches == 1
+    # an address with no claim (configured, not taken from the pool) is no mismatch
+    plain = MeshView(SETTINGS)
+    plain.apply(node_key("alpha"), record("alpha", a, "100.64.0.7").encode(), 1, 0.0, 0.0)
+    assert plain.mismatches == 0 and [p.name for p in plain.peers(me)] == ["alpha"]
