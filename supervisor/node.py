@@ -186,8 +186,12 @@ class Supervisor:
             reply(False, f"reload refused, running configuration kept: {err}")
             return
         static = replace(static, actors=self.tree.config.actors)  # the worker counts stay as scaled
-        if static.coordination != self.static.coordination:
-            static = replace(static, coordination=self.static.coordination)  # read at start only
+        if (static.coordination is None) != (self.static.coordination is None):
+            # the coord actor is part of the tree or not from the start: no reload adds or removes it
+            error = "[coordination] added or removed: that takes a restart"
+            self.log.error("reload refused, keeping the running configuration", error=error)
+            reply(False, f"reload refused, running configuration kept: {error}")
+            return
         self.static = static
         new = self.mesh.merge(static)
         if new == self.tree.config:

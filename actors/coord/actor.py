@@ -24,6 +24,7 @@ from meshsup.actors.coord.link import Down, Entry, Link, Problem, Up, Written
 from meshsup.actors.coord.mesh import MeshView, owner_text
 from meshsup.actors.coord.record import NodeRecord, addr_key, node_key
 from meshsup.actors.settings import Settings
+from meshsup.actors.settings.coordination import CoordinationSettings
 from meshsup.actors.settings.keys import parse_key
 from meshsup.actors.settings.node import IPNetwork, parse_endpoint
 from meshsup.actors.settings.wire import encode
@@ -65,15 +66,31 @@ class CoordActor(Actor):
         coordination = settings.coordination
         if coordination is None:
             raise ConfigError("no [coordination] in the settings")
-        if self.settings is not None and self.settings.coordination != coordination:
-            raise ConfigError("[coordination] changes only at the next start")
+        previous = self.settings.coordination if self.settings is not None else None
         self.settings = settings
-        if self.link is None:
-            self.view = MeshView(coordination)
-            self.link = Link(coordination, f"meshsup-{settings.node.name}")
-            self.add_reader(self.link.wake, self._on_link)
-            self.link.start()
+        if coordination != previous:
+            self._connect(coordination, previous)
         self.next_refresh = 0.0  # the record may have changed: written at the next tick
+
+    def _connect(self, coordination: CoordinationSettings, previous: CoordinationSettings | None) -> None:
+        """A link and a view for `coordination`; on a reload that changed it, in place of the old
+        ones. The record leaves a mesh the node leaves; in the same bucket it stays (others see no
+        change), as do the peers until the new watch has caught up."""
+        assert self.settings is not None
+        if self.link is not None:
+            if previous is not None and previous.bucket != coordination.bucket and self.written:
+                self.link.delete(node_key(self.settings.node.name), 1.0)
+            self.remove_reader(self.link.wake)
+            self.link.close()
+            self.log.info("coordination changed, connecting again", servers=list(coordination.servers))
+        self.view = MeshView(coordination)
+        self.link = Link(coordination, f"meshsup-{self.settings.node.name}")
+        self.addresses, self.taking, self.refused, self.exhausted = {}, {}, set(), set()
+        self.written, self.written_revision, self.echo_since = b"", 0, None
+        self.pushed, self.up, self.down_since = None, False, None  # nothing pushed before the catch-up
+        self.started = time.monotonic()
+        self.add_reader(self.link.wake, self._on_link)
+        self.link.start()
 
     def command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         if op != "local":

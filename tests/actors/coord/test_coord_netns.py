@@ -346,3 +346,35 @@ def test_exit_node_named_from_the_mesh(underlay: Underlay, tmp_path: Path) -> No
     assert f"to {addr_n} lookup main" in lab.client_ns.run("ip", "-4", "rule").stdout
     assert client.status()["coordination"]["up"]
     assert all(a["restarts"] == 0 for a in client.status()["actors"])
+
+
+def test_a_reload_moves_a_node_to_other_servers(underlay: Underlay, tmp_path: Path) -> None:
+    """A changed [coordination] on reload: the coord actor connects to the new servers (in place, no
+    restart) and the node joins the mesh there; adding or removing the table is refused."""
+    u = underlay
+    servers = []
+    for name in ("s1", "s2"):  # two servers apart, each with a mesh "test" of its own
+        ns_s, addr_s = u.host()
+        servers.append(u.track(NatsServer(ns_s, addr_s, tmp_path, name)))
+        servers[-1].wait_ready()
+    idents = [Identity(name, i) for i, name in enumerate(("alpha", "bravo", "charlie"), 1)]
+    nodes = [start_node(u, tmp_path, ident, servers[:1]) for ident in idents[:2]]
+    ns_c, addr_c = u.host()
+    idents[2].endpoint = f"{addr_c}:51820"
+    config = meshsup_config(tmp_path, idents[2], [], extra=coordination(servers[1:]))
+    charlie = u.track(Node(tmp_path, "--config", str(config), netns=ns_c))
+    charlie.wait_ready()
+    charlie.wait(lambda: charlie.status()["coordination"]["up"], 20, "charlie's coordination up")
+    assert peer_names(charlie) == set()
+    config.write_text(config.read_text().replace(servers[1].url, servers[0].url))
+    charlie.cli("reload")
+    charlie.wait(lambda: peer_names(charlie) == {"alpha", "bravo"}, 20, "charlie in alpha's mesh")
+    for _, node in nodes:
+        node.wait(lambda node=node: "charlie" in peer_names(node), 20, "charlie seen")
+    assert ping(ns_c, idents[0].v4, count=2) and ping(nodes[1][0], idents[2].v4, count=2)
+    assert all(a["restarts"] == 0 for a in charlie.status()["actors"])
+    plain = config.read_text()
+    config.write_text(plain[: plain.index("[coordination]")])
+    refused = charlie.cli("reload", check=False)
+    assert refused.returncode != 0 and "[coordination] added or removed" in refused.stderr + refused.stdout
+    assert peer_names(charlie) == {"alpha", "bravo"}
