@@ -62,8 +62,9 @@ class Supervisor:
         self.static = config
         self.mesh = Coordinated()
         self.mesh_applying = self.mesh_dirty = False
-        self.local_asked: dict[str, Any] | None = None
-        self.local_told: tuple[int, dict[str, Any]] | None = None  # the coord actor's pid, and what it took
+        # Commands to actors (_tell): those on their way, and what each took (with its pid)
+        self.asked: set[tuple[str, str]] = set()
+        self.told: dict[tuple[str, str], tuple[int, dict[str, Any]] | None] = {}
         self.tree.on_mesh = self.on_mesh
         self.health = Health(no_handshake_after(os.environ))
         self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure, self.health)
@@ -91,6 +92,7 @@ class Supervisor:
                 self.tree.check_deadlines(now)
                 self.hub.check_deadlines(now)
                 self._tell_coord_local()  # at magicsock's first heartbeat with them: the record waits for them
+                self._tell_mesh_hints()
                 if now >= next_health:
                     self._check_health()
                     next_health = now + UPDATE_INTERVAL
@@ -236,21 +238,31 @@ class Supervisor:
 
     def _tell_coord_local(self) -> None:
         """magicsock's endpoints, disco key and home relay to the coord actor, for the node's
-        record, when they differ from what it has (its heartbeat says; until the next one, what
-        it was told stands for it)."""
+        record, when they differ from what it has (its heartbeat says so)."""
         coord, magicsock = self.tree.actors.get("coord"), self.tree.actors.get("magicsock")
-        if coord is None or magicsock is None or coord.state != "running" or self.local_asked is not None:
+        if coord is None or magicsock is None:
             return
         local = local_info(magicsock.status)
-        if local is None or coord.status.get("local") == local or self.local_told == (coord.pid, local):
+        if local is not None and coord.status.get("local") != local:
+            self._tell("coord", "local", local)
+
+    def _tell_mesh_hints(self) -> None:
+        """What the mesh's records say of their peers' home relays and disco keys, to magicsock."""
+        if "coord" in self.tree.actors:
+            self._tell("magicsock", "mesh_hints", {"hints": self.mesh.hints})
+
+    def _tell(self, name: str, op: str, args: dict[str, Any]) -> None:
+        """Command `op` to a running actor unless it took these `args` since it started, or one is on its way."""
+        a = self.tree.actors.get(name)
+        if a is None or a.state != "running" or (name, op) in self.asked or self.told.get((name, op)) == (a.pid, args):
             return
-        self.local_asked = local
+        self.asked.add((name, op))
 
         def answered(ack: Any) -> None:
-            self.local_asked = None
-            self.local_told = (coord.pid, local) if ack is not None and ack.ok else None
+            self.asked.discard((name, op))
+            self.told[(name, op)] = (a.pid, args) if ack is not None and ack.ok else None
 
-        self.hub.request("coord", lambda req: Command(req=req, op="local", args=local), answered)
+        self.hub.request(name, lambda req: Command(req=req, op=op, args=args), answered)
 
     def close(self) -> None:
         self.wg.close()

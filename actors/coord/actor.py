@@ -254,11 +254,13 @@ class CoordActor(Actor):
             peers=[encode(p) for p in peers],
             addresses=[str(self.addresses[v]) for v in sorted(self.addresses)] if len(self.addresses) == 2 else [],
             policy=self.view.policy,
+            hints=self.view.hints(peers),
         )
-        if self.pushed is None or (msg.peers, msg.addresses, msg.policy) != (
+        if self.pushed is None or (msg.peers, msg.addresses, msg.policy, msg.hints) != (
             self.pushed.peers,
             self.pushed.addresses,
             self.pushed.policy,
+            self.pushed.hints,
         ):
             if self.pushed is not None or self.up:  # nothing to say before the first catch-up
                 self._send(msg)

@@ -197,6 +197,16 @@ class MeshView:
         self.working = frozenset(p.public_key for p in out)
         return sorted(out, key=lambda p: p.name)
 
+    def hints(self, peers: list[PeerSettings]) -> dict[str, dict[str, str]]:
+        """What `peers`' records say for magicsock, by public key (base64): the home relay, a first
+        hint where to reach a peer not heard from yet; the disco key, to cross-check TSMP's."""
+        keys = {p.public_key for p in peers}
+        return {
+            b64(r.public_key): {"relay": r.relay, "disco": b64(r.disco_key) if r.disco_key else ""}
+            for r in (live.record for live in self.records.values())
+            if r.public_key in keys and (r.relay or r.disco_key)
+        }
+
     def status(self) -> dict[str, object]:
         return {
             "revision": self.revision,

@@ -11,7 +11,6 @@ began applying it); and the load (`uptime`) before and after.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -20,37 +19,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.actors.coord.natsrv import NatsServer  # noqa: E402
+from tests.actors.coord.test_coord_netns import MILESTONES, events_after  # noqa: E402
 from tests.actors.coord.test_coord_netns import launch as coord_launch  # noqa: E402
 from tests.topology import Identity, Netns, Node, Underlay  # noqa: E402
 
-# The newcomer's log lines that tell where its start went (the first of each after launch)
-MILESTONES = ("node ready", "coordination up", "record's endpoints changed", "applying the mesh's peers")
 WORKERS = ("--crypto-workers", "1", "--dns-workers", "1")
 
 
 def launch(u: Underlay, tmp: Path, ident: Identity, server: NatsServer) -> tuple[Netns, Node]:
     return coord_launch(u, tmp, ident, [server], args=WORKERS)
-
-
-def events_after(node: Node, since: float, names: tuple[str, ...]) -> dict[str, float]:
-    """Seconds from `since` (wall clock) to the first log line of each event at or after it."""
-    out: dict[str, float] = {}
-    for line in node.stderr().splitlines():
-        try:
-            entry = json.loads(line)
-            at = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp() - since
-        except (ValueError, KeyError, TypeError):
-            continue
-        event = entry.get("event", "")
-        if event in names and event not in out and at >= 0:
-            out[event] = at
-    return out
 
 
 def round_once(u: Underlay, tmp: Path, server: NatsServer, nodes: list[tuple[Netns, Node]], index: int) -> dict:

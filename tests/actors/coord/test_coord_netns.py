@@ -10,6 +10,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,25 @@ def start_node(
     ns, node = launch(u, tmp, ident, servers, static, **extra)
     node.wait_ready()
     return ns, node
+
+
+# A newcomer's log lines that tell where its start went (the first of each after its launch)
+MILESTONES = ("node ready", "coordination up", "record's endpoints changed", "applying the mesh's peers")
+
+
+def events_after(node: Node, since: float, names: tuple[str, ...]) -> dict[str, float]:
+    """Seconds from `since` (wall clock) to the first log line of each event at or after it."""
+    out: dict[str, float] = {}
+    for line in node.stderr().splitlines():
+        try:
+            entry = json.loads(line)
+            at = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp() - since
+        except (ValueError, KeyError, TypeError):
+            continue
+        event = entry.get("event", "")
+        if event in names and event not in out and at >= 0:
+            out[event] = at
+    return out
 
 
 def peer_names(node: Node) -> set[str]:

@@ -219,3 +219,14 @@ def test_an_address_claimed_by_another_key_is_counted_and_decides_only_a_contest
     plain = MeshView(SETTINGS)
     plain.apply(node_key("alpha"), record("alpha", a, "100.64.0.7").encode(), 1, 0.0, 0.0)
     assert plain.mismatches == 0 and [p.name for p in plain.peers(me)] == ["alpha"]
+
+
+def test_hints_for_magicsock_are_the_peers_home_relays_and_disco_keys() -> None:
+    view = MeshView(SETTINGS)
+    a, b, me = key(), key(), key()
+    alpha = record("alpha", a, "100.64.0.1")
+    bravo = record("bravo", b, "100.64.0.2", addresses=(net("100.64.0.2"),), relay="", disco_key=b"")
+    view.apply(node_key("alpha"), alpha.encode(), 1, 0.0, 0.0)
+    view.apply(node_key("bravo"), bravo.encode(), 2, 0.0, 0.0)
+    assert view.hints(view.peers(me)) == {b64(a): {"relay": "r1", "disco": b64(alpha.disco_key)}}
+    assert view.hints([]) == {}  # only for the peers given
