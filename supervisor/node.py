@@ -62,6 +62,9 @@ class Supervisor:
         self.static = config
         self.mesh = Coordinated()
         self.mesh_applying = self.mesh_dirty = False
+        # The first peer set from the mesh is applied: the node answers its peers' handshakes, so
+        # its record may go out (a first handshake lost to a node not ready costs 5 s: REKEY_TIMEOUT)
+        self.mesh_joined = False
         # Commands to actors (_tell): those on their way, and what each took (with its pid)
         self.asked: set[tuple[str, str]] = set()
         self.told: dict[tuple[str, str], tuple[int, dict[str, Any]] | None] = {}
@@ -223,12 +226,13 @@ class Supervisor:
         new = self.mesh.merge(self.static)
         new = replace(new, actors=self.tree.config.actors)
         if new == self.tree.config:
+            self.mesh_joined = True
             return
         self.mesh_applying, self.mesh_dirty = True, False
         self.log.info("applying the mesh's peers", revision=self.mesh.revision, peers=len(self.mesh.peers))
 
         def done(errors: list[str]) -> None:
-            self.mesh_applying = False
+            self.mesh_applying, self.mesh_joined = False, True
             if errors:
                 self.log.warning("mesh peers applied with errors", errors="; ".join(errors))
             if self.mesh_dirty:
@@ -238,9 +242,10 @@ class Supervisor:
 
     def _tell_coord_local(self) -> None:
         """magicsock's endpoints, disco key and home relay to the coord actor, for the node's
-        record, when they differ from what it has (its heartbeat says so)."""
+        record, when they differ from what it has (its heartbeat says so); the first time once the
+        node is ready and has the mesh's peers (mesh_joined)."""
         coord, magicsock = self.tree.actors.get("coord"), self.tree.actors.get("magicsock")
-        if coord is None or magicsock is None:
+        if coord is None or magicsock is None or not (self.tree.ready and self.mesh_joined):
             return
         local = local_info(magicsock.status)
         if local is not None and coord.status.get("local") != local:

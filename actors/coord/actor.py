@@ -32,7 +32,10 @@ from meshsup.actors.settings.wire import encode
 PUSH_INTERVAL = 0.1  # at most this often a new peer set to the supervisor: a flood is coalesced
 ECHO_GRACE = 1.0  # our own write not seen on the watch in this long: nothing expires until it is
 WATCH_GRACE = 3.0  # ... and in this long: the watch is started again
-LOCAL_WAIT = 3.0  # the first record waits this long at most for magicsock's endpoints
+# The first record waits this long at most for the supervisor to say what magicsock found, which it
+# does once the node is ready and has the mesh's peers: a record out before then draws handshakes
+# the node drops (each lost first one costs 5 s), and one without endpoints is rewritten at once.
+LOCAL_WAIT = 30.0
 
 
 class CoordActor(Actor):
@@ -44,6 +47,7 @@ class CoordActor(Actor):
         self.link: Link | None = None
         self.view: MeshView | None = None
         self.local: dict[str, Any] = {"disco": "", "endpoints": [], "relay": ""}
+        self.local_told = False  # the supervisor has said what self.local holds
         self.addresses: dict[int, IPNetwork] = {}  # taken from the pools, by IP version
         self.taking: dict[int, IPNetwork] = {}  # compare-and-set in flight
         self.refused: set[IPNetwork] = set()  # lost a compare-and-set: not tried again
@@ -105,6 +109,7 @@ class CoordActor(Actor):
         except ValueError as err:
             raise ConfigError(f"local: {err}") from None
         local = {"disco": disco, "endpoints": endpoints, "relay": str(args.get("relay") or "")}
+        self.local_told = True
         if local != self.local:
             self.log.info("record's endpoints changed", endpoints=endpoints, relay=local["relay"])
             self.local = local
@@ -217,8 +222,8 @@ class CoordActor(Actor):
             if self.settings.coordination.allocate:
                 self._allocate(now)
             record = self._record()
-            if not self.local["endpoints"] and now < self.started + LOCAL_WAIT:
-                record = None  # a record without endpoints would be rewritten at once: wait for them
+            if not self.local_told and now < self.started + LOCAL_WAIT:
+                record = None
             if record is not None and (record.encode() != self.written or now >= self.next_refresh):
                 self.written = record.encode()
                 self.next_refresh = now + self.settings.coordination.lifetime / 3
