@@ -29,6 +29,9 @@ from tests.topology import (
     meshsup_config,
     peer,
     ping,
+    relay_up,
+    relays_stanza,
+    start_relay,
     start_wg,
     with_node_keys,
 )
@@ -398,3 +401,47 @@ def test_a_reload_moves_a_node_to_other_servers(underlay: Underlay, tmp_path: Pa
     refused = charlie.cli("reload", check=False)
     assert refused.returncode != 0 and "[coordination] added or removed" in refused.stderr + refused.stdout
     assert peer_names(charlie) == {"alpha", "bravo"}
+
+
+def test_a_peer_is_first_tried_at_the_home_relay_its_record_names(underlay: Underlay, tmp_path: Path) -> None:
+    """alpha has two relays and bravo, which it cannot reach directly, only the one that is not
+    alpha's home: alpha's first packets to bravo go to bravo's home as its record names it, not to
+    alpha's own home (which would say bravo is not there); the disco key TSMP then tells alpha
+    is the record's."""
+    u = underlay
+    ns_n, addr_n = u.host()
+    server = u.track(NatsServer(ns_n, addr_n, tmp_path, "n1"))
+    server.wait_ready()
+    relays = {}
+    for name in ("r1", "r2"):
+        ns_r, addr_r = u.host()
+        start_relay(u, tmp_path, ns_r, addr_r, name=name)
+        relays[name] = addr_r
+    alpha, bravo = Identity("alpha", 1), Identity("bravo", 2)
+    stanzas = "".join(relays_stanza(addr, name) for name, addr in relays.items())
+    ns_a, addr_a = u.host()
+    alpha.endpoint = f"{addr_a}:51820"
+    config = meshsup_config(tmp_path, alpha, [], extra=stanzas + coordination([server]))
+    node_a = u.track(Node(tmp_path, "--config", str(config), netns=ns_a))
+    node_a.wait_ready()
+    node_a.wait(lambda: relay_up(node_a), 20, "alpha's relays up")
+    home = node_a.wait(lambda: next((r["name"] for r in node_a.status()["relays"] if r["home"]), None), 20)
+    other = next(n for n in relays if n != home)
+    ns_b, addr_b = u.host()
+    bravo.endpoint = f"{addr_b}:51820"
+    for ns, there in ((ns_a, addr_b), (ns_b, addr_a)):  # no direct path: the relays alone carry
+        chain = f"chain out {{ type filter hook output priority 0; ip daddr {there} udp dport 51820 drop; }}"
+        rules = f"table ip direct {{ {chain}; }}"
+        ns.run("nft", "-f", "-", input=rules)
+    config_b = meshsup_config(tmp_path, bravo, [], extra=relays_stanza(relays[other], other) + coordination([server]))
+    node_b = u.track(Node(tmp_path, "--config", str(config_b), netns=ns_b))
+    node_b.wait_ready()
+    node_a.wait(lambda: "bravo" in peer_names(node_a), 20, "bravo seen")
+    assert ping(ns_a, bravo.v4, count=2, timeout=15)
+    status = node_a.status()
+    links = {r["name"]: r for r in status["relays"]}
+    assert next(r["name"] for r in links.values() if r["home"]) == home  # (else the check below proves nothing)
+    assert links[home].get("not_here", 0) == 0 and links[home].get("peer_gone", 0) == 0
+    assert peer(node_a, "bravo")["relay"] == other
+    node_a.wait(lambda: node_a.status()["disco"]["counters"].get("tsmp_adverts_received"), 20, "bravo's TSMP")
+    assert node_a.counters()["magicsock"].get("disco_key_not_the_records", 0) == 0
