@@ -396,6 +396,16 @@ def test_a_reload_moves_a_node_to_other_servers(underlay: Underlay, tmp_path: Pa
         node.wait(lambda node=node: "charlie" in peer_names(node), 20, "charlie seen")
     assert ping(ns_c, idents[0].v4, count=2) and ping(nodes[1][0], idents[2].v4, count=2)
     assert all(a["restarts"] == 0 for a in charlie.status()["actors"])
+    # A change within the same bucket (the lifetime): connected again, and nothing flaps anywhere.
+    alpha = nodes[0][1]
+    session = peer(alpha, "charlie")["last_handshake"]
+    mine = {p["name"]: p["last_handshake"] for p in charlie.status()["peers"]}
+    config.write_text(config.read_text().replace(f"lifetime = {LIFETIME}", f"lifetime = {LIFETIME + 1}"))
+    ups = charlie.stderr().count('"coordination up"')
+    charlie.cli("reload")
+    charlie.wait(lambda: charlie.stderr().count('"coordination up"') > ups, 20, "charlie's coordination up again")
+    assert {p["name"]: p["last_handshake"] for p in charlie.status()["peers"]} == mine
+    assert peer(alpha, "charlie")["last_handshake"] == session
     plain = config.read_text()
     config.write_text(plain[: plain.index("[coordination]")])
     refused = charlie.cli("reload", check=False)
