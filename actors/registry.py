@@ -21,7 +21,10 @@ AnySettings = Settings | RelaySettings
 # (the TUN exists), magicsock before crypto (the port before peers), DNS last
 # (it may listen on the tunnel address).
 START_ORDER = ("netlog", "router", "magicsock", "crypto", "tun-io", "dns")
-# With [coordination], coord starts last: what it hands the supervisor goes to running actors.
+# With [coordination], coord comes last in the order (it stops first: its record goes before the
+# node does), but it starts at once: it needs no other actor, and its connection to NATS and catch-up
+# overlap the rest of the start (a newcomer is reached sooner). Peers it hands over while others
+# still start reach them in their first Configure.
 COORD_ORDER = (*START_ORDER, "coord")
 # A relay (`meshsup relay`) runs only its workers.
 RELAY_ORDER = ("relay",)
@@ -35,7 +38,7 @@ STARTS_AFTER: dict[str, tuple[str, ...]] = {
     "crypto": ("magicsock",),
     "tun-io": ("crypto",),
     "dns": ("router",),
-    "coord": START_ORDER,
+    "coord": (),
     "relay": (),
 }
 SCALABLE = frozenset({"crypto", "dns", "relay"})

@@ -221,5 +221,6 @@ def _coordination(coord: dict[str, Any]) -> dict[str, Any]:
         "record_revision": coord.get("record_revision", 0),
         "refused": mesh.get("dropped", {}),
         "conflicts": mesh.get("conflicts", 0),
+        "claim_mismatches": mesh.get("claim_mismatches", 0),
         "counters": coord.get("counters", {}),
     }

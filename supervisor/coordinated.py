@@ -34,6 +34,7 @@ class Coordinated:
     policy: dict[str, Any] = field(default_factory=dict)
     good_policy: dict[str, Any] = field(default_factory=dict)  # the last that parsed
     policy_error: str = ""  # why the latest did not
+    hints: dict[str, dict[str, str]] = field(default_factory=dict)  # MeshPeers.hints, for magicsock
 
     def take(self, msg: MeshPeers) -> bool:
         """The coord actor's news, whole or not at all; False if it does not decode."""
@@ -44,6 +45,7 @@ class Coordinated:
             self.refused += 1
             return False
         self.peers, self.addresses, self.revision, self.policy = peers, addresses, msg.revision, msg.policy
+        self.hints = msg.hints
         return True
 
     def merge(self, static: Settings) -> Settings:

@@ -62,7 +62,12 @@ class Supervisor:
         self.static = config
         self.mesh = Coordinated()
         self.mesh_applying = self.mesh_dirty = False
-        self.local_asked: dict[str, Any] | None = None
+        # The first peer set from the mesh is applied: the node answers its peers' handshakes, so
+        # its record may go out (a first handshake lost to a node not ready costs 5 s: REKEY_TIMEOUT)
+        self.mesh_joined = False
+        # Commands to actors (_tell): those on their way, and what each took (with its pid)
+        self.asked: set[tuple[str, str]] = set()
+        self.told: dict[tuple[str, str], tuple[int, dict[str, Any]] | None] = {}
         self.tree.on_mesh = self.on_mesh
         self.health = Health(no_handshake_after(os.environ))
         self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure, self.health)
@@ -89,6 +94,8 @@ class Supervisor:
                 now = time.monotonic()
                 self.tree.check_deadlines(now)
                 self.hub.check_deadlines(now)
+                self._tell_coord_local()  # at magicsock's first heartbeat with them: the record waits for them
+                self._tell_mesh_hints()
                 if now >= next_health:
                     self._check_health()
                     next_health = now + UPDATE_INTERVAL
@@ -117,7 +124,6 @@ class Supervisor:
         if isinstance(config, RelaySettings):
             self.health.update(time.time(), actors, config.supervisor.period)
         else:
-            self._tell_coord_local()
             # The peers a worker reports: the others have had no traffic (their state is made on the
             # first packet), so none can wait for a handshake; the thousands of them cost nothing here.
             live = self.tree.live_peers()
@@ -185,8 +191,12 @@ class Supervisor:
             reply(False, f"reload refused, running configuration kept: {err}")
             return
         static = replace(static, actors=self.tree.config.actors)  # the worker counts stay as scaled
-        if static.coordination != self.static.coordination:
-            static = replace(static, coordination=self.static.coordination)  # read at start only
+        if (static.coordination is None) != (self.static.coordination is None):
+            # the coord actor is part of the tree or not from the start: no reload adds or removes it
+            error = "[coordination] added or removed: that takes a restart"
+            self.log.error("reload refused, keeping the running configuration", error=error)
+            reply(False, f"reload refused, running configuration kept: {error}")
+            return
         self.static = static
         new = self.mesh.merge(static)
         if new == self.tree.config:
@@ -216,12 +226,13 @@ class Supervisor:
         new = self.mesh.merge(self.static)
         new = replace(new, actors=self.tree.config.actors)
         if new == self.tree.config:
+            self.mesh_joined = True
             return
         self.mesh_applying, self.mesh_dirty = True, False
         self.log.info("applying the mesh's peers", revision=self.mesh.revision, peers=len(self.mesh.peers))
 
         def done(errors: list[str]) -> None:
-            self.mesh_applying = False
+            self.mesh_applying, self.mesh_joined = False, True
             if errors:
                 self.log.warning("mesh peers applied with errors", errors="; ".join(errors))
             if self.mesh_dirty:
@@ -231,19 +242,32 @@ class Supervisor:
 
     def _tell_coord_local(self) -> None:
         """magicsock's endpoints, disco key and home relay to the coord actor, for the node's
-        record, when they differ from what it has."""
+        record, when they differ from what it has (its heartbeat says so); the first time once the
+        node is ready and has the mesh's peers (mesh_joined)."""
         coord, magicsock = self.tree.actors.get("coord"), self.tree.actors.get("magicsock")
-        if coord is None or magicsock is None or coord.state != "running" or self.local_asked is not None:
+        if coord is None or magicsock is None or not (self.tree.ready and self.mesh_joined):
             return
         local = local_info(magicsock.status)
-        if local is None or coord.status.get("local") == local:
+        if local is not None and coord.status.get("local") != local:
+            self._tell("coord", "local", local)
+
+    def _tell_mesh_hints(self) -> None:
+        """What the mesh's records say of their peers' home relays and disco keys, to magicsock."""
+        if "coord" in self.tree.actors:
+            self._tell("magicsock", "mesh_hints", {"hints": self.mesh.hints})
+
+    def _tell(self, name: str, op: str, args: dict[str, Any]) -> None:
+        """Command `op` to a running actor unless it took these `args` since it started, or one is on its way."""
+        a = self.tree.actors.get(name)
+        if a is None or a.state != "running" or (name, op) in self.asked or self.told.get((name, op)) == (a.pid, args):
             return
-        self.local_asked = local
+        self.asked.add((name, op))
 
         def answered(ack: Any) -> None:
-            self.local_asked = None
+            self.asked.discard((name, op))
+            self.told[(name, op)] = (a.pid, args) if ack is not None and ack.ok else None
 
-        self.hub.request("coord", lambda req: Command(req=req, op="local", args=local), answered)
+        self.hub.request(name, lambda req: Command(req=req, op=op, args=args), answered)
 
     def close(self) -> None:
         self.wg.close()

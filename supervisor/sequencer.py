@@ -35,7 +35,7 @@ Starting and stopping follow actors/registry.py START_ORDER instead (netlog,
 router, magicsock, crypto, tun-io, dns) and its reverse: netlog starts before
 the router and stops after it, so the first and the last packets are counted.
 At start, a kind waits only for those it needs (STARTS_AFTER): DNS for the
-router, not the dataplane; the crypto workers start together.
+router, not the dataplane; the crypto workers start together; coord at once.
 
 A step's deadline is hub.REQUEST_TIMEOUT (5 s) for its ack. A step that is
 refused (the ack's error) or gets no answer (the deadline passed, or the actor
@@ -48,7 +48,9 @@ An actor not running when its turn comes (starting, backing off after a
 crash, stopping) is skipped: whenever it (re)starts, its hello is answered
 with a Configure of the running config and generation (supervision.py,
 deadline START_TIMEOUT; a refusal there kills and restarts it), so a restart
-during a sequence replays the current config to it. Sequences are not queued
+during a sequence replays the current config to it; one whose Configure was on
+its way when a sequence began is configured again, at the new generation,
+before it counts as running. Sequences are not queued
 behind each other, and each whole config is read when its step is sent: a
 sequence overtaken by a newer one sends the newer config, labelled with the
 newer generation, so that the overtaken sequence's changes of peers that reach

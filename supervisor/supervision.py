@@ -219,12 +219,7 @@ class Tree:
             if a.state != "starting":
                 return
             a.pid = msg.pid
-            self.hub.request(
-                a.name,
-                lambda req: self.configure_message(a.kind, req, self.generation),
-                lambda ack: self._on_configured(a, ack),
-                START_TIMEOUT,
-            )
+            self._configure_starting(a)
         elif isinstance(msg, Heartbeat):
             a.last_beat = time.monotonic()
             a.status = msg.status
@@ -256,13 +251,25 @@ class Tree:
         peers = [wire.encode(p) for p in peers_for(kind, changed)]
         return PeersChanged(req=req, base=generation - 1, generation=generation, peers=peers, removed=removed)
 
-    def _on_configured(self, a: ActorProc, ack: Ack | None) -> None:
+    def _configure_starting(self, a: ActorProc) -> None:
+        generation = self.generation
+        self.hub.request(
+            a.name,
+            lambda req: self.configure_message(a.kind, req, generation),
+            lambda ack: self._on_configured(a, ack, generation),
+            START_TIMEOUT,
+        )
+
+    def _on_configured(self, a: ActorProc, ack: Ack | None, generation: int) -> None:
         if ack is None or a.state != "starting":
             return  # timed out or died: the exit path restarts it
         if not ack.ok:
             self.log.error("actor refused configuration", name=a.name, error=ack.error)
             a.hung = False
             self._kill(a)
+            return
+        if generation != self.generation:  # a change the sequencer skipped it for (it was starting)
+            self._configure_starting(a)
             return
         a.state = "running"
         a.last_beat = time.monotonic()

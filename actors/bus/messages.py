@@ -302,3 +302,6 @@ class MeshPeers(Message):
     peers: list[Any]  # actors.settings.node.PeerSettings, each in its wire form
     addresses: list[str]  # the node's own, taken from the pools; []: as configured
     policy: dict[str, Any]  # {"filter": [filter] table, "dns": mesh-wide [dns] keys}; {}: none
+    # peer's public key (base64) -> what its record says for magicsock: "relay" (its home relay's
+    # name, a first hint where to reach it), "disco" (its disco key, base64: a cross-check)
+    hints: dict[str, dict[str, str]] = field(default_factory=dict)

@@ -24,6 +24,7 @@ from meshsup.actors.coord.link import Down, Entry, Link, Problem, Up, Written
 from meshsup.actors.coord.mesh import MeshView, owner_text
 from meshsup.actors.coord.record import NodeRecord, addr_key, node_key
 from meshsup.actors.settings import Settings
+from meshsup.actors.settings.coordination import CoordinationSettings
 from meshsup.actors.settings.keys import parse_key
 from meshsup.actors.settings.node import IPNetwork, parse_endpoint
 from meshsup.actors.settings.wire import encode
@@ -31,7 +32,10 @@ from meshsup.actors.settings.wire import encode
 PUSH_INTERVAL = 0.1  # at most this often a new peer set to the supervisor: a flood is coalesced
 ECHO_GRACE = 1.0  # our own write not seen on the watch in this long: nothing expires until it is
 WATCH_GRACE = 3.0  # ... and in this long: the watch is started again
-LOCAL_WAIT = 3.0  # the first record waits this long at most for magicsock's endpoints
+# The first record waits this long at most for the supervisor to say what magicsock found, which it
+# does once the node is ready and has the mesh's peers: a record out before then draws handshakes
+# the node drops (each lost first one costs 5 s), and one without endpoints is rewritten at once.
+LOCAL_WAIT = 30.0
 
 
 class CoordActor(Actor):
@@ -43,6 +47,7 @@ class CoordActor(Actor):
         self.link: Link | None = None
         self.view: MeshView | None = None
         self.local: dict[str, Any] = {"disco": "", "endpoints": [], "relay": ""}
+        self.local_told = False  # the supervisor has said what self.local holds
         self.addresses: dict[int, IPNetwork] = {}  # taken from the pools, by IP version
         self.taking: dict[int, IPNetwork] = {}  # compare-and-set in flight
         self.refused: set[IPNetwork] = set()  # lost a compare-and-set: not tried again
@@ -65,15 +70,31 @@ class CoordActor(Actor):
         coordination = settings.coordination
         if coordination is None:
             raise ConfigError("no [coordination] in the settings")
-        if self.settings is not None and self.settings.coordination != coordination:
-            raise ConfigError("[coordination] changes only at the next start")
+        previous = self.settings.coordination if self.settings is not None else None
         self.settings = settings
-        if self.link is None:
-            self.view = MeshView(coordination)
-            self.link = Link(coordination, f"meshsup-{settings.node.name}")
-            self.add_reader(self.link.wake, self._on_link)
-            self.link.start()
+        if coordination != previous:
+            self._connect(coordination, previous)
         self.next_refresh = 0.0  # the record may have changed: written at the next tick
+
+    def _connect(self, coordination: CoordinationSettings, previous: CoordinationSettings | None) -> None:
+        """A link and a view for `coordination`; on a reload that changed it, in place of the old
+        ones. The record leaves a mesh the node leaves; in the same bucket it stays (others see no
+        change), as do the peers until the new watch has caught up."""
+        assert self.settings is not None
+        if self.link is not None:
+            if previous is not None and previous.bucket != coordination.bucket and self.written:
+                self.link.delete(node_key(self.settings.node.name), 1.0)
+            self.remove_reader(self.link.wake)
+            self.link.close()
+            self.log.info("coordination changed, connecting again", servers=list(coordination.servers))
+        self.view = MeshView(coordination)
+        self.link = Link(coordination, f"meshsup-{self.settings.node.name}")
+        self.addresses, self.taking, self.refused, self.exhausted = {}, {}, set(), set()
+        self.written, self.written_revision, self.echo_since = b"", 0, None
+        self.pushed, self.up, self.down_since = None, False, None  # nothing pushed before the catch-up
+        self.started = time.monotonic()
+        self.add_reader(self.link.wake, self._on_link)
+        self.link.start()
 
     def command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         if op != "local":
@@ -88,6 +109,7 @@ class CoordActor(Actor):
         except ValueError as err:
             raise ConfigError(f"local: {err}") from None
         local = {"disco": disco, "endpoints": endpoints, "relay": str(args.get("relay") or "")}
+        self.local_told = True
         if local != self.local:
             self.log.info("record's endpoints changed", endpoints=endpoints, relay=local["relay"])
             self.local = local
@@ -122,6 +144,9 @@ class CoordActor(Actor):
                 self._ratelimited_warning("coordination client error", "", event.reason)
             elif isinstance(event, Written):
                 self._on_written(event, now)
+        for key, what in self.view.notes:
+            self._ratelimited_warning("address claim mismatch", key, what)
+        self.view.notes.clear()
 
     def _on_written(self, event: Written, now: float) -> None:
         assert self.settings is not None
@@ -197,8 +222,8 @@ class CoordActor(Actor):
             if self.settings.coordination.allocate:
                 self._allocate(now)
             record = self._record()
-            if not self.local["endpoints"] and now < self.started + LOCAL_WAIT:
-                record = None  # a record without endpoints would be rewritten at once: wait for them
+            if not self.local_told and now < self.started + LOCAL_WAIT:
+                record = None
             if record is not None and (record.encode() != self.written or now >= self.next_refresh):
                 self.written = record.encode()
                 self.next_refresh = now + self.settings.coordination.lifetime / 3
@@ -234,11 +259,13 @@ class CoordActor(Actor):
             peers=[encode(p) for p in peers],
             addresses=[str(self.addresses[v]) for v in sorted(self.addresses)] if len(self.addresses) == 2 else [],
             policy=self.view.policy,
+            hints=self.view.hints(peers),
         )
-        if self.pushed is None or (msg.peers, msg.addresses, msg.policy) != (
+        if self.pushed is None or (msg.peers, msg.addresses, msg.policy, msg.hints) != (
             self.pushed.peers,
             self.pushed.addresses,
             self.pushed.policy,
+            self.pushed.hints,
         ):
             if self.pushed is not None or self.up:  # nothing to say before the first catch-up
                 self._send(msg)

@@ -9,6 +9,12 @@ records and address claims out, turned into the peers the supervisor applies.
   removes a working peer. It is counted by reason, with the key, for the actor to log.
 - While the bucket cannot be reached nothing expires: the mesh runs on its last known state,
   and the time away is added to every record's life when the watch is back.
+- Address claims (`addr.` keys, alloc.py) are a cross-check, not a gate: a record holding an
+  address whose claim names another key is counted and noted with the record's key. Claims are
+  first-come but anyone may write one, so a mismatch alone never leaves a record out (a forged
+  claim would then remove a working peer, or bar a node whose addresses are configured, which
+  claims none). It decides only a real contest: when two live records hold one address, the
+  one the claim names gets it, unless the other is a peer already (working peers stay).
 """
 
 from __future__ import annotations
@@ -60,6 +66,9 @@ class MeshView:
     applied: int = 0
     policy: dict[str, Any] = field(default_factory=dict)  # {}: none; a bad one leaves the last good
     conflicts: int = 0  # live records left out by the last peers(): a key or address held first by another
+    mismatches: int = 0  # records seen holding an address whose claim names another key
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (record's key, what): for the actor to log
+    working: frozenset[bytes] = frozenset()  # the public keys the last peers() gave
 
     def apply(self, key: str, value: bytes | None, revision: int, age: float, now: float) -> str | None:
         """One entry (value None: deleted or purged), `age` seconds old when read. The reason it
@@ -102,7 +111,17 @@ class MeshView:
         since = known.since if known is not None and known.record.public_key == record.public_key else revision
         self.records[key] = Live(record, since, now + life)
         self.applied += 1
+        if known is None or known.record.addresses != record.addresses or known.record.public_key != record.public_key:
+            for address in record.addresses:
+                self._cross_check(key, record, address)
         return None
+
+    def _cross_check(self, key: str, record: NodeRecord, address: IPNetwork) -> None:
+        """A claim of `address` naming another key than `record`'s: counted and noted."""
+        claim = self.claims.get(address)
+        if claim is not None and claim.owner != record.public_key:
+            self.mismatches += 1
+            self.notes.append((key, f"{address} is claimed by {b64(claim.owner)}"))
 
     def _claim(self, key: str, value: bytes | None, revision: int, settled: float) -> str | None:
         address = address_of_key(key)
@@ -114,10 +133,16 @@ class MeshView:
             self.claims.pop(net, None)
             return None
         try:
-            self.claims[net] = Claim(parse_key(value.decode()), revision, settled)
+            owner = parse_key(value.decode())
         except (ValueError, UnicodeDecodeError):
             self.dropped["bad_claim"] += 1
             return "bad_claim"
+        known = self.claims.get(net)
+        self.claims[net] = Claim(owner, revision, settled)
+        if known is None or known.owner != owner:
+            for k, live in self.records.items():
+                if net in live.record.addresses:
+                    self._cross_check(k, live.record, net)
         return None
 
     def expire(self, now: float) -> list[str]:
@@ -145,11 +170,18 @@ class MeshView:
         return claim.settled <= now and not any(live.record.public_key == claim.owner for live in self.records.values())
 
     def peers(self, own_key: bytes, exit_node: str = "") -> list[PeerSettings]:
-        """The live records but the node's own, as peers, by name: the record that held a key or
-        an address first keeps it (a later one claiming it is counted as a conflict and left out)."""
+        """The live records but the node's own, as peers, by name: of records holding one key or
+        address, a working peer keeps it, else the one its claims agree with, else the one that held it
+        first (the others are counted as conflicts and left out)."""
         taken_keys, taken_addrs = {own_key}, set()
         out, self.conflicts = [], 0
-        for live in sorted(self.records.values(), key=lambda live: live.since):
+
+        def precedence(live: Live) -> tuple[bool, bool, int]:
+            r = live.record
+            agreed = all(self.claims[a].owner == r.public_key for a in r.addresses if a in self.claims)
+            return r.public_key not in self.working, not agreed, live.since
+
+        for live in sorted(self.records.values(), key=precedence):
             r = live.record
             if r.public_key in taken_keys or taken_addrs & set(r.addresses):
                 self.conflicts += r.public_key != own_key
@@ -162,7 +194,18 @@ class MeshView:
             if r.exit and exit_node == r.name:
                 allowed += DEFAULT_ROUTES
             out.append(PeerSettings(r.name, r.public_key, None, tuple(allowed), r.endpoints, 0))
+        self.working = frozenset(p.public_key for p in out)
         return sorted(out, key=lambda p: p.name)
+
+    def hints(self, peers: list[PeerSettings]) -> dict[str, dict[str, str]]:
+        """What `peers`' records say for magicsock, by public key (base64): the home relay, a first
+        hint where to reach a peer not heard from yet; the disco key, to cross-check TSMP's."""
+        keys = {p.public_key for p in peers}
+        return {
+            b64(r.public_key): {"relay": r.relay, "disco": b64(r.disco_key) if r.disco_key else ""}
+            for r in (live.record for live in self.records.values())
+            if r.public_key in keys and (r.relay or r.disco_key)
+        }
 
     def status(self) -> dict[str, object]:
         return {
@@ -172,6 +215,7 @@ class MeshView:
             "applied": self.applied,
             "dropped": dict(self.dropped),
             "conflicts": self.conflicts,
+            "claim_mismatches": self.mismatches,
             "paused": self.paused_at is not None,
         }
 

@@ -75,12 +75,7 @@ def addr_key(address: IPNetwork) -> str:
 
 def decode(key: str, value: bytes, settings: CoordinationSettings) -> NodeRecord:
     """The record under `key`, checked; RecordError if any of it is wrong."""
-    if len(value) > MAX_RECORD:
-        raise RecordError("too_large", f"{len(value)} bytes")
-    try:
-        doc = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
-        raise RecordError("not_json") from None
+    doc = _json(value, MAX_RECORD)
     if not isinstance(doc, dict) or doc.get("v") != 1:
         raise RecordError("bad_version")
     name = _field(doc, "name", str)
@@ -110,12 +105,7 @@ def decode_policy(value: bytes) -> dict[str, Any]:
     """The policy's JSON: {"filter": {...as [filter]...}, "dns": {...}}, either part optional.
     Its shape is checked here; its values by the settings' own parsers, where the supervisor
     merges it (they need the peers)."""
-    if len(value) > MAX_POLICY:
-        raise RecordError("too_large", f"{len(value)} bytes")
-    try:
-        doc = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
-        raise RecordError("not_json") from None
+    doc = _json(value, MAX_POLICY)
     if not isinstance(doc, dict) or set(doc) - {"filter", "dns"}:
         raise RecordError("bad_policy", "a table of filter and dns")
     if not all(isinstance(v, dict) for v in doc.values()):
@@ -123,6 +113,15 @@ def decode_policy(value: bytes) -> dict[str, Any]:
     if set(doc.get("dns", {})) - POLICY_DNS_KEYS:
         raise RecordError("bad_policy", f"dns keys other than {', '.join(sorted(POLICY_DNS_KEYS))}")
     return doc
+
+
+def _json(value: bytes, most: int) -> Any:
+    if len(value) > most:
+        raise RecordError("too_large", f"{len(value)} bytes")
+    try:
+        return json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        raise RecordError("not_json") from None
 
 
 def _field(doc: dict[str, Any], name: str, kind: type) -> Any:

@@ -72,6 +72,10 @@ class MagicsockActor(Actor):
         self.counters: Counter[str] = Counter()
         self.flows = FlowFeed(self, UNDERLAY)
         self.relays = Relays([])
+        # With [coordination], what peers' records say (supervisor: MeshPeers.hints): the home relay's
+        # name, a first hint where to reach a peer; the disco key, to cross-check what TSMP says
+        self.relay_homes: dict[bytes, str] = {}
+        self.record_discos: dict[bytes, bytes] = {}
         self.resolver = Resolver()  # relay host names, looked up off the loop; kept across reloads
         self.relays_for: tuple[bytes, tuple[RelayEntry, ...]] | None = None  # (our key, [[relays]]) served
         self.peer_keys: frozenset[bytes] = frozenset()
@@ -106,6 +110,7 @@ class MagicsockActor(Actor):
                 for i, r in enumerate(settings.relays, 1)
             ]
             self.relays, self.relays_for = Relays(links), (node.private_key, settings.relays)
+            self.relays.hint(self.relay_homes)
         self._mark(node.fwmark)
         now = time.monotonic()
         if not node.disco_key:
@@ -327,6 +332,11 @@ class MagicsockActor(Actor):
         if paths is None or inband is None:
             return
         for peer, key in inband.learned:
+            published = self.record_discos.get(peer)
+            if published is not None and published != key:  # TSMP's is the one used (README: Coordination)
+                self.counters["disco_key_not_the_records"] += 1
+                if self._ratelimit.should_log(f"disco:{peer.hex()}", now) is not None:
+                    self.log.warning("disco key differs from the mesh record's", peer=keys.b64(peer))
             if paths.set_disco_key(peer, key, now):
                 inband.advertise(peer)  # it did not know ours either, most likely
                 self.disco_key_learned(peer, now)
@@ -368,6 +378,12 @@ class MagicsockActor(Actor):
                 self.pings.pop(int(args["request"]))
                 return {"done": True, "path": ping.get("path"), "latency": ping.get("latency")}
             return {"done": False}
+        if op == "mesh_hints":
+            hints = {keys.parse_key(k): v for k, v in dict(args.get("hints", {})).items() if isinstance(v, dict)}
+            self.relay_homes = {k: str(v["relay"]) for k, v in hints.items() if v.get("relay")}
+            self.record_discos = {k: keys.parse_key(str(v["disco"])) for k, v in hints.items() if v.get("disco")}
+            self.relays.hint(self.relay_homes)
+            return {}
         return super().command(op, args)
 
     def start_ping(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -15,8 +15,9 @@ Every link stays connected: its Pings measure the relay's latency, and a peer
 homed on another relay is reached there. The home relay is the connected one
 with the lowest latency, told so with NotePreferred; another takes over when
 the home fails or is clearly slower (by a third). A peer is sent to through
-the relay its packets last came through while that is up, else the home, else
-any other up relay that has not said the peer is not there (PeerGone).
+the relay its packets last came through while that is up, else the relay its
+mesh record names as its home (a hint, for a peer not heard from yet), else our
+home, else any other up relay that has not said the peer is not there (PeerGone).
 
 A worker's batch for a peer becomes one run of SendPacket frames on the
 link's send queue (256 KiB past the kernel's buffer; what does not fit is
@@ -319,6 +320,12 @@ class Relays:
         self.home: RelayLink | None = None  # kept while it is down, until another is up: status names it
         self.heard_via: dict[bytes, RelayLink] = {}  # peer -> the relay its packets last came through
         self.not_at: dict[bytes, set[int]] = {}  # peer -> relays that said it is not there
+        self.hinted: dict[bytes, RelayLink] = {}  # peer -> its home relay, as its mesh record says
+
+    def hint(self, homes: dict[bytes, str]) -> None:
+        """Peers' home relays by name (from the mesh's records); names of no relay of ours are left out."""
+        by_name = {link.relay.name: link for link in self.links}
+        self.hinted = {key: by_name[name] for key, name in homes.items() if name in by_name}
 
     def heard(self, key: bytes, link: RelayLink) -> None:
         if self.heard_via.get(key) is not link:
@@ -330,6 +337,9 @@ class Relays:
         if link is not None and link.up:
             return link
         absent = self.not_at.get(key, ())
+        hinted = self.hinted.get(key)
+        if hinted is not None and hinted.up and hinted.index not in absent:
+            return hinted
         home = self.home if self.home is not None and self.home.up else None
         if home is not None and home.index not in absent:
             return home

@@ -14,6 +14,7 @@ each burst.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections import Counter
 from typing import Any
@@ -130,7 +131,7 @@ class RouterActor(Actor):
         if self.exit is None:
             self.exit = ExitRouting()
         try:
-            self.exit.apply(self.router.index, families, node.exit_node_allow_lan)
+            self.exit.apply(self.router.index, families, node.exit_node_allow_lan, _servers(settings))
         except NetlinkError as err:
             raise ConfigError(f"cannot route through exit node {node.exit_node}: {err}") from None
         if exit_peer:
@@ -245,6 +246,17 @@ class RouterActor(Actor):
         self.monitor.close()
         if self.router is not None:
             self._remove_link()
+
+
+def _servers(settings: Settings) -> list[str]:
+    """The [coordination] servers given as addresses (a name's server is reached as routes say)."""
+    out = []
+    for url in settings.coordination.servers if settings.coordination else ():
+        try:
+            out.append(str(ipaddress.ip_address(url.split("://", 1)[1].rsplit(":", 1)[0].strip("[]"))))
+        except ValueError:
+            continue
+    return out
 
 
 def _routes(exit_node: str, peer: PeerSettings) -> tuple[str, ...]:

@@ -3,11 +3,14 @@ of our own, chosen by policy rules, as wg-quick does for 0.0.0.0/0:
 
     PRIORITY:     not fwmark EXIT_MARK lookup EXIT_TABLE
     PRIORITY - 1: lookup main suppress_prefixlength 0   (exit_node_allow_lan only)
+    PRIORITY - 2: to SERVER lookup main                 (each [coordination] server's address)
 
 The node's own underlay sockets carry EXIT_MARK (kernel.mark), so they skip the
 table and leave by the underlay's routes; everything else takes the tunnel.
 With allow_lan, main's routes other than its default (the underlay's connected
-LANs among them) are looked up first and stay direct.
+LANs among them) are looked up first and stay direct. The mesh's NATS servers stay
+direct too: the coord actor (unprivileged, so its sockets carry no mark) must reach
+them when the exit node is gone, to learn that it is.
 
 Rules and routes carry our routing protocol number, so a restarted router finds
 and removes what a crashed one left: ``apply`` always starts from a clean slate.
@@ -34,16 +37,22 @@ class ExitRouting:
     def __init__(self) -> None:
         self._ipr = IPRoute()
         self._routes = RouteRequests()
-        self.applied: tuple[int, tuple[int, ...], bool] | None = None  # (link index, families, allow_lan)
+        # (link index, families, allow_lan, bypass)
+        self.applied: tuple[int, tuple[int, ...], bool, tuple[str, ...]] | None = None
 
-    def apply(self, index: int, families: Iterable[int], allow_lan: bool) -> None:
+    def apply(self, index: int, families: Iterable[int], allow_lan: bool, bypass: Iterable[str] = ()) -> None:
         """Route ``families`` (AF_INET, AF_INET6) by default through link ``index``,
-        or nothing (no families). Raises NetlinkError."""
-        wanted = (index, tuple(sorted(families)), allow_lan)
+        or nothing (no families); the addresses in ``bypass`` by main. Raises NetlinkError."""
+        wanted = (index, tuple(sorted(families)), allow_lan, tuple(sorted(bypass)))
         if wanted == self.applied:
             return
         self.clear()
         for family in wanted[1]:
+            for address in wanted[3]:
+                if (":" in address) == (family == socket.AF_INET6):
+                    add_rule(
+                        self._ipr, family, MAIN_TABLE, PRIORITY - 2, dst=address, dst_len=128 if ":" in address else 32
+                    )
             self._ipr.route(
                 "add", dst=DEFAULT_ROUTE[family], oif=index, table=EXIT_TABLE, proto=RTPROT_MESHSUP, family=family
             )
@@ -57,7 +66,7 @@ class ExitRouting:
     def clear(self) -> None:
         """Remove our rules and our routes in EXIT_TABLE (ours by protocol number), whoever added them."""
         for family in DEFAULT_ROUTE:
-            remove_rules(self._ipr, family, (PRIORITY, PRIORITY - 1))
+            remove_rules(self._ipr, family, (PRIORITY, PRIORITY - 1, PRIORITY - 2))
         # Read from our own dump: pyroute2's parses every route of every table, thousands with many peers.
         for prefix in self._routes.ours(None, EXIT_TABLE):
             family = socket.AF_INET6 if ":" in prefix else socket.AF_INET

@@ -132,7 +132,9 @@ def parse(file: str, doc: dict[str, Any], base: Path, state_dir: Path) -> Settin
     node = parse_node(file, top.get("node", dict, {}), base, state_dir)
     peers = [parse_peer(file, p, i, base) for i, p in enumerate(top.get("peers", list, []))]
     check_unique(file, node, peers)
-    check_exit_node(file, node, peers)
+    coordination = parse_coordination(file, top.get("coordination", dict, None), base, top.get("node", dict, {}))
+    if coordination is None or any(p.name == node.exit_node for p in peers):
+        check_exit_node(file, node, peers)  # else the mesh's peer of that name, once it advertises exit
     relays = [parse_relay(file, r, i, base) for i, r in enumerate(top.get("relays", list, []))]
     check_relays(file, relays)
     actors = parse_actors(file, top.get("actors", dict, {}))
@@ -144,7 +146,6 @@ def parse(file: str, doc: dict[str, Any], base: Path, state_dir: Path) -> Settin
     )
     metrics = parse_metrics(file, top.get("metrics", dict, {}))
     packet_filter = parse_filter(file, top.get("filter", dict, None), node, peers)
-    coordination = parse_coordination(file, top.get("coordination", dict, None), base, top.get("node", dict, {}))
     settings = Settings(
         node, tuple(peers), actors, supervisor, dns, netlog, tuple(relays), metrics, packet_filter, coordination
     )

@@ -10,6 +10,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,22 @@ from meshsup.actors.settings.coordination import node_permissions
 from meshsup.actors.settings.keys import b64
 from meshsup.supervisor.lab import descendants_by_state_dir
 from tests.actors.coord.natsrv import NatsServer, client
-from tests.topology import Identity, Netns, Node, Underlay, have, meshsup_config, ping, start_wg
+from tests.topology import (
+    ExitLab,
+    Identity,
+    Netns,
+    Node,
+    Underlay,
+    have,
+    meshsup_config,
+    peer,
+    ping,
+    relay_up,
+    relays_stanza,
+    start_relay,
+    start_wg,
+    with_node_keys,
+)
 
 MISSING = have("nats-server", "wireguard-go", "wg", "dig")
 pytestmark = [
@@ -41,31 +57,54 @@ def readable_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def underlay() -> Iterator[Underlay]:
-    u = Underlay()
-    try:
-        yield u
-    finally:
-        u.close()
-
-
 def coordination(servers: list[NatsServer], **extra: object) -> str:
     urls = ", ".join(f'"{s.url}"' for s in servers)
     more = "".join(f"{k} = {v}\n" for k, v in extra.items())
     return f'\n[coordination]\nservers = [{urls}]\nmesh = "test"\nlifetime = {LIFETIME}\n{more}'
 
 
-def start_node(
-    u: Underlay, tmp: Path, ident: Identity, servers: list[NatsServer], static: list[Identity] = (), **extra: object
+def launch(
+    u: Underlay,
+    tmp: Path,
+    ident: Identity,
+    servers: list[NatsServer],
+    static: list[Identity] = (),
+    args: tuple[str, ...] = (),
+    **extra: object,
 ) -> tuple[Netns, Node]:
-    """A node with [coordination] (and `static` [[peers]]), ready."""
+    """A node with [coordination] (and `static` [[peers]]) in a namespace of its own, started."""
     ns, addr = u.host()
     ident.endpoint = f"{addr}:51820"
     config = meshsup_config(tmp, ident, list(static), extra=coordination(servers, **extra))
-    node = u.track(Node(tmp, "--config", str(config), netns=ns))
+    return ns, u.track(Node(tmp, "--config", str(config), *args, netns=ns))
+
+
+def start_node(
+    u: Underlay, tmp: Path, ident: Identity, servers: list[NatsServer], static: list[Identity] = (), **extra: object
+) -> tuple[Netns, Node]:
+    """As launch, ready."""
+    ns, node = launch(u, tmp, ident, servers, static, **extra)
     node.wait_ready()
     return ns, node
+
+
+# A newcomer's log lines that tell where its start went (the first of each after its launch)
+MILESTONES = ("node ready", "coordination up", "record's endpoints changed", "applying the mesh's peers")
+
+
+def events_after(node: Node, since: float, names: tuple[str, ...]) -> dict[str, float]:
+    """Seconds from `since` (wall clock) to the first log line of each event at or after it."""
+    out: dict[str, float] = {}
+    for line in node.stderr().splitlines():
+        try:
+            entry = json.loads(line)
+            at = datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp() - since
+        except (ValueError, KeyError, TypeError):
+            continue
+        event = entry.get("event", "")
+        if event in names and event not in out and at >= 0:
+            out[event] = at
+    return out
 
 
 def peer_names(node: Node) -> set[str]:
@@ -307,3 +346,112 @@ def test_nodes_without_addresses_take_free_ones(underlay: Underlay, tmp_path: Pa
     assert after["coordination"]["addresses"] == before["coordination"]["addresses"]
     assert after["node"]["generation"] == before["node"]["generation"]
     assert {p["name"] for p in after["peers"]} == {p["name"] for p in before["peers"]}
+
+
+def test_exit_node_named_from_the_mesh(underlay: Underlay, tmp_path: Path) -> None:
+    """`exit_node` names a node known only through the mesh, which advertises exit: the client's
+    traffic to the internet goes through it, and its connection to NATS stays direct."""
+    u = underlay
+    lab = ExitLab(u, tmp_path)
+    ns_n, addr_n = u.host()
+    server = u.track(NatsServer(ns_n, addr_n, tmp_path, "n1"))
+    server.wait_ready()
+    exit_conf = meshsup_config(tmp_path, lab.exit, [], extra=coordination([server]))
+    with_node_keys(exit_conf, "advertise_exit_node = true")
+    u.track(Node(tmp_path, "--config", str(exit_conf), netns=lab.exit_ns)).wait_ready()
+    client_conf = meshsup_config(tmp_path, lab.client, [], extra=coordination([server]))
+    with_node_keys(client_conf, 'exit_node = "exit"')
+    client = u.track(Node(tmp_path, "--config", str(client_conf), netns=lab.client_ns))
+    client.wait_ready()
+    allowed = client.wait(lambda: peer(client, "exit")["allowed_ips"], 20, "the exit from the mesh")
+    assert "0.0.0.0/0" in allowed and "::/0" in allowed
+    assert ping(lab.client_ns, lab.INTERNET_HOST, count=2)
+    assert f"to {addr_n} lookup main" in lab.client_ns.run("ip", "-4", "rule").stdout
+    assert client.status()["coordination"]["up"]
+    assert all(a["restarts"] == 0 for a in client.status()["actors"])
+
+
+def test_a_reload_moves_a_node_to_other_servers(underlay: Underlay, tmp_path: Path) -> None:
+    """A changed [coordination] on reload: the coord actor connects to the new servers (in place, no
+    restart) and the node joins the mesh there; adding or removing the table is refused."""
+    u = underlay
+    servers = []
+    for name in ("s1", "s2"):  # two servers apart, each with a mesh "test" of its own
+        ns_s, addr_s = u.host()
+        servers.append(u.track(NatsServer(ns_s, addr_s, tmp_path, name)))
+        servers[-1].wait_ready()
+    idents = [Identity(name, i) for i, name in enumerate(("alpha", "bravo", "charlie"), 1)]
+    nodes = [start_node(u, tmp_path, ident, servers[:1]) for ident in idents[:2]]
+    ns_c, addr_c = u.host()
+    idents[2].endpoint = f"{addr_c}:51820"
+    config = meshsup_config(tmp_path, idents[2], [], extra=coordination(servers[1:]))
+    charlie = u.track(Node(tmp_path, "--config", str(config), netns=ns_c))
+    charlie.wait_ready()
+    charlie.wait(lambda: charlie.status()["coordination"]["up"], 20, "charlie's coordination up")
+    assert peer_names(charlie) == set()
+    config.write_text(config.read_text().replace(servers[1].url, servers[0].url))
+    charlie.cli("reload")
+    charlie.wait(lambda: peer_names(charlie) == {"alpha", "bravo"}, 20, "charlie in alpha's mesh")
+    for _, node in nodes:
+        node.wait(lambda node=node: "charlie" in peer_names(node), 20, "charlie seen")
+    assert ping(ns_c, idents[0].v4, count=2) and ping(nodes[1][0], idents[2].v4, count=2)
+    assert all(a["restarts"] == 0 for a in charlie.status()["actors"])
+    # A change within the same bucket (the lifetime): connected again, and nothing flaps anywhere.
+    alpha = nodes[0][1]
+    session = peer(alpha, "charlie")["last_handshake"]
+    mine = {p["name"]: p["last_handshake"] for p in charlie.status()["peers"]}
+    config.write_text(config.read_text().replace(f"lifetime = {LIFETIME}", f"lifetime = {LIFETIME + 1}"))
+    ups = charlie.stderr().count('"coordination up"')
+    charlie.cli("reload")
+    charlie.wait(lambda: charlie.stderr().count('"coordination up"') > ups, 20, "charlie's coordination up again")
+    assert {p["name"]: p["last_handshake"] for p in charlie.status()["peers"]} == mine
+    assert peer(alpha, "charlie")["last_handshake"] == session
+    plain = config.read_text()
+    config.write_text(plain[: plain.index("[coordination]")])
+    refused = charlie.cli("reload", check=False)
+    assert refused.returncode != 0 and "[coordination] added or removed" in refused.stderr + refused.stdout
+    assert peer_names(charlie) == {"alpha", "bravo"}
+
+
+def test_a_peer_is_first_tried_at_the_home_relay_its_record_names(underlay: Underlay, tmp_path: Path) -> None:
+    """alpha has two relays and bravo, which it cannot reach directly, only the one that is not
+    alpha's home: alpha's first packets to bravo go to bravo's home as its record names it, not to
+    alpha's own home (which would say bravo is not there); the disco key TSMP then tells alpha
+    is the record's."""
+    u = underlay
+    ns_n, addr_n = u.host()
+    server = u.track(NatsServer(ns_n, addr_n, tmp_path, "n1"))
+    server.wait_ready()
+    relays = {}
+    for name in ("r1", "r2"):
+        ns_r, addr_r = u.host()
+        start_relay(u, tmp_path, ns_r, addr_r, name=name)
+        relays[name] = addr_r
+    alpha, bravo = Identity("alpha", 1), Identity("bravo", 2)
+    stanzas = "".join(relays_stanza(addr, name) for name, addr in relays.items())
+    ns_a, addr_a = u.host()
+    alpha.endpoint = f"{addr_a}:51820"
+    config = meshsup_config(tmp_path, alpha, [], extra=stanzas + coordination([server]))
+    node_a = u.track(Node(tmp_path, "--config", str(config), netns=ns_a))
+    node_a.wait_ready()
+    node_a.wait(lambda: relay_up(node_a), 20, "alpha's relays up")
+    home = node_a.wait(lambda: next((r["name"] for r in node_a.status()["relays"] if r["home"]), None), 20)
+    other = next(n for n in relays if n != home)
+    ns_b, addr_b = u.host()
+    bravo.endpoint = f"{addr_b}:51820"
+    for ns, there in ((ns_a, addr_b), (ns_b, addr_a)):  # no direct path: the relays alone carry
+        chain = f"chain out {{ type filter hook output priority 0; ip daddr {there} udp dport 51820 drop; }}"
+        rules = f"table ip direct {{ {chain}; }}"
+        ns.run("nft", "-f", "-", input=rules)
+    config_b = meshsup_config(tmp_path, bravo, [], extra=relays_stanza(relays[other], other) + coordination([server]))
+    node_b = u.track(Node(tmp_path, "--config", str(config_b), netns=ns_b))
+    node_b.wait_ready()
+    node_a.wait(lambda: "bravo" in peer_names(node_a), 20, "bravo seen")
+    assert ping(ns_a, bravo.v4, count=2, timeout=15)
+    status = node_a.status()
+    links = {r["name"]: r for r in status["relays"]}
+    assert next(r["name"] for r in links.values() if r["home"]) == home  # (else the check below proves nothing)
+    assert links[home].get("not_here", 0) == 0 and links[home].get("peer_gone", 0) == 0
+    assert peer(node_a, "bravo")["relay"] == other
+    node_a.wait(lambda: node_a.status()["disco"]["counters"].get("tsmp_adverts_received"), 20, "bravo's TSMP")
+    assert node_a.counters()["magicsock"].get("disco_key_not_the_records", 0) == 0

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import tomllib
+from pathlib import Path
 
 import pytest
 
 from meshsup.actors.coord import alloc
 from meshsup.actors.coord.mesh import MeshView, owner_text
 from meshsup.actors.coord.record import NodeRecord, RecordError, addr_key, address_of_key, decode, node_key
+from meshsup.actors.settings import ConfigError, parse
 from meshsup.actors.settings.coordination import CoordinationSettings
 from meshsup.actors.settings.keys import b64, generate_private, public_of
 
@@ -174,3 +177,56 @@ def test_the_policy_is_taken_whole_or_not_at_all() -> None:
         assert view.policy == good
     view.apply("policy", None, view.revision + 1, 0.0, 0.0)
     assert view.policy == {}
+
+
+def test_exit_node_may_name_a_peer_of_the_mesh(tmp_path: Path) -> None:
+    """With [coordination], exit_node may name no [[peers]] entry (the mesh's node of that name, once
+    it advertises exit); without, or naming a [[peers]] entry that is no exit, it is refused."""
+    node = f'[node]\nname = "client"\nprivate_key_file = "{tmp_path / "k"}"\nexit_node = "exit"\n'
+    (tmp_path / "k").write_text(b64(generate_private()))
+    (tmp_path / "k").chmod(0o600)
+    mesh = '[coordination]\nservers = ["nats://127.0.0.1:4222"]\nmesh = "t"\n'
+    assert parse("t.toml", tomllib.loads(node + mesh), tmp_path, tmp_path).node.exit_node == "exit"
+    with pytest.raises(ConfigError, match="no peer named 'exit'"):
+        parse("t.toml", tomllib.loads(node), tmp_path, tmp_path)
+    static = f'[[peers]]\nname = "exit"\npublic_key = "{b64(key())}"\nallowed_ips = ["100.64.0.9/32"]\n'
+    with pytest.raises(ConfigError, match="neither 0.0.0.0/0"):
+        parse("t.toml", tomllib.loads(node + mesh + static), tmp_path, tmp_path)
+
+
+def test_an_address_claimed_by_another_key_is_counted_and_decides_only_a_contest() -> None:
+    """Claims are a cross-check: a mismatch is counted and noted with the record's key; it never
+    removes a record alone (anyone may write a claim), nor a working peer; between two live records
+    holding one address, the one the claim names gets it."""
+    view = MeshView(SETTINGS)
+    a, b, forger, me = key(), key(), key(), key()
+    view.apply(addr_key(net("100.64.0.1/32")), owner_text(forger), 1, 0.0, 0.0)  # a forged claim
+    view.apply(node_key("alpha"), record("alpha", a, "100.64.0.1").encode(), 2, 0.0, 0.0)
+    assert view.mismatches == 1 and view.notes == [("node.alpha", f"100.64.0.1/32 is claimed by {b64(forger)}")]
+    assert [p.name for p in view.peers(me)] == ["alpha"]  # kept: the claim's owner has no record holding it
+    # bravo takes the address by claim and publishes it: alpha was a working peer and stays
+    view.apply(addr_key(net("100.64.0.1/32")), owner_text(b), 3, 0.0, 0.0)
+    view.apply(node_key("bravo"), record("bravo", b, "100.64.0.1").encode(), 4, 0.0, 0.0)
+    assert view.mismatches == 2  # alpha's address, now claimed by bravo
+    assert [p.name for p in view.peers(me)] == ["alpha"] and view.conflicts == 1
+    # a reader that never had alpha as a peer gives the address to the record the claim names
+    fresh = MeshView(SETTINGS)
+    fresh.apply(node_key("alpha"), record("alpha", a, "100.64.0.1").encode(), 2, 0.0, 0.0)
+    fresh.apply(addr_key(net("100.64.0.1/32")), owner_text(b), 3, 0.0, 0.0)
+    fresh.apply(node_key("bravo"), record("bravo", b, "100.64.0.1").encode(), 4, 0.0, 0.0)
+    assert [p.name for p in fresh.peers(me)] == ["bravo"] and fresh.mismatches == 1
+    # an address with no claim (configured, not taken from the pool) is no mismatch
+    plain = MeshView(SETTINGS)
+    plain.apply(node_key("alpha"), record("alpha", a, "100.64.0.7").encode(), 1, 0.0, 0.0)
+    assert plain.mismatches == 0 and [p.name for p in plain.peers(me)] == ["alpha"]
+
+
+def test_hints_for_magicsock_are_the_peers_home_relays_and_disco_keys() -> None:
+    view = MeshView(SETTINGS)
+    a, b, me = key(), key(), key()
+    alpha = record("alpha", a, "100.64.0.1")
+    bravo = record("bravo", b, "100.64.0.2", addresses=(net("100.64.0.2"),), relay="", disco_key=b"")
+    view.apply(node_key("alpha"), alpha.encode(), 1, 0.0, 0.0)
+    view.apply(node_key("bravo"), bravo.encode(), 2, 0.0, 0.0)
+    assert view.hints(view.peers(me)) == {b64(a): {"relay": "r1", "disco": b64(alpha.disco_key)}}
+    assert view.hints([]) == {}  # only for the peers given

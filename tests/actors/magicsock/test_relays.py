@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -277,6 +278,7 @@ def test_a_relay_name_that_does_not_resolve_is_counted_and_retried_with_backoff(
 class FakeLink:
     def __init__(self, index: int, rtt: float | None, up: bool = True) -> None:
         self.index, self.rtt, self.up = index, rtt, up
+        self.relay = SimpleNamespace(name=f"r{index}")
         self.gone: list[bytes] = []
         self.told: list[bool] = []
 
@@ -329,6 +331,24 @@ def test_a_peer_is_reached_where_it_was_heard_else_home_else_where_it_was_not_re
     assert k not in relays.not_at and relays.route(k) is x
     x.up = y.up = False
     assert relays.route(k) is None
+
+
+def test_a_peer_not_heard_from_is_tried_first_at_the_home_its_record_names() -> None:
+    x, y, z = FakeLink(1, 0.010), FakeLink(2, 0.050), FakeLink(3, 0.060)
+    relays = relays_of(x, y, z)
+    relays.elect()
+    k, other = b"k" * 32, b"o" * 32
+    relays.hint({k: "r2", other: "elsewhere"})  # a relay of no such name is no hint
+    assert relays.route(k) is y and relays.route(other) is x  # the hint, else our home
+    relays.heard(k, z)  # heard through z: that wins over the hint
+    assert relays.route(k) is z
+    z.up = False
+    assert relays.route(k) is y
+    y.gone.append(k)  # y says it is not there: our home
+    relays.tick(0.0)
+    assert relays.route(k) is x
+    relays.hint({})
+    assert relays.hinted == {}
 
 
 def test_a_relay_connection_carries_the_firewall_mark_and_takes_a_new_one() -> None:
