@@ -86,8 +86,10 @@ KINDS = {
 }
 
 # Imported by the fork server once, so a restart only forks.
-PRELOAD = ["zmq", "msgpack", "structlog", "setproctitle", "meshsup.actors.base"] + [
-    k.cls.split(":")[0] for k in KINDS.values()
+PRELOAD = [
+    *("zmq", "msgpack", "structlog", "setproctitle", "meshsup.actors.base"),
+    *(k.cls.split(":")[0] for k in KINDS.values()),
+    "meshsup.actors.preloaded",  # last: it freezes what the others loaded
 ]
 
 
