@@ -41,8 +41,9 @@ class ConfigError(ValueError):
 
 
 def _settings(cls: Any, wire: dict[str, Any]) -> Any:
+    """The settings a Configure carries, decoded as the message's own (consumed: see wire.decode)."""
     try:
-        return cls.from_wire(wire)
+        return settings_wire.decode(cls, wire, consume=True)
     except WireError as err:
         raise ConfigError(f"settings from the supervisor do not decode: {err}") from None
 

@@ -103,9 +103,18 @@ class SupervisorSettings:
 
 def parse_network(text: str) -> IPNetwork:
     try:
-        return ipaddress.ip_network(text, strict=False)
+        return lean_network(ipaddress.ip_network(text, strict=False))
     except ValueError:
         raise ValueError("not an IP prefix") from None
+
+
+def lean_network(net: IPNetwork) -> IPNetwork:
+    """`net` less the closure ipaddress gives each single-address network for its hosts(), some
+    200 bytes (a peer's mesh address is one, in the settings of every actor). Nothing here calls
+    hosts(): it would find no hosts in such a network."""
+    if net.prefixlen == net.max_prefixlen:
+        vars(net).pop("hosts", None)
+    return net
 
 
 def parse_interface_address(text: str) -> IPInterface:
