@@ -375,7 +375,7 @@ class Actor:
         self.holds_keys = settings.holds_secrets
         self.configure(settings)
         self.running, self.generation = settings, generation
-        _give_back_memory()
+        give_back_memory()
         return {}
 
     def _change_peers(self, msg: PeersChanged) -> dict[str, Any]:
@@ -418,9 +418,10 @@ class Actor:
         return {}
 
 
-def _give_back_memory() -> None:
+def give_back_memory() -> None:
     """What decoding and applying a whole config left free goes back to the kernel: with thousands
-    of peers the wire form alone is megabytes, and every actor of a node decodes one. (No garbage
+    of peers the wire form alone is megabytes, and every actor of a node decodes one (and the
+    supervisor encodes them). (No garbage
     collection first: it would write to every object inherited from the fork server, copying
     their pages into each actor.)"""
     try:
