@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,8 @@ def lean_network(net: IPNetwork) -> IPNetwork:
     200 bytes (a peer's mesh address is one, in the settings of every actor). Nothing here calls
     hosts(): it would find no hosts in such a network."""
     if net.prefixlen == net.max_prefixlen:
-        vars(net).pop("hosts", None)
+        with contextlib.suppress(AttributeError):  # a Python that makes none
+            del net.hosts  # (not through vars(), which would give the object a dict of its own)
     return net
 
 
