@@ -420,10 +420,9 @@ class Actor:
 
 def give_back_memory() -> None:
     """What decoding and applying a whole config left free goes back to the kernel: with thousands
-    of peers the wire form alone is megabytes, and every actor of a node decodes one (and the
-    supervisor encodes them). (No garbage
-    collection first: it would write to every object inherited from the fork server, copying
-    their pages into each actor.)"""
+    of peers the wire form alone is megabytes, and every actor of a node decodes one (the
+    supervisor encodes them). (No garbage collection first: it would walk every object the
+    actor made for no gain, as decoding makes no cycles.)"""
     try:
         _LIBC.malloc_trim(0)
     except AttributeError:  # not glibc

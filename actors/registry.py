@@ -138,9 +138,9 @@ def settings_class(kind: str) -> tuple[bool, bool, bool]:
 
 def wire_for(kind: str, settings: AnySettings, made: dict[Any, Any]) -> dict[str, Any]:
     """settings_for(kind, settings).to_wire(), kept in `made` (a dict for these settings alone) for
-    the kinds given the same (settings_class). The peers' part, thousands of entries and most of the
-    time, is made once for all the kinds given the same peers: every kind, unless a peer has a
-    preshared key (only the kinds that use keys get it)."""
+    the kinds given the same (by their settings_class). The peers' part, thousands of entries and
+    most of the time, is made once (kept by ("peers", withheld)) for all the kinds given the same
+    peers: every kind, unless a peer has a preshared key (only the kinds that use keys get it)."""
     given = settings_class(kind)
     if given in made:
         return made[given]

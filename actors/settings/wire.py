@@ -176,8 +176,7 @@ def _dict_decoder(key: Decoder, value: Decoder) -> Decoder:
 
 
 def _network(text: str) -> Any:
-    """A network as ipaddress parses it, less the closure it gives a single address's for hosts()
-    (about 200 bytes each, in every actor, for thousands of peers; nothing here calls hosts())."""
+    """A network as ipaddress parses it, kept lean (node.lean_network: thousands of peers' addresses)."""
     return lean_network(ipaddress.ip_network(text))
 
 
