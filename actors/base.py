@@ -41,8 +41,9 @@ class ConfigError(ValueError):
 
 
 def _settings(cls: Any, wire: dict[str, Any]) -> Any:
+    """The settings a Configure carries, decoded as the message's own (consumed: see wire.decode)."""
     try:
-        return cls.from_wire(wire)
+        return settings_wire.decode(cls, wire, consume=True)
     except WireError as err:
         raise ConfigError(f"settings from the supervisor do not decode: {err}") from None
 
@@ -374,7 +375,7 @@ class Actor:
         self.holds_keys = settings.holds_secrets
         self.configure(settings)
         self.running, self.generation = settings, generation
-        _give_back_memory()
+        give_back_memory()
         return {}
 
     def _change_peers(self, msg: PeersChanged) -> dict[str, Any]:
@@ -417,11 +418,11 @@ class Actor:
         return {}
 
 
-def _give_back_memory() -> None:
+def give_back_memory() -> None:
     """What decoding and applying a whole config left free goes back to the kernel: with thousands
-    of peers the wire form alone is megabytes, and every actor of a node decodes one. (No garbage
-    collection first: it would write to every object inherited from the fork server, copying
-    their pages into each actor.)"""
+    of peers the wire form alone is megabytes, and every actor of a node decodes one (the
+    supervisor encodes them). (No garbage collection first: it would walk every object the
+    actor made for no gain, as decoding makes no cycles.)"""
     try:
         _LIBC.malloc_trim(0)
     except AttributeError:  # not glibc

@@ -12,6 +12,7 @@ from typing import Any
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, Account, Drop
 from meshsup.actors.settings import PeerSettings, Settings
+from meshsup.actors.settings import wire as settings_wire
 from meshsup.actors.settings.relay import RelaySettings
 
 AnySettings = Settings | RelaySettings
@@ -89,8 +90,10 @@ KINDS = {
 }
 
 # Imported by the fork server once, so a restart only forks.
-PRELOAD = ["zmq", "msgpack", "structlog", "setproctitle", "meshsup.actors.base"] + [
-    k.cls.split(":")[0] for k in KINDS.values()
+PRELOAD = [
+    *("zmq", "msgpack", "structlog", "setproctitle", "meshsup.actors.base"),
+    *(k.cls.split(":")[0] for k in KINDS.values()),
+    "meshsup.actors.preloaded",  # last: it freezes what the others loaded
 ]
 
 
@@ -134,6 +137,26 @@ def settings_class(kind: str) -> tuple[bool, bool, bool]:
     """All of a kind's Kind that settings_for reads: the kinds with the same are given the same settings."""
     spec = KINDS[kind]
     return spec.keys, spec.login_key, spec.disco_key
+
+
+def wire_for(kind: str, settings: AnySettings, made: dict[Any, Any]) -> dict[str, Any]:
+    """settings_for(kind, settings).to_wire(), kept in `made` (a dict for these settings alone) for
+    the kinds given the same (by their settings_class). The peers' part, thousands of entries and
+    most of the time, is made once (kept by ("peers", withheld)) for all the kinds given the same
+    peers: every kind, unless a peer has a preshared key (only the kinds that use keys get it)."""
+    given = settings_class(kind)
+    if given in made:
+        return made[given]
+    if not isinstance(settings, Settings):
+        made[given] = settings_for(kind, settings).to_wire()
+        return made[given]
+    withheld = not KINDS[kind].keys and any(p.preshared_key for p in settings.peers)
+    if ("peers", withheld) not in made:
+        given_peers = peers_for(kind, list(settings.peers)) if withheld else settings.peers
+        made["peers", withheld] = [settings_wire.encode(p) for p in given_peers]
+    shell = settings_for(kind, replace(settings, peers=())).to_wire()
+    made[given] = {**shell, "peers": made["peers", withheld]}
+    return made[given]
 
 
 def peers_for(kind: str, peers: list[PeerSettings]) -> list[PeerSettings]:

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshsup.actors.base import give_back_memory
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack, Configure, Heartbeat, Hello, MeshPeers, PeersChanged, Stop
@@ -28,9 +29,8 @@ from meshsup.actors.registry import (
     fork_context,
     peers_for,
     run_actor,
-    settings_class,
-    settings_for,
     start_order,
+    wire_for,
 )
 from meshsup.actors.settings import PeerSettings, wire
 from meshsup.actors.settings.keys import b64
@@ -130,8 +130,9 @@ class Tree:
                 self._spawn(a)
         if self.start_queue or any(a.state == "starting" for a in self.actors.values()):
             return
-        if not self.reconfiguring:  # nothing starts and no sequence runs: the wire forms are not needed
-            self._wired = (None, {})
+        if not self.reconfiguring and self._wired[0] is not None:  # nothing starts, no sequence runs:
+            self._wired = (None, {})  # the wire forms are not needed, nor the memory they took
+            give_back_memory()
         if not self.ready and all(a.state == "running" for a in self.actors.values()):
             self.ready = True
             self.log.info("node ready", actors=len(self.actors), public_key=b64(self.config.public_key))
@@ -236,13 +237,10 @@ class Tree:
 
     def _wire(self, kind: str) -> dict[str, Any]:
         """The running config's wire form for `kind`, made once for all the kinds given the same
-        (with thousands of peers each costs a tenth of a second)."""
+        (registry.wire_for: with thousands of peers each costs a tenth of a second)."""
         if self._wired[0] is not self.config:
             self._wired = (self.config, {})
-        cached, given = self._wired[1], settings_class(kind)
-        if given not in cached:
-            cached[given] = settings_for(kind, self.config).to_wire()
-        return cached[given]
+        return wire_for(kind, self.config, self._wired[1])
 
     def peers_message(
         self, kind: str, req: int, generation: int, changed: list[PeerSettings], removed: list[bytes]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,9 +104,19 @@ class SupervisorSettings:
 
 def parse_network(text: str) -> IPNetwork:
     try:
-        return ipaddress.ip_network(text, strict=False)
+        return lean_network(ipaddress.ip_network(text, strict=False))
     except ValueError:
         raise ValueError("not an IP prefix") from None
+
+
+def lean_network(net: IPNetwork) -> IPNetwork:
+    """`net` less the closure ipaddress gives each single-address network for its hosts(), some
+    200 bytes (a peer's mesh address is one, in the settings of every actor). Nothing here calls
+    hosts(): it would find no hosts in such a network."""
+    if net.prefixlen == net.max_prefixlen:
+        with contextlib.suppress(AttributeError):  # a Python that makes none
+            del net.hosts  # (not through vars(), which would give the object a dict of its own)
+    return net
 
 
 def parse_interface_address(text: str) -> IPInterface:

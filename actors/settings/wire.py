@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+import itertools
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from meshsup.actors.settings.node import lean_network
 
 _NETWORKS = frozenset({ipaddress.IPv4Network, ipaddress.IPv6Network})
 _INTERFACES = frozenset({ipaddress.IPv4Interface, ipaddress.IPv6Interface})
@@ -41,10 +44,15 @@ def encode(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} has no wire form")
 
 
-def decode(hint: Any, data: Any, where: str = "settings") -> Any:
-    """The value of type `hint` that `encode` made `data` from; WireError names where it does not fit."""
+def decode(hint: Any, data: Any, where: str = "settings", *, consume: bool = False) -> Any:
+    """The value of type `hint` that `encode` made `data` from; WireError names where it does not fit.
+
+    With `consume`, each list in `data` lets go of an item once it is decoded: a config of thousands
+    of peers is then not held twice (as received and as decoded) while it is decoded, and what its
+    received form freed is reused by the decoded objects (rather than left as holes in the heap of
+    every actor). For data its caller has no further use for (a message just received)."""
     try:
-        return _decoder(hint)(data)
+        return _decoder(hint, consume)(data)
     except _Misfit as err:
         raise WireError(f"{where}{''.join(reversed(err.path))}: {err.problem}") from None
 
@@ -62,29 +70,29 @@ Decoder = Callable[[Any], Any]
 
 
 @functools.cache
-def _decoder(hint: Any) -> Decoder:
-    """The function that decodes values of `hint`, made once per type."""
+def _decoder(hint: Any, consume: bool = False) -> Decoder:
+    """The function that decodes values of `hint`, made once per type (and way: `consume`)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return _dataclass_decoder(hint)
+        return _dataclass_decoder(hint, consume)
     if origin in (typing.Union, types.UnionType):
         optional = type(None) in args
         choices = frozenset(a for a in args if a is not type(None))
         if choices == _NETWORKS:
-            inner = _text_decoder(ipaddress.ip_network)
+            inner = _text_decoder(_network)
         elif choices == _INTERFACES:
             inner = _text_decoder(ipaddress.ip_interface)
         elif len(choices) == 1:
-            inner = _decoder(next(iter(choices)))
+            inner = _decoder(next(iter(choices)), consume)
         else:
             raise TypeError(f"no wire form for {hint}")
         return (lambda data: None if data is None else inner(data)) if optional else inner
     if origin is tuple:
         if len(args) == 2 and args[1] is Ellipsis:
-            return _items_decoder(_decoder(args[0]))
-        return _fixed_tuple_decoder(tuple(map(_decoder, args)))
+            return _items_decoder(_decoder(args[0], consume), consume)
+        return _fixed_tuple_decoder(tuple(_decoder(a, consume) for a in args), consume)
     if origin is dict:
-        return _dict_decoder(_decoder(args[0]), _decoder(args[1]))
+        return _dict_decoder(_decoder(args[0]), _decoder(args[1], consume))
     if hint is Path:
         return _text_decoder(Path)
     if hint is float:
@@ -94,9 +102,9 @@ def _decoder(hint: Any) -> Decoder:
     raise TypeError(f"no wire form for {hint}")
 
 
-def _dataclass_decoder(cls: type) -> Decoder:
+def _dataclass_decoder(cls: type, consume: bool) -> Decoder:
     hints = _hints(cls)
-    fields = tuple((name, _decoder(hints[name])) for name in _init_fields(cls))
+    fields = tuple((name, _decoder(hints[name], consume)) for name in _init_fields(cls))
     names = frozenset(name for name, _ in fields)
 
     def decode_dataclass(data: Any) -> Any:
@@ -116,38 +124,38 @@ def _dataclass_decoder(cls: type) -> Decoder:
     return decode_dataclass
 
 
-def _items_decoder(item: Decoder) -> Decoder:
+def _items_decoder(item: Decoder, consume: bool) -> Decoder:
     def decode_items(data: Any) -> tuple[Any, ...]:
         if not isinstance(data, list):
             raise _Misfit("expected a list")
-        out = []
-        for i, v in enumerate(data):
-            try:
-                out.append(item(v))
-            except _Misfit as err:
-                err.path.append(f"[{i}]")
-                raise
-        return tuple(out)
+        return _decode_each(itertools.repeat(item), data, consume)
 
     return decode_items
 
 
-def _fixed_tuple_decoder(items: tuple[Decoder, ...]) -> Decoder:
+def _fixed_tuple_decoder(items: tuple[Decoder, ...], consume: bool) -> Decoder:
     def decode_tuple(data: Any) -> tuple[Any, ...]:
         if not isinstance(data, list):
             raise _Misfit("expected a list")
         if len(data) != len(items):
             raise _Misfit(f"expected {len(items)} items")
-        out = []
-        for i, (item, v) in enumerate(zip(items, data)):
-            try:
-                out.append(item(v))
-            except _Misfit as err:
-                err.path.append(f"[{i}]")
-                raise
-        return tuple(out)
+        return _decode_each(items, data, consume)
 
     return decode_tuple
+
+
+def _decode_each(decoders: Iterable[Decoder], data: list[Any], consume: bool) -> tuple[Any, ...]:
+    """The items of list `data`, each by its decoder; with `consume`, each let go once decoded."""
+    out = []
+    for i, (item, v) in enumerate(zip(decoders, data)):
+        try:
+            out.append(item(v))
+        except _Misfit as err:
+            err.path.append(f"[{i}]")
+            raise
+        if consume:
+            data[i] = None
+    return tuple(out)
 
 
 def _dict_decoder(key: Decoder, value: Decoder) -> Decoder:
@@ -165,6 +173,11 @@ def _dict_decoder(key: Decoder, value: Decoder) -> Decoder:
         return out
 
     return decode_dict
+
+
+def _network(text: str) -> Any:
+    """A network as ipaddress parses it, kept lean (node.lean_network: thousands of peers' addresses)."""
+    return lean_network(ipaddress.ip_network(text))
 
 
 def _text_decoder(parse: Any) -> Decoder:

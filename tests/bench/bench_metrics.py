@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.bench.bench_peers import peers_toml  # noqa: E402
+from tests.bench.bench_peers import bench_args  # noqa: E402
 from tests.nodes import Netns, Node  # noqa: E402
 
 LISTEN = "127.0.0.1:9273"
@@ -68,12 +68,8 @@ def run(tmp: Path, stanzas: str, seconds: float, metrics: bool) -> tuple[float, 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--peers", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=60)
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("run as root")
-    stanzas, _ = peers_toml(args.peers)
+    args, stanzas, _ = bench_args(100, ap)
     with tempfile.TemporaryDirectory() as tmp:
         off = run(Path(tmp), stanzas, args.seconds, metrics=False)
         on = run(Path(tmp), stanzas, args.seconds, metrics=True)

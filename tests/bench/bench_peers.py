@@ -3,9 +3,10 @@
 Run as root: .venv/bin/python tests/bench/bench_peers.py [--peers 1000]
 Prints the node's total memory (RSS and PSS over the supervisor and every
 actor: actors are forked from one preloaded server, so PSS counts shared pages
-once), start-up time, `wg show` time and one-peer `wg set` time (the median of
-a new peer and a change of its allowed IPs, SET_ROUNDS times each), and the
-same for wireguard-go configured with the same peers, in the same run.
+once) and each process's, start-up time, `wg show` time and one-peer `wg set`
+time (the median of a new peer and a change of its allowed IPs, SET_ROUNDS
+times each), and the same for wireguard-go configured with the same peers, in
+the same run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -74,7 +76,7 @@ def one_peer_sets(wg_set: Callable[..., object], rounds: int = SET_ROUNDS) -> fl
     return statistics.median(times)
 
 
-def bench_meshsup(tmp: Path, stanzas: str) -> dict[str, float]:
+def bench_meshsup(tmp: Path, stanzas: str) -> dict[str, Any]:
     conf = tmp / "node.toml"
     conf.write_text('[node]\naddresses = ["100.64.0.1/32"]\n' + stanzas)
     ns = Netns("bp")
@@ -83,25 +85,13 @@ def bench_meshsup(tmp: Path, stanzas: str) -> dict[str, float]:
         t0 = time.monotonic()
         node.wait_ready(timeout=120)
         start = time.monotonic() - t0
-        time.sleep(2)
-        pids = [node.proc.pid, *descendants(node.proc.pid)]
-        rss, pss = memory_kib(pids)
-        show = timed(lambda: ns.run("wg", "show", node.iface, "dump"))
-        wg_set = one_peer_sets(lambda *args: ns.run("wg", "set", node.iface, *args))
-        return {
-            "start_s": start,
-            "rss_mib": rss / 1024,
-            "pss_mib": pss / 1024,
-            "processes": len(pids),
-            "wg_show_s": show,
-            "wg_set_s": wg_set,
-        }
+        return figures(start, lambda: [node.proc.pid, *descendants(node.proc.pid)], ns, node.iface)
     finally:
         node.close()
         ns.close()
 
 
-def bench_wireguard_go(tmp: Path, peers: list[tuple[str, str]]) -> dict[str, float]:
+def bench_wireguard_go(tmp: Path, peers: list[tuple[str, str]]) -> dict[str, Any]:
     ns = Netns("bp")
     wg = WgGo(ns, Identity("wg", 1), tmp)
     try:
@@ -113,21 +103,42 @@ def bench_wireguard_go(tmp: Path, peers: list[tuple[str, str]]) -> dict[str, flo
             )
         )
         start = timed(lambda: ns.run("wg", "addconf", wg.iface, str(conf)))
-        time.sleep(2)
-        rss, pss = memory_kib([wg.proc.pid, *descendants(wg.proc.pid)])
-        show = timed(lambda: ns.run("wg", "show", wg.iface, "dump"))
-        wg_set = one_peer_sets(lambda *args: ns.run("wg", "set", wg.iface, *args))
-        return {
-            "start_s": start,
-            "rss_mib": rss / 1024,
-            "pss_mib": pss / 1024,
-            "processes": 1,
-            "wg_show_s": show,
-            "wg_set_s": wg_set,
-        }
+        return figures(start, lambda: [wg.proc.pid, *descendants(wg.proc.pid)], ns, wg.iface)
     finally:
         wg.close()
         ns.close()
+
+
+def figures(start: float, processes: Callable[[], list[int]], ns: Netns, iface: str) -> dict[str, Any]:
+    """A configured interface's figures, once it settled: its processes' memory (each's too),
+    `wg show` and one-peer `wg set` times; `start` as measured by the caller."""
+    time.sleep(2)
+    pids = processes()
+    each = [(title(pid), *memory_kib([pid])) for pid in pids]
+    return {
+        "start_s": start,
+        "rss_mib": sum(rss for _, rss, _ in each) / 1024,
+        "pss_mib": sum(pss for _, _, pss in each) / 1024,
+        "processes": len(pids),
+        "wg_show_s": timed(lambda: ns.run("wg", "show", iface, "dump")),
+        "wg_set_s": one_peer_sets(lambda *args: ns.run("wg", "set", iface, *args)),
+        "each": each,
+    }
+
+
+def title(pid: int) -> str:
+    """What a process calls itself: an actor's title (meshsup: NAME), else its program's name."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first, line = argv[0].decode(errors="replace"), b" ".join(argv)
+    if first.startswith("meshsup: "):
+        return first.removeprefix("meshsup: ")
+    for module, name in ((b"multiprocessing.forkserver", "fork server"), (b"resource_tracker", "resource tracker")):
+        if module in line:
+            return name
+    return "supervisor" if b"meshsup" in line else Path(first).name
 
 
 def descendants(pid: int) -> list[int]:
@@ -147,13 +158,21 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--peers", type=int, default=1000)
+def bench_args(
+    default_peers: int, ap: argparse.ArgumentParser | None = None
+) -> tuple[argparse.Namespace, str, list[tuple[str, str]]]:
+    """The command line (`ap`'s, with --peers), checked to run as root, and that many peers
+    (peers_toml): what a bench of many peers starts with."""
+    ap = ap or argparse.ArgumentParser()
+    ap.add_argument("--peers", type=int, default=default_peers)
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root")
-    stanzas, peers = peers_toml(args.peers)
+    return (args, *peers_toml(args.peers))
+
+
+def main() -> None:
+    args, stanzas, peers = bench_args(1000)
     with tempfile.TemporaryDirectory() as tmp:
         ours = bench_meshsup(Path(tmp), stanzas)
         theirs = bench_wireguard_go(Path(tmp), peers)
@@ -163,6 +182,10 @@ def main() -> None:
         ratio = ours[key] / theirs[key] if theirs[key] else float("nan")
         print(f"{key:<14}{ours[key]:>12.3f}{theirs[key]:>14.3f}{ratio:>7.1f}x")
     print(f"meshsup processes: {ours['processes']:.0f} (start_s for wireguard-go is `wg addconf` alone)")
+    print(
+        "meshsup per process, RSS / PSS MiB: "
+        + ", ".join(f"{t} {r / 1024:.0f}/{p / 1024:.0f}" for t, r, p in ours["each"])
+    )
 
 
 if __name__ == "__main__":

@@ -94,9 +94,12 @@ def test_any_other_change_goes_as_the_whole_config(running: Any) -> None:
     assert all(isinstance(msg, Configure) for _, msg in hub.sent) and len(hub.sent) == len(tree.actors)
 
 
-def test_every_kind_is_configured_with_its_own_share_of_the_settings(running: Any) -> None:
+@pytest.mark.parametrize("psk", [None, bytes(range(32))], ids=["no-psk", "psk"])
+def test_every_kind_is_configured_with_its_own_share_of_the_settings(running: Any, psk: bytes | None) -> None:
+    """With a preshared key only the kinds that use keys get it; without, every kind the same peers."""
     _, tree, _ = running
-    tree.config = replace(tree.config, relays=())
+    first, *rest = tree.config.peers
+    tree.config = replace(tree.config, relays=(), peers=(replace(first, preshared_key=psk), *rest))
     for kind in KINDS:
         given = Settings.from_wire(tree.configure_message(kind, 0, 1).config)
         assert given == settings_for(kind, tree.config), kind

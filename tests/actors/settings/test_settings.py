@@ -12,7 +12,7 @@ import pytest
 from meshsup.actors.bus.codec import decode, encode
 from meshsup.actors.bus.messages import Configure
 from meshsup.actors.dns.rules import matches
-from meshsup.actors.settings import ConfigError, Settings, parse
+from meshsup.actors.settings import ConfigError, Settings, parse, wire
 from meshsup.actors.settings.keys import b64, generate_private, public_of
 from meshsup.actors.settings.wire import WireError
 from meshsup.supervisor import config as cfg
@@ -106,6 +106,18 @@ ca_file = "cert.pem"
 """)
     path.chmod(0o600)
     return path
+
+
+def test_a_received_config_decoded_consuming_it_is_the_same_and_only_it_is_consumed(tmp_path: Path) -> None:
+    """An actor decodes its Configure consuming it (wire.decode's consume); the supervisor's wire
+    forms, given to one kind after another, are decoded as they are and stay whole."""
+    settings = cfg.load_toml(full_config(tmp_path), tmp_path)
+    kept = settings.to_wire()
+    assert wire.decode(Settings, kept) == settings and kept == settings.to_wire()
+    received = decode(encode(Configure(req=1, generation=1, config=kept)))
+    assert isinstance(received, Configure)
+    assert wire.decode(Settings, received.config, consume=True) == settings
+    assert settings.peers and received.config["peers"] == [None] * len(settings.peers)
 
 
 def test_the_wire_form_round_trips_through_the_bus(tmp_path: Path) -> None:
