@@ -69,7 +69,8 @@ class Actor:
         self.outbox = Outbox(runtime.inbox)
 
         self.control = self.ctx.socket(zmq.DEALER)
-        self.control.setsockopt(zmq.IDENTITY, name.encode())
+        if runtime.identity is not None:
+            self.control.setsockopt(zmq.IDENTITY, runtime.identity)
         self.control.setsockopt(zmq.LINGER, 1000)
         self.control.connect(runtime.unprivileged_control if runtime.drop else runtime.control)
         self.inbox = Inbox(

@@ -167,12 +167,20 @@ def _inherit(dup: Any) -> int:
 
 
 def run_actor(
-    kind: str, name: str, state_dir: str, tun_queue: int | None, account: Account, supervisor: int | None = None
+    kind: str,
+    name: str,
+    state_dir: str,
+    tun_queue: int | None,
+    account: Account,
+    supervisor: int | None = None,
+    identity: bytes | None = None,
 ) -> None:
     """The body of an actor process (target of the supervisor's spawn). A crypto
     worker may get its queue of the TUN (see supervisor/resources.py, TunQueues);
     an unprivileged kind becomes `account` once it has joined the bus (actors.base).
-    The actor stops when process `supervisor` ends (Actor.stop_with)."""
+    The actor stops when process `supervisor` ends (Actor.stop_with). `identity` is
+    this launch's on the control socket (supervisor.hub.Hub.admit): it comes with the
+    arguments through the fork server's socket, root's alone, so no other process sees it."""
     from setproctitle import setproctitle
 
     from meshsup.actors.base import crash_on_start_requested, exit_now
@@ -187,10 +195,10 @@ def run_actor(
     extra = {} if tun_queue is None else {"tun_queue": tun_queue}
     try:
         if spec.caps is None:
-            runtime = Runtime(state_dir)
+            runtime = Runtime(state_dir, identity=identity)
         else:
             drop = Drop(account, spec.caps)
-            runtime = Runtime(drop.prepare(state_dir), drop)
+            runtime = Runtime(drop.prepare(state_dir), drop, identity)
         actor = getattr(importlib.import_module(module), cls)(name, runtime, **extra)
     except PrivilegeError as err:
         setup(name).error("refusing to run: cannot drop privileges", kind=kind, user=account.name, error=str(err))

@@ -145,7 +145,15 @@ class Tree:
         queue = self.tun_queues.for_actor(a.name, a.kind)
         p = self._mp.Process(
             target=run_actor,
-            args=(a.kind, a.name, str(self.runtime.state_dir), queue, self.account, os.getpid()),
+            args=(
+                a.kind,
+                a.name,
+                str(self.runtime.state_dir),
+                queue,
+                self.account,
+                os.getpid(),
+                self.hub.admit(a.name),
+            ),
             name=a.name,
             daemon=True,
         )

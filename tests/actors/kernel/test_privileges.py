@@ -25,7 +25,7 @@ import zmq
 from meshsup.actors.base import Actor
 from meshsup.actors.bus.codec import Message, encode
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.bus.messages import FlowCountsAck, LinkChanged, PacketBatch
+from meshsup.actors.bus.messages import FlowCountsAck, Heartbeat, LinkChanged, PacketBatch
 from meshsup.actors.kernel.files import UnsafePath
 from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, USER, Account, unprivileged_account
 from meshsup.actors.registry import EXIT_NO_DROP, START_ORDER, settings_for
@@ -207,6 +207,80 @@ def test_a_shared_inbox_takes_only_acks_from_the_unprivileged_user(tmp_path: Pat
         actor.ctx.destroy(linger=0)
 
 
+class Impostor:
+    """A process of the unprivileged user (a compromised DNS worker) connected to the
+    unprivileged actors' control socket by their names, speaking for them (heartbeats) and
+    counting what it is sent, until `stop` (or the test's end)."""
+
+    def __init__(self, user: Account, runtime_dir: Path, names: list[str]) -> None:
+        stop_r, self._stop_w = os.pipe()
+        self._out_r, out_w = os.pipe()
+        directory = os.open(runtime_dir, os.O_PATH | os.O_DIRECTORY)
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                os.close(self._stop_w)  # so that the test's end, however it ends, ends this too
+                os.setgroups([])
+                os.setresgid(user.gid, user.gid, user.gid)
+                os.setresuid(user.uid, user.uid, user.uid)
+                endpoint = f"ipc:///proc/self/fd/{directory}/control-u.sock"
+                os.write(out_w, str(_speak_for(endpoint, names, stop_r, out_w)).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        for fd in (directory, stop_r, out_w):
+            os.close(fd)
+        self._out = os.fdopen(self._out_r)
+        if self._out.read(1) != "+":
+            os.waitpid(self.pid, 0)
+            raise AssertionError("the impostor could not connect")
+
+    def stop(self) -> int:
+        """What it was sent, as any of the actors it spoke for."""
+        os.close(self._stop_w)
+        assert os.waitpid(self.pid, 0)[1] == 0
+        with self._out:
+            return int(self._out.read())
+
+    def __enter__(self) -> Impostor:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if not self._out.closed:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self._out.close()
+
+
+def _speak_for(endpoint: str, names: list[str], stop: int, out: int) -> int:
+    """The impostor's body: returns how many frames it was sent."""
+    got, seq, connected = 0, 0, set()
+    with zmq.Context() as ctx:
+        sockets = []
+        for name in names:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.IDENTITY, name.encode())
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            sockets.append((name, s))
+        while not select.select([stop], [], [], 0.1)[0]:
+            seq += 1
+            for name, s in sockets:
+                try:
+                    s.send(encode(Heartbeat(name=name, seq=seq, status={})), zmq.NOBLOCK)
+                    connected.add(name)
+                except zmq.Again:  # not connected yet
+                    pass
+                while s.poll(0):
+                    s.recv()
+                    got += 1
+            if seq > 3 and len(connected) == len(names) and out >= 0:
+                os.write(out, b"+")  # speaking for all, a few heartbeats each
+                out = -1
+    return got
+
+
 def test_the_state_dir_is_opened_to_the_group_and_a_root_spool_handed_over(tmp_path: Path, account: Account) -> None:
     runtime = Runtime(tmp_path / "state")
     runtime.create()
@@ -333,11 +407,21 @@ def test_dns_and_netlog_run_unprivileged_hold_no_keys_and_still_work(
         old = node.actors()[name]["pid"]
         os.kill(old, signal.SIGKILL)
         node.wait(lambda: (a := node.actors()[name])["pid"] != old and a["state"] == "running", what=name)
-    # A reload reaches every actor through the sequencer: keys still only to crypto.
-    config.write_text(node_config(tmp_path, rsyslog.port, peers=2).read_text())
-    node.cli("reload")
-    assert node.status()["node"]["generation"] == 2
-    check_privileges(node.actors(), account)
+    # A process of the unprivileged user (a compromised DNS worker or coord) connects to the
+    # control socket as netlog and as the DNS worker: what the supervisor sends them (a reload's
+    # changes) never reaches it, its frames are dropped as a stranger's, and they keep running
+    # (a netlog whose connection was taken over would miss its heartbeats and be restarted).
+    running = {name: a["pid"] for name, a in node.actors().items()}
+    with Impostor(account, node.state_dir / "run", ["netlog", "dns-0"]) as impostor:
+        # A reload reaches every actor through the sequencer: keys still only to crypto.
+        config.write_text(node_config(tmp_path, rsyslog.port, peers=2).read_text())
+        node.cli("reload")
+        assert node.status()["node"]["generation"] == 2
+        assert impostor.stop() == 0
+    assert node.status()["supervisor"]["bus_dropped"]["unknown_sender"] >= 8
+    actors = node.actors()
+    assert {name: a["pid"] for name, a in actors.items() if a["state"] == "running"} == running
+    check_privileges(actors, account)
 
     # What was spooled is shipped, and the restarted DNS logs through the restarted netlog:
     # a frame it cannot decode makes it log a warning.
