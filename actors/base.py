@@ -27,6 +27,7 @@ from meshsup.actors.bus.datapath import Inbox, Outbox
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Ack, Command, Configure, Heartbeat, Hello, PeersChanged, Stop
 from meshsup.actors.log import RateLimited, setup
+from meshsup.actors.registry import account_of
 from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.actors.settings import wire as settings_wire
 from meshsup.actors.settings.wire import WireError
@@ -70,7 +71,8 @@ class Actor:
         self.outbox = Outbox(runtime.inbox)
 
         self.control = self.ctx.socket(zmq.DEALER)
-        self.control.setsockopt(zmq.IDENTITY, name.encode())
+        if runtime.identity is not None:
+            self.control.setsockopt(zmq.IDENTITY, runtime.identity)
         self.control.setsockopt(zmq.LINGER, 1000)
         self.control.connect(runtime.unprivileged_control if runtime.drop else runtime.control)
         self.inbox = Inbox(
@@ -176,9 +178,9 @@ class Actor:
             if err.errno not in (errno.ENOENT, errno.EBADF, errno.EPERM):  # closed (and maybe reused) already
                 raise
 
-    def accept_from_unprivileged(self, *types: type[Message]) -> None:
-        """Let the unprivileged actors send these messages to this actor's inbox; anything
-        else from a process not running as root is counted and dropped."""
+    def accept_from_unprivileged(self, kind: str, *types: type[Message]) -> None:
+        """Let the actors of the unprivileged `kind` (known by its user's uid) send these messages
+        to this actor's inbox; anything else from a process not running as root is counted and dropped."""
 
         def take(msg: Message) -> None:
             if isinstance(msg, types):
@@ -186,7 +188,11 @@ class Actor:
             else:
                 self.count_drop("unprivileged_sender", msg.TAG)
 
-        self.inbox.share(lambda frame: self._dispatch(frame, take))
+        self.inbox.share(
+            account_of(kind).uid,
+            lambda frame: self._dispatch(frame, take),
+            lambda frame: self.count_drop("unprivileged_sender", f"not {kind}"),
+        )
 
     def subscribe(self, *tags: str) -> None:
         for tag in tags:

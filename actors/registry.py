@@ -10,7 +10,7 @@ from multiprocessing.reduction import DupFd
 from typing import Any
 
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, Account, Drop
+from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, Account, Drop, unprivileged_account
 from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.actors.settings import wire as settings_wire
 from meshsup.actors.settings.relay import RelaySettings
@@ -58,7 +58,10 @@ class Kind:
     # None: it stays root with every capability; else it runs as the unprivileged
     # user (actors.kernel.privileges) with only these capabilities.
     caps: frozenset[int] | None = None
-    state_dirs: tuple[str, ...] = ()  # in the state dir, the unprivileged user's (made before it starts)
+    state_dirs: tuple[str, ...] = ()  # in the state dir, the kind's user's (made before it starts)
+    # Its own user when unprivileged (deploy/setup.sh makes it, in the group meshsup), so that no other
+    # kind may signal it or touch its files; without it, the shared user (actors.kernel.privileges).
+    user: str = ""
 
 
 # Why each stays root or not (README: Privileges): the router changes links,
@@ -75,15 +78,20 @@ class Kind:
 # unprivileged, DNS keeping only the right to bind port 53.
 KINDS = {
     # state_dirs: its window log and its spool (actors/netlog/actor.py)
-    "netlog": Kind("meshsup.actors.netlog.actor:NetlogActor", caps=frozenset(), state_dirs=("netlog", "spool")),
+    "netlog": Kind(
+        "meshsup.actors.netlog.actor:NetlogActor",
+        caps=frozenset(),
+        state_dirs=("netlog", "spool"),
+        user="meshsup-netlog",
+    ),
     "router": Kind("meshsup.actors.router.actor:RouterActor"),
     "magicsock": Kind("meshsup.actors.magicsock.actor:MagicsockActor", login_key=True, disco_key=True),
     "crypto": Kind("meshsup.actors.crypto.actor:CryptoActor", keys=True),
     "tun-io": Kind("meshsup.actors.tunio.actor:TunIoActor"),
-    "dns": Kind("meshsup.actors.dns.actor:DnsActor", caps=frozenset({CAP_NET_BIND_SERVICE})),
+    "dns": Kind("meshsup.actors.dns.actor:DnsActor", caps=frozenset({CAP_NET_BIND_SERVICE}), user="meshsup-dns"),
     # coord reads what anyone who can write to the mesh's bucket wrote: it runs unprivileged, and
     # needs no key (a record holds public keys only).
-    "coord": Kind("meshsup.actors.coord.actor:CoordActor", caps=frozenset()),
+    "coord": Kind("meshsup.actors.coord.actor:CoordActor", caps=frozenset(), user="meshsup-coord"),
     # A relay worker uses the relay's key, and stays root: it reads the TLS key (root's file) on
     # every configuration, so that a reload takes a renewed certificate.
     "relay": Kind("meshsup.actors.relay.actor:RelayActor", keys=True),
@@ -118,6 +126,16 @@ def kind_of(name: str) -> str:
 
 def unprivileged(kind: str) -> bool:
     return KINDS[kind].caps is not None
+
+
+def account_of(kind: str) -> Account:
+    """The user an unprivileged kind runs as (PrivilegeError if there is none)."""
+    return unprivileged_account(KINDS[kind].user)
+
+
+def accounts() -> dict[str, Account]:
+    """Every unprivileged kind's user."""
+    return {kind: account_of(kind) for kind in KINDS if unprivileged(kind)}
 
 
 def settings_for(kind: str, settings: AnySettings) -> AnySettings:
@@ -193,12 +211,20 @@ def _inherit(dup: Any) -> int:
 
 
 def run_actor(
-    kind: str, name: str, state_dir: str, tun_queue: int | None, account: Account, supervisor: int | None = None
+    kind: str,
+    name: str,
+    state_dir: str,
+    tun_queue: int | None,
+    account: Account | None,
+    supervisor: int | None = None,
+    identity: bytes | None = None,
 ) -> None:
     """The body of an actor process (target of the supervisor's spawn). A crypto
     worker may get its queue of the TUN (see supervisor/resources.py, TunQueues);
-    an unprivileged kind becomes `account` once it has joined the bus (actors.base).
-    The actor stops when process `supervisor` ends (Actor.stop_with)."""
+    an unprivileged kind becomes `account` (its own: accounts) once it has joined the bus (actors.base).
+    The actor stops when process `supervisor` ends (Actor.stop_with). `identity` is
+    this launch's on the control socket (supervisor.hub.Hub.admit): it comes with the
+    arguments through the fork server's socket, root's alone, so no other process sees it."""
     from setproctitle import setproctitle
 
     from meshsup.actors.base import crash_on_start_requested, exit_now
@@ -213,13 +239,16 @@ def run_actor(
     extra = {} if tun_queue is None else {"tun_queue": tun_queue}
     try:
         if spec.caps is None:
-            runtime = Runtime(state_dir)
+            runtime = Runtime(state_dir, identity=identity)
+        elif account is None:
+            raise PrivilegeError("no user to become")
         else:
             drop = Drop(account, spec.caps)
-            runtime = Runtime(drop.prepare(state_dir), drop)
+            runtime = Runtime(drop.prepare(state_dir), drop, identity)
         actor = getattr(importlib.import_module(module), cls)(name, runtime, **extra)
     except PrivilegeError as err:
-        setup(name).error("refusing to run: cannot drop privileges", kind=kind, user=account.name, error=str(err))
+        user = account.name if account else None
+        setup(name).error("refusing to run: cannot drop privileges", kind=kind, user=user, error=str(err))
         exit_now(EXIT_NO_DROP)
     if supervisor is not None:
         actor.stop_with(supervisor)

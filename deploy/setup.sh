@@ -41,8 +41,14 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# The user meshsup's DNS and netlog actors run as, once they have joined the bus (README: Privileges).
+# The users the unprivileged actors run as once they have joined the bus, one per kind so that
+# none can signal another or touch its files, all in the group meshsup, which may reach the bus;
+# meshsup itself is their fallback (README: Privileges).
 id -u meshsup >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin meshsup
+for kind in dns netlog coord; do
+  id -u "meshsup-$kind" >/dev/null 2>&1 ||
+    useradd --system --no-create-home --shell /usr/sbin/nologin --gid meshsup "meshsup-$kind"
+done
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'

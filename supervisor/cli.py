@@ -13,9 +13,9 @@ from typing import Any
 
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.kernel.files import UnsafePath
-from meshsup.actors.kernel.privileges import USER, PrivilegeError, unprivileged_account
+from meshsup.actors.kernel.privileges import PrivilegeError
 from meshsup.actors.log import setup
-from meshsup.actors.registry import start_fork_server
+from meshsup.actors.registry import KINDS, accounts, start_fork_server
 from meshsup.actors.settings import Settings
 from meshsup.actors.settings.keys import b64, load_or_create_disco
 from meshsup.actors.settings.node import INTERFACE_RULE, valid_interface_name
@@ -128,10 +128,10 @@ def start(args: argparse.Namespace) -> int:
         runtime.check(create_state_dir=True)  # before the config, which may make the key in it
         conf = load(args, state_dir)
         runtime.create()
-        account = unprivileged_account()
-        open_state_dir(runtime, account)
+        users = accounts()
+        open_state_dir(runtime, users)
     except PrivilegeError as err:
-        print(f"meshsup: {err}: run deploy/setup.sh, which makes the user {USER}", file=sys.stderr)
+        print(f"meshsup: {err}: run deploy/setup.sh, which makes the users", file=sys.stderr)
         return 2
     except UnsafePath as err:
         print(f"meshsup: refusing to start: {err}, or choose another --state-dir", file=sys.stderr)
@@ -146,16 +146,18 @@ def start(args: argparse.Namespace) -> int:
         print(f"meshsup: a node is already running with state dir {state_dir}", file=sys.stderr)
         return 1
     log = setup("supervisor", runtime)
-    if account.name != USER:
-        log.warning(
-            "unprivileged actors run as a user other daemons may share",
-            user=account.name,
-            uid=account.uid,
-            missing=USER,
-            fix="deploy/setup.sh makes the user",
-        )
+    for kind, account in users.items():
+        if account.name != KINDS[kind].user:
+            log.warning(
+                "an unprivileged kind runs as a user it shares (with other kinds, or daemons)",
+                kind=kind,
+                user=account.name,
+                uid=account.uid,
+                missing=KINDS[kind].user,
+                fix="deploy/setup.sh makes the users",
+            )
     print(relay.relay_stanza(conf) if args.command == "relay" else peer_stanza(conf), flush=True)
-    sup = Supervisor(conf, runtime, account, lambda: load(args, state_dir), log)
+    sup = Supervisor(conf, runtime, users, lambda: load(args, state_dir), log)
     code = sup.run()
     if sup.failure:
         print(f"meshsup: node stopped: {sup.failure}", file=sys.stderr)

@@ -3,10 +3,20 @@ connects to (one for the actors running as root, one for the unprivileged
 ones), requests to actors with acks and deadlines, counted drops of bad
 frames, and the event proxy (XSUB/XPUB). All pumped from the supervisor's
 one poll loop.
+
+An actor is known on its control socket by an identity the supervisor makes
+for each launch (`admit`): random, handed to the process at its fork, never
+on a command line. The unprivileged actors share a control socket and may
+connect as anything they like; since none knows another's identity, none
+can take over another's connection (its Configure) or speak for it. A frame
+from an identity not given out, or not given out for that socket, is a
+counted drop (`unknown_sender`), and a second connection with a live
+identity is refused (no ROUTER_HANDOVER: a restarted actor gets a new one).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -47,10 +57,10 @@ class Hub:
         self.next_req = 1
         self.bus_dropped: dict[str, int] = {}
         self._ratelimit = RateLimited()
+        self._routes: dict[str, bytes] = {}  # actor -> the identity of its current launch
+        self._senders: dict[bytes, str] = {}  # and back
         self.control = bind(ctx, zmq.ROUTER, runtime.control)
         self.unprivileged = bind(ctx, zmq.ROUTER, runtime.unprivileged_control)
-        for sock in self.controls:
-            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted actor reuses its identity
         self.xsub = bind(ctx, zmq.XSUB, runtime.events_in)
         self.xpub = bind(ctx, zmq.XPUB, runtime.events_out)
         grant(runtime.control, unprivileged=False)
@@ -64,6 +74,14 @@ class Hub:
     def _control_of(self, actor: str) -> zmq.Socket:
         """The control socket the actor connects to (actors.registry.unprivileged)."""
         return self.unprivileged if unprivileged(kind_of(actor)) else self.control
+
+    def admit(self, actor: str) -> bytes:
+        """A new identity for a launch of `actor`, the only one it is routed to and heard by from now
+        on (the previous launch's frames still queued are dropped)."""
+        self._senders.pop(self._routes.get(actor, b""), None)
+        identity = secrets.token_hex(16).encode()  # ZeroMQ reserves identities starting with a zero byte
+        self._routes[actor], self._senders[identity] = identity, actor
+        return identity
 
     def pump(self, src: zmq.Socket) -> None:
         """The event proxy: what came in on one side out on the other."""
@@ -97,7 +115,7 @@ class Hub:
             except DecodeError as err:
                 self.count_drop(err.reason, str(err))
                 continue
-            name = ident.decode(errors="replace")
+            name = self._senders.get(ident, "")
             a = actors.get(name)
             if a is None or self._control_of(name) is not sock:
                 self.count_drop("unknown_sender", ident[:32].hex())
@@ -116,14 +134,19 @@ class Hub:
         req = self.next_req
         self.next_req += 1
         self.pending[req] = Pending(actor, time.monotonic() + timeout, done)
-        self._control_of(actor).send_multipart([actor.encode(), encode(make(req))])
+        self._send(actor, encode(make(req)), 0)
 
     def tell(self, actor: str, msg: Message) -> None:
         """Send without waiting for an ack, or for room in the queue (shutdown)."""
         try:
-            self._control_of(actor).send_multipart([actor.encode(), encode(msg)], zmq.NOBLOCK)
+            self._send(actor, encode(msg), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
+
+    def _send(self, actor: str, frame: bytes, flags: int) -> None:
+        identity = self._routes.get(actor)
+        if identity is not None:  # else never launched: a request times out
+            self._control_of(actor).send_multipart([identity, frame], flags)
 
     def acked(self, msg: Ack) -> None:
         p = self.pending.pop(msg.req, None)

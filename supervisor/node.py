@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -45,9 +45,14 @@ from meshsup.supervisor.wgapi import peer_status
 
 class Supervisor:
     def __init__(
-        self, config: Settings, runtime: Runtime, account: Account, reload: Callable[[], Settings], log: Any
+        self,
+        config: Settings,
+        runtime: Runtime,
+        accounts: Mapping[str, Account],
+        reload: Callable[[], Settings],
+        log: Any,
     ) -> None:
-        """`account`: the unprivileged actors' user, let into the runtime dir (resources.open_state_dir)."""
+        """`accounts`: each unprivileged kind's user, let into the runtime dir (resources.open_state_dir)."""
         self.runtime = runtime
         self.reload_source = reload
         self.log = log
@@ -55,7 +60,7 @@ class Supervisor:
         self.ctx = zmq.Context()
         self.hub = Hub(self.ctx, runtime, log)
         self.tun_queues = TunQueues(log)
-        self.tree = Tree(config, runtime, self.hub, self.tun_queues, account, log)
+        self.tree = Tree(config, runtime, self.hub, self.tun_queues, accounts, log)
         self.sequencer = Sequencer(self.tree, self.hub)
         # With [coordination]: the config as read (the file), the mesh's peers merged into it, and
         # whether a change of them is being applied (the next waits for it: a flood is coalesced).

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import stat
+from collections.abc import Mapping
 from typing import Any
 
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.kernel.files import UnsafePath
-from meshsup.actors.kernel.privileges import Account
+from meshsup.actors.kernel.privileges import USER, Account, PrivilegeError
 from meshsup.actors.kernel.tun import Tun, make_persistent
 from meshsup.actors.kernel.udp import UdpSocket
 from meshsup.actors.registry import KINDS, InheritedFd, unprivileged
@@ -74,41 +76,63 @@ class TunQueues:
         self.queues = []
 
 
-def open_state_dir(runtime: Runtime, account: Account) -> None:
-    """Let the unprivileged actors in: search the state dir and the runtime dir (the
-    sockets meant for them are their group's), and own their kinds' state dirs."""
-    runtime.open_to(account.gid)
-    for name in sorted({d for kind, k in KINDS.items() if unprivileged(kind) for d in k.state_dirs}):
-        path = runtime.state_dir / name
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if st.st_uid == 0:
-                _hand_over(fd, account)
-            elif st.st_uid != account.uid:
-                raise UnsafePath(
-                    f"{name} dir",
-                    path,
-                    st,
-                    f"is neither root's nor {account.name}'s",
-                    f"remove it or chown -R {account.name} it",
-                )
-        finally:
-            os.close(fd)
+def open_state_dir(runtime: Runtime, accounts: Mapping[str, Account]) -> None:
+    """Let the unprivileged actors in: search the state dir and the runtime dir (the sockets
+    meant for them are their group's), and each kind own its state dirs, 0700.
+
+    A kind's dir left by root (a node whose actors ran as root) or by the user all unprivileged
+    kinds once shared (meshsup) is handed over: what that user planted in it, the kind could
+    have written as that user anyway. A dir of anyone else is refused."""
+    groups = {a.gid for a in accounts.values()}
+    if len(groups) != 1:
+        users = ", ".join(sorted({a.name for a in accounts.values()}))
+        raise PrivilegeError(f"the unprivileged users ({users}) have different primary groups: give them {USER}'s")
+    runtime.open_to(groups.pop())
+    shared = _uid_of(USER)
+    for kind, spec in KINDS.items():
+        if not unprivileged(kind):
+            continue
+        account = accounts[kind]
+        for name in spec.state_dirs:
+            path = runtime.state_dir / name
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if st.st_uid != account.uid and st.st_uid in (0, shared):
+                    _hand_over(fd, account, st.st_uid)
+                elif st.st_uid != account.uid:
+                    raise UnsafePath(
+                        f"{name} dir",
+                        path,
+                        st,
+                        f"is neither root's, {USER}'s nor {account.name}'s",
+                        f"remove it or chown -R {account.name} it",
+                    )
+            finally:
+                os.close(fd)
 
 
-def _hand_over(top: int, account: Account) -> None:
-    """Give a root-owned tree (just made, or left by a node whose netlog ran as root) to `account`.
-    Only a tree the account could never write: it cannot have planted a link in it to
-    a file of root's. Bottom up, so that a start cut short leaves the top root's and
-    the next one does it again. Through descriptors, following no symlink."""
+def _uid_of(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
+
+
+def _hand_over(top: int, account: Account, previous: int) -> None:
+    """Give a tree of uid `previous` (root, or the user the kinds once shared) to `account`: its
+    directories and its regular files of `previous`, never a link (a symlink or a file linked from
+    elsewhere, which `previous` may have planted to a file of its). Bottom up, so that a start cut
+    short leaves the top as it was and the next one does it again. Through descriptors, following
+    no symlink."""
     for _, dirs, files, fd in os.fwalk(".", topdown=False, dir_fd=top):
         for name in dirs + files:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1):
+            if st.st_uid == previous and (stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)):
                 os.chown(name, account.uid, account.gid, dir_fd=fd, follow_symlinks=False)
     os.fchown(top, account.uid, account.gid)
+    os.fchmod(top, 0o700)

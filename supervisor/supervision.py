@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +68,13 @@ class ActorProc:
 
 class Tree:
     def __init__(
-        self, config: AnySettings, runtime: Runtime, hub: Hub, tun_queues: TunQueues, account: Account, log: Any
+        self,
+        config: AnySettings,
+        runtime: Runtime,
+        hub: Hub,
+        tun_queues: TunQueues,
+        accounts: Mapping[str, Account],
+        log: Any,
     ) -> None:
         self.config = config
         self.generation = 1
@@ -76,7 +83,7 @@ class Tree:
         self.runtime = runtime
         self.hub = hub
         self.tun_queues = tun_queues
-        self.account = account  # the unprivileged actors' user
+        self.accounts = accounts  # each unprivileged kind's user (registry.accounts)
         self.log = log
         self.actors: dict[str, ActorProc] = {}
         self.start_queue: deque[str] = deque()
@@ -146,7 +153,15 @@ class Tree:
         queue = self.tun_queues.for_actor(a.name, a.kind)
         p = self._mp.Process(
             target=run_actor,
-            args=(a.kind, a.name, str(self.runtime.state_dir), queue, self.account, os.getpid()),
+            args=(
+                a.kind,
+                a.name,
+                str(self.runtime.state_dir),
+                queue,
+                self.accounts.get(a.kind),
+                os.getpid(),
+                self.hub.admit(a.name),
+            ),
             name=a.name,
             daemon=True,
         )

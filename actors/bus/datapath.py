@@ -73,13 +73,15 @@ class Inbox:
         grant(path, unprivileged=False)
         self._listener.listen(64)
         self._uid = os.geteuid()
-        self._others: Callable[[memoryview], None] | None = None
+        # (uid, its handler, the handler of the other unprivileged senders): see share
+        self._shared: tuple[int, Callable[[memoryview], None], Callable[[memoryview], None]] | None = None
         add_reader(self._listener.fileno(), self._accept)
 
-    def share(self, handle: Callable[[memoryview], None]) -> None:
-        """Let the unprivileged actors connect too; what a sender that is neither root nor
-        this process's user sends goes to `handle` (which should trust none of it)."""
-        self._others = handle
+    def share(self, uid: int, handle: Callable[[memoryview], None], others: Callable[[memoryview], None]) -> None:
+        """Let the unprivileged actors connect too: what a sender running as `uid` sends goes to
+        `handle` (which should trust none of it), what any other unprivileged one sends to `others`
+        (the socket's group lets every unprivileged kind in; by uid only one is heard)."""
+        self._shared = uid, handle, others
         grant(self._path, unprivileged=True)
 
     def _accept(self) -> None:
@@ -91,8 +93,11 @@ class Inbox:
             except OSError:  # e.g. out of descriptors: the sender retries on its next batch
                 return
             _, uid, _ = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-            handle = self._handle if uid in (0, self._uid) else self._others
-            if handle is None:  # the socket's mode let them in: not meant to happen
+            if uid in (0, self._uid):
+                handle = self._handle
+            elif self._shared is not None:
+                handle = self._shared[1] if uid == self._shared[0] else self._shared[2]
+            else:  # the socket's mode let them in: not meant to happen
                 conn.close()
                 continue
             conn.setblocking(False)

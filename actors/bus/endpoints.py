@@ -25,10 +25,15 @@ _CAPTURE = re.compile(r"pc(\d+)\.sock")
 
 
 class Runtime:
-    def __init__(self, state_dir: str | os.PathLike[str], drop: Drop | None = None) -> None:
+    def __init__(
+        self, state_dir: str | os.PathLike[str], drop: Drop | None = None, identity: bytes | None = None
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.dir = self.state_dir / "run"
         self.drop = drop  # in an actor that gives up root once it joined the bus (actors.base)
+        # In an actor: what it is known by on its control socket (supervisor.hub.Hub.admit); None
+        # lets the supervisor's socket pick one (an actor a test made, with no supervisor).
+        self.identity = identity
 
     def check(self, create_state_dir: bool = False) -> None:
         """Refuse (UnsafePath) a state dir or runtime dir, where there is one, that

@@ -27,7 +27,7 @@ RESEND_AFTER = 1.0  # seconds without an acknowledgement
 
 class FlowFeed:
     def __init__(self, actor: Actor, layer: str) -> None:
-        actor.accept_from_unprivileged(FlowCountsAck)  # netlog runs unprivileged (actors.registry)
+        actor.accept_from_unprivileged(NETLOG, FlowCountsAck)  # netlog runs unprivileged (actors.registry)
         self.outbox = actor.outbox
         self.source = actor.name
         self.layer = layer

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-USER: Final = "meshsup"  # made by deploy/setup.sh
+USER: Final = "meshsup"  # made by deploy/setup.sh: the group of every unprivileged kind's user, and their fallback
 FALLBACK_USER: Final = "nobody"
 CAP_NET_BIND_SERVICE: Final = 10  # <linux/capability.h>
 
@@ -60,15 +60,16 @@ class Account:
     gid: int
 
 
-def unprivileged_account() -> Account:
-    """meshsup, or nobody on a host without it (the caller says so: nobody may be shared with other daemons)."""
-    for name in (USER, FALLBACK_USER):
+def unprivileged_account(own: str = USER) -> Account:
+    """The user `own` (a kind's own: deploy/setup.sh makes them), else meshsup, else nobody on a
+    host without either (the caller says so: they may be shared with other kinds or daemons)."""
+    for name in dict.fromkeys((own, USER, FALLBACK_USER)):
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
             continue
         return Account(name, entry.pw_uid, entry.pw_gid)
-    raise PrivilegeError(f"neither {USER} nor {FALLBACK_USER} is a user on this host")
+    raise PrivilegeError(f"neither {own}, {USER} nor {FALLBACK_USER} is a user on this host")
 
 
 class _CapHeader(ctypes.Structure):
@@ -138,8 +139,9 @@ class Drop:
             os.setresuid(uid, uid, uid)
             _capset(self.keep)  # ... of which it keeps these
             _prctl(_PR_SET_KEEPCAPS, 0)
-            # The other unprivileged actors run as this user too: none may ptrace this one or read its
-            # memory. The uid change did this already unless the host's fs.suid_dumpable says otherwise.
+            # Where the other unprivileged kinds run as this user too (a host without their own users):
+            # none may ptrace this one or read its memory. The uid change did this already unless the
+            # host's fs.suid_dumpable says otherwise.
             _prctl(_PR_SET_DUMPABLE, 0)
         except OSError as err:
             raise PrivilegeError(f"cannot switch to {self.account.name} (uid {uid}): {err}") from None

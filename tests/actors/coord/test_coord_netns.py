@@ -279,7 +279,7 @@ def test_a_node_may_write_only_its_own_record(underlay: Underlay, tmp_path: Path
     for ident in idents:
         secret = readable_dir / f"{ident.name}.password"
         secret.write_text(f"{ident.name}-secret")
-        secret.chmod(0o644)  # the coord actor reads it as the user meshsup
+        secret.chmod(0o644)  # the coord actor reads it as its user, meshsup-coord
         nodes.append(start_node(u, tmp_path, ident, [server], user=f'"{ident.name}"', password_file=f'"{secret}"'))
     for ident, (_, node) in zip(idents, nodes):
         node.wait(lambda node=node, ident=ident: peer_names(node) == set(names) - {ident.name}, 20, "peers")

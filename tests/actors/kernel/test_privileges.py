@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import select
 import signal
 import socket
@@ -25,10 +26,11 @@ import zmq
 from meshsup.actors.base import Actor
 from meshsup.actors.bus.codec import Message, encode
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.bus.messages import FlowCountsAck, LinkChanged, PacketBatch
+from meshsup.actors.bus.messages import FlowCountsAck, Heartbeat, LinkChanged, PacketBatch
 from meshsup.actors.kernel.files import UnsafePath
-from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, USER, Account, unprivileged_account
-from meshsup.actors.registry import EXIT_NO_DROP, START_ORDER, settings_for
+from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, USER, Account
+from meshsup.actors.registry import EXIT_NO_DROP, KINDS, START_ORDER, settings_for
+from meshsup.actors.registry import accounts as registry_accounts
 from meshsup.actors.settings import Settings, parse
 from meshsup.actors.settings.keys import b64, generate_private, load_or_create_disco, public_of
 from meshsup.supervisor.resources import open_state_dir
@@ -45,10 +47,11 @@ MESH_ADDRESS = "100.64.0.1"
 
 
 @pytest.fixture(scope="module")
-def account() -> Account:
-    found = unprivileged_account()
-    if found.name != USER:
-        pytest.skip(f"no user {USER} (deploy/setup.sh makes it)")
+def accounts() -> dict[str, Account]:
+    """Each unprivileged kind's own user."""
+    found = registry_accounts()
+    if any(a.name != KINDS[kind].user for kind, a in found.items()):
+        pytest.skip(f"no user of its own for some unprivileged kind: {found} (deploy/setup.sh makes them)")
     return found
 
 
@@ -94,8 +97,10 @@ def test_only_the_crypto_workers_get_the_keys(tmp_path: Path) -> None:
     assert stripped.node.public_key == full.node.public_key and stripped.dns_for_mesh() == full.dns_for_mesh()
 
 
-def test_the_supervisor_configures_each_kind_with_keys_only_for_crypto(tmp_path: Path, account: Account) -> None:
-    tree = Tree(settings(tmp_path), Runtime(tmp_path), None, None, account, None)  # type: ignore[arg-type]
+def test_the_supervisor_configures_each_kind_with_keys_only_for_crypto(
+    tmp_path: Path, accounts: dict[str, Account]
+) -> None:
+    tree = Tree(settings(tmp_path), Runtime(tmp_path), None, None, accounts, None)  # type: ignore[arg-type]
     for kind in START_ORDER:
         message = tree.configure_message(kind, req=7, generation=3)
         assert (message.req, message.generation) == (7, 3)
@@ -106,10 +111,9 @@ def test_the_supervisor_configures_each_kind_with_keys_only_for_crypto(tmp_path:
 
 REFUSE = """
 import importlib, os, sys
-from meshsup.actors.registry import PRELOAD, run_actor
+from meshsup.actors.registry import PRELOAD, account_of, run_actor
 for module in PRELOAD:  # as the fork server does (and the interpreter may be where nobody can read)
     importlib.import_module(module)
-from meshsup.actors.kernel.privileges import unprivileged_account
 how = sys.argv[2]
 if how == "setresuid fails":
     def refuse(*ids): raise PermissionError(1, "Operation not permitted")
@@ -119,7 +123,7 @@ elif how == "setresuid does nothing":
 elif how == "not root":
     os.seteuid(65534)
 run_actor(sys.argv[3], sys.argv[3] + "-0" if sys.argv[3] == "dns" else sys.argv[3], sys.argv[1], None,
-          unprivileged_account())
+          account_of(sys.argv[3]))
 """
 
 
@@ -127,14 +131,15 @@ run_actor(sys.argv[3], sys.argv[3] + "-0" if sys.argv[3] == "dns" else sys.argv[
 @pytest.mark.parametrize(
     "how, reason",
     [
-        ("setresuid fails", "cannot switch to meshsup"),
+        ("setresuid fails", "cannot switch to meshsup-"),
         ("setresuid does nothing", "privileges not dropped as asked: thread"),
         ("not root", "not root"),
     ],
 )
 def test_an_actor_that_cannot_drop_privileges_refuses_to_run(
-    tmp_path: Path, account: Account, kind: str, how: str, reason: str
+    tmp_path: Path, accounts: dict[str, Account], kind: str, how: str, reason: str
 ) -> None:
+    account = accounts[kind]
     Runtime(tmp_path).create()
     r = subprocess.run(
         [sys.executable, "-c", REFUSE, str(tmp_path), how, kind],
@@ -183,31 +188,127 @@ def send_as(uid: int, gid: int, path: str, messages: list[Message]) -> None:
     assert os.waitpid(pid, 0)[1] == 0
 
 
-def test_a_shared_inbox_takes_only_acks_from_the_unprivileged_user(tmp_path: Path, account: Account) -> None:
+def test_a_shared_inbox_takes_only_acks_from_netlog(tmp_path: Path, accounts: dict[str, Account]) -> None:
+    netlog, dns = accounts["netlog"], accounts["dns"]
     runtime = Runtime(tmp_path)
     runtime.create()
-    runtime.open_to(account.gid)
+    runtime.open_to(netlog.gid)
     actor = Recorder("tun-io", runtime)
     try:
         path = runtime.inbox("tun-io")
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        actor.accept_from_unprivileged(FlowCountsAck)
-        assert (stat.S_IMODE(os.stat(path).st_mode), os.stat(path).st_gid) == (0o660, account.gid)
+        actor.accept_from_unprivileged("netlog", FlowCountsAck)
+        assert (stat.S_IMODE(os.stat(path).st_mode), os.stat(path).st_gid) == (0o660, netlog.gid)
         ack, packets = FlowCountsAck(epoch=1, seq=2), PacketBatch(packets=b"")
-        send_as(account.uid, account.gid, path, [ack, packets])  # netlog's ack, and what only crypto may send
+        send_as(netlog.uid, netlog.gid, path, [ack, packets])  # netlog's ack, and what only crypto may send
+        send_as(dns.uid, dns.gid, path, [FlowCountsAck(epoch=1, seq=3)])  # another kind speaking for netlog
         send_as(0, 0, path, [packets])
         deadline = time.monotonic() + 10
-        while len(actor.got) < 2 and time.monotonic() < deadline:
+        while (len(actor.got) < 2 or sum(actor.bus_dropped.values()) < 2) and time.monotonic() < deadline:
             for fd in select.select(list(actor._fds), [], [], 0.1)[0]:
                 actor._fds[fd][0]()
-        assert sorted(m.TAG for m in actor.got) == sorted([ack.TAG, packets.TAG])
-        assert actor.bus_dropped == {"unprivileged_sender": 1}
+        assert sorted((m.TAG, getattr(m, "seq", 0)) for m in actor.got) == sorted([(ack.TAG, 2), (packets.TAG, 0)])
+        assert actor.bus_dropped == {"unprivileged_sender": 2}
     finally:
         actor.inbox.close()
         actor.ctx.destroy(linger=0)
 
 
-def test_the_state_dir_is_opened_to_the_group_and_a_root_spool_handed_over(tmp_path: Path, account: Account) -> None:
+def run_as(user: Account, check: Callable[[], None]) -> None:
+    """`check` in a child process running as `user`: it must not fail."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+            check()
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0, f"as {user.name}"
+
+
+class Impostor:
+    """A process of an unprivileged user (a compromised DNS worker) connected to the
+    unprivileged actors' control socket by their names, speaking for them (heartbeats) and
+    counting what it is sent, until `stop` (or the test's end)."""
+
+    def __init__(self, user: Account, runtime_dir: Path, names: list[str]) -> None:
+        stop_r, self._stop_w = os.pipe()
+        self._out_r, out_w = os.pipe()
+        directory = os.open(runtime_dir, os.O_PATH | os.O_DIRECTORY)
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                os.close(self._stop_w)  # so that the test's end, however it ends, ends this too
+                os.setgroups([])
+                os.setresgid(user.gid, user.gid, user.gid)
+                os.setresuid(user.uid, user.uid, user.uid)
+                endpoint = f"ipc:///proc/self/fd/{directory}/control-u.sock"
+                os.write(out_w, str(_speak_for(endpoint, names, stop_r, out_w)).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        for fd in (directory, stop_r, out_w):
+            os.close(fd)
+        self._out = os.fdopen(self._out_r)
+        if self._out.read(1) != "+":
+            os.waitpid(self.pid, 0)
+            raise AssertionError("the impostor could not connect")
+
+    def stop(self) -> int:
+        """What it was sent, as any of the actors it spoke for."""
+        os.close(self._stop_w)
+        assert os.waitpid(self.pid, 0)[1] == 0
+        with self._out:
+            return int(self._out.read())
+
+    def __enter__(self) -> Impostor:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if not self._out.closed:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self._out.close()
+
+
+def _speak_for(endpoint: str, names: list[str], stop: int, out: int) -> int:
+    """The impostor's body: returns how many frames it was sent."""
+    got, seq, connected = 0, 0, set()
+    with zmq.Context() as ctx:
+        sockets = []
+        for name in names:
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.IDENTITY, name.encode())
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+            sockets.append((name, s))
+        while not select.select([stop], [], [], 0.1)[0]:
+            seq += 1
+            for name, s in sockets:
+                try:
+                    s.send(encode(Heartbeat(name=name, seq=seq, status={})), zmq.NOBLOCK)
+                    connected.add(name)
+                except zmq.Again:  # not connected yet
+                    pass
+                while s.poll(0):
+                    s.recv()
+                    got += 1
+            if seq > 3 and len(connected) == len(names) and out >= 0:
+                os.write(out, b"+")  # speaking for all, a few heartbeats each
+                out = -1
+    return got
+
+
+def test_the_state_dir_is_opened_to_the_group_and_a_root_spool_handed_over(
+    tmp_path: Path, accounts: dict[str, Account]
+) -> None:
+    netlog = accounts["netlog"]
+    shared = pwd.getpwnam(USER)
     runtime = Runtime(tmp_path / "state")
     runtime.create()
     flows = runtime.state_dir / "spool" / "flows"
@@ -216,23 +317,37 @@ def test_the_state_dir_is_opened_to_the_group_and_a_root_spool_handed_over(tmp_p
     (flows / "root-file").symlink_to("/etc/passwd")
     (tmp_path / "elsewhere").write_text("")
     os.link(tmp_path / "elsewhere", flows / "linked")
-    open_state_dir(runtime, account)
-    owner = {p.name: p.lstat().st_uid for p in [runtime.state_dir / "spool", flows, *flows.iterdir()]}
+    # As a node whose unprivileged kinds all ran as meshsup left it (DNS could have planted anything).
+    window = runtime.state_dir / "netlog"
+    window.mkdir(mode=0o700)
+    (window / "window.wal").write_text("")
+    (window / "planted").symlink_to("/etc/shadow")
+    (window / "dns-file").write_text("")
+    for path in (window, window / "window.wal", window / "planted"):
+        os.chown(path, shared.pw_uid, shared.pw_gid, follow_symlinks=False)
+    os.chown(window / "dns-file", accounts["dns"].uid, -1)
+    open_state_dir(runtime, accounts)
+    paths = [runtime.state_dir / "spool", flows, *flows.iterdir(), window, *window.iterdir()]
+    owner = {p.name: p.lstat().st_uid for p in paths}
     assert owner == {
-        "spool": account.uid,
-        "flows": account.uid,
-        "1.json": account.uid,
+        "spool": netlog.uid,
+        "flows": netlog.uid,
+        "1.json": netlog.uid,
         "root-file": 0,
         "linked": 0,
-    }  # never through a link, never a file linked elsewhere
-    assert (runtime.state_dir / "netlog").stat().st_uid == account.uid
+        "netlog": netlog.uid,
+        "window.wal": netlog.uid,
+        "planted": shared.pw_uid,
+        "dns-file": accounts["dns"].uid,
+    }  # only what root or meshsup owned; never through a link, never a file linked elsewhere
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (runtime.state_dir / "spool", window)} == {0o700}
     st, run = runtime.state_dir.stat(), runtime.dir.stat()
-    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o710, 0, account.gid)
-    assert (stat.S_IMODE(run.st_mode), run.st_uid, run.st_gid) == (0o2710, 0, account.gid)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o710, 0, netlog.gid)
+    assert (stat.S_IMODE(run.st_mode), run.st_uid, run.st_gid) == (0o2710, 0, netlog.gid)
     runtime.check()  # group-searchable is not group-writable: still safe
-    os.chown(runtime.state_dir / "netlog", 54321, -1)
-    with pytest.raises(UnsafePath, match="netlog dir .* is neither root's nor meshsup's"):
-        open_state_dir(runtime, account)
+    os.chown(window, accounts["dns"].uid, -1)
+    with pytest.raises(UnsafePath, match="netlog dir .* is neither root's, meshsup's nor meshsup-netlog's"):
+        open_state_dir(runtime, accounts)
 
 
 # --- a node --------------------------------------------------------------------------------
@@ -243,14 +358,14 @@ def proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
     return {k: v.strip() for k, _, v in (line.partition(":") for line in Path(path).read_text().splitlines())}
 
 
-def check_privileges(actors: dict[str, dict[str, Any]], account: Account) -> None:
+def check_privileges(actors: dict[str, dict[str, Any]], accounts: dict[str, Account]) -> None:
     for name, a in actors.items():
         assert a["holds_keys"] == (a["kind"] == "crypto"), name
         status = proc_status(a["pid"])
         if a["kind"] not in DROPPED:
             assert status["Uid"].split()[0] == "0", name  # README: why these stay root
             continue
-        keep = DROPPED[a["kind"]]
+        keep, account = DROPPED[a["kind"]], accounts[a["kind"]]
         for tid in os.listdir(f"/proc/{a['pid']}/task"):  # every thread, the ZeroMQ ones too
             thread = proc_status(a["pid"], int(tid))
             assert set(thread["Uid"].split()) == {str(account.uid)}, (name, thread["Uid"])
@@ -258,8 +373,8 @@ def check_privileges(actors: dict[str, dict[str, Any]], account: Account) -> Non
             assert thread["NoNewPrivs"] == "1" and int(thread["CapBnd"], 16) == keep, name
             assert int(thread["CapInh"], 16) == int(thread["CapAmb"], 16) == 0, name
         assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == keep, name
-        # Not dumpable: no other process of its user (another unprivileged actor) may ptrace it or
-        # read its memory, and so the kernel gives its /proc entries to root.
+        # Not dumpable: no other process of its user (another DNS worker) may ptrace it or read its
+        # memory, and so the kernel gives its /proc entries to root.
         assert os.stat(f"/proc/{a['pid']}/mem").st_uid == 0, name
 
 
@@ -298,7 +413,7 @@ def test_dns_and_netlog_run_unprivileged_hold_no_keys_and_still_work(
     node_factory: Callable[..., Node],
     netns: Callable[..., Netns],
     tmp_path: Path,
-    account: Account,
+    accounts: dict[str, Account],
     rsyslogs: list[Rsyslog],
 ) -> None:
     ns = netns()
@@ -314,30 +429,57 @@ def test_dns_and_netlog_run_unprivileged_hold_no_keys_and_still_work(
         return actors if all(a["holds_keys"] for a in actors if a["kind"] == "crypto") else None
 
     actors = node.wait(configured, what="the crypto workers' configured heartbeats")
-    check_privileges({a["name"]: a for a in actors}, account)
+    check_privileges({a["name"]: a for a in actors}, accounts)
 
     # DNS binds port 53, on loopback and on the mesh address.
     for host in ("127.0.0.1", MESH_ADDRESS):
         assert dig(host, 53, "alpha.mesh", ns=ns).rdata("A") == [MESH_ADDRESS], host
 
-    # netlog, with its collector down, keeps the window log and spools: files of the user's own.
+    # netlog, with its collector down, keeps the window log and spools: files of its user's own.
     spool = node.state_dir / "spool"
     assert wait_until(lambda: {p.parent.parent.name for p in spool.rglob("*.json")} == {"flows", "logs"}, 15)
     spooled = list(spool.rglob("*.json"))
     for path in [node.state_dir / "netlog" / "window.wal", *spooled]:
         st = path.lstat()
-        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (account.uid, 0o600), path
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (accounts["netlog"].uid, 0o600), path
+    # DNS's user may neither signal netlog (0 asks the kernel whether it may: SIGSTOP's check)
+    # nor reach its spool.
+    netlog_pid, spool_dir = node.actors()["netlog"]["pid"], os.open(spool, os.O_PATH | os.O_DIRECTORY)
+
+    def refused() -> None:
+        with pytest.raises(PermissionError):
+            os.kill(netlog_pid, 0)
+        for path in [spool, *spooled]:
+            with pytest.raises(PermissionError):
+                open(f"/proc/self/fd/{spool_dir}/{path.relative_to(spool)}", "rb")
+        with pytest.raises(PermissionError):
+            os.unlink(f"/proc/self/fd/{spool_dir}/{spooled[0].relative_to(spool)}")
+
+    try:
+        run_as(accounts["dns"], refused)
+    finally:
+        os.close(spool_dir)
 
     # Restarted (forked from the root fork server again), they drop again.
     for name in ("dns-0", "netlog"):
         old = node.actors()[name]["pid"]
         os.kill(old, signal.SIGKILL)
         node.wait(lambda: (a := node.actors()[name])["pid"] != old and a["state"] == "running", what=name)
-    # A reload reaches every actor through the sequencer: keys still only to crypto.
-    config.write_text(node_config(tmp_path, rsyslog.port, peers=2).read_text())
-    node.cli("reload")
-    assert node.status()["node"]["generation"] == 2
-    check_privileges(node.actors(), account)
+    # A process of DNS's user (a compromised DNS worker) connects to the control socket as netlog
+    # and as the DNS worker: what the supervisor sends them (a reload's
+    # changes) never reaches it, its frames are dropped as a stranger's, and they keep running
+    # (a netlog whose connection was taken over would miss its heartbeats and be restarted).
+    running = {name: a["pid"] for name, a in node.actors().items()}
+    with Impostor(accounts["dns"], node.state_dir / "run", ["netlog", "dns-0"]) as impostor:
+        # A reload reaches every actor through the sequencer: keys still only to crypto.
+        config.write_text(node_config(tmp_path, rsyslog.port, peers=2).read_text())
+        node.cli("reload")
+        assert node.status()["node"]["generation"] == 2
+        assert impostor.stop() == 0
+    assert node.status()["supervisor"]["bus_dropped"]["unknown_sender"] >= 8
+    actors = node.actors()
+    assert {name: a["pid"] for name, a in actors.items() if a["state"] == "running"} == running
+    check_privileges(actors, accounts)
 
     # What was spooled is shipped, and the restarted DNS logs through the restarted netlog:
     # a frame it cannot decode makes it log a warning.
