@@ -25,7 +25,7 @@ done
 DEBS=(wireguard-go wireguard-tools iproute2 iputils-ping iperf3 dnsutils knot-dnsutils
       dnsmasq unbound dnsdist dnsperf rsyslog nfdump systemd-journal-remote openssl
       procps coturn nftables conntrack prometheus tshark tcpdump nats-server
-      gcc python3-dev)  # gcc and the headers: pip builds the DNS worker's C module (actors/dns/scan.c)
+      gcc python3-dev)  # gcc and the headers: pip builds the DNS worker's C modules (actors/dns/scan.c, burst.c)
 missing=()
 for p in "${DEBS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,7 +3,9 @@
 - UDP: each burst of queries (those sent in one loop turn) gets a fresh
   connected socket, on a source port the kernel picks at random (RFC 5452),
   closed once its answers are in; answers matched by a random ID (and the
-  resolver checks the question they echo). The burst sockets are watched in
+  resolver checks the question they echo). A burst's queries leave together
+  at the end of the turn and its answers are read together, a system call
+  each way (burst.c), not one per query. The burst sockets are watched in
   an epoll set of our own, one reader for the loop. A truncated answer is
   asked again over TCP.
 - TCP and TLS: one connection per upstream carries many queries at once
@@ -45,6 +47,7 @@ from typing import Any
 
 import structlog
 
+from meshsup.actors.dns import burst
 from meshsup.actors.dns.bootstrap import Bootstrap
 from meshsup.actors.dns.exchange import (
     MAX_MESSAGE,
@@ -59,14 +62,13 @@ from meshsup.actors.settings.dnstypes import Upstream
 log = structlog.get_logger("meshsup.dns")
 
 DOH_POOL_SIZE = 4
-UDP_BURST = 16  # queries one socket (one source port) carries at most
+UDP_BURST = 16  # queries one socket (one source port) carries at most (burst.c takes up to 64 a call)
 UDP_ANSWER_SIZE = 4096  # we ask for at most OUR_PAYLOAD (1232): a larger answer is dropped, counted
 POLL_EVENTS = 64  # burst sockets found ready per epoll_wait; the rest the next loop turn
 MAX_HTTP_HEADERS = 64
 MAX_HTTP_LINE = 8192  # a status, header or chunk-size line
 CONTENT_LENGTH = re.compile(r"[0-9]{1,5}")
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,8}")  # checked against what a message may still take before reading
-_ID = struct.Struct("!H")
 _TC_BYTE = 0x02
 _UDP_NONBLOCKING = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK  # in socket(): no fcntl calls after it
 _NEVER = float("inf")
@@ -181,12 +183,14 @@ class _Bursts:
 class _UdpSocket:
     """One connected UDP socket for one burst of queries: on a source port the
     kernel picks at random when it connects (RFC 5452), taking queries until
-    retired, closed once those it took are answered or timed out. An answer
+    retired, closed once those it took are answered or timed out. The queries
+    taken are sent together when it is retired, in one system call; an answer
     goes to the query waiting on its ID. No task and no timer per query (nor
     per socket: _Bursts keeps one); as a burst is at most UDP_BURST queries,
     its deadlines are looked at all together rather than kept in order."""
 
     __slots__ = ("_sock", "_fd", "_upstream", "_counters", "_truncated", "_bursts", "_loop", "_pending")
+    __slots__ += ("_ids", "_queries")  # taken, not sent yet
     __slots__ += ("earliest", "uses", "retired", "closed")
 
     def __init__(self, upstream: Upstream, counters: Counter[str], truncated: Truncated, bursts: _Bursts) -> None:
@@ -208,18 +212,21 @@ class _UdpSocket:
         self._loop = asyncio.get_running_loop()
         # By ID: query, callback, its token, deadline.
         self._pending: dict[int, tuple[bytes, Done, Any, float]] = {}
+        self._ids: list[int] = []
+        self._queries: list[bytes] = []
         self.earliest = _NEVER  # no query waiting has a deadline before (answered ones may)
         self.uses = 0
         self.retired = False
         self.closed = False
 
     def send(self, query: bytes, timeout: float, done: Done, token: Any) -> None:
-        """Send query under a fresh random ID; OSError if it cannot be sent."""
+        """Take query, to be sent under a fresh random ID when the socket is retired."""
         query_id = _random_id()
         while query_id in self._pending:
             query_id = _random_id()
         self.uses += 1
-        self._sock.send(_ID.pack(query_id) + query[2:])
+        self._ids.append(query_id)
+        self._queries.append(query)
         deadline = self._loop.time() + timeout
         self._pending[query_id] = (query, done, token, deadline)
         if deadline < self.earliest:
@@ -227,9 +234,26 @@ class _UdpSocket:
             self._bursts.deadline(deadline)
 
     def retire(self) -> None:
-        """No more queries: close once those under way are done."""
+        """No more queries: send those taken, close once they are done."""
         self.retired = True
+        self._flush()
         self._close_if_done()
+
+    def _flush(self) -> None:
+        """Send the queries taken, as many at a time as the kernel takes. One
+        that cannot be sent fails on its own, in a later callback (the caller
+        may be in the midst of starting others), and the rest go on."""
+        ids, queries = self._ids, self._queries
+        self._ids, self._queries = [], []
+        done = 0
+        while done < len(queries):
+            try:
+                done += burst.send(self._fd, ids, queries, done)
+            except OSError as exc:
+                waiting = self._pending.pop(ids[done], None)  # None: timed out meanwhile
+                if waiting is not None:
+                    self._loop.call_soon(waiting[1], waiting[2], None, _reason(exc))
+                done += 1
 
     def _close_if_done(self) -> None:
         if self.retired and not self._pending:
@@ -246,19 +270,16 @@ class _UdpSocket:
         self._close_if_done()
 
     def readable(self) -> None:
-        """The answers waiting, one system call each (a burst's are few, and
-        recvmmsg costs as much for so few); one more read than there are
+        """The answers waiting, in one system call; more reads than there are
         queries waiting would only find none."""
         pending, counters = self._pending, self._counters
-        for _ in range(max(1, len(pending))):
-            try:
-                answer = self._sock.recv(UDP_ANSWER_SIZE + 1)
-            except BlockingIOError:
-                break
-            except OSError as exc:  # e.g. port unreachable: every query here went to that port
-                self._fail_all(_reason(exc))
-                break
-            if len(answer) > UDP_ANSWER_SIZE:
+        try:
+            answers = burst.receive(self._fd, min(max(1, len(pending)), UDP_BURST), UDP_ANSWER_SIZE)
+        except OSError as exc:  # e.g. port unreachable: every query here went to that port
+            self._fail_all(_reason(exc))
+            answers = []
+        for answer in answers:
+            if answer is None:
                 counters["upstream_udp_oversized"] += 1
                 continue
             is_answer = len(answer) >= 12 and answer[2] & QR_BYTE
@@ -273,6 +294,7 @@ class _UdpSocket:
 
     def _fail_all(self, reason: str) -> None:
         pending, self._pending = self._pending, {}
+        self._ids, self._queries = [], []
         for _, done, token, _ in pending.values():
             done(token, None, reason)
 
@@ -301,11 +323,13 @@ class _UdpClient:
         self._burst_ends = False  # the end of this loop turn's burst is scheduled
 
     def send(self, query: bytes, timeout: float, done: Done, token: Any) -> None:
+        """Take query for this loop turn's burst; OSError if no socket can be opened for it."""
         sock = self._current
         if sock is None or sock.uses >= UDP_BURST:
-            if sock is not None:
-                sock.retire()
-            sock = self._current = _UdpSocket(self._upstream, self._counters, self._truncated, self._bursts)
+            full, sock = sock, _UdpSocket(self._upstream, self._counters, self._truncated, self._bursts)
+            self._current = sock
+            if full is not None:
+                full.retire()
             self._counters["upstream_sockets_udp"] += 1
             if not self._burst_ends:
                 self._burst_ends = True
@@ -314,9 +338,9 @@ class _UdpClient:
 
     def _end_burst(self) -> None:
         self._burst_ends = False
-        if self._current is not None:
-            self._current.retire()
-            self._current = None
+        current, self._current = self._current, None
+        if current is not None:
+            current.retire()
 
 
 class _StreamConnection:

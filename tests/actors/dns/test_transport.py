@@ -55,3 +55,86 @@ def test_udp_queries_time_out_each_at_its_own_deadline() -> None:
             assert open_fds() == fds
 
         asyncio.run(run())
+
+
+def test_a_burst_leaves_from_one_port_and_its_answers_find_their_queries_in_any_order() -> None:
+    """Four queries of one loop turn, the third too large to send: it fails at
+    once as a network error, the others leave all the same and are answered
+    whatever order their answers come in (a stray and an oversized one among
+    them, counted)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind((loopback_address(), 0))
+        server.setblocking(False)
+        upstream = parse_upstream("udp://{}:{}".format(*server.getsockname()))
+        names = ["a.example.test", "b.example.test", "huge.example.test", "d.example.test"]
+        queries = [dns.message.make_query(name, "A").to_wire() for name in names]
+        queries[2] += b"\x00" * 70_000  # no datagram is that long
+
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            transport = Transport()
+            ended: dict[str, tuple[bytes | None, str]] = {}
+            all_ended = loop.create_future()
+            received: list[tuple[bytes, tuple[str, int]]] = []
+
+            def done(token: str, answer: bytes | None, reason: str) -> None:
+                ended[token] = (answer, reason)
+                if len(ended) == len(names):
+                    all_ended.set_result(None)
+
+            def upstream_readable() -> None:
+                received.append(server.recvfrom(4096))
+                if len(received) < 3:
+                    return
+                sources = {source for _, source in received}
+                assert len(sources) == 1, "a burst shares one socket"
+                (source,) = sources
+                server.sendto(b"\xff\xff\x81\x80" + b"\x00" * 8, source)  # a stray answer: an ID nobody waits on
+                server.sendto(received[0][0][:2] + b"\x81\x80" + b"\x00" * 5000, source)  # too long
+                for query, _ in reversed(received):
+                    answer = dns.message.make_response(dns.message.from_wire(query))
+                    server.sendto(answer.to_wire(), source)
+
+            loop.add_reader(server.fileno(), upstream_readable)
+            try:
+                for name, query in zip(names, queries, strict=True):
+                    transport.start(upstream, query, 5, done, name)
+                await asyncio.wait_for(all_ended, 5)
+            finally:
+                loop.remove_reader(server.fileno())
+            assert ended["huge.example.test"] == (None, "network")
+            for name in ("a.example.test", "b.example.test", "d.example.test"):
+                answer, reason = ended[name]
+                assert reason == "" and answer is not None
+                assert str(dns.message.from_wire(answer).question[0].name) == name + "."
+            assert transport.counters["upstream_sockets_udp"] == 1
+            assert transport.counters["upstream_udp_mismatched"] == 1
+            assert transport.counters["upstream_udp_oversized"] == 1
+            transport.close()
+
+        asyncio.run(run())
+
+
+def test_an_upstream_port_nobody_listens_on_fails_the_burst_as_refused() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+        gone.bind((loopback_address(), 0))
+        upstream = parse_upstream("udp://{}:{}".format(*gone.getsockname()))
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        transport = Transport()
+        ended: list[tuple[str, str]] = []
+        both = loop.create_future()
+
+        def done(token: str, answer: bytes | None, reason: str) -> None:
+            ended.append((token, reason))
+            if len(ended) == 2:
+                both.set_result(None)
+
+        for token in ("first", "second"):
+            transport.start(upstream, dns.message.make_query(token + ".test", "A").to_wire(), 5, done, token)
+        await asyncio.wait_for(both, 3)  # well before the timeout
+        assert sorted(ended) == [("first", "refused"), ("second", "refused")]
+        transport.close()
+
+    asyncio.run(run())

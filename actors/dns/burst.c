@@ -1,0 +1,184 @@
+/* meshsup.actors.dns.burst: a burst of upstream UDP queries out in one
+ * system call, their answers in in one (sendmmsg(2), recvmmsg(2)), on the
+ * connected socket the burst owns (transport.py's _UdpSocket).
+ *
+ * A cold forward used to cost a send() and a recv() of its own, each a
+ * system call and a Python call with its objects; a burst of up to 16
+ * queries now costs one of each. What is sent and received is decided in
+ * Python (IDs, matching answers to queries, timeouts); this only moves bytes.
+ *
+ * Nothing is read here but what the kernel wrote and the Python objects
+ * given: every length is checked before use (a datagram's against its
+ * buffer, a query's against the ID it carries), and the GIL is held
+ * throughout (the sockets are non-blocking), so the buffers are this
+ * module's alone.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#define MAX_BATCH 64       /* datagrams per call, either way */
+#define MAX_DATAGRAM 65536 /* the most a UDP payload can be */
+
+/* Received datagrams, MAX_BATCH slots of `slot` bytes; grown when a call asks for larger slots. */
+static uint8_t *in_buffer;
+static Py_ssize_t in_slot;
+
+PyDoc_STRVAR(send_doc,
+"send(fd, ids, queries, start) -> int\n\n"
+"Send queries[start:] (at most 64) on the connected socket fd, each with its\n"
+"first two bytes replaced by the matching ID of ids (0..65535); the number\n"
+"sent, at least 1. OSError if not even the first could be sent.");
+
+/* A file descriptor from a Python int; -1 with an exception set if it is not one. */
+static int descriptor(PyObject *value) {
+    long fd = PyLong_AsLong(value);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return -1;
+    }
+    return (int)fd;
+}
+
+static PyObject *burst_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "send(fd, ids, queries, start)");
+        return NULL;
+    }
+    int fd = descriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "ids and queries must be lists");
+        return NULL;
+    }
+    PyObject *ids = args[1], *queries = args[2];
+    Py_ssize_t total = PyList_GET_SIZE(queries);
+    if (PyList_GET_SIZE(ids) != total || start < 0 || start >= total || total - start > MAX_BATCH) {
+        PyErr_SetString(PyExc_ValueError, "send: ids and queries differ in length, or start is out of range");
+        return NULL;
+    }
+    int count = (int)(total - start);
+    struct mmsghdr headers[MAX_BATCH];
+    struct iovec parts[MAX_BATCH][2];
+    uint8_t id_bytes[MAX_BATCH][2];
+    memset(headers, 0, sizeof(headers[0]) * (size_t)count);
+    for (int i = 0; i < count; i++) {
+        PyObject *query = PyList_GET_ITEM(queries, start + i), *id = PyList_GET_ITEM(ids, start + i);
+        if (!PyBytes_CheckExact(query) || PyBytes_GET_SIZE(query) < 2) {
+            PyErr_SetString(PyExc_ValueError, "send: a query is not bytes of at least 2");
+            return NULL;
+        }
+        long value = PyLong_AsLong(id);
+        if (value == -1 && PyErr_Occurred())
+            return NULL;
+        if (value < 0 || value > 0xFFFF) {
+            PyErr_SetString(PyExc_ValueError, "send: an ID is not 16 bits");
+            return NULL;
+        }
+        id_bytes[i][0] = (uint8_t)(value >> 8);
+        id_bytes[i][1] = (uint8_t)value;
+        parts[i][0].iov_base = id_bytes[i];
+        parts[i][0].iov_len = 2;
+        parts[i][1].iov_base = PyBytes_AS_STRING(query) + 2;
+        parts[i][1].iov_len = (size_t)PyBytes_GET_SIZE(query) - 2;
+        headers[i].msg_hdr.msg_iov = parts[i];
+        headers[i].msg_hdr.msg_iovlen = 2;
+    }
+    int sent = sendmmsg(fd, headers, (unsigned)count, MSG_DONTWAIT);
+    if (sent < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (sent == 0) { /* not for a datagram socket; a would-block all the same */
+        errno = EAGAIN;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(sent);
+}
+
+PyDoc_STRVAR(receive_doc,
+"receive(fd, count, size) -> list[bytes | None]\n\n"
+"The datagrams waiting on fd, at most count (1..64): each as bytes, or None\n"
+"for one longer than size (1..65536); [] if none wait. OSError for an error\n"
+"the socket reports (e.g. ConnectionRefusedError after port unreachable).");
+
+static PyObject *burst_receive(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "receive(fd, count, size)");
+        return NULL;
+    }
+    int fd = descriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    long count = PyLong_AsLong(args[1]);
+    if (count == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t size = PyLong_AsSsize_t(args[2]);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (count < 1 || count > MAX_BATCH || size < 1 || size > MAX_DATAGRAM) {
+        PyErr_SetString(PyExc_ValueError, "receive: count is 1..64, size 1..65536");
+        return NULL;
+    }
+    Py_ssize_t slot = size + 1; /* a byte more than size: a longer datagram shows, however the kernel flags it */
+    if (slot > in_slot) {
+        uint8_t *grown = PyMem_Realloc(in_buffer, (size_t)(slot * MAX_BATCH));
+        if (grown == NULL)
+            return PyErr_NoMemory();
+        in_buffer = grown;
+        in_slot = slot;
+    }
+    struct mmsghdr headers[MAX_BATCH];
+    struct iovec parts[MAX_BATCH];
+    memset(headers, 0, sizeof(headers[0]) * (size_t)count);
+    for (long i = 0; i < count; i++) {
+        parts[i].iov_base = in_buffer + i * slot;
+        parts[i].iov_len = (size_t)slot;
+        headers[i].msg_hdr.msg_iov = &parts[i];
+        headers[i].msg_hdr.msg_iovlen = 1;
+    }
+    int got = recvmmsg(fd, headers, (unsigned)count, MSG_DONTWAIT, NULL);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return PyList_New(0);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *out = PyList_New(got);
+    if (out == NULL)
+        return NULL;
+    for (int i = 0; i < got; i++) {
+        PyObject *item;
+        size_t length = headers[i].msg_len;
+        if ((headers[i].msg_hdr.msg_flags & MSG_TRUNC) || length > (size_t)size) {
+            item = Py_NewRef(Py_None);
+        } else {
+            item = PyBytes_FromStringAndSize((const char *)parts[i].iov_base, (Py_ssize_t)length);
+            if (item == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
+static PyMethodDef methods[] = {
+    {"send", (PyCFunction)(void (*)(void))burst_send, METH_FASTCALL, send_doc},
+    {"receive", (PyCFunction)(void (*)(void))burst_receive, METH_FASTCALL, receive_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "meshsup.actors.dns.burst", "Upstream UDP bursts in one system call: see burst.c.", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit_burst(void) { return PyModule_Create(&module); }

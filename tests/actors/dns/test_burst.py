@@ -1,0 +1,129 @@
+"""burst.c: a burst of datagrams out in one system call with their IDs set,
+the datagrams waiting in in one, on real loopback sockets."""
+
+from __future__ import annotations
+
+import errno
+import select
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from meshsup.actors.dns import burst
+from tests.dns_fixtures import loopback_address
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected, non-blocking client socket and the socket it sends to."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
+    try:
+        server.bind((loopback_address(), 0))
+        server.settimeout(5)
+        client.connect(server.getsockname())
+        yield client, server
+    finally:
+        client.close()
+        server.close()
+
+
+def wait_readable(sock: socket.socket) -> None:
+    assert select.select([sock], [], [], 5)[0], "nothing arrived"
+
+
+def test_a_burst_leaves_with_the_ids_given_in_place_of_the_first_two_bytes(pair) -> None:
+    client, server = pair
+    queries = [b"\x00\x00first", b"\xff\xffsecond", b"\x12\x34"]
+    assert burst.send(client.fileno(), [1, 0xABCD, 0xFFFF], queries, 0) == 3
+    assert [server.recv(100) for _ in queries] == [b"\x00\x01first", b"\xab\xcdsecond", b"\xff\xff"]
+
+
+def test_start_skips_the_queries_sent_before(pair) -> None:
+    client, server = pair
+    assert burst.send(client.fileno(), [1, 2, 3], [b"..a", b"..b", b"..c"], 1) == 2
+    assert [server.recv(100) for _ in range(2)] == [b"\x00\x02b", b"\x00\x03c"]
+
+
+def test_a_query_that_cannot_leave_stops_the_burst_there(pair) -> None:
+    """The first is sent and counted; the next call, from the one too large, raises."""
+    client, server = pair
+    queries = [b"..ok", b".." + b"x" * 70_000, b"..after"]
+    assert burst.send(client.fileno(), [1, 2, 3], queries, 0) == 1
+    with pytest.raises(OSError) as raised:
+        burst.send(client.fileno(), [1, 2, 3], queries, 1)
+    assert raised.value.errno == errno.EMSGSIZE
+    assert server.recv(100) == b"\x00\x01ok"
+
+
+def test_the_datagrams_waiting_come_in_order_and_none_is_an_empty_list(pair) -> None:
+    client, server = pair
+    assert burst.receive(client.fileno(), 16, 4096) == []
+    for n in range(5):
+        server.sendto(bytes([n]) * (n + 1), client.getsockname())
+    wait_readable(client)
+    assert burst.receive(client.fileno(), 3, 4096) == [b"\x00", b"\x01\x01", b"\x02\x02\x02"]
+    assert burst.receive(client.fileno(), 16, 4096) == [b"\x03" * 4, b"\x04" * 5]
+    assert burst.receive(client.fileno(), 16, 4096) == []
+
+
+def test_a_datagram_longer_than_size_is_none_and_one_of_size_is_whole(pair) -> None:
+    client, server = pair
+    for length in (8, 9, 5000, 0):
+        server.sendto(b"a" * length, client.getsockname())
+    wait_readable(client)
+    received: list[bytes | None] = []
+    while len(received) < 4:  # loopback delivers them in order, but a batch may hold only those arrived yet
+        received += burst.receive(client.fileno(), 16, 8)
+    assert received == [b"a" * 8, None, None, b""]
+
+
+def test_an_error_the_socket_reports_is_raised_as_its_oserror() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+        gone.bind((loopback_address(), 0))
+        address = gone.getsockname()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK) as client:
+        client.connect(address)
+        assert burst.send(client.fileno(), [7], [b"..nobody listens"], 0) == 1
+        wait_readable(client)  # the port unreachable
+        with pytest.raises(ConnectionRefusedError):
+            burst.receive(client.fileno(), 16, 4096)
+
+
+def test_a_closed_descriptor_is_an_oserror() -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fd = sock.fileno()
+    sock.close()
+    for call in (lambda: burst.send(fd, [1], [b"..x"], 0), lambda: burst.receive(fd, 1, 100)):
+        with pytest.raises(OSError) as raised:
+            call()
+        assert raised.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ((3, [1], [b"..x", b"..y"], 0), ValueError),  # more queries than IDs
+        ((3, [1], [b"x"], 0), ValueError),  # no room for an ID
+        ((3, [1], ["..x"], 0), ValueError),  # not bytes
+        ((3, [0x10000], [b"..x"], 0), ValueError),
+        ((3, [-1], [b"..x"], 0), ValueError),
+        ((3, ["1"], [b"..x"], 0), TypeError),
+        ((3, [1], [b"..x"], 1), ValueError),  # nothing left from start
+        ((3, [1], [b"..x"], -1), ValueError),
+        ((3, [1] * 65, [b"..x"] * 65, 0), ValueError),  # more than a call takes
+        ((3, (1,), (b"..x",), 0), TypeError),
+        ((-1, [1], [b"..x"], 0), ValueError),
+        ((3, [1], [b"..x"]), TypeError),
+    ],
+)
+def test_send_refuses_what_is_not_a_burst(args, error) -> None:
+    with pytest.raises(error):
+        burst.send(*args)
+
+
+@pytest.mark.parametrize("args", [(3, 0, 100), (3, 65, 100), (3, 1, 0), (3, 1, 65537), (-1, 1, 100), (3, 1)])
+def test_receive_refuses_counts_and_sizes_out_of_range(args) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        burst.receive(*args)
