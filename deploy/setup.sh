@@ -3,7 +3,8 @@
 # tools the tests drive for real, then a virtualenv in .venv with meshsup.
 # Safe to run again: it installs only what is missing.
 #
-# --install-service [--root DIR]: then also installs meshsup as a service, as
+# --install-service [--root DIR]: the Debian packages and users, then, instead of
+# .venv, meshsup as a service, as
 # deploy/meshsup.service and deploy/meshsup-relay.service expect it: the code in
 # /opt/meshsup with its own virtualenv, the units in /etc/systemd/system and a
 # config in /etc/meshsup/meshsup.toml (kept if there is one). --root DIR puts
@@ -50,10 +51,13 @@ for kind in dns netlog coord; do
     useradd --system --no-create-home --shell /usr/sbin/nologin --gid meshsup "meshsup-$kind"
 done
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-
-((service)) || exit 0
+# The checkout's virtualenv, unless installing the service, which has its own: a service install
+# never rewrites the .venv a running node or test may be importing from.
+if ! ((service)); then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  exit 0
+fi
 
 root="$(realpath -m "$root")" opt="${root%/}/opt/meshsup" units="${root%/}/etc/systemd/system"
 etc="${root%/}/etc/meshsup"

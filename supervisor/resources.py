@@ -134,5 +134,5 @@ def _hand_over(top: int, account: Account, previous: int) -> None:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if st.st_uid == previous and (stat.S_ISDIR(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink == 1)):
                 os.chown(name, account.uid, account.gid, dir_fd=fd, follow_symlinks=False)
+    os.fchmod(top, 0o700)  # while still ours: changing the mode of another's takes CAP_FOWNER, which the unit lacks
     os.fchown(top, account.uid, account.gid)
-    os.fchmod(top, 0o700)
