@@ -71,7 +71,7 @@ class Supervisor:
         self.tree.on_mesh = self.on_mesh
         self.health = Health(no_handshake_after(os.environ))
         self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure, self.health)
-        self.cli.mesh_status = self.mesh.status
+        self.cli.mesh_status = lambda: {**self.mesh.status(), "applying": self.mesh_applying}
         self.wg = UapiFront(self.tree, self.reconfigure, log)
         self.metrics = MetricsFront(self.tree, self.cli.status, log)
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -212,7 +212,12 @@ class Supervisor:
     def on_mesh(self, msg: MeshPeers) -> None:
         """The coord actor's peer set: merged with the config's and applied like a reload, one
         change at a time (a newer set arriving meanwhile is applied when that one is done)."""
-        if not self.mesh.take(msg):
+        refused = self.mesh.take(msg)
+        if refused == "gap":  # a change after one not taken: the whole set, to start again from
+            self.log.warning("mesh peers refused: a change missed, asking for all", seq=msg.seq)
+            self._tell("coord", "whole", {"seq": msg.seq})
+            return
+        if refused:
             self.log.warning("mesh peers refused: they do not decode", revision=msg.revision)
             return
         self._apply_mesh()
