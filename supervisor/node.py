@@ -23,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from meshsup.actors.base import give_back_memory
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Command, MeshPeers
 from meshsup.actors.kernel.privileges import Account
@@ -220,6 +221,8 @@ class Supervisor:
         if refused:
             self.log.warning("mesh peers refused: they do not decode", revision=msg.revision)
             return
+        if msg.whole:
+            give_back_memory()  # what decoding the whole set left free (thousands of peers)
         self._apply_mesh()
         if self.mesh.policy_error:
             self.log.warning("mesh policy refused, the last good one kept", error=self.mesh.policy_error)

@@ -64,6 +64,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from meshsup.actors.base import MANY_PEERS
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import Ack
 from meshsup.actors.settings import Settings
@@ -105,6 +106,8 @@ class Sequencer:
     def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
         old = self.tree.config
         changes = old.peer_changes(new) if isinstance(old, Settings) else None
+        if changes is not None and len(changes[0]) + len(changes[1]) > len(new.peers) // 2 + MANY_PEERS:
+            changes = None  # most peers changed (a mesh's first ones): the whole config, as at a start
         self.tree.config = new
         self.tree.generation += 1
         gen = self.tree.generation

@@ -88,13 +88,15 @@ class MeshView:
     # What the peers are decided from, kept as records come and go: the records holding each
     # public key and address, the records decided again at the next update (all, when None), and
     # the outcome: the peers by record key, with their hints, and the records left out.
-    by_key: dict[bytes, set[str]] = field(default_factory=dict)
-    by_addr: dict[IPNetwork, set[str]] = field(default_factory=dict)
+    # (Tuples: one holder is the rule, and a tuple of one is a fifth of a set's size.)
+    by_key: dict[bytes, tuple[str, ...]] = field(default_factory=dict)
+    by_addr: dict[IPNetwork, tuple[str, ...]] = field(default_factory=dict)
     touched: set[str] | None = None
     chosen: dict[str, tuple[PeerSettings, dict[str, str]]] = field(default_factory=dict)
     left_out: set[str] = field(default_factory=set)
     decided_for: tuple[bytes, str] | None = None  # the own key and exit node the peers were decided for
     next_expiry: float = inf  # no record expires before then
+    names: list[str] | None = None  # the records' names, sorted, for status (every heartbeat); None: stale
 
     @property
     def conflicts(self) -> int:
@@ -153,10 +155,11 @@ class MeshView:
 
     def _put(self, key: str, live: Live) -> None:
         self._drop(key)
+        self.names = None
         self.records[key] = live
-        self.by_key.setdefault(live.record.public_key, set()).add(key)
+        self.by_key[live.record.public_key] = (*self.by_key.get(live.record.public_key, ()), key)
         for address in live.record.addresses:
-            self.by_addr.setdefault(address, set()).add(key)
+            self.by_addr[address] = (*self.by_addr.get(address, ()), key)
         self.next_expiry = min(self.next_expiry, live.expires)
         self._touch(key)
 
@@ -165,17 +168,19 @@ class MeshView:
         live = self.records.pop(key, None)
         if live is None:
             return
+        self.names = None
         self._touch(key)
         self._unhold(self.by_key, live.record.public_key, key)
         for address in live.record.addresses:
             self._unhold(self.by_addr, address, key)
 
-    def _unhold(self, holders: dict[Any, set[str]], index: Any, key: str) -> None:
-        held = holders[index]
-        held.discard(key)
+    def _unhold(self, holders: dict[Any, tuple[str, ...]], index: Any, key: str) -> None:
+        held = tuple(k for k in holders[index] if k != key)
         if self.touched is not None:
             self.touched.update(held)
-        if not held:
+        if held:
+            holders[index] = held
+        else:
             del holders[index]
 
     def _touch(self, key: str) -> None:
@@ -195,7 +200,7 @@ class MeshView:
             self.dropped["bad_claim"] += 1
             return "bad_claim"
         net = ipaddress.ip_network(address)
-        holders = self.by_addr.get(net, set())
+        holders = self.by_addr.get(net, ())
         if value is None:
             if self.claims.pop(net, None) is not None and self.touched is not None:
                 self.touched.update(holders)  # the claim ranked its holders
@@ -288,8 +293,8 @@ class MeshView:
                 continue
             r = live.record
             for held in (self.by_key[r.public_key], *(self.by_addr[a] for a in r.addresses)):
-                fresh = held - group
-                group |= fresh
+                fresh = [k for k in held if k not in group]
+                group.update(fresh)
                 frontier += fresh
         return group
 
@@ -322,9 +327,11 @@ class MeshView:
         }
 
     def status(self) -> dict[str, object]:
+        if self.names is None:
+            self.names = sorted(k[len(NODE_PREFIX) :] for k in self.records)
         return {
             "revision": self.revision,
-            "records": sorted(k[len(NODE_PREFIX) :] for k in self.records),
+            "records": self.names,
             "claims": len(self.claims),
             "applied": self.applied,
             "dropped": dict(self.dropped),

@@ -12,7 +12,9 @@ With --coordinated the node has no [[peers]] but [coordination]: the peers are
 node records written straight into the mesh's bucket (a nats-server in a
 namespace) before it starts. Then also: the time to all peers applied, and from
 one record's write (an address changed, an endpoint changed, a record added, one
-deleted; SET_ROUNDS times each) until `wg show` shows it.
+deleted; SET_ROUNDS times each) until `wg show` shows it (the supervisor's log
+says when it applied it: polling `wg show` would load what it measures) and
+until the route is there (the router's step, after the crypto workers').
 """
 
 from __future__ import annotations
@@ -321,7 +323,10 @@ def main() -> None:
         ratio = ours[key] / theirs[key] if theirs[key] else float("nan")
         print(f"{key:<16}{ours[key]:>12.3f}{theirs[key]:>14.3f}{ratio:>7.1f}x")
     if args.coordinated:
-        print(f"records written in {ours['written_s']:.2f} s; all in `wg show` {ours['applied_s']:.2f} s from launch")
+        print(
+            f"records written in {ours['written_s']:.2f} s; all in `wg show` {ours['applied_s']:.2f} s from launch;"
+            f" actors restarted on the way: {ours['died']}"
+        )
         print("from one record's write (median): until `wg show` shows it; until routed")
         for kind in ("addr", "endpoint", "add", "del"):
             routed_s = ours.get(f"{kind}_routed_s")
