@@ -200,7 +200,7 @@ class Supervisor:
             return
         self.static = static
         new = self.mesh.merge(static)
-        if new == self.tree.config:
+        if same_config(new, self.tree.config):
             reply(True, result={"changed": False})
             return
         self.log.info("reloading configuration")
@@ -233,7 +233,7 @@ class Supervisor:
             return
         new = self.mesh.merge(self.static)
         new = replace(new, actors=self.tree.config.actors)
-        if new == self.tree.config:
+        if same_config(new, self.tree.config):
             self.mesh_joined = True
             return
         self.mesh_applying, self.mesh_dirty = True, False
@@ -291,3 +291,9 @@ class Supervisor:
             self.runtime.dir.rmdir()
         except OSError:
             pass
+
+
+def same_config(new: Settings, running: Any) -> bool:
+    """`new` is the running config, its peers perhaps in another order (the mesh's come whole in
+    one order, then changed in place or added last)."""
+    return new == running or (isinstance(running, Settings) and running.peer_changes(new) == ([], []))
