@@ -99,7 +99,7 @@ def test_a_change_of_most_peers_goes_as_the_whole_config(running: Any, tmp_path:
     """A mesh's first peers, thousands at once: the whole config, as at a start (an actor takes it
     in one go, and gives back what decoding it left)."""
     sequencer, tree, hub = running
-    many = node(tmp_path, 3 * MANY_PEERS).peers
+    many = node(tmp_path, 2 * MANY_PEERS + 50).peers
     sequencer.reconfigure(replace(tree.config, peers=many), lambda errors: None)
     while hub.waiting:
         hub.ack()
