@@ -237,12 +237,15 @@ class Supervisor:
             self.mesh_joined = True
             return
         self.mesh_applying, self.mesh_dirty = True, False
-        self.log.info("applying the mesh's peers", revision=self.mesh.revision, peers=len(self.mesh.peers))
+        revision = self.mesh.revision
+        self.log.info("applying the mesh's peers", revision=revision, peers=len(self.mesh.mesh))
 
         def done(errors: list[str]) -> None:
             self.mesh_applying, self.mesh_joined = False, True
             if errors:
                 self.log.warning("mesh peers applied with errors", errors="; ".join(errors))
+            else:
+                self.log.info("mesh peers applied", revision=revision)  # by every actor
             if self.mesh_dirty:
                 self._apply_mesh()
 

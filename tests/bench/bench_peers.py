@@ -12,9 +12,9 @@ With --coordinated the node has no [[peers]] but [coordination]: the peers are
 node records written straight into the mesh's bucket (a nats-server in a
 namespace) before it starts. Then also: the time to all peers applied, and from
 one record's write (an address changed, an endpoint changed, a record added, one
-deleted; SET_ROUNDS times each) until `wg show` shows it (the supervisor's log
-says when it applied it: polling `wg show` would load what it measures) and
-until the route is there (the router's step, after the crypto workers').
+deleted; SET_ROUNDS times each) until `wg show` shows it and until every actor
+has it (the supervisor's log says when: polling `wg show` would load what it
+measures), and until the route is there (the router's step).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from tests.topology import Identity, Underlay, WgGo, meshsup_config  # noqa: E40
 
 SET_ROUNDS = 5
 APPLYING = "applying the mesh's peers"  # the supervisor's log: from then on `wg show` shows them
+APPLIED = "mesh peers applied"  # ... and when every actor has them
 
 
 def memory_kib(pids: list[int]) -> tuple[int, int]:
@@ -150,10 +151,10 @@ def until(probe: Callable[[], Any], since: float, what: str) -> float:
 
 def mesh_changes(writer: Writer, node: Node, peers: list[tuple[str, str]]) -> dict[str, float]:
     """From one record's write, by kind of change (the median of SET_ROUNDS): until the supervisor
-    applies it, so `wg show` shows it (its log; polling `wg show` itself, each dump of thousands
-    of peers keeps the supervisor busy a tenth of a second, delaying what it measures), and for a
-    change of addresses until the route is there (the router's step: the crypto workers have
-    it before), and once `wg show` to confirm."""
+    applies it, so `wg show` shows it, and until every actor acked it, as a `wg set` returns (its
+    log; polling `wg show` itself, each dump of thousands of peers keeps the supervisor busy a
+    tenth of a second, delaying what it measures); for a change of addresses until the route is
+    there (the router's step, polled from outside); then once `wg show` to confirm."""
     ns, times = node.netns, {}
 
     def change(
@@ -162,8 +163,10 @@ def mesh_changes(writer: Writer, node: Node, peers: list[tuple[str, str]]) -> di
         t = writer.write([entry])
         if route is not None:
             times.setdefault(f"{kind}_routed_s", []).append(until(route, t, "routed"))
-        until(lambda: APPLYING in events_after(node, t, (APPLYING,)), t, "applied")
-        times.setdefault(f"{kind}_shown_s", []).append(events_after(node, t, (APPLYING,))[APPLYING])
+        until(lambda: APPLIED in events_after(node, t, (APPLIED,)), t, "applied")
+        events = events_after(node, t, (APPLYING, APPLIED))
+        times.setdefault(f"{kind}_shown_s", []).append(events[APPLYING])
+        times.setdefault(f"{kind}_applied_s", []).append(events[APPLIED])
         assert shown("\n".join(dump_lines(ns, node.iface))), kind
 
     for r in range(SET_ROUNDS):
@@ -327,10 +330,13 @@ def main() -> None:
             f"records written in {ours['written_s']:.2f} s; all in `wg show` {ours['applied_s']:.2f} s from launch;"
             f" actors restarted on the way: {ours['died']}"
         )
-        print("from one record's write (median): until `wg show` shows it; until routed")
+        print("from one record's write (median): until `wg show` shows it; every actor has it; routed")
         for kind in ("addr", "endpoint", "add", "del"):
             routed_s = ours.get(f"{kind}_routed_s")
-            print(f"{kind:<16}{ours[f'{kind}_shown_s']:>12.3f}{'-' if routed_s is None else f'{routed_s:.3f}':>14}")
+            print(
+                f"{kind:<16}{ours[f'{kind}_shown_s']:>12.3f}{ours[f'{kind}_applied_s']:>14.3f}"
+                f"{'-' if routed_s is None else f'{routed_s:.3f}':>8}"
+            )
     print(f"meshsup processes: {ours['processes']:.0f} (start_s for wireguard-go is `wg addconf` alone)")
     print(
         "meshsup per process, RSS / PSS MiB: "
