@@ -128,6 +128,13 @@ class Coordinated:
         }
 
 
+def hints_change(before: dict[str, dict[str, str]], after: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """magicsock's mesh_hints command that turns `before` into `after`: the hints changed or added,
+    and the keys whose hints are gone."""
+    changed = {k: v for k, v in after.items() if before.get(k) != v}
+    return {"hints": changed, "removed": [k for k in before if k not in after]}
+
+
 def local_info(magicsock_status: dict[str, Any]) -> dict[str, Any] | None:
     """What the node's record takes from magicsock's status: its disco key, the endpoints it
     found (host addresses and STUN's), and its home relay; None before it has said."""

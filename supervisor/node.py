@@ -33,7 +33,7 @@ from meshsup.actors.settings.keys import b64
 from meshsup.actors.settings.relay import RelaySettings
 from meshsup.supervisor import relay, sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
-from meshsup.supervisor.coordinated import Coordinated, local_info
+from meshsup.supervisor.coordinated import Coordinated, hints_change, local_info
 from meshsup.supervisor.health import UPDATE_INTERVAL, Health, no_handshake_after
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.metrics_front import MetricsFront
@@ -263,12 +263,20 @@ class Supervisor:
             self._tell("coord", "local", local)
 
     def _tell_mesh_hints(self) -> None:
-        """What the mesh's records say of their peers' home relays and disco keys, to magicsock."""
-        if "coord" in self.tree.actors:
-            self._tell("magicsock", "mesh_hints", {"hints": self.mesh.hints})
+        """What the mesh's records say of their peers' home relays and disco keys, to magicsock:
+        all of them at first, then what changed since what it took (thousands of peers, one changed)."""
+        magicsock, told = self.tree.actors.get("magicsock"), self.told.get(("magicsock", "mesh_hints"))
+        if "coord" not in self.tree.actors or magicsock is None or ("magicsock", "mesh_hints") in self.asked:
+            return
+        args = {"hints": self.mesh.hints}
+        if told is not None and told[0] == magicsock.pid and magicsock.state == "running" and told[1] != args:
+            self._tell("magicsock", "mesh_hints", args, hints_change(told[1]["hints"], self.mesh.hints))
+        else:
+            self._tell("magicsock", "mesh_hints", args)
 
-    def _tell(self, name: str, op: str, args: dict[str, Any]) -> None:
-        """Command `op` to a running actor unless it took these `args` since it started, or one is on its way."""
+    def _tell(self, name: str, op: str, args: dict[str, Any], sent: dict[str, Any] | None = None) -> None:
+        """Command `op` to a running actor unless it took these `args` since it started, or one is on
+        its way; `sent`, if given, is what goes (a change that brings it from what it took to `args`)."""
         a = self.tree.actors.get(name)
         if a is None or a.state != "running" or (name, op) in self.asked or self.told.get((name, op)) == (a.pid, args):
             return
@@ -278,7 +286,7 @@ class Supervisor:
             self.asked.discard((name, op))
             self.told[(name, op)] = (a.pid, args) if ack is not None and ack.ok else None
 
-        self.hub.request(name, lambda req: Command(req=req, op=op, args=args), answered)
+        self.hub.request(name, lambda req: Command(req=req, op=op, args=args if sent is None else sent), answered)
 
     def close(self) -> None:
         self.wg.close()

@@ -46,14 +46,14 @@ from meshsup.actors.settings.node import IPNetwork, PeerSettings
 DEFAULT_ROUTES = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 
 
-@dataclass
+@dataclass(slots=True)
 class Live:
     record: NodeRecord
     since: int  # the revision this key first held this public key: the older holder wins a conflict
     expires: float  # monotonic
 
 
-@dataclass
+@dataclass(slots=True)
 class Claim:
     owner: bytes  # the public key holding the address
     revision: int

@@ -108,17 +108,18 @@ def bench_meshsup(tmp: Path, stanzas: str) -> dict[str, Any]:
 
 
 def mesh_record(i: int, key: str, allowed: str, port: int = 51820) -> tuple[str, bytes]:
-    """Peer `i` of peers_toml as a node record in the mesh's bucket."""
+    """Peer `i` of peers_toml as a node record in the mesh's bucket (with a disco key and a home
+    relay, as a node's has: they go to magicsock as hints)."""
     record = NodeRecord(
         name=f"p{i}",
         public_key=parse_key(key),
-        disco_key=b"",
+        disco_key=generate_private(),
         addresses=(
             ipaddress.ip_network(allowed),
             ipaddress.ip_network(f"fd7a:115c:a1e0::{i // 65536 + 1}:{i % 65536:x}/128"),
         ),
         endpoints=(parse_endpoint(f"198.51.100.{i % 250 + 2}:{port}"),),
-        relay="",
+        relay="r1",
     )
     return node_key(record.name), record.encode()
 

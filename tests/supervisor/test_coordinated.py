@@ -11,7 +11,7 @@ from meshsup.actors.settings import Settings, parse
 from meshsup.actors.settings.keys import b64, generate_private, public_of
 from meshsup.actors.settings.node import PeerSettings
 from meshsup.actors.settings.wire import encode
-from meshsup.supervisor.coordinated import Coordinated, local_info
+from meshsup.supervisor.coordinated import Coordinated, hints_change, local_info
 from meshsup.supervisor.health import COORDINATION_GRACE, Health
 from meshsup.supervisor.supervision import ActorProc
 
@@ -132,3 +132,12 @@ def test_a_change_of_the_mesh_is_a_one_peer_change_of_the_config(tmp_path: Path)
     assert mesh.merge(s) == after and mesh.shadowed == ["impostor"]
     assert mesh.take(MeshPeers(5, [], [], {}, {}, seq=4, whole=False, removed=[STATIC_PEER])) is None
     assert mesh.merge(s) == after  # bravo, configured, stays
+
+
+def test_magicsock_is_told_the_hints_that_changed() -> None:
+    before = {"a": {"relay": "r1", "disco": ""}, "b": {"relay": "r2", "disco": ""}, "c": {"relay": "r1", "disco": ""}}
+    after = {"a": {"relay": "r1", "disco": ""}, "b": {"relay": "r3", "disco": ""}, "d": {"relay": "r1", "disco": "k"}}
+    change = hints_change(before, after)
+    assert change == {"hints": {"b": after["b"], "d": after["d"]}, "removed": ["c"]}
+    mine = {k: v for k, v in before.items() if k not in change["removed"]} | change["hints"]
+    assert mine == after
