@@ -16,7 +16,8 @@ the actors that use none: actors.registry); an actor takes from it what it
 needs. A change that touched the peers alone (a `wg set`, most reloads of a
 large mesh) goes as a PeersChanged instead: the peers added or changed and the
 keys removed, so a one-peer change costs each actor one peer's work, not every
-peer's. It names the generation it applies to; an actor at another one (it
+peer's (a change of most of them, as a mesh's first peers, goes whole, as at a
+start: base.MANY_PEERS). It names the generation it applies to; an actor at another one (it
 restarted, or missed a step) answers so and is sent the whole config in the
 same step. The steps go to the running actors by kind, in this order (workers of
 one kind by name):
