@@ -33,6 +33,7 @@ from meshsup.actors.settings import wire as settings_wire
 from meshsup.actors.settings.wire import WireError
 
 HEARTBEAT_INTERVAL = 0.2
+MANY_PEERS = 100  # a change of peers this large gives the memory its decoding left back
 _LIBC = ctypes.CDLL(None)
 FAULTS_ENV = "MESHSUP_TEST_FAULTS"
 
@@ -397,6 +398,8 @@ class Actor:
         self.change_peers(settings, changed, msg.removed)
         self.holds_keys = settings.holds_secrets
         self.running, self.generation = settings, msg.generation
+        if len(changed) + len(msg.removed) >= MANY_PEERS:
+            give_back_memory()  # as after a whole config (a mesh's first peers come this way)
         return {"applied": True}
 
     def _ack(self, req: int, work: Callable[[], dict[str, Any]]) -> None:

@@ -1,8 +1,9 @@
 """The peers the mesh's bucket gives a node (actors/coord), merged with the config's (sans-IO).
 
-The entry point the supervisor calls is `Coordinated.take` (the coord actor's whole peer set,
-checked) and `merge` (the config as a file or `wg set` gave it, plus that set): the result goes
-through the same ordered steps as a reload, so only the peers that changed change.
+The entry point the supervisor calls is `Coordinated.take` (the coord actor's peer set, whole at
+first, then each change of it: checked) and `merge` (the config as a file or `wg set` gave it, plus
+that set): the result goes through the same ordered steps as a reload, so only the peers that
+changed change (a one-record change in the bucket is a one-peer PeersChanged to the actors).
 [[peers]] win: a coordinated peer with the key or the name of a configured one (or of the node)
 is left out. The mesh's policy, when there is one, replaces [filter] and the mesh-wide [dns] keys
 it names; one that does not parse is refused whole (the last good one stays) and says why.
@@ -18,6 +19,7 @@ from meshsup.actors.bus.messages import MeshPeers
 from meshsup.actors.settings import ConfigError, Settings
 from meshsup.actors.settings.dns import DnsSettings
 from meshsup.actors.settings.filter import FilterSettings, parse_filter
+from meshsup.actors.settings.keys import b64
 from meshsup.actors.settings.node import IPInterface, NodeSettings, PeerSettings
 from meshsup.actors.settings.wire import WireError, decode
 
@@ -26,27 +28,47 @@ POLICY_FILE = "(mesh policy)"  # what a policy's errors name as their file
 
 @dataclass
 class Coordinated:
-    peers: tuple[PeerSettings, ...] = ()
+    mesh: dict[bytes, PeerSettings] = field(default_factory=dict)  # the mesh's peers by public key
     addresses: tuple[IPInterface, ...] = ()  # the node's, taken from the pools; (): as configured
     revision: int = 0
-    refused: int = 0  # MeshPeers that did not decode (never applied in part)
+    seq: int = 0  # the last MeshPeers taken: a change applies to the one before it
+    refused: int = 0  # MeshPeers that did not decode, or came after a gap (never applied in part)
     shadowed: list[str] = field(default_factory=list)  # names left out for a [[peers]] entry's key or name
     policy: dict[str, Any] = field(default_factory=dict)
     good_policy: dict[str, Any] = field(default_factory=dict)  # the last that parsed
     policy_error: str = ""  # why the latest did not
     hints: dict[str, dict[str, str]] = field(default_factory=dict)  # MeshPeers.hints, for magicsock
 
-    def take(self, msg: MeshPeers) -> bool:
-        """The coord actor's news, whole or not at all; False if it does not decode."""
+    @property
+    def peers(self) -> tuple[PeerSettings, ...]:
+        return tuple(self.mesh.values())
+
+    def take(self, msg: MeshPeers) -> str | None:
+        """The coord actor's news, whole or not at all: why not ("decode": it does not; "gap":
+        a change after one not taken, the whole set is needed), else None. A whole set replaces
+        the peers; a change puts its peers in place and takes its removed ones out."""
         try:
-            peers = tuple(decode(PeerSettings, p, f"peers[{i}]") for i, p in enumerate(msg.peers))
+            peers = [decode(PeerSettings, p, f"peers[{i}]") for i, p in enumerate(msg.peers)]
             addresses = tuple(ipaddress.ip_interface(a) for a in msg.addresses)
-        except (WireError, ValueError):
+            removed = [bytes(k) for k in msg.removed]
+        except (WireError, ValueError, TypeError):
             self.refused += 1
-            return False
-        self.peers, self.addresses, self.revision, self.policy = peers, addresses, msg.revision, msg.policy
-        self.hints = msg.hints
-        return True
+            return "decode"
+        if not msg.whole and msg.seq != self.seq + 1:
+            self.refused += 1
+            return "gap"
+        # New containers, never changed in place: the supervisor tells what it has by equality
+        mesh, hints = ({}, {}) if msg.whole else (dict(self.mesh), dict(self.hints))
+        for key in removed:
+            mesh.pop(key, None)
+            hints.pop(b64(key), None)
+        for p in peers:
+            mesh[p.public_key] = p
+            hints.pop(b64(p.public_key), None)
+        hints.update(msg.hints)
+        self.mesh, self.hints, self.seq = mesh, hints, msg.seq
+        self.addresses, self.revision, self.policy = addresses, msg.revision, msg.policy
+        return None
 
     def merge(self, static: Settings) -> Settings:
         """`static` with the mesh's peers after its own, and the node's taken addresses."""
@@ -97,13 +119,20 @@ class Coordinated:
     def status(self) -> dict[str, object]:
         return {
             "revision": self.revision,
-            "peers": [p.name for p in self.peers],
+            "peers": sorted(p.name for p in self.mesh.values()),
             "addresses": [str(a) for a in self.addresses],
             "refused": self.refused,
             "shadowed": self.shadowed,
             "policy": bool(self.policy),
             "policy_error": self.policy_error,
         }
+
+
+def hints_change(before: dict[str, dict[str, str]], after: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """magicsock's mesh_hints command that turns `before` into `after`: the hints changed or added,
+    and the keys whose hints are gone."""
+    changed = {k: v for k, v in after.items() if before.get(k) != v}
+    return {"hints": changed, "removed": [k for k in before if k not in after]}
 
 
 def local_info(magicsock_status: dict[str, Any]) -> dict[str, Any] | None:

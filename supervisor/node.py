@@ -23,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from meshsup.actors.base import give_back_memory
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import Command, MeshPeers
 from meshsup.actors.kernel.privileges import Account
@@ -32,7 +33,7 @@ from meshsup.actors.settings.keys import b64
 from meshsup.actors.settings.relay import RelaySettings
 from meshsup.supervisor import relay, sdnotify
 from meshsup.supervisor.cli_server import CliServer, Reply
-from meshsup.supervisor.coordinated import Coordinated, local_info
+from meshsup.supervisor.coordinated import Coordinated, hints_change, local_info
 from meshsup.supervisor.health import UPDATE_INTERVAL, Health, no_handshake_after
 from meshsup.supervisor.hub import Hub
 from meshsup.supervisor.metrics_front import MetricsFront
@@ -76,7 +77,7 @@ class Supervisor:
         self.tree.on_mesh = self.on_mesh
         self.health = Health(no_handshake_after(os.environ))
         self.cli = CliServer(self.ctx, runtime, self.tree, self.hub, self.reload, self.reconfigure, self.health)
-        self.cli.mesh_status = self.mesh.status
+        self.cli.mesh_status = lambda: {**self.mesh.status(), "applying": self.mesh_applying}
         self.wg = UapiFront(self.tree, self.reconfigure, log)
         self.metrics = MetricsFront(self.tree, self.cli.status, log)
         self.signal_r, self.signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -204,7 +205,7 @@ class Supervisor:
             return
         self.static = static
         new = self.mesh.merge(static)
-        if new == self.tree.config:
+        if same_config(new, self.tree.config):
             reply(True, result={"changed": False})
             return
         self.log.info("reloading configuration")
@@ -217,9 +218,16 @@ class Supervisor:
     def on_mesh(self, msg: MeshPeers) -> None:
         """The coord actor's peer set: merged with the config's and applied like a reload, one
         change at a time (a newer set arriving meanwhile is applied when that one is done)."""
-        if not self.mesh.take(msg):
+        refused = self.mesh.take(msg)
+        if refused == "gap":  # a change after one not taken: the whole set, to start again from
+            self.log.warning("mesh peers refused: a change missed, asking for all", seq=msg.seq)
+            self._tell("coord", "whole", {"seq": msg.seq})
+            return
+        if refused:
             self.log.warning("mesh peers refused: they do not decode", revision=msg.revision)
             return
+        if msg.whole:
+            give_back_memory()  # what decoding the whole set left free (thousands of peers)
         self._apply_mesh()
         if self.mesh.policy_error:
             self.log.warning("mesh policy refused, the last good one kept", error=self.mesh.policy_error)
@@ -230,16 +238,19 @@ class Supervisor:
             return
         new = self.mesh.merge(self.static)
         new = replace(new, actors=self.tree.config.actors)
-        if new == self.tree.config:
+        if same_config(new, self.tree.config):
             self.mesh_joined = True
             return
         self.mesh_applying, self.mesh_dirty = True, False
-        self.log.info("applying the mesh's peers", revision=self.mesh.revision, peers=len(self.mesh.peers))
+        revision = self.mesh.revision
+        self.log.info("applying the mesh's peers", revision=revision, peers=len(self.mesh.mesh))
 
         def done(errors: list[str]) -> None:
             self.mesh_applying, self.mesh_joined = False, True
             if errors:
                 self.log.warning("mesh peers applied with errors", errors="; ".join(errors))
+            else:
+                self.log.info("mesh peers applied", revision=revision)  # by every actor
             if self.mesh_dirty:
                 self._apply_mesh()
 
@@ -257,12 +268,20 @@ class Supervisor:
             self._tell("coord", "local", local)
 
     def _tell_mesh_hints(self) -> None:
-        """What the mesh's records say of their peers' home relays and disco keys, to magicsock."""
-        if "coord" in self.tree.actors:
-            self._tell("magicsock", "mesh_hints", {"hints": self.mesh.hints})
+        """What the mesh's records say of their peers' home relays and disco keys, to magicsock:
+        all of them at first, then what changed since what it took (thousands of peers, one changed)."""
+        magicsock, told = self.tree.actors.get("magicsock"), self.told.get(("magicsock", "mesh_hints"))
+        if "coord" not in self.tree.actors or magicsock is None or ("magicsock", "mesh_hints") in self.asked:
+            return
+        args = {"hints": self.mesh.hints}
+        if told is not None and told[0] == magicsock.pid and magicsock.state == "running" and told[1] != args:
+            self._tell("magicsock", "mesh_hints", args, hints_change(told[1]["hints"], self.mesh.hints))
+        else:
+            self._tell("magicsock", "mesh_hints", args)
 
-    def _tell(self, name: str, op: str, args: dict[str, Any]) -> None:
-        """Command `op` to a running actor unless it took these `args` since it started, or one is on its way."""
+    def _tell(self, name: str, op: str, args: dict[str, Any], sent: dict[str, Any] | None = None) -> None:
+        """Command `op` to a running actor unless it took these `args` since it started, or one is on
+        its way; `sent`, if given, is what goes (a change that brings it from what it took to `args`)."""
         a = self.tree.actors.get(name)
         if a is None or a.state != "running" or (name, op) in self.asked or self.told.get((name, op)) == (a.pid, args):
             return
@@ -272,7 +291,7 @@ class Supervisor:
             self.asked.discard((name, op))
             self.told[(name, op)] = (a.pid, args) if ack is not None and ack.ok else None
 
-        self.hub.request(name, lambda req: Command(req=req, op=op, args=args), answered)
+        self.hub.request(name, lambda req: Command(req=req, op=op, args=args if sent is None else sent), answered)
 
     def close(self) -> None:
         self.wg.close()
@@ -288,3 +307,9 @@ class Supervisor:
             self.runtime.dir.rmdir()
         except OSError:
             pass
+
+
+def same_config(new: Settings, running: Any) -> bool:
+    """`new` is the running config, its peers perhaps in another order (the mesh's come whole in
+    one order, then changed in place or added last)."""
+    return new == running or (isinstance(running, Settings) and running.peer_changes(new) == ([], []))

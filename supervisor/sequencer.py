@@ -16,7 +16,8 @@ the actors that use none: actors.registry); an actor takes from it what it
 needs. A change that touched the peers alone (a `wg set`, most reloads of a
 large mesh) goes as a PeersChanged instead: the peers added or changed and the
 keys removed, so a one-peer change costs each actor one peer's work, not every
-peer's. It names the generation it applies to; an actor at another one (it
+peer's (a change of most of them, as a mesh's first peers, goes whole, as at a
+start: base.MANY_PEERS). It names the generation it applies to; an actor at another one (it
 restarted, or missed a step) answers so and is sent the whole config in the
 same step. The steps go to the running actors by kind, in this order (workers of
 one kind by name):
@@ -64,6 +65,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from meshsup.actors.base import MANY_PEERS
 from meshsup.actors.bus.codec import Message
 from meshsup.actors.bus.messages import Ack
 from meshsup.actors.settings import Settings
@@ -105,6 +107,8 @@ class Sequencer:
     def reconfigure(self, new: Settings, finished: Callable[[list[str]], None]) -> None:
         old = self.tree.config
         changes = old.peer_changes(new) if isinstance(old, Settings) else None
+        if changes is not None and len(changes[0]) + len(changes[1]) > len(new.peers) // 2 + MANY_PEERS:
+            changes = None  # most peers changed (a mesh's first ones): the whole config, as at a start
         self.tree.config = new
         self.tree.generation += 1
         gen = self.tree.generation

@@ -293,15 +293,20 @@ class RelayFrames(Message):
 # --- coordination: coord -> supervisor (control socket) ----------------------
 
 
-@message("coord.mesh")
+@message("coord.mesh", version=2)
 class MeshPeers(Message):
-    """The peers the mesh's bucket holds for this node, whole, each time they change: the
-    supervisor merges them with [[peers]] and applies them in its ordered steps."""
+    """The peers the mesh's bucket holds for this node: whole, then each change of them (peers
+    added or changed, keys removed; `seq` one more than the last). The supervisor merges them with
+    [[peers]] and applies them in its ordered steps; after a change it missed it asks for the
+    whole set (Command "whole")."""
 
     revision: int  # the bucket's last revision behind them
-    peers: list[Any]  # actors.settings.node.PeerSettings, each in its wire form
+    peers: list[Any]  # actors.settings.node.PeerSettings, each in its wire form: all, or those changed
     addresses: list[str]  # the node's own, taken from the pools; []: as configured
     policy: dict[str, Any]  # {"filter": [filter] table, "dns": mesh-wide [dns] keys}; {}: none
     # peer's public key (base64) -> what its record says for magicsock: "relay" (its home relay's
     # name, a first hint where to reach it), "disco" (its disco key, base64: a cross-check)
-    hints: dict[str, dict[str, str]] = field(default_factory=dict)
+    hints: dict[str, dict[str, str]] = field(default_factory=dict)  # all, or those of the changed peers
+    seq: int = 0
+    whole: bool = True
+    removed: list[bytes] = field(default_factory=list)  # public keys (whole: none)

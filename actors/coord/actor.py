@@ -5,6 +5,10 @@ everyone else's, as peers, whenever they change.
     supervisor --Command local--> disco key, endpoints, home relay (from magicsock's status)
     NATS (link.py, a thread) --Entry/Up/Down/Written--> MeshView (mesh.py) -> MeshPeers -> supervisor
 
+The peers go to the supervisor whole once (after the first catch-up, a reconnection elsewhere,
+or when it asks: it missed one), then as changes: the view decides again only around the
+records that changed, and a MeshPeers carries only the peers that changed and the keys gone.
+
 The record is written when it changes and every third of its lifetime; a node without
 configured addresses first takes them from the pools (alloc.py). Stopping deletes the record,
 so the node is gone from its peers at once rather than after a lifetime.
@@ -16,7 +20,7 @@ import ipaddress
 import time
 from typing import Any
 
-from meshsup.actors.base import Actor, ConfigError
+from meshsup.actors.base import Actor, ConfigError, give_back_memory
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import MeshPeers
 from meshsup.actors.coord import alloc
@@ -57,7 +61,8 @@ class CoordActor(Actor):
         self.echo_since: float | None = None  # since when a write of ours waits to be seen on the watch
         self.rewatched = 0.0
         self.next_refresh = 0.0
-        self.pushed: MeshPeers | None = None
+        self.pushed: tuple[list[str], dict[str, Any]] | None = None  # addresses, policy; None: whole due
+        self.seq = 0  # of the MeshPeers sent: a change names the one it follows
         self.next_push = 0.0
         self.up = False
         self.down_since: float | None = None  # monotonic: since when the bucket is out of reach
@@ -97,6 +102,9 @@ class CoordActor(Actor):
         self.link.start()
 
     def command(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "whole":
+            self.pushed = None  # the supervisor missed a change: the whole set at the next push
+            return {}
         if op != "local":
             raise ConfigError(f"unknown command {op!r}")
         try:
@@ -253,24 +261,25 @@ class CoordActor(Actor):
 
     def _push(self, now: float) -> None:
         assert self.view is not None and self.settings is not None
-        peers = self.view.peers(self.settings.node.public_key, self.settings.node.exit_node)
-        msg = MeshPeers(
-            revision=self.view.revision,
-            peers=[encode(p) for p in peers],
-            addresses=[str(self.addresses[v]) for v in sorted(self.addresses)] if len(self.addresses) == 2 else [],
-            policy=self.view.policy,
-            hints=self.view.hints(peers),
-        )
-        if self.pushed is None or (msg.peers, msg.addresses, msg.policy, msg.hints) != (
-            self.pushed.peers,
-            self.pushed.addresses,
-            self.pushed.policy,
-            self.pushed.hints,
-        ):
-            if self.pushed is not None or self.up:  # nothing to say before the first catch-up
-                self._send(msg)
-                self.pushed = msg
-                self.next_push = now + PUSH_INTERVAL
+        if self.pushed is None and not self.up:
+            return  # nothing to say before the first catch-up
+        node = self.settings.node
+        change = self.view.update(node.public_key, node.exit_node)
+        addresses = [str(self.addresses[v]) for v in sorted(self.addresses)] if len(self.addresses) == 2 else []
+        if self.pushed is None:
+            peers, removed, hints = self.view.peers(node.public_key, node.exit_node), [], self.view.hints()
+        elif change or (addresses, self.view.policy) != self.pushed:
+            peers, removed, hints = change.peers, change.removed, change.hints
+        else:
+            return
+        self.seq += 1
+        whole = self.pushed is None
+        encoded = [encode(p) for p in peers]
+        self._send(MeshPeers(self.view.revision, encoded, addresses, self.view.policy, hints, self.seq, whole, removed))
+        self.pushed = addresses, self.view.policy
+        self.next_push = now + PUSH_INTERVAL
+        if whole:
+            give_back_memory()  # what the catch-up's decoding and the encoding left free
 
     # --- the rest -------------------------------------------------------------------
     def _count(self, what: str) -> None:

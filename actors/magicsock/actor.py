@@ -378,10 +378,18 @@ class MagicsockActor(Actor):
                 self.pings.pop(int(args["request"]))
                 return {"done": True, "path": ping.get("path"), "latency": ping.get("latency")}
             return {"done": False}
-        if op == "mesh_hints":
+        if op == "mesh_hints":  # all the hints, or with "removed" a change of the last ones
             hints = {keys.parse_key(k): v for k, v in dict(args.get("hints", {})).items() if isinstance(v, dict)}
-            self.relay_homes = {k: str(v["relay"]) for k, v in hints.items() if v.get("relay")}
-            self.record_discos = {k: keys.parse_key(str(v["disco"])) for k, v in hints.items() if v.get("disco")}
+            if "removed" not in args:
+                self.relay_homes, self.record_discos = {}, {}
+            for k in [*(keys.parse_key(str(k)) for k in args.get("removed", [])), *hints]:
+                self.relay_homes.pop(k, None)
+                self.record_discos.pop(k, None)
+            for k, v in hints.items():
+                if v.get("relay"):
+                    self.relay_homes[k] = str(v["relay"])
+                if v.get("disco"):
+                    self.record_discos[k] = keys.parse_key(str(v["disco"]))
             self.relays.hint(self.relay_homes)
             return {}
         return super().command(op, args)

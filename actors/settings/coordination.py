@@ -54,7 +54,8 @@ class CoordinationSettings:
 
     def in_pools(self, net: IPNetwork) -> bool:
         pool = self.pool4 if net.version == 4 else self.pool6
-        return net.version == pool.version and net.subnet_of(pool)  # type: ignore[arg-type]
+        # (Not subnet_of: it caches the broadcast address on `net`, a record's, kept by thousands.)
+        return net.version == pool.version and net.prefixlen >= pool.prefixlen and net.network_address in pool
 
 
 def parse_coordination(file: str, table: Any, base: Path, node_table: Any) -> CoordinationSettings | None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from meshsup.actors.base import MANY_PEERS
 from meshsup.actors.bus.codec import Message, decode, encode
 from meshsup.actors.bus.messages import Ack, Configure, PeersChanged
 from meshsup.actors.registry import KINDS, settings_for
@@ -89,6 +90,17 @@ def test_any_other_change_goes_as_the_whole_config(running: Any) -> None:
     sequencer, tree, hub = running
     new = replace(tree.config, node=replace(tree.config.node, mtu=1380))
     sequencer.reconfigure(new, lambda errors: None)
+    while hub.waiting:
+        hub.ack()
+    assert all(isinstance(msg, Configure) for _, msg in hub.sent) and len(hub.sent) == len(tree.actors)
+
+
+def test_a_change_of_most_peers_goes_as_the_whole_config(running: Any, tmp_path: Path) -> None:
+    """A mesh's first peers, thousands at once: the whole config, as at a start (an actor takes it
+    in one go, and gives back what decoding it left)."""
+    sequencer, tree, hub = running
+    many = node(tmp_path, 2 * MANY_PEERS + 50).peers
+    sequencer.reconfigure(replace(tree.config, peers=many), lambda errors: None)
     while hub.waiting:
         hub.ack()
     assert all(isinstance(msg, Configure) for _, msg in hub.sent) and len(hub.sent) == len(tree.actors)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import random
 import tomllib
 from pathlib import Path
 
@@ -230,3 +231,112 @@ def test_hints_for_magicsock_are_the_peers_home_relays_and_disco_keys() -> None:
     view.apply(node_key("bravo"), bravo.encode(), 2, 0.0, 0.0)
     assert view.hints(view.peers(me)) == {b64(a): {"relay": "r1", "disco": b64(alpha.disco_key)}}
     assert view.hints([]) == {}  # only for the peers given
+
+
+def numbered(i: int, public: bytes, **kw: object) -> NodeRecord:
+    """Record `i` of many, with addresses of its own."""
+    v4, v6 = f"100.64.{i // 250}.{i % 250 + 1}", f"fd7a:115c:a1e0::1:{i:x}"
+    return record(f"n{i}", public, v4, **{"addresses": (net(v4), net(v6)), **kw})
+
+
+def test_a_change_of_one_record_among_many_is_a_one_peer_change() -> None:
+    view, me = MeshView(SETTINGS), key()
+    keys = [key() for _ in range(200)]
+    for i, k in enumerate(keys):
+        view.apply(node_key(f"n{i}"), numbered(i, k).encode(), i + 1, 0.0, 0.0)
+    first = view.update(me)
+    assert len(first.peers) == 200 and first.removed == [] and len(first.hints) == 200
+    assert not view.update(me)  # nothing changed since
+    moved = numbered(7, keys[7], endpoints=(("198.51.100.9", 4000),))
+    view.apply(node_key("n7"), moved.encode(), 300, 0.0, 1.0)
+    change = view.update(me)
+    assert [(p.name, p.endpoints) for p in change.peers] == [("n7", (("198.51.100.9", 4000),))]
+    assert change.removed == [] and list(change.hints) == [b64(keys[7])]
+    view.apply(node_key("n7"), moved.encode(), 301, 0.0, 2.0)  # refreshed as it was
+    assert not view.update(me)
+    newcomer = key()
+    view.apply(node_key("n500"), numbered(500, newcomer).encode(), 302, 0.0, 3.0)
+    assert [p.name for p in view.update(me).peers] == ["n500"]
+    view.apply(node_key("n3"), None, 303, 0.0, 4.0)
+    change = view.update(me)
+    assert change.peers == [] and change.removed == [keys[3]]
+    assert len(view.peers(me)) == 200
+
+
+def alone(name: str, public: bytes, v4: str) -> NodeRecord:
+    return record(name, public, v4, addresses=(net(v4),))
+
+
+def test_a_conflict_is_decided_again_when_the_first_holder_leaves() -> None:
+    """bravo wants alpha's address and charlie's: left out while alpha is there; then charlie,
+    a working peer, keeps its own. A key held twice: the record renamed later waits its turn."""
+    view, me = MeshView(SETTINGS), key()
+    a, b, c = key(), key(), key()
+    view.apply(node_key("alpha"), alone("alpha", a, "100.64.0.1").encode(), 1, 0, 0)
+    view.apply(node_key("charlie"), alone("charlie", c, "100.64.0.3").encode(), 2, 0, 0)
+    both = (net("100.64.0.1"), net("100.64.0.3"))
+    view.apply(node_key("bravo"), record("bravo", b, "100.64.0.1", addresses=both).encode(), 3, 0, 0)
+    assert [p.name for p in view.update(me).peers] == ["alpha", "charlie"] and view.conflicts == 1
+    view.apply(node_key("alpha"), None, 4, 0.0, 0.0)
+    change = view.update(me)
+    assert change.removed == [a] and change.peers == [] and view.conflicts == 1  # charlie keeps 100.64.0.3
+    view.apply(node_key("charlie"), None, 5, 0.0, 0.0)
+    change = view.update(me)
+    assert change.removed == [c] and [p.name for p in change.peers] == ["bravo"] and view.conflicts == 0
+    # bravo's key published again under another name: it waits until the first record goes
+    view.apply(node_key("bravo2"), alone("bravo2", b, "100.64.0.9").encode(), 6, 0, 0)
+    assert not view.update(me) and view.conflicts == 1
+    view.apply(node_key("bravo"), None, 7, 0.0, 0.0)
+    change = view.update(me)
+    assert [p.name for p in change.peers] == ["bravo2"] and change.removed == [] and view.conflicts == 0
+
+
+def test_an_expired_record_is_a_removed_peer() -> None:
+    view, me, b = MeshView(SETTINGS), key(), key()
+    view.apply(node_key("n1"), numbered(1, b).encode(), 1, 0.0, 0.0)
+    assert len(view.update(me).peers) == 1
+    assert view.expire(29.0) == [] and view.expire(30.0) == [node_key("n1")]
+    assert view.update(me).removed == [b]
+
+
+def test_deciding_where_records_changed_agrees_with_deciding_over_all() -> None:
+    """Random records contending for a few keys and addresses, claims among them: after each
+    entry, the peers decided where records changed are those a decision over every record makes
+    (the same rule: working peers first, then agreed claims, then the first holder)."""
+    rng = random.Random(7)
+    me, keys = key(), [key() for _ in range(6)]
+    addresses = [net(f"100.64.0.{i}") for i in range(1, 9)]
+    view, working = MeshView(SETTINGS), set()
+    for revision in range(1, 400):
+        name = f"n{rng.randrange(12)}"
+        if rng.random() < 0.15:
+            view.apply(addr_key(rng.choice(addresses)), owner_text(rng.choice([*keys, me])), revision, 0.0, 0.0)
+        elif rng.random() < 0.2:
+            view.apply(node_key(name), None, revision, 0.0, 0.0)
+        else:
+            held = tuple(rng.sample(addresses, rng.choice([1, 1, 2])))
+            r = record(name, rng.choice([*keys, me]), "100.64.0.1", addresses=held)
+            view.apply(node_key(name), r.encode(), revision, 0.0, 0.0)
+        view.update(me)
+        got = {k: peer.public_key for k, (peer, _) in view.chosen.items()}
+        assert got == everything_decided(view, me, working)
+        working = set(got.values())
+
+
+def everything_decided(view: MeshView, me: bytes, working: set[bytes]) -> dict[str, bytes]:
+    """Record key -> public key of the peers one decision over every record makes."""
+
+    def precedence(k: str) -> tuple[bool, bool, int, str]:
+        live = view.records[k]
+        r = live.record
+        agreed = all(view.claims[a].owner == r.public_key for a in r.addresses if a in view.claims)
+        return r.public_key not in working, not agreed, live.since, k
+
+    taken_keys, taken_addrs, out = {me}, set(), {}
+    for k in sorted(view.records, key=precedence):
+        r = view.records[k].record
+        if r.public_key not in taken_keys and not taken_addrs & set(r.addresses):
+            taken_keys.add(r.public_key)
+            taken_addrs.update(r.addresses)
+            out[k] = r.public_key
+    return out
