@@ -42,7 +42,8 @@ from meshsup.actors.netlog.counting import CountsReader, Deliveries
 from meshsup.actors.netlog.daemonlog import LogIntake
 from meshsup.actors.netlog.flows import FlowTable, Record
 from meshsup.actors.netlog.formats import FLOWS, LOGS, RecordFormat
-from meshsup.actors.netlog.mesh import classifier, endpoint_peers, key_peers, peer_address, peer_endpoints
+from meshsup.actors.netlog.mesh import change_peers as change_mesh_peers
+from meshsup.actors.netlog.mesh import classifier, endpoint_peers, key_peers
 from meshsup.actors.netlog.shipper import Sender, Shipper, Wait
 from meshsup.actors.netlog.wal import WindowLog
 from meshsup.actors.settings import PeerSettings, Settings
@@ -125,21 +126,15 @@ class NetlogActor(Actor):
         self.window_end = min(self.window_end or float("inf"), max(self.wal_start, now) + settings.interval)
 
     def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
-        """The changed peers' endpoints and addresses alone, and the classifier anew from the
-        networks as parsed (a one-peer `wg set` among thousands parses one peer's)."""
+        """The changed peers' endpoints, addresses and networks alone (a one-peer `wg set` among
+        thousands touches one peer's)."""
         if self.table is None or self.running is None:
             self.configure(settings)
             return
         keys = {*removed, *(p.public_key for p in changed)}
-        for old in (p for p in self.running.peers if p.public_key in keys):
-            for endpoint in peer_endpoints(old):
-                self.reader.peers.pop(endpoint, None)
-            self.reader.key_peers.pop(old.public_key, None)
-        for p in changed:
-            self.reader.peers.update(peer_endpoints(p))
-            if (address := peer_address(p)) is not None:
-                self.reader.key_peers[p.public_key] = address
-        self.table.set_classifier(classifier(settings, settings.netlog.anonymize_exit))
+        gone = [p for p in self.running.peers if p.public_key in keys]
+        change_mesh_peers(self.reader, self.table.classifier, gone, changed)
+        self.table.set_classifier(self.table.classifier)  # what it routed before is not kept
 
     def _shipper(
         self, collectors: tuple[CollectorConfig, ...], what: str, form: RecordFormat, hostname: str

@@ -130,6 +130,10 @@ class CountsReader:
         route = self._routes[(key, received)] = None if conn is None else rules.route_endpoints(*conn)
         return route
 
+    def forget_routes(self) -> None:
+        """The rules changed in place (a change of peers): what they routed before is not kept."""
+        self._routes.clear()
+
     def _underlay(self, table: FlowTable, entry: Entry, received: bool) -> None:
         endpoint, packets, nbytes = entry
         if not (

@@ -18,6 +18,7 @@ import enum
 import functools
 import ipaddress
 import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -106,8 +107,8 @@ class Classifier:
         anonymize_exit: bool = True,
         service_endpoints: Iterable[tuple[str, int]] = (),
     ) -> None:
-        self.mesh = tuple(map(_network, mesh_prefixes))
-        self.subnets = tuple(map(_network, subnet_prefixes))
+        self.mesh = Prefixes(map(_network, mesh_prefixes))
+        self.subnets = Prefixes(map(_network, subnet_prefixes))
         self.services = frozenset(ipaddress.ip_address(a) for a in service_addresses)
         self.service_endpoints = frozenset((ipaddress.ip_address(a), port) for a, port in service_endpoints)
         self.anonymize_exit = anonymize_exit
@@ -115,11 +116,25 @@ class Classifier:
     def classify(self, src: IPAddress, dst: IPAddress) -> Traffic:
         if src in self.services or dst in self.services:
             return Traffic.SKIPPED
-        if _within(src, self.mesh) and _within(dst, self.mesh):
+        if src in self.mesh and dst in self.mesh:
             return Traffic.VIRTUAL
-        if _within(src, self.subnets) or _within(dst, self.subnets):
+        if src in self.subnets or dst in self.subnets:
             return Traffic.SUBNET
         return Traffic.EXIT
+
+    def add(self, mesh: Iterable[IPNetwork], subnets: Iterable[IPNetwork]) -> None:
+        """More networks (a peer's): a change of one peer among thousands costs its networks alone."""
+        for network in mesh:
+            self.mesh.add(network)
+        for network in subnets:
+            self.subnets.add(network)
+
+    def remove(self, mesh: Iterable[IPNetwork], subnets: Iterable[IPNetwork]) -> None:
+        """What `add` (or the constructor) took, out: once each."""
+        for network in mesh:
+            self.mesh.remove(network)
+        for network in subnets:
+            self.subnets.remove(network)
 
     def route(self, conn: Conn) -> tuple[Traffic, Conn] | None:
         """The traffic kind and the key the counts are merged under; None if malformed."""
@@ -148,8 +163,43 @@ def _network(prefix: str | IPNetwork) -> IPNetwork:
     )
 
 
-def _within(address: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:
-    return any(address in net for net in networks)
+class Prefixes:
+    """A multiset of networks, by version and then prefix length as integers shifted down to that
+    length: whether an address is in any costs one set lookup per length in use, not one test per
+    network (a mesh has a /32 a peer), and a network comes or goes alone. Counted, as two peers
+    may route the same network and one of them going leaves it in."""
+
+    def __init__(self, networks: Iterable[IPNetwork] = ()) -> None:
+        self._by_shift: dict[int, dict[int, Counter[int]]] = {4: {}, 6: {}}
+        for network in networks:
+            self.add(network)
+
+    def add(self, network: IPNetwork) -> None:
+        shift = network.max_prefixlen - network.prefixlen
+        self._by_shift[network.version].setdefault(shift, Counter())[int(network.network_address) >> shift] += 1
+
+    def remove(self, network: IPNetwork) -> None:
+        """One of `network` out; nothing if it is not in."""
+        shift = network.max_prefixlen - network.prefixlen
+        shifts = self._by_shift[network.version]
+        counts = shifts.get(shift)
+        key = int(network.network_address) >> shift
+        if counts is None or key not in counts:
+            return
+        counts[key] -= 1
+        if not counts[key]:
+            del counts[key]
+            if not counts:
+                del shifts[shift]
+
+    def __contains__(self, address: IPAddress) -> bool:
+        number = int(address)
+        return any(number >> shift in counts for shift, counts in self._by_shift[address.version].items())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Prefixes) and self._by_shift == other._by_shift
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
 
 
 @dataclass

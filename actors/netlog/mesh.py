@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from meshsup.actors.netlog.counting import CountsReader
 from meshsup.actors.netlog.flows import Classifier, format_endpoint
 from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.actors.settings.node import IPNetwork
@@ -19,12 +20,17 @@ def classifier(settings: Settings, anonymize_exit: bool) -> Classifier:
     mesh: list[IPNetwork] = [a.network for a in settings.node.addresses]
     subnets: list[IPNetwork] = list(settings.node.advertise_routes)
     for peer in settings.peers:
-        for net in peer.allowed_ips:
-            if net.prefixlen == net.max_prefixlen:
-                mesh.append(net)
-            elif net.prefixlen:
-                subnets.append(net)
+        peer_mesh, peer_subnets = peer_networks(peer)
+        mesh += peer_mesh
+        subnets += peer_subnets
     return Classifier(mesh, subnets, (), anonymize_exit, service_endpoints=list(settings.dns.listen))
+
+
+def peer_networks(peer: PeerSettings) -> tuple[list[IPNetwork], list[IPNetwork]]:
+    """A peer's part of the classifier: its mesh addresses and its subnets."""
+    mesh = [net for net in peer.allowed_ips if net.prefixlen == net.max_prefixlen]
+    subnets = [net for net in peer.allowed_ips if 0 < net.prefixlen < net.max_prefixlen]
+    return mesh, subnets
 
 
 def endpoint_peers(settings: Settings) -> dict[str, str]:
@@ -51,3 +57,22 @@ def key_peers(settings: Settings) -> dict[bytes, str]:
 def peer_address(peer: PeerSettings) -> str | None:
     hosts = sorted((net.network_address for net in peer.hosts), key=lambda a: a.version)
     return format_endpoint(hosts[0], 0) if hosts else None
+
+
+def change_peers(
+    reader: CountsReader, rules: Classifier, gone: list[PeerSettings], changed: list[PeerSettings]
+) -> None:
+    """The `gone` peers (as they were) out of the reader's endpoints and keys and out of the rules,
+    the `changed` ones (as they are now) in: what building them from all the peers anew would give,
+    at the cost of these peers alone. The rules change in place: what they routed is forgotten."""
+    for old in gone:
+        for endpoint in peer_endpoints(old):
+            reader.peers.pop(endpoint, None)
+        reader.key_peers.pop(old.public_key, None)
+        rules.remove(*peer_networks(old))
+    for peer in changed:
+        reader.peers.update(peer_endpoints(peer))
+        if (address := peer_address(peer)) is not None:
+            reader.key_peers[peer.public_key] = address
+        rules.add(*peer_networks(peer))
+    reader.forget_routes()
