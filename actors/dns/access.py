@@ -20,6 +20,8 @@ import ipaddress
 from collections.abc import Hashable, Iterable
 from typing import NamedTuple
 
+from meshsup.actors.routing.prefixes import Prefixes
+
 V4_PREFIX, V6_PREFIX = 24, 56
 SOURCES_KEPT = 4096  # client addresses whose verdict is remembered
 SHARE = 8  # one prefix may hold at most 1/SHARE of the in-flight forwards and of the TCP connections
@@ -49,12 +51,7 @@ class Sources:
     """The verdict on a client address: answered or not, and its prefix."""
 
     def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
-        # By version, then prefix length: the networks as integers shifted down to
-        # that length, so a check costs one set lookup per length in use.
-        self._networks: dict[int, dict[int, set[int]]] = {4: {}, 6: {}}
-        for network in networks:
-            shift = network.max_prefixlen - network.prefixlen
-            self._networks[network.version].setdefault(shift, set()).add(int(network.network_address) >> shift)
+        self._networks = Prefixes(networks)
         self._known: dict[str, Client] = {}
 
     def __call__(self, host: str) -> Client:
@@ -69,10 +66,7 @@ class Sources:
         prefix = prefix_of(host)
         if prefix is None:
             return Client(True, None)
-        address = ipaddress.ip_address(host)
-        number = int(address)
-        allowed = any(number >> shift in set_ for shift, set_ in self._networks[address.version].items())
-        return Client(allowed, prefix)
+        return Client(ipaddress.ip_address(host) in self._networks, prefix)
 
 
 class Verdict(enum.Enum):
