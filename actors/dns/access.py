@@ -20,7 +20,7 @@ import ipaddress
 from collections.abc import Hashable, Iterable
 from typing import NamedTuple
 
-from meshsup.actors.routing.prefixes import Prefixes
+from meshsup.actors.routing.prefixes import IPNetwork, Prefixes
 
 V4_PREFIX, V6_PREFIX = 24, 56
 SOURCES_KEPT = 4096  # client addresses whose verdict is remembered
@@ -51,8 +51,16 @@ class Sources:
     """The verdict on a client address: answered or not, and its prefix."""
 
     def __init__(self, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
-        self._networks = Prefixes(networks)
+        self.networks = Prefixes(networks)
         self._known: dict[str, Client] = {}
+
+    def change(self, gone: Iterable[IPNetwork], added: Iterable[IPNetwork]) -> None:
+        """The `gone` networks out (once each) and the `added` in: a change of a few peers' ranges."""
+        for network in gone:
+            self.networks.remove(network)
+        for network in added:
+            self.networks.add(network)
+        self._known.clear()
 
     def __call__(self, host: str) -> Client:
         known = self._known.get(host)
@@ -66,7 +74,7 @@ class Sources:
         prefix = prefix_of(host)
         if prefix is None:
             return Client(True, None)
-        return Client(ipaddress.ip_address(host) in self._networks, prefix)
+        return Client(ipaddress.ip_address(host) in self.networks, prefix)
 
 
 class Verdict(enum.Enum):

@@ -27,7 +27,9 @@ from meshsup.actors.bus.codec import Message, encode
 from meshsup.actors.bus.messages import LinkChanged, NameLearned
 from meshsup.actors.dns.interception import open_intercept_sockets
 from meshsup.actors.dns.server import DnsServer
+from meshsup.actors.routing.prefixes import IPNetwork
 from meshsup.actors.settings import DnsSettings, PeerSettings, Settings
+from meshsup.actors.settings.dns import host_label
 from meshsup.actors.settings.node import format_endpoint
 
 START_TIMEOUT = 5.0
@@ -94,6 +96,21 @@ class LearnedEvents:
         self.sock.close(0)
 
 
+def mesh_change(
+    node_settings: Settings, old: DnsSettings, gone: list[PeerSettings], changed: list[PeerSettings]
+) -> tuple[DnsSettings, dict[str, tuple[str, ...]], tuple[list[IPNetwork], list[IPNetwork]]]:
+    """What a change of peers (`gone` as they were, `changed` as they are now) makes of the DNS
+    settings `old`: the new settings, the names whose addresses changed (none: the name is gone),
+    and the mesh's ranges gone and added. Only these peers' are looked at. ValueError if a name is
+    not one."""
+    settings = node_settings.dns_peers_changed(old, gone, changed)
+    labels = {host_label(p.name) for p in (*gone, *changed)}
+    names = {h: settings.names.get(h, ()) for h in labels}
+    names = {h: a for h, a in names.items() if a != old.names.get(h, ())}
+    ranges = [n for p in gone for n in p.allowed_ips], [n for p in changed for n in p.allowed_ips]
+    return settings, names, ranges
+
+
 class DnsActor(Actor):
     kind = "dns"
 
@@ -156,12 +173,10 @@ class DnsActor(Actor):
         keys = {*removed, *(p.public_key for p in changed)}
         gone = [p for p in self.running.peers if p.public_key in keys]
         try:
-            settings = node_settings.dns_peers_changed(old, gone, changed)
+            settings, names, ranges = mesh_change(node_settings, old, gone, changed)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        names = {h: settings.names.get(h, ()) for h in old.names.keys() | settings.names.keys()}
-        names = {h: a for h, a in names.items() if a != old.names.get(h, ())}
-        self._call(self.server.change_names(settings, names))
+        self._call(self.server.change_names(settings, names, ranges))
         self.settings = settings
 
     def on_message(self, msg: Message) -> None:

@@ -59,6 +59,7 @@ from meshsup.actors.dns.steering import steer
 from meshsup.actors.dns.transport import Transport
 from meshsup.actors.dns.wire import truncated
 from meshsup.actors.kernel.mmsg import SLOT_SIZE, SLOTS, Batch
+from meshsup.actors.routing.prefixes import IPNetwork
 from meshsup.actors.settings.dns import DnsSettings
 
 log = structlog.get_logger("meshsup.dns")
@@ -355,10 +356,13 @@ class DnsServer:
         self._listeners.update(opened)
         self._steer(list(opened.values()))
 
-    async def change_names(self, settings: DnsSettings, names: Mapping[str, Sequence[str]]) -> None:
+    async def change_names(
+        self, settings: DnsSettings, names: Mapping[str, Sequence[str]], ranges: tuple[list[IPNetwork], list[IPNetwork]]
+    ) -> None:
         """New settings that differ in the mesh's names and ranges alone (peers changed): those names
-        (Resolver.change_names) and who is answered, the listeners and upstreams untouched."""
-        self.sources = Sources(settings.sources)
+        (Resolver.change_names) and who is answered (the ranges (gone, added)), the listeners and
+        upstreams untouched."""
+        self.sources.change(*ranges)
         self._resolver.change_names(settings, names)
         self.settings = settings
 

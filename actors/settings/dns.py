@@ -120,7 +120,8 @@ class DnsSettings:
     srv: tuple[SrvRecord, ...] = ()
     source_overrides: tuple[SourceOverride, ...] = ()
     # Who is answered besides loopback (access.py): the mesh's ranges, from the
-    # node's addresses and peers, and the prefixes of `allow`.
+    # node's addresses and peers (a range two peers route, twice: one going leaves
+    # it answered), and the prefixes of `allow`.
     mesh: tuple[IPNetwork, ...] = ()
     allow: tuple[IPNetwork, ...] = ()
     rate_limit: int = 100  # UDP responses a second per client prefix; 0: no limit
@@ -153,7 +154,7 @@ class DnsSettings:
     def with_mesh(self, names: Mapping[str, Sequence[Address]], mesh: Sequence[IPNetwork]) -> DnsSettings:
         """These settings answering for `names` (host label -> addresses) as the mesh's own, and
         answering the clients of the `mesh` networks (as parsed: the node's and the peers')."""
-        return replace(self, names=_names(names), mesh=tuple(dict.fromkeys(mesh)))
+        return replace(self, names=_names(names), mesh=tuple(mesh))
 
     def with_names_changed(
         self, gone: Sequence[str], names: Mapping[str, Sequence[Address]], mesh: Sequence[IPNetwork]
@@ -163,7 +164,7 @@ class DnsSettings:
         kept = dict(self.names)
         for label in gone:
             kept.pop(_dns_name(label, f"names.{label}"), None)
-        return replace(self, names={**kept, **_names(names)}, mesh=tuple(dict.fromkeys(mesh)))
+        return replace(self, names={**kept, **_names(names)}, mesh=tuple(mesh))
 
     @classmethod
     def from_config(
@@ -248,6 +249,11 @@ def _between(low: float, high: float) -> Callable[[Any, str], Any]:
         return value
 
     return check
+
+
+def host_label(name: str) -> str:
+    """A mesh name as `names` keys it (ValueError if it is not a DNS name)."""
+    return _dns_name(name, f"names.{name}")
 
 
 def _dns_name(text: str, name: str) -> str:
