@@ -37,6 +37,11 @@ def _rdata(rdtype: int, text: str) -> dns.rdata.Rdata:
     return dns.rdata.from_text(dns.rdataclass.IN, rdtype, text)
 
 
+def _reverse_wire(address: str) -> bytes:
+    """An address's reverse name (under in-addr.arpa or ip6.arpa) in lowercase wire form."""
+    return dns.reversename.from_address(address).to_wire().lower()
+
+
 class Zone:
     def __init__(
         self,
@@ -50,7 +55,9 @@ class Zone:
         self._ttl = ttl
         self._rng = rng or random.Random()
         self._nodes: dict[dns.name.Name, dict[int, list[dns.rdata.Rdata]]] = {}
-        self._reverse: dict[dns.name.Name, list[dns.rdata.Rdata]] = {}
+        # By the reverse name's wire form: as a Name, an IPv6 address's is 34 label objects, a
+        # mesh of thousands of peers' megabytes.
+        self._reverse: dict[bytes, list[dns.rdata.Rdata]] = {}
         origin = self._origin.to_text()
         soa = f"ns.{origin} hostmaster.{origin} 1 3600 600 86400 {ttl}"
         self._soa = dns.rrset.from_rdata_list(self._origin, ttl, [_rdata(dns.rdatatype.SOA, soa)])
@@ -63,7 +70,6 @@ class Zone:
         # Empty non-terminals (e.g. _tcp.DOMAIN above _http._tcp.DOMAIN) exist: NOERROR, not NXDOMAIN.
         self._existing = {ancestor for name in self._nodes for ancestor in self._ancestors(name)}
         self._origin_wire = self._origin.to_wire().lower()
-        self._reverse_wire = {name.to_wire().lower() for name in self._reverse}
 
     def _add_host(self, label: str, addresses: Sequence[str]) -> dns.name.Name:
         host = dns.name.from_text(label, origin=self._origin)
@@ -76,8 +82,7 @@ class Zone:
                 family = dns.rdatatype.AAAA
                 rdata = dns.rdtypes.IN.AAAA.AAAA(dns.rdataclass.IN, dns.rdatatype.AAAA, address)
             self._add(host, family, rdata)
-            reverse = dns.reversename.from_address(address)
-            self._reverse.setdefault(reverse, []).append(pointer)
+            self._reverse.setdefault(_reverse_wire(address), []).append(pointer)
         return host
 
     def change_names(self, names: Mapping[str, Sequence[str]]) -> None:
@@ -88,20 +93,18 @@ class Zone:
             node = self._nodes.get(host, {})
             for family in _ADDRESS_TYPES:
                 for rdata in node.pop(family, []):
-                    reverse = dns.reversename.from_address(rdata.address)
+                    reverse = _reverse_wire(rdata.address)
                     pointers = [r for r in self._reverse.get(reverse, []) if r.target != host]
                     if pointers:
                         self._reverse[reverse] = pointers
                     else:
                         self._reverse.pop(reverse, None)
-                        self._reverse_wire.discard(reverse.to_wire().lower())
             if not node:
                 self._nodes.pop(host, None)
                 self._existing.discard(host)
             if addresses:
                 self._add_host(label, addresses)
                 self._existing.update(self._ancestors(host))
-                self._reverse_wire.update(dns.reversename.from_address(a).to_wire().lower() for a in addresses)
 
     def _add(self, name: dns.name.Name, rdtype: int, rdata: dns.rdata.Rdata) -> None:
         rdatas = self._nodes.setdefault(name, {}).setdefault(rdtype, [])
@@ -118,7 +121,7 @@ class Zone:
     def covers(self, qname: bytes) -> bool:
         """Whether a name (in lowercase wire form) is one answer() may answer:
         under the domain, or the reverse name of a mesh address."""
-        if qname in self._reverse_wire:
+        if qname in self._reverse:
             return True
         if not qname.endswith(self._origin_wire):
             return False
@@ -131,8 +134,9 @@ class Zone:
         """The local answer, or None when the question is not ours to answer."""
         if qclass != dns.rdataclass.IN:
             return None
-        if qname in self._reverse:
-            return self._reverse_answer(qname, qtype)
+        pointers = self._reverse.get(qname.to_wire().lower())
+        if pointers is not None:
+            return self._reverse_answer(qname, qtype, pointers)
         if not qname.is_subdomain(self._origin):
             return None
         if qname not in self._existing:
@@ -144,12 +148,12 @@ class Zone:
             return Answer(dns.rcode.NOERROR, authority=(self._soa,), authoritative=True)
         return Answer(dns.rcode.NOERROR, answer=answer, additional=self._srv_glue(answer), authoritative=True)
 
-    def _reverse_answer(self, qname: dns.name.Name, qtype: int) -> Answer:
+    def _reverse_answer(self, qname: dns.name.Name, qtype: int, pointers: list[dns.rdata.Rdata]) -> Answer:
         if qtype not in (dns.rdatatype.PTR, dns.rdatatype.ANY):
             return Answer(dns.rcode.NOERROR, authoritative=True)
         return Answer(
             dns.rcode.NOERROR,
-            answer=(self._rrset(qname, dns.rdatatype.PTR, self._reverse[qname]),),
+            answer=(self._rrset(qname, dns.rdatatype.PTR, pointers),),
             authoritative=True,
         )
 
