@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -76,7 +77,7 @@ class TunIoActor(Actor):
             self.routes, self.route_key = worker_routes(prefixes), key
             self.prefixes = {p.public_key: p.allowed_ips for p in settings.peers}
             self.steer_due = False
-            self._steer(prefixes)
+            self._steer(settings.peers, workers)
 
     def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
         """The changed peers' routes at once; the steering program, which holds every route, on the
@@ -93,26 +94,22 @@ class TunIoActor(Actor):
         self.route_key = None  # a whole configuration compares anew
         self.steer_due = True
 
-    def _steer(self, prefixes: list[tuple[Network, int]]) -> None:
+    def _steer(self, peers: Sequence[PeerSettings], workers: int) -> None:
         """Have the kernel queue each outgoing packet on its owner's queue (the supervisor
         holds queue k for crypto worker k). Without it tun-io reads and hands packets on.
-        The program is made and checked by the kernel's verifier on a thread of its own, which
-        takes a second for thousands of routes, while the loop goes on (heartbeats, packets): a
-        few routes' program is waited for, and attached at once."""
+        The program is made, and checked by the kernel's verifier, on a thread of its own:
+        for thousands of routes making it takes 0.1 s and verifying it a second, while the
+        loop goes on (heartbeats, packets, a one-peer change's step); a few routes' program
+        is waited for, and attached at once."""
         assert self.tun is not None
         if not self.tun.multi_queue:
             return
         if self._loading is not None:
             self.steer_due = True  # one is being made: this one after it
             return
-        try:
-            program = steering.program(prefixes, default=0)
-        except ValueError as err:
-            self._no_steering(err)
-            return
-        self._loading = self._loader.submit(load_socket_filter, program, "meshsup_steer")
-        self._routes_loading = len(prefixes)
-        if len(prefixes) <= STEER_AT_ONCE:
+        self._loading = self._loader.submit(_steering_filter, peers, workers)
+        self._routes_loading = sum(len(p.allowed_ips) for p in peers)
+        if self._routes_loading <= STEER_AT_ONCE:
             self._attach_steering(wait=True)
 
     def _attach_steering(self, wait: bool = False) -> None:
@@ -189,10 +186,16 @@ class TunIoActor(Actor):
         self._attach_steering()
         if self.steer_due and self._loading is None and self.running is not None and self.tun is not None:
             self.steer_due = False
-            self._steer(worker_prefixes(self.running.peers, self.running.actors.crypto))
+            self._steer(self.running.peers, self.running.actors.crypto)
 
     def close(self) -> None:
         self.flows.close()
         self._loader.shutdown(wait=False, cancel_futures=True)
         if self.tun is not None:
             self.tun.close()
+
+
+def _steering_filter(peers: Sequence[PeerSettings], workers: int) -> int:
+    """The steering program of these peers' routes, made and loaded (its fd); ValueError if the
+    routes do not fit one program. Run on the loader's thread."""
+    return load_socket_filter(steering.program(worker_prefixes(peers, workers), default=0), "meshsup_steer")
