@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from meshsup.actors.base import Actor, ConfigError
@@ -77,7 +78,7 @@ class TunIoActor(Actor):
             self.routes, self.route_key = worker_routes(prefixes), key
             self.prefixes = {p.public_key: p.allowed_ips for p in settings.peers}
             self.steer_due = False
-            self._steer(settings.peers, workers)
+            self._steer(lambda: prefixes, len(prefixes))
 
     def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
         """The changed peers' routes at once; the steering program, which holds every route, on the
@@ -94,7 +95,7 @@ class TunIoActor(Actor):
         self.route_key = None  # a whole configuration compares anew
         self.steer_due = True
 
-    def _steer(self, peers: Sequence[PeerSettings], workers: int) -> None:
+    def _steer(self, prefixes: Callable[[], list[tuple[Network, int]]], routes: int) -> None:
         """Have the kernel queue each outgoing packet on its owner's queue (the supervisor
         holds queue k for crypto worker k). Without it tun-io reads and hands packets on.
         The program is made, and checked by the kernel's verifier, on a thread of its own:
@@ -107,8 +108,8 @@ class TunIoActor(Actor):
         if self._loading is not None:
             self.steer_due = True  # one is being made: this one after it
             return
-        self._loading = self._loader.submit(_steering_filter, peers, workers)
-        self._routes_loading = sum(len(p.allowed_ips) for p in peers)
+        self._loading = self._loader.submit(_steering_filter, prefixes)
+        self._routes_loading = routes
         if self._routes_loading <= STEER_AT_ONCE:
             self._attach_steering(wait=True)
 
@@ -186,7 +187,8 @@ class TunIoActor(Actor):
         self._attach_steering()
         if self.steer_due and self._loading is None and self.running is not None and self.tun is not None:
             self.steer_due = False
-            self._steer(self.running.peers, self.running.actors.crypto)
+            peers, workers = self.running.peers, self.running.actors.crypto
+            self._steer(partial(worker_prefixes, peers, workers), sum(len(p.allowed_ips) for p in peers))
 
     def close(self) -> None:
         self.flows.close()
@@ -195,7 +197,7 @@ class TunIoActor(Actor):
             self.tun.close()
 
 
-def _steering_filter(peers: Sequence[PeerSettings], workers: int) -> int:
-    """The steering program of these peers' routes, made and loaded (its fd); ValueError if the
-    routes do not fit one program. Run on the loader's thread."""
-    return load_socket_filter(steering.program(worker_prefixes(peers, workers), default=0), "meshsup_steer")
+def _steering_filter(prefixes: Callable[[], list[tuple[Network, int]]]) -> int:
+    """The steering program of these routes (worked out here, on the loader's thread, when a tick
+    asks: thousands take a while), made and loaded (its fd); ValueError if they do not fit one program."""
+    return load_socket_filter(steering.program(prefixes(), default=0), "meshsup_steer")
