@@ -147,11 +147,12 @@ def test_node_runs_under_its_units_capabilities(tmp_path: Path, netns: Callable[
     node = Node(tmp_path, netns=netns(), faults=False, wrapper=sandbox(NODE_UNIT))
     try:
         status = node.wait_ready()
-        assert {a["name"]: (a["state"], a["restarts"]) for a in status["actors"]}.items() >= {
+        states = {a["name"]: (a["state"], a["restarts"]) for a in status["actors"]}
+        assert states.items() >= {
             ("dns-0", ("running", 0)),
             ("netlog", ("running", 0)),
             ("router", ("running", 0)),
-        }
+        }, f"{states}\n{node.stderr()[-3000:]}"
         assert all(a["restarts"] == 0 for a in node.status()["actors"])
         assert "no eBPF queue steering" not in node.stderr()  # CAP_BPF: tun-io loaded its program
     finally:

@@ -125,7 +125,10 @@ def test_min_latency_prefers_the_fast_one_skips_the_dead_and_fails_over_to_the_s
         ),
         what="the probes' verdicts",
     )
-    assert seen[slow_url]["latency_ms"] >= DELAY * 1000 > seen[fast_url]["latency_ms"]
+    # The delay shows in full; the fast one's figure is below the slow one's (not below the delay
+    # itself: on a loaded machine a loopback answer alone has been measured at 55 ms).
+    assert seen[slow_url]["latency_ms"] >= DELAY * 1000
+    assert seen[slow_url]["latency_ms"] > seen[fast_url]["latency_ms"]
 
     took = [ask(ns, f"n{i}.pool.test") for i in range(40)]
     counters = answered(node, 40)
