@@ -42,8 +42,8 @@ from meshsup.actors.netlog.counting import CountsReader, Deliveries
 from meshsup.actors.netlog.daemonlog import LogIntake
 from meshsup.actors.netlog.flows import FlowTable, Record
 from meshsup.actors.netlog.formats import FLOWS, LOGS, RecordFormat
+from meshsup.actors.netlog.mesh import Endpoints, classifier, key_peers
 from meshsup.actors.netlog.mesh import change_peers as change_mesh_peers
-from meshsup.actors.netlog.mesh import classifier, endpoint_peers, key_peers
 from meshsup.actors.netlog.shipper import Sender, Shipper, Wait
 from meshsup.actors.netlog.wal import WindowLog
 from meshsup.actors.settings import PeerSettings, Settings
@@ -67,6 +67,7 @@ class NetlogActor(Actor):
         super().__init__(name, runtime)
         self.settings: NetlogSettings | None = None
         self.reader = CountsReader()
+        self.endpoints = Endpoints()  # the reader's endpoint names, kept peer by peer
         self.deliveries = Deliveries()
         self.table: FlowTable | None = None
         self.window_end = 0.0
@@ -97,7 +98,8 @@ class NetlogActor(Actor):
     # --- configuration ------------------------------------------------------
     def configure(self, node_settings: Settings) -> None:
         settings, node = node_settings.netlog, node_settings.node
-        self.reader.peers = endpoint_peers(node_settings)
+        self.endpoints = Endpoints(node_settings.peers)
+        self.reader.peers = self.endpoints.by_endpoint
         self.reader.key_peers = key_peers(node_settings)
         rules = classifier(node_settings, settings.anonymize_exit)
         now = time.time()
@@ -133,7 +135,7 @@ class NetlogActor(Actor):
             return
         keys = {*removed, *(p.public_key for p in changed)}
         gone = [p for p in self.running.peers if p.public_key in keys]
-        change_mesh_peers(self.reader, self.table.classifier, gone, changed)
+        change_mesh_peers(self.reader, self.endpoints, self.table.classifier, gone, changed)
         self.table.set_classifier(self.table.classifier)  # what it routed before is not kept
 
     def _shipper(

@@ -4,6 +4,7 @@ subnets behind peers, which endpoint (or relayed key) is which peer."""
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 
 from meshsup.actors.netlog.counting import CountsReader
 from meshsup.actors.netlog.flows import Classifier, format_endpoint
@@ -33,12 +34,39 @@ def peer_networks(peer: PeerSettings) -> tuple[list[IPNetwork], list[IPNetwork]]
     return mesh, subnets
 
 
+class Endpoints:
+    """Each configured endpoint ("host:port") -> its peer's mesh address as "ip:0", kept peer by
+    peer. Two peers may name one endpoint (a stale entry, two peers behind one NAT mapping): the
+    lower address is reported whatever the order they came in, and removing either leaves the
+    other's."""
+
+    def __init__(self, peers: Iterable[PeerSettings] = ()) -> None:
+        self.by_endpoint: dict[str, str] = {}
+        self._owners: dict[str, tuple[tuple[bytes, str], ...]] = {}  # endpoint -> (key, address) of each peer
+        for peer in peers:
+            self.add(peer)
+
+    def add(self, peer: PeerSettings) -> None:
+        for endpoint, address in peer_endpoints(peer).items():
+            owners = tuple(o for o in self._owners.get(endpoint, ()) if o[0] != peer.public_key)
+            self._set(endpoint, (*owners, (peer.public_key, address)))
+
+    def remove(self, peer: PeerSettings) -> None:
+        for endpoint in peer_endpoints(peer):
+            self._set(endpoint, tuple(o for o in self._owners.get(endpoint, ()) if o[0] != peer.public_key))
+
+    def _set(self, endpoint: str, owners: tuple[tuple[bytes, str], ...]) -> None:
+        if owners:
+            self._owners[endpoint] = owners
+            self.by_endpoint[endpoint] = min(address for _, address in owners)
+        else:
+            self._owners.pop(endpoint, None)
+            self.by_endpoint.pop(endpoint, None)
+
+
 def endpoint_peers(settings: Settings) -> dict[str, str]:
-    """Each configured endpoint ("host:port") -> its peer's mesh address as "ip:0", IPv4 first."""
-    out = {}
-    for peer in settings.peers:
-        out.update(peer_endpoints(peer))
-    return out
+    """Each configured endpoint -> its peer's mesh address (``Endpoints``), built from all the peers."""
+    return Endpoints(settings.peers).by_endpoint
 
 
 def peer_endpoints(peer: PeerSettings) -> dict[str, str]:
@@ -60,18 +88,21 @@ def peer_address(peer: PeerSettings) -> str | None:
 
 
 def change_peers(
-    reader: CountsReader, rules: Classifier, gone: list[PeerSettings], changed: list[PeerSettings]
+    reader: CountsReader,
+    endpoints: Endpoints,
+    rules: Classifier,
+    gone: list[PeerSettings],
+    changed: list[PeerSettings],
 ) -> None:
-    """The `gone` peers (as they were) out of the reader's endpoints and keys and out of the rules,
+    """The `gone` peers (as they were) out of the endpoints, the reader's keys and the rules,
     the `changed` ones (as they are now) in: what building them from all the peers anew would give,
     at the cost of these peers alone. The rules change in place: what they routed is forgotten."""
     for old in gone:
-        for endpoint in peer_endpoints(old):
-            reader.peers.pop(endpoint, None)
+        endpoints.remove(old)
         reader.key_peers.pop(old.public_key, None)
         rules.remove(*peer_networks(old))
     for peer in changed:
-        reader.peers.update(peer_endpoints(peer))
+        endpoints.add(peer)
         if (address := peer_address(peer)) is not None:
             reader.key_peers[peer.public_key] = address
         rules.add(*peer_networks(peer))

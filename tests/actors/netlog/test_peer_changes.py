@@ -8,7 +8,7 @@ import ipaddress
 import random
 
 from meshsup.actors.netlog.counting import CountsReader
-from meshsup.actors.netlog.mesh import change_peers, classifier, endpoint_peers, key_peers
+from meshsup.actors.netlog.mesh import Endpoints, change_peers, classifier, endpoint_peers, key_peers
 from meshsup.actors.settings import PeerSettings, Settings
 
 from .test_counting import config
@@ -30,8 +30,8 @@ def random_peer(rng: random.Random, template: PeerSettings, serial: int, key: by
         name=f"peer{serial}",
         public_key=key or rng.randbytes(32),
         allowed_ips=tuple(rng.sample(NETWORKS, rng.randint(0, 4))),
-        # One endpoint one peer's, as the configuration has them.
-        endpoints=(("198.51.100.7", 20000 + serial),) if rng.random() < 0.8 else (),
+        # From a small pool too: one peer going must leave another's entry for a shared endpoint.
+        endpoints=(("198.51.100.7", 20000 + rng.randrange(6)),) if rng.random() < 0.8 else (),
     )
 
 
@@ -51,7 +51,8 @@ def test_one_peer_changes_leave_the_tables_a_rebuild_makes() -> None:
     rng = random.Random(18)
     settings = config()
     reader = CountsReader()
-    reader.peers, reader.key_peers = endpoint_peers(settings), key_peers(settings)
+    endpoints = Endpoints(settings.peers)
+    reader.peers, reader.key_peers = endpoints.by_endpoint, key_peers(settings)
     rules = classifier(settings, anonymize_exit=True)
     probes = [
         ipaddress.ip_address(a)
@@ -62,7 +63,7 @@ def test_one_peer_changes_leave_the_tables_a_rebuild_makes() -> None:
         keys = {*removed, *(p.public_key for p in changed)}
         gone = [p for p in settings.peers if p.public_key in keys]
         settings = settings.with_peers(changed, removed)
-        change_peers(reader, rules, gone, changed)
+        change_peers(reader, endpoints, rules, gone, changed)
 
         rebuilt = classifier(settings, anonymize_exit=True)
         assert (rules.mesh, rules.subnets) == (rebuilt.mesh, rebuilt.subnets)
