@@ -84,7 +84,7 @@ class Actor:
             lambda: self.count_drop("oversized", "data message"),
         )
         self.events = self.ctx.socket(zmq.PUB)
-        self.events.connect(runtime.events_in)
+        self.events.connect(runtime.publish_to)
         self.subscriptions = self.ctx.socket(zmq.SUB)
         self.subscriptions.connect(runtime.events_out)
         self.bind_runtime()

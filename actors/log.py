@@ -63,9 +63,12 @@ class LogPush:
         return event
 
 
-def log_endpoint(runtime: Runtime) -> str:
-    """netlog's PULL socket for the log events of every process of the node."""
-    return f"ipc://{runtime.dir / 'logs.sock'}"
+def log_endpoint(runtime: Runtime, unprivileged: bool | None = None) -> str:
+    """netlog's PULL socket for the log events of the node's processes: one root's alone, one the
+    unprivileged actors reach, whose lines may name none but an unprivileged actor (else a DNS
+    worker taken over could write the router's logs). By default, the one this process uses."""
+    own = runtime.drop is not None if unprivileged is None else unprivileged
+    return f"ipc://{runtime.dir / ('logs-u.sock' if own else 'logs.sock')}"
 
 
 def setup(actor: str, runtime: Runtime | None = None) -> structlog.stdlib.BoundLogger:

@@ -1,8 +1,9 @@
 """The supervisor's end of the bus: the control sockets every actor's DEALER
 connects to (one for the actors running as root, one for the unprivileged
 ones), requests to actors with acks and deadlines, counted drops of bad
-frames, and the event proxy (XSUB/XPUB). All pumped from the supervisor's
-one poll loop.
+frames, and the event proxy (XSUB/XPUB: the root actors publish on a socket
+of root's, the unprivileged ones on their own, from which only the topics
+they may publish pass). All pumped from the supervisor's one poll loop.
 
 An actor is known on its control socket by an identity the supervisor makes
 for each launch (`admit`): random, handed to the process at its fork, never
@@ -26,11 +27,13 @@ import zmq
 
 from meshsup.actors.bus.codec import DecodeError, Message, decode, encode
 from meshsup.actors.bus.endpoints import Runtime, grant
-from meshsup.actors.bus.messages import Ack
+from meshsup.actors.bus.messages import Ack, NameLearned
 from meshsup.actors.log import RateLimited
 from meshsup.actors.registry import kind_of, unprivileged
 
 REQUEST_TIMEOUT = 5.0  # deadline for an actor's ack
+# What an unprivileged actor may publish: the names DNS learned (for `meshsup` CLIs that watch them).
+UNPRIVILEGED_TOPICS = frozenset({NameLearned.TAG.encode()})
 
 A = TypeVar("A")
 
@@ -62,9 +65,11 @@ class Hub:
         self.control = bind(ctx, zmq.ROUTER, runtime.control)
         self.unprivileged = bind(ctx, zmq.ROUTER, runtime.unprivileged_control)
         self.xsub = bind(ctx, zmq.XSUB, runtime.events_in)
+        self.unprivileged_xsub = bind(ctx, zmq.XSUB, runtime.unprivileged_events_in)
         self.xpub = bind(ctx, zmq.XPUB, runtime.events_out)
-        grant(runtime.control, unprivileged=False)
-        for endpoint in (runtime.unprivileged_control, runtime.events_in, runtime.events_out):
+        for endpoint in (runtime.control, runtime.events_in):
+            grant(endpoint, unprivileged=False)
+        for endpoint in (runtime.unprivileged_control, runtime.unprivileged_events_in, runtime.events_out):
             grant(endpoint, unprivileged=True)
 
     @property
@@ -83,14 +88,27 @@ class Hub:
         self._routes[actor], self._senders[identity] = identity, actor
         return identity
 
+    @property
+    def event_sockets(self) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket]:
+        return self.xsub, self.unprivileged_xsub, self.xpub
+
     def pump(self, src: zmq.Socket) -> None:
-        """The event proxy: what came in on one side out on the other."""
-        dst = self.xpub if src is self.xsub else self.xsub
+        """The event proxy: events out to the subscribers, subscriptions back to the publishers. Of
+        the unprivileged publishers' events only UNPRIVILEGED_TOPICS pass: a DNS worker taken over
+        must not tell the crypto workers a link changed."""
         for _ in range(1024):
             try:
-                dst.send_multipart(src.recv_multipart(zmq.NOBLOCK), zmq.NOBLOCK)
+                frames = src.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if src is self.unprivileged_xsub and frames[0] not in UNPRIVILEGED_TOPICS:
+                self.count_drop("unprivileged_topic", frames[0].decode(errors="replace"))
+                continue
+            for dst in (self.xsub, self.unprivileged_xsub) if src is self.xpub else (self.xpub,):
+                try:
+                    dst.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    self.count_drop("events_full", frames[0][:64].decode(errors="replace"))
 
     def count_drop(self, reason: str, detail: str) -> None:
         self.bus_dropped[reason] = self.bus_dropped.get(reason, 0) + 1

@@ -146,7 +146,7 @@ class Supervisor:
 
     def _poll(self, timeout: float) -> None:
         poller = zmq.Poller()
-        for s in (*self.hub.controls, self.cli.socket, self.hub.xsub, self.hub.xpub):
+        for s in (*self.hub.controls, self.cli.socket, *self.hub.event_sockets):
             poller.register(s, zmq.POLLIN)
         poller.register(self.signal_r, zmq.POLLIN)
         sentinels = self.tree.sentinels()
@@ -159,7 +159,7 @@ class Supervisor:
                 self.hub.drain_control(sock, self.tree.actors, self.tree.on_actor_message)
             elif sock is self.cli.socket:
                 self.cli.drain()
-            elif sock is self.hub.xsub or sock is self.hub.xpub:
+            elif sock in self.hub.event_sockets:
                 self.hub.pump(sock)
             elif sock == self.signal_r:
                 self._on_signals()

@@ -79,7 +79,19 @@ class Runtime:
 
     @property
     def events_in(self) -> str:
+        """Where the root actors publish events (root's alone)."""
         return self._ipc("events-in.sock")
+
+    @property
+    def unprivileged_events_in(self) -> str:
+        """Where the unprivileged actors publish: apart, so that the hub passes on only what such
+        an actor may say (supervisor.hub.UNPRIVILEGED_TOPICS), never a root actor's event."""
+        return self._ipc("events-u.sock")
+
+    @property
+    def publish_to(self) -> str:
+        """This process's place to publish events: an actor that dropped root has only its own."""
+        return self.events_in if self.drop is None else self.unprivileged_events_in
 
     @property
     def events_out(self) -> str:

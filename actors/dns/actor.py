@@ -133,7 +133,7 @@ class DnsActor(Actor):
         self.intercept_socks, self.intercept_problems = open_intercept_sockets()
 
     async def _open_learned_events(self) -> LearnedEvents:
-        return LearnedEvents(self.ctx, self.runtime.events_in)
+        return LearnedEvents(self.ctx, self.runtime.publish_to)
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(START_TIMEOUT)

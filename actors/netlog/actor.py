@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -46,6 +47,7 @@ from meshsup.actors.netlog.mesh import Endpoints, classifier, key_peers
 from meshsup.actors.netlog.mesh import change_peers as change_mesh_peers
 from meshsup.actors.netlog.shipper import Sender, Shipper, Wait
 from meshsup.actors.netlog.wal import WindowLog
+from meshsup.actors.registry import KINDS, kind_of, unprivileged
 from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.actors.settings.collectors import CollectorConfig
 from meshsup.actors.settings.keys import b64
@@ -90,10 +92,13 @@ class NetlogActor(Actor):
         self.add_reader(self.wake_r, self.count_pending)
 
     def bind_runtime(self) -> None:
-        self.log_inbox = self.ctx.socket(zmq.PULL)
-        self.log_inbox.setsockopt(zmq.RCVHWM, 4096)
-        self.log_inbox.bind(log_endpoint(self.runtime))  # read once configured; lines wait till then
-        grant(log_endpoint(self.runtime), unprivileged=True)  # DNS logs too
+        self.log_inboxes: dict[zmq.Socket, Callable[[str], bool]] = {}  # each, and whom its lines may name
+        for apart, may_name in ((False, _anyone), (True, _unprivileged_actor)):
+            inbox = self.ctx.socket(zmq.PULL)
+            inbox.setsockopt(zmq.RCVHWM, 4096)
+            inbox.bind(log_endpoint(self.runtime, apart))  # read once configured; lines wait till then
+            grant(log_endpoint(self.runtime, apart), apart)
+            self.log_inboxes[inbox] = may_name
 
     # --- configuration ------------------------------------------------------
     def configure(self, node_settings: Settings) -> None:
@@ -115,7 +120,8 @@ class NetlogActor(Actor):
             self.log_shipper = self._shipper(settings.log_collectors, "logs", LOGS, node.name)
         self.intake.min_level = LEVELS[settings.log_level]
         if old is None:
-            self.add_reader(self.log_inbox, self.on_log_lines)
+            for inbox in self.log_inboxes:
+                self.add_reader(inbox, partial(self.on_log_lines, inbox))
         self.settings = settings
         if self.table is None:
             self.table = FlowTable(b64(node.public_key), rules, self.wal_start, settings.max_record_bytes)
@@ -218,11 +224,11 @@ class NetlogActor(Actor):
                 self.table.note_dropped(len(records))
 
     # --- the node's logs ------------------------------------------------------
-    def on_log_lines(self) -> None:
-        now = time.time()
+    def on_log_lines(self, inbox: zmq.Socket) -> None:
+        now, may_name = time.time(), self.log_inboxes[inbox]
         for _ in range(LOG_BUDGET):
             try:
-                frame = self.log_inbox.recv(zmq.NOBLOCK)
+                frame = inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -233,7 +239,7 @@ class NetlogActor(Actor):
             if not isinstance(msg, LogLine):
                 self.count_drop("unexpected_type", msg.TAG)
             elif self.log_shipper is not None:
-                record = self.intake.feed(msg.seq, msg.line, now)
+                record = self.intake.feed(msg.seq, msg.line, now, may_name)
                 if record is not None:
                     self.log_records.append(record)
 
@@ -294,6 +300,7 @@ class NetlogActor(Actor):
             log_lines=self.intake.counters.received,
             log_lines_lost=self.intake.counters.lost,
             log_lines_rate_limited=self.intake.counters.rate_limited,
+            log_lines_impersonating=self.intake.counters.impersonating,
         )
         collectors = []
         for what, shipper in (("flows", self.flow_shipper), ("logs", self.log_shipper)):
@@ -324,3 +331,14 @@ class NetlogActor(Actor):
         self.wal.close()
         os.close(self.wake_r)
         os.close(self.wake_w)
+
+
+def _anyone(actor: str) -> bool:
+    return True
+
+
+def _unprivileged_actor(actor: str) -> bool:
+    """Whether `actor` names an actor that runs unprivileged (what the unprivileged log socket's
+    senders may speak for)."""
+    kind = kind_of(actor)
+    return kind in KINDS and unprivileged(kind)

@@ -10,6 +10,7 @@ sequence, or the rate limit), as flow records carry it.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshsup.actors.netlog.flows import Record
@@ -31,6 +32,7 @@ class IntakeCounters:
     malformed: int = 0  # not a JSON object: dropped
     filtered: int = 0  # below the configured level
     lost: int = 0  # gaps in the senders' sequences: dropped on the way here
+    impersonating: int = 0  # naming an actor its sender may not speak for: dropped
     rate_limited: int = 0
 
 
@@ -46,8 +48,11 @@ class LogIntake:
         self._next_seq: dict[tuple[str, int], int] = {}  # (process name, pid) -> next sequence number
         self._pending_dropped = 0
 
-    def feed(self, seq: int, line: str, now: float) -> Record | None:
-        """The record for one line, or None when it is dropped or filtered (counted)."""
+    def feed(
+        self, seq: int, line: str, now: float, may_name: Callable[[str], bool] = lambda actor: True
+    ) -> Record | None:
+        """The record for one line, or None when it is dropped or filtered (counted). `may_name`
+        says which actors the line's sender may speak for (its "actor" field)."""
         self.counters.received += 1
         try:
             event = json.loads(line)
@@ -55,6 +60,9 @@ class LogIntake:
             event = None
         if not isinstance(event, dict):
             self.counters.malformed += 1
+            return None
+        if not may_name(str(event.get("actor", ""))):
+            self.counters.impersonating += 1
             return None
         self._note_sequence(event, seq)
         if LEVELS[level_of(event)] < self.min_level:

@@ -14,7 +14,7 @@ import zmq
 
 from meshsup.actors.bus.codec import Message, decode, encode
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.bus.messages import Heartbeat, Stop
+from meshsup.actors.bus.messages import Heartbeat, LinkChanged, NameLearned, Stop
 from meshsup.supervisor.hub import Hub
 
 
@@ -99,3 +99,34 @@ def test_a_live_identity_is_not_handed_over_and_a_dead_one_is_not_heard(bus: tup
     assert received(copy, 200) == []
     netlog.send(beat(4))
     assert [(a, m.seq) for a, m in pump(hub, lambda h: h, "netlog heard again")] == [("netlog", 4)]
+
+
+def test_an_unprivileged_publisher_may_announce_learned_names_and_nothing_else(
+    bus: tuple[zmq.Context, Runtime, Hub],
+) -> None:
+    """A DNS worker taken over must not make the crypto workers and magicsock believe a link
+    changed: only root reaches the root actors' event socket, and of what arrives on the
+    unprivileged one only learned names pass."""
+    ctx, runtime, hub = bus
+    assert Path(runtime.events_in.removeprefix("ipc://")).stat().st_mode & 0o777 == 0o600
+    assert Path(runtime.unprivileged_events_in.removeprefix("ipc://")).stat().st_mode & 0o777 == 0o660
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(runtime.events_out)
+    root, dns = ctx.socket(zmq.PUB), ctx.socket(zmq.PUB)
+    root.connect(runtime.events_in)
+    dns.connect(runtime.unprivileged_events_in)
+    forged, real = LinkChanged(interface="forged", change="link"), LinkChanged(interface="wg0", change="link")
+    learned = NameLearned(name="host.example.", addresses=["203.0.113.9"])
+    heard: list[Message] = []
+    deadline = time.monotonic() + 10
+    while not (real in heard and learned in heard and hub.bus_dropped.get("unprivileged_topic")):
+        assert time.monotonic() < deadline, (heard, hub.bus_dropped)
+        dns.send_multipart([LinkChanged.TAG.encode(), encode(forged)])
+        dns.send_multipart([NameLearned.TAG.encode(), encode(learned)])
+        root.send_multipart([LinkChanged.TAG.encode(), encode(real)])
+        for s in hub.event_sockets:
+            hub.pump(s)
+        while sub.poll(20):
+            heard.append(decode(sub.recv_multipart()[1]))
+    assert forged not in heard

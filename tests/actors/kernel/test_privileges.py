@@ -26,7 +26,7 @@ import zmq
 from meshsup.actors.base import Actor
 from meshsup.actors.bus.codec import Message, encode
 from meshsup.actors.bus.endpoints import Runtime
-from meshsup.actors.bus.messages import FlowCountsAck, Heartbeat, LinkChanged, PacketBatch
+from meshsup.actors.bus.messages import FlowCountsAck, Heartbeat, LinkChanged, LogLine, PacketBatch
 from meshsup.actors.kernel.files import UnsafePath
 from meshsup.actors.kernel.privileges import CAP_NET_BIND_SERVICE, USER, Account
 from meshsup.actors.registry import EXIT_NO_DROP, KINDS, START_ORDER, settings_for
@@ -445,10 +445,20 @@ def test_dns_and_netlog_run_unprivileged_hold_no_keys_and_still_work(
     # DNS's user may neither signal netlog (0 asks the kernel whether it may: SIGSTOP's check)
     # nor reach its spool.
     netlog_pid, spool_dir = node.actors()["netlog"]["pid"], os.open(spool, os.O_PATH | os.O_DIRECTORY)
+    run_dir = os.open(node.state_dir / "run", os.O_PATH | os.O_DIRECTORY)
 
     def refused() -> None:
         with pytest.raises(PermissionError):
             os.kill(netlog_pid, 0)
+        # Root's event and log sockets: it may not announce a link change, nor write root's logs.
+        for name in ("events-in.sock", "logs.sock"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, pytest.raises(PermissionError):
+                s.connect(f"/proc/self/fd/{run_dir}/{name}")
+        # On its own log socket, a line in the router's name is dropped.
+        with zmq.Context() as ctx, ctx.socket(zmq.PUSH) as push:
+            push.connect(f"ipc:///proc/self/fd/{run_dir}/logs-u.sock")
+            push.send(encode(LogLine(seq=0, line=json.dumps({"event": "route added", "actor": "router"}))))
+            push.setsockopt(zmq.LINGER, 5000)
         for path in [spool, *spooled]:
             with pytest.raises(PermissionError):
                 open(f"/proc/self/fd/{spool_dir}/{path.relative_to(spool)}", "rb")
@@ -459,6 +469,8 @@ def test_dns_and_netlog_run_unprivileged_hold_no_keys_and_still_work(
         run_as(accounts["dns"], refused)
     finally:
         os.close(spool_dir)
+        os.close(run_dir)
+    node.wait(lambda: node.counters()["netlog"].get("log_lines_impersonating") == 1, what="the forged line dropped")
 
     # Restarted (forked from the root fork server again), they drop again.
     for name in ("dns-0", "netlog"):
