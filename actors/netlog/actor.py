@@ -317,7 +317,8 @@ class NetlogActor(Actor):
         self.inbox.drain()
         self.count_pending(budget=float("inf"))
         if self.settings is not None:
-            self.on_log_lines()
+            for inbox in self.log_inboxes:
+                self.on_log_lines(inbox)
         now = time.time()
         if self.table is not None:
             self._close_window(now)
