@@ -17,10 +17,13 @@ INSN: Final = struct.Struct("<BBhi")
 # Instruction classes, sizes, modes and operations.
 LD, LDX, ST, STX, ALU, JMP, JMP32, ALU64 = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
 W, H, B, DW = 0x00, 0x08, 0x10, 0x18
-ABS, MEM = 0x20, 0x60
+IMM, MEM = 0x00, 0x60
 K, X = 0x00, 0x08
 AND, RSH, MOV = 0x50, 0x70, 0xB0
-JA, JEQ, JNE, JLT, CALL, EXIT = 0x00, 0x10, 0x50, 0xA0, 0x80, 0x90
+JA, JEQ, JNE, CALL, EXIT = 0x00, 0x10, 0x50, 0x80, 0x90
+# src_reg of a 64-bit immediate load that names a map by its fd (BPF_PSEUDO_MAP_FD):
+# the kernel puts the map's address in its place when it loads the program.
+PSEUDO_MAP_FD: Final = 1
 
 # Registers: r0 result, r1-r5 arguments (clobbered by calls), r6-r9 kept
 # across calls, r10 the read-only frame pointer.
@@ -63,6 +66,16 @@ class Assembler:
     def add_imm(self, dst: int, value: int) -> None:
         self.emit(ALU64 | 0x00 | K, dst, imm=value)  # BPF_ADD is 0x00
 
+    def rsh_imm(self, dst: int, bits: int) -> None:
+        """``dst >>= bits`` (logical, 64-bit)."""
+        self.emit(ALU64 | RSH | K, dst, imm=bits)
+
+    def ld_map_fd(self, dst: int, map_fd: int) -> None:
+        """``dst = the map map_fd refers to``: a 64-bit immediate load, which takes
+        two instruction slots (the second holds the immediate's upper half, 0)."""
+        self.emit(LD | IMM | DW, dst, PSEUDO_MAP_FD, imm=map_fd)
+        self.emit(0)
+
     def load(self, size: int, dst: int, base: int, off: int) -> None:
         """``dst = *(u<size*8> *)(base + off)``, zero-extended."""
         self.emit(LDX | MEM | SIZES[size], dst, base, off)
@@ -93,9 +106,13 @@ class Assembler:
     def label(self, name: str) -> None:
         self._labels[name] = len(self._insns)
 
+    def exit(self) -> None:
+        """Return r0."""
+        self.emit(JMP | EXIT)
+
     def ret(self, value: int) -> None:
         self.mov_imm(R0, value)
-        self.emit(JMP | EXIT)
+        self.exit()
 
     def assemble(self) -> bytes:
         out = bytearray()

@@ -4,14 +4,21 @@ Each crypto worker reads its own queue of the multi-queue TUN. The kernel runs
 a steering program (attached with TUNSETSTEERINGEBPF, see ``bpf.syscall``) on
 every packet the stack sends into the TUN and queues the packet on
 ``(u16)return_value % numqueues`` (drivers/net/tun.c, tun_ebpf_select_queue).
-``program`` builds that program from the route table: the longest prefix
-holding the packet's destination names the worker that owns the peer.
+
+The program is fixed, built once whatever the routes: it looks the packet's
+destination up in one of two BPF LPM-trie maps, IPv4 and IPv6, each holding
+prefix -> worker (``key``, ``value``), and returns the worker of the longest
+prefix holding it; a packet whose destination matches none, that is not IPv4
+or IPv6, or that is too short for its IP header goes to ``default``. The
+routes live in the maps alone, so a change of routes is a change of map
+entries (tun-io's), never a new program, and any number of routes fits.
 
 The packet is bare L3 (IFF_TUN): byte 0 holds the IP version; the IPv4
-destination is at offset 16, the IPv6 destination at offset 24 (actors.wire.ip). Socket filters
-may not read packet memory directly, so the program uses the legacy
-BPF_LD|BPF_ABS loads, which read through the context in r6 and return words in
-host byte order: an address word compares as the plain integer.
+destination is at offset 16, the IPv6 destination at offset 24
+(actors.wire.ip). ``bpf_skb_load_bytes`` copies it to the stack in network
+order, as an LPM key holds its address, and fails on a packet too short to
+hold it (where a BPF_ABS load past the end would end the program returning 0:
+queue 0, not ``default``).
 
 Sans-IO: bytes out, nothing loaded here (the assembler is ``bpf.asm``).
 """
@@ -19,122 +26,89 @@ Sans-IO: bytes out, nothing loaded here (the assembler is ``bpf.asm``).
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Sequence
+import struct
 from typing import Final
 
-from meshsup.actors.wire.ip import IPV4_DST, IPV4_HEADER_MIN, IPV6_DST, IPV6_HEADER
-from meshsup.bpf.asm import (
-    ABS,
-    ALU,
-    AND,
-    JEQ,
-    JLT,
-    JNE,
-    LD,
-    LDX,
-    MEM,
-    R0,
-    R1,
-    R6,
-    R7,
-    R10,
-    RSH,
-    STX,
-    Assembler,
-    B,
-    K,
-    W,
-    s32,
-)
+from meshsup.actors.wire.ip import IPV4_DST, IPV6_DST
+from meshsup.bpf.asm import JEQ, JNE, R0, R1, R2, R3, R4, R6, R10, Assembler
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-Route = tuple[Network, int]
 
 # A TUN has at most this many queues (MAX_TAP_QUEUES); the kernel also cuts
 # the return value to 16 bits, so a larger worker index would wrap silently.
 MAX_QUEUES: Final = 256
 
-# Registers: r6 holds the context for BPF_ABS loads, r7 the packet length
-# (r6-r9 survive the BPF_ABS loads, which clobber r1-r5).
-SKB_LEN: Final = 0  # offsetof(struct __sk_buff, len)
-# The destination's 32-bit words live on the stack at r10-16 .. r10-4.
-_DST_SLOT: Final = -16
+# enum bpf_func_id, from <linux/bpf.h>.
+MAP_LOOKUP_ELEM: Final = 1
+SKB_LOAD_BYTES: Final = 26
 
-_FULL_WORD: Final = 0xFFFFFFFF
+# struct bpf_lpm_trie_key: a u32 prefix length in host order, then the
+# address in network order. The value: the worker, a u32.
+_PREFIXLEN: Final = struct.Struct("=I")
+KEY_SIZE: Final = {4: _PREFIXLEN.size + 4, 6: _PREFIXLEN.size + 16}
+_VALUE: Final = struct.Struct("=I")
+VALUE_SIZE: Final = _VALUE.size
 
-
-def _prefix_words(network: Network) -> Iterator[tuple[int, int]]:
-    """(value, mask) of each 32-bit word the prefix covers, most significant first."""
-    address, bits = int(network.network_address), network.max_prefixlen
-    for start in range(0, network.prefixlen, 32):
-        covered = min(32, network.prefixlen - start)
-        mask = (_FULL_WORD << (32 - covered)) & _FULL_WORD
-        yield (address >> (bits - start - 32)) & mask, mask
+# The stack: the lookup key (its address at _KEY + 4), and the version byte.
+_KEY: Final = -24
+_VERSION: Final = -32
 
 
-def _longest_first(routes: Sequence[Route], version: int) -> list[Route]:
-    # sorted() is stable: among equal prefixes the first route listed wins.
-    family = [r for r in routes if r[0].version == version]
-    return sorted(family, key=lambda r: -r[0].prefixlen)
+def key(network: Network) -> bytes:
+    """The LPM map key of ``network`` (its map is the one of its IP version)."""
+    return _PREFIXLEN.pack(network.prefixlen) + network.network_address.packed
 
 
-def _match_destination(asm: Assembler, routes: list[Route], dst: int, words: int) -> bool:
-    """Copy the destination to the stack, then test each route in turn.
-    Returns whether a packet can fall past the last route."""
-    if not routes:
-        return True
-    for i in range(words):
-        asm.emit(LD | ABS | W, imm=dst + 4 * i)
-        asm.emit(STX | MEM | W, R10, R0, off=_DST_SLOT + 4 * i)
-    tag = f"v{routes[0][0].version}."
-    for n, (network, worker) in enumerate(routes):
-        mismatch = f"{tag}{n}"
-        for i, (value, mask) in enumerate(_prefix_words(network)):
-            asm.emit(LDX | MEM | W, R1, R10, off=_DST_SLOT + 4 * i)
-            if mask != _FULL_WORD:
-                asm.emit(ALU | AND | K, R1, imm=s32(mask))
-            asm.jump32(JNE, R1, value, mismatch)
-        asm.ret(worker)
-        if network.prefixlen == 0:
-            # Matches everything: whatever followed would be unreachable,
-            # and the verifier refuses unreachable instructions.
-            return False
-        asm.label(mismatch)
-    return True
-
-
-def _check_worker(worker: int) -> None:
+def value(worker: int) -> bytes:
+    """The map value that steers to ``worker``; ValueError if no TUN queue has that index."""
     if not 0 <= worker < MAX_QUEUES:
         raise ValueError(f"worker {worker} is not a TUN queue index (0..{MAX_QUEUES - 1})")
+    return _VALUE.pack(worker)
 
 
-def program(routes: Sequence[Route], default: int) -> bytes:
-    """The steering program's instructions (``bpf.asm.INSN`` each, little-endian).
+def _load_bytes(asm: Assembler, off: int, size: int, slot: int) -> None:
+    """Copy ``size`` packet bytes at ``off`` on to the stack at ``slot``; ``default`` if the packet is shorter."""
+    asm.mov(R1, R6)
+    asm.mov_imm(R2, off)
+    asm.mov(R3, R10)
+    asm.add_imm(R3, slot)
+    asm.mov_imm(R4, size)
+    asm.call(SKB_LOAD_BYTES)
+    asm.jump(JNE, R0, 0, "default")
 
-    A packet goes to the worker of the longest prefix in ``routes`` holding
-    its destination (among equal prefixes, the first listed); a packet that
-    matches none, is not IPv4/IPv6, or is too short for its IP header goes to
-    ``default``. Raises ValueError for a worker outside 0..255 or a table so
-    large that a jump no longer fits (thousands of routes).
-    """
-    _check_worker(default)
-    for _, worker in routes:
-        _check_worker(worker)
+
+def _destination(asm: Assembler, dst: slice, map_fd: int) -> None:
+    """The key of a full-length destination read from ``dst``; r1: its family's map."""
+    size = dst.stop - dst.start
+    _load_bytes(asm, dst.start, size, _KEY + _PREFIXLEN.size)
+    asm.store_imm(4, R10, _KEY, size * 8)
+    asm.ld_map_fd(R1, map_fd)
+
+
+def program(v4_map: int, v6_map: int, default: int) -> bytes:
+    """The steering program's instructions (``bpf.asm.INSN`` each, little-endian),
+    reading the LPM maps ``v4_map`` and ``v6_map`` (fds of maps of ``KEY_SIZE``
+    keys and ``VALUE_SIZE`` values; the loaded program holds them). ValueError
+    for a ``default`` that is no queue index."""
+    value(default)
     asm = Assembler()
-    asm.mov(R6, R1)  # BPF_ABS loads read the packet through r6
-    # A BPF_ABS load past the end ends the program returning 0, i.e. queue 0:
-    # check the length first so short packets go to ``default`` instead.
-    asm.emit(LDX | MEM | W, R7, R6, off=SKB_LEN)
-    asm.jump32(JLT, R7, IPV4_HEADER_MIN, "default")
-    asm.emit(LD | ABS | B, imm=0)
-    asm.emit(ALU | RSH | K, R0, imm=4)  # the version nibble
-    asm.jump32(JEQ, R0, 4, "ipv4")
-    asm.jump32(JNE, R0, 6, "default")
-    asm.jump32(JLT, R7, IPV6_HEADER, "default")
-    _match_destination(asm, _longest_first(routes, 6), IPV6_DST.start, 4)
-    asm.label("default")  # unmatched IPv6 falls through to here
-    asm.ret(default)
+    asm.mov(R6, R1)  # the context, kept across helper calls
+    _load_bytes(asm, 0, 1, _VERSION)
+    asm.load(1, R1, R10, _VERSION)
+    asm.rsh_imm(R1, 4)  # the version nibble
+    asm.jump32(JEQ, R1, 4, "ipv4")
+    asm.jump32(JNE, R1, 6, "default")
+    _destination(asm, IPV6_DST, v6_map)
+    asm.goto("lookup")
     asm.label("ipv4")
-    if _match_destination(asm, _longest_first(routes, 4), IPV4_DST.start, 1):
-        asm.ret(default)
+    _destination(asm, IPV4_DST, v4_map)
+    asm.label("lookup")
+    asm.mov(R2, R10)
+    asm.add_imm(R2, _KEY)
+    asm.call(MAP_LOOKUP_ELEM)
+    asm.jump(JEQ, R0, 0, "default")
+    asm.load(4, R0, R0, 0)  # the worker
+    asm.exit()
+    asm.label("default")
+    asm.ret(default)
     return asm.assemble()

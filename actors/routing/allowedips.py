@@ -66,6 +66,11 @@ class AllowedIPs:
         self._reindex(4)
         self._reindex(16)
 
+    def get(self, network: Network | str) -> Hashable | None:
+        """The peer that exact prefix ``network`` is routed to, None if the table lacks it."""
+        size, length, key = self._slot(_network(network))
+        return self._tables[size].get(length, {}).get(key)
+
     def networks(self, peer: Hashable) -> list[Network]:
         """The prefixes routed to ``peer`` (for status and `wg show allowed-ips`)."""
         return sorted(self._by_peer.get(peer, ()), key=lambda n: (n.version, n))

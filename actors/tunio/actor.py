@@ -2,23 +2,23 @@
 
 Each crypto worker reads and writes a TUN queue of its own (the supervisor
 holds queue k for worker k; actors.crypto.direct). tun-io attaches an eBPF
-program (bpf.steering) that queues every outgoing packet on the queue of
-the worker owning its destination: a peer's packets reach their owner with
-no hop, in the kernel's order. What lands on tun-io's own queue (no
-steering on this kernel, a worker without a queue) is read here in
-batches, split by owner and handed on; tun-io writes only for a worker
-that has no queue.
+program (bpf.steering, once per TUN) that queues every outgoing packet on the
+queue of the worker owning its destination: a peer's packets reach their
+owner with no hop, in the kernel's order. The program looks the destination
+up in two BPF LPM-trie maps (queues.QueueSteering) that tun-io keeps equal to
+its own routes, prefix by prefix: a whole configuration writes what differs
+from what the maps hold, a change of peers the changed peers' prefixes alone,
+at once. What lands on tun-io's own queue (no steering on this kernel, a
+worker without a queue) is read here in batches, split by owner and handed
+on; tun-io writes only for a worker that has no queue.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 from meshsup.actors.base import Actor, ConfigError
 from meshsup.actors.bus import batch
@@ -30,11 +30,10 @@ from meshsup.actors.kernel.tun import Tun
 from meshsup.actors.routing.allowedips import AllowedIPs, Network
 from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
 from meshsup.actors.settings import PeerSettings, Settings
-from meshsup.bpf import steering
-from meshsup.bpf.syscall import attach_steering, load_socket_filter
+from meshsup.actors.tunio.queues import QueueSteering
 
 READ_BATCH = 256
-STEER_AT_ONCE = 256  # routes whose program is attached before configure returns (a few ms to verify)
+UNMATCHED_WORKER = 0  # where the steering program queues a packet no prefix holds
 
 
 class TunIoActor(Actor):
@@ -46,14 +45,11 @@ class TunIoActor(Actor):
         self.routes = AllowedIPs()  # destination prefix -> crypto worker index
         self.route_key: Any = None
         self.prefixes: dict[bytes, tuple[Network, ...]] = {}  # each peer's allowed IPs, as routed
-        self.steer_due = False  # the routes changed since the steering program was made
         self.counters: Counter[str] = Counter()
         self.flows = FlowFeed(self, INNER)
-        self.steering = False
+        self.steering: QueueSteering | None = None  # None: the kernel's choice of queue (or a single queue)
         self._steering_refused = False  # said once in the log
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steering")
-        self._loading: Future[int] | None = None  # a steering program being made (its fd)
-        self._routes_loading = 0
+        self._write_refused = False  # likewise
 
     def configure(self, settings: Settings) -> None:
         self.flows.configure(settings)
@@ -69,7 +65,8 @@ class TunIoActor(Actor):
             self.tun = new
             self.add_reader(new.fileno(), self.on_readable)
             self._report_offloads(new)
-            self.route_key = None  # steer the new descriptor's device too
+            self._attach_steering(new)
+            self.route_key = None  # the new maps are empty: write every route
         workers = settings.actors.crypto
         self.outbox.connect([f"crypto-{w}" for w in range(workers)])
         key = (workers, [(p.public_key, p.allowed_ips) for p in settings.peers])
@@ -77,66 +74,59 @@ class TunIoActor(Actor):
             prefixes = worker_prefixes(settings.peers, workers)
             self.routes, self.route_key = worker_routes(prefixes), key
             self.prefixes = {p.public_key: p.allowed_ips for p in settings.peers}
-            self.steer_due = False
-            self._steer(lambda: prefixes, len(prefixes))
+            held = list(self.steering.held) if self.steering is not None else []
+            self._steer([*held, *(network for network, _ in prefixes)])
 
     def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
-        """The changed peers' routes at once; the steering program, which holds every route, on the
-        next tick (one for many changes): until then a packet steered by the old one reaches a worker
-        that hands it on to its owner by the routes, as without steering."""
+        """The changed peers' routes, and their prefixes in the steering maps, at once."""
         workers = settings.actors.crypto
+        touched: list[Network] = []
         for key in [*removed, *(p.public_key for p in changed)]:
             for network in self.prefixes.pop(key, ()):
                 self.routes.remove(network, owner(key, workers))
+                touched.append(network)
         for p in changed:
             self.prefixes[p.public_key] = p.allowed_ips
             for network in p.allowed_ips:
                 self.routes.insert(network, owner(p.public_key, workers))
+            touched += p.allowed_ips
         self.route_key = None  # a whole configuration compares anew
-        self.steer_due = True
+        self._steer(touched)
 
-    def _steer(self, prefixes: Callable[[], list[tuple[Network, int]]], routes: int) -> None:
+    def _attach_steering(self, tun: Tun) -> None:
         """Have the kernel queue each outgoing packet on its owner's queue (the supervisor
-        holds queue k for crypto worker k). Without it tun-io reads and hands packets on.
-        The program is made, and checked by the kernel's verifier, on a thread of its own:
-        for thousands of routes making it takes 0.1 s and verifying it a second, while the
-        loop goes on (heartbeats, packets, a one-peer change's step); a few routes' program
-        is waited for, and attached at once."""
-        assert self.tun is not None
-        if not self.tun.multi_queue:
+        holds queue k for crypto worker k): the previous TUN's maps closed, new ones made
+        (empty) and the program attached. Without it tun-io reads and hands packets on."""
+        if self.steering is not None:
+            self.steering.close()
+            self.steering = None
+        if not tun.multi_queue:
             return
-        if self._loading is not None:
-            self.steer_due = True  # one is being made: this one after it
-            return
-        self._loading = self._loader.submit(_steering_filter, prefixes)
-        self._routes_loading = routes
-        if self._routes_loading <= STEER_AT_ONCE:
-            self._attach_steering(wait=True)
-
-    def _attach_steering(self, wait: bool = False) -> None:
-        """The program made on the loader's thread, attached once it is done."""
-        loading = self._loading
-        if loading is None or not (wait or loading.done()) or self.tun is None:
-            return
-        self._loading = None
         try:
-            prog = loading.result()
-            try:
-                attach_steering(self.tun.fileno(), prog)
-            finally:
-                os.close(prog)
+            self.steering = QueueSteering(tun.fileno(), UNMATCHED_WORKER)
         except (OSError, ValueError) as err:
-            self._no_steering(err)
+            if not self._steering_refused:
+                self._steering_refused = True
+                self.log.warning("no eBPF queue steering: outgoing packets go through tun-io", reason=str(err))
             return
-        if not self.steering:
-            self.log.info("steering outgoing packets to their owners' TUN queues", routes=self._routes_loading)
-        self.steering = True
+        self.log.info("steering outgoing packets to their owners' TUN queues")
 
-    def _no_steering(self, err: Exception) -> None:
-        self.steering = False
-        if not self._steering_refused:
-            self._steering_refused = True
-            self.log.warning("no eBPF queue steering: outgoing packets go through tun-io", reason=str(err))
+    def _steer(self, networks: Iterable[Network]) -> None:
+        """Each prefix in the steering maps as the routes have it: the same worker, or gone.
+        Following ``routes`` (not the peers) keeps steering and tun-io's own routing in step
+        where two peers list one prefix (the last one inserted owns it, as wireguard-go has it)."""
+        if self.steering is None:
+            return
+        for network in networks:
+            worker = cast("int | None", self.routes.get(network))  # as worker_routes and change_peers insert
+            try:
+                self.counters["steering_writes"] += self.steering.set(network, worker)
+            except (OSError, ValueError) as err:
+                # A packet steered by a stale entry reaches a worker that hands it on to its owner.
+                self.counters["steering_refused"] += 1
+                if not self._write_refused:
+                    self._write_refused = True
+                    self.log.warning("a steering map refused a write", prefix=str(network), reason=str(err))
 
     def _report_offloads(self, tun: Tun) -> None:
         self.log.info("TUN attached", interface=tun.name, coalesced_writes=tun.vnet_hdr, worker_queues=tun.multi_queue)
@@ -177,27 +167,17 @@ class TunIoActor(Actor):
             "counters": {
                 **self.counters,
                 **tun,
-                "steering": int(self.steering),
+                "steering": int(self.steering is not None),
                 "bus_full": sum(self.outbox.dropped.values()),
             }
         }
 
     def tick(self, now: float) -> None:
         self.flows.tick(now)
-        self._attach_steering()
-        if self.steer_due and self._loading is None and self.running is not None and self.tun is not None:
-            self.steer_due = False
-            peers, workers = self.running.peers, self.running.actors.crypto
-            self._steer(partial(worker_prefixes, peers, workers), sum(len(p.allowed_ips) for p in peers))
 
     def close(self) -> None:
         self.flows.close()
-        self._loader.shutdown(wait=False, cancel_futures=True)
+        if self.steering is not None:
+            self.steering.close()
         if self.tun is not None:
             self.tun.close()
-
-
-def _steering_filter(prefixes: Callable[[], list[tuple[Network, int]]]) -> int:
-    """The steering program of these routes (worked out here, on the loader's thread, when a tick
-    asks: thousands take a while), made and loaded (its fd); ValueError if they do not fit one program."""
-    return load_socket_filter(steering.program(prefixes(), default=0), "meshsup_steer")

@@ -1,9 +1,11 @@
-"""The TUN queue-steering program: as assembled, as the kernel's verifier
-accepts it, as the kernel runs it (BPF_PROG_TEST_RUN), and steering real
-traffic across the queues of a multi-queue TUN in a throwaway namespace."""
+"""The TUN queue-steering program and its LPM maps: as assembled, as the
+kernel's verifier accepts it, as the kernel runs it (BPF_PROG_TEST_RUN), and
+steering real traffic across the queues of a multi-queue TUN in a throwaway
+namespace."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import random
@@ -13,16 +15,25 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack
 
 import pytest
 
 from meshsup.actors.kernel import vnet
 from meshsup.actors.wire import ip as packet
-from meshsup.bpf.asm import INSN
-from meshsup.bpf.steering import Route, program
-from meshsup.bpf.syscall import attach_steering, detach_steering, load_socket_filter, run_on_packet
+from meshsup.bpf.asm import INSN, PSEUDO_MAP_FD
+from meshsup.bpf.steering import KEY_SIZE, VALUE_SIZE, Network, key, program, value
+from meshsup.bpf.syscall import (
+    attach_steering,
+    create_lpm_trie,
+    detach_steering,
+    load_socket_filter,
+    map_delete,
+    map_lookup,
+    map_update,
+    run_on_packet,
+)
 from tests.nodes import REPO, Netns
 
 
@@ -32,107 +43,75 @@ def needs_root(test: Callable[..., None]) -> Callable[..., None]:
 
 
 N = ipaddress.ip_network
-MOV_R0_IMM = 0xB7
+Route = tuple[Network, int]
+LD_IMM64 = 0x18
 
 
-def v4_routes(count: int) -> list[Route]:
-    return [(N(f"10.{i // 256}.{i % 256}.0/24"), i % 4) for i in range(count)]
+# --- the program and the keys, as bytes --------------------------------------------
 
 
-def v6_routes(count: int) -> list[Route]:
-    return [(N(f"fd00:{i:x}::/64"), i % 4) for i in range(count)]
-
-
-def returned_workers(prog: bytes) -> list[int]:
-    """The values the program may return, in program order."""
+def test_the_program_is_fixed_and_names_both_maps() -> None:
+    prog = program(11, 12, 1)
     insns = [INSN.unpack_from(prog, at) for at in range(0, len(prog), INSN.size)]
-    return [imm for code, regs, _, imm in insns if code == MOV_R0_IMM and regs & 0xF == 0]
+    assert prog[:2] == bytes([0xBF, 0x16])  # r6 = r1: the context, kept across calls
+    assert insns[-1][0] == 0x95  # exit
+    map_loads = [(regs >> 4, imm) for code, regs, _, imm in insns if code == LD_IMM64]
+    assert sorted(map_loads) == [(PSEUDO_MAP_FD, 11), (PSEUDO_MAP_FD, 12)]
+    assert len(prog) < 50 * INSN.size  # a few dozen instructions, whatever the routes
 
 
-# --- the assembler ------------------------------------------------------------------
+def test_keys_hold_the_prefix_length_then_the_address() -> None:
+    assert key(N("10.1.0.0/16")) == struct.pack("=I", 16) + bytes([10, 1, 0, 0])
+    assert key(N("fd00::/8")) == struct.pack("=I", 8) + b"\xfd" + bytes(15)
+    assert len(key(N("0.0.0.0/0"))) == KEY_SIZE[4] and len(key(N("::/0"))) == KEY_SIZE[6]
+    assert value(255) == struct.pack("=I", 255)
 
 
-def test_program_keeps_the_context_in_r6_then_ends_in_exit() -> None:
-    prog = program(v4_routes(3), 1)
-    assert prog[:2] == bytes([0xBF, 0x16])  # r6 = r1
-    assert prog[-8] == 0x95  # exit
-    assert len(prog) % INSN.size == 0
-
-
-def test_instruction_count_grows_by_a_few_per_route() -> None:
-    counts = {n: len(program(v4_routes(n), 0)) // INSN.size for n in (0, 1, 100, 1000)}
-    assert counts[0] == 12
-    assert counts[1] == 19  # loading the destination (2), the route (5)
-    assert counts[1000] - counts[100] == 900 * 5  # load, mask, compare, return
-    # A /64 compares two words, a /56 one word and one masked word.
-    assert len(program(v6_routes(2), 0)) - len(program(v6_routes(1), 0)) == 6 * INSN.size
-    assert len(program([(N("fd00::/56"), 1)], 0)) - len(program([(N("fd00::/64"), 1)], 0)) == INSN.size
-
-
-def test_routes_are_tried_longest_prefix_first_ties_in_order() -> None:
-    routes: list[Route] = [
-        (N("10.0.0.0/8"), 1),
-        (N("10.1.0.0/16"), 2),
-        (N("10.1.1.0/24"), 3),
-        (N("10.2.0.0/16"), 4),
-        (N("fd00::/16"), 5),
-        (N("fd00::/64"), 6),
-    ]
-    # IPv6 section, default, IPv4 section, default.
-    assert returned_workers(program(routes, 0)) == [6, 5, 0, 3, 2, 4, 1, 0]
-
-
-def test_a_catch_all_route_ends_its_family() -> None:
-    # Anything after 0.0.0.0/0 is unreachable, which the verifier refuses.
-    routes: list[Route] = [(N("0.0.0.0/0"), 3), (N("10.0.0.0/8"), 1)]
-    assert returned_workers(program(routes, 0)) == [0, 1, 3]
-
-
-@pytest.mark.parametrize("routes, default", [([], -1), ([], 256), ([(N("10.0.0.0/8"), 256)], 0)])
-def test_a_worker_that_is_no_queue_is_refused(routes: list[Route], default: int) -> None:
+@pytest.mark.parametrize("worker", [-1, 256])
+def test_a_worker_that_is_no_queue_is_refused(worker: int) -> None:
     with pytest.raises(ValueError, match="queue index"):
-        program(routes, default)
+        value(worker)
+    with pytest.raises(ValueError, match="queue index"):
+        program(3, 4, worker)
 
 
-def test_a_table_beyond_the_jump_range_is_refused() -> None:
-    with pytest.raises(ValueError, match="too large"):
-        program([(N(f"fd00::{i:x}/128"), 0) for i in range(4000)], 0)
+# --- the kernel: maps, verifier and test runs ------------------------------------
 
 
-# --- the kernel: verifier and test runs ------------------------------------------
+class Steered:
+    """The two LPM maps and the program reading them, as tun-io has them."""
+
+    def __init__(self, default: int) -> None:
+        self.maps = {v: create_lpm_trie(KEY_SIZE[v], VALUE_SIZE, 1 << 20, f"test_dst{v}") for v in (4, 6)}
+        self.prog = load_socket_filter(program(self.maps[4], self.maps[6], default), "steer_test")
+
+    def route(self, routes: Iterable[Route]) -> None:
+        for network, worker in routes:
+            map_update(self.maps[network.version], key(network), value(worker))
+
+    def unroute(self, network: Network) -> None:
+        map_delete(self.maps[network.version], key(network))
+
+    def run(self, dst: str) -> int:
+        return run_on_packet(self.prog, ipv4_udp(dst) if ":" not in dst else ipv6_udp(dst))
+
+    def close(self) -> None:
+        for fd in [*self.maps.values(), self.prog]:
+            os.close(fd)
 
 
-@contextmanager
-def loaded(routes: Sequence[Route], default: int) -> Iterator[int]:
-    fd = load_socket_filter(program(routes, default), "steer_test")
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+@pytest.fixture
+def steered() -> Iterator[Callable[..., Steered]]:
+    """Steered(default, routes), closed at teardown."""
+    with ExitStack() as made:
 
+        def make(default: int, routes: Iterable[Route] = ()) -> Steered:
+            s = Steered(default)
+            made.callback(s.close)
+            s.route(routes)
+            return s
 
-TABLES: dict[str, list[Route]] = {
-    "none": [],
-    "one": [(N("10.99.1.0/24"), 2)],
-    "mixed": [
-        (N("10.99.0.0/16"), 1),
-        (N("fd99::/64"), 2),
-        (N("fd99::/56"), 3),
-        (N("10.99.1.1/32"), 0),
-        (N("fd99::1/128"), 0),
-        (N("::/0"), 3),
-        (N("0.0.0.0/0"), 2),
-    ],
-    "1000_v4": v4_routes(1000),
-    "1000_v6": v6_routes(1000),
-}
-
-
-@needs_root
-@pytest.mark.parametrize("table", TABLES)
-def test_the_verifier_accepts(table: str) -> None:
-    with loaded(TABLES[table], 1) as fd:
-        assert fd >= 0
+        yield make
 
 
 @needs_root
@@ -146,6 +125,26 @@ def test_a_refusal_carries_the_verifier_log() -> None:
         load_socket_filter(INSN.pack(0x95, 0, 0, 0), "bad name")
 
 
+@needs_root
+def test_map_refusals_say_which_call_and_why() -> None:
+    with pytest.raises(OSError, match=r"BPF_MAP_CREATE 'odd'.*Invalid argument"):
+        create_lpm_trie(3, VALUE_SIZE, 16, "odd")  # a key shorter than its prefix length
+    fd = create_lpm_trie(KEY_SIZE[4], VALUE_SIZE, 1, "full")
+    try:
+        map_update(fd, key(N("10.0.0.0/8")), value(1))
+        with pytest.raises(OSError, match="BPF_MAP_UPDATE_ELEM") as full:
+            map_update(fd, key(N("11.0.0.0/8")), value(1))  # max_entries 1
+        assert full.value.errno == errno.ENOSPC
+        with pytest.raises(OSError, match="BPF_MAP_DELETE_ELEM") as absent:
+            map_delete(fd, key(N("11.0.0.0/8")))
+        assert absent.value.errno == errno.ENOENT
+        map_update(fd, key(N("10.0.0.0/8")), value(2))  # replaced in place: no room needed
+        assert map_lookup(fd, key(N("10.1.2.3/32")), VALUE_SIZE) == value(2)
+        assert map_lookup(fd, key(N("11.1.2.3/32")), VALUE_SIZE) is None
+    finally:
+        os.close(fd)
+
+
 def ipv4_udp(dst: str) -> bytes:
     return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, bytes(4), socket.inet_aton(dst)) + bytes(8)
 
@@ -154,17 +153,14 @@ def ipv6_udp(dst: str) -> bytes:
     return struct.pack("!IHBB16s16s", 6 << 28, 8, 17, 64, bytes(16), socket.inet_pton(socket.AF_INET6, dst)) + bytes(8)
 
 
-def longest_match(routes: Sequence[Route], default: int, dst: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
-    best: tuple[int, int] | None = None
-    for network, worker in routes:
-        if dst in network and (best is None or network.prefixlen > best[0]):
-            best = (network.prefixlen, worker)
-    return default if best is None else best[1]
+def longest_match(routes: dict[Network, int], default: int, dst: ipaddress.IPv4Address | ipaddress.IPv6Address) -> int:
+    held = [(network.prefixlen, worker) for network, worker in routes.items() if dst in network]
+    return max(held)[1] if held else default
 
 
 def random_table(rng: random.Random, count: int) -> list[Route]:
     """Nested prefixes of every length under 10.0.0.0/8 and fd00::/16 (so
-    that many overlap), some of them listed twice."""
+    that many overlap), some of them listed twice (the second write wins)."""
     routes: list[Route] = []
     for _ in range(count):
         if rng.random() < 0.5:
@@ -174,18 +170,64 @@ def random_table(rng: random.Random, count: int) -> list[Route]:
         length = rng.randint(top, bits)
         address = base | rng.getrandbits(bits - top) & ((1 << (bits - top)) - 1) & ~((1 << (bits - length)) - 1)
         routes.append((ipaddress.ip_network((address, length)), rng.randrange(8)))
-    return routes + rng.sample(routes, count // 10)
+    return routes + [(network, rng.randrange(8)) for network, _ in rng.sample(routes, count // 10)]
 
 
 @needs_root
-def test_the_kernel_runs_longest_prefix_match() -> None:
+def test_the_kernel_runs_longest_prefix_match(steered: Callable[..., Steered]) -> None:
     rng = random.Random(7)
     routes = random_table(rng, 300)
-    with loaded(routes, 9) as fd:
-        for network, _ in rng.sample(routes, 150) + [(N("10.0.0.0/8"), 0), (N("fd00::/16"), 0)] * 50:
-            dst = network[rng.randrange(network.num_addresses)]
-            pkt = ipv4_udp(str(dst)) if dst.version == 4 else ipv6_udp(str(dst))
-            assert run_on_packet(fd, pkt) == longest_match(routes, 9, dst), dst
+    s = steered(9, routes)
+    table = dict(routes)
+    for network, _ in rng.sample(routes, 150) + [(N("10.0.0.0/8"), 0), (N("fd00::/16"), 0)] * 50:
+        dst = network[rng.randrange(network.num_addresses)]
+        assert s.run(str(dst)) == longest_match(table, 9, dst), dst
+
+
+MIXED: list[Route] = [
+    (N("10.99.0.0/16"), 1),
+    (N("fd99::/64"), 2),
+    (N("fd99::/56"), 3),
+    (N("10.99.1.1/32"), 0),
+    (N("fd99::1/128"), 0),
+]
+
+
+@needs_root
+def test_a_default_route_catches_what_nothing_longer_holds(steered: Callable[..., Steered]) -> None:
+    s = steered(7, MIXED)
+    assert [s.run(d) for d in ("10.98.0.1", "8.8.8.8", "fe80::1", "fd99:0:0:ff::1")] == [7, 7, 7, 3]
+    s.route([(N("0.0.0.0/0"), 4), (N("::/0"), 5)])
+    assert [s.run(d) for d in ("10.98.0.1", "8.8.8.8", "fe80::1", "fd99:0:0:ff::1")] == [4, 4, 5, 3]
+    assert [s.run(d) for d in ("10.99.1.1", "10.99.1.2", "fd99::1", "fd99::2")] == [0, 1, 0, 2]
+
+
+@needs_root
+def test_updates_and_deletes_steer_at_once_with_the_same_program(steered: Callable[..., Steered]) -> None:
+    s = steered(7, MIXED)
+    assert [s.run(d) for d in ("10.99.1.1", "10.99.2.2", "fd99::1", "fd99::2")] == [0, 1, 0, 2]
+    s.route([(N("10.99.0.0/16"), 6), (N("fd99::1/128"), 5)])  # moved to other workers
+    assert [s.run(d) for d in ("10.99.1.1", "10.99.2.2", "fd99::1", "fd99::2")] == [0, 6, 5, 2]
+    s.unroute(N("10.99.1.1/32"))
+    s.unroute(N("fd99::/64"))
+    assert [s.run(d) for d in ("10.99.1.1", "10.99.2.2", "fd99::1", "fd99::2")] == [6, 6, 5, 3]
+    s.unroute(N("10.99.0.0/16"))
+    assert s.run("10.99.1.1") == 7
+
+
+@needs_root
+def test_ten_thousand_dual_stack_peers_steer(steered: Callable[..., Steered]) -> None:
+    """Each peer's mesh addresses, a /32 and a /128 (20,000 prefixes), among 8 workers:
+    the program compared route by route stopped fitting at 4,000 such peers."""
+    peers = 10_000
+    v4 = [N(f"100.{64 + i // 65536}.{i // 256 % 256}.{i % 256}/32") for i in range(peers)]
+    v6 = [N(f"fd7a:115c:a1e0::{i:x}/128") for i in range(peers)]
+    rng = random.Random(3)
+    workers = [rng.randrange(8) for _ in range(peers)]
+    s = steered(9, [*zip(v4, workers), *zip(v6, workers)])
+    assert [s.run(str(n.network_address)) for n in v4] == workers
+    assert [s.run(str(n.network_address)) for n in v6] == workers
+    assert s.run("100.64.255.255") == 9 and s.run("fd7a:115c:a1e0::ffff") == 9  # just past the last peer
 
 
 GARBAGE = [
@@ -202,12 +244,15 @@ GARBAGE = [
 
 
 @needs_root
-def test_short_or_non_ip_packets_go_to_the_default() -> None:
-    # A BPF_ABS load past the end would return 0 (queue 0), not the default.
-    with loaded(TABLES["mixed"], 5) as fd:
-        for pkt in GARBAGE:
-            assert run_on_packet(fd, pkt) == 5, pkt
-        assert run_on_packet(fd, ipv4_udp("10.99.1.1")) == 0
+def test_short_or_non_ip_packets_go_to_the_default(steered: Callable[..., Steered]) -> None:
+    # A BPF_ABS load past the end would return 0 (queue 0), not the default;
+    # a catch-all route must not catch them either.
+    s = steered(5, [*MIXED, (N("0.0.0.0/0"), 3), (N("::/0"), 3)])
+    for pkt in GARBAGE:
+        assert run_on_packet(s.prog, pkt) == 5, pkt
+    assert run_on_packet(s.prog, ipv4_udp("10.99.1.1")) == 0
+    assert run_on_packet(s.prog, ipv4_udp("10.99.1.1")[:20]) == 0  # a bare header is enough
+    assert run_on_packet(s.prog, ipv6_udp("fd99::1")[:40]) == 0
 
 
 # --- a real multi-queue TUN ------------------------------------------------------------
@@ -233,6 +278,7 @@ class Queues:
 
     def __init__(self, ns: Netns, count: int, vnet_hdr: bool) -> None:
         self.ns, self.vnet_hdr = ns, vnet_hdr
+        self.steered: list[Steered] = []
         self.name = "mss" + secrets.token_hex(4)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with ours, theirs:
@@ -257,13 +303,17 @@ class Queues:
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
-        self.fds = []
+        for s in self.steered:
+            s.close()
+        self.fds, self.steered = [], []
 
-    def steer(self, routes: Sequence[Route], default: int) -> None:
-        """Attach through queue 0, closing the program's fd at once: the TUN
-        keeps its own reference."""
-        with loaded(routes, default) as prog:
-            attach_steering(self.fds[0], prog)
+    def steer(self, routes: Sequence[Route], default: int) -> Steered:
+        """Attach through queue 0; the maps stay open to be changed (closed with the queues)."""
+        s = Steered(default)
+        self.steered.append(s)
+        s.route(routes)
+        attach_steering(self.fds[0], s.prog)
+        return s
 
     def drain(self, wanted: Callable[[bytes], bool], count: int, timeout: float = 5) -> dict[bytes, list[int]]:
         """Read every queue until ``count`` wanted packets came; each wanted
@@ -346,6 +396,16 @@ def test_each_packet_comes_out_of_its_workers_queue(tun_queues: Callable[[int, b
     queues = tun_queues(3, vnet_hdr)
     queues.steer(STEERING, 1)
     assert arrivals(queues, list(EXPECTED) * 3) == {d: q * 3 for d, q in EXPECTED.items()}
+
+
+@needs_root
+def test_a_map_change_moves_traffic_with_no_new_program(tun_queues: Callable[[int, bool], Queues]) -> None:
+    queues = tun_queues(3, False)
+    s = queues.steer(STEERING, 1)
+    s.route([(N("10.99.1.0/24"), 2), (N("fd99::2:0/112"), 0)])
+    s.unroute(N("10.99.2.128/25"))
+    moved = {"10.99.1.7": [2], "10.99.2.200": [1], "fd99::2:7": [0], "fd99::1:7": [2]}
+    assert arrivals(queues, list(moved) * 2) == {d: q * 2 for d, q in moved.items()}
 
 
 @needs_root

@@ -310,6 +310,7 @@ def test_allowed_ips_move_remove_and_mask() -> None:
     t.insert("10.1.0.0/16", "C")  # a prefix belongs to one peer: it moves
     assert t.lookup(ip("10.1.0.1")) == "C"
     assert t.networks("B") == [] and t.networks("A") == [ipaddress.ip_network("10.0.0.0/8")]
+    assert t.get("10.1.0.0/16") == "C" and t.get("10.1.0.0/24") is None  # that prefix alone, no longest match
     t.remove("10.1.0.0/16", "B")  # not B's: no effect
     assert t.lookup(ip("10.1.0.1")) == "C"
     t.remove_peer("C")
