@@ -160,8 +160,7 @@ from meshsup.actors.flowcount.tally import INNER, UNDERLAY
 from meshsup.actors.kernel.addrs import source_address
 from meshsup.actors.kernel.tun import Tun
 from meshsup.actors.kernel.types import Burst, Endpoint
-from meshsup.actors.routing.allowedips import Network
-from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
+from meshsup.actors.routing.shard import WorkerRoutes, by_owner, owner
 from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.actors.settings.filter import FilterSettings
 from meshsup.actors.settings.keys import parse_key
@@ -209,8 +208,7 @@ class CryptoActor(Actor):
     def __init__(self, name: str, runtime: Any, tun_queue: int | None = None) -> None:
         super().__init__(name, runtime)
         self.index = int(name.rsplit("-", 1)[1])
-        self.routes = worker_routes([])  # destination -> owning worker, for what our TUN queue gives us
-        self.prefixes: dict[bytes, tuple[Network, ...]] = {}  # every peer's allowed IPs, as routed there
+        self.table = WorkerRoutes()  # destination -> owning worker, for what our TUN queue gives us
         self.no_route = 0
         self.device: Device | None = None
         self.device_key: tuple[bytes, int, int] | None = None
@@ -270,8 +268,7 @@ class CryptoActor(Actor):
             del self.peers[gone]
         for p in wanted.values():
             self._set_peer(p)
-        self.prefixes = {p.public_key: p.allowed_ips for p in settings.peers}
-        self.routes = worker_routes(worker_prefixes(settings.peers, workers))
+        self.table = WorkerRoutes(settings.peers, workers)
         self.direct.configure(node.interface, node.listen_port, node.fwmark)
         self.direct.set_endpoints({k: peer.endpoint for k, peer in self.device.peers.items()})
         self.device.fresh.clear()
@@ -293,17 +290,12 @@ class CryptoActor(Actor):
         """The peers' own changes alone: a one-peer `wg set` costs one peer's work, not every peer's."""
         assert self.device is not None
         workers = settings.actors.crypto
-        for key in [*removed, *(p.public_key for p in changed)]:
-            for network in self.prefixes.pop(key, ()):
-                self.routes.remove(network, owner(key, workers))
-            if key in removed and self.peers.pop(key, None) is not None:
+        self.table.change(changed, removed)
+        for key in removed:
+            if self.peers.pop(key, None) is not None:
                 self.device.remove_peer(key)
         for p in changed:
-            w = owner(p.public_key, workers)
-            self.prefixes[p.public_key] = p.allowed_ips
-            for network in p.allowed_ips:
-                self.routes.insert(network, w)
-            if w == self.index:
+            if owner(p.public_key, workers) == self.index:
                 self._set_peer(p)
         self._follow_endpoints([*removed, *(p.public_key for p in changed)])
 
@@ -375,7 +367,7 @@ class CryptoActor(Actor):
         if self.device is None or not packets:
             return
         self.inner.tx.add_packets(packets)
-        others, unrouted = by_owner(packets, self.routes)
+        others, unrouted = by_owner(packets, self.table.routes)
         self.no_route += unrouted
         mine = others.pop(self.index, None)
         if mine:

@@ -20,17 +20,44 @@ def owner(public_key: bytes, workers: int) -> int:
     return int.from_bytes(hashlib.blake2s(public_key, digest_size=4).digest(), "big") % workers
 
 
-def worker_prefixes(peers: Iterable[PeerSettings], workers: int) -> list[tuple[Network, int]]:
-    """Every configured peer's allowed IPs, each with the worker that owns the peer."""
-    return [(prefix, owner(p.public_key, workers)) for p in peers for prefix in p.allowed_ips]
+class WorkerRoutes:
+    """Destination prefix -> the crypto worker that owns the peer holding it, kept peer by peer.
 
+    Where two peers list one prefix, the one set last holds it, as wireguard-go has it (an allowed
+    IP given to a peer is taken from another), and only its holder's removal or change takes it
+    out: the peer that lost it, going, must not take its successor's route along when both are
+    one worker's (the table's values are workers, not peers)."""
 
-def worker_routes(prefixes: Iterable[tuple[Network, int]]) -> AllowedIPs:
-    """Destination address -> owning worker, by longest prefix."""
-    routes = AllowedIPs()
-    for network, worker in prefixes:
-        routes.insert(network, worker)
-    return routes
+    def __init__(self, peers: Iterable[PeerSettings] = (), workers: int = 1) -> None:
+        self.routes = AllowedIPs()  # destination -> worker, by longest prefix
+        self.workers = workers
+        self._prefixes: dict[bytes, tuple[Network, ...]] = {}  # each peer's allowed IPs, as routed
+        self._holder: dict[Network, bytes] = {}  # each prefix's peer
+        for p in peers:
+            self._add(p)
+
+    def change(self, changed: Iterable[PeerSettings], removed: Iterable[bytes]) -> list[Network]:
+        """The `changed` peers (as they are now) in place, the `removed` ones out; the prefixes
+        whose worker may have changed (each holder's prefixes, as it had and has them)."""
+        changed = list(changed)
+        touched: list[Network] = []
+        for key in [*removed, *(p.public_key for p in changed)]:
+            for network in self._prefixes.pop(key, ()):
+                if self._holder.get(network) == key:
+                    del self._holder[network]
+                    self.routes.remove(network, owner(key, self.workers))
+                touched.append(network)
+        for p in changed:
+            touched += self._add(p)
+        return touched
+
+    def _add(self, peer: PeerSettings) -> tuple[Network, ...]:
+        worker = owner(peer.public_key, self.workers)
+        self._prefixes[peer.public_key] = peer.allowed_ips
+        for network in peer.allowed_ips:
+            self._holder[network] = peer.public_key
+            self.routes.insert(network, worker)
+        return peer.allowed_ips
 
 
 def by_owner(packets: Iterable[bytes], routes: AllowedIPs) -> tuple[dict[int, list[bytes]], int]:

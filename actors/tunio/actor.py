@@ -27,8 +27,8 @@ from meshsup.actors.bus.messages import PacketBatch
 from meshsup.actors.flowcount.feed import FlowFeed
 from meshsup.actors.flowcount.tally import INNER
 from meshsup.actors.kernel.tun import Tun
-from meshsup.actors.routing.allowedips import AllowedIPs, Network
-from meshsup.actors.routing.shard import by_owner, owner, worker_prefixes, worker_routes
+from meshsup.actors.routing.allowedips import Network
+from meshsup.actors.routing.shard import WorkerRoutes, by_owner
 from meshsup.actors.settings import PeerSettings, Settings
 from meshsup.actors.tunio.queues import QueueSteering
 
@@ -42,9 +42,8 @@ class TunIoActor(Actor):
     def __init__(self, name: str, runtime: Any) -> None:
         super().__init__(name, runtime)
         self.tun: Tun | None = None
-        self.routes = AllowedIPs()  # destination prefix -> crypto worker index
+        self.table = WorkerRoutes()  # destination prefix -> crypto worker index
         self.route_key: Any = None
-        self.prefixes: dict[bytes, tuple[Network, ...]] = {}  # each peer's allowed IPs, as routed
         self.counters: Counter[str] = Counter()
         self.flows = FlowFeed(self, INNER)
         self.steering: QueueSteering | None = None  # None: the kernel's choice of queue (or a single queue)
@@ -71,25 +70,13 @@ class TunIoActor(Actor):
         self.outbox.connect([f"crypto-{w}" for w in range(workers)])
         key = (workers, [(p.public_key, p.allowed_ips) for p in settings.peers])
         if key != self.route_key:
-            prefixes = worker_prefixes(settings.peers, workers)
-            self.routes, self.route_key = worker_routes(prefixes), key
-            self.prefixes = {p.public_key: p.allowed_ips for p in settings.peers}
+            self.table, self.route_key = WorkerRoutes(settings.peers, workers), key
             held = list(self.steering.held) if self.steering is not None else []
-            self._steer([*held, *(network for network, _ in prefixes)])
+            self._steer([*held, *(network for p in settings.peers for network in p.allowed_ips)])
 
     def change_peers(self, settings: Settings, changed: list[PeerSettings], removed: list[bytes]) -> None:
         """The changed peers' routes, and their prefixes in the steering maps, at once."""
-        workers = settings.actors.crypto
-        touched: list[Network] = []
-        for key in [*removed, *(p.public_key for p in changed)]:
-            for network in self.prefixes.pop(key, ()):
-                self.routes.remove(network, owner(key, workers))
-                touched.append(network)
-        for p in changed:
-            self.prefixes[p.public_key] = p.allowed_ips
-            for network in p.allowed_ips:
-                self.routes.insert(network, owner(p.public_key, workers))
-            touched += p.allowed_ips
+        touched = self.table.change(changed, removed)
         self.route_key = None  # a whole configuration compares anew
         self._steer(touched)
 
@@ -118,7 +105,7 @@ class TunIoActor(Actor):
         if self.steering is None:
             return
         for network in networks:
-            worker = cast("int | None", self.routes.get(network))  # as worker_routes and change_peers insert
+            worker = cast("int | None", self.table.routes.get(network))
             try:
                 self.counters["steering_writes"] += self.steering.set(network, worker)
             except (OSError, ValueError) as err:
@@ -137,7 +124,7 @@ class TunIoActor(Actor):
 
     def on_readable(self) -> None:
         assert self.tun is not None
-        by_worker, unrouted = by_owner(self.tun.read_batch(READ_BATCH), self.routes)
+        by_worker, unrouted = by_owner(self.tun.read_batch(READ_BATCH), self.table.routes)
         self.counters["no_route"] += unrouted
         self.counters["rx_batches"] += 1
         for w, ps in by_worker.items():

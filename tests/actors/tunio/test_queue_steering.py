@@ -93,7 +93,7 @@ def steered(a: TunIoActor) -> dict[str, int]:
 
 def routed(a: TunIoActor) -> dict[str, int]:
     """Where tun-io's own routes send it (the unmatched worker where they have none)."""
-    found = {d: a.routes.lookup(ipaddress.ip_address(d).packed) for d in DESTINATIONS}
+    found = {d: a.table.routes.lookup(ipaddress.ip_address(d).packed) for d in DESTINATIONS}
     return {d: UNMATCHED_WORKER if w is None else w for d, w in found.items()}  # type: ignore[misc]
 
 
