@@ -31,6 +31,10 @@ R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10 = range(11)
 
 SIZES: Final = {1: B, 2: H, 4: W, 8: DW}
 
+# Kernel helpers (enum bpf_func_id).
+SKB_LOAD_BYTES: Final = 26
+SKB_LOAD_BYTES_RELATIVE: Final = 68
+
 
 def s32(value: int) -> int:
     """An unsigned 32-bit value as the signed imm field carries it."""
@@ -91,6 +95,22 @@ class Assembler:
     def call(self, helper: int) -> None:
         """A kernel helper by its number (enum bpf_func_id): r1-r5 in, r0 out."""
         self.emit(JMP | CALL, imm=helper)
+
+    def load_packet_bytes(self, off: int, size: int, slot: int, short: str, start: int | None = None) -> None:
+        """Copy ``size`` packet bytes at ``off`` on to the stack at ``r10 + slot``, through
+        bpf_skb_load_bytes, or bpf_skb_load_bytes_relative from header ``start`` when given;
+        to ``short`` if the packet has fewer. The context must be in r6."""
+        self.mov(R1, R6)
+        self.mov_imm(R2, off)
+        self.mov(R3, R10)
+        self.add_imm(R3, slot)
+        self.mov_imm(R4, size)
+        if start is None:
+            self.call(SKB_LOAD_BYTES)
+        else:
+            self.mov_imm(R5, start)
+            self.call(SKB_LOAD_BYTES_RELATIVE)
+        self.jump(JNE, R0, 0, short)
 
     def jump32(self, op: int, reg: int, value: int, label: str) -> None:
         """``if (u32)reg <op> value goto label``: 32-bit, so no sign extension."""

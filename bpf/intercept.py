@@ -34,7 +34,6 @@ from typing import Final
 from meshsup.bpf.asm import ALU, AND, JEQ, JNE, R0, R1, R2, R3, R4, R5, R6, R7, R8, R10, Assembler, K
 
 # enum bpf_func_id, from <linux/bpf.h>.
-SKB_LOAD_BYTES_RELATIVE: Final = 68
 SK_LOOKUP_TCP: Final = 84
 SK_LOOKUP_UDP: Final = 85
 SK_RELEASE: Final = 86
@@ -94,24 +93,12 @@ def _words(raw: bytes) -> list[int]:
     return [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4)]
 
 
-def _load_bytes(asm: Assembler, off: int, size: int, slot: int) -> None:
-    """Copy ``size`` bytes at ``off`` from the IP header on to the stack at ``slot``; pass if short."""
-    asm.mov(R1, R6)
-    asm.mov_imm(R2, off)
-    asm.mov(R3, R10)
-    asm.add_imm(R3, slot)
-    asm.mov_imm(R4, size)
-    asm.mov_imm(R5, HDR_START_NET)
-    asm.call(SKB_LOAD_BYTES_RELATIVE)
-    asm.jump(JNE, R0, 0, "pass")
-
-
 def _family(asm: Assembler, family: Family, target: Target) -> None:
     """The program's part for one IP version: from its label on to ``assign``
     with the socket in r8, or to ``pass``."""
     tag = f"v{target.address.version}"
     tuple_size = 2 * family.size + 4
-    _load_bytes(asm, 0, family.header, _HEADER)
+    asm.load_packet_bytes(0, family.header, _HEADER, "pass", HDR_START_NET)
     if family is _V4:
         asm.load(1, R1, R10, _HEADER)
         asm.jump32(JNE, R1, _IPV4_PLAIN, "pass")
@@ -122,7 +109,7 @@ def _family(asm: Assembler, family: Family, target: Target) -> None:
     asm.jump32(JEQ, R7, socket.IPPROTO_UDP, f"{tag}.ports")
     asm.jump32(JNE, R7, socket.IPPROTO_TCP, "pass")
     asm.label(f"{tag}.ports")
-    _load_bytes(asm, family.header, 4, _PORTS)
+    asm.load_packet_bytes(family.header, 4, _PORTS, "pass", HDR_START_NET)
     asm.load(2, R1, R10, _PORTS + 2)
     asm.jump32(JNE, R1, _ne16(DNS_PORT), "pass")
     # The tuple: the packet's addresses and ports, as they are.

@@ -30,7 +30,7 @@ import struct
 from typing import Final
 
 from meshsup.actors.wire.ip import IPV4_DST, IPV6_DST
-from meshsup.bpf.asm import JEQ, JNE, R0, R1, R2, R3, R4, R6, R10, Assembler
+from meshsup.bpf.asm import JEQ, JNE, R0, R1, R2, R6, R10, Assembler
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -40,7 +40,6 @@ MAX_QUEUES: Final = 256
 
 # enum bpf_func_id, from <linux/bpf.h>.
 MAP_LOOKUP_ELEM: Final = 1
-SKB_LOAD_BYTES: Final = 26
 
 # struct bpf_lpm_trie_key: a u32 prefix length in host order, then the
 # address in network order. The value: the worker, a u32.
@@ -66,21 +65,10 @@ def value(worker: int) -> bytes:
     return _VALUE.pack(worker)
 
 
-def _load_bytes(asm: Assembler, off: int, size: int, slot: int) -> None:
-    """Copy ``size`` packet bytes at ``off`` on to the stack at ``slot``; ``default`` if the packet is shorter."""
-    asm.mov(R1, R6)
-    asm.mov_imm(R2, off)
-    asm.mov(R3, R10)
-    asm.add_imm(R3, slot)
-    asm.mov_imm(R4, size)
-    asm.call(SKB_LOAD_BYTES)
-    asm.jump(JNE, R0, 0, "default")
-
-
 def _destination(asm: Assembler, dst: slice, map_fd: int) -> None:
     """The key of a full-length destination read from ``dst``; r1: its family's map."""
     size = dst.stop - dst.start
-    _load_bytes(asm, dst.start, size, _KEY + _PREFIXLEN.size)
+    asm.load_packet_bytes(dst.start, size, _KEY + _PREFIXLEN.size, "default")
     asm.store_imm(4, R10, _KEY, size * 8)
     asm.ld_map_fd(R1, map_fd)
 
@@ -93,7 +81,7 @@ def program(v4_map: int, v6_map: int, default: int) -> bytes:
     value(default)
     asm = Assembler()
     asm.mov(R6, R1)  # the context, kept across helper calls
-    _load_bytes(asm, 0, 1, _VERSION)
+    asm.load_packet_bytes(0, 1, _VERSION, "default")
     asm.load(1, R1, R10, _VERSION)
     asm.rsh_imm(R1, 4)  # the version nibble
     asm.jump32(JEQ, R1, 4, "ipv4")
