@@ -1,6 +1,7 @@
 /* meshsup.actors.dns.burst: a burst of upstream UDP queries out in one
  * system call, their answers in in one (sendmmsg(2), recvmmsg(2)), on the
- * connected socket the burst owns (transport.py's _UdpSocket).
+ * connected socket the burst owns (transport.py's _UdpSocket); and the
+ * replies those answers make, out to their clients in one (send_to).
  *
  * A cold forward used to cost a send() and a recv() of its own, each a
  * system call and a Python call with its objects; a burst of up to 16
@@ -18,6 +19,9 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdint.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <string.h>
 #include <sys/socket.h>
 
 #define MAX_BATCH 64       /* datagrams per call, either way */
@@ -170,14 +174,130 @@ static PyObject *burst_receive(PyObject *self, PyObject *const *args, Py_ssize_t
     return out;
 }
 
+PyDoc_STRVAR(send_to_doc,
+"send_to(fd, replies, addresses, start) -> int\n\n"
+"Send replies[start:] (at most 64 of them) on the unconnected socket fd, each to\n"
+"the address of the same index in addresses, as socket.sendto takes it:\n"
+"(host, port) or, for IPv6, (host, port, flowinfo, scope_id), host a literal\n"
+"address. The number sent, at least 1; OSError if not even the first could be\n"
+"sent, ValueError if its address is not one.");
+
+/* addr as socket.sendto takes it, written to *out; its length, or -1 with an exception set. */
+static socklen_t socket_address(PyObject *addr, struct sockaddr_storage *out) {
+    Py_ssize_t fields = PyTuple_Check(addr) ? PyTuple_GET_SIZE(addr) : 0;
+    if (fields != 2 && fields != 4) {
+        PyErr_SetString(PyExc_ValueError, "send_to: an address is not (host, port[, flowinfo, scope_id])");
+        return (socklen_t)-1;
+    }
+    const char *host = PyUnicode_Check(PyTuple_GET_ITEM(addr, 0)) ? PyUnicode_AsUTF8(PyTuple_GET_ITEM(addr, 0)) : NULL;
+    if (host == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "send_to: a host is not a string");
+        return (socklen_t)-1;
+    }
+    long port = PyLong_AsLong(PyTuple_GET_ITEM(addr, 1));
+    if (port == -1 && PyErr_Occurred())
+        return (socklen_t)-1;
+    if (port < 0 || port > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "send_to: a port is not 16 bits");
+        return (socklen_t)-1;
+    }
+    memset(out, 0, sizeof(*out));
+    if (fields == 2 && strchr(host, ':') == NULL) {
+        struct sockaddr_in *v4 = (struct sockaddr_in *)out;
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, host, &v4->sin_addr) == 1)
+            return sizeof(*v4);
+    } else {
+        struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)out;
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        if (fields == 4) {
+            unsigned long flowinfo = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 2));
+            unsigned long scope = flowinfo == (unsigned long)-1 ? 0 : PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 3));
+            if (PyErr_Occurred())
+                return (socklen_t)-1;
+            if (flowinfo > 0xFFFFFu || scope > UINT32_MAX) {
+                PyErr_SetString(PyExc_ValueError, "send_to: flowinfo or scope_id out of range");
+                return (socklen_t)-1;
+            }
+            v6->sin6_flowinfo = htonl((uint32_t)flowinfo);
+            v6->sin6_scope_id = (uint32_t)scope;
+        }
+        if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1)
+            return sizeof(*v6);
+    }
+    PyErr_SetString(PyExc_ValueError, "send_to: a host is not a literal address");
+    return (socklen_t)-1;
+}
+
+static PyObject *burst_send_to(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "send_to(fd, replies, addresses, start)");
+        return NULL;
+    }
+    int fd = descriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "replies and addresses must be lists");
+        return NULL;
+    }
+    PyObject *replies = args[1], *addresses = args[2];
+    Py_ssize_t total = PyList_GET_SIZE(replies);
+    if (PyList_GET_SIZE(addresses) != total || start < 0 || start >= total) {
+        PyErr_SetString(PyExc_ValueError, "send_to: replies and addresses differ in length, or start is out of range");
+        return NULL;
+    }
+    int count = (int)(total - start > MAX_BATCH ? MAX_BATCH : total - start);
+    struct mmsghdr headers[MAX_BATCH];
+    struct iovec parts[MAX_BATCH];
+    struct sockaddr_storage names[MAX_BATCH];
+    memset(headers, 0, sizeof(headers[0]) * (size_t)count);
+    for (int i = 0; i < count; i++) {
+        PyObject *reply = PyList_GET_ITEM(replies, start + i);
+        if (!PyBytes_CheckExact(reply)) {
+            PyErr_SetString(PyExc_TypeError, "send_to: a reply is not bytes");
+            return NULL;
+        }
+        socklen_t length = socket_address(PyList_GET_ITEM(addresses, start + i), &names[i]);
+        if (length == (socklen_t)-1) {
+            if (i == 0)
+                return NULL;
+            PyErr_Clear(); /* those before it go now; the next call, from it, raises */
+            count = i;
+            break;
+        }
+        parts[i].iov_base = PyBytes_AS_STRING(reply);
+        parts[i].iov_len = (size_t)PyBytes_GET_SIZE(reply);
+        headers[i].msg_hdr.msg_name = &names[i];
+        headers[i].msg_hdr.msg_namelen = length;
+        headers[i].msg_hdr.msg_iov = &parts[i];
+        headers[i].msg_hdr.msg_iovlen = 1;
+    }
+    int sent = sendmmsg(fd, headers, (unsigned)count, MSG_DONTWAIT);
+    if (sent < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (sent == 0) {
+        errno = EAGAIN;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(sent);
+}
+
 static PyMethodDef methods[] = {
     {"send", (PyCFunction)(void (*)(void))burst_send, METH_FASTCALL, send_doc},
     {"receive", (PyCFunction)(void (*)(void))burst_receive, METH_FASTCALL, receive_doc},
+    {"send_to", (PyCFunction)(void (*)(void))burst_send_to, METH_FASTCALL, send_to_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "meshsup.actors.dns.burst", "Upstream UDP bursts in one system call: see burst.c.", -1,
+    PyModuleDef_HEAD_INIT, "meshsup.actors.dns.burst", "Upstream UDP bursts, and replies to clients, in one system call: see burst.c.", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 

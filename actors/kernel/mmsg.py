@@ -18,7 +18,6 @@ import ctypes
 import errno
 import socket
 import struct
-from typing import Any
 
 SLOTS = 64
 SLOT_SIZE = 4096
@@ -26,7 +25,6 @@ _SOCKADDR_SIZE = 128  # struct sockaddr_storage: room for any family's address
 _SOCKADDR_IN_SIZE, _SOCKADDR_IN6_SIZE = 16, 28
 SOURCES_KEPT = 4096  # client addresses remembered as tuples
 _U32 = struct.Struct("I")
-_FAMILY = struct.Struct("H")  # sa_family_t, in the host's byte order
 _SIZE = struct.Struct("N")
 # Plain ints: the socket module's are enum members, and & on one costs microseconds.
 _MSG_TRUNC = int(socket.MSG_TRUNC)
@@ -93,7 +91,6 @@ class Batch:
         self._replied: list[int] = []
         self._name_size = _SOCKADDR_IN6_SIZE if sock.family == socket.AF_INET6 else _SOCKADDR_IN_SIZE
         self._sources: dict[bytes, tuple[str, int] | tuple[str, int, int, int]] = {}
-        self._sockaddrs: dict[tuple[Any, ...], bytes] = {}  # the other way round, for send_to()
 
     def receive(self) -> list[bytes | None]:
         """The datagrams waiting, up to the batch's slots (None for one cut short); [] if none."""
@@ -127,39 +124,6 @@ class Batch:
         _SIZE.pack_into(self._iovecs_view, slot * _IOVEC + _IOV_LEN, size)
         self._replied.append(slot)
         return True
-
-    def send_to(self, wire: bytes, address: tuple[Any, ...]) -> bool:
-        """Queue wire for address (as sendto takes it) in the next free slot,
-        for a batch that only sends; False if it does not fit a slot or no
-        slot is free (the caller flushes, or sends it another way)."""
-        slot = len(self._replied)
-        if slot >= self._slots or not self.reply(slot, wire):
-            return False
-        name = self._sockaddrs.get(address)
-        if name is None:
-            if len(self._sockaddrs) >= SOURCES_KEPT:
-                self._sockaddrs.clear()
-            name = self._sockaddrs[address] = self._sockaddr(address)
-        at = slot * _SOCKADDR_SIZE
-        self._names_view[at : at + len(name)] = name
-        return True
-
-    def _sockaddr(self, address: tuple[Any, ...]) -> bytes:
-        port = address[1].to_bytes(2, "big")
-        if self._family == socket.AF_INET6:
-            flowinfo, scope = (address[2], address[3]) if len(address) == 4 else (0, 0)
-            return (
-                _FAMILY.pack(socket.AF_INET6)
-                + port
-                + flowinfo.to_bytes(4, "big")
-                + socket.inet_pton(socket.AF_INET6, address[0])
-                + _U32.pack(scope)
-            )
-        return _FAMILY.pack(socket.AF_INET) + port + socket.inet_pton(socket.AF_INET, address[0]) + bytes(8)
-
-    @property
-    def queued(self) -> int:
-        return len(self._replied)
 
     def flush(self) -> int:
         """Send the queued replies; how many could not be sent (a full send

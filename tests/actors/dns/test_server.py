@@ -576,19 +576,6 @@ def test_batches_take_datagrams_in_and_send_each_reply_to_its_sender(family, udp
     wait_until(lambda: again.extend(batch.receive()) or again == [b"again"], what="the next batch")
 
 
-@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_a_sending_batch_sends_each_datagram_to_its_address_in_one_go(family, udp_sockets):
-    sender, *receivers = udp_sockets(family, 4)
-    outbox = Batch(sender, slots=2)
-    assert outbox.send_to(b"a0", receivers[0].getsockname())
-    assert not outbox.send_to(b"x" * (SLOT_SIZE + 1), receivers[1].getsockname())  # too big: not queued
-    assert outbox.send_to(b"a1", receivers[1].getsockname())
-    assert not outbox.send_to(b"a2", receivers[2].getsockname())  # no slot left: flush first
-    assert outbox.queued == 2 and outbox.flush() == 0 and outbox.queued == 0
-    assert outbox.send_to(b"a2", receivers[2].getsockname()) and outbox.flush() == 0
-    assert [receiver.recv(64) for receiver in receivers] == [b"a0", b"a1", b"a2"]
-
-
 def test_ipv6_loopback_listener(later):
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
