@@ -59,7 +59,6 @@ from meshsup.actors.dns.resolver import Action, Drop, Forward, Learned, Log, Rep
 from meshsup.actors.dns.steering import steer
 from meshsup.actors.dns.transport import Transport
 from meshsup.actors.dns.wire import truncated
-from meshsup.actors.kernel.mmsg import SLOT_SIZE, Batch
 from meshsup.actors.routing.prefixes import IPNetwork
 from meshsup.actors.settings.dns import DnsSettings
 
@@ -70,6 +69,8 @@ OnLearned = Callable[[str, tuple[str, ...]], None]
 
 STEER_INTERVAL = 2.0  # seconds between recounts of the workers sharing a UDP port
 PROBE_TICK = 0.25  # seconds between looks at which upstreams are due a probe (choice.py paces them)
+BATCH = 64  # UDP datagrams read (and replies sent) per system call
+MAX_QUERY = 4096  # bytes: a longer UDP query is dropped, counted (no DNS query is that long)
 MAX_TCP_CLIENTS = 512
 MAX_TCP_BACKLOG = 128
 TCP_WRITE_BUFFER_LIMIT = 1 << 20  # a client that does not read its answers is cut off
@@ -101,49 +102,49 @@ def _bind(address: Address, kind: socket.SocketKind) -> socket.socket:
 
 
 class _UdpListener:
-    """Reads datagrams a batch at a time (actors.kernel.mmsg); replies go out of the
-    same socket. Queries the fast path knows are answered right here, the hot
-    loop: their replies leave together when the batch is done, one clock
-    reading per batch (the datagrams of a batch arrived together)."""
+    """Reads datagrams a batch at a time, each with its sender, and sends replies
+    a batch at a time (burst.c: recvmmsg and sendmmsg, no Python call per
+    datagram for either). Queries the fast path knows are answered right here,
+    the hot loop, one clock reading per batch (the datagrams of a batch arrived
+    together); their replies, and those of forwards, leave together at the end
+    of the batch (or of the loop turn, for answers that come otherwise)."""
 
     def __init__(self, sock: socket.socket, server: DnsServer) -> None:
         self.sock = sock
         self._server = server
-        self._batch = Batch(sock)
-        # Replies made outside the receive batch, and where each goes: sent at the end of the loop turn.
+        # Replies queued, and where each goes.
         self._replies: list[bytes] = []
         self._addresses: list[Any] = []
+        self._reading = False  # a batch is being served: its replies leave when it is done
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
         server = self._server
-        batch, stats = self._batch, server.stats
         try:
-            queries = batch.receive()
+            datagrams = burst.receive_from(self.sock.fileno(), BATCH, MAX_QUERY)
         except OSError:
-            stats["udp_receive_errors"] += 1
+            server.stats["udp_receive_errors"] += 1
             return
         # The batch's forwards leave together once it is read, not in a loop turn of their own.
         transport = server._transport
         transport.hold()
+        self._reading = True
         try:
-            self._serve(batch, queries)
+            self._serve(datagrams)
         finally:
             transport.send_held()
-        failed = batch.flush()
-        if failed:
-            stats["udp_send_errors"] += failed
+            self._reading = False
+            self._flush_outbox()
 
-    def _serve(self, batch: Batch, queries: list[bytes | None]) -> None:
+    def _serve(self, datagrams: list[tuple[bytes | None, Any]]) -> None:
         server = self._server
         fast, stats, sources = server.fast, server.stats, server.sources.client
         now = time.monotonic()
-        for slot, query in enumerate(queries):
+        for query, source in datagrams:
             if query is None:
                 stats["udp_oversized_queries"] += 1
                 continue
-            source = batch.source(slot)
             client = sources(source[0])
             if not client.allowed:
                 stats["refused_source"] += 1
@@ -156,20 +157,18 @@ class _UdpListener:
                 reply = server.limit(reply, client.prefix, now)
                 if reply is None:
                     continue
-            if not batch.reply(slot, reply):
-                self._queue(reply, source)
+            self._queue(reply, source)
 
     def send(self, wire: bytes, source: Any) -> None:
         """A reply made outside the receive batch (a forwarded answer), as the
-        rate limit lets it go: queued, and sent with the others of this loop
-        turn in one system call (burst.send_to)."""
+        rate limit lets it go: queued, and sent with the others in one system call."""
         limited = self._server.limit_to(source[0], wire)
         if limited is not None:
             self._queue(limited, source)
 
     def _queue(self, wire: bytes, source: Any) -> None:
         replies = self._replies
-        if not replies:
+        if not replies and not self._reading:
             self._server._flush_later(self)
         replies.append(wire)
         self._addresses.append(source)
@@ -217,7 +216,7 @@ class _InterceptUdp:
         server, stats = self._server, self._server.stats
         for _ in range(self.BATCH):
             try:
-                query, ancillary, flags, client = self.sock.recvmsg(SLOT_SIZE, ANCILLARY_SIZE)
+                query, ancillary, flags, client = self.sock.recvmsg(MAX_QUERY, ANCILLARY_SIZE)
             except BlockingIOError:
                 return
             except OSError:

@@ -216,3 +216,27 @@ def test_send_to_checks_its_arguments(pair) -> None:
         burst.send_to(client.fileno(), ["a"], [address], 0)  # not bytes
     with pytest.raises(ValueError):
         burst.send_to(-1, [b"a"], [address], 0)
+
+
+@pytest.mark.parametrize("family_sockets", [socket.AF_INET, socket.AF_INET6], indirect=True)
+def test_datagrams_come_in_with_their_senders_as_recvfrom_gives_them(family_sockets) -> None:
+    receiver, senders = family_sockets
+    address = receiver.getsockname()
+    assert burst.receive_from(receiver.fileno(), 64, 4096) == []
+    for i, sender in enumerate(senders):
+        sender.sendto(b"q%d" % i if i < 2 else b"x" * 4097, address)
+    got: list[tuple[bytes | None, tuple]] = []
+    while len(got) < 3:
+        wait_readable(receiver)
+        got += burst.receive_from(receiver.fileno(), 64, 4096)
+    expected = [b"q0", b"q1", None]  # the third longer than size
+    assert got == [(data, sender.getsockname()) for data, sender in zip(expected, senders, strict=True)]
+    senders[0].sendto(b"a" * 4096, address)  # as long as size: whole
+    senders[0].sendto(b"b", address)
+    wait_readable(receiver)
+    assert burst.receive_from(receiver.fileno(), 1, 4096) == [(b"a" * 4096, senders[0].getsockname())]
+    assert burst.receive_from(receiver.fileno(), 1, 4096) == [(b"b", senders[0].getsockname())]
+    with pytest.raises(ValueError):
+        burst.receive_from(receiver.fileno(), 65, 4096)
+    with pytest.raises(ValueError):
+        burst.receive_from(receiver.fileno(), 1, 0)
