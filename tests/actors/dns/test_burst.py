@@ -5,6 +5,7 @@ real loopback sockets."""
 from __future__ import annotations
 
 import errno
+import random
 import select
 import socket
 from collections.abc import Iterator
@@ -240,3 +241,34 @@ def test_datagrams_come_in_with_their_senders_as_recvfrom_gives_them(family_sock
         burst.receive_from(receiver.fileno(), 65, 4096)
     with pytest.raises(ValueError):
         burst.receive_from(receiver.fileno(), 1, 0)
+
+
+@pytest.mark.parametrize("family_sockets", [socket.AF_INET, socket.AF_INET6], indirect=True)
+def test_random_batches_arrive_and_leave_as_recvfrom_and_sendto_have_them(family_sockets) -> None:
+    """Differential: 200 random batches (sizes at, around and past the limit, senders
+    and receivers mixed, any start) each way against what the socket module sees;
+    at most 40 datagrams of a batch, so that they fit the receive buffers."""
+    rng = random.Random(41)
+    listener, peers = family_sockets
+    address = listener.getsockname()
+    for _ in range(200):
+        size = rng.choice([1, 2, 12, 512, 1232, 2048, rng.randint(1, 2048)])
+        sent = [
+            (rng.choice(peers), rng.randbytes(rng.choice([0, 1, size - 1, size, size + 1, rng.randint(0, 2100)])))
+            for _ in range(rng.randint(1, 40))
+        ]
+        for peer, data in sent:
+            peer.sendto(data, address)
+        got: list[tuple[bytes | None, tuple]] = []
+        while len(got) < len(sent):
+            wait_readable(listener)
+            got += burst.receive_from(listener.fileno(), rng.randint(1, 64), size)
+        assert got == [(data if len(data) <= size else None, peer.getsockname()) for peer, data in sent]
+        replies = [rng.randbytes(rng.randint(0, 3000)) for _ in range(rng.randint(1, 40))]
+        to = [rng.choice(peers) for _ in replies]
+        start = rng.randrange(len(replies))
+        done = start
+        while done < len(replies):
+            done += burst.send_to(listener.fileno(), replies, [peer.getsockname() for peer in to], done)
+        for index in range(start, len(replies)):
+            assert to[index].recv(4096) == replies[index]
