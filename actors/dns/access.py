@@ -62,13 +62,16 @@ class Sources:
             self.networks.add(network)
         self._known.clear()
 
-    def __call__(self, host: str) -> Client:
+    def client(self, host: str) -> Client:
+        """The verdict on host (also what calling the Sources gives, at the cost of a slower call)."""
         known = self._known.get(host)
         if known is None:
             if len(self._known) >= SOURCES_KEPT:
                 self._known.clear()
             known = self._known[host] = self._judge(host)
         return known
+
+    __call__ = client
 
     def _judge(self, host: str) -> Client:
         prefix = prefix_of(host)

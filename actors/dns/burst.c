@@ -1,6 +1,8 @@
 /* meshsup.actors.dns.burst: a burst of upstream UDP queries out in one
  * system call, their answers in in one (sendmmsg(2), recvmmsg(2)), on the
- * connected socket the burst owns (transport.py's _UdpSocket).
+ * connected socket the burst owns (transport.py's _UdpSocket); and a
+ * listener's queries in with their senders, its replies out to them, in one
+ * each (receive_from, send_to: server.py's _UdpListener).
  *
  * A cold forward used to cost a send() and a recv() of its own, each a
  * system call and a Python call with its objects; a burst of up to 16
@@ -18,6 +20,9 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdint.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <string.h>
 #include <sys/socket.h>
 
 #define MAX_BATCH 64       /* datagrams per call, either way */
@@ -26,6 +31,20 @@
 /* Received datagrams, MAX_BATCH slots of `slot` bytes; grown when a call asks for larger slots. */
 static uint8_t *in_buffer;
 static Py_ssize_t in_slot;
+
+/* Slots of at least `slot` bytes; -1 with an exception set if there is no memory for them. */
+static int grow(Py_ssize_t slot) {
+    if (slot <= in_slot)
+        return 0;
+    uint8_t *grown = PyMem_Realloc(in_buffer, (size_t)(slot * MAX_BATCH));
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    in_buffer = grown;
+    in_slot = slot;
+    return 0;
+}
 
 PyDoc_STRVAR(send_doc,
 "send(fd, ids, queries, start) -> int\n\n"
@@ -127,20 +146,16 @@ static PyObject *burst_receive(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_ValueError, "receive: count is 1..64, size 1..65536");
         return NULL;
     }
-    Py_ssize_t slot = size + 1; /* a byte more than size: a longer datagram shows, however the kernel flags it */
-    if (slot > in_slot) {
-        uint8_t *grown = PyMem_Realloc(in_buffer, (size_t)(slot * MAX_BATCH));
-        if (grown == NULL)
-            return PyErr_NoMemory();
-        in_buffer = grown;
-        in_slot = slot;
-    }
+    /* A byte more than size: a longer datagram shows, however the kernel flags it. */
+    if (grow(size + 1) < 0)
+        return NULL;
+    Py_ssize_t slot = in_slot;
     struct mmsghdr headers[MAX_BATCH];
     struct iovec parts[MAX_BATCH];
     memset(headers, 0, sizeof(headers[0]) * (size_t)count);
     for (long i = 0; i < count; i++) {
         parts[i].iov_base = in_buffer + i * slot;
-        parts[i].iov_len = (size_t)slot;
+        parts[i].iov_len = (size_t)(size + 1);
         headers[i].msg_hdr.msg_iov = &parts[i];
         headers[i].msg_hdr.msg_iovlen = 1;
     }
@@ -170,14 +185,219 @@ static PyObject *burst_receive(PyObject *self, PyObject *const *args, Py_ssize_t
     return out;
 }
 
+PyDoc_STRVAR(send_to_doc,
+"send_to(fd, replies, addresses, start) -> int\n\n"
+"Send replies[start:] (at most 64 of them) on the unconnected socket fd, each to\n"
+"the address of the same index in addresses, as socket.sendto takes it:\n"
+"(host, port) or, for IPv6, (host, port, flowinfo, scope_id), host a literal\n"
+"address. The number sent, at least 1; OSError if not even the first could be\n"
+"sent, ValueError if its address is not one.");
+
+/* addr as socket.sendto takes it, written to *out; its length, or -1 with an exception set. */
+static socklen_t socket_address(PyObject *addr, struct sockaddr_storage *out) {
+    Py_ssize_t fields = PyTuple_Check(addr) ? PyTuple_GET_SIZE(addr) : 0;
+    if (fields != 2 && fields != 4) {
+        PyErr_SetString(PyExc_ValueError, "send_to: an address is not (host, port[, flowinfo, scope_id])");
+        return (socklen_t)-1;
+    }
+    const char *host = PyUnicode_Check(PyTuple_GET_ITEM(addr, 0)) ? PyUnicode_AsUTF8(PyTuple_GET_ITEM(addr, 0)) : NULL;
+    if (host == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "send_to: a host is not a string");
+        return (socklen_t)-1;
+    }
+    long port = PyLong_AsLong(PyTuple_GET_ITEM(addr, 1));
+    if (port == -1 && PyErr_Occurred())
+        return (socklen_t)-1;
+    if (port < 0 || port > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "send_to: a port is not 16 bits");
+        return (socklen_t)-1;
+    }
+    memset(out, 0, sizeof(*out));
+    if (fields == 2 && strchr(host, ':') == NULL) {
+        struct sockaddr_in *v4 = (struct sockaddr_in *)out;
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, host, &v4->sin_addr) == 1)
+            return sizeof(*v4);
+    } else {
+        struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)out;
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        if (fields == 4) {
+            unsigned long flowinfo = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 2));
+            unsigned long scope = flowinfo == (unsigned long)-1 ? 0 : PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 3));
+            if (PyErr_Occurred())
+                return (socklen_t)-1;
+            if (flowinfo > 0xFFFFFu || scope > UINT32_MAX) {
+                PyErr_SetString(PyExc_ValueError, "send_to: flowinfo or scope_id out of range");
+                return (socklen_t)-1;
+            }
+            v6->sin6_flowinfo = htonl((uint32_t)flowinfo);
+            v6->sin6_scope_id = (uint32_t)scope;
+        }
+        if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1)
+            return sizeof(*v6);
+    }
+    PyErr_SetString(PyExc_ValueError, "send_to: a host is not a literal address");
+    return (socklen_t)-1;
+}
+
+static PyObject *burst_send_to(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "send_to(fd, replies, addresses, start)");
+        return NULL;
+    }
+    int fd = descriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "replies and addresses must be lists");
+        return NULL;
+    }
+    PyObject *replies = args[1], *addresses = args[2];
+    Py_ssize_t total = PyList_GET_SIZE(replies);
+    if (PyList_GET_SIZE(addresses) != total || start < 0 || start >= total) {
+        PyErr_SetString(PyExc_ValueError, "send_to: replies and addresses differ in length, or start is out of range");
+        return NULL;
+    }
+    int count = (int)(total - start > MAX_BATCH ? MAX_BATCH : total - start);
+    struct mmsghdr headers[MAX_BATCH];
+    struct iovec parts[MAX_BATCH];
+    struct sockaddr_storage names[MAX_BATCH];
+    memset(headers, 0, sizeof(headers[0]) * (size_t)count);
+    for (int i = 0; i < count; i++) {
+        PyObject *reply = PyList_GET_ITEM(replies, start + i);
+        if (!PyBytes_CheckExact(reply)) {
+            PyErr_SetString(PyExc_TypeError, "send_to: a reply is not bytes");
+            return NULL;
+        }
+        socklen_t length = socket_address(PyList_GET_ITEM(addresses, start + i), &names[i]);
+        if (length == (socklen_t)-1) {
+            if (i == 0)
+                return NULL;
+            PyErr_Clear(); /* those before it go now; the next call, from it, raises */
+            count = i;
+            break;
+        }
+        parts[i].iov_base = PyBytes_AS_STRING(reply);
+        parts[i].iov_len = (size_t)PyBytes_GET_SIZE(reply);
+        headers[i].msg_hdr.msg_name = &names[i];
+        headers[i].msg_hdr.msg_namelen = length;
+        headers[i].msg_hdr.msg_iov = &parts[i];
+        headers[i].msg_hdr.msg_iovlen = 1;
+    }
+    int sent = sendmmsg(fd, headers, (unsigned)count, MSG_DONTWAIT);
+    if (sent < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (sent == 0) {
+        errno = EAGAIN;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(sent);
+}
+
+PyDoc_STRVAR(receive_from_doc,
+"receive_from(fd, count, size) -> list[tuple[bytes | None, tuple]]\n\n"
+"The datagrams waiting on the unconnected socket fd, at most count (1..64), each\n"
+"with its sender as socket.recvfrom gives it: (host, port) or, for IPv6, (host,\n"
+"port, flowinfo, scope_id); a datagram longer than size (1..65536) as None. []\n"
+"if none wait; OSError for an error the socket reports.");
+
+/* The sender the kernel wrote, as socket.recvfrom gives it; NULL with an exception set. */
+static PyObject *sender(const struct sockaddr_storage *name, socklen_t length) {
+    char host[INET6_ADDRSTRLEN];
+    if (name->ss_family == AF_INET && length >= (socklen_t)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *v4 = (const struct sockaddr_in *)name;
+        if (inet_ntop(AF_INET, &v4->sin_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", host, (int)ntohs(v4->sin_port));
+    }
+    if (name->ss_family == AF_INET6 && length >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)name;
+        if (inet_ntop(AF_INET6, &v6->sin6_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(siII)", host, (int)ntohs(v6->sin6_port), (unsigned)ntohl(v6->sin6_flowinfo),
+                             (unsigned)v6->sin6_scope_id);
+    }
+    PyErr_SetString(PyExc_OSError, "receive_from: a sender of an unknown address family");
+    return NULL;
+}
+
+static PyObject *burst_receive_from(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "receive_from(fd, count, size)");
+        return NULL;
+    }
+    int fd = descriptor(args[0]);
+    if (fd < 0)
+        return NULL;
+    long count = PyLong_AsLong(args[1]);
+    if (count == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t size = PyLong_AsSsize_t(args[2]);
+    if (size == -1 && PyErr_Occurred())
+        return NULL;
+    if (count < 1 || count > MAX_BATCH || size < 1 || size > MAX_DATAGRAM) {
+        PyErr_SetString(PyExc_ValueError, "receive_from: count is 1..64, size 1..65536");
+        return NULL;
+    }
+    if (grow(size + 1) < 0)
+        return NULL;
+    Py_ssize_t slot = in_slot;
+    struct mmsghdr headers[MAX_BATCH];
+    struct iovec parts[MAX_BATCH];
+    struct sockaddr_storage names[MAX_BATCH];
+    memset(headers, 0, sizeof(headers[0]) * (size_t)count);
+    for (long i = 0; i < count; i++) {
+        parts[i].iov_base = in_buffer + i * slot;
+        parts[i].iov_len = (size_t)(size + 1);
+        headers[i].msg_hdr.msg_iov = &parts[i];
+        headers[i].msg_hdr.msg_iovlen = 1;
+        headers[i].msg_hdr.msg_name = &names[i];
+        headers[i].msg_hdr.msg_namelen = sizeof(names[i]);
+    }
+    int got = recvmmsg(fd, headers, (unsigned)count, MSG_DONTWAIT, NULL);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+            return PyList_New(0);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *out = PyList_New(got);
+    if (out == NULL)
+        return NULL;
+    for (int i = 0; i < got; i++) {
+        size_t length = headers[i].msg_len;
+        PyObject *data, *from = sender(&names[i], headers[i].msg_hdr.msg_namelen);
+        if ((headers[i].msg_hdr.msg_flags & MSG_TRUNC) || length > (size_t)size)
+            data = Py_NewRef(Py_None);
+        else
+            data = PyBytes_FromStringAndSize((const char *)parts[i].iov_base, (Py_ssize_t)length);
+        PyObject *item = from == NULL || data == NULL ? NULL : PyTuple_Pack(2, data, from);
+        Py_XDECREF(from);
+        Py_XDECREF(data);
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, item);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"send", (PyCFunction)(void (*)(void))burst_send, METH_FASTCALL, send_doc},
     {"receive", (PyCFunction)(void (*)(void))burst_receive, METH_FASTCALL, receive_doc},
+    {"send_to", (PyCFunction)(void (*)(void))burst_send_to, METH_FASTCALL, send_to_doc},
+    {"receive_from", (PyCFunction)(void (*)(void))burst_receive_from, METH_FASTCALL, receive_from_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "meshsup.actors.dns.burst", "Upstream UDP bursts in one system call: see burst.c.", -1,
+    PyModuleDef_HEAD_INIT, "meshsup.actors.dns.burst", "Upstream UDP bursts, and replies to clients, in one system call: see burst.c.", -1,
     methods, NULL, NULL, NULL, NULL,
 };
 

@@ -119,21 +119,25 @@ class DnsCache:
     def put(self, key: CacheKey, answer: WireAnswer, now: float) -> WireAnswer | None:
         """Store answer; returns it as stored (TTLs clamped), or None if not cacheable."""
         rcode, answers, ttls = answer.rcode, answer.counts[0], answer.ttls
+        # min() and max() parse keyword arguments on every call: a lone record (the
+        # usual answer) is read without them.
+        low, high = (ttls[0], ttls[0]) if len(ttls) == 1 else (min(ttls, default=0), max(ttls, default=0))
         # Its lifetime: positive answers live for their lowest answer TTL,
         # negative ones (NXDOMAIN, NODATA) as their SOA says; nothing else is kept.
         if rcode == _NOERROR and answers:
-            negative, lowest = False, min(ttls[:answers])
+            negative, lowest = False, low if answers == len(ttls) else min(ttls[:answers])
         elif (rcode == _NOERROR or rcode == _NXDOMAIN) and answer.negative_ttl is not None:
             negative, lowest = True, min((answer.negative_ttl, *ttls[:answers]))
         else:
             self.counters.not_cacheable += 1
             return None
-        ttl = self._clamp(lowest)
+        min_ttl, max_ttl = self.min_ttl, self.max_ttl
+        ttl = lowest if min_ttl <= lowest <= max_ttl else self._clamp(lowest)
         if ttl <= 0 or self.size <= 0:
             self.counters.not_cacheable += 1
             return None
         stored: CacheEntry | bytes
-        if not negative and self.min_ttl <= min(ttls) and max(ttls) <= self.max_ttl:
+        if not negative and min_ttl <= low and high <= max_ttl:
             # The usual case: nothing to clamp, so the upstream's records can be kept as they are.
             flags = rcode | (AD if answer.authenticated else 0)
             stored, kept = _STAMP.pack(now, ttl, flags, *answer.counts) + answer.records, answer

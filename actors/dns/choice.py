@@ -129,7 +129,7 @@ class Upstreams:
         if not state.alive:  # back: its old figure says nothing now
             state.alive, state.latency = True, None
             self._dead.discard(upstream)
-        rtt = max(rtt, 0.0)
+        rtt = rtt if rtt > 0.0 else 0.0  # not max(): a call that parses keywords, per answer
         state.latency = rtt if state.latency is None else state.latency + EWMA_WEIGHT * (rtt - state.latency)
         state.probe_gap = PROBE_MIN
 

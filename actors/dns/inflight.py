@@ -15,7 +15,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from meshsup.actors.dns.upstream import FailoverPlan
 
@@ -55,8 +55,14 @@ class InflightTable(Generic[W]):
         return self._flights.get(key)
 
     def admit(
-        self, key: Hashable, waiter: W, make_flight: Callable[[], Flight[W]], owner: Hashable | None = None
+        self,
+        key: Hashable,
+        waiter: W,
+        make_flight: Callable[..., Flight[W]],
+        *args: Any,
+        owner: Hashable | None = None,
     ) -> Admission:
+        """make_flight(*args) makes the flight, if one starts (args rather than a closure: one per query)."""
         flight = self._flights.get(key)
         if flight is not None:
             flight.waiters.append(waiter)
@@ -67,7 +73,7 @@ class InflightTable(Generic[W]):
             if self._owned[owner] >= self.share:
                 return Admission.OWNER_FULL
             self._owned[owner] += 1
-        flight = make_flight()
+        flight = make_flight(*args)
         flight.owner = owner
         flight.waiters.append(waiter)
         self._flights[key] = flight

@@ -41,7 +41,8 @@ CLASSIC_UDP_LIMIT = 512
 TCP_LIMIT = 65535
 # Meta and transfer types are never something a stub resolver may forward.
 REFUSED_QTYPES = frozenset(
-    {
+    int(t)  # plain ints: looked up per query
+    for t in {
         dns.rdatatype.OPT,
         dns.rdatatype.AXFR,
         dns.rdatatype.IXFR,
@@ -116,8 +117,10 @@ class Query:
             return TCP_LIMIT
         if self.fields.edns < 0:
             return CLASSIC_UDP_LIMIT
-        # RFC 6891 section 6.2.5: values below 512 are treated as 512.
-        return min(max(self.fields.payload, CLASSIC_UDP_LIMIT), OUR_PAYLOAD)
+        # RFC 6891 section 6.2.5: values below 512 are treated as 512. (Not min() and max(): a call
+        # each that parses keywords, for every reply.)
+        payload = self.fields.payload
+        return CLASSIC_UDP_LIMIT if payload < CLASSIC_UDP_LIMIT else OUR_PAYLOAD if payload > OUR_PAYLOAD else payload
 
 
 @dataclass(frozen=True)
@@ -172,25 +175,25 @@ def header_reply(wire_bytes: bytes, rcode: int) -> bytes:
 
 def parse_query(wire_bytes: bytes) -> Query | ErrorReply | Ignored:
     """Validate a query from a client. Never raises."""
-    if len(wire_bytes) < HEADER_LEN:
-        return Ignored("drop_short")
-    _, flags, qdcount = struct.unpack_from("!HHH", wire_bytes)
-    if flags & wire.QR:
-        return Ignored("drop_response")
-    if flags & wire.OPCODE_MASK:  # an opcode other than QUERY (0)
-        return ErrorReply("notimp", header_reply(wire_bytes, dns.rcode.NOTIMP))
-    if qdcount != 1:
-        return ErrorReply("formerr", header_reply(wire_bytes, dns.rcode.FORMERR))
-    plain = wire.parse_plain_query(wire_bytes)
+    plain = wire.parse_plain_query(wire_bytes)  # the usual query: its header checked by the same read
     if plain is not None:
-        query = Query(wire_bytes, plain)
+        query = Query(wire_bytes, plain)  # EDNS version 0 or none
     else:
+        if len(wire_bytes) < HEADER_LEN:
+            return Ignored("drop_short")
+        _, flags, qdcount = struct.unpack_from("!HHH", wire_bytes)
+        if flags & wire.QR:
+            return Ignored("drop_response")
+        if flags & wire.OPCODE_MASK:  # an opcode other than QUERY (0)
+            return ErrorReply("notimp", header_reply(wire_bytes, dns.rcode.NOTIMP))
+        if qdcount != 1:
+            return ErrorReply("formerr", header_reply(wire_bytes, dns.rcode.FORMERR))
         try:
             query = Query.from_message(wire_bytes, dns.message.from_wire(wire_bytes))
         except Exception:  # garbage can trip any parser error; all of them mean FORMERR
             return ErrorReply("formerr", header_reply(wire_bytes, dns.rcode.FORMERR))
-    if query.fields.edns > 0:
-        return ErrorReply("badvers", render(query, Answer(dns.rcode.BADVERS), "udp"))
+        if query.fields.edns > 0:
+            return ErrorReply("badvers", render(query, Answer(dns.rcode.BADVERS), "udp"))
     if query.qtype in REFUSED_QTYPES:
         return ErrorReply("refused_qtype", render(query, Answer(dns.rcode.REFUSED), "udp"))
     return query

@@ -28,7 +28,7 @@ import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import dns.rcode
 import dns.rdatatype
@@ -50,7 +50,7 @@ from meshsup.actors.dns.message import (
     render,
     reply_ttls,
 )
-from meshsup.actors.dns.rules import Reject, Router
+from meshsup.actors.dns.rules import ForwardTo, Reject, Router
 from meshsup.actors.dns.upstream import FAILOVER_RCODES, FailoverPlan, without_own
 from meshsup.actors.dns.wire import WireAnswer, label_count
 from meshsup.actors.dns.zone import Zone
@@ -63,24 +63,22 @@ Source = tuple[Any, ...]  # (ip, port) of the client
 LOCAL_ENTRIES = 4096
 
 
-@dataclass(slots=True)
-class Reply:
+# Actions and waiters are tuples, made by position (a query makes a few: no Python __init__ for each).
+class Reply(NamedTuple):
     wire: bytes
     source: Source
     transport: str
     ctx: object = None
 
 
-@dataclass(slots=True)
-class Forward:
+class Forward(NamedTuple):
     key: CacheKey
     upstream: Upstream
     query: bytes
     timeout: float
 
 
-@dataclass(slots=True)
-class Drop:
+class Drop(NamedTuple):
     reason: str
     source: Source
     transport: str
@@ -102,13 +100,16 @@ class Log:
 Action = Reply | Forward | Drop | Learned | Log
 
 
-@dataclass(slots=True)
-class _Waiter:
+class _Waiter(NamedTuple):
     query: Query
     source: Source
     transport: str
     ctx: object
     wire: bytes  # the query as it came, the fast path's key
+
+
+_tuple = tuple.__new__
+_ANY = int(dns.rdatatype.ANY)  # a plain int: compared per query
 
 
 def _cache_shape(s: DnsSettings) -> tuple[Any, ...]:
@@ -207,14 +208,14 @@ class Resolver:
         counters = self.counters
         counters["queries_" + transport] += 1
         parsed = parse_query(query_wire)
-        if not isinstance(parsed, Query):  # an error reply or nothing
+        if parsed.__class__ is not Query:  # an error reply or nothing
             counters[parsed.reason] += 1
             if isinstance(parsed, Ignored):
-                return [Drop(parsed.reason, source, transport, ctx)]
+                return [_tuple(Drop, (parsed.reason, source, transport, ctx))]
             self.rcodes[parsed.wire[3] & 0x0F] += 1
-            return [Reply(parsed.wire, source, transport, ctx)]
-        waiter = _Waiter(parsed, source, transport, ctx, query_wire)
-        if parsed.qtype == dns.rdatatype.ANY:
+            return [_tuple(Reply, (parsed.wire, source, transport, ctx))]
+        waiter = _tuple(_Waiter, (parsed, source, transport, ctx, query_wire))
+        if parsed.qtype == _ANY:
             # An amplifier's favourite question: one small record instead, for every name.
             counters["any_minimised"] += 1
             return [self._reply(waiter, self._rfc8482(parsed), keep="any_minimised")]
@@ -232,7 +233,7 @@ class Resolver:
         decision = self._router.only or self._router.route(
             parsed.name_text, parsed.qtype, str(source[0]) if source else "", destination
         )
-        if isinstance(decision, Reject):
+        if decision.__class__ is Reject:
             counters["rejected_by_rule"] += 1
             # A refusal by destination is not the question's: the fast path, which knows only that, keeps none.
             keep = "" if self._router.by_destination else "rejected_by_rule"
@@ -242,19 +243,17 @@ class Resolver:
         if cached is not None:
             return [self._reply_cached(waiter, cached, now)]
         admission = self._inflight.admit(
-            key,
-            waiter,
-            lambda: Flight(
-                make_forward_query(parsed),
-                FailoverPlan(self.upstreams.order(decision.upstreams, decision.policy)),
-                now,
-            ),
-            owner=prefix_of(str(source[0])) if source else None,
+            key, waiter, self._flight, parsed, decision, now, owner=prefix_of(str(source[0])) if source else None
         )
         if admission is not Admission.STARTED:
             return self._not_started(admission, waiter, now)
         counters["forwarded"] += 1
         return self._attempt(key, now)
+
+    def _flight(self, query: Query, decision: ForwardTo, now: float) -> Flight[_Waiter]:
+        """A forward of query as decided, started now."""
+        plan = FailoverPlan(self.upstreams.order(decision.upstreams, decision.policy))
+        return Flight(make_forward_query(query), plan, now)
 
     def _not_started(self, admission: Admission, waiter: _Waiter, now: float) -> list[Action]:
         """A query that joined a forward under way, or was refused one of its own."""
@@ -275,9 +274,10 @@ class Resolver:
         flight = self._current(key, upstream)
         if flight is None:
             return []
-        answer = parse_response(wire, flight.waiters[0].query, self.learning)
+        waiters = flight.waiters
+        answer = parse_response(wire, waiters[0].query, self.learning)
         rtt = now - flight.plan.sent
-        if isinstance(answer, str):
+        if answer.__class__ is str:
             return self._failed(key, upstream, f"upstream_{answer}", now, rtt)
         if answer.rcode in FAILOVER_RCODES:
             return self._failed(key, upstream, f"upstream_{dns.rcode.to_text(answer.rcode).lower()}", now, rtt)
@@ -288,7 +288,7 @@ class Resolver:
         self.upstream_latency.observe(now - flight.started)
         # Not kept for the fast path yet: that waits for the question to come again
         # (most names are asked once; preparing for them would cost time and memory).
-        actions: list[Action] = [self._reply(waiter, stored) for waiter in flight.waiters]
+        actions: list[Action] = [self._reply(waiter, stored) for waiter in waiters]
         if answer.addresses:
             actions += [Learned(name, addresses) for name, addresses in answer.addresses]
         return actions
@@ -315,7 +315,7 @@ class Resolver:
         self.upstreams.sent(upstream)
         if flight.plan.attempts > 1:
             self.counters["failovers"] += 1
-        return [Forward(key, upstream, flight.query, self.settings.timeout)]
+        return [_tuple(Forward, (key, upstream, flight.query, self.settings.timeout))]
 
     def _failed(
         self, key: CacheKey, upstream: Upstream, reason: str, now: float, rtt: float | None = None
@@ -369,7 +369,7 @@ class Resolver:
             if prepared is not None:
                 self._fast.keep(waiter.wire, waiter.transport, prepared)
         self.rcodes[wire[3] & 0x0F] += 1
-        return Reply(wire, waiter.source, waiter.transport, waiter.ctx)
+        return _tuple(Reply, (wire, waiter.source, waiter.transport, waiter.ctx))
 
     def _reply_cached(self, waiter: _Waiter, entry: CacheEntry, now: float) -> Reply:
         """The reply from a cache entry, TTLs counted down; kept for the fast path until it expires."""
@@ -392,4 +392,4 @@ class Resolver:
         if now > entry.stored_at:  # else nothing has counted down yet: the rendered reply is it
             wire = prepared.render(waiter.wire[:2], now)
         self.rcodes[wire[3] & 0x0F] += 1
-        return Reply(wire, waiter.source, waiter.transport, waiter.ctx)
+        return _tuple(Reply, (wire, waiter.source, waiter.transport, waiter.ctx))

@@ -166,8 +166,8 @@ done:
 
 PyDoc_STRVAR(plain_query_doc,
              "plain_query(wire) -> (flags, qname, qtype, qclass, edns, payload, do) | None\n\n"
-             "A query with one question and nothing else but a bare OPT (no options, version 0);\n"
-             "None for anything else, even if valid. The caller has checked QR, the opcode and QDCOUNT.");
+             "A query (QR clear, opcode QUERY) with one question and nothing else but a bare OPT\n"
+             "(no options, version 0); None for anything else, even if valid.");
 
 static PyObject *plain_query(PyObject *self, PyObject *arg) {
     Py_buffer view;
@@ -178,8 +178,9 @@ static PyObject *plain_query(PyObject *self, PyObject *arg) {
     PyObject *result = NULL;
     if (size < HEADER_LEN)
         goto none;
-    unsigned flags = u16(w + 2), ancount = u16(w + 6), nscount = u16(w + 8), arcount = u16(w + 10);
-    if (ancount || nscount || arcount > 1)
+    unsigned flags = u16(w + 2), qdcount = u16(w + 4), ancount = u16(w + 6), nscount = u16(w + 8);
+    unsigned arcount = u16(w + 10);
+    if (flags & (QR | OPCODE_MASK) || qdcount != 1 || ancount || nscount || arcount > 1)
         goto none;
     while (offset < size && w[offset] > 0 && w[offset] < 64)
         offset += 1 + w[offset];

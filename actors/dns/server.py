@@ -50,6 +50,7 @@ from typing import Any
 
 import structlog
 
+from meshsup.actors.dns import burst
 from meshsup.actors.dns.access import RateLimit, Sources, Verdict, share
 from meshsup.actors.dns.choice import PROBE_QUERY
 from meshsup.actors.dns.interception import ANCILLARY_SIZE, original_destination, reply_from
@@ -58,7 +59,6 @@ from meshsup.actors.dns.resolver import Action, Drop, Forward, Learned, Log, Rep
 from meshsup.actors.dns.steering import steer
 from meshsup.actors.dns.transport import Transport
 from meshsup.actors.dns.wire import truncated
-from meshsup.actors.kernel.mmsg import SLOT_SIZE, SLOTS, Batch
 from meshsup.actors.routing.prefixes import IPNetwork
 from meshsup.actors.settings.dns import DnsSettings
 
@@ -69,6 +69,8 @@ OnLearned = Callable[[str, tuple[str, ...]], None]
 
 STEER_INTERVAL = 2.0  # seconds between recounts of the workers sharing a UDP port
 PROBE_TICK = 0.25  # seconds between looks at which upstreams are due a probe (choice.py paces them)
+BATCH = 64  # UDP datagrams read (and replies sent) per system call
+MAX_QUERY = 4096  # bytes: a longer UDP query is dropped, counted (no DNS query is that long)
 MAX_TCP_CLIENTS = 512
 MAX_TCP_BACKLOG = 128
 TCP_WRITE_BUFFER_LIMIT = 1 << 20  # a client that does not read its answers is cut off
@@ -100,33 +102,49 @@ def _bind(address: Address, kind: socket.SocketKind) -> socket.socket:
 
 
 class _UdpListener:
-    """Reads datagrams a batch at a time (actors.kernel.mmsg); replies go out of the
-    same socket. Queries the fast path knows are answered right here, the hot
-    loop: their replies leave together when the batch is done, one clock
-    reading per batch (the datagrams of a batch arrived together)."""
+    """Reads datagrams a batch at a time, each with its sender, and sends replies
+    a batch at a time (burst.c: recvmmsg and sendmmsg, no Python call per
+    datagram for either). Queries the fast path knows are answered right here,
+    the hot loop, one clock reading per batch (the datagrams of a batch arrived
+    together); their replies, and those of forwards, leave together at the end
+    of the batch (or of the loop turn, for answers that come otherwise)."""
 
     def __init__(self, sock: socket.socket, server: DnsServer) -> None:
         self.sock = sock
         self._server = server
-        self._batch = Batch(sock)
-        self._outbox = Batch(sock)
+        # Replies queued, and where each goes.
+        self._replies: list[bytes] = []
+        self._addresses: list[Any] = []
+        self._reading = False  # a batch is being served: its replies leave when it is done
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
 
     def _readable(self) -> None:
         server = self._server
-        batch, fast, stats, sources = self._batch, server.fast, server.stats, server.sources
         try:
-            queries = batch.receive()
+            datagrams = burst.receive_from(self.sock.fileno(), BATCH, MAX_QUERY)
         except OSError:
-            stats["udp_receive_errors"] += 1
+            server.stats["udp_receive_errors"] += 1
             return
+        # The batch's forwards leave together once it is read, not in a loop turn of their own.
+        transport = server._transport
+        transport.hold()
+        self._reading = True
+        try:
+            self._serve(datagrams)
+        finally:
+            transport.send_held()
+            self._reading = False
+            self._flush_outbox()
+
+    def _serve(self, datagrams: list[tuple[bytes | None, Any]]) -> None:
+        server = self._server
+        fast, stats, sources = server.fast, server.stats, server.sources.client
         now = time.monotonic()
-        for slot, query in enumerate(queries):
+        for query, source in datagrams:
             if query is None:
                 stats["udp_oversized_queries"] += 1
                 continue
-            source = batch.source(slot)
             client = sources(source[0])
             if not client.allowed:
                 stats["refused_source"] += 1
@@ -139,39 +157,37 @@ class _UdpListener:
                 reply = server.limit(reply, client.prefix, now)
                 if reply is None:
                     continue
-            if not batch.reply(slot, reply):
-                self._queue(reply, source)
-        failed = batch.flush()
-        if failed:
-            stats["udp_send_errors"] += failed
+            self._queue(reply, source)
 
     def send(self, wire: bytes, source: Any) -> None:
         """A reply made outside the receive batch (a forwarded answer), as the
-        rate limit lets it go."""
+        rate limit lets it go: queued, and sent with the others in one system call."""
         limited = self._server.limit_to(source[0], wire)
-        if limited is None:
-            return
-        self._queue(limited, source)
+        if limited is not None:
+            self._queue(limited, source)
 
     def _queue(self, wire: bytes, source: Any) -> None:
-        """Queued, and sent with the others of this loop turn in one system call."""
-        outbox = self._outbox
-        if not outbox.queued:
-            self._loop.call_soon(self._flush_outbox)
-        elif outbox.queued == SLOTS:
-            self._flush_outbox()
-        try:
-            if not outbox.send_to(wire, source):
-                self.sock.sendto(wire, source)
-        except OSError:
-            self._server.stats["udp_send_errors"] += 1
+        replies = self._replies
+        if not replies and not self._reading:
+            self._server._flush_later(self)
+        replies.append(wire)
+        self._addresses.append(source)
 
     def _flush_outbox(self) -> None:
-        if self.sock.fileno() < 0:  # closed since (its number may be another socket's by now)
+        replies, addresses = self._replies, self._addresses
+        if not replies:
             return
-        failed = self._outbox.flush()
-        if failed:
-            self._server.stats["udp_send_errors"] += failed
+        self._replies, self._addresses = [], []
+        fd = self.sock.fileno()
+        if fd < 0:  # closed since (its number may be another socket's by now)
+            return
+        done = 0
+        while done < len(replies):
+            try:
+                done += burst.send_to(fd, replies, addresses, done)
+            except (OSError, ValueError):  # a full send buffer drops a reply, as a NIC would; the rest go on
+                self._server.stats["udp_send_errors"] += 1
+                done += 1
 
     def finished(self) -> None:
         """Nothing to keep track of per UDP query."""
@@ -200,7 +216,7 @@ class _InterceptUdp:
         server, stats = self._server, self._server.stats
         for _ in range(self.BATCH):
             try:
-                query, ancillary, flags, client = self.sock.recvmsg(SLOT_SIZE, ANCILLARY_SIZE)
+                query, ancillary, flags, client = self.sock.recvmsg(MAX_QUERY, ANCILLARY_SIZE)
             except BlockingIOError:
                 return
             except OSError:
@@ -290,7 +306,11 @@ class DnsServer:
         self._resolver = Resolver(settings)
         self._resolver.learning = on_learned is not None
         self.fast = self._resolver.fast
-        self._transport = _transport(settings)
+        self._transport = self._new_transport(settings)
+        # While the transport hands out a batch of answers, the UDP replies they make
+        # wait in their listeners' outboxes (these), to leave together when it is done.
+        self._replies_held = False
+        self._outboxes: list[_UdpListener] = []
         self._listeners: dict[Address, _Listeners] = {}
         self._connections: set[_TcpConnection] = set()
         self._tcp_prefixes: Counter[Hashable] = Counter()  # connections by client prefix
@@ -375,7 +395,7 @@ class DnsServer:
         if _transport_shape(settings) != _transport_shape(self.settings):
             # Forwards under way on the old transport fail over to the new one.
             old = self._transport
-            self._transport = _transport(settings)
+            self._transport = self._new_transport(settings)
             old.close()
         if settings.sources != self.settings.sources:
             self.sources = Sources(settings.sources)
@@ -383,6 +403,28 @@ class DnsServer:
             self._rate_limit = _rate_limit(settings)
         self._resolver.reconfigure(settings)
         self.settings = settings
+
+    def _new_transport(self, settings: DnsSettings) -> Transport:
+        transport = _transport(settings)
+        transport.answer_hooks = (self._hold_replies, self._send_replies)
+        return transport
+
+    def _hold_replies(self) -> None:
+        self._replies_held = True
+
+    def _send_replies(self) -> None:
+        self._replies_held = False
+        outboxes, self._outboxes = self._outboxes, []
+        for outbox in outboxes:
+            outbox._flush_outbox()
+
+    def _flush_later(self, listener: _UdpListener) -> None:
+        """listener has replies queued: sent once the batch of answers being handed
+        out is done, or at the end of this loop turn."""
+        if self._replies_held:
+            self._outboxes.append(listener)
+        else:
+            asyncio.get_running_loop().call_soon(listener._flush_outbox)
 
     def limit(self, wire: bytes, prefix: Hashable, now: float) -> bytes | None:
         """A UDP reply to a client of prefix as the rate limit lets it go:
@@ -400,7 +442,7 @@ class DnsServer:
 
     def limit_to(self, host: str, wire: bytes) -> bytes | None:
         """A UDP reply to the client at host, made outside a receive batch, as limit() lets it go."""
-        prefix = self.sources(host).prefix
+        prefix = self.sources.client(host).prefix
         return wire if prefix is None else self.limit(wire, prefix, time.monotonic())
 
     def flush_cache(self) -> None:
@@ -474,17 +516,17 @@ class DnsServer:
 
     def _run(self, actions: list[Action]) -> None:
         for action in actions:
-            match action:
-                case Reply():
-                    action.ctx.send(action.wire, action.source)  # type: ignore[union-attr]
-                case Drop():
-                    action.ctx.finished()  # type: ignore[union-attr]
-                case Forward():
-                    self._transport.start(action.upstream, action.query, action.timeout, self._answered, action)
-                case Learned():
-                    self._learned(action)
-                case Log():
-                    log.warning(action.event, **action.fields)
+            kind = action.__class__  # by identity: a match statement's isinstance checks cost more per query
+            if kind is Reply:
+                action.ctx.send(action.wire, action.source)  # type: ignore[union-attr]
+            elif kind is Forward:
+                self._transport.start(action.upstream, action.query, action.timeout, self._answered, action)  # type: ignore[union-attr]
+            elif kind is Drop:
+                action.ctx.finished()  # type: ignore[union-attr]
+            elif kind is Learned:
+                self._learned(action)  # type: ignore[arg-type]
+            elif kind is Log:
+                log.warning(action.event, **action.fields)  # type: ignore[union-attr]
 
     def _answered(self, action: Forward, wire: bytes | None, reason: str) -> None:
         if self._closing:

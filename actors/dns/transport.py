@@ -127,13 +127,34 @@ class _Bursts:
     every socket open (those waiting on answers: a few loop turns' worth), so
     a burst answered in time costs no timer of its own."""
 
-    def __init__(self) -> None:
+    def __init__(self, hooks: Callable[[], tuple[Callable[[], None], Callable[[], None]] | None]) -> None:
+        """hooks: what to call before and after each batch of answers is handed out (Transport.answer_hooks)."""
         self._epoll = select.epoll()
         self._sockets: dict[int, _UdpSocket] = {}  # every one open, by file descriptor
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._epoll.fileno(), self._ready)
         self._timer: asyncio.TimerHandle | None = None
         self._armed = _NEVER  # the timer's deadline
+        self._hooks = hooks
+        # Clients with a burst taking queries: theirs leave at the end of the loop
+        # turn, or (held) when the caller says, whichever it is.
+        self._open: list[_UdpClient] = []
+        self._ending = False  # the end of this turn's bursts is scheduled
+        self.held = False
+
+    def opened(self, client: _UdpClient) -> None:
+        """client started a burst: it ends with this loop turn unless held."""
+        self._open.append(client)
+        if not self.held and not self._ending:
+            self._ending = True
+            self._loop.call_soon(self.end)
+
+    def end(self) -> None:
+        """Send every burst taking queries (and hold them no longer)."""
+        self._ending = self.held = False
+        clients, self._open = self._open, []
+        for client in clients:
+            client.end_burst()
 
     def add(self, sock: _UdpSocket, fd: int) -> None:
         self._epoll.register(fd, select.EPOLLIN)
@@ -152,13 +173,19 @@ class _Bursts:
             self._armed = when
 
     def _ready(self) -> None:
-        sockets = self._sockets
-        for fd, _ in self._epoll.poll(0, POLL_EVENTS):
-            # None if closed since the poll; a socket opened since on the same
-            # number reads its own answers, or nothing.
-            sock = sockets.get(fd)
-            if sock is not None:
-                sock.readable()
+        sockets, hooks = self._sockets, self._hooks()
+        if hooks is not None:
+            hooks[0]()
+        try:
+            for fd, _ in self._epoll.poll(0, POLL_EVENTS):
+                # None if closed since the poll; a socket opened since on the same
+                # number reads its own answers, or nothing.
+                sock = sockets.get(fd)
+                if sock is not None:
+                    sock.readable()
+        finally:
+            if hooks is not None:
+                hooks[1]()
 
     def _expire(self) -> None:
         self._timer, self._armed = None, _NEVER
@@ -189,7 +216,7 @@ class _UdpSocket:
     per socket: _Bursts keeps one); as a burst is at most UDP_BURST queries,
     its deadlines are looked at all together rather than kept in order."""
 
-    __slots__ = ("_sock", "_fd", "_upstream", "_counters", "_truncated", "_bursts", "_loop", "_pending")
+    __slots__ = ("_sock", "_fd", "_upstream", "_counters", "_truncated", "_bursts", "_loop", "_opened", "_pending")
     __slots__ += ("_ids", "_queries")  # taken, not sent yet
     __slots__ += ("earliest", "uses", "retired", "closed")
 
@@ -210,6 +237,7 @@ class _UdpSocket:
         self._truncated = truncated
         self._bursts = bursts
         self._loop = asyncio.get_running_loop()
+        self._opened = self._loop.time()
         # By ID: query, callback, its token, deadline.
         self._pending: dict[int, tuple[bytes, Done, Any, float]] = {}
         self._ids: list[int] = []
@@ -221,14 +249,16 @@ class _UdpSocket:
 
     def send(self, query: bytes, timeout: float, done: Done, token: Any) -> None:
         """Take query, to be sent under a fresh random ID when the socket is retired."""
+        pending = self._pending
         query_id = _random_id()
-        while query_id in self._pending:
+        while query_id in pending:
             query_id = _random_id()
         self.uses += 1
         self._ids.append(query_id)
         self._queries.append(query)
-        deadline = self._loop.time() + timeout
-        self._pending[query_id] = (query, done, token, deadline)
+        # From when the socket opened: its queries are taken in one loop turn, and one clock reading serves them.
+        deadline = self._opened + timeout
+        pending[query_id] = (query, done, token, deadline)
         if deadline < self.earliest:
             self.earliest = deadline
             self._bursts.deadline(deadline)
@@ -274,7 +304,8 @@ class _UdpSocket:
         queries waiting would only find none."""
         pending, counters = self._pending, self._counters
         try:
-            answers = burst.receive(self._fd, min(max(1, len(pending)), UDP_BURST), UDP_ANSWER_SIZE)
+            waiting = len(pending)  # (not min() and max(): a call each that parses keywords)
+            answers = burst.receive(self._fd, 1 if waiting < 1 else waiting, UDP_ANSWER_SIZE)
         except OSError as exc:  # e.g. port unreachable: every query here went to that port
             self._fail_all(_reason(exc))
             answers = []
@@ -320,7 +351,6 @@ class _UdpClient:
         self._truncated = truncated
         self._bursts = bursts
         self._current: _UdpSocket | None = None
-        self._burst_ends = False  # the end of this loop turn's burst is scheduled
 
     def send(self, query: bytes, timeout: float, done: Done, token: Any) -> None:
         """Take query for this loop turn's burst; OSError if no socket can be opened for it."""
@@ -330,14 +360,12 @@ class _UdpClient:
             self._current = sock
             if full is not None:
                 full.retire()
+            else:
+                self._bursts.opened(self)
             self._counters["upstream_sockets_udp"] += 1
-            if not self._burst_ends:
-                self._burst_ends = True
-                asyncio.get_running_loop().call_soon(self._end_burst)
         sock.send(query, timeout, done, token)
 
-    def _end_burst(self) -> None:
-        self._burst_ends = False
+    def end_burst(self) -> None:
         current, self._current = self._current, None
         if current is not None:
             current.retire()
@@ -618,6 +646,23 @@ class Transport:
         self._closed = False
         self.counters: Counter[str] = Counter()
         self._bootstrap = Bootstrap(bootstrap, self.counters)
+        # Called before and after each batch of UDP answers is handed out: the caller's
+        # replies to them may then leave together, in that loop turn.
+        self.answer_hooks: tuple[Callable[[], None], Callable[[], None]] | None = None
+        self._held = False
+
+    def hold(self) -> None:
+        """UDP queries started from now on wait for send_held() (not the end of the
+        loop turn): a caller that starts many at once has them leave together now."""
+        self._held = True
+        if self._bursts is not None:
+            self._bursts.held = True
+
+    def send_held(self) -> None:
+        """Send the UDP queries started since hold(); hold no longer."""
+        self._held = False
+        if self._bursts is not None:
+            self._bursts.end()
 
     def _context(self, *alpn: str) -> ssl.SSLContext:
         if alpn not in self._contexts:
@@ -636,7 +681,7 @@ class Transport:
             self._spawn(self._stream_or_doh(upstream, query), timeout, done, token)
             return
         try:
-            self._udp(upstream).send(query, timeout, done, token)
+            (self._udp_clients.get(upstream) or self._udp(upstream)).send(query, timeout, done, token)
         except OSError as exc:
             asyncio.get_running_loop().call_soon(done, token, None, _reason(exc))
 
@@ -695,12 +740,11 @@ class Transport:
         return client
 
     def _udp(self, upstream: Upstream) -> _UdpClient:
-        client = self._udp_clients.get(upstream)  # once per query: one hash of the upstream, not two
-        if client is None:
-            if self._bursts is None:
-                self._bursts = _Bursts()
-            client = _UdpClient(upstream, self.counters, self._retry_over_tcp, self._bursts)
-            self._udp_clients[upstream] = client
+        """A new client for upstream (start() looks for one it has first)."""
+        if self._bursts is None:
+            self._bursts = _Bursts(lambda: self.answer_hooks)
+            self._bursts.held = self._held
+        client = self._udp_clients[upstream] = _UdpClient(upstream, self.counters, self._retry_over_tcp, self._bursts)
         return client
 
     def _stream(self, upstream: Upstream) -> _StreamClient:

@@ -10,8 +10,8 @@ query's CPU time in Python); this module makes them into what the rest of
 the controller uses.
 
 - ``parse_plain_query`` reads a query that has nothing but a question and an
-  optional OPT without options; it returns None for anything else, so
-  dnspython decides what is wrong with it.
+  optional OPT without options; it returns None for anything else (a
+  response, another opcode too), so dnspython decides what is wrong with it.
 - ``parse_answer`` checks an upstream's answer as dnspython would (names,
   compression pointers, record bounds, trailing bytes, the question) and
   keeps its records as bytes, with where the TTLs are. Record data the
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from meshsup.actors.dns import scan
@@ -82,9 +81,8 @@ _tuple = tuple.__new__  # makes a NamedTuple without its __new__, a Python funct
 
 
 def parse_plain_query(wire: bytes) -> PlainQuery | None:
-    """A query with one question and nothing else but a bare OPT (no options,
-    version 0); None for anything else, even if valid. The caller has checked
-    QR, the opcode and QDCOUNT."""
+    """A query (QR clear, opcode QUERY) with one question and nothing else but
+    a bare OPT (no options, version 0); None for anything else, even if valid."""
     fields = scan.plain_query(wire)
     return None if fields is None else _tuple(PlainQuery, fields)
 
@@ -116,9 +114,9 @@ def forward_query(qname: bytes, qtype: int, qclass: int, flags: int, do: bool) -
     return _FORWARD_HEADERS[flags & CD] + qname + TYPE_CLASS.pack(qtype, qclass) + _OUR_OPT[do]
 
 
-@dataclass(slots=True)
-class WireAnswer:
-    """An upstream's answer, its records kept as bytes at their offsets (never changed in place)."""
+class WireAnswer(NamedTuple):
+    """An upstream's answer, its records kept as bytes at their offsets. A tuple,
+    made by scan.c's fields as they are (no Python __init__ per answer)."""
 
     rcode: int
     authenticated: bool  # AD
@@ -179,7 +177,7 @@ def parse_answer(wire: bytes, qname: bytes, qtype: int, qclass: int, learn: bool
     qname is the question's name in wire form; case does not matter. Without
     learn, the addresses are checked but not read out (half the work)."""
     fields = scan.answer(wire, qname, qtype, qclass, learn)
-    return fields if isinstance(fields, str) else WireAnswer(*fields)
+    return fields if fields.__class__ is str else _tuple(WireAnswer, fields)
 
 
 # The reply to a query (its ID as written, flags and question in wire form, as

@@ -1,9 +1,11 @@
 """burst.c: a burst of datagrams out in one system call with their IDs set,
-the datagrams waiting in in one, on real loopback sockets."""
+the datagrams waiting in in one, replies out to their addresses in one, on
+real loopback sockets."""
 
 from __future__ import annotations
 
 import errno
+import random
 import select
 import socket
 from collections.abc import Iterator
@@ -127,3 +129,146 @@ def test_send_refuses_what_is_not_a_burst(args, error) -> None:
 def test_receive_refuses_counts_and_sizes_out_of_range(args) -> None:
     with pytest.raises((ValueError, TypeError)):
         burst.receive(*args)
+
+
+@pytest.fixture
+def family_sockets(request) -> Iterator[tuple[socket.socket, list[socket.socket]]]:
+    """An unconnected, non-blocking sender and three receivers of request.param's family on loopback."""
+    family = request.param
+    host = loopback_address() if family == socket.AF_INET else "::1"
+    made = [socket.socket(family, socket.SOCK_DGRAM) for _ in range(4)]
+    try:
+        for sock in made:
+            try:
+                sock.bind((host, 0))
+            except OSError:
+                pytest.skip("needs IPv6 on the loopback interface")
+            sock.settimeout(5)
+        made[0].setblocking(False)
+        yield made[0], made[1:]
+    finally:
+        for sock in made:
+            sock.close()
+
+
+@pytest.mark.parametrize("family_sockets", [socket.AF_INET, socket.AF_INET6], indirect=True)
+def test_replies_leave_each_to_its_address_as_sendto_takes_it(family_sockets) -> None:
+    sender, receivers = family_sockets
+    addresses = [r.getsockname() for r in receivers]  # IPv6: (host, port, flowinfo, scope_id)
+    if sender.family == socket.AF_INET6:
+        addresses[1] = addresses[1][:2]  # the short form goes too
+    replies = [b"r0", b"r1" * 700, b""]
+    assert burst.send_to(sender.fileno(), replies, addresses, 0) == 3
+    assert [r.recv(4096) for r in receivers] == replies
+    assert burst.send_to(sender.fileno(), replies, addresses, 2) == 1  # from start on
+    assert receivers[2].recv(10) == b""
+
+
+def test_at_most_64_replies_leave_in_a_call(pair) -> None:
+    _, server = pair
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.setblocking(False)
+        replies = [b"%d" % i for i in range(70)]
+        addresses = [server.getsockname()] * 70
+        assert burst.send_to(sender.fileno(), replies, addresses, 0) == 64
+        assert burst.send_to(sender.fileno(), replies, addresses, 64) == 6
+        assert [server.recv(10) for _ in range(70)] == replies
+
+
+@pytest.mark.parametrize(
+    "address",
+    [("no-such-host", 53), ("127.0.0.1",), ("127.0.0.1", 70000), (b"127.0.0.1", 53), "127.0.0.1:53", ("::1", -1)],
+)
+def test_an_address_that_is_not_one_stops_the_replies_there(pair, address) -> None:
+    """Those before it leave; from it on, the call raises ValueError and sends nothing."""
+    _, server = pair
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.setblocking(False)
+        addresses = [server.getsockname(), address, server.getsockname()]
+        assert burst.send_to(sender.fileno(), [b"a", b"b", b"c"], addresses, 0) == 1
+        with pytest.raises(ValueError):
+            burst.send_to(sender.fileno(), [b"a", b"b", b"c"], addresses, 1)
+        assert burst.send_to(sender.fileno(), [b"a", b"b", b"c"], addresses, 2) == 1
+        assert [server.recv(10) for _ in range(2)] == [b"a", b"c"]
+
+
+def test_a_reply_too_large_to_leave_raises_when_it_comes_first(pair) -> None:
+    _, server = pair
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        sender.setblocking(False)
+        replies, addresses = [b"x" * 70_000, b"ok"], [server.getsockname()] * 2
+        with pytest.raises(OSError) as raised:
+            burst.send_to(sender.fileno(), replies, addresses, 0)
+        assert raised.value.errno == errno.EMSGSIZE
+        assert burst.send_to(sender.fileno(), replies, addresses, 1) == 1
+        assert server.recv(10) == b"ok"
+
+
+def test_send_to_checks_its_arguments(pair) -> None:
+    client, server = pair
+    address = server.getsockname()
+    with pytest.raises(ValueError):
+        burst.send_to(client.fileno(), [b"a"], [address, address], 0)  # lengths differ
+    with pytest.raises(ValueError):
+        burst.send_to(client.fileno(), [b"a"], [address], 1)  # start past the end
+    with pytest.raises(TypeError):
+        burst.send_to(client.fileno(), [b"a"], (address,), 0)  # not a list
+    with pytest.raises(TypeError):
+        burst.send_to(client.fileno(), ["a"], [address], 0)  # not bytes
+    with pytest.raises(ValueError):
+        burst.send_to(-1, [b"a"], [address], 0)
+
+
+@pytest.mark.parametrize("family_sockets", [socket.AF_INET, socket.AF_INET6], indirect=True)
+def test_datagrams_come_in_with_their_senders_as_recvfrom_gives_them(family_sockets) -> None:
+    receiver, senders = family_sockets
+    address = receiver.getsockname()
+    assert burst.receive_from(receiver.fileno(), 64, 4096) == []
+    for i, sender in enumerate(senders):
+        sender.sendto(b"q%d" % i if i < 2 else b"x" * 4097, address)
+    got: list[tuple[bytes | None, tuple]] = []
+    while len(got) < 3:
+        wait_readable(receiver)
+        got += burst.receive_from(receiver.fileno(), 64, 4096)
+    expected = [b"q0", b"q1", None]  # the third longer than size
+    assert got == [(data, sender.getsockname()) for data, sender in zip(expected, senders, strict=True)]
+    senders[0].sendto(b"a" * 4096, address)  # as long as size: whole
+    senders[0].sendto(b"b", address)
+    wait_readable(receiver)
+    assert burst.receive_from(receiver.fileno(), 1, 4096) == [(b"a" * 4096, senders[0].getsockname())]
+    assert burst.receive_from(receiver.fileno(), 1, 4096) == [(b"b", senders[0].getsockname())]
+    with pytest.raises(ValueError):
+        burst.receive_from(receiver.fileno(), 65, 4096)
+    with pytest.raises(ValueError):
+        burst.receive_from(receiver.fileno(), 1, 0)
+
+
+@pytest.mark.parametrize("family_sockets", [socket.AF_INET, socket.AF_INET6], indirect=True)
+def test_random_batches_arrive_and_leave_as_recvfrom_and_sendto_have_them(family_sockets) -> None:
+    """Differential: 200 random batches (sizes at, around and past the limit, senders
+    and receivers mixed, any start) each way against what the socket module sees;
+    at most 40 datagrams of a batch, so that they fit the receive buffers."""
+    rng = random.Random(41)
+    listener, peers = family_sockets
+    address = listener.getsockname()
+    for _ in range(200):
+        size = rng.choice([1, 2, 12, 512, 1232, 2048, rng.randint(1, 2048)])
+        sent = [
+            (rng.choice(peers), rng.randbytes(rng.choice([0, 1, size - 1, size, size + 1, rng.randint(0, 2100)])))
+            for _ in range(rng.randint(1, 40))
+        ]
+        for peer, data in sent:
+            peer.sendto(data, address)
+        got: list[tuple[bytes | None, tuple]] = []
+        while len(got) < len(sent):
+            wait_readable(listener)
+            got += burst.receive_from(listener.fileno(), rng.randint(1, 64), size)
+        assert got == [(data if len(data) <= size else None, peer.getsockname()) for peer, data in sent]
+        replies = [rng.randbytes(rng.randint(0, 3000)) for _ in range(rng.randint(1, 40))]
+        to = [rng.choice(peers) for _ in replies]
+        start = rng.randrange(len(replies))
+        done = start
+        while done < len(replies):
+            done += burst.send_to(listener.fileno(), replies, [peer.getsockname() for peer in to], done)
+        for index in range(start, len(replies)):
+            assert to[index].recv(4096) == replies[index]

@@ -27,7 +27,7 @@ import zmq
 from meshsup.actors.bus.codec import decode
 from meshsup.actors.bus.endpoints import Runtime
 from meshsup.actors.bus.messages import LinkChanged, NameLearned
-from meshsup.actors.kernel.mmsg import SLOTS
+from meshsup.actors.dns.server import BATCH
 from tests.dns_fixtures import (
     BAD_PACKETS,
     DigResult,
@@ -432,7 +432,7 @@ def test_kill_9_of_a_worker_under_dnsperf_load(lab: Lab) -> None:
     # Only what sat in the dead worker's socket or batch is lost, and what the kernel dropped for want of
     # room (a slow machine's share; speed is for the benchmarks). A queued datagram costs at least 512
     # bytes of the socket's receive buffer, whatever its size.
-    held = int(lab.ns.run("cat", "/proc/sys/net/core/rmem_default").stdout) // 512 + 1 + SLOTS
+    held = int(lab.ns.run("cat", "/proc/sys/net/core/rmem_default").stdout) // 512 + 1 + BATCH
     dropped = udp_counters(lab.ns)["RcvbufErrors"] - dropped_before
     assert sent > 0 and sent - completed <= held + dropped, (held, dropped, out)
     worker = lab.node.wait(

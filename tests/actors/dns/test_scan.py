@@ -89,8 +89,12 @@ def test_plain_query_fields():
         query_wire("x.example", use_edns=1),  # EDNS version 1
         head(0x0100) + b"\x01x\xc0\x0c\x00\x01\x00\x01",  # compressed
         b"\x12\x34",
+        head(0x8100) + X + b"\x00\x01\x00\x01",  # a response
+        head(0x2100) + X + b"\x00\x01\x00\x01",  # opcode UPDATE
+        head(0x0100, qd=2) + X + b"\x00\x01\x00\x01" + X + b"\x00\x01\x00\x01",  # two questions
+        head(0x0100, qd=0),  # no question
     ],
-    ids=["cut", "trailing", "answer", "option", "version", "compressed", "short"],
+    ids=["cut", "trailing", "answer", "option", "version", "compressed", "short", "response", "update", "qd2", "qd0"],
 )
 def test_queries_that_are_not_plain_are_left_to_dnspython(wire):
     assert scan.plain_query(wire) is None
@@ -289,8 +293,9 @@ def test_mutated_queries_read_as_dnspython_reads_them_or_left_to_it():
         message = dnspython(wire)
         if message is not None and not any(o.otype == COOKIE for o in message.options):
             assert not differ
-        if len(wire) < 12 or struct.unpack_from("!H", wire, 4)[0] != 1 or wire[2] & 0x78:
-            continue  # the caller's to refuse (FORMERR, NOTIMP); dnspython reads an UPDATE otherwise
+        if len(wire) < 12 or struct.unpack_from("!H", wire, 4)[0] != 1 or wire[2] & 0xF8:
+            assert fields is None  # a response, another opcode, not one question: never a plain query
+            continue  # the caller's to drop or refuse (FORMERR, NOTIMP); dnspython reads an UPDATE otherwise
         if fields is None:
             assert message is None or not plain(message, wire), wire
             continue

@@ -9,7 +9,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import dns.flags
 import dns.message
@@ -18,7 +17,7 @@ import dns.reversename
 import dns.rrset
 import pytest
 
-from meshsup.actors.kernel.mmsg import SLOT_SIZE, Batch
+from meshsup.actors.dns.server import MAX_QUERY
 from meshsup.actors.settings.dns import DnsSettings
 from tests.dns_fixtures import (
     BAD_PACKETS,
@@ -38,7 +37,6 @@ from tests.dns_fixtures import (
     start_unbound_tls,
     udp_exchange,
     url,
-    wait_until,
 )
 
 NAMES = {"alpha": ["100.64.0.1/32", "fd7a:115c:a1e0::1/128"], "bravo": ["100.64.0.2", "100.64.0.3", "100.64.0.4"]}
@@ -464,7 +462,7 @@ def test_an_oversized_datagram_is_counted_and_dropped(later):
     server = start_server(later, upstreams=[])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(2)
-        sock.sendto(header(0x0100) + b"\x00" * SLOT_SIZE, (server.host, server.port))
+        sock.sendto(header(0x0100) + b"\x00" * MAX_QUERY, (server.host, server.port))
         sock.sendto(dns.message.make_query("alpha.mesh", "A", id=9).to_wire(), (server.host, server.port))
         reply = dns.message.from_wire(sock.recv(65535))
     assert reply.id == 9 and reply.answer[0][0].address == "100.64.0.1"
@@ -529,64 +527,6 @@ def test_queries_from_one_source_port_are_spread_over_the_workers(later):
     assert len(answers) == 60
     served = [server.counters().get("queries_udp", 0) for server in (first, second)]
     assert sum(served) == 60 and min(served) > 0, served
-
-
-@pytest.fixture
-def udp_sockets() -> Iterator[Callable[[int, int], list[socket.socket]]]:
-    """Makes UDP sockets bound on the loopback of a family (skips the test
-    without IPv6 there), each with a 2 s timeout; closed at teardown."""
-    made: list[socket.socket] = []
-
-    def make(family: int, count: int) -> list[socket.socket]:
-        host = loopback_address() if family == socket.AF_INET else "::1"
-        for _ in range(count):
-            made.append(socket.socket(family, socket.SOCK_DGRAM))
-            made[-1].settimeout(2)
-            try:
-                made[-1].bind((host, 0))
-            except OSError:
-                pytest.skip("needs IPv6 on the loopback interface")
-        return made[-count:]
-
-    yield make
-    for sock in made:
-        sock.close()
-
-
-@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_batches_take_datagrams_in_and_send_each_reply_to_its_sender(family, udp_sockets):
-    receiver, *senders = udp_sockets(family, 5)
-    receiver.setblocking(False)
-    batch = Batch(receiver)
-    for i, sender in enumerate(senders):
-        sender.sendto(b"q%d" % i if i < 3 else b"x" * (SLOT_SIZE + 1), receiver.getsockname())
-    got: list[bytes | None] = []
-    wait_until(lambda: got.extend(batch.receive()) or len(got) == 4, what="four datagrams")
-    assert got == [b"q0", b"q1", b"q2", None]  # the last one did not fit a slot
-    assert [batch.source(i) for i in range(3)] == [s.getsockname() for s in senders[:3]]
-    assert batch.reply(0, b"r0") and batch.reply(2, b"r2")  # slot 1 unanswered: two runs to send
-    assert not batch.reply(1, b"x" * (SLOT_SIZE + 1))  # too big for a slot: the caller's to send
-    assert batch.flush() == 0
-    assert (senders[0].recv(64), senders[2].recv(64)) == (b"r0", b"r2")
-    senders[1].settimeout(0.2)
-    with pytest.raises(TimeoutError):
-        senders[1].recv(64)
-    senders[1].sendto(b"again", receiver.getsockname())  # the slots are whole again for the next batch
-    again: list[bytes | None] = []
-    wait_until(lambda: again.extend(batch.receive()) or again == [b"again"], what="the next batch")
-
-
-@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
-def test_a_sending_batch_sends_each_datagram_to_its_address_in_one_go(family, udp_sockets):
-    sender, *receivers = udp_sockets(family, 4)
-    outbox = Batch(sender, slots=2)
-    assert outbox.send_to(b"a0", receivers[0].getsockname())
-    assert not outbox.send_to(b"x" * (SLOT_SIZE + 1), receivers[1].getsockname())  # too big: not queued
-    assert outbox.send_to(b"a1", receivers[1].getsockname())
-    assert not outbox.send_to(b"a2", receivers[2].getsockname())  # no slot left: flush first
-    assert outbox.queued == 2 and outbox.flush() == 0 and outbox.queued == 0
-    assert outbox.send_to(b"a2", receivers[2].getsockname()) and outbox.flush() == 0
-    assert [receiver.recv(64) for receiver in receivers] == [b"a0", b"a1", b"a2"]
 
 
 def test_ipv6_loopback_listener(later):

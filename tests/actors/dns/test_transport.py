@@ -8,6 +8,7 @@ import os
 import socket
 
 import dns.message
+import pytest
 
 from meshsup.actors.dns.transport import Transport
 from meshsup.actors.settings.dnstypes import parse_upstream
@@ -138,3 +139,51 @@ def test_an_upstream_port_nobody_listens_on_fails_the_burst_as_refused() -> None
         transport.close()
 
     asyncio.run(run())
+
+
+def test_held_queries_leave_together_when_sent_and_answers_come_between_the_hooks() -> None:
+    """A caller that holds the transport (a listener reading a batch of queries)
+    has its queries leave when it says, however many loop turns later, on one
+    socket; the answers of a batch are handed out between the two hooks."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind((loopback_address(), 0))
+        server.setblocking(False)
+        upstream = parse_upstream("udp://{}:{}".format(*server.getsockname()))
+
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            transport = Transport()
+            events: list[str] = []
+            transport.answer_hooks = (lambda: events.append("before"), lambda: events.append("after"))
+            both = loop.create_future()
+
+            def done(token: str, answer: bytes | None, reason: str) -> None:
+                events.append(f"{token} {reason or 'answered'}")
+                if len([e for e in events if " " in e]) == 2:
+                    both.set_result(None)
+
+            transport.hold()
+            for token in ("first", "second"):
+                transport.start(upstream, dns.message.make_query(token + ".test", "A").to_wire(), 5, done, token)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            with pytest.raises(BlockingIOError):
+                server.recvfrom(4096)  # held: nothing has left
+            transport.send_held()
+            received = []
+            for _ in range(100):
+                try:
+                    received.append(server.recvfrom(4096))
+                except BlockingIOError:
+                    if len(received) == 2:
+                        break
+                    await asyncio.sleep(0.01)
+            assert len(received) == 2 and received[0][1] == received[1][1]  # one burst, one source port
+            for query, source in received:  # both in one datagram each, read by the transport in one go
+                server.sendto(dns.message.make_response(dns.message.from_wire(query)).to_wire(), source)
+            await asyncio.wait_for(both, 5)
+            assert events[0] == "before" and events[-1] == "after"
+            assert sorted(events[1:-1]) == ["first answered", "second answered"]
+            transport.close()
+
+        asyncio.run(run())
