@@ -77,7 +77,10 @@ def test_twenty_nodes_three_servers(underlay: Underlay, tmp_path: Path) -> None:
         missing = unreachable(ns, missing) if missing else []  # a first handshake may lose its first echo
         if missing:
             failed[ident.name] = missing
-    assert not failed, f"pairs that do not ping: {failed}"
+    if failed:  # what the nodes that failed say of themselves: actors restarted, handshakes, drops
+        by_name = {ident.name: node for ident, (_, node) in zip(idents, nodes)}
+        said = {n: (by_name[n].actors(), by_name[n].counters().get("crypto")) for n in failed}
+        raise AssertionError(f"pairs that do not ping: {failed}\n{said}")
     node_pids = [p for _, node in nodes for p in process_tree(node.proc.pid)]
     nats_pids = [s.proc.pid for s in servers if s.proc is not None]
     coord_pids = [a["pid"] for _, node in nodes for a in node.status()["actors"] if a["kind"] == "coord"]
