@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import time
+from math import inf
 from typing import Any
 
 from meshsup.actors.base import Actor, ConfigError, give_back_memory
@@ -224,7 +225,7 @@ class CoordActor(Actor):
         if self.link is None or self.view is None or self.settings is None:
             return
         assert self.settings.coordination is not None
-        if self.view.expire(now):
+        if self.view.expire(now, inf if self.echo_since is None else self.echo_since):
             self._count("expired")
         if self.up:
             if self.settings.coordination.allocate:

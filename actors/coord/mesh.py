@@ -219,11 +219,15 @@ class MeshView:
                 self._cross_check(k, self.records[k].record, net)
         return None
 
-    def expire(self, now: float) -> list[str]:
-        """The keys whose records ran out, removed; none while the bucket is away."""
-        if self.paused_at is not None or now < self.next_expiry:
+    def expire(self, now: float, heard_until: float = inf) -> list[str]:
+        """The keys whose records ran out, removed; none while the bucket is away. `heard_until`:
+        since then a write of our own has not come back, so the bucket may hear no one's (a server
+        lost, a stream without a leader yet): a record that ran out after it is kept until it does
+        (or, if that takes long, until the bucket is back: `pause`)."""
+        until = min(now, heard_until)
+        if self.paused_at is not None or until < self.next_expiry:
             return []
-        gone = [k for k, live in self.records.items() if live.expires <= now]
+        gone = [k for k, live in self.records.items() if live.expires <= until]
         for k in gone:
             self._drop(k)
         self.next_expiry = min((live.expires for live in self.records.values()), default=inf)
@@ -234,12 +238,16 @@ class MeshView:
             self.paused_at = now
 
     def resume(self, now: float) -> None:
+        """The bucket back: the time away added to each record's life, and each given at least
+        half a lifetime from now, for its node to reconnect too and write it again (every third
+        of one): an outage must not make peers whose records were about to be refreshed expire."""
         if self.paused_at is None:
             return
         away, self.paused_at = now - self.paused_at, None
+        floor = now + self.settings.lifetime / 2
         for live in self.records.values():
-            live.expires += away
-        self.next_expiry += away
+            live.expires = max(live.expires + away, floor)
+        self.next_expiry = min((live.expires for live in self.records.values()), default=inf)
 
     def abandoned(self, claim: Claim, now: float) -> bool:
         """A claim whose owner has had a lifetime to publish its record, and has none live."""

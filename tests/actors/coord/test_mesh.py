@@ -96,6 +96,17 @@ def test_a_bad_update_keeps_the_last_good_record() -> None:
     assert view.dropped["not_json"] == 1
 
 
+def test_a_record_that_runs_out_while_our_own_write_is_unheard_waits_for_it() -> None:
+    """A server lost, the stream's new leader not yet elected: no one's write lands, ours neither.
+    A record that ran out after our write went unheard may be a victim of the same, not dead."""
+    view = MeshView(SETTINGS)
+    view.apply(node_key("bravo"), record("bravo", key(), "100.64.0.2").encode(), 1, 0.0, 0.0)  # until 30
+    view.apply(node_key("charlie"), record("charlie", key(), "100.64.0.3").encode(), 2, 0.0, 10.0)  # until 40
+    assert view.expire(35.0, heard_until=32.0) == [node_key("bravo")]  # ran out before: dead
+    assert view.expire(45.0, heard_until=32.0) == []
+    assert view.expire(45.0) == [node_key("charlie")]  # our write heard back: charlie's did not come
+
+
 def test_records_expire_unless_refreshed_and_not_while_the_bucket_is_away() -> None:
     view = MeshView(SETTINGS)
     b, c = key(), key()
@@ -105,9 +116,9 @@ def test_records_expire_unless_refreshed_and_not_while_the_bucket_is_away() -> N
     assert view.expire(20.0) == [node_key("bravo")]
     view.pause(25.0)
     assert view.expire(100.0) == []  # an outage tears nothing down
-    view.resume(100.0)  # 75 s away: added to the record's life
-    assert view.expire(104.0) == []
-    assert view.expire(105.0) == [node_key("charlie")]
+    view.resume(100.0)  # 75 s away: added to the record's life, and at least half a lifetime left
+    assert view.expire(114.0) == []
+    assert view.expire(115.0) == [node_key("charlie")]
     # A record older than its lifetime when read is dead already.
     view.apply(node_key("delta"), record("delta", key(), "100.64.0.4").encode(), 3, 31.0, 200.0)
     assert view.peers(key()) == []
