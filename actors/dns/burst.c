@@ -64,27 +64,52 @@ static int descriptor(PyObject *value) {
     return (int)fd;
 }
 
-static PyObject *burst_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* send's and send_to's arguments (fd, first list, second list, start): two lists of one length
+ * `total` and a start within them; -1 with an exception set if they are not. */
+static int sending_args(PyObject *const *args, Py_ssize_t nargs, const char *name, const char *first,
+                        const char *second, int *fd, Py_ssize_t *start, Py_ssize_t *total) {
     if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "send(fd, ids, queries, start)");
-        return NULL;
+        PyErr_Format(PyExc_TypeError, "%s(fd, %s, %s, start)", name, first, second);
+        return -1;
     }
-    int fd = descriptor(args[0]);
-    if (fd < 0)
-        return NULL;
-    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
-    if (start == -1 && PyErr_Occurred())
-        return NULL;
+    if ((*fd = descriptor(args[0])) < 0)
+        return -1;
+    *start = PyLong_AsSsize_t(args[3]);
+    if (*start == -1 && PyErr_Occurred())
+        return -1;
     if (!PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "ids and queries must be lists");
-        return NULL;
+        PyErr_Format(PyExc_TypeError, "%s and %s must be lists", first, second);
+        return -1;
     }
-    PyObject *ids = args[1], *queries = args[2];
-    Py_ssize_t total = PyList_GET_SIZE(queries);
-    if (PyList_GET_SIZE(ids) != total || start < 0 || start >= total || total - start > MAX_BATCH) {
+    *total = PyList_GET_SIZE(args[2]);
+    if (PyList_GET_SIZE(args[1]) != *total || *start < 0 || *start >= *total) {
+        PyErr_Format(PyExc_ValueError, "%s: %s and %s differ in length, or start is out of range", name, first, second);
+        return -1;
+    }
+    return 0;
+}
+
+/* What send and send_to return for sendmmsg's result: the number sent, or OSError. */
+static PyObject *sent_count(int sent) {
+    if (sent < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (sent == 0) { /* not for a datagram socket; a would-block all the same */
+        errno = EAGAIN;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(sent);
+}
+
+static PyObject *burst_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int fd;
+    Py_ssize_t start, total;
+    if (sending_args(args, nargs, "send", "ids", "queries", &fd, &start, &total) < 0)
+        return NULL;
+    if (total - start > MAX_BATCH) {
         PyErr_SetString(PyExc_ValueError, "send: ids and queries differ in length, or start is out of range");
         return NULL;
     }
+    PyObject *ids = args[1], *queries = args[2];
     int count = (int)(total - start);
     struct mmsghdr headers[MAX_BATCH];
     struct iovec parts[MAX_BATCH][2];
@@ -112,25 +137,34 @@ static PyObject *burst_send(PyObject *self, PyObject *const *args, Py_ssize_t na
         headers[i].msg_hdr.msg_iov = parts[i];
         headers[i].msg_hdr.msg_iovlen = 2;
     }
-    int sent = sendmmsg(fd, headers, (unsigned)count, MSG_DONTWAIT);
-    if (sent < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    if (sent == 0) { /* not for a datagram socket; a would-block all the same */
-        errno = EAGAIN;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromLong(sent);
+    return sent_count(sendmmsg(fd, headers, (unsigned)count, MSG_DONTWAIT));
 }
 
-PyDoc_STRVAR(receive_doc,
-"receive(fd, count, size) -> list[bytes | None]\n\n"
-"The datagrams waiting on fd, at most count (1..64): each as bytes, or None\n"
-"for one longer than size (1..65536); [] if none wait. OSError for an error\n"
-"the socket reports (e.g. ConnectionRefusedError after port unreachable).");
+/* The sender the kernel wrote, as socket.recvfrom gives it; NULL with an exception set. */
+static PyObject *sender(const struct sockaddr_storage *name, socklen_t length) {
+    char host[INET6_ADDRSTRLEN];
+    if (name->ss_family == AF_INET && length >= (socklen_t)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *v4 = (const struct sockaddr_in *)name;
+        if (inet_ntop(AF_INET, &v4->sin_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(si)", host, (int)ntohs(v4->sin_port));
+    }
+    if (name->ss_family == AF_INET6 && length >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)name;
+        if (inet_ntop(AF_INET6, &v6->sin6_addr, host, sizeof(host)) == NULL)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        return Py_BuildValue("(siII)", host, (int)ntohs(v6->sin6_port), (unsigned)ntohl(v6->sin6_flowinfo),
+                             (unsigned)v6->sin6_scope_id);
+    }
+    PyErr_SetString(PyExc_OSError, "receive_from: a sender of an unknown address family");
+    return NULL;
+}
 
-static PyObject *burst_receive(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* receive and receive_from: the datagrams waiting on fd (args: fd, count, size), each as
+ * bytes or None, with its sender as a tuple (data, sender) when `senders`. */
+static PyObject *receive_datagrams(PyObject *const *args, Py_ssize_t nargs, const char *name, int senders) {
     if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "receive(fd, count, size)");
+        PyErr_Format(PyExc_TypeError, "%s(fd, count, size)", name);
         return NULL;
     }
     int fd = descriptor(args[0]);
@@ -143,7 +177,7 @@ static PyObject *burst_receive(PyObject *self, PyObject *const *args, Py_ssize_t
     if (size == -1 && PyErr_Occurred())
         return NULL;
     if (count < 1 || count > MAX_BATCH || size < 1 || size > MAX_DATAGRAM) {
-        PyErr_SetString(PyExc_ValueError, "receive: count is 1..64, size 1..65536");
+        PyErr_Format(PyExc_ValueError, "%s: count is 1..64, size 1..65536", name);
         return NULL;
     }
     /* A byte more than size: a longer datagram shows, however the kernel flags it. */
@@ -152,12 +186,17 @@ static PyObject *burst_receive(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_ssize_t slot = in_slot;
     struct mmsghdr headers[MAX_BATCH];
     struct iovec parts[MAX_BATCH];
+    struct sockaddr_storage names[MAX_BATCH];
     memset(headers, 0, sizeof(headers[0]) * (size_t)count);
     for (long i = 0; i < count; i++) {
         parts[i].iov_base = in_buffer + i * slot;
         parts[i].iov_len = (size_t)(size + 1);
         headers[i].msg_hdr.msg_iov = &parts[i];
         headers[i].msg_hdr.msg_iovlen = 1;
+        if (senders) {
+            headers[i].msg_hdr.msg_name = &names[i];
+            headers[i].msg_hdr.msg_namelen = sizeof(names[i]);
+        }
     }
     int got = recvmmsg(fd, headers, (unsigned)count, MSG_DONTWAIT, NULL);
     if (got < 0) {
@@ -169,20 +208,35 @@ static PyObject *burst_receive(PyObject *self, PyObject *const *args, Py_ssize_t
     if (out == NULL)
         return NULL;
     for (int i = 0; i < got; i++) {
-        PyObject *item;
         size_t length = headers[i].msg_len;
-        if ((headers[i].msg_hdr.msg_flags & MSG_TRUNC) || length > (size_t)size) {
+        PyObject *item;
+        if ((headers[i].msg_hdr.msg_flags & MSG_TRUNC) || length > (size_t)size)
             item = Py_NewRef(Py_None);
-        } else {
+        else
             item = PyBytes_FromStringAndSize((const char *)parts[i].iov_base, (Py_ssize_t)length);
-            if (item == NULL) {
-                Py_DECREF(out);
-                return NULL;
-            }
+        if (senders && item != NULL) {
+            PyObject *data = item, *from = sender(&names[i], headers[i].msg_hdr.msg_namelen);
+            item = from == NULL ? NULL : PyTuple_Pack(2, data, from);
+            Py_XDECREF(from);
+            Py_DECREF(data);
+        }
+        if (item == NULL) {
+            Py_DECREF(out);
+            return NULL;
         }
         PyList_SET_ITEM(out, i, item);
     }
     return out;
+}
+
+PyDoc_STRVAR(receive_doc,
+"receive(fd, count, size) -> list[bytes | None]\n\n"
+"The datagrams waiting on fd, at most count (1..64): each as bytes, or None\n"
+"for one longer than size (1..65536); [] if none wait. OSError for an error\n"
+"the socket reports (e.g. ConnectionRefusedError after port unreachable).");
+
+static PyObject *burst_receive(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return receive_datagrams(args, nargs, "receive", 0);
 }
 
 PyDoc_STRVAR(send_to_doc,
@@ -244,26 +298,11 @@ static socklen_t socket_address(PyObject *addr, struct sockaddr_storage *out) {
 }
 
 static PyObject *burst_send_to(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "send_to(fd, replies, addresses, start)");
+    int fd;
+    Py_ssize_t start, total;
+    if (sending_args(args, nargs, "send_to", "replies", "addresses", &fd, &start, &total) < 0)
         return NULL;
-    }
-    int fd = descriptor(args[0]);
-    if (fd < 0)
-        return NULL;
-    Py_ssize_t start = PyLong_AsSsize_t(args[3]);
-    if (start == -1 && PyErr_Occurred())
-        return NULL;
-    if (!PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "replies and addresses must be lists");
-        return NULL;
-    }
     PyObject *replies = args[1], *addresses = args[2];
-    Py_ssize_t total = PyList_GET_SIZE(replies);
-    if (PyList_GET_SIZE(addresses) != total || start < 0 || start >= total) {
-        PyErr_SetString(PyExc_ValueError, "send_to: replies and addresses differ in length, or start is out of range");
-        return NULL;
-    }
     int count = (int)(total - start > MAX_BATCH ? MAX_BATCH : total - start);
     struct mmsghdr headers[MAX_BATCH];
     struct iovec parts[MAX_BATCH];
@@ -290,14 +329,7 @@ static PyObject *burst_send_to(PyObject *self, PyObject *const *args, Py_ssize_t
         headers[i].msg_hdr.msg_iov = &parts[i];
         headers[i].msg_hdr.msg_iovlen = 1;
     }
-    int sent = sendmmsg(fd, headers, (unsigned)count, MSG_DONTWAIT);
-    if (sent < 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    if (sent == 0) {
-        errno = EAGAIN;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromLong(sent);
+    return sent_count(sendmmsg(fd, headers, (unsigned)count, MSG_DONTWAIT));
 }
 
 PyDoc_STRVAR(receive_from_doc,
@@ -307,85 +339,8 @@ PyDoc_STRVAR(receive_from_doc,
 "port, flowinfo, scope_id); a datagram longer than size (1..65536) as None. []\n"
 "if none wait; OSError for an error the socket reports.");
 
-/* The sender the kernel wrote, as socket.recvfrom gives it; NULL with an exception set. */
-static PyObject *sender(const struct sockaddr_storage *name, socklen_t length) {
-    char host[INET6_ADDRSTRLEN];
-    if (name->ss_family == AF_INET && length >= (socklen_t)sizeof(struct sockaddr_in)) {
-        const struct sockaddr_in *v4 = (const struct sockaddr_in *)name;
-        if (inet_ntop(AF_INET, &v4->sin_addr, host, sizeof(host)) == NULL)
-            return PyErr_SetFromErrno(PyExc_OSError);
-        return Py_BuildValue("(si)", host, (int)ntohs(v4->sin_port));
-    }
-    if (name->ss_family == AF_INET6 && length >= (socklen_t)sizeof(struct sockaddr_in6)) {
-        const struct sockaddr_in6 *v6 = (const struct sockaddr_in6 *)name;
-        if (inet_ntop(AF_INET6, &v6->sin6_addr, host, sizeof(host)) == NULL)
-            return PyErr_SetFromErrno(PyExc_OSError);
-        return Py_BuildValue("(siII)", host, (int)ntohs(v6->sin6_port), (unsigned)ntohl(v6->sin6_flowinfo),
-                             (unsigned)v6->sin6_scope_id);
-    }
-    PyErr_SetString(PyExc_OSError, "receive_from: a sender of an unknown address family");
-    return NULL;
-}
-
 static PyObject *burst_receive_from(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "receive_from(fd, count, size)");
-        return NULL;
-    }
-    int fd = descriptor(args[0]);
-    if (fd < 0)
-        return NULL;
-    long count = PyLong_AsLong(args[1]);
-    if (count == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t size = PyLong_AsSsize_t(args[2]);
-    if (size == -1 && PyErr_Occurred())
-        return NULL;
-    if (count < 1 || count > MAX_BATCH || size < 1 || size > MAX_DATAGRAM) {
-        PyErr_SetString(PyExc_ValueError, "receive_from: count is 1..64, size 1..65536");
-        return NULL;
-    }
-    if (grow(size + 1) < 0)
-        return NULL;
-    Py_ssize_t slot = in_slot;
-    struct mmsghdr headers[MAX_BATCH];
-    struct iovec parts[MAX_BATCH];
-    struct sockaddr_storage names[MAX_BATCH];
-    memset(headers, 0, sizeof(headers[0]) * (size_t)count);
-    for (long i = 0; i < count; i++) {
-        parts[i].iov_base = in_buffer + i * slot;
-        parts[i].iov_len = (size_t)(size + 1);
-        headers[i].msg_hdr.msg_iov = &parts[i];
-        headers[i].msg_hdr.msg_iovlen = 1;
-        headers[i].msg_hdr.msg_name = &names[i];
-        headers[i].msg_hdr.msg_namelen = sizeof(names[i]);
-    }
-    int got = recvmmsg(fd, headers, (unsigned)count, MSG_DONTWAIT, NULL);
-    if (got < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
-            return PyList_New(0);
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    PyObject *out = PyList_New(got);
-    if (out == NULL)
-        return NULL;
-    for (int i = 0; i < got; i++) {
-        size_t length = headers[i].msg_len;
-        PyObject *data, *from = sender(&names[i], headers[i].msg_hdr.msg_namelen);
-        if ((headers[i].msg_hdr.msg_flags & MSG_TRUNC) || length > (size_t)size)
-            data = Py_NewRef(Py_None);
-        else
-            data = PyBytes_FromStringAndSize((const char *)parts[i].iov_base, (Py_ssize_t)length);
-        PyObject *item = from == NULL || data == NULL ? NULL : PyTuple_Pack(2, data, from);
-        Py_XDECREF(from);
-        Py_XDECREF(data);
-        if (item == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        PyList_SET_ITEM(out, i, item);
-    }
-    return out;
+    return receive_datagrams(args, nargs, "receive_from", 1);
 }
 
 static PyMethodDef methods[] = {
