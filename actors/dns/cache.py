@@ -113,6 +113,11 @@ class DnsCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def table(self) -> dict[CacheKey, CacheEntry | bytes]:
+        """The entries by key, the same dict for the cache's life: a key in it is the cache's to
+        answer (or to find stale), which the native forwarder (forwarder.c) looks up before it forwards."""
+        return self._entries
+
     def _clamp(self, ttl: int) -> int:
         return max(self.min_ttl, min(self.max_ttl, ttl))
 

@@ -15,11 +15,25 @@ import math
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from meshsup.actors.dns.upstream import FailoverPlan
 
 W = TypeVar("W")
+
+
+class Elsewhere(Protocol):
+    """Forwards under way outside the table (the native forwarder, forwarder.c), counted
+    against its cap and share; what it counted, for status."""
+
+    def __len__(self) -> int: ...
+
+    def owned(self, owner: Hashable) -> int: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+    def rcodes(self) -> dict[int, int]: ...
+
 
 DEFAULT_CAP = 1024
 LOG_INTERVAL = 2.0  # seconds, as Docker's rate.Sometimes for the same message
@@ -47,9 +61,14 @@ class InflightTable(Generic[W]):
         self.share = share
         self._flights: dict[Hashable, Flight[W]] = {}
         self._owned: Counter[Hashable] = Counter()
+        self.elsewhere: Elsewhere | None = None
 
     def __len__(self) -> int:
         return len(self._flights)
+
+    def tables(self) -> tuple[dict[Hashable, Flight[W]], Counter[Hashable]]:
+        """The flights by key and their count by owner, for the native forwarder to count against cap and share."""
+        return self._flights, self._owned
 
     def get(self, key: Hashable) -> Flight[W] | None:
         return self._flights.get(key)
@@ -67,10 +86,11 @@ class InflightTable(Generic[W]):
         if flight is not None:
             flight.waiters.append(waiter)
             return Admission.MERGED
-        if len(self._flights) >= self.cap:
+        elsewhere = self.elsewhere
+        if len(self._flights) + (len(elsewhere) if elsewhere is not None else 0) >= self.cap:
             return Admission.FULL
         if owner is not None:
-            if self._owned[owner] >= self.share:
+            if self._owned[owner] + (elsewhere.owned(owner) if elsewhere is not None else 0) >= self.share:
                 return Admission.OWNER_FULL
             self._owned[owner] += 1
         flight = make_flight(*args)

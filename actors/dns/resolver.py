@@ -38,7 +38,7 @@ from meshsup.actors.dns.access import prefix_of, share
 from meshsup.actors.dns.cache import CacheEntry, CacheKey, DnsCache, cache_key
 from meshsup.actors.dns.choice import Upstreams
 from meshsup.actors.dns.fastpath import FastAnswers, prepare
-from meshsup.actors.dns.inflight import Admission, Flight, InflightTable, RateLimiter
+from meshsup.actors.dns.inflight import Admission, Elsewhere, Flight, InflightTable, RateLimiter
 from meshsup.actors.dns.latency import LatencyBuckets
 from meshsup.actors.dns.message import (
     Answer,
@@ -55,7 +55,7 @@ from meshsup.actors.dns.upstream import FAILOVER_RCODES, FailoverPlan, without_o
 from meshsup.actors.dns.wire import WireAnswer, label_count
 from meshsup.actors.dns.zone import Zone
 from meshsup.actors.settings.dns import DnsSettings
-from meshsup.actors.settings.dnstypes import FAILOVER, Route, SourceOverride, Upstream, UpstreamGroup
+from meshsup.actors.settings.dnstypes import FAILOVER, RANDOM, Route, SourceOverride, Upstream, UpstreamGroup
 
 Source = tuple[Any, ...]  # (ip, port) of the client
 
@@ -107,6 +107,9 @@ class _Waiter(NamedTuple):
     ctx: object
     wire: bytes  # the query as it came, the fast path's key
 
+
+# Why the native forwarder may hand a forward back that says nothing of its upstream.
+_NOT_THE_UPSTREAMS = frozenset({"truncated", "render", "internal", "closed"})
 
 _tuple = tuple.__new__
 _ANY = int(dns.rdatatype.ANY)  # a plain int: compared per query
@@ -186,6 +189,10 @@ class Resolver:
         stats: Counter[str] = Counter(self.counters)
         stats.update(self._cache.counters.as_dict())
         rcodes = Counter(self.rcodes)
+        native = self._inflight.elsewhere
+        if native is not None:
+            stats.update(native.counters())
+            rcodes.update(native.rcodes())
         for tally, n in self._fast.hits.items():
             counter, _, rcode = tally.rpartition(" ")
             stats[counter] += n
@@ -197,16 +204,27 @@ class Resolver:
             "cache_entries": len(self._cache),
             "fast_entries": len(self._fast),
             "fast_answers": sum(self._fast.answered.values()),
-            "inflight": len(self._inflight),
+            "inflight": len(self._inflight) + (len(native) if native is not None else 0),
             "inflight_cap_logs_suppressed": self._cap_log.suppressed,
         }
 
     def handle(
-        self, query_wire: bytes, source: Source, transport: str, now: float, ctx: object = None, destination: str = ""
+        self,
+        query_wire: bytes,
+        source: Source,
+        transport: str,
+        now: float,
+        ctx: object = None,
+        destination: str = "",
+        resumed: bool = False,
+        tried: Upstream | None = None,
     ) -> list[Action]:
-        """A query from a client (destination: where an intercepted one was sent). Never raises on bad input."""
+        """A query from a client (destination: where an intercepted one was sent). Never raises on bad input.
+        resumed: one the native forwarder handed back (see resume), counted where it came in; tried:
+        the upstream it asked first, if it failed."""
         counters = self.counters
-        counters["queries_" + transport] += 1
+        if not resumed:
+            counters["queries_" + transport] += 1
         parsed = parse_query(query_wire)
         if parsed.__class__ is not Query:  # an error reply or nothing
             counters[parsed.reason] += 1
@@ -243,22 +261,25 @@ class Resolver:
         if cached is not None:
             return [self._reply_cached(waiter, cached, now)]
         admission = self._inflight.admit(
-            key, waiter, self._flight, parsed, decision, now, owner=prefix_of(str(source[0])) if source else None
+            key, waiter, self._flight, parsed, decision, now, tried, owner=prefix_of(str(source[0])) if source else None
         )
         if admission is not Admission.STARTED:
-            return self._not_started(admission, waiter, now)
-        counters["forwarded"] += 1
+            return self._not_started(admission, waiter, now, resumed)
+        if not resumed:
+            counters["forwarded"] += 1
         return self._attempt(key, now)
 
-    def _flight(self, query: Query, decision: ForwardTo, now: float) -> Flight[_Waiter]:
-        """A forward of query as decided, started now."""
-        plan = FailoverPlan(self.upstreams.order(decision.upstreams, decision.policy))
+    def _flight(self, query: Query, decision: ForwardTo, now: float, tried: Upstream | None) -> Flight[_Waiter]:
+        """A forward of query as decided, started now (after tried, if it was asked elsewhere first)."""
+        order = self.upstreams.order(decision.upstreams, decision.policy)
+        plan = FailoverPlan(order) if tried is None else FailoverPlan.after(order, tried)
         return Flight(make_forward_query(query), plan, now)
 
-    def _not_started(self, admission: Admission, waiter: _Waiter, now: float) -> list[Action]:
+    def _not_started(self, admission: Admission, waiter: _Waiter, now: float, resumed: bool = False) -> list[Action]:
         """A query that joined a forward under way, or was refused one of its own."""
         if admission is Admission.MERGED:
-            self.counters["merged"] += 1
+            if not resumed:  # else it was counted as merged where it came in
+                self.counters["merged"] += 1
             return []
         if admission is Admission.OWNER_FULL:
             self.counters["refused_source_inflight_cap"] += 1
@@ -338,6 +359,77 @@ class Resolver:
             self.counters["servfail_exhausted"] += 1
             answer = Answer(dns.rcode.SERVFAIL)
         return [self._reply(w, answer) for w in flight.waiters]
+
+    # -- the native forwarder (forwarder.c) --------------------------------
+
+    def attach(self, native: Elsewhere) -> None:
+        """The native forwarder: its flights count against the in-flight cap and shares, its counters in stats."""
+        self._inflight.elsewhere = native
+
+    def native_route(self) -> dict[str, Any] | None:
+        """What the native forwarder may take now, as Forwarder.configure's keywords
+        (host and port: the upstream's); None if nothing. It takes what the route of
+        every name would send to one plain UDP upstream (no rules, routes or
+        per-source upstreams; not the random policy, which picks per query): the
+        default group's first choice now. The names of the local zone, with ndots
+        the one-label ones, and questions the cache has are left here."""
+        group = self._router.only
+        if group is None or group.policy == RANDOM or not group.upstreams:
+            return None
+        first = self.upstreams.order(group.upstreams, group.policy)[0]
+        if first.scheme != "udp" or first.named:
+            return None
+        flights, owned = self._inflight.tables()
+        settings = self.settings
+        return {
+            "upstream": first,
+            "host": first.host,
+            "port": first.port,
+            "timeout": settings.timeout,
+            "cap": self._inflight.cap,
+            "share": self._inflight.share,
+            "decline": self._zone.suffixes(),
+            "single_label": bool(settings.ndots),
+            "learn": self.learning,
+            "view": group.view.encode(),
+            "put": self._cache.put,
+            "cached": self._cache.table(),
+            "their_flights": flights,
+            "their_owned": owned,
+        }
+
+    def native_answered(self, answered: list[tuple[Upstream, float, WireAnswer]], now: float) -> list[Action]:
+        """Forwards the native forwarder saw answered (and replied to, and cached), each
+        (upstream, rtt, answer): counted as ours are; the addresses learned from them."""
+        upstreams, observe = self.upstreams, self.upstream_latency.observe
+        actions: list[Action] = []
+        for upstream, rtt, answer in answered:
+            upstreams.sent(upstream)
+            upstreams.answered(upstream, rtt, now)
+            observe(rtt)
+            if answer.addresses:
+                actions += [Learned(name, addresses) for name, addresses in answer.addresses]
+        return actions
+
+    def resume(
+        self, reason: str, upstream: Upstream, rtt: float | None, waiters: list[tuple[Any, ...]], now: float
+    ) -> list[Action]:
+        """A forward the native forwarder handed back: its upstream failed (rtt: after how long it
+        answered, None if it did not), or the reason is not the upstream's (truncated: asked again
+        here, which goes over TCP; render, internal, closed). Each waiter, (query, source, ctx,
+        owner, fields), goes on here from the next upstream, or from the cache if it has it now."""
+        self.upstreams.sent(upstream)
+        if reason not in _NOT_THE_UPSTREAMS:
+            self.counters[f"upstream_{reason}"] += 1
+            if rtt is None:
+                self.upstreams.failed(upstream, reason, now)
+            else:
+                self.upstreams.answered(upstream, rtt, now, reason)
+        tried = None if reason in _NOT_THE_UPSTREAMS else upstream
+        actions: list[Action] = []
+        for query, source, ctx, _, _ in waiters:
+            actions += self.handle(query, source, "udp", now, ctx, resumed=True, tried=tried)
+        return actions
 
     def _rfc8482(self, query: Query) -> Answer:
         """RFC 8482 section 4.2: a synthesised HINFO with CPU "RFC8482" and an empty OS."""

@@ -50,15 +50,16 @@ from typing import Any
 
 import structlog
 
-from meshsup.actors.dns import burst
+from meshsup.actors.dns import burst, scan
 from meshsup.actors.dns.access import RateLimit, Sources, Verdict, share
 from meshsup.actors.dns.choice import PROBE_QUERY
+from meshsup.actors.dns.forwarder import Forwarder
 from meshsup.actors.dns.interception import ANCILLARY_SIZE, original_destination, reply_from
 from meshsup.actors.dns.message import refusal
 from meshsup.actors.dns.resolver import Action, Drop, Forward, Learned, Log, Reply, Resolver
 from meshsup.actors.dns.steering import steer
 from meshsup.actors.dns.transport import Transport
-from meshsup.actors.dns.wire import truncated
+from meshsup.actors.dns.wire import assemble, cut, parse_answer, truncated
 from meshsup.actors.routing.prefixes import IPNetwork
 from meshsup.actors.settings.dns import DnsSettings
 
@@ -69,6 +70,7 @@ OnLearned = Callable[[str, tuple[str, ...]], None]
 
 STEER_INTERVAL = 2.0  # seconds between recounts of the workers sharing a UDP port
 PROBE_TICK = 0.25  # seconds between looks at which upstreams are due a probe (choice.py paces them)
+NATIVE_TICK = 0.1  # seconds between looks for the native forwarder's timeouts, while it has forwards out
 BATCH = 64  # UDP datagrams read (and replies sent) per system call
 MAX_QUERY = 4096  # bytes: a longer UDP query is dropped, counted (no DNS query is that long)
 MAX_TCP_CLIENTS = 512
@@ -107,7 +109,9 @@ class _UdpListener:
     datagram for either). Queries the fast path knows are answered right here,
     the hot loop, one clock reading per batch (the datagrams of a batch arrived
     together); their replies, and those of forwards, leave together at the end
-    of the batch (or of the loop turn, for answers that come otherwise)."""
+    of the batch (or of the loop turn, for answers that come otherwise). A
+    query the fast path does not know is offered to the native forwarder
+    (forwarder.c), then to the resolver."""
 
     def __init__(self, sock: socket.socket, server: DnsServer) -> None:
         self.sock = sock
@@ -134,12 +138,13 @@ class _UdpListener:
             self._serve(datagrams)
         finally:
             transport.send_held()
+            server._send_native()
             self._reading = False
             self._flush_outbox()
 
     def _serve(self, datagrams: list[tuple[bytes | None, Any]]) -> None:
         server = self._server
-        fast, stats, sources = server.fast, server.stats, server.sources.client
+        fast, stats, sources, take = server.fast, server.stats, server.sources.client, server.native.take
         now = time.monotonic()
         for query, source in datagrams:
             if query is None:
@@ -151,7 +156,8 @@ class _UdpListener:
                 continue
             reply = fast(query, "udp", now)
             if reply is None:
-                server._handle(query, source, "udp", self, now)
+                if not take(query, source, self, client.prefix, now):
+                    server._handle(query, source, "udp", self, now)
                 continue
             if client.prefix is not None:
                 reply = server.limit(reply, client.prefix, now)
@@ -306,6 +312,10 @@ class DnsServer:
         self._resolver = Resolver(settings)
         self._resolver.learning = on_learned is not None
         self.fast = self._resolver.fast
+        # The plain UDP forwards, in C; it hands the others (and its failures) to the resolver.
+        self.native = Forwarder(scan.plain_query, parse_answer, assemble, cut)
+        self._resolver.attach(self.native)
+        self._native_timer: asyncio.TimerHandle | None = None
         self._transport = self._new_transport(settings)
         # While the transport hands out a batch of answers, the UDP replies they make
         # wait in their listeners' outboxes (these), to leave together when it is done.
@@ -322,6 +332,8 @@ class DnsServer:
         self.stats: Counter[str] = Counter()
 
     async def start(self) -> None:
+        self._configure_native()
+        asyncio.get_running_loop().add_reader(self.native.fileno(), self._native_readable)
         await self._listen(self.settings.listen)
         for sock in self._intercept_socks:
             if sock.type == socket.SOCK_DGRAM:
@@ -336,11 +348,13 @@ class DnsServer:
         """Send the probes due now; look again in a moment."""
         for upstream in self._resolver.upstreams.probes(time.monotonic()):
             self._transport.start(upstream, PROBE_QUERY, self.settings.timeout, self._probed, upstream)
+        self._configure_native()  # the policy's first choice may have changed
         self._probe_timer = asyncio.get_running_loop().call_later(PROBE_TICK, self._probe)
 
     def _probed(self, upstream: Any, wire: bytes | None, reason: str) -> None:
         if not self._closing:
             self._resolver.upstreams.probed(upstream, time.monotonic(), "" if wire is not None else reason)
+            self._configure_native()  # an upstream back may be the first choice again
 
     def _steer(self, listeners: list[_Listeners]) -> None:
         """Spread UDP queries evenly over the workers sharing each port (steering.py)."""
@@ -385,6 +399,7 @@ class DnsServer:
         self.sources.change(*ranges)
         self._resolver.change_names(settings, names)
         self.settings = settings
+        self._configure_native()
 
     async def reconfigure(self, settings: DnsSettings) -> None:
         """New settings at runtime. New listeners open before old ones close; if
@@ -403,6 +418,7 @@ class DnsServer:
             self._rate_limit = _rate_limit(settings)
         self._resolver.reconfigure(settings)
         self.settings = settings
+        self._configure_native()
 
     def _new_transport(self, settings: DnsSettings) -> Transport:
         transport = _transport(settings)
@@ -452,18 +468,17 @@ class DnsServer:
     def set_learning(self, on: bool) -> None:
         """Whether on_learned hears of names (say, while anyone listens for them)."""
         self._resolver.learning = on and self._on_learned is not None
+        self._configure_native()
 
     def upstreams(self) -> dict[str, dict[str, Any]]:
         """Each upstream's last outcome, state, latency and counts (actors.dns.choice.Upstreams)."""
         return self._resolver.upstreams.status()
 
     def counters(self) -> dict[str, int]:
-        return {
-            **self._resolver.stats(),
-            **self._transport.counters,
-            **self.stats,
-            "tcp_clients": len(self._connections),
-        }
+        counters = Counter(self._resolver.stats())  # the native forwarder's counted in, under the same names
+        counters.update(self._transport.counters)  # which it shares with the transport too: summed
+        counters.update(self.stats)
+        return {**counters, "tcp_clients": len(self._connections)}
 
     def upstream_latency(self) -> dict[str, Any]:
         """latency.LatencyBuckets' snapshot: forwards answered, by seconds waited."""
@@ -474,9 +489,11 @@ class DnsServer:
         return list(self._listeners)
 
     async def close(self) -> None:
-        for timer in (self._steer_timer, self._probe_timer):
+        for timer in (self._steer_timer, self._probe_timer, self._native_timer):
             if timer is not None:
                 timer.cancel()
+        asyncio.get_running_loop().remove_reader(self.native.fileno())
+        self.native.close()  # its forwards under way are dropped, as the transport's are
         for listeners in self._listeners.values():
             listeners.close()
         self._listeners.clear()
@@ -488,6 +505,55 @@ class DnsServer:
         self._closing = True
         self._transport.close()
         await self._transport.wait_closed()
+
+    # -- the native forwarder ----------------------------------------------
+
+    def _configure_native(self) -> None:
+        """Tell the native forwarder what it may take now (Resolver.native_route)."""
+        route = self._resolver.native_route()
+        if route is None:
+            self.native.configure(None)
+        else:
+            self.native.configure(**route)
+
+    def _send_native(self) -> None:
+        """Send what the native forwarder took in this batch; watch for its timeouts."""
+        returned = self.native.send()
+        if returned:
+            self._resume(returned, time.monotonic())
+        if self._native_timer is None and len(self.native):
+            self._native_timer = asyncio.get_running_loop().call_later(NATIVE_TICK, self._expire_native)
+
+    def _native_readable(self) -> None:
+        """Answers came to the native forwarder: its replies go out together, as a batch's do."""
+        if self._closing:
+            return
+        now = time.monotonic()
+        self._hold_replies()
+        try:
+            replies, answered, returned = self.native.readable(now)
+            for ctx, reply, source in replies:
+                ctx.send(reply, source)
+            if answered:
+                self._run(self._resolver.native_answered(answered, now))
+            if returned:
+                self._resume(returned, now)
+        finally:
+            self._send_replies()
+
+    def _expire_native(self) -> None:
+        self._native_timer = None
+        returned = self.native.expire(time.monotonic())
+        if returned:
+            self._resume(returned, time.monotonic())
+        if len(self.native):
+            self._native_timer = asyncio.get_running_loop().call_later(NATIVE_TICK, self._expire_native)
+
+    def _resume(self, returned: list[tuple[str, Any, float | None, list[Any]]], now: float) -> None:
+        """Forwards the native forwarder handed back: the resolver goes on with them."""
+        for reason, upstream, rtt, waiters in returned:
+            self._run(self._resolver.resume(reason, upstream, rtt, waiters, now))
+        self._configure_native()  # a failed upstream may no longer be the first choice
 
     # -- the loop around the resolver ------------------------------------
 

@@ -47,6 +47,14 @@ class FailoverPlan:
         self.attempts = 0  # also the index of the next one
         self.sent = 0.0  # when the current one was asked: its answer's round trip
 
+    @classmethod
+    def after(cls, upstreams: Sequence[Upstream], tried: Upstream) -> FailoverPlan:
+        """The plan of a forward whose first attempt, at tried, was made elsewhere
+        (the native forwarder, forwarder.c): it goes on from the next one."""
+        plan = cls((tried, *(u for u in upstreams if u != tried)))
+        plan.current, plan.attempts = tried, 1
+        return plan
+
     def next(self, now: float) -> Upstream | None:
         """The next upstream to try (asked now), or None when the plan is exhausted."""
         attempts = self.attempts

@@ -31,6 +31,7 @@ from meshsup.actors.dns.message import Answer
 from meshsup.actors.settings.dnstypes import SrvRecord
 
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
+REVERSE_V4, REVERSE_V6 = b"\x07in-addr\x04arpa\x00", b"\x03ip6\x04arpa\x00"
 
 
 def _rdata(rdtype: int, text: str) -> dns.rdata.Rdata:
@@ -117,6 +118,10 @@ class Zone:
             name = name.parent()
             out.append(name)
         return out
+
+    def suffixes(self) -> tuple[bytes, ...]:
+        """Suffixes (lowercase wire form) of every name covers() is true of, and of some more."""
+        return self._origin_wire, REVERSE_V4, REVERSE_V6
 
     def covers(self, qname: bytes) -> bool:
         """Whether a name (in lowercase wire form) is one answer() may answer:
