@@ -274,6 +274,7 @@ static int hand_back_all(Forwarder *f, int index, const char *reason, PyObject *
             s->flights[i] = -1;
             s->waiting--;
         }
+    s->sent = s->taken; /* nothing left to send */
     s->retired = 1;
     close_if_done(f, index);
     return status;
@@ -313,6 +314,12 @@ static int Forwarder_init(Forwarder *f, PyObject *args, PyObject *kwargs) {
     f->current = -1;
     f->free_flight = -1;
     return 0;
+}
+
+/* *slot holds value from now on. */
+static void keep(PyObject **slot, PyObject *value) {
+    Py_INCREF(value);
+    Py_XSETREF(*slot, value);
 }
 
 PyDoc_STRVAR(configure_doc,
@@ -377,28 +384,20 @@ static PyObject *configure(Forwarder *f, PyObject *args, PyObject *kwargs) {
             PyErr_SetString(PyExc_TypeError, "decline: a tuple of bytes");
             return NULL;
         }
-    Py_INCREF(upstream);
-    Py_XSETREF(f->upstream, upstream);
+    keep(&f->upstream, upstream);
     f->address = address;
     f->address_len = address_len;
     f->timeout = timeout;
     f->cap = cap;
     f->share = share;
     f->single_label = single_label;
-    Py_INCREF(decline);
-    Py_XSETREF(f->decline, decline);
-    Py_INCREF(learn);
-    Py_XSETREF(f->learn, learn);
-    Py_INCREF(view);
-    Py_XSETREF(f->view, view);
-    Py_INCREF(put);
-    Py_XSETREF(f->put, put);
-    Py_INCREF(cached);
-    Py_XSETREF(f->cached, cached);
-    Py_INCREF(their_flights);
-    Py_XSETREF(f->their_flights, their_flights);
-    Py_INCREF(their_owned);
-    Py_XSETREF(f->their_owned, their_owned);
+    keep(&f->decline, decline);
+    keep(&f->learn, learn);
+    keep(&f->view, view);
+    keep(&f->put, put);
+    keep(&f->cached, cached);
+    keep(&f->their_flights, their_flights);
+    keep(&f->their_owned, their_owned);
     Py_RETURN_NONE;
 }
 
@@ -455,10 +454,10 @@ static PyObject *take(Forwarder *f, PyObject *const *args, Py_ssize_t nargs) {
     int do_bit = PyTuple_GET_ITEM(fields, 6) == Py_True;
     Py_ssize_t n = PyBytes_GET_SIZE(qname);
     uint8_t lower[256];
-    if (PyErr_Occurred() || n > 255 || n < 1) {
-        Py_DECREF(fields);
-        return NULL;
-    }
+    if (PyErr_Occurred())
+        goto error;
+    if (n > 255 || n < 1) /* never from plain_query */
+        goto decline;
     /* The resolver's: meta types, ANY (answered minimally), other classes, the root. */
     if (qtype == T_ANY || (qtype >= 249 && qtype <= 254) || qtype == 41 || qclass != C_IN || n == 1)
         goto decline;

@@ -10,7 +10,8 @@ Replies that depend on the question alone are prepared for the fast path
 (fastpath.py), an upstream's answer once its question comes again and is
 answered from the cache: the IO side
 offers every query to fast() first and calls handle() only when that has no
-reply.
+reply (and the native forwarder, forwarder.c, did not take it: native_route()
+says what it may take, resume() takes back what it could not finish).
 The IO side carries out the actions:
 
 - Reply: send wire back to the client (source/transport/ctx say where);

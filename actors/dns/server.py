@@ -6,8 +6,10 @@ kernel spreads queries across them; IP_FREEBIND lets a worker bind the
 tunnel address before the router has put it on the link. TCP carries many
 queries per connection (answers may come back out of order, RFC 7766) and
 idle connections are closed. Every query is offered to the resolver's fast
-path first (a question asked before, answered from bytes) and goes the
-full way only when that has nothing. Upstreams that are dead, or idle in a
+path first (a question asked before, answered from bytes); a UDP query it
+does not know, to the native forwarder next (forwarder.c: the plain UDP
+forward, query to reply, in C; what it cannot finish it hands back), and
+goes the resolver's full way only when neither takes it. Upstreams that are dead, or idle in a
 min_latency group, are probed from here as choice.py says, on the same
 transport as the forwards.
 
