@@ -19,11 +19,16 @@
  * wire.parse_answer, the cache's put, scan.assemble, wire.cut), called from
  * here: one reading of a message, one way to make a reply.
  *
- * As transport.py's UDP client: a burst (the queries taken between two
- * send calls, at most BURST) shares a fresh connected socket, so its port
- * is the kernel's random pick (RFC 5452) and other sources are filtered;
- * each query has a random ID; the socket closes once its queries are
- * answered or timed out. Identical questions in flight merge into one
+ * As transport.py's UDP client, queries go out on fresh connected sockets,
+ * so each one's port is the kernel's random pick (RFC 5452) and other
+ * sources are filtered; each query has a random ID; a socket closes once
+ * its queries are answered or timed out. A socket takes at most BURST
+ * queries, for at most SOCKET_LIFE, across as many batches as come in that
+ * time: under load a worker's batches are small (two workers on two cores
+ * wake for a query or two), and a socket each would cost four system calls
+ * more a query (socket, connect, epoll_ctl, close). A forged answer must
+ * still match the port, the ID and the question of one of the few queries
+ * the socket carries while it lives, as it must for transport.py's bursts. Identical questions in flight merge into one
  * forward (cache key: cache.cache_key's bytes).
  *
  * Every byte read from the network is checked against its length first;
@@ -42,6 +47,7 @@
 #include <unistd.h>
 
 #define BURST 16           /* queries one socket (one source port) carries, as transport.UDP_BURST */
+#define SOCKET_LIFE 0.05   /* seconds a socket takes queries for, at most (it lives on for their answers) */
 #define BATCH 64           /* datagrams read per system call; sockets looked at per readable() */
 #define ANSWER_SIZE 4096   /* we ask for at most 1232 bytes: a larger answer is dropped, counted */
 #define HEADER_LEN 12
@@ -77,6 +83,7 @@ typedef struct {
     int sent;       /* of those, sent */
     int waiting;    /* flights still waiting on an answer */
     int retired;    /* takes no more; closes once nothing waits */
+    double opened;  /* when it took its first query */
     uint16_t ids[BURST];
     int flights[BURST]; /* -1: answered, expired or failed */
 } Sock;
@@ -189,7 +196,7 @@ static void retire_current(Forwarder *f) {
 }
 
 /* A new connected socket to the upstream; -1 with an exception set if none can be made. */
-static int new_sock(Forwarder *f) {
+static int new_sock(Forwarder *f, double now) {
     int index = -1;
     for (int i = 0; i < f->sock_slots; i++)
         if (f->sock[i].fd < 0) {
@@ -226,6 +233,7 @@ static int new_sock(Forwarder *f) {
     s->fd = fd;
     s->gen++;
     s->taken = s->sent = s->waiting = s->retired = 0;
+    s->opened = now;
     struct epoll_event event = {.events = EPOLLIN, .data.u64 = ((uint64_t)s->gen << 32) | (uint32_t)index};
     if (epoll_ctl(f->epoll, EPOLL_CTL_ADD, fd, &event) < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -501,9 +509,9 @@ static PyObject *take(Forwarder *f, PyObject *const *args, Py_ssize_t nargs) {
             goto error;
         goto decline;
     }
-    if (f->current < 0 || f->sock[f->current].taken >= BURST) {
+    if (f->current < 0 || f->sock[f->current].taken >= BURST || now - f->sock[f->current].opened >= SOCKET_LIFE) {
         retire_current(f);
-        f->current = new_sock(f);
+        f->current = new_sock(f, now);
         if (f->current < 0) { /* out of descriptors, say: the resolver's to try, fail and count */
             Py_DECREF(waiter), Py_DECREF(key);
             if (PyErr_ExceptionMatches(PyExc_MemoryError))
@@ -590,8 +598,8 @@ error:
 
 PyDoc_STRVAR(send_doc,
              "send() -> list\n\n"
-             "Send every query taken since the last call, a system call per socket; the sockets used\n"
-             "take no more. Returns the forwards that could not be sent, as readable() does.");
+             "Send every query taken since the last call, a system call per socket. Returns the\n"
+             "forwards that could not be sent, as readable() does.");
 
 static PyObject *send_taken(Forwarder *f, PyObject *unused) {
     PyObject *returned = PyList_New(0);
@@ -633,12 +641,8 @@ static PyObject *send_taken(Forwarder *f, PyObject *unused) {
             }
             s->sent++;
         }
-        if (s->taken > 0) {
-            s->retired = 1;
-            close_if_done(f, index);
-        }
+        close_if_done(f, index); /* every query on it failed to go */
     }
-    f->current = -1;
     return returned;
 }
 
@@ -856,7 +860,8 @@ error:
 
 PyDoc_STRVAR(expire_doc,
              "expire(now) -> list\n\n"
-             "The forwards unanswered by now (timeout), handed back as readable() returns them.");
+             "The forwards unanswered by now (timeout), handed back as readable() returns them; the\n"
+             "socket taking queries takes no more if it has for long enough.");
 
 static PyObject *expire(Forwarder *f, PyObject *arg) {
     double now = PyFloat_AsDouble(arg);
@@ -865,6 +870,8 @@ static PyObject *expire(Forwarder *f, PyObject *arg) {
     PyObject *returned = PyList_New(0);
     if (returned == NULL)
         return NULL;
+    if (f->current >= 0 && now - f->sock[f->current].opened >= SOCKET_LIFE)
+        retire_current(f);
     for (int index = 0; index < f->sock_slots; index++) {
         Sock *s = &f->sock[index];
         if (s->fd < 0)
@@ -942,6 +949,12 @@ static PyObject *close_all(Forwarder *f, PyObject *unused) {
 
 static Py_ssize_t length(Forwarder *f) { return PyDict_GET_SIZE(f->flights); }
 
+PyDoc_STRVAR(busy_doc,
+             "busy() -> bool\n\n"
+             "Whether expire() has anything to do: forwards under way, or a socket taking queries.");
+
+static PyObject *busy(Forwarder *f, PyObject *unused) { return PyBool_FromLong(length(f) > 0 || f->current >= 0); }
+
 static void Forwarder_dealloc(Forwarder *f) {
     for (int index = 0; index < f->sock_slots; index++)
         if (f->sock[index].fd >= 0)
@@ -974,6 +987,7 @@ static PyMethodDef methods[] = {
     {"readable", (PyCFunction)readable, METH_O, readable_doc},
     {"expire", (PyCFunction)expire, METH_O, expire_doc},
     {"owned", (PyCFunction)owned, METH_O, owned_doc},
+    {"busy", (PyCFunction)busy, METH_NOARGS, busy_doc},
     {"counters", (PyCFunction)counters, METH_NOARGS, counters_doc},
     {"rcodes", (PyCFunction)rcodes, METH_NOARGS, rcodes_doc},
     {"fileno", (PyCFunction)fileno_of, METH_NOARGS, "The epoll descriptor that is readable when answers wait."},
@@ -1009,6 +1023,12 @@ PyMODINIT_FUNC PyInit_forwarder(void) {
     Py_INCREF(&ForwarderType);
     if (PyModule_AddObject(m, "Forwarder", (PyObject *)&ForwarderType) < 0) {
         Py_DECREF(&ForwarderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *life = PyFloat_FromDouble(SOCKET_LIFE);
+    if (PyModule_AddIntConstant(m, "BURST", BURST) < 0 || PyModule_AddObject(m, "SOCKET_LIFE", life) < 0) {
+        Py_XDECREF(life);
         Py_DECREF(m);
         return NULL;
     }

@@ -72,7 +72,7 @@ OnLearned = Callable[[str, tuple[str, ...]], None]
 
 STEER_INTERVAL = 2.0  # seconds between recounts of the workers sharing a UDP port
 PROBE_TICK = 0.25  # seconds between looks at which upstreams are due a probe (choice.py paces them)
-NATIVE_TICK = 0.1  # seconds between looks for the native forwarder's timeouts, while it has forwards out
+NATIVE_TICK = 0.1  # seconds between looks for the native forwarder's timeouts (and old sockets), while it is busy
 BATCH = 64  # UDP datagrams read (and replies sent) per system call
 MAX_QUERY = 4096  # bytes: a longer UDP query is dropped, counted (no DNS query is that long)
 MAX_TCP_CLIENTS = 512
@@ -523,7 +523,7 @@ class DnsServer:
         returned = self.native.send()
         if returned:
             self._resume(returned, time.monotonic())
-        if self._native_timer is None and len(self.native):
+        if self._native_timer is None and self.native.busy():
             self._native_timer = asyncio.get_running_loop().call_later(NATIVE_TICK, self._expire_native)
 
     def _native_readable(self) -> None:
@@ -548,7 +548,7 @@ class DnsServer:
         returned = self.native.expire(time.monotonic())
         if returned:
             self._resume(returned, time.monotonic())
-        if len(self.native):
+        if self.native.busy():  # forwards out, or a socket to retire when it has lived
             self._native_timer = asyncio.get_running_loop().call_later(NATIVE_TICK, self._expire_native)
 
     def _resume(self, returned: list[tuple[str, Any, float | None, list[Any]]], now: float) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import select
 import socket
 import time
+from collections import Counter
 from typing import Any
 
 import dns.flags
@@ -19,7 +20,7 @@ import pytest
 
 from meshsup.actors.dns import scan
 from meshsup.actors.dns.cache import DnsCache, cache_key
-from meshsup.actors.dns.forwarder import Forwarder
+from meshsup.actors.dns.forwarder import BURST, SOCKET_LIFE, Forwarder
 from meshsup.actors.dns.message import Query, parse_query, render
 from meshsup.actors.dns.wire import assemble, cut, forward_query, parse_answer
 from meshsup.actors.dns.zone import REVERSE_V4, REVERSE_V6
@@ -355,3 +356,31 @@ def test_a_server_forwards_plain_queries_natively_and_counts_them_as_any(later, 
 def test_what_the_router_must_decide_stays_in_python(later, tmp_path, table):
     counters = server_counters(later, tmp_path, **table)
     assert counters.get("forwarded_native", 0) == 0 and counters["forwarded"] == 2
+
+
+def test_a_socket_takes_queries_for_a_short_while_then_closes_once_answered(rig):
+    r = rig()
+    ports = []
+    for name in ("one.example", "two.example"):  # two batches, one after the other
+        assert r.take(client_query(name))
+        r.forwarder.send()
+        sent, address = r.upstream_gets()
+        ports.append(address[1])
+        r.upstream_sock.sendto(answer_to(sent, "203.0.113.7"), address)
+        assert len(r.results()[0]) == 1
+    assert ports[0] == ports[1] and r.forwarder.busy()  # the socket takes queries still, for a while
+    time.sleep(SOCKET_LIFE * 1.2)
+    assert r.forwarder.expire(time.monotonic()) == [] and not r.forwarder.busy()  # retired: nothing waits, closed
+    assert r.take(client_query("three.example"))
+    r.forwarder.send()
+    assert r.upstream_gets()[1][1] != ports[0]  # a fresh socket, a fresh port
+    assert r.forwarder.counters()["upstream_sockets_udp"] == 2
+
+
+def test_a_socket_carries_at_most_a_burst(rig):
+    r = rig()
+    for i in range(BURST + 1):
+        assert r.take(client_query(f"n{i}.example"))
+    r.forwarder.send()
+    ports = Counter(r.upstream_gets()[1][1] for _ in range(BURST + 1))
+    assert sorted(ports.values()) == [1, BURST]
