@@ -35,11 +35,13 @@ def share(cap: int) -> int:
 
 @functools.lru_cache(maxsize=SOURCES_KEPT)
 def prefix_of(host: str) -> Hashable | None:
-    """The prefix the client at host is accounted under; None for loopback (exempt)."""
+    """The prefix the client at host is accounted under, as text (a key looked up per
+    query: a string keeps its hash, an ip_network works it out in Python each time);
+    None for loopback (exempt)."""
     address = ipaddress.ip_address(host)
     if address.is_loopback:
         return None
-    return ipaddress.ip_network((address, V4_PREFIX if address.version == 4 else V6_PREFIX), strict=False)
+    return str(ipaddress.ip_network((address, V4_PREFIX if address.version == 4 else V6_PREFIX), strict=False))
 
 
 class Client(NamedTuple):

@@ -679,9 +679,11 @@ static int reply_all(Forwarder *f, int flight, PyObject *answer, PyObject *repli
             Py_SETREF(reply, cut);
         }
         PyObject *item = NULL;
-        if (reply != NULL && PyBytes_Check(reply) && PyBytes_GET_SIZE(reply) > 3) {
+        int made = reply != NULL && PyBytes_Check(reply) && PyBytes_GET_SIZE(reply) > 3;
+        if (made) {
             f->rcodes[PyBytes_AS_STRING(reply)[3] & 0x0F]++;
-            item = PyTuple_Pack(3, PyTuple_GET_ITEM(waiter, 2), reply, PyTuple_GET_ITEM(waiter, 1));
+            item = PyTuple_Pack(4, PyTuple_GET_ITEM(waiter, 2), reply, PyTuple_GET_ITEM(waiter, 1),
+                                PyTuple_GET_ITEM(waiter, 3));
         } else {
             PyErr_Clear();
             f->render_errors++;
@@ -693,7 +695,7 @@ static int reply_all(Forwarder *f, int flight, PyObject *answer, PyObject *repli
             }
         }
         Py_XDECREF(reply);
-        if (item == NULL || PyList_Append(PyTuple_GET_SIZE(item) == 3 ? replies : returned, item) < 0) {
+        if (item == NULL || PyList_Append(made ? replies : returned, item) < 0) {
             Py_XDECREF(item);
             return -1;
         }
@@ -828,7 +830,7 @@ static int read_sock(Forwarder *f, int index, double now, PyObject *replies, PyO
 
 PyDoc_STRVAR(readable_doc,
              "readable(now) -> (replies, answered, returned)\n\n"
-             "Read the answers that came: replies, [(ctx, reply, source)], for each waiter of each\n"
+             "Read the answers that came: replies, [(ctx, reply, source, owner)], for each waiter of each\n"
              "forward answered (its answer cached by put first); answered, [(upstream, rtt, answer)],\n"
              "one for each; returned, [(reason, upstream, rtt or None, waiters)], the forwards handed\n"
              "back (reason: truncated, servfail, refused, network, or why parse_answer refused the\n"

@@ -4,7 +4,7 @@ from typing import Any
 
 # (reason, upstream, rtt or None, waiters: [(query, source, ctx, owner, fields)])
 Returned = list[tuple[str, Any, float | None, list[tuple[Any, ...]]]]
-Replies = list[tuple[Any, bytes, Any]]  # (ctx, reply, source)
+Replies = list[tuple[Any, bytes, Any, Hashable | None]]  # (ctx, reply, source, owner)
 Answered = list[tuple[Any, float, Any]]  # (upstream, rtt, wire.WireAnswer)
 
 BURST: int  # queries a socket carries at most

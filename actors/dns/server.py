@@ -174,6 +174,12 @@ class _UdpListener:
         if limited is not None:
             self._queue(limited, source)
 
+    def reply(self, wire: bytes, source: Any, prefix: Hashable | None, now: float) -> None:
+        """send(), for a client whose prefix is known (the native forwarder's replies)."""
+        limited = wire if prefix is None else self._server.limit(wire, prefix, now)
+        if limited is not None:
+            self._queue(limited, source)
+
     def _queue(self, wire: bytes, source: Any) -> None:
         replies = self._replies
         if not replies and not self._reading:
@@ -534,8 +540,8 @@ class DnsServer:
         self._hold_replies()
         try:
             replies, answered, returned = self.native.readable(now)
-            for ctx, reply, source in replies:
-                ctx.send(reply, source)
+            for ctx, reply, source, prefix in replies:
+                ctx.reply(reply, source, prefix, now)
             if answered:
                 self._run(self._resolver.native_answered(answered, now))
             if returned:

@@ -154,8 +154,11 @@ def test_identical_questions_merge_and_each_client_gets_the_reply_render_makes(r
     assert upstream is r.upstream and 0 <= rtt < 3
     [(name, addresses)] = answer.addresses
     assert name == "www.example.test" and sorted(addresses) == ["203.0.113.7", "203.0.113.8"]
-    assert [(ctx, source) for ctx, _, source in replies] == [(r.ctx, ("127.0.0.1", 1)), (r.ctx, ("127.0.0.1", 2))]
-    for wire, (_, reply, _) in zip((first, second), replies, strict=True):
+    assert [(ctx, source, owner) for ctx, _, source, owner in replies] == [
+        (r.ctx, ("127.0.0.1", 1), None),
+        (r.ctx, ("127.0.0.1", 2), None),
+    ]
+    for wire, (_, reply, _, _) in zip((first, second), replies, strict=True):
         query = parse_query(wire)
         assert reply == render(query, answer, "udp")  # as the resolver's path makes it, the client's ID and spelling
     counters = r.forwarder.counters()
