@@ -39,12 +39,14 @@ class Context:
 class Rig:
     """A Forwarder, its cache and the resolver's (empty) tables, and an upstream socket the test answers from."""
 
-    def __init__(self, timeout: float = 2.0, cap: int = 64, share: int = 8, single_label: bool = False) -> None:
-        self.upstream_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.upstream_sock.bind(("127.0.0.1", 0))
+    def __init__(
+        self, timeout: float = 2.0, cap: int = 64, share: int = 8, single_label: bool = False, host: str = "127.0.0.1"
+    ) -> None:
+        self.upstream_sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        self.upstream_sock.bind((host, 0))
         self.upstream_sock.settimeout(3)
         port = self.upstream_sock.getsockname()[1]
-        self.upstream = Upstream("udp", "127.0.0.1", port)
+        self.upstream = Upstream("udp", host, port)
         self.cache = DnsCache(size=1000)
         self.their_flights: dict[Any, Any] = {}
         self.their_owned: dict[Any, int] = {}
@@ -167,6 +169,23 @@ def test_identical_questions_merge_and_each_client_gets_the_reply_render_makes(r
     # And the answer is in the cache, under the resolver's key.
     key = cache_key(dns.name.from_text("www.example.test").to_wire(), 1, 1, False)
     assert r.cache.fresh(key, time.monotonic()) is not None
+
+
+def test_an_ipv6_upstream(rig):
+    r = rig(host="::1")
+    assert r.take(client_query("www.example.test"))
+    r.forwarder.send()
+    sent, address = r.upstream_gets()
+    r.upstream_sock.sendto(answer_to(sent, "203.0.113.7"), address)
+    replies, answered, _ = r.results()
+    assert len(replies) == 1 and answered[0][0] is r.upstream
+
+
+@pytest.mark.parametrize(("host", "port"), [("dns.example", 53), ("127.0.0.1", 0), ("127.0.0.1", 70000)])
+def test_an_upstream_that_is_no_ip_address_and_port_is_refused(rig, host, port):
+    r = rig()
+    with pytest.raises(ValueError):
+        r.configure(host=host, port=port)
 
 
 def test_a_reply_too_big_for_the_client_is_cut_as_render_cuts_it(rig):
