@@ -5,7 +5,7 @@ Run as root: .venv/bin/python tests/bench/bench_dns.py [--seconds 5] [--rounds 3
 
 Everything runs in one throwaway network namespace: an upstream dnsmasq
 (answers every name under example.test itself, no cache), a meshsup node
-whose peers are the mesh names, and a caching dnsmasq serving the same mesh
+whose peers are the mesh names (a fresh one for each number of workers), and a caching dnsmasq serving the same mesh
 names (--host-record) and forwarding example.test to the same upstream.
 Workloads: local mesh names (A and AAAA), forwarded names already cached, and
 forwarded names never asked before (a cold cache, each name once). The
@@ -253,23 +253,24 @@ def main() -> None:
                     "cache_size": CACHE_SIZE,
                 },
             )
-            first = args.workers[0]
-            node = Node(tmp, "--config", str(config), "--dns-workers", str(first), netns=ns, faults=False)
-            processes.append(node)
-            node.wait_ready()
             pairs: list[tuple[str, str]] = []  # dnsmasq's label in the rounds of each meshsup's
             for workers in args.workers:
-                if workers != first:
-                    node.cli("scale", "dns", str(workers))
-                    node.wait(lambda: len(dns_workers(node)) == workers, what=f"{workers} dns workers")
+                # A node of its own for each count: a worker's memory is then what it holds of
+                # these rounds (its cache: about 200 bytes a name), not of the ones before.
+                node = Node(tmp, "--config", str(config), "--dns-workers", str(workers), netns=ns, faults=False)
+                processes.append(node)
+                node.wait_ready()
+                node.wait(lambda n=node, w=workers: len(dns_workers(n)) == w, what=f"{workers} dns workers")
                 label = f"meshsup {workers} worker{'s' if workers > 1 else ''}"
-                meshsup = Server(label, "127.0.0.1", 53, lambda: dns_workers(node))
+                meshsup = Server(label, "127.0.0.1", 53, lambda n=node: dns_workers(n))
                 reference = Server(
                     f"dnsmasq (vs {workers})", dnsmasq.host, dnsmasq.port, lambda: [dnsmasq.process.popen.pid]
                 )
                 run_rounds(ns, [reference, meshsup], peers, tmp, args, results)
                 pairs.append((reference.name, label))
                 rss[label] = [memory(pid) for pid in meshsup.pids()]
+                processes.remove(node)
+                node.close()
             rss["dnsmasq"] = [memory(dnsmasq.process.popen.pid)]
     finally:
         for process in reversed(processes):
