@@ -351,7 +351,8 @@ static PyObject *configure(Forwarder *f, PyObject *args, PyObject *kwargs) {
     Py_ssize_t cap = 0, share = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|Oi$dnnO!pOO!OO!O!O!", names, &upstream, &host, &port, &timeout,
                                      &cap, &share, &PyTuple_Type, &decline, &single_label, &learn, &PyBytes_Type,
-                                     &view, &put, &PyDict_Type, &cached, &PyDict_Type, &their_flights, &PyDict_Type, &their_owned))
+                                     &view, &put, &PyDict_Type, &cached, &PyDict_Type, &their_flights, &PyDict_Type,
+                                     &their_owned))
         return NULL;
     retire_current(f); /* its socket goes to the old upstream: it takes no more */
     if (upstream == Py_None) { /* takes nothing from now on; what is under way finishes */
@@ -503,7 +504,7 @@ static PyObject *take(Forwarder *f, PyObject *const *args, Py_ssize_t nargs) {
     if (PyErr_Occurred() || PyDict_GET_SIZE(f->flights) + PyDict_GET_SIZE(f->their_flights) >= f->cap ||
         PyDict_Contains(f->cached, key) != 0 || PyDict_Contains(f->their_flights, key) != 0 ||
         (owner != Py_None && count_in(f->owned, owner) + count_in(f->their_owned, owner) >= f->share)) {
-        /* Cached, full, or the resolver forwards it already: its to answer, merge, or refuse and count. */
+        /* Cached, full, or the resolver forwards it already: the resolver answers, merges, or refuses and counts. */
         Py_DECREF(waiter), Py_DECREF(key);
         if (PyErr_Occurred())
             goto error;
