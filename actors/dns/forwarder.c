@@ -72,7 +72,6 @@ typedef struct {
     PyObject *wire;     /* the query sent, our ID in it */
     unsigned qtype, qclass;
     double sent, deadline;
-    int sock;      /* index of its socket */
     int next_free; /* the free list, while free */
 } Flight;
 
@@ -186,6 +185,9 @@ static void close_if_done(Forwarder *f, int index) {
         close_sock(f, index);
 }
 
+/* Whether a socket has carried its BURST queries or taken them for SOCKET_LIFE: it takes no more. */
+static int worn(const Sock *s, double now) { return s->taken >= BURST || now - s->opened >= SOCKET_LIFE; }
+
 /* The socket taking queries takes no more (sent with the others, closed once answered). */
 static void retire_current(Forwarder *f) {
     if (f->current >= 0) {
@@ -245,6 +247,15 @@ static int new_sock(Forwarder *f, double now) {
     return index;
 }
 
+/* Header h of a sendmmsg or recvmmsg batch, for the one buffer at base, len bytes, through v. */
+static void one_buffer(struct mmsghdr *h, struct iovec *v, void *base, size_t len) {
+    v->iov_base = base;
+    v->iov_len = len;
+    memset(h, 0, sizeof(*h));
+    h->msg_hdr.msg_iov = v;
+    h->msg_hdr.msg_iovlen = 1;
+}
+
 static uint16_t random_id(Forwarder *f) {
     if (f->random_left == 0) {
         size_t want = sizeof(f->random_ids), got = 0;
@@ -292,6 +303,18 @@ static const char *errno_reason(int error) { return error == ECONNREFUSED ? "ref
 
 /* -- the Python methods ------------------------------------------------------- */
 
+/* A clock reading from Python; -1 with an exception set if it is not a number. */
+static int time_of(PyObject *arg, double *now) {
+    *now = PyFloat_AsDouble(arg);
+    return *now == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* *slot holds value from now on. */
+static void keep(PyObject **slot, PyObject *value) {
+    Py_INCREF(value);
+    Py_XSETREF(*slot, value);
+}
+
 static int Forwarder_init(Forwarder *f, PyObject *args, PyObject *kwargs) {
     static char *names[] = {"plain_query", "parse_answer", "assemble", "cut", NULL};
     PyObject *plain_query, *parse_answer, *assemble, *cut;
@@ -311,23 +334,13 @@ static int Forwarder_init(Forwarder *f, PyObject *args, PyObject *kwargs) {
     f->owned = PyDict_New();
     if (f->flights == NULL || f->owned == NULL)
         return -1;
-    Py_INCREF(plain_query);
-    f->plain_query = plain_query;
-    Py_INCREF(parse_answer);
-    f->parse_answer = parse_answer;
-    Py_INCREF(assemble);
-    f->assemble = assemble;
-    Py_INCREF(cut);
-    f->cut = cut;
+    keep(&f->plain_query, plain_query);
+    keep(&f->parse_answer, parse_answer);
+    keep(&f->assemble, assemble);
+    keep(&f->cut, cut);
     f->current = -1;
     f->free_flight = -1;
     return 0;
-}
-
-/* *slot holds value from now on. */
-static void keep(PyObject **slot, PyObject *value) {
-    Py_INCREF(value);
-    Py_XSETREF(*slot, value);
 }
 
 PyDoc_STRVAR(configure_doc,
@@ -354,8 +367,8 @@ static PyObject *configure(Forwarder *f, PyObject *args, PyObject *kwargs) {
                                      &view, &put, &PyDict_Type, &cached, &PyDict_Type, &their_flights, &PyDict_Type,
                                      &their_owned))
         return NULL;
-    retire_current(f); /* its socket goes to the old upstream: it takes no more */
     if (upstream == Py_None) { /* takes nothing from now on; what is under way finishes */
+        retire_current(f);
         Py_CLEAR(f->upstream);
         Py_RETURN_NONE;
     }
@@ -393,6 +406,9 @@ static PyObject *configure(Forwarder *f, PyObject *args, PyObject *kwargs) {
             PyErr_SetString(PyExc_TypeError, "decline: a tuple of bytes");
             return NULL;
         }
+    /* The socket taking queries goes to the old address: with a new one, it takes no more. */
+    if (address_len != f->address_len || memcmp(&address, &f->address, address_len) != 0)
+        retire_current(f);
     keep(&f->upstream, upstream);
     f->address = address;
     f->address_len = address_len;
@@ -443,8 +459,8 @@ static PyObject *take(Forwarder *f, PyObject *const *args, Py_ssize_t nargs) {
         return NULL;
     }
     PyObject *query = args[0], *source = args[1], *ctx = args[2], *owner = args[3];
-    double now = PyFloat_AsDouble(args[4]);
-    if (now == -1.0 && PyErr_Occurred())
+    double now;
+    if (time_of(args[4], &now) < 0)
         return NULL;
     if (f->upstream == NULL || f->put == NULL || !PyBytes_Check(query))
         Py_RETURN_FALSE;
@@ -510,7 +526,7 @@ static PyObject *take(Forwarder *f, PyObject *const *args, Py_ssize_t nargs) {
             goto error;
         goto decline;
     }
-    if (f->current < 0 || f->sock[f->current].taken >= BURST || now - f->sock[f->current].opened >= SOCKET_LIFE) {
+    if (f->current < 0 || worn(&f->sock[f->current], now)) {
         retire_current(f);
         f->current = new_sock(f, now);
         if (f->current < 0) { /* out of descriptors, say: the resolver's to try, fail and count */
@@ -572,7 +588,6 @@ static PyObject *take(Forwarder *f, PyObject *const *args, Py_ssize_t nargs) {
     fl->qtype = (unsigned)qtype, fl->qclass = (unsigned)qclass;
     fl->sent = now;
     fl->deadline = now + f->timeout;
-    fl->sock = f->current;
     s->ids[s->taken] = id;
     s->flights[s->taken] = index;
     s->taken++;
@@ -617,11 +632,8 @@ static PyObject *send_taken(Forwarder *f, PyObject *unused) {
             for (int i = s->sent; i < s->taken; i++, count++) {
                 int flight = s->flights[i];
                 PyObject *wire = flight >= 0 ? f->flight[flight].wire : NULL;
-                vectors[count].iov_base = wire ? PyBytes_AS_STRING(wire) : NULL;
-                vectors[count].iov_len = wire ? (size_t)PyBytes_GET_SIZE(wire) : 0;
-                memset(&headers[count], 0, sizeof(headers[count]));
-                headers[count].msg_hdr.msg_iov = &vectors[count];
-                headers[count].msg_hdr.msg_iovlen = 1;
+                one_buffer(&headers[count], &vectors[count], wire ? PyBytes_AS_STRING(wire) : NULL,
+                           wire ? (size_t)PyBytes_GET_SIZE(wire) : 0);
             }
             int sent = sendmmsg(s->fd, headers, (unsigned)count, MSG_DONTWAIT);
             if (sent > 0) {
@@ -791,13 +803,8 @@ static int read_sock(Forwarder *f, int index, double now, PyObject *replies, PyO
     int want = s->waiting < 1 ? 1 : s->waiting > BATCH ? BATCH : s->waiting;
     struct mmsghdr headers[BATCH];
     struct iovec vectors[BATCH];
-    for (int i = 0; i < want; i++) {
-        vectors[i].iov_base = in_buffer[i];
-        vectors[i].iov_len = ANSWER_SIZE;
-        memset(&headers[i], 0, sizeof(headers[i]));
-        headers[i].msg_hdr.msg_iov = &vectors[i];
-        headers[i].msg_hdr.msg_iovlen = 1;
-    }
+    for (int i = 0; i < want; i++)
+        one_buffer(&headers[i], &vectors[i], in_buffer[i], ANSWER_SIZE);
     int got = recvmmsg(s->fd, headers, (unsigned)want, MSG_DONTWAIT, NULL);
     if (got < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
@@ -838,8 +845,8 @@ PyDoc_STRVAR(readable_doc,
              "answer), waiters as [(query, source, ctx, owner, fields)].");
 
 static PyObject *readable(Forwarder *f, PyObject *arg) {
-    double now = PyFloat_AsDouble(arg);
-    if (now == -1.0 && PyErr_Occurred())
+    double now;
+    if (time_of(arg, &now) < 0)
         return NULL;
     struct epoll_event events[BATCH];
     int ready = epoll_wait(f->epoll, events, BATCH, 0);
@@ -867,13 +874,13 @@ PyDoc_STRVAR(expire_doc,
              "socket taking queries takes no more if it has for long enough.");
 
 static PyObject *expire(Forwarder *f, PyObject *arg) {
-    double now = PyFloat_AsDouble(arg);
-    if (now == -1.0 && PyErr_Occurred())
+    double now;
+    if (time_of(arg, &now) < 0)
         return NULL;
     PyObject *returned = PyList_New(0);
     if (returned == NULL)
         return NULL;
-    if (f->current >= 0 && now - f->sock[f->current].opened >= SOCKET_LIFE)
+    if (f->current >= 0 && worn(&f->sock[f->current], now))
         retire_current(f);
     for (int index = 0; index < f->sock_slots; index++) {
         Sock *s = &f->sock[index];

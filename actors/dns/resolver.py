@@ -420,13 +420,14 @@ class Resolver:
         here, which goes over TCP; render, internal, closed). Each waiter, (query, source, ctx,
         owner, fields), goes on here from the next upstream, or from the cache if it has it now."""
         self.upstreams.sent(upstream)
+        tried = None
         if reason not in _NOT_THE_UPSTREAMS:
+            tried = upstream
             self.counters[f"upstream_{reason}"] += 1
             if rtt is None:
                 self.upstreams.failed(upstream, reason, now)
             else:
                 self.upstreams.answered(upstream, rtt, now, reason)
-        tried = None if reason in _NOT_THE_UPSTREAMS else upstream
         actions: list[Action] = []
         for query, source, ctx, _, _ in waiters:
             actions += self.handle(query, source, "udp", now, ctx, resumed=True, tried=tried)

@@ -529,6 +529,10 @@ class DnsServer:
         returned = self.native.send()
         if returned:
             self._resume(returned, time.monotonic())
+        self._watch_native()
+
+    def _watch_native(self) -> None:
+        """Look for the native forwarder's timeouts (and a socket to retire once it has lived) while it is busy."""
         if self._native_timer is None and self.native.busy():
             self._native_timer = asyncio.get_running_loop().call_later(NATIVE_TICK, self._expire_native)
 
@@ -551,11 +555,11 @@ class DnsServer:
 
     def _expire_native(self) -> None:
         self._native_timer = None
-        returned = self.native.expire(time.monotonic())
+        now = time.monotonic()
+        returned = self.native.expire(now)
         if returned:
-            self._resume(returned, time.monotonic())
-        if self.native.busy():  # forwards out, or a socket to retire when it has lived
-            self._native_timer = asyncio.get_running_loop().call_later(NATIVE_TICK, self._expire_native)
+            self._resume(returned, now)
+        self._watch_native()
 
     def _resume(self, returned: list[tuple[str, Any, float | None, list[Any]]], now: float) -> None:
         """Forwards the native forwarder handed back: the resolver goes on with them."""
